@@ -1,0 +1,8 @@
+//! `mura bench` (not built yet).
+
+#[derive(clap::Args, Debug)]
+pub struct Args {}
+
+pub fn run(_args: Args) -> anyhow::Result<()> {
+    anyhow::bail!("'mura bench' is not built yet")
+}

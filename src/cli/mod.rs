@@ -1,0 +1,12 @@
+//! One file per subcommand: its clap `Args` and its `run`.
+pub mod bench;
+pub mod demo;
+pub mod eval;
+pub mod info;
+pub mod inspect;
+pub mod predict;
+pub mod prep;
+pub mod report;
+pub mod score;
+pub mod synth;
+pub mod train;

@@ -1,0 +1,8 @@
+//! `mura synth` (not built yet).
+
+#[derive(clap::Args, Debug)]
+pub struct Args {}
+
+pub fn run(_args: Args) -> anyhow::Result<()> {
+    anyhow::bail!("'mura synth' is not built yet")
+}

@@ -1,0 +1,8 @@
+//! `mura train` (not built yet).
+
+#[derive(clap::Args, Debug)]
+pub struct Args {}
+
+pub fn run(_args: Args) -> anyhow::Result<()> {
+    anyhow::bail!("'mura train' is not built yet")
+}

@@ -1,0 +1,242 @@
+//! DenseNet architecture specs (torchvision's presets and custom ones) and the exact
+//! torchvision `state_dict` layout they imply: every tensor's name, shape and role.
+
+use anyhow::{bail, Result};
+
+/// The hyper-parameters that define a DenseNet (torchvision's `DenseNet.__init__`).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DenseNetSpec {
+    /// Preset name (`densenet169`, …) or `custom`.
+    pub arch: String,
+    pub growth_rate: usize,
+    pub block_config: Vec<usize>,
+    pub num_init_features: usize,
+    pub bn_size: usize,
+}
+
+/// What a state-dict tensor is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// Trained by the optimiser (conv/BN/linear weights and biases).
+    Param,
+    /// BN running mean / running var (f32, not trained).
+    RunningStat,
+    /// BN `num_batches_tracked` (int64 scalar, shape `[]`).
+    Counter,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TensorSpec {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub role: Role,
+}
+
+impl TensorSpec {
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+pub const PRESETS: &[&str] = &["densenet121", "densenet161", "densenet169", "densenet201"];
+
+impl DenseNetSpec {
+    /// torchvision's presets: densenet121/161/169/201.
+    pub fn preset(name: &str) -> Result<Self> {
+        let (k, blocks, init): (usize, &[usize], usize) = match name {
+            "densenet121" => (32, &[6, 12, 24, 16], 64),
+            "densenet161" => (48, &[6, 12, 36, 24], 96),
+            "densenet169" => (32, &[6, 12, 32, 32], 64),
+            "densenet201" => (32, &[6, 12, 48, 32], 64),
+            _ => bail!(
+                "unknown architecture '{name}': use one of {} or 'custom'",
+                PRESETS.join(", ")
+            ),
+        };
+        Ok(DenseNetSpec {
+            arch: name.to_string(),
+            growth_rate: k,
+            block_config: blocks.to_vec(),
+            num_init_features: init,
+            bn_size: 4,
+        })
+    }
+
+    pub fn custom(
+        growth_rate: usize,
+        block_config: Vec<usize>,
+        num_init_features: usize,
+        bn_size: usize,
+    ) -> Result<Self> {
+        if growth_rate == 0 || num_init_features == 0 || bn_size == 0 {
+            bail!("custom DenseNet: growth rate, init features and bn size must be positive");
+        }
+        if block_config.is_empty() || block_config.contains(&0) {
+            bail!("custom DenseNet: block config must list at least one block, each with at least one layer");
+        }
+        Ok(DenseNetSpec {
+            arch: "custom".to_string(),
+            growth_rate,
+            block_config,
+            num_init_features,
+            bn_size,
+        })
+    }
+
+    /// Channels entering each dense block, and after the last block (the classifier's width).
+    pub fn block_input_channels(&self) -> (Vec<usize>, usize) {
+        let mut c = self.num_init_features;
+        let mut ins = Vec::new();
+        for (b, &layers) in self.block_config.iter().enumerate() {
+            ins.push(c);
+            c += layers * self.growth_rate;
+            if b + 1 < self.block_config.len() {
+                c /= 2;
+            }
+        }
+        (ins, c)
+    }
+
+    /// Width of the final feature map (`classifier.in_features`).
+    pub fn num_features(&self) -> usize {
+        self.block_input_channels().1
+    }
+
+    /// Every tensor of torchvision's `state_dict` for this model with a single-logit
+    /// classifier, in torchvision's order.
+    pub fn state_dict_layout(&self) -> Vec<TensorSpec> {
+        let mut out = Vec::new();
+        let bn = |out: &mut Vec<TensorSpec>, prefix: &str, c: usize| {
+            for (s, role) in [
+                ("weight", Role::Param),
+                ("bias", Role::Param),
+                ("running_mean", Role::RunningStat),
+                ("running_var", Role::RunningStat),
+            ] {
+                out.push(TensorSpec {
+                    name: format!("{prefix}.{s}"),
+                    shape: vec![c],
+                    role,
+                });
+            }
+            out.push(TensorSpec {
+                name: format!("{prefix}.num_batches_tracked"),
+                shape: vec![],
+                role: Role::Counter,
+            });
+        };
+        let conv = |out: &mut Vec<TensorSpec>, name: &str, o: usize, i: usize, k: usize| {
+            out.push(TensorSpec {
+                name: format!("{name}.weight"),
+                shape: vec![o, i, k, k],
+                role: Role::Param,
+            });
+        };
+        let f0 = self.num_init_features;
+        conv(&mut out, "features.conv0", f0, 3, 7);
+        bn(&mut out, "features.norm0", f0);
+        let (ins, c_final) = self.block_input_channels();
+        let k = self.growth_rate;
+        let mid = self.bn_size * k;
+        for (b, &layers) in self.block_config.iter().enumerate() {
+            let bi = b + 1;
+            for l in 0..layers {
+                let c = ins[b] + l * k;
+                let p = format!("features.denseblock{bi}.denselayer{}", l + 1);
+                bn(&mut out, &format!("{p}.norm1"), c);
+                conv(&mut out, &format!("{p}.conv1"), mid, c, 1);
+                bn(&mut out, &format!("{p}.norm2"), mid);
+                conv(&mut out, &format!("{p}.conv2"), k, mid, 3);
+            }
+            if b + 1 < self.block_config.len() {
+                let c = ins[b] + layers * k;
+                bn(&mut out, &format!("features.transition{bi}.norm"), c);
+                conv(&mut out, &format!("features.transition{bi}.conv"), c / 2, c, 1);
+            }
+        }
+        bn(&mut out, "features.norm5", c_final);
+        out.push(TensorSpec {
+            name: "classifier.weight".into(),
+            shape: vec![1, c_final],
+            role: Role::Param,
+        });
+        out.push(TensorSpec {
+            name: "classifier.bias".into(),
+            shape: vec![1],
+            role: Role::Param,
+        });
+        out
+    }
+
+    /// Number of trainable parameters.
+    pub fn num_params(&self) -> usize {
+        self.state_dict_layout()
+            .iter()
+            .filter(|t| t.role == Role::Param)
+            .map(|t| t.numel())
+            .sum()
+    }
+}
+
+/// Command-line selection of an architecture, shared by every command that builds a model.
+#[derive(clap::Args, Clone, Debug)]
+pub struct ArchArgs {
+    /// densenet121 | densenet161 | densenet169 | densenet201 | custom
+    #[arg(long, default_value = "densenet169")]
+    pub arch: String,
+    /// Growth rate (custom only)
+    #[arg(long, default_value_t = 32)]
+    pub growth_rate: usize,
+    /// Layers per dense block, comma separated (custom only)
+    #[arg(long, value_delimiter = ',', default_value = "6,12,32,32")]
+    pub block_config: Vec<usize>,
+    /// Channels of the stem convolution (custom only)
+    #[arg(long, default_value_t = 64)]
+    pub num_init_features: usize,
+    /// Bottleneck width multiplier (custom only)
+    #[arg(long, default_value_t = 4)]
+    pub bn_size: usize,
+}
+
+impl ArchArgs {
+    pub fn spec(&self) -> Result<DenseNetSpec> {
+        if self.arch == "custom" {
+            DenseNetSpec::custom(
+                self.growth_rate,
+                self.block_config.clone(),
+                self.num_init_features,
+                self.bn_size,
+            )
+        } else {
+            DenseNetSpec::preset(&self.arch)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn densenet169_matches_torchvision() {
+        let s = DenseNetSpec::preset("densenet169").unwrap();
+        assert_eq!(s.num_features(), 1664);
+        // torchvision densenet169 has 14,149,480 params with the 1000-way head;
+        // the 1-logit head has 1664 + 1 instead of 1664*1000 + 1000.
+        assert_eq!(s.num_params(), 14_149_480 - 1_665_000 + 1665);
+        let l = s.state_dict_layout();
+        assert_eq!(l[0].name, "features.conv0.weight");
+        assert!(l
+            .iter()
+            .any(|t| t.name == "features.denseblock4.denselayer32.conv2.weight"
+                && t.shape == vec![32, 128, 3, 3]));
+    }
+
+    #[test]
+    fn densenet121_features() {
+        assert_eq!(DenseNetSpec::preset("densenet121").unwrap().num_features(), 1024);
+        assert_eq!(DenseNetSpec::preset("densenet161").unwrap().num_features(), 2208);
+        assert_eq!(DenseNetSpec::preset("densenet201").unwrap().num_features(), 1920);
+        assert!(DenseNetSpec::preset("resnet50").is_err());
+    }
+}
