@@ -1,8 +1,123 @@
-//! `mura eval` (not built yet).
+//! `mura eval`: evaluate one checkpoint or an ensemble (mean of probabilities) on a split of a store,
+//! print a table like the MURA paper's Table 2, write `predictions.csv` (official scorer format) and
+//! `metrics.json`.
+
+use crate::checkpoint;
+use crate::data::loader::{Loader, LoaderConfig};
+use crate::data::store::Store;
+use crate::data::{Split, StudyType};
+use crate::eval::{predict_split, scored, StudyPrediction};
+use crate::loss::LossLevel;
+use crate::metrics;
+use anyhow::{bail, Context, Result};
+use std::path::PathBuf;
+use std::sync::Arc;
 
 #[derive(clap::Args, Debug)]
-pub struct Args {}
+pub struct Args {
+    #[arg(long)]
+    pub store: PathBuf,
+    /// One or more model checkpoints (safetensors written by mura); several are ensembled
+    #[arg(long, num_args = 1.., required = true)]
+    pub checkpoint: Vec<PathBuf>,
+    /// train | valid
+    #[arg(long, default_value = "valid")]
+    pub split: String,
+    /// Study types to evaluate (default: all in the store)
+    #[arg(long, value_delimiter = ',')]
+    pub study_types: Vec<String>,
+    /// Model input side (default: the one the checkpoint was trained at, else 224)
+    #[arg(long)]
+    pub image_size: Option<usize>,
+    /// Folder for predictions.csv and metrics.json
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// cpu (cuda and emu come with the GPU backend)
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+}
 
-pub fn run(_args: Args) -> anyhow::Result<()> {
-    anyhow::bail!("'mura eval' is not built yet")
+pub fn run(args: Args) -> Result<()> {
+    if args.device != "cpu" {
+        bail!("--device {}: only the cpu backend can evaluate so far", args.device);
+    }
+    let split: Split = args.split.parse()?;
+    let types = if args.study_types.is_empty() {
+        StudyType::ALL.to_vec()
+    } else {
+        args.study_types
+            .iter()
+            .map(|s| s.parse())
+            .collect::<Result<Vec<StudyType>>>()?
+    };
+    let store = Arc::new(Store::open(&args.store)?);
+    let mut ensemble: Option<Vec<StudyPrediction>> = None;
+    for ck in &args.checkpoint {
+        let size = match args.image_size {
+            Some(s) => s,
+            None => checkpoint::read_image_size(ck)?.unwrap_or(224),
+        };
+        let mut model = checkpoint::load_model(ck, None)?;
+        let loader = Loader::new(
+            store.clone(),
+            split,
+            &types,
+            LoaderConfig {
+                batch_studies: args.batch.max(1),
+                max_views: None,
+                image_size: size,
+                augment: None,
+                seed: 0,
+                shuffle: false,
+                workers: 2,
+                prefetch: 2,
+            },
+        )?;
+        let preds = predict_split(&mut model, &store, &loader, LossLevel::Study)?;
+        ensemble = Some(match ensemble {
+            None => preds.studies,
+            Some(mut acc) => {
+                for (a, p) in acc.iter_mut().zip(&preds.studies) {
+                    a.probability += p.probability;
+                }
+                acc
+            }
+        });
+    }
+    let mut preds = ensemble.context("no checkpoint given")?;
+    let k = args.checkpoint.len() as f64;
+    for p in &mut preds {
+        p.probability /= k;
+    }
+    if preds.is_empty() {
+        bail!("the store has no {} studies of the selected types", args.split);
+    }
+    let scored = scored(&preds);
+    if scored.is_empty() {
+        println!("no labelled studies in this split: predictions only");
+    } else {
+        let table = metrics::evaluate(&scored);
+        print!("{}", metrics::format_table(&table));
+        if let Some(dir) = &args.out {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+            checkpoint::write_json_atomic(&dir.join("metrics.json"), &table)?;
+        }
+    }
+    if let Some(dir) = &args.out {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        let mut csv = String::new();
+        for p in &preds {
+            csv += &format!("{},{}\n", p.path, u8::from(p.probability > 0.5));
+        }
+        checkpoint::write_atomic(&dir.join("predictions.csv"), csv.as_bytes())?;
+        println!(
+            "wrote {} and {}",
+            dir.join("predictions.csv").display(),
+            dir.join("metrics.json").display()
+        );
+    }
+    Ok(())
 }

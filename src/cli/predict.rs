@@ -1,8 +1,146 @@
-//! `mura predict` (not built yet).
+//! `mura predict`: study probabilities for folders of PNG views (or single PNGs), one JSON line per
+//! study, optionally with class activation maps.
+
+use crate::data::image::{decode_gray, normalize_to_input, resize_bilinear, GrayImage};
+use crate::model::DenseNet;
+use crate::spec::ArchArgs;
+use anyhow::{bail, Context, Result};
+use std::path::{Path, PathBuf};
 
 #[derive(clap::Args, Debug)]
-pub struct Args {}
+pub struct Args {
+    #[command(flatten)]
+    pub arch: ArchArgs,
+    /// Model weights (safetensors with torchvision names, e.g. a run's best.safetensors)
+    #[arg(long)]
+    pub weights: PathBuf,
+    /// Model input side
+    #[arg(long, default_value_t = 224)]
+    pub image_size: usize,
+    /// Write a CAM overlay PNG per view into this folder
+    #[arg(long)]
+    pub cam: Option<PathBuf>,
+    /// cpu (cuda and emu come with the GPU backend)
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Study folders (all their PNG views) or single PNG files (one-view studies)
+    #[arg(required = true)]
+    pub paths: Vec<PathBuf>,
+}
 
-pub fn run(_args: Args) -> anyhow::Result<()> {
-    anyhow::bail!("'mura predict' is not built yet")
+/// The PNG views of a study path: a folder's `*.png` files (sorted), or the file itself.
+pub fn study_views(path: &Path) -> Result<Vec<PathBuf>> {
+    let meta = std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
+    if meta.is_file() {
+        return Ok(vec![path.to_path_buf()]);
+    }
+    let mut views: Vec<PathBuf> = std::fs::read_dir(path)
+        .with_context(|| format!("cannot read folder {}", path.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.is_file()
+                && p.extension()
+                    .is_some_and(|e| e.eq_ignore_ascii_case("png"))
+        })
+        .collect();
+    views.sort();
+    if views.is_empty() {
+        bail!("{}: study folder has no PNG views", path.display());
+    }
+    Ok(views)
+}
+
+/// Decode, resize and normalise one view into the model's input `[s, s, 3]`.
+pub fn prepare_view(img: &GrayImage, size: usize) -> Vec<f32> {
+    let resized = resize_bilinear(img, size);
+    let mut x = vec![0.0f32; size * size * 3];
+    normalize_to_input(&resized.data, &mut x);
+    x
+}
+
+fn sigmoid(z: f64) -> f64 {
+    1.0 / (1.0 + (-z).exp())
+}
+
+pub fn run(args: Args) -> Result<()> {
+    if args.device != "cpu" {
+        bail!("--device {}: only the cpu backend can predict so far", args.device);
+    }
+    if args.image_size < 32 {
+        bail!("--image-size must be at least 32");
+    }
+    let spec = args.arch.spec()?;
+    let mut model = crate::checkpoint::load_model(&args.weights, Some(&spec))?;
+    if let Some(dir) = &args.cam {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    // Check every path before any work, so a typo fails fast.
+    let studies: Vec<(PathBuf, Vec<PathBuf>)> = args
+        .paths
+        .iter()
+        .map(|p| study_views(p).map(|v| (p.clone(), v)))
+        .collect::<Result<_>>()?;
+    for (study, views) in studies {
+        let line = predict_study(&mut model, &study, &views, args.image_size, args.cam.as_deref())?;
+        println!("{line}");
+    }
+    Ok(())
+}
+
+/// One study's JSON line (and CAM files).
+pub fn predict_study(
+    model: &mut DenseNet,
+    study: &Path,
+    views: &[PathBuf],
+    size: usize,
+    cam_dir: Option<&Path>,
+) -> Result<serde_json::Value> {
+    let mut out = Vec::new();
+    let mut psum = 0.0;
+    for (v, path) in views.iter().enumerate() {
+        let img = decode_gray(path)?;
+        let x = prepare_view(&img, size);
+        let (logits, feats, fh, fw) = model.forward_features(&x, 1, size, size);
+        let z = logits[0] as f64;
+        if let Some(dir) = cam_dir {
+            let (w, _) = model.classifier();
+            let c = w.len();
+            let cam: Vec<f32> = (0..fh * fw)
+                .map(|p| (0..c).map(|k| w[k] * feats[p * c + k]).sum())
+                .collect();
+            let name = format!(
+                "{}_view{}_cam.png",
+                sanitize(&study.to_string_lossy()),
+                v + 1
+            );
+            crate::cam::write_cam_png(&img.data, img.width, img.height, &cam, fw, fh, &dir.join(name))?;
+        }
+        psum += sigmoid(z);
+        out.push(serde_json::json!({
+            "path": path.to_string_lossy(),
+            "logit": z,
+            "probability": sigmoid(z),
+        }));
+    }
+    let p = psum / views.len() as f64;
+    Ok(serde_json::json!({
+        "study": study.to_string_lossy(),
+        "probability": p,
+        "abnormal": p > 0.5,
+        "views": out,
+    }))
+}
+
+fn sanitize(s: &str) -> String {
+    let t: String = s
+        .trim_matches(|c| c == '/' || c == '.')
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' })
+        .collect();
+    if t.is_empty() {
+        "study".into()
+    } else {
+        t
+    }
 }

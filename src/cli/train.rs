@@ -1,8 +1,77 @@
-//! `mura train` (not built yet).
+//! `mura train`: train a DenseNet on a prepped store (or `--resume RUN_DIR`).
 
-#[derive(clap::Args, Debug)]
-pub struct Args {}
+use crate::spec::ArchArgs;
+use crate::train::{self, TrainConfig};
+use anyhow::{bail, Result};
+use std::path::PathBuf;
 
-pub fn run(_args: Args) -> anyhow::Result<()> {
-    anyhow::bail!("'mura train' is not built yet")
+#[derive(clap::Args, Debug, Clone)]
+pub struct Args {
+    /// Prepped store (from `mura prep`)
+    #[arg(long, required_unless_present = "resume")]
+    pub store: Option<PathBuf>,
+    /// Run folder for checkpoints, metrics.jsonl and predictions
+    #[arg(long, required_unless_present = "resume")]
+    pub out: Option<PathBuf>,
+    /// Continue an interrupted or finished run in this folder (its saved settings are used)
+    #[arg(long, conflicts_with_all = ["store", "out"])]
+    pub resume: Option<PathBuf>,
+    #[command(flatten)]
+    pub arch: ArchArgs,
+    /// Initial weights: `random`, `imagenet:FILE` (torchvision .pth or .safetensors), or a mura checkpoint
+    #[arg(long, default_value = "random")]
+    pub init: String,
+    /// Epochs to train (with --resume: the new total)
+    #[arg(long, default_value_t = 10)]
+    pub epochs: usize,
+    /// Studies per batch
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+    #[arg(long, default_value_t = 1e-4)]
+    pub lr: f64,
+    #[arg(long, default_value_t = 0.0)]
+    pub weight_decay: f64,
+    /// Epochs without validation-loss improvement before the learning rate drops ×0.1
+    #[arg(long, default_value_t = 1)]
+    pub patience: usize,
+    /// `study`: loss on the mean of a study's view probabilities (blog); `image`: per view (paper)
+    #[arg(long, default_value = "study")]
+    pub loss: String,
+    /// Study types to train on, e.g. XR_WRIST,XR_HAND (default: all seven)
+    #[arg(long, value_delimiter = ',')]
+    pub study_types: Vec<String>,
+    /// Augmentation preset: `blog` (224², ±10°, flips) or `paper` (320², ±30°, flips)
+    #[arg(long, default_value = "blog")]
+    pub preset: String,
+    /// Model input side (default: the preset's)
+    #[arg(long)]
+    pub image_size: Option<usize>,
+    /// Most views taken from one study
+    #[arg(long)]
+    pub max_views: Option<usize>,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// cpu (cuda and emu come with the GPU backend)
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Loader worker threads
+    #[arg(long, default_value_t = 2)]
+    pub workers: usize,
+    /// Stop each epoch after this many batches (quick experiments)
+    #[arg(long)]
+    pub max_batches: Option<usize>,
+    /// No progress bars
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    if let Some(dir) = &args.resume {
+        return train::resume(dir, args.epochs, args.quiet).map(|_| ());
+    }
+    let (Some(store), Some(out)) = (args.store.clone(), args.out.clone()) else {
+        bail!("mura train needs --store and --out (or --resume RUN_DIR)");
+    };
+    let cfg = TrainConfig::from_args(&args, store, out)?;
+    train::train(cfg, args.quiet).map(|_| ())
 }

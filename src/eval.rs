@@ -1,0 +1,92 @@
+//! Study-level prediction over a split of a store: each study's probability is the mean of its
+//! views' probabilities; abnormal if > 0.5.
+
+use crate::data::loader::Loader;
+use crate::data::store::Store;
+use crate::data::StudyType;
+use crate::loss::LossLevel;
+use crate::model::{DenseNet, Mode};
+use anyhow::Result;
+
+#[derive(Clone, Debug)]
+pub struct StudyPrediction {
+    /// Store study index.
+    pub study: usize,
+    /// Study path as in the MURA CSVs (ending in `/`).
+    pub path: String,
+    pub study_type: StudyType,
+    pub label: Option<u8>,
+    pub probability: f64,
+}
+
+pub struct SplitPredictions {
+    pub studies: Vec<StudyPrediction>,
+    /// Weighted BCE over the split (same level as training); NaN when no study is labelled.
+    pub loss: f64,
+}
+
+impl SplitPredictions {
+    /// Labelled studies as (type name, label, probability), for the metrics.
+    pub fn as_scored(&self) -> Vec<(String, u8, f64)> {
+        scored(&self.studies)
+    }
+}
+
+pub fn scored(studies: &[StudyPrediction]) -> Vec<(String, u8, f64)> {
+    studies
+        .iter()
+        .filter_map(|p| {
+            p.label
+                .map(|l| (p.study_type.name().to_string(), l, p.probability))
+        })
+        .collect()
+}
+
+/// Eval-mode predictions (no augmentation) for every study the loader yields, in store order.
+pub fn predict_split(
+    model: &mut DenseNet,
+    store: &Store,
+    loader: &Loader,
+    level: LossLevel,
+) -> Result<SplitPredictions> {
+    let mut studies = Vec::new();
+    let (mut loss_sum, mut loss_count) = (0.0, 0usize);
+    for batch in loader.epoch(0) {
+        let s = batch.size;
+        let logits = model.forward(&batch.images, batch.n_images, s, s, Mode::Eval);
+        let mut sum = vec![0.0f64; batch.studies.len()];
+        let mut cnt = vec![0usize; batch.studies.len()];
+        for (i, &z) in logits.iter().enumerate() {
+            sum[batch.view_study[i]] += 1.0 / (1.0 + (-(z as f64)).exp());
+            cnt[batch.view_study[i]] += 1;
+        }
+        if batch.studies.iter().all(|&i| store.studies[i].label.is_some()) {
+            let (loss, _) = crate::train::batch_loss(store, &batch, &logits, level);
+            let n = match level {
+                LossLevel::Study => batch.studies.len(),
+                LossLevel::Image => batch.n_images,
+            };
+            loss_sum += loss * n as f64;
+            loss_count += n;
+        }
+        for (j, &si) in batch.studies.iter().enumerate() {
+            let rec = &store.studies[si];
+            studies.push(StudyPrediction {
+                study: si,
+                path: rec.path.clone(),
+                study_type: rec.study_type,
+                label: rec.label,
+                probability: sum[j] / cnt[j].max(1) as f64,
+            });
+        }
+    }
+    studies.sort_by_key(|p| p.study);
+    Ok(SplitPredictions {
+        studies,
+        loss: if loss_count > 0 {
+            loss_sum / loss_count as f64
+        } else {
+            f64::NAN
+        },
+    })
+}

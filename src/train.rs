@@ -1,0 +1,413 @@
+//! The training loop: Adam on weighted BCE, validation after each epoch, ReduceLROnPlateau on the
+//! validation loss, best-by-validation-loss and last checkpoints, resumable, Ctrl-C safe.
+//!
+//! A run folder holds:
+//! - `config.json`      the run's settings (what `--resume` continues with)
+//! - `best.safetensors` the model with the lowest validation loss (torchvision names)
+//! - `last.safetensors` the model after the last finished step, with `last.optim.safetensors` (Adam's
+//!   moments) and `state.json` (epoch, step, optimiser scalars, scheduler, store identity)
+//! - `metrics.jsonl`    one line per epoch; `val_predictions.csv` the best model's validation predictions
+
+use crate::checkpoint::{self, Checkpoint};
+use crate::cli::train::Args;
+use crate::data::loader::{Augment, Batch, Loader, LoaderConfig};
+use crate::data::store::Store;
+use crate::data::{Split, StudyType};
+use crate::eval::{predict_split, StudyPrediction};
+use crate::loss::{weighted_bce, LossLevel};
+use crate::metrics;
+use crate::model::{DenseNet, Mode};
+use crate::optim::{Adam, ReduceLROnPlateau};
+use crate::spec::DenseNetSpec;
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TrainConfig {
+    pub store: PathBuf,
+    pub out: PathBuf,
+    pub spec: DenseNetSpec,
+    pub init: String,
+    pub epochs: usize,
+    pub batch: usize,
+    pub lr: f64,
+    pub weight_decay: f64,
+    pub patience: usize,
+    pub loss: LossLevel,
+    pub study_types: Vec<StudyType>,
+    pub image_size: usize,
+    pub max_rotation_deg: f32,
+    pub max_views: Option<usize>,
+    pub seed: u64,
+    pub workers: usize,
+    pub max_batches: Option<usize>,
+}
+
+impl TrainConfig {
+    pub fn from_args(a: &Args, store: PathBuf, out: PathBuf) -> Result<Self> {
+        if a.device != "cpu" {
+            bail!(
+                "--device {}: only the cpu backend can train so far (the GPU backend is not built yet)",
+                a.device
+            );
+        }
+        let (size, rot) = match a.preset.as_str() {
+            "blog" => (224, 10.0),
+            "paper" => (320, 30.0),
+            p => bail!("unknown --preset '{p}': use blog or paper"),
+        };
+        let loss = match a.loss.as_str() {
+            "study" => LossLevel::Study,
+            "image" => LossLevel::Image,
+            l => bail!("unknown --loss '{l}': use study or image"),
+        };
+        if a.batch == 0 || a.epochs == 0 {
+            bail!("--batch and --epochs must be positive");
+        }
+        let study_types = if a.study_types.is_empty() {
+            StudyType::ALL.to_vec()
+        } else {
+            a.study_types
+                .iter()
+                .map(|s| s.parse())
+                .collect::<Result<Vec<StudyType>>>()?
+        };
+        Ok(TrainConfig {
+            store,
+            out,
+            spec: a.arch.spec()?,
+            init: a.init.clone(),
+            epochs: a.epochs,
+            batch: a.batch,
+            lr: a.lr,
+            weight_decay: a.weight_decay,
+            patience: a.patience,
+            loss,
+            study_types,
+            image_size: a.image_size.unwrap_or(size),
+            max_rotation_deg: rot,
+            max_views: a.max_views,
+            seed: a.seed,
+            workers: a.workers.max(1),
+            max_batches: a.max_batches,
+        })
+    }
+}
+
+/// Where a run stands: saved with every checkpoint of the last step.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RunState {
+    /// Epochs fully finished (validation included).
+    pub epochs_done: usize,
+    /// Batches finished inside epoch `epochs_done` (non-zero only after an interruption).
+    pub batches_done: usize,
+    pub best_val_loss: Option<f64>,
+    pub adam_step: u64,
+    pub lr: f64,
+    pub scheduler: ReduceLROnPlateau,
+    pub store_id: String,
+}
+
+/// One epoch's line in `metrics.jsonl`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct EpochMetrics {
+    pub epoch: usize,
+    pub train_loss: f64,
+    pub val_loss: f64,
+    pub lr: f64,
+    pub kappa: f64,
+    pub kappa_by_type: std::collections::BTreeMap<String, f64>,
+    pub accuracy: f64,
+    pub auroc: f64,
+    pub images_per_s: f64,
+    pub seconds: f64,
+}
+
+/// What a finished (or stopped) run reports.
+pub struct TrainOutcome {
+    pub epochs: Vec<EpochMetrics>,
+    pub interrupted: bool,
+}
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+fn install_ctrlc() {
+    // A second registration fails harmlessly (e.g. in tests running several trainings).
+    let _ = ctrlc::set_handler(|| {
+        if STOP.swap(true, Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+        eprintln!("\nstopping after this step (Ctrl-C again to abort without saving)");
+    });
+}
+
+pub fn train(cfg: TrainConfig, quiet: bool) -> Result<TrainOutcome> {
+    std::fs::create_dir_all(&cfg.out)
+        .with_context(|| format!("cannot create run folder {}", cfg.out.display()))?;
+    if cfg.out.join("config.json").exists() {
+        bail!(
+            "{} already holds a run: use `mura train --resume {}` or another --out",
+            cfg.out.display(),
+            cfg.out.display()
+        );
+    }
+    let store = Arc::new(Store::open(&cfg.store)?);
+    let mut model = initial_model(&cfg)?;
+    let adam = Adam::new(model.params.len(), cfg.lr, cfg.weight_decay);
+    let state = RunState {
+        epochs_done: 0,
+        batches_done: 0,
+        best_val_loss: None,
+        adam_step: 0,
+        lr: cfg.lr,
+        scheduler: ReduceLROnPlateau::new(cfg.patience),
+        store_id: store.id(),
+    };
+    checkpoint::write_json_atomic(&cfg.out.join("config.json"), &cfg)?;
+    let _ = std::fs::remove_file(cfg.out.join("metrics.jsonl"));
+    run_epochs(cfg, store, &mut model, adam, state, quiet)
+}
+
+pub fn resume(dir: &Path, epochs: usize, quiet: bool) -> Result<TrainOutcome> {
+    let mut cfg: TrainConfig = checkpoint::read_json(&dir.join("config.json"))
+        .with_context(|| format!("{} is not a mura run folder", dir.display()))?;
+    cfg.out = dir.to_path_buf();
+    cfg.epochs = epochs.max(cfg.epochs);
+    let store = Arc::new(Store::open(&cfg.store)?);
+    let Checkpoint { model, adam, state } = checkpoint::load_last(dir, &cfg.spec)?;
+    if state.store_id != store.id() {
+        bail!(
+            "store {} is not the one this run was trained on (store id {} vs {})",
+            cfg.store.display(),
+            store.id(),
+            state.store_id
+        );
+    }
+    let mut model = model;
+    run_epochs(cfg, store, &mut model, adam, state, quiet)
+}
+
+fn initial_model(cfg: &TrainConfig) -> Result<DenseNet> {
+    if cfg.init == "random" {
+        return Ok(DenseNet::new(cfg.spec.clone(), cfg.seed));
+    }
+    let file = cfg.init.strip_prefix("imagenet:").unwrap_or(&cfg.init);
+    let sd = crate::weights::load_any(Path::new(file), &cfg.spec, cfg.seed)
+        .with_context(|| format!("--init {}", cfg.init))?;
+    DenseNet::from_state_dict(cfg.spec.clone(), &sd)
+}
+
+fn loader(cfg: &TrainConfig, store: &Arc<Store>, split: Split) -> Result<Loader> {
+    let train = split == Split::Train;
+    Loader::new(
+        store.clone(),
+        split,
+        &cfg.study_types,
+        LoaderConfig {
+            batch_studies: cfg.batch,
+            max_views: cfg.max_views,
+            image_size: cfg.image_size,
+            augment: train.then_some(Augment {
+                flip: true,
+                max_rotation_deg: cfg.max_rotation_deg,
+            }),
+            seed: cfg.seed,
+            shuffle: train,
+            workers: cfg.workers,
+            prefetch: 2,
+        },
+    )
+}
+
+/// Loss and its gradient for one batch, with the store's per-type weights.
+pub fn batch_loss(
+    store: &Store,
+    batch: &Batch,
+    logits: &[f32],
+    level: LossLevel,
+) -> (f64, Vec<f32>) {
+    let z: Vec<f64> = logits.iter().map(|&v| v as f64).collect();
+    let w: Vec<(f64, f64)> = batch
+        .types
+        .iter()
+        .map(|&t| {
+            let (w0, w1) = store.loss_weights(t);
+            (w0 as f64, w1 as f64)
+        })
+        .collect();
+    let labels: Vec<f64> = batch.labels.iter().map(|&l| l as f64).collect();
+    let (loss, dz) = weighted_bce(&z, &batch.view_study, &labels, &w, level);
+    (loss, dz.iter().map(|&g| g as f32).collect())
+}
+
+fn run_epochs(
+    cfg: TrainConfig,
+    store: Arc<Store>,
+    model: &mut DenseNet,
+    mut adam: Adam,
+    mut state: RunState,
+    quiet: bool,
+) -> Result<TrainOutcome> {
+    install_ctrlc();
+    STOP.store(false, Ordering::SeqCst);
+    let train_loader = loader(&cfg, &store, Split::Train)?;
+    let val_loader = loader(&cfg, &store, Split::Valid)?;
+    let n_batches = train_loader
+        .num_batches()
+        .min(cfg.max_batches.unwrap_or(usize::MAX));
+    if n_batches == 0 {
+        bail!("the store has no training studies of the selected types");
+    }
+    let mut outcome = TrainOutcome {
+        epochs: Vec::new(),
+        interrupted: false,
+    };
+    let s = cfg.image_size;
+    while state.epochs_done < cfg.epochs {
+        let epoch = state.epochs_done;
+        let t0 = Instant::now();
+        let bar = progress(quiet, n_batches as u64, &format!("epoch {}", epoch + 1));
+        bar.set_position(state.batches_done as u64);
+        let (mut loss_sum, mut loss_n, mut images) = (0.0f64, 0usize, 0usize);
+        for (b, batch) in train_loader
+            .epoch(epoch as u64)
+            .enumerate()
+            .take(n_batches)
+            .skip(state.batches_done)
+        {
+            model.zero_grad();
+            let logits = model.forward(&batch.images, batch.n_images, s, s, Mode::Train);
+            let (loss, dz) = batch_loss(&store, &batch, &logits, cfg.loss);
+            if !loss.is_finite() {
+                bail!(
+                    "training loss became {loss} at epoch {} batch {}; stopped, the last good checkpoint is kept in {}",
+                    epoch + 1,
+                    b + 1,
+                    cfg.out.display()
+                );
+            }
+            model.backward(&dz);
+            adam.step(&mut model.params, &model.grads);
+            loss_sum += loss;
+            loss_n += 1;
+            images += batch.n_images;
+            state.batches_done = b + 1;
+            bar.set_position(state.batches_done as u64);
+            bar.set_message(format!(
+                "loss {:.4}  {:.1} img/s",
+                loss_sum / loss_n as f64,
+                images as f64 / t0.elapsed().as_secs_f64()
+            ));
+            if STOP.load(Ordering::SeqCst) {
+                bar.abandon();
+                state.adam_step = adam.step_count();
+                checkpoint::save_last(&cfg.out, model, &adam, &state)?;
+                eprintln!(
+                    "interrupted: saved epoch {} batch {}; continue with `mura train --resume {}`",
+                    epoch + 1,
+                    state.batches_done,
+                    cfg.out.display()
+                );
+                outcome.interrupted = true;
+                return Ok(outcome);
+            }
+        }
+        bar.finish_and_clear();
+        let train_seconds = t0.elapsed().as_secs_f64();
+
+        let preds = predict_split(model, &store, &val_loader, cfg.loss)?;
+        let val_loss = preds.loss;
+        let table = metrics::evaluate(&preds.as_scored());
+        let lr = adam.lr();
+        state.scheduler.step(val_loss, &mut adam);
+        let improved = state.best_val_loss.is_none_or(|b| val_loss < b);
+        if improved {
+            state.best_val_loss = Some(val_loss);
+            checkpoint::save_model(&cfg.out.join("best.safetensors"), model, &store.id())?;
+            write_val_predictions(&cfg.out.join("val_predictions.csv"), &preds.studies)?;
+        }
+        state.epochs_done += 1;
+        state.batches_done = 0;
+        state.adam_step = adam.step_count();
+        state.lr = adam.lr();
+        checkpoint::save_last(&cfg.out, model, &adam, &state)?;
+
+        let m = EpochMetrics {
+            epoch: epoch + 1,
+            train_loss: loss_sum / loss_n.max(1) as f64,
+            val_loss,
+            lr,
+            kappa: table.overall.kappa,
+            kappa_by_type: table
+                .by_type
+                .iter()
+                .map(|(t, r)| (t.clone(), r.kappa))
+                .collect(),
+            accuracy: table.overall.accuracy,
+            auroc: table.overall.auroc,
+            images_per_s: images as f64 / train_seconds,
+            seconds: t0.elapsed().as_secs_f64(),
+        };
+        append_metrics(&cfg.out.join("metrics.jsonl"), &m)?;
+        if !quiet {
+            eprintln!(
+                "epoch {:>3}  train loss {:.4}  val loss {:.4}{}  kappa {:.3}  auroc {:.3}  lr {:.1e}  {:.1} img/s",
+                m.epoch,
+                m.train_loss,
+                m.val_loss,
+                if improved { "*" } else { " " },
+                m.kappa,
+                m.auroc,
+                m.lr,
+                m.images_per_s
+            );
+        }
+        outcome.epochs.push(m);
+    }
+    Ok(outcome)
+}
+
+fn progress(quiet: bool, len: u64, prefix: &str) -> indicatif::ProgressBar {
+    if quiet {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(len);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{prefix} [{bar:30}] {pos}/{len} {msg} eta {eta}",
+        )
+        .expect("static template")
+        .progress_chars("=> "),
+    );
+    bar.set_prefix(prefix.to_string());
+    bar
+}
+
+fn append_metrics(path: &Path, m: &EpochMetrics) -> Result<()> {
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    writeln!(f, "{}", serde_json::to_string(m)?)?;
+    Ok(())
+}
+
+fn write_val_predictions(path: &Path, studies: &[StudyPrediction]) -> Result<()> {
+    let mut s = String::from("study,type,label,probability\n");
+    for p in studies {
+        s += &format!(
+            "{},{},{},{}\n",
+            p.path,
+            p.study_type.name(),
+            p.label.map_or(String::new(), |l| l.to_string()),
+            p.probability
+        );
+    }
+    checkpoint::write_atomic(path, s.as_bytes())
+}
