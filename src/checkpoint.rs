@@ -97,7 +97,7 @@ pub struct Checkpoint {
 /// Save the last step: optimiser moments (with the run state in the metadata) first, then the model.
 /// Both carry the Adam step count so a torn pair is detected on resume.
 pub fn save_last(dir: &Path, model: &DenseNet, adam: &Adam, state: &RunState) -> Result<()> {
-    let (m, v) = adam.moments();
+    let (m, v) = (&adam.m, &adam.v);
     let n = m.len();
     let sd = StateDict {
         tensors: vec![
@@ -124,7 +124,7 @@ pub fn save_last(dir: &Path, model: &DenseNet, adam: &Adam, state: &RunState) ->
     weights::save_safetensors(&dir.join("last.safetensors"), &model.to_state_dict(), Some(meta))
 }
 
-pub fn load_last(dir: &Path, spec: &DenseNetSpec) -> Result<Checkpoint> {
+pub fn load_last(dir: &Path, spec: &DenseNetSpec, weight_decay: f64) -> Result<Checkpoint> {
     let model_path = dir.join("last.safetensors");
     let optim_path = dir.join("last.optim.safetensors");
     if !model_path.exists() {
@@ -153,11 +153,9 @@ pub fn load_last(dir: &Path, spec: &DenseNetSpec) -> Result<Checkpoint> {
             _ => bail!("{}: missing or mis-sized {name}", optim_path.display()),
         }
     };
-    let adam = Adam::from_parts(
-        get("adam.m")?,
-        get("adam.v")?,
-        state.adam_step,
-        state.lr,
-    )?;
+    let mut adam = Adam::new(model.params.len(), state.lr, weight_decay);
+    adam.m = get("adam.m")?;
+    adam.v = get("adam.v")?;
+    adam.step = state.adam_step;
     Ok(Checkpoint { model, adam, state })
 }

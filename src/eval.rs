@@ -6,6 +6,7 @@ use crate::data::store::Store;
 use crate::data::StudyType;
 use crate::loss::LossLevel;
 use crate::model::{DenseNet, Mode};
+use crate::metrics::MetricsTable;
 use anyhow::Result;
 
 #[derive(Clone, Debug)]
@@ -26,20 +27,18 @@ pub struct SplitPredictions {
 }
 
 impl SplitPredictions {
-    /// Labelled studies as (type name, label, probability), for the metrics.
-    pub fn as_scored(&self) -> Vec<(String, u8, f64)> {
-        scored(&self.studies)
+    pub fn table(&self) -> MetricsTable {
+        table(&self.studies)
     }
 }
 
-pub fn scored(studies: &[StudyPrediction]) -> Vec<(String, u8, f64)> {
-    studies
-        .iter()
-        .filter_map(|p| {
-            p.label
-                .map(|l| (p.study_type.name().to_string(), l, p.probability))
-        })
-        .collect()
+/// Per-type and overall metrics over the labelled studies.
+pub fn table(studies: &[StudyPrediction]) -> MetricsTable {
+    let labelled: Vec<&StudyPrediction> = studies.iter().filter(|p| p.label.is_some()).collect();
+    let types: Vec<&str> = labelled.iter().map(|p| p.study_type.name()).collect();
+    let labels: Vec<bool> = labelled.iter().map(|p| p.label == Some(1)).collect();
+    let probs: Vec<f64> = labelled.iter().map(|p| p.probability).collect();
+    MetricsTable::new(&types, &labels, &probs)
 }
 
 /// Eval-mode predictions (no augmentation) for every study the loader yields, in store order.

@@ -15,9 +15,8 @@ use crate::data::store::Store;
 use crate::data::{Split, StudyType};
 use crate::eval::{predict_split, StudyPrediction};
 use crate::loss::{weighted_bce, LossLevel};
-use crate::metrics;
 use crate::model::{DenseNet, Mode};
-use crate::optim::{Adam, ReduceLROnPlateau};
+use crate::optim::{Adam, ReduceLrOnPlateau};
 use crate::spec::DenseNetSpec;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -109,7 +108,7 @@ pub struct RunState {
     pub best_val_loss: Option<f64>,
     pub adam_step: u64,
     pub lr: f64,
-    pub scheduler: ReduceLROnPlateau,
+    pub scheduler: ReduceLrOnPlateau,
     pub store_id: String,
 }
 
@@ -165,7 +164,10 @@ pub fn train(cfg: TrainConfig, quiet: bool) -> Result<TrainOutcome> {
         best_val_loss: None,
         adam_step: 0,
         lr: cfg.lr,
-        scheduler: ReduceLROnPlateau::new(cfg.patience),
+        scheduler: ReduceLrOnPlateau {
+            patience: cfg.patience as u32,
+            ..Default::default()
+        },
         store_id: store.id(),
     };
     checkpoint::write_json_atomic(&cfg.out.join("config.json"), &cfg)?;
@@ -179,7 +181,7 @@ pub fn resume(dir: &Path, epochs: usize, quiet: bool) -> Result<TrainOutcome> {
     cfg.out = dir.to_path_buf();
     cfg.epochs = epochs.max(cfg.epochs);
     let store = Arc::new(Store::open(&cfg.store)?);
-    let Checkpoint { model, adam, state } = checkpoint::load_last(dir, &cfg.spec)?;
+    let Checkpoint { model, adam, state } = checkpoint::load_last(dir, &cfg.spec, cfg.weight_decay)?;
     if state.store_id != store.id() {
         bail!(
             "store {} is not the one this run was trained on (store id {} vs {})",
@@ -292,7 +294,7 @@ fn run_epochs(
                 );
             }
             model.backward(&dz);
-            adam.step(&mut model.params, &model.grads);
+            adam.update(&mut model.params, &model.grads);
             loss_sum += loss;
             loss_n += 1;
             images += batch.n_images;
@@ -305,7 +307,7 @@ fn run_epochs(
             ));
             if STOP.load(Ordering::SeqCst) {
                 bar.abandon();
-                state.adam_step = adam.step_count();
+                state.adam_step = adam.step;
                 checkpoint::save_last(&cfg.out, model, &adam, &state)?;
                 eprintln!(
                     "interrupted: saved epoch {} batch {}; continue with `mura train --resume {}`",
@@ -322,9 +324,9 @@ fn run_epochs(
 
         let preds = predict_split(model, &store, &val_loader, cfg.loss)?;
         let val_loss = preds.loss;
-        let table = metrics::evaluate(&preds.as_scored());
-        let lr = adam.lr();
-        state.scheduler.step(val_loss, &mut adam);
+        let table = preds.table();
+        let lr = adam.lr;
+        adam.lr = state.scheduler.step(val_loss, adam.lr);
         let improved = state.best_val_loss.is_none_or(|b| val_loss < b);
         if improved {
             state.best_val_loss = Some(val_loss);
@@ -333,8 +335,8 @@ fn run_epochs(
         }
         state.epochs_done += 1;
         state.batches_done = 0;
-        state.adam_step = adam.step_count();
-        state.lr = adam.lr();
+        state.adam_step = adam.step;
+        state.lr = adam.lr;
         checkpoint::save_last(&cfg.out, model, &adam, &state)?;
 
         let m = EpochMetrics {

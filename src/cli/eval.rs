@@ -6,9 +6,8 @@ use crate::checkpoint;
 use crate::data::loader::{Loader, LoaderConfig};
 use crate::data::store::Store;
 use crate::data::{Split, StudyType};
-use crate::eval::{predict_split, scored, StudyPrediction};
+use crate::eval::{predict_split, table, StudyPrediction};
 use crate::loss::LossLevel;
-use crate::metrics;
 use anyhow::{bail, Context, Result};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -94,12 +93,11 @@ pub fn run(args: Args) -> Result<()> {
     if preds.is_empty() {
         bail!("the store has no {} studies of the selected types", args.split);
     }
-    let scored = scored(&preds);
-    if scored.is_empty() {
+    if preds.iter().all(|p| p.label.is_none()) {
         println!("no labelled studies in this split: predictions only");
     } else {
-        let table = metrics::evaluate(&scored);
-        print!("{}", metrics::format_table(&table));
+        let table = table(&preds);
+        print!("{table}");
         if let Some(dir) = &args.out {
             std::fs::create_dir_all(dir)
                 .with_context(|| format!("cannot create {}", dir.display()))?;
