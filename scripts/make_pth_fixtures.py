@@ -14,6 +14,8 @@ is filled with seeded random values, its dense-layer keys are renamed to the 201
 `features.norm5.bias` as bfloat16. Outputs:
 
 - tiny_legacy.pth: `torch.save(sd, f, _use_new_zipfile_serialization=False)` (legacy format)
+- tiny_legacy_v1.pth: the same, but every tensor pickled as PyTorch <= 0.3 did,
+  `torch._utils._rebuild_tensor(storage, offset, size, stride)` (as 2017 files may be)
 - tiny_zip.pth:    `torch.save({"state_dict": {"module." + k: v}, "epoch": 3}, f)` (zip format,
   DataParallel prefix, nested state dict)
 - tiny_expected.safetensors: every tensor of `sd` as float32 (what an importer must read),
@@ -21,7 +23,10 @@ is filled with seeded random values, its dense-layer keys are renamed to the 201
 """
 import json
 import os
+import pickle
 import struct
+import types
+import warnings
 
 import numpy as np
 import torch
@@ -37,6 +42,23 @@ def legacy_name(k):
             and parts[-2][-1] in "12" and parts[-1] in ("weight", "bias", "running_mean", "running_var"):
         return ".".join(parts[:-2] + [parts[-2][:-1], parts[-2][-1], parts[-1]])
     return k
+
+
+class V1Pickler(pickle.Pickler):
+    """Pickles tensors the PyTorch <= 0.3 way (storages still go through torch's persistent ids)."""
+
+    def reducer_override(self, obj):
+        if isinstance(obj, torch.Tensor):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # TypedStorage deprecation
+                storage = obj.storage()
+            return (torch._utils._rebuild_tensor,
+                    (storage, obj.storage_offset(), tuple(obj.size()), obj.stride()))
+        return NotImplemented
+
+
+V1_PICKLE = types.SimpleNamespace(Pickler=V1Pickler, Unpickler=pickle.Unpickler, dump=pickle.dump,
+                                  load=pickle.load, __name__="pickle")
 
 
 def write_safetensors(path, tensors):
@@ -85,19 +107,23 @@ def main():
     legacy_od = type(m.state_dict())(legacy)  # an OrderedDict, as torchvision saved it
     os.makedirs(OUT, exist_ok=True)
     torch.save(legacy_od, os.path.join(OUT, "tiny_legacy.pth"), _use_new_zipfile_serialization=False)
+    torch.save(legacy_od, os.path.join(OUT, "tiny_legacy_v1.pth"), pickle_module=V1_PICKLE,
+               _use_new_zipfile_serialization=False)
     nested = {"state_dict": {"module." + k: v for k, v in legacy_od.items()}, "epoch": 3}
     torch.save(nested, os.path.join(OUT, "tiny_zip.pth"))
     write_safetensors(os.path.join(OUT, "tiny_expected.safetensors"), sd)
 
     # Sanity: torch itself reads both back to the expected values.
-    for name in ("tiny_legacy.pth", "tiny_zip.pth"):
-        got = torch.load(os.path.join(OUT, name), weights_only=True)
+    for name in ("tiny_legacy.pth", "tiny_legacy_v1.pth", "tiny_zip.pth"):
+        got = torch.load(os.path.join(OUT, name), weights_only=name != "tiny_legacy_v1.pth")
         got = got.get("state_dict", got)
         for k, v in sd.items():
             key = legacy_name(k)
             g = got.get(key, got.get("module." + key))
             assert torch.equal(g.float(), v.float()), (name, k)
-    for name in ("tiny_legacy.pth", "tiny_zip.pth", "tiny_expected.safetensors"):
+    with open(os.path.join(OUT, "tiny_legacy_v1.pth"), "rb") as f:
+        assert b"torch._utils\n_rebuild_tensor\n" in f.read()
+    for name in ("tiny_legacy.pth", "tiny_legacy_v1.pth", "tiny_zip.pth", "tiny_expected.safetensors"):
         print(name, os.path.getsize(os.path.join(OUT, name)), "bytes")
 
 

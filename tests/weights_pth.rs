@@ -61,7 +61,7 @@ fn assert_same_tensors(got: &StateDict, want: &StateDict) {
 fn both_formats_import_exact_values() {
     let want = expected();
     assert!(want.tensors.len() > 40);
-    for f in ["tiny_legacy.pth", "tiny_zip.pth"] {
+    for f in ["tiny_legacy.pth", "tiny_legacy_v1.pth", "tiny_zip.pth"] {
         let raw = load_pth(&fixture(f)).unwrap();
         // The fixtures carry the 2017 spelling, and no counters.
         assert!(raw
@@ -81,7 +81,7 @@ fn import_torchvision_remaps_adds_counters_and_replaces_head() {
     let spec = tiny();
     let want = expected();
     let c = spec.num_features();
-    for f in ["tiny_legacy.pth", "tiny_zip.pth"] {
+    for f in ["tiny_legacy.pth", "tiny_legacy_v1.pth", "tiny_zip.pth"] {
         let sd = import_torchvision(load_pth(&fixture(f)).unwrap(), &spec, 7).unwrap();
         check_layout(&sd, &spec).unwrap();
         let names: Vec<_> = sd.tensors.iter().map(|t| t.name.clone()).collect();
@@ -198,7 +198,7 @@ fn err(bytes: &[u8]) -> String {
 
 #[test]
 fn corrupted_files_are_refused_clearly() {
-    for f in ["tiny_legacy.pth", "tiny_zip.pth"] {
+    for f in ["tiny_legacy.pth", "tiny_legacy_v1.pth", "tiny_zip.pth"] {
         let good = std::fs::read(fixture(f)).unwrap();
         // Truncated anywhere: an error, never a panic or a partial load.
         let mut rng = Rng::new(5);

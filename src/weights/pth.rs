@@ -226,6 +226,16 @@ fn gather(t: &TensorRef, raw: &[u8]) -> Result<TensorData> {
         }
         let base = view_offset + t.offset;
         idx.reserve(count);
+        let mut row_major = 1;
+        let contiguous = t.size.iter().zip(&t.stride).rev().all(|(&s, &st)| {
+            let ok = s == 1 || st == row_major;
+            row_major *= s;
+            ok
+        });
+        if contiguous {
+            idx.extend(base..base + count);
+            return convert(dtype, raw, &idx);
+        }
         // Odometer over the multi-index, last dimension fastest.
         let mut pos = vec![0usize; t.size.len()];
         for _ in 0..count {
@@ -239,6 +249,11 @@ fn gather(t: &TensorRef, raw: &[u8]) -> Result<TensorData> {
             }
         }
     }
+    convert(dtype, raw, &idx)
+}
+
+/// Reads the elements `idx` of a little-endian storage as f32 (float types) or i64.
+fn convert(dtype: StorageDtype, raw: &[u8], idx: &[usize]) -> Result<TensorData> {
     let at = |i: usize, n: usize| &raw[i * n..(i + 1) * n];
     Ok(match dtype {
         StorageDtype::F32 => TensorData::F32(
