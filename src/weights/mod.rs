@@ -1,11 +1,47 @@
 //! Named tensors with torchvision names and layouts: the boundary between mura's internal
 //! parameter buffers and files on disk (safetensors checkpoints, torchvision `.pth` files).
+//!
+//! - [`checkpoint`]: safetensors save/load (mura's own checkpoint format),
+//! - [`pth`] + [`pickle`]: import of PyTorch `.pth` files (zip and legacy formats),
+//! - [`torchvision`]: torchvision key remapping, fresh head, exact layout checks,
+//! - [`seeded`]: weights from a closed-form formula shared with `scripts/golden_fixtures.py`.
+
+pub mod checkpoint;
+pub mod pickle;
+pub mod pth;
+pub mod seeded;
+pub mod torchvision;
+
+pub use checkpoint::{load_safetensors, save_safetensors, Checkpoint};
+pub use pth::load_pth;
+pub use seeded::seeded_state_dict;
+pub use torchvision::{check_layout, import_torchvision};
 
 /// The data of one named tensor.
 #[derive(Clone, Debug, PartialEq)]
 pub enum TensorData {
     F32(Vec<f32>),
     I64(Vec<i64>),
+}
+
+impl TensorData {
+    pub fn len(&self) -> usize {
+        match self {
+            TensorData::F32(v) => v.len(),
+            TensorData::I64(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn dtype_name(&self) -> &'static str {
+        match self {
+            TensorData::F32(_) => "f32",
+            TensorData::I64(_) => "i64",
+        }
+    }
 }
 
 /// One named tensor in PyTorch layout (row-major, conv weights `[out, in, kh, kw]`).

@@ -1,0 +1,194 @@
+//! From torchvision's ImageNet checkpoints to mura's single-logit DenseNet, and the exact
+//! layout check every weight load goes through: a missing, unexpected, mis-shaped or
+//! mis-typed key is an error naming the key, never a silent partial load.
+
+use super::{NamedTensor, StateDict, TensorData};
+use crate::rng::Rng;
+use crate::spec::{DenseNetSpec, Role};
+use anyhow::{bail, Result};
+use std::collections::{HashMap, HashSet};
+
+/// torchvision's remap of 2017 dense-layer keys:
+/// `^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$`
+/// → `\1\2`, e.g. `…denselayer3.norm.1.weight` → `…denselayer3.norm1.weight`.
+pub fn remap_legacy_key(name: &str) -> Option<String> {
+    let mut parts = name.rsplitn(4, '.');
+    let (param, digit, kind, rest) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    let layer_ok = {
+        let stem = rest.trim_end_matches(|c: char| c.is_ascii_digit());
+        stem.len() < rest.len() && stem.ends_with("denselayer")
+    };
+    let ok = layer_ok
+        && matches!(kind, "norm" | "relu" | "conv")
+        && matches!(digit, "1" | "2")
+        && matches!(param, "weight" | "bias" | "running_mean" | "running_var");
+    ok.then(|| format!("{rest}.{kind}{digit}.{param}"))
+}
+
+/// Turns a torchvision DenseNet `state_dict` (any era: legacy `norm.1` keys, a `module.`
+/// prefix from `DataParallel`, no `num_batches_tracked`) into mura's single-logit model:
+/// keys remapped, absent `num_batches_tracked` added as 0 (as PyTorch treats them), the
+/// 1000-way classifier replaced by a fresh head (weight U(-1/√C, 1/√C) from `seed`, bias 0).
+/// The result is checked against `spec` exactly and returned in the layout's order.
+pub fn import_torchvision(sd: StateDict, spec: &DenseNetSpec, seed: u64) -> Result<StateDict> {
+    let mut tensors: Vec<NamedTensor> = Vec::with_capacity(sd.tensors.len() + 2);
+    for mut t in sd.tensors {
+        if let Some(s) = t.name.strip_prefix("module.") {
+            t.name = s.to_string();
+        }
+        if let Some(n) = remap_legacy_key(&t.name) {
+            t.name = n;
+        }
+        if !t.name.starts_with("classifier.") {
+            tensors.push(t);
+        }
+    }
+    let present: HashSet<String> = tensors.iter().map(|t| t.name.clone()).collect();
+    for s in spec.state_dict_layout() {
+        if s.role != Role::Counter || present.contains(&s.name) {
+            continue;
+        }
+        let bn = s.name.trim_end_matches("num_batches_tracked");
+        if present.contains(&format!("{bn}running_mean")) {
+            tensors.push(NamedTensor {
+                name: s.name,
+                shape: vec![],
+                data: TensorData::I64(vec![0]),
+            });
+        }
+    }
+    let c = spec.num_features();
+    let bound = 1.0 / (c as f64).sqrt();
+    let mut rng = Rng::new(seed);
+    tensors.push(NamedTensor {
+        name: "classifier.weight".into(),
+        shape: vec![1, c],
+        data: TensorData::F32((0..c).map(|_| rng.range(-bound, bound) as f32).collect()),
+    });
+    tensors.push(NamedTensor {
+        name: "classifier.bias".into(),
+        shape: vec![1],
+        data: TensorData::F32(vec![0.0]),
+    });
+    let sd = StateDict { tensors };
+    check_layout(&sd, spec)?;
+    Ok(in_layout_order(sd, spec))
+}
+
+/// Reorders a state dict that passed [`check_layout`] into the layout's order.
+pub fn in_layout_order(sd: StateDict, spec: &DenseNetSpec) -> StateDict {
+    let mut by_name: HashMap<String, NamedTensor> = sd
+        .tensors
+        .into_iter()
+        .map(|t| (t.name.clone(), t))
+        .collect();
+    StateDict {
+        tensors: spec
+            .state_dict_layout()
+            .iter()
+            .filter_map(|s| by_name.remove(&s.name))
+            .collect(),
+    }
+}
+
+/// Checks that `sd` holds exactly the tensors of `spec`'s single-logit model: every name,
+/// shape and dtype (F32, I64 for `num_batches_tracked`), nothing missing, nothing extra.
+/// The error names the offending keys (the first few, and how many problems in all).
+pub fn check_layout(sd: &StateDict, spec: &DenseNetSpec) -> Result<()> {
+    let layout = spec.state_dict_layout();
+    let mut problems = Vec::new();
+    let mut have: HashMap<&str, &NamedTensor> = HashMap::new();
+    for t in &sd.tensors {
+        if have.insert(t.name.as_str(), t).is_some() {
+            problems.push(format!("duplicate key '{}'", t.name));
+        }
+    }
+    let expected: HashSet<&str> = layout.iter().map(|s| s.name.as_str()).collect();
+    for s in &layout {
+        let Some(t) = have.get(s.name.as_str()) else {
+            problems.push(format!("missing key '{}' (shape {:?})", s.name, s.shape));
+            continue;
+        };
+        if t.shape != s.shape {
+            problems.push(format!(
+                "key '{}' has shape {:?}, the model needs {:?}",
+                s.name, t.shape, s.shape
+            ));
+        }
+        let want = if s.role == Role::Counter {
+            "i64"
+        } else {
+            "f32"
+        };
+        if t.data.dtype_name() != want {
+            problems.push(format!(
+                "key '{}' is {}, the model needs {want}",
+                s.name,
+                t.data.dtype_name()
+            ));
+        } else if t.data.len() != t.shape.iter().product::<usize>() {
+            problems.push(format!(
+                "key '{}' holds {} values for shape {:?}",
+                s.name,
+                t.data.len(),
+                t.shape
+            ));
+        }
+    }
+    for t in &sd.tensors {
+        if !expected.contains(t.name.as_str()) {
+            problems.push(format!("unexpected key '{}' (shape {:?})", t.name, t.shape));
+        }
+    }
+    if problems.is_empty() {
+        return Ok(());
+    }
+    let n = problems.len();
+    let shown = problems.into_iter().take(5).collect::<Vec<_>>().join("; ");
+    let more = if n > 5 {
+        format!(" … ({n} problems in all)")
+    } else {
+        String::new()
+    };
+    bail!(
+        "weights do not match the {} model ({} features): {shown}{more}",
+        spec.arch,
+        spec.num_features()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::remap_legacy_key as r;
+
+    #[test]
+    fn remap_matches_torchvision_regex() {
+        let m = |s: &str| r(s).unwrap();
+        assert_eq!(
+            m("features.denseblock1.denselayer1.norm.1.weight"),
+            "features.denseblock1.denselayer1.norm1.weight"
+        );
+        assert_eq!(
+            m("module.features.denseblock4.denselayer32.conv.2.weight"),
+            "module.features.denseblock4.denselayer32.conv2.weight"
+        );
+        assert_eq!(
+            m("features.denseblock2.denselayer12.norm.2.running_var"),
+            "features.denseblock2.denselayer12.norm2.running_var"
+        );
+        assert_eq!(m("denselayer7.relu.1.bias"), "denselayer7.relu1.bias");
+        for keep in [
+            "features.denseblock1.denselayer1.norm1.weight",
+            "features.denseblock1.denselayer1.norm.3.weight",
+            "features.denseblock1.denselayer.norm.1.weight",
+            "features.denseblock1.denselayer1.norm.1.num_batches_tracked",
+            "features.denseblock1.denselayer1.pool.1.weight",
+            "features.transition1.norm.weight",
+            "features.norm0.running_mean",
+            "classifier.weight",
+            "norm.1.weight",
+        ] {
+            assert_eq!(r(keep), None, "{keep}");
+        }
+    }
+}

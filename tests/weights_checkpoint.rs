@@ -1,0 +1,145 @@
+//! safetensors checkpoints: exact round trip (values, shapes, scalar counters, metadata),
+//! interop with a file written by another writer, and clear refusals.
+
+use mura::rng::Rng;
+use mura::spec::DenseNetSpec;
+use mura::weights::checkpoint::{from_safetensors_bytes, to_safetensors_bytes};
+use mura::weights::{
+    check_layout, load_safetensors, save_safetensors, NamedTensor, StateDict, TensorData,
+};
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+fn tmp_dir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("mura-weights-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// A state dict of `spec`'s layout with fresh random values (counters random too).
+fn random_state_dict(spec: &DenseNetSpec, seed: u64) -> StateDict {
+    let mut rng = Rng::new(seed);
+    let tensors = spec
+        .state_dict_layout()
+        .into_iter()
+        .map(|s| {
+            let n = s.numel();
+            let data = if s.shape.is_empty() {
+                TensorData::I64(vec![rng.below(1 << 40) as i64 - (1 << 39)])
+            } else {
+                TensorData::F32((0..n).map(|_| rng.normal() as f32).collect())
+            };
+            NamedTensor {
+                name: s.name,
+                shape: s.shape,
+                data,
+            }
+        })
+        .collect();
+    StateDict { tensors }
+}
+
+fn sorted(mut sd: StateDict) -> StateDict {
+    sd.tensors.sort_by(|a, b| a.name.cmp(&b.name));
+    sd
+}
+
+#[test]
+fn round_trip_is_exact_with_metadata() {
+    let spec = DenseNetSpec::custom(4, vec![2, 3], 8, 2).unwrap();
+    let sd = random_state_dict(&spec, Rng::new(0).next_u64() ^ std::process::id() as u64);
+    let meta = HashMap::from([
+        ("arch".to_string(), serde_json::to_string(&spec).unwrap()),
+        ("epoch".to_string(), "3".to_string()),
+    ]);
+    let dir = tmp_dir("rt");
+    let path = dir.join("model.safetensors");
+    save_safetensors(&path, &sd, &meta).unwrap();
+    // Overwriting works and leaves no temp file behind.
+    save_safetensors(&path, &sd, &meta).unwrap();
+    let names: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, vec!["model.safetensors"]);
+    let ck = load_safetensors(&path).unwrap();
+    assert_eq!(ck.metadata, meta);
+    let back: DenseNetSpec = serde_json::from_str(&ck.metadata["arch"]).unwrap();
+    assert_eq!(back, spec);
+    check_layout(&ck.state_dict, &spec).unwrap();
+    assert_eq!(sorted(ck.state_dict), sorted(sd.clone()));
+    let c = ck_counter(&load_safetensors(&path).unwrap().state_dict);
+    assert!(c.0.is_empty() && c.1.len() == 1);
+    // No metadata is fine too.
+    let bytes = to_safetensors_bytes(&sd, &HashMap::new()).unwrap();
+    assert!(from_safetensors_bytes(&bytes).unwrap().metadata.is_empty());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+fn ck_counter(sd: &StateDict) -> (Vec<usize>, Vec<i64>) {
+    let t = sd.get("features.norm0.num_batches_tracked").unwrap();
+    let TensorData::I64(v) = &t.data else {
+        panic!()
+    };
+    (t.shape.clone(), v.clone())
+}
+
+#[test]
+fn reads_a_file_from_another_writer() {
+    // Written by scripts/make_pth_fixtures.py with its own small writer.
+    let path =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny_expected.safetensors");
+    let sd = load_safetensors(&path).unwrap().state_dict;
+    let t = sd.get("features.conv0.weight").unwrap();
+    assert_eq!(t.shape, vec![8, 3, 7, 7]);
+    let TensorData::F32(v) = &t.data else {
+        panic!()
+    };
+    assert!(v.iter().all(|x| x.is_finite()) && v.iter().any(|&x| x != 0.0));
+}
+
+#[test]
+fn bad_files_are_refused_clearly() {
+    let spec = DenseNetSpec::custom(4, vec![1], 8, 2).unwrap();
+    let sd = random_state_dict(&spec, 9);
+    let good = to_safetensors_bytes(&sd, &HashMap::new()).unwrap();
+    let msg = |b: &[u8]| format!("{:#}", from_safetensors_bytes(b).unwrap_err());
+    assert!(msg(b"\x89PNG\r\n\x1a\nnot weights at all").contains("not a valid safetensors file"));
+    assert!(msg(&[]).contains("not a valid safetensors file"));
+    let mut rng = Rng::new(3);
+    for _ in 0..20 {
+        let cut = rng.below(good.len() as u64) as usize;
+        let e = msg(&good[..cut]);
+        assert!(e.contains("not a valid safetensors file"), "{e}");
+    }
+    // A dtype mura does not use: the error names the tensor.
+    let half: Vec<u8> = [1.0f32, 2.0]
+        .iter()
+        .flat_map(|&x| half::f16::from_f32(x).to_le_bytes())
+        .collect();
+    let view =
+        safetensors::tensor::TensorView::new(safetensors::Dtype::F16, vec![2], &half).unwrap();
+    let bytes = safetensors::serialize([("features.norm0.weight", view)], None).unwrap();
+    let e = msg(&bytes);
+    assert!(
+        e.contains("'features.norm0.weight'") && e.contains("F16"),
+        "{e}"
+    );
+    // Shape and data disagreeing, or duplicate names, are refused on save.
+    let mut bad = sd.clone();
+    bad.tensors[0].shape = vec![1, 2];
+    assert!(to_safetensors_bytes(&bad, &HashMap::new()).is_err());
+    let mut dup = sd.clone();
+    dup.tensors.push(sd.tensors[0].clone());
+    let e = format!(
+        "{:#}",
+        to_safetensors_bytes(&dup, &HashMap::new()).unwrap_err()
+    );
+    assert!(e.contains("duplicate"), "{e}");
+    // A missing file names its path.
+    let e = format!(
+        "{:#}",
+        load_safetensors(std::path::Path::new("/nonexistent/w.safetensors")).unwrap_err()
+    );
+    assert!(e.contains("/nonexistent/w.safetensors"), "{e}");
+}
