@@ -73,7 +73,7 @@ pub fn apply<T: Float>(
         let src = &x[r * rs..][..c];
         for j in 0..c {
             let v = src[j] * scale[j] + shift[j];
-            out[j] = if relu && !(v > T::ZERO) { T::ZERO } else { v };
+            out[j] = if relu && v <= T::ZERO { T::ZERO } else { v };
         }
     });
 }
@@ -108,7 +108,7 @@ pub fn backward<T: Float>(
     // dz = d(loss)/d(affine output), masked by ReLU.
     let dz = |r: usize, j: usize| {
         let d = dy[r * dy_rs + j];
-        if relu && !(x[r * rs + j] * scale[j] + shift[j] > T::ZERO) {
+        if relu && x[r * rs + j] * scale[j] + shift[j] <= T::ZERO {
             T::ZERO
         } else {
             d

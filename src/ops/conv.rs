@@ -3,7 +3,7 @@
 //! GEMM on the input itself; the others pack an im2col buffer in row chunks, optionally
 //! applying a fused BN+ReLU to the input while packing.
 
-use super::{matmul, par_rows, Float, Mat};
+use super::{matmul, par_rows, BnRelu, Float, Mat};
 
 /// Kernel size, stride and padding of a square convolution.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -34,13 +34,6 @@ pub struct Image<'a, T> {
     pub w: usize,
     pub c: usize,
     pub rs: usize,
-}
-
-/// A per-channel pre-activation applied while packing: `relu(x * scale[c] + shift[c])`.
-#[derive(Clone, Copy)]
-pub struct BnRelu<'a, T> {
-    pub scale: &'a [T], // [c]
-    pub shift: &'a [T], // [c]
 }
 
 /// Output pixels per im2col chunk: bounds the packing buffer to a few MB.
@@ -76,10 +69,9 @@ fn im2col<T: Float>(
                 let src = &x.data[p * x.rs..][..c];
                 match pre {
                     None => dst.copy_from_slice(src),
-                    Some(BnRelu { scale, shift }) => {
+                    Some(p) => {
                         for j in 0..c {
-                            let v = src[j] * scale[j] + shift[j];
-                            dst[j] = if v > T::ZERO { v } else { T::ZERO };
+                            dst[j] = p.at(j, src[j]);
                         }
                     }
                 }
@@ -252,13 +244,13 @@ pub fn conv2d_bwd_input<T: Float>(
         out.fill(T::ZERO);
         for ky in 0..g.k {
             let ty = iy + g.pad;
-            if ty < ky || (ty - ky) % g.stride != 0 || (ty - ky) / g.stride >= ho {
+            if ty < ky || !(ty - ky).is_multiple_of(g.stride) || (ty - ky) / g.stride >= ho {
                 continue;
             }
             let oy = (ty - ky) / g.stride;
             for kx in 0..g.k {
                 let tx = ix + g.pad;
-                if tx < kx || (tx - kx) % g.stride != 0 || (tx - kx) / g.stride >= wo {
+                if tx < kx || !(tx - kx).is_multiple_of(g.stride) || (tx - kx) / g.stride >= wo {
                     continue;
                 }
                 let ox = (tx - kx) / g.stride;

@@ -71,6 +71,26 @@ macro_rules! impl_float {
 impl_float!(f32);
 impl_float!(f64);
 
+/// A per-channel pre-activation applied to an op's input as it is read:
+/// `relu(x * scale[c] + shift[c])` (a fused BN + ReLU).
+#[derive(Clone, Copy)]
+pub struct BnRelu<'a, T> {
+    pub scale: &'a [T], // [c]
+    pub shift: &'a [T], // [c]
+}
+
+impl<T: Float> BnRelu<'_, T> {
+    #[inline(always)]
+    pub fn at(&self, j: usize, x: T) -> T {
+        let v = x * self.scale[j] + self.shift[j];
+        if v > T::ZERO {
+            v
+        } else {
+            T::ZERO
+        }
+    }
+}
+
 /// A strided matrix operand: element `(i, j)` is `data[i * rs + j * cs]`.
 #[derive(Clone, Copy)]
 pub struct Mat<'a, T> {
@@ -188,15 +208,17 @@ pub(crate) fn col_sums<T: Float>(
                     *p += f(r, j, v);
                 }
             }
-            part.into_iter().map(T::to_f64).collect::<Vec<f64>>()
+            part
         })
-        .reduce(
-            || vec![0.0; cols],
-            |mut a, b| {
-                a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
-                a
-            },
-        )
+        .collect::<Vec<_>>()
+        .into_iter()
+        // Summed in chunk order: the result does not depend on thread scheduling.
+        .fold(vec![0.0; cols], |mut acc, part| {
+            acc.iter_mut()
+                .zip(&part)
+                .for_each(|(a, &p)| *a += p.to_f64());
+            acc
+        })
 }
 
 /// Apply `f(row_index, row)` to each row of a `[rows, *]` buffer with row stride `rs`, in parallel.

@@ -2,7 +2,7 @@
 //! sizes), global average pool. Inputs are contiguous `[n, h, w, c]`; outputs may be a
 //! channel prefix of a wider buffer (row stride `y_rs`).
 
-use super::{par_rows, Float};
+use super::{par_rows, BnRelu, Float};
 
 /// Max pool 3×3, stride 2, pad 1: output size.
 pub fn maxpool_out(h: usize, w: usize) -> (usize, usize) {
@@ -10,6 +10,7 @@ pub fn maxpool_out(h: usize, w: usize) -> (usize, usize) {
 }
 
 /// The input pixel of window (oy, ox) holding the max of channel j (first one on ties).
+#[allow(clippy::too_many_arguments)]
 fn argmax<T: Float>(
     x: &[T],
     h: usize,
@@ -63,6 +64,7 @@ pub fn maxpool_fwd<T: Float>(
 
 /// `dx: [n, h, w, c]` (contiguous, overwritten) from `dy: [n, ho, wo, c]` (row stride `dy_rs`):
 /// each output's gradient goes to its window's max.
+#[allow(clippy::too_many_arguments)]
 pub fn maxpool_bwd<T: Float>(
     x: &[T],
     n: usize,
@@ -78,8 +80,8 @@ pub fn maxpool_bwd<T: Float>(
     par_rows(dx, n * h * w, c, |p, out| {
         let (b, iy, ix) = (p / (h * w), (p / w) % h, p % w);
         out.fill(T::ZERO);
-        for oy in iy / 2..((iy + 1) / 2 + 1).min(ho) {
-            for ox in ix / 2..((ix + 1) / 2 + 1).min(wo) {
+        for oy in iy / 2..(iy.div_ceil(2) + 1).min(ho) {
+            for ox in ix / 2..(ix.div_ceil(2) + 1).min(wo) {
                 let q = (b * ho + oy) * wo + ox;
                 for j in 0..c {
                     if argmax(x, h, w, c, b, oy, ox, j) == p {
@@ -91,13 +93,15 @@ pub fn maxpool_bwd<T: Float>(
     });
 }
 
-/// `y: [n, h/2, w/2, c]` (row stride `y_rs`) = avgpool2x2s2(`x: [n, h, w, c]`).
+/// `y: [n, h/2, w/2, c]` (row stride `y_rs`) = avgpool2x2s2(pre(`x: [n, h, w, c]`)).
+#[allow(clippy::too_many_arguments)]
 pub fn avgpool_fwd<T: Float>(
     x: &[T],
     n: usize,
     h: usize,
     w: usize,
     c: usize,
+    pre: Option<BnRelu<T>>,
     y: &mut [T],
     y_rs: usize,
 ) {
@@ -112,8 +116,11 @@ pub fn avgpool_fwd<T: Float>(
             &x[(p + w) * c..][..c],
             &x[(p + w + 1) * c..][..c],
         );
-        for j in 0..c {
-            out[j] = (a[j] + bb[j] + cc[j] + d[j]) * q;
+        match pre {
+            None => (0..c).for_each(|j| out[j] = (a[j] + bb[j] + cc[j] + d[j]) * q),
+            Some(p) => (0..c).for_each(|j| {
+                out[j] = (p.at(j, a[j]) + p.at(j, bb[j]) + p.at(j, cc[j]) + p.at(j, d[j])) * q
+            }),
         }
     });
 }
@@ -207,7 +214,7 @@ mod tests {
         let r = randn(&mut rng, n * ho * wo * c);
         let f = |x: &[f64]| {
             let mut y = vec![0.0; n * ho * wo * (c + 2)];
-            avgpool_fwd(x, n, h, w, c, &mut y, c + 2);
+            avgpool_fwd(x, n, h, w, c, None, &mut y, c + 2);
             let y: Vec<f64> = y.chunks(c + 2).flat_map(|p| p[..c].to_vec()).collect();
             dot(&y, &r)
         };
