@@ -1,8 +1,109 @@
-//! `mura report` (not built yet).
+//! `mura report RUN_DIR`: plot a training run into `RUN_DIR/report/`.
+//!
+//! Reads `RUN_DIR/metrics.jsonl` (one JSON object per epoch with `epoch`, `train_loss`,
+//! `val_loss`, `lr`, `kappa`, `kappa_by_type`, ...) and `RUN_DIR/val_predictions.csv`
+//! (header `study,type,label,probability`: the best checkpoint's validation predictions).
+
+use crate::metrics::{auroc, roc_curve};
+use crate::plot::{plot_kappa, plot_loss, plot_roc, EpochRecord, RocCurve};
+use anyhow::{bail, Context, Result};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 
 #[derive(clap::Args, Debug)]
-pub struct Args {}
+pub struct Args {
+    /// A run folder written by `mura train`
+    pub run_dir: PathBuf,
+}
 
-pub fn run(_args: Args) -> anyhow::Result<()> {
-    anyhow::bail!("'mura report' is not built yet")
+/// The epochs of a `metrics.jsonl`, in file order.
+pub fn read_metrics_jsonl(path: &Path) -> Result<Vec<EpochRecord>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut epochs = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let rec: EpochRecord = serde_json::from_str(line)
+            .with_context(|| format!("{} line {}: not an epoch record", path.display(), i + 1))?;
+        epochs.push(rec);
+    }
+    if epochs.is_empty() {
+        bail!("{} has no epochs yet", path.display());
+    }
+    Ok(epochs)
+}
+
+/// ROC curves per study type, then overall, from a `val_predictions.csv`.
+pub fn read_roc_curves(path: &Path) -> Result<Vec<RocCurve>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut lines = text.lines().enumerate();
+    match lines.next() {
+        Some((_, h)) if h.trim() == "study,type,label,probability" => {}
+        _ => bail!(
+            "{}: expected the header 'study,type,label,probability'",
+            path.display()
+        ),
+    }
+    let mut groups: BTreeMap<String, (Vec<bool>, Vec<f64>)> = BTreeMap::new();
+    let mut all = (Vec::new(), Vec::new());
+    for (i, line) in lines {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let bad = || {
+            format!(
+                "{} line {}: expected 'study,type,label(0|1),probability', got '{line}'",
+                path.display(),
+                i + 1
+            )
+        };
+        let f: Vec<&str> = line.trim().rsplitn(4, ',').collect();
+        let [p, label, ty, _study] = f[..] else {
+            bail!(bad())
+        };
+        let y = match label {
+            "0" => false,
+            "1" => true,
+            _ => bail!(bad()),
+        };
+        let p: f64 = p
+            .parse()
+            .ok()
+            .filter(|p: &f64| p.is_finite())
+            .with_context(bad)?;
+        let g = groups.entry(ty.to_string()).or_default();
+        g.0.push(y);
+        g.1.push(p);
+        all.0.push(y);
+        all.1.push(p);
+    }
+    let groups = groups.into_iter().chain([("overall".to_string(), all)]);
+    Ok(groups
+        .map(|(name, (y, p))| RocCurve {
+            name,
+            points: roc_curve(&y, &p),
+            auroc: auroc(&y, &p),
+        })
+        .collect())
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let epochs = read_metrics_jsonl(&args.run_dir.join("metrics.jsonl"))?;
+    let out = args.run_dir.join("report");
+    std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
+    plot_loss(&out.join("loss.png"), &epochs)?;
+    plot_kappa(&out.join("kappa.png"), &epochs)?;
+    let mut written = vec!["loss.png", "kappa.png"];
+    let preds = args.run_dir.join("val_predictions.csv");
+    if preds.exists() {
+        plot_roc(&out.join("roc.png"), &read_roc_curves(&preds)?)?;
+        written.push("roc.png");
+    } else {
+        eprintln!("note: no {}, so no roc.png", preds.display());
+    }
+    println!("wrote {} in {}", written.join(", "), out.display());
+    Ok(())
 }

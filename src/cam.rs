@@ -1,0 +1,169 @@
+//! Class activation map overlays (as in the MURA paper's figures), and the atomic PNG writer
+//! shared with the report plots.
+
+use anyhow::{bail, Context, Result};
+use image::ImageEncoder;
+use std::io::Write;
+use std::path::Path;
+
+/// Blend weight of the heat map over the radiograph.
+const ALPHA: f32 = 0.45;
+
+/// Write an 8-bit RGB PNG atomically (temp file in the same folder, fsync, rename).
+/// rgb: [h, w, 3]
+pub fn write_png_atomic(path: &Path, rgb: &[u8], w: u32, h: u32) -> Result<()> {
+    assert_eq!(
+        rgb.len(),
+        w as usize * h as usize * 3,
+        "rgb buffer is [h, w, 3]"
+    );
+    let mut png = Vec::new();
+    image::codecs::png::PngEncoder::new(&mut png)
+        .write_image(rgb, w, h, image::ExtendedColorType::Rgb8)
+        .with_context(|| format!("cannot encode {}", path.display()))?;
+    let name = path
+        .file_name()
+        .with_context(|| format!("{} is not a file path", path.display()))?;
+    let tmp = path.with_file_name(format!(
+        ".{}.tmp-{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    let result = (|| -> std::io::Result<()> {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(&png)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if let Err(e) = result {
+        std::fs::remove_file(&tmp).ok();
+        return Err(e).with_context(|| format!("cannot write {}", path.display()));
+    }
+    Ok(())
+}
+
+/// The jet colour map: t in [0, 1] → RGB in [0, 1] (blue, cyan, yellow, red).
+fn jet(t: f32) -> [f32; 3] {
+    let c = |x: f32| (1.5 - (4.0 * t - x).abs()).clamp(0.0, 1.0);
+    [c(3.0), c(2.0), c(1.0)]
+}
+
+/// Bilinear resize with PyTorch's align_corners=False convention.
+/// src: [sh, sw] → returns [h, w]
+fn resize_bilinear(src: &[f32], sw: usize, sh: usize, w: usize, h: usize) -> Vec<f32> {
+    let coord = |d: usize, n_src: usize, n_dst: usize| -> (usize, usize, f32) {
+        let s =
+            ((d as f32 + 0.5) * n_src as f32 / n_dst as f32 - 0.5).clamp(0.0, (n_src - 1) as f32);
+        let i0 = s.floor() as usize;
+        (i0, (i0 + 1).min(n_src - 1), s - i0 as f32)
+    };
+    let mut out = Vec::with_capacity(w * h);
+    for y in 0..h {
+        let (y0, y1, fy) = coord(y, sh, h);
+        for x in 0..w {
+            let (x0, x1, fx) = coord(x, sw, w);
+            let top = src[y0 * sw + x0] * (1.0 - fx) + src[y0 * sw + x1] * fx;
+            let bottom = src[y1 * sw + x0] * (1.0 - fx) + src[y1 * sw + x1] * fx;
+            out.push(top * (1.0 - fy) + bottom * fy);
+        }
+    }
+    out
+}
+
+/// Overlay a class activation map on a radiograph and write it as a PNG.
+///
+/// - gray: [h, w] radiograph intensities in [0, 1]
+/// - cam: [ch, cw] Σ_c w_c·F_c over the final feature map (any scale); it is upsampled
+///   bilinearly to w × h, min-max normalised to [0, 1] (a flat map becomes 0), jet
+///   colour-mapped and blended over the radiograph.
+pub fn write_cam_png(
+    gray: &[f32],
+    w: usize,
+    h: usize,
+    cam: &[f32],
+    cw: usize,
+    ch: usize,
+    path: &Path,
+) -> Result<()> {
+    if w == 0 || h == 0 || gray.len() != w * h {
+        bail!(
+            "CAM overlay: image of {} values is not {w} x {h}",
+            gray.len()
+        );
+    }
+    if cw == 0 || ch == 0 || cam.len() != cw * ch {
+        bail!(
+            "CAM overlay: map of {} values is not {cw} x {ch}",
+            cam.len()
+        );
+    }
+    if cam.iter().any(|x| !x.is_finite()) {
+        bail!(
+            "CAM overlay for {}: the activation map has non-finite values",
+            path.display()
+        );
+    }
+    let up = resize_bilinear(cam, cw, ch, w, h);
+    let lo = up.iter().copied().fold(f32::INFINITY, f32::min);
+    let hi = up.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let scale = if hi > lo { 1.0 / (hi - lo) } else { 0.0 };
+    let mut rgb = Vec::with_capacity(w * h * 3);
+    for (&g, &c) in gray.iter().zip(&up) {
+        let g = g.clamp(0.0, 1.0);
+        for k in jet((c - lo) * scale) {
+            rgb.push(((1.0 - ALPHA) * g + ALPHA * k).mul_add(255.0, 0.5) as u8);
+        }
+    }
+    write_png_atomic(path, &rgb, w as u32, h as u32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::Rng;
+
+    fn read_rgb(path: &Path) -> image::RgbImage {
+        image::open(path).unwrap().to_rgb8()
+    }
+
+    #[test]
+    fn overlay_has_image_size_and_follows_the_map() {
+        let dir = std::env::temp_dir().join(format!("mura-cam-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut rng = Rng::new(3 ^ std::process::id() as u64);
+        let (w, h, cw, ch) = (37, 29, 7, 5);
+        let gray: Vec<f32> = (0..w * h).map(|_| rng.uniform() as f32).collect();
+        // Two maps: hot in the top-left corner, hot in the bottom-right corner.
+        let mut a: Vec<f32> = (0..cw * ch).map(|_| rng.range(-1.0, 0.0) as f32).collect();
+        let mut b = a.clone();
+        a[0] = 5.0;
+        b[cw * ch - 1] = 5.0;
+        write_cam_png(&gray, w, h, &a, cw, ch, &dir.join("a.png")).unwrap();
+        write_cam_png(&gray, w, h, &b, cw, ch, &dir.join("b.png")).unwrap();
+        let (ia, ib) = (read_rgb(&dir.join("a.png")), read_rgb(&dir.join("b.png")));
+        assert_eq!(ia.dimensions(), (w as u32, h as u32));
+        assert_ne!(ia, ib);
+        // The hot corner is red-dominated (jet at 1), the far corner blue-dominated.
+        let red_minus_blue = |im: &image::RgbImage, x: u32, y: u32| {
+            let p = im.get_pixel(x, y);
+            p[0] as i32 - p[2] as i32
+        };
+        let (x1, y1) = (w as u32 - 1, h as u32 - 1);
+        assert!(red_minus_blue(&ia, 0, 0) > 50 && red_minus_blue(&ia, x1, y1) < -50);
+        assert!(red_minus_blue(&ib, x1, y1) > 50 && red_minus_blue(&ib, 0, 0) < -50);
+        // No temp files left behind.
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 2);
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn bilinear_resize_matches_hand_values_and_bad_input_is_an_error() {
+        // 2 → 4 with align_corners=False: source coords -0.25, 0.25, 0.75, 1.25 → 0, .25, .75, 1.
+        let up = resize_bilinear(&[0.0, 1.0], 2, 1, 4, 1);
+        assert_eq!(up, vec![0.0, 0.25, 0.75, 1.0]);
+        let p = std::env::temp_dir().join("mura-cam-never-written.png");
+        assert!(write_cam_png(&[0.5; 6], 3, 3, &[1.0; 4], 2, 2, &p).is_err());
+        assert!(write_cam_png(&[0.5; 9], 3, 3, &[1.0, f32::NAN, 0.0, 0.0], 2, 2, &p).is_err());
+        assert!(!p.exists());
+    }
+}
