@@ -221,6 +221,24 @@ impl<T: Float> DenseNet<T> {
         m
     }
 
+    /// Size of the final feature map for an `h × w` input, or an error if the input is too
+    /// small to survive the stem and every transition's pooling.
+    pub fn feature_hw(&self, h: usize, w: usize) -> Result<(usize, usize)> {
+        let too_small = || anyhow::anyhow!("input {h}x{w} is too small for {}", self.spec.arch);
+        if h < 4 || w < 4 {
+            return Err(too_small());
+        }
+        let pool = |x: usize| ((x - 1) / 2 + 1 - 1) / 2 + 1; // stem conv, then max pool
+        let (mut fh, mut fw) = (pool(h), pool(w));
+        for _ in 1..self.layout.blocks.len() {
+            (fh, fw) = (fh / 2, fw / 2);
+        }
+        if fh == 0 || fw == 0 {
+            return Err(too_small());
+        }
+        Ok((fh, fw))
+    }
+
     pub fn num_params(&self) -> usize {
         self.params.len()
     }

@@ -4,7 +4,7 @@
 //! The forward is split into statistics and a per-channel affine `x * scale + shift`
 //! (optionally followed by ReLU) so callers can fuse the affine into GEMM packing.
 
-use super::{col_sums, par_rows, Float};
+use super::{par_rows, row_sums, Float};
 
 pub const EPS: f64 = 1e-5;
 pub const MOMENTUM: f64 = 0.1;
@@ -12,14 +12,22 @@ pub const MOMENTUM: f64 = 0.1;
 /// Per-channel batch mean and biased variance (two passes, f64 accumulation).
 pub fn batch_stats<T: Float>(x: &[T], rows: usize, c: usize, rs: usize) -> (Vec<T>, Vec<T>) {
     let inv = 1.0 / rows as f64;
-    let mean: Vec<T> = col_sums(x, rows, c, rs, |_, _, v| v)
-        .into_iter()
-        .map(|s| T::from_f64(s * inv))
-        .collect();
-    let var = col_sums(x, rows, c, rs, |_, j, v| (v - mean[j]) * (v - mean[j]))
-        .into_iter()
-        .map(|s| T::from_f64(s * inv))
-        .collect();
+    let mean: Vec<T> = row_sums(rows, c, |r, acc: &mut [T]| {
+        acc.iter_mut()
+            .zip(&x[r * rs..][..c])
+            .for_each(|(a, &v)| *a += v)
+    })
+    .into_iter()
+    .map(|s| T::from_f64(s * inv))
+    .collect();
+    let var = row_sums(rows, c, |r, acc: &mut [T]| {
+        for ((a, &v), &m) in acc.iter_mut().zip(&x[r * rs..][..c]).zip(&mean) {
+            *a += (v - m) * (v - m);
+        }
+    })
+    .into_iter()
+    .map(|s| T::from_f64(s * inv))
+    .collect();
     (mean, var)
 }
 
@@ -106,33 +114,42 @@ pub fn backward<T: Float>(
         .map(|&v| T::ONE / (v + T::from_f64(EPS)).sqrt())
         .collect();
     // dz = d(loss)/d(affine output), masked by ReLU.
-    let dz = |r: usize, j: usize| {
-        let d = dy[r * dy_rs + j];
-        if relu && x[r * rs + j] * scale[j] + shift[j] <= T::ZERO {
+    let dz = |x: T, d: T, s: T, t: T| {
+        if relu && x * s + t <= T::ZERO {
             T::ZERO
         } else {
             d
         }
     };
-    let sum_dz = col_sums(x, rows, c, rs, |r, j, _| dz(r, j));
-    let sum_dz_xhat = col_sums(x, rows, c, rs, |r, j, v| {
-        dz(r, j) * (v - mean[j]) * invstd[j]
-    });
-    for j in 0..c {
-        dgamma[j] += T::from_f64(sum_dz_xhat[j]);
-        dbeta[j] += T::from_f64(sum_dz[j]);
-    }
-    let inv_n = 1.0 / rows as f64;
-    let a: Vec<T> = (0..c).map(|j| T::from_f64(sum_dz[j] * inv_n)).collect();
-    let b: Vec<T> = (0..c)
-        .map(|j| T::from_f64(sum_dz_xhat[j] * inv_n))
-        .collect();
-    par_rows(dx, rows, dx_rs, |r, out| {
+    // One pass for both sums: acc[..c] += dz, acc[c..] += dz * (x - mean).
+    let sums = row_sums(rows, 2 * c, |r, acc: &mut [T]| {
+        let (a0, a1) = acc.split_at_mut(c);
+        let (xr, dr) = (&x[r * rs..][..c], &dy[r * dy_rs..][..c]);
         for j in 0..c {
-            let d = dz(r, j);
+            let d = dz(xr[j], dr[j], scale[j], shift[j]);
+            a0[j] += d;
+            a1[j] += d * (xr[j] - mean[j]);
+        }
+    });
+    let (sum_dz, sum_dz_xc) = sums.split_at(c);
+    let inv_n = 1.0 / rows as f64;
+    let mut a = vec![T::ZERO; c]; // mean of dz
+    let mut b = vec![T::ZERO; c]; // mean of dz * xhat, times invstd
+    for j in 0..c {
+        let is = invstd[j].to_f64();
+        dgamma[j] += T::from_f64(sum_dz_xc[j] * is);
+        dbeta[j] += T::from_f64(sum_dz[j]);
+        a[j] = T::from_f64(sum_dz[j] * inv_n);
+        b[j] = T::from_f64(sum_dz_xc[j] * is * is * inv_n);
+    }
+    // dx = scale * (dz - a - (x - mean) * b) in training, scale * dz in eval.
+    par_rows(dx, rows, dx_rs, |r, out| {
+        let (xr, dr) = (&x[r * rs..][..c], &dy[r * dy_rs..][..c]);
+        let out = &mut out[..c];
+        for j in 0..c {
+            let d = dz(xr[j], dr[j], scale[j], shift[j]);
             out[j] += if train {
-                let xhat = (x[r * rs + j] - mean[j]) * invstd[j];
-                scale[j] * (d - a[j] - xhat * b[j])
+                scale[j] * (d - a[j] - (xr[j] - mean[j]) * b[j])
             } else {
                 scale[j] * d
             };

@@ -70,8 +70,10 @@ fn im2col<T: Float>(
                 match pre {
                     None => dst.copy_from_slice(src),
                     Some(p) => {
+                        let (sc, sh) = (&p.scale[..c], &p.shift[..c]);
                         for j in 0..c {
-                            dst[j] = p.at(j, src[j]);
+                            let v = src[j] * sc[j] + sh[j];
+                            dst[j] = if v > T::ZERO { v } else { T::ZERO };
                         }
                     }
                 }

@@ -188,32 +188,27 @@ pub(crate) fn row_chunk(rows: usize, cols: usize) -> usize {
     per.min(rows.div_ceil(rayon::current_num_threads() * 4).max(1))
 }
 
-/// Per-column sums over the rows of a strided `[rows, cols]` view (row stride `rs`),
-/// of `f(row, col, value)`, accumulated in f64.
-pub(crate) fn col_sums<T: Float>(
-    x: &[T],
+/// Column sums over `rows` rows: `f(r, acc)` adds row `r`'s `width` contributions into
+/// `acc`. Rows are summed in parallel chunks in `T`, the chunks in order in f64, so the
+/// result does not depend on thread scheduling.
+pub(crate) fn row_sums<T: Float>(
     rows: usize,
-    cols: usize,
-    rs: usize,
-    f: impl Fn(usize, usize, T) -> T + Sync,
+    width: usize,
+    f: impl Fn(usize, &mut [T]) + Sync,
 ) -> Vec<f64> {
-    let chunk = row_chunk(rows, cols);
+    let chunk = row_chunk(rows, width).min(256);
     (0..rows.div_ceil(chunk))
         .into_par_iter()
         .map(|ci| {
-            let mut part = vec![T::ZERO; cols];
+            let mut part = vec![T::ZERO; width];
             for r in ci * chunk..((ci + 1) * chunk).min(rows) {
-                let row = &x[r * rs..r * rs + cols];
-                for (j, (p, &v)) in part.iter_mut().zip(row).enumerate() {
-                    *p += f(r, j, v);
-                }
+                f(r, &mut part);
             }
             part
         })
         .collect::<Vec<_>>()
         .into_iter()
-        // Summed in chunk order: the result does not depend on thread scheduling.
-        .fold(vec![0.0; cols], |mut acc, part| {
+        .fold(vec![0.0; width], |mut acc, part| {
             acc.iter_mut()
                 .zip(&part)
                 .for_each(|(a, &p)| *a += p.to_f64());

@@ -3,36 +3,11 @@
 //! channel prefix of a wider buffer (row stride `y_rs`).
 
 use super::{par_rows, BnRelu, Float};
+use rayon::prelude::*;
 
 /// Max pool 3×3, stride 2, pad 1: output size.
 pub fn maxpool_out(h: usize, w: usize) -> (usize, usize) {
     ((h - 1) / 2 + 1, (w - 1) / 2 + 1)
-}
-
-/// The input pixel of window (oy, ox) holding the max of channel j (first one on ties).
-#[allow(clippy::too_many_arguments)]
-fn argmax<T: Float>(
-    x: &[T],
-    h: usize,
-    w: usize,
-    c: usize,
-    b: usize,
-    oy: usize,
-    ox: usize,
-    j: usize,
-) -> usize {
-    let mut best = T::NEG_INFINITY;
-    let mut at = usize::MAX;
-    for iy in (2 * oy).saturating_sub(1)..(2 * oy + 2).min(h) {
-        for ix in (2 * ox).saturating_sub(1)..(2 * ox + 2).min(w) {
-            let p = (b * h + iy) * w + ix;
-            if at == usize::MAX || x[p * c + j] > best {
-                best = x[p * c + j];
-                at = p;
-            }
-        }
-    }
-    at
 }
 
 /// `y: [n, ho, wo, c]` (row stride `y_rs`) = maxpool3x3s2p1(`x: [n, h, w, c]`).
@@ -63,7 +38,7 @@ pub fn maxpool_fwd<T: Float>(
 }
 
 /// `dx: [n, h, w, c]` (contiguous, overwritten) from `dy: [n, ho, wo, c]` (row stride `dy_rs`):
-/// each output's gradient goes to its window's max.
+/// each output's gradient goes to its window's max (the first one on ties).
 #[allow(clippy::too_many_arguments)]
 pub fn maxpool_bwd<T: Float>(
     x: &[T],
@@ -76,21 +51,37 @@ pub fn maxpool_bwd<T: Float>(
     dx: &mut [T],
 ) {
     let (ho, wo) = maxpool_out(h, w);
-    // Gather form, parallel over input pixels: a pixel collects from the (≤ 4) windows covering it.
-    par_rows(dx, n * h * w, c, |p, out| {
-        let (b, iy, ix) = (p / (h * w), (p / w) % h, p % w);
-        out.fill(T::ZERO);
-        for oy in iy / 2..(iy.div_ceil(2) + 1).min(ho) {
-            for ox in ix / 2..(ix.div_ceil(2) + 1).min(wo) {
-                let q = (b * ho + oy) * wo + ox;
-                for j in 0..c {
-                    if argmax(x, h, w, c, b, oy, ox, j) == p {
-                        out[j] += dy[q * dy_rs + j];
+    // Scatter within one image at a time; images in parallel.
+    dx[..n * h * w * c]
+        .par_chunks_mut(h * w * c)
+        .enumerate()
+        .for_each(|(b, dxi)| {
+            dxi.fill(T::ZERO);
+            let xi = &x[b * h * w * c..][..h * w * c];
+            let mut best = vec![T::ZERO; c];
+            let mut at = vec![0usize; c];
+            for oy in 0..ho {
+                for ox in 0..wo {
+                    best.fill(T::NEG_INFINITY);
+                    at.fill(usize::MAX);
+                    for iy in (2 * oy).saturating_sub(1)..(2 * oy + 2).min(h) {
+                        for ix in (2 * ox).saturating_sub(1)..(2 * ox + 2).min(w) {
+                            let p = iy * w + ix;
+                            for (j, &v) in xi[p * c..][..c].iter().enumerate() {
+                                if at[j] == usize::MAX || v > best[j] {
+                                    best[j] = v;
+                                    at[j] = p;
+                                }
+                            }
+                        }
+                    }
+                    let d = &dy[((b * ho + oy) * wo + ox) * dy_rs..][..c];
+                    for j in 0..c {
+                        dxi[at[j] * c + j] += d[j];
                     }
                 }
             }
-        }
-    });
+        });
 }
 
 /// `y: [n, h/2, w/2, c]` (row stride `y_rs`) = avgpool2x2s2(pre(`x: [n, h, w, c]`)).
