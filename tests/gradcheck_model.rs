@@ -128,6 +128,7 @@ fn train_forward_updates_running_stats_and_eval_uses_them() {
     assert!((e3[0] - e2[0]).abs() < 1e-12);
     let (l, fmap, hf, wf) = m.forward_features(&x, n, h, w);
     assert_eq!(l, e2);
+    assert_eq!(m.feature_hw(h, w).unwrap(), (hf, wf));
     let c = m.spec.num_features();
     assert_eq!(fmap.len(), n * hf * wf * c);
     // The logit is the classifier applied to the spatial mean of the feature map (CAM identity).

@@ -102,3 +102,39 @@ pub fn run(args: Args) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(device: &str, image_size: usize) -> Args {
+        Args {
+            device: device.into(),
+            arch: ArchArgs {
+                arch: "custom".into(),
+                growth_rate: 4,
+                block_config: vec![2, 2],
+                num_init_features: 8,
+                bn_size: 2,
+            },
+            batch: 2,
+            image_size,
+            steps: 1,
+            warmup: 0,
+            json: true,
+        }
+    }
+
+    #[test]
+    fn runs_on_cpu_and_refuses_other_devices_and_tiny_inputs() {
+        run(args("cpu", 32)).unwrap();
+        let e = run(args("cuda", 32)).unwrap_err().to_string();
+        assert!(e.contains("only --device cpu"), "{e}");
+        assert!(run(args("tpu", 32))
+            .unwrap_err()
+            .to_string()
+            .contains("unknown device"));
+        let e = run(args("cpu", 3)).unwrap_err().to_string();
+        assert!(e.contains("too small"), "{e}");
+    }
+}
