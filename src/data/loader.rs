@@ -137,11 +137,14 @@ pub fn augment_image(src: &[u8], src_size: usize, p: AugParams, out_size: usize,
                 let (uc, vc) = (u.clamp(0.0, last), v.clamp(0.0, last));
                 let (x0, y0) = (uc as usize, vc as usize);
                 let (fx, fy) = (uc - x0 as f32, vc - y0 as f32);
-                let x1 = (x0 + 1).min(src_size - 1);
-                let r0 = &src[y0 * src_size..(y0 + 1) * src_size];
-                let r1 = &src[(y0 + 1).min(src_size - 1) * src_size..][..src_size];
-                let top = r0[x0] as f32 + (r0[x1] as f32 - r0[x0] as f32) * fx;
-                let bot = r1[x0] as f32 + (r1[x1] as f32 - r1[x0] as f32) * fx;
+                // The right and lower neighbours, or the pixel itself on the last column / row.
+                let i = y0 * src_size + x0;
+                let dx = usize::from(x0 + 1 < src_size);
+                let dy = if y0 + 1 < src_size { src_size } else { 0 };
+                let (p00, p01) = (src[i] as f32, src[i + dx] as f32);
+                let (p10, p11) = (src[i + dy] as f32, src[i + dy + dx] as f32);
+                let top = p00 + (p01 - p00) * fx;
+                let bot = p10 + (p11 - p10) * fx;
                 top + (bot - top) * fy
             } else {
                 0.0
