@@ -9,25 +9,9 @@ use crate::train::RunState;
 use crate::weights::{self, NamedTensor, StateDict, TensorData};
 use anyhow::{bail, Context, Result};
 use std::collections::HashMap;
-use std::io::Write;
 use std::path::Path;
 
-/// Write `bytes` to `path` atomically: a temporary file beside it, fsync, rename.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path.file_name().context("no file name")?.to_string_lossy();
-    let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
-    let mut f = std::fs::File::create(&tmp)
-        .with_context(|| format!("cannot write {}", tmp.display()))?;
-    f.write_all(bytes)
-        .and_then(|_| f.sync_all())
-        .with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
-    if let Ok(d) = std::fs::File::open(dir) {
-        let _ = d.sync_all();
-    }
-    Ok(())
-}
+pub use crate::weights::checkpoint::write_atomic;
 
 pub fn write_json_atomic<T: serde::Serialize>(path: &Path, v: &T) -> Result<()> {
     write_atomic(path, serde_json::to_string_pretty(v)?.as_bytes())
@@ -39,18 +23,34 @@ pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
     serde_json::from_str(&s).with_context(|| format!("{} is malformed", path.display()))
 }
 
-/// Save a model with its architecture in the metadata.
-pub fn save_model(path: &Path, model: &DenseNet, store_id: &str) -> Result<()> {
+/// What a mura checkpoint records beside the weights.
+fn model_metadata(model: &DenseNet, store_id: &str, image_size: usize) -> Result<HashMap<String, String>> {
     let mut meta = HashMap::new();
     meta.insert("format".to_string(), "mura".to_string());
     meta.insert("spec".to_string(), serde_json::to_string(&model.spec)?);
     meta.insert("store".to_string(), store_id.to_string());
-    weights::save_safetensors(path, &model.to_state_dict(), Some(meta))
+    meta.insert("image_size".to_string(), image_size.to_string());
+    Ok(meta)
+}
+
+/// Save a model with its architecture, store identity and input size in the metadata.
+pub fn save_model(path: &Path, model: &DenseNet, store_id: &str, image_size: usize) -> Result<()> {
+    let meta = model_metadata(model, store_id, image_size)?;
+    weights::save_safetensors(path, &model.to_state_dict(), &meta)
+}
+
+fn read_metadata(path: &Path) -> Result<HashMap<String, String>> {
+    Ok(weights::load_safetensors(path)?.metadata)
+}
+
+/// The input side a mura checkpoint was trained at.
+pub fn read_image_size(path: &Path) -> Result<Option<usize>> {
+    Ok(read_metadata(path)?.get("image_size").and_then(|s| s.parse().ok()))
 }
 
 /// A checkpoint's architecture, if it was written by mura.
 pub fn read_spec(path: &Path) -> Result<Option<DenseNetSpec>> {
-    let meta = weights::read_safetensors_metadata(path)?;
+    let meta = read_metadata(path)?;
     match meta.get("spec") {
         Some(s) => Ok(Some(serde_json::from_str(s).with_context(|| {
             format!("{}: malformed architecture metadata", path.display())
@@ -84,7 +84,7 @@ pub fn load_model(path: &Path, spec: Option<&DenseNetSpec>) -> Result<DenseNet> 
             path.display()
         ),
     };
-    let (sd, _) = weights::load_safetensors(path)?;
+    let sd = weights::load_safetensors(path)?.state_dict;
     DenseNet::from_state_dict(spec, &sd).with_context(|| format!("loading {}", path.display()))
 }
 
@@ -96,7 +96,13 @@ pub struct Checkpoint {
 
 /// Save the last step: optimiser moments (with the run state in the metadata) first, then the model.
 /// Both carry the Adam step count so a torn pair is detected on resume.
-pub fn save_last(dir: &Path, model: &DenseNet, adam: &Adam, state: &RunState) -> Result<()> {
+pub fn save_last(
+    dir: &Path,
+    model: &DenseNet,
+    adam: &Adam,
+    state: &RunState,
+    image_size: usize,
+) -> Result<()> {
     let (m, v) = (&adam.m, &adam.v);
     let n = m.len();
     let sd = StateDict {
@@ -115,13 +121,10 @@ pub fn save_last(dir: &Path, model: &DenseNet, adam: &Adam, state: &RunState) ->
     };
     let mut meta = HashMap::new();
     meta.insert("state".to_string(), serde_json::to_string(state)?);
-    weights::save_safetensors(&dir.join("last.optim.safetensors"), &sd, Some(meta))?;
-    let mut meta = HashMap::new();
-    meta.insert("format".to_string(), "mura".to_string());
-    meta.insert("spec".to_string(), serde_json::to_string(&model.spec)?);
-    meta.insert("store".to_string(), state.store_id.clone());
+    weights::save_safetensors(&dir.join("last.optim.safetensors"), &sd, &meta)?;
+    let mut meta = model_metadata(model, &state.store_id, image_size)?;
     meta.insert("adam_step".to_string(), state.adam_step.to_string());
-    weights::save_safetensors(&dir.join("last.safetensors"), &model.to_state_dict(), Some(meta))
+    weights::save_safetensors(&dir.join("last.safetensors"), &model.to_state_dict(), &meta)
 }
 
 pub fn load_last(dir: &Path, spec: &DenseNetSpec, weight_decay: f64) -> Result<Checkpoint> {
@@ -134,13 +137,16 @@ pub fn load_last(dir: &Path, spec: &DenseNetSpec, weight_decay: f64) -> Result<C
         );
     }
     let model = load_model(&model_path, Some(spec))?;
-    let (sd, meta) = weights::load_safetensors(&optim_path)?;
+    let weights::Checkpoint {
+        state_dict: sd,
+        metadata: meta,
+    } = weights::load_safetensors(&optim_path)?;
     let state: RunState = serde_json::from_str(
         meta.get("state")
             .with_context(|| format!("{} has no run state", optim_path.display()))?,
     )
     .with_context(|| format!("{}: malformed run state", optim_path.display()))?;
-    let model_meta = weights::read_safetensors_metadata(&model_path)?;
+    let model_meta = read_metadata(&model_path)?;
     if model_meta.get("adam_step") != Some(&state.adam_step.to_string()) {
         bail!(
             "{}: the model and optimiser files are from different steps (an interrupted save); restore a consistent pair",

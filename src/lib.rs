@@ -2,9 +2,11 @@
 
 pub mod autograd;
 pub mod cam;
+pub mod checkpoint;
 pub mod cli;
 pub mod data;
 pub mod device;
+pub mod eval;
 pub mod loss;
 pub mod metrics;
 pub mod model;
@@ -13,4 +15,5 @@ pub mod optim;
 pub mod plot;
 pub mod rng;
 pub mod spec;
+pub mod train;
 pub mod weights;

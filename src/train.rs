@@ -18,6 +18,7 @@ use crate::loss::{weighted_bce, LossLevel};
 use crate::model::{DenseNet, Mode};
 use crate::optim::{Adam, ReduceLrOnPlateau};
 use crate::spec::DenseNetSpec;
+use crate::weights;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::io::Write;
@@ -198,10 +199,23 @@ fn initial_model(cfg: &TrainConfig) -> Result<DenseNet> {
     if cfg.init == "random" {
         return Ok(DenseNet::new(cfg.spec.clone(), cfg.seed));
     }
-    let file = cfg.init.strip_prefix("imagenet:").unwrap_or(&cfg.init);
-    let sd = crate::weights::load_any(Path::new(file), &cfg.spec, cfg.seed)
-        .with_context(|| format!("--init {}", cfg.init))?;
+    let sd = match cfg.init.strip_prefix("imagenet:") {
+        // torchvision ImageNet weights: remap legacy keys, fresh single-logit head.
+        Some(file) => {
+            let path = Path::new(file);
+            let sd = if file.ends_with(".safetensors") {
+                weights::load_safetensors(path)?.state_dict
+            } else {
+                weights::load_pth(path)?
+            };
+            weights::import_torchvision(sd, &cfg.spec, cfg.seed)
+        }
+        // A mura checkpoint (fine-tuning goes on from its head).
+        None => weights::load_safetensors(Path::new(&cfg.init)).map(|c| c.state_dict),
+    }
+    .with_context(|| format!("--init {}", cfg.init))?;
     DenseNet::from_state_dict(cfg.spec.clone(), &sd)
+        .with_context(|| format!("--init {}", cfg.init))
 }
 
 fn loader(cfg: &TrainConfig, store: &Arc<Store>, split: Split) -> Result<Loader> {
@@ -260,7 +274,7 @@ fn run_epochs(
     let train_loader = loader(&cfg, &store, Split::Train)?;
     let val_loader = loader(&cfg, &store, Split::Valid)?;
     let n_batches = train_loader
-        .num_batches()
+        .n_batches()
         .min(cfg.max_batches.unwrap_or(usize::MAX));
     if n_batches == 0 {
         bail!("the store has no training studies of the selected types");
@@ -308,7 +322,7 @@ fn run_epochs(
             if STOP.load(Ordering::SeqCst) {
                 bar.abandon();
                 state.adam_step = adam.step;
-                checkpoint::save_last(&cfg.out, model, &adam, &state)?;
+                checkpoint::save_last(&cfg.out, model, &adam, &state, cfg.image_size)?;
                 eprintln!(
                     "interrupted: saved epoch {} batch {}; continue with `mura train --resume {}`",
                     epoch + 1,
@@ -330,14 +344,19 @@ fn run_epochs(
         let improved = state.best_val_loss.is_none_or(|b| val_loss < b);
         if improved {
             state.best_val_loss = Some(val_loss);
-            checkpoint::save_model(&cfg.out.join("best.safetensors"), model, &store.id())?;
+            checkpoint::save_model(
+                &cfg.out.join("best.safetensors"),
+                model,
+                &store.id(),
+                cfg.image_size,
+            )?;
             write_val_predictions(&cfg.out.join("val_predictions.csv"), &preds.studies)?;
         }
         state.epochs_done += 1;
         state.batches_done = 0;
         state.adam_step = adam.step;
         state.lr = adam.lr;
-        checkpoint::save_last(&cfg.out, model, &adam, &state)?;
+        checkpoint::save_last(&cfg.out, model, &adam, &state, cfg.image_size)?;
 
         let m = EpochMetrics {
             epoch: epoch + 1,

@@ -52,7 +52,7 @@ pub fn study_views(path: &Path) -> Result<Vec<PathBuf>> {
 
 /// Decode, resize and normalise one view into the model's input `[s, s, 3]`.
 pub fn prepare_view(img: &GrayImage, size: usize) -> Vec<f32> {
-    let resized = resize_bilinear(img, size);
+    let resized = resize_bilinear(img.clone(), size);
     let mut x = vec![0.0f32; size * size * 3];
     normalize_to_input(&resized.data, &mut x);
     x
