@@ -2,6 +2,7 @@
 
 pub mod cli;
 pub mod device;
+pub mod gpu;
 pub mod rng;
 pub mod spec;
 pub mod weights;
