@@ -25,8 +25,8 @@ extern "C" __global__ void selftest_shfl_fwd_i32(int* out) {
     o[1] = __shfl_up_sync(FULL_MASK, v, 3);
     o[2] = __shfl_down_sync(FULL_MASK, v, 2, 16);
     o[3] = __shfl_xor_sync(FULL_MASK, v, 9);
-    o[4] = (int)__ballot_sync(FULL_MASK, v % 3 == 1 && lane % 5 == 0);
-    o[5] = __all_sync(FULL_MASK, v > 0) + 2 * __any_sync(FULL_MASK, lane == 31 && v % 2 == 0);
+    o[4] = (int)__ballot_sync(FULL_MASK, v % 7 < 3 && lane % 5 != 4);
+    o[5] = __all_sync(FULL_MASK, v > 0) + 2 * __any_sync(FULL_MASK, lane == 31 && v % 4 == 0);
     o[6] = lane < 16 ? __shfl_xor_sync(0x0000ffffu, v, 1) : -1;
     o[7] = (int)warp_sum((float)v);
 }

@@ -15,11 +15,6 @@ pub fn test_driver() -> Result<Arc<dyn Driver>> {
     super::open(device).with_context(|| format!("MURA_TEST_DEVICE={name}"))
 }
 
-/// Whether the driver is the emulator (for checks of emulator-only behaviour).
-pub fn is_emu(driver: &dyn Driver) -> bool {
-    driver.name() == "emu"
-}
-
 /// ‖out − ref‖ / ‖ref‖ (or ‖out − ref‖ when ref is 0); infinite when out holds a NaN or a length
 /// differs, so a poisoned output never passes.
 pub fn rel_err(out: &[f64], reference: &[f64]) -> f64 {

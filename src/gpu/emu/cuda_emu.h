@@ -85,42 +85,45 @@ inline unsigned vote(Op op, unsigned mask, int pred, Site s) {
 #define gridDim (mura_emu::g_grid_dim)
 static constexpr int warpSize = 32;
 
+// Barriers and collectives are macros so that each call records its own file:line (a default
+// argument of __builtin_LINE() in a function template reports one line for every call site).
 #define MURA_SITE \
-    mura_emu::Site { __builtin_FILE(), __builtin_LINE() }
+    mura_emu::Site { __FILE__, __LINE__ }
 
-inline void __syncthreads(mura_emu::Site s = MURA_SITE) { mura_emu::syncthreads(s); }
-inline void __syncwarp(unsigned mask = 0xffffffffu, mura_emu::Site s = MURA_SITE) {
-    mura_emu::Lane l{};
-    mura_emu::warp_op(mura_emu::Op::SyncWarp, mask, &l, s);
+namespace mura_emu {
+template <class T>
+T shfl_idx(Site s, unsigned mask, T v, int src, int width = 32) {
+    return shfl(Op::ShflIdx, mask, v, src, width, s);
 }
+template <class T>
+T shfl_up(Site s, unsigned mask, T v, unsigned d, int width = 32) {
+    return shfl(Op::ShflUp, mask, v, (int)d, width, s);
+}
+template <class T>
+T shfl_down(Site s, unsigned mask, T v, unsigned d, int width = 32) {
+    return shfl(Op::ShflDown, mask, v, (int)d, width, s);
+}
+template <class T>
+T shfl_xor(Site s, unsigned mask, T v, int m, int width = 32) {
+    return shfl(Op::ShflXor, mask, v, m, width, s);
+}
+inline void syncwarp(Site s, unsigned mask = 0xffffffffu) {
+    Lane l{};
+    warp_op(Op::SyncWarp, mask, &l, s);
+}
+}  // namespace mura_emu
+
+#define __syncthreads() mura_emu::syncthreads(MURA_SITE)
+#define __syncwarp(...) mura_emu::syncwarp(MURA_SITE __VA_OPT__(, ) __VA_ARGS__)
+#define __shfl_sync(...) mura_emu::shfl_idx(MURA_SITE, __VA_ARGS__)
+#define __shfl_up_sync(...) mura_emu::shfl_up(MURA_SITE, __VA_ARGS__)
+#define __shfl_down_sync(...) mura_emu::shfl_down(MURA_SITE, __VA_ARGS__)
+#define __shfl_xor_sync(...) mura_emu::shfl_xor(MURA_SITE, __VA_ARGS__)
+#define __ballot_sync(mask, p) mura_emu::vote(mura_emu::Op::Ballot, mask, p, MURA_SITE)
+#define __any_sync(mask, p) (int)mura_emu::vote(mura_emu::Op::Any, mask, p, MURA_SITE)
+#define __all_sync(mask, p) (int)mura_emu::vote(mura_emu::Op::All, mask, p, MURA_SITE)
 inline void __threadfence() {}
 inline void __threadfence_block() {}
-
-template <class T>
-T __shfl_sync(unsigned mask, T v, int src, int width = 32, mura_emu::Site s = MURA_SITE) {
-    return mura_emu::shfl(mura_emu::Op::ShflIdx, mask, v, src, width, s);
-}
-template <class T>
-T __shfl_up_sync(unsigned mask, T v, unsigned d, int width = 32, mura_emu::Site s = MURA_SITE) {
-    return mura_emu::shfl(mura_emu::Op::ShflUp, mask, v, (int)d, width, s);
-}
-template <class T>
-T __shfl_down_sync(unsigned mask, T v, unsigned d, int width = 32, mura_emu::Site s = MURA_SITE) {
-    return mura_emu::shfl(mura_emu::Op::ShflDown, mask, v, (int)d, width, s);
-}
-template <class T>
-T __shfl_xor_sync(unsigned mask, T v, int m, int width = 32, mura_emu::Site s = MURA_SITE) {
-    return mura_emu::shfl(mura_emu::Op::ShflXor, mask, v, m, width, s);
-}
-inline unsigned __ballot_sync(unsigned mask, int p, mura_emu::Site s = MURA_SITE) {
-    return mura_emu::vote(mura_emu::Op::Ballot, mask, p, s);
-}
-inline int __any_sync(unsigned mask, int p, mura_emu::Site s = MURA_SITE) {
-    return (int)mura_emu::vote(mura_emu::Op::Any, mask, p, s);
-}
-inline int __all_sync(unsigned mask, int p, mura_emu::Site s = MURA_SITE) {
-    return (int)mura_emu::vote(mura_emu::Op::All, mask, p, s);
-}
 
 // ---- atomics: fibers never preempt each other, so a plain read-modify-write is atomic ---------
 template <class T>

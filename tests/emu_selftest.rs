@@ -1,0 +1,301 @@
+//! Self-tests of the executors: barriers, warp collectives with masks, atomics, shared memory.
+//! Those with defined CUDA semantics run on every executor (MURA_TEST_DEVICE); those that plant
+//! a bug (poisoned shared memory, bad masks, divergent barriers, out-of-bounds writes) check the
+//! emulator's diagnostics and run on the emulator only.
+
+use mura::gpu::testing::{fresh_seed, test_driver};
+use mura::gpu::{arg, emu::Emu, kernels, DeviceBuffer, Driver};
+use mura::rng::Rng;
+use std::sync::Arc;
+
+fn driver() -> Arc<dyn Driver> {
+    test_driver().expect("test device")
+}
+
+/// Launch a kernel whose only parameter is an output buffer (plus optional extra i32).
+fn launch_out(
+    d: &Arc<dyn Driver>,
+    name: &str,
+    out: u64,
+    extra: Option<i32>,
+    grid: u32,
+    block: u32,
+    shared: u32,
+) -> anyhow::Result<()> {
+    let (mut o, mut e) = (out, extra.unwrap_or(0));
+    let mut params = vec![arg(&mut o)];
+    if extra.is_some() {
+        params.push(arg(&mut e));
+    }
+    unsafe { d.launch(name, [grid, 1, 1], [block, 1, 1], shared, &mut params) }?;
+    d.synchronize()
+}
+
+#[test]
+fn barriers_order_shared_memory() {
+    let d = driver();
+    let (grid, n) = (3usize, 96usize);
+    let out = DeviceBuffer::<i32>::alloc(&d, grid * n).unwrap();
+    out.fill_bytes(0xff).unwrap();
+    launch_out(
+        &d,
+        "selftest_barrier_fwd_i32",
+        out.ptr(),
+        None,
+        grid as u32,
+        n as u32,
+        0,
+    )
+    .unwrap();
+    let got = out.to_vec().unwrap();
+    for b in 0..grid {
+        let s1: Vec<i32> = (0..n).map(|u| (u * 7 + b) as i32).collect();
+        let s2: Vec<i32> = (0..n).map(|u| 2 * s1[(u + 1) % n]).collect();
+        for t in 0..n {
+            assert_eq!(got[b * n + t], s2[n - 1 - t], "block {b} thread {t}");
+        }
+    }
+}
+
+#[test]
+fn warp_shuffles_and_votes() {
+    let d = driver();
+    let (grid, block) = (2usize, 64usize);
+    let out = DeviceBuffer::<i32>::alloc(&d, grid * block * 8).unwrap();
+    out.fill_bytes(0xff).unwrap();
+    launch_out(
+        &d,
+        "selftest_shfl_fwd_i32",
+        out.ptr(),
+        None,
+        grid as u32,
+        block as u32,
+        0,
+    )
+    .unwrap();
+    let got = out.to_vec().unwrap();
+    let v = |i: usize| (i * 3 + 1) as i32;
+    for i in 0..grid * block {
+        let lane = i % 32;
+        let base = i - lane;
+        let seg = lane / 16 * 16;
+        let ballot = (0..32)
+            .filter(|&j| v(base + j) % 7 < 3 && j % 5 != 4)
+            .fold(0u32, |m, j| m | 1 << j);
+        let any = (v(base + 31) % 4 == 0) as i32;
+        let expect = [
+            v(base + 5),
+            if lane >= 3 { v(i - 3) } else { v(i) },
+            if lane + 2 < seg + 16 { v(i + 2) } else { v(i) },
+            v(base + (lane ^ 9)),
+            ballot as i32,
+            1 + 2 * any,
+            if lane < 16 { v(base + (lane ^ 1)) } else { -1 },
+            (0..32).map(|j| v(base + j)).sum(),
+        ];
+        assert_eq!(&got[i * 8..i * 8 + 8], &expect, "thread {i}");
+    }
+}
+
+#[test]
+fn atomics() {
+    let d = driver();
+    let mut rng = Rng::new(fresh_seed("atomics"));
+    let n: usize = 10_007;
+    let x: Vec<i32> = (0..n).map(|_| rng.below(1_000_000) as i32).collect();
+    let xb = DeviceBuffer::from_slice(&d, &x).unwrap();
+    let hist = DeviceBuffer::<i32>::alloc(&d, 16).unwrap();
+    let fsum = DeviceBuffer::<f32>::alloc(&d, 1).unwrap();
+    let imax = DeviceBuffer::<i32>::alloc(&d, 1).unwrap();
+    let count = DeviceBuffer::<u32>::alloc(&d, 1).unwrap();
+    for b in [hist.ptr(), fsum.ptr(), imax.ptr(), count.ptr()] {
+        d.memset(b, 0, 4).unwrap();
+    }
+    hist.fill_bytes(0).unwrap();
+    let (mut h, mut f, mut m, mut c, mut xp, mut ni) = (
+        hist.ptr(),
+        fsum.ptr(),
+        imax.ptr(),
+        count.ptr(),
+        xb.ptr(),
+        n as i32,
+    );
+    let mut params = [
+        arg(&mut h),
+        arg(&mut f),
+        arg(&mut m),
+        arg(&mut c),
+        arg(&mut xp),
+        arg(&mut ni),
+    ];
+    unsafe {
+        d.launch(
+            "selftest_atomic_fwd_i32",
+            [5, 1, 1],
+            [128, 1, 1],
+            0,
+            &mut params,
+        )
+    }
+    .unwrap();
+    let mut h_ref = vec![0i32; 16];
+    for &v in &x {
+        h_ref[(v & 15) as usize] += 1;
+    }
+    assert_eq!(hist.to_vec().unwrap(), h_ref);
+    // Integers below 2^24: the float sum is exact in any order.
+    assert_eq!(
+        fsum.to_vec().unwrap()[0] as i64,
+        x.iter().map(|&v| (v & 255) as i64).sum::<i64>()
+    );
+    assert_eq!(imax.to_vec().unwrap()[0], *x.iter().max().unwrap());
+    assert_eq!(count.to_vec().unwrap()[0], n as u32);
+}
+
+#[test]
+fn dynamic_shared_memory() {
+    let d = driver();
+    let (grid, n) = (3usize, 64usize);
+    let out = DeviceBuffer::<f32>::alloc(&d, grid * n).unwrap();
+    out.fill_bytes(0xff).unwrap();
+    launch_out(
+        &d,
+        "selftest_dynshared_fwd_f32",
+        out.ptr(),
+        None,
+        grid as u32,
+        n as u32,
+        4 * n as u32,
+    )
+    .unwrap();
+    let got = out.to_vec().unwrap();
+    for b in 0..grid {
+        for t in 0..n {
+            assert_eq!(got[b * n + t], (b * 1000 + n - 1 - t) as f32);
+        }
+    }
+}
+
+/// Static shared memory persists across blocks in the emulator's process; it must be poisoned
+/// before every block, as must dynamic shared memory, so reads of unwritten shared memory show.
+#[test]
+fn emu_poisons_shared_memory_per_block() {
+    let d: Arc<dyn Driver> = Arc::new(Emu::new());
+    let (grid, n) = (4usize, 64usize);
+    let out = DeviceBuffer::<f32>::alloc(&d, grid * n * 2).unwrap();
+    out.fill_bytes(0).unwrap();
+    launch_out(
+        &d,
+        "selftest_uninit_fwd_f32",
+        out.ptr(),
+        None,
+        grid as u32,
+        n as u32,
+        4 * n as u32,
+    )
+    .unwrap();
+    for (i, v) in out.to_vec().unwrap().into_iter().enumerate() {
+        assert_eq!(
+            v.to_bits(),
+            0xffff_ffff,
+            "element {i} (block {}) was not poisoned",
+            i / (2 * n)
+        );
+    }
+}
+
+/// Each planted bug must come back as an error naming it, not as garbage, a hang or an abort.
+#[test]
+fn emu_reports_planted_bugs() {
+    let d: Arc<dyn Driver> = Arc::new(Emu::new());
+    let cases: [(i32, u32, Option<&str>); 7] = [
+        (0, 64, None),
+        (1, 64, Some("calling lane 0 is not in mask 0x00000002")),
+        (2, 64, Some("divergent warp collective")),
+        (3, 64, Some("divergent __syncthreads at selftest.cu:")),
+        (
+            4,
+            64,
+            Some("divergent __syncthreads: threads wait at selftest.cu:"),
+        ),
+        (
+            5,
+            64,
+            Some("reads lane 20, which is not in mask 0x0000ffff"),
+        ),
+        (
+            6,
+            48,
+            Some("names lanes that do not exist (warp has 16 threads)"),
+        ),
+    ];
+    for (mode, block, expect) in cases {
+        let out = DeviceBuffer::<i32>::alloc(&d, 2 * block as usize).unwrap();
+        let r = launch_out(
+            &d,
+            "selftest_bug_fwd_i32",
+            out.ptr(),
+            Some(mode),
+            2,
+            block,
+            0,
+        );
+        match (expect, r) {
+            (None, Ok(())) => {}
+            (Some(want), Err(e)) => assert!(
+                format!("{e:#}").contains(want),
+                "mode {mode}: got '{e:#}', want '{want}'"
+            ),
+            (want, r) => panic!("mode {mode}: expected {want:?}, got {r:?}"),
+        }
+    }
+    // The emulator is still usable after failed launches.
+    let out = DeviceBuffer::<i32>::alloc(&d, 128).unwrap();
+    launch_out(&d, "selftest_barrier_fwd_i32", out.ptr(), None, 2, 64, 0).unwrap();
+}
+
+#[test]
+fn emu_rejects_bad_launches() {
+    let d: Arc<dyn Driver> = Arc::new(Emu::new());
+    let out = DeviceBuffer::<i32>::alloc(&d, 64).unwrap();
+    let e = launch_out(&d, "no_such_kernel", out.ptr(), None, 1, 32, 0).unwrap_err();
+    assert!(format!("{e}").contains("no kernel named 'no_such_kernel'"));
+    let e = launch_out(&d, "selftest_barrier_fwd_i32", out.ptr(), Some(1), 1, 32, 0).unwrap_err();
+    assert!(format!("{e}").contains("takes 1 parameters, 2 given"));
+    let e = launch_out(&d, "selftest_barrier_fwd_i32", out.ptr(), None, 1, 2048, 0).unwrap_err();
+    assert!(format!("{e}").contains("invalid launch"));
+    let e = d.htod(out.ptr() + 200, &[0u8; 100]).unwrap_err();
+    assert!(format!("{e}").contains("outside every allocation"));
+}
+
+/// The emulator built with AddressSanitizer (a separate program, see build.rs) catches a kernel's
+/// write one element past its buffer, and runs the same kernel in bounds cleanly.
+#[test]
+fn emu_asan_catches_out_of_bounds_write() {
+    let exe = kernels::ASAN_HARNESS;
+    assert!(
+        !exe.is_empty(),
+        "the ASan harness was not built (see the cargo warning from build.rs)"
+    );
+    let run = |mode: &str| {
+        std::process::Command::new(exe)
+            .arg(mode)
+            .env("ASAN_OPTIONS", "detect_leaks=0")
+            .output()
+            .expect("run the ASan harness")
+    };
+    let ok = run("ok");
+    assert!(
+        ok.status.success(),
+        "in-bounds run failed: {}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let oob = run("oob");
+    let stderr = String::from_utf8_lossy(&oob.stderr);
+    assert!(!oob.status.success(), "out-of-bounds write was not caught");
+    assert!(
+        stderr.contains("AddressSanitizer: heap-buffer-overflow"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("selftest_oob_fwd_f32"), "{stderr}");
+}
