@@ -59,6 +59,15 @@ fn main() {
         assert!(seen.insert(k), "kernel {k} is defined twice in kernels/");
     }
 
+    // The sources NVRTC gets at run time; nvcc compiles these same files, so CI proves them.
+    for f in &files {
+        let mut once = BTreeSet::new();
+        fs::write(
+            out.join(format!("{}.nvrtc.cu", f.stem)),
+            inline_includes(&f.path, &kdir, &mut once),
+        )
+        .unwrap();
+    }
     build_emulator(&files, &kdir, &emu_dir, &out);
     let asan = build_asan_harness(&kdir, &emu_dir, &out);
     let nvcc = find_nvcc();
@@ -82,9 +91,6 @@ fn main() {
     writeln!(rs, "pub static ASAN_HARNESS: &str = {asan:?};").unwrap();
     writeln!(rs, "pub static MODULES: &[KernelModule] = &[").unwrap();
     for f in &files {
-        let amalgam = out.join(format!("{}.nvrtc.cu", f.stem));
-        let mut once = BTreeSet::new();
-        fs::write(&amalgam, inline_includes(&f.path, &kdir, &mut once)).unwrap();
         let fatbin = match nvcc {
             Some(_) => format!(
                 "Some(include_bytes!(concat!(env!(\"OUT_DIR\"), \"/{}.fatbin\")))",
@@ -263,7 +269,12 @@ fn compile_fatbins(nvcc: &Path, files: &[KernelFile], kdir: &Path, out: &Path) -
             panic!("cannot run nvcc at {}: {e}", nvcc.display());
         });
     let version = String::from_utf8_lossy(&version.stdout);
-    let release = version.lines().last().unwrap_or("").trim().to_string();
+    let release = version
+        .lines()
+        .find(|l| l.contains("release"))
+        .unwrap_or("unknown version")
+        .trim()
+        .to_string();
     let mut gencode = Vec::new();
     for sm in SASS {
         gencode.push(format!("-gencode=arch=compute_{sm},code=sm_{sm}"));
@@ -278,7 +289,7 @@ fn compile_fatbins(nvcc: &Path, files: &[KernelFile], kdir: &Path, out: &Path) -
                 .args(&gencode)
                 .arg("-o")
                 .arg(out.join(format!("{}.fatbin", f.stem)))
-                .arg(&f.path)
+                .arg(out.join(format!("{}.nvrtc.cu", f.stem)))
                 .stdout(std::process::Stdio::piped())
                 .stderr(std::process::Stdio::piped())
                 .spawn()

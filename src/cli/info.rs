@@ -59,7 +59,8 @@ pub fn run(args: Args) -> Result<()> {
 }
 
 fn print_ptxas() {
-    let entries = kernels::parse_ptxas(kernels::PTXAS_REPORT);
+    let mut entries = kernels::parse_ptxas(kernels::PTXAS_REPORT);
+    entries.sort_by(|a, b| (&a.kernel, &a.arch).cmp(&(&b.kernel, &b.arch)));
     if entries.is_empty() {
         println!(
             "no ptxas report: the build had no nvcc, so kernels are compiled by NVRTC at run time"
