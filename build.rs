@@ -209,24 +209,32 @@ fn build_emulator(files: &[KernelFile], kdir: &Path, emu_dir: &Path, out: &Path)
 fn build_asan_harness(kdir: &Path, emu_dir: &Path, out: &Path) -> String {
     let compiler = cc::Build::new().cpp(true).get_compiler();
     let exe = out.join("emu-asan");
-    let result = Command::new(compiler.path())
-        .args([
-            "-std=c++20",
-            "-O1",
-            "-g",
-            "-fsanitize=address",
-            "-fno-omit-frame-pointer",
-            "-DMURA_EMU",
-        ])
-        .arg("-include")
-        .arg(emu_dir.join("cuda_emu.h"))
-        .arg("-I")
-        .arg(kdir)
-        .arg(emu_dir.join("runtime.cpp"))
-        .arg(emu_dir.join("asan_main.cpp"))
-        .arg("-o")
-        .arg(&exe)
-        .output();
+    // Static libasan where the compiler has it (gcc), so the harness runs on machines without it.
+    let compile = |extra: &[&str]| {
+        Command::new(compiler.path())
+            .args([
+                "-std=c++20",
+                "-O1",
+                "-g",
+                "-fsanitize=address",
+                "-fno-omit-frame-pointer",
+                "-DMURA_EMU",
+            ])
+            .args(extra)
+            .arg("-include")
+            .arg(emu_dir.join("cuda_emu.h"))
+            .arg("-I")
+            .arg(kdir)
+            .arg(emu_dir.join("runtime.cpp"))
+            .arg(emu_dir.join("asan_main.cpp"))
+            .arg("-o")
+            .arg(&exe)
+            .output()
+    };
+    let result = match compile(&["-static-libasan"]) {
+        Ok(o) if o.status.success() => Ok(o),
+        _ => compile(&[]),
+    };
     match result {
         Ok(o) if o.status.success() => exe.display().to_string(),
         Ok(o) => {
