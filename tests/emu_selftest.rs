@@ -278,7 +278,7 @@ fn emu_asan_catches_out_of_bounds_write() {
         "the ASan harness was not built (see the cargo warning from build.rs)"
     );
     let run = |mode: &str| {
-        std::process::Command::new(&exe)
+        std::process::Command::new(exe.as_str())
             .arg(mode)
             .env("ASAN_OPTIONS", "detect_leaks=0")
             .output()

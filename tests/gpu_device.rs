@@ -90,3 +90,32 @@ fn ptxas_report_parses() {
         (31, 4, 12, 8, 2304)
     );
 }
+
+/// The sources embedded for NVRTC compile, wherever libnvrtc can be loaded (a GPU machine, or
+/// with LD_LIBRARY_PATH pointing at the nvidia-cuda-nvrtc wheel). Elsewhere nvcc in CI compiles
+/// these same files.
+#[test]
+fn nvrtc_compiles_embedded_sources() {
+    if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+        eprintln!("libnvrtc not loadable here: NVRTC path not exercised");
+        return;
+    }
+    for m in gpu::kernels::MODULES {
+        for cc in [(8, 0), (9, 0)] {
+            let ptx = match cuda::nvrtc_compile(m, cc) {
+                Err(e) if format!("{e}").contains("needs the CUDA headers") => {
+                    eprintln!("{e}: NVRTC path not exercised");
+                    return;
+                }
+                r => r.unwrap(),
+            };
+            for k in m.kernels {
+                assert!(
+                    ptx.contains(&format!(".entry {k}(")),
+                    "{k} missing from NVRTC's PTX for {}",
+                    m.file
+                );
+            }
+        }
+    }
+}

@@ -160,21 +160,24 @@ impl Cuda {
     }
 }
 
-/// PTX for the device's architecture from the module's embedded source. CUDA headers are found
-/// through MURA_CUDA_INCLUDE, else CUDA_HOME/include or CUDA_PATH/include when set.
-fn nvrtc_compile(m: &KernelModule, (major, minor): (i32, i32)) -> Result<String> {
+/// PTX for compute capability `cc` from the module's embedded source. NVRTC needs the CUDA
+/// headers (cuda_bf16.h): MURA_CUDA_INCLUDE, else CUDA_HOME/include, CUDA_PATH/include or
+/// /usr/local/cuda/include, whichever exist.
+pub fn nvrtc_compile(m: &KernelModule, (major, minor): (i32, i32)) -> Result<String> {
     // SAFETY: only tries to dlopen the library.
     if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
         bail!("kernels/{} needs NVRTC (libnvrtc not found): install the CUDA toolkit, or build with NVCC set", m.file);
     }
-    let mut include_paths = Vec::new();
-    if let Ok(p) = std::env::var("MURA_CUDA_INCLUDE") {
-        include_paths.push(p);
-    }
+    let mut include_paths: Vec<String> = std::env::var("MURA_CUDA_INCLUDE").into_iter().collect();
     for var in ["CUDA_HOME", "CUDA_PATH"] {
         if let Ok(home) = std::env::var(var) {
             include_paths.push(format!("{home}/include"));
         }
+    }
+    include_paths.push("/usr/local/cuda/include".into());
+    include_paths.retain(|p| std::path::Path::new(p).join("cuda_bf16.h").is_file());
+    if include_paths.is_empty() {
+        bail!("NVRTC needs the CUDA headers (cuda_bf16.h): set MURA_CUDA_INCLUDE or CUDA_HOME");
     }
     let opts = cudarc::nvrtc::CompileOptions {
         include_paths,
