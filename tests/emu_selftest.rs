@@ -277,13 +277,7 @@ fn emu_asan_catches_out_of_bounds_write() {
         !exe.is_empty(),
         "the ASan harness was not built (see the cargo warning from build.rs)"
     );
-    let run = |mode: &str| {
-        std::process::Command::new(exe.as_str())
-            .arg(mode)
-            .env("ASAN_OPTIONS", "detect_leaks=0")
-            .output()
-            .expect("run the ASan harness")
-    };
+    let run = |mode: &str| run_harness(&exe, mode);
     let ok = run("ok");
     assert!(
         ok.status.success(),
@@ -298,4 +292,12 @@ fn emu_asan_catches_out_of_bounds_write() {
         "{stderr}"
     );
     assert!(stderr.contains("selftest_oob_fwd_f32"), "{stderr}");
+}
+
+fn run_harness(exe: &str, mode: &str) -> std::process::Output {
+    std::process::Command::new(exe)
+        .arg(mode)
+        .env("ASAN_OPTIONS", "detect_leaks=0")
+        .output()
+        .expect("run the ASan harness")
 }
