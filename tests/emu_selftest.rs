@@ -272,7 +272,8 @@ fn emu_rejects_bad_launches() {
 /// write one element past its buffer, and runs the same kernel in bounds cleanly.
 #[test]
 fn emu_asan_catches_out_of_bounds_write() {
-    let exe = kernels::ASAN_HARNESS;
+    // MURA_EMU_ASAN: where scripts/gpu-check.sh put it, away from this build's target folder.
+    let exe = std::env::var("MURA_EMU_ASAN").unwrap_or_else(|_| kernels::ASAN_HARNESS.to_string());
     assert!(
         !exe.is_empty(),
         "the ASan harness was not built (see the cargo warning from build.rs)"
