@@ -33,7 +33,9 @@ fn emu_and_cpu_resolve_to_themselves() {
 
 #[test]
 fn info_lists_devices_and_kernels() {
-    let out = Command::new(env!("CARGO_BIN_EXE_mura"))
+    // MURA_BIN: where scripts/gpu-check.sh put the binary, away from this build's target folder.
+    let bin = std::env::var("MURA_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_mura").to_string());
+    let out = Command::new(bin)
         .args(["info", "--kernels"])
         .output()
         .unwrap();
