@@ -4,6 +4,7 @@
 
 #ifndef MURA_EMU
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #endif
 
 // Dynamic shared memory: `MURA_DYN_SHARED(float, smem);` in place of

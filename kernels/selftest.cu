@@ -77,6 +77,18 @@ extern "C" __global__ void selftest_dynshared_fwd_f32(float* out) {
     out[blockIdx.x * n + t] = d[n - 1 - t];
 }
 
+// Conversions, round to nearest even. b: [n] bf16 out; h: [n] f16 out; back: [n, 2] f32 out, the
+// two converted back; x: [n] f32.
+extern "C" __global__ void selftest_convert_fwd_f32(__nv_bfloat16* b, __half* h, float* back, const float* x,
+                                                    int n) {
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
+        b[i] = __float2bfloat16(x[i]);
+        h[i] = __float2half(x[i]);
+        back[2 * i] = __bfloat162float(b[i]);
+        back[2 * i + 1] = __half2float(h[i]);
+    }
+}
+
 // Planted bugs, one per mode (0: none). out: [gridDim.x * blockDim.x] i32.
 extern "C" __global__ void selftest_bug_fwd_i32(int* out, int mode) {
     const int i = blockIdx.x * blockDim.x + threadIdx.x, lane = threadIdx.x % 32;

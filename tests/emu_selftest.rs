@@ -302,3 +302,126 @@ fn run_harness(exe: &str, mode: &str) -> std::process::Output {
         .output()
         .expect("run the ASan harness")
 }
+
+/// bf16 and f16 conversions agree bit for bit with the `half` crate (both round to nearest even),
+/// on random values and the edge cases: halfway points, subnormals, overflow, infinities, NaN.
+#[test]
+fn float_conversions() {
+    use half::{bf16, f16};
+    let d = driver();
+    let mut rng = Rng::new(fresh_seed("float_conversions"));
+    let mut x: Vec<f32> = vec![
+        0.0,
+        -0.0,
+        1.0,
+        -1.5,
+        65504.0,
+        65519.0,
+        65520.0,
+        1e6,
+        -1e6,
+        6.0e-8,
+        2.9e-8,
+        3.0e-8,
+        6.1e-5,
+        1e-40,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::MAX,
+        f32::MIN_POSITIVE,
+        f32::from_bits(0x3f80_8000), // 1 + 2^-8: bf16 halfway, ties to even (down)
+        f32::from_bits(0x3f81_8000), // ties to even (up)
+        f32::from_bits(0x3f80_1000), // f16 halfway
+        f32::from_bits(0x3f80_3000),
+    ];
+    for _ in 0..2000 {
+        let e = rng.range(-30.0, 20.0);
+        x.push((rng.normal() * 2f64.powf(e)) as f32);
+        x.push(f32::from_bits(
+            rng.next_u64() as u32 & 0x7f7f_ffff | 0x3000_0000,
+        ));
+    }
+    let n = x.len();
+    let xb = DeviceBuffer::from_slice(&d, &x).unwrap();
+    let bb = DeviceBuffer::<u16>::alloc(&d, n).unwrap();
+    let hb = DeviceBuffer::<u16>::alloc(&d, n).unwrap();
+    let back = DeviceBuffer::<f32>::alloc(&d, 2 * n).unwrap();
+    for buf in [bb.ptr(), hb.ptr()] {
+        d.memset(buf, 0xff, 2 * n).unwrap();
+    }
+    back.fill_bytes(0xff).unwrap();
+    let (mut b, mut h, mut bk, mut xp, mut ni) =
+        (bb.ptr(), hb.ptr(), back.ptr(), xb.ptr(), n as i32);
+    let mut params = [
+        arg(&mut b),
+        arg(&mut h),
+        arg(&mut bk),
+        arg(&mut xp),
+        arg(&mut ni),
+    ];
+    unsafe {
+        d.launch(
+            "selftest_convert_fwd_f32",
+            [4, 1, 1],
+            [128, 1, 1],
+            0,
+            &mut params,
+        )
+    }
+    .unwrap();
+    let (bs, hs, backs) = (
+        bb.to_vec().unwrap(),
+        hb.to_vec().unwrap(),
+        back.to_vec().unwrap(),
+    );
+    for i in 0..n {
+        let (wb, wh) = (bf16::from_f32(x[i]), f16::from_f32(x[i]));
+        assert_eq!(
+            bs[i],
+            wb.to_bits(),
+            "bf16 of {:e} ({:#x})",
+            x[i],
+            x[i].to_bits()
+        );
+        assert_eq!(
+            hs[i],
+            wh.to_bits(),
+            "f16 of {:e} ({:#x})",
+            x[i],
+            x[i].to_bits()
+        );
+        assert_eq!(
+            backs[2 * i].to_bits(),
+            wb.to_f32().to_bits(),
+            "bf16 -> f32 of {:#x}",
+            wb.to_bits()
+        );
+        assert_eq!(
+            backs[2 * i + 1].to_bits(),
+            wh.to_f32().to_bits(),
+            "f16 -> f32 of {:#x}",
+            wh.to_bits()
+        );
+    }
+    let nan = DeviceBuffer::from_slice(&d, &[f32::NAN]).unwrap();
+    let (mut xp, mut ni) = (nan.ptr(), 1);
+    let mut params = [
+        arg(&mut b),
+        arg(&mut h),
+        arg(&mut bk),
+        arg(&mut xp),
+        arg(&mut ni),
+    ];
+    unsafe {
+        d.launch(
+            "selftest_convert_fwd_f32",
+            [1, 1, 1],
+            [32, 1, 1],
+            0,
+            &mut params,
+        )
+    }
+    .unwrap();
+    let got = back.to_vec().unwrap();
+    assert!(got[0].is_nan() && got[1].is_nan(), "NaN must stay NaN");
+}

@@ -102,6 +102,7 @@ struct Launch {
     void** params;
     Fiber fibers[kMaxThreads];
     unsigned n = 0, live = 0, at_barrier = 0;
+    unsigned arrived[kMaxThreads / 32];  // per warp: lanes waiting at a collective
     Fiber* cur = nullptr;
     void* sched_sp = nullptr;
     bool failed = false;
@@ -123,6 +124,8 @@ void fail(const char* fmt, ...) {
     vsnprintf(L.err, sizeof L.err, fmt, ap);
     va_end(ap);
 }
+
+bool same_site(Site a, Site b) { return a.line == b.line && (a.file == b.file || strcmp(a.file, b.file) == 0); }
 
 const char* base(const char* path) {
     const char* s = strrchr(path, '/');
@@ -234,6 +237,7 @@ void diagnose_deadlock() {
 bool run_block() {
     L.live = L.n;
     L.at_barrier = 0;
+    memset(L.arrived, 0, sizeof L.arrived);
     for (unsigned i = 0; i < L.n; i++) {
         Fiber& f = L.fibers[i];
         unsigned x = g_block_dim.x, y = g_block_dim.y;
@@ -368,7 +372,7 @@ void syncthreads(Site s) {
         for (unsigned i = 0; i < L.n; i++) {
             Fiber& g = L.fibers[i];
             if (g.st != St::AtBarrier) continue;
-            if (g.site.line != s.line || strcmp(g.site.file, s.file) != 0) {
+            if (!same_site(g.site, s)) {
                 fail("divergent __syncthreads: threads wait at %s:%d and at %s:%d", base(s.file), s.line,
                      base(g.site.file), g.site.line);
                 yield();
@@ -405,17 +409,15 @@ void warp_op(Op op, unsigned mask, Lane* lane, Site s) {
         yield();
         return;
     }
-    bool all = true;
-    for (unsigned l = 0; l < 32; l++) {
-        if (!(mask >> l & 1)) continue;
+    // Cheap check per arrival: agree with one lane of the mask that is already waiting. Once the
+    // whole mask has arrived, check every lane, then complete the collective for all of them.
+    unsigned& arrived = L.arrived[warp];
+    arrived |= 1u << me;
+    unsigned others = arrived & mask & ~(1u << me);
+    bool all = (arrived & mask) == mask;
+    auto agrees = [&](unsigned l) {  // false after reporting why lane l disagrees
         Fiber& g = w[l];
-        if (g.st == St::Runnable) {
-            all = false;
-            continue;
-        }
-        if (g.st == St::AtWarp && g.op == op && g.mask == mask && g.site.line == s.line &&
-            strcmp(g.site.file, s.file) == 0)
-            continue;
+        if (g.st == St::AtWarp && g.op == op && g.mask == mask && same_site(g.site, s)) return true;
         if (g.st == St::AtWarp)
             fail("divergent warp collective: lane %u is at %s (%s:%d, mask 0x%08x), lane %u at %s (%s:%d, "
                  "mask 0x%08x)",
@@ -423,14 +425,21 @@ void warp_op(Op op, unsigned mask, Lane* lane, Site s) {
                  g.mask);
         else
             fail("%s at %s:%d (mask 0x%08x): lane %u %s", op_name(op), base(s.file), s.line, mask, l,
-                 g.st == St::Done ? "has exited" : "waits at __syncthreads");
-        yield();
-        return;
-    }
+                 g.st == St::Done ? "has exited" : g.st == St::AtBarrier ? "waits at __syncthreads" : "has not arrived");
+        return false;
+    };
     if (!all) {
+        if (others) agrees((unsigned)__builtin_ctz(others));
         yield();
         return;
     }
+    for (unsigned l = 0; l < 32; l++) {
+        if ((mask >> l & 1) && l != me && !agrees(l)) {
+            yield();
+            return;
+        }
+    }
+    arrived &= ~mask;
     complete(w, op, mask);
     for (unsigned l = 0; l < 32; l++)
         if (mask >> l & 1) w[l].st = St::Runnable;
