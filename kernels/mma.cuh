@@ -25,32 +25,35 @@ __device__ __forceinline__ void mma_m16n8k16_bf16(float d[4], const unsigned a[4
 }
 
 // ldmatrix .m8n8 .b16 from shared memory: lane i supplies the (16-byte aligned) address of row i%8
-// of matrix i/8; r[m] receives this lane's two elements of matrix m.
-__device__ __forceinline__ void ldmatrix_x4(unsigned r[4], const void* smem_row) {
+// of matrix i/8 (lanes beyond the matrices loaded are ignored); r[m] receives this lane's two
+// elements of matrix m: row lane/4, columns 2*(lane%4) and +1; with .trans, column lane/4, rows
+// 2*(lane%4) and +1.
 #ifdef MURA_EMU
-    mura_emu::Lane l{};
-    l.ptr = smem_row;
-    mura_emu::warp_op(mura_emu::Op::LdMatrix4, FULL_MASK, &l, MURA_SITE);
-    for (int i = 0; i < 4; i++) r[i] = l.out[i];
+#define MURA_LDMATRIX(fn, N, OP, PTX)                                   \
+    __device__ __forceinline__ void fn(unsigned r[N], const void* smem_row) { \
+        mura_emu::Lane l{};                                             \
+        l.ptr = smem_row;                                               \
+        mura_emu::warp_op(mura_emu::Op::OP, FULL_MASK, &l, MURA_SITE);  \
+        for (int i = 0; i < N; i++) r[i] = l.out[i];                    \
+    }
 #else
-    unsigned addr = (unsigned)__cvta_generic_to_shared(smem_row);
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+#define MURA_LDMATRIX(fn, N, OP, PTX)                                             \
+    __device__ __forceinline__ void fn(unsigned r[N], const void* smem_row) {     \
+        unsigned addr = (unsigned)__cvta_generic_to_shared(smem_row);             \
+        MURA_LDMATRIX_ASM_##N(PTX)                                                \
+    }
+#define MURA_LDMATRIX_ASM_1(PTX) asm volatile(PTX " {%0}, [%1];\n" : "=r"(r[0]) : "r"(addr));
+#define MURA_LDMATRIX_ASM_2(PTX) asm volatile(PTX " {%0,%1}, [%2];\n" : "=r"(r[0]), "=r"(r[1]) : "r"(addr));
+#define MURA_LDMATRIX_ASM_4(PTX)                                      \
+    asm volatile(PTX " {%0,%1,%2,%3}, [%4];\n"                        \
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) \
                  : "r"(addr));
 #endif
-}
-
-__device__ __forceinline__ void ldmatrix_x2(unsigned r[2], const void* smem_row) {
-#ifdef MURA_EMU
-    mura_emu::Lane l{};
-    l.ptr = smem_row;
-    mura_emu::warp_op(mura_emu::Op::LdMatrix2, FULL_MASK, &l, MURA_SITE);
-    for (int i = 0; i < 2; i++) r[i] = l.out[i];
-#else
-    unsigned addr = (unsigned)__cvta_generic_to_shared(smem_row);
-    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n" : "=r"(r[0]), "=r"(r[1]) : "r"(addr));
-#endif
-}
+MURA_LDMATRIX(ldmatrix_x1, 1, LdMatrix1, "ldmatrix.sync.aligned.m8n8.x1.shared.b16")
+MURA_LDMATRIX(ldmatrix_x2, 2, LdMatrix2, "ldmatrix.sync.aligned.m8n8.x2.shared.b16")
+MURA_LDMATRIX(ldmatrix_x4, 4, LdMatrix4, "ldmatrix.sync.aligned.m8n8.x4.shared.b16")
+MURA_LDMATRIX(ldmatrix_x2_trans, 2, LdMatrix2Trans, "ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16")
+MURA_LDMATRIX(ldmatrix_x4_trans, 4, LdMatrix4Trans, "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16")
 
 // 16-byte global -> shared copy that completes at cp_async_wait_all (a plain copy when emulated).
 // Both addresses 16-byte aligned.

@@ -1,7 +1,7 @@
 // Kernels that test the executors themselves (barriers, warp collectives, atomics, shared memory),
 // not model ops. The emulator tests compare them with their CUDA semantics; the ones that plant a
 // bug (bad masks, divergent barriers, out-of-bounds writes) run on the emulator only.
-#include "common.cuh"
+#include "mma.cuh"
 
 // out: [gridDim.x * blockDim.x] i32. blockDim.x <= 256.
 extern "C" __global__ void selftest_barrier_fwd_i32(int* out) {
@@ -87,6 +87,21 @@ extern "C" __global__ void selftest_convert_fwd_f32(__nv_bfloat16* b, __half* h,
         back[2 * i] = __bfloat162float(b[i]);
         back[2 * i + 1] = __half2float(h[i]);
     }
+}
+
+// Every ldmatrix form on a 32x8 tile of 16-bit values (four 8x8 matrices), tile[r][c] = 8r + c.
+// out: [32 lanes, 13] u32: x1 (1 reg), x2 (2), x4 (4), x2.trans (2), x4.trans (4). Block (32).
+extern "C" __global__ void selftest_ldmatrix_fwd_i32(unsigned* out) {
+    __shared__ __align__(16) unsigned short tile[32][8];
+    const int lane = threadIdx.x;
+    for (int c = 0; c < 8; c++) tile[lane][c] = (unsigned short)(8 * lane + c);
+    __syncwarp();
+    unsigned* o = out + lane * 13;
+    ldmatrix_x1(o, &tile[lane % 8][0]);
+    ldmatrix_x2(o + 1, &tile[lane % 16][0]);
+    ldmatrix_x4(o + 3, &tile[lane][0]);
+    ldmatrix_x2_trans(o + 7, &tile[lane % 16][0]);
+    ldmatrix_x4_trans(o + 9, &tile[lane][0]);
 }
 
 // Planted bugs, one per mode (0: none). out: [gridDim.x * blockDim.x] i32.

@@ -425,3 +425,36 @@ fn float_conversions() {
     let got = back.to_vec().unwrap();
     assert!(got[0].is_nan() && got[1].is_nan(), "NaN must stay NaN");
 }
+
+/// Every ldmatrix form against the PTX ISA's definition of which lane receives which elements.
+#[test]
+fn ldmatrix_forms() {
+    let d = driver();
+    let out = DeviceBuffer::<u32>::alloc(&d, 32 * 13).unwrap();
+    out.fill_bytes(0xff).unwrap();
+    launch_out(&d, "selftest_ldmatrix_fwd_i32", out.ptr(), None, 1, 32, 0).unwrap();
+    let got = out.to_vec().unwrap();
+    let tile = |r: usize, c: usize| (8 * r + c) as u32;
+    let pair = |a: u32, b: u32| a | (b << 16);
+    for lane in 0..32 {
+        let (row, col) = (lane / 4, 2 * (lane % 4));
+        let plain = |m: usize| pair(tile(8 * m + row, col), tile(8 * m + row, col + 1));
+        let trans = |m: usize| pair(tile(8 * m + col, row), tile(8 * m + col + 1, row));
+        let expect = [
+            plain(0),
+            plain(0),
+            plain(1),
+            plain(0),
+            plain(1),
+            plain(2),
+            plain(3),
+            trans(0),
+            trans(1),
+            trans(0),
+            trans(1),
+            trans(2),
+            trans(3),
+        ];
+        assert_eq!(&got[lane * 13..lane * 13 + 13], &expect, "lane {lane}");
+    }
+}
