@@ -67,6 +67,7 @@ pub fn device_info(ordinal: usize) -> Result<DeviceInfo> {
 
 pub struct Cuda {
     info: DeviceInfo,
+    dev: sys::CUdevice,
     ctx: sys::CUcontext,
     /// Loaded modules by file, and functions by kernel name.
     modules: Mutex<HashMap<&'static str, sys::CUmodule>>,
@@ -97,6 +98,7 @@ impl Cuda {
         )?;
         let cuda = Self {
             info,
+            dev,
             ctx,
             modules: Mutex::default(),
             functions: Mutex::default(),
@@ -200,6 +202,8 @@ impl Drop for Cuda {
                 let _ = unsafe { result::module::unload(module) };
             }
         }
+        // SAFETY: balances the retain in `new`.
+        let _ = unsafe { result::primary_ctx::release(self.dev) };
     }
 }
 
