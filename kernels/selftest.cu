@@ -129,6 +129,18 @@ extern "C" __global__ void selftest_bug_fwd_i32(int* out, int mode) {
     out[i] = v;
 }
 
+__device__ __noinline__ float selftest_deep(int d) {
+    volatile float pad[256];  // 1 KiB a frame
+    pad[d % 256] = (float)d;
+    return d > 0 ? selftest_deep(d - 1) + pad[d % 256] : 0.0f;
+}
+
+// out: [1] f32 = a recursion `depth` frames deep (1 KiB each): deep enough, it overflows an
+// emulator fiber's stack into its guard page (emulator test only).
+extern "C" __global__ void selftest_overflow_fwd_f32(float* out, int depth) {
+    if (threadIdx.x == 0) out[0] = selftest_deep(depth);
+}
+
 // out: [n] f32; writes out[0 .. n + extra): extra > 0 is an out-of-bounds write for ASan to catch.
 extern "C" __global__ void selftest_oob_fwd_f32(float* out, int n, int extra) {
     for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n + extra; i += gridDim.x * blockDim.x)

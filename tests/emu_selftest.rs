@@ -458,3 +458,46 @@ fn ldmatrix_forms() {
         assert_eq!(&got[lane * 13..lane * 13 + 13], &expect, "lane {lane}");
     }
 }
+
+/// A fiber that overflows its stack dies on the guard page below it (SIGSEGV) instead of silently
+/// corrupting its neighbour. The overflow runs in a child process: this test binary itself.
+#[test]
+fn emu_fiber_stack_overflow_hits_guard_page() {
+    let d: Arc<dyn Driver> = Arc::new(Emu::new());
+    let out = DeviceBuffer::<f32>::alloc(&d, 1).unwrap();
+    let run = |depth: i32| {
+        launch_out(
+            &d,
+            "selftest_overflow_fwd_f32",
+            out.ptr(),
+            Some(depth),
+            1,
+            32,
+            0,
+        )
+    };
+    if std::env::var_os("MURA_EMU_OVERFLOW_CHILD").is_some() {
+        let _ = run(10_000); // 10 MB of frames on a 256 KiB stack
+        std::process::exit(0); // only reached if the overflow went unnoticed
+    }
+    run(20).unwrap();
+    let expect: f32 = (1..=20).map(|k| k as f32).sum();
+    assert_eq!(out.to_vec().unwrap()[0], expect);
+
+    let child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "emu_fiber_stack_overflow_hits_guard_page",
+            "--test-threads=1",
+        ])
+        .env("MURA_EMU_OVERFLOW_CHILD", "1")
+        .output()
+        .unwrap();
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(
+        child.status.signal(),
+        Some(11),
+        "expected SIGSEGV, got {:?}",
+        child.status
+    );
+}
