@@ -151,13 +151,7 @@ impl DenseNetSpec {
             if b + 1 < self.block_config.len() {
                 let c = ins[b] + layers * k;
                 bn(&mut out, &format!("features.transition{bi}.norm"), c);
-                conv(
-                    &mut out,
-                    &format!("features.transition{bi}.conv"),
-                    c / 2,
-                    c,
-                    1,
-                );
+                conv(&mut out, &format!("features.transition{bi}.conv"), c / 2, c, 1);
             }
         }
         bn(&mut out, "features.norm5", c_final);
@@ -232,26 +226,17 @@ mod tests {
         assert_eq!(s.num_params(), 14_149_480 - 1_665_000 + 1665);
         let l = s.state_dict_layout();
         assert_eq!(l[0].name, "features.conv0.weight");
-        assert!(l.iter().any(
-            |t| t.name == "features.denseblock4.denselayer32.conv2.weight"
-                && t.shape == vec![32, 128, 3, 3]
-        ));
+        assert!(l
+            .iter()
+            .any(|t| t.name == "features.denseblock4.denselayer32.conv2.weight"
+                && t.shape == vec![32, 128, 3, 3]));
     }
 
     #[test]
     fn densenet121_features() {
-        assert_eq!(
-            DenseNetSpec::preset("densenet121").unwrap().num_features(),
-            1024
-        );
-        assert_eq!(
-            DenseNetSpec::preset("densenet161").unwrap().num_features(),
-            2208
-        );
-        assert_eq!(
-            DenseNetSpec::preset("densenet201").unwrap().num_features(),
-            1920
-        );
+        assert_eq!(DenseNetSpec::preset("densenet121").unwrap().num_features(), 1024);
+        assert_eq!(DenseNetSpec::preset("densenet161").unwrap().num_features(), 2208);
+        assert_eq!(DenseNetSpec::preset("densenet201").unwrap().num_features(), 1920);
         assert!(DenseNetSpec::preset("resnet50").is_err());
     }
 }
