@@ -3,6 +3,7 @@
 pub mod cam;
 pub mod cli;
 pub mod device;
+pub mod gpu;
 pub mod loss;
 pub mod metrics;
 pub mod optim;
