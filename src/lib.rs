@@ -1,11 +1,14 @@
 //! mura: a from-scratch DenseNet training engine for MURA.
 
+pub mod autograd;
 pub mod cam;
 pub mod cli;
 pub mod device;
 pub mod gpu;
 pub mod loss;
 pub mod metrics;
+pub mod model;
+pub mod ops;
 pub mod optim;
 pub mod plot;
 pub mod rng;

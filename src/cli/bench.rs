@@ -1,8 +1,140 @@
-//! `mura bench` (not built yet).
+//! `mura bench`: time an eval forward and a training step (forward + backward + Adam).
+
+use crate::device::Device;
+use crate::loss::{weighted_bce_f32, LossLevel};
+use crate::model::{DenseNet, Mode};
+use crate::optim::Adam;
+use crate::rng::Rng;
+use crate::spec::ArchArgs;
+use anyhow::{bail, Result};
+use std::time::Instant;
 
 #[derive(clap::Args, Debug)]
-pub struct Args {}
+pub struct Args {
+    /// cpu (the only backend built so far)
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    #[command(flatten)]
+    pub arch: ArchArgs,
+    /// Images per batch
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+    /// Square input size in pixels
+    #[arg(long, default_value_t = 224)]
+    pub image_size: usize,
+    /// Timed steps (medians are reported)
+    #[arg(long, default_value_t = 5)]
+    pub steps: usize,
+    /// Untimed steps first
+    #[arg(long, default_value_t = 1)]
+    pub warmup: usize,
+    /// Print one JSON line instead of a table
+    #[arg(long)]
+    pub json: bool,
+}
 
-pub fn run(_args: Args) -> anyhow::Result<()> {
-    anyhow::bail!("'mura bench' is not built yet")
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let device: Device = args.device.parse()?;
+    if device != Device::Cpu {
+        bail!("'mura bench --device {device}' is not available yet: only --device cpu is built");
+    }
+    if args.batch == 0 || args.steps == 0 {
+        bail!("--batch and --steps must be at least 1");
+    }
+    let spec = args.arch.spec()?;
+    let (n, s) = (args.batch, args.image_size);
+    let mut model = DenseNet::<f32>::new(spec.clone(), 0);
+    model.feature_hw(s, s)?;
+    let mut rng = Rng::new(1);
+    let x: Vec<f32> = (0..n * s * s * 3).map(|_| rng.normal() as f32).collect();
+    let labels: Vec<f64> = (0..n).map(|_| rng.below(2) as f64).collect();
+    let view_study: Vec<usize> = (0..n).collect();
+    let w = vec![(0.5, 0.5); n];
+    let mut adam = Adam::new(model.num_params(), 1e-4, 0.0);
+
+    let (mut fwd, mut step) = (Vec::new(), Vec::new());
+    for i in 0..args.warmup + args.steps {
+        let t = Instant::now();
+        let logits = model.forward(&x, n, s, s, Mode::Eval);
+        let tf = t.elapsed().as_secs_f64();
+        anyhow::ensure!(logits.iter().all(|z| z.is_finite()), "non-finite logits");
+
+        let t = Instant::now();
+        model.zero_grad();
+        let logits = model.forward(&x, n, s, s, Mode::Train);
+        let (_, dlogits) = weighted_bce_f32(&logits, &view_study, &labels, &w, LossLevel::Image);
+        model.backward(&dlogits);
+        adam.update(&mut model.params, &model.grads);
+        let ts = t.elapsed().as_secs_f64();
+        if i >= args.warmup {
+            fwd.push(tf);
+            step.push(ts);
+        }
+    }
+    let (f, st) = (median(fwd), median(step));
+    let ips = n as f64 / st;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({"forward_s": f, "train_step_s": st, "images_per_s": ips})
+        );
+    } else {
+        println!(
+            "{} on cpu ({} threads), batch {n}, {s}x{s}, median of {} steps after {} warm-up",
+            spec.arch,
+            rayon::current_num_threads(),
+            args.steps,
+            args.warmup
+        );
+        println!("forward (eval)   {f:.3} s");
+        println!("train step       {st:.3} s   (forward + backward + Adam)");
+        println!("images/s         {ips:.1}   (training)");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(device: &str, image_size: usize) -> Args {
+        Args {
+            device: device.into(),
+            arch: ArchArgs {
+                arch: "custom".into(),
+                growth_rate: 4,
+                block_config: vec![2, 2],
+                num_init_features: 8,
+                bn_size: 2,
+            },
+            batch: 2,
+            image_size,
+            steps: 1,
+            warmup: 0,
+            json: true,
+        }
+    }
+
+    #[test]
+    fn runs_on_cpu_and_refuses_other_devices_and_tiny_inputs() {
+        run(args("cpu", 32)).unwrap();
+        let e = run(args("cuda", 32)).unwrap_err().to_string();
+        assert!(e.contains("only --device cpu"), "{e}");
+        assert!(run(args("tpu", 32))
+            .unwrap_err()
+            .to_string()
+            .contains("unknown device"));
+        let e = run(args("cpu", 3)).unwrap_err().to_string();
+        assert!(e.contains("too small"), "{e}");
+    }
 }

@@ -1,0 +1,483 @@
+//! The forward pass (recording the tape in Train mode) and the backward replay.
+
+use super::{BnIdx, ConvIdx, DenseNet, Mode};
+use crate::autograd::{BlockAct, Node, Tape};
+use crate::ops::conv::{conv2d_bwd_input, conv2d_bwd_weight, conv2d_fwd, Conv, Image};
+use crate::ops::{act, bn, pool, BnRelu, Float};
+
+const STEM: Conv = Conv {
+    k: 7,
+    stride: 2,
+    pad: 3,
+};
+const POINTWISE: Conv = Conv {
+    k: 1,
+    stride: 1,
+    pad: 0,
+};
+const CONV3: Conv = Conv {
+    k: 3,
+    stride: 1,
+    pad: 1,
+};
+
+impl ConvIdx {
+    fn of<'a, T>(&self, v: &'a [T]) -> &'a [T] {
+        &v[self.p..self.p + self.len()]
+    }
+}
+
+impl<T: Float> DenseNet<T> {
+    /// x: `[n, h, w, 3]` normalised NHWC. Returns logits `[n]`. Train mode records the tape (for
+    /// one backward) and updates BN running stats and counters; Eval uses running stats.
+    pub fn forward(&mut self, x: &[T], n: usize, h: usize, w: usize, mode: Mode) -> Vec<T> {
+        self.run(x, n, h, w, mode == Mode::Train, false).0
+    }
+
+    /// Eval-mode forward that also returns the final feature map after norm5 + ReLU,
+    /// `[n, h', w', C]`, and `h'`, `w'`, for CAMs.
+    pub fn forward_features(
+        &mut self,
+        x: &[T],
+        n: usize,
+        h: usize,
+        w: usize,
+    ) -> (Vec<T>, Vec<T>, usize, usize) {
+        let (logits, f) = self.run(x, n, h, w, false, true);
+        let (fmap, hf, wf) = f.expect("features requested");
+        (logits, fmap, hf, wf)
+    }
+
+    /// A BN's `(scale, shift)`: from batch `(mean, var, count)` in training (also updating the
+    /// running stats and counter), else from the running stats.
+    fn bn_coeffs(&mut self, idx: BnIdx, batch: Option<(&[T], &[T], usize)>) -> (Vec<T>, Vec<T>) {
+        let c = idx.c;
+        let (gamma, beta) = self.params[idx.p..idx.p + 2 * c].split_at(c);
+        let (rm, rv) = self.stats[idx.s..idx.s + 2 * c].split_at_mut(c);
+        match batch {
+            Some((mean, var, count)) => {
+                bn::update_running(rm, rv, mean, var, count);
+                self.counters[idx.cnt] += 1;
+                bn::scale_shift(gamma, beta, mean, var)
+            }
+            None => bn::scale_shift(gamma, beta, rm, rv),
+        }
+    }
+
+    /// Scale and shift of a BN from saved batch statistics (backward).
+    fn bn_saved(&self, idx: BnIdx, mean: &[T], var: &[T]) -> (Vec<T>, Vec<T>) {
+        let (gamma, beta) = self.params[idx.p..idx.p + 2 * idx.c].split_at(idx.c);
+        bn::scale_shift(gamma, beta, mean, var)
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn run(
+        &mut self,
+        x: &[T],
+        n: usize,
+        h: usize,
+        w: usize,
+        train: bool,
+        features: bool,
+    ) -> (Vec<T>, Option<(Vec<T>, usize, usize)>) {
+        assert_eq!(x.len(), n * h * w * 3, "forward: x must be [n, h, w, 3]");
+        let lay = self.layout.clone();
+        let mut tape = Tape::default();
+        self.tape = None;
+
+        // Stem: conv0 → norm0 → ReLU → max pool into block 0's buffer.
+        let f0 = lay.conv0.co;
+        let (h0, w0) = STEM.out_hw(h, w);
+        let m0 = n * h0 * w0;
+        let mut y0 = vec![T::ZERO; m0 * f0];
+        let xi = Image {
+            data: x,
+            n,
+            h,
+            w,
+            c: 3,
+            rs: 3,
+        };
+        conv2d_fwd(xi, None, lay.conv0.of(&self.params), f0, STEM, &mut y0, f0);
+        let st0 = train.then(|| bn::batch_stats(&y0, m0, f0, f0));
+        let (s, t) = self.bn_coeffs(lay.norm0, st0.as_ref().map(|(m, v)| (&m[..], &v[..], m0)));
+        let mut a0 = vec![T::ZERO; m0 * f0];
+        bn::apply(&y0, m0, f0, f0, &s, &t, true, &mut a0, f0);
+        let (hb, wb) = pool::maxpool_out(h0, w0);
+        let mut cur = BlockAct::new(n, hb, wb, lay.blocks[0].c_total);
+        pool::maxpool_fwd(&a0, n, h0, w0, f0, &mut cur.buf, lay.blocks[0].c_total);
+        drop(a0);
+        if let Some((mean, var)) = st0 {
+            tape.nodes.push(Node::Stem {
+                x: x.to_vec(),
+                y0,
+                mean,
+                var,
+                dims: (n, h, w, f0),
+            });
+            cur.cache_stats(0, f0);
+        }
+
+        for (b, blk) in lay.blocks.iter().enumerate() {
+            let (rows, ct) = (cur.rows(), blk.c_total);
+            for (l, li) in blk.layers.iter().enumerate() {
+                let (c, mid, k) = (li.norm1.c, li.conv1.co, li.conv2.co);
+                let (s1, t1) = self.bn_coeffs(
+                    li.norm1,
+                    train.then(|| (&cur.mean[..c], &cur.var[..c], rows)),
+                );
+                let mut y1 = vec![T::ZERO; rows * mid];
+                let prefix = Image {
+                    data: &cur.buf,
+                    n,
+                    h: cur.h,
+                    w: cur.w,
+                    c,
+                    rs: ct,
+                };
+                let pre1 = BnRelu {
+                    scale: &s1,
+                    shift: &t1,
+                };
+                conv2d_fwd(
+                    prefix,
+                    Some(pre1),
+                    li.conv1.of(&self.params),
+                    mid,
+                    POINTWISE,
+                    &mut y1,
+                    mid,
+                );
+                let st2 = train.then(|| bn::batch_stats(&y1, rows, mid, mid));
+                let (s2, t2) =
+                    self.bn_coeffs(li.norm2, st2.as_ref().map(|(m, v)| (&m[..], &v[..], rows)));
+                let yi = Image {
+                    data: &y1,
+                    n,
+                    h: cur.h,
+                    w: cur.w,
+                    c: mid,
+                    rs: mid,
+                };
+                let pre2 = BnRelu {
+                    scale: &s2,
+                    shift: &t2,
+                };
+                conv2d_fwd(
+                    yi,
+                    Some(pre2),
+                    li.conv2.of(&self.params),
+                    k,
+                    CONV3,
+                    &mut cur.buf[c..],
+                    ct,
+                );
+                if let Some((mean2, var2)) = st2 {
+                    cur.cache_stats(c, k);
+                    tape.nodes.push(Node::DenseLayer {
+                        b,
+                        l,
+                        y1,
+                        mean2,
+                        var2,
+                    });
+                }
+            }
+            let Some((tn, tc)) = blk.transition else {
+                break;
+            };
+            let (s, t) = self.bn_coeffs(tn, train.then(|| (&cur.mean[..], &cur.var[..], rows)));
+            let (hp, wp) = (cur.h / 2, cur.w / 2);
+            let mut pooled = vec![T::ZERO; n * hp * wp * ct];
+            let pre = BnRelu {
+                scale: &s,
+                shift: &t,
+            };
+            pool::avgpool_fwd(&cur.buf, n, cur.h, cur.w, ct, Some(pre), &mut pooled, ct);
+            let nct = lay.blocks[b + 1].c_total;
+            let mut next = BlockAct::new(n, hp, wp, nct);
+            let pi = Image {
+                data: &pooled,
+                n,
+                h: hp,
+                w: wp,
+                c: ct,
+                rs: ct,
+            };
+            conv2d_fwd(
+                pi,
+                None,
+                tc.of(&self.params),
+                tc.co,
+                POINTWISE,
+                &mut next.buf,
+                nct,
+            );
+            let done = std::mem::replace(&mut cur, next);
+            if train {
+                cur.cache_stats(0, tc.co);
+                tape.blocks.push(done);
+                tape.nodes.push(Node::Transition { b, pooled });
+            }
+        }
+
+        // Head: norm5 → ReLU → global average pool → linear.
+        let (rows, c) = (cur.rows(), lay.norm5.c);
+        let (s, t) = self.bn_coeffs(
+            lay.norm5,
+            train.then(|| (&cur.mean[..], &cur.var[..], rows)),
+        );
+        let mut a5 = vec![T::ZERO; rows * c];
+        bn::apply(&cur.buf, rows, c, c, &s, &t, true, &mut a5, c);
+        let feat = pool::gap_fwd(&a5, n, cur.h * cur.w, c);
+        let (fw, fb) = self.params[lay.fc..lay.fc + c + 1].split_at(c);
+        let logits = act::linear_fwd(&feat, n, c, fw, fb);
+        let fmap = features.then_some((a5, cur.h, cur.w));
+        if train {
+            tape.blocks.push(cur);
+            tape.nodes.push(Node::Head { feat });
+            self.tape = Some(tape);
+        }
+        (logits, fmap)
+    }
+
+    /// `dlogits: [n]`. Accumulates d(loss)/d(params) into `self.grads` (after a Train forward).
+    pub fn backward(&mut self, dlogits: &[T]) {
+        let mut tape = self
+            .tape
+            .take()
+            .expect("backward needs a Train-mode forward first");
+        let lay = self.layout.clone();
+        let nb = lay.blocks.len();
+        let mut dbufs: Vec<Vec<T>> = (0..nb).map(|_| Vec::new()).collect();
+        while let Some(node) = tape.nodes.pop() {
+            match node {
+                Node::Head { feat } => {
+                    let blk = &tape.blocks[nb - 1];
+                    let (n, rows, c) = (blk.n, blk.rows(), lay.norm5.c);
+                    assert_eq!(dlogits.len(), n, "backward: dlogits must be [n]");
+                    let (fw, fb) = (&self.params[lay.fc..lay.fc + c], lay.fc);
+                    let (dw, db) = self.grads[fb..fb + c + 1].split_at_mut(c);
+                    let dfeat = act::linear_bwd(&feat, n, c, fw, dlogits, dw, db);
+                    let mut da = vec![T::ZERO; rows * c];
+                    pool::gap_bwd(&dfeat, n, blk.h * blk.w, c, &mut da);
+                    let mut dbuf = vec![T::ZERO; rows * c];
+                    self.bn_bwd(
+                        lay.norm5,
+                        (&blk.buf, c),
+                        &blk.mean,
+                        &blk.var,
+                        (&da, c),
+                        (&mut dbuf, c),
+                    );
+                    dbufs[nb - 1] = dbuf;
+                }
+                Node::DenseLayer {
+                    b,
+                    l,
+                    y1,
+                    mean2,
+                    var2,
+                } => {
+                    let li = &lay.blocks[b].layers[l];
+                    let blk = &tape.blocks[b];
+                    let dbuf = &mut dbufs[b];
+                    let (ct, c, mid, k, rows) = (
+                        lay.blocks[b].c_total,
+                        li.norm1.c,
+                        li.conv1.co,
+                        li.conv2.co,
+                        blk.rows(),
+                    );
+                    let (n, h, w) = (blk.n, blk.h, blk.w);
+                    // conv2 (3×3) on relu(norm2(y1)).
+                    let (s2, t2) = self.bn_saved(li.norm2, &mean2, &var2);
+                    let yi = Image {
+                        data: &y1,
+                        n,
+                        h,
+                        w,
+                        c: mid,
+                        rs: mid,
+                    };
+                    let pre2 = BnRelu {
+                        scale: &s2,
+                        shift: &t2,
+                    };
+                    let g2 = &mut self.grads[li.conv2.p..li.conv2.p + li.conv2.len()];
+                    conv2d_bwd_weight(yi, Some(pre2), CONV3, &dbuf[c..], ct, k, g2);
+                    let mut da2 = vec![T::ZERO; rows * mid];
+                    conv2d_bwd_input(
+                        &dbuf[c..],
+                        ct,
+                        k,
+                        li.conv2.of(&self.params),
+                        CONV3,
+                        (n, h, w, mid),
+                        &mut da2,
+                    );
+                    let mut dy1 = vec![T::ZERO; rows * mid];
+                    self.bn_bwd(
+                        li.norm2,
+                        (&y1, mid),
+                        &mean2,
+                        &var2,
+                        (&da2, mid),
+                        (&mut dy1, mid),
+                    );
+                    // conv1 (1×1) on relu(norm1(prefix)).
+                    let (mean1, var1) = (&blk.mean[..c], &blk.var[..c]);
+                    let (s1, t1) = self.bn_saved(li.norm1, mean1, var1);
+                    let prefix = Image {
+                        data: &blk.buf,
+                        n,
+                        h,
+                        w,
+                        c,
+                        rs: ct,
+                    };
+                    let pre1 = BnRelu {
+                        scale: &s1,
+                        shift: &t1,
+                    };
+                    let g1 = &mut self.grads[li.conv1.p..li.conv1.p + li.conv1.len()];
+                    conv2d_bwd_weight(prefix, Some(pre1), POINTWISE, &dy1, mid, mid, g1);
+                    let mut da1 = vec![T::ZERO; rows * c];
+                    conv2d_bwd_input(
+                        &dy1,
+                        mid,
+                        mid,
+                        li.conv1.of(&self.params),
+                        POINTWISE,
+                        (n, h, w, c),
+                        &mut da1,
+                    );
+                    self.bn_bwd(li.norm1, (&blk.buf, ct), mean1, var1, (&da1, c), (dbuf, ct));
+                }
+                Node::Transition { b, pooled } => {
+                    let (tn, tc) = lay.blocks[b].transition.expect("transition");
+                    let (blk, nxt) = (&tape.blocks[b], &tape.blocks[b + 1]);
+                    let (ct, nct, n) = (lay.blocks[b].c_total, lay.blocks[b + 1].c_total, blk.n);
+                    let dnext = std::mem::take(&mut dbufs[b + 1]);
+                    let pi = Image {
+                        data: &pooled,
+                        n,
+                        h: nxt.h,
+                        w: nxt.w,
+                        c: ct,
+                        rs: ct,
+                    };
+                    let gt = &mut self.grads[tc.p..tc.p + tc.len()];
+                    conv2d_bwd_weight(pi, None, POINTWISE, &dnext, nct, tc.co, gt);
+                    let mut dp = vec![T::ZERO; nxt.rows() * ct];
+                    conv2d_bwd_input(
+                        &dnext,
+                        nct,
+                        tc.co,
+                        tc.of(&self.params),
+                        POINTWISE,
+                        (n, nxt.h, nxt.w, ct),
+                        &mut dp,
+                    );
+                    let mut da = vec![T::ZERO; blk.rows() * ct];
+                    pool::avgpool_bwd(n, blk.h, blk.w, ct, &dp, ct, &mut da);
+                    let mut dbuf = vec![T::ZERO; blk.rows() * ct];
+                    self.bn_bwd(
+                        tn,
+                        (&blk.buf, ct),
+                        &blk.mean,
+                        &blk.var,
+                        (&da, ct),
+                        (&mut dbuf, ct),
+                    );
+                    dbufs[b] = dbuf;
+                }
+                Node::Stem {
+                    x,
+                    y0,
+                    mean,
+                    var,
+                    dims: (n, h, w, f0),
+                } => {
+                    let (h0, w0) = STEM.out_hw(h, w);
+                    let m0 = n * h0 * w0;
+                    let (s, t) = self.bn_saved(lay.norm0, &mean, &var);
+                    let mut a0 = vec![T::ZERO; m0 * f0];
+                    bn::apply(&y0, m0, f0, f0, &s, &t, true, &mut a0, f0);
+                    let mut da0 = vec![T::ZERO; m0 * f0];
+                    pool::maxpool_bwd(
+                        &a0,
+                        n,
+                        h0,
+                        w0,
+                        f0,
+                        &dbufs[0],
+                        lay.blocks[0].c_total,
+                        &mut da0,
+                    );
+                    let mut dy0 = vec![T::ZERO; m0 * f0];
+                    self.bn_bwd(
+                        lay.norm0,
+                        (&y0, f0),
+                        &mean,
+                        &var,
+                        (&da0, f0),
+                        (&mut dy0, f0),
+                    );
+                    let xi = Image {
+                        data: &x,
+                        n,
+                        h,
+                        w,
+                        c: 3,
+                        rs: 3,
+                    };
+                    let g0 = &mut self.grads[lay.conv0.p..lay.conv0.p + lay.conv0.len()];
+                    conv2d_bwd_weight(xi, None, STEM, &dy0, f0, f0, g0);
+                }
+            }
+        }
+    }
+
+    /// Backward of a train-mode BN + ReLU: `x` and `dy` are `(buffer, row stride)` views with
+    /// `idx.c` channels; accumulates into gamma/beta grads and `dx`.
+    fn bn_bwd(
+        &mut self,
+        idx: BnIdx,
+        x: (&[T], usize),
+        mean: &[T],
+        var: &[T],
+        dy: (&[T], usize),
+        dx: (&mut [T], usize),
+    ) {
+        let c = idx.c;
+        let rows = x.0.len().div_ceil(x.1).min(dy.0.len().div_ceil(dy.1));
+        let rows = rows.min(dx.0.len().div_ceil(dx.1));
+        let (gamma, beta) = self.params[idx.p..idx.p + 2 * c].split_at(c);
+        let (dg, db) = self.grads[idx.p..idx.p + 2 * c].split_at_mut(c);
+        bn::backward(
+            x.0, rows, c, x.1, gamma, beta, mean, var, true, true, dy.0, dy.1, dg, db, dx.0, dx.1,
+        );
+    }
+}
+
+impl<T: Float> BlockAct<T> {
+    fn new(n: usize, h: usize, w: usize, c_total: usize) -> Self {
+        BlockAct {
+            buf: vec![T::ZERO; n * h * w * c_total],
+            n,
+            h,
+            w,
+            mean: vec![T::ZERO; c_total],
+            var: vec![T::ZERO; c_total],
+        }
+    }
+
+    /// Compute and keep the batch statistics of channels `[c0, c0 + k)`.
+    fn cache_stats(&mut self, c0: usize, k: usize) {
+        let ct = self.mean.len();
+        let (m, v) = bn::batch_stats(&self.buf[c0..], self.rows(), k, ct);
+        self.mean[c0..c0 + k].copy_from_slice(&m);
+        self.var[c0..c0 + k].copy_from_slice(&v);
+    }
+}

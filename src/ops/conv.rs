@@ -1,0 +1,465 @@
+//! 2-D convolution without bias, NHWC, square kernels, any stride and padding.
+//! Weights are `[k, k, ci, co]` (a `[k*k*ci, co]` GEMM operand). 1×1/stride-1 convs are one
+//! GEMM on the input itself; the others pack an im2col buffer in row chunks, optionally
+//! applying a fused BN+ReLU to the input while packing.
+
+use super::{matmul, par_rows, BnRelu, Float, Mat};
+
+/// Kernel size, stride and padding of a square convolution.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Conv {
+    pub k: usize,
+    pub stride: usize,
+    pub pad: usize,
+}
+
+impl Conv {
+    pub fn out_hw(&self, h: usize, w: usize) -> (usize, usize) {
+        (
+            (h + 2 * self.pad - self.k) / self.stride + 1,
+            (w + 2 * self.pad - self.k) / self.stride + 1,
+        )
+    }
+    fn is_pointwise(&self) -> bool {
+        self.k == 1 && self.stride == 1 && self.pad == 0
+    }
+}
+
+/// An input view: `[n, h, w, c]` with row (pixel) stride `rs >= c`.
+#[derive(Clone, Copy)]
+pub struct Image<'a, T> {
+    pub data: &'a [T],
+    pub n: usize,
+    pub h: usize,
+    pub w: usize,
+    pub c: usize,
+    pub rs: usize,
+}
+
+/// Output pixels per im2col chunk: bounds the packing buffer to a few MB.
+fn chunk_rows(cols: usize) -> usize {
+    ((1 << 20) / cols.max(1)).clamp(64, 8192)
+}
+
+/// Pack output pixels `[r0, r0 + rows)` of `x` into `col: [rows, k*k*c]` (columns ordered ky, kx, c).
+fn im2col<T: Float>(
+    x: Image<T>,
+    pre: Option<BnRelu<T>>,
+    g: Conv,
+    r0: usize,
+    rows: usize,
+    col: &mut [T],
+) {
+    let (ho, wo) = g.out_hw(x.h, x.w);
+    let c = x.c;
+    let kc = g.k * g.k * c;
+    par_rows(col, rows, kc, |i, row| {
+        let r = r0 + i;
+        let (b, oy, ox) = (r / (ho * wo), (r / wo) % ho, r % wo);
+        for ky in 0..g.k {
+            let iy = (oy * g.stride + ky) as isize - g.pad as isize;
+            for kx in 0..g.k {
+                let ix = (ox * g.stride + kx) as isize - g.pad as isize;
+                let dst = &mut row[(ky * g.k + kx) * c..][..c];
+                if iy < 0 || ix < 0 || iy >= x.h as isize || ix >= x.w as isize {
+                    dst.fill(T::ZERO);
+                    continue;
+                }
+                let p = (b * x.h + iy as usize) * x.w + ix as usize;
+                let src = &x.data[p * x.rs..][..c];
+                match pre {
+                    None => dst.copy_from_slice(src),
+                    Some(p) => {
+                        let (sc, sh) = (&p.scale[..c], &p.shift[..c]);
+                        for j in 0..c {
+                            let v = src[j] * sc[j] + sh[j];
+                            dst[j] = if v > T::ZERO { v } else { T::ZERO };
+                        }
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// `y: [n, ho, wo, co]` (row stride `y_rs`) = conv(pre(x), wt); `wt: [k, k, x.c, co]`.
+pub fn conv2d_fwd<T: Float>(
+    x: Image<T>,
+    pre: Option<BnRelu<T>>,
+    wt: &[T],
+    co: usize,
+    g: Conv,
+    y: &mut [T],
+    y_rs: usize,
+) {
+    let (ho, wo) = g.out_hw(x.h, x.w);
+    let m = x.n * ho * wo;
+    let kc = g.k * g.k * x.c;
+    if g.is_pointwise() && pre.is_none() {
+        matmul(
+            m,
+            co,
+            kc,
+            y,
+            y_rs,
+            false,
+            Mat::rows(x.data, x.rs),
+            Mat::rows(wt, co),
+        );
+        return;
+    }
+    let step = chunk_rows(kc);
+    let mut col = vec![T::ZERO; step.min(m) * kc];
+    for r0 in (0..m).step_by(step) {
+        let rows = step.min(m - r0);
+        im2col(x, pre, g, r0, rows, &mut col);
+        matmul(
+            rows,
+            co,
+            kc,
+            &mut y[r0 * y_rs..],
+            y_rs,
+            false,
+            Mat::rows(&col, kc),
+            Mat::rows(wt, co),
+        );
+    }
+}
+
+/// `dw: [k, k, x.c, co] += d(loss)/d(wt)` given `dy: [n, ho, wo, co]` (row stride `dy_rs`).
+pub fn conv2d_bwd_weight<T: Float>(
+    x: Image<T>,
+    pre: Option<BnRelu<T>>,
+    g: Conv,
+    dy: &[T],
+    dy_rs: usize,
+    co: usize,
+    dw: &mut [T],
+) {
+    let (ho, wo) = g.out_hw(x.h, x.w);
+    let m = x.n * ho * wo;
+    let kc = g.k * g.k * x.c;
+    if g.is_pointwise() && pre.is_none() {
+        matmul(
+            kc,
+            co,
+            m,
+            dw,
+            co,
+            true,
+            Mat::t(x.data, x.rs),
+            Mat::rows(dy, dy_rs),
+        );
+        return;
+    }
+    let step = chunk_rows(kc);
+    let mut col = vec![T::ZERO; step.min(m) * kc];
+    for r0 in (0..m).step_by(step) {
+        let rows = step.min(m - r0);
+        im2col(x, pre, g, r0, rows, &mut col);
+        matmul(
+            kc,
+            co,
+            rows,
+            dw,
+            co,
+            true,
+            Mat::t(&col, kc),
+            Mat::rows(&dy[r0 * dy_rs..], dy_rs),
+        );
+    }
+}
+
+/// `dx: [n, h, w, ci]` (contiguous, overwritten) = d(loss)/d(conv input) given
+/// `dy: [n, ho, wo, co]` (row stride `dy_rs`) and `wt: [k, k, ci, co]`.
+#[allow(clippy::too_many_arguments)]
+pub fn conv2d_bwd_input<T: Float>(
+    dy: &[T],
+    dy_rs: usize,
+    co: usize,
+    wt: &[T],
+    g: Conv,
+    (n, h, w, ci): (usize, usize, usize, usize),
+    dx: &mut [T],
+) {
+    let (ho, wo) = g.out_hw(h, w);
+    if g.is_pointwise() {
+        matmul(
+            n * h * w,
+            ci,
+            co,
+            dx,
+            ci,
+            false,
+            Mat::rows(dy, dy_rs),
+            Mat::t(wt, co),
+        );
+        return;
+    }
+    if g.stride == 1 && g.pad < g.k {
+        // A stride-1 conv's input gradient is the conv of dy with the flipped, transposed
+        // kernel and padding k-1-pad: no scatter, and a packing buffer 9×co wide, not 9×ci.
+        let k = g.k;
+        let mut wf = vec![T::ZERO; k * k * co * ci]; // [k, k, co, ci]
+        for ky in 0..k {
+            for kx in 0..k {
+                for i in 0..ci {
+                    for o in 0..co {
+                        wf[((ky * k + kx) * co + o) * ci + i] =
+                            wt[(((k - 1 - ky) * k + (k - 1 - kx)) * ci + i) * co + o];
+                    }
+                }
+            }
+        }
+        let gt = Conv {
+            k,
+            stride: 1,
+            pad: k - 1 - g.pad,
+        };
+        let dyi = Image {
+            data: dy,
+            n,
+            h: ho,
+            w: wo,
+            c: co,
+            rs: dy_rs,
+        };
+        conv2d_fwd(dyi, None, &wf, ci, gt, dx, ci);
+        return;
+    }
+    // General case: dcol = dy · wtᵀ, then each input pixel gathers the entries it fed.
+    let kc = g.k * g.k * ci;
+    let m = n * ho * wo;
+    let mut dcol = vec![T::ZERO; m * kc];
+    matmul(
+        m,
+        kc,
+        co,
+        &mut dcol,
+        kc,
+        false,
+        Mat::rows(dy, dy_rs),
+        Mat::t(wt, co),
+    );
+    par_rows(dx, n * h * w, ci, |p, out| {
+        let (b, iy, ix) = (p / (h * w), (p / w) % h, p % w);
+        out.fill(T::ZERO);
+        for ky in 0..g.k {
+            let ty = iy + g.pad;
+            if ty < ky || !(ty - ky).is_multiple_of(g.stride) || (ty - ky) / g.stride >= ho {
+                continue;
+            }
+            let oy = (ty - ky) / g.stride;
+            for kx in 0..g.k {
+                let tx = ix + g.pad;
+                if tx < kx || !(tx - kx).is_multiple_of(g.stride) || (tx - kx) / g.stride >= wo {
+                    continue;
+                }
+                let ox = (tx - kx) / g.stride;
+                let src = &dcol[((b * ho + oy) * wo + ox) * kc + (ky * g.k + kx) * ci..][..ci];
+                out.iter_mut().zip(src).for_each(|(o, &s)| *o += s);
+            }
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::testutil::{dot, fd_check, randn, TOL};
+    use crate::rng::Rng;
+
+    /// Direct-loop reference convolution (no pre-activation), for checking the GEMM paths.
+    fn naive(
+        x: &[f64],
+        (n, h, w, ci): (usize, usize, usize, usize),
+        wt: &[f64],
+        co: usize,
+        g: Conv,
+    ) -> Vec<f64> {
+        let (ho, wo) = g.out_hw(h, w);
+        let mut y = vec![0.0; n * ho * wo * co];
+        for b in 0..n {
+            for oy in 0..ho {
+                for ox in 0..wo {
+                    for o in 0..co {
+                        let mut s = 0.0;
+                        for ky in 0..g.k {
+                            for kx in 0..g.k {
+                                let iy = (oy * g.stride + ky) as isize - g.pad as isize;
+                                let ix = (ox * g.stride + kx) as isize - g.pad as isize;
+                                if iy < 0 || ix < 0 || iy >= h as isize || ix >= w as isize {
+                                    continue;
+                                }
+                                for i in 0..ci {
+                                    s += x[((b * h + iy as usize) * w + ix as usize) * ci + i]
+                                        * wt[((ky * g.k + kx) * ci + i) * co + o];
+                                }
+                            }
+                        }
+                        y[((b * ho + oy) * wo + ox) * co + o] = s;
+                    }
+                }
+            }
+        }
+        y
+    }
+
+    fn check(
+        g: Conv,
+        (n, h, w, ci, co): (usize, usize, usize, usize, usize),
+        with_pre: bool,
+        seed: u64,
+    ) {
+        let mut rng = Rng::new(seed);
+        let rs = ci + 3; // a channel-prefix view of a wider buffer
+        let mut x = randn(&mut rng, n * h * w * rs);
+        let wt = randn(&mut rng, g.k * g.k * ci * co);
+        let scale = randn(&mut rng, ci);
+        let shift = randn(&mut rng, ci);
+        let (ho, wo) = g.out_hw(h, w);
+        let r = randn(&mut rng, n * ho * wo * co);
+        let fwd = |x: &[f64], wt: &[f64]| {
+            let pre = with_pre.then_some(BnRelu {
+                scale: &scale,
+                shift: &shift,
+            });
+            let mut y = vec![0.0; n * ho * wo * co];
+            conv2d_fwd(
+                Image {
+                    data: x,
+                    n,
+                    h,
+                    w,
+                    c: ci,
+                    rs,
+                },
+                pre,
+                wt,
+                co,
+                g,
+                &mut y,
+                co,
+            );
+            y
+        };
+        if !with_pre {
+            let xc: Vec<f64> = x.chunks(rs).flat_map(|p| p[..ci].to_vec()).collect();
+            let want = naive(&xc, (n, h, w, ci), &wt, co, g);
+            let got = fwd(&x, &wt);
+            assert!(want.iter().zip(&got).all(|(a, b)| (a - b).abs() < 1e-10));
+        }
+        // Weight gradient.
+        let mut dw = randn(&mut rng, wt.len());
+        let dw0 = dw.clone();
+        let pre = with_pre.then_some(BnRelu {
+            scale: &scale,
+            shift: &shift,
+        });
+        conv2d_bwd_weight(
+            Image {
+                data: &x,
+                n,
+                h,
+                w,
+                c: ci,
+                rs,
+            },
+            pre,
+            g,
+            &r,
+            co,
+            co,
+            &mut dw,
+        );
+        let dw: Vec<f64> = dw.iter().zip(&dw0).map(|(a, b)| a - b).collect();
+        let xs = x.clone();
+        let err = fd_check(&mut wt.clone(), &dw, |wt| dot(&fwd(&xs, wt), &r));
+        assert!(err < TOL, "conv {g:?} dW rel err {err}");
+        if with_pre {
+            return;
+        }
+        // Input gradient (w.r.t. the contiguous input channels).
+        let mut dx = vec![f64::NAN; n * h * w * ci];
+        conv2d_bwd_input(&r, co, co, &wt, g, (n, h, w, ci), &mut dx);
+        let mut dxs = vec![0.0; x.len()];
+        for p in 0..n * h * w {
+            dxs[p * rs..p * rs + ci].copy_from_slice(&dx[p * ci..][..ci]);
+        }
+        let wt2 = wt.clone();
+        let err = fd_check(&mut x, &dxs, |x| dot(&fwd(x, &wt2), &r));
+        assert!(err < TOL, "conv {g:?} dX rel err {err}");
+    }
+
+    #[test]
+    fn conv_1x1_gradients() {
+        check(
+            Conv {
+                k: 1,
+                stride: 1,
+                pad: 0,
+            },
+            (2, 3, 4, 5, 6),
+            false,
+            1,
+        );
+        check(
+            Conv {
+                k: 1,
+                stride: 1,
+                pad: 0,
+            },
+            (2, 3, 4, 5, 6),
+            true,
+            2,
+        );
+    }
+
+    #[test]
+    fn conv_3x3_gradients() {
+        check(
+            Conv {
+                k: 3,
+                stride: 1,
+                pad: 1,
+            },
+            (2, 5, 4, 3, 4),
+            false,
+            3,
+        );
+        check(
+            Conv {
+                k: 3,
+                stride: 1,
+                pad: 1,
+            },
+            (2, 5, 4, 3, 4),
+            true,
+            4,
+        );
+    }
+
+    #[test]
+    fn conv_strided_gradients() {
+        check(
+            Conv {
+                k: 7,
+                stride: 2,
+                pad: 3,
+            },
+            (2, 9, 8, 3, 4),
+            false,
+            5,
+        );
+        check(
+            Conv {
+                k: 3,
+                stride: 2,
+                pad: 0,
+            },
+            (1, 7, 6, 2, 3),
+            false,
+            6,
+        );
+    }
+}
