@@ -8,6 +8,7 @@ pub mod gpu;
 pub mod loss;
 pub mod metrics;
 pub mod model;
+pub mod net;
 pub mod ops;
 pub mod optim;
 pub mod plot;
