@@ -513,7 +513,7 @@ fn render(s: &StudySpec, v: &ViewSpec) -> Vec<f32> {
     // Soft-tissue swelling around fractures and lesions: a broad, faint cue.
     if let Some(Finding::Fracture { bone, t, .. } | Finding::Lesion { bone, t, .. }) = finding {
         let b = bones[bone];
-        c.swelling(map(lerp(b.a, b.b, t)), 3.0 * b.r * unit, 0.3);
+        c.swelling(map(lerp(b.a, b.b, t)), 3.5 * b.r * unit, 0.45);
     }
     match finding {
         Some(Finding::Plate {
