@@ -3,6 +3,7 @@
 pub mod autograd;
 pub mod cam;
 pub mod cli;
+pub mod data;
 pub mod device;
 pub mod gpu;
 pub mod loss;

@@ -1,8 +1,46 @@
-//! `mura inspect` (not built yet).
+//! `mura inspect`: summarise a store and verify its header and checksum.
+
+use crate::data::store::Store;
+use std::path::PathBuf;
 
 #[derive(clap::Args, Debug)]
-pub struct Args {}
+pub struct Args {
+    /// Store folder written by `mura prep`
+    pub store: PathBuf,
+}
 
-pub fn run(_args: Args) -> anyhow::Result<()> {
-    anyhow::bail!("'mura inspect' is not built yet")
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let store = Store::open(&args.store)?; // verifies header, shape, checksum, index
+    let m = &store.manifest;
+    println!("store {} ({})", args.store.display(), store.id());
+    println!(
+        "  {} studies, {} images of {}x{} u8, format v{}",
+        m.studies, m.images, m.size, m.size, m.format_version
+    );
+    println!("  source: {}", m.source);
+    for (split, c) in &m.splits {
+        println!("  {split}: {} studies, {} images", c.studies, c.images);
+        println!(
+            "    {:<12} {:>7} {:>7} {:>9} {:>9}",
+            "type", "studies", "images", "abn.stud", "abn.imgs"
+        );
+        for (t, tc) in &c.by_type {
+            println!(
+                "    {t:<12} {:>7} {:>7} {:>9} {:>9}",
+                tc.studies, tc.images, tc.abnormal_studies, tc.abnormal_images
+            );
+        }
+    }
+    if !m.weights.is_empty() {
+        println!("  loss weights (from training images): type w0 w1");
+        for (t, w) in &m.weights {
+            println!("    {t:<12} {:.4} {:.4}", w.w0, w.w1);
+        }
+    }
+    println!("  skipped: {}, notes: {}", m.skipped.len(), m.notes.len());
+    for k in m.skipped.iter().take(10) {
+        println!("    {}: {}", k.path, k.reason);
+    }
+    println!("  checksum ok");
+    Ok(())
 }

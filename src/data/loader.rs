@@ -1,0 +1,364 @@
+//! Study-level batches from a store: B studies with all their views, reshuffled each epoch,
+//! augmented (flip, rotation, bilinear resample) and normalised on worker threads.
+//!
+//! Determinism: the study order of epoch `e` and the augmentation of store image `i` in epoch
+//! `e` depend only on (seed, e, i), never on the worker count or on timing.
+
+use super::image::{MEAN, STD};
+use super::store::Store;
+use super::{Split, StudyType};
+use crate::rng::Rng;
+use anyhow::{bail, Result};
+use std::sync::mpsc::{sync_channel, Receiver};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+/// Training augmentation.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Augment {
+    /// Random lateral inversion (horizontal flip) with probability 1/2.
+    pub flip: bool,
+    /// Rotation drawn uniformly from [-max, max] degrees.
+    pub max_rotation_deg: f32,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct LoaderConfig {
+    pub batch_studies: usize,
+    /// Keep at most this many views (the first ones) of each study.
+    pub max_views: Option<usize>,
+    /// Side of the network input.
+    pub image_size: usize,
+    /// None: evaluation (resize and normalise only).
+    pub augment: Option<Augment>,
+    pub seed: u64,
+    pub shuffle: bool,
+    /// Worker threads building batches; 0 builds them on the calling thread.
+    pub workers: usize,
+    /// Batches each worker may have ready ahead of the consumer.
+    pub prefetch: usize,
+}
+
+impl LoaderConfig {
+    /// The blog post's training setup: 224², flips, rotations within ±10°, batch 8.
+    pub fn blog() -> Self {
+        LoaderConfig {
+            batch_studies: 8,
+            max_views: None,
+            image_size: 224,
+            augment: Some(Augment {
+                flip: true,
+                max_rotation_deg: 10.0,
+            }),
+            seed: 0,
+            shuffle: true,
+            workers: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            prefetch: 4,
+        }
+    }
+
+    /// The paper's training setup: 320², lateral inversions, rotations within ±30°.
+    pub fn paper() -> Self {
+        LoaderConfig {
+            image_size: 320,
+            augment: Some(Augment {
+                flip: true,
+                max_rotation_deg: 30.0,
+            }),
+            ..Self::blog()
+        }
+    }
+
+    /// This config for evaluation: no augmentation, no shuffling.
+    pub fn for_eval(&self) -> Self {
+        LoaderConfig {
+            augment: None,
+            shuffle: false,
+            ..self.clone()
+        }
+    }
+}
+
+/// How one image is augmented: flipped first, then rotated about its centre.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AugParams {
+    pub flip: bool,
+    /// Counter-clockwise, in degrees.
+    pub angle_deg: f32,
+}
+
+impl AugParams {
+    pub const IDENTITY: AugParams = AugParams {
+        flip: false,
+        angle_deg: 0.0,
+    };
+}
+
+/// The augmentation of store image `image` in `epoch`: a pure function of its arguments.
+pub fn aug_params(aug: &Augment, seed: u64, epoch: u64, image: usize) -> AugParams {
+    let base = Rng::derive(seed, epoch.wrapping_mul(2).wrapping_add(1)).next_u64();
+    let mut r = Rng::derive(base, image as u64);
+    let flip = r.bernoulli(0.5) && aug.flip;
+    let angle_deg = r.range(-aug.max_rotation_deg as f64, aug.max_rotation_deg as f64) as f32;
+    AugParams { flip, angle_deg }
+}
+
+/// Resamples a stored image into a network input: flip, rotate by `angle_deg` about the centre,
+/// bilinear resample to `out_size`² with half-pixel centres, pixels outside the source black
+/// (0), then ImageNet normalisation into 3 channels. With no flip, angle 0 and equal sizes it
+/// reproduces the source exactly; a flip alone is an exact mirror.
+// src: [src_size, src_size] u8; out: [out_size, out_size, 3] f32 (NHWC, one image)
+pub fn augment_image(src: &[u8], src_size: usize, p: AugParams, out_size: usize, out: &mut [f32]) {
+    assert_eq!(src.len(), src_size * src_size, "augment_image: src shape");
+    assert_eq!(
+        out.len(),
+        out_size * out_size * 3,
+        "augment_image: out shape"
+    );
+    let scale = src_size as f32 / out_size as f32;
+    let (sin, cos) = (p.angle_deg.to_radians()).sin_cos();
+    let sign = if p.flip { -1.0 } else { 1.0 };
+    // Source position = centre + scale * R(angle) * (output position - centre), u mirrored by a flip.
+    let (dux, dvx) = (sign * scale * cos, -scale * sin);
+    let (duy, dvy) = (sign * scale * sin, scale * cos);
+    let half_out = out_size as f32 / 2.0;
+    let c_src = src_size as f32 / 2.0 - 0.5;
+    let (lo, hi) = (-0.5f32, src_size as f32 - 0.5);
+    let last = (src_size - 1) as f32;
+    let a: [f32; 3] = std::array::from_fn(|c| 1.0 / (255.0 * STD[c]));
+    let b: [f32; 3] = std::array::from_fn(|c| -MEAN[c] / STD[c]);
+    for (y, row) in out.chunks_exact_mut(out_size * 3).enumerate() {
+        let cy = y as f32 + 0.5 - half_out;
+        let cx0 = 0.5 - half_out;
+        let mut u = c_src + dux * cx0 + duy * cy;
+        let mut v = c_src + dvx * cx0 + dvy * cy;
+        for o in row.chunks_exact_mut(3) {
+            let val = if u >= lo && u <= hi && v >= lo && v <= hi {
+                let (uc, vc) = (u.clamp(0.0, last), v.clamp(0.0, last));
+                let (x0, y0) = (uc as usize, vc as usize);
+                let (fx, fy) = (uc - x0 as f32, vc - y0 as f32);
+                // The right and lower neighbours, or the pixel itself on the last column / row.
+                let i = y0 * src_size + x0;
+                let dx = usize::from(x0 + 1 < src_size);
+                let dy = if y0 + 1 < src_size { src_size } else { 0 };
+                let (p00, p01) = (src[i] as f32, src[i + dx] as f32);
+                let (p10, p11) = (src[i + dy] as f32, src[i + dy + dx] as f32);
+                let top = p00 + (p01 - p00) * fx;
+                let bot = p10 + (p11 - p10) * fx;
+                top + (bot - top) * fy
+            } else {
+                0.0
+            };
+            o[0] = val * a[0] + b[0];
+            o[1] = val * a[1] + b[1];
+            o[2] = val * a[2] + b[2];
+            u += dux;
+            v += dvx;
+        }
+    }
+}
+
+/// B studies with all their (at most `max_views`) views.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Batch {
+    /// images: [n_images, size, size, 3] f32, NHWC, normalised
+    pub images: Vec<f32>,
+    pub n_images: usize,
+    pub size: usize,
+    /// Per image: index into this batch's `studies`.
+    pub view_study: Vec<usize>,
+    /// Store study indices.
+    pub studies: Vec<usize>,
+    /// Per study: 1.0 abnormal, 0.0 normal, NaN unlabeled.
+    pub labels: Vec<f32>,
+    /// Per study.
+    pub types: Vec<StudyType>,
+    /// Per image: the store image index and how it was augmented.
+    pub image_ids: Vec<usize>,
+    pub aug: Vec<AugParams>,
+}
+
+pub struct Loader {
+    store: Arc<Store>,
+    cfg: LoaderConfig,
+    selected: Vec<usize>,
+}
+
+impl Loader {
+    /// Studies of `split` whose type is in `study_types`.
+    pub fn new(
+        store: Arc<Store>,
+        split: Split,
+        study_types: &[StudyType],
+        cfg: LoaderConfig,
+    ) -> Result<Loader> {
+        if cfg.batch_studies == 0 || cfg.image_size == 0 || cfg.max_views == Some(0) {
+            bail!("loader: batch size, image size and max views must be positive");
+        }
+        let selected: Vec<usize> = (0..store.studies.len())
+            .filter(|&i| {
+                store.studies[i].split == split
+                    && study_types.contains(&store.studies[i].study_type)
+            })
+            .collect();
+        if selected.is_empty() {
+            let names: Vec<&str> = study_types.iter().map(|t| t.name()).collect();
+            bail!(
+                "the store at {} has no {split} studies of type {}",
+                store.dir.display(),
+                names.join(",")
+            );
+        }
+        Ok(Loader {
+            store,
+            cfg,
+            selected,
+        })
+    }
+
+    /// Store indices of the studies this loader serves, in store order.
+    pub fn studies(&self) -> &[usize] {
+        &self.selected
+    }
+
+    pub fn n_batches(&self) -> usize {
+        self.selected.len().div_ceil(self.cfg.batch_studies)
+    }
+
+    /// Images per epoch (after `max_views`).
+    pub fn n_images(&self) -> usize {
+        self.selected.iter().map(|&s| self.views(s)).sum()
+    }
+
+    pub fn config(&self) -> &LoaderConfig {
+        &self.cfg
+    }
+
+    fn views(&self, study: usize) -> usize {
+        let n = self.store.studies[study].n_views;
+        self.cfg.max_views.map_or(n, |m| n.min(m))
+    }
+
+    /// The batches of one epoch, in order, built ahead on worker threads.
+    pub fn epoch(&self, epoch: u64) -> EpochIter {
+        let mut order = self.selected.clone();
+        if self.cfg.shuffle {
+            Rng::derive(self.cfg.seed, epoch.wrapping_mul(2)).shuffle(&mut order);
+        }
+        let plan: Arc<Vec<Vec<usize>>> = Arc::new(
+            order
+                .chunks(self.cfg.batch_studies)
+                .map(|c| c.to_vec())
+                .collect(),
+        );
+        let mut it = EpochIter {
+            plan: plan.clone(),
+            next: 0,
+            rx: Vec::new(),
+            handles: Vec::new(),
+            local: None,
+        };
+        if self.cfg.workers == 0 {
+            it.local = Some((self.store.clone(), self.cfg.clone(), epoch));
+            return it;
+        }
+        for w in 0..self.cfg.workers.min(plan.len().max(1)) {
+            let (tx, rx) = sync_channel(self.cfg.prefetch.max(1));
+            let (store, cfg, plan) = (self.store.clone(), self.cfg.clone(), plan.clone());
+            let nw = self.cfg.workers.min(plan.len().max(1));
+            it.handles.push(std::thread::spawn(move || {
+                for b in (w..plan.len()).step_by(nw) {
+                    if tx.send(build_batch(&store, &cfg, epoch, &plan[b])).is_err() {
+                        return; // the consumer stopped early
+                    }
+                }
+            }));
+            it.rx.push(rx);
+        }
+        it
+    }
+}
+
+/// Builds one batch of the given store studies.
+pub fn build_batch(store: &Store, cfg: &LoaderConfig, epoch: u64, studies: &[usize]) -> Batch {
+    let s = cfg.image_size;
+    let mut image_ids = Vec::new();
+    let mut view_study = Vec::new();
+    for (k, &st) in studies.iter().enumerate() {
+        let rec = &store.studies[st];
+        let n = cfg.max_views.map_or(rec.n_views, |m| rec.n_views.min(m));
+        image_ids.extend(rec.first_image..rec.first_image + n);
+        view_study.extend(std::iter::repeat_n(k, n));
+    }
+    let aug: Vec<AugParams> = image_ids
+        .iter()
+        .map(|&i| {
+            cfg.augment
+                .as_ref()
+                .map_or(AugParams::IDENTITY, |a| aug_params(a, cfg.seed, epoch, i))
+        })
+        .collect();
+    let mut images = vec![0f32; image_ids.len() * s * s * 3];
+    for ((out, &i), &p) in images.chunks_exact_mut(s * s * 3).zip(&image_ids).zip(&aug) {
+        augment_image(store.image(i), store.size, p, s, out);
+    }
+    Batch {
+        images,
+        n_images: image_ids.len(),
+        size: s,
+        view_study,
+        studies: studies.to_vec(),
+        labels: studies
+            .iter()
+            .map(|&i| store.studies[i].label.map_or(f32::NAN, f32::from))
+            .collect(),
+        types: studies
+            .iter()
+            .map(|&i| store.studies[i].study_type)
+            .collect(),
+        image_ids,
+        aug,
+    }
+}
+
+/// One epoch's batches, in plan order whatever the number of workers.
+pub struct EpochIter {
+    plan: Arc<Vec<Vec<usize>>>,
+    next: usize,
+    rx: Vec<Receiver<Batch>>,
+    handles: Vec<JoinHandle<()>>,
+    /// Set when batches are built on the calling thread (workers = 0).
+    local: Option<(Arc<Store>, LoaderConfig, u64)>,
+}
+
+impl Iterator for EpochIter {
+    type Item = Batch;
+    fn next(&mut self) -> Option<Batch> {
+        if self.next >= self.plan.len() {
+            return None;
+        }
+        let b = self.next;
+        self.next += 1;
+        match &self.local {
+            Some((store, cfg, epoch)) => Some(build_batch(store, cfg, *epoch, &self.plan[b])),
+            None => {
+                let rx = &self.rx[b % self.rx.len()];
+                Some(rx.recv().expect("loader worker thread died"))
+            }
+        }
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        let left = self.plan.len() - self.next;
+        (left, Some(left))
+    }
+}
+
+impl Drop for EpochIter {
+    fn drop(&mut self) {
+        self.rx.clear(); // wakes any worker blocked on a full channel
+        for h in self.handles.drain(..) {
+            let _ = h.join();
+        }
+    }
+}

@@ -1,0 +1,359 @@
+//! Reads a MURA-v1.1 tree: the four CSVs when present, else the folders alone; test-style
+//! unlabeled folders (`studyK`, no suffix) too. Every problem is collected, not fatal.
+
+use super::{Split, StudyType};
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+
+/// The folder name every MURA path starts with.
+pub const PREFIX: &str = "MURA-v1.1";
+
+/// One study as found in the source tree.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SourceStudy {
+    pub split: Split,
+    pub study_type: StudyType,
+    /// e.g. `patient00001`
+    pub patient: String,
+    /// As in the CSVs: `MURA-v1.1/train/XR_WRIST/patient00001/study1_positive/`
+    pub path: String,
+    /// 1 = abnormal, 0 = normal, None = unlabeled (test-style)
+    pub label: Option<u8>,
+    /// Image paths as in the CSVs (`MURA-v1.1/.../image1.png`), in view order.
+    pub images: Vec<String>,
+}
+
+/// Something that was left out, and why.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Skipped {
+    pub path: String,
+    pub reason: String,
+}
+
+#[derive(Debug)]
+pub struct Dataset {
+    /// The `MURA-v1.1` folder (or the folder given in its place).
+    pub mura_dir: PathBuf,
+    pub studies: Vec<SourceStudy>,
+    pub skipped: Vec<Skipped>,
+    /// Things worth saying that did not drop anything (e.g. a CSV label disagreeing with a folder).
+    pub notes: Vec<String>,
+}
+
+impl Dataset {
+    /// The file a CSV-style path (`MURA-v1.1/...`) names.
+    pub fn file(&self, rel: &str) -> PathBuf {
+        self.mura_dir.join(
+            rel.strip_prefix(PREFIX)
+                .unwrap_or(rel)
+                .trim_start_matches('/'),
+        )
+    }
+}
+
+/// The parts of a CSV-style path `MURA-v1.1/<split>/<XR_TYPE>/<patient>/<study>[/<file>]`.
+struct Parsed<'a> {
+    split: Split,
+    study_type: StudyType,
+    patient: &'a str,
+    study: &'a str,
+}
+
+fn parse_path(p: &str, want_file: bool) -> Result<Parsed<'_>> {
+    let rest = p
+        .strip_prefix(PREFIX)
+        .and_then(|r| r.strip_prefix('/'))
+        .ok_or_else(|| anyhow::anyhow!("path does not start with '{PREFIX}/'"))?;
+    let parts: Vec<&str> = rest.trim_end_matches('/').split('/').collect();
+    if parts
+        .iter()
+        .any(|c| c.is_empty() || *c == "." || *c == ".." || c.contains('\\'))
+    {
+        bail!("path escapes or is malformed (empty, '.' or '..' component)");
+    }
+    let want = if want_file { 5 } else { 4 };
+    if parts.len() != want {
+        bail!(
+            "expected {PREFIX}/<split>/<XR_TYPE>/<patient>/<study>{}",
+            if want_file { "/<image>.png" } else { "/" }
+        );
+    }
+    Ok(Parsed {
+        split: Split::parse(parts[0])?,
+        study_type: StudyType::parse(parts[1])?,
+        patient: parts[2],
+        study: parts[3],
+    })
+}
+
+/// The label a study folder's name implies: `_positive` 1, `_negative` 0, else unlabeled.
+pub fn folder_label(study: &str) -> Option<u8> {
+    if study.ends_with("_positive") {
+        Some(1)
+    } else if study.ends_with("_negative") {
+        Some(0)
+    } else {
+        None
+    }
+}
+
+/// The `MURA-v1.1` folder for a root given as its parent or as the folder itself.
+fn resolve_root(root: &Path) -> Result<PathBuf> {
+    std::fs::read_dir(root).with_context(|| format!("cannot read MURA root {}", root.display()))?;
+    let inner = root.join(PREFIX);
+    if inner.is_dir() {
+        return Ok(inner);
+    }
+    let looks = Split::ALL.iter().any(|s| {
+        root.join(s.name()).is_dir() || root.join(format!("{}_image_paths.csv", s.name())).is_file()
+    });
+    if !looks {
+        bail!(
+            "{} is not a MURA root: it holds neither {PREFIX}/ nor train/ or valid/ folders",
+            root.display()
+        );
+    }
+    Ok(root.to_path_buf())
+}
+
+fn find_csv(mura_dir: &Path, name: &str) -> Option<PathBuf> {
+    let here = mura_dir.join(name);
+    if here.is_file() {
+        return Some(here);
+    }
+    let up = mura_dir.parent()?.join(name);
+    up.is_file().then_some(up)
+}
+
+fn csv_lines(path: &Path) -> Result<Vec<String>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    Ok(text
+        .lines()
+        .map(|l| l.trim().trim_matches('"').to_string())
+        .filter(|l| !l.is_empty())
+        .collect())
+}
+
+/// `image12.png` sorts after `image2.png`.
+fn natural_key(name: &str) -> (String, u64) {
+    let digits: String = name.chars().filter(|c| c.is_ascii_digit()).collect();
+    let rest: String = name.chars().filter(|c| !c.is_ascii_digit()).collect();
+    (rest, digits.parse().unwrap_or(0))
+}
+
+fn sorted_entries(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
+    let mut v = Vec::new();
+    for e in std::fs::read_dir(dir).with_context(|| format!("cannot read {}", dir.display()))? {
+        let e = e.with_context(|| format!("cannot read {}", dir.display()))?;
+        v.push((e.file_name().to_string_lossy().into_owned(), e.path()));
+    }
+    v.sort_by(|a, b| {
+        natural_key(&a.0)
+            .cmp(&natural_key(&b.0))
+            .then(a.0.cmp(&b.0))
+    });
+    Ok(v)
+}
+
+/// Reads the dataset under `root` (the folder holding `MURA-v1.1/`, or that folder itself),
+/// keeping only `types`. Fails only when the root itself cannot be used.
+pub fn read(root: &Path, types: &[StudyType]) -> Result<Dataset> {
+    let mura_dir = resolve_root(root)?;
+    let mut ds = Dataset {
+        mura_dir,
+        studies: Vec::new(),
+        skipped: Vec::new(),
+        notes: Vec::new(),
+    };
+    for split in Split::ALL {
+        read_split(&mut ds, split, types)?;
+    }
+    Ok(ds)
+}
+
+fn read_split(ds: &mut Dataset, split: Split, types: &[StudyType]) -> Result<()> {
+    let skip = |ds: &mut Dataset, path: &str, reason: String| {
+        ds.skipped.push(Skipped {
+            path: path.to_string(),
+            reason,
+        })
+    };
+    // Study path -> image paths, in first-appearance order.
+    let mut order: Vec<String> = Vec::new();
+    let mut images: HashMap<String, Vec<String>> = HashMap::new();
+    let image_csv = find_csv(&ds.mura_dir, &format!("{}_image_paths.csv", split.name()));
+    if let Some(csv) = &image_csv {
+        let mut seen = HashSet::new();
+        for line in csv_lines(csv)? {
+            let p = match parse_path(&line, true) {
+                Ok(p) => p,
+                Err(e) => {
+                    skip(ds, &line, format!("bad row in {}: {e}", csv.display()));
+                    continue;
+                }
+            };
+            if p.split != split {
+                skip(
+                    ds,
+                    &line,
+                    format!("row of split '{}' in {}", p.split, csv.display()),
+                );
+                continue;
+            }
+            if !types.contains(&p.study_type) {
+                continue;
+            }
+            if !seen.insert(line.clone()) {
+                skip(ds, &line, format!("duplicate row in {}", csv.display()));
+                continue;
+            }
+            if !ds.file(&line).is_file() {
+                skip(
+                    ds,
+                    &line,
+                    "listed in the CSV but the file is missing".into(),
+                );
+                continue;
+            }
+            let study = format!("{}/", &line[..line.rfind('/').unwrap_or(0)]);
+            if !images.contains_key(&study) {
+                order.push(study.clone());
+            }
+            images.entry(study).or_default().push(line);
+        }
+    } else {
+        let split_dir = ds.mura_dir.join(split.name());
+        if !split_dir.is_dir() {
+            return Ok(());
+        }
+        for (tname, tdir) in sorted_entries(&split_dir)? {
+            if !tdir.is_dir() {
+                continue;
+            }
+            let rel_t = format!("{PREFIX}/{}/{tname}", split.name());
+            let Ok(t) = StudyType::parse(&tname) else {
+                skip(ds, &rel_t, "unknown study type folder".into());
+                continue;
+            };
+            if !types.contains(&t) {
+                continue;
+            }
+            for (pname, pdir) in sorted_entries(&tdir)? {
+                if !pdir.is_dir() {
+                    continue;
+                }
+                for (sname, sdir) in sorted_entries(&pdir)? {
+                    if !sdir.is_dir() {
+                        continue;
+                    }
+                    let study = format!("{rel_t}/{pname}/{sname}/");
+                    let pngs: Vec<String> = sorted_entries(&sdir)?
+                        .into_iter()
+                        .filter(|(n, p)| n.to_ascii_lowercase().ends_with(".png") && p.is_file())
+                        .map(|(n, _)| format!("{study}{n}"))
+                        .collect();
+                    if pngs.is_empty() {
+                        skip(ds, &study, "empty study folder (no PNG files)".into());
+                        continue;
+                    }
+                    order.push(study.clone());
+                    images.insert(study, pngs);
+                }
+            }
+        }
+    }
+
+    let mut labels: HashMap<String, u8> = HashMap::new();
+    let label_csv = find_csv(
+        &ds.mura_dir,
+        &format!("{}_labeled_studies.csv", split.name()),
+    );
+    if let Some(csv) = &label_csv {
+        for line in csv_lines(csv)? {
+            let (path, label) = match line.rsplit_once(',') {
+                Some((p, l)) => (p.trim().trim_matches('"').to_string(), l.trim()),
+                None => (line.clone(), ""),
+            };
+            let label = match label {
+                "0" => 0u8,
+                "1" => 1u8,
+                other => {
+                    skip(
+                        ds,
+                        &path,
+                        format!(
+                            "bad row in {}: label '{other}' is not 0 or 1",
+                            csv.display()
+                        ),
+                    );
+                    continue;
+                }
+            };
+            let study = if path.ends_with('/') {
+                path.clone()
+            } else {
+                format!("{path}/")
+            };
+            match parse_path(&study, false) {
+                Ok(p) if !types.contains(&p.study_type) => continue,
+                Ok(_) => {}
+                Err(e) => {
+                    skip(ds, &path, format!("bad row in {}: {e}", csv.display()));
+                    continue;
+                }
+            }
+            if labels.insert(study.clone(), label).is_some() {
+                skip(ds, &path, format!("duplicate row in {}", csv.display()));
+            }
+            if !images.contains_key(&study) {
+                let why = if image_csv.is_some() {
+                    "it has no usable images"
+                } else {
+                    "its folder has no images"
+                };
+                skip(
+                    ds,
+                    &study,
+                    format!("study listed in {} but {why}", csv.display()),
+                );
+            }
+        }
+    }
+
+    for study in order {
+        let p = parse_path(&study, false).expect("study paths were validated above");
+        let from_folder = folder_label(p.study);
+        let label = match (labels.get(&study), from_folder) {
+            (Some(&l), Some(f)) if l != f => {
+                ds.notes.push(format!(
+                    "{study}: labeled {l} in the CSV but the folder says {} (the CSV wins)",
+                    if f == 1 { "positive" } else { "negative" }
+                ));
+                Some(l)
+            }
+            (Some(&l), _) => Some(l),
+            (None, f) => {
+                if label_csv.is_some() {
+                    ds.notes.push(format!(
+                        "{study}: not in the labeled-studies CSV; label taken from the folder name"
+                    ));
+                }
+                f
+            }
+        };
+        let (study_type, patient) = (p.study_type, p.patient.to_string());
+        let imgs = images.remove(&study).unwrap_or_default();
+        ds.studies.push(SourceStudy {
+            split,
+            study_type,
+            patient,
+            path: study,
+            label,
+            images: imgs,
+        });
+    }
+    Ok(())
+}
