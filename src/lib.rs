@@ -8,5 +8,6 @@ pub mod metrics;
 pub mod optim;
 pub mod plot;
 pub mod rng;
+pub mod roofline;
 pub mod spec;
 pub mod weights;
