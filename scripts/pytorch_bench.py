@@ -91,6 +91,8 @@ def worker(cfg):
         torch.set_num_threads(cfg["threads"])
     dev = torch.device(cfg["device"])
     cuda = dev.type == "cuda"
+    if cuda and dev.index is None:
+        dev = torch.device("cuda", 0)  # set_device and friends need an index
     mode, batch, size = cfg["mode"], cfg["batch"], cfg["size"]
     amp = mode != "eager-fp32"
     if cuda:
@@ -177,6 +179,8 @@ def worker(cfg):
         out["cudnn_benchmark"] = True
         out["cudnn_allow_tf32"] = torch.backends.cudnn.allow_tf32
         out["matmul_allow_tf32"] = torch.backends.cuda.matmul.allow_tf32
+        conv = getattr(torch.backends.cudnn, "conv", None)
+        out["cudnn_conv_fp32_precision"] = getattr(conv, "fp32_precision", None)
     else:
         out["peak_mem_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         out["peak_mem_kind"] = "process peak RSS"
