@@ -14,5 +14,6 @@ pub mod ops;
 pub mod optim;
 pub mod plot;
 pub mod rng;
+pub mod roofline;
 pub mod spec;
 pub mod weights;
