@@ -1,3 +1,348 @@
+//! Builds the GPU kernels in `kernels/*.cu` three ways:
+//! - for the CPU emulator, always: each file compiled as C++20 against src/gpu/emu/cuda_emu.h,
+//!   with generated trampolines that turn a `void**` parameter array into a typed call;
+//! - with nvcc when one is found (`NVCC`, `CUDA_HOME`/`CUDA_PATH`, `PATH`): a fatbin per file
+//!   (SASS sm_80/86/89/90 + PTX compute_90) embedded in the binary, plus ptxas's `-v` report;
+//! - without nvcc: the sources (local includes inlined) are embedded for NVRTC at run time.
+//!
+//! It also builds a small AddressSanitizer harness of the emulator for the emulator self-tests.
+//! Writes `$OUT_DIR/kernels.rs`, included by src/gpu/kernels.rs.
+
+use std::collections::BTreeSet;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::{env, fs};
+
+const SASS: [&str; 4] = ["80", "86", "89", "90"];
+const PTX: &str = "90";
+
+struct KernelFile {
+    stem: String,
+    path: PathBuf,
+    kernels: Vec<String>,
+}
+
 fn main() {
+    let root = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap());
+    let out = PathBuf::from(env::var("OUT_DIR").unwrap());
+    let kdir = root.join("kernels");
+    let emu_dir = root.join("src/gpu/emu");
     println!("cargo:rerun-if-changed=build.rs");
+    println!("cargo:rerun-if-changed=kernels");
+    println!("cargo:rerun-if-changed=src/gpu/emu");
+    for var in ["NVCC", "CUDA_HOME", "CUDA_PATH"] {
+        println!("cargo:rerun-if-env-changed={var}");
+    }
+
+    let mut files = Vec::new();
+    let mut entries: Vec<_> = fs::read_dir(&kdir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    entries.sort();
+    for path in entries {
+        println!("cargo:rerun-if-changed={}", path.display());
+        if path.extension().is_some_and(|e| e == "cu") {
+            let src = fs::read_to_string(&path).unwrap();
+            let stem = path.file_stem().unwrap().to_str().unwrap().to_string();
+            let kernels = kernel_names(&src);
+            files.push(KernelFile {
+                stem,
+                path,
+                kernels,
+            });
+        }
+    }
+    let mut seen = BTreeSet::new();
+    for k in files.iter().flat_map(|f| &f.kernels) {
+        assert!(seen.insert(k), "kernel {k} is defined twice in kernels/");
+    }
+
+    // The sources NVRTC gets at run time; nvcc compiles these same files, so CI proves them.
+    for f in &files {
+        let mut once = BTreeSet::new();
+        fs::write(
+            out.join(format!("{}.nvrtc.cu", f.stem)),
+            inline_includes(&f.path, &kdir, &mut once),
+        )
+        .unwrap();
+    }
+    build_emulator(&files, &kdir, &emu_dir, &out);
+    let asan = build_asan_harness(&kdir, &emu_dir, &out);
+    let nvcc = find_nvcc();
+    let built_with = match &nvcc {
+        Some(nvcc) => compile_fatbins(nvcc, &files, &kdir, &out),
+        None => {
+            "NVRTC at run time (no nvcc found at build time: set NVCC or CUDA_HOME)".to_string()
+        }
+    };
+    if nvcc.is_none() {
+        fs::write(out.join("ptxas.txt"), "").unwrap();
+    }
+
+    let mut rs = String::new();
+    writeln!(rs, "pub static BUILT_WITH: &str = {built_with:?};").unwrap();
+    writeln!(
+        rs,
+        "pub static PTXAS_REPORT: &str = include_str!(concat!(env!(\"OUT_DIR\"), \"/ptxas.txt\"));"
+    )
+    .unwrap();
+    writeln!(rs, "pub static ASAN_HARNESS: &str = {asan:?};").unwrap();
+    writeln!(rs, "pub static MODULES: &[KernelModule] = &[").unwrap();
+    for f in &files {
+        let fatbin = match nvcc {
+            Some(_) => format!(
+                "Some(include_bytes!(concat!(env!(\"OUT_DIR\"), \"/{}.fatbin\")))",
+                f.stem
+            ),
+            None => "None".into(),
+        };
+        writeln!(
+            rs,
+            "    KernelModule {{ file: \"{}.cu\", kernels: &{:?}, fatbin: {fatbin}, \
+             source: include_str!(concat!(env!(\"OUT_DIR\"), \"/{}.nvrtc.cu\")) }},",
+            f.stem, f.kernels, f.stem
+        )
+        .unwrap();
+    }
+    writeln!(rs, "];").unwrap();
+    writeln!(rs, "extern \"C\" {{").unwrap();
+    for f in &files {
+        writeln!(
+            rs,
+            "    static mura_table_{}: [EmuKernel; {}];",
+            f.stem,
+            f.kernels.len()
+        )
+        .unwrap();
+    }
+    writeln!(rs, "}}").unwrap();
+    writeln!(
+        rs,
+        "/// The emulator's compiled kernels, one slice per kernels/*.cu file."
+    )
+    .unwrap();
+    writeln!(
+        rs,
+        "pub fn emu_tables() -> [&'static [EmuKernel]; {}] {{",
+        files.len()
+    )
+    .unwrap();
+    let tables: Vec<String> = files
+        .iter()
+        .map(|f| format!("&mura_table_{}", f.stem))
+        .collect();
+    writeln!(rs, "    unsafe {{ [{}] }}", tables.join(", ")).unwrap();
+    writeln!(rs, "}}").unwrap();
+    fs::write(out.join("kernels.rs"), rs).unwrap();
+}
+
+/// Names of the `extern "C" __global__` entry points in a .cu source.
+fn kernel_names(src: &str) -> Vec<String> {
+    const MARK: &str = "extern \"C\" __global__";
+    let mut names = Vec::new();
+    for (at, _) in src.match_indices(MARK) {
+        let mut rest = &src[at + MARK.len()..];
+        loop {
+            let open = rest.find('(').expect("kernel signature without '('");
+            let ident: String = rest[..open]
+                .trim_end()
+                .chars()
+                .rev()
+                .take_while(|c| c.is_alphanumeric() || *c == '_')
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect();
+            if ident == "__launch_bounds__" {
+                rest = &rest[open + rest[open..].find(')').unwrap() + 1..];
+                continue;
+            }
+            names.push(ident);
+            break;
+        }
+    }
+    names
+}
+
+fn build_emulator(files: &[KernelFile], kdir: &Path, emu_dir: &Path, out: &Path) {
+    let mut build = cc::Build::new();
+    build
+        .cpp(true)
+        .std("c++20")
+        .opt_level(2)
+        .define("MURA_EMU", None)
+        .include(kdir)
+        .include(emu_dir)
+        .flag("-fstack-clash-protection")
+        .flag("-Wno-unused-parameter")
+        .file(emu_dir.join("runtime.cpp"));
+    for f in files {
+        let mut cpp = format!("#include \"{}\"\n", f.path.display());
+        writeln!(
+            cpp,
+            "extern \"C\" const mura_emu::Kernel mura_table_{}[] = {{",
+            f.stem
+        )
+        .unwrap();
+        for k in &f.kernels {
+            writeln!(
+                cpp,
+                "    {{\"{k}\", &mura_emu::trampoline<{k}>, mura_emu::arity({k})}},"
+            )
+            .unwrap();
+        }
+        writeln!(cpp, "}};").unwrap();
+        let path = out.join(format!("emu_{}.cpp", f.stem));
+        fs::write(&path, cpp).unwrap();
+        build.file(path);
+    }
+    build
+        .flag("-include")
+        .flag(emu_dir.join("cuda_emu.h").to_str().unwrap());
+    build.compile("mura_emu");
+}
+
+/// The emulator with kernels/selftest.cu under AddressSanitizer, as a standalone program for the
+/// out-of-bounds test. Returns its path, or "" (with a warning) when the compiler cannot do it.
+fn build_asan_harness(kdir: &Path, emu_dir: &Path, out: &Path) -> String {
+    let compiler = cc::Build::new().cpp(true).get_compiler();
+    let exe = out.join("emu-asan");
+    // Static libasan where the compiler has it (gcc), so the harness runs on machines without it.
+    let compile = |extra: &[&str]| {
+        Command::new(compiler.path())
+            .args([
+                "-std=c++20",
+                "-O1",
+                "-g",
+                "-fsanitize=address",
+                "-fno-omit-frame-pointer",
+                "-DMURA_EMU",
+            ])
+            .args(extra)
+            .arg("-include")
+            .arg(emu_dir.join("cuda_emu.h"))
+            .arg("-I")
+            .arg(kdir)
+            .arg(emu_dir.join("runtime.cpp"))
+            .arg(emu_dir.join("asan_main.cpp"))
+            .arg("-o")
+            .arg(&exe)
+            .output()
+    };
+    let result = match compile(&["-static-libasan"]) {
+        Ok(o) if o.status.success() => Ok(o),
+        _ => compile(&[]),
+    };
+    match result {
+        Ok(o) if o.status.success() => exe.display().to_string(),
+        Ok(o) => {
+            println!(
+                "cargo:warning=ASan emulator harness not built: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+            String::new()
+        }
+        Err(e) => {
+            println!("cargo:warning=ASan emulator harness not built: {e}");
+            String::new()
+        }
+    }
+}
+
+fn find_nvcc() -> Option<PathBuf> {
+    if let Some(p) = env::var_os("NVCC").filter(|p| !p.is_empty()) {
+        return Some(PathBuf::from(p));
+    }
+    for var in ["CUDA_HOME", "CUDA_PATH"] {
+        if let Some(home) = env::var_os(var) {
+            let p = Path::new(&home).join("bin/nvcc");
+            if p.is_file() {
+                return Some(p);
+            }
+        }
+    }
+    env::split_paths(&env::var_os("PATH")?)
+        .map(|d| d.join("nvcc"))
+        .find(|p| p.is_file())
+}
+
+/// One fatbin per kernel file, compiled in parallel; ptxas's report goes to ptxas.txt.
+fn compile_fatbins(nvcc: &Path, files: &[KernelFile], kdir: &Path, out: &Path) -> String {
+    let version = Command::new(nvcc)
+        .arg("--version")
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("cannot run nvcc at {}: {e}", nvcc.display());
+        });
+    let version = String::from_utf8_lossy(&version.stdout);
+    let release = version
+        .lines()
+        .find(|l| l.contains("release"))
+        .unwrap_or("unknown version")
+        .trim()
+        .to_string();
+    let mut gencode = Vec::new();
+    for sm in SASS {
+        gencode.push(format!("-gencode=arch=compute_{sm},code=sm_{sm}"));
+    }
+    gencode.push(format!("-gencode=arch=compute_{PTX},code=compute_{PTX}"));
+    let children: Vec<_> = files
+        .iter()
+        .map(|f| {
+            let child = Command::new(nvcc)
+                .args(["-fatbin", "-O3", "-std=c++17", "-Xptxas", "-v", "-I"])
+                .arg(kdir)
+                .args(&gencode)
+                .arg("-o")
+                .arg(out.join(format!("{}.fatbin", f.stem)))
+                .arg(out.join(format!("{}.nvrtc.cu", f.stem)))
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap_or_else(|e| panic!("cannot run nvcc at {}: {e}", nvcc.display()));
+            (f, child)
+        })
+        .collect();
+    let mut report = String::new();
+    for (f, child) in children {
+        let o = child.wait_with_output().unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        if !o.status.success() {
+            panic!("nvcc failed on kernels/{}.cu:\n{text}", f.stem);
+        }
+        writeln!(report, "== {}.cu\n{text}", f.stem).unwrap();
+    }
+    fs::write(out.join("ptxas.txt"), report).unwrap();
+    let archs: Vec<String> = SASS.iter().map(|s| format!("sm_{s}")).collect();
+    format!(
+        "nvcc ({release}) at build time: SASS {} + PTX compute_{PTX}",
+        archs.join(" ")
+    )
+}
+
+/// The source with its local `#include "x.cuh"` lines replaced by the headers (each once), so
+/// NVRTC needs no include path for them.
+fn inline_includes(path: &Path, kdir: &Path, once: &mut BTreeSet<String>) -> String {
+    let mut out = String::new();
+    for line in fs::read_to_string(path).unwrap().lines() {
+        let t = line.trim();
+        if let Some(name) = t
+            .strip_prefix("#include \"")
+            .and_then(|r| r.strip_suffix('"'))
+        {
+            if once.insert(name.to_string()) {
+                out += &inline_includes(&kdir.join(name), kdir, once);
+            }
+        } else if t != "#pragma once" {
+            out += line;
+            out.push('\n');
+        }
+    }
+    out
 }

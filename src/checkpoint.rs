@@ -2,7 +2,7 @@
 //! DenseNet), its architecture in the header metadata. A run's last step adds Adam's moments
 //! (`last.optim.safetensors`) and the run state in that file's metadata. Every write is atomic.
 
-use crate::model::DenseNet;
+use crate::net::Net;
 use crate::optim::Adam;
 use crate::spec::DenseNetSpec;
 use crate::train::RunState;
@@ -18,25 +18,29 @@ pub fn write_json_atomic<T: serde::Serialize>(path: &Path, v: &T) -> Result<()> 
 }
 
 pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
-    let s = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read {}", path.display()))?;
+    let s =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     serde_json::from_str(&s).with_context(|| format!("{} is malformed", path.display()))
 }
 
 /// What a mura checkpoint records beside the weights.
-fn model_metadata(model: &DenseNet, store_id: &str, image_size: usize) -> Result<HashMap<String, String>> {
+fn model_metadata(
+    model: &dyn Net,
+    store_id: &str,
+    image_size: usize,
+) -> Result<HashMap<String, String>> {
     let mut meta = HashMap::new();
     meta.insert("format".to_string(), "mura".to_string());
-    meta.insert("spec".to_string(), serde_json::to_string(&model.spec)?);
+    meta.insert("spec".to_string(), serde_json::to_string(model.spec())?);
     meta.insert("store".to_string(), store_id.to_string());
     meta.insert("image_size".to_string(), image_size.to_string());
     Ok(meta)
 }
 
 /// Save a model with its architecture, store identity and input size in the metadata.
-pub fn save_model(path: &Path, model: &DenseNet, store_id: &str, image_size: usize) -> Result<()> {
+pub fn save_model(path: &Path, model: &dyn Net, store_id: &str, image_size: usize) -> Result<()> {
     let meta = model_metadata(model, store_id, image_size)?;
-    weights::save_safetensors(path, &model.to_state_dict(), &meta)
+    weights::save_safetensors(path, &model.to_state_dict()?, &meta)
 }
 
 fn read_metadata(path: &Path) -> Result<HashMap<String, String>> {
@@ -45,7 +49,9 @@ fn read_metadata(path: &Path) -> Result<HashMap<String, String>> {
 
 /// The input side a mura checkpoint was trained at.
 pub fn read_image_size(path: &Path) -> Result<Option<usize>> {
-    Ok(read_metadata(path)?.get("image_size").and_then(|s| s.parse().ok()))
+    Ok(read_metadata(path)?
+        .get("image_size")
+        .and_then(|s| s.parse().ok()))
 }
 
 /// A checkpoint's architecture, if it was written by mura.
@@ -59,15 +65,17 @@ pub fn read_spec(path: &Path) -> Result<Option<DenseNetSpec>> {
     }
 }
 
-/// Load a model checkpoint. The architecture comes from the file's metadata when mura wrote it,
-/// else from `spec`; a checkpoint that disagrees with an explicit `spec` is refused.
-pub fn load_model(path: &Path, spec: Option<&DenseNetSpec>) -> Result<DenseNet> {
+/// Load a model checkpoint's architecture and weights (checked against that architecture). The
+/// architecture comes from the file's metadata when mura wrote it, else from `spec`; a checkpoint
+/// that disagrees with an explicit `spec` is refused.
+pub fn load_model(path: &Path, spec: Option<&DenseNetSpec>) -> Result<(DenseNetSpec, StateDict)> {
     let stored = read_spec(path)?;
     let spec = match (stored, spec) {
-        (Some(s), Some(want)) if s.block_config != want.block_config
-            || s.growth_rate != want.growth_rate
-            || s.num_init_features != want.num_init_features
-            || s.bn_size != want.bn_size =>
+        (Some(s), Some(want))
+            if s.block_config != want.block_config
+                || s.growth_rate != want.growth_rate
+                || s.num_init_features != want.num_init_features
+                || s.bn_size != want.bn_size =>
         {
             bail!(
                 "{} holds a {} ({:?}), not the requested {}",
@@ -85,11 +93,12 @@ pub fn load_model(path: &Path, spec: Option<&DenseNetSpec>) -> Result<DenseNet> 
         ),
     };
     let sd = weights::load_safetensors(path)?.state_dict;
-    DenseNet::from_state_dict(spec, &sd).with_context(|| format!("loading {}", path.display()))
+    weights::check_layout(&sd, &spec).with_context(|| format!("loading {}", path.display()))?;
+    Ok((spec, sd))
 }
 
 pub struct Checkpoint {
-    pub model: DenseNet,
+    pub weights: StateDict,
     pub adam: Adam,
     pub state: RunState,
 }
@@ -98,7 +107,7 @@ pub struct Checkpoint {
 /// Both carry the Adam step count so a torn pair is detected on resume.
 pub fn save_last(
     dir: &Path,
-    model: &DenseNet,
+    model: &dyn Net,
     adam: &Adam,
     state: &RunState,
     image_size: usize,
@@ -124,7 +133,11 @@ pub fn save_last(
     weights::save_safetensors(&dir.join("last.optim.safetensors"), &sd, &meta)?;
     let mut meta = model_metadata(model, &state.store_id, image_size)?;
     meta.insert("adam_step".to_string(), state.adam_step.to_string());
-    weights::save_safetensors(&dir.join("last.safetensors"), &model.to_state_dict(), &meta)
+    weights::save_safetensors(
+        &dir.join("last.safetensors"),
+        &model.to_state_dict()?,
+        &meta,
+    )
 }
 
 pub fn load_last(dir: &Path, spec: &DenseNetSpec, weight_decay: f64) -> Result<Checkpoint> {
@@ -136,7 +149,8 @@ pub fn load_last(dir: &Path, spec: &DenseNetSpec, weight_decay: f64) -> Result<C
             dir.display()
         );
     }
-    let model = load_model(&model_path, Some(spec))?;
+    let (_, weights) = load_model(&model_path, Some(spec))?;
+    let n_params = spec.num_params();
     let weights::Checkpoint {
         state_dict: sd,
         metadata: meta,
@@ -155,13 +169,17 @@ pub fn load_last(dir: &Path, spec: &DenseNetSpec, weight_decay: f64) -> Result<C
     }
     let get = |name: &str| -> Result<Vec<f32>> {
         match sd.get(name).map(|t| &t.data) {
-            Some(TensorData::F32(v)) if v.len() == model.params.len() => Ok(v.clone()),
+            Some(TensorData::F32(v)) if v.len() == n_params => Ok(v.clone()),
             _ => bail!("{}: missing or mis-sized {name}", optim_path.display()),
         }
     };
-    let mut adam = Adam::new(model.params.len(), state.lr, weight_decay);
+    let mut adam = Adam::new(n_params, state.lr, weight_decay);
     adam.m = get("adam.m")?;
     adam.v = get("adam.v")?;
     adam.step = state.adam_step;
-    Ok(Checkpoint { model, adam, state })
+    Ok(Checkpoint {
+        weights,
+        adam,
+        state,
+    })
 }

@@ -5,8 +5,9 @@ use crate::data::loader::Loader;
 use crate::data::store::Store;
 use crate::data::StudyType;
 use crate::loss::LossLevel;
-use crate::model::{DenseNet, Mode};
 use crate::metrics::MetricsTable;
+use crate::model::Mode;
+use crate::net::Net;
 use anyhow::Result;
 
 #[derive(Clone, Debug)]
@@ -43,7 +44,7 @@ pub fn table(studies: &[StudyPrediction]) -> MetricsTable {
 
 /// Eval-mode predictions (no augmentation) for every study the loader yields, in store order.
 pub fn predict_split(
-    model: &mut DenseNet,
+    model: &mut dyn Net,
     store: &Store,
     loader: &Loader,
     level: LossLevel,
@@ -52,14 +53,18 @@ pub fn predict_split(
     let (mut loss_sum, mut loss_count) = (0.0, 0usize);
     for batch in loader.epoch(0) {
         let s = batch.size;
-        let logits = model.forward(&batch.images, batch.n_images, s, s, Mode::Eval);
+        let logits = model.forward(&batch.images, batch.n_images, s, s, Mode::Eval)?;
         let mut sum = vec![0.0f64; batch.studies.len()];
         let mut cnt = vec![0usize; batch.studies.len()];
         for (i, &z) in logits.iter().enumerate() {
             sum[batch.view_study[i]] += 1.0 / (1.0 + (-(z as f64)).exp());
             cnt[batch.view_study[i]] += 1;
         }
-        if batch.studies.iter().all(|&i| store.studies[i].label.is_some()) {
+        if batch
+            .studies
+            .iter()
+            .all(|&i| store.studies[i].label.is_some())
+        {
             let (loss, _) = crate::train::batch_loss(store, &batch, &logits, level);
             let n = match level {
                 LossLevel::Study => batch.studies.len(),

@@ -13,9 +13,11 @@ use crate::cli::train::Args;
 use crate::data::loader::{Augment, Batch, Loader, LoaderConfig};
 use crate::data::store::Store;
 use crate::data::{Split, StudyType};
+use crate::device::Device;
 use crate::eval::{predict_split, StudyPrediction};
 use crate::loss::{weighted_bce, LossLevel};
-use crate::model::{DenseNet, Mode};
+use crate::model::Mode;
+use crate::net::{self, Net, Precision};
 use crate::optim::{Adam, ReduceLrOnPlateau};
 use crate::spec::DenseNetSpec;
 use crate::weights;
@@ -44,18 +46,17 @@ pub struct TrainConfig {
     pub max_rotation_deg: f32,
     pub max_views: Option<usize>,
     pub seed: u64,
+    /// `cpu`, `emu`, `cuda[:N]` or `auto` (resolved when the run starts or resumes)
+    pub device: String,
+    pub precision: Precision,
     pub workers: usize,
     pub max_batches: Option<usize>,
 }
 
 impl TrainConfig {
     pub fn from_args(a: &Args, store: PathBuf, out: PathBuf) -> Result<Self> {
-        if a.device != "cpu" {
-            bail!(
-                "--device {}: only the cpu backend can train so far (the GPU backend is not built yet)",
-                a.device
-            );
-        }
+        a.device.parse::<Device>()?;
+        let precision: Precision = a.precision.parse()?;
         let (size, rot) = match a.preset.as_str() {
             "blog" => (224, 10.0),
             "paper" => (320, 30.0),
@@ -93,6 +94,8 @@ impl TrainConfig {
             max_rotation_deg: rot,
             max_views: a.max_views,
             seed: a.seed,
+            device: a.device.clone(),
+            precision,
             workers: a.workers.max(1),
             max_batches: a.max_batches,
         })
@@ -158,7 +161,7 @@ pub fn train(cfg: TrainConfig, quiet: bool) -> Result<TrainOutcome> {
     }
     let store = Arc::new(Store::open(&cfg.store)?);
     let mut model = initial_model(&cfg)?;
-    let adam = Adam::new(model.params.len(), cfg.lr, cfg.weight_decay);
+    let adam = Adam::new(model.num_params(), cfg.lr, cfg.weight_decay);
     let state = RunState {
         epochs_done: 0,
         batches_done: 0,
@@ -173,7 +176,7 @@ pub fn train(cfg: TrainConfig, quiet: bool) -> Result<TrainOutcome> {
     };
     checkpoint::write_json_atomic(&cfg.out.join("config.json"), &cfg)?;
     let _ = std::fs::remove_file(cfg.out.join("metrics.jsonl"));
-    run_epochs(cfg, store, &mut model, adam, state, quiet)
+    run_epochs(cfg, store, model.as_mut(), adam, state, quiet)
 }
 
 pub fn resume(dir: &Path, epochs: usize, quiet: bool) -> Result<TrainOutcome> {
@@ -182,7 +185,11 @@ pub fn resume(dir: &Path, epochs: usize, quiet: bool) -> Result<TrainOutcome> {
     cfg.out = dir.to_path_buf();
     cfg.epochs = epochs.max(cfg.epochs);
     let store = Arc::new(Store::open(&cfg.store)?);
-    let Checkpoint { model, adam, state } = checkpoint::load_last(dir, &cfg.spec, cfg.weight_decay)?;
+    let Checkpoint {
+        weights,
+        adam,
+        state,
+    } = checkpoint::load_last(dir, &cfg.spec, cfg.weight_decay)?;
     if state.store_id != store.id() {
         bail!(
             "store {} is not the one this run was trained on (store id {} vs {})",
@@ -191,13 +198,21 @@ pub fn resume(dir: &Path, epochs: usize, quiet: bool) -> Result<TrainOutcome> {
             state.store_id
         );
     }
-    let mut model = model;
-    run_epochs(cfg, store, &mut model, adam, state, quiet)
+    let mut model = net::build(
+        cfg.device.parse()?,
+        cfg.precision,
+        cfg.spec.clone(),
+        Some(&weights),
+        cfg.seed,
+    )?;
+    model.import_adam(&adam)?;
+    run_epochs(cfg, store, model.as_mut(), adam, state, quiet)
 }
 
-fn initial_model(cfg: &TrainConfig) -> Result<DenseNet> {
+fn initial_model(cfg: &TrainConfig) -> Result<Box<dyn Net>> {
+    let device: Device = cfg.device.parse()?;
     if cfg.init == "random" {
-        return Ok(DenseNet::new(cfg.spec.clone(), cfg.seed));
+        return net::build(device, cfg.precision, cfg.spec.clone(), None, cfg.seed);
     }
     let sd = match cfg.init.strip_prefix("imagenet:") {
         // torchvision ImageNet weights: remap legacy keys, fresh single-logit head.
@@ -214,7 +229,7 @@ fn initial_model(cfg: &TrainConfig) -> Result<DenseNet> {
         None => weights::load_safetensors(Path::new(&cfg.init)).map(|c| c.state_dict),
     }
     .with_context(|| format!("--init {}", cfg.init))?;
-    DenseNet::from_state_dict(cfg.spec.clone(), &sd)
+    net::build(device, cfg.precision, cfg.spec.clone(), Some(&sd), cfg.seed)
         .with_context(|| format!("--init {}", cfg.init))
 }
 
@@ -264,7 +279,7 @@ pub fn batch_loss(
 fn run_epochs(
     cfg: TrainConfig,
     store: Arc<Store>,
-    model: &mut DenseNet,
+    model: &mut dyn Net,
     mut adam: Adam,
     mut state: RunState,
     quiet: bool,
@@ -296,8 +311,8 @@ fn run_epochs(
             .take(n_batches)
             .skip(state.batches_done)
         {
-            model.zero_grad();
-            let logits = model.forward(&batch.images, batch.n_images, s, s, Mode::Train);
+            model.zero_grad()?;
+            let logits = model.forward(&batch.images, batch.n_images, s, s, Mode::Train)?;
             let (loss, dz) = batch_loss(&store, &batch, &logits, cfg.loss);
             if !loss.is_finite() {
                 bail!(
@@ -307,8 +322,8 @@ fn run_epochs(
                     cfg.out.display()
                 );
             }
-            model.backward(&dz);
-            adam.update(&mut model.params, &model.grads);
+            model.backward(&dz)?;
+            model.adam_step(&mut adam)?;
             loss_sum += loss;
             loss_n += 1;
             images += batch.n_images;
@@ -322,6 +337,7 @@ fn run_epochs(
             if STOP.load(Ordering::SeqCst) {
                 bar.abandon();
                 state.adam_step = adam.step;
+                model.export_adam(&mut adam)?;
                 checkpoint::save_last(&cfg.out, model, &adam, &state, cfg.image_size)?;
                 eprintln!(
                     "interrupted: saved epoch {} batch {}; continue with `mura train --resume {}`",
@@ -356,6 +372,7 @@ fn run_epochs(
         state.batches_done = 0;
         state.adam_step = adam.step;
         state.lr = adam.lr;
+        model.export_adam(&mut adam)?;
         checkpoint::save_last(&cfg.out, model, &adam, &state, cfg.image_size)?;
 
         let m = EpochMetrics {
@@ -399,11 +416,9 @@ fn progress(quiet: bool, len: u64, prefix: &str) -> indicatif::ProgressBar {
     }
     let bar = indicatif::ProgressBar::new(len);
     bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{prefix} [{bar:30}] {pos}/{len} {msg} eta {eta}",
-        )
-        .expect("static template")
-        .progress_chars("=> "),
+        indicatif::ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg} eta {eta}")
+            .expect("static template")
+            .progress_chars("=> "),
     );
     bar.set_prefix(prefix.to_string());
     bar

@@ -729,3 +729,25 @@ fn cli_errors_are_one_line() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("unknown study type 'XR_KNEE'"));
     std::fs::remove_dir_all(&root).unwrap();
 }
+
+#[test]
+fn prep_resize_area_averages_large_shrinks() {
+    // Uniform noise shrunk 8x by 6x: area averaging leaves means of 48 pixels (std ~0.04);
+    // plain bilinear reads only 4 neighbours per output pixel (std ~0.14).
+    let (w, h) = (512, 384);
+    let mut r = Rng::new(31);
+    let img = GrayImage {
+        width: w,
+        height: h,
+        data: (0..w * h).map(|_| r.uniform() as f32).collect(),
+    };
+    let std = |v: &[f32]| {
+        let m = v.iter().sum::<f32>() / v.len() as f32;
+        (v.iter().map(|x| (x - m).powi(2)).sum::<f32>() / v.len() as f32).sqrt()
+    };
+    let out = mura::data::image::resize_for_store(img.clone(), 64);
+    assert_eq!((out.width, out.height), (64, 64));
+    let aliased = resize_bilinear(img, 64);
+    let (a, b) = (std(&out.data), std(&aliased.data));
+    assert!(a < 0.06 && b > 0.1, "area std {a}, bilinear std {b}");
+}

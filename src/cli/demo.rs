@@ -1,8 +1,201 @@
-//! `mura demo` (not built yet).
+//! `mura demo`: the whole pipeline on a built-in synthetic MURA-like set — synthesise, prep, train
+//! a small DenseNet, evaluate (per-type kappa table), CAMs for a normal and an abnormal study, plots.
+
+use crate::data::prep::{prep, PrepConfig};
+use crate::data::store::Store;
+use crate::data::synth::{synth, SynthConfig};
+use crate::data::{Split, StudyType};
+use crate::loss::LossLevel;
+use crate::net::Precision;
+use crate::spec::DenseNetSpec;
+use crate::train::{self, TrainConfig};
+use anyhow::{bail, Context, Result};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 #[derive(clap::Args, Debug)]
-pub struct Args {}
+pub struct Args {
+    /// Work folder (created; a previous demo there is replaced)
+    #[arg(long, default_value = "mura-demo")]
+    pub dir: PathBuf,
+    /// cpu | cuda[:N] | emu | auto (cuda if present, else cpu)
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// Synthetic studies (train + valid)
+    #[arg(long, default_value_t = 600)]
+    pub studies: usize,
+    #[arg(long, default_value_t = 12)]
+    pub epochs: usize,
+    /// Side of the stored and model images
+    #[arg(long, default_value_t = 64)]
+    pub image_size: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
 
-pub fn run(_args: Args) -> anyhow::Result<()> {
-    anyhow::bail!("'mura demo' is not built yet")
+const MARKER: &str = ".mura-demo";
+
+/// Make `dir` an empty demo folder, refusing to clear anything that a demo did not make.
+fn fresh_dir(dir: &Path) -> Result<()> {
+    if dir.exists() {
+        let empty = std::fs::read_dir(dir)
+            .with_context(|| format!("cannot read {}", dir.display()))?
+            .next()
+            .is_none();
+        if !empty && !dir.join(MARKER).exists() {
+            bail!(
+                "{} exists and is not a mura demo folder: pass another --dir",
+                dir.display()
+            );
+        }
+        std::fs::remove_dir_all(dir).with_context(|| format!("cannot clear {}", dir.display()))?;
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    std::fs::write(dir.join(MARKER), "made by mura demo\n")?;
+    Ok(())
+}
+
+/// The small DenseNet the demo trains: same structure as DenseNet-169, fewer and narrower layers.
+pub fn demo_spec() -> DenseNetSpec {
+    DenseNetSpec::custom(12, vec![3, 6, 4], 24, 4).expect("valid spec")
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let t0 = Instant::now();
+    let dir = &args.dir;
+    fresh_dir(dir)?;
+    let data = dir.join("data");
+    let store_dir = dir.join("store");
+    let run_dir = dir.join("run");
+
+    println!(
+        "1/6 synthesising {} MURA-like studies in {}",
+        args.studies,
+        data.display()
+    );
+    let s = synth(
+        &data,
+        &SynthConfig {
+            studies: args.studies,
+            seed: args.seed,
+            valid_fraction: 0.2,
+        },
+        true,
+    )?;
+    println!(
+        "    {} studies ({} abnormal), {} images",
+        s.studies, s.abnormal_studies, s.images
+    );
+
+    println!(
+        "2/6 prepping a {0}x{0} store in {1}",
+        args.image_size,
+        store_dir.display()
+    );
+    prep(&PrepConfig {
+        mura_root: data.clone(),
+        out: store_dir.clone(),
+        size: args.image_size,
+        study_types: StudyType::ALL.to_vec(),
+        strict: false,
+        progress: true,
+    })?;
+
+    let device = crate::gpu::resolve(args.device.parse()?)?;
+    let spec = demo_spec();
+    println!(
+        "3/6 training a DenseNet (growth {}, blocks {:?}, {} parameters) on {device} for {} epochs",
+        spec.growth_rate,
+        spec.block_config,
+        spec.num_params(),
+        args.epochs
+    );
+    let cfg = TrainConfig {
+        store: store_dir.clone(),
+        out: run_dir.clone(),
+        spec: spec.clone(),
+        init: "random".into(),
+        epochs: args.epochs,
+        batch: 8,
+        lr: 1e-3,
+        weight_decay: 0.0,
+        patience: 2,
+        loss: LossLevel::Study,
+        study_types: StudyType::ALL.to_vec(),
+        image_size: args.image_size,
+        max_rotation_deg: 10.0,
+        max_views: None,
+        seed: args.seed,
+        device: device.to_string(),
+        precision: Precision::F32,
+        workers: 2,
+        max_batches: None,
+    };
+    let outcome = train::train(cfg, false)?;
+    if outcome.interrupted {
+        return Ok(());
+    }
+    let best = run_dir.join("best.safetensors");
+
+    println!("4/6 evaluating the best checkpoint on the validation split");
+    let eval_dir = dir.join("eval");
+    super::eval::run(super::eval::Args {
+        store: store_dir.clone(),
+        checkpoint: vec![best.clone()],
+        split: "valid".into(),
+        study_types: vec![],
+        image_size: Some(args.image_size),
+        out: Some(eval_dir.clone()),
+        device: device.to_string(),
+        precision: "f32".into(),
+        batch: 8,
+    })?;
+
+    println!("5/6 class activation maps for one abnormal and one normal validation study");
+    let cam_dir = dir.join("cam");
+    std::fs::create_dir_all(&cam_dir)?;
+    let store = Store::open(&store_dir)?;
+    let (spec, sd) = crate::checkpoint::load_model(&best, None)?;
+    let mut model = crate::net::build(device, Precision::F32, spec, Some(&sd), 0)?;
+    for want in [1u8, 0] {
+        let Some(st) = store
+            .studies
+            .iter()
+            .find(|s| s.split == Split::Valid && s.label == Some(want))
+        else {
+            continue;
+        };
+        let folder = data.join(&st.path);
+        let views = super::predict::study_views(&folder)?;
+        let line = super::predict::predict_study(
+            model.as_mut(),
+            &folder,
+            &views,
+            args.image_size,
+            Some(&cam_dir),
+        )?;
+        println!(
+            "    {} ({}): p(abnormal) = {:.3}",
+            st.path,
+            if want == 1 { "abnormal" } else { "normal" },
+            line["probability"].as_f64().unwrap_or(f64::NAN)
+        );
+    }
+
+    println!("6/6 plotting the run");
+    super::report::run(super::report::Args {
+        run_dir: run_dir.clone(),
+    })?;
+
+    println!();
+    println!("done in {:.0} s", t0.elapsed().as_secs_f64());
+    println!("  checkpoint   {}", best.display());
+    println!("  metrics      {}", eval_dir.join("metrics.json").display());
+    println!(
+        "  predictions  {}",
+        eval_dir.join("predictions.csv").display()
+    );
+    println!("  CAM images   {}", cam_dir.display());
+    println!("  plots        {}", run_dir.join("report").display());
+    Ok(())
 }

@@ -31,17 +31,19 @@ pub struct Args {
     /// Folder for predictions.csv and metrics.json
     #[arg(long)]
     pub out: Option<PathBuf>,
-    /// cpu (cuda and emu come with the GPU backend)
+    /// cpu | cuda[:N] | emu | auto
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// f32 | bf16 (GPU backends)
+    #[arg(long, default_value = "f32")]
+    pub precision: String,
     #[arg(long, default_value_t = 8)]
     pub batch: usize,
 }
 
 pub fn run(args: Args) -> Result<()> {
-    if args.device != "cpu" {
-        bail!("--device {}: only the cpu backend can evaluate so far", args.device);
-    }
+    let device: crate::device::Device = args.device.parse()?;
+    let precision: crate::net::Precision = args.precision.parse()?;
     let split: Split = args.split.parse()?;
     let types = if args.study_types.is_empty() {
         StudyType::ALL.to_vec()
@@ -58,7 +60,8 @@ pub fn run(args: Args) -> Result<()> {
             Some(s) => s,
             None => checkpoint::read_image_size(ck)?.unwrap_or(224),
         };
-        let mut model = checkpoint::load_model(ck, None)?;
+        let (spec, sd) = checkpoint::load_model(ck, None)?;
+        let mut model = crate::net::build(device, precision, spec, Some(&sd), 0)?;
         let loader = Loader::new(
             store.clone(),
             split,
@@ -74,7 +77,7 @@ pub fn run(args: Args) -> Result<()> {
                 prefetch: 2,
             },
         )?;
-        let preds = predict_split(&mut model, &store, &loader, LossLevel::Study)?;
+        let preds = predict_split(model.as_mut(), &store, &loader, LossLevel::Study)?;
         ensemble = Some(match ensemble {
             None => preds.studies,
             Some(mut acc) => {
@@ -91,7 +94,10 @@ pub fn run(args: Args) -> Result<()> {
         p.probability /= k;
     }
     if preds.is_empty() {
-        bail!("the store has no {} studies of the selected types", args.split);
+        bail!(
+            "the store has no {} studies of the selected types",
+            args.split
+        );
     }
     if preds.iter().all(|p| p.label.is_none()) {
         println!("no labelled studies in this split: predictions only");

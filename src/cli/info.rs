@@ -1,8 +1,88 @@
-//! `mura info` (not built yet).
+//! `mura info`: the devices, and how the GPU kernels were built.
+
+use crate::gpu::{cuda, emu, kernels};
+use anyhow::Result;
 
 #[derive(clap::Args, Debug)]
-pub struct Args {}
+pub struct Args {
+    /// Also print ptxas's per-kernel report (registers, spills, shared memory) for each architecture
+    #[arg(long)]
+    pub kernels: bool,
+}
 
-pub fn run(_args: Args) -> anyhow::Result<()> {
-    anyhow::bail!("'mura info' is not built yet")
+pub fn run(args: Args) -> Result<()> {
+    println!("devices:");
+    println!(
+        "  cpu    the CPU reference backend ({} threads)",
+        rayon::current_num_threads()
+    );
+    println!(
+        "  emu    CPU emulator of the CUDA kernels ({} kernels)",
+        emu::kernel_names().len()
+    );
+    match cuda::device_count() {
+        Err(e) => println!("  cuda   none: {e:#}"),
+        Ok(0) => println!("  cuda   none: the driver reports no device"),
+        Ok(n) => {
+            if let Ok((major, minor)) = cuda::driver_version() {
+                println!("  cuda   driver supports CUDA {major}.{minor}");
+            }
+            for i in 0..n {
+                match cuda::device_info(i) {
+                    Ok(d) => println!(
+                        "  cuda:{i} {}, compute capability {}.{}, {:.1} GiB, {} SMs",
+                        d.name,
+                        d.compute_capability.0,
+                        d.compute_capability.1,
+                        d.memory_bytes as f64 / (1u64 << 30) as f64,
+                        d.multiprocessors
+                    ),
+                    Err(e) => println!("  cuda:{i} error: {e:#}"),
+                }
+            }
+        }
+    }
+    let files: Vec<_> = kernels::MODULES.iter().map(|m| m.file).collect();
+    println!(
+        "kernels: {} in {}",
+        kernels::MODULES
+            .iter()
+            .map(|m| m.kernels.len())
+            .sum::<usize>(),
+        files.join(" ")
+    );
+    println!("  built with {}", kernels::BUILT_WITH);
+    if args.kernels {
+        print_ptxas();
+    }
+    Ok(())
+}
+
+fn print_ptxas() {
+    let mut entries = kernels::parse_ptxas(kernels::PTXAS_REPORT);
+    entries.sort_by(|a, b| (&a.kernel, &a.arch).cmp(&(&b.kernel, &b.arch)));
+    if entries.is_empty() {
+        println!(
+            "no ptxas report: the build had no nvcc, so kernels are compiled by NVRTC at run time"
+        );
+        for m in kernels::MODULES {
+            println!("  {}: {}", m.file, m.kernels.join(" "));
+        }
+        return;
+    }
+    println!(
+        "{:<28} {:<6} {:>5} {:>12} {:>11} {:>6}",
+        "kernel", "arch", "regs", "spill st/ld", "stack B", "smem B"
+    );
+    for e in entries {
+        println!(
+            "{:<28} {:<6} {:>5} {:>12} {:>11} {:>6}",
+            e.kernel,
+            e.arch,
+            e.registers,
+            format!("{}/{}", e.spill_stores, e.spill_loads),
+            e.stack_bytes,
+            e.smem_bytes
+        );
+    }
 }

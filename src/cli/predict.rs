@@ -2,7 +2,7 @@
 //! study, optionally with class activation maps.
 
 use crate::data::image::{decode_gray, normalize_to_input, resize_bilinear, GrayImage};
-use crate::model::DenseNet;
+use crate::net::Net;
 use crate::spec::ArchArgs;
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
@@ -20,9 +20,12 @@ pub struct Args {
     /// Write a CAM overlay PNG per view into this folder
     #[arg(long)]
     pub cam: Option<PathBuf>,
-    /// cpu (cuda and emu come with the GPU backend)
+    /// cpu | cuda[:N] | emu | auto
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// f32 | bf16 (GPU backends)
+    #[arg(long, default_value = "f32")]
+    pub precision: String,
     /// Study folders (all their PNG views) or single PNG files (one-view studies)
     #[arg(required = true)]
     pub paths: Vec<PathBuf>,
@@ -30,18 +33,15 @@ pub struct Args {
 
 /// The PNG views of a study path: a folder's `*.png` files (sorted), or the file itself.
 pub fn study_views(path: &Path) -> Result<Vec<PathBuf>> {
-    let meta = std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let meta =
+        std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
     if meta.is_file() {
         return Ok(vec![path.to_path_buf()]);
     }
     let mut views: Vec<PathBuf> = std::fs::read_dir(path)
         .with_context(|| format!("cannot read folder {}", path.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.is_file()
-                && p.extension()
-                    .is_some_and(|e| e.eq_ignore_ascii_case("png"))
-        })
+        .filter(|p| p.is_file() && p.extension().is_some_and(|e| e.eq_ignore_ascii_case("png")))
         .collect();
     views.sort();
     if views.is_empty() {
@@ -63,17 +63,20 @@ fn sigmoid(z: f64) -> f64 {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    if args.device != "cpu" {
-        bail!("--device {}: only the cpu backend can predict so far", args.device);
-    }
     if args.image_size < 32 {
         bail!("--image-size must be at least 32");
     }
     let spec = args.arch.spec()?;
-    let mut model = crate::checkpoint::load_model(&args.weights, Some(&spec))?;
+    let (spec, sd) = crate::checkpoint::load_model(&args.weights, Some(&spec))?;
+    let mut model = crate::net::build(
+        args.device.parse()?,
+        args.precision.parse()?,
+        spec,
+        Some(&sd),
+        0,
+    )?;
     if let Some(dir) = &args.cam {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("cannot create {}", dir.display()))?;
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
     // Check every path before any work, so a typo fails fast.
     let studies: Vec<(PathBuf, Vec<PathBuf>)> = args
@@ -82,7 +85,13 @@ pub fn run(args: Args) -> Result<()> {
         .map(|p| study_views(p).map(|v| (p.clone(), v)))
         .collect::<Result<_>>()?;
     for (study, views) in studies {
-        let line = predict_study(&mut model, &study, &views, args.image_size, args.cam.as_deref())?;
+        let line = predict_study(
+            model.as_mut(),
+            &study,
+            &views,
+            args.image_size,
+            args.cam.as_deref(),
+        )?;
         println!("{line}");
     }
     Ok(())
@@ -90,7 +99,7 @@ pub fn run(args: Args) -> Result<()> {
 
 /// One study's JSON line (and CAM files).
 pub fn predict_study(
-    model: &mut DenseNet,
+    model: &mut dyn Net,
     study: &Path,
     views: &[PathBuf],
     size: usize,
@@ -101,10 +110,10 @@ pub fn predict_study(
     for (v, path) in views.iter().enumerate() {
         let img = decode_gray(path)?;
         let x = prepare_view(&img, size);
-        let (logits, feats, fh, fw) = model.forward_features(&x, 1, size, size);
+        let (logits, feats, fh, fw) = model.forward_features(&x, 1, size, size)?;
         let z = logits[0] as f64;
         if let Some(dir) = cam_dir {
-            let (w, _) = model.classifier();
+            let (w, _) = model.classifier()?;
             let c = w.len();
             let cam: Vec<f32> = (0..fh * fw)
                 .map(|p| (0..c).map(|k| w[k] * feats[p * c + k]).sum())
@@ -114,7 +123,15 @@ pub fn predict_study(
                 sanitize(&study.to_string_lossy()),
                 v + 1
             );
-            crate::cam::write_cam_png(&img.data, img.width, img.height, &cam, fw, fh, &dir.join(name))?;
+            crate::cam::write_cam_png(
+                &img.data,
+                img.width,
+                img.height,
+                &cam,
+                fw,
+                fh,
+                &dir.join(name),
+            )?;
         }
         psum += sigmoid(z);
         out.push(serde_json::json!({
@@ -136,7 +153,13 @@ fn sanitize(s: &str) -> String {
     let t: String = s
         .trim_matches(|c| c == '/' || c == '.')
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect();
     if t.is_empty() {
         "study".into()

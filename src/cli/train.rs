@@ -51,9 +51,12 @@ pub struct Args {
     pub max_views: Option<usize>,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// cpu (cuda and emu come with the GPU backend)
+    /// cpu | cuda[:N] | emu | auto
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// f32 | bf16 (GPU backends)
+    #[arg(long, default_value = "f32")]
+    pub precision: String,
     /// Loader worker threads
     #[arg(long, default_value_t = 2)]
     pub workers: usize,

@@ -15,18 +15,18 @@
 //! landscape images), mirror, scale 0.8-1.1, shift, bone endpoint and thickness jitter, exposure
 //! (k), background level, gamma, a heel-effect gradient, Gaussian noise (σ 0.015-0.05), dark
 //! collimation borders (30%), inverted images (3%); bright metal side markers ("L"/"R" blocks,
-//! 50%, away from bone) and, on hands and fingers, rings across a finger (6%).
+//! 35%, away from bone) and, on hands and fingers, rings across a finger (6%).
 //!
 //! **The abnormal signal** (one finding per abnormal study, on a major bone, at 25-75% of its
-//! length; each view shows it with probability 0.85, at least one view always does; sized to
+//! length; each view shows it with probability 0.9, at least one view always does; sized to
 //! survive downsampling to 64²):
 //! - fracture (45%, 50% on hands and fingers): the bone is cut along an oblique line (35-80°
-//!   to its axis) with a gap, the distal fragment shifted sideways by 0.7-1.2 bone radii and
-//!   angulated 6-15°, breaking the cortex;
+//!   to its axis) with a gap of half a radius, the distal fragment shifted sideways by 1.0-1.6
+//!   bone radii and angulated 10-25°, breaking the cortex, with soft-tissue swelling around it;
 //! - hardware (30%, shoulder 35%): a metal plate along the bone with 3-5 screws across it, or an
 //!   intramedullary nail along its axis: bright as metal, but so are the markers and rings;
-//! - lesion (25%): a lytic (dark, with a bright rim) or sclerotic (dense) oval 1.1-1.8 bone
-//!   radii long inside the bone.
+//! - lesion (25%): a lytic (dark, with a bright rim) or sclerotic (dense) oval 1.4-2.2 bone
+//!   radii long and nearly as wide as the bone, with soft-tissue swelling around it.
 //!
 //! A quick check of learnability is in the data helper's report (a small CNN on the 64² prep).
 
@@ -270,9 +270,9 @@ fn pick_finding(t: StudyType, bones: &[Bone], rng: &mut Rng) -> Finding {
             bone: b,
             t: pos,
             cut_deg: sign * rng.range(35.0, 80.0) as f32,
-            gap: (0.4 * r).max(0.05),
-            shift: sign * rng.range(0.7, 1.2) as f32 * r,
-            tilt_deg: -sign * rng.range(6.0, 15.0) as f32,
+            gap: (0.5 * r).max(0.07),
+            shift: sign * rng.range(1.0, 1.6) as f32 * r,
+            tilt_deg: -sign * rng.range(10.0, 25.0) as f32,
         }
     } else if u < p_frac + p_hw {
         if rng.bernoulli(0.7) {
@@ -291,8 +291,8 @@ fn pick_finding(t: StudyType, bones: &[Bone], rng: &mut Rng) -> Finding {
         Finding::Lesion {
             bone: b,
             t: pos,
-            a: r * rng.range(1.1, 1.8) as f32,
-            b: r * rng.range(0.7, 0.9) as f32,
+            a: r * rng.range(1.4, 2.2) as f32,
+            b: r * rng.range(0.8, 1.0) as f32,
             lytic: rng.bernoulli(0.6),
         }
     }
@@ -356,6 +356,12 @@ impl Canvas {
         });
     }
 
+    fn swelling(&mut self, c: V, r: f32, dens: f32) {
+        self.each(c, c, r, |cv, i, _, d| {
+            cv.tissue[i] += dens * (1.0 - (d / r).powi(2)).max(0.0);
+        });
+    }
+
     /// A solid, anti-aliased metal rod.
     fn metal_cap(&mut self, a: V, b: V, r: f32, dens: f32) {
         self.each(a, b, r, |c, i, _, d| {
@@ -373,10 +379,10 @@ impl Canvas {
             let inside = (1.0 - e).clamp(0.0, 0.15) / 0.15;
             if lytic {
                 let on_rim = (e > 1.0 && e < 1.0 + rim / a.min(b)) as u8 as f32;
-                cv.bone[i] = cv.bone[i] * (1.0 - 0.85 * inside)
+                cv.bone[i] = cv.bone[i] * (1.0 - 0.9 * inside)
                     + 0.25 * on_rim * (cv.bone[i] > 0.0) as u8 as f32;
             } else if cv.bone[i] > 0.0 {
-                cv.bone[i] += 0.7 * inside;
+                cv.bone[i] += 1.2 * inside;
             }
         });
     }
@@ -504,6 +510,11 @@ fn render(s: &StudySpec, v: &ViewSpec) -> Vec<f32> {
             _ => c.bone_cap(map(b.a), map(b.b), b.r * unit, b.inner, dens, &[]),
         }
     }
+    // Soft-tissue swelling around fractures and lesions: a broad, faint cue.
+    if let Some(Finding::Fracture { bone, t, .. } | Finding::Lesion { bone, t, .. }) = finding {
+        let b = bones[bone];
+        c.swelling(map(lerp(b.a, b.b, t)), 3.5 * b.r * unit, 0.45);
+    }
     match finding {
         Some(Finding::Plate {
             bone,
@@ -517,13 +528,13 @@ fn render(s: &StudySpec, v: &ViewSpec) -> Vec<f32> {
             let n = u.perp().mul(side);
             let p = lerp(b.a, b.b, t).add(n.mul(b.r * 0.95));
             let (p0, p1) = (p.sub(u.mul(len / 2.0)), p.add(u.mul(len / 2.0)));
-            c.metal_cap(map(p0), map(p1), (0.04 * unit).max(1.2), 3.0);
+            c.metal_cap(map(p0), map(p1), (0.06 * unit).max(1.2), 3.0);
             for k in 0..screws {
                 let sp = lerp(p0, p1, (k as f32 + 0.5) / screws as f32);
                 c.metal_cap(
                     map(sp),
                     map(sp.sub(n.mul(b.r * 2.1))),
-                    (0.018 * unit).max(0.8),
+                    (0.025 * unit).max(0.8),
                     2.5,
                 );
             }
@@ -534,7 +545,7 @@ fn render(s: &StudySpec, v: &ViewSpec) -> Vec<f32> {
             c.metal_cap(
                 map(b.a.add(u.mul(0.1))),
                 map(b.b.sub(u.mul(0.1))),
-                (0.4 * b.r * unit).max(1.2),
+                (0.5 * b.r * unit).max(1.2),
                 3.0,
             );
         }
@@ -559,7 +570,7 @@ fn render(s: &StudySpec, v: &ViewSpec) -> Vec<f32> {
         _ => {}
     }
     // Distractors, independent of the label.
-    if rng.bernoulli(0.5) {
+    if rng.bernoulli(0.35) {
         let (cx, cy) = (
             if rng.bernoulli(0.5) { 0.1 } else { 0.82 },
             if rng.bernoulli(0.5) { 0.08 } else { 0.85 },
@@ -739,7 +750,7 @@ fn plan(cfg: &SynthConfig) -> Vec<StudySpec> {
                             ViewSpec {
                                 w: w as usize,
                                 h: h as usize,
-                                shows: label == 1 && rng.bernoulli(0.85),
+                                shows: label == 1 && rng.bernoulli(0.9),
                                 format: if f < 0.85 {
                                     Format::Gray8
                                 } else if f < 0.93 {

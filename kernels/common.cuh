@@ -1,0 +1,39 @@
+// Helpers shared by every kernel file. Kernels see the same source under nvcc, NVRTC and the CPU
+// emulator (build.rs compiles them with -DMURA_EMU and src/gpu/emu/cuda_emu.h force-included).
+#pragma once
+
+#ifndef MURA_EMU
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#endif
+
+// Dynamic shared memory: `MURA_DYN_SHARED(float, smem);` in place of
+// `extern __shared__ float smem[];`, which the emulator cannot map with a plain macro.
+#ifdef MURA_EMU
+#define MURA_DYN_SHARED(T, name) MURA_EMU_DYN_SHARED(T, name)
+#else
+#define MURA_DYN_SHARED(T, name) extern __shared__ __align__(16) T name[]
+#endif
+
+#define FULL_MASK 0xffffffffu
+
+// Sum of `v` over the 32 lanes of a full warp; every lane gets the result.
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(FULL_MASK, v, offset);
+    return v;
+}
+
+// Sum of `v` over the whole block (blockDim a multiple of 32, at most 1024 threads); every thread
+// gets the result. scratch: [32] f32 in shared memory. Contains two __syncthreads, so every
+// thread of the block must call it.
+__device__ __forceinline__ float block_sum(float v, float* scratch) {
+    const int tid = threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
+    const int nwarps = (blockDim.x * blockDim.y * blockDim.z) / 32;
+    v = warp_sum(v);
+    if (tid % 32 == 0) scratch[tid / 32] = v;
+    __syncthreads();
+    float t = tid % 32 < nwarps ? scratch[tid % 32] : 0.0f;
+    t = warp_sum(t);
+    __syncthreads();  // scratch may be reused right after
+    return t;
+}

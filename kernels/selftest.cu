@@ -1,0 +1,148 @@
+// Kernels that test the executors themselves (barriers, warp collectives, atomics, shared memory),
+// not model ops. The emulator tests compare them with their CUDA semantics; the ones that plant a
+// bug (bad masks, divergent barriers, out-of-bounds writes) run on the emulator only.
+#include "mma.cuh"
+
+// out: [gridDim.x * blockDim.x] i32. blockDim.x <= 256.
+extern "C" __global__ void selftest_barrier_fwd_i32(int* out) {
+    __shared__ int s[256];
+    const int t = threadIdx.x, n = blockDim.x;
+    s[t] = t * 7 + blockIdx.x;
+    __syncthreads();
+    const int v = s[(t + 1) % n];
+    __syncthreads();
+    s[t] = v * 2;
+    __syncthreads();
+    out[blockIdx.x * n + t] = s[n - 1 - t];
+}
+
+// out: [gridDim.x * blockDim.x, 8] i32. blockDim.x a multiple of 32.
+extern "C" __global__ void selftest_shfl_fwd_i32(int* out) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x, lane = threadIdx.x % 32;
+    const int v = i * 3 + 1;
+    int* o = out + i * 8;
+    o[0] = __shfl_sync(FULL_MASK, v, 5);
+    o[1] = __shfl_up_sync(FULL_MASK, v, 3);
+    o[2] = __shfl_down_sync(FULL_MASK, v, 2, 16);
+    o[3] = __shfl_xor_sync(FULL_MASK, v, 9);
+    o[4] = (int)__ballot_sync(FULL_MASK, v % 7 < 3 && lane % 5 != 4);
+    o[5] = __all_sync(FULL_MASK, v > 0) + 2 * __any_sync(FULL_MASK, lane == 31 && v % 4 == 0);
+    o[6] = lane < 16 ? __shfl_xor_sync(0x0000ffffu, v, 1) : -1;
+    o[7] = (int)warp_sum((float)v);
+}
+
+// hist: [16] i32, fsum: [1] f32, imax: [1] i32, count: [1] u32, all zeroed; x: [n] i32 >= 0.
+extern "C" __global__ void selftest_atomic_fwd_i32(int* hist, float* fsum, int* imax, unsigned* count,
+                                                   const int* x, int n) {
+    __shared__ int block_count;
+    if (threadIdx.x == 0) block_count = 0;
+    __syncthreads();
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
+        atomicAdd(&hist[x[i] & 15], 1);
+        atomicAdd(fsum, (float)(x[i] & 255));
+        atomicMax(imax, x[i]);
+        atomicAdd(&block_count, 1);
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {  // add the block's count with a CAS loop
+        unsigned old = *count, seen;
+        do {
+            seen = old;
+            old = atomicCAS(count, seen, seen + (unsigned)block_count);
+        } while (old != seen);
+    }
+}
+
+// out: [gridDim.x * blockDim.x, 2] f32: what static and dynamic shared memory held before this
+// block wrote them (the emulator poisons them with NaN before every block). blockDim.x <= 64;
+// dynamic shared bytes = 4 * blockDim.x.
+extern "C" __global__ void selftest_uninit_fwd_f32(float* out) {
+    __shared__ float s[64];
+    MURA_DYN_SHARED(float, d);
+    const int t = threadIdx.x, i = blockIdx.x * blockDim.x + t;
+    out[2 * i] = s[t];
+    out[2 * i + 1] = d[t];
+    __syncthreads();
+    s[t] = 1.0f;
+    d[t] = 2.0f;
+}
+
+// out: [gridDim.x * blockDim.x] f32: dynamic shared memory round trip, reversed within the block.
+// Dynamic shared bytes = 4 * blockDim.x.
+extern "C" __global__ void selftest_dynshared_fwd_f32(float* out) {
+    MURA_DYN_SHARED(float, d);
+    const int t = threadIdx.x, n = blockDim.x;
+    d[t] = (float)(blockIdx.x * 1000 + t);
+    __syncthreads();
+    out[blockIdx.x * n + t] = d[n - 1 - t];
+}
+
+// Conversions, round to nearest even. b: [n] bf16 out; h: [n] f16 out; back: [n, 2] f32 out, the
+// two converted back; x: [n] f32.
+extern "C" __global__ void selftest_convert_fwd_f32(__nv_bfloat16* b, __half* h, float* back, const float* x,
+                                                    int n) {
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
+        b[i] = __float2bfloat16(x[i]);
+        h[i] = __float2half(x[i]);
+        back[2 * i] = __bfloat162float(b[i]);
+        back[2 * i + 1] = __half2float(h[i]);
+    }
+}
+
+// Every ldmatrix form on a 32x8 tile of 16-bit values (four 8x8 matrices), tile[r][c] = 8r + c.
+// out: [32 lanes, 13] u32: x1 (1 reg), x2 (2), x4 (4), x2.trans (2), x4.trans (4). Block (32).
+extern "C" __global__ void selftest_ldmatrix_fwd_i32(unsigned* out) {
+    __shared__ __align__(16) unsigned short tile[32][8];
+    const int lane = threadIdx.x;
+    for (int c = 0; c < 8; c++) tile[lane][c] = (unsigned short)(8 * lane + c);
+    __syncwarp();
+    unsigned* o = out + lane * 13;
+    ldmatrix_x1(o, &tile[lane % 8][0]);
+    ldmatrix_x2(o + 1, &tile[lane % 16][0]);
+    ldmatrix_x4(o + 3, &tile[lane][0]);
+    ldmatrix_x2_trans(o + 7, &tile[lane % 16][0]);
+    ldmatrix_x4_trans(o + 9, &tile[lane][0]);
+}
+
+// Planted bugs, one per mode (0: none). out: [gridDim.x * blockDim.x] i32.
+extern "C" __global__ void selftest_bug_fwd_i32(int* out, int mode) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x, lane = threadIdx.x % 32;
+    int v = i;
+    if (mode == 1) v = __shfl_sync(1u << ((lane + 1) % 32), v, 0);  // caller not in its mask
+    if (mode == 2) {                                                 // lanes at different shuffles
+        if (lane & 1)
+            v = __shfl_xor_sync(FULL_MASK, v, 1);
+        else
+            v = __shfl_xor_sync(FULL_MASK, v, 2);
+    }
+    if (mode == 3) {  // half the block at a barrier, the other half exits
+        if (threadIdx.x < 16) __syncthreads();
+    }
+    if (mode == 4) {  // two different barriers
+        if (threadIdx.x < 32)
+            __syncthreads();
+        else
+            __syncthreads();
+    }
+    if (mode == 5 && lane < 16) v = __shfl_sync(0x0000ffffu, v, 20);  // source lane outside the mask
+    if (mode == 6) v = __shfl_xor_sync(FULL_MASK, v, 1);              // needs blockDim.x % 32 != 0
+    out[i] = v;
+}
+
+__device__ __noinline__ float selftest_deep(int d) {
+    volatile float pad[256];  // 1 KiB a frame
+    pad[d % 256] = (float)d;
+    return d > 0 ? selftest_deep(d - 1) + pad[d % 256] : 0.0f;
+}
+
+// out: [1] f32 = a recursion `depth` frames deep (1 KiB each): deep enough, it overflows an
+// emulator fiber's stack into its guard page (emulator test only).
+extern "C" __global__ void selftest_overflow_fwd_f32(float* out, int depth) {
+    if (threadIdx.x == 0) out[0] = selftest_deep(depth);
+}
+
+// out: [n] f32; writes out[0 .. n + extra): extra > 0 is an out-of-bounds write for ASan to catch.
+extern "C" __global__ void selftest_oob_fwd_f32(float* out, int n, int extra) {
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n + extra; i += gridDim.x * blockDim.x)
+        out[i] = (float)i;
+}

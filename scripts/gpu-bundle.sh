@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Builds the release binary and the GPU test binaries here and gathers them in gpu-bundle/ (git-
+# ignored, <= 60 MB) to copy onto a GPU machine that has the CUDA driver but no Rust toolchain:
+#   scripts/gpu-bundle.sh && scp -r gpu-bundle host: && ssh host gpu-bundle/gpu-check.sh
+# Set NVCC (or CUDA_HOME) to embed precompiled kernels; without it they compile with NVRTC there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=gpu-bundle
+TESTS=(gpu_ops gpu_device emu_selftest)
+
+cargo build --release
+args=()
+for t in "${TESTS[@]}"; do args+=(--test "$t"); done
+json="$(cargo test --release --no-run --message-format=json "${args[@]}")"
+
+rm -rf "$OUT"
+mkdir -p "$OUT/tests"
+cp target/release/mura "$OUT/mura"
+echo "$json" | python3 -c '
+import json, shutil, sys
+for line in sys.stdin:
+    msg = json.loads(line)
+    if msg.get("reason") == "compiler-artifact" and msg.get("executable") and "test" in msg["target"]["kind"]:
+        shutil.copy(msg["executable"], sys.argv[1] + "/tests/" + msg["target"]["name"])
+' "$OUT"
+# The emulator's ASan harness (build.rs), for the emulator self-tests that run there too.
+asan="$(ls -t target/release/build/mura-*/out/emu-asan 2>/dev/null | head -n1)"
+if [ -n "$asan" ]; then cp "$asan" "$OUT/emu-asan"; fi
+cp scripts/gpu-check.sh "$OUT/"
+strip --strip-debug "$OUT/mura" "$OUT"/tests/*
+git rev-parse HEAD > "$OUT/COMMIT" 2>/dev/null || true
+
+size=$(du -sm "$OUT" | cut -f1)
+ls -l "$OUT" "$OUT/tests"
+echo "gpu-bundle: ${size} MB in $OUT/"
+[ "$size" -le 60 ] || { echo "gpu-bundle: over 60 MB" >&2; exit 1; }

@@ -1,0 +1,132 @@
+//! The model as the commands see it, whatever runs it: the CPU reference (`DenseNet<f32>`) or the
+//! GPU op layer (on CUDA or the emulator). `train`, `eval`, `predict` and `bench` use only this.
+
+use crate::device::Device;
+use crate::model::{DenseNet, Mode};
+use crate::optim::Adam;
+use crate::spec::DenseNetSpec;
+use crate::weights::StateDict;
+use anyhow::{bail, Result};
+
+/// Storage precision of activations and weights on the device (master weights, BN statistics and
+/// optimiser state stay f32).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum Precision {
+    F32,
+    Bf16,
+}
+
+impl std::str::FromStr for Precision {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "f32" => Ok(Precision::F32),
+            "bf16" => Ok(Precision::Bf16),
+            _ => bail!("unknown precision '{s}': use f32 or bf16"),
+        }
+    }
+}
+
+pub trait Net {
+    fn spec(&self) -> &DenseNetSpec;
+    /// Trainable parameters (the length of the flat parameter buffer).
+    fn num_params(&self) -> usize;
+    /// x: [n, h, w, 3] normalised NHWC on the host. Returns logits [n]. Train mode records what
+    /// backward needs and updates BN running statistics.
+    fn forward(&mut self, x: &[f32], n: usize, h: usize, w: usize, mode: Mode) -> Result<Vec<f32>>;
+    /// Eval-mode forward that also returns the final feature map after norm5 + ReLU
+    /// ([n, h', w', C]) and its h', w', for class activation maps.
+    fn forward_features(
+        &mut self,
+        x: &[f32],
+        n: usize,
+        h: usize,
+        w: usize,
+    ) -> Result<(Vec<f32>, Vec<f32>, usize, usize)>;
+    /// The single-logit classifier's weights [C] and bias.
+    fn classifier(&self) -> Result<(Vec<f32>, f32)>;
+    fn zero_grad(&mut self) -> Result<()>;
+    /// dlogits: [n]. Accumulates parameter gradients (after a Train forward).
+    fn backward(&mut self, dlogits: &[f32]) -> Result<()>;
+    /// One Adam step. `adam` holds the hyper-parameters and step count; its moments live with the
+    /// parameters (host or device), see `export_adam` / `import_adam`.
+    fn adam_step(&mut self, adam: &mut Adam) -> Result<()>;
+    /// Copy the optimiser moments into `adam.m` / `adam.v` (for a checkpoint).
+    fn export_adam(&self, adam: &mut Adam) -> Result<()>;
+    /// Load the optimiser moments from `adam.m` / `adam.v` (on resume).
+    fn import_adam(&mut self, adam: &Adam) -> Result<()>;
+    /// Weights, BN running statistics and counters with torchvision names and layouts.
+    fn to_state_dict(&self) -> Result<StateDict>;
+}
+
+impl Net for DenseNet<f32> {
+    fn spec(&self) -> &DenseNetSpec {
+        &self.spec
+    }
+    fn num_params(&self) -> usize {
+        DenseNet::num_params(self)
+    }
+    fn forward(&mut self, x: &[f32], n: usize, h: usize, w: usize, mode: Mode) -> Result<Vec<f32>> {
+        self.feature_hw(h, w)?;
+        Ok(DenseNet::forward(self, x, n, h, w, mode))
+    }
+    fn forward_features(
+        &mut self,
+        x: &[f32],
+        n: usize,
+        h: usize,
+        w: usize,
+    ) -> Result<(Vec<f32>, Vec<f32>, usize, usize)> {
+        self.feature_hw(h, w)?;
+        Ok(DenseNet::forward_features(self, x, n, h, w))
+    }
+    fn classifier(&self) -> Result<(Vec<f32>, f32)> {
+        let (w, b) = DenseNet::classifier(self);
+        Ok((w.to_vec(), b))
+    }
+    fn zero_grad(&mut self) -> Result<()> {
+        DenseNet::zero_grad(self);
+        Ok(())
+    }
+    fn backward(&mut self, dlogits: &[f32]) -> Result<()> {
+        DenseNet::backward(self, dlogits);
+        Ok(())
+    }
+    fn adam_step(&mut self, adam: &mut Adam) -> Result<()> {
+        adam.update(&mut self.params, &self.grads);
+        Ok(())
+    }
+    fn export_adam(&self, _adam: &mut Adam) -> Result<()> {
+        Ok(()) // the moments already live in `adam`
+    }
+    fn import_adam(&mut self, _adam: &Adam) -> Result<()> {
+        Ok(())
+    }
+    fn to_state_dict(&self) -> Result<StateDict> {
+        Ok(DenseNet::to_state_dict(self))
+    }
+}
+
+/// Build a model on a device: from a state dict, or freshly initialised from `seed`
+/// (torchvision's init, identical on every device).
+pub fn build(
+    device: Device,
+    precision: Precision,
+    spec: DenseNetSpec,
+    weights: Option<&StateDict>,
+    seed: u64,
+) -> Result<Box<dyn Net>> {
+    let cpu = match weights {
+        Some(sd) => DenseNet::<f32>::from_state_dict(spec, sd)?,
+        None => DenseNet::<f32>::new(spec, seed),
+    };
+    match crate::gpu::resolve(device)? {
+        Device::Cpu => {
+            if precision != Precision::F32 {
+                bail!("the cpu backend computes in f32 only: drop --precision or use --device cuda|emu");
+            }
+            Ok(Box::new(cpu))
+        }
+        d => bail!("--device {d}: the DenseNet ops are not ported to the GPU backend yet; use --device cpu"),
+    }
+}

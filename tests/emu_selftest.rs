@@ -1,0 +1,503 @@
+//! Self-tests of the executors: barriers, warp collectives with masks, atomics, shared memory.
+//! Those with defined CUDA semantics run on every executor (MURA_TEST_DEVICE); those that plant
+//! a bug (poisoned shared memory, bad masks, divergent barriers, out-of-bounds writes) check the
+//! emulator's diagnostics and run on the emulator only.
+
+use mura::gpu::testing::{fresh_seed, test_driver};
+use mura::gpu::{arg, emu::Emu, kernels, DeviceBuffer, Driver};
+use mura::rng::Rng;
+use std::sync::Arc;
+
+fn driver() -> Arc<dyn Driver> {
+    test_driver().expect("test device")
+}
+
+/// Launch a kernel whose only parameter is an output buffer (plus optional extra i32).
+fn launch_out(
+    d: &Arc<dyn Driver>,
+    name: &str,
+    out: u64,
+    extra: Option<i32>,
+    grid: u32,
+    block: u32,
+    shared: u32,
+) -> anyhow::Result<()> {
+    let (mut o, mut e) = (out, extra.unwrap_or(0));
+    let mut params = vec![arg(&mut o)];
+    if extra.is_some() {
+        params.push(arg(&mut e));
+    }
+    unsafe { d.launch(name, [grid, 1, 1], [block, 1, 1], shared, &mut params) }?;
+    d.synchronize()
+}
+
+#[test]
+fn barriers_order_shared_memory() {
+    let d = driver();
+    let (grid, n) = (3usize, 96usize);
+    let out = DeviceBuffer::<i32>::alloc(&d, grid * n).unwrap();
+    out.fill_bytes(0xff).unwrap();
+    launch_out(
+        &d,
+        "selftest_barrier_fwd_i32",
+        out.ptr(),
+        None,
+        grid as u32,
+        n as u32,
+        0,
+    )
+    .unwrap();
+    let got = out.to_vec().unwrap();
+    for b in 0..grid {
+        let s1: Vec<i32> = (0..n).map(|u| (u * 7 + b) as i32).collect();
+        let s2: Vec<i32> = (0..n).map(|u| 2 * s1[(u + 1) % n]).collect();
+        for t in 0..n {
+            assert_eq!(got[b * n + t], s2[n - 1 - t], "block {b} thread {t}");
+        }
+    }
+}
+
+#[test]
+fn warp_shuffles_and_votes() {
+    let d = driver();
+    let (grid, block) = (2usize, 64usize);
+    let out = DeviceBuffer::<i32>::alloc(&d, grid * block * 8).unwrap();
+    out.fill_bytes(0xff).unwrap();
+    launch_out(
+        &d,
+        "selftest_shfl_fwd_i32",
+        out.ptr(),
+        None,
+        grid as u32,
+        block as u32,
+        0,
+    )
+    .unwrap();
+    let got = out.to_vec().unwrap();
+    let v = |i: usize| (i * 3 + 1) as i32;
+    for i in 0..grid * block {
+        let lane = i % 32;
+        let base = i - lane;
+        let seg = lane / 16 * 16;
+        let ballot = (0..32)
+            .filter(|&j| v(base + j) % 7 < 3 && j % 5 != 4)
+            .fold(0u32, |m, j| m | 1 << j);
+        let any = (v(base + 31) % 4 == 0) as i32;
+        let expect = [
+            v(base + 5),
+            if lane >= 3 { v(i - 3) } else { v(i) },
+            if lane + 2 < seg + 16 { v(i + 2) } else { v(i) },
+            v(base + (lane ^ 9)),
+            ballot as i32,
+            1 + 2 * any,
+            if lane < 16 { v(base + (lane ^ 1)) } else { -1 },
+            (0..32).map(|j| v(base + j)).sum(),
+        ];
+        assert_eq!(&got[i * 8..i * 8 + 8], &expect, "thread {i}");
+    }
+}
+
+#[test]
+fn atomics() {
+    let d = driver();
+    let mut rng = Rng::new(fresh_seed("atomics"));
+    let n: usize = 10_007;
+    let x: Vec<i32> = (0..n).map(|_| rng.below(1_000_000) as i32).collect();
+    let xb = DeviceBuffer::from_slice(&d, &x).unwrap();
+    let hist = DeviceBuffer::<i32>::alloc(&d, 16).unwrap();
+    let fsum = DeviceBuffer::<f32>::alloc(&d, 1).unwrap();
+    let imax = DeviceBuffer::<i32>::alloc(&d, 1).unwrap();
+    let count = DeviceBuffer::<u32>::alloc(&d, 1).unwrap();
+    for b in [hist.ptr(), fsum.ptr(), imax.ptr(), count.ptr()] {
+        d.memset(b, 0, 4).unwrap();
+    }
+    hist.fill_bytes(0).unwrap();
+    let (mut h, mut f, mut m, mut c, mut xp, mut ni) = (
+        hist.ptr(),
+        fsum.ptr(),
+        imax.ptr(),
+        count.ptr(),
+        xb.ptr(),
+        n as i32,
+    );
+    let mut params = [
+        arg(&mut h),
+        arg(&mut f),
+        arg(&mut m),
+        arg(&mut c),
+        arg(&mut xp),
+        arg(&mut ni),
+    ];
+    unsafe {
+        d.launch(
+            "selftest_atomic_fwd_i32",
+            [5, 1, 1],
+            [128, 1, 1],
+            0,
+            &mut params,
+        )
+    }
+    .unwrap();
+    let mut h_ref = vec![0i32; 16];
+    for &v in &x {
+        h_ref[(v & 15) as usize] += 1;
+    }
+    assert_eq!(hist.to_vec().unwrap(), h_ref);
+    // Integers below 2^24: the float sum is exact in any order.
+    assert_eq!(
+        fsum.to_vec().unwrap()[0] as i64,
+        x.iter().map(|&v| (v & 255) as i64).sum::<i64>()
+    );
+    assert_eq!(imax.to_vec().unwrap()[0], *x.iter().max().unwrap());
+    assert_eq!(count.to_vec().unwrap()[0], n as u32);
+}
+
+#[test]
+fn dynamic_shared_memory() {
+    let d = driver();
+    let (grid, n) = (3usize, 64usize);
+    let out = DeviceBuffer::<f32>::alloc(&d, grid * n).unwrap();
+    out.fill_bytes(0xff).unwrap();
+    launch_out(
+        &d,
+        "selftest_dynshared_fwd_f32",
+        out.ptr(),
+        None,
+        grid as u32,
+        n as u32,
+        4 * n as u32,
+    )
+    .unwrap();
+    let got = out.to_vec().unwrap();
+    for b in 0..grid {
+        for t in 0..n {
+            assert_eq!(got[b * n + t], (b * 1000 + n - 1 - t) as f32);
+        }
+    }
+}
+
+/// Static shared memory persists across blocks in the emulator's process; it must be poisoned
+/// before every block, as must dynamic shared memory, so reads of unwritten shared memory show.
+#[test]
+fn emu_poisons_shared_memory_per_block() {
+    let d: Arc<dyn Driver> = Arc::new(Emu::new());
+    let (grid, n) = (4usize, 64usize);
+    let out = DeviceBuffer::<f32>::alloc(&d, grid * n * 2).unwrap();
+    out.fill_bytes(0).unwrap();
+    launch_out(
+        &d,
+        "selftest_uninit_fwd_f32",
+        out.ptr(),
+        None,
+        grid as u32,
+        n as u32,
+        4 * n as u32,
+    )
+    .unwrap();
+    for (i, v) in out.to_vec().unwrap().into_iter().enumerate() {
+        assert_eq!(
+            v.to_bits(),
+            0xffff_ffff,
+            "element {i} (block {}) was not poisoned",
+            i / (2 * n)
+        );
+    }
+}
+
+/// Each planted bug must come back as an error naming it, not as garbage, a hang or an abort.
+#[test]
+fn emu_reports_planted_bugs() {
+    let d: Arc<dyn Driver> = Arc::new(Emu::new());
+    let cases: [(i32, u32, Option<&str>); 7] = [
+        (0, 64, None),
+        (1, 64, Some("calling lane 0 is not in mask 0x00000002")),
+        (2, 64, Some("divergent warp collective")),
+        (3, 64, Some("divergent __syncthreads at selftest.cu:")),
+        (
+            4,
+            64,
+            Some("divergent __syncthreads: threads wait at selftest.cu:"),
+        ),
+        (
+            5,
+            64,
+            Some("reads lane 20, which is not in mask 0x0000ffff"),
+        ),
+        (
+            6,
+            48,
+            Some("names lanes that do not exist (warp has 16 threads)"),
+        ),
+    ];
+    for (mode, block, expect) in cases {
+        let out = DeviceBuffer::<i32>::alloc(&d, 2 * block as usize).unwrap();
+        let r = launch_out(
+            &d,
+            "selftest_bug_fwd_i32",
+            out.ptr(),
+            Some(mode),
+            2,
+            block,
+            0,
+        );
+        match (expect, r) {
+            (None, Ok(())) => {}
+            (Some(want), Err(e)) => assert!(
+                format!("{e:#}").contains(want),
+                "mode {mode}: got '{e:#}', want '{want}'"
+            ),
+            (want, r) => panic!("mode {mode}: expected {want:?}, got {r:?}"),
+        }
+    }
+    // The emulator is still usable after failed launches.
+    let out = DeviceBuffer::<i32>::alloc(&d, 128).unwrap();
+    launch_out(&d, "selftest_barrier_fwd_i32", out.ptr(), None, 2, 64, 0).unwrap();
+}
+
+#[test]
+fn emu_rejects_bad_launches() {
+    let d: Arc<dyn Driver> = Arc::new(Emu::new());
+    let out = DeviceBuffer::<i32>::alloc(&d, 64).unwrap();
+    let e = launch_out(&d, "no_such_kernel", out.ptr(), None, 1, 32, 0).unwrap_err();
+    assert!(format!("{e}").contains("no kernel named 'no_such_kernel'"));
+    let e = launch_out(&d, "selftest_barrier_fwd_i32", out.ptr(), Some(1), 1, 32, 0).unwrap_err();
+    assert!(format!("{e}").contains("takes 1 parameters, 2 given"));
+    let e = launch_out(&d, "selftest_barrier_fwd_i32", out.ptr(), None, 1, 2048, 0).unwrap_err();
+    assert!(format!("{e}").contains("invalid launch"));
+    let e = d.htod(out.ptr() + 200, &[0u8; 100]).unwrap_err();
+    assert!(format!("{e}").contains("outside every allocation"));
+}
+
+/// The emulator built with AddressSanitizer (a separate program, see build.rs) catches a kernel's
+/// write one element past its buffer, and runs the same kernel in bounds cleanly.
+#[test]
+fn emu_asan_catches_out_of_bounds_write() {
+    // MURA_EMU_ASAN: where scripts/gpu-check.sh put it, away from this build's target folder.
+    let exe = std::env::var("MURA_EMU_ASAN").unwrap_or_else(|_| kernels::ASAN_HARNESS.to_string());
+    assert!(
+        !exe.is_empty(),
+        "the ASan harness was not built (see the cargo warning from build.rs)"
+    );
+    let run = |mode: &str| run_harness(&exe, mode);
+    let ok = run("ok");
+    assert!(
+        ok.status.success(),
+        "in-bounds run failed: {}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let oob = run("oob");
+    let stderr = String::from_utf8_lossy(&oob.stderr);
+    assert!(!oob.status.success(), "out-of-bounds write was not caught");
+    assert!(
+        stderr.contains("AddressSanitizer: heap-buffer-overflow"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("selftest_oob_fwd_f32"), "{stderr}");
+}
+
+fn run_harness(exe: &str, mode: &str) -> std::process::Output {
+    std::process::Command::new(exe)
+        .arg(mode)
+        .env("ASAN_OPTIONS", "detect_leaks=0")
+        .output()
+        .expect("run the ASan harness")
+}
+
+/// bf16 and f16 conversions agree bit for bit with the `half` crate (both round to nearest even),
+/// on random values and the edge cases: halfway points, subnormals, overflow, infinities, NaN.
+#[test]
+fn float_conversions() {
+    use half::{bf16, f16};
+    let d = driver();
+    let mut rng = Rng::new(fresh_seed("float_conversions"));
+    let mut x: Vec<f32> = vec![
+        0.0,
+        -0.0,
+        1.0,
+        -1.5,
+        65504.0,
+        65519.0,
+        65520.0,
+        1e6,
+        -1e6,
+        6.0e-8,
+        2.9e-8,
+        3.0e-8,
+        6.1e-5,
+        1e-40,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::MAX,
+        f32::MIN_POSITIVE,
+        f32::from_bits(0x3f80_8000), // 1 + 2^-8: bf16 halfway, ties to even (down)
+        f32::from_bits(0x3f81_8000), // ties to even (up)
+        f32::from_bits(0x3f80_1000), // f16 halfway
+        f32::from_bits(0x3f80_3000),
+    ];
+    for _ in 0..2000 {
+        let e = rng.range(-30.0, 20.0);
+        x.push((rng.normal() * 2f64.powf(e)) as f32);
+        x.push(f32::from_bits(
+            rng.next_u64() as u32 & 0x7f7f_ffff | 0x3000_0000,
+        ));
+    }
+    let n = x.len();
+    let xb = DeviceBuffer::from_slice(&d, &x).unwrap();
+    let bb = DeviceBuffer::<u16>::alloc(&d, n).unwrap();
+    let hb = DeviceBuffer::<u16>::alloc(&d, n).unwrap();
+    let back = DeviceBuffer::<f32>::alloc(&d, 2 * n).unwrap();
+    for buf in [bb.ptr(), hb.ptr()] {
+        d.memset(buf, 0xff, 2 * n).unwrap();
+    }
+    back.fill_bytes(0xff).unwrap();
+    let (mut b, mut h, mut bk, mut xp, mut ni) =
+        (bb.ptr(), hb.ptr(), back.ptr(), xb.ptr(), n as i32);
+    let mut params = [
+        arg(&mut b),
+        arg(&mut h),
+        arg(&mut bk),
+        arg(&mut xp),
+        arg(&mut ni),
+    ];
+    unsafe {
+        d.launch(
+            "selftest_convert_fwd_f32",
+            [4, 1, 1],
+            [128, 1, 1],
+            0,
+            &mut params,
+        )
+    }
+    .unwrap();
+    let (bs, hs, backs) = (
+        bb.to_vec().unwrap(),
+        hb.to_vec().unwrap(),
+        back.to_vec().unwrap(),
+    );
+    for i in 0..n {
+        let (wb, wh) = (bf16::from_f32(x[i]), f16::from_f32(x[i]));
+        assert_eq!(
+            bs[i],
+            wb.to_bits(),
+            "bf16 of {:e} ({:#x})",
+            x[i],
+            x[i].to_bits()
+        );
+        assert_eq!(
+            hs[i],
+            wh.to_bits(),
+            "f16 of {:e} ({:#x})",
+            x[i],
+            x[i].to_bits()
+        );
+        assert_eq!(
+            backs[2 * i].to_bits(),
+            wb.to_f32().to_bits(),
+            "bf16 -> f32 of {:#x}",
+            wb.to_bits()
+        );
+        assert_eq!(
+            backs[2 * i + 1].to_bits(),
+            wh.to_f32().to_bits(),
+            "f16 -> f32 of {:#x}",
+            wh.to_bits()
+        );
+    }
+    let nan = DeviceBuffer::from_slice(&d, &[f32::NAN]).unwrap();
+    let (mut xp, mut ni) = (nan.ptr(), 1);
+    let mut params = [
+        arg(&mut b),
+        arg(&mut h),
+        arg(&mut bk),
+        arg(&mut xp),
+        arg(&mut ni),
+    ];
+    unsafe {
+        d.launch(
+            "selftest_convert_fwd_f32",
+            [1, 1, 1],
+            [32, 1, 1],
+            0,
+            &mut params,
+        )
+    }
+    .unwrap();
+    let got = back.to_vec().unwrap();
+    assert!(got[0].is_nan() && got[1].is_nan(), "NaN must stay NaN");
+}
+
+/// Every ldmatrix form against the PTX ISA's definition of which lane receives which elements.
+#[test]
+fn ldmatrix_forms() {
+    let d = driver();
+    let out = DeviceBuffer::<u32>::alloc(&d, 32 * 13).unwrap();
+    out.fill_bytes(0xff).unwrap();
+    launch_out(&d, "selftest_ldmatrix_fwd_i32", out.ptr(), None, 1, 32, 0).unwrap();
+    let got = out.to_vec().unwrap();
+    let tile = |r: usize, c: usize| (8 * r + c) as u32;
+    let pair = |a: u32, b: u32| a | (b << 16);
+    for lane in 0..32 {
+        let (row, col) = (lane / 4, 2 * (lane % 4));
+        let plain = |m: usize| pair(tile(8 * m + row, col), tile(8 * m + row, col + 1));
+        let trans = |m: usize| pair(tile(8 * m + col, row), tile(8 * m + col + 1, row));
+        let expect = [
+            plain(0),
+            plain(0),
+            plain(1),
+            plain(0),
+            plain(1),
+            plain(2),
+            plain(3),
+            trans(0),
+            trans(1),
+            trans(0),
+            trans(1),
+            trans(2),
+            trans(3),
+        ];
+        assert_eq!(&got[lane * 13..lane * 13 + 13], &expect, "lane {lane}");
+    }
+}
+
+/// A fiber that overflows its stack dies on the guard page below it (SIGSEGV) instead of silently
+/// corrupting its neighbour. The overflow runs in a child process: this test binary itself.
+#[test]
+fn emu_fiber_stack_overflow_hits_guard_page() {
+    let d: Arc<dyn Driver> = Arc::new(Emu::new());
+    let out = DeviceBuffer::<f32>::alloc(&d, 1).unwrap();
+    let run = |depth: i32| {
+        launch_out(
+            &d,
+            "selftest_overflow_fwd_f32",
+            out.ptr(),
+            Some(depth),
+            1,
+            32,
+            0,
+        )
+    };
+    if std::env::var_os("MURA_EMU_OVERFLOW_CHILD").is_some() {
+        let _ = run(10_000); // 10 MB of frames on a 256 KiB stack
+        std::process::exit(0); // only reached if the overflow went unnoticed
+    }
+    run(20).unwrap();
+    let expect: f32 = (1..=20).map(|k| k as f32).sum();
+    assert_eq!(out.to_vec().unwrap()[0], expect);
+
+    let child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "emu_fiber_stack_overflow_hits_guard_page",
+            "--test-threads=1",
+        ])
+        .env("MURA_EMU_OVERFLOW_CHILD", "1")
+        .output()
+        .unwrap();
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(
+        child.status.signal(),
+        Some(11),
+        "expected SIGSEGV, got {:?}",
+        child.status
+    );
+}

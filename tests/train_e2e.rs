@@ -1,0 +1,406 @@
+//! End to end through the binary: synth -> prep -> train -> resume -> eval -> predict --cam -> report.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+fn mura(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_mura"))
+        .args(args)
+        .output()
+        .expect("run mura")
+}
+
+fn ok(args: &[&str]) -> String {
+    let out = mura(args);
+    assert!(
+        out.status.success(),
+        "mura {args:?} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn err(args: &[&str]) -> String {
+    let out = mura(args);
+    assert!(!out.status.success(), "mura {args:?} should fail");
+    let e = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!e.contains("panicked"), "panic for {args:?}: {e}");
+    e
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("mura-e2e-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// A small synthetic dataset prepped at 32x32, shared by the tests.
+fn dataset() -> &'static (PathBuf, PathBuf) {
+    static D: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
+    D.get_or_init(|| {
+        let d = tmp("data");
+        let src = d.join("src");
+        let store = d.join("store");
+        ok(&[
+            "synth",
+            "--out",
+            src.to_str().unwrap(),
+            "--studies",
+            "60",
+            "--seed",
+            "3",
+        ]);
+        ok(&[
+            "prep",
+            "--mura-root",
+            src.to_str().unwrap(),
+            "--out",
+            store.to_str().unwrap(),
+            "--size",
+            "32",
+        ]);
+        (src, store)
+    })
+}
+
+const TINY: &[&str] = &[
+    "--arch",
+    "custom",
+    "--growth-rate",
+    "4",
+    "--block-config",
+    "2,2",
+    "--num-init-features",
+    "8",
+    "--bn-size",
+    "2",
+];
+
+fn train_args<'a>(store: &'a Path, out: &'a Path, epochs: &'a str) -> Vec<&'a str> {
+    let mut a = vec![
+        "train",
+        "--store",
+        store.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--image-size",
+        "32",
+        "--epochs",
+        epochs,
+        "--lr",
+        "3e-3",
+        "--seed",
+        "5",
+        "--quiet",
+    ];
+    a.extend_from_slice(TINY);
+    a
+}
+
+fn metrics(run: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn losses(run: &Path) -> Vec<(f64, f64)> {
+    metrics(run)
+        .iter()
+        .map(|m| {
+            (
+                m["train_loss"].as_f64().unwrap(),
+                m["val_loss"].as_f64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn train_learns_and_resume_matches_an_uninterrupted_run() {
+    let (_, store) = dataset();
+    let d = tmp("resume");
+    let full = d.join("full");
+    ok(&train_args(store, &full, "4"));
+    let m = metrics(&full);
+    assert_eq!(m.len(), 4);
+    for f in [
+        "epoch",
+        "train_loss",
+        "val_loss",
+        "lr",
+        "kappa",
+        "kappa_by_type",
+        "accuracy",
+        "auroc",
+        "images_per_s",
+        "seconds",
+    ] {
+        assert!(m[0].get(f).is_some(), "metrics.jsonl lacks {f}");
+    }
+    let l = losses(&full);
+    let first_val = l[0].1;
+    let best_val = l.iter().map(|x| x.1).fold(f64::INFINITY, f64::min);
+    assert!(
+        best_val < first_val,
+        "validation loss never fell below epoch 1's: {l:?}"
+    );
+    for f in [
+        "best.safetensors",
+        "last.safetensors",
+        "last.optim.safetensors",
+        "val_predictions.csv",
+    ] {
+        assert!(full.join(f).exists(), "no {f}");
+    }
+
+    // Two epochs, then resume to four: the same per-epoch losses.
+    let part = d.join("part");
+    ok(&train_args(store, &part, "2"));
+    ok(&[
+        "train",
+        "--resume",
+        part.to_str().unwrap(),
+        "--epochs",
+        "4",
+        "--quiet",
+    ]);
+    let lp = losses(&part);
+    assert_eq!(lp.len(), 4);
+    for (a, b) in l.iter().zip(&lp) {
+        assert!(
+            (a.0 - b.0).abs() <= 1e-9 * a.0.abs() && (a.1 - b.1).abs() <= 1e-9 * a.1.abs(),
+            "resumed run differs: {l:?} vs {lp:?}"
+        );
+    }
+
+    // An existing run is never overwritten by a fresh start.
+    let e = err(&train_args(store, &full, "1"));
+    assert!(e.contains("--resume"), "{e}");
+}
+
+#[test]
+fn eval_predict_cam_and_report() {
+    let (src, store) = dataset();
+    let d = tmp("eval");
+    let run = d.join("run");
+    ok(&train_args(store, &run, "2"));
+    let best = run.join("best.safetensors");
+    let out = d.join("eval");
+    // An ensemble of the same checkpoint twice equals the single model.
+    let table = ok(&[
+        "eval",
+        "--store",
+        store.to_str().unwrap(),
+        "--checkpoint",
+        best.to_str().unwrap(),
+        run.join("last.safetensors").to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(table.contains("XR_WRIST"), "{table}");
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap();
+    for f in [
+        "kappa",
+        "kappa_ci",
+        "accuracy",
+        "sensitivity",
+        "specificity",
+        "auroc",
+        "n",
+    ] {
+        assert!(
+            m["overall"].get(f).is_some(),
+            "metrics.json lacks overall.{f}"
+        );
+    }
+    let preds = std::fs::read_to_string(out.join("predictions.csv")).unwrap();
+    assert!(preds
+        .lines()
+        .all(|l| l.starts_with("MURA-v1.1/valid/") && (l.ends_with("/,0") || l.ends_with("/,1"))));
+    // The official-style scorer accepts what eval wrote.
+    let labels = src.join("MURA-v1.1/valid_labeled_studies.csv");
+    let scored = ok(&[
+        "score",
+        "--labels",
+        labels.to_str().unwrap(),
+        "--predictions",
+        out.join("predictions.csv").to_str().unwrap(),
+        "--json",
+    ]);
+    let s: serde_json::Value = serde_json::from_str(scored.trim()).unwrap();
+    let (k1, k2) = (
+        s["overall"]["kappa"].as_f64(),
+        m["overall"]["kappa"].as_f64(),
+    );
+    assert!(
+        k1.zip(k2).is_none_or(|(a, b)| (a - b).abs() < 1e-12),
+        "score and eval disagree: {k1:?} vs {k2:?}"
+    );
+
+    // predict with CAMs on one abnormal and one normal study.
+    let lines = std::fs::read_to_string(&labels).unwrap();
+    let pick = |label: &str| -> PathBuf {
+        let l = lines.lines().find(|l| l.ends_with(label)).unwrap();
+        src.join(l.split(',').next().unwrap())
+    };
+    let (abn, nor) = (pick(",1"), pick(",0"));
+    let cam = d.join("cam");
+    let mut args = vec![
+        "predict",
+        "--weights",
+        best.to_str().unwrap(),
+        "--image-size",
+        "32",
+        "--cam",
+        cam.to_str().unwrap(),
+        abn.to_str().unwrap(),
+        nor.to_str().unwrap(),
+    ];
+    args.extend_from_slice(TINY);
+    let out = ok(&args);
+    let rows: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 2);
+    for r in &rows {
+        let views = r["views"].as_array().unwrap();
+        let mean: f64 = views
+            .iter()
+            .map(|v| v["probability"].as_f64().unwrap())
+            .sum::<f64>()
+            / views.len() as f64;
+        assert!((mean - r["probability"].as_f64().unwrap()).abs() < 1e-12);
+        assert_eq!(r["abnormal"].as_bool().unwrap(), mean > 0.5);
+    }
+    let mut cams: Vec<PathBuf> = std::fs::read_dir(&cam)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    cams.sort();
+    let n_views: usize = rows
+        .iter()
+        .map(|r| r["views"].as_array().unwrap().len())
+        .sum();
+    assert_eq!(cams.len(), n_views);
+    // Each CAM has its radiograph's size; the abnormal and normal study's maps differ.
+    let first_view = rows[0]["views"][0]["path"].as_str().unwrap();
+    let (w, h) = image::image_dimensions(first_view).unwrap();
+    let abn_cam = cams
+        .iter()
+        .find(|p| p.to_string_lossy().contains(&sanitized_tail(&abn)))
+        .unwrap();
+    assert_eq!(image::image_dimensions(abn_cam).unwrap(), (w, h));
+    let nor_cam = cams
+        .iter()
+        .find(|p| p.to_string_lossy().contains(&sanitized_tail(&nor)))
+        .unwrap();
+    assert_ne!(
+        std::fs::read(abn_cam).unwrap(),
+        std::fs::read(nor_cam).unwrap()
+    );
+
+    ok(&["report", run.to_str().unwrap()]);
+    for f in ["loss.png", "kappa.png", "roc.png"] {
+        assert!(run.join("report").join(f).exists(), "no {f}");
+    }
+}
+
+/// The study folder's last two components as `predict` names CAM files.
+fn sanitized_tail(p: &Path) -> String {
+    let comps: Vec<String> = p
+        .components()
+        .rev()
+        .take(2)
+        .map(|c| c.as_os_str().to_string_lossy().into_owned())
+        .collect();
+    format!("{}_{}", comps[1], comps[0])
+}
+
+#[test]
+fn nan_loss_stops_training_with_a_clear_error() {
+    let (_, store) = dataset();
+    let d = tmp("nan");
+    // A checkpoint with a NaN classifier bias: the very first loss is NaN.
+    let seed_run = d.join("seed");
+    let mut a = train_args(store, &seed_run, "1");
+    a.extend_from_slice(&["--max-batches", "1"]);
+    ok(&a);
+    let ck = seed_run.join("last.safetensors");
+    let mut c = mura::weights::load_safetensors(&ck).unwrap();
+    let t = c
+        .state_dict
+        .tensors
+        .iter_mut()
+        .find(|t| t.name == "classifier.bias")
+        .unwrap();
+    if let mura::weights::TensorData::F32(v) = &mut t.data {
+        v[0] = f32::NAN;
+    }
+    let bad = d.join("nan.safetensors");
+    mura::weights::save_safetensors(&bad, &c.state_dict, &c.metadata).unwrap();
+    let run = d.join("run");
+    let mut a = train_args(store, &run, "2");
+    a.extend_from_slice(&["--init", bad.to_str().unwrap()]);
+    let e = err(&a);
+    assert!(e.contains("NaN") && e.contains("epoch 1 batch 1"), "{e}");
+    assert!(!run.join("last.safetensors").exists());
+}
+
+#[test]
+fn bad_input_is_one_clear_line() {
+    let (_, store) = dataset();
+    let d = tmp("bad");
+    let e = err(&[
+        "train",
+        "--store",
+        d.join("nope").to_str().unwrap(),
+        "--out",
+        d.join("r").to_str().unwrap(),
+    ]);
+    assert_eq!(e.trim().lines().count(), 1, "{e}");
+    let e = err(&["train", "--resume", d.to_str().unwrap()]);
+    assert!(e.contains("not a mura run folder"), "{e}");
+    let r2 = d.join("r2");
+    let mut a = train_args(store, &r2, "1");
+    a.extend_from_slice(&["--loss", "median"]);
+    assert!(err(&a).contains("--loss"));
+    let e = err(&[
+        "predict",
+        "--weights",
+        d.join("missing.safetensors").to_str().unwrap(),
+        d.to_str().unwrap(),
+    ]);
+    assert_eq!(e.trim().lines().count(), 1, "{e}");
+    let empty = d.join("empty_study");
+    std::fs::create_dir_all(&empty).unwrap();
+    let run = d.join("r3");
+    let mut a = train_args(store, &run, "1");
+    a.extend_from_slice(&["--max-batches", "1"]);
+    ok(&a);
+    let mut p: Vec<String> = vec![
+        "predict".into(),
+        "--weights".into(),
+        run.join("best.safetensors").to_str().unwrap().into(),
+        empty.to_str().unwrap().into(),
+    ];
+    p.extend(TINY.iter().map(|s| s.to_string()));
+    let p: Vec<&str> = p.iter().map(|s| s.as_str()).collect();
+    assert!(err(&p).contains("no PNG"));
+    // A checkpoint of another architecture is refused.
+    let e = err(&[
+        "predict",
+        "--weights",
+        run.join("best.safetensors").to_str().unwrap(),
+        "--arch",
+        "densenet121",
+        empty.to_str().unwrap(),
+    ]);
+    assert!(e.contains("densenet121"), "{e}");
+}
