@@ -24,7 +24,7 @@ pub struct Args {
     /// Synthetic studies (train + valid)
     #[arg(long, default_value_t = 600)]
     pub studies: usize,
-    #[arg(long, default_value_t = 12)]
+    #[arg(long, default_value_t = 14)]
     pub epochs: usize,
     /// Side of the stored and model images
     #[arg(long, default_value_t = 64)]
@@ -119,7 +119,7 @@ pub fn run(args: Args) -> Result<()> {
         batch: 8,
         lr: 1e-3,
         weight_decay: 0.0,
-        patience: 2,
+        patience: 1,
         loss: LossLevel::Study,
         study_types: StudyType::ALL.to_vec(),
         image_size: args.image_size,
