@@ -67,6 +67,10 @@ fn whole_densenet_gradients_match_finite_differences() {
         }
     }
     let rel = (num / den).sqrt();
+    eprintln!(
+        "whole tiny DenseNet: {} params, gradient rel err {rel:.2e}",
+        analytic.len()
+    );
     assert!(
         rel <= 1e-6,
         "whole-model gradient rel err {rel}, worst |diff| {:e} at param {}",

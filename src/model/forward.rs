@@ -250,6 +250,8 @@ impl<T: Float> DenseNet<T> {
         let lay = self.layout.clone();
         let nb = lay.blocks.len();
         let mut dbufs: Vec<Vec<T>> = (0..nb).map(|_| Vec::new()).collect();
+        // Dense-layer temporaries, reused across layers (no allocation or page faults per layer).
+        let (mut s_da2, mut s_dy1, mut s_da1) = (Vec::new(), Vec::new(), Vec::new());
         while let Some(node) = tape.nodes.pop() {
             match node {
                 Node::Head { feat } => {
@@ -306,7 +308,7 @@ impl<T: Float> DenseNet<T> {
                     };
                     let g2 = &mut self.grads[li.conv2.p..li.conv2.p + li.conv2.len()];
                     conv2d_bwd_weight(yi, Some(pre2), CONV3, &dbuf[c..], ct, k, g2);
-                    let mut da2 = vec![T::ZERO; rows * mid];
+                    let da2 = scratch(&mut s_da2, rows * mid); // overwritten below
                     conv2d_bwd_input(
                         &dbuf[c..],
                         ct,
@@ -314,17 +316,11 @@ impl<T: Float> DenseNet<T> {
                         li.conv2.of(&self.params),
                         CONV3,
                         (n, h, w, mid),
-                        &mut da2,
+                        da2,
                     );
-                    let mut dy1 = vec![T::ZERO; rows * mid];
-                    self.bn_bwd(
-                        li.norm2,
-                        (&y1, mid),
-                        &mean2,
-                        &var2,
-                        (&da2, mid),
-                        (&mut dy1, mid),
-                    );
+                    let dy1 = scratch(&mut s_dy1, rows * mid);
+                    dy1.fill(T::ZERO); // accumulated into
+                    self.bn_bwd(li.norm2, (&y1, mid), &mean2, &var2, (da2, mid), (dy1, mid));
                     // conv1 (1×1) on relu(norm1(prefix)).
                     let (mean1, var1) = (&blk.mean[..c], &blk.var[..c]);
                     let (s1, t1) = self.bn_saved(li.norm1, mean1, var1);
@@ -341,18 +337,18 @@ impl<T: Float> DenseNet<T> {
                         shift: &t1,
                     };
                     let g1 = &mut self.grads[li.conv1.p..li.conv1.p + li.conv1.len()];
-                    conv2d_bwd_weight(prefix, Some(pre1), POINTWISE, &dy1, mid, mid, g1);
-                    let mut da1 = vec![T::ZERO; rows * c];
+                    conv2d_bwd_weight(prefix, Some(pre1), POINTWISE, dy1, mid, mid, g1);
+                    let da1 = scratch(&mut s_da1, rows * c); // overwritten below
                     conv2d_bwd_input(
-                        &dy1,
+                        dy1,
                         mid,
                         mid,
                         li.conv1.of(&self.params),
                         POINTWISE,
                         (n, h, w, c),
-                        &mut da1,
+                        da1,
                     );
-                    self.bn_bwd(li.norm1, (&blk.buf, ct), mean1, var1, (&da1, c), (dbuf, ct));
+                    self.bn_bwd(li.norm1, (&blk.buf, ct), mean1, var1, (da1, c), (dbuf, ct));
                 }
                 Node::Transition { b, pooled } => {
                     let (tn, tc) = lay.blocks[b].transition.expect("transition");
@@ -459,6 +455,15 @@ impl<T: Float> DenseNet<T> {
             x.0, rows, c, x.1, gamma, beta, mean, var, true, true, dy.0, dy.1, dg, db, dx.0, dx.1,
         );
     }
+}
+
+/// The first `len` elements of a reusable buffer, grown (zero-filled) if needed; the
+/// contents are whatever the last user left.
+fn scratch<T: Float>(v: &mut Vec<T>, len: usize) -> &mut [T] {
+    if v.len() < len {
+        v.resize(len, T::ZERO);
+    }
+    &mut v[..len]
 }
 
 impl<T: Float> BlockAct<T> {

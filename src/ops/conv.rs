@@ -3,7 +3,8 @@
 //! GEMM on the input itself; the others pack an im2col buffer in row chunks, optionally
 //! applying a fused BN+ReLU to the input while packing.
 
-use super::{matmul, par_rows, BnRelu, Float, Mat};
+use super::{matmul, matmul_1t, par_rows, BnRelu, Float, Mat};
+use rayon::prelude::*;
 
 /// Kernel size, stride and padding of a square convolution.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -36,9 +37,10 @@ pub struct Image<'a, T> {
     pub rs: usize,
 }
 
-/// Output pixels per im2col chunk: bounds the packing buffer to a few MB.
+/// Output pixels per im2col chunk: a chunk's packing buffer (≈ 512 KB of f32) stays in
+/// L2 while one thread multiplies it.
 fn chunk_rows(cols: usize) -> usize {
-    ((1 << 20) / cols.max(1)).clamp(64, 8192)
+    ((1 << 17) / cols.max(1)).clamp(32, 4096)
 }
 
 /// Pack output pixels `[r0, r0 + rows)` of `x` into `col: [rows, k*k*c]` (columns ordered ky, kx, c).
@@ -53,7 +55,7 @@ fn im2col<T: Float>(
     let (ho, wo) = g.out_hw(x.h, x.w);
     let c = x.c;
     let kc = g.k * g.k * c;
-    par_rows(col, rows, kc, |i, row| {
+    for (i, row) in col[..rows * kc].chunks_mut(kc).enumerate() {
         let r = r0 + i;
         let (b, oy, ox) = (r / (ho * wo), (r / wo) % ho, r % wo);
         for ky in 0..g.k {
@@ -79,7 +81,7 @@ fn im2col<T: Float>(
                 }
             }
         }
-    });
+    }
 }
 
 /// `y: [n, ho, wo, co]` (row stride `y_rs`) = conv(pre(x), wt); `wt: [k, k, x.c, co]`.
@@ -108,22 +110,26 @@ pub fn conv2d_fwd<T: Float>(
         );
         return;
     }
+    // Each task packs a chunk of output pixels and multiplies it while it is hot in cache.
     let step = chunk_rows(kc);
-    let mut col = vec![T::ZERO; step.min(m) * kc];
-    for r0 in (0..m).step_by(step) {
-        let rows = step.min(m - r0);
-        im2col(x, pre, g, r0, rows, &mut col);
-        matmul(
-            rows,
-            co,
-            kc,
-            &mut y[r0 * y_rs..],
-            y_rs,
-            false,
-            Mat::rows(&col, kc),
-            Mat::rows(wt, co),
-        );
-    }
+    let y = &mut y[..(m - 1) * y_rs + co];
+    y.par_chunks_mut(step * y_rs).enumerate().for_each_init(
+        || vec![T::ZERO; step * kc],
+        |col, (i, yc)| {
+            let (r0, rows) = (i * step, step.min(m - i * step));
+            im2col(x, pre, g, r0, rows, col);
+            matmul_1t(
+                rows,
+                co,
+                kc,
+                yc,
+                y_rs,
+                false,
+                Mat::rows(col, kc),
+                Mat::rows(wt, co),
+            );
+        },
+    );
 }
 
 /// `dw: [k, k, x.c, co] += d(loss)/d(wt)` given `dy: [n, ho, wo, co]` (row stride `dy_rs`).
@@ -152,21 +158,27 @@ pub fn conv2d_bwd_weight<T: Float>(
         );
         return;
     }
+    // One partial dW per thread over a fixed, contiguous range of chunks, summed in order:
+    // the result does not depend on scheduling.
     let step = chunk_rows(kc);
-    let mut col = vec![T::ZERO; step.min(m) * kc];
-    for r0 in (0..m).step_by(step) {
-        let rows = step.min(m - r0);
-        im2col(x, pre, g, r0, rows, &mut col);
-        matmul(
-            kc,
-            co,
-            rows,
-            dw,
-            co,
-            true,
-            Mat::t(&col, kc),
-            Mat::rows(&dy[r0 * dy_rs..], dy_rs),
-        );
+    let chunks = m.div_ceil(step);
+    let parts = rayon::current_num_threads().min(chunks);
+    let partial: Vec<Vec<T>> = (0..parts)
+        .into_par_iter()
+        .map(|p| {
+            let mut col = vec![T::ZERO; step * kc];
+            let mut part = vec![T::ZERO; kc * co];
+            for ci in chunks * p / parts..chunks * (p + 1) / parts {
+                let (r0, rows) = (ci * step, step.min(m - ci * step));
+                im2col(x, pre, g, r0, rows, &mut col);
+                let dyc = Mat::rows(&dy[r0 * dy_rs..], dy_rs);
+                matmul_1t(kc, co, rows, &mut part, co, true, Mat::t(&col, kc), dyc);
+            }
+            part
+        })
+        .collect();
+    for part in partial {
+        dw.iter_mut().zip(&part).for_each(|(d, &p)| *d += p);
     }
 }
 

@@ -135,6 +135,36 @@ pub fn matmul<T: Float>(
     a: Mat<T>,
     b: Mat<T>,
 ) {
+    gemm_call(m, n, k, c, c_rs, acc, a, b, gemm::Parallelism::Rayon(0))
+}
+
+/// [`matmul`] on the calling thread only (for callers that parallelise over row chunks).
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_1t<T: Float>(
+    m: usize,
+    n: usize,
+    k: usize,
+    c: &mut [T],
+    c_rs: usize,
+    acc: bool,
+    a: Mat<T>,
+    b: Mat<T>,
+) {
+    gemm_call(m, n, k, c, c_rs, acc, a, b, gemm::Parallelism::None)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn gemm_call<T: Float>(
+    m: usize,
+    n: usize,
+    k: usize,
+    c: &mut [T],
+    c_rs: usize,
+    acc: bool,
+    a: Mat<T>,
+    b: Mat<T>,
+    par: gemm::Parallelism,
+) {
     assert!(c.len() >= extent(m, n, c_rs, 1), "matmul: c too small");
     assert!(
         a.data.len() >= extent(m, k, a.rs, a.cs),
@@ -177,7 +207,7 @@ pub fn matmul<T: Float>(
             false,
             false,
             false,
-            gemm::Parallelism::Rayon(0),
+            par,
         )
     }
 }
