@@ -4,7 +4,7 @@ use super::{matmul, Float, Mat};
 
 pub fn relu_fwd<T: Float>(x: &[T]) -> Vec<T> {
     x.iter()
-        .map(|&v| if v > T::ZERO { v } else { T::ZERO })
+        .map(|&v| if v < T::ZERO { T::ZERO } else { v }) // NaN propagates, as in PyTorch
         .collect()
 }
 
@@ -76,6 +76,17 @@ mod tests {
     use super::*;
     use crate::ops::testutil::{dot, fd_check, randn, TOL};
     use crate::rng::Rng;
+
+    #[test]
+    fn relu_propagates_nan() {
+        let y = relu_fwd(&[f32::NAN, -1.0, 2.0]);
+        assert!(y[0].is_nan() && y[1] == 0.0 && y[2] == 2.0);
+        let f = crate::ops::BnRelu {
+            scale: &[1.0f32],
+            shift: &[0.0],
+        };
+        assert!(f.at(0, f32::NAN).is_nan());
+    }
 
     #[test]
     fn relu_and_sigmoid_gradients() {

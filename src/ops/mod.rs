@@ -83,10 +83,11 @@ impl<T: Float> BnRelu<'_, T> {
     #[inline(always)]
     pub fn at(&self, j: usize, x: T) -> T {
         let v = x * self.scale[j] + self.shift[j];
-        if v > T::ZERO {
-            v
-        } else {
+        // `v < 0`, not `v > 0`: a NaN passes through (as in PyTorch) instead of becoming 0.
+        if v < T::ZERO {
             T::ZERO
+        } else {
+            v
         }
     }
 }
