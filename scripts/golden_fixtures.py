@@ -48,11 +48,17 @@ FIXTURE FORMAT (tests/fixtures/golden/<name>.json), all numbers plain JSON float
         # running_stat_norms) holding |torch_f32 - ref| / |ref| of PyTorch's own float32 run
   }
   Reference values are computed by PyTorch in float64 from the float32 weights and input above
-  (so they are the exact answer for those f32 numbers). A few quantities are ill-conditioned
-  (e.g. a BN weight's gradient that is a near-cancelling sum, 1e-3 of its neighbours' size), so
-  float32 cannot meet 1e-5 on them; PyTorch itself misses by the recorded torch_f32_rel_diff.
-  Suggested check for an f32 path: rel_err <= max(1e-5, 4 * torch_f32_rel_diff[quantity]);
-  for an f64 path: rel_err <= 1e-9. Running-stat norms use PyTorch semantics
+  (so they are the exact answer for those f32 numbers). torch_f32_rel_diff is the larger gap of
+  PyTorch's two float32 runs, NCHW and channels_last (mura's layout).
+  Suggested check for an f32 path: rel_err <= max(1e-5, 4 * torch_f32_rel_diff[quantity]) for
+  logits, loss and running-stat norms; for an f64 path: rel_err <= 1e-9 everywhere.
+  Train-mode GRADIENT norms in float32 are not a per-tensor property: a pre-activation within
+  ~1e-5 of zero (there are a few among densenet121's ~10^6) can land on the other side of a ReLU
+  in float32, and with batch statistics over a few values the changed gradient reaches every
+  earlier tensor. Which ReLU flips depends on summation order: PyTorch's NCHW run flips in
+  denseblock2, its channels_last run in denseblocks 3 and 4, and tensors it leaves intact (gap
+  ~1e-6) are off by ~1e-3 in the other. So for float32 gradient norms use the mode's largest
+  gap: rel_err <= max(1e-5, 4 * max over all grad_norms of torch_f32_rel_diff). Running-stat norms use PyTorch semantics
   (momentum 0.1, unbiased batch variance). Each mode starts from freshly loaded weights.
 
 Also writes tests/fixtures/golden/seeded_weights.json: per model, the state_dict names in
@@ -121,14 +127,16 @@ def seeded_input(n, c, h, w, seed):
     return torch.from_numpy(u.astype(np.float32)).reshape(n, c, h, w)
 
 
-def run(model, sd, x, train, dtype):
+def run(model, sd, x, train, dtype, channels_last=False):
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
     model.load_state_dict(sd)
     model.to(dtype)
+    model.to(memory_format=fmt)
     model.train(train)
     model.zero_grad(set_to_none=True)
     y = torch.tensor([1.0, 0.0], dtype=dtype)
     w = torch.tensor([0.6, 0.4], dtype=dtype)
-    z = model(x.to(dtype)).reshape(-1)
+    z = model(x.to(dtype).contiguous(memory_format=fmt)).reshape(-1)
     loss = F.binary_cross_entropy_with_logits(z, y, weight=w)
     loss.backward()
     out = {
@@ -160,12 +168,15 @@ def fixture(name, model, spec, seed, hw):
     modes = {}
     for mode, train in (("train", True), ("eval", False)):
         ref = run(model, sd, x, train, torch.float64)
-        f32 = run(model, sd, x, train, torch.float32)
-        gap = {"logits": [rel(a, b) for a, b in zip(f32["logits"], ref["logits"])],
-               "loss": rel(f32["loss"], ref["loss"])}
+        # PyTorch's own float32 spread: the larger gap of its NCHW and channels_last runs.
+        runs = [run(model, sd, x, train, torch.float32, cl) for cl in (False, True)]
+        gap = {"logits": [max(rel(f["logits"][i], v) for f in runs)
+                          for i, v in enumerate(ref["logits"])],
+               "loss": max(rel(f["loss"], ref["loss"]) for f in runs)}
         for key in ("grad_norms", "running_stat_norms"):
             if key in ref:
-                gap[key] = {k: rel(f32[key][k], v) for k, v in ref[key].items()}
+                gap[key] = {k: max(rel(f[key][k], v) for f in runs) for k, v in ref[key].items()}
+        model.to(memory_format=torch.contiguous_format)
         ref["torch_f32_rel_diff"] = gap
         modes[mode] = ref
     xd = x.double()
