@@ -404,3 +404,59 @@ fn bad_input_is_one_clear_line() {
     ]);
     assert!(e.contains("densenet121"), "{e}");
 }
+
+#[test]
+fn init_from_torchvision_pth_fine_tunes_from_its_weights() {
+    let (_, store) = dataset();
+    let d = tmp("init");
+    let pth = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny_legacy.pth");
+    let init = format!("imagenet:{}", pth.display());
+    let run = d.join("run");
+    let mut a = train_args(store, &run, "1");
+    a.extend_from_slice(&["--init", &init, "--max-batches", "1"]);
+    ok(&a);
+    // After one Adam step (each weight moves by at most about lr = 3e-3) the features are still
+    // the .pth's; the head is a fresh single logit.
+    let want = mura::weights::import_torchvision(
+        mura::weights::load_pth(&pth).unwrap(),
+        &mura::spec::DenseNetSpec::custom(4, vec![2, 2], 8, 2).unwrap(),
+        5,
+    )
+    .unwrap();
+    let got = mura::weights::load_safetensors(&run.join("last.safetensors"))
+        .unwrap()
+        .state_dict;
+    let conv0 = |sd: &mura::weights::StateDict| match &sd.get("features.conv0.weight").unwrap().data
+    {
+        mura::weights::TensorData::F32(v) => v.clone(),
+        _ => unreachable!(),
+    };
+    let (a, b) = (conv0(&want), conv0(&got));
+    assert!(a.iter().zip(&b).all(|(x, y)| (x - y).abs() <= 3.1e-3));
+    assert!(a.iter().map(|x| x.abs()).sum::<f32>() > 0.1 * a.len() as f32 * 3.1e-3);
+    assert_eq!(got.get("classifier.weight").unwrap().shape, vec![1, 16]);
+    // A .pth of another architecture is refused, naming a key.
+    let bad = d.join("bad");
+    let e = err(&[
+        "train",
+        "--store",
+        store.to_str().unwrap(),
+        "--out",
+        bad.to_str().unwrap(),
+        "--image-size",
+        "32",
+        "--arch",
+        "custom",
+        "--growth-rate",
+        "6",
+        "--block-config",
+        "2,2",
+        "--num-init-features",
+        "8",
+        "--bn-size",
+        "2",
+        "--init",
+        &init,
+    ]);
+    assert!(e.contains("features."), "{e}");
+}
