@@ -460,3 +460,47 @@ fn init_from_torchvision_pth_fine_tunes_from_its_weights() {
     ]);
     assert!(e.contains("features."), "{e}");
 }
+
+#[test]
+fn demo_runs_end_to_end_and_only_replaces_its_own_folder() {
+    let d = tmp("demo");
+    let dir = d.join("demo");
+    let args = [
+        "demo",
+        "--dir",
+        dir.to_str().unwrap(),
+        "--studies",
+        "40",
+        "--epochs",
+        "1",
+        "--image-size",
+        "32",
+        "--device",
+        "cpu",
+    ];
+    let out = ok(&args);
+    assert!(out.contains("overall"), "{out}");
+    for f in [
+        "run/best.safetensors",
+        "eval/metrics.json",
+        "eval/predictions.csv",
+        "run/report/loss.png",
+    ] {
+        assert!(dir.join(f).exists(), "demo wrote no {f}");
+    }
+    assert!(std::fs::read_dir(dir.join("cam")).unwrap().count() > 0);
+    // Running again replaces the previous demo; a folder the demo did not make is refused.
+    ok(&args);
+    let foreign = d.join("foreign");
+    std::fs::create_dir_all(&foreign).unwrap();
+    std::fs::write(foreign.join("precious.txt"), "keep").unwrap();
+    let e = err(&[
+        "demo",
+        "--dir",
+        foreign.to_str().unwrap(),
+        "--studies",
+        "40",
+    ]);
+    assert!(e.contains("not a mura demo folder"), "{e}");
+    assert!(foreign.join("precious.txt").exists());
+}
