@@ -88,7 +88,7 @@ pub fn load_model(path: &Path, spec: Option<&DenseNetSpec>) -> Result<(DenseNetS
         (Some(s), _) => s,
         (None, Some(want)) => want.clone(),
         (None, None) => bail!(
-            "{} does not record its architecture: pass --arch",
+            "{} is not a mura model checkpoint (it records no architecture)",
             path.display()
         ),
     };

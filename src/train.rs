@@ -54,6 +54,26 @@ pub struct TrainConfig {
 }
 
 impl TrainConfig {
+    /// Refuses settings that cannot train, before anything is written.
+    pub fn validate(&self) -> Result<()> {
+        if self.epochs == 0 || self.batch == 0 {
+            bail!("--epochs and --batch must be at least 1");
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            bail!("--lr must be a positive number, got {}", self.lr);
+        }
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            bail!(
+                "--weight-decay must be zero or positive, got {}",
+                self.weight_decay
+            );
+        }
+        if self.max_views == Some(0) || self.max_batches == Some(0) {
+            bail!("--max-views and --max-batches must be at least 1");
+        }
+        crate::data::image::check_side("--image-size", self.image_size)
+    }
+
     pub fn from_args(a: &Args, store: PathBuf, out: PathBuf) -> Result<Self> {
         a.device.parse::<Device>()?;
         let precision: Precision = a.precision.parse()?;
@@ -67,9 +87,6 @@ impl TrainConfig {
             "image" => LossLevel::Image,
             l => bail!("unknown --loss '{l}': use study or image"),
         };
-        if a.batch == 0 || a.epochs == 0 {
-            bail!("--batch and --epochs must be positive");
-        }
         let study_types = if a.study_types.is_empty() {
             StudyType::ALL.to_vec()
         } else {
@@ -78,12 +95,12 @@ impl TrainConfig {
                 .map(|s| s.parse())
                 .collect::<Result<Vec<StudyType>>>()?
         };
-        Ok(TrainConfig {
+        let cfg = TrainConfig {
             store,
             out,
             spec: a.arch.spec()?,
             init: a.init.clone(),
-            epochs: a.epochs,
+            epochs: a.epochs.unwrap_or(10),
             batch: a.batch,
             lr: a.lr,
             weight_decay: a.weight_decay,
@@ -98,7 +115,9 @@ impl TrainConfig {
             precision,
             workers: a.workers.max(1),
             max_batches: a.max_batches,
-        })
+        };
+        cfg.validate()?;
+        Ok(cfg)
     }
 }
 
@@ -114,6 +133,18 @@ pub struct RunState {
     pub lr: f64,
     pub scheduler: ReduceLrOnPlateau,
     pub store_id: String,
+    /// The unfinished epoch's running totals, so a resumed epoch reports the same train loss.
+    #[serde(default)]
+    pub partial: PartialEpoch,
+}
+
+/// Running totals of the epoch in progress.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct PartialEpoch {
+    pub loss_sum: f64,
+    pub batches: usize,
+    pub images: usize,
+    pub seconds: f64,
 }
 
 /// One epoch's line in `metrics.jsonl`.
@@ -149,10 +180,19 @@ fn install_ctrlc() {
     });
 }
 
+/// Whether a run folder holds a checkpoint (a run that trained at least one step).
+fn has_checkpoint(dir: &Path) -> bool {
+    ["last.safetensors", "best.safetensors"]
+        .iter()
+        .any(|f| dir.join(f).exists())
+}
+
 pub fn train(cfg: TrainConfig, quiet: bool) -> Result<TrainOutcome> {
+    cfg.validate()?;
     std::fs::create_dir_all(&cfg.out)
         .with_context(|| format!("cannot create run folder {}", cfg.out.display()))?;
-    if cfg.out.join("config.json").exists() {
+    // A config without a checkpoint is a run that failed before its first step: start it afresh.
+    if cfg.out.join("config.json").exists() && has_checkpoint(&cfg.out) {
         bail!(
             "{} already holds a run: use `mura train --resume {}` or another --out",
             cfg.out.display(),
@@ -173,17 +213,21 @@ pub fn train(cfg: TrainConfig, quiet: bool) -> Result<TrainOutcome> {
             ..Default::default()
         },
         store_id: store.id(),
+        partial: PartialEpoch::default(),
     };
     checkpoint::write_json_atomic(&cfg.out.join("config.json"), &cfg)?;
     let _ = std::fs::remove_file(cfg.out.join("metrics.jsonl"));
     run_epochs(cfg, store, model.as_mut(), adam, state, quiet)
 }
 
-pub fn resume(dir: &Path, epochs: usize, quiet: bool) -> Result<TrainOutcome> {
+/// Continue the run in `dir`, to `epochs` in all when given (else the run's own total).
+pub fn resume(dir: &Path, epochs: Option<usize>, quiet: bool) -> Result<TrainOutcome> {
     let mut cfg: TrainConfig = checkpoint::read_json(&dir.join("config.json"))
         .with_context(|| format!("{} is not a mura run folder", dir.display()))?;
     cfg.out = dir.to_path_buf();
-    cfg.epochs = epochs.max(cfg.epochs);
+    if epochs == Some(0) {
+        bail!("--epochs must be at least 1");
+    }
     let store = Arc::new(Store::open(&cfg.store)?);
     let Checkpoint {
         weights,
@@ -197,6 +241,29 @@ pub fn resume(dir: &Path, epochs: usize, quiet: bool) -> Result<TrainOutcome> {
             store.id(),
             state.store_id
         );
+    }
+    if let Some(e) = epochs.filter(|&e| e != cfg.epochs) {
+        if e < state.epochs_done {
+            bail!(
+                "{} has already trained {} epochs: --epochs {e} is fewer",
+                dir.display(),
+                state.epochs_done
+            );
+        }
+        cfg.epochs = e;
+        checkpoint::write_json_atomic(&dir.join("config.json"), &cfg)?;
+    }
+    if state.epochs_done >= cfg.epochs {
+        eprintln!(
+            "{} has finished its {} epochs: pass --epochs N (more than {}) to train on",
+            dir.display(),
+            cfg.epochs,
+            state.epochs_done
+        );
+        return Ok(TrainOutcome {
+            epochs: Vec::new(),
+            interrupted: false,
+        });
     }
     let mut model = net::build(
         cfg.device.parse()?,
@@ -304,7 +371,9 @@ fn run_epochs(
         let t0 = Instant::now();
         let bar = progress(quiet, n_batches as u64, &format!("epoch {}", epoch + 1));
         bar.set_position(state.batches_done as u64);
-        let (mut loss_sum, mut loss_n, mut images) = (0.0f64, 0usize, 0usize);
+        // After an interruption the epoch goes on from its saved totals.
+        let done = std::mem::take(&mut state.partial);
+        let (mut loss_sum, mut loss_n, mut images) = (done.loss_sum, done.batches, done.images);
         for (b, batch) in train_loader
             .epoch(epoch as u64)
             .enumerate()
@@ -315,11 +384,15 @@ fn run_epochs(
             let logits = model.forward(&batch.images, batch.n_images, s, s, Mode::Train)?;
             let (loss, dz) = batch_loss(&store, &batch, &logits, cfg.loss);
             if !loss.is_finite() {
+                let kept = if has_checkpoint(&cfg.out) {
+                    format!("the last good checkpoint is kept in {}", cfg.out.display())
+                } else {
+                    "no checkpoint had been saved yet".to_string()
+                };
                 bail!(
-                    "training loss became {loss} at epoch {} batch {}; stopped, the last good checkpoint is kept in {}",
+                    "training loss became {loss} at epoch {} batch {}; stopped, {kept}",
                     epoch + 1,
-                    b + 1,
-                    cfg.out.display()
+                    b + 1
                 );
             }
             model.backward(&dz)?;
@@ -332,11 +405,17 @@ fn run_epochs(
             bar.set_message(format!(
                 "loss {:.4}  {:.1} img/s",
                 loss_sum / loss_n as f64,
-                images as f64 / t0.elapsed().as_secs_f64()
+                (images - done.images) as f64 / t0.elapsed().as_secs_f64()
             ));
             if STOP.load(Ordering::SeqCst) {
                 bar.abandon();
                 state.adam_step = adam.step;
+                state.partial = PartialEpoch {
+                    loss_sum,
+                    batches: loss_n,
+                    images,
+                    seconds: done.seconds + t0.elapsed().as_secs_f64(),
+                };
                 model.export_adam(&mut adam)?;
                 checkpoint::save_last(&cfg.out, model, &adam, &state, cfg.image_size)?;
                 eprintln!(
@@ -350,7 +429,7 @@ fn run_epochs(
             }
         }
         bar.finish_and_clear();
-        let train_seconds = t0.elapsed().as_secs_f64();
+        let train_seconds = done.seconds + t0.elapsed().as_secs_f64();
 
         let preds = predict_split(model, &store, &val_loader, cfg.loss)?;
         let val_loss = preds.loss;
@@ -389,7 +468,7 @@ fn run_epochs(
             accuracy: table.overall.accuracy,
             auroc: table.overall.auroc,
             images_per_s: images as f64 / train_seconds,
-            seconds: t0.elapsed().as_secs_f64(),
+            seconds: done.seconds + t0.elapsed().as_secs_f64(),
         };
         append_metrics(&cfg.out.join("metrics.jsonl"), &m)?;
         if !quiet {

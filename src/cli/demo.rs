@@ -63,10 +63,40 @@ pub fn demo_spec() -> DenseNetSpec {
 pub fn run(args: Args) -> Result<()> {
     let t0 = Instant::now();
     let dir = &args.dir;
-    fresh_dir(dir)?;
-    let data = dir.join("data");
+    // Every setting is checked before anything is written or the first minute is spent.
+    let device = crate::gpu::resolve(args.device.parse()?)?;
+    let spec = demo_spec();
     let store_dir = dir.join("store");
     let run_dir = dir.join("run");
+    let cfg = TrainConfig {
+        store: store_dir.clone(),
+        out: run_dir.clone(),
+        spec: spec.clone(),
+        init: "random".into(),
+        epochs: args.epochs,
+        batch: 8,
+        lr: 1e-3,
+        weight_decay: 0.0,
+        patience: 1,
+        loss: LossLevel::Study,
+        study_types: StudyType::ALL.to_vec(),
+        image_size: args.image_size,
+        max_rotation_deg: 10.0,
+        max_views: None,
+        seed: args.seed,
+        device: device.to_string(),
+        precision: Precision::F32,
+        workers: 2,
+        max_batches: None,
+    };
+    cfg.validate()?;
+    crate::model::DenseNet::<f32>::new(spec.clone(), 0)
+        .feature_hw(args.image_size, args.image_size)?;
+    if args.studies == 0 {
+        bail!("--studies must be at least 1");
+    }
+    fresh_dir(dir)?;
+    let data = dir.join("data");
 
     println!(
         "1/6 synthesising {} MURA-like studies in {}",
@@ -101,8 +131,6 @@ pub fn run(args: Args) -> Result<()> {
         progress: true,
     })?;
 
-    let device = crate::gpu::resolve(args.device.parse()?)?;
-    let spec = demo_spec();
     println!(
         "3/6 training a DenseNet (growth {}, blocks {:?}, {} parameters) on {device} for {} epochs",
         spec.growth_rate,
@@ -110,27 +138,6 @@ pub fn run(args: Args) -> Result<()> {
         spec.num_params(),
         args.epochs
     );
-    let cfg = TrainConfig {
-        store: store_dir.clone(),
-        out: run_dir.clone(),
-        spec: spec.clone(),
-        init: "random".into(),
-        epochs: args.epochs,
-        batch: 8,
-        lr: 1e-3,
-        weight_decay: 0.0,
-        patience: 1,
-        loss: LossLevel::Study,
-        study_types: StudyType::ALL.to_vec(),
-        image_size: args.image_size,
-        max_rotation_deg: 10.0,
-        max_views: None,
-        seed: args.seed,
-        device: device.to_string(),
-        precision: Precision::F32,
-        workers: 2,
-        max_batches: None,
-    };
     let outcome = train::train(cfg, false)?;
     if outcome.interrupted {
         return Ok(());

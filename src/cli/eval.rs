@@ -45,6 +45,9 @@ pub fn run(args: Args) -> Result<()> {
     let device: crate::device::Device = args.device.parse()?;
     let precision: crate::net::Precision = args.precision.parse()?;
     let split: Split = args.split.parse()?;
+    if let Some(s) = args.image_size {
+        crate::data::image::check_side("--image-size", s)?;
+    }
     let types = if args.study_types.is_empty() {
         StudyType::ALL.to_vec()
     } else {
@@ -99,7 +102,8 @@ pub fn run(args: Args) -> Result<()> {
             args.split
         );
     }
-    if preds.iter().all(|p| p.label.is_none()) {
+    let labelled = preds.iter().any(|p| p.label.is_some());
+    if !labelled {
         println!("no labelled studies in this split: predictions only");
     } else {
         let table = table(&preds);
@@ -117,11 +121,11 @@ pub fn run(args: Args) -> Result<()> {
             csv += &format!("{},{}\n", p.path, u8::from(p.probability > 0.5));
         }
         checkpoint::write_atomic(&dir.join("predictions.csv"), csv.as_bytes())?;
-        println!(
-            "wrote {} and {}",
-            dir.join("predictions.csv").display(),
-            dir.join("metrics.json").display()
-        );
+        print!("wrote {}", dir.join("predictions.csv").display());
+        if labelled {
+            print!(" and {}", dir.join("metrics.json").display());
+        }
+        println!();
     }
     Ok(())
 }

@@ -14,9 +14,9 @@ pub struct Args {
     /// Model weights (safetensors with torchvision names, e.g. a run's best.safetensors)
     #[arg(long)]
     pub weights: PathBuf,
-    /// Model input side
-    #[arg(long, default_value_t = 224)]
-    pub image_size: usize,
+    /// Model input side (default: the one a mura checkpoint was trained at, else 224)
+    #[arg(long)]
+    pub image_size: Option<usize>,
     /// Write a CAM overlay PNG per view into this folder
     #[arg(long)]
     pub cam: Option<PathBuf>,
@@ -63,11 +63,18 @@ fn sigmoid(z: f64) -> f64 {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    if args.image_size < 32 {
-        bail!("--image-size must be at least 32");
+    if let Some(s) = args.image_size {
+        crate::data::image::check_side("--image-size", s)?;
     }
-    let spec = args.arch.spec()?;
-    let (spec, sd) = crate::checkpoint::load_model(&args.weights, Some(&spec))?;
+    let requested = args.arch.spec()?;
+    // A mura checkpoint records its architecture: --arch is then needed only to insist on one.
+    let recorded = crate::checkpoint::read_spec(&args.weights)?.is_some();
+    let want = (!recorded || args.arch.arch != "densenet169").then_some(&requested);
+    let (spec, sd) = crate::checkpoint::load_model(&args.weights, want)?;
+    let size = match args.image_size {
+        Some(s) => s,
+        None => crate::checkpoint::read_image_size(&args.weights)?.unwrap_or(224),
+    };
     let mut model = crate::net::build(
         args.device.parse()?,
         args.precision.parse()?,
@@ -85,13 +92,7 @@ pub fn run(args: Args) -> Result<()> {
         .map(|p| study_views(p).map(|v| (p.clone(), v)))
         .collect::<Result<_>>()?;
     for (study, views) in studies {
-        let line = predict_study(
-            model.as_mut(),
-            &study,
-            &views,
-            args.image_size,
-            args.cam.as_deref(),
-        )?;
+        let line = predict_study(model.as_mut(), &study, &views, size, args.cam.as_deref())?;
         println!("{line}");
     }
     Ok(())

@@ -13,17 +13,22 @@ pub struct Args {
     /// Run folder for checkpoints, metrics.jsonl and predictions
     #[arg(long, required_unless_present = "resume")]
     pub out: Option<PathBuf>,
-    /// Continue an interrupted or finished run in this folder (its saved settings are used)
-    #[arg(long, conflicts_with_all = ["store", "out"])]
+    /// Continue an interrupted or finished run in this folder (its saved settings are used; only
+    /// --epochs and --quiet may be given with it)
+    #[arg(long, conflicts_with_all = [
+        "store", "out", "arch", "growth_rate", "block_config", "num_init_features", "bn_size",
+        "init", "batch", "lr", "weight_decay", "patience", "loss", "study_types", "preset",
+        "image_size", "max_views", "seed", "device", "precision", "workers", "max_batches",
+    ])]
     pub resume: Option<PathBuf>,
     #[command(flatten)]
     pub arch: ArchArgs,
     /// Initial weights: `random`, `imagenet:FILE` (torchvision .pth or .safetensors), or a mura checkpoint
     #[arg(long, default_value = "random")]
     pub init: String,
-    /// Epochs to train (with --resume: the new total)
-    #[arg(long, default_value_t = 10)]
-    pub epochs: usize,
+    /// Epochs to train, 10 if not given (with --resume: the new total; default the run's own)
+    #[arg(long)]
+    pub epochs: Option<usize>,
     /// Studies per batch
     #[arg(long, default_value_t = 8)]
     pub batch: usize,

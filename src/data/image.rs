@@ -9,6 +9,18 @@ pub const MEAN: [f32; 3] = [0.485, 0.456, 0.406];
 /// ImageNet channel standard deviations (R, G, B).
 pub const STD: [f32; 3] = [0.229, 0.224, 0.225];
 
+/// The largest image side mura stores or feeds a model (MURA's images are at most 512 px).
+pub const MAX_SIDE: usize = 4096;
+
+/// Refuses an image side given as `option` (e.g. `--image-size`) outside 8..=MAX_SIDE, before a
+/// huge size turns into a failed allocation.
+pub fn check_side(option: &str, side: usize) -> Result<()> {
+    if !(8..=MAX_SIDE).contains(&side) {
+        bail!("{option} {side} is out of range (8..={MAX_SIDE})");
+    }
+    Ok(())
+}
+
 /// A single-channel image with values in [0, 1].
 #[derive(Clone, Debug, PartialEq)]
 pub struct GrayImage {

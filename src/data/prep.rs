@@ -87,9 +87,7 @@ pub fn commit_dir(tmp: &Path, out: &Path) -> Result<()> {
 
 pub fn prep(cfg: &PrepConfig) -> Result<PrepSummary> {
     let t0 = std::time::Instant::now();
-    if cfg.size < 8 || cfg.size > 4096 {
-        bail!("--size {} is out of range (8..=4096)", cfg.size);
-    }
+    super::image::check_side("--size", cfg.size)?;
     check_replaceable(&cfg.out)?;
     let ds = mura::read(&cfg.mura_root, &cfg.study_types)?;
     let mut skipped = ds.skipped.clone();

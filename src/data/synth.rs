@@ -783,12 +783,18 @@ fn plan(cfg: &SynthConfig) -> Vec<StudySpec> {
     out
 }
 
+/// MURA itself has 14,656 studies; far more is a typo that would fill the disk.
+const MAX_STUDIES: usize = 1_000_000;
+/// The file that marks a folder as written by `synth` (only such a folder is ever replaced).
+const MARKER: &str = ".mura-synth";
+
 /// Writes the dataset under `out` (`out/MURA-v1.1/...`), replacing an earlier synthetic set
-/// there. Everything is written to a temporary sibling folder first and renamed into place.
+/// there (one holding `MARKER`). Everything is written to a temporary sibling folder first and
+/// renamed into place.
 pub fn synth(out: &Path, cfg: &SynthConfig, progress: bool) -> Result<SynthSummary> {
     let t0 = std::time::Instant::now();
-    if cfg.studies == 0 {
-        bail!("--studies must be at least 1");
+    if cfg.studies == 0 || cfg.studies > MAX_STUDIES {
+        bail!("--studies must be between 1 and {MAX_STUDIES}");
     }
     if !(0.0..=1.0).contains(&cfg.valid_fraction) {
         bail!("--valid-fraction must be between 0 and 1");
@@ -798,7 +804,7 @@ pub fn synth(out: &Path, cfg: &SynthConfig, progress: bool) -> Result<SynthSumma
             .with_context(|| format!("cannot read {}", out.display()))?
             .next()
             .is_none();
-        if !out.is_dir() || !(empty || out.join(PREFIX).is_dir()) {
+        if !out.is_dir() || !(empty || out.join(MARKER).is_file()) {
             bail!(
                 "{} exists and is not an earlier synthetic dataset; refusing to replace it",
                 out.display()
@@ -835,6 +841,9 @@ pub fn synth(out: &Path, cfg: &SynthConfig, progress: bool) -> Result<SynthSumma
 }
 
 fn write_all(root: &Path, studies: &[StudySpec], progress: bool) -> Result<()> {
+    std::fs::create_dir_all(root).with_context(|| format!("cannot create {}", root.display()))?;
+    std::fs::write(root.join(MARKER), "made by mura synth\n")
+        .with_context(|| format!("cannot write into {}", root.display()))?;
     let mura_dir = root.join(PREFIX);
     for s in studies {
         let dir = root.join(s.dir());

@@ -1,0 +1,318 @@
+//! A user's audit of the CLI: bad input gives one `error:` line and a non-zero exit, never a panic,
+//! and nothing already on disk is lost. One test per problem found (tiny data, a few seconds).
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+
+fn mura(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_mura"))
+        .args(args)
+        .env("RUST_BACKTRACE", "1")
+        .output()
+        .expect("run mura")
+}
+
+fn ok(args: &[&str]) -> (String, String) {
+    let out = mura(args);
+    let (so, se) = (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
+    assert!(out.status.success(), "mura {args:?} failed:\n{so}\n{se}");
+    (so, se)
+}
+
+/// Runs a command that must fail with exactly one `error: ...` line on stderr; returns that line.
+fn err(args: &[&str]) -> String {
+    let out = mura(args);
+    let e = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "mura {args:?}: {e}");
+    let lines: Vec<&str> = e.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(
+        lines.len() == 1 && lines[0].starts_with("error: "),
+        "mura {args:?} should print one error line, got:\n{e}"
+    );
+    lines[0].to_string()
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("mura-audit-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// A small synthetic set prepped at 32x32, shared by the tests: (source, store).
+fn dataset() -> &'static (PathBuf, PathBuf) {
+    static D: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
+    D.get_or_init(|| {
+        let d = tmp("data");
+        let (src, store) = (d.join("src"), d.join("store"));
+        ok(&["synth", "--out", s(&src), "--studies", "48", "--seed", "5"]);
+        ok(&[
+            "prep",
+            "--mura-root",
+            s(&src),
+            "--out",
+            s(&store),
+            "--size",
+            "32",
+        ]);
+        (src, store)
+    })
+}
+
+const TINY: &[&str] = &[
+    "--arch",
+    "custom",
+    "--growth-rate",
+    "4",
+    "--block-config",
+    "2,2",
+    "--num-init-features",
+    "8",
+    "--bn-size",
+    "2",
+];
+
+fn train_args<'a>(store: &'a str, out: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut a = vec!["train", "--store", store, "--out", out, "--quiet"];
+    a.extend_from_slice(TINY);
+    a.extend_from_slice(extra);
+    a
+}
+
+fn train_losses(run: &Path) -> Vec<f64> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v["train_loss"].as_f64().unwrap()
+        })
+        .collect()
+}
+
+#[test]
+fn synth_never_replaces_a_folder_it_did_not_write() {
+    let d = tmp("synth");
+    // A user's MURA download: MURA-v1.1/ with their files, no synth marker.
+    let real = d.join("mydata");
+    std::fs::create_dir_all(real.join("MURA-v1.1")).unwrap();
+    std::fs::write(
+        real.join("MURA-v1.1/train_labeled_studies.csv"),
+        "precious\n",
+    )
+    .unwrap();
+    let e = err(&["synth", "--out", s(&real), "--studies", "3"]);
+    assert!(e.contains("refusing to replace"), "{e}");
+    let kept = std::fs::read_to_string(real.join("MURA-v1.1/train_labeled_studies.csv")).unwrap();
+    assert_eq!(kept, "precious\n");
+    // An earlier synthetic set is replaced, as documented.
+    let syn = d.join("syn");
+    ok(&["synth", "--out", s(&syn), "--studies", "3"]);
+    ok(&["synth", "--out", s(&syn), "--studies", "4", "--seed", "1"]);
+    // A typo'd count is refused, not an out-of-memory abort.
+    let e = err(&[
+        "synth",
+        "--out",
+        s(&d.join("huge")),
+        "--studies",
+        "100000000000000",
+    ]);
+    assert!(e.contains("--studies"), "{e}");
+}
+
+#[test]
+fn absurd_sizes_and_rates_are_refused_before_anything_is_written() {
+    let (_, store) = dataset();
+    let d = tmp("absurd");
+    let run = d.join("run");
+    for extra in [
+        &["--image-size", "100000"][..],
+        &["--image-size", "2"],
+        &["--lr=-1"],
+        &["--lr", "nan"],
+        &["--weight-decay=-0.1"],
+        &["--max-batches", "0"],
+        &["--max-views", "0"],
+        &["--epochs", "0"],
+        &["--batch", "0"],
+    ] {
+        let e = err(&train_args(s(store), s(&run), extra));
+        assert!(e.contains("--"), "{extra:?}: {e}");
+        assert!(!run.exists(), "{extra:?} left a run folder");
+    }
+    let ck = d.join("nope.safetensors");
+    for cmd in [
+        vec!["eval", "--store", s(store), "--checkpoint", s(&ck)],
+        vec!["predict", "--weights", s(&ck), s(store)],
+    ] {
+        let mut a = cmd.clone();
+        a.extend(["--image-size", "100000"]);
+        let e = err(&a);
+        assert!(e.contains("--image-size 100000 is out of range"), "{e}");
+    }
+}
+
+#[test]
+fn a_run_that_failed_before_its_first_step_can_be_started_again() {
+    let (_, store) = dataset();
+    let run = tmp("restart").join("run");
+    // Three blocks need more than 8x8 pixels: the error comes from the first forward pass,
+    // after the run folder was made.
+    let mut a = train_args(s(store), s(&run), &["--image-size", "8", "--epochs", "1"]);
+    a.extend(["--block-config", "2,2,2"]);
+    let e = err(&a);
+    assert!(e.contains("too small"), "{e}");
+    ok(&train_args(
+        s(store),
+        s(&run),
+        &["--image-size", "32", "--epochs", "1"],
+    ));
+    assert_eq!(train_losses(&run).len(), 1);
+    // With a checkpoint in it, the folder is a run and is not replaced.
+    let e = err(&train_args(s(store), s(&run), &["--image-size", "32"]));
+    assert!(e.contains("--resume"), "{e}");
+
+    // A loss that blows up before any checkpoint does not claim one was kept.
+    let run2 = tmp("restart-nan").join("run");
+    let e = err(&train_args(
+        s(store),
+        s(&run2),
+        &["--image-size", "32", "--lr", "1e30", "--epochs", "1"],
+    ));
+    assert!(e.contains("no checkpoint had been saved yet"), "{e}");
+}
+
+#[test]
+fn resume_keeps_the_runs_settings_and_epoch_count() {
+    let (_, store) = dataset();
+    let run = tmp("resume").join("run");
+    ok(&train_args(
+        s(store),
+        s(&run),
+        &["--image-size", "32", "--epochs", "1", "--max-batches", "2"],
+    ));
+    // Settings that resume would silently ignore are refused (a clap usage error: exit 2).
+    let out = mura(&["train", "--resume", s(&run), "--lr", "1"]);
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{e}");
+    assert!(e.starts_with("error: ") && e.contains("cannot be used with"), "{e}");
+    // A finished run is not trained for the default 10 epochs.
+    let (_, note) = ok(&["train", "--resume", s(&run), "--quiet"]);
+    assert!(note.contains("finished its 1 epochs"), "{note}");
+    assert_eq!(train_losses(&run).len(), 1);
+    ok(&["train", "--resume", s(&run), "--epochs", "2", "--quiet"]);
+    assert_eq!(train_losses(&run).len(), 2);
+    let e = err(&["train", "--resume", s(&run), "--epochs", "1"]);
+    assert!(e.contains("already trained 2 epochs"), "{e}");
+}
+
+#[test]
+fn ctrl_c_mid_epoch_then_resume_reports_the_same_losses() {
+    let (_, store) = dataset();
+    let d = tmp("ctrlc");
+    let (a, b) = (d.join("a"), d.join("b"));
+    let extra = ["--image-size", "64", "--epochs", "3", "--batch", "1"];
+    ok(&train_args(s(store), s(&a), &extra));
+
+    let mut args = train_args(s(store), s(&b), &extra);
+    args.retain(|x| *x != "--quiet"); // the epoch lines tell us when epoch 1 is done
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mura"))
+        .args(&args)
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    for line in lines.by_ref() {
+        if line.unwrap().starts_with("epoch   1") {
+            break;
+        }
+    }
+    // Epoch 2 (or at the latest the first batch of epoch 3) is under way: stop it there.
+    let killed = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
+    assert!(child.wait().unwrap().success(), "{rest:?}");
+    assert!(
+        rest.iter()
+            .any(|l| l.starts_with("interrupted: saved epoch")),
+        "{rest:?}"
+    );
+    ok(&["train", "--resume", s(&b), "--quiet"]);
+    assert_eq!(train_losses(&a), train_losses(&b));
+}
+
+#[test]
+fn eval_and_predict_use_what_the_checkpoint_records() {
+    let (src, store) = dataset();
+    let d = tmp("ckpt");
+    let run = d.join("run");
+    ok(&train_args(
+        s(store),
+        s(&run),
+        &["--image-size", "40", "--epochs", "1", "--max-batches", "1"],
+    ));
+    let best = run.join("best.safetensors");
+    // No --arch or --image-size needed: the checkpoint records a custom net trained at 40 px.
+    let study = std::fs::read_to_string(src.join("MURA-v1.1/valid_labeled_studies.csv")).unwrap();
+    let study = study.lines().next().unwrap().rsplit_once(',').unwrap().0;
+    let spaced = d.join("a study with spaces");
+    std::fs::create_dir_all(&spaced).unwrap();
+    for e in std::fs::read_dir(src.join(study)).unwrap() {
+        let p = e.unwrap().path();
+        std::fs::copy(&p, spaced.join(p.file_name().unwrap())).unwrap();
+    }
+    let (out, _) = ok(&["predict", "--weights", s(&best), s(&spaced)]);
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    let p = v["probability"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&p), "{v}");
+    assert_eq!(v["study"].as_str(), Some(s(&spaced)));
+    // An explicit other architecture is still refused.
+    let e = err(&[
+        "predict",
+        "--weights",
+        s(&best),
+        "--arch",
+        "densenet121",
+        s(&spaced),
+    ]);
+    assert!(e.contains("not the requested densenet121"), "{e}");
+    // An optimiser file is not a model, and eval has no --arch to suggest.
+    let e = err(&[
+        "eval",
+        "--store",
+        s(store),
+        "--checkpoint",
+        s(&run.join("last.optim.safetensors")),
+    ]);
+    assert!(e.contains("not a mura model checkpoint"), "{e}");
+}
+
+#[test]
+fn demo_checks_its_settings_before_touching_the_folder() {
+    let d = tmp("demo");
+    for extra in [
+        &["--epochs", "0"][..],
+        &["--image-size", "8"],
+        &["--device", "tpu"],
+        &["--studies", "0"],
+    ] {
+        let dir = d.join("demo");
+        let mut a = vec!["demo", "--dir", s(&dir)];
+        a.extend_from_slice(extra);
+        err(&a);
+        assert!(!dir.exists(), "{extra:?} made {}", dir.display());
+    }
+}
