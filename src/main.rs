@@ -36,7 +36,25 @@ enum Command {
 }
 
 fn main() {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion)
+                || matches!(
+                    e.kind(),
+                    ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+                )
+            {
+                e.exit();
+            }
+            // One line, not clap's usage block.
+            let msg = e.render().to_string();
+            let first = msg.lines().next().unwrap_or("error: bad arguments");
+            eprintln!("{first} (try --help)");
+            std::process::exit(2);
+        }
+    };
     let result = match cli.command {
         Command::Demo(a) => cli::demo::run(a),
         Command::Synth(a) => cli::synth::run(a),

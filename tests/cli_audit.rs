@@ -204,7 +204,10 @@ fn resume_keeps_the_runs_settings_and_epoch_count() {
     let out = mura(&["train", "--resume", s(&run), "--lr", "1"]);
     let e = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{e}");
-    assert!(e.starts_with("error: ") && e.contains("cannot be used with"), "{e}");
+    assert!(
+        e.starts_with("error: ") && e.contains("cannot be used with"),
+        "{e}"
+    );
     // A finished run is not trained for the default 10 epochs.
     let (_, note) = ok(&["train", "--resume", s(&run), "--quiet"]);
     assert!(note.contains("finished its 1 epochs"), "{note}");

@@ -53,6 +53,7 @@ pub fn run(args: Args) -> Result<()> {
     if args.batch == 0 || args.steps == 0 {
         bail!("--batch and --steps must be at least 1");
     }
+    crate::data::image::check_side("--image-size", args.image_size)?;
     let spec = args.arch.spec()?;
     let (n, s) = (args.batch, args.image_size);
     let mut model = net::build(device, precision, spec.clone(), None, 0)?;
