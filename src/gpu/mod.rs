@@ -9,6 +9,7 @@
 pub mod cuda;
 pub mod emu;
 pub mod kernels;
+pub mod ops;
 pub mod testing;
 
 use crate::device::Device;
