@@ -127,6 +127,10 @@ pub fn build(
             }
             Ok(Box::new(cpu))
         }
-        d => bail!("--device {d}: the DenseNet ops are not ported to the GPU backend yet; use --device cpu"),
+        d => Ok(Box::new(crate::gpu::densenet::GpuDenseNet::new(
+            crate::gpu::open(d)?,
+            cpu,
+            precision,
+        )?)),
     }
 }

@@ -7,6 +7,7 @@
 //! kernels as parameters like any other value.
 
 pub mod cuda;
+pub mod densenet;
 pub mod emu;
 pub mod kernels;
 pub mod ops;

@@ -675,3 +675,39 @@ pub fn cast_bf16(d: &dyn Driver, x: DevPtr, len: usize, y: DevPtr) -> Result<()>
         vec![A::P(y), A::P(x), i(len)],
     )
 }
+
+/// One torch.optim.Adam step over flat f32 buffers `params, grads, m, v: [n]` with the
+/// hyper-parameters and step count of `adam` (already incremented for this step).
+pub fn adam(
+    d: &dyn Driver,
+    adam: &crate::optim::Adam,
+    n: usize,
+    (params, grads, m, v): (DevPtr, DevPtr, DevPtr, DevPtr),
+) -> Result<()> {
+    let t = adam.step as i32;
+    let (bc1, bc2) = (1.0 - adam.beta1.powi(t), 1.0 - adam.beta2.powi(t));
+    let f = |x: f64| A::F(x as f32);
+    launch(
+        d,
+        "adam_fwd_f32",
+        ew_grid(n),
+        [256, 1, 1],
+        0,
+        vec![
+            A::P(params),
+            A::P(grads),
+            A::P(m),
+            A::P(v),
+            i(n),
+            f(adam.lr),
+            f(adam.beta1),
+            f(1.0 - adam.beta1),
+            f(adam.beta2),
+            f(1.0 - adam.beta2),
+            f(adam.eps),
+            f(adam.weight_decay),
+            f(bc1),
+            f(bc2),
+        ],
+    )
+}
