@@ -669,3 +669,53 @@ fn pool_and_head_f32() {
 fn pool_and_head_bf16() {
     pool_all("pool_and_head_bf16", Dt::Bf16, 1e-2);
 }
+
+/// Device augmentation against `augment_image`: bit-identical in f32 (so a GPU run sees exactly
+/// the CPU's inputs), within 1e-2 in bf16; flips, rotations up to 30°, shrinking and identity.
+#[test]
+fn augment_matches_cpu() {
+    use mura::data::loader::{aug_params, augment_image, AugParams, Augment};
+    let (d, mut rng) = setup("augment_matches_cpu");
+    let aug = Augment {
+        flip: true,
+        max_rotation_deg: 30.0,
+    };
+    let seed = rng.next_u64();
+    for (n, src_size, out_size) in [(5usize, 40usize, 32usize), (2, 23, 23), (1, 17, 29)] {
+        let src: Vec<u8> = (0..n * src_size * src_size)
+            .map(|_| (rng.uniform() * 256.0) as u8)
+            .collect();
+        let mut params: Vec<AugParams> = (0..n).map(|i| aug_params(&aug, seed, 3, i)).collect();
+        params[0] = AugParams::IDENTITY;
+        let srcb = DeviceBuffer::from_slice(&d, &src).unwrap();
+        let steps = DeviceBuffer::<f32>::alloc(&d, 4 * n).unwrap();
+        let len = out_size * out_size * 3;
+        let mut want = vec![0f32; n * len];
+        for (i, p) in params.iter().enumerate() {
+            let img = &src[i * src_size * src_size..][..src_size * src_size];
+            augment_image(img, src_size, *p, out_size, &mut want[i * len..][..len]);
+        }
+        for (dt, tol) in [(Dt::F32, 0.0), (Dt::Bf16, 1e-2)] {
+            let out = Buf::poisoned(&d, dt, n * len);
+            ops::augment(
+                &*d,
+                dt,
+                srcb.ptr(),
+                src_size,
+                &params,
+                out_size,
+                steps.ptr(),
+                out.ptr(),
+            )
+            .unwrap();
+            let got = out.read();
+            let want: Vec<f64> = want.iter().map(|&v| v as f64).collect();
+            check(
+                &format!("{dt:?} augment {n}x{src_size}->{out_size}"),
+                &got,
+                &want,
+                tol,
+            );
+        }
+    }
+}

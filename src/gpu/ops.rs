@@ -711,3 +711,56 @@ pub fn adam(
         ],
     )
 }
+
+/// Device-side augmentation, identical to `data::loader::augment_image` on each image:
+/// `out: [n, out_size, out_size, 3]` (dt, normalised NHWC) from the store's
+/// `src: [n, src_size, src_size]` u8 images, image `i` flipped and rotated by `params[i]`.
+/// `steps`: scratch of `[n, 4]` f32 for the per-image source steps.
+#[allow(clippy::too_many_arguments)]
+pub fn augment(
+    d: &dyn Driver,
+    dt: Dt,
+    src: DevPtr,
+    src_size: usize,
+    params: &[crate::data::loader::AugParams],
+    out_size: usize,
+    steps: DevPtr,
+    out: DevPtr,
+) -> Result<()> {
+    use crate::data::image::{MEAN, STD};
+    // The same f32 arithmetic as augment_image.
+    let scale = src_size as f32 / out_size as f32;
+    let host: Vec<f32> = params
+        .iter()
+        .flat_map(|p| {
+            let (sin, cos) = (p.angle_deg.to_radians()).sin_cos();
+            let sign = if p.flip { -1.0f32 } else { 1.0 };
+            [
+                sign * scale * cos,
+                -scale * sin,
+                sign * scale * sin,
+                scale * cos,
+            ]
+        })
+        .collect();
+    d.htod(steps, bytemuck::cast_slice(&host))?;
+    let a: [f32; 3] = std::array::from_fn(|c| 1.0 / (255.0 * STD[c]));
+    let b: [f32; 3] = std::array::from_fn(|c| -MEAN[c] / STD[c]);
+    let mut args = vec![
+        A::P(out),
+        A::P(src),
+        A::P(steps),
+        i(params.len()),
+        i(src_size),
+        i(out_size),
+    ];
+    args.extend(a.iter().chain(&b).map(|&v| A::F(v)));
+    launch(
+        d,
+        &kname("augment_fwd", dt),
+        [blocks_for(params.len() * out_size, 64), 1, 1],
+        [64, 1, 1],
+        0,
+        args,
+    )
+}
