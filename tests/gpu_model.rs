@@ -215,3 +215,56 @@ fn build_emu_from_state_dict() {
     let e = emu.forward(&x[..3 * 4], 1, 2, 2, Mode::Eval).unwrap_err();
     assert!(format!("{e:#}").contains("too small"), "{e:#}");
 }
+
+/// Steady-state steps allocate nothing; peak memory is reported; a batch that does not fit is
+/// a clear error naming the largest that would.
+#[test]
+fn memory_plan_and_out_of_memory() {
+    use mura::gpu::tracking::Tracking;
+    use std::sync::Arc;
+    let mut rng = Rng::new(fresh_seed("memory_plan_and_out_of_memory"));
+    let base = model(&mut rng);
+    let hw = 32;
+    let mut net = GpuDenseNet::new(test_driver().unwrap(), base.cast(), Precision::F32).unwrap();
+    let fixed = net.memory().current_bytes();
+    let mut adam = Adam::new(net.num_params(), 1e-3, 0.0);
+    let mut step = |net: &mut GpuDenseNet, n: usize| {
+        let x = batch(&mut rng, n, hw);
+        net.zero_grad().unwrap();
+        let logits = net.forward(&x, n, hw, hw, Mode::Train).unwrap();
+        net.backward(&loss(&logits).1).unwrap();
+        net.adam_step(&mut adam).unwrap();
+    };
+    step(&mut net, 1);
+    let plan1 = net.memory().current_bytes() - fixed;
+    step(&mut net, 2);
+    let plan2 = net.memory().current_bytes() - fixed;
+    let calls = net.memory().alloc_calls();
+    step(&mut net, 2);
+    let x = batch(&mut rng, 2, hw);
+    net.forward(&x, 2, hw, hw, Mode::Eval).unwrap();
+    assert_eq!(
+        net.memory().alloc_calls(),
+        calls,
+        "steady-state steps allocate nothing"
+    );
+    assert!(plan2 > plan1 && plan1 > 0);
+    let peak = net.peak_device_bytes().unwrap();
+    assert!(peak >= fixed + plan2, "peak {peak} < {fixed} + {plan2}");
+
+    // Room for the model and the plan of 3.5 images: 3 fit, 8 do not.
+    let per_image = plan2 - plan1;
+    let limit = fixed + plan1 - per_image + 7 * per_image / 2;
+    let tight = Arc::new(Tracking::with_limit(test_driver().unwrap(), Some(limit)));
+    let mut net = GpuDenseNet::new(tight, base.cast(), Precision::F32).unwrap();
+    let e = net
+        .forward(&batch(&mut rng, 8, hw), 8, hw, hw, Mode::Train)
+        .unwrap_err();
+    let msg = format!("{e:#}");
+    assert!(
+        msg.contains("does not fit") && msg.contains("the largest batch that fits is 3"),
+        "{msg}"
+    );
+    net.forward(&batch(&mut rng, 3, hw), 3, hw, hw, Mode::Train)
+        .unwrap();
+}

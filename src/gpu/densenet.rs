@@ -9,6 +9,7 @@
 //! per-channel batch statistics are computed once, when a channel is written.
 
 use super::ops::{self, f32_at, BnSaved, Dt, View};
+use super::tracking::Tracking;
 use super::{DevPtr, DeviceBuffer, Driver};
 use crate::model::{BnIdx, DenseNet, Layout, Mode};
 use crate::net::{Net, Precision};
@@ -115,7 +116,9 @@ struct Plan {
 
 /// DenseNet with one logit on any [`Driver`] (CUDA or the emulator).
 pub struct GpuDenseNet {
+    /// The driver, through `mem`, which counts what this model allocates.
     d: Arc<dyn Driver>,
+    mem: Arc<Tracking>,
     dt: Dt,
     /// The CPU model this one was built from: structure, layout and the state-dict conversions.
     host: DenseNet<f32>,
@@ -140,6 +143,8 @@ pub struct GpuDenseNet {
 impl GpuDenseNet {
     /// Uploads `model` (its parameters, running statistics and counters) to the driver's device.
     pub fn new(d: Arc<dyn Driver>, model: DenseNet<f32>, precision: Precision) -> Result<Self> {
+        let mem = Arc::new(Tracking::new(d));
+        let d: Arc<dyn Driver> = mem.clone();
         let dt = match precision {
             Precision::F32 => Dt::F32,
             Precision::Bf16 => Dt::Bf16,
@@ -175,6 +180,7 @@ impl GpuDenseNet {
                 host: model.cast::<f32>(),
                 dt,
                 d: d.clone(),
+                mem: mem.clone(),
             })
         };
         upload().context("uploading the model to the device")
@@ -182,6 +188,11 @@ impl GpuDenseNet {
 
     pub fn driver(&self) -> &Arc<dyn Driver> {
         &self.d
+    }
+
+    /// What this model has allocated on the device: bytes now, the peak, allocation calls.
+    pub fn memory(&self) -> &Tracking {
+        &self.mem
     }
 
     fn p(&self, i: usize) -> DevPtr {
@@ -199,13 +210,44 @@ impl GpuDenseNet {
         )
     }
 
-    /// Allocates the activation buffers for `(n, h, w)` unless they exist already.
+    /// Allocates the activation buffers for `(n, h, w)` unless they exist already. When they do
+    /// not fit, the error names the largest batch that would.
     fn ensure_plan(&mut self, n: usize, h: usize, w: usize) -> Result<()> {
         if matches!(&self.plan, Some(p) if (p.n, p.h, p.w) == (n, h, w)) {
             return Ok(());
         }
         self.plan = None; // free the old shape's buffers first
         self.recorded = false;
+        match self.build_plan(n, h, w) {
+            Ok(p) => {
+                self.plan = Some(p);
+                Ok(())
+            }
+            Err(e) => {
+                // Binary search: `lo` images fit, `hi` do not (each probe allocated, then freed).
+                let (mut lo, mut hi) = (0, n);
+                while hi - lo > 1 {
+                    let mid = (lo + hi) / 2;
+                    match self.build_plan(mid, h, w) {
+                        Ok(_) => lo = mid,
+                        Err(_) => hi = mid,
+                    }
+                }
+                let fits = match lo {
+                    0 => "not even one image fits".to_string(),
+                    _ => format!("the largest batch that fits is {lo}"),
+                };
+                bail!(
+                    "a batch of {n} images at {h}x{w} does not fit in the memory of {}: {fits} \
+                     (use a smaller batch or input size) [{e:#}]",
+                    self.d.name()
+                )
+            }
+        }
+    }
+
+    /// The activation buffers of one batch shape.
+    fn build_plan(&self, n: usize, h: usize, w: usize) -> Result<Plan> {
         let (d, dt) = (&self.d, self.dt);
         let lay = &self.host.layout;
         let spec = &self.host.spec;
@@ -241,7 +283,7 @@ impl GpuDenseNet {
         let last = blocks.last().context("a DenseNet has at least one block")?;
         let c5 = lay.norm5.c;
         let rows5 = n * last.h * last.w;
-        self.plan = Some(Plan {
+        Ok(Plan {
             n,
             h,
             w,
@@ -261,8 +303,7 @@ impl GpuDenseNet {
             dlogits: DeviceBuffer::alloc(d, n)?,
             sa: Act::new(d, dt, scratch)?,
             sb: Act::new(d, dt, scratch)?,
-        });
-        Ok(())
+        })
     }
 
     /// A BN's (scale, shift), into `coef`: from the batch statistics `(mean, var, count)` in
@@ -883,6 +924,9 @@ impl Net for GpuDenseNet {
     fn import_adam(&mut self, adam: &Adam) -> Result<()> {
         self.adam_m.copy_from(&adam.m)?;
         self.adam_v.copy_from(&adam.v)
+    }
+    fn peak_device_bytes(&self) -> Option<usize> {
+        Some(self.mem.peak_bytes())
     }
     fn to_state_dict(&self) -> Result<StateDict> {
         let mut m = self.host.cast::<f32>();

@@ -12,6 +12,7 @@ pub mod emu;
 pub mod kernels;
 pub mod ops;
 pub mod testing;
+pub mod tracking;
 
 use crate::device::Device;
 use anyhow::{bail, Result};
