@@ -1,6 +1,6 @@
 // Batch-norm statistics for NHWC activations: per-channel mean and biased variance over the
 // R = N*H*W rows. Two passes over x (mean, then squared deviations) for accuracy.
-#include "common.cuh"
+#include "dtype.cuh"
 
 // mean: [C] f32 out; var: [C] f32 out (biased, divided by R); x: [R, C] f32 (R = N*H*W).
 // Block (32, 16): threadIdx.x picks a channel of the block's 32-channel slice (coalesced reads),
@@ -37,4 +37,237 @@ extern "C" __global__ void bn_stats_fwd_f32(float* __restrict__ mean, float* __r
         mean[c] = m;
         var[c] = t / (float)R;
     }
+}
+
+// ---- Training and eval batch norm over a channel slice of an NHWC buffer -------------------------
+// Statistics: rows are split into P chunks; each chunk's mean and sum of squared deviations
+// (two passes, in cache) are merged with Chan's formula, so long columns neither lose precision
+// nor serialise on one block.
+
+// part: [2, P, C] f32 out (chunk mean, then chunk M2); x: [R, C] T, row stride rs. Chunk p is rows
+// [p*R/P, (p+1)*R/P). Block (32, 8); grid (ceil(C / 32), P); 2*8*33*4 dynamic shared bytes.
+template <class T>
+__device__ void bn_stats_part(float* part, const T* x, int R, int C, int rs) {
+    MURA_DYN_SHARED(float, red);  // [8][33], then mu: [32]
+    float* mu = red + 8 * 33;
+    const int c = blockIdx.x * 32 + threadIdx.x, P = gridDim.y, p = blockIdx.y;
+    const int r0 = (int)((long long)p * R / P), r1 = (int)((long long)(p + 1) * R / P);
+    const bool valid = c < C;
+    float s = 0.0f;
+    if (valid)
+        for (int r = r0 + threadIdx.y; r < r1; r += 8) s += ld(x + (long long)r * rs + c);
+    red[threadIdx.y * 33 + threadIdx.x] = s;
+    __syncthreads();
+    if (threadIdx.y == 0) {
+        float t = 0.0f;
+        for (int k = 0; k < 8; k++) t += red[k * 33 + threadIdx.x];
+        mu[threadIdx.x] = r1 > r0 ? t / (float)(r1 - r0) : 0.0f;
+    }
+    __syncthreads();
+    const float m = mu[threadIdx.x];
+    float q = 0.0f;
+    if (valid)
+        for (int r = r0 + threadIdx.y; r < r1; r += 8) {
+            const float d = ld(x + (long long)r * rs + c) - m;
+            q += d * d;
+        }
+    __syncthreads();
+    red[threadIdx.y * 33 + threadIdx.x] = q;
+    __syncthreads();
+    if (threadIdx.y == 0 && valid) {
+        float t = 0.0f;
+        for (int k = 0; k < 8; k++) t += red[k * 33 + threadIdx.x];
+        part[(long long)p * C + c] = m;
+        part[(long long)(P + p) * C + c] = t;
+    }
+}
+
+// mean, var: [C] f32 out (biased variance); part: [2, P, C] from bn_stats_part over R rows.
+// One thread per channel.
+extern "C" __global__ void bn_stats_merge_fwd_f32(float* __restrict__ mean, float* __restrict__ var,
+                                                  const float* __restrict__ part, int R, int C, int P) {
+    const int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c < C) {
+        double n = 0.0, m = 0.0, m2 = 0.0;
+        for (int p = 0; p < P; p++) {
+            const double nb = (double)((long long)(p + 1) * R / P - (long long)p * R / P);
+            if (nb == 0.0) continue;
+            const double mb = part[(long long)p * C + c], m2b = part[(long long)(P + p) * C + c];
+            const double tot = n + nb, delta = mb - m;
+            m += delta * nb / tot;
+            m2 += m2b + delta * delta * n * nb / tot;
+            n = tot;
+        }
+        mean[c] = (float)m;
+        var[c] = (float)(m2 / (double)R);
+    }
+}
+
+// scale, shift: [C] f32 out: scale = gamma / sqrt(var + 1e-5), shift = beta - mean * scale.
+// gamma, beta, mean, var: [C] f32. run_mean, run_var: [C] f32 running statistics, updated with
+// momentum 0.1 from this batch (var times unbias = R / (R - 1)), or null (eval). One thread a channel.
+extern "C" __global__ void bn_coeffs_fwd_f32(float* __restrict__ scale, float* __restrict__ shift,
+                                             const float* __restrict__ gamma, const float* __restrict__ beta,
+                                             const float* __restrict__ mean, const float* __restrict__ var,
+                                             float* run_mean, float* run_var, float unbias, int C) {
+    const int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c < C) {
+        const float s = gamma[c] / sqrtf(var[c] + 1e-5f);
+        scale[c] = s;
+        shift[c] = beta[c] - mean[c] * s;
+        if (run_mean) {
+            const float mom = 0.1f, keep = 1.0f - mom;
+            run_mean[c] = keep * run_mean[c] + mom * mean[c];
+            run_var[c] = keep * run_var[c] + mom * var[c] * unbias;
+        }
+    }
+}
+
+// y = x * scale + shift (then ReLU when relu != 0). y: [R, C] T, row stride y_rs; x: [R, C] T,
+// row stride x_rs; scale, shift: [C] f32. Grid-stride over R*C.
+template <class T>
+__device__ void bn_act(T* y, int y_rs, const T* x, int x_rs, int R, int C, const float* scale,
+                       const float* shift, int relu) {
+    const long long total = (long long)R * C;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
+         i += (long long)gridDim.x * blockDim.x) {
+        const int r = (int)(i / C), c = (int)(i % C);
+        float v = ld(x + (long long)r * x_rs + c) * scale[c] + shift[c];
+        if (relu && v <= 0.0f) v = 0.0f;
+        st(y + (long long)r * y_rs + c, v);
+    }
+}
+
+// The gradient of the BN output after the optional ReLU mask: 0 where the forward clipped.
+__device__ __forceinline__ float bn_dz(float x, float d, float s, float t, int relu) {
+    return relu && x * s + t <= 0.0f ? 0.0f : d;
+}
+
+// Backward partial sums over chunk p of the rows: part: [2, P, C] f32 out (sum dz, then
+// sum dz * (x - mean)). x: [R, C] T (row stride x_rs); dy: [R, C] T (row stride dy_rs); scale,
+// shift, mean: [C] f32. Block (32, 8); grid (ceil(C / 32), P); 8*33*4 dynamic shared bytes.
+template <class T>
+__device__ void bn_bwd_part(float* part, const T* x, int x_rs, const T* dy, int dy_rs, int R, int C,
+                            const float* scale, const float* shift, const float* mean, int relu) {
+    MURA_DYN_SHARED(float, red);  // [8][33]
+    const int c = blockIdx.x * 32 + threadIdx.x, P = gridDim.y, p = blockIdx.y;
+    const int r0 = (int)((long long)p * R / P), r1 = (int)((long long)(p + 1) * R / P);
+    const bool valid = c < C;
+    float s0 = 0.0f, s1 = 0.0f;
+    if (valid) {
+        const float s = scale[c], t = shift[c], m = mean[c];
+        for (int r = r0 + threadIdx.y; r < r1; r += 8) {
+            const float xv = ld(x + (long long)r * x_rs + c);
+            const float d = bn_dz(xv, ld(dy + (long long)r * dy_rs + c), s, t, relu);
+            s0 += d;
+            s1 += d * (xv - m);
+        }
+    }
+    red[threadIdx.y * 33 + threadIdx.x] = s0;
+    __syncthreads();
+    float t0 = 0.0f;
+    if (threadIdx.y == 0)
+        for (int k = 0; k < 8; k++) t0 += red[k * 33 + threadIdx.x];
+    __syncthreads();
+    red[threadIdx.y * 33 + threadIdx.x] = s1;
+    __syncthreads();
+    if (threadIdx.y == 0 && valid) {
+        float t1 = 0.0f;
+        for (int k = 0; k < 8; k++) t1 += red[k * 33 + threadIdx.x];
+        part[(long long)p * C + c] = t0;
+        part[(long long)(P + p) * C + c] = t1;
+    }
+}
+
+// coef: [2, C] f32 out (a = mean of dz, b = mean of dz * (x - mean) / (var + eps)); dgamma, dbeta:
+// [C] f32, added to; part: [2, P, C] from bn_bwd_part over R rows; var: [C] f32. One thread a channel.
+extern "C" __global__ void bn_bwd_merge_f32(float* __restrict__ coef, float* __restrict__ dgamma,
+                                            float* __restrict__ dbeta, const float* __restrict__ part,
+                                            const float* __restrict__ var, int R, int C, int P) {
+    const int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c < C) {
+        double sdz = 0.0, sdx = 0.0;
+        for (int p = 0; p < P; p++) {
+            sdz += part[(long long)p * C + c];
+            sdx += part[(long long)(P + p) * C + c];
+        }
+        const double is = 1.0 / sqrt((double)(var[c] + 1e-5f));
+        dgamma[c] += (float)(sdx * is);
+        dbeta[c] += (float)sdz;
+        coef[c] = (float)(sdz / R);
+        coef[C + c] = (float)(sdx * is * is / R);
+    }
+}
+
+// dx (+)= scale * (dz - a - (x - mean) * b) in training, scale * dz in eval. dx: [R, C] T, row
+// stride dx_rs, overwritten (accumulate = 0) or added to (a dense block's shared gradient buffer);
+// x, dy as in bn_bwd_part; coef: [2, C] from bn_bwd_merge (unused in eval). Grid-stride over R*C.
+template <class T>
+__device__ void bn_bwd_dx(T* dx, int dx_rs, int accumulate, const T* x, int x_rs, const T* dy, int dy_rs,
+                          int R, int C, const float* scale, const float* shift, const float* mean,
+                          const float* coef, int relu, int train) {
+    const long long total = (long long)R * C;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
+         i += (long long)gridDim.x * blockDim.x) {
+        const int r = (int)(i / C), c = (int)(i % C);
+        const float xv = ld(x + (long long)r * x_rs + c);
+        const float d = bn_dz(xv, ld(dy + (long long)r * dy_rs + c), scale[c], shift[c], relu);
+        const float g = train ? scale[c] * (d - coef[c] - (xv - mean[c]) * coef[C + c]) : scale[c] * d;
+        T* out = dx + (long long)r * dx_rs + c;
+        st(out, accumulate ? ld(out) + g : g);
+    }
+}
+
+// f32 storage: see bn_stats_part.
+extern "C" __global__ void bn_stats_part_fwd_f32(float* __restrict__ part, const float* __restrict__ x, int R,
+                                                int C, int rs) {
+    bn_stats_part<float>(part, x, R, C, rs);
+}
+// f32 storage: see bn_act.
+extern "C" __global__ void bn_act_fwd_f32(float* __restrict__ y, int y_rs, const float* __restrict__ x, int x_rs,
+                                         int R, int C, const float* __restrict__ scale,
+                                         const float* __restrict__ shift, int relu) {
+    bn_act<float>(y, y_rs, x, x_rs, R, C, scale, shift, relu);
+}
+// f32 storage: see bn_bwd_part.
+extern "C" __global__ void bn_bwd_part_f32(float* __restrict__ part, const float* __restrict__ x, int x_rs,
+                                          const float* __restrict__ dy, int dy_rs, int R, int C,
+                                          const float* __restrict__ scale, const float* __restrict__ shift,
+                                          const float* __restrict__ mean, int relu) {
+    bn_bwd_part<float>(part, x, x_rs, dy, dy_rs, R, C, scale, shift, mean, relu);
+}
+// f32 storage: see bn_bwd_dx.
+extern "C" __global__ void bn_bwd_dx_f32(float* dx, int dx_rs, int accumulate, const float* __restrict__ x,
+                                        int x_rs, const float* __restrict__ dy, int dy_rs, int R, int C,
+                                        const float* __restrict__ scale, const float* __restrict__ shift,
+                                        const float* __restrict__ mean, const float* __restrict__ coef,
+                                        int relu, int train) {
+    bn_bwd_dx<float>(dx, dx_rs, accumulate, x, x_rs, dy, dy_rs, R, C, scale, shift, mean, coef, relu, train);
+}
+
+// bf16 storage: see bn_stats_part.
+extern "C" __global__ void bn_stats_part_fwd_bf16(float* __restrict__ part, const bf16* __restrict__ x, int R,
+                                                int C, int rs) {
+    bn_stats_part<bf16>(part, x, R, C, rs);
+}
+// bf16 storage: see bn_act.
+extern "C" __global__ void bn_act_fwd_bf16(bf16* __restrict__ y, int y_rs, const bf16* __restrict__ x, int x_rs,
+                                         int R, int C, const float* __restrict__ scale,
+                                         const float* __restrict__ shift, int relu) {
+    bn_act<bf16>(y, y_rs, x, x_rs, R, C, scale, shift, relu);
+}
+// bf16 storage: see bn_bwd_part.
+extern "C" __global__ void bn_bwd_part_bf16(float* __restrict__ part, const bf16* __restrict__ x, int x_rs,
+                                          const bf16* __restrict__ dy, int dy_rs, int R, int C,
+                                          const float* __restrict__ scale, const float* __restrict__ shift,
+                                          const float* __restrict__ mean, int relu) {
+    bn_bwd_part<bf16>(part, x, x_rs, dy, dy_rs, R, C, scale, shift, mean, relu);
+}
+// bf16 storage: see bn_bwd_dx.
+extern "C" __global__ void bn_bwd_dx_bf16(bf16* dx, int dx_rs, int accumulate, const bf16* __restrict__ x,
+                                        int x_rs, const bf16* __restrict__ dy, int dy_rs, int R, int C,
+                                        const float* __restrict__ scale, const float* __restrict__ shift,
+                                        const float* __restrict__ mean, const float* __restrict__ coef,
+                                        int relu, int train) {
+    bn_bwd_dx<bf16>(dx, dx_rs, accumulate, x, x_rs, dy, dy_rs, R, C, scale, shift, mean, coef, relu, train);
 }

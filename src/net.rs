@@ -57,6 +57,10 @@ pub trait Net {
     fn import_adam(&mut self, adam: &Adam) -> Result<()>;
     /// Weights, BN running statistics and counters with torchvision names and layouts.
     fn to_state_dict(&self) -> Result<StateDict>;
+    /// The most device memory the model has held at once (GPU backends; None on the CPU).
+    fn peak_device_bytes(&self) -> Option<usize> {
+        None
+    }
 }
 
 impl Net for DenseNet<f32> {
@@ -127,6 +131,10 @@ pub fn build(
             }
             Ok(Box::new(cpu))
         }
-        d => bail!("--device {d}: the DenseNet ops are not ported to the GPU backend yet; use --device cpu"),
+        d => Ok(Box::new(crate::gpu::densenet::GpuDenseNet::new(
+            crate::gpu::open(d)?,
+            cpu,
+            precision,
+        )?)),
     }
 }

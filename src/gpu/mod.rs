@@ -7,9 +7,12 @@
 //! kernels as parameters like any other value.
 
 pub mod cuda;
+pub mod densenet;
 pub mod emu;
 pub mod kernels;
+pub mod ops;
 pub mod testing;
+pub mod tracking;
 
 use crate::device::Device;
 use anyhow::{bail, Result};

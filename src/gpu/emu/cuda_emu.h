@@ -159,6 +159,10 @@ T atomicCAS(T* p, T cmp, T v) {
 
 // ---- math --------------------------------------------------------------------------------------
 inline float rsqrtf(float x) { return 1.0f / sqrtf(x); }
+inline float __fmul_rn(float a, float b) { return a * b; }  // never fused into an FMA
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline int min(int a, int b) { return a < b ? a : b; }  // CUDA's integer min / max
+inline int max(int a, int b) { return a > b ? a : b; }
 inline float __expf(float x) { return expf(x); }
 inline float __logf(float x) { return logf(x); }
 inline float __fdividef(float a, float b) { return a / b; }

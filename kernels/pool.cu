@@ -1,0 +1,215 @@
+// Pooling and the head: max pool 3x3/2 pad 1 (stem), avg pool 2x2/2 (transitions, with the
+// transition's BN + ReLU fused into the read), global average pool and the single-logit linear
+// layer, forward and backward. NHWC; one thread per output element in grid-stride loops (these
+// ops move little data next to the convolutions).
+#include "dtype.cuh"
+
+#define GRID_STRIDE(i, total)                                                                  \
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < (long long)(total); \
+         i += (long long)gridDim.x * blockDim.x)
+
+// The window of output (oy, ox) of a 3x3/2 pad-1 max pool: rows [2oy-1, 2oy+1] clipped to [0, h).
+// Returns the flat input pixel (iy * w + ix) holding the first maximum of channel j.
+template <class T>
+__device__ int maxpool_argmax(const T* xi, int h, int w, int c, int j, int oy, int ox) {
+    float best = 0.0f;
+    int at = -1;
+    for (int iy = max(2 * oy - 1, 0); iy < min(2 * oy + 2, h); iy++)
+        for (int ix = max(2 * ox - 1, 0); ix < min(2 * ox + 2, w); ix++) {
+            const float v = ld(xi + (long long)(iy * w + ix) * c + j);
+            if (at < 0 || v > best) {
+                best = v;
+                at = iy * w + ix;
+            }
+        }
+    return at;
+}
+
+// y: [n, ho, wo, c] T, row stride y_rs; x: [n, h, w, c] T. ho = (h - 1) / 2 + 1, same for wo.
+template <class T>
+__device__ void maxpool_fwd(T* y, int y_rs, const T* x, int n, int h, int w, int c) {
+    const int ho = (h - 1) / 2 + 1, wo = (w - 1) / 2 + 1;
+    GRID_STRIDE(i, (long long)n * ho * wo * c) {
+        const int j = (int)(i % c);
+        const long long r = i / c;
+        const int ox = (int)(r % wo), oy = (int)(r / wo % ho), b = (int)(r / ((long long)wo * ho));
+        const T* xi = x + (long long)b * h * w * c;
+        st(y + r * y_rs + j, ld(xi + (long long)maxpool_argmax(xi, h, w, c, j, oy, ox) * c + j));
+    }
+}
+
+// dx: [n, h, w, c] T, overwritten: each output's gradient goes to its window's first maximum
+// (gathered: each input sums the outputs whose maximum it is). x: the forward input;
+// dy: [n, ho, wo, c] T, row stride dy_rs.
+template <class T>
+__device__ void maxpool_bwd(T* dx, const T* x, const T* dy, int dy_rs, int n, int h, int w, int c) {
+    const int ho = (h - 1) / 2 + 1, wo = (w - 1) / 2 + 1;
+    GRID_STRIDE(i, (long long)n * h * w * c) {
+        const int j = (int)(i % c);
+        const long long p = i / c;
+        const int ix = (int)(p % w), iy = (int)(p / w % h), b = (int)(p / ((long long)w * h));
+        const T* xi = x + (long long)b * h * w * c;
+        float g = 0.0f;
+        for (int oy = max((iy - 1) / 2, 0); oy <= min((iy + 1) / 2, ho - 1); oy++)
+            for (int ox = max((ix - 1) / 2, 0); ox <= min((ix + 1) / 2, wo - 1); ox++)
+                if (maxpool_argmax(xi, h, w, c, j, oy, ox) == iy * w + ix)
+                    g += ld(dy + ((long long)(b * ho + oy) * wo + ox) * dy_rs + j);
+        st(dx + i, g);
+    }
+}
+
+// y: [n, h/2, w/2, c] T, row stride y_rs = mean of each 2x2 window of pre(x); x: [n, h, w, c] T,
+// row stride x_rs; scale, shift: [c] f32 (pre = BN + ReLU) or null (pre = identity).
+template <class T>
+__device__ void avgpool_fwd(T* y, int y_rs, const T* x, int x_rs, int n, int h, int w, int c,
+                            const float* scale, const float* shift) {
+    const int ho = h / 2, wo = w / 2;
+    GRID_STRIDE(i, (long long)n * ho * wo * c) {
+        const int j = (int)(i % c);
+        const long long r = i / c;
+        const int ox = (int)(r % wo), oy = (int)(r / wo % ho), b = (int)(r / ((long long)wo * ho));
+        const long long p = ((long long)b * h + 2 * oy) * w + 2 * ox;
+        const long long taps[4] = {p, p + 1, p + w, p + w + 1};
+        float s = 0.0f;
+        for (int t = 0; t < 4; t++) {
+            float v = ld(x + taps[t] * x_rs + j);
+            if (scale) v = fmaxf(v * scale[j] + shift[j], 0.0f);
+            s += v;
+        }
+        st(y + r * y_rs + j, s * 0.25f);
+    }
+}
+
+// dx: [n, h, w, c] T, overwritten (pixels the floor drops get 0); dy: [n, h/2, w/2, c] T, row
+// stride dy_rs. (The backward of the BN + ReLU is the caller's: this is the pool alone.)
+template <class T>
+__device__ void avgpool_bwd(T* dx, const T* dy, int dy_rs, int n, int h, int w, int c) {
+    const int ho = h / 2, wo = w / 2;
+    GRID_STRIDE(i, (long long)n * h * w * c) {
+        const int j = (int)(i % c);
+        const long long p = i / c;
+        const int ix = (int)(p % w), iy = (int)(p / w % h), b = (int)(p / ((long long)w * h));
+        float g = 0.0f;
+        if (iy / 2 < ho && ix / 2 < wo) g = 0.25f * ld(dy + ((long long)(b * ho + iy / 2) * wo + ix / 2) * dy_rs + j);
+        st(dx + i, g);
+    }
+}
+
+// feat: [n, c] f32 = mean over the hw pixels of x: [n, hw, c] T.
+template <class T>
+__device__ void gap_fwd(float* feat, const T* x, int n, int hw, int c) {
+    GRID_STRIDE(i, (long long)n * c) {
+        const int j = (int)(i % c), b = (int)(i / c);
+        float s = 0.0f;
+        for (int p = 0; p < hw; p++) s += ld(x + ((long long)b * hw + p) * c + j);
+        feat[i] = s / (float)hw;
+    }
+}
+
+// dx: [n, hw, c] T, overwritten = dfeat / hw broadcast; dfeat: [n, c] f32.
+template <class T>
+__device__ void gap_bwd(T* dx, const float* dfeat, int n, int hw, int c) {
+    GRID_STRIDE(i, (long long)n * hw * c) {
+        const int j = (int)(i % c);
+        const long long b = i / c / hw;
+        st(dx + i, dfeat[b * c + j] / (float)hw);
+    }
+}
+
+// logits: [n] f32 = feat · wt + bias; feat: [n, c] f32; wt: [c] f32; bias: [1] f32.
+// Grid (n), block 256 (a multiple of 32).
+extern "C" __global__ void linear_fwd_f32(float* __restrict__ logits, const float* __restrict__ feat,
+                                          const float* __restrict__ wt, const float* __restrict__ bias, int c) {
+    __shared__ float scratch[32];
+    const int b = blockIdx.x;
+    float s = 0.0f;
+    for (int j = threadIdx.x; j < c; j += blockDim.x) s += feat[(long long)b * c + j] * wt[j];
+    s = block_sum(s, scratch);
+    if (threadIdx.x == 0) logits[b] = s + bias[0];
+}
+
+// dfeat: [n, c] f32 out = dlogits[b] * wt; dw: [c] f32 and db: [1] f32 added to (dw += dlogitsᵀ feat,
+// db += sum dlogits); feat: [n, c] f32; wt: [c] f32; dlogits: [n] f32. One thread per channel.
+extern "C" __global__ void linear_bwd_f32(float* __restrict__ dfeat, float* __restrict__ dw, float* __restrict__ db,
+                                          const float* __restrict__ feat, const float* __restrict__ wt,
+                                          const float* __restrict__ dlogits, int n, int c) {
+    const int j = blockIdx.x * blockDim.x + threadIdx.x;
+    if (j < c) {
+        float s = 0.0f;
+        for (int b = 0; b < n; b++) {
+            s += dlogits[b] * feat[(long long)b * c + j];
+            dfeat[(long long)b * c + j] = dlogits[b] * wt[j];
+        }
+        dw[j] += s;
+        if (j == 0) {
+            float t = 0.0f;
+            for (int b = 0; b < n; b++) t += dlogits[b];
+            db[0] += t;
+        }
+    }
+}
+
+// y: [n] bf16 = x: [n] f32 rounded to nearest even.
+extern "C" __global__ void cast_fwd_bf16(bf16* __restrict__ y, const float* __restrict__ x, int n) {
+    GRID_STRIDE(i, n) y[i] = __float2bfloat16(x[i]);
+}
+
+// f32 storage: see maxpool_fwd.
+extern "C" __global__ void maxpool_fwd_f32(float* __restrict__ y, int y_rs, const float* __restrict__ x, int n, int h,
+                                          int w, int c) {
+    maxpool_fwd<float>(y, y_rs, x, n, h, w, c);
+}
+// f32 storage: see maxpool_bwd.
+extern "C" __global__ void maxpool_bwd_f32(float* __restrict__ dx, const float* __restrict__ x,
+                                          const float* __restrict__ dy, int dy_rs, int n, int h, int w, int c) {
+    maxpool_bwd<float>(dx, x, dy, dy_rs, n, h, w, c);
+}
+// f32 storage: see avgpool_fwd.
+extern "C" __global__ void avgpool_fwd_f32(float* __restrict__ y, int y_rs, const float* __restrict__ x, int x_rs,
+                                          int n, int h, int w, int c, const float* scale, const float* shift) {
+    avgpool_fwd<float>(y, y_rs, x, x_rs, n, h, w, c, scale, shift);
+}
+// f32 storage: see avgpool_bwd.
+extern "C" __global__ void avgpool_bwd_f32(float* __restrict__ dx, const float* __restrict__ dy, int dy_rs, int n,
+                                          int h, int w, int c) {
+    avgpool_bwd<float>(dx, dy, dy_rs, n, h, w, c);
+}
+// f32 storage: see gap_fwd.
+extern "C" __global__ void gap_fwd_f32(float* __restrict__ feat, const float* __restrict__ x, int n, int hw, int c) {
+    gap_fwd<float>(feat, x, n, hw, c);
+}
+// f32 storage: see gap_bwd.
+extern "C" __global__ void gap_bwd_f32(float* __restrict__ dx, const float* __restrict__ dfeat, int n, int hw,
+                                      int c) {
+    gap_bwd<float>(dx, dfeat, n, hw, c);
+}
+
+// bf16 storage: see maxpool_fwd.
+extern "C" __global__ void maxpool_fwd_bf16(bf16* __restrict__ y, int y_rs, const bf16* __restrict__ x, int n, int h,
+                                          int w, int c) {
+    maxpool_fwd<bf16>(y, y_rs, x, n, h, w, c);
+}
+// bf16 storage: see maxpool_bwd.
+extern "C" __global__ void maxpool_bwd_bf16(bf16* __restrict__ dx, const bf16* __restrict__ x,
+                                          const bf16* __restrict__ dy, int dy_rs, int n, int h, int w, int c) {
+    maxpool_bwd<bf16>(dx, x, dy, dy_rs, n, h, w, c);
+}
+// bf16 storage: see avgpool_fwd.
+extern "C" __global__ void avgpool_fwd_bf16(bf16* __restrict__ y, int y_rs, const bf16* __restrict__ x, int x_rs,
+                                          int n, int h, int w, int c, const float* scale, const float* shift) {
+    avgpool_fwd<bf16>(y, y_rs, x, x_rs, n, h, w, c, scale, shift);
+}
+// bf16 storage: see avgpool_bwd.
+extern "C" __global__ void avgpool_bwd_bf16(bf16* __restrict__ dx, const bf16* __restrict__ dy, int dy_rs, int n,
+                                          int h, int w, int c) {
+    avgpool_bwd<bf16>(dx, dy, dy_rs, n, h, w, c);
+}
+// bf16 storage: see gap_fwd.
+extern "C" __global__ void gap_fwd_bf16(float* __restrict__ feat, const bf16* __restrict__ x, int n, int hw, int c) {
+    gap_fwd<bf16>(feat, x, n, hw, c);
+}
+// bf16 storage: see gap_bwd.
+extern "C" __global__ void gap_bwd_bf16(bf16* __restrict__ dx, const float* __restrict__ dfeat, int n, int hw,
+                                      int c) {
+    gap_bwd<bf16>(dx, dfeat, n, hw, c);
+}

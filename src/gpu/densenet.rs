@@ -1,0 +1,938 @@
+//! DenseNet on the GPU op layer: the CPU model's structure and flat-buffer layout, with
+//! parameters, gradients, BN running statistics and Adam moments in device buffers, and
+//! forward / backward as kernel launches with no host round trip between ops (the host uploads
+//! the batch and the logits' gradient, and downloads the logits).
+//!
+//! Activations live in a plan allocated once per batch shape and reused, so steady-state steps
+//! allocate nothing. As on the CPU, a dense block owns one buffer with room for all its channels
+//! (layers read a prefix and write a slice) and one gradient buffer that layers accumulate into;
+//! per-channel batch statistics are computed once, when a channel is written.
+
+use super::ops::{self, f32_at, BnSaved, Dt, View};
+use super::tracking::Tracking;
+use super::{DevPtr, DeviceBuffer, Driver};
+use crate::model::{BnIdx, DenseNet, Layout, Mode};
+use crate::net::{Net, Precision};
+use crate::ops::conv::Conv;
+use crate::optim::Adam;
+use crate::spec::DenseNetSpec;
+use crate::weights::StateDict;
+use anyhow::{bail, Context, Result};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+const STEM: Conv = Conv {
+    k: 7,
+    stride: 2,
+    pad: 3,
+};
+const POINTWISE: Conv = Conv {
+    k: 1,
+    stride: 1,
+    pad: 0,
+};
+const CONV3: Conv = Conv {
+    k: 3,
+    stride: 1,
+    pad: 1,
+};
+
+/// An activation buffer of `dt` elements.
+struct Act {
+    buf: DeviceBuffer<u8>,
+    dt: Dt,
+}
+
+impl Act {
+    fn new(d: &Arc<dyn Driver>, dt: Dt, len: usize) -> Result<Act> {
+        Ok(Act {
+            buf: DeviceBuffer::alloc(d, len * dt.size())?,
+            dt,
+        })
+    }
+    fn ptr(&self) -> DevPtr {
+        self.buf.ptr()
+    }
+    /// Address of element `i`.
+    fn at(&self, i: usize) -> DevPtr {
+        self.dt.at(self.buf.ptr(), i)
+    }
+    /// The first `len` elements as f32.
+    fn download(&self, len: usize) -> Result<Vec<f32>> {
+        let bytes = self.buf.to_vec()?;
+        Ok(match self.dt {
+            Dt::F32 => bytemuck::cast_slice::<u8, f32>(&bytes[..len * 4]).to_vec(),
+            Dt::Bf16 => bytes[..len * 2]
+                .chunks_exact(2)
+                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+        })
+    }
+}
+
+/// One dense block's buffers for a batch shape.
+struct BlockPlan {
+    h: usize,
+    w: usize,
+    /// [rows, c_total]: every layer's output channels, side by side.
+    buf: Act,
+    /// [rows, c_total]: d(loss)/d(buf).
+    dbuf: Act,
+    /// [2, c_total] f32: batch mean, then biased variance, of each channel (train).
+    stats: DeviceBuffer<f32>,
+    /// Per layer: [rows, bn_size * growth] bottleneck output (before norm2), and its
+    /// [2, bn_size * growth] f32 batch statistics.
+    y1: Vec<Act>,
+    st2: Vec<DeviceBuffer<f32>>,
+    /// [rows / 4, c_total]: the transition's pooled input (blocks with a transition).
+    pooled: Option<Act>,
+}
+
+/// Every activation buffer of one batch shape `(n, h, w)`.
+struct Plan {
+    n: usize,
+    h: usize,
+    w: usize,
+    /// [n, h, w, 3] f32 input, and its bf16 copy in bf16 mode.
+    x: DeviceBuffer<f32>,
+    x16: Option<Act>,
+    /// [n, h0, w0, f0]: conv0 output, and after norm0 + ReLU.
+    y0: Act,
+    a0: Act,
+    /// [2, f0] f32 batch statistics of y0.
+    st0: DeviceBuffer<f32>,
+    blocks: Vec<BlockPlan>,
+    /// [rows, c] after norm5 + ReLU; [n, c] f32 pooled features and their gradient.
+    a5: Act,
+    feat: DeviceBuffer<f32>,
+    dfeat: DeviceBuffer<f32>,
+    /// [n] f32.
+    logits: DeviceBuffer<f32>,
+    dlogits: DeviceBuffer<f32>,
+    /// Two backward scratch buffers, each as large as the largest intermediate gradient.
+    sa: Act,
+    sb: Act,
+}
+
+/// DenseNet with one logit on any [`Driver`] (CUDA or the emulator).
+pub struct GpuDenseNet {
+    /// The driver, through `mem`, which counts what this model allocates.
+    d: Arc<dyn Driver>,
+    mem: Arc<Tracking>,
+    dt: Dt,
+    /// The CPU model this one was built from: structure, layout and the state-dict conversions.
+    host: DenseNet<f32>,
+    params: DeviceBuffer<f32>,
+    grads: DeviceBuffer<f32>,
+    /// BN running means and variances, as `host.stats`.
+    stats: DeviceBuffer<f32>,
+    adam_m: DeviceBuffer<f32>,
+    adam_v: DeviceBuffer<f32>,
+    counters: Vec<i64>,
+    /// Per BN: [2, c] f32 scale and shift of its last forward, at `coef_at[bn.p]`.
+    coef: DeviceBuffer<f32>,
+    coef_at: HashMap<usize, usize>,
+    /// BN reduction scratch: [bn_scratch_len(max c)] then [2, max c] f32.
+    part: DeviceBuffer<f32>,
+    bcoef: DeviceBuffer<f32>,
+    plan: Option<Plan>,
+    /// A train-mode forward left what backward needs in the plan.
+    recorded: bool,
+}
+
+impl GpuDenseNet {
+    /// Uploads `model` (its parameters, running statistics and counters) to the driver's device.
+    pub fn new(d: Arc<dyn Driver>, model: DenseNet<f32>, precision: Precision) -> Result<Self> {
+        let mem = Arc::new(Tracking::new(d));
+        let d: Arc<dyn Driver> = mem.clone();
+        let dt = match precision {
+            Precision::F32 => Dt::F32,
+            Precision::Bf16 => Dt::Bf16,
+        };
+        let np = model.params.len();
+        let bns = all_bns(&model.layout);
+        let mut coef_at = HashMap::new();
+        let mut at = 0;
+        for bn in &bns {
+            coef_at.insert(bn.p, at);
+            at += 2 * bn.c;
+        }
+        let max_c = bns.iter().map(|b| b.c).max().unwrap_or(1);
+        let zeros = |len: usize| -> Result<DeviceBuffer<f32>> {
+            let b = DeviceBuffer::alloc(&d, len)?;
+            b.fill_bytes(0)?;
+            Ok(b)
+        };
+        let upload = || -> Result<GpuDenseNet> {
+            Ok(GpuDenseNet {
+                params: DeviceBuffer::from_slice(&d, &model.params)?,
+                grads: zeros(np)?,
+                stats: DeviceBuffer::from_slice(&d, &model.stats)?,
+                adam_m: zeros(np)?,
+                adam_v: zeros(np)?,
+                counters: model.counters.clone(),
+                coef: DeviceBuffer::alloc(&d, at.max(1))?,
+                coef_at,
+                part: DeviceBuffer::alloc(&d, ops::bn_scratch_len(max_c))?,
+                bcoef: DeviceBuffer::alloc(&d, 2 * max_c)?,
+                plan: None,
+                recorded: false,
+                host: model.cast::<f32>(),
+                dt,
+                d: d.clone(),
+                mem: mem.clone(),
+            })
+        };
+        upload().context("uploading the model to the device")
+    }
+
+    pub fn driver(&self) -> &Arc<dyn Driver> {
+        &self.d
+    }
+
+    /// What this model has allocated on the device: bytes now, the peak, allocation calls.
+    pub fn memory(&self) -> &Tracking {
+        &self.mem
+    }
+
+    fn p(&self, i: usize) -> DevPtr {
+        f32_at(self.params.ptr(), i)
+    }
+    fn g(&self, i: usize) -> DevPtr {
+        f32_at(self.grads.ptr(), i)
+    }
+    /// (scale, shift) of a BN's last forward.
+    fn coefs(&self, bn: BnIdx) -> (DevPtr, DevPtr) {
+        let at = self.coef_at[&bn.p];
+        (
+            f32_at(self.coef.ptr(), at),
+            f32_at(self.coef.ptr(), at + bn.c),
+        )
+    }
+
+    /// Allocates the activation buffers for `(n, h, w)` unless they exist already. When they do
+    /// not fit, the error names the largest batch that would.
+    fn ensure_plan(&mut self, n: usize, h: usize, w: usize) -> Result<()> {
+        if matches!(&self.plan, Some(p) if (p.n, p.h, p.w) == (n, h, w)) {
+            return Ok(());
+        }
+        self.plan = None; // free the old shape's buffers first
+        self.recorded = false;
+        match self.build_plan(n, h, w) {
+            Ok(p) => {
+                self.plan = Some(p);
+                Ok(())
+            }
+            Err(e) => {
+                // Binary search: `lo` images fit, `hi` do not (each probe allocated, then freed).
+                let (mut lo, mut hi) = (0, n);
+                while hi - lo > 1 {
+                    let mid = (lo + hi) / 2;
+                    match self.build_plan(mid, h, w) {
+                        Ok(_) => lo = mid,
+                        Err(_) => hi = mid,
+                    }
+                }
+                let fits = match lo {
+                    0 => "not even one image fits".to_string(),
+                    _ => format!("the largest batch that fits is {lo}"),
+                };
+                bail!(
+                    "a batch of {n} images at {h}x{w} does not fit in the memory of {}: {fits} \
+                     (use a smaller batch or input size) [{e:#}]",
+                    self.d.name()
+                )
+            }
+        }
+    }
+
+    /// The activation buffers of one batch shape.
+    fn build_plan(&self, n: usize, h: usize, w: usize) -> Result<Plan> {
+        let (d, dt) = (&self.d, self.dt);
+        let lay = &self.host.layout;
+        let spec = &self.host.spec;
+        let f0 = lay.conv0.co;
+        let (h0, w0) = STEM.out_hw(h, w);
+        let (mut hb, mut wb) = crate::ops::pool::maxpool_out(h0, w0);
+        let mid = spec.bn_size * spec.growth_rate;
+        let mut scratch = n * h0 * w0 * f0;
+        let mut blocks = Vec::new();
+        for blk in &lay.blocks {
+            let (rows, ct) = (n * hb * wb, blk.c_total);
+            scratch = scratch.max(rows * ct).max(rows * mid);
+            let f32s = |len| DeviceBuffer::<f32>::alloc(d, len);
+            blocks.push(BlockPlan {
+                h: hb,
+                w: wb,
+                buf: Act::new(d, dt, rows * ct)?,
+                dbuf: Act::new(d, dt, rows * ct)?,
+                stats: f32s(2 * ct)?,
+                y1: (0..blk.layers.len())
+                    .map(|_| Act::new(d, dt, rows * mid))
+                    .collect::<Result<_>>()?,
+                st2: (0..blk.layers.len())
+                    .map(|_| f32s(2 * mid))
+                    .collect::<Result<_>>()?,
+                pooled: match blk.transition {
+                    Some(_) => Some(Act::new(d, dt, n * (hb / 2) * (wb / 2) * ct)?),
+                    None => None,
+                },
+            });
+            (hb, wb) = (hb / 2, wb / 2);
+        }
+        let last = blocks.last().context("a DenseNet has at least one block")?;
+        let c5 = lay.norm5.c;
+        let rows5 = n * last.h * last.w;
+        Ok(Plan {
+            n,
+            h,
+            w,
+            x: DeviceBuffer::alloc(d, n * h * w * 3)?,
+            x16: match dt {
+                Dt::Bf16 => Some(Act::new(d, dt, n * h * w * 3)?),
+                Dt::F32 => None,
+            },
+            y0: Act::new(d, dt, n * h0 * w0 * f0)?,
+            a0: Act::new(d, dt, n * h0 * w0 * f0)?,
+            st0: DeviceBuffer::alloc(d, 2 * f0)?,
+            blocks,
+            a5: Act::new(d, dt, rows5 * c5)?,
+            feat: DeviceBuffer::alloc(d, n * c5)?,
+            dfeat: DeviceBuffer::alloc(d, n * c5)?,
+            logits: DeviceBuffer::alloc(d, n)?,
+            dlogits: DeviceBuffer::alloc(d, n)?,
+            sa: Act::new(d, dt, scratch)?,
+            sb: Act::new(d, dt, scratch)?,
+        })
+    }
+
+    /// A BN's (scale, shift), into `coef`: from the batch statistics `(mean, var, count)` in
+    /// training (also updating its running statistics and counter), else from the running ones.
+    fn bn_coeffs(&mut self, bn: BnIdx, batch: Option<(DevPtr, DevPtr, usize)>) -> Result<()> {
+        let (scale, shift) = self.coefs(bn);
+        let (gamma, beta) = (self.p(bn.p), self.p(bn.p + bn.c));
+        let (rm, rv) = (
+            f32_at(self.stats.ptr(), bn.s),
+            f32_at(self.stats.ptr(), bn.s + bn.c),
+        );
+        let d = &*self.d;
+        match batch {
+            Some((mean, var, count)) => {
+                self.counters[bn.cnt] += 1;
+                ops::bn_coeffs(
+                    d,
+                    gamma,
+                    beta,
+                    mean,
+                    var,
+                    Some((rm, rv, count)),
+                    bn.c,
+                    scale,
+                    shift,
+                )
+            }
+            None => ops::bn_coeffs(d, gamma, beta, rm, rv, None, bn.c, scale, shift),
+        }
+    }
+
+    /// Batch statistics of `x: [rows, c]` (row stride `rs`) into the f32 buffer `st` at `at`
+    /// (mean) and `stride + at` (variance).
+    fn stats_into(
+        &self,
+        x: DevPtr,
+        (rows, c, rs): (usize, usize, usize),
+        (st, stride, at): (DevPtr, usize, usize),
+    ) -> Result<()> {
+        ops::bn_stats(
+            &*self.d,
+            self.dt,
+            x,
+            rows,
+            c,
+            rs,
+            f32_at(st, at),
+            f32_at(st, stride + at),
+            self.part.ptr(),
+        )
+    }
+
+    /// The forward pass; leaves logits in the plan (and the final feature map in `a5`).
+    fn run(&mut self, x: &[f32], n: usize, h: usize, w: usize, train: bool) -> Result<Vec<f32>> {
+        if x.len() != n * h * w * 3 {
+            bail!(
+                "forward: input has {} values, expected [{n}, {h}, {w}, 3]",
+                x.len()
+            );
+        }
+        self.host.feature_hw(h, w)?;
+        self.ensure_plan(n, h, w)?;
+        self.recorded = false;
+        let plan = self.plan.take().expect("planned above");
+        let out = self.run_planned(&plan, x, train);
+        self.plan = Some(plan);
+        self.recorded = train && out.is_ok();
+        out
+    }
+
+    fn run_planned(&mut self, pl: &Plan, x: &[f32], train: bool) -> Result<Vec<f32>> {
+        let (dt, n, h, w) = (self.dt, pl.n, pl.h, pl.w);
+        let lay = self.host.layout.clone();
+        pl.x.copy_from(x)?;
+        let xin = match &pl.x16 {
+            Some(x16) => {
+                ops::cast_bf16(&*self.d, pl.x.ptr(), x.len(), x16.ptr())?;
+                x16.ptr()
+            }
+            None => pl.x.ptr(),
+        };
+
+        // Stem: conv0 → norm0 → ReLU → max pool into block 0's first channels.
+        let f0 = lay.conv0.co;
+        let (h0, w0) = STEM.out_hw(h, w);
+        let m0 = n * h0 * w0;
+        let xv = View {
+            ptr: xin,
+            n,
+            h,
+            w,
+            c: 3,
+            rs: 3,
+        };
+        ops::conv_fwd(
+            &*self.d,
+            dt,
+            xv,
+            None,
+            self.p(lay.conv0.p),
+            f0,
+            STEM,
+            pl.y0.ptr(),
+            f0,
+        )?;
+        let batch = if train {
+            self.stats_into(pl.y0.ptr(), (m0, f0, f0), (pl.st0.ptr(), f0, 0))?;
+            Some((pl.st0.ptr(), f32_at(pl.st0.ptr(), f0), m0))
+        } else {
+            None
+        };
+        self.bn_coeffs(lay.norm0, batch)?;
+        let c0 = self.coefs(lay.norm0);
+        ops::bn_act(
+            &*self.d,
+            dt,
+            pl.y0.ptr(),
+            f0,
+            m0,
+            f0,
+            c0,
+            true,
+            pl.a0.ptr(),
+            f0,
+        )?;
+        let b0 = &pl.blocks[0];
+        let ct0 = lay.blocks[0].c_total;
+        let a0v = View {
+            ptr: pl.a0.ptr(),
+            n,
+            h: h0,
+            w: w0,
+            c: f0,
+            rs: f0,
+        };
+        ops::maxpool_fwd(&*self.d, dt, a0v, b0.buf.ptr(), ct0)?;
+        if train {
+            self.stats_into(
+                b0.buf.ptr(),
+                (n * b0.h * b0.w, f0, ct0),
+                (b0.stats.ptr(), ct0, 0),
+            )?;
+        }
+
+        for (b, blk) in lay.blocks.iter().enumerate() {
+            let bp = &pl.blocks[b];
+            let (ct, rows) = (blk.c_total, n * bp.h * bp.w);
+            let (bh, bw) = (bp.h, bp.w);
+            let (mean, var) = (bp.stats.ptr(), f32_at(bp.stats.ptr(), ct));
+            for (l, li) in blk.layers.iter().enumerate() {
+                let (c, mid, k) = (li.norm1.c, li.conv1.co, li.conv2.co);
+                self.bn_coeffs(li.norm1, train.then_some((mean, var, rows)))?;
+                let prefix = View {
+                    ptr: bp.buf.ptr(),
+                    n,
+                    h: bh,
+                    w: bw,
+                    c,
+                    rs: ct,
+                };
+                let y1 = bp.y1[l].ptr();
+                let pre1 = Some(self.coefs(li.norm1));
+                ops::conv_fwd(
+                    &*self.d,
+                    dt,
+                    prefix,
+                    pre1,
+                    self.p(li.conv1.p),
+                    mid,
+                    POINTWISE,
+                    y1,
+                    mid,
+                )?;
+                let st2 = bp.st2[l].ptr();
+                let batch = if train {
+                    self.stats_into(y1, (rows, mid, mid), (st2, mid, 0))?;
+                    Some((st2, f32_at(st2, mid), rows))
+                } else {
+                    None
+                };
+                self.bn_coeffs(li.norm2, batch)?;
+                let yv = View {
+                    ptr: y1,
+                    n,
+                    h: bh,
+                    w: bw,
+                    c: mid,
+                    rs: mid,
+                };
+                let pre2 = Some(self.coefs(li.norm2));
+                let out = bp.buf.at(c);
+                ops::conv_fwd(
+                    &*self.d,
+                    dt,
+                    yv,
+                    pre2,
+                    self.p(li.conv2.p),
+                    k,
+                    CONV3,
+                    out,
+                    ct,
+                )?;
+                if train {
+                    self.stats_into(out, (rows, k, ct), (bp.stats.ptr(), ct, c))?;
+                }
+            }
+            let Some((tn, tc)) = blk.transition else {
+                break;
+            };
+            // Transition: norm → ReLU → 2×2 avg pool (fused) → 1×1 conv into the next block.
+            self.bn_coeffs(tn, train.then_some((mean, var, rows)))?;
+            let pooled = bp.pooled.as_ref().context("transition buffer")?;
+            let bv = View {
+                ptr: bp.buf.ptr(),
+                n,
+                h: bh,
+                w: bw,
+                c: ct,
+                rs: ct,
+            };
+            ops::avgpool_fwd(&*self.d, dt, bv, Some(self.coefs(tn)), pooled.ptr(), ct)?;
+            let nx = &pl.blocks[b + 1];
+            let nct = lay.blocks[b + 1].c_total;
+            let pv = View {
+                ptr: pooled.ptr(),
+                n,
+                h: nx.h,
+                w: nx.w,
+                c: ct,
+                rs: ct,
+            };
+            ops::conv_fwd(
+                &*self.d,
+                dt,
+                pv,
+                None,
+                self.p(tc.p),
+                tc.co,
+                POINTWISE,
+                nx.buf.ptr(),
+                nct,
+            )?;
+            if train {
+                self.stats_into(
+                    nx.buf.ptr(),
+                    (n * nx.h * nx.w, tc.co, nct),
+                    (nx.stats.ptr(), nct, 0),
+                )?;
+            }
+        }
+
+        // Head: norm5 → ReLU → global average pool → linear.
+        let last = pl.blocks.last().context("blocks")?;
+        let (c, rows) = (lay.norm5.c, n * last.h * last.w);
+        let (mean, var) = (last.stats.ptr(), f32_at(last.stats.ptr(), c));
+        self.bn_coeffs(lay.norm5, train.then_some((mean, var, rows)))?;
+        let c5 = self.coefs(lay.norm5);
+        ops::bn_act(
+            &*self.d,
+            dt,
+            last.buf.ptr(),
+            c,
+            rows,
+            c,
+            c5,
+            true,
+            pl.a5.ptr(),
+            c,
+        )?;
+        ops::gap_fwd(
+            &*self.d,
+            dt,
+            pl.a5.ptr(),
+            n,
+            last.h * last.w,
+            c,
+            pl.feat.ptr(),
+        )?;
+        let (fw, fb) = (self.p(lay.fc), self.p(lay.fc + c));
+        ops::linear_fwd(&*self.d, pl.feat.ptr(), n, c, fw, fb, pl.logits.ptr())?;
+        pl.logits.to_vec()
+    }
+
+    fn backward_planned(&self, pl: &Plan, dlogits: &[f32]) -> Result<()> {
+        let (d, dt, n) = (&*self.d, self.dt, pl.n);
+        let lay = &self.host.layout;
+        pl.dlogits.copy_from(dlogits)?;
+        let scratch = (self.part.ptr(), self.bcoef.ptr());
+        let (sa, sb) = (pl.sa.ptr(), pl.sb.ptr());
+        let bn_grads = |bn: BnIdx| (self.g(bn.p), self.g(bn.p + bn.c));
+        let saved = |bn: BnIdx, x: DevPtr, rs: usize, rows: usize, st: DevPtr, stride: usize| {
+            let (scale, shift) = self.coefs(bn);
+            BnSaved {
+                x,
+                rs,
+                rows,
+                c: bn.c,
+                mean: st,
+                var: f32_at(st, stride),
+                scale,
+                shift,
+            }
+        };
+
+        // Head. Every block's gradient buffer is first written whole (by the head or the
+        // transition after it), then accumulated into by its layers.
+        let nb = lay.blocks.len();
+        let last = &pl.blocks[nb - 1];
+        let (c, rows) = (lay.norm5.c, n * last.h * last.w);
+        let (fw, fc) = (self.p(lay.fc), lay.fc);
+        let dwb = (self.g(fc), self.g(fc + c));
+        ops::linear_bwd(
+            d,
+            pl.feat.ptr(),
+            n,
+            c,
+            fw,
+            pl.dlogits.ptr(),
+            dwb,
+            pl.dfeat.ptr(),
+        )?;
+        ops::gap_bwd(d, dt, pl.dfeat.ptr(), n, last.h * last.w, c, sa)?;
+        let s5 = saved(lay.norm5, last.buf.ptr(), c, rows, last.stats.ptr(), c);
+        let g5 = bn_grads(lay.norm5);
+        ops::bn_bwd(
+            d,
+            dt,
+            s5,
+            true,
+            true,
+            sa,
+            c,
+            g5,
+            last.dbuf.ptr(),
+            c,
+            false,
+            scratch,
+        )?;
+
+        for b in (0..nb).rev() {
+            let (blk, bp) = (&lay.blocks[b], &pl.blocks[b]);
+            let (ct, rows, bh, bw) = (blk.c_total, n * bp.h * bp.w, bp.h, bp.w);
+            if let Some((tn, tc)) = blk.transition {
+                // Transition b → b + 1.
+                let nx = &pl.blocks[b + 1];
+                let nct = lay.blocks[b + 1].c_total;
+                let pooled = bp.pooled.as_ref().context("transition buffer")?;
+                let pv = View {
+                    ptr: pooled.ptr(),
+                    n,
+                    h: nx.h,
+                    w: nx.w,
+                    c: ct,
+                    rs: ct,
+                };
+                let dnext = nx.dbuf.ptr();
+                ops::conv_bwd_weight(d, dt, pv, None, POINTWISE, dnext, nct, tc.co, self.g(tc.p))?;
+                let dims = (n, nx.h, nx.w, ct);
+                ops::conv_bwd_data(
+                    d,
+                    dt,
+                    dnext,
+                    nct,
+                    tc.co,
+                    self.p(tc.p),
+                    POINTWISE,
+                    dims,
+                    sa,
+                    ct,
+                    false,
+                )?;
+                ops::avgpool_bwd(d, dt, (n, bh, bw, ct), sa, ct, sb)?;
+                let st = saved(tn, bp.buf.ptr(), ct, rows, bp.stats.ptr(), ct);
+                ops::bn_bwd(
+                    d,
+                    dt,
+                    st,
+                    true,
+                    true,
+                    sb,
+                    ct,
+                    bn_grads(tn),
+                    bp.dbuf.ptr(),
+                    ct,
+                    false,
+                    scratch,
+                )?;
+            }
+            for (l, li) in blk.layers.iter().enumerate().rev() {
+                let (c, mid, k) = (li.norm1.c, li.conv1.co, li.conv2.co);
+                let (y1, st2) = (bp.y1[l].ptr(), bp.st2[l].ptr());
+                let dout = bp.dbuf.at(c);
+                // conv2 (3×3) on relu(norm2(y1)).
+                let yv = View {
+                    ptr: y1,
+                    n,
+                    h: bh,
+                    w: bw,
+                    c: mid,
+                    rs: mid,
+                };
+                let pre2 = Some(self.coefs(li.norm2));
+                ops::conv_bwd_weight(d, dt, yv, pre2, CONV3, dout, ct, k, self.g(li.conv2.p))?;
+                let dims = (n, bh, bw, mid);
+                ops::conv_bwd_data(
+                    d,
+                    dt,
+                    dout,
+                    ct,
+                    k,
+                    self.p(li.conv2.p),
+                    CONV3,
+                    dims,
+                    sa,
+                    mid,
+                    false,
+                )?;
+                let s2 = saved(li.norm2, y1, mid, rows, st2, mid);
+                ops::bn_bwd(
+                    d,
+                    dt,
+                    s2,
+                    true,
+                    true,
+                    sa,
+                    mid,
+                    bn_grads(li.norm2),
+                    sb,
+                    mid,
+                    false,
+                    scratch,
+                )?;
+                // conv1 (1×1) on relu(norm1(prefix)).
+                let prefix = View {
+                    ptr: bp.buf.ptr(),
+                    n,
+                    h: bh,
+                    w: bw,
+                    c,
+                    rs: ct,
+                };
+                let pre1 = Some(self.coefs(li.norm1));
+                ops::conv_bwd_weight(
+                    d,
+                    dt,
+                    prefix,
+                    pre1,
+                    POINTWISE,
+                    sb,
+                    mid,
+                    mid,
+                    self.g(li.conv1.p),
+                )?;
+                let dims = (n, bh, bw, c);
+                ops::conv_bwd_data(
+                    d,
+                    dt,
+                    sb,
+                    mid,
+                    mid,
+                    self.p(li.conv1.p),
+                    POINTWISE,
+                    dims,
+                    sa,
+                    c,
+                    false,
+                )?;
+                let s1 = saved(li.norm1, bp.buf.ptr(), ct, rows, bp.stats.ptr(), ct);
+                let g1 = bn_grads(li.norm1);
+                ops::bn_bwd(
+                    d,
+                    dt,
+                    s1,
+                    true,
+                    true,
+                    sa,
+                    c,
+                    g1,
+                    bp.dbuf.ptr(),
+                    ct,
+                    true,
+                    scratch,
+                )?;
+            }
+        }
+
+        // Stem.
+        let f0 = lay.conv0.co;
+        let (h0, w0) = STEM.out_hw(pl.h, pl.w);
+        let m0 = n * h0 * w0;
+        let ct0 = lay.blocks[0].c_total;
+        let a0v = View {
+            ptr: pl.a0.ptr(),
+            n,
+            h: h0,
+            w: w0,
+            c: f0,
+            rs: f0,
+        };
+        ops::maxpool_bwd(d, dt, a0v, pl.blocks[0].dbuf.ptr(), ct0, sa)?;
+        let s0 = saved(lay.norm0, pl.y0.ptr(), f0, m0, pl.st0.ptr(), f0);
+        ops::bn_bwd(
+            d,
+            dt,
+            s0,
+            true,
+            true,
+            sa,
+            f0,
+            bn_grads(lay.norm0),
+            sb,
+            f0,
+            false,
+            scratch,
+        )?;
+        let xin = pl.x16.as_ref().map_or(pl.x.ptr(), |x| x.ptr());
+        let xv = View {
+            ptr: xin,
+            n,
+            h: pl.h,
+            w: pl.w,
+            c: 3,
+            rs: 3,
+        };
+        ops::conv_bwd_weight(d, dt, xv, None, STEM, sb, f0, f0, self.g(lay.conv0.p))?;
+        d.synchronize()
+    }
+
+    /// Gradients of every parameter (after `backward`), in the CPU model's flat layout.
+    pub fn grads(&self) -> Result<Vec<f32>> {
+        self.grads.to_vec()
+    }
+}
+
+/// Every BN of the model.
+fn all_bns(lay: &Layout) -> Vec<BnIdx> {
+    let mut v = vec![lay.norm0];
+    for b in &lay.blocks {
+        for l in &b.layers {
+            v.extend([l.norm1, l.norm2]);
+        }
+        v.extend(b.transition.map(|t| t.0));
+    }
+    v.push(lay.norm5);
+    v
+}
+
+impl Net for GpuDenseNet {
+    fn spec(&self) -> &DenseNetSpec {
+        &self.host.spec
+    }
+    fn num_params(&self) -> usize {
+        self.params.len()
+    }
+    fn forward(&mut self, x: &[f32], n: usize, h: usize, w: usize, mode: Mode) -> Result<Vec<f32>> {
+        self.run(x, n, h, w, mode == Mode::Train)
+    }
+    fn forward_features(
+        &mut self,
+        x: &[f32],
+        n: usize,
+        h: usize,
+        w: usize,
+    ) -> Result<(Vec<f32>, Vec<f32>, usize, usize)> {
+        let logits = self.run(x, n, h, w, false)?;
+        let (hf, wf) = self.host.feature_hw(h, w)?;
+        let plan = self.plan.as_ref().expect("planned by run");
+        let fmap = plan.a5.download(n * hf * wf * self.host.layout.norm5.c)?;
+        Ok((logits, fmap, hf, wf))
+    }
+    fn classifier(&self) -> Result<(Vec<f32>, f32)> {
+        let (fc, c) = (self.host.layout.fc, self.host.layout.norm5.c);
+        let mut v = vec![0f32; c + 1];
+        self.d.dtoh(bytemuck::cast_slice_mut(&mut v), self.p(fc))?;
+        let b = v.pop().expect("c + 1 values");
+        Ok((v, b))
+    }
+    fn zero_grad(&mut self) -> Result<()> {
+        self.grads.fill_bytes(0)
+    }
+    fn backward(&mut self, dlogits: &[f32]) -> Result<()> {
+        if !self.recorded {
+            bail!("backward needs a train-mode forward first");
+        }
+        let plan = self.plan.as_ref().expect("recorded implies planned");
+        if dlogits.len() != plan.n {
+            bail!(
+                "backward: {} logit gradients for a batch of {}",
+                dlogits.len(),
+                plan.n
+            );
+        }
+        self.recorded = false;
+        self.backward_planned(plan, dlogits)
+    }
+    fn adam_step(&mut self, adam: &mut Adam) -> Result<()> {
+        if adam.m.len() != self.params.len() {
+            bail!(
+                "optimiser state has {} values for {} parameters",
+                adam.m.len(),
+                self.params.len()
+            );
+        }
+        adam.step += 1;
+        let bufs = (
+            self.params.ptr(),
+            self.grads.ptr(),
+            self.adam_m.ptr(),
+            self.adam_v.ptr(),
+        );
+        ops::adam(&*self.d, adam, self.params.len(), bufs)
+    }
+    fn export_adam(&self, adam: &mut Adam) -> Result<()> {
+        adam.m = self.adam_m.to_vec()?;
+        adam.v = self.adam_v.to_vec()?;
+        Ok(())
+    }
+    fn import_adam(&mut self, adam: &Adam) -> Result<()> {
+        self.adam_m.copy_from(&adam.m)?;
+        self.adam_v.copy_from(&adam.v)
+    }
+    fn peak_device_bytes(&self) -> Option<usize> {
+        Some(self.mem.peak_bytes())
+    }
+    fn to_state_dict(&self) -> Result<StateDict> {
+        let mut m = self.host.cast::<f32>();
+        m.params = self.params.to_vec()?;
+        m.stats = self.stats.to_vec()?;
+        m.counters = self.counters.clone();
+        Ok(m.to_state_dict())
+    }
+}

@@ -1,0 +1,113 @@
+//! A driver wrapper that counts device memory: bytes live now, the peak since creation (or the
+//! last reset), and allocation calls; optionally refusing allocations beyond a limit, so that
+//! running out of memory can be tested on any executor.
+
+use super::{DevPtr, Driver};
+use anyhow::{bail, Context, Result};
+use std::collections::HashMap;
+use std::ffi::c_void;
+use std::sync::{Arc, Mutex};
+
+#[derive(Default)]
+struct Counts {
+    live: HashMap<DevPtr, usize>,
+    current: usize,
+    peak: usize,
+    allocs: u64,
+}
+
+pub struct Tracking {
+    inner: Arc<dyn Driver>,
+    limit: Option<usize>,
+    counts: Mutex<Counts>,
+}
+
+impl Tracking {
+    pub fn new(inner: Arc<dyn Driver>) -> Self {
+        Self::with_limit(inner, None)
+    }
+    /// Allocations that would take the live total past `limit` bytes fail as out of memory.
+    pub fn with_limit(inner: Arc<dyn Driver>, limit: Option<usize>) -> Self {
+        Tracking {
+            inner,
+            limit,
+            counts: Mutex::default(),
+        }
+    }
+    /// Bytes allocated through this driver and not yet freed.
+    pub fn current_bytes(&self) -> usize {
+        self.counts.lock().unwrap().current
+    }
+    /// The largest `current_bytes` seen.
+    pub fn peak_bytes(&self) -> usize {
+        self.counts.lock().unwrap().peak
+    }
+    /// Allocation calls so far.
+    pub fn alloc_calls(&self) -> u64 {
+        self.counts.lock().unwrap().allocs
+    }
+    pub fn reset_peak(&self) {
+        let mut c = self.counts.lock().unwrap();
+        c.peak = c.current;
+    }
+}
+
+impl Driver for Tracking {
+    fn name(&self) -> String {
+        self.inner.name()
+    }
+    fn alloc(&self, bytes: usize) -> Result<DevPtr> {
+        let mut c = self.counts.lock().unwrap();
+        c.allocs += 1;
+        if let Some(limit) = self.limit {
+            if c.current + bytes > limit {
+                bail!(
+                    "out of device memory: {bytes} bytes requested, {} of the {limit} allowed in use",
+                    c.current
+                );
+            }
+        }
+        let p = self
+            .inner
+            .alloc(bytes)
+            .with_context(|| format!("allocating {bytes} bytes on {}", self.inner.name()))?;
+        c.live.insert(p, bytes);
+        c.current += bytes;
+        c.peak = c.peak.max(c.current);
+        Ok(p)
+    }
+    fn free(&self, ptr: DevPtr) -> Result<()> {
+        self.inner.free(ptr)?;
+        let mut c = self.counts.lock().unwrap();
+        if let Some(bytes) = c.live.remove(&ptr) {
+            c.current -= bytes;
+        }
+        Ok(())
+    }
+    fn htod(&self, dst: DevPtr, src: &[u8]) -> Result<()> {
+        self.inner.htod(dst, src)
+    }
+    fn dtoh(&self, dst: &mut [u8], src: DevPtr) -> Result<()> {
+        self.inner.dtoh(dst, src)
+    }
+    fn memset(&self, dst: DevPtr, byte: u8, bytes: usize) -> Result<()> {
+        self.inner.memset(dst, byte, bytes)
+    }
+    unsafe fn launch(
+        &self,
+        name: &str,
+        grid: [u32; 3],
+        block: [u32; 3],
+        shared_bytes: u32,
+        params: &mut [*mut c_void],
+    ) -> Result<()> {
+        // SAFETY: forwarded unchanged; the caller's contract is the inner driver's.
+        unsafe { self.inner.launch(name, grid, block, shared_bytes, params) }
+    }
+    fn synchronize(&self) -> Result<()> {
+        self.inner.synchronize()
+    }
+    fn time(&self, work: &mut dyn FnMut() -> Result<()>) -> Result<f64> {
+        self.inner.time(work)
+    }
+}

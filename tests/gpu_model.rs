@@ -1,0 +1,270 @@
+//! The whole DenseNet on the GPU op layer against the CPU model, on the executor named by
+//! MURA_TEST_DEVICE (the emulator by default): a tiny net's training step — loss, every
+//! parameter's gradient, Adam-updated weights, BN running statistics — then eval logits and
+//! the CAM feature map; and bf16 storage tracking f32 over a few steps.
+
+use mura::device::Device;
+use mura::gpu::densenet::GpuDenseNet;
+use mura::gpu::testing::{fresh_seed, rel_err, test_driver};
+use mura::loss::{weighted_bce_f32, LossLevel};
+use mura::model::{DenseNet, Mode};
+use mura::net::{self, Net, Precision};
+use mura::optim::Adam;
+use mura::rng::Rng;
+use mura::spec::{DenseNetSpec, Role};
+use mura::weights::TensorData;
+
+fn tiny() -> DenseNetSpec {
+    DenseNetSpec::custom(4, vec![2, 2], 8, 2).unwrap()
+}
+
+fn f64s(v: &[f32]) -> Vec<f64> {
+    v.iter().map(|&x| x as f64).collect()
+}
+
+/// A freshly initialised tiny model with every parameter perturbed (so no BN is an identity).
+fn model(rng: &mut Rng) -> DenseNet<f32> {
+    let mut m = DenseNet::<f32>::new(tiny(), rng.next_u64());
+    for p in &mut m.params {
+        *p += 0.1 * rng.normal() as f32;
+    }
+    m
+}
+
+fn batch(rng: &mut Rng, n: usize, hw: usize) -> Vec<f32> {
+    (0..n * hw * hw * 3).map(|_| rng.normal() as f32).collect()
+}
+
+/// Loss and d(loss)/d(logits) for labels alternating 1, 0, 1, ... one view per study.
+fn loss(logits: &[f32]) -> (f32, Vec<f32>) {
+    let n = logits.len();
+    let labels: Vec<f64> = (0..n).map(|i| ((i + 1) % 2) as f64).collect();
+    let w = vec![(0.4, 0.6); n];
+    let views: Vec<usize> = (0..n).collect();
+    weighted_bce_f32(logits, &views, &labels, &w, LossLevel::Image)
+}
+
+/// Every parameter tensor's gradient from the GPU against the CPU model run in f64: within 1e-4
+/// relative. A tensor whose gradient is under 1% of the whole gradient's norm may instead be
+/// within 1e-6 of the whole norm: norm0's weight is one (the BNs after it make the loss nearly
+/// invariant to its scale, so its gradient is a near-total cancellation that f32 cannot resolve
+/// to 1e-4 relative; the CPU model in f32 misses it by ~2e-4 too).
+fn check_grads(gpu: &[f32], truth: &[f64]) {
+    let norm = |v: &[f64]| v.iter().map(|x| x * x).sum::<f64>().sqrt();
+    let whole = norm(truth);
+    let mut at = 0;
+    for t in tiny().state_dict_layout() {
+        if t.role != Role::Param {
+            continue;
+        }
+        let r = at..at + t.numel();
+        let (g, want) = (f64s(&gpu[r.clone()]), &truth[r]);
+        let e = rel_err(&g, want);
+        let abs = e * norm(want);
+        let tiny_grad = norm(want) < 1e-2 * whole;
+        assert!(
+            e <= 1e-4 || (tiny_grad && abs <= 1e-6 * whole),
+            "gradient of {}: rel err {e} (norm {}, whole gradient {whole})",
+            t.name,
+            norm(want)
+        );
+        at += t.numel();
+    }
+    assert_eq!(at, gpu.len(), "every parameter compared");
+}
+
+#[test]
+fn training_step_matches_cpu() {
+    let d = test_driver().expect("test device");
+    let mut rng = Rng::new(fresh_seed("training_step_matches_cpu"));
+    let mut cpu = model(&mut rng);
+    let mut gpu = GpuDenseNet::new(d, cpu.cast(), Precision::F32).unwrap();
+    let (n, hw) = (2, 32);
+    let x = batch(&mut rng, n, hw);
+    let mut truth = cpu.cast::<f64>();
+
+    // One training step on both.
+    let mut adams = [
+        Adam::new(cpu.num_params(), 1e-4, 1e-4),
+        Adam::new(cpu.num_params(), 1e-4, 1e-4),
+    ];
+    let nets: [&mut dyn Net; 2] = [&mut cpu, &mut gpu];
+    let mut out = Vec::new();
+    for net in nets {
+        net.zero_grad().unwrap();
+        let logits = net.forward(&x, n, hw, hw, Mode::Train).unwrap();
+        let (l, dl) = loss(&logits);
+        net.backward(&dl).unwrap();
+        out.push((logits, l));
+    }
+    let (cpu_logits, cpu_loss) = (&out[0].0, out[0].1);
+    let (gpu_logits, gpu_loss) = (&out[1].0, out[1].1);
+    let e = rel_err(&f64s(gpu_logits), &f64s(cpu_logits));
+    assert!(e <= 1e-4, "train logits: rel err {e}");
+    let e = rel_err(&[gpu_loss as f64], &[cpu_loss as f64]);
+    assert!(e <= 1e-4, "loss {gpu_loss} vs {cpu_loss}: rel err {e}");
+    let logits64 = truth.forward(&f64s(&x), n, hw, hw, Mode::Train);
+    let dl64: Vec<f64> = f64s(&loss(&logits64.iter().map(|&v| v as f32).collect::<Vec<_>>()).1);
+    truth.backward(&dl64);
+    check_grads(&gpu.grads().unwrap(), &truth.grads);
+    check_grads(&gpu.grads().unwrap(), &f64s(&cpu.grads));
+
+    // Adam, then weights, running statistics and counters.
+    Net::adam_step(&mut cpu, &mut adams[0]).unwrap();
+    gpu.adam_step(&mut adams[1]).unwrap();
+    let (sc, sg) = (
+        Net::to_state_dict(&cpu).unwrap(),
+        gpu.to_state_dict().unwrap(),
+    );
+    assert_eq!(sc.tensors.len(), sg.tensors.len());
+    for (a, b) in sc.tensors.iter().zip(&sg.tensors) {
+        assert_eq!(a.name, b.name);
+        match (&a.data, &b.data) {
+            (TensorData::F32(u), TensorData::F32(v)) => {
+                let e = rel_err(&f64s(v), &f64s(u));
+                assert!(e <= 1e-4, "after the step, {}: rel err {e}", a.name);
+            }
+            (TensorData::I64(u), TensorData::I64(v)) => assert_eq!(u, v, "{}", a.name),
+            _ => panic!("{}: dtypes differ", a.name),
+        }
+    }
+    let mut moments = Adam::new(cpu.num_params(), 1e-4, 1e-4);
+    gpu.export_adam(&mut moments).unwrap();
+    let e = rel_err(&f64s(&moments.m), &f64s(&adams[0].m));
+    assert!(e <= 1e-4, "Adam first moment: rel err {e}");
+
+    // Eval mode with the updated weights and running statistics; and the CAM features.
+    let x2 = batch(&mut rng, 3, 36);
+    let le_c = Net::forward(&mut cpu, &x2, 3, 36, 36, Mode::Eval).unwrap();
+    let le_g = gpu.forward(&x2, 3, 36, 36, Mode::Eval).unwrap();
+    let e = rel_err(&f64s(&le_g), &f64s(&le_c));
+    assert!(e <= 1e-4, "eval logits: rel err {e}");
+    let (lc, fc, hc, wc) = Net::forward_features(&mut cpu, &x2, 3, 36, 36).unwrap();
+    let (lg, fg, hg, wg) = gpu.forward_features(&x2, 3, 36, 36).unwrap();
+    assert_eq!((hg, wg), (hc, wc));
+    assert!(rel_err(&f64s(&lg), &f64s(&lc)) <= 1e-4);
+    let e = rel_err(&f64s(&fg), &f64s(&fc));
+    assert!(e <= 1e-4, "feature map: rel err {e}");
+    let ((wg, bg), (wc, bc)) = (gpu.classifier().unwrap(), Net::classifier(&cpu).unwrap());
+    assert!(
+        rel_err(&f64s(&wg), &f64s(&wc)) <= 1e-4,
+        "classifier weights"
+    );
+    assert!(
+        rel_err(&[bg as f64], &[bc as f64]) <= 1e-4,
+        "classifier bias"
+    );
+
+    // Backward needs a train forward; the last forward was eval.
+    let e = gpu.backward(&[0.0; 3]).unwrap_err();
+    assert!(format!("{e:#}").contains("train-mode forward"), "{e:#}");
+}
+
+/// A few steps in bf16 storage track f32 (both on the device) within 2% in loss.
+#[test]
+fn bf16_steps_track_f32() {
+    let d = test_driver().expect("test device");
+    let mut rng = Rng::new(fresh_seed("bf16_steps_track_f32"));
+    let base = model(&mut rng);
+    let (n, hw) = (4, 32);
+    let x = batch(&mut rng, n, hw);
+    let mut losses = Vec::new();
+    for precision in [Precision::F32, Precision::Bf16] {
+        let mut net = GpuDenseNet::new(d.clone(), base.cast(), precision).unwrap();
+        let mut adam = Adam::new(net.num_params(), 1e-3, 0.0);
+        let mut ls = Vec::new();
+        for _ in 0..4 {
+            net.zero_grad().unwrap();
+            let logits = net.forward(&x, n, hw, hw, Mode::Train).unwrap();
+            let (l, dl) = loss(&logits);
+            net.backward(&dl).unwrap();
+            net.adam_step(&mut adam).unwrap();
+            ls.push(l);
+        }
+        losses.push(ls);
+    }
+    eprintln!("f32 losses {:?}, bf16 losses {:?}", losses[0], losses[1]);
+    for (a, b) in losses[0].iter().zip(&losses[1]) {
+        assert!(
+            ((b - a) / a).abs() <= 0.02,
+            "bf16 loss {b} vs f32 {a}: {:?} vs {:?}",
+            losses[1],
+            losses[0]
+        );
+    }
+    assert!(
+        losses[0][3] < losses[0][0],
+        "the loss falls on a fixed batch: {:?}",
+        losses[0]
+    );
+}
+
+/// `net::build` gives the GPU model for `emu`, from a state dict, agreeing with the CPU model.
+#[test]
+fn build_emu_from_state_dict() {
+    let mut rng = Rng::new(fresh_seed("build_emu_from_state_dict"));
+    let cpu = model(&mut rng);
+    let sd = cpu.to_state_dict();
+    let mut emu = net::build(Device::Emu, Precision::F32, tiny(), Some(&sd), 0).unwrap();
+    let mut host = net::build(Device::Cpu, Precision::F32, tiny(), Some(&sd), 0).unwrap();
+    let x = batch(&mut rng, 1, 20);
+    let a = emu.forward(&x, 1, 20, 20, Mode::Eval).unwrap();
+    let b = host.forward(&x, 1, 20, 20, Mode::Eval).unwrap();
+    assert!(rel_err(&f64s(&a), &f64s(&b)) <= 1e-4);
+    assert_eq!(emu.to_state_dict().unwrap(), sd, "state dict round trip");
+    let e = emu.forward(&x[..3 * 4], 1, 2, 2, Mode::Eval).unwrap_err();
+    assert!(format!("{e:#}").contains("too small"), "{e:#}");
+}
+
+/// Steady-state steps allocate nothing; peak memory is reported; a batch that does not fit is
+/// a clear error naming the largest that would.
+#[test]
+fn memory_plan_and_out_of_memory() {
+    use mura::gpu::tracking::Tracking;
+    use std::sync::Arc;
+    let mut rng = Rng::new(fresh_seed("memory_plan_and_out_of_memory"));
+    let base = model(&mut rng);
+    let hw = 32;
+    let mut net = GpuDenseNet::new(test_driver().unwrap(), base.cast(), Precision::F32).unwrap();
+    let fixed = net.memory().current_bytes();
+    let mut adam = Adam::new(net.num_params(), 1e-3, 0.0);
+    let mut step = |net: &mut GpuDenseNet, n: usize| {
+        let x = batch(&mut rng, n, hw);
+        net.zero_grad().unwrap();
+        let logits = net.forward(&x, n, hw, hw, Mode::Train).unwrap();
+        net.backward(&loss(&logits).1).unwrap();
+        net.adam_step(&mut adam).unwrap();
+    };
+    step(&mut net, 1);
+    let plan1 = net.memory().current_bytes() - fixed;
+    step(&mut net, 2);
+    let plan2 = net.memory().current_bytes() - fixed;
+    let calls = net.memory().alloc_calls();
+    step(&mut net, 2);
+    let x = batch(&mut rng, 2, hw);
+    net.forward(&x, 2, hw, hw, Mode::Eval).unwrap();
+    assert_eq!(
+        net.memory().alloc_calls(),
+        calls,
+        "steady-state steps allocate nothing"
+    );
+    assert!(plan2 > plan1 && plan1 > 0);
+    let peak = net.peak_device_bytes().unwrap();
+    assert!(peak >= fixed + plan2, "peak {peak} < {fixed} + {plan2}");
+
+    // Room for the model and the plan of 3.5 images: 3 fit, 8 do not.
+    let per_image = plan2 - plan1;
+    let limit = fixed + plan1 - per_image + 7 * per_image / 2;
+    let tight = Arc::new(Tracking::with_limit(test_driver().unwrap(), Some(limit)));
+    let mut net = GpuDenseNet::new(tight, base.cast(), Precision::F32).unwrap();
+    let e = net
+        .forward(&batch(&mut rng, 8, hw), 8, hw, hw, Mode::Train)
+        .unwrap_err();
+    let msg = format!("{e:#}");
+    assert!(
+        msg.contains("does not fit") && msg.contains("the largest batch that fits is 3"),
+        "{msg}"
+    );
+    net.forward(&batch(&mut rng, 3, hw), 3, hw, hw, Mode::Train)
+        .unwrap();
+}
