@@ -85,11 +85,13 @@ pub fn run(args: Args) -> Result<()> {
     }
     let (f, st) = (median(fwd), median(step));
     let ips = n as f64 / st;
+    let peak = model.peak_device_bytes();
     if args.json {
-        println!(
-            "{}",
-            serde_json::json!({"forward_s": f, "train_step_s": st, "images_per_s": ips})
-        );
+        let mut j = serde_json::json!({"forward_s": f, "train_step_s": st, "images_per_s": ips});
+        if let Some(b) = peak {
+            j["peak_device_bytes"] = b.into();
+        }
+        println!("{j}");
     } else {
         let on = match device {
             Device::Cpu => format!("cpu ({} threads)", rayon::current_num_threads()),
@@ -102,6 +104,12 @@ pub fn run(args: Args) -> Result<()> {
         println!("forward (eval)   {f:.3} s");
         println!("train step       {st:.3} s   (forward + backward + Adam)");
         println!("images/s         {ips:.1}   (training)");
+        if let Some(b) = peak {
+            println!(
+                "peak memory      {:.1} MiB (device)",
+                b as f64 / (1 << 20) as f64
+            );
+        }
     }
     Ok(())
 }
