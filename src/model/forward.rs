@@ -104,7 +104,7 @@ impl<T: Float> DenseNet<T> {
         bn::scale_shift(gamma, beta, mean, var)
     }
 
-    #[allow(clippy::type_complexity)]
+    #[allow(clippy::type_complexity, clippy::too_many_arguments)]
     fn run(
         &mut self,
         x: &[T],
