@@ -3,7 +3,9 @@
 //! For a tiny custom DenseNet and densenet121, in both BN modes: weights and input from the
 //! seeded formula, one forward, the weighted BCE of the fixture, one backward; compared with
 //! PyTorch's float64 run: logits, loss, every parameter's gradient L2 norm and, in train mode,
-//! every BN's running-stat norms and `num_batches_tracked`.
+//! every BN's running-stat norms and `num_batches_tracked`. Eval mode's logits come from the
+//! plain (inference) forward, its gradients from `forward_recorded`, whose logits must be the
+//! same bit for bit.
 //!
 //! - f64 run vs the f64 reference: relative error ≤ 1e-9 everywhere (the strong check).
 //! - f32 run: logits, loss and running-stat norms ≤ max(1e-5, 4 × PyTorch's own f32 gap for
@@ -13,9 +15,6 @@
 //!   few values the change reaches every earlier gradient; which ReLU flips depends on
 //!   summation order (PyTorch's NCHW and channels_last runs flip different ones, and each is
 //!   ~1e-3 off on tensors the other gets to 1e-6). See scripts/golden_fixtures.py.
-//!
-//! The engine's backward replays a Train-mode tape only, so eval-mode gradient norms are not
-//! checked here (logits and loss are).
 
 use mura::loss::{weighted_bce, LossLevel};
 use mura::model::{DenseNet, Mode};
@@ -41,7 +40,6 @@ fn fixture(name: &str) -> Value {
 struct Outcome {
     logits: Vec<f64>,
     loss: f64,
-    /// Train mode only (the engine has no eval-mode backward).
     grad_norms: BTreeMap<String, f64>,
     running_stat_norms: BTreeMap<String, f64>,
     counters: Vec<i64>,
@@ -84,6 +82,14 @@ fn run<T: Float>(fx: &Value, sd: &StateDict, mode: Mode) -> Outcome {
         .map(|v| T::from_f64(v as f64))
         .collect();
     let z = m.forward(&x, n, h, w, mode);
+    if mode == Mode::Eval {
+        // The same forward again, recording the tape for the backward below.
+        let again = m.forward_recorded(&x, n, h, w, mode);
+        assert!(
+            z.iter().zip(&again).all(|(a, b)| a.to_f64() == b.to_f64()),
+            "recording eval forward changed the logits"
+        );
+    }
     let z: Vec<f64> = z.iter().map(|v| v.to_f64()).collect();
 
     // Per-image labels and weights of the fixture (w = 0.6 for label 1, 0.4 for label 0):
@@ -94,17 +100,13 @@ fn run<T: Float>(fx: &Value, sd: &StateDict, mode: Mode) -> Outcome {
     let views: Vec<usize> = (0..n).collect();
     let (loss, dz) = weighted_bce(&z, &views, &labels, &pairs, LossLevel::Image);
 
-    let mut grad_norms = BTreeMap::new();
-    if mode == Mode::Train {
-        m.zero_grad();
-        let dz: Vec<T> = dz.iter().map(|&v| T::from_f64(v)).collect();
-        m.backward(&dz);
-        grad_norms = norms(&spec, Role::Param, &m.grads);
-    }
+    m.zero_grad();
+    let dz: Vec<T> = dz.iter().map(|&v| T::from_f64(v)).collect();
+    m.backward(&dz);
     Outcome {
         logits: z,
         loss,
-        grad_norms,
+        grad_norms: norms(&spec, Role::Param, &m.grads),
         running_stat_norms: norms(&spec, Role::RunningStat, &m.stats),
         counters: m.counters.clone(),
     }
@@ -166,9 +168,6 @@ fn compare(label: &str, got: &Outcome, want: &Value, f32_rule: bool) -> Vec<Stri
         groups.push(("running_stat_norms", &got.running_stat_norms));
     }
     for (kind, ours) in groups {
-        if kind == "grad_norms" && ours.is_empty() {
-            continue; // eval mode: no backward in the engine
-        }
         let theirs = want[kind].as_object().unwrap();
         // f32 gradient norms: the mode's largest PyTorch gap (see the module docs).
         let grad_gap = gap[kind]
@@ -248,7 +247,8 @@ fn perturb(sd: &mut StateDict, name: &str, delta: f32) {
 
 /// The comparisons can fail: a small change to one deep weight breaks logits, loss and its
 /// own gradient; a change to one running mean breaks only that BN's running-stat norm in
-/// train mode (batch statistics are used there) and the logits in eval mode.
+/// train mode (batch statistics are used there) and, in eval mode, the logits and that BN's
+/// gamma gradient (the eval backward differentiates the running-stat affine map).
 #[test]
 fn golden_comparisons_detect_a_perturbed_weight() {
     let fx = fixture("tiny_densenet");
@@ -291,7 +291,8 @@ fn golden_comparisons_detect_a_perturbed_weight() {
         &fx["modes"]["eval"],
         false,
     );
-    assert!(has(&f, "logit 0"), "{f:?}");
+    let gamma = "features.transition1.norm.weight";
+    assert!(has(&f, "logit 0") && has(&f, gamma), "{f:?}");
 
     // A counter off by one is caught.
     let mut got = run::<f64>(&fx, &seeded, Mode::Train);

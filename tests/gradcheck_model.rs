@@ -1,4 +1,4 @@
-//! Whole-model checks: finite differences through a tiny DenseNet in Train mode (f64), and
+//! Whole-model checks: finite differences through a tiny DenseNet in both BN modes (f64), and
 //! the torchvision state-dict boundary.
 
 use mura::model::{DenseNet, Mode};
@@ -31,21 +31,32 @@ fn randomised(seed: u64) -> DenseNet<f64> {
     DenseNet::from_state_dict(spec, &sd).unwrap()
 }
 
-#[test]
+/// Central differences of `sum(logits * r)` over every parameter against one backward after a
+/// recording forward in `mode`; every parameter tensor must receive gradient. In Eval mode
+/// the forward must leave the BN state alone.
 #[allow(clippy::needless_range_loop)]
-fn whole_densenet_gradients_match_finite_differences() {
-    let mut m = randomised(11);
+fn whole_densenet_fd(mode: Mode, seed: u64) {
+    let mut m = randomised(seed);
     let (n, h, w) = (2, 16, 16);
-    let mut rng = Rng::new(12);
+    let mut rng = Rng::new(seed + 1);
     let x: Vec<f64> = (0..n * h * w * 3).map(|_| rng.normal()).collect();
     let r: Vec<f64> = (0..n).map(|_| rng.normal()).collect();
+    let (before, plain) = (m.to_state_dict(), m.forward(&x, n, h, w, Mode::Eval));
     m.zero_grad();
-    let logits = m.forward(&x, n, h, w, Mode::Train);
+    let logits = if mode == Mode::Train {
+        m.forward(&x, n, h, w, mode)
+    } else {
+        m.forward_recorded(&x, n, h, w, mode)
+    };
     assert_eq!(logits.len(), n);
+    if mode == Mode::Eval {
+        assert_eq!(logits, plain, "recording changed the logits");
+        assert_eq!(m.to_state_dict(), before, "eval forward touched BN state");
+    }
     m.backward(&r);
     let analytic = m.grads.clone();
     let loss = |m: &mut DenseNet<f64>| -> f64 {
-        let y = m.forward(&x, n, h, w, Mode::Train);
+        let y = m.forward(&x, n, h, w, mode);
         y.iter().zip(&r).map(|(a, b)| a * b).sum()
     };
     let eps = 1e-6;
@@ -68,12 +79,12 @@ fn whole_densenet_gradients_match_finite_differences() {
     }
     let rel = (num / den).sqrt();
     eprintln!(
-        "whole tiny DenseNet: {} params, gradient rel err {rel:.2e}",
+        "whole tiny DenseNet {mode:?}: {} params, gradient rel err {rel:.2e}",
         analytic.len()
     );
     assert!(
         rel <= 1e-6,
-        "whole-model gradient rel err {rel}, worst |diff| {:e} at param {}",
+        "{mode:?} whole-model gradient rel err {rel}, worst |diff| {:e} at param {}",
         worst.0,
         worst.1
     );
@@ -87,12 +98,60 @@ fn whole_densenet_gradients_match_finite_differences() {
         let g = &analytic[at..at + t.numel()];
         assert!(
             g.iter().any(|v| *v != 0.0),
-            "{} has an all-zero gradient",
+            "{mode:?}: {} has an all-zero gradient",
             t.name
         );
         at += t.numel();
     }
     assert_eq!(at, analytic.len());
+}
+
+#[test]
+fn whole_densenet_gradients_match_finite_differences() {
+    whole_densenet_fd(Mode::Train, 11);
+}
+
+/// Eval mode: BN is the affine map of its running stats, so the batch-statistics terms must
+/// be absent from the backward (and each BN must use its own running stats, not a block's
+/// per-channel cache).
+#[test]
+fn whole_densenet_eval_gradients_match_finite_differences() {
+    whole_densenet_fd(Mode::Eval, 21);
+}
+
+#[test]
+fn eval_backward_differs_from_train_backward() {
+    // The same model and input: eval-mode and train-mode gradients must differ (a backward
+    // that ignored the mode would pass one FD test only by accident of the fixture).
+    let (n, h, w) = (2, 16, 16);
+    let mut rng = Rng::new(32);
+    let x: Vec<f64> = (0..n * h * w * 3).map(|_| rng.normal()).collect();
+    let r: Vec<f64> = (0..n).map(|_| rng.normal()).collect();
+    let grads = |mode: Mode| {
+        let mut m = randomised(31);
+        m.forward_recorded(&x, n, h, w, mode);
+        m.backward(&r);
+        m.grads
+    };
+    let (gt, ge) = (grads(Mode::Train), grads(Mode::Eval));
+    let diff: f64 = gt.iter().zip(&ge).map(|(a, b)| (a - b).powi(2)).sum();
+    let norm: f64 = ge.iter().map(|v| v * v).sum();
+    assert!(
+        diff.sqrt() > 1e-3 * norm.sqrt(),
+        "train and eval gradients agree"
+    );
+}
+
+#[test]
+#[should_panic(expected = "backward needs")]
+fn plain_eval_forward_records_nothing() {
+    let mut m = randomised(41);
+    let (n, h, w) = (1, 16, 16);
+    let mut rng = Rng::new(42);
+    let x: Vec<f64> = (0..n * h * w * 3).map(|_| rng.normal()).collect();
+    m.forward_recorded(&x, n, h, w, Mode::Train);
+    m.forward(&x, n, h, w, Mode::Eval); // drops the earlier tape, records none
+    m.backward(&[1.0]);
 }
 
 #[test]

@@ -1,4 +1,5 @@
-//! The forward pass (recording the tape in Train mode) and the backward replay.
+//! The forward pass (recording the tape in Train mode, or in either mode on request) and the
+//! backward replay.
 
 use super::{BnIdx, ConvIdx, DenseNet, Mode};
 use crate::autograd::{BlockAct, Node, Tape};
@@ -29,9 +30,25 @@ impl ConvIdx {
 
 impl<T: Float> DenseNet<T> {
     /// x: `[n, h, w, 3]` normalised NHWC. Returns logits `[n]`. Train mode records the tape (for
-    /// one backward) and updates BN running stats and counters; Eval uses running stats.
+    /// one backward) and updates BN running stats and counters; Eval uses running stats and
+    /// records nothing.
     pub fn forward(&mut self, x: &[T], n: usize, h: usize, w: usize, mode: Mode) -> Vec<T> {
-        self.run(x, n, h, w, mode == Mode::Train, false).0
+        let train = mode == Mode::Train;
+        self.run(x, n, h, w, train, train, false).0
+    }
+
+    /// [`forward`](Self::forward) that records the tape in either mode, for one `backward`.
+    /// In Eval mode BN uses the running stats (left untouched, counters too) and the backward
+    /// differentiates that affine map: the gradients of `model.eval()` in PyTorch.
+    pub fn forward_recorded(
+        &mut self,
+        x: &[T],
+        n: usize,
+        h: usize,
+        w: usize,
+        mode: Mode,
+    ) -> Vec<T> {
+        self.run(x, n, h, w, mode == Mode::Train, true, false).0
     }
 
     /// Eval-mode forward that also returns the final feature map after norm5 + ReLU,
@@ -43,7 +60,7 @@ impl<T: Float> DenseNet<T> {
         h: usize,
         w: usize,
     ) -> (Vec<T>, Vec<T>, usize, usize) {
-        let (logits, f) = self.run(x, n, h, w, false, true);
+        let (logits, f) = self.run(x, n, h, w, false, false, true);
         let (fmap, hf, wf) = f.expect("features requested");
         (logits, fmap, hf, wf)
     }
@@ -64,13 +81,30 @@ impl<T: Float> DenseNet<T> {
         }
     }
 
-    /// Scale and shift of a BN from saved batch statistics (backward).
+    /// Copies of a BN's running mean and variance `[c]`.
+    fn running(&self, idx: BnIdx) -> (Vec<T>, Vec<T>) {
+        let (rm, rv) = self.stats[idx.s..idx.s + 2 * idx.c].split_at(idx.c);
+        (rm.to_vec(), rv.to_vec())
+    }
+
+    /// The statistics a BN normalised with: the block's cached batch statistics (`mean`, `var`:
+    /// `[c]`) in training, its own running stats in eval (the cache is per channel, but each
+    /// BN reading a channel has its own running stats).
+    fn used_stats(&self, idx: BnIdx, train: bool, mean: &[T], var: &[T]) -> (Vec<T>, Vec<T>) {
+        if train {
+            (mean.to_vec(), var.to_vec())
+        } else {
+            self.running(idx)
+        }
+    }
+
+    /// Scale and shift of a BN from the statistics it used (backward).
     fn bn_saved(&self, idx: BnIdx, mean: &[T], var: &[T]) -> (Vec<T>, Vec<T>) {
         let (gamma, beta) = self.params[idx.p..idx.p + 2 * idx.c].split_at(idx.c);
         bn::scale_shift(gamma, beta, mean, var)
     }
 
-    #[allow(clippy::type_complexity)]
+    #[allow(clippy::type_complexity, clippy::too_many_arguments)]
     fn run(
         &mut self,
         x: &[T],
@@ -78,6 +112,7 @@ impl<T: Float> DenseNet<T> {
         h: usize,
         w: usize,
         train: bool,
+        record: bool,
         features: bool,
     ) -> (Vec<T>, Option<(Vec<T>, usize, usize)>) {
         assert_eq!(x.len(), n * h * w * 3, "forward: x must be [n, h, w, 3]");
@@ -107,7 +142,11 @@ impl<T: Float> DenseNet<T> {
         let mut cur = BlockAct::new(n, hb, wb, lay.blocks[0].c_total);
         pool::maxpool_fwd(&a0, n, h0, w0, f0, &mut cur.buf, lay.blocks[0].c_total);
         drop(a0);
-        if let Some((mean, var)) = st0 {
+        if train {
+            cur.cache_stats(0, f0);
+        }
+        if record {
+            let (mean, var) = st0.unwrap_or_else(|| self.running(lay.norm0));
             tape.nodes.push(Node::Stem {
                 x: x.to_vec(),
                 y0,
@@ -115,7 +154,6 @@ impl<T: Float> DenseNet<T> {
                 var,
                 dims: (n, h, w, f0),
             });
-            cur.cache_stats(0, f0);
         }
 
         for (b, blk) in lay.blocks.iter().enumerate() {
@@ -172,8 +210,11 @@ impl<T: Float> DenseNet<T> {
                     &mut cur.buf[c..],
                     ct,
                 );
-                if let Some((mean2, var2)) = st2 {
+                if train {
                     cur.cache_stats(c, k);
+                }
+                if record {
+                    let (mean2, var2) = st2.unwrap_or_else(|| self.running(li.norm2));
                     tape.nodes.push(Node::DenseLayer {
                         b,
                         l,
@@ -216,6 +257,8 @@ impl<T: Float> DenseNet<T> {
             let done = std::mem::replace(&mut cur, next);
             if train {
                 cur.cache_stats(0, tc.co);
+            }
+            if record {
                 tape.blocks.push(done);
                 tape.nodes.push(Node::Transition { b, pooled });
             }
@@ -233,20 +276,21 @@ impl<T: Float> DenseNet<T> {
         let (fw, fb) = self.params[lay.fc..lay.fc + c + 1].split_at(c);
         let logits = act::linear_fwd(&feat, n, c, fw, fb);
         let fmap = features.then_some((a5, cur.h, cur.w));
-        if train {
+        if record {
             tape.blocks.push(cur);
             tape.nodes.push(Node::Head { feat });
-            self.tape = Some(tape);
+            self.tape = Some((tape, train));
         }
         (logits, fmap)
     }
 
-    /// `dlogits: [n]`. Accumulates d(loss)/d(params) into `self.grads` (after a Train forward).
+    /// `dlogits: [n]`. Accumulates d(loss)/d(params) into `self.grads` (after a Train-mode
+    /// `forward` or a `forward_recorded`; the BN mode is the forward's).
     pub fn backward(&mut self, dlogits: &[T]) {
-        let mut tape = self
+        let (mut tape, train) = self
             .tape
             .take()
-            .expect("backward needs a Train-mode forward first");
+            .expect("backward needs a Train-mode forward or a forward_recorded first");
         let lay = self.layout.clone();
         let nb = lay.blocks.len();
         let mut dbufs: Vec<Vec<T>> = (0..nb).map(|_| Vec::new()).collect();
@@ -264,11 +308,13 @@ impl<T: Float> DenseNet<T> {
                     let mut da = vec![T::ZERO; rows * c];
                     pool::gap_bwd(&dfeat, n, blk.h * blk.w, c, &mut da);
                     let mut dbuf = vec![T::ZERO; rows * c];
+                    let (mean, var) = self.used_stats(lay.norm5, train, &blk.mean, &blk.var);
                     self.bn_bwd(
                         lay.norm5,
+                        train,
                         (&blk.buf, c),
-                        &blk.mean,
-                        &blk.var,
+                        &mean,
+                        &var,
                         (&da, c),
                         (&mut dbuf, c),
                     );
@@ -320,10 +366,12 @@ impl<T: Float> DenseNet<T> {
                     );
                     let dy1 = scratch(&mut s_dy1, rows * mid);
                     dy1.fill(T::ZERO); // accumulated into
-                    self.bn_bwd(li.norm2, (&y1, mid), &mean2, &var2, (da2, mid), (dy1, mid));
+                    let (x2, d2) = ((&y1[..], mid), (&da2[..], mid));
+                    self.bn_bwd(li.norm2, train, x2, &mean2, &var2, d2, (dy1, mid));
                     // conv1 (1×1) on relu(norm1(prefix)).
-                    let (mean1, var1) = (&blk.mean[..c], &blk.var[..c]);
-                    let (s1, t1) = self.bn_saved(li.norm1, mean1, var1);
+                    let (mean1, var1) =
+                        self.used_stats(li.norm1, train, &blk.mean[..c], &blk.var[..c]);
+                    let (s1, t1) = self.bn_saved(li.norm1, &mean1, &var1);
                     let prefix = Image {
                         data: &blk.buf,
                         n,
@@ -348,7 +396,8 @@ impl<T: Float> DenseNet<T> {
                         (n, h, w, c),
                         da1,
                     );
-                    self.bn_bwd(li.norm1, (&blk.buf, ct), mean1, var1, (da1, c), (dbuf, ct));
+                    let (x1, d1) = ((&blk.buf[..], ct), (&da1[..], c));
+                    self.bn_bwd(li.norm1, train, x1, &mean1, &var1, d1, (dbuf, ct));
                 }
                 Node::Transition { b, pooled } => {
                     let (tn, tc) = lay.blocks[b].transition.expect("transition");
@@ -378,11 +427,13 @@ impl<T: Float> DenseNet<T> {
                     let mut da = vec![T::ZERO; blk.rows() * ct];
                     pool::avgpool_bwd(n, blk.h, blk.w, ct, &dp, ct, &mut da);
                     let mut dbuf = vec![T::ZERO; blk.rows() * ct];
+                    let (mean, var) = self.used_stats(tn, train, &blk.mean, &blk.var);
                     self.bn_bwd(
                         tn,
+                        train,
                         (&blk.buf, ct),
-                        &blk.mean,
-                        &blk.var,
+                        &mean,
+                        &var,
                         (&da, ct),
                         (&mut dbuf, ct),
                     );
@@ -414,6 +465,7 @@ impl<T: Float> DenseNet<T> {
                     let mut dy0 = vec![T::ZERO; m0 * f0];
                     self.bn_bwd(
                         lay.norm0,
+                        train,
                         (&y0, f0),
                         &mean,
                         &var,
@@ -435,11 +487,14 @@ impl<T: Float> DenseNet<T> {
         }
     }
 
-    /// Backward of a train-mode BN + ReLU: `x` and `dy` are `(buffer, row stride)` views with
-    /// `idx.c` channels; accumulates into gamma/beta grads and `dx`.
+    /// Backward of a BN + ReLU that normalised with `mean`, `var` (batch statistics if `train`,
+    /// else running ones): `x` and `dy` are `(buffer, row stride)` views with `idx.c` channels;
+    /// accumulates into gamma/beta grads and `dx`.
+    #[allow(clippy::too_many_arguments)]
     fn bn_bwd(
         &mut self,
         idx: BnIdx,
+        train: bool,
         x: (&[T], usize),
         mean: &[T],
         var: &[T],
@@ -452,7 +507,7 @@ impl<T: Float> DenseNet<T> {
         let (gamma, beta) = self.params[idx.p..idx.p + 2 * c].split_at(c);
         let (dg, db) = self.grads[idx.p..idx.p + 2 * c].split_at_mut(c);
         bn::backward(
-            x.0, rows, c, x.1, gamma, beta, mean, var, true, true, dy.0, dy.1, dg, db, dx.0, dx.1,
+            x.0, rows, c, x.1, gamma, beta, mean, var, true, train, dy.0, dy.1, dg, db, dx.0, dx.1,
         );
     }
 }

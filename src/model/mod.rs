@@ -181,7 +181,8 @@ pub struct DenseNet<T: Float = f32> {
     /// BN `num_batches_tracked`, one per BN.
     pub counters: Vec<i64>,
     pub(crate) layout: Layout,
-    pub(crate) tape: Option<Tape<T>>,
+    /// The last recording forward's tape, and whether it ran in Train mode.
+    pub(crate) tape: Option<(Tape<T>, bool)>,
 }
 
 impl<T: Float> DenseNet<T> {
