@@ -1,4 +1,4 @@
-//! Tape autograd: the train-mode forward records one node per (fused) op together with
+//! Tape autograd: a recorded forward (train or eval BN mode) records one node per (fused) op together with
 //! what its backward needs; `DenseNet::backward` replays the nodes in reverse. Parameters
 //! and their gradients live in two flat buffers owned by the model (zero-grad is one fill).
 //!
