@@ -51,9 +51,13 @@ pub fn predict_split(
 ) -> Result<SplitPredictions> {
     let mut studies = Vec::new();
     let (mut loss_sum, mut loss_count) = (0.0, 0usize);
-    for batch in loader.epoch(0) {
-        let s = batch.size;
-        let logits = model.forward(&batch.images, batch.n_images, s, s, Mode::Eval)?;
+    // A GPU model takes the store's u8 images and resizes them on its device.
+    let batches = match model.wants_raw_input() {
+        true => loader.epoch_raw(0),
+        false => loader.epoch(0),
+    };
+    for batch in batches {
+        let logits = crate::net::forward_batch(model, &batch, Mode::Eval)?;
         let mut sum = vec![0.0f64; batch.studies.len()];
         let mut cnt = vec![0usize; batch.studies.len()];
         for (i, &z) in logits.iter().enumerate() {

@@ -1,12 +1,14 @@
 //! The model as the commands see it, whatever runs it: the CPU reference (`DenseNet<f32>`) or the
 //! GPU op layer (on CUDA or the emulator). `train`, `eval`, `predict` and `bench` use only this.
 
+use crate::data::loader::{augment_image, AugParams, Batch};
 use crate::device::Device;
 use crate::model::{DenseNet, Mode};
 use crate::optim::Adam;
 use crate::spec::DenseNetSpec;
 use crate::weights::StateDict;
 use anyhow::{bail, Result};
+use rayon::prelude::*;
 
 /// Storage precision of activations and weights on the device (master weights, BN statistics and
 /// optimiser state stay f32).
@@ -34,6 +36,31 @@ pub trait Net {
     /// x: [n, h, w, 3] normalised NHWC on the host. Returns logits [n]. Train mode records what
     /// backward needs and updates BN running statistics.
     fn forward(&mut self, x: &[f32], n: usize, h: usize, w: usize, mode: Mode) -> Result<Vec<f32>>;
+    /// Whether this model takes its batches as the store's u8 images, augmented on its own
+    /// device by [`Net::forward_raw`] (the GPU backends), rather than as f32 inputs built on the host.
+    fn wants_raw_input(&self) -> bool {
+        false
+    }
+    /// `forward` of the store images `raw: [n, src_size, src_size]` u8, view `i` augmented by
+    /// `params[i]` into an `out_size`² input exactly as `data::loader::augment_image` does.
+    /// Here: augmented on the host (in parallel), then `forward`; GPU backends augment on the device.
+    fn forward_raw(
+        &mut self,
+        raw: &[u8],
+        src_size: usize,
+        params: &[AugParams],
+        out_size: usize,
+        mode: Mode,
+    ) -> Result<Vec<f32>> {
+        check_raw(raw, src_size, params, out_size)?;
+        let len = out_size * out_size * 3;
+        let mut x = vec![0f32; params.len() * len];
+        x.par_chunks_mut(len)
+            .zip(raw.par_chunks(src_size * src_size))
+            .zip(params)
+            .for_each(|((out, src), &p)| augment_image(src, src_size, p, out_size, out));
+        self.forward(&x, params.len(), out_size, out_size, mode)
+    }
     /// Eval-mode forward that also returns the final feature map after norm5 + ReLU
     /// ([n, h', w', C]) and its h', w', for class activation maps.
     fn forward_features(
@@ -60,6 +87,31 @@ pub trait Net {
     /// The most device memory the model has held at once (GPU backends; None on the CPU).
     fn peak_device_bytes(&self) -> Option<usize> {
         None
+    }
+}
+
+/// Refuses a raw batch whose shapes disagree: `raw: [params.len(), src_size, src_size]`.
+pub fn check_raw(raw: &[u8], src_size: usize, params: &[AugParams], out_size: usize) -> Result<()> {
+    if params.is_empty() || src_size == 0 || out_size == 0 {
+        bail!("forward_raw: empty batch or zero image side");
+    }
+    if raw.len() != params.len() * src_size * src_size {
+        bail!(
+            "forward_raw: {} bytes for {} images of {src_size}x{src_size}",
+            raw.len(),
+            params.len()
+        );
+    }
+    Ok(())
+}
+
+/// A loader batch through the model: its raw store images (augmented by the model) when it
+/// carries them, else its host-built f32 inputs.
+pub fn forward_batch(model: &mut dyn Net, batch: &Batch, mode: Mode) -> Result<Vec<f32>> {
+    let s = batch.size;
+    match &batch.raw {
+        Some(raw) => model.forward_raw(raw, batch.src_size, &batch.aug, s, mode),
+        None => model.forward(&batch.images, batch.n_images, s, s, mode),
     }
 }
 

@@ -365,7 +365,6 @@ fn run_epochs(
         epochs: Vec::new(),
         interrupted: false,
     };
-    let s = cfg.image_size;
     while state.epochs_done < cfg.epochs {
         let epoch = state.epochs_done;
         let t0 = Instant::now();
@@ -374,14 +373,14 @@ fn run_epochs(
         // After an interruption the epoch goes on from its saved totals.
         let done = std::mem::take(&mut state.partial);
         let (mut loss_sum, mut loss_n, mut images) = (done.loss_sum, done.batches, done.images);
-        for (b, batch) in train_loader
-            .epoch(epoch as u64)
-            .enumerate()
-            .take(n_batches)
-            .skip(state.batches_done)
-        {
+        // A GPU model takes the store's u8 images and augments them on its device.
+        let batches = match model.wants_raw_input() {
+            true => train_loader.epoch_raw(epoch as u64),
+            false => train_loader.epoch(epoch as u64),
+        };
+        for (b, batch) in batches.enumerate().take(n_batches).skip(state.batches_done) {
             model.zero_grad()?;
-            let logits = model.forward(&batch.images, batch.n_images, s, s, Mode::Train)?;
+            let logits = net::forward_batch(model, &batch, Mode::Train)?;
             let (loss, dz) = batch_loss(&store, &batch, &logits, cfg.loss);
             if !loss.is_finite() {
                 let kept = if has_checkpoint(&cfg.out) {

@@ -161,9 +161,16 @@ pub fn augment_image(src: &[u8], src_size: usize, p: AugParams, out_size: usize,
 /// B studies with all their (at most `max_views`) views.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Batch {
-    /// images: [n_images, size, size, 3] f32, NHWC, normalised
+    /// images: [n_images, size, size, 3] f32, NHWC, normalised (empty in a raw batch)
     pub images: Vec<f32>,
+    /// Raw batches (for a model that augments on its device, see `Loader::epoch_raw`): the store
+    /// images as they are, [n_images, src_size, src_size] u8, to be augmented by `aug` into
+    /// `size`² inputs.
+    pub raw: Option<Vec<u8>>,
+    /// The store's image side.
+    pub src_size: usize,
     pub n_images: usize,
+    /// Side of the network input.
     pub size: usize,
     /// Per image: index into this batch's `studies`.
     pub view_study: Vec<usize>,
@@ -241,6 +248,16 @@ impl Loader {
 
     /// The batches of one epoch, in order, built ahead on worker threads.
     pub fn epoch(&self, epoch: u64) -> EpochIter {
+        self.epoch_as(epoch, false)
+    }
+
+    /// The batches of `epoch` as [`Loader::epoch`] gives them, but carrying the store's u8 images
+    /// and their augmentation parameters instead of f32 inputs (built by a model on its device).
+    pub fn epoch_raw(&self, epoch: u64) -> EpochIter {
+        self.epoch_as(epoch, true)
+    }
+
+    fn epoch_as(&self, epoch: u64, raw: bool) -> EpochIter {
         let mut order = self.selected.clone();
         if self.cfg.shuffle {
             Rng::derive(self.cfg.seed, epoch.wrapping_mul(2)).shuffle(&mut order);
@@ -259,7 +276,7 @@ impl Loader {
             local: None,
         };
         if self.cfg.workers == 0 {
-            it.local = Some((self.store.clone(), self.cfg.clone(), epoch));
+            it.local = Some((self.store.clone(), self.cfg.clone(), epoch, raw));
             return it;
         }
         for w in 0..self.cfg.workers.min(plan.len().max(1)) {
@@ -268,7 +285,7 @@ impl Loader {
             let nw = self.cfg.workers.min(plan.len().max(1));
             it.handles.push(std::thread::spawn(move || {
                 for b in (w..plan.len()).step_by(nw) {
-                    if tx.send(build_batch(&store, &cfg, epoch, &plan[b])).is_err() {
+                    if tx.send(build(&store, &cfg, epoch, &plan[b], raw)).is_err() {
                         return; // the consumer stopped early
                     }
                 }
@@ -281,6 +298,11 @@ impl Loader {
 
 /// Builds one batch of the given store studies.
 pub fn build_batch(store: &Store, cfg: &LoaderConfig, epoch: u64, studies: &[usize]) -> Batch {
+    build(store, cfg, epoch, studies, false)
+}
+
+/// One batch: f32 inputs augmented here, or (`raw`) the store images as they are.
+fn build(store: &Store, cfg: &LoaderConfig, epoch: u64, studies: &[usize], raw: bool) -> Batch {
     let s = cfg.image_size;
     let mut image_ids = Vec::new();
     let mut view_study = Vec::new();
@@ -298,12 +320,23 @@ pub fn build_batch(store: &Store, cfg: &LoaderConfig, epoch: u64, studies: &[usi
                 .map_or(AugParams::IDENTITY, |a| aug_params(a, cfg.seed, epoch, i))
         })
         .collect();
-    let mut images = vec![0f32; image_ids.len() * s * s * 3];
-    for ((out, &i), &p) in images.chunks_exact_mut(s * s * 3).zip(&image_ids).zip(&aug) {
-        augment_image(store.image(i), store.size, p, s, out);
-    }
+    let (images, raw) = if raw {
+        let mut raw = Vec::with_capacity(image_ids.len() * store.size * store.size);
+        for &i in &image_ids {
+            raw.extend_from_slice(store.image(i));
+        }
+        (Vec::new(), Some(raw))
+    } else {
+        let mut images = vec![0f32; image_ids.len() * s * s * 3];
+        for ((out, &i), &p) in images.chunks_exact_mut(s * s * 3).zip(&image_ids).zip(&aug) {
+            augment_image(store.image(i), store.size, p, s, out);
+        }
+        (images, None)
+    };
     Batch {
         images,
+        raw,
+        src_size: store.size,
         n_images: image_ids.len(),
         size: s,
         view_study,
@@ -327,8 +360,8 @@ pub struct EpochIter {
     next: usize,
     rx: Vec<Receiver<Batch>>,
     handles: Vec<JoinHandle<()>>,
-    /// Set when batches are built on the calling thread (workers = 0).
-    local: Option<(Arc<Store>, LoaderConfig, u64)>,
+    /// Set when batches are built on the calling thread (workers = 0): store, config, epoch, raw.
+    local: Option<(Arc<Store>, LoaderConfig, u64, bool)>,
 }
 
 impl Iterator for EpochIter {
@@ -340,7 +373,7 @@ impl Iterator for EpochIter {
         let b = self.next;
         self.next += 1;
         match &self.local {
-            Some((store, cfg, epoch)) => Some(build_batch(store, cfg, *epoch, &self.plan[b])),
+            Some((store, cfg, epoch, raw)) => Some(build(store, cfg, *epoch, &self.plan[b], *raw)),
             None => {
                 let rx = &self.rx[b % self.rx.len()];
                 Some(rx.recv().expect("loader worker thread died"))

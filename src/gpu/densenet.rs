@@ -1,16 +1,19 @@
 //! DenseNet on the GPU op layer: the CPU model's structure and flat-buffer layout, with
 //! parameters, gradients, BN running statistics and Adam moments in device buffers, and
 //! forward / backward as kernel launches with no host round trip between ops (the host uploads
-//! the batch and the logits' gradient, and downloads the logits).
+//! the batch and the logits' gradient, and downloads the logits). The batch is either f32 inputs
+//! or (`forward_raw`) the store's u8 images, augmented into the input buffer by one kernel.
 //!
-//! Activations live in a plan allocated once per batch shape and reused, so steady-state steps
-//! allocate nothing. As on the CPU, a dense block owns one buffer with room for all its channels
+//! Activations live in a plan allocated for the largest batch seen at an input size and reused
+//! by every batch of that size that fits (studies have varying view counts), so steady-state
+//! steps allocate nothing. As on the CPU, a dense block owns one buffer with room for all its channels
 //! (layers read a prefix and write a slice) and one gradient buffer that layers accumulate into;
 //! per-channel batch statistics are computed once, when a channel is written.
 
 use super::ops::{self, f32_at, BnSaved, Dt, View};
 use super::tracking::Tracking;
 use super::{DevPtr, DeviceBuffer, Driver};
+use crate::data::loader::AugParams;
 use crate::model::{BnIdx, DenseNet, Layout, Mode};
 use crate::net::{Net, Precision};
 use crate::ops::conv::Conv;
@@ -88,12 +91,15 @@ struct BlockPlan {
     pooled: Option<Act>,
 }
 
-/// Every activation buffer of one batch shape `(n, h, w)`.
+/// Every activation buffer for batches of up to `cap` images of `h`×`w`; the current batch has
+/// `n` images and uses the first `n` images' worth of each buffer (shapes below are in `n`).
 struct Plan {
+    cap: usize,
     n: usize,
     h: usize,
     w: usize,
-    /// [n, h, w, 3] f32 input, and its bf16 copy in bf16 mode.
+    /// [n, h, w, 3] f32 input, and its bf16 copy in bf16 mode (a raw batch is augmented straight
+    /// into the one the model reads: `x16` in bf16 mode, else `x`).
     x: DeviceBuffer<f32>,
     x16: Option<Act>,
     /// [n, h0, w0, f0]: conv0 output, and after norm0 + ReLU.
@@ -112,6 +118,26 @@ struct Plan {
     /// Two backward scratch buffers, each as large as the largest intermediate gradient.
     sa: Act,
     sb: Act,
+}
+
+/// Device buffers of the raw-input path (`forward_raw`).
+struct RawIn {
+    /// [≥ n, src_size, src_size] u8: the store images as uploaded.
+    src: DeviceBuffer<u8>,
+    /// [≥ n, 4] f32: each image's source steps (the augment kernel's scratch).
+    steps: DeviceBuffer<f32>,
+}
+
+/// What a forward reads: host-built f32 inputs, or store images that the device augments.
+enum Input<'a> {
+    /// [n, h, w, 3] f32 NHWC, normalised.
+    F32(&'a [f32]),
+    /// raw: [n, src_size, src_size] u8; params: [n].
+    Raw {
+        raw: &'a [u8],
+        src_size: usize,
+        params: &'a [AugParams],
+    },
 }
 
 /// DenseNet with one logit on any [`Driver`] (CUDA or the emulator).
@@ -136,6 +162,8 @@ pub struct GpuDenseNet {
     part: DeviceBuffer<f32>,
     bcoef: DeviceBuffer<f32>,
     plan: Option<Plan>,
+    /// The raw-input path's buffers, grown to the largest batch seen.
+    raw_in: Option<RawIn>,
     /// A train-mode forward left what backward needs in the plan.
     recorded: bool,
 }
@@ -176,6 +204,7 @@ impl GpuDenseNet {
                 part: DeviceBuffer::alloc(&d, ops::bn_scratch_len(max_c))?,
                 bcoef: DeviceBuffer::alloc(&d, 2 * max_c)?,
                 plan: None,
+                raw_in: None,
                 recorded: false,
                 host: model.cast::<f32>(),
                 dt,
@@ -210,10 +239,16 @@ impl GpuDenseNet {
         )
     }
 
-    /// Allocates the activation buffers for `(n, h, w)` unless they exist already. When they do
-    /// not fit, the error names the largest batch that would.
+    /// Makes the plan ready for a batch of `n` images of `h`×`w`: the current one when it has
+    /// room (batches of fewer views reuse the buffers), else a new one for `n`. When that does not
+    /// fit, the error names the largest batch that would.
     fn ensure_plan(&mut self, n: usize, h: usize, w: usize) -> Result<()> {
-        if matches!(&self.plan, Some(p) if (p.n, p.h, p.w) == (n, h, w)) {
+        if let Some(p) = self
+            .plan
+            .as_mut()
+            .filter(|p| (p.h, p.w) == (h, w) && p.cap >= n)
+        {
+            p.n = n;
             return Ok(());
         }
         self.plan = None; // free the old shape's buffers first
@@ -284,6 +319,7 @@ impl GpuDenseNet {
         let c5 = lay.norm5.c;
         let rows5 = n * last.h * last.w;
         Ok(Plan {
+            cap: n,
             n,
             h,
             w,
@@ -357,34 +393,78 @@ impl GpuDenseNet {
     }
 
     /// The forward pass; leaves logits in the plan (and the final feature map in `a5`).
-    fn run(&mut self, x: &[f32], n: usize, h: usize, w: usize, train: bool) -> Result<Vec<f32>> {
-        if x.len() != n * h * w * 3 {
-            bail!(
+    fn run(&mut self, x: Input, n: usize, h: usize, w: usize, train: bool) -> Result<Vec<f32>> {
+        match x {
+            Input::F32(x) if x.len() != n * h * w * 3 => bail!(
                 "forward: input has {} values, expected [{n}, {h}, {w}, 3]",
                 x.len()
-            );
+            ),
+            Input::Raw {
+                raw,
+                src_size,
+                params,
+            } => crate::net::check_raw(raw, src_size, params, h)?,
+            _ => {}
         }
         self.host.feature_hw(h, w)?;
         self.ensure_plan(n, h, w)?;
         self.recorded = false;
         let plan = self.plan.take().expect("planned above");
-        let out = self.run_planned(&plan, x, train);
+        let out = self
+            .load_input(&plan, x)
+            .and_then(|()| self.run_planned(&plan, train));
         self.plan = Some(plan);
         self.recorded = train && out.is_ok();
         out
     }
 
-    fn run_planned(&mut self, pl: &Plan, x: &[f32], train: bool) -> Result<Vec<f32>> {
+    /// The batch into the plan's input buffer (`x16` in bf16 mode, else `x`): uploaded as f32
+    /// (and cast), or uploaded as u8 and augmented by the device.
+    fn load_input(&mut self, pl: &Plan, x: Input) -> Result<()> {
+        let d = self.d.clone();
+        let xin = pl.x16.as_ref().map_or(pl.x.ptr(), |x| x.ptr());
+        match x {
+            Input::F32(x) => {
+                d.htod(pl.x.ptr(), bytemuck::cast_slice(x))?;
+                if pl.x16.is_some() {
+                    ops::cast_bf16(&*d, pl.x.ptr(), x.len(), xin)?;
+                }
+                Ok(())
+            }
+            Input::Raw {
+                raw,
+                src_size,
+                params,
+            } => {
+                let n = params.len();
+                let fits = |r: &RawIn| r.src.len() >= raw.len() && r.steps.len() >= 4 * n;
+                if !self.raw_in.as_ref().is_some_and(fits) {
+                    self.raw_in = None; // free the smaller buffers first
+                    self.raw_in = Some(RawIn {
+                        src: DeviceBuffer::alloc(&d, raw.len())?,
+                        steps: DeviceBuffer::alloc(&d, 4 * n)?,
+                    });
+                }
+                let r = self.raw_in.as_ref().expect("allocated above");
+                d.htod(r.src.ptr(), raw)?;
+                ops::augment(
+                    &*d,
+                    self.dt,
+                    r.src.ptr(),
+                    src_size,
+                    params,
+                    pl.h,
+                    r.steps.ptr(),
+                    xin,
+                )
+            }
+        }
+    }
+
+    fn run_planned(&mut self, pl: &Plan, train: bool) -> Result<Vec<f32>> {
         let (dt, n, h, w) = (self.dt, pl.n, pl.h, pl.w);
         let lay = self.host.layout.clone();
-        pl.x.copy_from(x)?;
-        let xin = match &pl.x16 {
-            Some(x16) => {
-                ops::cast_bf16(&*self.d, pl.x.ptr(), x.len(), x16.ptr())?;
-                x16.ptr()
-            }
-            None => pl.x.ptr(),
-        };
+        let xin = pl.x16.as_ref().map_or(pl.x.ptr(), |x| x.ptr());
 
         // Stem: conv0 → norm0 → ReLU → max pool into block 0's first channels.
         let f0 = lay.conv0.co;
@@ -584,13 +664,16 @@ impl GpuDenseNet {
         )?;
         let (fw, fb) = (self.p(lay.fc), self.p(lay.fc + c));
         ops::linear_fwd(&*self.d, pl.feat.ptr(), n, c, fw, fb, pl.logits.ptr())?;
-        pl.logits.to_vec()
+        let mut logits = vec![0f32; n];
+        self.d
+            .dtoh(bytemuck::cast_slice_mut(&mut logits), pl.logits.ptr())?;
+        Ok(logits)
     }
 
     fn backward_planned(&self, pl: &Plan, dlogits: &[f32]) -> Result<()> {
         let (d, dt, n) = (&*self.d, self.dt, pl.n);
         let lay = &self.host.layout;
-        pl.dlogits.copy_from(dlogits)?;
+        d.htod(pl.dlogits.ptr(), bytemuck::cast_slice(dlogits))?;
         let scratch = (self.part.ptr(), self.bcoef.ptr());
         let (sa, sb) = (pl.sa.ptr(), pl.sb.ptr());
         let bn_grads = |bn: BnIdx| (self.g(bn.p), self.g(bn.p + bn.c));
@@ -859,7 +942,26 @@ impl Net for GpuDenseNet {
         self.params.len()
     }
     fn forward(&mut self, x: &[f32], n: usize, h: usize, w: usize, mode: Mode) -> Result<Vec<f32>> {
-        self.run(x, n, h, w, mode == Mode::Train)
+        self.run(Input::F32(x), n, h, w, mode == Mode::Train)
+    }
+    fn wants_raw_input(&self) -> bool {
+        true
+    }
+    fn forward_raw(
+        &mut self,
+        raw: &[u8],
+        src_size: usize,
+        params: &[AugParams],
+        out_size: usize,
+        mode: Mode,
+    ) -> Result<Vec<f32>> {
+        let x = Input::Raw {
+            raw,
+            src_size,
+            params,
+        };
+        let n = params.len();
+        self.run(x, n, out_size, out_size, mode == Mode::Train)
     }
     fn forward_features(
         &mut self,
@@ -868,7 +970,7 @@ impl Net for GpuDenseNet {
         h: usize,
         w: usize,
     ) -> Result<(Vec<f32>, Vec<f32>, usize, usize)> {
-        let logits = self.run(x, n, h, w, false)?;
+        let logits = self.run(Input::F32(x), n, h, w, false)?;
         let (hf, wf) = self.host.feature_hw(h, w)?;
         let plan = self.plan.as_ref().expect("planned by run");
         let fmap = plan.a5.download(n * hf * wf * self.host.layout.norm5.c)?;

@@ -1,0 +1,259 @@
+//! The device-side data path on the executor named by MURA_TEST_DEVICE (the emulator by
+//! default): the store's u8 images uploaded as they are and augmented by the model's device
+//! give the same training step and the same predictions as f32 inputs built on the host.
+
+use mura::data::loader::{aug_params, augment_image, AugParams, Augment, Loader, LoaderConfig};
+use mura::data::prep::{prep, PrepConfig};
+use mura::data::store::Store;
+use mura::data::synth::{synth, SynthConfig};
+use mura::data::{Split, StudyType};
+use mura::eval::predict_split;
+use mura::gpu::densenet::GpuDenseNet;
+use mura::gpu::testing::{fresh_seed, rel_err, test_driver};
+use mura::loss::{weighted_bce_f32, LossLevel};
+use mura::model::{DenseNet, Mode};
+use mura::net::{Net, Precision};
+use mura::optim::Adam;
+use mura::rng::Rng;
+use mura::spec::DenseNetSpec;
+use mura::weights::TensorData;
+use std::sync::Arc;
+
+fn tiny() -> DenseNetSpec {
+    DenseNetSpec::custom(4, vec![2, 2], 8, 2).unwrap()
+}
+
+fn f64s(v: &[f32]) -> Vec<f64> {
+    v.iter().map(|&x| x as f64).collect()
+}
+
+/// A freshly initialised tiny model with every parameter perturbed (so no BN is an identity).
+fn model(rng: &mut Rng) -> DenseNet<f32> {
+    let mut m = DenseNet::<f32>::new(tiny(), rng.next_u64());
+    for p in &mut m.params {
+        *p += 0.1 * rng.normal() as f32;
+    }
+    m
+}
+
+/// Loss and d(loss)/d(logits) for labels alternating 1, 0, 1, ... one view per study.
+fn loss(logits: &[f32]) -> (f32, Vec<f32>) {
+    let n = logits.len();
+    let labels: Vec<f64> = (0..n).map(|i| ((i + 1) % 2) as f64).collect();
+    let views: Vec<usize> = (0..n).collect();
+    weighted_bce_f32(
+        logits,
+        &views,
+        &labels,
+        &vec![(0.4, 0.6); n],
+        LossLevel::Image,
+    )
+}
+
+/// n random store images of side `src` and their augmentations (the first one the identity).
+fn raw_batch(rng: &mut Rng, n: usize, src: usize) -> (Vec<u8>, Vec<AugParams>) {
+    let raw = (0..n * src * src).map(|_| rng.below(256) as u8).collect();
+    let aug = Augment {
+        flip: true,
+        max_rotation_deg: 30.0,
+    };
+    let seed = rng.next_u64();
+    let mut params: Vec<AugParams> = (0..n).map(|i| aug_params(&aug, seed, 1, i)).collect();
+    params[0] = AugParams::IDENTITY;
+    (raw, params)
+}
+
+/// The f32 inputs the host builds from a raw batch: [n, out, out, 3].
+fn host_inputs(raw: &[u8], src: usize, params: &[AugParams], out: usize) -> Vec<f32> {
+    let len = out * out * 3;
+    let mut x = vec![0f32; params.len() * len];
+    for (i, p) in params.iter().enumerate() {
+        let img = &raw[i * src * src..][..src * src];
+        augment_image(img, src, *p, out, &mut x[i * len..][..len]);
+    }
+    x
+}
+
+fn close(what: &str, got: &[f32], want: &[f32], tol: f64) {
+    let e = rel_err(&f64s(got), &f64s(want));
+    assert!(e <= tol, "{what}: rel err {e} > {tol}");
+}
+
+/// Training steps through `forward_raw` against `forward` of the host-augmented inputs, on two
+/// copies of one model: logits, loss, every gradient and the Adam-updated weights and running
+/// statistics within 1e-5. Batches of 3, then 2 (fewer views reuse the buffers), then 3 views;
+/// after the first step the raw path allocates nothing on the device.
+fn raw_steps_match(test: &str, precision: Precision) {
+    let d = test_driver().expect("test device");
+    let mut rng = Rng::new(fresh_seed(test));
+    let cpu = model(&mut rng);
+    let mut host = GpuDenseNet::new(d.clone(), cpu.cast(), precision).unwrap();
+    let mut dev = GpuDenseNet::new(d, cpu.cast(), precision).unwrap();
+    assert!(dev.wants_raw_input());
+    let mut adams = [
+        Adam::new(cpu.num_params(), 1e-3, 1e-4),
+        Adam::new(cpu.num_params(), 1e-3, 1e-4),
+    ];
+    let (src, out) = (37, 32);
+    let mut allocs = None;
+    for (step, n) in [3usize, 2, 3].into_iter().enumerate() {
+        let (raw, params) = raw_batch(&mut rng, n, src);
+        let x = host_inputs(&raw, src, &params, out);
+        host.zero_grad().unwrap();
+        dev.zero_grad().unwrap();
+        let want = host.forward(&x, n, out, out, Mode::Train).unwrap();
+        let got = dev
+            .forward_raw(&raw, src, &params, out, Mode::Train)
+            .unwrap();
+        assert_eq!(got.len(), n);
+        close(&format!("step {step} logits"), &got, &want, 1e-5);
+        let ((lw, dw), (lg, dg)) = (loss(&want), loss(&got));
+        close(&format!("step {step} loss"), &[lg], &[lw], 1e-5);
+        host.backward(&dw).unwrap();
+        dev.backward(&dg).unwrap();
+        let (gw, gg) = (host.grads().unwrap(), dev.grads().unwrap());
+        close(&format!("step {step} gradients"), &gg, &gw, 1e-5);
+        host.adam_step(&mut adams[0]).unwrap();
+        dev.adam_step(&mut adams[1]).unwrap();
+        let (sw, sg) = (host.to_state_dict().unwrap(), dev.to_state_dict().unwrap());
+        assert_eq!(sw.tensors.len(), sg.tensors.len());
+        for (a, b) in sw.tensors.iter().zip(&sg.tensors) {
+            match (&a.data, &b.data) {
+                (TensorData::F32(va), TensorData::F32(vb)) => {
+                    close(&format!("step {step} {}", a.name), vb, va, 1e-5)
+                }
+                (va, vb) => assert_eq!(va, vb, "step {step} {}", a.name),
+            }
+        }
+        let calls = dev.memory().alloc_calls();
+        if let Some(before) = allocs {
+            assert_eq!(calls, before, "step {step} allocated device memory");
+        }
+        allocs = Some(calls);
+    }
+}
+
+#[test]
+fn raw_training_steps_match_the_f32_path() {
+    raw_steps_match("raw_training_steps_match_the_f32_path", Precision::F32);
+}
+
+#[test]
+fn raw_training_steps_match_the_f32_path_bf16() {
+    raw_steps_match(
+        "raw_training_steps_match_the_f32_path_bf16",
+        Precision::Bf16,
+    );
+}
+
+/// The CPU model's `forward_raw` (host augmentation, then `forward`) and the device's agree
+/// as well as the CPU and device forwards do (1e-4).
+#[test]
+fn cpu_and_device_raw_forwards_agree() {
+    let d = test_driver().expect("test device");
+    let mut rng = Rng::new(fresh_seed("cpu_and_device_raw_forwards_agree"));
+    let mut cpu = model(&mut rng);
+    let mut dev = GpuDenseNet::new(d, cpu.cast(), Precision::F32).unwrap();
+    assert!(!Net::wants_raw_input(&cpu));
+    let (raw, params) = raw_batch(&mut rng, 4, 29);
+    for mode in [Mode::Train, Mode::Eval] {
+        let want = Net::forward_raw(&mut cpu, &raw, 29, &params, 32, mode).unwrap();
+        let got = dev.forward_raw(&raw, 29, &params, 32, mode).unwrap();
+        close(&format!("{mode:?} logits"), &got, &want, 1e-4);
+    }
+    // Shapes that disagree are errors on both, not panics.
+    let nets: [&mut dyn Net; 2] = [&mut cpu, &mut dev];
+    for net in nets {
+        let e = net
+            .forward_raw(&raw[1..], 29, &params, 32, Mode::Eval)
+            .unwrap_err();
+        assert!(format!("{e:#}").contains("bytes for 4 images"), "{e:#}");
+        assert!(net.forward_raw(&[], 29, &[], 32, Mode::Eval).is_err());
+    }
+}
+
+/// A synthetic store, its loader's raw batches (the store's bytes, the same studies and
+/// augmentations as the f32 batches, which they reproduce through `augment_image`), and
+/// evaluation through the raw path giving the CPU's predictions.
+#[test]
+fn raw_batches_and_raw_evaluation() {
+    let mut rng = Rng::new(fresh_seed("raw_batches_and_raw_evaluation"));
+    let root = std::env::temp_dir().join(format!(
+        "mura-rawpath-{}-{}",
+        std::process::id(),
+        rng.next_u64()
+    ));
+    let syn = root.join("syn");
+    let cfg = SynthConfig {
+        studies: 24,
+        seed: rng.next_u64(),
+        valid_fraction: 0.3,
+    };
+    synth(&syn, &cfg, false).unwrap();
+    let out = root.join("store");
+    prep(&PrepConfig {
+        mura_root: syn,
+        out: out.clone(),
+        size: 40,
+        study_types: StudyType::ALL.to_vec(),
+        strict: false,
+        progress: false,
+    })
+    .unwrap();
+    let store = Arc::new(Store::open(&out).unwrap());
+    let lc = LoaderConfig {
+        batch_studies: 3,
+        max_views: Some(3),
+        image_size: 32,
+        augment: Some(Augment {
+            flip: true,
+            max_rotation_deg: 30.0,
+        }),
+        seed: rng.next_u64(),
+        shuffle: true,
+        workers: 2,
+        prefetch: 2,
+    };
+    let loader = Loader::new(store.clone(), Split::Train, &StudyType::ALL, lc.clone()).unwrap();
+    let (f, r): (Vec<_>, Vec<_>) = (loader.epoch(2).collect(), loader.epoch_raw(2).collect());
+    assert_eq!(f.len(), r.len());
+    for (f, r) in f.iter().zip(&r) {
+        assert_eq!(
+            (&f.studies, &f.image_ids, &f.aug),
+            (&r.studies, &r.image_ids, &r.aug)
+        );
+        assert_eq!((f.n_images, f.size, r.src_size), (r.n_images, r.size, 40));
+        assert!(f.raw.is_none() && r.images.is_empty());
+        let raw = r.raw.as_ref().unwrap();
+        let want: Vec<u8> = r
+            .image_ids
+            .iter()
+            .flat_map(|&i| store.image(i))
+            .copied()
+            .collect();
+        assert_eq!(raw, &want);
+        assert_eq!(host_inputs(raw, 40, &r.aug, 32), f.images);
+    }
+
+    // Evaluation: the device model takes raw batches and predicts what the CPU model does.
+    let d = test_driver().expect("test device");
+    let mut cpu = model(&mut rng);
+    let mut dev = GpuDenseNet::new(d, cpu.cast(), Precision::F32).unwrap();
+    let val = Loader::new(store.clone(), Split::Valid, &StudyType::ALL, lc.for_eval()).unwrap();
+    let want = predict_split(&mut cpu, &store, &val, LossLevel::Study).unwrap();
+    let got = predict_split(&mut dev, &store, &val, LossLevel::Study).unwrap();
+    assert_eq!(got.studies.len(), want.studies.len());
+    for (g, w) in got.studies.iter().zip(&want.studies) {
+        assert_eq!(g.study, w.study);
+        assert!(
+            (g.probability - w.probability).abs() <= 1e-5,
+            "study {}: {} vs {}",
+            g.study,
+            g.probability,
+            w.probability
+        );
+    }
+    let (gl, wl) = (got.loss, want.loss);
+    assert!((gl - wl).abs() <= 1e-5 * wl.abs(), "loss {gl} vs {wl}");
+    std::fs::remove_dir_all(&root).unwrap();
+}
