@@ -145,6 +145,10 @@ mod tests {
             .to_string()
             .contains("unknown device"));
         let e = run(args("cpu", 3)).unwrap_err().to_string();
+        assert!(e.contains("out of range"), "{e}");
+        let mut deep = args("cpu", 16);
+        deep.arch.block_config = vec![1; 6];
+        let e = run(deep).unwrap_err().to_string();
         assert!(e.contains("too small"), "{e}");
     }
 }
