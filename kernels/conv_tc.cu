@@ -137,12 +137,16 @@ __device__ __forceinline__ const float* op_scale(const Dense&) { return nullptr;
 __device__ __forceinline__ const float* op_shift(const Gather& g) { return g.shift; }
 __device__ __forceinline__ const float* op_shift(const Dense&) { return nullptr; }
 
+// Two floats rounded to bf16 (nearest even) in one register, `lo` in the low half.
 __device__ __forceinline__ unsigned pack2(float lo, float hi) {
-    const bf16 a = __float2bfloat16(lo), b = __float2bfloat16(hi);
-    unsigned short ua, ub;
-    memcpy(&ua, &a, 2);
-    memcpy(&ub, &b, 2);
-    return (unsigned)ua | ((unsigned)ub << 16);
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+#ifdef MURA_EMU
+    unsigned u;
+    memcpy(&u, &v, 4);
+    return u;
+#else
+    return *reinterpret_cast<unsigned*>(&v);
+#endif
 }
 __device__ __forceinline__ float lo_of(unsigned u) { return __uint_as_float(u << 16); }
 __device__ __forceinline__ float hi_of(unsigned u) { return __uint_as_float(u & 0xffff0000u); }
@@ -391,7 +395,7 @@ UNROLL
 // Dynamic shared bytes: 2 stages of [outer][inner + 8] bf16 per operand (src/gpu/ops_tc.rs smem).
 
 // Grid (ceil(n*h*w / 128), ceil(co / 128)), block 256, 37888 shared bytes.
-extern "C" __global__ void __launch_bounds__(256)
+extern "C" __global__ void __launch_bounds__(256, 2)
     conv1x1_tc_fwd_bf16(bf16* __restrict__ y, int y_rs, const bf16* __restrict__ x, int x_rs,
                         const bf16* __restrict__ wt, const float* scale, const float* shift, int n, int h, int w,
                         int c, int co) {
@@ -409,7 +413,7 @@ extern "C" __global__ void __launch_bounds__(128)
 // dx: [n, h, w, c] bf16 (row stride dx_rs), overwritten (accumulate = 0) or added to; x, scale,
 // shift: the forward's input and BN + ReLU, for its mask (scale null: no mask; x unused).
 // Grid (ceil(n*h*w / 128), ceil(c / 128)), block 256, 40960 shared bytes.
-extern "C" __global__ void __launch_bounds__(256)
+extern "C" __global__ void __launch_bounds__(256, 2)
     conv1x1_tc_bwd_data_bf16(bf16* dx, int dx_rs, int accumulate, const bf16* __restrict__ dy, int dy_rs,
                              const bf16* __restrict__ wt, const bf16* __restrict__ x, int x_rs, const float* scale,
                              const float* shift, int n, int h, int w, int c, int co) {
@@ -417,7 +421,7 @@ extern "C" __global__ void __launch_bounds__(256)
 }
 
 // As conv1x1_tc_bwd_data_bf16, for the 3x3/1 pad 1 convolution.
-extern "C" __global__ void __launch_bounds__(256)
+extern "C" __global__ void __launch_bounds__(256, 2)
     conv3x3_tc_bwd_data_bf16(bf16* dx, int dx_rs, int accumulate, const bf16* __restrict__ dy, int dy_rs,
                              const bf16* __restrict__ wt, const bf16* __restrict__ x, int x_rs, const float* scale,
                              const float* shift, int n, int h, int w, int c, int co) {
@@ -426,7 +430,7 @@ extern "C" __global__ void __launch_bounds__(256)
 
 // dw += over pixels split into gridDim.z chunks of split_len (a multiple of 32).
 // Grid (ceil(c / 128), ceil(co / 128), ceil(n*h*w / split_len)), block 256, 34816 shared bytes.
-extern "C" __global__ void __launch_bounds__(256)
+extern "C" __global__ void __launch_bounds__(256, 2)
     conv1x1_tc_bwd_weight_bf16(float* dw, const bf16* __restrict__ x, int x_rs, const float* scale,
                                const float* shift, const bf16* __restrict__ dy, int dy_rs, int n, int h, int w, int c,
                                int co, int split_len) {

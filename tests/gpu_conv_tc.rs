@@ -258,6 +258,15 @@ fn conv1x1_tc() {
         POINTWISE,
         false,
     );
+    // A dense layer's bottleneck: a 96-channel prefix of a 160-channel block buffer -> 128.
+    conv_case(
+        &d,
+        &mut rng,
+        (1, 14, 14, 96, 160),
+        (128, 0, 128),
+        POINTWISE,
+        true,
+    );
 }
 
 #[test]
@@ -266,6 +275,15 @@ fn conv3x3_tc() {
     conv_case(&d, &mut rng, (1, 9, 6, 17, 17), (7, 5, 13), CONV3, true);
     conv_case(&d, &mut rng, (2, 9, 8, 48, 56), (40, 8, 56), CONV3, true);
     conv_case(&d, &mut rng, (1, 6, 5, 32, 32), (32, 0, 32), CONV3, false);
+    // A dense layer's growth conv: 128 bottleneck channels -> 32 written at channel 96 of 160.
+    conv_case(
+        &d,
+        &mut rng,
+        (1, 14, 14, 128, 128),
+        (32, 96, 160),
+        CONV3,
+        true,
+    );
 }
 
 #[test]
@@ -297,6 +315,28 @@ fn split_len_is_a_multiple_of_the_k_slice() {
         assert!(
             splits * tiles <= 528 + tiles,
             "{pixels} {tiles}: {splits} splits"
+        );
+    }
+}
+
+/// The hot kernels keep everything in registers: no spills and no stack frame on any architecture
+/// ptxas compiled them for (checked when the build found nvcc; NVRTC builds have no report).
+#[test]
+fn tc_kernels_do_not_spill() {
+    use mura::gpu::kernels::{parse_ptxas, PTXAS_REPORT};
+    let entries: Vec<_> = parse_ptxas(PTXAS_REPORT)
+        .into_iter()
+        .filter(|e| e.kernel.contains("_tc_"))
+        .collect();
+    if PTXAS_REPORT.is_empty() {
+        eprintln!("no ptxas report (built without nvcc): nothing to check");
+        return;
+    }
+    assert_eq!(entries.len(), 6 * 4, "6 kernels x 4 architectures");
+    for e in entries {
+        assert!(
+            e.spill_stores == 0 && e.spill_loads == 0 && e.stack_bytes == 0,
+            "{e:?}"
         );
     }
 }
