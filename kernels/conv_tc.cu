@@ -308,17 +308,41 @@ __device__ __forceinline__ void acc_coords(int mt, int nt, int r, int* row, int*
     *col = (warp % WN) * TL::WTN + nt * 8 + 2 * (lane % 4) + r % 2;
 }
 
-// y: [n, h, w, co] bf16 (row stride y_rs) = conv_KS(pre(x), wt).
+// Per-column sums of a warp's outputs: s[nt][j][q] is this thread's sum over its rows of moment q
+// of column nt*8 + 2*(lane%4) + j of the warp tile; the warp's sums are added to dst[q * ld + col0 +
+// that column] for columns < ncols (dst: [2, ld] f32). The whole warp must call it.
+template <int NT>
+__device__ __forceinline__ void add_column_sums(float s[NT][2][2], float* dst, int ld, int col0, int ncols) {
+    const int lane = threadIdx.x % 32;
+UNROLL
+    for (int nt = 0; nt < NT; nt++)
+UNROLL
+        for (int j = 0; j < 2; j++)
+UNROLL
+            for (int q = 0; q < 2; q++) {
+                float v = s[nt][j][q];
+                v += __shfl_xor_sync(FULL_MASK, v, 4);
+                v += __shfl_xor_sync(FULL_MASK, v, 8);
+                v += __shfl_xor_sync(FULL_MASK, v, 16);
+                const int col = col0 + nt * 8 + 2 * lane + j;
+                if (lane < 4 && col < ncols) atomicAdd(dst + q * ld + col, v);
+            }
+}
+
+// y: [n, h, w, co] bf16 (row stride y_rs) = conv_KS(pre(x), wt); when stats is not null
+// (stats: [2, co] f32), the per-channel sum and sum of squares of the stored y are added to it
+// (the batch statistics of the BN that will read these channels).
 template <int BM, int BN, int WM, int WN, int KS>
 __device__ __forceinline__ void conv_tc_fwd(bf16* y, int y_rs, const bf16* x, int x_rs, const bf16* wt,
                                             const float* scale, const float* shift, int n, int h, int w, int c,
-                                            int co) {
+                                            int co, float* stats) {
     typedef Tile<BM, BN, WM, WN> TL;
     const Gather a = make_gather(x, x_rs, n, h, w, c, KS, scale, shift, 0);
     const Dense b = make_dense(wt, KS * KS * c, co, co, 1);
     const int M = n * h * w, m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
     float acc[TL::MT][TL::NT][4] = {};
     tc_tile<BM, BN, WM, WN, true, false>(a, b, m0, n0, 0, KS * KS * c, acc);
+    float sums[TL::NT][2][2] = {};
 UNROLL
     for (int mt = 0; mt < TL::MT; mt++)
 UNROLL
@@ -328,23 +352,32 @@ UNROLL
                 int row, col;
                 acc_coords<BM, BN, WM, WN>(mt, nt, r, &row, &col);
                 row += m0, col += n0;
-                if (row < M && col < co) y[(long long)row * y_rs + col] = __float2bfloat16(acc[mt][nt][r]);
+                if (row >= M || col >= co) continue;
+                const bf16 v = __float2bfloat16(acc[mt][nt][r]);
+                y[(long long)row * y_rs + col] = v;
+                const float f = __bfloat162float(v);
+                sums[nt][r % 2][0] += f;
+                sums[nt][r % 2][1] += f * f;
             }
+    if (stats) add_column_sums<TL::NT>(sums, stats, co, n0 + (threadIdx.x / 32 % WN) * TL::WTN, co);
 }
 
 // dx: [n, h, w, ci] bf16 (row stride dx_rs) = mask * (d conv_KS / d input)(dy), overwritten or added
 // to; mask = [x * scale + shift > 0] when scale is not null (x: the pre-BN input, row stride x_rs),
-// else 1.
+// else 1. When red is not null (and scale is), the per-channel sums of the stored dx and of dx * x
+// are added to red: [2, ci] f32 (the reductions of that BN's backward).
 template <int BM, int BN, int WM, int WN, int KS>
 __device__ __forceinline__ void conv_tc_bwd_data(bf16* dx, int dx_rs, int accumulate, const bf16* dy, int dy_rs,
                                                  const bf16* wt, const bf16* x, int x_rs, const float* scale,
-                                                 const float* shift, int n, int h, int w, int ci, int co) {
+                                                 const float* shift, int n, int h, int w, int ci, int co,
+                                                 float* red) {
     typedef Tile<BM, BN, WM, WN> TL;
     const Gather a = make_gather(dy, dy_rs, n, h, w, co, KS, nullptr, nullptr, 1);
     const Dense b = make_dense(wt, ci, co, co, KS * KS);
     const int M = n * h * w, m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
     float acc[TL::MT][TL::NT][4] = {};
     tc_tile<BM, BN, WM, WN, true, true>(a, b, m0, n0, 0, KS * KS * co, acc);
+    float sums[TL::NT][2][2] = {};
 UNROLL
     for (int mt = 0; mt < TL::MT; mt++)
 UNROLL
@@ -355,12 +388,18 @@ UNROLL
                 acc_coords<BM, BN, WM, WN>(mt, nt, r, &row, &col);
                 row += m0, col += n0;
                 if (row >= M || col >= ci) continue;
-                float v = acc[mt][nt][r];
-                if (scale && __bfloat162float(x[(long long)row * x_rs + col]) * scale[col] + shift[col] <= 0.0f)
-                    v = 0.0f;
+                float v = acc[mt][nt][r], xv = 0.0f;
+                if (scale) {
+                    xv = __bfloat162float(x[(long long)row * x_rs + col]);
+                    if (xv * scale[col] + shift[col] <= 0.0f) v = 0.0f;
+                }
                 bf16* out = dx + (long long)row * dx_rs + col;
-                *out = __float2bfloat16(accumulate ? __bfloat162float(*out) + v : v);
+                const bf16 o = __float2bfloat16(accumulate ? __bfloat162float(*out) + v : v);
+                *out = o;
+                sums[nt][r % 2][0] += __bfloat162float(o);
+                sums[nt][r % 2][1] += __bfloat162float(o) * xv;
             }
+    if (red) add_column_sums<TL::NT>(sums, red, ci, n0 + (threadIdx.x / 32 % WN) * TL::WTN, ci);
 }
 
 // dw: [KS, KS, c, co] f32 += (d conv_KS / d wt)(pre(x), dy) over pixels [z * split_len, ...).
@@ -391,23 +430,24 @@ UNROLL
 
 // Entry points. Shapes: x: [n, h, w, c] bf16 with row stride x_rs (a channel prefix); y, dy:
 // [n, h, w, co] bf16 with row stride y_rs / dy_rs (channel slices); wt: [k, k, c, co] bf16;
-// scale, shift: [c] f32, or both null (no BN + ReLU); dw: [k, k, c, co] f32.
+// scale, shift: [c] f32, or both null (no BN + ReLU); dw: [k, k, c, co] f32; stats: null or
+// [2, co] f32 += per-channel (sum y, sum y^2); red: null or [2, c] f32 += (sum dx, sum dx * x).
 // Dynamic shared bytes: 2 stages of [outer][inner + 8] bf16 per operand (src/gpu/ops_tc.rs smem).
 
 // Grid (ceil(n*h*w / 128), ceil(co / 128)), block 256, 37888 shared bytes.
 extern "C" __global__ void __launch_bounds__(256, 2)
     conv1x1_tc_fwd_bf16(bf16* __restrict__ y, int y_rs, const bf16* __restrict__ x, int x_rs,
                         const bf16* __restrict__ wt, const float* scale, const float* shift, int n, int h, int w,
-                        int c, int co) {
-    conv_tc_fwd<128, 128, 2, 4, 1>(y, y_rs, x, x_rs, wt, scale, shift, n, h, w, c, co);
+                        int c, int co, float* stats) {
+    conv_tc_fwd<128, 128, 2, 4, 1>(y, y_rs, x, x_rs, wt, scale, shift, n, h, w, c, co, stats);
 }
 
 // Grid (ceil(n*h*w / 128), ceil(co / 32)), block 128, 25600 shared bytes.
 extern "C" __global__ void __launch_bounds__(128)
     conv3x3_tc_fwd_bf16(bf16* __restrict__ y, int y_rs, const bf16* __restrict__ x, int x_rs,
                         const bf16* __restrict__ wt, const float* scale, const float* shift, int n, int h, int w,
-                        int c, int co) {
-    conv_tc_fwd<128, 32, 4, 1, 3>(y, y_rs, x, x_rs, wt, scale, shift, n, h, w, c, co);
+                        int c, int co, float* stats) {
+    conv_tc_fwd<128, 32, 4, 1, 3>(y, y_rs, x, x_rs, wt, scale, shift, n, h, w, c, co, stats);
 }
 
 // dx: [n, h, w, c] bf16 (row stride dx_rs), overwritten (accumulate = 0) or added to; x, scale,
@@ -416,16 +456,18 @@ extern "C" __global__ void __launch_bounds__(128)
 extern "C" __global__ void __launch_bounds__(256, 2)
     conv1x1_tc_bwd_data_bf16(bf16* dx, int dx_rs, int accumulate, const bf16* __restrict__ dy, int dy_rs,
                              const bf16* __restrict__ wt, const bf16* __restrict__ x, int x_rs, const float* scale,
-                             const float* shift, int n, int h, int w, int c, int co) {
-    conv_tc_bwd_data<128, 128, 2, 4, 1>(dx, dx_rs, accumulate, dy, dy_rs, wt, x, x_rs, scale, shift, n, h, w, c, co);
+                             const float* shift, int n, int h, int w, int c, int co, float* red) {
+    conv_tc_bwd_data<128, 128, 2, 4, 1>(dx, dx_rs, accumulate, dy, dy_rs, wt, x, x_rs, scale, shift, n, h, w, c, co,
+                                          red);
 }
 
 // As conv1x1_tc_bwd_data_bf16, for the 3x3/1 pad 1 convolution.
 extern "C" __global__ void __launch_bounds__(256, 2)
     conv3x3_tc_bwd_data_bf16(bf16* dx, int dx_rs, int accumulate, const bf16* __restrict__ dy, int dy_rs,
                              const bf16* __restrict__ wt, const bf16* __restrict__ x, int x_rs, const float* scale,
-                             const float* shift, int n, int h, int w, int c, int co) {
-    conv_tc_bwd_data<128, 128, 2, 4, 3>(dx, dx_rs, accumulate, dy, dy_rs, wt, x, x_rs, scale, shift, n, h, w, c, co);
+                             const float* shift, int n, int h, int w, int c, int co, float* red) {
+    conv_tc_bwd_data<128, 128, 2, 4, 3>(dx, dx_rs, accumulate, dy, dy_rs, wt, x, x_rs, scale, shift, n, h, w, c, co,
+                                          red);
 }
 
 // dw += over pixels split into gridDim.z chunks of split_len (a multiple of 32).

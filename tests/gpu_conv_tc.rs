@@ -76,6 +76,23 @@ fn untouched_outside(v: &[f64], rs: usize, c0: usize, c: usize) -> bool {
     })
 }
 
+/// `base: [2, c]` plus the per-column sums of `a` and of `a * b` (both `[rows, c]`).
+fn added_column_sums(base: &[f64], a: &[f64], b: &[f64], c: usize) -> Vec<f64> {
+    let mut out = base.to_vec();
+    for (i, (x, y)) in a.iter().zip(b).enumerate() {
+        out[i % c] += x;
+        out[c + i % c] += x * y;
+    }
+    out
+}
+
+/// Sums of values the kernel itself stored: only f32 accumulation error is allowed.
+fn check_exact(what: &str, got: &[f64], want: &[f64]) {
+    let e = rel_err(got, want);
+    eprintln!("{what}: rel err {e:.2e}");
+    assert!(e <= 1e-5, "{what}: rel err {e} > 1e-5");
+}
+
 fn check(what: &str, got: &[f64], want: &[f64]) {
     let e = rel_err(got, want);
     eprintln!("{what}: rel err {e:.2e}");
@@ -126,9 +143,23 @@ fn conv_case(
         rs: x_rs,
     };
 
-    // Forward into a slice of a poisoned buffer.
+    // Forward into a slice of a poisoned buffer; with a BN + ReLU in front, the output's batch
+    // statistics are added to random values.
     let yb = Buf::poisoned(d, false, px * y_rs);
-    ops_tc::conv_fwd(&**d, view, pre, wb.at(0), co, g, yb.at(y_c0), y_rs).unwrap();
+    let (stats, stats0) = Buf::from(d, true, &randn(rng, 2 * co, 1.0, 0.0));
+    let stats_ptr = with_pre.then(|| stats.at(0));
+    ops_tc::conv_fwd(
+        &**d,
+        view,
+        pre,
+        wb.at(0),
+        co,
+        g,
+        yb.at(y_c0),
+        y_rs,
+        stats_ptr,
+    )
+    .unwrap();
     let mut y_ref = vec![0.0; px * co];
     conv2d_fwd(xi, pre_ref, &wv, co, g, &mut y_ref, co);
     let y = yb.read();
@@ -137,6 +168,13 @@ fn conv_case(
         untouched_outside(&y, y_rs, y_c0, co),
         "{what}: fwd wrote outside its slice"
     );
+    let y = cols(&y, y_rs, y_c0, co);
+    let want = if with_pre {
+        added_column_sums(&stats0, &y, &y, co)
+    } else {
+        stats0
+    };
+    check_exact(&format!("{what} fwd stats"), &stats.read(), &want);
 
     // dy: a slice of a wider buffer, as a dense layer's gradient buffer is.
     let (dyb, dyv) = Buf::from(d, false, &randn(rng, px * y_rs, 1.0, 0.0));
@@ -148,6 +186,7 @@ fn conv_case(
     let dx_rs = c + 3;
     let (dxb, dx0) = Buf::from(d, false, &randn(rng, px * dx_rs, 1.0, 0.0));
     let mask = with_pre.then_some((view, (sb.at(0), tb.at(0))));
+    let (red, red0) = Buf::from(d, true, &randn(rng, 2 * c, 1.0, 0.0));
     ops_tc::conv_bwd_data(
         &**d,
         dyb.at(y_c0),
@@ -160,6 +199,7 @@ fn conv_case(
         dx_rs,
         true,
         mask,
+        with_pre.then(|| red.at(0)),
     )
     .unwrap();
     let want: Vec<f64> = (0..px * dx_rs)
@@ -172,9 +212,17 @@ fn conv_case(
             dx0[i] + if on { dx_ref[p * c + j] } else { 0.0 }
         })
         .collect();
-    check(
-        &format!("{what} bwd data (mask, accumulate)"),
-        &dxb.read(),
+    let dx = dxb.read();
+    check(&format!("{what} bwd data (mask, accumulate)"), &dx, &want);
+    let dx = cols(&dx, dx_rs, 0, c);
+    let want = if with_pre {
+        added_column_sums(&red0, &dx, &cols(&xv, x_rs, 0, c), c)
+    } else {
+        red0
+    };
+    check_exact(
+        &format!("{what} bwd data BN reductions"),
+        &red.read(),
         &want,
     );
     // ... and without the mask, overwriting a poisoned buffer.
@@ -190,6 +238,7 @@ fn conv_case(
         dxb.at(0),
         c,
         false,
+        None,
         None,
     )
     .unwrap();
@@ -302,7 +351,7 @@ fn tc_rejects_other_geometries() {
         stride: 2,
         pad: 3,
     };
-    let e = ops_tc::conv_fwd(&*d, x, None, 0, 8, stem, 0, 8).unwrap_err();
+    let e = ops_tc::conv_fwd(&*d, x, None, 0, 8, stem, 0, 8, None).unwrap_err();
     assert!(format!("{e:#}").contains("7x7/2 pad 3"), "{e:#}");
 }
 

@@ -95,7 +95,9 @@ fn launch(
 }
 
 /// `y: [n, h, w, co]` bf16 (row stride `y_rs`) = conv(pre(x), wt); `x`: bf16; `wt: [k, k, x.c, co]`
-/// bf16; `pre`: a fused BN + ReLU's (scale, shift) `[x.c]` f32.
+/// bf16; `pre`: a fused BN + ReLU's (scale, shift) `[x.c]` f32. `stats: [2, co]` f32, when given,
+/// has the per-channel sum and sum of squares of the stored `y` added to it (batch statistics of
+/// the BN that reads these channels next, without a pass over them).
 #[allow(clippy::too_many_arguments)]
 pub fn conv_fwd(
     d: &dyn Driver,
@@ -106,6 +108,7 @@ pub fn conv_fwd(
     g: Conv,
     y: DevPtr,
     y_rs: usize,
+    stats: Option<DevPtr>,
 ) -> Result<()> {
     let geo = geometry(g)?;
     let t = if g.k == 1 { T128 } else { T32 };
@@ -128,6 +131,7 @@ pub fn conv_fwd(
         i(x.w),
         i(x.c),
         i(co),
+        A::P(stats.unwrap_or(0)),
     ];
     launch(
         d,
@@ -144,6 +148,8 @@ pub fn conv_fwd(
 /// `wt: [k, k, ci, co]` bf16, times the ReLU mask `[x * scale + shift > 0]` of the BN + ReLU in
 /// front of the convolution when `mask = Some((x, (scale, shift)))` (`x`: its pre-BN input
 /// `[n, h, w, ci]` bf16, `scale, shift: [ci]` f32), so that `dx` is the gradient of the BN output.
+/// `red: [2, ci]` f32, when given (with a mask), has the per-channel sums of the stored `dx` and of
+/// `dx * x` added to it: the reductions of that BN's backward (dbeta, and dgamma before centring).
 #[allow(clippy::too_many_arguments)]
 pub fn conv_bwd_data(
     d: &dyn Driver,
@@ -157,7 +163,11 @@ pub fn conv_bwd_data(
     dx_rs: usize,
     accumulate: bool,
     mask: Option<(View, (DevPtr, DevPtr))>,
+    red: Option<DevPtr>,
 ) -> Result<()> {
+    if red.is_some() && mask.is_none() {
+        bail!("the BN-backward reductions of a data gradient need the BN's input (mask)");
+    }
     let geo = geometry(g)?;
     let grid = [
         blocks_for(n * h * w, T128.bm as u32),
@@ -195,6 +205,7 @@ pub fn conv_bwd_data(
         i(w),
         i(ci),
         i(co),
+        A::P(red.unwrap_or(0)),
     ];
     let name = format!("{geo}_tc_bwd_data_bf16");
     launch(d, &name, grid, T128, smem(T128, true, true), args)
