@@ -19,20 +19,25 @@
 //
 // Tile shapes (per block; BK = 32), chosen for DenseNet's O = 128 bottleneck and O = 32 growth:
 //   T128: 128x128, 8 warps as 2x4, warp tile 64x32 (4x4 mma tiles, 64 f32 accumulators/thread).
-//         Per K-slice: 128*128*32*2 = 1.05 MFLOP for (128+128)*32*2 = 16 KB of operands
-//         (64 FLOP/B of shared-memory traffic); shared 2 stages * (A + B) * 2 B: 37.9 KB forward,
-//         40.0 KB backward-data (both k-contiguous), 34.8 KB backward-weight. 125-127 registers
-//         (<= 128) -> 2 blocks (16 warps) per SM on sm_80/sm_90, ~80 KB shared per SM.
-//         Used by: 1x1 forward (N = O = 128), 1x1 and 3x3 backward-data (N = C = 128..1k+),
-//         1x1 backward-weight (M = C, N = O = 128).
+//         Per K-slice: 128*128*32*2 = 1.05 MFLOP for (128+128)*32*2 = 16 KB of operands from
+//         global/L2 (64 FLOP/B); shared 2 stages * (A + B) * 2 B: 37.9 KB forward, 40.0 KB
+//         backward-data (both operands k-contiguous), 34.8 KB backward-weight. 123-128 registers
+//         (__launch_bounds__(256, 2)) -> 2 blocks (16 warps) per SM on sm_80/sm_90, ~80 KB shared.
+//         Used by: 1x1 forward (N = O = 128, K = C = 64..1k+), 1x1 backward-data (N = C, K = 128:
+//         only 4 K-slices, so prologue/epilogue weigh), 3x3 backward-data (N = C = 128,
+//         K = 9*32), 1x1 backward-weight (M = C, N = 128, K = pixels, split).
 //   T32:  128x32, 4 warps as 4x1, warp tile 32x32 (2x4 mma tiles, 32 accumulators/thread).
-//         Per K-slice: 128*32*32*2 = 262 KFLOP for (128+32)*32*2 = 10 KB (26 FLOP/B); shared
-//         25.6 KB forward, 22.5 KB backward-weight; 96 / 127 registers -> 5 / 4 blocks per SM. Used by the 3x3 forward
-//         (N = O = 32, K = 9*128) and 3x3 backward-weight (M = 9*C, N = 32).
+//         Per K-slice: 128*32*32*2 = 262 KFLOP for (128+32)*32*2 = 10 KB (26 FLOP/B: N = 32 caps
+//         the reuse of A); shared 25.6 KB forward, 22.5 KB backward-weight; 121-127 registers ->
+//         4 blocks (16 warps) per SM. Used by the 3x3 forward (N = O = 32, K = 9*128 = 36
+//         K-slices) and 3x3 backward-weight (M = 9*C, N = 32, K = pixels, split).
 // Split-K (gridDim.z chunks of split_len pixels, a multiple of BK) for both weight gradients, whose
-// K = P is huge and M*N small; f32 partial sums are added with atomicAdd.
-// To tune on the GPU: BM 64 vs 128 for the 3x3 forward at 7x7/14x14 (few pixels), 3-4 stages with
-// cp.async.wait_group N-1, vectorised bf16x2 epilogue stores, swizzled rows instead of padding.
+// K = n*h*w is huge and M*N small; f32 partial sums are added with atomicAdd (ops_tc.rs aims at
+// ~4 blocks per SM of a 132-SM GPU, chunks of >= 512 pixels).
+// To tune on the GPU: BM 64 vs 128 for the 3x3 forward at 7x7/14x14 (few pixels per image);
+// 3-4 stages with cp.async.wait_group N-1 (now 2 stages, wait_group 0); the per-chunk division
+// kidx / c of the im2col operands (a running (tap, channel) counter would do); bf16x2 epilogue
+// stores; swizzled shared rows instead of +8 padding; 64x128 tiles for the 1x1 backward-data.
 #include "mma.cuh"
 
 typedef __nv_bfloat16 bf16;
@@ -73,15 +78,34 @@ __device__ __forceinline__ Gather make_gather(const bf16* x, int rs, int n, int 
     return Gather{x, scale, shift, rs, n, h, w, c, ks, flip, aligned16(x) && rs % 8 == 0 && c % 8 == 0};
 }
 
-// The source pixel of output pixel p through tap `tap`, or -1 in the padding (or past the end).
-__device__ __forceinline__ long long gather_pixel(const Gather& g, int p, int tap) {
-    if (p >= g.n * g.h * g.w || tap >= g.ks * g.ks) return -1;
-    const int ox = p % g.w, t = p / g.w, oy = t % g.h, b = t / g.h;
+// An output pixel (an operand row) decomposed once: its index p (-1 past the end) and
+// yx = oy << 16 | ox. The stagers keep the rows that stay fixed across K-slices, so the divisions
+// run once per tile.
+struct Pix {
+    int p, yx;
+};
+
+__device__ __forceinline__ Pix pix_of(const Gather& g, int p) {
+    if (p >= g.n * g.h * g.w) return Pix{-1, 0};
+    if (g.ks == 1) return Pix{p, 0};
+    const int t = p / g.w;
+    return Pix{p, (t % g.h) << 16 | (p - t * g.w)};
+}
+
+// The source pixel of output pixel q through tap `tap` (< ks*ks), or -1 in the padding.
+__device__ __forceinline__ long long gather_src(const Gather& g, Pix q, int tap) {
+    if (q.p < 0) return -1;
+    if (g.ks == 1) return q.p;
     int ky = tap / g.ks, kx = tap % g.ks;
     if (g.flip) ky = g.ks - 1 - ky, kx = g.ks - 1 - kx;
-    const int iy = oy + ky - g.ks / 2, ix = ox + kx - g.ks / 2;
+    const int dy = ky - g.ks / 2, dx = kx - g.ks / 2, iy = (q.yx >> 16) + dy, ix = (q.yx & 0xffff) + dx;
     if (iy < 0 || ix < 0 || iy >= g.h || ix >= g.w) return -1;
-    return (long long)(b * g.h + iy) * g.w + ix;
+    return (long long)q.p + dy * g.w + dx;
+}
+
+// The source pixel of output pixel p through tap `tap`, or -1 in the padding (or past the end).
+__device__ __forceinline__ long long gather_pixel(const Gather& g, int p, int tap) {
+    return tap >= g.ks * g.ks ? -1 : gather_src(g, pix_of(g, p), tap);
 }
 
 __device__ __forceinline__ float gather_at(const Gather& g, int p, int kidx) {
@@ -111,19 +135,20 @@ __device__ __forceinline__ float dense_at(const Dense& d, int r, int kidx) {
 
 // Where the 8 elements (outer, inner .. inner + 7) come from (inner % 8 == 0): returns 0 (all
 // zero), 1 (*src: 8 contiguous bf16, 16-byte aligned, BN channel *ch of the first) or 2 (element
-// by element). Gather: outer = pixel, inner = kidx; Dense: outer = row, inner = kidx.
-__device__ __forceinline__ int chunk_src(const Gather& g, int p, int kidx, const bf16** src, int* ch) {
+// by element). Gather: outer = pixel q, inner = kidx; Dense: outer = row q.p, inner = kidx.
+__device__ __forceinline__ int chunk_src(const Gather& g, Pix q, int kidx, const bf16** src, int* ch) {
     const int tap = kidx / g.c;
     if (tap >= g.ks * g.ks) return 0;
     if (!g.vec) return 2;
-    const long long s = gather_pixel(g, p, tap);
+    const long long s = gather_src(g, q, tap);
     if (s < 0) return 0;
     *ch = kidx % g.c;
     *src = g.x + s * g.rs + *ch;
     return 1;
 }
-__device__ __forceinline__ int chunk_src(const Dense& d, int r, int kidx, const bf16** src, int* ch) {
-    const int tap = kidx / d.cols;
+__device__ __forceinline__ Pix pix_of(const Dense&, int r) { return Pix{r, 0}; }
+__device__ __forceinline__ int chunk_src(const Dense& d, Pix q, int kidx, const bf16** src, int* ch) {
+    const int tap = kidx / d.cols, r = q.p;
     if (r >= d.rows || tap >= d.taps) return 0;
     if (!d.vec) return 2;
     *ch = 0;
@@ -159,9 +184,18 @@ struct Stager {
     static constexpr int CHUNKS = OUTER * INNER / 8, CPT = (CHUNKS + THREADS - 1) / THREADS, ROW = INNER + 8;
     Chunk v[CPT];
     unsigned in_regs;
+    Pix rows[CPT];  // the chunks' outer coordinates, when they are the same for every K-slice
 };
 
+// Decomposes the outer coordinates o0 + ... of this thread's chunks once (for stage_fetch<true>).
 template <int OUTER, int INNER, int THREADS, class Op>
+__device__ __forceinline__ void stage_rows(Stager<OUTER, INNER, THREADS>& s, const Op& op, int o0) {
+    typedef Stager<OUTER, INNER, THREADS> S;
+UNROLL
+    for (int c = 0; c < S::CPT; c++) s.rows[c] = pix_of(op, o0 + (threadIdx.x + c * THREADS) / (INNER / 8));
+}
+
+template <bool FIXED_ROWS, int OUTER, int INNER, int THREADS, class Op>
 __device__ __forceinline__ void stage_fetch(Stager<OUTER, INNER, THREADS>& s, const Op& op, int o0, int i0, int o_hi,
                                             bf16* dst) {
     typedef Stager<OUTER, INNER, THREADS> S;
@@ -175,7 +209,7 @@ UNROLL
         const int oo = e / (INNER / 8), ii = (e % (INNER / 8)) * 8, outer = o0 + oo, inner = i0 + ii;
         const bf16* src = nullptr;
         int ch = 0;
-        const int how = outer < o_hi ? chunk_src(op, outer, inner, &src, &ch) : 0;
+        const int how = outer < o_hi ? chunk_src(op, FIXED_ROWS ? s.rows[c] : pix_of(op, outer), inner, &src, &ch) : 0;
         if (how == 1 && !scale) {
             cp_async_16(dst + oo * S::ROW + ii, src);
             continue;
@@ -213,7 +247,8 @@ UNROLL
 
 // The block tile engine: acc += A[m0 .. m0+BM, k_lo .. k_hi] . B[k_lo .. k_hi, n0 .. n0+BN] with
 // WM x WN warps. A_KC: A's inner (contiguous) index is k (outer m), else m (outer k); B_KC: B's
-// inner index is k (outer n), else n (outer k). Shared memory: tc_smem_bytes<...>().
+// inner index is k (outer n), else n (outer k). CACHE_A (with A_KC): decompose A's rows once per
+// tile instead of once per K-slice (a few registers more). Shared memory: Smem<...>::BYTES.
 template <int BM, int BN, int WM, int WN>
 struct Tile {
     static constexpr int THREADS = WM * WN * 32, WTM = BM / WM, WTN = BN / WN, MT = WTM / 16, NT = WTN / 8;
@@ -226,7 +261,7 @@ struct Smem {
     static constexpr int BYTES = 2 * (A_ELEMS + B_ELEMS) * 2;
 };
 
-template <int BM, int BN, int WM, int WN, bool A_KC, bool B_KC, class OA, class OB>
+template <int BM, int BN, int WM, int WN, bool A_KC, bool B_KC, bool CACHE_A, class OA, class OB>
 __device__ __forceinline__ void tc_tile(const OA& a, const OB& b, int m0, int n0, int k_lo, int k_hi,
                                         float acc[Tile<BM, BN, WM, WN>::MT][Tile<BM, BN, WM, WN>::NT][4]) {
     typedef Tile<BM, BN, WM, WN> TL;
@@ -244,9 +279,10 @@ __device__ __forceinline__ void tc_tile(const OA& a, const OB& b, int m0, int n0
 #define A_AT(k0) (A_KC ? m0 : (k0)), (A_KC ? (k0) : m0), (A_KC ? big : k_hi)
 #define B_AT(k0) (B_KC ? n0 : (k0)), (B_KC ? (k0) : n0), (B_KC ? big : k_hi)
     const int nk = (k_hi - k_lo + BK - 1) / BK;
+    if (CACHE_A) stage_rows(sa, a, m0);  // (B is never a Gather: its rows cost nothing to recompute)
     if (nk > 0) {
-        stage_fetch(sa, a, A_AT(k_lo), as);
-        stage_fetch(sb, b, B_AT(k_lo), bs);
+        stage_fetch<CACHE_A>(sa, a, A_AT(k_lo), as);
+        stage_fetch<false>(sb, b, B_AT(k_lo), bs);
         stage_commit(sa, as);
         stage_commit(sb, bs);
     }
@@ -257,8 +293,8 @@ __device__ __forceinline__ void tc_tile(const OA& a, const OB& b, int m0, int n0
         const bool more = kt + 1 < nk;
         if (more) {
             const int k1 = k_lo + (kt + 1) * BK;
-            stage_fetch(sa, a, A_AT(k1), as + nxt * SM::A_ELEMS);
-            stage_fetch(sb, b, B_AT(k1), bs + nxt * SM::B_ELEMS);
+            stage_fetch<CACHE_A>(sa, a, A_AT(k1), as + nxt * SM::A_ELEMS);
+            stage_fetch<false>(sb, b, B_AT(k1), bs + nxt * SM::B_ELEMS);
         }
         const bf16* A = as + cur * SM::A_ELEMS;
         const bf16* B = bs + cur * SM::B_ELEMS;
@@ -271,7 +307,8 @@ UNROLL
                 if (A_KC)
                     ldmatrix_x4(af[mt], A + (r + lane % 16) * (BK + 8) + kk + (lane / 16) * 8);
                 else
-                    ldmatrix_x4_trans(af[mt], A + (kk + (lane / 16) * 8 + lane % 8) * (BM + 8) + r + ((lane / 8) % 2) * 8);
+                    ldmatrix_x4_trans(af[mt],
+                                      A + (kk + (lane / 16) * 8 + lane % 8) * (BM + 8) + r + ((lane / 8) % 2) * 8);
             }
 UNROLL
             for (int nt = 0; nt < TL::NT; nt += 2) {
@@ -308,25 +345,22 @@ __device__ __forceinline__ void acc_coords(int mt, int nt, int r, int* row, int*
     *col = (warp % WN) * TL::WTN + nt * 8 + 2 * (lane % 4) + r % 2;
 }
 
-// Per-column sums of a warp's outputs: s[nt][j][q] is this thread's sum over its rows of moment q
-// of column nt*8 + 2*(lane%4) + j of the warp tile; the warp's sums are added to dst[q * ld + col0 +
-// that column] for columns < ncols (dst: [2, ld] f32). The whole warp must call it.
-template <int NT>
-__device__ __forceinline__ void add_column_sums(float s[NT][2][2], float* dst, int ld, int col0, int ncols) {
+// Per-column sums of a warp's outputs in one 8-column mma tile: s[j][q] is this thread's sum over
+// its rows of moment q of the tile's column 2*(lane%4) + j, which is column col0 + that of dst:
+// [2, ld] f32; the warp's sums are added for columns < ncols. The whole warp must call it.
+__device__ __forceinline__ void add_column_sums(float s[2][2], float* dst, int ld, int col0, int ncols) {
     const int lane = threadIdx.x % 32;
 UNROLL
-    for (int nt = 0; nt < NT; nt++)
+    for (int j = 0; j < 2; j++)
 UNROLL
-        for (int j = 0; j < 2; j++)
-UNROLL
-            for (int q = 0; q < 2; q++) {
-                float v = s[nt][j][q];
-                v += __shfl_xor_sync(FULL_MASK, v, 4);
-                v += __shfl_xor_sync(FULL_MASK, v, 8);
-                v += __shfl_xor_sync(FULL_MASK, v, 16);
-                const int col = col0 + nt * 8 + 2 * lane + j;
-                if (lane < 4 && col < ncols) atomicAdd(dst + q * ld + col, v);
-            }
+        for (int q = 0; q < 2; q++) {
+            float v = s[j][q];
+            v += __shfl_xor_sync(FULL_MASK, v, 4);
+            v += __shfl_xor_sync(FULL_MASK, v, 8);
+            v += __shfl_xor_sync(FULL_MASK, v, 16);
+            const int col = col0 + 2 * lane + j;
+            if (lane < 4 && col < ncols) atomicAdd(dst + q * ld + col, v);
+        }
 }
 
 // y: [n, h, w, co] bf16 (row stride y_rs) = conv_KS(pre(x), wt); when stats is not null
@@ -341,12 +375,12 @@ __device__ __forceinline__ void conv_tc_fwd(bf16* y, int y_rs, const bf16* x, in
     const Dense b = make_dense(wt, KS * KS * c, co, co, 1);
     const int M = n * h * w, m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
     float acc[TL::MT][TL::NT][4] = {};
-    tc_tile<BM, BN, WM, WN, true, false>(a, b, m0, n0, 0, KS * KS * c, acc);
-    float sums[TL::NT][2][2] = {};
+    tc_tile<BM, BN, WM, WN, true, false, true>(a, b, m0, n0, 0, KS * KS * c, acc);
 UNROLL
-    for (int mt = 0; mt < TL::MT; mt++)
+    for (int nt = 0; nt < TL::NT; nt++) {
+        float sums[2][2] = {};
 UNROLL
-        for (int nt = 0; nt < TL::NT; nt++)
+        for (int mt = 0; mt < TL::MT; mt++)
 UNROLL
             for (int r = 0; r < 4; r++) {
                 int row, col;
@@ -356,10 +390,11 @@ UNROLL
                 const bf16 v = __float2bfloat16(acc[mt][nt][r]);
                 y[(long long)row * y_rs + col] = v;
                 const float f = __bfloat162float(v);
-                sums[nt][r % 2][0] += f;
-                sums[nt][r % 2][1] += f * f;
+                sums[r % 2][0] += f;
+                sums[r % 2][1] += f * f;
             }
-    if (stats) add_column_sums<TL::NT>(sums, stats, co, n0 + (threadIdx.x / 32 % WN) * TL::WTN, co);
+        if (stats) add_column_sums(sums, stats, co, n0 + (threadIdx.x / 32 % WN) * TL::WTN + nt * 8, co);
+    }
 }
 
 // dx: [n, h, w, ci] bf16 (row stride dx_rs) = mask * (d conv_KS / d input)(dy), overwritten or added
@@ -376,12 +411,13 @@ __device__ __forceinline__ void conv_tc_bwd_data(bf16* dx, int dx_rs, int accumu
     const Dense b = make_dense(wt, ci, co, co, KS * KS);
     const int M = n * h * w, m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
     float acc[TL::MT][TL::NT][4] = {};
-    tc_tile<BM, BN, WM, WN, true, true>(a, b, m0, n0, 0, KS * KS * co, acc);
-    float sums[TL::NT][2][2] = {};
+    // No row cache: at the 128-register bound it spills on sm_86/89 (K is only 9 * 32 here anyway).
+    tc_tile<BM, BN, WM, WN, true, true, false>(a, b, m0, n0, 0, KS * KS * co, acc);
 UNROLL
-    for (int mt = 0; mt < TL::MT; mt++)
+    for (int nt = 0; nt < TL::NT; nt++) {
+        float sums[2][2] = {};
 UNROLL
-        for (int nt = 0; nt < TL::NT; nt++)
+        for (int mt = 0; mt < TL::MT; mt++)
 UNROLL
             for (int r = 0; r < 4; r++) {
                 int row, col;
@@ -396,10 +432,11 @@ UNROLL
                 bf16* out = dx + (long long)row * dx_rs + col;
                 const bf16 o = __float2bfloat16(accumulate ? __bfloat162float(*out) + v : v);
                 *out = o;
-                sums[nt][r % 2][0] += __bfloat162float(o);
-                sums[nt][r % 2][1] += __bfloat162float(o) * xv;
+                sums[r % 2][0] += __bfloat162float(o);
+                sums[r % 2][1] += __bfloat162float(o) * xv;
             }
-    if (red) add_column_sums<TL::NT>(sums, red, ci, n0 + (threadIdx.x / 32 % WN) * TL::WTN, ci);
+        if (red) add_column_sums(sums, red, ci, n0 + (threadIdx.x / 32 % WN) * TL::WTN + nt * 8, ci);
+    }
 }
 
 // dw: [KS, KS, c, co] f32 += (d conv_KS / d wt)(pre(x), dy) over pixels [z * split_len, ...).
@@ -414,7 +451,7 @@ __device__ __forceinline__ void conv_tc_bwd_weight(float* dw, const bf16* x, int
     const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
     const int k_lo = blockIdx.z * split_len, k_hi = min(P, k_lo + split_len);
     float acc[TL::MT][TL::NT][4] = {};
-    tc_tile<BM, BN, WM, WN, false, false>(a, b, m0, n0, k_lo, k_hi, acc);
+    tc_tile<BM, BN, WM, WN, false, false, false>(a, b, m0, n0, k_lo, k_hi, acc);
 UNROLL
     for (int mt = 0; mt < TL::MT; mt++)
 UNROLL
