@@ -97,7 +97,9 @@ fn launch(
 /// `y: [n, h, w, co]` bf16 (row stride `y_rs`) = conv(pre(x), wt); `x`: bf16; `wt: [k, k, x.c, co]`
 /// bf16; `pre`: a fused BN + ReLU's (scale, shift) `[x.c]` f32. `stats: [2, co]` f32, when given,
 /// has the per-channel sum and sum of squares of the stored `y` added to it (batch statistics of
-/// the BN that reads these channels next, without a pass over them).
+/// the BN that reads these channels next, without a pass over them): mean = Σy / rows,
+/// var = Σy² / rows − mean² (f32 sums; fine for conv outputs, whose mean is small next to their
+/// spread).
 #[allow(clippy::too_many_arguments)]
 pub fn conv_fwd(
     d: &dyn Driver,
@@ -149,7 +151,8 @@ pub fn conv_fwd(
 /// front of the convolution when `mask = Some((x, (scale, shift)))` (`x`: its pre-BN input
 /// `[n, h, w, ci]` bf16, `scale, shift: [ci]` f32), so that `dx` is the gradient of the BN output.
 /// `red: [2, ci]` f32, when given (with a mask), has the per-channel sums of the stored `dx` and of
-/// `dx * x` added to it: the reductions of that BN's backward (dbeta, and dgamma before centring).
+/// `dx * x` added to it: the reductions of that BN's backward, dbeta = Σdx and
+/// dgamma = (Σdx·x − mean·Σdx) · invstd.
 #[allow(clippy::too_many_arguments)]
 pub fn conv_bwd_data(
     d: &dyn Driver,
