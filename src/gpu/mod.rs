@@ -11,6 +11,7 @@ pub mod densenet;
 pub mod emu;
 pub mod kernels;
 pub mod ops;
+pub mod ops_tc;
 pub mod testing;
 pub mod tracking;
 

@@ -1,0 +1,525 @@
+// Tensor-core implicit-GEMM convolutions for DenseNet's dense layers: 1x1/1 pad 0 and 3x3/1 pad 1,
+// NHWC, bf16 activations and weights, f32 accumulation (mma.sync m16n8k16 through kernels/mma.cuh).
+// The BN + ReLU in front of each convolution is applied while its input tile is loaded (forward and
+// weight gradient) and its ReLU mask recomputed from the pre-BN input in the data gradient's
+// epilogue, so the BN-ReLU output is never stored. Inputs may be channel prefixes (row stride rs),
+// outputs channel slices; any sizes (not multiples of the tiles).
+//
+// The three GEMMs (P = n*h*w pixels, T = k*k taps, C = input channels, O = output channels):
+//   forward        y[P, O]      = im2col(pre(x))[P, T*C] . w[T*C, O]       A k-contiguous, B n-contiguous
+//   backward-data  dx[P, C]     = im2col'(dy)[P, T*O]   . w'[T*O, C]       A k-contiguous, B k-contiguous
+//                  (im2col' reads the flipped taps; w'((t, o), c) = w[t, c, o])
+//   backward-wt    dw[T*C, O]  += im2col(pre(x))^T[T*C, P] . dy[P, O]      A m-contiguous, B n-contiguous
+// Each operand tile is staged in shared memory in its memory order ([outer][inner + 8] bf16, rows
+// 16-byte aligned and 80/272-byte strided so ldmatrix is conflict-free) and read with ldmatrix or
+// ldmatrix.trans. K advances in slices of BK = 32 through two shared-memory stages: the raw operand
+// chunks (weights, dy: no transform) go by cp.async straight into the next stage, the transformed or
+// irregular ones (BN + ReLU, padding, sizes not multiples of 8) through registers, loaded before
+// the current stage's mmas and stored after them, so global latency overlaps the tensor cores.
+//
+// Tile shapes (per block; BK = 32), chosen for DenseNet's O = 128 bottleneck and O = 32 growth:
+//   T128: 128x128, 8 warps as 2x4, warp tile 64x32 (4x4 mma tiles, 64 f32 accumulators/thread).
+//         Per K-slice: 128*128*32*2 = 1.05 MFLOP for (128+128)*32*2 = 16 KB of operands from
+//         global/L2 (64 FLOP/B); shared 2 stages * (A + B) * 2 B: 37.9 KB forward, 40.0 KB
+//         backward-data (both operands k-contiguous), 34.8 KB backward-weight. 123-128 registers
+//         (__launch_bounds__(256, 2)) -> 2 blocks (16 warps) per SM on sm_80/sm_90, ~80 KB shared.
+//         Used by: 1x1 forward (N = O = 128, K = C = 64..1k+), 1x1 backward-data (N = C, K = 128:
+//         only 4 K-slices, so prologue/epilogue weigh), 3x3 backward-data (N = C = 128,
+//         K = 9*32), 1x1 backward-weight (M = C, N = 128, K = pixels, split).
+//   T32:  128x32, 4 warps as 4x1, warp tile 32x32 (2x4 mma tiles, 32 accumulators/thread).
+//         Per K-slice: 128*32*32*2 = 262 KFLOP for (128+32)*32*2 = 10 KB (26 FLOP/B: N = 32 caps
+//         the reuse of A); shared 25.6 KB forward, 22.5 KB backward-weight; 121-127 registers ->
+//         4 blocks (16 warps) per SM. Used by the 3x3 forward (N = O = 32, K = 9*128 = 36
+//         K-slices) and 3x3 backward-weight (M = 9*C, N = 32, K = pixels, split).
+// Split-K (gridDim.z chunks of split_len pixels, a multiple of BK) for both weight gradients, whose
+// K = n*h*w is huge and M*N small; f32 partial sums are added with atomicAdd (ops_tc.rs aims at
+// ~4 blocks per SM of a 132-SM GPU, chunks of >= 512 pixels).
+// To tune on the GPU: BM 64 vs 128 for the 3x3 forward at 7x7/14x14 (few pixels per image);
+// 3-4 stages with cp.async.wait_group N-1 (now 2 stages, wait_group 0); the per-chunk division
+// kidx / c of the im2col operands (a running (tap, channel) counter would do); bf16x2 epilogue
+// stores; swizzled shared rows instead of +8 padding; 64x128 tiles for the 1x1 backward-data.
+#include "mma.cuh"
+
+typedef __nv_bfloat16 bf16;
+
+#define BK 32
+
+// Loop unrolling for nvcc (the emulator's C++ compiler does not know the pragma).
+#ifdef MURA_EMU
+#define UNROLL
+#else
+#define UNROLL _Pragma("unroll")
+#endif
+
+// 8 bf16 (16 bytes): the unit of every operand load.
+struct __align__(16) Chunk {
+    unsigned u[4];
+};
+
+__device__ __forceinline__ bool aligned16(const void* p) { return (reinterpret_cast<unsigned long long>(p) & 15) == 0; }
+
+__device__ __forceinline__ float bnrelu(float v, const float* scale, const float* shift, int c) {
+    return scale ? fmaxf(v * scale[c] + shift[c], 0.0f) : v;
+}
+
+// An im2col operand over x: [n, h, w, c] (row stride rs), tap window KS x KS with pad KS/2 and
+// stride 1, optional BN + ReLU (scale, shift: [c] f32); flip: taps mirrored (backward-data's dy).
+// Element (pixel p, kidx = (tap, ci)).
+struct Gather {
+    const bf16* x;
+    const float* scale;
+    const float* shift;
+    int rs, n, h, w, c, ks, flip;
+    bool vec;  // 16-byte loads possible: x aligned, rs and c multiples of 8
+};
+
+__device__ __forceinline__ Gather make_gather(const bf16* x, int rs, int n, int h, int w, int c, int ks,
+                                              const float* scale, const float* shift, int flip) {
+    return Gather{x, scale, shift, rs, n, h, w, c, ks, flip, aligned16(x) && rs % 8 == 0 && c % 8 == 0};
+}
+
+// An output pixel (an operand row) decomposed once: its index p (-1 past the end) and
+// yx = oy << 16 | ox. The stagers keep the rows that stay fixed across K-slices, so the divisions
+// run once per tile.
+struct Pix {
+    int p, yx;
+};
+
+__device__ __forceinline__ Pix pix_of(const Gather& g, int p) {
+    if (p >= g.n * g.h * g.w) return Pix{-1, 0};
+    if (g.ks == 1) return Pix{p, 0};
+    const int t = p / g.w;
+    return Pix{p, (t % g.h) << 16 | (p - t * g.w)};
+}
+
+// The source pixel of output pixel q through tap `tap` (< ks*ks), or -1 in the padding.
+__device__ __forceinline__ long long gather_src(const Gather& g, Pix q, int tap) {
+    if (q.p < 0) return -1;
+    if (g.ks == 1) return q.p;
+    int ky = tap / g.ks, kx = tap % g.ks;
+    if (g.flip) ky = g.ks - 1 - ky, kx = g.ks - 1 - kx;
+    const int dy = ky - g.ks / 2, dx = kx - g.ks / 2, iy = (q.yx >> 16) + dy, ix = (q.yx & 0xffff) + dx;
+    if (iy < 0 || ix < 0 || iy >= g.h || ix >= g.w) return -1;
+    return (long long)q.p + dy * g.w + dx;
+}
+
+// The source pixel of output pixel p through tap `tap`, or -1 in the padding (or past the end).
+__device__ __forceinline__ long long gather_pixel(const Gather& g, int p, int tap) {
+    return tap >= g.ks * g.ks ? -1 : gather_src(g, pix_of(g, p), tap);
+}
+
+__device__ __forceinline__ float gather_at(const Gather& g, int p, int kidx) {
+    const long long src = gather_pixel(g, p, kidx / g.c);
+    if (src < 0) return 0.0f;
+    const int ci = kidx % g.c;
+    return bnrelu(__bfloat162float(g.x[src * g.rs + ci]), g.scale, g.shift, ci);
+}
+
+// A (tapped) dense operand: element (r, kidx = (tap, j)) = p[(tap * rows + r) * ld + j] for r < rows,
+// j < cols, tap < taps. Plain matrices have taps = 1.
+struct Dense {
+    const bf16* p;
+    int rows, cols, ld, taps;
+    bool vec;
+};
+
+__device__ __forceinline__ Dense make_dense(const bf16* p, int rows, int cols, int ld, int taps) {
+    return Dense{p, rows, cols, ld, taps, aligned16(p) && ld % 8 == 0 && cols % 8 == 0};
+}
+
+__device__ __forceinline__ float dense_at(const Dense& d, int r, int kidx) {
+    const int tap = kidx / d.cols, j = kidx % d.cols;
+    if (r >= d.rows || tap >= d.taps) return 0.0f;
+    return __bfloat162float(d.p[((long long)tap * d.rows + r) * d.ld + j]);
+}
+
+// Where the 8 elements (outer, inner .. inner + 7) come from (inner % 8 == 0): returns 0 (all
+// zero), 1 (*src: 8 contiguous bf16, 16-byte aligned, BN channel *ch of the first) or 2 (element
+// by element). Gather: outer = pixel q, inner = kidx; Dense: outer = row q.p, inner = kidx.
+__device__ __forceinline__ int chunk_src(const Gather& g, Pix q, int kidx, const bf16** src, int* ch) {
+    const int tap = kidx / g.c;
+    if (tap >= g.ks * g.ks) return 0;
+    if (!g.vec) return 2;
+    const long long s = gather_src(g, q, tap);
+    if (s < 0) return 0;
+    *ch = kidx % g.c;
+    *src = g.x + s * g.rs + *ch;
+    return 1;
+}
+__device__ __forceinline__ Pix pix_of(const Dense&, int r) { return Pix{r, 0}; }
+__device__ __forceinline__ int chunk_src(const Dense& d, Pix q, int kidx, const bf16** src, int* ch) {
+    const int tap = kidx / d.cols, r = q.p;
+    if (r >= d.rows || tap >= d.taps) return 0;
+    if (!d.vec) return 2;
+    *ch = 0;
+    *src = d.p + ((long long)tap * d.rows + r) * d.ld + kidx % d.cols;
+    return 1;
+}
+__device__ __forceinline__ float elem_at(const Gather& g, int outer, int inner) { return gather_at(g, outer, inner); }
+__device__ __forceinline__ float elem_at(const Dense& d, int outer, int inner) { return dense_at(d, outer, inner); }
+__device__ __forceinline__ const float* op_scale(const Gather& g) { return g.scale; }
+__device__ __forceinline__ const float* op_scale(const Dense&) { return nullptr; }
+__device__ __forceinline__ const float* op_shift(const Gather& g) { return g.shift; }
+__device__ __forceinline__ const float* op_shift(const Dense&) { return nullptr; }
+
+// Two floats rounded to bf16 (nearest even) in one register, `lo` in the low half.
+__device__ __forceinline__ unsigned pack2(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+#ifdef MURA_EMU
+    unsigned u;
+    memcpy(&u, &v, 4);
+    return u;
+#else
+    return *reinterpret_cast<unsigned*>(&v);
+#endif
+}
+__device__ __forceinline__ float lo_of(unsigned u) { return __uint_as_float(u << 16); }
+__device__ __forceinline__ float hi_of(unsigned u) { return __uint_as_float(u & 0xffff0000u); }
+
+// One operand's share of a [OUTER][INNER] stage tile, 8-element chunks spread over THREADS threads.
+// `fetch` starts the loads of the stage at (o0, i0) (outer coordinates >= o_hi read as 0): raw
+// aligned chunks by cp.async into `dst`, the others into registers, which `commit` stores.
+template <int OUTER, int INNER, int THREADS>
+struct Stager {
+    static constexpr int CHUNKS = OUTER * INNER / 8, CPT = (CHUNKS + THREADS - 1) / THREADS, ROW = INNER + 8;
+    Chunk v[CPT];
+    unsigned in_regs;
+    Pix rows[CPT];  // the chunks' outer coordinates, when they are the same for every K-slice
+};
+
+// Decomposes the outer coordinates o0 + ... of this thread's chunks once (for stage_fetch<true>).
+template <int OUTER, int INNER, int THREADS, class Op>
+__device__ __forceinline__ void stage_rows(Stager<OUTER, INNER, THREADS>& s, const Op& op, int o0) {
+    typedef Stager<OUTER, INNER, THREADS> S;
+UNROLL
+    for (int c = 0; c < S::CPT; c++) s.rows[c] = pix_of(op, o0 + (threadIdx.x + c * THREADS) / (INNER / 8));
+}
+
+template <bool FIXED_ROWS, int OUTER, int INNER, int THREADS, class Op>
+__device__ __forceinline__ void stage_fetch(Stager<OUTER, INNER, THREADS>& s, const Op& op, int o0, int i0, int o_hi,
+                                            bf16* dst) {
+    typedef Stager<OUTER, INNER, THREADS> S;
+    const float* scale = op_scale(op);
+    const float* shift = op_shift(op);
+    s.in_regs = 0;
+UNROLL
+    for (int c = 0; c < S::CPT; c++) {
+        const int e = threadIdx.x + c * THREADS;
+        if (S::CHUNKS % THREADS != 0 && e >= S::CHUNKS) break;
+        const int oo = e / (INNER / 8), ii = (e % (INNER / 8)) * 8, outer = o0 + oo, inner = i0 + ii;
+        const bf16* src = nullptr;
+        int ch = 0;
+        const int how = outer < o_hi ? chunk_src(op, FIXED_ROWS ? s.rows[c] : pix_of(op, outer), inner, &src, &ch) : 0;
+        if (how == 1 && !scale) {
+            cp_async_16(dst + oo * S::ROW + ii, src);
+            continue;
+        }
+        s.in_regs |= 1u << c;
+        if (how == 0) {
+            s.v[c] = Chunk{{0u, 0u, 0u, 0u}};
+        } else if (how == 1) {
+            const Chunk raw = *reinterpret_cast<const Chunk*>(src);
+UNROLL
+            for (int j = 0; j < 4; j++) {
+                const float a = bnrelu(lo_of(raw.u[j]), scale, shift, ch + 2 * j);
+                const float b = bnrelu(hi_of(raw.u[j]), scale, shift, ch + 2 * j + 1);
+                s.v[c].u[j] = pack2(a, b);
+            }
+        } else {
+UNROLL
+            for (int j = 0; j < 4; j++)
+                s.v[c].u[j] = pack2(elem_at(op, outer, inner + 2 * j), elem_at(op, outer, inner + 2 * j + 1));
+        }
+    }
+}
+
+template <int OUTER, int INNER, int THREADS>
+__device__ __forceinline__ void stage_commit(const Stager<OUTER, INNER, THREADS>& s, bf16* dst) {
+    typedef Stager<OUTER, INNER, THREADS> S;
+UNROLL
+    for (int c = 0; c < S::CPT; c++) {
+        if (!(s.in_regs & (1u << c))) continue;
+        const int e = threadIdx.x + c * THREADS;
+        const int oo = e / (INNER / 8), ii = (e % (INNER / 8)) * 8;
+        *reinterpret_cast<Chunk*>(dst + oo * S::ROW + ii) = s.v[c];
+    }
+}
+
+// The block tile engine: acc += A[m0 .. m0+BM, k_lo .. k_hi] . B[k_lo .. k_hi, n0 .. n0+BN] with
+// WM x WN warps. A_KC: A's inner (contiguous) index is k (outer m), else m (outer k); B_KC: B's
+// inner index is k (outer n), else n (outer k). CACHE_A (with A_KC): decompose A's rows once per
+// tile instead of once per K-slice (a few registers more). Shared memory: Smem<...>::BYTES.
+template <int BM, int BN, int WM, int WN>
+struct Tile {
+    static constexpr int THREADS = WM * WN * 32, WTM = BM / WM, WTN = BN / WN, MT = WTM / 16, NT = WTN / 8;
+};
+
+template <int BM, int BN, bool A_KC, bool B_KC>
+struct Smem {
+    static constexpr int A_ELEMS = A_KC ? BM * (BK + 8) : BK * (BM + 8);
+    static constexpr int B_ELEMS = B_KC ? BN * (BK + 8) : BK * (BN + 8);
+    static constexpr int BYTES = 2 * (A_ELEMS + B_ELEMS) * 2;
+};
+
+template <int BM, int BN, int WM, int WN, bool A_KC, bool B_KC, bool CACHE_A, class OA, class OB>
+__device__ __forceinline__ void tc_tile(const OA& a, const OB& b, int m0, int n0, int k_lo, int k_hi,
+                                        float acc[Tile<BM, BN, WM, WN>::MT][Tile<BM, BN, WM, WN>::NT][4]) {
+    typedef Tile<BM, BN, WM, WN> TL;
+    typedef Smem<BM, BN, A_KC, B_KC> SM;
+    constexpr int AO = A_KC ? BM : BK, AI = A_KC ? BK : BM, BO = B_KC ? BN : BK, BI = B_KC ? BK : BN;
+    MURA_DYN_SHARED(bf16, smem);
+    bf16* const as = smem;                   // 2 stages of SM::A_ELEMS
+    bf16* const bs = smem + 2 * SM::A_ELEMS;  // 2 stages of SM::B_ELEMS
+    Stager<AO, AI, TL::THREADS> sa;
+    Stager<BO, BI, TL::THREADS> sb;
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const int wm = (warp / WN) * TL::WTM, wn = (warp % WN) * TL::WTN;
+    const int big = 0x7fffffff;
+    // Stage coordinates of K-slice k0: (outer origin, inner origin, outer bound).
+#define A_AT(k0) (A_KC ? m0 : (k0)), (A_KC ? (k0) : m0), (A_KC ? big : k_hi)
+#define B_AT(k0) (B_KC ? n0 : (k0)), (B_KC ? (k0) : n0), (B_KC ? big : k_hi)
+    const int nk = (k_hi - k_lo + BK - 1) / BK;
+    if (CACHE_A) stage_rows(sa, a, m0);  // (B is never a Gather: its rows cost nothing to recompute)
+    if (nk > 0) {
+        stage_fetch<CACHE_A>(sa, a, A_AT(k_lo), as);
+        stage_fetch<false>(sb, b, B_AT(k_lo), bs);
+        stage_commit(sa, as);
+        stage_commit(sb, bs);
+    }
+    cp_async_wait_all();
+    __syncthreads();
+    for (int kt = 0; kt < nk; kt++) {
+        const int cur = kt % 2, nxt = cur ^ 1;
+        const bool more = kt + 1 < nk;
+        if (more) {
+            const int k1 = k_lo + (kt + 1) * BK;
+            stage_fetch<CACHE_A>(sa, a, A_AT(k1), as + nxt * SM::A_ELEMS);
+            stage_fetch<false>(sb, b, B_AT(k1), bs + nxt * SM::B_ELEMS);
+        }
+        const bf16* A = as + cur * SM::A_ELEMS;
+        const bf16* B = bs + cur * SM::B_ELEMS;
+UNROLL
+        for (int kk = 0; kk < BK; kk += 16) {
+            unsigned af[TL::MT][4], bfr[TL::NT][2];
+UNROLL
+            for (int mt = 0; mt < TL::MT; mt++) {
+                const int r = wm + mt * 16;
+                if (A_KC)
+                    ldmatrix_x4(af[mt], A + (r + lane % 16) * (BK + 8) + kk + (lane / 16) * 8);
+                else
+                    ldmatrix_x4_trans(af[mt],
+                                      A + (kk + (lane / 16) * 8 + lane % 8) * (BM + 8) + r + ((lane / 8) % 2) * 8);
+            }
+UNROLL
+            for (int nt = 0; nt < TL::NT; nt += 2) {
+                const int c = wn + nt * 8, j = lane / 8;
+                unsigned r4[4];
+                if (B_KC)
+                    ldmatrix_x4(r4, B + (c + (j / 2) * 8 + lane % 8) * (BK + 8) + kk + (j % 2) * 8);
+                else
+                    ldmatrix_x4_trans(r4, B + (kk + (j % 2) * 8 + lane % 8) * (BN + 8) + c + (j / 2) * 8);
+                bfr[nt][0] = r4[0], bfr[nt][1] = r4[1], bfr[nt + 1][0] = r4[2], bfr[nt + 1][1] = r4[3];
+            }
+UNROLL
+            for (int mt = 0; mt < TL::MT; mt++)
+UNROLL
+                for (int nt = 0; nt < TL::NT; nt++) mma_m16n8k16_bf16(acc[mt][nt], af[mt], bfr[nt], acc[mt][nt]);
+        }
+        if (more) {
+            stage_commit(sa, as + nxt * SM::A_ELEMS);
+            stage_commit(sb, bs + nxt * SM::B_ELEMS);
+        }
+        cp_async_wait_all();
+        __syncthreads();
+    }
+#undef A_AT
+#undef B_AT
+}
+
+// Output coordinates of accumulator acc[mt][nt][r] of this thread: (row, column) in the block tile.
+template <int BM, int BN, int WM, int WN>
+__device__ __forceinline__ void acc_coords(int mt, int nt, int r, int* row, int* col) {
+    typedef Tile<BM, BN, WM, WN> TL;
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    *row = (warp / WN) * TL::WTM + mt * 16 + lane / 4 + (r / 2) * 8;
+    *col = (warp % WN) * TL::WTN + nt * 8 + 2 * (lane % 4) + r % 2;
+}
+
+// Per-column sums of a warp's outputs in one 8-column mma tile: s[j][q] is this thread's sum over
+// its rows of moment q of the tile's column 2*(lane%4) + j, which is column col0 + that of dst:
+// [2, ld] f32; the warp's sums are added for columns < ncols. The whole warp must call it.
+__device__ __forceinline__ void add_column_sums(float s[2][2], float* dst, int ld, int col0, int ncols) {
+    const int lane = threadIdx.x % 32;
+UNROLL
+    for (int j = 0; j < 2; j++)
+UNROLL
+        for (int q = 0; q < 2; q++) {
+            float v = s[j][q];
+            v += __shfl_xor_sync(FULL_MASK, v, 4);
+            v += __shfl_xor_sync(FULL_MASK, v, 8);
+            v += __shfl_xor_sync(FULL_MASK, v, 16);
+            const int col = col0 + 2 * lane + j;
+            if (lane < 4 && col < ncols) atomicAdd(dst + q * ld + col, v);
+        }
+}
+
+// y: [n, h, w, co] bf16 (row stride y_rs) = conv_KS(pre(x), wt); when stats is not null
+// (stats: [2, co] f32), the per-channel sum and sum of squares of the stored y are added to it
+// (the batch statistics of the BN that will read these channels).
+template <int BM, int BN, int WM, int WN, int KS>
+__device__ __forceinline__ void conv_tc_fwd(bf16* y, int y_rs, const bf16* x, int x_rs, const bf16* wt,
+                                            const float* scale, const float* shift, int n, int h, int w, int c,
+                                            int co, float* stats) {
+    typedef Tile<BM, BN, WM, WN> TL;
+    const Gather a = make_gather(x, x_rs, n, h, w, c, KS, scale, shift, 0);
+    const Dense b = make_dense(wt, KS * KS * c, co, co, 1);
+    const int M = n * h * w, m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
+    float acc[TL::MT][TL::NT][4] = {};
+    tc_tile<BM, BN, WM, WN, true, false, true>(a, b, m0, n0, 0, KS * KS * c, acc);
+UNROLL
+    for (int nt = 0; nt < TL::NT; nt++) {
+        float sums[2][2] = {};
+UNROLL
+        for (int mt = 0; mt < TL::MT; mt++)
+UNROLL
+            for (int r = 0; r < 4; r++) {
+                int row, col;
+                acc_coords<BM, BN, WM, WN>(mt, nt, r, &row, &col);
+                row += m0, col += n0;
+                if (row >= M || col >= co) continue;
+                const bf16 v = __float2bfloat16(acc[mt][nt][r]);
+                y[(long long)row * y_rs + col] = v;
+                const float f = __bfloat162float(v);
+                sums[r % 2][0] += f;
+                sums[r % 2][1] += f * f;
+            }
+        if (stats) add_column_sums(sums, stats, co, n0 + (threadIdx.x / 32 % WN) * TL::WTN + nt * 8, co);
+    }
+}
+
+// dx: [n, h, w, ci] bf16 (row stride dx_rs) = mask * (d conv_KS / d input)(dy), overwritten or added
+// to; mask = [x * scale + shift > 0] when scale is not null (x: the pre-BN input, row stride x_rs),
+// else 1. When red is not null (and scale is), the per-channel sums of the stored dx and of dx * x
+// are added to red: [2, ci] f32 (the reductions of that BN's backward).
+template <int BM, int BN, int WM, int WN, int KS>
+__device__ __forceinline__ void conv_tc_bwd_data(bf16* dx, int dx_rs, int accumulate, const bf16* dy, int dy_rs,
+                                                 const bf16* wt, const bf16* x, int x_rs, const float* scale,
+                                                 const float* shift, int n, int h, int w, int ci, int co,
+                                                 float* red) {
+    typedef Tile<BM, BN, WM, WN> TL;
+    const Gather a = make_gather(dy, dy_rs, n, h, w, co, KS, nullptr, nullptr, 1);
+    const Dense b = make_dense(wt, ci, co, co, KS * KS);
+    const int M = n * h * w, m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
+    float acc[TL::MT][TL::NT][4] = {};
+    // No row cache: at the 128-register bound it spills on sm_86/89 (K is only 9 * 32 here anyway).
+    tc_tile<BM, BN, WM, WN, true, true, false>(a, b, m0, n0, 0, KS * KS * co, acc);
+UNROLL
+    for (int nt = 0; nt < TL::NT; nt++) {
+        float sums[2][2] = {};
+UNROLL
+        for (int mt = 0; mt < TL::MT; mt++)
+UNROLL
+            for (int r = 0; r < 4; r++) {
+                int row, col;
+                acc_coords<BM, BN, WM, WN>(mt, nt, r, &row, &col);
+                row += m0, col += n0;
+                if (row >= M || col >= ci) continue;
+                float v = acc[mt][nt][r], xv = 0.0f;
+                if (scale) {
+                    xv = __bfloat162float(x[(long long)row * x_rs + col]);
+                    if (xv * scale[col] + shift[col] <= 0.0f) v = 0.0f;
+                }
+                bf16* out = dx + (long long)row * dx_rs + col;
+                const bf16 o = __float2bfloat16(accumulate ? __bfloat162float(*out) + v : v);
+                *out = o;
+                sums[r % 2][0] += __bfloat162float(o);
+                sums[r % 2][1] += __bfloat162float(o) * xv;
+            }
+        if (red) add_column_sums(sums, red, ci, n0 + (threadIdx.x / 32 % WN) * TL::WTN + nt * 8, ci);
+    }
+}
+
+// dw: [KS, KS, c, co] f32 += (d conv_KS / d wt)(pre(x), dy) over pixels [z * split_len, ...).
+template <int BM, int BN, int WM, int WN, int KS>
+__device__ __forceinline__ void conv_tc_bwd_weight(float* dw, const bf16* x, int x_rs, const float* scale,
+                                                   const float* shift, const bf16* dy, int dy_rs, int n, int h,
+                                                   int w, int c, int co, int split_len) {
+    typedef Tile<BM, BN, WM, WN> TL;
+    const Gather a = make_gather(x, x_rs, n, h, w, c, KS, scale, shift, 0);
+    const int P = n * h * w, M = KS * KS * c;
+    const Dense b = make_dense(dy, P, co, dy_rs, 1);
+    const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
+    const int k_lo = blockIdx.z * split_len, k_hi = min(P, k_lo + split_len);
+    float acc[TL::MT][TL::NT][4] = {};
+    tc_tile<BM, BN, WM, WN, false, false, false>(a, b, m0, n0, k_lo, k_hi, acc);
+UNROLL
+    for (int mt = 0; mt < TL::MT; mt++)
+UNROLL
+        for (int nt = 0; nt < TL::NT; nt++)
+UNROLL
+            for (int r = 0; r < 4; r++) {
+                int row, col;
+                acc_coords<BM, BN, WM, WN>(mt, nt, r, &row, &col);
+                row += m0, col += n0;
+                if (row < M && col < co && k_lo < k_hi) atomicAdd(dw + (long long)row * co + col, acc[mt][nt][r]);
+            }
+}
+
+// Entry points. Shapes: x: [n, h, w, c] bf16 with row stride x_rs (a channel prefix); y, dy:
+// [n, h, w, co] bf16 with row stride y_rs / dy_rs (channel slices); wt: [k, k, c, co] bf16;
+// scale, shift: [c] f32, or both null (no BN + ReLU); dw: [k, k, c, co] f32; stats: null or
+// [2, co] f32 += per-channel (sum y, sum y^2); red: null or [2, c] f32 += (sum dx, sum dx * x).
+// Dynamic shared bytes: 2 stages of [outer][inner + 8] bf16 per operand (src/gpu/ops_tc.rs smem).
+
+// Grid (ceil(n*h*w / 128), ceil(co / 128)), block 256, 37888 shared bytes.
+extern "C" __global__ void __launch_bounds__(256, 2)
+    conv1x1_tc_fwd_bf16(bf16* __restrict__ y, int y_rs, const bf16* __restrict__ x, int x_rs,
+                        const bf16* __restrict__ wt, const float* scale, const float* shift, int n, int h, int w,
+                        int c, int co, float* stats) {
+    conv_tc_fwd<128, 128, 2, 4, 1>(y, y_rs, x, x_rs, wt, scale, shift, n, h, w, c, co, stats);
+}
+
+// Grid (ceil(n*h*w / 128), ceil(co / 32)), block 128, 25600 shared bytes.
+extern "C" __global__ void __launch_bounds__(128)
+    conv3x3_tc_fwd_bf16(bf16* __restrict__ y, int y_rs, const bf16* __restrict__ x, int x_rs,
+                        const bf16* __restrict__ wt, const float* scale, const float* shift, int n, int h, int w,
+                        int c, int co, float* stats) {
+    conv_tc_fwd<128, 32, 4, 1, 3>(y, y_rs, x, x_rs, wt, scale, shift, n, h, w, c, co, stats);
+}
+
+// dx: [n, h, w, c] bf16 (row stride dx_rs), overwritten (accumulate = 0) or added to; x, scale,
+// shift: the forward's input and BN + ReLU, for its mask (scale null: no mask; x unused).
+// Grid (ceil(n*h*w / 128), ceil(c / 128)), block 256, 40960 shared bytes.
+extern "C" __global__ void __launch_bounds__(256, 2)
+    conv1x1_tc_bwd_data_bf16(bf16* dx, int dx_rs, int accumulate, const bf16* __restrict__ dy, int dy_rs,
+                             const bf16* __restrict__ wt, const bf16* __restrict__ x, int x_rs, const float* scale,
+                             const float* shift, int n, int h, int w, int c, int co, float* red) {
+    conv_tc_bwd_data<128, 128, 2, 4, 1>(dx, dx_rs, accumulate, dy, dy_rs, wt, x, x_rs, scale, shift, n, h, w, c, co,
+                                          red);
+}
+
+// As conv1x1_tc_bwd_data_bf16, for the 3x3/1 pad 1 convolution.
+extern "C" __global__ void __launch_bounds__(256, 2)
+    conv3x3_tc_bwd_data_bf16(bf16* dx, int dx_rs, int accumulate, const bf16* __restrict__ dy, int dy_rs,
+                             const bf16* __restrict__ wt, const bf16* __restrict__ x, int x_rs, const float* scale,
+                             const float* shift, int n, int h, int w, int c, int co, float* red) {
+    conv_tc_bwd_data<128, 128, 2, 4, 3>(dx, dx_rs, accumulate, dy, dy_rs, wt, x, x_rs, scale, shift, n, h, w, c, co,
+                                          red);
+}
+
+// dw += over pixels split into gridDim.z chunks of split_len (a multiple of 32).
+// Grid (ceil(c / 128), ceil(co / 128), ceil(n*h*w / split_len)), block 256, 34816 shared bytes.
+extern "C" __global__ void __launch_bounds__(256, 2)
+    conv1x1_tc_bwd_weight_bf16(float* dw, const bf16* __restrict__ x, int x_rs, const float* scale,
+                               const float* shift, const bf16* __restrict__ dy, int dy_rs, int n, int h, int w, int c,
+                               int co, int split_len) {
+    conv_tc_bwd_weight<128, 128, 2, 4, 1>(dw, x, x_rs, scale, shift, dy, dy_rs, n, h, w, c, co, split_len);
+}
+
+// Grid (ceil(9*c / 128), ceil(co / 32), ceil(n*h*w / split_len)), block 128, 22528 shared bytes.
+extern "C" __global__ void __launch_bounds__(128)
+    conv3x3_tc_bwd_weight_bf16(float* dw, const bf16* __restrict__ x, int x_rs, const float* scale,
+                               const float* shift, const bf16* __restrict__ dy, int dy_rs, int n, int h, int w, int c,
+                               int co, int split_len) {
+    conv_tc_bwd_weight<128, 32, 4, 1, 3>(dw, x, x_rs, scale, shift, dy, dy_rs, n, h, w, c, co, split_len);
+}

@@ -1,0 +1,285 @@
+//! Tensor-core convolutions of the dense layers (kernels/conv_tc.cu): 1×1/1 pad 0 and 3×3/1 pad 1,
+//! bf16 activations and weights, f32 accumulation, NHWC, with the BN + ReLU in front of each
+//! convolution fused into its loads. Same conventions as [`super::ops`]: device addresses, a channel
+//! prefix is a [`View`] with row stride `rs`, a channel slice its first channel's address plus the
+//! row stride; the caller guarantees the addresses are valid for the shapes in the comments.
+
+use super::ops::View;
+use super::{arg, blocks_for, DevPtr, Driver};
+use crate::ops::conv::Conv;
+use anyhow::{bail, Context, Result};
+use std::ffi::c_void;
+
+/// K-slice of every tile (kernels/conv_tc.cu `BK`).
+const BK: usize = 32;
+
+/// A block tile: `bm × bn` outputs, `threads` threads.
+#[derive(Clone, Copy)]
+struct Tile {
+    bm: usize,
+    bn: usize,
+    threads: u32,
+}
+
+const T128: Tile = Tile {
+    bm: 128,
+    bn: 128,
+    threads: 256,
+};
+const T32: Tile = Tile {
+    bm: 128,
+    bn: 32,
+    threads: 128,
+};
+
+/// Dynamic shared bytes of a tile whose A (B) operand is stored k-contiguous when `a_kc` (`b_kc`):
+/// two stages of `[outer][inner + 8]` bf16 per operand (kernels/conv_tc.cu `Smem`).
+fn smem(t: Tile, a_kc: bool, b_kc: bool) -> u32 {
+    let a = if a_kc {
+        t.bm * (BK + 8)
+    } else {
+        BK * (t.bm + 8)
+    };
+    let b = if b_kc {
+        t.bn * (BK + 8)
+    } else {
+        BK * (t.bn + 8)
+    };
+    (2 * (a + b) * 2) as u32
+}
+
+/// `"conv1x1"` or `"conv3x3"`, the two geometries the kernels cover.
+fn geometry(g: Conv) -> Result<&'static str> {
+    match (g.k, g.stride, g.pad) {
+        (1, 1, 0) => Ok("conv1x1"),
+        (3, 1, 1) => Ok("conv3x3"),
+        _ => bail!(
+            "tensor-core conv supports 1x1/1 pad 0 and 3x3/1 pad 1, not {}x{}/{} pad {}",
+            g.k,
+            g.k,
+            g.stride,
+            g.pad
+        ),
+    }
+}
+
+/// One kernel parameter.
+enum A {
+    P(DevPtr),
+    I(i32),
+}
+
+fn i(v: usize) -> A {
+    A::I(v as i32)
+}
+
+fn launch(
+    d: &dyn Driver,
+    name: &str,
+    grid: [u32; 3],
+    t: Tile,
+    shared: u32,
+    mut args: Vec<A>,
+) -> Result<()> {
+    let mut ptrs: Vec<*mut c_void> = args
+        .iter_mut()
+        .map(|a| match a {
+            A::P(v) => arg(v),
+            A::I(v) => arg(v),
+        })
+        .collect();
+    // SAFETY: the argument lists below follow the kernels' signatures; the addresses are the
+    // caller's contract (module documentation).
+    unsafe { d.launch(name, grid, [t.threads, 1, 1], shared, &mut ptrs) }
+        .with_context(|| format!("kernel {name}"))
+}
+
+/// `y: [n, h, w, co]` bf16 (row stride `y_rs`) = conv(pre(x), wt); `x`: bf16; `wt: [k, k, x.c, co]`
+/// bf16; `pre`: a fused BN + ReLU's (scale, shift) `[x.c]` f32. `stats: [2, co]` f32, when given,
+/// has the per-channel sum and sum of squares of the stored `y` added to it (batch statistics of
+/// the BN that reads these channels next, without a pass over them): mean = Σy / rows,
+/// var = Σy² / rows − mean² (f32 sums; fine for conv outputs, whose mean is small next to their
+/// spread).
+#[allow(clippy::too_many_arguments)]
+pub fn conv_fwd(
+    d: &dyn Driver,
+    x: View,
+    pre: Option<(DevPtr, DevPtr)>,
+    wt: DevPtr,
+    co: usize,
+    g: Conv,
+    y: DevPtr,
+    y_rs: usize,
+    stats: Option<DevPtr>,
+) -> Result<()> {
+    let geo = geometry(g)?;
+    let t = if g.k == 1 { T128 } else { T32 };
+    let grid = [
+        blocks_for(x.rows(), t.bm as u32),
+        blocks_for(co, t.bn as u32),
+        1,
+    ];
+    let (s, sh) = pre.unwrap_or((0, 0));
+    let args = vec![
+        A::P(y),
+        i(y_rs),
+        A::P(x.ptr),
+        i(x.rs),
+        A::P(wt),
+        A::P(s),
+        A::P(sh),
+        i(x.n),
+        i(x.h),
+        i(x.w),
+        i(x.c),
+        i(co),
+        A::P(stats.unwrap_or(0)),
+    ];
+    launch(
+        d,
+        &format!("{geo}_tc_fwd_bf16"),
+        grid,
+        t,
+        smem(t, true, false),
+        args,
+    )
+}
+
+/// `dx: [n, h, w, ci]` bf16 (row stride `dx_rs`; overwritten, or added to if `accumulate`) =
+/// d(loss)/d(conv input) from `dy: [n, h, w, co]` bf16 (row stride `dy_rs`) and
+/// `wt: [k, k, ci, co]` bf16, times the ReLU mask `[x * scale + shift > 0]` of the BN + ReLU in
+/// front of the convolution when `mask = Some((x, (scale, shift)))` (`x`: its pre-BN input
+/// `[n, h, w, ci]` bf16, `scale, shift: [ci]` f32), so that `dx` is the gradient of the BN output.
+/// `red: [2, ci]` f32, when given (with a mask), has the per-channel sums of the stored `dx` and of
+/// `dx * x` added to it: the reductions of that BN's backward, dbeta = Σdx and
+/// dgamma = (Σdx·x − mean·Σdx) · invstd.
+#[allow(clippy::too_many_arguments)]
+pub fn conv_bwd_data(
+    d: &dyn Driver,
+    dy: DevPtr,
+    dy_rs: usize,
+    co: usize,
+    wt: DevPtr,
+    g: Conv,
+    (n, h, w, ci): (usize, usize, usize, usize),
+    dx: DevPtr,
+    dx_rs: usize,
+    accumulate: bool,
+    mask: Option<(View, (DevPtr, DevPtr))>,
+    red: Option<DevPtr>,
+) -> Result<()> {
+    if red.is_some() && mask.is_none() {
+        bail!("the BN-backward reductions of a data gradient need the BN's input (mask)");
+    }
+    let geo = geometry(g)?;
+    let grid = [
+        blocks_for(n * h * w, T128.bm as u32),
+        blocks_for(ci, T128.bn as u32),
+        1,
+    ];
+    if let Some((x, _)) = mask {
+        if (x.n, x.h, x.w, x.c) != (n, h, w, ci) {
+            bail!(
+                "ReLU mask input {}x{}x{}x{} does not match the gradient {n}x{h}x{w}x{ci}",
+                x.n,
+                x.h,
+                x.w,
+                x.c
+            );
+        }
+    }
+    let (x, x_rs, s, sh) = match mask {
+        Some((x, (s, sh))) => (x.ptr, x.rs, s, sh),
+        None => (0, 0, 0, 0),
+    };
+    let args = vec![
+        A::P(dx),
+        i(dx_rs),
+        A::I(accumulate as i32),
+        A::P(dy),
+        i(dy_rs),
+        A::P(wt),
+        A::P(x),
+        i(x_rs),
+        A::P(s),
+        A::P(sh),
+        i(n),
+        i(h),
+        i(w),
+        i(ci),
+        i(co),
+        A::P(red.unwrap_or(0)),
+    ];
+    let name = format!("{geo}_tc_bwd_data_bf16");
+    launch(d, &name, grid, T128, smem(T128, true, true), args)
+}
+
+/// Pixels per split-K chunk of a weight gradient over `pixels` pixels with `tiles` output tiles:
+/// enough chunks for about 4 blocks per SM of a 132-SM GPU, each at least 512 pixels, a
+/// multiple of the K-slice.
+pub fn weight_split_len(pixels: usize, tiles: usize) -> usize {
+    let splits = (528 / tiles.max(1)).clamp(1, pixels.div_ceil(512).max(1));
+    pixels.div_ceil(splits).div_ceil(BK).max(1) * BK
+}
+
+/// `dw: [k, k, x.c, co]` f32 += d(loss)/d(wt) from `dy: [n, h, w, co]` bf16 (row stride `dy_rs`),
+/// `x` bf16 and `pre` as in the forward; split-K by [`weight_split_len`].
+#[allow(clippy::too_many_arguments)]
+pub fn conv_bwd_weight(
+    d: &dyn Driver,
+    x: View,
+    pre: Option<(DevPtr, DevPtr)>,
+    g: Conv,
+    dy: DevPtr,
+    dy_rs: usize,
+    co: usize,
+    dw: DevPtr,
+) -> Result<()> {
+    let t = if g.k == 1 { T128 } else { T32 };
+    let tiles = (g.k * g.k * x.c).div_ceil(t.bm) * co.div_ceil(t.bn);
+    let split_len = weight_split_len(x.rows(), tiles);
+    conv_bwd_weight_split(d, x, pre, g, dy, dy_rs, co, dw, split_len)
+}
+
+/// [`conv_bwd_weight`] with the pixels split into chunks of `split_len` (a positive multiple of 32).
+#[allow(clippy::too_many_arguments)]
+pub fn conv_bwd_weight_split(
+    d: &dyn Driver,
+    x: View,
+    pre: Option<(DevPtr, DevPtr)>,
+    g: Conv,
+    dy: DevPtr,
+    dy_rs: usize,
+    co: usize,
+    dw: DevPtr,
+    split_len: usize,
+) -> Result<()> {
+    let geo = geometry(g)?;
+    if split_len == 0 || !split_len.is_multiple_of(BK) {
+        bail!("split-K chunk of {split_len} pixels is not a positive multiple of {BK}");
+    }
+    let t = if g.k == 1 { T128 } else { T32 };
+    let grid = [
+        blocks_for(g.k * g.k * x.c, t.bm as u32),
+        blocks_for(co, t.bn as u32),
+        blocks_for(x.rows(), split_len as u32),
+    ];
+    let (s, sh) = pre.unwrap_or((0, 0));
+    let args = vec![
+        A::P(dw),
+        A::P(x.ptr),
+        i(x.rs),
+        A::P(s),
+        A::P(sh),
+        A::P(dy),
+        i(dy_rs),
+        i(x.n),
+        i(x.h),
+        i(x.w),
+        i(x.c),
+        i(co),
+        i(split_len),
+    ];
+    let name = format!("{geo}_tc_bwd_weight_bf16");
+    launch(d, &name, grid, t, smem(t, false, false), args)
+}

@@ -1,0 +1,401 @@
+//! The tensor-core convolutions of `mura::gpu::ops_tc` against the CPU reference (`mura::ops::conv`
+//! with `BnRelu`, in f64) on the executor named by MURA_TEST_DEVICE (the emulator by default):
+//! fresh random inputs, outputs poisoned with NaN, sizes that are not multiples of the tiles (and
+//! channel counts that are not multiples of 8, which take the element-by-element load path),
+//! channel prefixes and slices of wider buffers. bf16 storage, within 1e-2 relative.
+
+use half::bf16;
+use mura::gpu::ops::View;
+use mura::gpu::ops_tc;
+use mura::gpu::testing::{fresh_seed, rel_err, test_driver};
+use mura::gpu::{DevPtr, DeviceBuffer, Driver};
+use mura::ops::conv::{conv2d_bwd_input, conv2d_bwd_weight, conv2d_fwd, Conv, Image};
+use mura::ops::BnRelu;
+use mura::rng::Rng;
+use std::sync::Arc;
+
+const TOL: f64 = 1e-2;
+
+/// A device buffer of bf16 (`f32 = false`) or f32 values.
+struct Buf {
+    dev: DeviceBuffer<u8>,
+    f32: bool,
+}
+
+impl Buf {
+    fn poisoned(d: &Arc<dyn Driver>, f32: bool, len: usize) -> Buf {
+        let dev = DeviceBuffer::<u8>::alloc(d, len * if f32 { 4 } else { 2 }).unwrap();
+        dev.fill_bytes(0xff).unwrap();
+        Buf { dev, f32 }
+    }
+    /// Uploads `v` rounded to the buffer's type; returns the buffer and the rounded values.
+    fn from(d: &Arc<dyn Driver>, f32: bool, v: &[f64]) -> (Buf, Vec<f64>) {
+        let b = Buf::poisoned(d, f32, v.len());
+        let bytes: Vec<u8> = if f32 {
+            let v: Vec<f32> = v.iter().map(|&x| x as f32).collect();
+            bytemuck::cast_slice(&v).to_vec()
+        } else {
+            let v: Vec<bf16> = v.iter().map(|&x| bf16::from_f64(x)).collect();
+            bytemuck::cast_slice(&v).to_vec()
+        };
+        b.dev.copy_from(&bytes).unwrap();
+        let rounded = b.read();
+        (b, rounded)
+    }
+    fn read(&self) -> Vec<f64> {
+        let bytes = self.dev.to_vec().unwrap();
+        if self.f32 {
+            let v: &[f32] = bytemuck::cast_slice(&bytes);
+            v.iter().map(|&x| x as f64).collect()
+        } else {
+            let v: &[bf16] = bytemuck::cast_slice(&bytes);
+            v.iter().map(|x| x.to_f64()).collect()
+        }
+    }
+    /// Address of element `i`.
+    fn at(&self, i: usize) -> DevPtr {
+        self.dev.ptr() + (i * if self.f32 { 4 } else { 2 }) as u64
+    }
+}
+
+fn randn(rng: &mut Rng, n: usize, scale: f64, offset: f64) -> Vec<f64> {
+    (0..n).map(|_| rng.normal() * scale + offset).collect()
+}
+
+/// Columns `[c0, c0 + c)` of a `[rows, rs]` matrix.
+fn cols(v: &[f64], rs: usize, c0: usize, c: usize) -> Vec<f64> {
+    v.chunks(rs).flat_map(|r| r[c0..c0 + c].to_vec()).collect()
+}
+
+/// Every element outside columns `[c0, c0 + c)` of a `[rows, rs]` matrix is still NaN.
+fn untouched_outside(v: &[f64], rs: usize, c0: usize, c: usize) -> bool {
+    v.chunks(rs).all(|r| {
+        r.iter()
+            .enumerate()
+            .all(|(j, x)| (c0..c0 + c).contains(&j) || x.is_nan())
+    })
+}
+
+/// `base: [2, c]` plus the per-column sums of `a` and of `a * b` (both `[rows, c]`).
+fn added_column_sums(base: &[f64], a: &[f64], b: &[f64], c: usize) -> Vec<f64> {
+    let mut out = base.to_vec();
+    for (i, (x, y)) in a.iter().zip(b).enumerate() {
+        out[i % c] += x;
+        out[c + i % c] += x * y;
+    }
+    out
+}
+
+/// Sums of values the kernel itself stored: only f32 accumulation error is allowed.
+fn check_exact(what: &str, got: &[f64], want: &[f64]) {
+    let e = rel_err(got, want);
+    eprintln!("{what}: rel err {e:.2e}");
+    assert!(e <= 1e-5, "{what}: rel err {e} > 1e-5");
+}
+
+fn check(what: &str, got: &[f64], want: &[f64]) {
+    let e = rel_err(got, want);
+    eprintln!("{what}: rel err {e:.2e}");
+    assert!(e <= TOL, "{what}: rel err {e} > {TOL}");
+}
+
+/// Forward, backward-data (masked and accumulated; plain and overwritten) and backward-weight
+/// (default and explicit split-K) of one shape. The input is a channel prefix (`c` of `x_rs`),
+/// the output a channel slice (`co` at `y_c0` of `y_rs`).
+fn conv_case(
+    d: &Arc<dyn Driver>,
+    rng: &mut Rng,
+    (n, h, w, c, x_rs): (usize, usize, usize, usize, usize),
+    (co, y_c0, y_rs): (usize, usize, usize),
+    g: Conv,
+    with_pre: bool,
+) {
+    let what = format!(
+        "tc conv{}x{} {n}x{h}x{w}x{c}->{co} pre={with_pre}",
+        g.k, g.k
+    );
+    let px = n * h * w;
+    let (xb, xv) = Buf::from(d, false, &randn(rng, px * x_rs, 1.0, 0.2));
+    let (wb, wv) = Buf::from(d, false, &randn(rng, g.k * g.k * c * co, 0.3, 0.0));
+    let s = randn(rng, c, 0.5, 1.0);
+    let t = randn(rng, c, 0.5, 0.0);
+    let (sb, s) = Buf::from(d, true, &s);
+    let (tb, t) = Buf::from(d, true, &t);
+    let pre = with_pre.then(|| (sb.at(0), tb.at(0)));
+    let pre_ref = with_pre.then_some(BnRelu {
+        scale: &s[..],
+        shift: &t[..],
+    });
+    let xi = Image {
+        data: &xv[..],
+        n,
+        h,
+        w,
+        c,
+        rs: x_rs,
+    };
+    let view = View {
+        ptr: xb.at(0),
+        n,
+        h,
+        w,
+        c,
+        rs: x_rs,
+    };
+
+    // Forward into a slice of a poisoned buffer; with a BN + ReLU in front, the output's batch
+    // statistics are added to random values.
+    let yb = Buf::poisoned(d, false, px * y_rs);
+    let (stats, stats0) = Buf::from(d, true, &randn(rng, 2 * co, 1.0, 0.0));
+    let stats_ptr = with_pre.then(|| stats.at(0));
+    ops_tc::conv_fwd(
+        &**d,
+        view,
+        pre,
+        wb.at(0),
+        co,
+        g,
+        yb.at(y_c0),
+        y_rs,
+        stats_ptr,
+    )
+    .unwrap();
+    let mut y_ref = vec![0.0; px * co];
+    conv2d_fwd(xi, pre_ref, &wv, co, g, &mut y_ref, co);
+    let y = yb.read();
+    check(&format!("{what} fwd"), &cols(&y, y_rs, y_c0, co), &y_ref);
+    assert!(
+        untouched_outside(&y, y_rs, y_c0, co),
+        "{what}: fwd wrote outside its slice"
+    );
+    let y = cols(&y, y_rs, y_c0, co);
+    let want = if with_pre {
+        added_column_sums(&stats0, &y, &y, co)
+    } else {
+        stats0
+    };
+    check_exact(&format!("{what} fwd stats"), &stats.read(), &want);
+
+    // dy: a slice of a wider buffer, as a dense layer's gradient buffer is.
+    let (dyb, dyv) = Buf::from(d, false, &randn(rng, px * y_rs, 1.0, 0.0));
+    let dy = cols(&dyv, y_rs, y_c0, co);
+    let mut dx_ref = vec![0.0; px * c];
+    conv2d_bwd_input(&dy, co, co, &wv, g, (n, h, w, c), &mut dx_ref);
+
+    // Backward-data times the BN-ReLU mask, accumulated into a prefix of a wider random buffer.
+    let dx_rs = c + 3;
+    let (dxb, dx0) = Buf::from(d, false, &randn(rng, px * dx_rs, 1.0, 0.0));
+    let mask = with_pre.then_some((view, (sb.at(0), tb.at(0))));
+    let (red, red0) = Buf::from(d, true, &randn(rng, 2 * c, 1.0, 0.0));
+    ops_tc::conv_bwd_data(
+        &**d,
+        dyb.at(y_c0),
+        y_rs,
+        co,
+        wb.at(0),
+        g,
+        (n, h, w, c),
+        dxb.at(0),
+        dx_rs,
+        true,
+        mask,
+        with_pre.then(|| red.at(0)),
+    )
+    .unwrap();
+    let want: Vec<f64> = (0..px * dx_rs)
+        .map(|i| {
+            let (p, j) = (i / dx_rs, i % dx_rs);
+            if j >= c {
+                return dx0[i];
+            }
+            let on = !with_pre || xv[p * x_rs + j] * s[j] + t[j] > 0.0;
+            dx0[i] + if on { dx_ref[p * c + j] } else { 0.0 }
+        })
+        .collect();
+    let dx = dxb.read();
+    check(&format!("{what} bwd data (mask, accumulate)"), &dx, &want);
+    let dx = cols(&dx, dx_rs, 0, c);
+    let want = if with_pre {
+        added_column_sums(&red0, &dx, &cols(&xv, x_rs, 0, c), c)
+    } else {
+        red0
+    };
+    check_exact(
+        &format!("{what} bwd data BN reductions"),
+        &red.read(),
+        &want,
+    );
+    // ... and without the mask, overwriting a poisoned buffer.
+    let dxb = Buf::poisoned(d, false, px * c);
+    ops_tc::conv_bwd_data(
+        &**d,
+        dyb.at(y_c0),
+        y_rs,
+        co,
+        wb.at(0),
+        g,
+        (n, h, w, c),
+        dxb.at(0),
+        c,
+        false,
+        None,
+        None,
+    )
+    .unwrap();
+    check(&format!("{what} bwd data"), &dxb.read(), &dx_ref);
+
+    // Backward-weight, added to random f32 values: the default split, then 32-pixel chunks.
+    let mut dw_ref = randn(rng, wv.len(), 1.0, 0.0);
+    let (dwb, dw0) = Buf::from(d, true, &dw_ref);
+    ops_tc::conv_bwd_weight(&**d, view, pre, g, dyb.at(y_c0), y_rs, co, dwb.at(0)).unwrap();
+    conv2d_bwd_weight(xi, pre_ref, g, &dy, co, co, &mut dw_ref);
+    check(&format!("{what} bwd weight"), &dwb.read(), &dw_ref);
+    let (dwb, _) = Buf::from(d, true, &dw0);
+    ops_tc::conv_bwd_weight_split(&**d, view, pre, g, dyb.at(y_c0), y_rs, co, dwb.at(0), 32)
+        .unwrap();
+    check(
+        &format!("{what} bwd weight (split 32)"),
+        &dwb.read(),
+        &dw_ref,
+    );
+}
+
+const POINTWISE: Conv = Conv {
+    k: 1,
+    stride: 1,
+    pad: 0,
+};
+const CONV3: Conv = Conv {
+    k: 3,
+    stride: 1,
+    pad: 1,
+};
+
+fn setup(test: &str) -> (Arc<dyn Driver>, Rng) {
+    (
+        test_driver().expect("test device"),
+        Rng::new(fresh_seed(test)),
+    )
+}
+
+#[test]
+fn conv1x1_tc() {
+    let (d, mut rng) = setup("conv1x1_tc");
+    // Element-by-element loads (channels not multiples of 8), two pixel tiles.
+    conv_case(
+        &d,
+        &mut rng,
+        (2, 9, 8, 19, 27),
+        (13, 3, 20),
+        POINTWISE,
+        true,
+    );
+    // 16-byte and cp.async loads, two output-channel tiles, a slice at channel 8.
+    conv_case(
+        &d,
+        &mut rng,
+        (2, 9, 8, 40, 48),
+        (136, 8, 152),
+        POINTWISE,
+        true,
+    );
+    conv_case(
+        &d,
+        &mut rng,
+        (1, 5, 7, 24, 24),
+        (16, 0, 16),
+        POINTWISE,
+        false,
+    );
+    // A dense layer's bottleneck: a 96-channel prefix of a 160-channel block buffer -> 128.
+    conv_case(
+        &d,
+        &mut rng,
+        (1, 14, 14, 96, 160),
+        (128, 0, 128),
+        POINTWISE,
+        true,
+    );
+}
+
+#[test]
+fn conv3x3_tc() {
+    let (d, mut rng) = setup("conv3x3_tc");
+    conv_case(&d, &mut rng, (1, 9, 6, 17, 17), (7, 5, 13), CONV3, true);
+    conv_case(&d, &mut rng, (2, 9, 8, 48, 56), (40, 8, 56), CONV3, true);
+    conv_case(&d, &mut rng, (1, 6, 5, 32, 32), (32, 0, 32), CONV3, false);
+    // A dense layer's growth conv: 128 bottleneck channels -> 32 written at channel 96 of 160.
+    conv_case(
+        &d,
+        &mut rng,
+        (1, 14, 14, 128, 128),
+        (32, 96, 160),
+        CONV3,
+        true,
+    );
+}
+
+#[test]
+fn tc_rejects_other_geometries() {
+    let d = test_driver().expect("test device");
+    let x = View {
+        ptr: 0,
+        n: 1,
+        h: 4,
+        w: 4,
+        c: 8,
+        rs: 8,
+    };
+    let stem = Conv {
+        k: 7,
+        stride: 2,
+        pad: 3,
+    };
+    let e = ops_tc::conv_fwd(&*d, x, None, 0, 8, stem, 0, 8, None).unwrap_err();
+    assert!(format!("{e:#}").contains("7x7/2 pad 3"), "{e:#}");
+}
+
+#[test]
+fn split_len_is_a_multiple_of_the_k_slice() {
+    for (pixels, tiles) in [(1, 1), (100, 3), (200_704, 1), (200_704, 9), (3136, 600)] {
+        let s = ops_tc::weight_split_len(pixels, tiles);
+        assert!(s.is_multiple_of(32) && s >= 32, "{pixels} {tiles}: {s}");
+        let splits = pixels.div_ceil(s);
+        assert!(
+            splits * tiles <= 528 + tiles,
+            "{pixels} {tiles}: {splits} splits"
+        );
+    }
+}
+
+/// The hot kernels keep everything in registers: no spills and no stack frame on any architecture
+/// ptxas compiled them for (checked when the build found nvcc; NVRTC builds have no report).
+#[test]
+fn tc_kernels_do_not_spill() {
+    use mura::gpu::kernels::{parse_ptxas, PTXAS_REPORT};
+    let entries: Vec<_> = parse_ptxas(PTXAS_REPORT)
+        .into_iter()
+        .filter(|e| e.kernel.contains("_tc_"))
+        .collect();
+    if PTXAS_REPORT.is_empty() {
+        eprintln!("no ptxas report (built without nvcc): nothing to check");
+        return;
+    }
+    for geo in ["conv1x1", "conv3x3"] {
+        for op in ["fwd", "bwd_data", "bwd_weight"] {
+            for arch in ["sm_80", "sm_90"] {
+                let k = format!("{geo}_tc_{op}_bf16");
+                assert!(
+                    entries.iter().any(|e| e.kernel == k && e.arch == arch),
+                    "no ptxas entry for {k} on {arch}"
+                );
+            }
+        }
+    }
+    for e in entries {
+        assert!(
+            e.spill_stores == 0 && e.spill_loads == 0 && e.stack_bytes == 0,
+            "{e:?}"
+        );
+    }
+}
