@@ -1,27 +1,16 @@
 //! A user's audit of the CLI: bad input gives one `error:` line and a non-zero exit, never a panic,
 //! and nothing already on disk is lost. One test per problem found (tiny data, a few seconds).
 
+mod common;
+
+use common::{mura, run_ok, TINY};
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 
-fn mura(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_mura"))
-        .args(args)
-        .env("RUST_BACKTRACE", "1")
-        .output()
-        .expect("run mura")
-}
-
 fn ok(args: &[&str]) -> (String, String) {
-    let out = mura(args);
-    let (so, se) = (
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    );
-    assert!(out.status.success(), "mura {args:?} failed:\n{so}\n{se}");
-    (so, se)
+    run_ok(args)
 }
 
 /// Runs a command that must fail with exactly one `error: ...` line on stderr; returns that line.
@@ -38,10 +27,7 @@ fn err(args: &[&str]) -> String {
 }
 
 fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("mura-audit-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    common::tmp("audit", name)
 }
 
 fn s(p: &Path) -> &str {
@@ -51,35 +37,8 @@ fn s(p: &Path) -> &str {
 /// A small synthetic set prepped at 32x32, shared by the tests: (source, store).
 fn dataset() -> &'static (PathBuf, PathBuf) {
     static D: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
-    D.get_or_init(|| {
-        let d = tmp("data");
-        let (src, store) = (d.join("src"), d.join("store"));
-        ok(&["synth", "--out", s(&src), "--studies", "48", "--seed", "5"]);
-        ok(&[
-            "prep",
-            "--mura-root",
-            s(&src),
-            "--out",
-            s(&store),
-            "--size",
-            "32",
-        ]);
-        (src, store)
-    })
+    D.get_or_init(|| common::prepped(&tmp("data"), 48, 5))
 }
-
-const TINY: &[&str] = &[
-    "--arch",
-    "custom",
-    "--growth-rate",
-    "4",
-    "--block-config",
-    "2,2",
-    "--num-init-features",
-    "8",
-    "--bn-size",
-    "2",
-];
 
 fn train_args<'a>(store: &'a str, out: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
     let mut a = vec!["train", "--store", store, "--out", out, "--quiet"];

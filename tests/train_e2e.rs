@@ -1,25 +1,13 @@
 //! End to end through the binary: synth -> prep -> train -> resume -> eval -> predict --cam -> report.
 
+mod common;
+
+use common::{mura, run_ok, TINY};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 use std::sync::OnceLock;
 
-fn mura(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_mura"))
-        .args(args)
-        .output()
-        .expect("run mura")
-}
-
 fn ok(args: &[&str]) -> String {
-    let out = mura(args);
-    assert!(
-        out.status.success(),
-        "mura {args:?} failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    run_ok(args).0
 }
 
 fn err(args: &[&str]) -> String {
@@ -31,53 +19,14 @@ fn err(args: &[&str]) -> String {
 }
 
 fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("mura-e2e-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    common::tmp("e2e", name)
 }
 
 /// A small synthetic dataset prepped at 32x32, shared by the tests.
 fn dataset() -> &'static (PathBuf, PathBuf) {
     static D: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
-    D.get_or_init(|| {
-        let d = tmp("data");
-        let src = d.join("src");
-        let store = d.join("store");
-        ok(&[
-            "synth",
-            "--out",
-            src.to_str().unwrap(),
-            "--studies",
-            "60",
-            "--seed",
-            "3",
-        ]);
-        ok(&[
-            "prep",
-            "--mura-root",
-            src.to_str().unwrap(),
-            "--out",
-            store.to_str().unwrap(),
-            "--size",
-            "32",
-        ]);
-        (src, store)
-    })
+    D.get_or_init(|| common::prepped(&tmp("data"), 60, 3))
 }
-
-const TINY: &[&str] = &[
-    "--arch",
-    "custom",
-    "--growth-rate",
-    "4",
-    "--block-config",
-    "2,2",
-    "--num-init-features",
-    "8",
-    "--bn-size",
-    "2",
-];
 
 fn train_args<'a>(store: &'a Path, out: &'a Path, epochs: &'a str) -> Vec<&'a str> {
     train_args_lr(store, out, epochs, "3e-3")
