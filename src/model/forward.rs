@@ -317,6 +317,7 @@ impl<T: Float> DenseNet<T> {
                         &var,
                         (&da, c),
                         (&mut dbuf, c),
+                        false,
                     );
                     dbufs[nb - 1] = dbuf;
                 }
@@ -364,10 +365,9 @@ impl<T: Float> DenseNet<T> {
                         (n, h, w, mid),
                         da2,
                     );
-                    let dy1 = scratch(&mut s_dy1, rows * mid);
-                    dy1.fill(T::ZERO); // accumulated into
+                    let dy1 = scratch(&mut s_dy1, rows * mid); // overwritten below
                     let (x2, d2) = ((&y1[..], mid), (&da2[..], mid));
-                    self.bn_bwd(li.norm2, train, x2, &mean2, &var2, d2, (dy1, mid));
+                    self.bn_bwd(li.norm2, train, x2, &mean2, &var2, d2, (dy1, mid), false);
                     // conv1 (1×1) on relu(norm1(prefix)).
                     let (mean1, var1) =
                         self.used_stats(li.norm1, train, &blk.mean[..c], &blk.var[..c]);
@@ -397,7 +397,7 @@ impl<T: Float> DenseNet<T> {
                         da1,
                     );
                     let (x1, d1) = ((&blk.buf[..], ct), (&da1[..], c));
-                    self.bn_bwd(li.norm1, train, x1, &mean1, &var1, d1, (dbuf, ct));
+                    self.bn_bwd(li.norm1, train, x1, &mean1, &var1, d1, (dbuf, ct), true);
                 }
                 Node::Transition { b, pooled } => {
                     let (tn, tc) = lay.blocks[b].transition.expect("transition");
@@ -436,6 +436,7 @@ impl<T: Float> DenseNet<T> {
                         &var,
                         (&da, ct),
                         (&mut dbuf, ct),
+                        false,
                     );
                     dbufs[b] = dbuf;
                 }
@@ -471,6 +472,7 @@ impl<T: Float> DenseNet<T> {
                         &var,
                         (&da0, f0),
                         (&mut dy0, f0),
+                        false,
                     );
                     let xi = Image {
                         data: &x,
@@ -489,7 +491,7 @@ impl<T: Float> DenseNet<T> {
 
     /// Backward of a BN + ReLU that normalised with `mean`, `var` (batch statistics if `train`,
     /// else running ones): `x` and `dy` are `(buffer, row stride)` views with `idx.c` channels;
-    /// accumulates into gamma/beta grads and `dx`.
+    /// accumulates into gamma/beta grads, and into `dx` if `acc` (else overwrites it).
     #[allow(clippy::too_many_arguments)]
     fn bn_bwd(
         &mut self,
@@ -500,14 +502,16 @@ impl<T: Float> DenseNet<T> {
         var: &[T],
         dy: (&[T], usize),
         dx: (&mut [T], usize),
+        acc: bool,
     ) {
         let c = idx.c;
         let rows = x.0.len().div_ceil(x.1).min(dy.0.len().div_ceil(dy.1));
         let rows = rows.min(dx.0.len().div_ceil(dx.1));
         let (gamma, beta) = self.params[idx.p..idx.p + 2 * c].split_at(c);
         let (dg, db) = self.grads[idx.p..idx.p + 2 * c].split_at_mut(c);
-        bn::backward(
+        bn::backward_to(
             x.0, rows, c, x.1, gamma, beta, mean, var, true, train, dy.0, dy.1, dg, db, dx.0, dx.1,
+            acc,
         );
     }
 }
