@@ -124,7 +124,7 @@ impl<T: Float> DenseNet<T> {
         let f0 = lay.conv0.co;
         let (h0, w0) = STEM.out_hw(h, w);
         let m0 = n * h0 * w0;
-        let mut y0 = vec![T::ZERO; m0 * f0];
+        let mut y0 = self.buffer(m0 * f0); // overwritten by conv0
         let xi = Image {
             data: x,
             n,
@@ -136,12 +136,13 @@ impl<T: Float> DenseNet<T> {
         conv2d_fwd(xi, None, lay.conv0.of(&self.params), f0, STEM, &mut y0, f0);
         let st0 = train.then(|| bn::batch_stats(&y0, m0, f0, f0));
         let (s, t) = self.bn_coeffs(lay.norm0, st0.as_ref().map(|(m, v)| (&m[..], &v[..], m0)));
-        let mut a0 = vec![T::ZERO; m0 * f0];
+        let mut a0 = self.buffer(m0 * f0); // overwritten by the BN
         bn::apply(&y0, m0, f0, f0, &s, &t, true, &mut a0, f0);
         let (hb, wb) = pool::maxpool_out(h0, w0);
-        let mut cur = BlockAct::new(n, hb, wb, lay.blocks[0].c_total);
+        let ct0 = lay.blocks[0].c_total;
+        let mut cur = BlockAct::new(self.buffer(n * hb * wb * ct0), n, hb, wb, ct0);
         pool::maxpool_fwd(&a0, n, h0, w0, f0, &mut cur.buf, lay.blocks[0].c_total);
-        drop(a0);
+        self.spare.push(a0);
         if train {
             cur.cache_stats(0, f0);
         }
@@ -164,7 +165,7 @@ impl<T: Float> DenseNet<T> {
                     li.norm1,
                     train.then(|| (&cur.mean[..c], &cur.var[..c], rows)),
                 );
-                let mut y1 = vec![T::ZERO; rows * mid];
+                let mut y1 = self.buffer(rows * mid); // overwritten by conv1
                 let prefix = Image {
                     data: &cur.buf,
                     n,
@@ -229,14 +230,14 @@ impl<T: Float> DenseNet<T> {
             };
             let (s, t) = self.bn_coeffs(tn, train.then(|| (&cur.mean[..], &cur.var[..], rows)));
             let (hp, wp) = (cur.h / 2, cur.w / 2);
-            let mut pooled = vec![T::ZERO; n * hp * wp * ct];
+            let mut pooled = self.buffer(n * hp * wp * ct); // overwritten by the pool
             let pre = BnRelu {
                 scale: &s,
                 shift: &t,
             };
             pool::avgpool_fwd(&cur.buf, n, cur.h, cur.w, ct, Some(pre), &mut pooled, ct);
             let nct = lay.blocks[b + 1].c_total;
-            let mut next = BlockAct::new(n, hp, wp, nct);
+            let mut next = BlockAct::new(self.buffer(n * hp * wp * nct), n, hp, wp, nct);
             let pi = Image {
                 data: &pooled,
                 n,
@@ -305,9 +306,9 @@ impl<T: Float> DenseNet<T> {
                     let (fw, fb) = (&self.params[lay.fc..lay.fc + c], lay.fc);
                     let (dw, db) = self.grads[fb..fb + c + 1].split_at_mut(c);
                     let dfeat = act::linear_bwd(&feat, n, c, fw, dlogits, dw, db);
-                    let mut da = vec![T::ZERO; rows * c];
+                    let mut da = self.buffer(rows * c); // overwritten by the pool
                     pool::gap_bwd(&dfeat, n, blk.h * blk.w, c, &mut da);
-                    let mut dbuf = vec![T::ZERO; rows * c];
+                    let mut dbuf = self.buffer(rows * c); // overwritten by the BN backward
                     let (mean, var) = self.used_stats(lay.norm5, train, &blk.mean, &blk.var);
                     self.bn_bwd(
                         lay.norm5,
@@ -317,8 +318,10 @@ impl<T: Float> DenseNet<T> {
                         &var,
                         (&da, c),
                         (&mut dbuf, c),
+                        false,
                     );
                     dbufs[nb - 1] = dbuf;
+                    self.spare.push(da);
                 }
                 Node::DenseLayer {
                     b,
@@ -364,10 +367,9 @@ impl<T: Float> DenseNet<T> {
                         (n, h, w, mid),
                         da2,
                     );
-                    let dy1 = scratch(&mut s_dy1, rows * mid);
-                    dy1.fill(T::ZERO); // accumulated into
+                    let dy1 = scratch(&mut s_dy1, rows * mid); // overwritten below
                     let (x2, d2) = ((&y1[..], mid), (&da2[..], mid));
-                    self.bn_bwd(li.norm2, train, x2, &mean2, &var2, d2, (dy1, mid));
+                    self.bn_bwd(li.norm2, train, x2, &mean2, &var2, d2, (dy1, mid), false);
                     // conv1 (1×1) on relu(norm1(prefix)).
                     let (mean1, var1) =
                         self.used_stats(li.norm1, train, &blk.mean[..c], &blk.var[..c]);
@@ -397,7 +399,8 @@ impl<T: Float> DenseNet<T> {
                         da1,
                     );
                     let (x1, d1) = ((&blk.buf[..], ct), (&da1[..], c));
-                    self.bn_bwd(li.norm1, train, x1, &mean1, &var1, d1, (dbuf, ct));
+                    self.bn_bwd(li.norm1, train, x1, &mean1, &var1, d1, (dbuf, ct), true);
+                    self.spare.push(y1);
                 }
                 Node::Transition { b, pooled } => {
                     let (tn, tc) = lay.blocks[b].transition.expect("transition");
@@ -414,7 +417,7 @@ impl<T: Float> DenseNet<T> {
                     };
                     let gt = &mut self.grads[tc.p..tc.p + tc.len()];
                     conv2d_bwd_weight(pi, None, POINTWISE, &dnext, nct, tc.co, gt);
-                    let mut dp = vec![T::ZERO; nxt.rows() * ct];
+                    let mut dp = self.buffer(nxt.rows() * ct); // overwritten below
                     conv2d_bwd_input(
                         &dnext,
                         nct,
@@ -424,9 +427,9 @@ impl<T: Float> DenseNet<T> {
                         (n, nxt.h, nxt.w, ct),
                         &mut dp,
                     );
-                    let mut da = vec![T::ZERO; blk.rows() * ct];
+                    let mut da = self.buffer(blk.rows() * ct); // overwritten by the pool
                     pool::avgpool_bwd(n, blk.h, blk.w, ct, &dp, ct, &mut da);
-                    let mut dbuf = vec![T::ZERO; blk.rows() * ct];
+                    let mut dbuf = self.buffer(blk.rows() * ct); // overwritten by the BN backward
                     let (mean, var) = self.used_stats(tn, train, &blk.mean, &blk.var);
                     self.bn_bwd(
                         tn,
@@ -436,8 +439,11 @@ impl<T: Float> DenseNet<T> {
                         &var,
                         (&da, ct),
                         (&mut dbuf, ct),
+                        false,
                     );
                     dbufs[b] = dbuf;
+                    let nxt_buf = std::mem::take(&mut tape.blocks[b + 1].buf);
+                    self.spare.extend([pooled, dnext, dp, da, nxt_buf]);
                 }
                 Node::Stem {
                     x,
@@ -449,9 +455,9 @@ impl<T: Float> DenseNet<T> {
                     let (h0, w0) = STEM.out_hw(h, w);
                     let m0 = n * h0 * w0;
                     let (s, t) = self.bn_saved(lay.norm0, &mean, &var);
-                    let mut a0 = vec![T::ZERO; m0 * f0];
+                    let mut a0 = self.buffer(m0 * f0); // overwritten by the BN
                     bn::apply(&y0, m0, f0, f0, &s, &t, true, &mut a0, f0);
-                    let mut da0 = vec![T::ZERO; m0 * f0];
+                    let mut da0 = self.buffer(m0 * f0); // overwritten by the pool
                     pool::maxpool_bwd(
                         &a0,
                         n,
@@ -462,7 +468,7 @@ impl<T: Float> DenseNet<T> {
                         lay.blocks[0].c_total,
                         &mut da0,
                     );
-                    let mut dy0 = vec![T::ZERO; m0 * f0];
+                    let mut dy0 = self.buffer(m0 * f0); // overwritten by the BN backward
                     self.bn_bwd(
                         lay.norm0,
                         train,
@@ -471,6 +477,7 @@ impl<T: Float> DenseNet<T> {
                         &var,
                         (&da0, f0),
                         (&mut dy0, f0),
+                        false,
                     );
                     let xi = Image {
                         data: &x,
@@ -482,6 +489,11 @@ impl<T: Float> DenseNet<T> {
                     };
                     let g0 = &mut self.grads[lay.conv0.p..lay.conv0.p + lay.conv0.len()];
                     conv2d_bwd_weight(xi, None, STEM, &dy0, f0, f0, g0);
+                    let (b0, d0) = (
+                        std::mem::take(&mut tape.blocks[0].buf),
+                        std::mem::take(&mut dbufs[0]),
+                    );
+                    self.spare.extend([y0, a0, da0, dy0, b0, d0]);
                 }
             }
         }
@@ -489,7 +501,7 @@ impl<T: Float> DenseNet<T> {
 
     /// Backward of a BN + ReLU that normalised with `mean`, `var` (batch statistics if `train`,
     /// else running ones): `x` and `dy` are `(buffer, row stride)` views with `idx.c` channels;
-    /// accumulates into gamma/beta grads and `dx`.
+    /// accumulates into gamma/beta grads, and into `dx` if `acc` (else overwrites it).
     #[allow(clippy::too_many_arguments)]
     fn bn_bwd(
         &mut self,
@@ -500,15 +512,27 @@ impl<T: Float> DenseNet<T> {
         var: &[T],
         dy: (&[T], usize),
         dx: (&mut [T], usize),
+        acc: bool,
     ) {
         let c = idx.c;
         let rows = x.0.len().div_ceil(x.1).min(dy.0.len().div_ceil(dy.1));
         let rows = rows.min(dx.0.len().div_ceil(dx.1));
         let (gamma, beta) = self.params[idx.p..idx.p + 2 * c].split_at(c);
         let (dg, db) = self.grads[idx.p..idx.p + 2 * c].split_at_mut(c);
-        bn::backward(
+        bn::backward_to(
             x.0, rows, c, x.1, gamma, beta, mean, var, true, train, dy.0, dy.1, dg, db, dx.0, dx.1,
+            acc,
         );
+    }
+}
+
+impl<T: Float> DenseNet<T> {
+    /// A buffer of `len` elements from the spares (stale contents) or freshly zeroed.
+    fn buffer(&mut self, len: usize) -> Vec<T> {
+        match self.spare.iter().position(|v| v.len() == len) {
+            Some(i) => self.spare.swap_remove(i),
+            None => vec![T::ZERO; len],
+        }
     }
 }
 
@@ -522,9 +546,10 @@ fn scratch<T: Float>(v: &mut Vec<T>, len: usize) -> &mut [T] {
 }
 
 impl<T: Float> BlockAct<T> {
-    fn new(n: usize, h: usize, w: usize, c_total: usize) -> Self {
+    /// `buf: [n, h, w, c_total]`, possibly stale: channels are read only after being written.
+    fn new(buf: Vec<T>, n: usize, h: usize, w: usize, c_total: usize) -> Self {
         BlockAct {
-            buf: vec![T::ZERO; n * h * w * c_total],
+            buf,
             n,
             h,
             w,
@@ -539,5 +564,37 @@ impl<T: Float> BlockAct<T> {
         let (m, v) = bn::batch_stats(&self.buf[c0..], self.rows(), k, ct);
         self.mean[c0..c0 + k].copy_from_slice(&m);
         self.var[c0..c0 + k].copy_from_slice(&v);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::Rng;
+    use crate::spec::DenseNetSpec;
+
+    /// Train steps on a model whose buffers come from the spares (stale contents) give
+    /// bit-identical logits and gradients to a freshly built model.
+    #[test]
+    fn reused_buffers_change_nothing() {
+        let spec = DenseNetSpec::custom(4, vec![2, 2], 8, 2).unwrap();
+        let (n, h, w) = (2, 32, 32);
+        let mut rng = Rng::new(7);
+        let x: Vec<f64> = (0..n * h * w * 3).map(|_| rng.normal()).collect();
+        let other: Vec<f64> = (0..n * h * w * 3).map(|_| rng.normal()).collect();
+        let dl = [0.3, -1.1];
+        let step = |m: &mut DenseNet<f64>, x: &[f64]| {
+            m.zero_grad();
+            let logits = m.forward(x, n, h, w, Mode::Train);
+            m.backward(&dl);
+            (logits, m.grads.clone())
+        };
+        let mut fresh = DenseNet::<f64>::new(spec.clone(), 3);
+        let mut reused = DenseNet::<f64>::new(spec, 3);
+        step(&mut reused, &other); // fills the spares with another batch's values
+        reused.stats.clone_from(&fresh.stats);
+        reused.counters.clone_from(&fresh.counters);
+        assert!(!reused.spare.is_empty());
+        assert_eq!(step(&mut reused, &x), step(&mut fresh, &x));
     }
 }

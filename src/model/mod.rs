@@ -183,6 +183,9 @@ pub struct DenseNet<T: Float = f32> {
     pub(crate) layout: Layout,
     /// The last recording forward's tape, and whether it ran in Train mode.
     pub(crate) tape: Option<(Tape<T>, bool)>,
+    /// Activation buffers freed by the last backward, reused by the next forward/backward so
+    /// a training step does not page-fault fresh memory in (contents are stale).
+    pub(crate) spare: Vec<Vec<T>>,
 }
 
 impl<T: Float> DenseNet<T> {
@@ -196,6 +199,7 @@ impl<T: Float> DenseNet<T> {
             counters: vec![0; layout.n_counters],
             layout,
             tape: None,
+            spare: Vec::new(),
         }
     }
 
@@ -272,6 +276,7 @@ impl<T: Float> DenseNet<T> {
             counters: self.counters.clone(),
             layout: self.layout.clone(),
             tape: None,
+            spare: Vec::new(),
         }
     }
 

@@ -108,51 +108,84 @@ pub fn backward<T: Float>(
     dx: &mut [T],
     dx_rs: usize,
 ) {
+    backward_to(
+        x, rows, c, rs, gamma, beta, mean, var, relu, train, dy, dy_rs, dgamma, dbeta, dx, dx_rs,
+        true,
+    );
+}
+
+/// [`backward`] that accumulates into `dgamma`, `dbeta` `[c]`, and into `dx: [rows, c]`
+/// (row stride `dx_rs`) if `acc`, else overwrites `dx`'s first `c` columns (no zero-fill needed).
+#[allow(clippy::too_many_arguments)]
+pub fn backward_to<T: Float>(
+    x: &[T],
+    rows: usize,
+    c: usize,
+    rs: usize,
+    gamma: &[T],
+    beta: &[T],
+    mean: &[T],
+    var: &[T],
+    relu: bool,
+    train: bool,
+    dy: &[T],
+    dy_rs: usize,
+    dgamma: &mut [T],
+    dbeta: &mut [T],
+    dx: &mut [T],
+    dx_rs: usize,
+    acc: bool,
+) {
     let (scale, shift) = scale_shift(gamma, beta, mean, var);
-    let invstd: Vec<T> = var
-        .iter()
-        .map(|&v| T::ONE / (v + T::from_f64(EPS)).sqrt())
-        .collect();
+    let (scale, shift, mean) = (&scale[..c], &shift[..c], &mean[..c]);
     // dz = d(loss)/d(affine output), masked by ReLU.
-    let dz = |x: T, d: T, s: T, t: T| {
+    #[inline(always)]
+    fn dz<T: Float>(relu: bool, x: T, d: T, s: T, t: T) -> T {
         if relu && x * s + t <= T::ZERO {
             T::ZERO
         } else {
             d
         }
-    };
+    }
     // One pass for both sums: acc[..c] += dz, acc[c..] += dz * (x - mean).
     let sums = row_sums(rows, 2 * c, |r, acc: &mut [T]| {
         let (a0, a1) = acc.split_at_mut(c);
         let (xr, dr) = (&x[r * rs..][..c], &dy[r * dy_rs..][..c]);
-        for j in 0..c {
-            let d = dz(xr[j], dr[j], scale[j], shift[j]);
-            a0[j] += d;
-            a1[j] += d * (xr[j] - mean[j]);
+        let it = a0.iter_mut().zip(&mut a1[..c]).zip(xr.iter().zip(dr));
+        let coef = scale.iter().zip(shift).zip(mean);
+        for (((s0, s1), (&xv, &dv)), ((&s, &t), &m)) in it.zip(coef) {
+            let d = dz(relu, xv, dv, s, t);
+            *s0 += d;
+            *s1 += d * (xv - m);
         }
     });
     let (sum_dz, sum_dz_xc) = sums.split_at(c);
     let inv_n = 1.0 / rows as f64;
-    let mut a = vec![T::ZERO; c]; // mean of dz
-    let mut b = vec![T::ZERO; c]; // mean of dz * xhat, times invstd
+    // dx = scale * dz - ka - (x - mean) * kb: ka = scale * mean(dz) and
+    // kb = scale * mean(dz * xhat) * invstd in training, both 0 in eval.
+    let mut ka = vec![T::ZERO; c];
+    let mut kb = vec![T::ZERO; c];
     for j in 0..c {
-        let is = invstd[j].to_f64();
+        let is = (T::ONE / (var[j] + T::from_f64(EPS)).sqrt()).to_f64();
         dgamma[j] += T::from_f64(sum_dz_xc[j] * is);
         dbeta[j] += T::from_f64(sum_dz[j]);
-        a[j] = T::from_f64(sum_dz[j] * inv_n);
-        b[j] = T::from_f64(sum_dz_xc[j] * is * is * inv_n);
+        if train {
+            let s = scale[j].to_f64();
+            ka[j] = T::from_f64(s * sum_dz[j] * inv_n);
+            kb[j] = T::from_f64(s * sum_dz_xc[j] * is * is * inv_n);
+        }
     }
-    // dx = scale * (dz - a - (x - mean) * b) in training, scale * dz in eval.
+    let (ka, kb) = (&ka[..c], &kb[..c]);
     par_rows(dx, rows, dx_rs, |r, out| {
         let (xr, dr) = (&x[r * rs..][..c], &dy[r * dy_rs..][..c]);
-        let out = &mut out[..c];
-        for j in 0..c {
-            let d = dz(xr[j], dr[j], scale[j], shift[j]);
-            out[j] += if train {
-                scale[j] * (d - a[j] - (xr[j] - mean[j]) * b[j])
-            } else {
-                scale[j] * d
-            };
+        let it = out[..c].iter_mut().zip(xr.iter().zip(dr));
+        let coef = scale
+            .iter()
+            .zip(shift)
+            .zip(mean.iter().zip(ka.iter().zip(kb)));
+        for ((o, (&xv, &dv)), ((&s, &t), (&m, (&a, &b)))) in it.zip(coef) {
+            let v = s * dz(relu, xv, dv, s, t) - a - (xv - m) * b;
+            *o = if acc { *o + v } else { v };
         }
     });
 }
@@ -225,6 +258,32 @@ mod tests {
         check(true, true, 2);
         check(false, false, 3);
         check(false, true, 4);
+    }
+
+    #[test]
+    fn overwrite_equals_accumulate_into_zeros() {
+        let mut rng = Rng::new(5);
+        let (rows, c, rs) = (11, 3, 5);
+        let x = randn(&mut rng, rows * rs);
+        let dy = randn(&mut rng, rows * c);
+        let (gamma, beta) = (randn(&mut rng, c), randn(&mut rng, c));
+        let (mean, var) = batch_stats(&x, rows, c, rs);
+        let run = |dx: &mut [f64], acc: bool| {
+            let (mut dg, mut db) = (vec![0.0; c], vec![0.0; c]);
+            backward_to(
+                &x, rows, c, rs, &gamma, &beta, &mean, &var, true, true, &dy, c, &mut dg, &mut db,
+                dx, rs, acc,
+            );
+        };
+        let mut want = vec![0.0; rows * rs];
+        run(&mut want, true);
+        let stale = randn(&mut rng, rows * rs);
+        let mut got = stale.clone();
+        run(&mut got, false);
+        for r in 0..rows {
+            assert_eq!(got[r * rs..][..c], want[r * rs..][..c]);
+            assert_eq!(got[r * rs + c..][..rs - c], stale[r * rs + c..][..rs - c]);
+        }
     }
 
     #[test]

@@ -23,13 +23,14 @@ pub fn maxpool_fwd<T: Float>(
     let (ho, wo) = maxpool_out(h, w);
     par_rows(y, n * ho * wo, y_rs, |r, out| {
         let (b, oy, ox) = (r / (ho * wo), (r / wo) % ho, r % wo);
-        out[..c].fill(T::NEG_INFINITY);
+        let out = &mut out[..c];
+        out.fill(T::NEG_INFINITY);
         for iy in (2 * oy).saturating_sub(1)..(2 * oy + 2).min(h) {
             for ix in (2 * ox).saturating_sub(1)..(2 * ox + 2).min(w) {
                 let src = &x[((b * h + iy) * w + ix) * c..][..c];
-                for j in 0..c {
-                    if src[j] > out[j] {
-                        out[j] = src[j];
+                for (o, &v) in out.iter_mut().zip(src) {
+                    if v > *o {
+                        *o = v;
                     }
                 }
             }
