@@ -36,7 +36,15 @@ pub fn tmp(prefix: &str, name: &str) -> PathBuf {
 pub fn prepped(dir: &std::path::Path, studies: usize, seed: u64) -> (PathBuf, PathBuf) {
     let (src, store) = (dir.join("src"), dir.join("store"));
     let (n, sd) = (studies.to_string(), seed.to_string());
-    run_ok(&["synth", "--out", src.to_str().unwrap(), "--studies", &n, "--seed", &sd]);
+    run_ok(&[
+        "synth",
+        "--out",
+        src.to_str().unwrap(),
+        "--studies",
+        &n,
+        "--seed",
+        &sd,
+    ]);
     run_ok(&[
         "prep",
         "--mura-root",
