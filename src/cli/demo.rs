@@ -22,9 +22,9 @@ pub struct Args {
     #[arg(long, default_value = "auto")]
     pub device: String,
     /// Synthetic studies (train + valid)
-    #[arg(long, default_value_t = 600)]
+    #[arg(long, default_value_t = 1200)]
     pub studies: usize,
-    #[arg(long, default_value_t = 14)]
+    #[arg(long, default_value_t = 16)]
     pub epochs: usize,
     /// Side of the stored and model images
     #[arg(long, default_value_t = 64)]
