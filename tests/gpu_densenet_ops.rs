@@ -5,7 +5,7 @@
 
 use half::bf16;
 use mura::gpu::ops::{self, BnSaved, Dt, View};
-use mura::gpu::testing::{fresh_seed, rel_err, test_driver};
+use mura::gpu::testing::{cols, fresh_seed, randn, rel_err, test_driver, untouched_outside};
 use mura::gpu::{DevPtr, DeviceBuffer, Driver};
 use mura::ops::conv::{conv2d_bwd_input, conv2d_bwd_weight, conv2d_fwd, Conv, Image};
 use mura::ops::{act, bn, pool, BnRelu};
@@ -72,24 +72,6 @@ impl Buf {
 
 fn f32buf(d: &Arc<dyn Driver>, v: &[f64]) -> (Buf, Vec<f64>) {
     Buf::from(d, Dt::F32, v)
-}
-
-fn randn(rng: &mut Rng, n: usize, scale: f64, offset: f64) -> Vec<f64> {
-    (0..n).map(|_| rng.normal() * scale + offset).collect()
-}
-
-/// Columns `[c0, c0 + c)` of a `[rows, rs]` matrix.
-fn cols(v: &[f64], rs: usize, c0: usize, c: usize) -> Vec<f64> {
-    v.chunks(rs).flat_map(|r| r[c0..c0 + c].to_vec()).collect()
-}
-
-/// Every element outside columns `[c0, c0 + c)` of a `[rows, rs]` matrix is still NaN.
-fn untouched_outside(v: &[f64], rs: usize, c0: usize, c: usize) -> bool {
-    v.chunks(rs).all(|r| {
-        r.iter()
-            .enumerate()
-            .all(|(j, x)| (c0..c0 + c).contains(&j) || x.is_nan())
-    })
 }
 
 fn check(what: &str, got: &[f64], want: &[f64], tol: f64) {

@@ -5,6 +5,7 @@
 
 use super::Driver;
 use crate::device::Device;
+use crate::rng::Rng;
 use anyhow::{Context, Result};
 use std::sync::Arc;
 
@@ -49,4 +50,23 @@ pub fn fresh_seed(test: &str) -> u64 {
         });
     eprintln!("{test}: seed {seed} (MURA_TEST_SEED={seed} to replay)");
     seed
+}
+
+/// `n` normal samples times `scale` plus `offset`.
+pub fn randn(rng: &mut Rng, n: usize, scale: f64, offset: f64) -> Vec<f64> {
+    (0..n).map(|_| rng.normal() * scale + offset).collect()
+}
+
+/// Columns `[c0, c0 + c)` of a `[rows, rs]` matrix.
+pub fn cols(v: &[f64], rs: usize, c0: usize, c: usize) -> Vec<f64> {
+    v.chunks(rs).flat_map(|r| r[c0..c0 + c].to_vec()).collect()
+}
+
+/// Every element outside columns `[c0, c0 + c)` of a `[rows, rs]` matrix is still NaN.
+pub fn untouched_outside(v: &[f64], rs: usize, c0: usize, c: usize) -> bool {
+    v.chunks(rs).all(|r| {
+        r.iter()
+            .enumerate()
+            .all(|(j, x)| (c0..c0 + c).contains(&j) || x.is_nan())
+    })
 }
