@@ -103,6 +103,19 @@ extern "C" __global__ void bn_stats_merge_fwd_f32(float* __restrict__ mean, floa
     }
 }
 
+// mean, var: [C] f32 out (biased variance) from sums: [2, C] f32, the per-channel sum and sum of
+// squares over R rows that a producing convolution's epilogue accumulated (kernels/conv_tc.cu):
+// mean = s / R, var = max(ss / R - mean^2, 0), in double. One thread a channel.
+extern "C" __global__ void bn_stats_sums_fwd_f32(float* __restrict__ mean, float* __restrict__ var,
+                                                 const float* __restrict__ sums, int R, int C) {
+    const int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c < C) {
+        const double m = (double)sums[c] / R, v = (double)sums[C + c] / R - m * m;
+        mean[c] = (float)m;
+        var[c] = (float)(v > 0.0 ? v : 0.0);
+    }
+}
+
 // scale, shift: [C] f32 out: scale = gamma / sqrt(var + 1e-5), shift = beta - mean * scale.
 // gamma, beta, mean, var: [C] f32. run_mean, run_var: [C] f32 running statistics, updated with
 // momentum 0.1 from this batch (var times unbias = R / (R - 1)), or null (eval). One thread a channel.
@@ -191,6 +204,24 @@ extern "C" __global__ void bn_bwd_merge_f32(float* __restrict__ coef, float* __r
             sdz += part[(long long)p * C + c];
             sdx += part[(long long)(P + p) * C + c];
         }
+        const double is = 1.0 / sqrt((double)(var[c] + 1e-5f));
+        dgamma[c] += (float)(sdx * is);
+        dbeta[c] += (float)sdz;
+        coef[c] = (float)(sdz / R);
+        coef[C + c] = (float)(sdx * is * is / R);
+    }
+}
+
+// As bn_bwd_merge_f32, from red: [2, C] f32, the per-channel sums of dz and of dz * x over R rows that
+// the data-gradient convolution's epilogue accumulated (kernels/conv_tc.cu): sum dz * (x - mean) =
+// sum dz * x - mean * sum dz; mean: [C] f32. One thread a channel.
+extern "C" __global__ void bn_bwd_merge_sums_f32(float* __restrict__ coef, float* __restrict__ dgamma,
+                                                 float* __restrict__ dbeta, const float* __restrict__ red,
+                                                 const float* __restrict__ mean, const float* __restrict__ var,
+                                                 int R, int C) {
+    const int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c < C) {
+        const double sdz = red[c], sdx = (double)red[C + c] - (double)mean[c] * sdz;
         const double is = 1.0 / sqrt((double)(var[c] + 1e-5f));
         dgamma[c] += (float)(sdx * is);
         dbeta[c] += (float)sdz;

@@ -484,6 +484,102 @@ fn bn_all(test: &str, dt: Dt, tol: f64) {
             check(&format!("{w} dgamma"), &dgb.read(), &dg, tol);
             check(&format!("{w} dbeta"), &dbb.read(), &db, tol);
         }
+
+        // The same statistics and training backward (with ReLU) from per-channel sums, as the
+        // tensor-core convolutions' epilogues accumulate them: Σx, Σx² for the statistics; the
+        // masked gradient dz and Σdz, Σdz·x for the backward. x has mean 3, so a lost
+        // mean·Σdz term would show. The backward's Σdz·(x − mean) = Σdz·x − mean·Σdz cancels
+        // (f32 sums, mean 3 next to std 2, few rows): within 1e-4 in f32 (the path serves bf16
+        // storage, whose rounding is 2e-3).
+        let sum_cols = |a: &[f64], b: &[f64]| {
+            let mut s = vec![0.0; 2 * c];
+            for r in 0..rows {
+                for j in 0..c {
+                    s[j] += a[r * c + j];
+                    s[c + j] += a[r * c + j] * b[r * c + j];
+                }
+            }
+            s
+        };
+        let (sums, _) = f32buf(&d, &sum_cols(&x, &x));
+        let (m2, v2) = (Buf::poisoned(&d, Dt::F32, c), Buf::poisoned(&d, Dt::F32, c));
+        ops::bn_stats_from_sums(&*d, sums.ptr(), rows, c, m2.ptr(), v2.ptr()).unwrap();
+        check(&format!("{what} mean from sums"), &m2.read(), &m_ref, 1e-5);
+        check(&format!("{what} var from sums"), &v2.read(), &v_ref, 1e-5);
+        let dy = randn(&mut rng, rows * c, 1.0, 0.0);
+        let dz: Vec<f64> = (0..rows * c)
+            .map(|i| {
+                let j = i % c;
+                let on = x[i] * s_ref[j] + t_ref[j] > 0.0;
+                if on {
+                    dy[i]
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        let (dzb, dz) = Buf::from(&d, dt, &dz);
+        let (red, _) = f32buf(&d, &sum_cols(&dz, &x));
+        let dx_rs = c + 1;
+        let (dxb, dx0) = Buf::from(&d, dt, &randn(&mut rng, rows * dx_rs, 1.0, 0.0));
+        let (dgb, dg0) = f32buf(&d, &randn(&mut rng, c, 1.0, 0.0));
+        let (dbb, db0) = f32buf(&d, &randn(&mut rng, c, 1.0, 0.0));
+        let saved = BnSaved {
+            x: xb.at(c0),
+            rs,
+            rows,
+            c,
+            mean: mean.ptr(),
+            var: var.ptr(),
+            scale: scale.ptr(),
+            shift: shift.ptr(),
+        };
+        ops::bn_bwd_from_sums(
+            &*d,
+            dt,
+            saved,
+            red.ptr(),
+            dzb.ptr(),
+            c,
+            (dgb.ptr(), dbb.ptr()),
+            dxb.ptr(),
+            dx_rs,
+            true,
+            coef.ptr(),
+        )
+        .unwrap();
+        let (mut dg, mut db) = (dg0.clone(), db0.clone());
+        let mut dx_ref = cols(&dx0, dx_rs, 0, c);
+        bn::backward(
+            &x,
+            rows,
+            c,
+            c,
+            &gamma,
+            &beta,
+            &mg,
+            &vg,
+            true,
+            true,
+            &dz,
+            c,
+            &mut dg,
+            &mut db,
+            &mut dx_ref,
+            c,
+        );
+        let dx = dxb.read();
+        let w = format!("{what} bwd from sums");
+        let tol = tol.max(1e-4);
+        check(&format!("{w} dx"), &cols(&dx, dx_rs, 0, c), &dx_ref, tol);
+        check(
+            &format!("{w} dx beyond c"),
+            &cols(&dx, dx_rs, c, 1),
+            &cols(&dx0, dx_rs, c, 1),
+            0.0,
+        );
+        check(&format!("{w} dgamma"), &dgb.read(), &dg, tol);
+        check(&format!("{w} dbeta"), &dbb.read(), &db, tol);
     }
 }
 

@@ -160,6 +160,61 @@ fn training_step_matches_cpu() {
     assert!(format!("{e:#}").contains("train-mode forward"), "{e:#}");
 }
 
+/// One bf16 training step (tensor-core convolutions; batch statistics and BN-backward reductions
+/// summed in their epilogues) against the CPU model in f64. bf16 keeps 8 significant bits; the
+/// train-mode BN backwards of a net this small cancel most of their input gradient (norm5's
+/// is nearly constant per channel), so rounding leaves 10–25% error in the whole gradient
+/// (the CUDA-core bf16 path measured the same, 11–16%) while f32 stays within 1e-4. The bounds
+/// (logits 2e-2, whole gradient 0.4, each tensor carrying ≥ 5% of the norm 0.8) therefore
+/// catch wiring errors — a gradient lost, doubled, negated or sent to the wrong tensor is
+/// ≥ 100% off — and the fused reductions themselves are pinned at 1e-2 by
+/// tests/gpu_densenet_ops.rs (`bwd from sums`) and tests/gpu_conv_tc.rs.
+#[test]
+fn bf16_training_step_matches_cpu() {
+    let d = test_driver().expect("test device");
+    let mut rng = Rng::new(fresh_seed("bf16_training_step_matches_cpu"));
+    let cpu = model(&mut rng);
+    let mut gpu = GpuDenseNet::new(d, cpu.cast(), Precision::Bf16).unwrap();
+    let (n, hw) = (4, 36);
+    let x = batch(&mut rng, n, hw);
+    gpu.zero_grad().unwrap();
+    let logits = gpu.forward(&x, n, hw, hw, Mode::Train).unwrap();
+    let (_, dl) = loss(&logits);
+    gpu.backward(&dl).unwrap();
+    let mut truth = cpu.cast::<f64>();
+    let logits64 = truth.forward(&f64s(&x), n, hw, hw, Mode::Train);
+    let e = rel_err(&f64s(&logits), &logits64);
+    assert!(e <= 2e-2, "bf16 train logits: rel err {e}");
+    let dl64: Vec<f64> = f64s(&loss(&logits64.iter().map(|&v| v as f32).collect::<Vec<_>>()).1);
+    truth.backward(&dl64);
+    let grads = f64s(&gpu.grads().unwrap());
+    let e = rel_err(&grads, &truth.grads);
+    assert!(e <= 0.4, "bf16 whole gradient: rel err {e}");
+    let norm = |v: &[f64]| v.iter().map(|x| x * x).sum::<f64>().sqrt();
+    let whole = norm(&truth.grads);
+    let mut at = 0;
+    let (mut checked, mut worst) = (0, 0.0f64);
+    for t in tiny().state_dict_layout() {
+        if t.role != Role::Param {
+            continue;
+        }
+        let r = at..at + t.numel();
+        at += t.numel();
+        if norm(&truth.grads[r.clone()]) < 0.05 * whole {
+            continue;
+        }
+        let e = rel_err(&grads[r.clone()], &truth.grads[r]);
+        assert!(e <= 0.8, "bf16 gradient of {}: rel err {e}", t.name);
+        worst = worst.max(e);
+        checked += 1;
+    }
+    assert!(
+        checked >= 3,
+        "only {checked} tensors carry 5% of the gradient"
+    );
+    eprintln!("bf16 step: whole gradient rel err {e:.2e}, worst of {checked} tensors {worst:.2e}");
+}
+
 /// A few steps in bf16 storage track f32 (both on the device) within 2% in loss.
 #[test]
 fn bf16_steps_track_f32() {

@@ -9,8 +9,16 @@
 //! steps allocate nothing. As on the CPU, a dense block owns one buffer with room for all its channels
 //! (layers read a prefix and write a slice) and one gradient buffer that layers accumulate into;
 //! per-channel batch statistics are computed once, when a channel is written.
+//!
+//! bf16 storage runs the dense layers' and transitions' convolutions on the tensor cores
+//! (`ops_tc`, with a bf16 copy of the weights): each BN + ReLU is applied while the consuming
+//! convolution loads its input (never stored), the batch statistics of the channels a
+//! convolution writes are summed in its epilogue, and a dense layer's data gradient applies the
+//! ReLU mask and sums its BN backward's reductions in its epilogue. f32 storage runs the
+//! CUDA-core kernels of `ops` with separate statistics and reduction passes.
 
 use super::ops::{self, f32_at, BnSaved, Dt, View};
+use super::ops_tc;
 use super::tracking::Tracking;
 use super::{DevPtr, DeviceBuffer, Driver};
 use crate::data::loader::AugParams;
@@ -161,6 +169,13 @@ pub struct GpuDenseNet {
     /// BN reduction scratch: [bn_scratch_len(max c)] then [2, max c] f32.
     part: DeviceBuffer<f32>,
     bcoef: DeviceBuffer<f32>,
+    /// bf16 mode: [num params] bf16, the parameters rounded for the tensor-core convolutions,
+    /// refreshed from `params` by the first forward after they change (`w16_stale`).
+    w16: Option<DeviceBuffer<u8>>,
+    w16_stale: bool,
+    /// [2, max c] f32: per-channel sums accumulated in a tensor-core convolution's epilogue (the
+    /// batch statistics of its output, or the BN-backward reductions of a data gradient).
+    sums: DeviceBuffer<f32>,
     plan: Option<Plan>,
     /// The raw-input path's buffers, grown to the largest batch seen.
     raw_in: Option<RawIn>,
@@ -203,6 +218,12 @@ impl GpuDenseNet {
                 coef_at,
                 part: DeviceBuffer::alloc(&d, ops::bn_scratch_len(max_c))?,
                 bcoef: DeviceBuffer::alloc(&d, 2 * max_c)?,
+                w16: match dt {
+                    Dt::Bf16 => Some(DeviceBuffer::alloc(&d, 2 * np)?),
+                    Dt::F32 => None,
+                },
+                w16_stale: true,
+                sums: DeviceBuffer::alloc(&d, 2 * max_c)?,
                 plan: None,
                 raw_in: None,
                 recorded: false,
@@ -392,6 +413,120 @@ impl GpuDenseNet {
         )
     }
 
+    /// bf16 copy of parameter `i` (bf16 mode).
+    fn w16(&self, i: usize) -> DevPtr {
+        self.w16.as_ref().map_or(0, |w| w.ptr() + 2 * i as u64)
+    }
+
+    /// `sums[..2c]` = 0, before an epilogue accumulates into it.
+    fn zero_sums(&self, c: usize) -> Result<()> {
+        self.d.memset(self.sums.ptr(), 0, 2 * c * 4)
+    }
+
+    /// `y` (row stride `y_rs`) = a dense-layer or transition convolution of `pre(x)` with the
+    /// weights at parameter `p`; with `stats = Some((st, stride, at))`, also the batch statistics
+    /// of the `co` channels written, as [`Self::stats_into`]. bf16: the tensor-core kernel, the
+    /// statistics summed in its epilogue; f32: the CUDA-core kernel, then a statistics pass.
+    #[allow(clippy::too_many_arguments)]
+    fn conv_stats(
+        &self,
+        x: View,
+        pre: Option<(DevPtr, DevPtr)>,
+        p: usize,
+        co: usize,
+        g: Conv,
+        (y, y_rs): (DevPtr, usize),
+        stats: Option<(DevPtr, usize, usize)>,
+    ) -> Result<()> {
+        let d = &*self.d;
+        if self.w16.is_none() {
+            ops::conv_fwd(d, self.dt, x, pre, self.p(p), co, g, y, y_rs)?;
+            return match stats {
+                Some(st) => self.stats_into(y, (x.rows(), co, y_rs), st),
+                None => Ok(()),
+            };
+        }
+        if stats.is_some() {
+            self.zero_sums(co)?;
+        }
+        let sums = stats.map(|_| self.sums.ptr());
+        ops_tc::conv_fwd(d, x, pre, self.w16(p), co, g, y, y_rs, sums)?;
+        match stats {
+            Some((st, stride, at)) => ops::bn_stats_from_sums(
+                d,
+                self.sums.ptr(),
+                x.rows(),
+                co,
+                f32_at(st, at),
+                f32_at(st, stride + at),
+            ),
+            None => Ok(()),
+        }
+    }
+
+    /// Backward of a dense layer's BN + ReLU → convolution (weights at parameter `p`, `co`
+    /// outputs) from `dy` (row stride `dy_rs`): the weight gradient, then into `dx` (row stride
+    /// `dx_rs`; overwritten, or added to if `accumulate`) the gradient of the BN's input `s.x`,
+    /// through the scratch `sa` (`[rows, s.c]`). bf16: tensor-core kernels, the ReLU mask and the
+    /// BN's per-channel reductions in the data gradient's epilogue; f32: CUDA-core kernels, then
+    /// the BN backward's own reduction pass.
+    #[allow(clippy::too_many_arguments)]
+    fn layer_conv_bwd(
+        &self,
+        x: View,
+        bn: BnIdx,
+        s: BnSaved,
+        (p, co, g): (usize, usize, Conv),
+        (dy, dy_rs): (DevPtr, usize),
+        (dx, dx_rs, accumulate): (DevPtr, usize, bool),
+        sa: DevPtr,
+    ) -> Result<()> {
+        let (d, dt) = (&*self.d, self.dt);
+        let pre = self.coefs(bn);
+        let dbn = (self.g(bn.p), self.g(bn.p + bn.c));
+        let dims = (x.n, x.h, x.w, x.c);
+        if self.w16.is_none() {
+            let scratch = (self.part.ptr(), self.bcoef.ptr());
+            ops::conv_bwd_weight(d, dt, x, Some(pre), g, dy, dy_rs, co, self.g(p))?;
+            ops::conv_bwd_data(d, dt, dy, dy_rs, co, self.p(p), g, dims, sa, x.c, false)?;
+            return ops::bn_bwd(
+                d, dt, s, true, true, sa, x.c, dbn, dx, dx_rs, accumulate, scratch,
+            );
+        }
+        ops_tc::conv_bwd_weight(d, x, Some(pre), g, dy, dy_rs, co, self.g(p))?;
+        self.zero_sums(x.c)?;
+        let red = Some(self.sums.ptr());
+        let mask = Some((x, pre));
+        ops_tc::conv_bwd_data(
+            d,
+            dy,
+            dy_rs,
+            co,
+            self.w16(p),
+            g,
+            dims,
+            sa,
+            x.c,
+            false,
+            mask,
+            red,
+        )?;
+        let coef = self.bcoef.ptr();
+        ops::bn_bwd_from_sums(
+            d,
+            dt,
+            s,
+            self.sums.ptr(),
+            sa,
+            x.c,
+            dbn,
+            dx,
+            dx_rs,
+            accumulate,
+            coef,
+        )
+    }
+
     /// The forward pass; leaves logits in the plan (and the final feature map in `a5`).
     fn run(&mut self, x: Input, n: usize, h: usize, w: usize, train: bool) -> Result<Vec<f32>> {
         match x {
@@ -409,6 +544,10 @@ impl GpuDenseNet {
         self.host.feature_hw(h, w)?;
         self.ensure_plan(n, h, w)?;
         self.recorded = false;
+        if let Some(w16) = self.w16.as_ref().filter(|_| self.w16_stale) {
+            ops::cast_bf16(&*self.d, self.params.ptr(), self.params.len(), w16.ptr())?;
+            self.w16_stale = false;
+        }
         let plan = self.plan.take().expect("planned above");
         let out = self
             .load_input(&plan, x)
@@ -544,26 +683,11 @@ impl GpuDenseNet {
                     c,
                     rs: ct,
                 };
-                let y1 = bp.y1[l].ptr();
+                let (y1, st2) = (bp.y1[l].ptr(), bp.st2[l].ptr());
                 let pre1 = Some(self.coefs(li.norm1));
-                ops::conv_fwd(
-                    &*self.d,
-                    dt,
-                    prefix,
-                    pre1,
-                    self.p(li.conv1.p),
-                    mid,
-                    POINTWISE,
-                    y1,
-                    mid,
-                )?;
-                let st2 = bp.st2[l].ptr();
-                let batch = if train {
-                    self.stats_into(y1, (rows, mid, mid), (st2, mid, 0))?;
-                    Some((st2, f32_at(st2, mid), rows))
-                } else {
-                    None
-                };
+                let stats = train.then_some((st2, mid, 0));
+                self.conv_stats(prefix, pre1, li.conv1.p, mid, POINTWISE, (y1, mid), stats)?;
+                let batch = train.then_some((st2, f32_at(st2, mid), rows));
                 self.bn_coeffs(li.norm2, batch)?;
                 let yv = View {
                     ptr: y1,
@@ -574,21 +698,9 @@ impl GpuDenseNet {
                     rs: mid,
                 };
                 let pre2 = Some(self.coefs(li.norm2));
-                let out = bp.buf.at(c);
-                ops::conv_fwd(
-                    &*self.d,
-                    dt,
-                    yv,
-                    pre2,
-                    self.p(li.conv2.p),
-                    k,
-                    CONV3,
-                    out,
-                    ct,
-                )?;
-                if train {
-                    self.stats_into(out, (rows, k, ct), (bp.stats.ptr(), ct, c))?;
-                }
+                let stats = train.then_some((bp.stats.ptr(), ct, c));
+                let out = (bp.buf.at(c), ct);
+                self.conv_stats(yv, pre2, li.conv2.p, k, CONV3, out, stats)?;
             }
             let Some((tn, tc)) = blk.transition else {
                 break;
@@ -615,24 +727,9 @@ impl GpuDenseNet {
                 c: ct,
                 rs: ct,
             };
-            ops::conv_fwd(
-                &*self.d,
-                dt,
-                pv,
-                None,
-                self.p(tc.p),
-                tc.co,
-                POINTWISE,
-                nx.buf.ptr(),
-                nct,
-            )?;
-            if train {
-                self.stats_into(
-                    nx.buf.ptr(),
-                    (n * nx.h * nx.w, tc.co, nct),
-                    (nx.stats.ptr(), nct, 0),
-                )?;
-            }
+            let stats = train.then_some((nx.stats.ptr(), nct, 0));
+            let out = (nx.buf.ptr(), nct);
+            self.conv_stats(pv, None, tc.p, tc.co, POINTWISE, out, stats)?;
         }
 
         // Head: norm5 → ReLU → global average pool → linear.
@@ -743,21 +840,20 @@ impl GpuDenseNet {
                     rs: ct,
                 };
                 let dnext = nx.dbuf.ptr();
-                ops::conv_bwd_weight(d, dt, pv, None, POINTWISE, dnext, nct, tc.co, self.g(tc.p))?;
                 let dims = (n, nx.h, nx.w, ct);
-                ops::conv_bwd_data(
-                    d,
-                    dt,
-                    dnext,
-                    nct,
-                    tc.co,
-                    self.p(tc.p),
-                    POINTWISE,
-                    dims,
-                    sa,
-                    ct,
-                    false,
-                )?;
+                if self.w16.is_some() {
+                    let (w, dw) = (self.w16(tc.p), self.g(tc.p));
+                    ops_tc::conv_bwd_weight(d, pv, None, POINTWISE, dnext, nct, tc.co, dw)?;
+                    ops_tc::conv_bwd_data(
+                        d, dnext, nct, tc.co, w, POINTWISE, dims, sa, ct, false, None, None,
+                    )?;
+                } else {
+                    let (w, dw) = (self.p(tc.p), self.g(tc.p));
+                    ops::conv_bwd_weight(d, dt, pv, None, POINTWISE, dnext, nct, tc.co, dw)?;
+                    ops::conv_bwd_data(
+                        d, dt, dnext, nct, tc.co, w, POINTWISE, dims, sa, ct, false,
+                    )?;
+                }
                 ops::avgpool_bwd(d, dt, (n, bh, bw, ct), sa, ct, sb)?;
                 let st = saved(tn, bp.buf.ptr(), ct, rows, bp.stats.ptr(), ct);
                 ops::bn_bwd(
@@ -779,7 +875,8 @@ impl GpuDenseNet {
                 let (c, mid, k) = (li.norm1.c, li.conv1.co, li.conv2.co);
                 let (y1, st2) = (bp.y1[l].ptr(), bp.st2[l].ptr());
                 let dout = bp.dbuf.at(c);
-                // conv2 (3×3) on relu(norm2(y1)).
+                // conv2 (3×3) on relu(norm2(y1)), into sb; then conv1 (1×1) on
+                // relu(norm1(prefix)), added into the block's gradient buffer.
                 let yv = View {
                     ptr: y1,
                     n,
@@ -788,38 +885,9 @@ impl GpuDenseNet {
                     c: mid,
                     rs: mid,
                 };
-                let pre2 = Some(self.coefs(li.norm2));
-                ops::conv_bwd_weight(d, dt, yv, pre2, CONV3, dout, ct, k, self.g(li.conv2.p))?;
-                let dims = (n, bh, bw, mid);
-                ops::conv_bwd_data(
-                    d,
-                    dt,
-                    dout,
-                    ct,
-                    k,
-                    self.p(li.conv2.p),
-                    CONV3,
-                    dims,
-                    sa,
-                    mid,
-                    false,
-                )?;
                 let s2 = saved(li.norm2, y1, mid, rows, st2, mid);
-                ops::bn_bwd(
-                    d,
-                    dt,
-                    s2,
-                    true,
-                    true,
-                    sa,
-                    mid,
-                    bn_grads(li.norm2),
-                    sb,
-                    mid,
-                    false,
-                    scratch,
-                )?;
-                // conv1 (1×1) on relu(norm1(prefix)).
+                let conv2 = (li.conv2.p, k, CONV3);
+                self.layer_conv_bwd(yv, li.norm2, s2, conv2, (dout, ct), (sb, mid, false), sa)?;
                 let prefix = View {
                     ptr: bp.buf.ptr(),
                     n,
@@ -828,48 +896,10 @@ impl GpuDenseNet {
                     c,
                     rs: ct,
                 };
-                let pre1 = Some(self.coefs(li.norm1));
-                ops::conv_bwd_weight(
-                    d,
-                    dt,
-                    prefix,
-                    pre1,
-                    POINTWISE,
-                    sb,
-                    mid,
-                    mid,
-                    self.g(li.conv1.p),
-                )?;
-                let dims = (n, bh, bw, c);
-                ops::conv_bwd_data(
-                    d,
-                    dt,
-                    sb,
-                    mid,
-                    mid,
-                    self.p(li.conv1.p),
-                    POINTWISE,
-                    dims,
-                    sa,
-                    c,
-                    false,
-                )?;
                 let s1 = saved(li.norm1, bp.buf.ptr(), ct, rows, bp.stats.ptr(), ct);
-                let g1 = bn_grads(li.norm1);
-                ops::bn_bwd(
-                    d,
-                    dt,
-                    s1,
-                    true,
-                    true,
-                    sa,
-                    c,
-                    g1,
-                    bp.dbuf.ptr(),
-                    ct,
-                    true,
-                    scratch,
-                )?;
+                let conv1 = (li.conv1.p, mid, POINTWISE);
+                let dx = (bp.dbuf.ptr(), ct, true);
+                self.layer_conv_bwd(prefix, li.norm1, s1, conv1, (sb, mid), dx, sa)?;
             }
         }
 
@@ -1016,6 +1046,7 @@ impl Net for GpuDenseNet {
             self.adam_m.ptr(),
             self.adam_v.ptr(),
         );
+        self.w16_stale = true;
         ops::adam(&*self.d, adam, self.params.len(), bufs)
     }
     fn export_adam(&self, adam: &mut Adam) -> Result<()> {

@@ -302,6 +302,26 @@ pub fn bn_stats(
     )
 }
 
+/// Per-channel batch mean and biased variance `[c]` f32 from `sums: [2, c]` f32, the sum and sum
+/// of squares over `rows` rows that a convolution's epilogue accumulated (`ops_tc::conv_fwd`).
+pub fn bn_stats_from_sums(
+    d: &dyn Driver,
+    sums: DevPtr,
+    rows: usize,
+    c: usize,
+    mean: DevPtr,
+    var: DevPtr,
+) -> Result<()> {
+    launch(
+        d,
+        "bn_stats_sums_fwd_f32",
+        [blocks_for(c, 128), 1, 1],
+        [128, 1, 1],
+        0,
+        vec![A::P(mean), A::P(var), A::P(sums), i(rows), i(c)],
+    )
+}
+
 /// `scale, shift: [c]` f32 of a BN from `gamma, beta` (params) and `mean, var`; in training
 /// (`running = Some((run_mean, run_var, count))`) also updates the running statistics with this
 /// batch of `count` values per channel (PyTorch: momentum 0.1, unbiased variance).
@@ -446,6 +466,27 @@ pub fn bn_bwd(
             i(p),
         ],
     )?;
+    bn_bwd_dx(
+        d, dt, s, relu, train, dy, dy_rs, dx, dx_rs, accumulate, coef,
+    )
+}
+
+/// The elementwise part of [`bn_bwd`]: `dx` (+)= from `dy` and `coef: [2, c]` f32 (the merged
+/// per-channel reductions).
+#[allow(clippy::too_many_arguments)]
+fn bn_bwd_dx(
+    d: &dyn Driver,
+    dt: Dt,
+    s: BnSaved,
+    relu: bool,
+    train: bool,
+    dy: DevPtr,
+    dy_rs: usize,
+    dx: DevPtr,
+    dx_rs: usize,
+    accumulate: bool,
+    coef: DevPtr,
+) -> Result<()> {
     launch(
         d,
         &kname("bn_bwd_dx", dt),
@@ -469,6 +510,47 @@ pub fn bn_bwd(
             A::I(relu as i32),
             A::I(train as i32),
         ],
+    )
+}
+
+/// Training-mode BN backward whose per-channel reductions a data-gradient convolution already
+/// summed (`red: [2, c]` f32 = Σdz, Σdz·x; `ops_tc::conv_bwd_data`), as was its ReLU mask: `dz`
+/// (`[rows, c]`, row stride `dz_rs`) is the masked gradient of the BN output. `dgamma, dbeta: [c]`
+/// f32 += ...; `dx` (row stride `dx_rs`) overwritten, or added to if `accumulate`. `coef`: scratch
+/// of `2c` f32.
+#[allow(clippy::too_many_arguments)]
+pub fn bn_bwd_from_sums(
+    d: &dyn Driver,
+    dt: Dt,
+    s: BnSaved,
+    red: DevPtr,
+    dz: DevPtr,
+    dz_rs: usize,
+    (dgamma, dbeta): (DevPtr, DevPtr),
+    dx: DevPtr,
+    dx_rs: usize,
+    accumulate: bool,
+    coef: DevPtr,
+) -> Result<()> {
+    launch(
+        d,
+        "bn_bwd_merge_sums_f32",
+        [blocks_for(s.c, 128), 1, 1],
+        [128, 1, 1],
+        0,
+        vec![
+            A::P(coef),
+            A::P(dgamma),
+            A::P(dbeta),
+            A::P(red),
+            A::P(s.mean),
+            A::P(s.var),
+            i(s.rows),
+            i(s.c),
+        ],
+    )?;
+    bn_bwd_dx(
+        d, dt, s, false, true, dz, dz_rs, dx, dx_rs, accumulate, coef,
     )
 }
 
