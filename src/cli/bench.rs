@@ -1,9 +1,10 @@
 //! `mura bench`: time an eval forward and a training step (forward + backward + Adam).
 
+use crate::data::loader::AugParams;
 use crate::device::Device;
 use crate::loss::{weighted_bce_f32, LossLevel};
 use crate::model::Mode;
-use crate::net::{self, Precision};
+use crate::net::{self, Net, Precision};
 use crate::optim::Adam;
 use crate::rng::Rng;
 use crate::spec::ArchArgs;
@@ -58,22 +59,37 @@ pub fn run(args: Args) -> Result<()> {
     let (n, s) = (args.batch, args.image_size);
     let mut model = net::build(device, precision, spec.clone(), None, 0)?;
     let mut rng = Rng::new(1);
-    let x: Vec<f32> = (0..n * s * s * 3).map(|_| rng.normal() as f32).collect();
+    // GPU models read u8 images and augment them on the device, as in training (the timed step
+    // includes that upload); the CPU model reads normalised f32 inputs.
+    let raw = model.wants_raw_input();
+    let x: Vec<f32> = match raw {
+        true => Vec::new(),
+        false => (0..n * s * s * 3).map(|_| rng.normal() as f32).collect(),
+    };
+    let images: Vec<u8> = match raw {
+        true => (0..n * s * s).map(|_| rng.below(256) as u8).collect(),
+        false => Vec::new(),
+    };
+    let params = vec![AugParams::IDENTITY; n];
     let labels: Vec<f64> = (0..n).map(|_| rng.below(2) as f64).collect();
     let view_study: Vec<usize> = (0..n).collect();
     let w = vec![(0.5, 0.5); n];
     let mut adam = Adam::new(model.num_params(), 1e-4, 0.0);
+    let forward = |model: &mut Box<dyn Net>, mode| match raw {
+        true => model.forward_raw(&images, s, &params, s, mode),
+        false => model.forward(&x, n, s, s, mode),
+    };
 
     let (mut fwd, mut step) = (Vec::new(), Vec::new());
     for i in 0..args.warmup + args.steps {
         let t = Instant::now();
-        let logits = model.forward(&x, n, s, s, Mode::Eval)?;
+        let logits = forward(&mut model, Mode::Eval)?;
         let tf = t.elapsed().as_secs_f64();
         anyhow::ensure!(logits.iter().all(|z| z.is_finite()), "non-finite logits");
 
         let t = Instant::now();
         model.zero_grad()?;
-        let logits = model.forward(&x, n, s, s, Mode::Train)?;
+        let logits = forward(&mut model, Mode::Train)?;
         let (_, dlogits) = weighted_bce_f32(&logits, &view_study, &labels, &w, LossLevel::Image);
         model.backward(&dlogits)?;
         model.adam_step(&mut adam)?;
