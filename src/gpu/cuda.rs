@@ -164,7 +164,8 @@ impl Cuda {
         // capture may contain.
         for m in MODULES {
             for k in m.kernels {
-                self.function(k)?;
+                self.function(k)
+                    .context("loading every kernel before a graph capture")?;
             }
         }
         // Thread-local mode: CUDA refuses any potentially unsafe call (a synchronous copy, an
@@ -275,6 +276,21 @@ pub fn nvrtc_compile(m: &KernelModule, (major, minor): (i32, i32)) -> Result<Str
     Ok(ptx.to_src())
 }
 
+/// Leaves capture mode however `record` left, ending the stream's capture if `work` panicked.
+struct EndCapture<'a>(&'a Cuda);
+
+impl Drop for EndCapture<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            // SAFETY: the stream lives until Drop; the discarded graph is ours.
+            if let Ok(graph) = unsafe { result::stream::end_capture(self.0.stream) } {
+                let _ = unsafe { result::graph::destroy(graph) };
+            }
+        }
+        self.0.capturing.store(false, Ordering::Release);
+    }
+}
+
 impl Drop for Cuda {
     fn drop(&mut self) {
         if self.bind().is_ok() {
@@ -345,6 +361,9 @@ impl Driver for Cuda {
     }
 
     fn memset(&self, dst: DevPtr, byte: u8, bytes: usize) -> Result<()> {
+        if bytes == 0 {
+            return Ok(()); // nothing to do, and a graph's memset node may not be empty
+        }
         self.bind()?;
         // SAFETY: as above; a memset node when capturing.
         cu(
@@ -412,9 +431,10 @@ impl Driver for Cuda {
         if self.capturing.swap(true, Ordering::AcqRel) {
             return Err(not_while_capturing("cuda: a nested capture"));
         }
-        let graph = self.bind().and_then(|()| self.record(work));
-        self.capturing.store(false, Ordering::Release);
-        let graph = graph?;
+        let graph = {
+            let _end = EndCapture(self);
+            self.bind().and_then(|()| self.record(work))?
+        };
         // SAFETY: a complete graph from end_capture; the exec keeps what it needs of it.
         let exec = unsafe { result::graph::instantiate(graph, sys::CUgraphInstantiate_flags(0)) };
         // SAFETY: not used after this.

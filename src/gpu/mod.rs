@@ -60,7 +60,8 @@ pub trait Driver: Send + Sync {
     /// a copy of its parameter values, so pointers and scalars are frozen at capture, while the
     /// memory they point to is read when the graph is replayed. Any other call while capturing
     /// (copies, alloc, free, synchronize, time, replay, free_graph, a nested capture) is an
-    /// error that does nothing. If `work` fails, nothing is kept, the driver is back in normal mode and `work`'s
+    /// error that does nothing (so a [`DeviceBuffer`] dropped inside `work` leaks: keep buffers
+    /// alive across the capture). If `work` fails, nothing is kept, the driver is back in normal mode and `work`'s
     /// error is returned. One thread at a time: work queued by another thread meanwhile would be
     /// captured too.
     fn capture(&self, work: &mut dyn FnMut() -> Result<()>) -> Result<u64>;
