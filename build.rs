@@ -189,7 +189,8 @@ fn build_emulator(files: &[KernelFile], kdir: &Path, emu_dir: &Path, out: &Path)
         for k in &f.kernels {
             writeln!(
                 cpp,
-                "    {{\"{k}\", &mura_emu::trampoline<{k}>, mura_emu::arity({k})}},"
+                "    {{\"{k}\", &mura_emu::trampoline<{k}>, mura_emu::arity({k}), \
+                 mura_emu::param_sizes({k})}},"
             )
             .unwrap();
         }

@@ -1,8 +1,15 @@
-//! Device selection and `mura info`, with or without a CUDA driver on the machine.
+//! Device selection and `mura info`, with or without a CUDA driver on the machine; graph
+//! capture and replay on the executor named by MURA_TEST_DEVICE (the emulator by default).
 
+use anyhow::{bail, Result};
 use mura::device::Device;
-use mura::gpu::{self, cuda};
+use mura::gpu::testing::{fresh_seed, test_driver};
+use mura::gpu::tracking::Tracking;
+use mura::gpu::{self, arg, blocks_for, cuda, ops, DeviceBuffer, Driver, Graph};
+use mura::optim::Adam;
+use mura::rng::Rng;
 use std::process::Command;
+use std::sync::Arc;
 
 fn driver_present() -> bool {
     cuda::device_count().is_ok()
@@ -120,4 +127,233 @@ fn nvrtc_compiles_embedded_sources() {
             }
         }
     }
+}
+
+const NAN: u8 = 0xff; // every byte 0xff: NaN as f32 and as bf16
+
+fn normal(rng: &mut Rng, n: usize) -> Vec<f32> {
+    (0..n).map(|_| rng.normal() as f32).collect()
+}
+
+/// The buffers of [`step`]: `x: [n]` f32 input, `p: [n]` f32 parameters; `y: [n]` f32,
+/// `h: [n]` bf16, `m, v: [n]` f32 outputs, poisoned.
+struct Bufs {
+    x: DeviceBuffer<f32>,
+    y: DeviceBuffer<f32>,
+    h: DeviceBuffer<u16>,
+    p: DeviceBuffer<f32>,
+    m: DeviceBuffer<f32>,
+    v: DeviceBuffer<f32>,
+}
+
+impl Bufs {
+    fn new(d: &Arc<dyn Driver>, x: &[f32], p: &[f32]) -> Bufs {
+        let n = x.len();
+        let b = Bufs {
+            x: DeviceBuffer::from_slice(d, x).unwrap(),
+            y: DeviceBuffer::alloc(d, n).unwrap(),
+            h: DeviceBuffer::alloc(d, n).unwrap(),
+            p: DeviceBuffer::from_slice(d, p).unwrap(),
+            m: DeviceBuffer::alloc(d, n).unwrap(),
+            v: DeviceBuffer::alloc(d, n).unwrap(),
+        };
+        b.y.fill_bytes(NAN).unwrap();
+        b.h.fill_bytes(NAN).unwrap();
+        b.m.fill_bytes(NAN).unwrap();
+        b.v.fill_bytes(NAN).unwrap();
+        b
+    }
+
+    /// Every output's bytes: y, h, p, m, v.
+    fn outputs(&self) -> Vec<Vec<u8>> {
+        let f = |b: &DeviceBuffer<f32>| bytemuck::cast_slice(&b.to_vec().unwrap()).to_vec();
+        vec![
+            f(&self.y),
+            bytemuck::cast_slice(&self.h.to_vec().unwrap()).to_vec(),
+            f(&self.p),
+            f(&self.m),
+            f(&self.v),
+        ]
+    }
+}
+
+/// relu_fwd_f32(y, x, n) with a short grid (the kernel loops): pointer and int parameters that
+/// live only during this call.
+fn relu(d: &dyn Driver, y: &DeviceBuffer<f32>, x: &DeviceBuffer<f32>) -> Result<()> {
+    let (mut yp, mut xp, mut n) = (y.ptr(), x.ptr(), x.len() as i32);
+    let grid = [blocks_for(x.len(), 256).min(5), 1, 1];
+    // SAFETY: the kernel's signature; both buffers hold n f32.
+    unsafe {
+        d.launch(
+            "relu_fwd_f32",
+            grid,
+            [256, 1, 1],
+            0,
+            &mut [arg(&mut yp), arg(&mut xp), arg(&mut n)],
+        )
+    }
+}
+
+/// A small training-step-like sequence: m = v = 0 (memsets); y = relu(x); h = bf16(y); one Adam
+/// step of p with gradient y (pointer and float parameters).
+fn step(d: &dyn Driver, b: &Bufs) -> Result<()> {
+    let n = b.x.len();
+    d.memset(b.m.ptr(), 0, n * 4)?;
+    d.memset(b.v.ptr(), 0, n * 4)?;
+    relu(d, &b.y, &b.x)?;
+    ops::cast_bf16(d, b.y.ptr(), n, b.h.ptr())?;
+    let mut adam = Adam::new(n, 0.01, 1e-4);
+    adam.step = 1;
+    ops::adam(d, &adam, n, (b.p.ptr(), b.y.ptr(), b.m.ptr(), b.v.ptr()))
+}
+
+fn relu_bits(x: &[f32]) -> Vec<u8> {
+    let y: Vec<f32> = x.iter().map(|&v| v.max(0.0)).collect();
+    bytemuck::cast_slice(&y).to_vec()
+}
+
+#[test]
+fn graph_replay_matches_direct_launches() {
+    let d = test_driver().unwrap();
+    let mut rng = Rng::new(fresh_seed("graph_replay_matches_direct_launches"));
+    let n = 10_007;
+    let (x, p) = (normal(&mut rng, n), normal(&mut rng, n));
+    let (a, b) = (Bufs::new(&d, &x, &p), Bufs::new(&d, &x, &p));
+    let before = d.graph_count();
+    let graph = Graph::capture(&d, || step(&*d, &a)).unwrap();
+    assert_eq!(d.graph_count(), before + 1);
+
+    // Nothing ran during the capture: outputs still poisoned, p untouched.
+    let poisoned = a.outputs();
+    for (i, out) in poisoned.iter().enumerate().filter(|&(i, _)| i != 2) {
+        assert!(
+            out.iter().all(|&byte| byte == NAN),
+            "output {i} written during capture"
+        );
+    }
+    assert_eq!(poisoned[2], bytemuck::cast_slice::<f32, u8>(&p));
+
+    // Replay = the same work run directly, bit for bit; twice, as p moves on each time.
+    let mut last_p = poisoned[2].clone();
+    for round in 0..2 {
+        graph.replay().unwrap();
+        step(&*d, &b).unwrap();
+        let out = a.outputs();
+        assert!(
+            out == b.outputs(),
+            "replay {round} differs from direct launches"
+        );
+        assert_eq!(out[0], relu_bits(&x));
+        assert_ne!(out[2], last_p, "replay {round} did not update p");
+        last_p = out[2].clone();
+    }
+
+    // New input contents: the replay reads memory afresh (its pointers are what was captured).
+    let x2 = normal(&mut rng, n);
+    a.x.copy_from(&x2).unwrap();
+    b.x.copy_from(&x2).unwrap();
+    graph.replay().unwrap();
+    step(&*d, &b).unwrap();
+    let out = a.outputs();
+    assert_eq!(out[0], relu_bits(&x2));
+    assert!(
+        out == b.outputs(),
+        "replay on new input differs from direct launches"
+    );
+
+    // Dropping the handle frees the graph.
+    let id = graph.id();
+    drop(graph);
+    assert_eq!(d.graph_count(), before);
+    let e = d.replay(id).unwrap_err();
+    assert!(format!("{e:#}").contains("does not exist"), "{e:#}");
+}
+
+#[test]
+fn capture_refuses_other_calls_and_driver_stays_usable() {
+    let inner = test_driver().unwrap();
+    let tracking = Arc::new(Tracking::new(inner));
+    let d: Arc<dyn Driver> = tracking.clone();
+    let mut rng = Rng::new(fresh_seed("capture_refuses_other_calls"));
+    let x = normal(&mut rng, 999);
+    let xb = DeviceBuffer::from_slice(&d, &x).unwrap();
+    let yb = DeviceBuffer::<f32>::alloc(&d, x.len()).unwrap();
+    yb.fill_bytes(NAN).unwrap();
+    let other = Graph::capture(&d, || yb.fill_bytes(NAN)).unwrap();
+    let bytes_before = tracking.current_bytes();
+
+    let graph = Graph::capture(&d, || {
+        let refused: Vec<(&str, Result<()>)> = vec![
+            ("htod", d.htod(xb.ptr(), &[1, 2, 3, 4])),
+            ("dtoh", d.dtoh(&mut [0; 4], xb.ptr())),
+            ("alloc", d.alloc(64).map(|_| ())),
+            ("free", d.free(xb.ptr())),
+            ("synchronize", d.synchronize()),
+            ("time", d.time(&mut || Ok(())).map(|_| ())),
+            ("capture", d.capture(&mut || Ok(())).map(|_| ())),
+            ("replay", other.replay()),
+            ("free_graph", d.free_graph(other.id())),
+        ];
+        for (call, r) in refused {
+            let e = r.expect_err(call);
+            assert!(
+                format!("{e:#}").contains("while capturing a graph"),
+                "{call}: {e:#}"
+            );
+        }
+        relu(&*d, &yb, &xb)
+    })
+    .unwrap();
+
+    // Nothing was allocated, freed, copied or run; everything works again afterwards.
+    assert_eq!(tracking.current_bytes(), bytes_before);
+    assert_eq!(d.graph_count(), 2);
+    let y = yb.to_vec().unwrap();
+    assert!(y.iter().all(|v| v.is_nan()), "the relu ran during capture");
+    assert_eq!(xb.to_vec().unwrap(), x, "x was changed during capture");
+    let x2 = normal(&mut rng, x.len());
+    xb.copy_from(&x2).unwrap();
+    graph.replay().unwrap();
+    d.synchronize().unwrap();
+    assert_eq!(
+        bytemuck::cast_slice::<f32, u8>(&yb.to_vec().unwrap()),
+        relu_bits(&x2)
+    );
+    other.replay().unwrap();
+    assert!(yb.to_vec().unwrap().iter().all(|v| v.is_nan()));
+    let t = d.time(&mut || graph.replay()).unwrap();
+    assert!(t >= 0.0);
+    drop((graph, other));
+    assert_eq!(d.graph_count(), 0);
+}
+
+#[test]
+fn failed_capture_keeps_nothing() {
+    let d = test_driver().unwrap();
+    let mut rng = Rng::new(fresh_seed("failed_capture_keeps_nothing"));
+    let x = normal(&mut rng, 4099);
+    let xb = DeviceBuffer::from_slice(&d, &x).unwrap();
+    let yb = DeviceBuffer::<f32>::alloc(&d, x.len()).unwrap();
+    yb.fill_bytes(NAN).unwrap();
+    let e = Graph::capture(&d, || {
+        yb.fill_bytes(0)?;
+        relu(&*d, &yb, &xb)?;
+        bail!("work failed on purpose")
+    })
+    .err()
+    .expect("a failing work fails the capture");
+    assert!(format!("{e:#}").contains("work failed on purpose"), "{e:#}");
+    assert_eq!(d.graph_count(), 0);
+    // Back in normal mode: the recorded work was dropped, direct work runs at once.
+    assert!(yb.to_vec().unwrap().iter().all(|v| v.is_nan()));
+    relu(&*d, &yb, &xb).unwrap();
+    d.synchronize().unwrap();
+    assert_eq!(
+        bytemuck::cast_slice::<f32, u8>(&yb.to_vec().unwrap()),
+        relu_bits(&x)
+    );
+    // And the next capture works.
+    let graph = Graph::capture(&d, || yb.fill_bytes(NAN)).unwrap();
+    graph.replay().unwrap();
+    assert!(yb.to_vec().unwrap().iter().all(|v| v.is_nan()));
 }

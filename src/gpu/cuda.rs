@@ -1,13 +1,19 @@
 //! Driver 1: a real CUDA device through cudarc's driver API (loaded at run time, so nothing of
 //! CUDA is needed to build). Kernels come from the embedded fatbins, or are compiled with NVRTC
-//! on first use when the build had no nvcc. Work goes to the legacy default stream, in order.
+//! on first use when the build had no nvcc.
+//!
+//! All work goes, in order, to one non-blocking stream of our own: memsets and launches are
+//! asynchronous; copies are queued on it and then waited for, so the host slice is free (htod)
+//! or filled (dtoh) when the call returns. Nothing of ours uses the legacy NULL stream, and a
+//! non-blocking stream does not synchronise with it. Graphs are captured from that stream.
 
-use super::kernels::{module_of, KernelModule};
-use super::{DevPtr, Driver};
+use super::kernels::{module_of, KernelModule, MODULES};
+use super::{not_while_capturing, DevPtr, Driver};
 use anyhow::{anyhow, bail, Context, Result};
 use cudarc::driver::{result, sys};
 use std::collections::HashMap;
 use std::ffi::{c_void, CString};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 
 /// Fails with "no CUDA driver found" unless libcuda can be loaded (cudarc panics without it).
@@ -69,13 +75,20 @@ pub struct Cuda {
     info: DeviceInfo,
     dev: sys::CUdevice,
     ctx: sys::CUcontext,
+    /// Where all work goes (null only while `new` has not created it yet).
+    stream: sys::CUstream,
     /// Loaded modules by file, and functions by kernel name.
     modules: Mutex<HashMap<&'static str, sys::CUmodule>>,
     functions: Mutex<HashMap<String, sys::CUfunction>>,
+    /// True while `capture` runs: the stream records work instead of running it.
+    capturing: AtomicBool,
+    /// Instantiated graphs by id.
+    graphs: Mutex<HashMap<u64, sys::CUgraphExec>>,
+    next_graph: AtomicU64,
 }
 
-// SAFETY: CUDA contexts, modules and functions may be used from any thread; every call makes
-// the context current first.
+// SAFETY: CUDA contexts, streams, modules, functions and graph execs may be used from any
+// thread; every call makes the context current first.
 unsafe impl Send for Cuda {}
 unsafe impl Sync for Cuda {}
 
@@ -96,14 +109,23 @@ impl Cuda {
             unsafe { result::primary_ctx::retain(dev) },
             "cuDevicePrimaryCtxRetain",
         )?;
-        let cuda = Self {
+        let mut cuda = Self {
             info,
             dev,
             ctx,
+            stream: std::ptr::null_mut(),
             modules: Mutex::default(),
             functions: Mutex::default(),
+            capturing: AtomicBool::new(false),
+            graphs: Mutex::default(),
+            next_graph: AtomicU64::new(0),
         };
+        // On failure from here, Drop releases the context.
         cuda.bind()?;
+        cuda.stream = cu(
+            result::stream::create(result::stream::StreamKind::NonBlocking),
+            "cuStreamCreate",
+        )?;
         Ok(cuda)
     }
 
@@ -117,6 +139,66 @@ impl Cuda {
             unsafe { result::ctx::set_current(self.ctx) },
             "cuCtxSetCurrent",
         )
+    }
+
+    fn not_capturing(&self, what: &str) -> Result<()> {
+        match self.capturing.load(Ordering::Acquire) {
+            true => Err(not_while_capturing(&format!("cuda: {what}"))),
+            false => Ok(()),
+        }
+    }
+
+    /// Waits for the work queued so far; reports any asynchronous error.
+    fn sync_stream(&self) -> Result<()> {
+        // SAFETY: the stream lives until Drop.
+        cu(
+            unsafe { result::stream::synchronize(self.stream) },
+            "cuStreamSynchronize",
+        )
+    }
+
+    /// `work` between cuStreamBeginCapture and cuStreamEndCapture; the captured CUgraph.
+    fn record(&self, work: &mut dyn FnMut() -> Result<()>) -> Result<sys::CUgraph> {
+        // Every kernel is loaded first (cached after the first capture): a module load, or the
+        // load of a function that lazy loading defers to cuModuleGetFunction, is not something a
+        // capture may contain.
+        for m in MODULES {
+            for k in m.kernels {
+                self.function(k)
+                    .context("loading every kernel before a graph capture")?;
+            }
+        }
+        // Thread-local mode: CUDA refuses any potentially unsafe call (a synchronous copy, an
+        // allocation, a sync) made by this thread while it captures, on top of this driver's
+        // own refusals (`not_capturing`), so nothing slips silently past the capture; other
+        // threads, which do not feed this stream, are left alone (the global mode would fail
+        // their calls too). Relaxed mode would only be needed for unsafe calls during the
+        // capture, and none are left once the kernels are loaded.
+        // SAFETY: the stream lives until Drop.
+        cu(
+            unsafe {
+                result::stream::begin_capture(
+                    self.stream,
+                    sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
+                )
+            },
+            "cuStreamBeginCapture",
+        )?;
+        let worked = work();
+        // Always end the capture, so the stream is back in normal mode whatever `work` did.
+        // SAFETY: as above; the stream is capturing.
+        let ended = unsafe { result::stream::end_capture(self.stream) };
+        match (worked, ended) {
+            (Ok(()), Ok(graph)) => Ok(graph),
+            (Ok(()), Err(e)) => Err(anyhow!("cuStreamEndCapture: {e}"))
+                .context("a call during the capture invalidated it"),
+            (Err(e), Ok(graph)) => {
+                // SAFETY: a graph we own and drop here.
+                let _ = unsafe { result::graph::destroy(graph) };
+                Err(e)
+            }
+            (Err(e), Err(_)) => Err(e),
+        }
     }
 
     fn load(&self, m: &'static KernelModule) -> Result<sys::CUmodule> {
@@ -194,9 +276,34 @@ pub fn nvrtc_compile(m: &KernelModule, (major, minor): (i32, i32)) -> Result<Str
     Ok(ptx.to_src())
 }
 
+/// Leaves capture mode however `record` left, ending the stream's capture if `work` panicked.
+struct EndCapture<'a>(&'a Cuda);
+
+impl Drop for EndCapture<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            // SAFETY: the stream lives until Drop; the discarded graph is ours.
+            if let Ok(graph) = unsafe { result::stream::end_capture(self.0.stream) } {
+                let _ = unsafe { result::graph::destroy(graph) };
+            }
+        }
+        self.0.capturing.store(false, Ordering::Release);
+    }
+}
+
 impl Drop for Cuda {
     fn drop(&mut self) {
         if self.bind().is_ok() {
+            if !self.stream.is_null() {
+                // Queued work may still run kernels of the modules unloaded below.
+                let _ = self.sync_stream();
+                for (_, exec) in self.graphs.get_mut().unwrap().drain() {
+                    // SAFETY: instantiated by us, never used after this.
+                    let _ = unsafe { result::graph::exec_destroy(exec) };
+                }
+                // SAFETY: created in `new`, never used after this.
+                let _ = unsafe { result::stream::destroy(self.stream) };
+            }
             for &module in self.modules.get_mut().unwrap().values() {
                 // SAFETY: loaded by us, no function of it is used after this.
                 let _ = unsafe { result::module::unload(module) };
@@ -213,6 +320,7 @@ impl Driver for Cuda {
     }
 
     fn alloc(&self, bytes: usize) -> Result<DevPtr> {
+        self.not_capturing("alloc")?;
         self.bind()?;
         // SAFETY: context is current.
         cu(unsafe { result::malloc_sync(bytes.max(1)) }, "cuMemAlloc")
@@ -220,35 +328,47 @@ impl Driver for Cuda {
     }
 
     fn free(&self, ptr: DevPtr) -> Result<()> {
+        self.not_capturing("free")?;
         self.bind()?;
-        // SAFETY: ptr came from alloc.
+        // Work queued before may still use the memory (cuMemFree may synchronise by itself, but
+        // that is not a documented promise).
+        self.sync_stream()?;
+        // SAFETY: ptr came from alloc, and no queued work uses it any more.
         cu(unsafe { result::free_sync(ptr) }, "cuMemFree")
     }
 
     fn htod(&self, dst: DevPtr, src: &[u8]) -> Result<()> {
+        self.not_capturing("copy to device")?;
         self.bind()?;
-        // SAFETY: dst is a device allocation of at least src.len() bytes (checked by the driver).
+        // SAFETY: dst is a device allocation of at least src.len() bytes (checked by the driver);
+        // src outlives the copy, as the stream is synchronised before returning.
         cu(
-            unsafe { result::memcpy_htod_sync(dst, src) },
-            "cuMemcpyHtoD",
-        )
+            unsafe { result::memcpy_htod_async(dst, src, self.stream) },
+            "cuMemcpyHtoDAsync",
+        )?;
+        self.sync_stream()
     }
 
     fn dtoh(&self, dst: &mut [u8], src: DevPtr) -> Result<()> {
+        self.not_capturing("copy from device")?;
         self.bind()?;
-        // SAFETY: as above.
+        // SAFETY: as above; dst is filled when the stream has been synchronised.
         cu(
-            unsafe { result::memcpy_dtoh_sync(dst, src) },
-            "cuMemcpyDtoH",
-        )
+            unsafe { result::memcpy_dtoh_async(dst, src, self.stream) },
+            "cuMemcpyDtoHAsync",
+        )?;
+        self.sync_stream()
     }
 
     fn memset(&self, dst: DevPtr, byte: u8, bytes: usize) -> Result<()> {
+        if bytes == 0 {
+            return Ok(()); // nothing to do, and a graph's memset node may not be empty
+        }
         self.bind()?;
-        // SAFETY: as above.
+        // SAFETY: as above; a memset node when capturing.
         cu(
-            unsafe { result::memset_d8_sync(dst, byte, bytes) },
-            "cuMemsetD8",
+            unsafe { result::memset_d8_async(dst, byte, bytes, self.stream) },
+            "cuMemsetD8Async",
         )
     }
 
@@ -262,14 +382,15 @@ impl Driver for Cuda {
     ) -> Result<()> {
         self.bind()?;
         let f = self.function(name)?;
-        // SAFETY: the caller vouches for the parameters (see Driver::launch).
+        // SAFETY: the caller vouches for the parameters (see Driver::launch). cuLaunchKernel
+        // copies the parameter values, into the kernel node when capturing.
         let r = unsafe {
             result::launch_kernel(
                 f,
                 (grid[0], grid[1], grid[2]),
                 (block[0], block[1], block[2]),
                 shared_bytes,
-                std::ptr::null_mut(),
+                self.stream,
                 params,
             )
         };
@@ -277,27 +398,23 @@ impl Driver for Cuda {
     }
 
     fn synchronize(&self) -> Result<()> {
+        self.not_capturing("synchronize")?;
         self.bind()?;
-        cu(result::ctx::synchronize(), "cuCtxSynchronize")
+        self.sync_stream()
     }
 
     fn time(&self, work: &mut dyn FnMut() -> Result<()>) -> Result<f64> {
+        self.not_capturing("time")?;
         self.bind()?;
         let flags = sys::CUevent_flags::CU_EVENT_DEFAULT;
         let start = cu(result::event::create(flags), "cuEventCreate")?;
         let end = cu(result::event::create(flags), "cuEventCreate")?;
         let timed = (|| -> Result<f64> {
-            // SAFETY: events created above; null stream.
+            // SAFETY: events created above; our stream.
             unsafe {
-                cu(
-                    result::event::record(start, std::ptr::null_mut()),
-                    "cuEventRecord",
-                )?;
+                cu(result::event::record(start, self.stream), "cuEventRecord")?;
                 work()?;
-                cu(
-                    result::event::record(end, std::ptr::null_mut()),
-                    "cuEventRecord",
-                )?;
+                cu(result::event::record(end, self.stream), "cuEventRecord")?;
                 cu(result::event::synchronize(end), "cuEventSynchronize")?;
                 Ok(cu(result::event::elapsed(start, end), "cuEventElapsedTime")? as f64)
             }
@@ -308,5 +425,58 @@ impl Driver for Cuda {
             let _ = result::event::destroy(end);
         }
         timed
+    }
+
+    fn capture(&self, work: &mut dyn FnMut() -> Result<()>) -> Result<u64> {
+        if self.capturing.swap(true, Ordering::AcqRel) {
+            return Err(not_while_capturing("cuda: a nested capture"));
+        }
+        let graph = {
+            let _end = EndCapture(self);
+            self.bind().and_then(|()| self.record(work))?
+        };
+        // SAFETY: a complete graph from end_capture; the exec keeps what it needs of it.
+        let exec = unsafe { result::graph::instantiate(graph, sys::CUgraphInstantiate_flags(0)) };
+        // SAFETY: not used after this.
+        let _ = unsafe { result::graph::destroy(graph) };
+        let exec = cu(exec, "cuGraphInstantiate")?;
+        let id = self.next_graph.fetch_add(1, Ordering::Relaxed) + 1;
+        self.graphs.lock().unwrap().insert(id, exec);
+        Ok(id)
+    }
+
+    fn replay(&self, graph: u64) -> Result<()> {
+        self.not_capturing("replay")?;
+        self.bind()?;
+        let graphs = self.graphs.lock().unwrap();
+        let &exec = graphs
+            .get(&graph)
+            .ok_or_else(|| anyhow!("cuda: replay of graph {graph}, which does not exist"))?;
+        // SAFETY: a live exec (the lock keeps it so); our stream.
+        cu(
+            unsafe { result::graph::launch(exec, self.stream) },
+            &format!("cuGraphLaunch (graph {graph})"),
+        )
+    }
+
+    fn free_graph(&self, graph: u64) -> Result<()> {
+        self.not_capturing("free of a graph")?;
+        let exec = self
+            .graphs
+            .lock()
+            .unwrap()
+            .remove(&graph)
+            .ok_or_else(|| anyhow!("cuda: free of graph {graph}, which does not exist"))?;
+        self.bind()?;
+        // SAFETY: removed from the map, never used after this; an exec still running is freed
+        // by CUDA when it completes.
+        cu(
+            unsafe { result::graph::exec_destroy(exec) },
+            "cuGraphExecDestroy",
+        )
+    }
+
+    fn graph_count(&self) -> usize {
+        self.graphs.lock().unwrap().len()
     }
 }

@@ -19,6 +19,8 @@ pub struct EmuKernel {
     pub name: *const c_char,
     pub entry: unsafe extern "C" fn(params: *mut *mut c_void),
     pub arity: c_int,
+    /// `arity` parameter sizes in bytes.
+    pub param_sizes: *const c_int,
 }
 
 include!(concat!(env!("OUT_DIR"), "/kernels.rs"));

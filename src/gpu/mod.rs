@@ -54,6 +54,29 @@ pub trait Driver: Send + Sync {
     fn synchronize(&self) -> Result<()>;
     /// Milliseconds the device spent on the work queued by `work`, measured with events.
     fn time(&self, work: &mut dyn FnMut() -> Result<()>) -> Result<f64>;
+
+    /// Runs `work` in capture mode and returns the id of the graph it recorded (see [`Graph`],
+    /// which frees it). Launches and memsets are recorded, not executed: each launch node keeps
+    /// a copy of its parameter values, so pointers and scalars are frozen at capture, while the
+    /// memory they point to is read when the graph is replayed. Any other call while capturing
+    /// (copies, alloc, free, synchronize, time, replay, free_graph, a nested capture) is an
+    /// error that does nothing (so a [`DeviceBuffer`] dropped inside `work` leaks: keep buffers
+    /// alive across the capture). If `work` fails, nothing is kept, the driver is back in normal mode and `work`'s
+    /// error is returned. One thread at a time: work queued by another thread meanwhile would be
+    /// captured too.
+    fn capture(&self, work: &mut dyn FnMut() -> Result<()>) -> Result<u64>;
+    /// Queues the recorded work of graph `graph`, in order after the work before it.
+    fn replay(&self, graph: u64) -> Result<()>;
+    fn free_graph(&self, graph: u64) -> Result<()>;
+    /// Graphs captured and not yet freed.
+    fn graph_count(&self) -> usize;
+}
+
+/// The error for a call that a graph capture cannot record.
+fn not_while_capturing(what: &str) -> anyhow::Error {
+    anyhow::anyhow!(
+        "{what} is not allowed while capturing a graph (only launches and memsets are recorded)"
+    )
 }
 
 /// One entry of a launch's parameter array: a pointer to `v`, which must outlive the launch.
@@ -139,6 +162,36 @@ impl<T: bytemuck::Pod> DeviceBuffer<T> {
 impl<T: bytemuck::Pod> Drop for DeviceBuffer<T> {
     fn drop(&mut self) {
         let _ = self.driver.free(self.ptr);
+    }
+}
+
+/// A captured graph (CUDA graph; a node list on the emulator) that frees itself.
+pub struct Graph {
+    id: u64,
+    driver: Arc<dyn Driver>,
+}
+
+impl Graph {
+    /// Records the launches and memsets of `work` without running them ([`Driver::capture`]).
+    pub fn capture(driver: &Arc<dyn Driver>, mut work: impl FnMut() -> Result<()>) -> Result<Self> {
+        let id = driver.capture(&mut work)?;
+        Ok(Graph {
+            id,
+            driver: driver.clone(),
+        })
+    }
+    /// Queues the recorded work again, with the parameters it was captured with.
+    pub fn replay(&self) -> Result<()> {
+        self.driver.replay(self.id)
+    }
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+}
+
+impl Drop for Graph {
+    fn drop(&mut self) {
+        let _ = self.driver.free_graph(self.id);
     }
 }
 

@@ -110,4 +110,18 @@ impl Driver for Tracking {
     fn time(&self, work: &mut dyn FnMut() -> Result<()>) -> Result<f64> {
         self.inner.time(work)
     }
+    // The inner driver refuses allocations and frees while capturing, so the counts stay exact:
+    // a graph's memory is whatever was allocated before its capture.
+    fn capture(&self, work: &mut dyn FnMut() -> Result<()>) -> Result<u64> {
+        self.inner.capture(work)
+    }
+    fn replay(&self, graph: u64) -> Result<()> {
+        self.inner.replay(graph)
+    }
+    fn free_graph(&self, graph: u64) -> Result<()> {
+        self.inner.free_graph(graph)
+    }
+    fn graph_count(&self) -> usize {
+        self.inner.graph_count()
+    }
 }

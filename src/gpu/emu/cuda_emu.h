@@ -243,10 +243,19 @@ struct Kernel {
     const char* name;
     void (*entry)(void** params);  // calls the kernel with *(T_i*)params[i]
     int arity;
+    const int* param_sizes;  // sizeof(T_i) for each parameter: what a graph node copies
 };
 template <class... A>
 constexpr int arity(void (*)(A...)) {
     return (int)sizeof...(A);
+}
+template <class... A>
+struct ParamSizes {
+    static constexpr int v[] = {(int)sizeof(A)..., 0};  // the 0 keeps a 0-ary kernel's array legal
+};
+template <class... A>
+constexpr const int* param_sizes(void (*)(A...)) {
+    return ParamSizes<A...>::v;
 }
 template <class... A, size_t... I>
 void call(void (*f)(A...), void** p, std::index_sequence<I...>) {
