@@ -88,6 +88,9 @@ pub trait Net {
     fn peak_device_bytes(&self) -> Option<usize> {
         None
     }
+    /// GPU backends: run forward and backward as captured CUDA graphs (the default) or kernel by
+    /// kernel. Nothing to switch on the CPU.
+    fn use_graphs(&mut self, _on: bool) {}
 }
 
 /// Refuses a raw batch whose shapes disagree: `raw: [params.len(), src_size, src_size]`.

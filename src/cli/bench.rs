@@ -36,6 +36,9 @@ pub struct Args {
     /// Print one JSON line instead of a table
     #[arg(long)]
     pub json: bool,
+    /// GPU devices: launch kernel by kernel instead of replaying captured CUDA graphs
+    #[arg(long)]
+    pub no_graphs: bool,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -58,6 +61,7 @@ pub fn run(args: Args) -> Result<()> {
     let spec = args.arch.spec()?;
     let (n, s) = (args.batch, args.image_size);
     let mut model = net::build(device, precision, spec.clone(), None, 0)?;
+    model.use_graphs(!args.no_graphs);
     let mut rng = Rng::new(1);
     // GPU models read u8 images and augment them on the device, as in training (the timed step
     // includes that upload); the CPU model reads normalised f32 inputs.
@@ -104,6 +108,9 @@ pub fn run(args: Args) -> Result<()> {
     let peak = model.peak_device_bytes();
     if args.json {
         let mut j = serde_json::json!({"forward_s": f, "train_step_s": st, "images_per_s": ips});
+        if device != Device::Cpu {
+            j["graphs"] = (!args.no_graphs).into();
+        }
         if let Some(b) = peak {
             j["peak_device_bytes"] = b.into();
         }
@@ -111,7 +118,8 @@ pub fn run(args: Args) -> Result<()> {
     } else {
         let on = match device {
             Device::Cpu => format!("cpu ({} threads)", rayon::current_num_threads()),
-            d => format!("{d} ({precision:?})"),
+            d if args.no_graphs => format!("{d} ({precision:?}, no graphs)"),
+            d => format!("{d} ({precision:?}, graphs)"),
         };
         println!(
             "{} on {on}, batch {n}, {s}x{s}, median of {} steps after {} warm-up",
@@ -150,6 +158,7 @@ mod tests {
             steps: 1,
             warmup: 0,
             json: true,
+            no_graphs: false,
         }
     }
 

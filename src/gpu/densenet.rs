@@ -20,7 +20,7 @@
 use super::ops::{self, f32_at, BnSaved, Dt, View};
 use super::ops_tc;
 use super::tracking::Tracking;
-use super::{DevPtr, DeviceBuffer, Driver};
+use super::{DevPtr, DeviceBuffer, Driver, Graph};
 use crate::data::loader::AugParams;
 use crate::model::{BnIdx, DenseNet, Layout, Mode};
 use crate::net::{Net, Precision};
@@ -181,6 +181,17 @@ pub struct GpuDenseNet {
     raw_in: Option<RawIn>,
     /// A train-mode forward left what backward needs in the plan.
     recorded: bool,
+    /// The plan's captured graphs, by pass and batch size; dropped with the plan.
+    graphs: HashMap<(Pass, usize), Graph>,
+    use_graphs: bool,
+}
+
+/// What a captured graph runs.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+enum Pass {
+    Eval,
+    Train,
+    Backward,
 }
 
 impl GpuDenseNet {
@@ -227,6 +238,8 @@ impl GpuDenseNet {
                 plan: None,
                 raw_in: None,
                 recorded: false,
+                graphs: HashMap::new(),
+                use_graphs: true,
                 host: model.cast::<f32>(),
                 dt,
                 d: d.clone(),
@@ -272,6 +285,7 @@ impl GpuDenseNet {
             p.n = n;
             return Ok(());
         }
+        self.graphs.clear(); // they launch on the old plan's buffers
         self.plan = None; // free the old shape's buffers first
         self.recorded = false;
         match self.build_plan(n, h, w) {
@@ -365,7 +379,8 @@ impl GpuDenseNet {
 
     /// A BN's (scale, shift), into `coef`: from the batch statistics `(mean, var, count)` in
     /// training (also updating its running statistics and counter), else from the running ones.
-    fn bn_coeffs(&mut self, bn: BnIdx, batch: Option<(DevPtr, DevPtr, usize)>) -> Result<()> {
+    /// (The BN's batch counter is the caller's: [`Self::forward_planned`] counts every BN.)
+    fn bn_coeffs(&self, bn: BnIdx, batch: Option<(DevPtr, DevPtr, usize)>) -> Result<()> {
         let (scale, shift) = self.coefs(bn);
         let (gamma, beta) = (self.p(bn.p), self.p(bn.p + bn.c));
         let (rm, rv) = (
@@ -374,20 +389,17 @@ impl GpuDenseNet {
         );
         let d = &*self.d;
         match batch {
-            Some((mean, var, count)) => {
-                self.counters[bn.cnt] += 1;
-                ops::bn_coeffs(
-                    d,
-                    gamma,
-                    beta,
-                    mean,
-                    var,
-                    Some((rm, rv, count)),
-                    bn.c,
-                    scale,
-                    shift,
-                )
-            }
+            Some((mean, var, count)) => ops::bn_coeffs(
+                d,
+                gamma,
+                beta,
+                mean,
+                var,
+                Some((rm, rv, count)),
+                bn.c,
+                scale,
+                shift,
+            ),
             None => ops::bn_coeffs(d, gamma, beta, rm, rv, None, bn.c, scale, shift),
         }
     }
@@ -551,7 +563,7 @@ impl GpuDenseNet {
         let plan = self.plan.take().expect("planned above");
         let out = self
             .load_input(&plan, x)
-            .and_then(|()| self.run_planned(&plan, train));
+            .and_then(|()| self.forward_planned(&plan, train));
         self.plan = Some(plan);
         self.recorded = train && out.is_ok();
         out
@@ -600,7 +612,37 @@ impl GpuDenseNet {
         }
     }
 
-    fn run_planned(&mut self, pl: &Plan, train: bool) -> Result<Vec<f32>> {
+    /// The forward's kernels (one graph per batch size and mode), then the logits to the host.
+    fn forward_planned(&mut self, pl: &Plan, train: bool) -> Result<Vec<f32>> {
+        if train {
+            for bn in all_bns(&self.host.layout) {
+                self.counters[bn.cnt] += 1;
+            }
+        }
+        let key = (if train { Pass::Train } else { Pass::Eval }, pl.n);
+        self.run_graph(key, &|m: &Self| m.forward_kernels(pl, train))?;
+        let mut logits = vec![0f32; pl.n];
+        self.d
+            .dtoh(bytemuck::cast_slice_mut(&mut logits), pl.logits.ptr())?;
+        Ok(logits)
+    }
+
+    /// Runs `work` (launches and memsets only): through its graph for `key`, captured on first
+    /// use, or directly when graphs are off.
+    fn run_graph(&mut self, key: (Pass, usize), work: &dyn Fn(&Self) -> Result<()>) -> Result<()> {
+        if !self.use_graphs {
+            return work(self);
+        }
+        if !self.graphs.contains_key(&key) {
+            let d = self.d.clone();
+            let g = Graph::capture(&d, || work(self)).context("capturing a CUDA graph")?;
+            self.graphs.insert(key, g);
+        }
+        self.graphs[&key].replay()
+    }
+
+    /// Launch the whole forward from the input in the plan to the logits in the plan.
+    fn forward_kernels(&self, pl: &Plan, train: bool) -> Result<()> {
         let (dt, n, h, w) = (self.dt, pl.n, pl.h, pl.w);
         let lay = self.host.layout.clone();
         let xin = pl.x16.as_ref().map_or(pl.x.ptr(), |x| x.ptr());
@@ -760,17 +802,21 @@ impl GpuDenseNet {
             pl.feat.ptr(),
         )?;
         let (fw, fb) = (self.p(lay.fc), self.p(lay.fc + c));
-        ops::linear_fwd(&*self.d, pl.feat.ptr(), n, c, fw, fb, pl.logits.ptr())?;
-        let mut logits = vec![0f32; n];
-        self.d
-            .dtoh(bytemuck::cast_slice_mut(&mut logits), pl.logits.ptr())?;
-        Ok(logits)
+        ops::linear_fwd(&*self.d, pl.feat.ptr(), n, c, fw, fb, pl.logits.ptr())
     }
 
-    fn backward_planned(&self, pl: &Plan, dlogits: &[f32]) -> Result<()> {
+    /// The logits' gradient to the device, then the backward's kernels (one graph per batch size).
+    fn backward_planned(&mut self, pl: &Plan, dlogits: &[f32]) -> Result<()> {
+        self.d
+            .htod(pl.dlogits.ptr(), bytemuck::cast_slice(dlogits))?;
+        self.run_graph((Pass::Backward, pl.n), &|m: &Self| m.backward_kernels(pl))?;
+        self.d.synchronize()
+    }
+
+    /// Launch the whole backward from the logits' gradient in the plan to every parameter's.
+    fn backward_kernels(&self, pl: &Plan) -> Result<()> {
         let (d, dt, n) = (&*self.d, self.dt, pl.n);
         let lay = &self.host.layout;
-        d.htod(pl.dlogits.ptr(), bytemuck::cast_slice(dlogits))?;
         let scratch = (self.part.ptr(), self.bcoef.ptr());
         let (sa, sb) = (pl.sa.ptr(), pl.sb.ptr());
         let bn_grads = |bn: BnIdx| (self.g(bn.p), self.g(bn.p + bn.c));
@@ -941,8 +987,7 @@ impl GpuDenseNet {
             c: 3,
             rs: 3,
         };
-        ops::conv_bwd_weight(d, dt, xv, None, STEM, sb, f0, f0, self.g(lay.conv0.p))?;
-        d.synchronize()
+        ops::conv_bwd_weight(d, dt, xv, None, STEM, sb, f0, f0, self.g(lay.conv0.p))
     }
 
     /// Gradients of every parameter (after `backward`), in the CPU model's flat layout.
@@ -1029,7 +1074,10 @@ impl Net for GpuDenseNet {
             );
         }
         self.recorded = false;
-        self.backward_planned(plan, dlogits)
+        let plan = self.plan.take().expect("recorded implies planned");
+        let out = self.backward_planned(&plan, dlogits);
+        self.plan = Some(plan);
+        out
     }
     fn adam_step(&mut self, adam: &mut Adam) -> Result<()> {
         if adam.m.len() != self.params.len() {
@@ -1060,6 +1108,12 @@ impl Net for GpuDenseNet {
     }
     fn peak_device_bytes(&self) -> Option<usize> {
         Some(self.mem.peak_bytes())
+    }
+    /// Forward and backward run as captured graphs (the default; one per pass and batch size,
+    /// captured on first use) or kernel by kernel.
+    fn use_graphs(&mut self, on: bool) {
+        self.use_graphs = on;
+        self.graphs.clear();
     }
     fn to_state_dict(&self) -> Result<StateDict> {
         let mut m = self.host.cast::<f32>();
