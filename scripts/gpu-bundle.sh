@@ -6,12 +6,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=gpu-bundle
-TESTS=(gpu_ops gpu_device emu_selftest)
+TESTS=(gpu_device gpu_ops gpu_densenet_ops gpu_conv_tc gpu_model gpu_rawpath emu_selftest)
 
 cargo build --release
 args=()
 for t in "${TESTS[@]}"; do args+=(--test "$t"); done
 json="$(cargo test --release --no-run --message-format=json "${args[@]}")"
+# The kernel harness (benches/kernels.rs) as a plain binary.
+json+=$'\n'"$(cargo bench --no-run --message-format=json --bench kernels)"
 
 rm -rf "$OUT"
 mkdir -p "$OUT/tests"
@@ -20,14 +22,19 @@ echo "$json" | python3 -c '
 import json, shutil, sys
 for line in sys.stdin:
     msg = json.loads(line)
-    if msg.get("reason") == "compiler-artifact" and msg.get("executable") and "test" in msg["target"]["kind"]:
-        shutil.copy(msg["executable"], sys.argv[1] + "/tests/" + msg["target"]["name"])
+    if msg.get("reason") == "compiler-artifact" and msg.get("executable"):
+        kind = msg["target"]["kind"]
+        name = msg["target"]["name"]
+        if "bench" in kind:
+            shutil.copy(msg["executable"], sys.argv[1] + "/bench-" + name)
+        elif "test" in kind:
+            shutil.copy(msg["executable"], sys.argv[1] + "/tests/" + name)
 ' "$OUT"
 # The emulator's ASan harness (build.rs), for the emulator self-tests that run there too.
 asan="$(ls -t target/release/build/mura-*/out/emu-asan 2>/dev/null | head -n1)"
 if [ -n "$asan" ]; then cp "$asan" "$OUT/emu-asan"; fi
-cp scripts/gpu-check.sh "$OUT/"
-strip --strip-debug "$OUT/mura" "$OUT"/tests/*
+cp scripts/gpu-check.sh scripts/pytorch_bench.py "$OUT/"
+strip --strip-debug "$OUT/mura" "$OUT"/bench-* "$OUT"/tests/*
 git rev-parse HEAD > "$OUT/COMMIT" 2>/dev/null || true
 
 size=$(du -sm "$OUT" | cut -f1)
