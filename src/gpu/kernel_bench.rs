@@ -80,7 +80,10 @@ pub fn measure(
             Precision::F32 => Dt::F32,
         },
         seed,
+        made: 0,
         bufs: HashMap::new(),
+        scratch: HashMap::new(),
+        row: 0,
     };
     rows.iter()
         .map(|r| {
@@ -375,8 +378,15 @@ struct Bench {
     d: Arc<dyn Driver>,
     dt: Dt,
     seed: u64,
+    /// Buffers made so far (each draws from its own stream).
+    made: u64,
     /// By (name, elements, element size).
     bufs: HashMap<(String, usize, usize), DeviceBuffer<u8>>,
+    /// The model's two backward scratch buffers, by name: grown (replaced) when a row needs
+    /// more, with the row that last took their address.
+    scratch: HashMap<&'static str, (DeviceBuffer<u8>, usize)>,
+    /// The row being set up.
+    row: usize,
 }
 
 impl Bench {
@@ -385,11 +395,37 @@ impl Bench {
         if let Some(b) = self.bufs.get(&key) {
             return Ok(b.ptr());
         }
-        let seed = Rng::derive(self.seed, self.bufs.len() as u64).next_u64();
-        let b = DeviceBuffer::from_slice(&self.d, &random_bytes(seed, len.max(1), dt, fill))
-            .with_context(|| format!("allocating {name} ({len} values)"))?;
+        let b = self.random(name, len, dt, fill)?;
         let ptr = b.ptr();
         self.bufs.insert(key, b);
+        Ok(ptr)
+    }
+
+    fn random(&mut self, name: &str, len: usize, dt: Dt, fill: Fill) -> Result<DeviceBuffer<u8>> {
+        self.made += 1;
+        let seed = Rng::derive(self.seed, self.made).next_u64();
+        DeviceBuffer::from_slice(&self.d, &random_bytes(seed, len.max(1), dt, fill))
+            .with_context(|| format!("allocating {name} ({len} values)"))
+    }
+
+    /// Scratch `name` with room for `len` activations (one buffer per name, as in the model,
+    /// rather than one per size).
+    fn scratch(&mut self, name: &'static str, len: usize) -> Result<DevPtr> {
+        let bytes = len * self.dt.size();
+        match self.scratch.get_mut(name) {
+            Some((b, row)) if b.len() >= bytes => {
+                *row = self.row;
+                return Ok(b.ptr());
+            }
+            Some((_, row)) if *row == self.row => {
+                bail!("internal: scratch {name} grown after this row took its address")
+            }
+            _ => {}
+        }
+        self.scratch.remove(name); // free the smaller one first
+        let b = self.random(name, len, self.dt, ACT)?;
+        let ptr = b.ptr();
+        self.scratch.insert(name, (b, self.row));
         Ok(ptr)
     }
 
@@ -434,6 +470,7 @@ impl Bench {
 
     /// The launches of row `r`.
     fn work(&mut self, r: &KernelRow, geo: &Geo) -> Result<Work> {
+        self.row += 1;
         let (d, dt, n) = (self.d.clone(), self.dt, geo.n);
         if r.op == "adam" {
             let count = r
@@ -485,7 +522,7 @@ impl Bench {
                         }))
                     }
                     Pass::BwdWeight => {
-                        let dy = self.act("sb", y0)?;
+                        let dy = self.scratch("sb", y0)?;
                         let dw = self.f32("dw", 49 * ci * co, ACT)?;
                         Ok(Box::new(move || {
                             ops::conv_bwd_weight(&*d, dt, xv, None, STEM, dy, co, co, dw)
@@ -514,7 +551,7 @@ impl Bench {
                     g: POINTWISE,
                     co: mid,
                     y: (self.act(&format!("y1_{b}"), px * mid)?, mid),
-                    dy: (self.act("sb", px * mid)?, mid),
+                    dy: (self.scratch("sb", px * mid)?, mid),
                     dx: (dbuf, blk.ct, true),
                 };
                 self.conv(site, pass)
@@ -542,7 +579,7 @@ impl Bench {
                     co: k,
                     y: (dt.at(buf, slice), blk.ct),
                     dy: (dt.at(dbuf, slice), blk.ct),
-                    dx: (self.act("sb", px * mid)?, mid, false),
+                    dx: (self.scratch("sb", px * mid)?, mid, false),
                 };
                 self.conv(site, pass)
             }
@@ -569,7 +606,7 @@ impl Bench {
                     co,
                     y: (nbuf, next.ct),
                     dy: (ndbuf, next.ct),
-                    dx: (self.act("sa", px * ci)?, ci, false),
+                    dx: (self.scratch("sa", px * ci)?, ci, false),
                 };
                 self.conv(site, pass)
             }
@@ -635,8 +672,8 @@ impl Bench {
                         ops::maxpool_fwd(&*d, dt, a0v, buf0, ct0)
                     })),
                     Pass::Bwd => {
-                        let sa = self.act("sa", m0 * f0)?;
-                        let sb = self.act("sb", m0 * f0)?;
+                        let sa = self.scratch("sa", m0 * f0)?;
+                        let sb = self.scratch("sb", m0 * f0)?;
                         let saved = bn.saved(y0, f0, m0, f0);
                         Ok(Box::new(move || {
                             ops::maxpool_bwd(&*d, dt, a0v, dbuf0, ct0, sa)?;
@@ -676,8 +713,8 @@ impl Bench {
                         }))
                     }
                     Pass::Bwd => {
-                        let sa = self.act("sa", pooled_len)?;
-                        let sb = self.act("sb", n * h * h * ct)?;
+                        let sa = self.scratch("sa", pooled_len)?;
+                        let sb = self.scratch("sb", n * h * h * ct)?;
                         let saved = bn.saved(buf, ct, n * h * h, ct);
                         Ok(Box::new(move || {
                             ops::avgpool_bwd(&*d, dt, (n, h, h, ct), sa, ct, sb)?;
@@ -707,7 +744,7 @@ impl Bench {
                     }
                     Pass::Bwd => {
                         let dfeat = self.f32("dfeat", n * c, ACT)?;
-                        let sa = self.act("sa", px * c)?;
+                        let sa = self.scratch("sa", px * c)?;
                         let dx = self.act("head_dx", px * c)?;
                         let saved = bn.saved(x, c, px, c);
                         Ok(Box::new(move || {
@@ -793,7 +830,7 @@ impl Bench {
                     }),
                     Some(bn) => {
                         // The gradient of the BN's output, then the BN backward into dx.
-                        let sa = self.act("sa", x.rows() * x.c)?;
+                        let sa = self.scratch("sa", x.rows() * x.c)?;
                         let saved = bn.saved(x.ptr, x.rs, x.rows(), x.c);
                         Box::new(move || {
                             ops::conv_bwd_data(
