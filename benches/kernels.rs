@@ -6,8 +6,8 @@
 //! (800 TFLOP/s bf16, 3.0 TB/s), analytic only. With `--device`, every row's kernels run on
 //! that device (`mura::gpu::kernel_bench::measure`: fresh random inputs, one warm-up, then
 //! `--reps` launches timed with CUDA events (wall time on the emulator), default 20) and the
-//! table shows measured time,
-//! achieved TFLOP/s and GB/s, and % of the floor. The emulator is slow: use tiny shapes there
+//! table shows measured time, achieved TFLOP/s and GB/s, and % of the floor, per shape, per
+//! (op, pass) and for the step. The emulator is slow: use tiny shapes there
 //! (`densenet121 1 32 --device emu --reps 1`).
 
 use anyhow::{bail, Context, Result};
