@@ -1,21 +1,19 @@
-//! Kernel harness: the analytic roofline of one DenseNet training step, per kernel shape,
-//! with a column for measured GPU times.
+//! Kernel harness: the roofline of one DenseNet training step, per kernel shape, with each
+//! kernel's measured time when a device is given.
 //!
-//! `cargo bench --bench kernels [-- ARCH BATCH SIZE [PRECISION [PEAK_TFLOPS [TBPS]]]]`,
-//! default `densenet169 64 224 bf16` against an H100 (800 TFLOP/s bf16, 3.0 TB/s).
+//! `cargo bench --bench kernels -- [ARCH BATCH SIZE [PRECISION [PEAK_TFLOPS [TBPS]]]]
+//! [--device emu|cuda[:N]] [--reps N]`, default `densenet169 64 224 bf16` against an H100
+//! (800 TFLOP/s bf16, 3.0 TB/s), analytic only. With `--device`, every row's kernels run on
+//! that device (`mura::gpu::kernel_bench::measure`: fresh random inputs, one warm-up, then
+//! `--reps` launches timed with CUDA events (wall time on the emulator), default 20) and the
+//! table shows measured time, achieved TFLOP/s and GB/s, and % of the floor, per shape, per
+//! (op, pass) and for the step. The emulator is slow: use tiny shapes there
+//! (`densenet121 1 32 --device emu --reps 1`).
 
-use anyhow::{Context, Result};
-use mura::roofline::{self, KernelRow, Machine, Precision};
+use anyhow::{bail, Context, Result};
+use mura::device::Device;
+use mura::roofline::{self, Machine, Precision};
 use mura::spec::DenseNetSpec;
-
-/// Measured time of one launch of each row's kernel, in seconds (`None`: not measured).
-///
-/// Hook for the GPU issue: launch each row's kernel on the device (fresh random inputs of
-/// the row's shape, warm-up, CUDA events around many launches) and return the mean time
-/// per launch. Until then nothing is measured and the table says so.
-fn measured_kernel_times(rows: &[KernelRow]) -> Vec<Option<f64>> {
-    vec![None; rows.len()]
-}
 
 fn arg<T: std::str::FromStr>(args: &[String], i: usize, name: &str, default: T) -> Result<T>
 where
@@ -30,29 +28,86 @@ where
     }
 }
 
+/// Positional arguments, `--device`, `--reps` (cargo bench's own `--bench` is dropped).
+struct Opts {
+    positional: Vec<String>,
+    device: Option<Device>,
+    reps: usize,
+}
+
+fn options(args: impl Iterator<Item = String>) -> Result<Opts> {
+    let mut o = Opts {
+        positional: Vec::new(),
+        device: None,
+        reps: 20,
+    };
+    let mut args = args;
+    while let Some(a) = args.next() {
+        let Some(opt) = a.strip_prefix("--") else {
+            o.positional.push(a);
+            continue;
+        };
+        if opt == "bench" {
+            continue;
+        }
+        let (name, value) = match opt.split_once('=') {
+            Some((n, v)) => (n.to_string(), v.to_string()),
+            None => (
+                opt.to_string(),
+                args.next()
+                    .with_context(|| format!("--{opt} needs a value"))?,
+            ),
+        };
+        match name.as_str() {
+            "device" => o.device = Some(value.parse()?),
+            "reps" => {
+                o.reps = value
+                    .parse()
+                    .ok()
+                    .filter(|&r| r > 0)
+                    .with_context(|| format!("bad --reps '{value}': use a positive count"))?
+            }
+            _ => bail!("unknown option --{name}: use --device emu|cuda[:N] and --reps N"),
+        }
+    }
+    Ok(o)
+}
+
 fn run() -> Result<()> {
-    // cargo bench passes `--bench`; keep only positional arguments.
-    let args: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| !a.starts_with("--"))
-        .collect();
-    let arch: String = arg(&args, 0, "architecture", "densenet169".to_string())?;
-    let batch: usize = arg(&args, 1, "batch", 64)?;
-    let size: usize = arg(&args, 2, "image size", 224)?;
-    let precision: Precision = arg(&args, 3, "precision", Precision::Bf16)?;
+    let o = options(std::env::args().skip(1))?;
+    let args = &o.positional;
+    let arch: String = arg(args, 0, "architecture", "densenet169".to_string())?;
+    let batch: usize = arg(args, 1, "batch", 64)?;
+    let size: usize = arg(args, 2, "image size", 224)?;
+    let precision: Precision = arg(args, 3, "precision", Precision::Bf16)?;
     let h100 = Machine::h100(precision);
-    let peak: f64 = arg(&args, 4, "peak TFLOP/s", h100.peak_flops / 1e12)?;
-    let tbps: f64 = arg(&args, 5, "bandwidth TB/s", h100.bandwidth / 1e12)?;
+    let peak: f64 = arg(args, 4, "peak TFLOP/s", h100.peak_flops / 1e12)?;
+    let tbps: f64 = arg(args, 5, "bandwidth TB/s", h100.bandwidth / 1e12)?;
+    if args.len() > 6 {
+        bail!("too many arguments: ARCH BATCH SIZE [PRECISION [PEAK_TFLOPS [TBPS]]]");
+    }
     let machine = Machine {
         peak_flops: peak * 1e12,
         bandwidth: tbps * 1e12,
     };
     let spec = DenseNetSpec::preset(&arch)?;
     let rows = roofline::table(&spec, batch, size, precision)?;
-    let measured = measured_kernel_times(&rows);
+    let (measured, on) = match o.device {
+        None => (vec![None; rows.len()], String::new()),
+        Some(device) => {
+            let d = mura::gpu::open(device)?;
+            let t = mura::gpu::kernel_bench::measure(&d, &rows, precision, o.reps)?;
+            let on = format!(
+                "; measured on {}, mean of {} launches after a warm-up",
+                d.name(),
+                o.reps
+            );
+            (t, on)
+        }
+    };
     println!(
         "## Roofline: {arch} training step, batch {batch}, {size}x{size}, {precision}, \
-         {peak} TFLOP/s, {tbps} TB/s\n"
+         {peak} TFLOP/s, {tbps} TB/s{on}\n"
     );
     print!("{}", roofline::markdown(&rows, batch, &machine, &measured));
     Ok(())

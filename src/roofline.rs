@@ -532,16 +532,27 @@ pub fn markdown(rows: &[KernelRow], batch: usize, m: &Machine, measured: &[Optio
     let mut out = String::new();
     let us = |s: f64| format!("{:.1}", s * 1e6);
 
-    out.push_str("| op | pass | launches | FLOP | bytes | floor ms | share of floor |\n");
-    out.push_str("|---|---|---:|---:|---:|---:|---:|\n");
+    out.push_str(
+        "| op | pass | launches | FLOP | bytes | floor ms | share of floor | measured ms \
+         | % of floor |\n",
+    );
+    out.push_str("|---|---|---:|---:|---:|---:|---:|---:|---:|\n");
+    let time = |i: usize| measured.get(i).copied().flatten();
     let mut groups: Vec<(&str, Pass)> = rows.iter().map(|r| (r.op, r.pass)).collect();
     groups.sort_by_key(|&(op, pass)| (pass, op));
     groups.dedup();
     for (op, pass) in groups {
-        let g: Vec<&KernelRow> = rows
+        let g: Vec<(usize, &KernelRow)> = rows
             .iter()
-            .filter(|r| r.op == op && r.pass == pass)
+            .enumerate()
+            .filter(|(_, r)| r.op == op && r.pass == pass)
             .collect();
+        // The group's measured time, when each of its rows has one.
+        let meas: Option<f64> = g
+            .iter()
+            .map(|&(i, r)| time(i).map(|t| r.count as f64 * t))
+            .sum();
+        let g: Vec<&KernelRow> = g.into_iter().map(|(_, r)| r).collect();
         let launches: u64 = g.iter().map(|r| r.count).sum();
         let flops: u64 = g.iter().map(|r| r.count * r.flops).sum();
         let bytes: u64 = g.iter().map(|r| r.count * r.bytes).sum();
@@ -551,9 +562,13 @@ pub fn markdown(rows: &[KernelRow], batch: usize, m: &Machine, measured: &[Optio
         } else {
             si(flops as f64, "FLOP")
         };
+        let meas = match meas {
+            Some(sec) => format!("{:.3} | {:.0}%", sec * 1e3, 100.0 * floor / sec),
+            None => "- | -".into(),
+        };
         let _ = writeln!(
             out,
-            "| {op} | {pass} | {launches} | {flops} | {} | {:.3} | {:.1}% |",
+            "| {op} | {pass} | {launches} | {flops} | {} | {:.3} | {:.1}% | {meas} |",
             si(bytes as f64, "B"),
             floor * 1e3,
             100.0 * floor / t.floor_s
@@ -575,7 +590,7 @@ pub fn markdown(rows: &[KernelRow], batch: usize, m: &Machine, measured: &[Optio
             None => ("".into(), "".into(), "".into()),
         };
         let floor = r.floor_s(m);
-        let meas = match measured.get(i).copied().flatten() {
+        let meas = match time(i) {
             Some(sec) => {
                 measured_total += r.count as f64 * sec;
                 format!(

@@ -176,6 +176,11 @@ fn markdown_says_not_measured_without_times_and_uses_given_times() {
     assert!(!md.contains("not measured"));
     assert!(md.contains("measured (sum of kernels)"));
     assert!(md.contains("50% of floor"));
+    // ... in every shape's row and in every (op, pass) group's summary row.
+    let mut groups: Vec<_> = rows.iter().map(|r| (r.op, r.pass)).collect();
+    groups.sort();
+    groups.dedup();
+    assert_eq!(md.matches("| 50% |").count(), rows.len() + groups.len());
 }
 
 #[test]

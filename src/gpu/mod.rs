@@ -9,6 +9,7 @@
 pub mod cuda;
 pub mod densenet;
 pub mod emu;
+pub mod kernel_bench;
 pub mod kernels;
 pub mod ops;
 pub mod ops_tc;
