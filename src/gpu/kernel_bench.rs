@@ -9,11 +9,11 @@
 //! | row | launches |
 //! |---|---|
 //! | `stem7x7s2` fwd, bwd-weight | `ops::conv_fwd`, `ops::conv_bwd_weight` (CUDA cores, both precisions) |
-//! | `conv1x1`, `conv3x3` fwd | bf16: `ops_tc::conv_fwd` with the BN + ReLU in front and the output's statistics; f32: `ops::conv_fwd` with the BN + ReLU |
+//! | `conv1x1`, `conv3x3` fwd | bf16: zero the sums, `ops_tc::conv_fwd` with the BN + ReLU in front and the output's statistics summed in its epilogue; f32: `ops::conv_fwd` with the BN + ReLU |
 //! | … bwd-weight | `ops_tc::conv_bwd_weight` (split-K) / `ops::conv_bwd_weight`, with the BN + ReLU |
-//! | … bwd-data | bf16: `ops_tc::conv_bwd_data` with the ReLU mask and BN reductions (the 1×1 accumulating into the block's gradient buffer); f32: `ops::conv_bwd_data`, then `ops::bn_bwd`, which applies the mask, reduces and (1×1) accumulates |
+//! | … bwd-data | bf16: zero the sums, `ops_tc::conv_bwd_data` with the ReLU mask and the BN's reductions, then `ops::bn_bwd_from_sums` (the 1×1 accumulating into the block's gradient buffer); f32: `ops::conv_bwd_data`, then `ops::bn_bwd`, which applies the mask, reduces and (1×1) accumulates |
 //! | `trans1x1` | the same kernels without a BN in front (the pool applied it) |
-//! | `bn_stats` | `ops::bn_stats` |
+//! | `bn_stats` | `ops::bn_stats`; bf16 rows of conv outputs: `ops::bn_stats_from_sums` (the epilogue summed them) |
 //! | `maxpool` fwd / bwd | `ops::bn_act` (norm0 + ReLU), `ops::maxpool_fwd` / `ops::maxpool_bwd`, `ops::bn_bwd` (norm0) |
 //! | `avgpool` fwd / bwd | `ops::avgpool_fwd` with the transition's BN + ReLU / `ops::avgpool_bwd`, `ops::bn_bwd` |
 //! | `head` fwd / bwd | `ops::bn_act` (norm5 + ReLU), `ops::gap_fwd` / `ops::gap_bwd`, `ops::bn_bwd` |
@@ -24,8 +24,8 @@
 //!   and then the pool; mura applies BN + ReLU + pool first and convolves a quarter of the
 //!   pixels. `trans1x1` rows are timed as mura runs them, at half the side the row names, so
 //!   their achieved FLOP/s (the row's FLOPs over the time) is 4× the real rate.
-//! - `bn_stats` rows of conv outputs: in bf16 the tensor-core forward sums these statistics in
-//!   its epilogue; the row still times the separate pass the table lists.
+//! - `bn_stats` rows of conv outputs in bf16: the tensor-core forward sums these statistics in
+//!   its epilogue, so the row times only the kernel that turns the sums into mean and variance.
 //! - Not timed, as the table does not list them: the BN coefficient kernels, the classifier and
 //!   the loss, the augmentation.
 
@@ -644,6 +644,14 @@ impl Bench {
                 let out = self.f32("stats_out", 2 * c, Fill::Zero)?;
                 let part = self.f32("part", ops::bn_scratch_len(c), ACT)?;
                 let var = ops::f32_at(out, c);
+                if dt == Dt::Bf16 && r.site != "stem" {
+                    // A convolution's epilogue summed these statistics; what is left is turning
+                    // the sums into mean and variance.
+                    let sums = self.f32("sums", 2 * c, Fill::Positive)?;
+                    return Ok(Box::new(move || {
+                        ops::bn_stats_from_sums(&*d, sums, px, c, out, var)
+                    }));
+                }
                 Ok(Box::new(move || {
                     ops::bn_stats(&*d, dt, x, px, c, rs, out, var, part)
                 }))
@@ -782,8 +790,12 @@ impl Bench {
             Pass::Fwd => {
                 let w = self.weight(fan_in, co, tc)?;
                 if tc {
-                    let stats = self.f32("stats", 2 * co, Fill::Zero)?;
-                    Box::new(move || ops_tc::conv_fwd(&*d, x, pre, w, co, g, y.0, y.1, Some(stats)))
+                    // As the model: zero the sums, then the convolution adds its output's.
+                    let sums = self.f32("sums", 2 * co, Fill::Zero)?;
+                    Box::new(move || {
+                        d.memset(sums, 0, 2 * co * 4)?;
+                        ops_tc::conv_fwd(&*d, x, pre, w, co, g, y.0, y.1, Some(sums))
+                    })
                 } else {
                     Box::new(move || ops::conv_fwd(&*d, dt, x, pre, w, co, g, y.0, y.1))
                 }
@@ -801,9 +813,14 @@ impl Bench {
                 let dims = (x.n, x.h, x.w, x.c);
                 match bn {
                     Some(bn) if tc => {
-                        let red = self.f32("red", 2 * x.c, Fill::Zero)?;
+                        // As the model: the masked gradient of the BN output into a scratch with
+                        // the BN's reductions summed alongside, then the BN backward from them.
+                        let red = self.f32("sums", 2 * x.c, Fill::Zero)?;
+                        let sa = self.scratch("sa", x.rows() * x.c)?;
                         let mask = Some((x, (bn.scale, bn.shift)));
+                        let saved = bn.saved(x.ptr, x.rs, x.rows(), x.c);
                         Box::new(move || {
+                            d.memset(red, 0, 2 * x.c * 4)?;
                             ops_tc::conv_bwd_data(
                                 &*d,
                                 dy.0,
@@ -812,11 +829,15 @@ impl Bench {
                                 w,
                                 g,
                                 dims,
-                                dx.0,
-                                dx.1,
-                                dx.2,
+                                sa,
+                                x.c,
+                                false,
                                 mask,
                                 Some(red),
+                            )?;
+                            let grads = (bn.dgamma, bn.dbeta);
+                            ops::bn_bwd_from_sums(
+                                &*d, dt, saved, red, sa, x.c, grads, dx.0, dx.1, dx.2, bn.coef,
                             )
                         })
                     }
