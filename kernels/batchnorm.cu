@@ -105,14 +105,17 @@ extern "C" __global__ void bn_stats_merge_fwd_f32(float* __restrict__ mean, floa
 
 // mean, var: [C] f32 out (biased variance) from sums: [2, C] f32, the per-channel sum and sum of
 // squares over R rows that a producing convolution's epilogue accumulated (kernels/conv_tc.cu):
-// mean = s / R, var = max(ss / R - mean^2, 0), in double. One thread a channel.
+// mean = s / R, var = max(ss / R - mean^2, 0), in double. The sums are zeroed once read, ready for
+// the next epilogue. One thread a channel.
 extern "C" __global__ void bn_stats_sums_fwd_f32(float* __restrict__ mean, float* __restrict__ var,
-                                                 const float* __restrict__ sums, int R, int C) {
+                                                 float* __restrict__ sums, int R, int C) {
     const int c = blockIdx.x * blockDim.x + threadIdx.x;
     if (c < C) {
         const double m = (double)sums[c] / R, v = (double)sums[C + c] / R - m * m;
         mean[c] = (float)m;
         var[c] = (float)(v > 0.0 ? v : 0.0);
+        sums[c] = 0.0f;
+        sums[C + c] = 0.0f;
     }
 }
 
@@ -193,10 +196,14 @@ __device__ void bn_bwd_part(float* part, const T* x, int x_rs, const T* dy, int 
 }
 
 // coef: [2, C] f32 out (a = mean of dz, b = mean of dz * (x - mean) / (var + eps)); dgamma, dbeta:
-// [C] f32, added to; part: [2, P, C] from bn_bwd_part over R rows; var: [C] f32. One thread a channel.
+// [C] f32, added to; part: [2, P, C] from bn_bwd_part over R rows; var: [C] f32. With alpha not
+// null (alpha, beta: [C] f32; scale, mean: [C] f32), the input gradient's per-channel terms
+// scale * (-a - (x - mean) * b) = alpha + beta * x are added to alpha, beta instead (deferred, as in
+// bn_bwd_defer) and coef is not written. One thread a channel.
 extern "C" __global__ void bn_bwd_merge_f32(float* __restrict__ coef, float* __restrict__ dgamma,
                                             float* __restrict__ dbeta, const float* __restrict__ part,
-                                            const float* __restrict__ var, int R, int C, int P) {
+                                            const float* __restrict__ var, int R, int C, int P, float* alpha,
+                                            float* beta, const float* scale, const float* mean) {
     const int c = blockIdx.x * blockDim.x + threadIdx.x;
     if (c < C) {
         double sdz = 0.0, sdx = 0.0;
@@ -207,16 +214,23 @@ extern "C" __global__ void bn_bwd_merge_f32(float* __restrict__ coef, float* __r
         const double is = 1.0 / sqrt((double)(var[c] + 1e-5f));
         dgamma[c] += (float)(sdx * is);
         dbeta[c] += (float)sdz;
-        coef[c] = (float)(sdz / R);
-        coef[C + c] = (float)(sdx * is * is / R);
+        const double a = sdz / R, b = sdx * is * is / R;
+        if (alpha) {
+            const double s = scale[c];
+            alpha[c] += (float)(-s * (a - mean[c] * b));
+            beta[c] += (float)(-s * b);
+        } else {
+            coef[c] = (float)a;
+            coef[C + c] = (float)b;
+        }
     }
 }
 
 // As bn_bwd_merge_f32, from red: [2, C] f32, the per-channel sums of dz and of dz * x over R rows that
 // the data-gradient convolution's epilogue accumulated (kernels/conv_tc.cu): sum dz * (x - mean) =
-// sum dz * x - mean * sum dz; mean: [C] f32. One thread a channel.
+// sum dz * x - mean * sum dz; mean: [C] f32. red is zeroed once read. One thread a channel.
 extern "C" __global__ void bn_bwd_merge_sums_f32(float* __restrict__ coef, float* __restrict__ dgamma,
-                                                 float* __restrict__ dbeta, const float* __restrict__ red,
+                                                 float* __restrict__ dbeta, float* __restrict__ red,
                                                  const float* __restrict__ mean, const float* __restrict__ var,
                                                  int R, int C) {
     const int c = blockIdx.x * blockDim.x + threadIdx.x;
@@ -227,6 +241,33 @@ extern "C" __global__ void bn_bwd_merge_sums_f32(float* __restrict__ coef, float
         dbeta[c] += (float)sdz;
         coef[c] = (float)(sdz / R);
         coef[C + c] = (float)(sdx * is * is / R);
+        red[c] = 0.0f;
+        red[C + c] = 0.0f;
+    }
+}
+
+// A BN backward with its input gradient deferred. The data-gradient convolution in front already
+// added scale * dz to dx (kernels/conv_tc.cu, post = scale) and summed red: [2, C] f32 = (sum dz,
+// sum dz * x) over R rows; what dx still lacks, scale * (-a - (x - mean) * b) with a = sum dz / R,
+// b = sum dz * (x - mean) / (var + eps) / R, is affine in x per channel: alpha + beta * x, added to
+// alpha, beta: [C] f32 (summed over every BN that reads the channel; bn_grad_fix applies them).
+// dgamma, dbeta: [C] f32 +=; mean, var, scale: [C] f32. red is zeroed once read. One thread a channel.
+extern "C" __global__ void bn_bwd_defer_f32(float* __restrict__ alpha, float* __restrict__ beta,
+                                            float* __restrict__ dgamma, float* __restrict__ dbeta,
+                                            float* __restrict__ red, const float* __restrict__ mean,
+                                            const float* __restrict__ var, const float* __restrict__ scale, int R,
+                                            int C) {
+    const int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c < C) {
+        const double m = mean[c], sdz = red[c], sdx = (double)red[C + c] - m * sdz;
+        const double is = 1.0 / sqrt((double)(var[c] + 1e-5f));
+        dgamma[c] += (float)(sdx * is);
+        dbeta[c] += (float)sdz;
+        const double a = sdz / R, b = sdx * is * is / R, s = scale[c];
+        alpha[c] += (float)(-s * (a - m * b));
+        beta[c] += (float)(-s * b);
+        red[c] = 0.0f;
+        red[C + c] = 0.0f;
     }
 }
 
@@ -247,6 +288,34 @@ __device__ void bn_bwd_dx(T* dx, int dx_rs, int accumulate, const T* x, int x_rs
         T* out = dx + (long long)r * dx_rs + c;
         st(out, accumulate ? ld(out) + g : g);
     }
+}
+
+// dx += alpha + beta * x: the deferred BN-backward terms of bn_bwd_defer, once a channel's gradient
+// has every consumer's. dx: [R, C] T (row stride dx_rs); x: [R, C] T (row stride x_rs), the
+// channel's stored (pre-BN) values; alpha, beta: [C] f32. Grid-stride over R*C.
+template <class T>
+__device__ void bn_grad_fix(T* dx, int dx_rs, const T* x, int x_rs, int R, int C, const float* alpha,
+                            const float* beta) {
+    const long long total = (long long)R * C;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
+         i += (long long)gridDim.x * blockDim.x) {
+        const int r = (int)(i / C), c = (int)(i % C);
+        T* out = dx + (long long)r * dx_rs + c;
+        st(out, ld(out) + alpha[c] + beta[c] * ld(x + (long long)r * x_rs + c));
+    }
+}
+
+// f32 storage: see bn_grad_fix.
+extern "C" __global__ void bn_grad_fix_bwd_f32(float* dx, int dx_rs, const float* __restrict__ x, int x_rs, int R,
+                                               int C, const float* __restrict__ alpha,
+                                               const float* __restrict__ beta) {
+    bn_grad_fix<float>(dx, dx_rs, x, x_rs, R, C, alpha, beta);
+}
+// bf16 storage: see bn_grad_fix.
+extern "C" __global__ void bn_grad_fix_bwd_bf16(bf16* dx, int dx_rs, const bf16* __restrict__ x, int x_rs, int R,
+                                                int C, const float* __restrict__ alpha,
+                                                const float* __restrict__ beta) {
+    bn_grad_fix<bf16>(dx, dx_rs, x, x_rs, R, C, alpha, beta);
 }
 
 // f32 storage: see bn_stats_part.

@@ -397,15 +397,18 @@ UNROLL
     }
 }
 
-// dx: [n, h, w, ci] bf16 (row stride dx_rs) = mask * (d conv_KS / d input)(dy), overwritten or added
-// to; mask = [x * scale + shift > 0] when scale is not null (x: the pre-BN input, row stride x_rs),
-// else 1. When red is not null (and scale is), the per-channel sums of the stored dx and of dx * x
-// are added to red: [2, ci] f32 (the reductions of that BN's backward).
+// dx: [n, h, w, ci] bf16 (row stride dx_rs) = post * g, overwritten or added to, where
+// g = bf16(mask * (d conv_KS / d input)(dy)) is the gradient of the BN + ReLU's output: mask =
+// [x * scale + shift > 0] when scale is not null (x: the pre-BN input, row stride x_rs), else 1;
+// post: [ci] f32 per-channel factors, or null for 1. When red is not null (and scale is), the
+// per-channel sums of g and of g * x are added to red: [2, ci] f32 (the reductions of that BN's
+// backward; with post = the BN's scale and accumulate, dx receives the BN backward's per-element
+// term and the rest, affine in x per channel, can be added later).
 template <int BM, int BN, int WM, int WN, int KS>
 __device__ __forceinline__ void conv_tc_bwd_data(bf16* dx, int dx_rs, int accumulate, const bf16* dy, int dy_rs,
                                                  const bf16* wt, const bf16* x, int x_rs, const float* scale,
                                                  const float* shift, int n, int h, int w, int ci, int co,
-                                                 float* red) {
+                                                 float* red, const float* post) {
     typedef Tile<BM, BN, WM, WN> TL;
     const Gather a = make_gather(dy, dy_rs, n, h, w, co, KS, nullptr, nullptr, 1);
     const Dense b = make_dense(wt, ci, co, co, KS * KS);
@@ -429,11 +432,11 @@ UNROLL
                     xv = __bfloat162float(x[(long long)row * x_rs + col]);
                     if (xv * scale[col] + shift[col] <= 0.0f) v = 0.0f;
                 }
+                const float g = __bfloat162float(__float2bfloat16(v)), pg = post ? post[col] * g : g;
                 bf16* out = dx + (long long)row * dx_rs + col;
-                const bf16 o = __float2bfloat16(accumulate ? __bfloat162float(*out) + v : v);
-                *out = o;
-                sums[r % 2][0] += __bfloat162float(o);
-                sums[r % 2][1] += __bfloat162float(o) * xv;
+                *out = __float2bfloat16(accumulate ? __bfloat162float(*out) + pg : pg);
+                sums[r % 2][0] += g;
+                sums[r % 2][1] += g * xv;
             }
         if (red) add_column_sums(sums, red, ci, n0 + (threadIdx.x / 32 % WN) * TL::WTN + nt * 8, ci);
     }
@@ -468,7 +471,8 @@ UNROLL
 // Entry points. Shapes: x: [n, h, w, c] bf16 with row stride x_rs (a channel prefix); y, dy:
 // [n, h, w, co] bf16 with row stride y_rs / dy_rs (channel slices); wt: [k, k, c, co] bf16;
 // scale, shift: [c] f32, or both null (no BN + ReLU); dw: [k, k, c, co] f32; stats: null or
-// [2, co] f32 += per-channel (sum y, sum y^2); red: null or [2, c] f32 += (sum dx, sum dx * x).
+// [2, co] f32 += per-channel (sum y, sum y^2); red: null or [2, c] f32 += (sum g, sum g * x) of
+// the masked data gradient g; post: null or [c] f32 factors of the stored data gradient.
 // Dynamic shared bytes: 2 stages of [outer][inner + 8] bf16 per operand (src/gpu/ops_tc.rs smem).
 
 // Grid (ceil(n*h*w / 128), ceil(co / 128)), block 256, 37888 shared bytes.
@@ -488,23 +492,24 @@ extern "C" __global__ void __launch_bounds__(128)
 }
 
 // dx: [n, h, w, c] bf16 (row stride dx_rs), overwritten (accumulate = 0) or added to; x, scale,
-// shift: the forward's input and BN + ReLU, for its mask (scale null: no mask; x unused).
+// shift: the forward's input and BN + ReLU, for its mask (scale null: no mask; x unused); post:
+// null or [c] f32 factors of the stored gradient; red: null or [2, c] f32 += (sum g, sum g * x).
 // Grid (ceil(n*h*w / 128), ceil(c / 128)), block 256, 40960 shared bytes.
 extern "C" __global__ void __launch_bounds__(256, 2)
     conv1x1_tc_bwd_data_bf16(bf16* dx, int dx_rs, int accumulate, const bf16* __restrict__ dy, int dy_rs,
                              const bf16* __restrict__ wt, const bf16* __restrict__ x, int x_rs, const float* scale,
-                             const float* shift, int n, int h, int w, int c, int co, float* red) {
+                             const float* shift, int n, int h, int w, int c, int co, float* red, const float* post) {
     conv_tc_bwd_data<128, 128, 2, 4, 1>(dx, dx_rs, accumulate, dy, dy_rs, wt, x, x_rs, scale, shift, n, h, w, c, co,
-                                          red);
+                                          red, post);
 }
 
 // As conv1x1_tc_bwd_data_bf16, for the 3x3/1 pad 1 convolution.
 extern "C" __global__ void __launch_bounds__(256, 2)
     conv3x3_tc_bwd_data_bf16(bf16* dx, int dx_rs, int accumulate, const bf16* __restrict__ dy, int dy_rs,
                              const bf16* __restrict__ wt, const bf16* __restrict__ x, int x_rs, const float* scale,
-                             const float* shift, int n, int h, int w, int c, int co, float* red) {
+                             const float* shift, int n, int h, int w, int c, int co, float* red, const float* post) {
     conv_tc_bwd_data<128, 128, 2, 4, 3>(dx, dx_rs, accumulate, dy, dy_rs, wt, x, x_rs, scale, shift, n, h, w, c, co,
-                                          red);
+                                          red, post);
 }
 
 // dw += over pixels split into gridDim.z chunks of split_len (a multiple of 32).

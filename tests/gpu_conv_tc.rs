@@ -164,11 +164,16 @@ fn conv_case(
     let mut dx_ref = vec![0.0; px * c];
     conv2d_bwd_input(&dy, co, co, &wv, g, (n, h, w, c), &mut dx_ref);
 
-    // Backward-data times the BN-ReLU mask, accumulated into a prefix of a wider random buffer.
+    // Backward-data times the BN-ReLU mask and per-channel factors, accumulated into a prefix of
+    // a wider random buffer, with the BN's reductions of the masked gradient g (a dense layer's
+    // BN1 backward, deferred); then masked but plain, overwriting, where the stored values are g
+    // itself, so its reductions must match the stored values' sums to f32 accuracy.
     let dx_rs = c + 3;
     let (dxb, dx0) = Buf::from(d, false, &randn(rng, px * dx_rs, 1.0, 0.0));
     let mask = with_pre.then_some((view, (sb.at(0), tb.at(0))));
     let (red, red0) = Buf::from(d, true, &randn(rng, 2 * c, 1.0, 0.0));
+    let post = randn(rng, c, 0.5, 1.0);
+    let (pb, post) = Buf::from(d, true, &post);
     ops_tc::conv_bwd_data(
         &**d,
         dyb.at(y_c0),
@@ -182,31 +187,66 @@ fn conv_case(
         true,
         mask,
         with_pre.then(|| red.at(0)),
+        Some(pb.at(0)),
     )
     .unwrap();
+    let on = |p: usize, j: usize| !with_pre || xv[p * x_rs + j] * s[j] + t[j] > 0.0;
+    let g_ref: Vec<f64> = (0..px * c)
+        .map(|i| if on(i / c, i % c) { dx_ref[i] } else { 0.0 })
+        .collect();
     let want: Vec<f64> = (0..px * dx_rs)
         .map(|i| {
             let (p, j) = (i / dx_rs, i % dx_rs);
-            if j >= c {
-                return dx0[i];
+            match j < c {
+                true => dx0[i] + post[j] * g_ref[p * c + j],
+                false => dx0[i],
             }
-            let on = !with_pre || xv[p * x_rs + j] * s[j] + t[j] > 0.0;
-            dx0[i] + if on { dx_ref[p * c + j] } else { 0.0 }
         })
         .collect();
     let dx = dxb.read();
-    check(&format!("{what} bwd data (mask, accumulate)"), &dx, &want);
-    let dx = cols(&dx, dx_rs, 0, c);
+    check(
+        &format!("{what} bwd data (mask, factors, accumulate)"),
+        &dx,
+        &want,
+    );
     let want = if with_pre {
-        added_column_sums(&red0, &dx, &cols(&xv, x_rs, 0, c), c)
+        added_column_sums(&red0, &g_ref, &cols(&xv, x_rs, 0, c), c)
     } else {
-        red0
+        red0.clone()
     };
-    check_exact(
+    check(
         &format!("{what} bwd data BN reductions"),
         &red.read(),
         &want,
     );
+    if with_pre {
+        let gb = Buf::poisoned(d, false, px * c);
+        let (red, red0) = Buf::from(d, true, &randn(rng, 2 * c, 1.0, 0.0));
+        ops_tc::conv_bwd_data(
+            &**d,
+            dyb.at(y_c0),
+            y_rs,
+            co,
+            wb.at(0),
+            g,
+            (n, h, w, c),
+            gb.at(0),
+            c,
+            false,
+            mask,
+            Some(red.at(0)),
+            None,
+        )
+        .unwrap();
+        let gv = gb.read();
+        check(&format!("{what} bwd data (mask)"), &gv, &g_ref);
+        let want = added_column_sums(&red0, &gv, &cols(&xv, x_rs, 0, c), c);
+        check_exact(
+            &format!("{what} bwd data BN reductions of stored g"),
+            &red.read(),
+            &want,
+        );
+    }
     // ... and without the mask, overwriting a poisoned buffer.
     let dxb = Buf::poisoned(d, false, px * c);
     ops_tc::conv_bwd_data(
@@ -220,6 +260,7 @@ fn conv_case(
         dxb.at(0),
         c,
         false,
+        None,
         None,
         None,
     )

@@ -506,6 +506,10 @@ fn bn_all(test: &str, dt: Dt, tol: f64) {
         ops::bn_stats_from_sums(&*d, sums.ptr(), rows, c, m2.ptr(), v2.ptr()).unwrap();
         check(&format!("{what} mean from sums"), &m2.read(), &m_ref, 1e-5);
         check(&format!("{what} var from sums"), &v2.read(), &v_ref, 1e-5);
+        assert!(
+            sums.read().iter().all(|&v| v == 0.0),
+            "{what}: sums not zeroed"
+        );
         let dy = randn(&mut rng, rows * c, 1.0, 0.0);
         let dz: Vec<f64> = (0..rows * c)
             .map(|i| {
@@ -572,6 +576,55 @@ fn bn_all(test: &str, dt: Dt, tol: f64) {
         let w = format!("{what} bwd from sums");
         let tol = tol.max(1e-4);
         check(&format!("{w} dx"), &cols(&dx, dx_rs, 0, c), &dx_ref, tol);
+        check(
+            &format!("{w} dx beyond c"),
+            &cols(&dx, dx_rs, c, 1),
+            &cols(&dx0, dx_rs, c, 1),
+            0.0,
+        );
+        check(&format!("{w} dgamma"), &dgb.read(), &dg, tol);
+        check(&format!("{w} dbeta"), &dbb.read(), &db, tol);
+        assert!(red.read().iter().all(|&v| v == 0.0), "{w}: red not zeroed");
+
+        // Deferred: the epilogue added scale·dz into dx; bn_bwd_defer adds the rest's per-channel
+        // (alpha, beta) to ones already there (another reader's share), bn_grad_fix applies them.
+        let (red, _) = f32buf(&d, &sum_cols(&dz, &x));
+        let other = randn(&mut rng, 2 * c, 0.1, 0.0);
+        let (corr, _) = f32buf(&d, &other);
+        let after_epilogue: Vec<f64> = (0..rows * dx_rs)
+            .map(|i| {
+                let (r, j) = (i / dx_rs, i % dx_rs);
+                dx0[i] + if j < c { s_ref[j] * dz[r * c + j] } else { 0.0 }
+            })
+            .collect();
+        let (dxb, _) = Buf::from(&d, dt, &after_epilogue);
+        let (dgb, _) = f32buf(&d, &dg0);
+        let (dbb, _) = f32buf(&d, &db0);
+        let ab = (corr.ptr(), ops::f32_at(corr.ptr(), c));
+        ops::bn_bwd_defer(&*d, saved, red.ptr(), (dgb.ptr(), dbb.ptr()), ab).unwrap();
+        assert!(
+            red.read().iter().all(|&v| v == 0.0),
+            "{what}: red not zeroed by defer"
+        );
+        // The other reader's share, applied with this one's, is part of the reference.
+        let want: Vec<f64> = (0..rows * dx_rs)
+            .map(|i| {
+                let (r, j) = (i / dx_rs, i % dx_rs);
+                match j < c {
+                    true => dx_ref[r * c + j] + other[j] + other[c + j] * x[r * c + j],
+                    false => dx0[i],
+                }
+            })
+            .collect();
+        ops::bn_grad_fix(&*d, dt, (dxb.ptr(), dx_rs), (xb.at(c0), rs), rows, c, ab).unwrap();
+        let dx = dxb.read();
+        let w = format!("{what} bwd deferred");
+        check(
+            &format!("{w} dx"),
+            &cols(&dx, dx_rs, 0, c),
+            &cols(&want, dx_rs, 0, c),
+            tol,
+        );
         check(
             &format!("{w} dx beyond c"),
             &cols(&dx, dx_rs, c, 1),

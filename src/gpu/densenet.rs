@@ -91,6 +91,9 @@ struct BlockPlan {
     dbuf: Act,
     /// [2, c_total] f32: batch mean, then biased variance, of each channel (train).
     stats: DeviceBuffer<f32>,
+    /// [2, c_total] f32 (backward): per channel, the deferred BN-backward terms
+    /// (alpha, beta) of the layers that read it, applied once its gradient is complete.
+    corr: DeviceBuffer<f32>,
     /// Per layer: [rows, bn_size * growth] bottleneck output (before norm2), and its
     /// [2, bn_size * growth] f32 batch statistics.
     y1: Vec<Act>,
@@ -337,6 +340,7 @@ impl GpuDenseNet {
                 buf: Act::new(d, dt, rows * ct)?,
                 dbuf: Act::new(d, dt, rows * ct)?,
                 stats: f32s(2 * ct)?,
+                corr: f32s(2 * ct)?,
                 y1: (0..blk.layers.len())
                     .map(|_| Act::new(d, dt, rows * mid))
                     .collect::<Result<_>>()?,
@@ -430,11 +434,6 @@ impl GpuDenseNet {
         self.w16.as_ref().map_or(0, |w| w.ptr() + 2 * i as u64)
     }
 
-    /// `sums[..2c]` = 0, before an epilogue accumulates into it.
-    fn zero_sums(&self, c: usize) -> Result<()> {
-        self.d.memset(self.sums.ptr(), 0, 2 * c * 4)
-    }
-
     /// `y` (row stride `y_rs`) = a dense-layer or transition convolution of `pre(x)` with the
     /// weights at parameter `p`; with `stats = Some((st, stride, at))`, also the batch statistics
     /// of the `co` channels written, as [`Self::stats_into`]. bf16: the tensor-core kernel, the
@@ -458,9 +457,7 @@ impl GpuDenseNet {
                 None => Ok(()),
             };
         }
-        if stats.is_some() {
-            self.zero_sums(co)?;
-        }
+        // (The sums are zero: zeroed at the start of the pass and by each consumer.)
         let sums = stats.map(|_| self.sums.ptr());
         ops_tc::conv_fwd(d, x, pre, self.w16(p), co, g, y, y_rs, sums)?;
         match stats {
@@ -481,7 +478,10 @@ impl GpuDenseNet {
     /// `dx_rs`; overwritten, or added to if `accumulate`) the gradient of the BN's input `s.x`,
     /// through the scratch `sa` (`[rows, s.c]`). bf16: tensor-core kernels, the ReLU mask and the
     /// BN's per-channel reductions in the data gradient's epilogue; f32: CUDA-core kernels, then
-    /// the BN backward's own reduction pass.
+    /// the BN backward's own reduction pass. With `defer = Some((alpha, beta))` (`[s.c]` f32
+    /// each) only the per-element term goes into `dx` (bf16: straight from the epilogue, with no
+    /// pass over `dx`), and the rest, affine in x per channel, to alpha, beta, which
+    /// [`Self::fix_grads`] applies once every reader of those channels has added its share.
     #[allow(clippy::too_many_arguments)]
     fn layer_conv_bwd(
         &self,
@@ -492,6 +492,7 @@ impl GpuDenseNet {
         (dy, dy_rs): (DevPtr, usize),
         (dx, dx_rs, accumulate): (DevPtr, usize, bool),
         sa: DevPtr,
+        defer: Option<(DevPtr, DevPtr)>,
     ) -> Result<()> {
         let (d, dt) = (&*self.d, self.dt);
         let pre = self.coefs(bn);
@@ -501,41 +502,73 @@ impl GpuDenseNet {
             let scratch = (self.part.ptr(), self.bcoef.ptr());
             ops::conv_bwd_weight(d, dt, x, Some(pre), g, dy, dy_rs, co, self.g(p))?;
             ops::conv_bwd_data(d, dt, dy, dy_rs, co, self.p(p), g, dims, sa, x.c, false)?;
-            return ops::bn_bwd(
-                d, dt, s, true, true, sa, x.c, dbn, dx, dx_rs, accumulate, scratch,
-            );
+            let out = (dx, dx_rs, accumulate);
+            return match defer {
+                Some(corr) => ops::bn_bwd_deferred(d, dt, s, (sa, x.c), dbn, out, scratch.0, corr),
+                None => ops::bn_bwd(
+                    d, dt, s, true, true, sa, x.c, dbn, dx, dx_rs, accumulate, scratch,
+                ),
+            };
         }
         ops_tc::conv_bwd_weight(d, x, Some(pre), g, dy, dy_rs, co, self.g(p))?;
-        self.zero_sums(x.c)?;
-        let red = Some(self.sums.ptr());
+        let (w, sums) = (self.w16(p), self.sums.ptr());
         let mask = Some((x, pre));
+        if let Some(corr) = defer {
+            let (out, post) = ((dx, dx_rs, accumulate), Some(pre.0));
+            ops_tc::conv_bwd_data(
+                d,
+                dy,
+                dy_rs,
+                co,
+                w,
+                g,
+                dims,
+                out.0,
+                out.1,
+                out.2,
+                mask,
+                Some(sums),
+                post,
+            )?;
+            return ops::bn_bwd_defer(d, s, sums, dbn, corr);
+        }
         ops_tc::conv_bwd_data(
             d,
             dy,
             dy_rs,
             co,
-            self.w16(p),
+            w,
             g,
             dims,
             sa,
             x.c,
             false,
             mask,
-            red,
+            Some(sums),
+            None,
         )?;
         let coef = self.bcoef.ptr();
-        ops::bn_bwd_from_sums(
-            d,
-            dt,
-            s,
-            self.sums.ptr(),
-            sa,
-            x.c,
-            dbn,
-            dx,
-            dx_rs,
-            accumulate,
-            coef,
+        ops::bn_bwd_from_sums(d, dt, s, sums, sa, x.c, dbn, dx, dx_rs, accumulate, coef)
+    }
+
+    /// Adds the deferred BN-backward terms of block `bp`'s channels `[c0, c0 + c)` (every
+    /// reader's share is in `bp.corr` by now) to their gradient.
+    fn fix_grads(
+        &self,
+        bp: &BlockPlan,
+        ct: usize,
+        n: usize,
+        (c0, c): (usize, usize),
+    ) -> Result<()> {
+        let corr = bp.corr.ptr();
+        ops::bn_grad_fix(
+            &*self.d,
+            self.dt,
+            (bp.dbuf.at(c0), ct),
+            (bp.buf.at(c0), ct),
+            n * bp.h * bp.w,
+            c,
+            (f32_at(corr, c0), f32_at(corr, ct + c0)),
         )
     }
 
@@ -646,6 +679,8 @@ impl GpuDenseNet {
         let (dt, n, h, w) = (self.dt, pl.n, pl.h, pl.w);
         let lay = self.host.layout.clone();
         let xin = pl.x16.as_ref().map_or(pl.x.ptr(), |x| x.ptr());
+        // The epilogue sums start from zero (their consumers zero them again after reading).
+        self.sums.fill_bytes(0)?;
 
         // Stem: conv0 → norm0 → ReLU → max pool into block 0's first channels.
         let f0 = lay.conv0.co;
@@ -819,6 +854,12 @@ impl GpuDenseNet {
         let lay = &self.host.layout;
         let scratch = (self.part.ptr(), self.bcoef.ptr());
         let (sa, sb) = (pl.sa.ptr(), pl.sb.ptr());
+        if self.w16.is_some() {
+            self.sums.fill_bytes(0)?;
+        }
+        for bp in &pl.blocks {
+            bp.corr.fill_bytes(0)?;
+        }
         let bn_grads = |bn: BnIdx| (self.g(bn.p), self.g(bn.p + bn.c));
         let saved = |bn: BnIdx, x: DevPtr, rs: usize, rows: usize, st: DevPtr, stride: usize| {
             let (scale, shift) = self.coefs(bn);
@@ -887,11 +928,12 @@ impl GpuDenseNet {
                 };
                 let dnext = nx.dbuf.ptr();
                 let dims = (n, nx.h, nx.w, ct);
+                self.fix_grads(nx, nct, n, (0, tc.co))?;
                 if self.w16.is_some() {
                     let (w, dw) = (self.w16(tc.p), self.g(tc.p));
                     ops_tc::conv_bwd_weight(d, pv, None, POINTWISE, dnext, nct, tc.co, dw)?;
                     ops_tc::conv_bwd_data(
-                        d, dnext, nct, tc.co, w, POINTWISE, dims, sa, ct, false, None, None,
+                        d, dnext, nct, tc.co, w, POINTWISE, dims, sa, ct, false, None, None, None,
                     )?;
                 } else {
                     let (w, dw) = (self.p(tc.p), self.g(tc.p));
@@ -921,8 +963,11 @@ impl GpuDenseNet {
                 let (c, mid, k) = (li.norm1.c, li.conv1.co, li.conv2.co);
                 let (y1, st2) = (bp.y1[l].ptr(), bp.st2[l].ptr());
                 let dout = bp.dbuf.at(c);
+                // This layer's k output channels have every later reader's gradient now.
+                self.fix_grads(bp, ct, n, (c, k))?;
                 // conv2 (3×3) on relu(norm2(y1)), into sb; then conv1 (1×1) on
-                // relu(norm1(prefix)), added into the block's gradient buffer.
+                // relu(norm1(prefix)), added into the block's gradient buffer (the BN
+                // backward's per-channel terms deferred to `fix_grads`).
                 let yv = View {
                     ptr: y1,
                     n,
@@ -933,7 +978,8 @@ impl GpuDenseNet {
                 };
                 let s2 = saved(li.norm2, y1, mid, rows, st2, mid);
                 let conv2 = (li.conv2.p, k, CONV3);
-                self.layer_conv_bwd(yv, li.norm2, s2, conv2, (dout, ct), (sb, mid, false), sa)?;
+                let out2 = (sb, mid, false);
+                self.layer_conv_bwd(yv, li.norm2, s2, conv2, (dout, ct), out2, sa, None)?;
                 let prefix = View {
                     ptr: bp.buf.ptr(),
                     n,
@@ -945,7 +991,8 @@ impl GpuDenseNet {
                 let s1 = saved(li.norm1, bp.buf.ptr(), ct, rows, bp.stats.ptr(), ct);
                 let conv1 = (li.conv1.p, mid, POINTWISE);
                 let dx = (bp.dbuf.ptr(), ct, true);
-                self.layer_conv_bwd(prefix, li.norm1, s1, conv1, (sb, mid), dx, sa)?;
+                let corr = (bp.corr.ptr(), f32_at(bp.corr.ptr(), ct));
+                self.layer_conv_bwd(prefix, li.norm1, s1, conv1, (sb, mid), dx, sa, Some(corr))?;
             }
         }
 
@@ -962,6 +1009,7 @@ impl GpuDenseNet {
             c: f0,
             rs: f0,
         };
+        self.fix_grads(&pl.blocks[0], ct0, n, (0, f0))?;
         ops::maxpool_bwd(d, dt, a0v, pl.blocks[0].dbuf.ptr(), ct0, sa)?;
         let s0 = saved(lay.norm0, pl.y0.ptr(), f0, m0, pl.st0.ptr(), f0);
         ops::bn_bwd(

@@ -9,9 +9,10 @@
 //! | row | launches |
 //! |---|---|
 //! | `stem7x7s2` fwd, bwd-weight | `ops::conv_fwd`, `ops::conv_bwd_weight` (CUDA cores, both precisions) |
-//! | `conv1x1`, `conv3x3` fwd | bf16: zero the sums, `ops_tc::conv_fwd` with the BN + ReLU in front and the output's statistics summed in its epilogue; f32: `ops::conv_fwd` with the BN + ReLU |
+//! | `conv1x1`, `conv3x3` fwd | bf16: `ops_tc::conv_fwd` with the BN + ReLU in front and the output's statistics summed in its epilogue; f32: `ops::conv_fwd` with the BN + ReLU |
 //! | … bwd-weight | `ops_tc::conv_bwd_weight` (split-K) / `ops::conv_bwd_weight`, with the BN + ReLU |
-//! | … bwd-data | bf16: zero the sums, `ops_tc::conv_bwd_data` with the ReLU mask and the BN's reductions, then `ops::bn_bwd_from_sums` (the 1×1 accumulating into the block's gradient buffer); f32: `ops::conv_bwd_data`, then `ops::bn_bwd`, which applies the mask, reduces and (1×1) accumulates |
+//! | `conv1x1` bwd-data (a dense layer's BN1) | bf16: `ops_tc::conv_bwd_data` with the ReLU mask, the BN's reductions and its scale, accumulating into the block's gradient buffer, then `ops::bn_bwd_defer`; f32: `ops::conv_bwd_data`, then `ops::bn_bwd_deferred`; both then `ops::bn_grad_fix` of the layer's k output channels (the deferred BN terms, once per layer) |
+//! | `conv3x3` bwd-data (BN2) | bf16: `ops_tc::conv_bwd_data` with the ReLU mask and the BN's reductions into a scratch, then `ops::bn_bwd_from_sums`; f32: `ops::conv_bwd_data`, then `ops::bn_bwd` |
 //! | `trans1x1` | the same kernels without a BN in front (the pool applied it) |
 //! | `bn_stats` | `ops::bn_stats`; bf16 rows of conv outputs: `ops::bn_stats_from_sums` (the epilogue summed them) |
 //! | `maxpool` fwd / bwd | `ops::bn_act` (norm0 + ReLU), `ops::maxpool_fwd` / `ops::maxpool_bwd`, `ops::bn_bwd` (norm0) |
@@ -27,7 +28,8 @@
 //! - `bn_stats` rows of conv outputs in bf16: the tensor-core forward sums these statistics in
 //!   its epilogue, so the row times only the kernel that turns the sums into mean and variance.
 //! - Not timed, as the table does not list them: the BN coefficient kernels, the classifier and
-//!   the loss, the augmentation.
+//!   the loss, the augmentation, and the `ops::bn_grad_fix` of each block's input channels
+//!   (before the max pool's or the transition's backward; a layer's own are in its 1×1 row).
 
 use super::ops::{self, BnSaved, Dt, View};
 use super::{ops_tc, DevPtr, DeviceBuffer, Driver};
@@ -554,7 +556,21 @@ impl Bench {
                     dy: (self.scratch("sb", px * mid)?, mid),
                     dx: (dbuf, blk.ct, true),
                 };
-                self.conv(site, pass)
+                let work = self.conv(site, pass)?;
+                if pass == Pass::BwdData {
+                    // The model adds the deferred BN-backward terms to a layer's k output
+                    // channels once per layer: counted with its 1×1 data gradient.
+                    let corr = self.f32("corr", 2 * blk.ct, ACT)?;
+                    let at = blk.ct - blk.k;
+                    let fix = (ops::f32_at(corr, at), ops::f32_at(corr, blk.ct + at));
+                    let (dx, x) = ((dt.at(dbuf, at), blk.ct), (dt.at(buf, at), blk.ct));
+                    let mut work = work;
+                    return Ok(Box::new(move || {
+                        work()?;
+                        ops::bn_grad_fix(&*d, dt, dx, x, px, blk.k, fix)
+                    }));
+                }
+                Ok(work)
             }
             "conv3x3" => {
                 let b = site_index(&r.site, "block")?;
@@ -790,12 +806,10 @@ impl Bench {
             Pass::Fwd => {
                 let w = self.weight(fan_in, co, tc)?;
                 if tc {
-                    // As the model: zero the sums, then the convolution adds its output's.
+                    // The convolution adds its output's statistics to the sums (the model's
+                    // consumer, timed in the bn_stats row, zeroes them again).
                     let sums = self.f32("sums", 2 * co, Fill::Zero)?;
-                    Box::new(move || {
-                        d.memset(sums, 0, 2 * co * 4)?;
-                        ops_tc::conv_fwd(&*d, x, pre, w, co, g, y.0, y.1, Some(sums))
-                    })
+                    Box::new(move || ops_tc::conv_fwd(&*d, x, pre, w, co, g, y.0, y.1, Some(sums)))
                 } else {
                     Box::new(move || ops::conv_fwd(&*d, dt, x, pre, w, co, g, y.0, y.1))
                 }
@@ -812,15 +826,43 @@ impl Bench {
                 let w = self.weight(fan_in, co, tc)?;
                 let dims = (x.n, x.h, x.w, x.c);
                 match bn {
+                    Some(bn) if tc && g.k == 1 => {
+                        // As the model (a dense layer's BN1): the epilogue adds scale × the masked
+                        // gradient of the BN output straight into dx and sums the BN's reductions;
+                        // the per-channel rest is deferred (bn_bwd_defer), applied by the fix.
+                        let red = self.f32("sums", 2 * x.c, Fill::Zero)?;
+                        let corr = self.f32("corr", 2 * x.rs, ACT)?;
+                        let fix = (corr, ops::f32_at(corr, x.rs));
+                        let mask = Some((x, (bn.scale, bn.shift)));
+                        let saved = bn.saved(x.ptr, x.rs, x.rows(), x.c);
+                        Box::new(move || {
+                            ops_tc::conv_bwd_data(
+                                &*d,
+                                dy.0,
+                                dy.1,
+                                co,
+                                w,
+                                g,
+                                dims,
+                                dx.0,
+                                dx.1,
+                                dx.2,
+                                mask,
+                                Some(red),
+                                Some(bn.scale),
+                            )?;
+                            ops::bn_bwd_defer(&*d, saved, red, (bn.dgamma, bn.dbeta), fix)
+                        })
+                    }
                     Some(bn) if tc => {
-                        // As the model: the masked gradient of the BN output into a scratch with
-                        // the BN's reductions summed alongside, then the BN backward from them.
+                        // As the model (a dense layer's BN2): the masked gradient of the BN output
+                        // into a scratch with the BN's reductions summed alongside, then the BN
+                        // backward from them.
                         let red = self.f32("sums", 2 * x.c, Fill::Zero)?;
                         let sa = self.scratch("sa", x.rows() * x.c)?;
                         let mask = Some((x, (bn.scale, bn.shift)));
                         let saved = bn.saved(x.ptr, x.rs, x.rows(), x.c);
                         Box::new(move || {
-                            d.memset(red, 0, 2 * x.c * 4)?;
                             ops_tc::conv_bwd_data(
                                 &*d,
                                 dy.0,
@@ -834,6 +876,7 @@ impl Bench {
                                 false,
                                 mask,
                                 Some(red),
+                                None,
                             )?;
                             let grads = (bn.dgamma, bn.dbeta);
                             ops::bn_bwd_from_sums(
@@ -843,26 +886,50 @@ impl Bench {
                     }
                     None if tc => Box::new(move || {
                         ops_tc::conv_bwd_data(
-                            &*d, dy.0, dy.1, co, w, g, dims, dx.0, dx.1, dx.2, None, None,
+                            &*d, dy.0, dy.1, co, w, g, dims, dx.0, dx.1, dx.2, None, None, None,
                         )
                     }),
                     None => Box::new(move || {
                         ops::conv_bwd_data(&*d, dt, dy.0, dy.1, co, w, g, dims, dx.0, dx.1, dx.2)
                     }),
                     Some(bn) => {
-                        // The gradient of the BN's output, then the BN backward into dx.
+                        // The gradient of the BN's output, then the BN backward into dx (a dense
+                        // layer's BN1, g.k == 1: its per-channel terms deferred, as in the model).
                         let sa = self.scratch("sa", x.rows() * x.c)?;
                         let saved = bn.saved(x.ptr, x.rs, x.rows(), x.c);
+                        let corr = self.f32("corr", 2 * x.rs, ACT)?;
+                        let defer = (g.k == 1).then_some((corr, ops::f32_at(corr, x.rs)));
                         Box::new(move || {
                             ops::conv_bwd_data(
                                 &*d, dt, dy.0, dy.1, co, w, g, dims, sa, x.c, false,
                             )?;
                             let grads = (bn.dgamma, bn.dbeta);
-                            let scratch = (bn.part, bn.coef);
-                            ops::bn_bwd(
-                                &*d, dt, saved, true, true, sa, x.c, grads, dx.0, dx.1, dx.2,
-                                scratch,
-                            )
+                            match defer {
+                                Some(corr) => ops::bn_bwd_deferred(
+                                    &*d,
+                                    dt,
+                                    saved,
+                                    (sa, x.c),
+                                    grads,
+                                    dx,
+                                    bn.part,
+                                    corr,
+                                ),
+                                None => ops::bn_bwd(
+                                    &*d,
+                                    dt,
+                                    saved,
+                                    true,
+                                    true,
+                                    sa,
+                                    x.c,
+                                    grads,
+                                    dx.0,
+                                    dx.1,
+                                    dx.2,
+                                    (bn.part, bn.coef),
+                                ),
+                            }
                         })
                     }
                 }

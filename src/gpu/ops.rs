@@ -302,8 +302,73 @@ pub fn bn_stats(
     )
 }
 
+/// A training-mode BN backward whose data-gradient convolution already added `scale · dz` to the
+/// input gradient (`ops_tc::conv_bwd_data` with `post = scale`) and summed `red: [2, c]` f32 =
+/// Σdz, Σdz·x (left zeroed): `dgamma, dbeta: [c]` f32 += ...; the rest of the input gradient,
+/// affine in x per channel, is added to `alpha, beta: [c]` f32 for [`bn_grad_fix`] to apply once
+/// every BN reading those channels has added its share. `s`: the BN's statistics, scale, rows.
+pub fn bn_bwd_defer(
+    d: &dyn Driver,
+    s: BnSaved,
+    red: DevPtr,
+    (dgamma, dbeta): (DevPtr, DevPtr),
+    (alpha, beta): (DevPtr, DevPtr),
+) -> Result<()> {
+    launch(
+        d,
+        "bn_bwd_defer_f32",
+        [blocks_for(s.c, 128), 1, 1],
+        [128, 1, 1],
+        0,
+        vec![
+            A::P(alpha),
+            A::P(beta),
+            A::P(dgamma),
+            A::P(dbeta),
+            A::P(red),
+            A::P(s.mean),
+            A::P(s.var),
+            A::P(s.scale),
+            i(s.rows),
+            i(s.c),
+        ],
+    )
+}
+
+/// `dx: [rows, c]` (row stride `dx_rs`) += `alpha + beta · x` per channel, `x: [rows, c]` (row
+/// stride `x_rs`) the channels' stored values, `alpha, beta: [c]` f32 from [`bn_bwd_defer`].
+#[allow(clippy::too_many_arguments)]
+pub fn bn_grad_fix(
+    d: &dyn Driver,
+    dt: Dt,
+    (dx, dx_rs): (DevPtr, usize),
+    (x, x_rs): (DevPtr, usize),
+    rows: usize,
+    c: usize,
+    (alpha, beta): (DevPtr, DevPtr),
+) -> Result<()> {
+    launch(
+        d,
+        &kname("bn_grad_fix_bwd", dt),
+        ew_grid(rows * c),
+        [256, 1, 1],
+        0,
+        vec![
+            A::P(dx),
+            i(dx_rs),
+            A::P(x),
+            i(x_rs),
+            i(rows),
+            i(c),
+            A::P(alpha),
+            A::P(beta),
+        ],
+    )
+}
+
 /// Per-channel batch mean and biased variance `[c]` f32 from `sums: [2, c]` f32, the sum and sum
-/// of squares over `rows` rows that a convolution's epilogue accumulated (`ops_tc::conv_fwd`).
+/// of squares over `rows` rows that a convolution's epilogue accumulated (`ops_tc::conv_fwd`);
+/// leaves `sums` zeroed for the next epilogue.
 pub fn bn_stats_from_sums(
     d: &dyn Driver,
     sums: DevPtr,
@@ -422,11 +487,49 @@ pub fn bn_bwd(
     train: bool,
     dy: DevPtr,
     dy_rs: usize,
-    (dgamma, dbeta): (DevPtr, DevPtr),
+    dbn: (DevPtr, DevPtr),
     dx: DevPtr,
     dx_rs: usize,
     accumulate: bool,
     (part, coef): (DevPtr, DevPtr),
+) -> Result<()> {
+    bn_bwd_reduce(d, dt, s, relu, (dy, dy_rs), dbn, (part, coef), None)?;
+    bn_bwd_dx(
+        d, dt, s, relu, train, dy, dy_rs, dx, dx_rs, accumulate, coef,
+    )
+}
+
+/// [`bn_bwd`] in training with ReLU, its input gradient's per-channel terms deferred as
+/// [`bn_bwd_defer`] does (added to `alpha, beta: [c]` f32 for [`bn_grad_fix`]): `dx` (row stride
+/// `dx_rs`) overwritten, or added to if `accumulate`, with `scale · mask · dy` only.
+#[allow(clippy::too_many_arguments)]
+pub fn bn_bwd_deferred(
+    d: &dyn Driver,
+    dt: Dt,
+    s: BnSaved,
+    (dy, dy_rs): (DevPtr, usize),
+    dbn: (DevPtr, DevPtr),
+    (dx, dx_rs, accumulate): (DevPtr, usize, bool),
+    part: DevPtr,
+    corr: (DevPtr, DevPtr),
+) -> Result<()> {
+    bn_bwd_reduce(d, dt, s, true, (dy, dy_rs), dbn, (part, 0), Some(corr))?;
+    // The eval-mode formula is exactly the per-element term: scale · mask · dy.
+    bn_bwd_dx(d, dt, s, true, false, dy, dy_rs, dx, dx_rs, accumulate, 0)
+}
+
+/// The reductions of a BN backward: `dgamma, dbeta` +=, and `coef` (or, deferred, `alpha, beta`
+/// +=) from `dy`.
+#[allow(clippy::too_many_arguments)]
+fn bn_bwd_reduce(
+    d: &dyn Driver,
+    dt: Dt,
+    s: BnSaved,
+    relu: bool,
+    (dy, dy_rs): (DevPtr, usize),
+    (dgamma, dbeta): (DevPtr, DevPtr),
+    (part, coef): (DevPtr, DevPtr),
+    defer: Option<(DevPtr, DevPtr)>,
 ) -> Result<()> {
     let p = bn_chunks(s.rows);
     launch(
@@ -449,6 +552,7 @@ pub fn bn_bwd(
             A::I(relu as i32),
         ],
     )?;
+    let (alpha, beta) = defer.unwrap_or((0, 0));
     launch(
         d,
         "bn_bwd_merge_f32",
@@ -464,10 +568,11 @@ pub fn bn_bwd(
             i(s.rows),
             i(s.c),
             i(p),
+            A::P(alpha),
+            A::P(beta),
+            A::P(s.scale),
+            A::P(s.mean),
         ],
-    )?;
-    bn_bwd_dx(
-        d, dt, s, relu, train, dy, dy_rs, dx, dx_rs, accumulate, coef,
     )
 }
 
@@ -514,10 +619,10 @@ fn bn_bwd_dx(
 }
 
 /// Training-mode BN backward whose per-channel reductions a data-gradient convolution already
-/// summed (`red: [2, c]` f32 = Σdz, Σdz·x; `ops_tc::conv_bwd_data`), as was its ReLU mask: `dz`
-/// (`[rows, c]`, row stride `dz_rs`) is the masked gradient of the BN output. `dgamma, dbeta: [c]`
-/// f32 += ...; `dx` (row stride `dx_rs`) overwritten, or added to if `accumulate`. `coef`: scratch
-/// of `2c` f32.
+/// summed (`red: [2, c]` f32 = Σdz, Σdz·x; `ops_tc::conv_bwd_data`; left zeroed), as was its ReLU
+/// mask: `dz` (`[rows, c]`, row stride `dz_rs`) is the masked gradient of the BN output.
+/// `dgamma, dbeta: [c]` f32 += ...; `dx` (row stride `dx_rs`) overwritten, or added to if
+/// `accumulate`. `coef`: scratch of `2c` f32.
 #[allow(clippy::too_many_arguments)]
 pub fn bn_bwd_from_sums(
     d: &dyn Driver,

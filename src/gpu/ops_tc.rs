@@ -146,13 +146,15 @@ pub fn conv_fwd(
 }
 
 /// `dx: [n, h, w, ci]` bf16 (row stride `dx_rs`; overwritten, or added to if `accumulate`) =
-/// d(loss)/d(conv input) from `dy: [n, h, w, co]` bf16 (row stride `dy_rs`) and
-/// `wt: [k, k, ci, co]` bf16, times the ReLU mask `[x * scale + shift > 0]` of the BN + ReLU in
-/// front of the convolution when `mask = Some((x, (scale, shift)))` (`x`: its pre-BN input
-/// `[n, h, w, ci]` bf16, `scale, shift: [ci]` f32), so that `dx` is the gradient of the BN output.
-/// `red: [2, ci]` f32, when given (with a mask), has the per-channel sums of the stored `dx` and of
-/// `dx * x` added to it: the reductions of that BN's backward, dbeta = Σdx and
-/// dgamma = (Σdx·x − mean·Σdx) · invstd.
+/// `post · g`, where `g` is d(loss)/d(conv input) from `dy: [n, h, w, co]` bf16 (row stride
+/// `dy_rs`) and `wt: [k, k, ci, co]` bf16, rounded to bf16, times the ReLU mask
+/// `[x * scale + shift > 0]` of the BN + ReLU in front of the convolution when
+/// `mask = Some((x, (scale, shift)))` (`x`: its pre-BN input `[n, h, w, ci]` bf16, `scale, shift:
+/// [ci]` f32): `g` is the gradient of the BN output. `post: [ci]` f32 per-channel factors (None: 1).
+/// `red: [2, ci]` f32, when given (with a mask), has the per-channel sums of `g` and of `g * x`
+/// added to it: the reductions of that BN's backward, dbeta = Σg and
+/// dgamma = (Σg·x − mean·Σg) · invstd. With `post` = the BN's scale and `accumulate`, `dx`
+/// receives the BN backward's per-element term (`ops::bn_bwd_defer` has the rest).
 #[allow(clippy::too_many_arguments)]
 pub fn conv_bwd_data(
     d: &dyn Driver,
@@ -167,6 +169,7 @@ pub fn conv_bwd_data(
     accumulate: bool,
     mask: Option<(View, (DevPtr, DevPtr))>,
     red: Option<DevPtr>,
+    post: Option<DevPtr>,
 ) -> Result<()> {
     if red.is_some() && mask.is_none() {
         bail!("the BN-backward reductions of a data gradient need the BN's input (mask)");
@@ -209,6 +212,7 @@ pub fn conv_bwd_data(
         i(ci),
         i(co),
         A::P(red.unwrap_or(0)),
+        A::P(post.unwrap_or(0)),
     ];
     let name = format!("{geo}_tc_bwd_data_bf16");
     launch(d, &name, grid, T128, smem(T128, true, true), args)
