@@ -13,9 +13,15 @@
 //! bf16 storage runs the dense layers' and transitions' convolutions on the tensor cores
 //! (`ops_tc`, with a bf16 copy of the weights): each BN + ReLU is applied while the consuming
 //! convolution loads its input (never stored), the batch statistics of the channels a
-//! convolution writes are summed in its epilogue, and a dense layer's data gradient applies the
-//! ReLU mask and sums its BN backward's reductions in its epilogue. f32 storage runs the
+//! convolution writes are summed in its epilogue, and a dense layer's data gradients apply the
+//! ReLU mask and sum their BN backward's reductions in their epilogues. f32 storage runs the
 //! CUDA-core kernels of `ops` with separate statistics and reduction passes.
+//!
+//! Both precisions defer the per-channel part of each dense layer's BN1 backward: the 1×1's
+//! data gradient adds only `scale · dz` into the block's gradient buffer (bf16: from the
+//! epilogue), the rest, affine in x per channel, is summed over every layer that reads the
+//! channel (`BlockPlan::corr`) and added once the channel's gradient is complete, before its
+//! producer's backward (`fix_grads`).
 
 use super::ops::{self, f32_at, BnSaved, Dt, View};
 use super::ops_tc;
