@@ -365,17 +365,34 @@ UNROLL
 
 // y: [n, h, w, co] bf16 (row stride y_rs) = conv_KS(pre(x), wt); when stats is not null
 // (stats: [2, co] f32), the per-channel sum and sum of squares of the stored y are added to it
-// (the batch statistics of the BN that will read these channels).
+// (the batch statistics of the BN that will read these channels). Split-K (ws not null): block z
+// takes the K range [z * split_len, ...) and adds its partial sums to ws: [n*h*w, co] f32 instead,
+// for conv_tc_fwd_finish_bf16 to store (when M * co is too small a grid to fill the GPU).
 template <int BM, int BN, int WM, int WN, int KS>
 __device__ __forceinline__ void conv_tc_fwd(bf16* y, int y_rs, const bf16* x, int x_rs, const bf16* wt,
                                             const float* scale, const float* shift, int n, int h, int w, int c,
-                                            int co, float* stats) {
+                                            int co, float* stats, float* ws, int split_len) {
     typedef Tile<BM, BN, WM, WN> TL;
     const Gather a = make_gather(x, x_rs, n, h, w, c, KS, scale, shift, 0);
     const Dense b = make_dense(wt, KS * KS * c, co, co, 1);
     const int M = n * h * w, m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
+    const int k_lo = blockIdx.z * split_len, k_hi = min(KS * KS * c, k_lo + split_len);
     float acc[TL::MT][TL::NT][4] = {};
-    tc_tile<BM, BN, WM, WN, true, false, true>(a, b, m0, n0, 0, KS * KS * c, acc);
+    tc_tile<BM, BN, WM, WN, true, false, true>(a, b, m0, n0, k_lo, k_hi, acc);
+    if (ws) {
+UNROLL
+        for (int mt = 0; mt < TL::MT; mt++)
+UNROLL
+            for (int nt = 0; nt < TL::NT; nt++)
+UNROLL
+                for (int r = 0; r < 4; r++) {
+                    int row, col;
+                    acc_coords<BM, BN, WM, WN>(mt, nt, r, &row, &col);
+                    row += m0, col += n0;
+                    if (row < M && col < co && k_lo < k_hi) atomicAdd(ws + (long long)row * co + col, acc[mt][nt][r]);
+                }
+        return;
+    }
 UNROLL
     for (int nt = 0; nt < TL::NT; nt++) {
         float sums[2][2] = {};
@@ -475,20 +492,53 @@ UNROLL
 // the masked data gradient g; post: null or [c] f32 factors of the stored data gradient.
 // Dynamic shared bytes: 2 stages of [outer][inner + 8] bf16 per operand (src/gpu/ops_tc.rs smem).
 
-// Grid (ceil(n*h*w / 128), ceil(co / 128)), block 256, 37888 shared bytes.
+// ws: null, or [n*h*w, co] f32 partial sums (split-K over gridDim.z chunks of split_len, a multiple
+// of 32, of the k*k*c reduction; y and stats untouched, see conv_tc_fwd_finish_bf16).
+// Grid (ceil(n*h*w / 128), ceil(co / 128), splits), block 256, 37888 shared bytes.
 extern "C" __global__ void __launch_bounds__(256, 2)
     conv1x1_tc_fwd_bf16(bf16* __restrict__ y, int y_rs, const bf16* __restrict__ x, int x_rs,
                         const bf16* __restrict__ wt, const float* scale, const float* shift, int n, int h, int w,
-                        int c, int co, float* stats) {
-    conv_tc_fwd<128, 128, 2, 4, 1>(y, y_rs, x, x_rs, wt, scale, shift, n, h, w, c, co, stats);
+                        int c, int co, float* stats, float* ws, int split_len) {
+    conv_tc_fwd<128, 128, 2, 4, 1>(y, y_rs, x, x_rs, wt, scale, shift, n, h, w, c, co, stats, ws, split_len);
 }
 
-// Grid (ceil(n*h*w / 128), ceil(co / 32)), block 128, 25600 shared bytes.
+// Grid (ceil(n*h*w / 128), ceil(co / 32), splits), block 128, 25600 shared bytes.
 extern "C" __global__ void __launch_bounds__(128)
     conv3x3_tc_fwd_bf16(bf16* __restrict__ y, int y_rs, const bf16* __restrict__ x, int x_rs,
                         const bf16* __restrict__ wt, const float* scale, const float* shift, int n, int h, int w,
-                        int c, int co, float* stats) {
-    conv_tc_fwd<128, 32, 4, 1, 3>(y, y_rs, x, x_rs, wt, scale, shift, n, h, w, c, co, stats);
+                        int c, int co, float* stats, float* ws, int split_len) {
+    conv_tc_fwd<128, 32, 4, 1, 3>(y, y_rs, x, x_rs, wt, scale, shift, n, h, w, c, co, stats, ws, split_len);
+}
+
+// The end of a split-K forward: y: [M, co] bf16 (row stride y_rs) = ws: [M, co] f32 rounded, and
+// ws zeroed (ready for the next split forward); stats: null or [2, co] f32 += per-channel (sum y,
+// sum y^2) of the stored y. Block (32, 8): threadIdx.x a channel of the block's 32 (coalesced),
+// threadIdx.y strides the rows of chunk blockIdx.y. Grid (ceil(co / 32), chunks).
+extern "C" __global__ void conv_tc_fwd_finish_bf16(bf16* __restrict__ y, int y_rs, float* __restrict__ ws, int M,
+                                                   int co, float* stats) {
+    __shared__ float part[2][8][33];
+    const int c = blockIdx.x * 32 + threadIdx.x, P = gridDim.y, p = blockIdx.y;
+    const int r0 = (int)((long long)p * M / P), r1 = (int)((long long)(p + 1) * M / P);
+    float s = 0.0f, ss = 0.0f;
+    if (c < co)
+        for (int r = r0 + threadIdx.y; r < r1; r += 8) {
+            float* src = ws + (long long)r * co + c;
+            const bf16 o = __float2bfloat16(*src);
+            *src = 0.0f;
+            y[(long long)r * y_rs + c] = o;
+            const float f = __bfloat162float(o);
+            s += f;
+            ss += f * f;
+        }
+    part[0][threadIdx.y][threadIdx.x] = s;
+    part[1][threadIdx.y][threadIdx.x] = ss;
+    __syncthreads();
+    if (threadIdx.y == 0 && c < co && stats) {
+        float t = 0.0f, tt = 0.0f;
+        for (int k = 0; k < 8; k++) t += part[0][k][threadIdx.x], tt += part[1][k][threadIdx.x];
+        atomicAdd(stats + c, t);
+        atomicAdd(stats + co + c, tt);
+    }
 }
 
 // dx: [n, h, w, c] bf16 (row stride dx_rs), overwritten (accumulate = 0) or added to; x, scale,

@@ -126,37 +126,62 @@ fn conv_case(
     };
 
     // Forward into a slice of a poisoned buffer; with a BN + ReLU in front, the output's batch
-    // statistics are added to random values.
-    let yb = Buf::poisoned(d, false, px * y_rs);
-    let (stats, stats0) = Buf::from(d, true, &randn(rng, 2 * co, 1.0, 0.0));
-    let stats_ptr = with_pre.then(|| stats.at(0));
-    ops_tc::conv_fwd(
-        &**d,
-        view,
-        pre,
-        wb.at(0),
-        co,
-        g,
-        yb.at(y_c0),
-        y_rs,
-        stats_ptr,
-    )
-    .unwrap();
+    // statistics are added to random values. Whole, then split-K over a zeroed workspace in
+    // 32-wide chunks and in the default split (with a workspace; whole when the grid is large),
+    // which the finishing kernel must leave zeroed again.
     let mut y_ref = vec![0.0; px * co];
     conv2d_fwd(xi, pre_ref, &wv, co, g, &mut y_ref, co);
-    let y = yb.read();
-    check(&format!("{what} fwd"), &cols(&y, y_rs, y_c0, co), &y_ref);
-    assert!(
-        untouched_outside(&y, y_rs, y_c0, co),
-        "{what}: fwd wrote outside its slice"
-    );
-    let y = cols(&y, y_rs, y_c0, co);
-    let want = if with_pre {
-        added_column_sums(&stats0, &y, &y, co)
-    } else {
-        stats0
-    };
-    check_exact(&format!("{what} fwd stats"), &stats.read(), &want);
+    let ws = Buf::from(d, true, &vec![0.0; px * co]).0;
+    for split in [None, Some(32), Some(0)] {
+        let what = format!("{what} fwd split {split:?}");
+        let yb = Buf::poisoned(d, false, px * y_rs);
+        let (stats, stats0) = Buf::from(d, true, &randn(rng, 2 * co, 1.0, 0.0));
+        let stats_ptr = with_pre.then(|| stats.at(0));
+        let y_at = (yb.at(y_c0), y_rs);
+        match split {
+            Some(0) => ops_tc::conv_fwd(
+                &**d,
+                view,
+                pre,
+                wb.at(0),
+                co,
+                g,
+                y_at.0,
+                y_at.1,
+                stats_ptr,
+                Some(ws.at(0)),
+            ),
+            split => ops_tc::conv_fwd_split(
+                &**d,
+                view,
+                pre,
+                wb.at(0),
+                co,
+                g,
+                y_at,
+                stats_ptr,
+                split.map(|len| (ws.at(0), len)),
+            ),
+        }
+        .unwrap();
+        let y = yb.read();
+        check(&what, &cols(&y, y_rs, y_c0, co), &y_ref);
+        assert!(
+            untouched_outside(&y, y_rs, y_c0, co),
+            "{what}: wrote outside its slice"
+        );
+        assert!(
+            ws.read().iter().all(|&v| v == 0.0),
+            "{what}: workspace not left zeroed"
+        );
+        let y = cols(&y, y_rs, y_c0, co);
+        let want = if with_pre {
+            added_column_sums(&stats0, &y, &y, co)
+        } else {
+            stats0
+        };
+        check_exact(&format!("{what} stats"), &stats.read(), &want);
+    }
 
     // dy: a slice of a wider buffer, as a dense layer's gradient buffer is.
     let (dyb, dyv) = Buf::from(d, false, &randn(rng, px * y_rs, 1.0, 0.0));
@@ -374,7 +399,7 @@ fn tc_rejects_other_geometries() {
         stride: 2,
         pad: 3,
     };
-    let e = ops_tc::conv_fwd(&*d, x, None, 0, 8, stem, 0, 8, None).unwrap_err();
+    let e = ops_tc::conv_fwd(&*d, x, None, 0, 8, stem, 0, 8, None, None).unwrap_err();
     assert!(format!("{e:#}").contains("7x7/2 pad 3"), "{e:#}");
 }
 
@@ -387,6 +412,37 @@ fn split_len_is_a_multiple_of_the_k_slice() {
         assert!(
             splits * tiles <= 528 + tiles,
             "{pixels} {tiles}: {splits} splits"
+        );
+    }
+}
+
+/// The forward splits its reduction only when its grid cannot fill the GPU: DenseNet-169's
+/// blocks 3 and 4 at batch 64 (14² and 7²: 98 and 25 row tiles), never block 1 (56²).
+#[test]
+fn forward_splits_only_small_grids() {
+    let k_len = |c: usize, g: Conv| g.k * g.k * c;
+    for (rows, c, co, g, split) in [
+        (64 * 56 * 56, 224, 128, POINTWISE, false),
+        (64 * 56 * 56, 128, 32, CONV3, false),
+        (64 * 28 * 28, 480, 128, POINTWISE, false),
+        (64 * 14 * 14, 1248, 128, POINTWISE, true),
+        (64 * 14 * 14, 128, 32, CONV3, true),
+        (64 * 7 * 7, 1632, 128, POINTWISE, true),
+        (64 * 7 * 7, 128, 32, CONV3, true),
+        (64 * 7 * 7, 64, 128, POINTWISE, false), // only 2 K-slices
+    ] {
+        let len = ops_tc::fwd_split_len(rows, c, co, g);
+        assert!(len.is_multiple_of(32) && len >= 32, "{rows} {c}: {len}");
+        let chunks = k_len(c, g).div_ceil(len);
+        assert_eq!(
+            chunks > 1,
+            split,
+            "{rows}x{c}->{co} k{}: {chunks} chunks",
+            g.k
+        );
+        assert!(
+            len >= 4 * 32 || chunks == 1,
+            "chunks of at least 4 K-slices"
         );
     }
 }

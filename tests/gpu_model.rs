@@ -18,13 +18,23 @@ fn tiny() -> DenseNetSpec {
     DenseNetSpec::custom(4, vec![2, 2], 8, 2).unwrap()
 }
 
+/// Wide enough that the bf16 path's 3×3 forwards split their reduction (64 bottleneck channels:
+/// 18 K-slices over a grid of 2 row tiles) and its loads take the 16-byte paths.
+fn wide() -> DenseNetSpec {
+    DenseNetSpec::custom(16, vec![2, 2], 32, 4).unwrap()
+}
+
 fn f64s(v: &[f32]) -> Vec<f64> {
     v.iter().map(|&x| x as f64).collect()
 }
 
 /// A freshly initialised tiny model with every parameter perturbed (so no BN is an identity).
 fn model(rng: &mut Rng) -> DenseNet<f32> {
-    let mut m = DenseNet::<f32>::new(tiny(), rng.next_u64());
+    model_of(tiny(), rng)
+}
+
+fn model_of(spec: DenseNetSpec, rng: &mut Rng) -> DenseNet<f32> {
+    let mut m = DenseNet::<f32>::new(spec, rng.next_u64());
     for p in &mut m.params {
         *p += 0.1 * rng.normal() as f32;
     }
@@ -174,7 +184,7 @@ fn training_step_matches_cpu() {
 fn bf16_training_step_matches_cpu() {
     let d = test_driver().expect("test device");
     let mut rng = Rng::new(fresh_seed("bf16_training_step_matches_cpu"));
-    let cpu = model(&mut rng);
+    let cpu = model_of(wide(), &mut rng);
     let mut gpu = GpuDenseNet::new(d, cpu.cast(), Precision::Bf16).unwrap();
     let (n, hw) = (4, 36);
     let x = batch(&mut rng, n, hw);
@@ -195,7 +205,7 @@ fn bf16_training_step_matches_cpu() {
     let whole = norm(&truth.grads);
     let mut at = 0;
     let (mut checked, mut worst) = (0, 0.0f64);
-    for t in tiny().state_dict_layout() {
+    for t in wide().state_dict_layout() {
         if t.role != Role::Param {
             continue;
         }
@@ -336,7 +346,10 @@ fn graphs_replay_what_direct_launches_do() {
     let exact = d.name() == "emu";
     for (precision, tol) in [(Precision::F32, 1e-5), (Precision::Bf16, 2e-2)] {
         let mut rng = Rng::new(fresh_seed("graphs_replay_what_direct_launches_do"));
-        let base = model(&mut rng);
+        let base = match precision {
+            Precision::F32 => model(&mut rng),
+            Precision::Bf16 => model_of(wide(), &mut rng),
+        };
         let hw = 32;
         let batches: Vec<(usize, Vec<f32>)> = [3, 2, 3, 5]
             .iter()

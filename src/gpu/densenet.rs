@@ -135,6 +135,9 @@ struct Plan {
     /// Two backward scratch buffers, each as large as the largest intermediate gradient.
     sa: Act,
     sb: Act,
+    /// bf16: f32 partial sums of the split-K forwards ([`ops_tc::fwd_split_len`]), as large as
+    /// the largest `[rows, co]` of a convolution that splits; None when none does.
+    fws: Option<DeviceBuffer<f32>>,
 }
 
 /// Device buffers of the raw-input path (`forward_raw`).
@@ -336,8 +339,23 @@ impl GpuDenseNet {
         let mid = spec.bn_size * spec.growth_rate;
         let mut scratch = n * h0 * w0 * f0;
         let mut blocks = Vec::new();
+        // The largest [rows, co] of a forward convolution whose reduction splits.
+        let mut split_ws = 0;
+        let mut splits = |rows: usize, c: usize, co: usize, g: Conv| {
+            if ops_tc::fwd_split_len(rows, c, co, g) < g.k * g.k * c {
+                split_ws = split_ws.max(rows * co);
+            }
+        };
         for blk in &lay.blocks {
             let (rows, ct) = (n * hb * wb, blk.c_total);
+            for li in &blk.layers {
+                splits(rows, li.norm1.c, li.conv1.co, POINTWISE);
+                splits(rows, li.conv1.co, li.conv2.co, CONV3);
+            }
+            if let Some((_, tc)) = blk.transition {
+                let next_rows = n * (hb / 2) * (wb / 2);
+                splits(next_rows, ct, tc.co, POINTWISE);
+            }
             scratch = scratch.max(rows * ct).max(rows * mid);
             let f32s = |len| DeviceBuffer::<f32>::alloc(d, len);
             blocks.push(BlockPlan {
@@ -384,6 +402,10 @@ impl GpuDenseNet {
             dlogits: DeviceBuffer::alloc(d, n)?,
             sa: Act::new(d, dt, scratch)?,
             sb: Act::new(d, dt, scratch)?,
+            fws: match (dt, split_ws) {
+                (Dt::Bf16, len) if len > 0 => Some(DeviceBuffer::alloc(d, len)?),
+                _ => None,
+            },
         })
     }
 
@@ -443,7 +465,8 @@ impl GpuDenseNet {
     /// `y` (row stride `y_rs`) = a dense-layer or transition convolution of `pre(x)` with the
     /// weights at parameter `p`; with `stats = Some((st, stride, at))`, also the batch statistics
     /// of the `co` channels written, as [`Self::stats_into`]. bf16: the tensor-core kernel, the
-    /// statistics summed in its epilogue; f32: the CUDA-core kernel, then a statistics pass.
+    /// statistics summed in its epilogue, its reduction split over `ws` (the plan's `fws`) when
+    /// the grid is small; f32: the CUDA-core kernel, then a statistics pass.
     #[allow(clippy::too_many_arguments)]
     fn conv_stats(
         &self,
@@ -454,6 +477,7 @@ impl GpuDenseNet {
         g: Conv,
         (y, y_rs): (DevPtr, usize),
         stats: Option<(DevPtr, usize, usize)>,
+        ws: Option<DevPtr>,
     ) -> Result<()> {
         let d = &*self.d;
         if self.w16.is_none() {
@@ -465,7 +489,7 @@ impl GpuDenseNet {
         }
         // (The sums are zero: zeroed at the start of the pass and by each consumer.)
         let sums = stats.map(|_| self.sums.ptr());
-        ops_tc::conv_fwd(d, x, pre, self.w16(p), co, g, y, y_rs, sums)?;
+        ops_tc::conv_fwd(d, x, pre, self.w16(p), co, g, y, y_rs, sums, ws)?;
         match stats {
             Some((st, stride, at)) => ops::bn_stats_from_sums(
                 d,
@@ -685,8 +709,13 @@ impl GpuDenseNet {
         let (dt, n, h, w) = (self.dt, pl.n, pl.h, pl.w);
         let lay = self.host.layout.clone();
         let xin = pl.x16.as_ref().map_or(pl.x.ptr(), |x| x.ptr());
-        // The epilogue sums start from zero (their consumers zero them again after reading).
+        // The epilogue sums and the split-K workspace start from zero (their consumers zero
+        // them again after reading).
         self.sums.fill_bytes(0)?;
+        let fws = pl.fws.as_ref().map(|w| w.ptr());
+        if let Some(w) = &pl.fws {
+            w.fill_bytes(0)?;
+        }
 
         // Stem: conv0 → norm0 → ReLU → max pool into block 0's first channels.
         let f0 = lay.conv0.co;
@@ -769,7 +798,8 @@ impl GpuDenseNet {
                 let (y1, st2) = (bp.y1[l].ptr(), bp.st2[l].ptr());
                 let pre1 = Some(self.coefs(li.norm1));
                 let stats = train.then_some((st2, mid, 0));
-                self.conv_stats(prefix, pre1, li.conv1.p, mid, POINTWISE, (y1, mid), stats)?;
+                let out = (y1, mid);
+                self.conv_stats(prefix, pre1, li.conv1.p, mid, POINTWISE, out, stats, fws)?;
                 let batch = train.then_some((st2, f32_at(st2, mid), rows));
                 self.bn_coeffs(li.norm2, batch)?;
                 let yv = View {
@@ -783,7 +813,7 @@ impl GpuDenseNet {
                 let pre2 = Some(self.coefs(li.norm2));
                 let stats = train.then_some((bp.stats.ptr(), ct, c));
                 let out = (bp.buf.at(c), ct);
-                self.conv_stats(yv, pre2, li.conv2.p, k, CONV3, out, stats)?;
+                self.conv_stats(yv, pre2, li.conv2.p, k, CONV3, out, stats, fws)?;
             }
             let Some((tn, tc)) = blk.transition else {
                 break;
@@ -812,7 +842,7 @@ impl GpuDenseNet {
             };
             let stats = train.then_some((nx.stats.ptr(), nct, 0));
             let out = (nx.buf.ptr(), nct);
-            self.conv_stats(pv, None, tc.p, tc.co, POINTWISE, out, stats)?;
+            self.conv_stats(pv, None, tc.p, tc.co, POINTWISE, out, stats, fws)?;
         }
 
         // Head: norm5 → ReLU → global average pool → linear.

@@ -9,7 +9,7 @@
 //! | row | launches |
 //! |---|---|
 //! | `stem7x7s2` fwd, bwd-weight | `ops::conv_fwd`, `ops::conv_bwd_weight` (CUDA cores, both precisions) |
-//! | `conv1x1`, `conv3x3` fwd | bf16: `ops_tc::conv_fwd` with the BN + ReLU in front and the output's statistics summed in its epilogue; f32: `ops::conv_fwd` with the BN + ReLU |
+//! | `conv1x1`, `conv3x3` fwd | bf16: `ops_tc::conv_fwd` with the BN + ReLU in front and the output's statistics summed in its epilogue (split-K over a workspace, then its finishing kernel, when the grid is small); f32: `ops::conv_fwd` with the BN + ReLU |
 //! | … bwd-weight | `ops_tc::conv_bwd_weight` (split-K) / `ops::conv_bwd_weight`, with the BN + ReLU |
 //! | `conv1x1` bwd-data (a dense layer's BN1) | bf16: `ops_tc::conv_bwd_data` with the ReLU mask, the BN's reductions and its scale, accumulating into the block's gradient buffer, then `ops::bn_bwd_defer`; f32: `ops::conv_bwd_data`, then `ops::bn_bwd_deferred`; both then `ops::bn_grad_fix` of the layer's k output channels (the deferred BN terms, once per layer) |
 //! | `conv3x3` bwd-data (BN2) | bf16: `ops_tc::conv_bwd_data` with the ReLU mask and the BN's reductions into a scratch, then `ops::bn_bwd_from_sums`; f32: `ops::conv_bwd_data`, then `ops::bn_bwd` |
@@ -807,9 +807,17 @@ impl Bench {
                 let w = self.weight(fan_in, co, tc)?;
                 if tc {
                     // The convolution adds its output's statistics to the sums (the model's
-                    // consumer, timed in the bn_stats row, zeroes them again).
+                    // consumer, timed in the bn_stats row, zeroes them again); a small grid
+                    // splits its reduction over a workspace, as in the model.
                     let sums = self.f32("sums", 2 * co, Fill::Zero)?;
-                    Box::new(move || ops_tc::conv_fwd(&*d, x, pre, w, co, g, y.0, y.1, Some(sums)))
+                    let split = ops_tc::fwd_split_len(x.rows(), x.c, co, g) < fan_in;
+                    let ws = match split {
+                        true => Some(self.f32("fws", x.rows() * co, Fill::Zero)?),
+                        false => None,
+                    };
+                    Box::new(move || {
+                        ops_tc::conv_fwd(&*d, x, pre, w, co, g, y.0, y.1, Some(sums), ws)
+                    })
                 } else {
                     Box::new(move || ops::conv_fwd(&*d, dt, x, pre, w, co, g, y.0, y.1))
                 }

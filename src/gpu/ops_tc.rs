@@ -77,7 +77,7 @@ fn launch(
     d: &dyn Driver,
     name: &str,
     grid: [u32; 3],
-    t: Tile,
+    block: [u32; 3],
     shared: u32,
     mut args: Vec<A>,
 ) -> Result<()> {
@@ -90,8 +90,24 @@ fn launch(
         .collect();
     // SAFETY: the argument lists below follow the kernels' signatures; the addresses are the
     // caller's contract (module documentation).
-    unsafe { d.launch(name, grid, [t.threads, 1, 1], shared, &mut ptrs) }
+    unsafe { d.launch(name, grid, block, shared, &mut ptrs) }
         .with_context(|| format!("kernel {name}"))
+}
+
+/// Streaming multiprocessors the split-K heuristics aim to fill (an H100 SXM has 132).
+const SMS: usize = 132;
+
+/// The K-slice length (a multiple of [`BK`]) of a split-K forward of `rows` pixels × `co`
+/// channels (`x.c` inputs, geometry `g`): the reduction split so that the grid has about 2
+/// (T128) or 4 (T32) blocks per SM of a 132-SM GPU, each at least 4 K-slices long; the whole
+/// reduction (no split) when the grid is large enough already.
+pub fn fwd_split_len(rows: usize, c: usize, co: usize, g: Conv) -> usize {
+    let t = if g.k == 1 { T128 } else { T32 };
+    let tiles = rows.div_ceil(t.bm) * co.div_ceil(t.bn);
+    let per_sm = if t.threads == 256 { 2 } else { 4 };
+    let slices = (g.k * g.k * c).div_ceil(BK);
+    let splits = (per_sm * SMS).div_ceil(tiles).min(slices / 4).max(1);
+    slices.div_ceil(splits) * BK
 }
 
 /// `y: [n, h, w, co]` bf16 (row stride `y_rs`) = conv(pre(x), wt); `x`: bf16; `wt: [k, k, x.c, co]`
@@ -99,7 +115,9 @@ fn launch(
 /// has the per-channel sum and sum of squares of the stored `y` added to it (batch statistics of
 /// the BN that reads these channels next, without a pass over them): mean = Σy / rows,
 /// var = Σy² / rows − mean² (f32 sums; fine for conv outputs, whose mean is small next to their
-/// spread).
+/// spread). `ws: [x.rows(), co]` f32, all zero (and left so), when given lets a grid too small
+/// to fill the GPU split its reduction ([`fwd_split_len`]): partial sums added there, then
+/// stored by a finishing kernel.
 #[allow(clippy::too_many_arguments)]
 pub fn conv_fwd(
     d: &dyn Driver,
@@ -111,13 +129,40 @@ pub fn conv_fwd(
     y: DevPtr,
     y_rs: usize,
     stats: Option<DevPtr>,
+    ws: Option<DevPtr>,
+) -> Result<()> {
+    let k_len = g.k * g.k * x.c;
+    let split = ws
+        .map(|ws| (ws, fwd_split_len(x.rows(), x.c, co, g)))
+        .filter(|&(_, len)| len < k_len);
+    conv_fwd_split(d, x, pre, wt, co, g, (y, y_rs), stats, split)
+}
+
+/// [`conv_fwd`] with the reduction split into chunks of `split = Some((ws, len))` (`len` a
+/// positive multiple of 32; `ws: [x.rows(), co]` f32, zero), or whole.
+#[allow(clippy::too_many_arguments)]
+pub fn conv_fwd_split(
+    d: &dyn Driver,
+    x: View,
+    pre: Option<(DevPtr, DevPtr)>,
+    wt: DevPtr,
+    co: usize,
+    g: Conv,
+    (y, y_rs): (DevPtr, usize),
+    stats: Option<DevPtr>,
+    split: Option<(DevPtr, usize)>,
 ) -> Result<()> {
     let geo = geometry(g)?;
     let t = if g.k == 1 { T128 } else { T32 };
+    let k_len = g.k * g.k * x.c;
+    let (ws, split_len) = split.unwrap_or((0, k_len.max(1)));
+    if split.is_some() && (split_len == 0 || !split_len.is_multiple_of(BK)) {
+        bail!("split-K chunk of {split_len} is not a positive multiple of {BK}");
+    }
     let grid = [
         blocks_for(x.rows(), t.bm as u32),
         blocks_for(co, t.bn as u32),
-        1,
+        blocks_for(k_len, split_len as u32),
     ];
     let (s, sh) = pre.unwrap_or((0, 0));
     let args = vec![
@@ -134,15 +179,32 @@ pub fn conv_fwd(
         i(x.c),
         i(co),
         A::P(stats.unwrap_or(0)),
+        A::P(ws),
+        i(split_len),
     ];
+    let name = format!("{geo}_tc_fwd_bf16");
     launch(
         d,
-        &format!("{geo}_tc_fwd_bf16"),
+        &name,
         grid,
-        t,
+        [t.threads, 1, 1],
         smem(t, true, false),
         args,
-    )
+    )?;
+    if split.is_none() {
+        return Ok(());
+    }
+    let chunks = x.rows().div_ceil(1024).clamp(1, 64);
+    let args = vec![
+        A::P(y),
+        i(y_rs),
+        A::P(ws),
+        i(x.rows()),
+        i(co),
+        A::P(stats.unwrap_or(0)),
+    ];
+    let grid = [blocks_for(co, 32), chunks as u32, 1];
+    launch(d, "conv_tc_fwd_finish_bf16", grid, [32, 8, 1], 0, args)
 }
 
 /// `dx: [n, h, w, ci]` bf16 (row stride `dx_rs`; overwritten, or added to if `accumulate`) =
@@ -215,7 +277,14 @@ pub fn conv_bwd_data(
         A::P(post.unwrap_or(0)),
     ];
     let name = format!("{geo}_tc_bwd_data_bf16");
-    launch(d, &name, grid, T128, smem(T128, true, true), args)
+    launch(
+        d,
+        &name,
+        grid,
+        [T128.threads, 1, 1],
+        smem(T128, true, true),
+        args,
+    )
 }
 
 /// Pixels per split-K chunk of a weight gradient over `pixels` pixels with `tiles` output tiles:
@@ -285,5 +354,12 @@ pub fn conv_bwd_weight_split(
         i(split_len),
     ];
     let name = format!("{geo}_tc_bwd_weight_bf16");
-    launch(d, &name, grid, t, smem(t, false, false), args)
+    launch(
+        d,
+        &name,
+        grid,
+        [t.threads, 1, 1],
+        smem(t, false, false),
+        args,
+    )
 }
