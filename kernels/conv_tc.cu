@@ -33,7 +33,10 @@
 //         K-slices) and 3x3 backward-weight (M = 9*C, N = 32, K = pixels, split).
 // Split-K (gridDim.z chunks of split_len pixels, a multiple of BK) for both weight gradients, whose
 // K = n*h*w is huge and M*N small; f32 partial sums are added with atomicAdd (ops_tc.rs aims at
-// ~4 blocks per SM of a 132-SM GPU, chunks of >= 512 pixels).
+// ~4 blocks per SM of a 132-SM GPU, chunks of >= 512 pixels). The forwards split K = k*k*c the same
+// way when their grid is too small to fill the GPU (DenseNet-169's blocks 3 and 4 at batch 64: 98
+// and 25 row tiles for 132 SMs; ops_tc.rs aims at 2 (T128) or 4 (T32) blocks per SM, chunks of
+// >= 4 K-slices), into an f32 workspace that conv_tc_fwd_finish_bf16 rounds, stores and re-zeroes.
 // To tune on the GPU: BM 64 vs 128 for the 3x3 forward at 7x7/14x14 (few pixels per image);
 // 3-4 stages with cp.async.wait_group N-1 (now 2 stages, wait_group 0); the per-chunk division
 // kidx / c of the im2col operands (a running (tap, channel) counter would do); bf16x2 epilogue
