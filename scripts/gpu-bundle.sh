@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# Builds the release binary and the GPU test binaries here and gathers them in gpu-bundle/ (git-
-# ignored, <= 60 MB) to copy onto a GPU machine that has the CUDA driver but no Rust toolchain:
-#   scripts/gpu-bundle.sh && scp -r gpu-bundle host: && ssh host gpu-bundle/gpu-check.sh
+# Builds the release binary, the GPU test binaries and the kernel harness here and gathers them in
+# gpu-bundle/, packed as gpu-bundle.tar.xz (both git-ignored; the archive <= 60 MB), to copy onto a
+# GPU machine that has the CUDA driver but no Rust toolchain:
+#   scripts/gpu-bundle.sh && scp gpu-bundle.tar.xz host: && ssh host 'tar xJf gpu-bundle.tar.xz && gpu-bundle/gpu-check.sh'
+# (with the device tool: carry gpu-bundle.tar.xz, run the same tar and gpu-check.sh there).
 # Set NVCC (or CUDA_HOME) to embed precompiled kernels; without it they compile with NVRTC there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=gpu-bundle
-TESTS=(gpu_device gpu_ops gpu_densenet_ops gpu_conv_tc gpu_model gpu_rawpath emu_selftest)
+TESTS=(gpu_device gpu_ops gpu_densenet_ops gpu_conv_tc gpu_model gpu_rawpath kernel_bench emu_selftest)
 
 cargo build --release
 args=()
@@ -37,7 +39,8 @@ cp scripts/gpu-check.sh scripts/pytorch_bench.py "$OUT/"
 strip --strip-debug "$OUT/mura" "$OUT"/bench-* "$OUT"/tests/*
 git rev-parse HEAD > "$OUT/COMMIT" 2>/dev/null || true
 
-size=$(du -sm "$OUT" | cut -f1)
+tar -cJf "$OUT.tar.xz" "$OUT"
 ls -l "$OUT" "$OUT/tests"
-echo "gpu-bundle: ${size} MB in $OUT/"
-[ "$size" -le 60 ] || { echo "gpu-bundle: over 60 MB" >&2; exit 1; }
+size=$(du -sm "$OUT.tar.xz" | cut -f1)
+echo "gpu-bundle: $(du -sm "$OUT" | cut -f1) MB in $OUT/, ${size} MB packed in $OUT.tar.xz"
+[ "$size" -le 60 ] || { echo "gpu-bundle: $OUT.tar.xz over 60 MB" >&2; exit 1; }
