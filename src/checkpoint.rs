@@ -4,7 +4,7 @@
 
 use crate::net::Net;
 use crate::optim::Adam;
-use crate::spec::DenseNetSpec;
+use crate::spec::{ArchArgs, DenseNetSpec};
 use crate::train::RunState;
 use crate::weights::{self, NamedTensor, StateDict, TensorData};
 use anyhow::{bail, Context, Result};
@@ -95,6 +95,26 @@ pub fn load_model(path: &Path, spec: Option<&DenseNetSpec>) -> Result<(DenseNetS
     let sd = weights::load_safetensors(path)?.state_dict;
     weights::check_layout(&sd, &spec).with_context(|| format!("loading {}", path.display()))?;
     Ok((spec, sd))
+}
+
+/// [`load_model`] for a command's `--arch` options: a mura checkpoint's recorded architecture
+/// needs no `--arch` (one given other than the default is insisted on); any other safetensors
+/// file with torchvision's names loads as the `--arch` asked for.
+pub fn load_model_for(path: &Path, arch: &ArchArgs) -> Result<(DenseNetSpec, StateDict)> {
+    let requested = arch.spec()?;
+    let recorded = read_spec(path)?.is_some();
+    let want = (!recorded || arch.arch != "densenet169").then_some(&requested);
+    let loaded = load_model(path, want);
+    match recorded {
+        true => loaded,
+        false => loaded.with_context(|| {
+            format!(
+                "{} records no architecture, so it was read as --arch {}: pass the --arch it has",
+                path.display(),
+                arch.arch
+            )
+        }),
+    }
 }
 
 pub struct Checkpoint {

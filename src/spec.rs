@@ -204,6 +204,19 @@ pub struct ArchArgs {
     pub bn_size: usize,
 }
 
+/// The command-line defaults: densenet169.
+impl Default for ArchArgs {
+    fn default() -> Self {
+        ArchArgs {
+            arch: "densenet169".into(),
+            growth_rate: 32,
+            block_config: vec![6, 12, 32, 32],
+            num_init_features: 64,
+            bn_size: 4,
+        }
+    }
+}
+
 impl ArchArgs {
     pub fn spec(&self) -> Result<DenseNetSpec> {
         if self.arch == "custom" {
@@ -221,6 +234,26 @@ impl ArchArgs {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn arch_args_default_is_the_command_line_default() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            arch: ArchArgs,
+        }
+        let parsed = Cli::parse_from(["mura"]).arch;
+        let d = ArchArgs::default();
+        assert_eq!(
+            (parsed.arch, parsed.growth_rate, parsed.block_config),
+            (d.arch, d.growth_rate, d.block_config)
+        );
+        assert_eq!(
+            (parsed.num_init_features, parsed.bn_size),
+            (d.num_init_features, d.bn_size)
+        );
+    }
+
     use super::*;
 
     #[test]

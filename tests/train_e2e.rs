@@ -172,6 +172,26 @@ fn eval_predict_cam_and_report() {
             "metrics.json lacks overall.{f}"
         );
     }
+    // The same weights without mura's metadata (as exported from torchvision) need --arch.
+    let plain = d.join("plain.safetensors");
+    let ck = mura::weights::load_safetensors(&best).unwrap();
+    mura::weights::save_safetensors(&plain, &ck.state_dict, &Default::default()).unwrap();
+    let mut args = vec![
+        "eval",
+        "--store",
+        store.to_str().unwrap(),
+        "--checkpoint",
+        plain.to_str().unwrap(),
+        "--image-size",
+        "32",
+    ];
+    let e = err(&args);
+    assert!(e.contains("pass the --arch it has"), "{e}");
+    assert_eq!(e.trim().lines().count(), 1, "{e}");
+    args.extend_from_slice(TINY);
+    let single = ok(&args);
+    let overall = |t: &str| t.lines().find(|l| l.contains("overall")).map(String::from);
+    assert_eq!(overall(&single), overall(&table), "{single}\n{table}");
     let preds = std::fs::read_to_string(out.join("predictions.csv")).unwrap();
     assert!(preds
         .lines()

@@ -149,6 +149,7 @@ pub fn run(args: Args) -> Result<()> {
     super::eval::run(super::eval::Args {
         store: store_dir.clone(),
         checkpoint: vec![best.clone()],
+        arch: Default::default(),
         split: "valid".into(),
         study_types: vec![],
         image_size: Some(args.image_size),

@@ -16,9 +16,12 @@ use std::sync::Arc;
 pub struct Args {
     #[arg(long)]
     pub store: PathBuf,
-    /// One or more model checkpoints (safetensors written by mura); several are ensembled
+    /// One or more model checkpoints (safetensors); several are ensembled. mura's record their
+    /// architecture; others (torchvision names) load as --arch
     #[arg(long, num_args = 1.., required = true)]
     pub checkpoint: Vec<PathBuf>,
+    #[command(flatten)]
+    pub arch: crate::spec::ArchArgs,
     /// train | valid
     #[arg(long, default_value = "valid")]
     pub split: String,
@@ -63,7 +66,7 @@ pub fn run(args: Args) -> Result<()> {
             Some(s) => s,
             None => checkpoint::read_image_size(ck)?.unwrap_or(224),
         };
-        let (spec, sd) = checkpoint::load_model(ck, None)?;
+        let (spec, sd) = checkpoint::load_model_for(ck, &args.arch)?;
         let mut model = crate::net::build(device, precision, spec, Some(&sd), 0)?;
         let loader = Loader::new(
             store.clone(),

@@ -66,11 +66,7 @@ pub fn run(args: Args) -> Result<()> {
     if let Some(s) = args.image_size {
         crate::data::image::check_side("--image-size", s)?;
     }
-    let requested = args.arch.spec()?;
-    // A mura checkpoint records its architecture: --arch is then needed only to insist on one.
-    let recorded = crate::checkpoint::read_spec(&args.weights)?.is_some();
-    let want = (!recorded || args.arch.arch != "densenet169").then_some(&requested);
-    let (spec, sd) = crate::checkpoint::load_model(&args.weights, want)?;
+    let (spec, sd) = crate::checkpoint::load_model_for(&args.weights, &args.arch)?;
     let size = match args.image_size {
         Some(s) => s,
         None => crate::checkpoint::read_image_size(&args.weights)?.unwrap_or(224),
