@@ -308,17 +308,6 @@ fn conv_case(
     );
 }
 
-const POINTWISE: Conv = Conv {
-    k: 1,
-    stride: 1,
-    pad: 0,
-};
-const CONV3: Conv = Conv {
-    k: 3,
-    stride: 1,
-    pad: 1,
-};
-
 fn setup(test: &str) -> (Arc<dyn Driver>, Rng) {
     (
         test_driver().expect("test device"),
@@ -335,7 +324,7 @@ fn conv1x1_tc() {
         &mut rng,
         (2, 9, 8, 19, 27),
         (13, 3, 20),
-        POINTWISE,
+        Conv::POINTWISE,
         true,
     );
     // 16-byte and cp.async loads, two output-channel tiles, a slice at channel 8.
@@ -344,7 +333,7 @@ fn conv1x1_tc() {
         &mut rng,
         (2, 9, 8, 40, 48),
         (136, 8, 152),
-        POINTWISE,
+        Conv::POINTWISE,
         true,
     );
     conv_case(
@@ -352,7 +341,7 @@ fn conv1x1_tc() {
         &mut rng,
         (1, 5, 7, 24, 24),
         (16, 0, 16),
-        POINTWISE,
+        Conv::POINTWISE,
         false,
     );
     // A dense layer's bottleneck: a 96-channel prefix of a 160-channel block buffer -> 128.
@@ -361,7 +350,7 @@ fn conv1x1_tc() {
         &mut rng,
         (1, 14, 14, 96, 160),
         (128, 0, 128),
-        POINTWISE,
+        Conv::POINTWISE,
         true,
     );
 }
@@ -369,16 +358,37 @@ fn conv1x1_tc() {
 #[test]
 fn conv3x3_tc() {
     let (d, mut rng) = setup("conv3x3_tc");
-    conv_case(&d, &mut rng, (1, 9, 6, 17, 17), (7, 5, 13), CONV3, true);
-    conv_case(&d, &mut rng, (2, 9, 8, 48, 56), (40, 8, 56), CONV3, true);
-    conv_case(&d, &mut rng, (1, 6, 5, 32, 32), (32, 0, 32), CONV3, false);
+    conv_case(
+        &d,
+        &mut rng,
+        (1, 9, 6, 17, 17),
+        (7, 5, 13),
+        Conv::CONV3,
+        true,
+    );
+    conv_case(
+        &d,
+        &mut rng,
+        (2, 9, 8, 48, 56),
+        (40, 8, 56),
+        Conv::CONV3,
+        true,
+    );
+    conv_case(
+        &d,
+        &mut rng,
+        (1, 6, 5, 32, 32),
+        (32, 0, 32),
+        Conv::CONV3,
+        false,
+    );
     // A dense layer's growth conv: 128 bottleneck channels -> 32 written at channel 96 of 160.
     conv_case(
         &d,
         &mut rng,
         (1, 14, 14, 128, 128),
         (32, 96, 160),
-        CONV3,
+        Conv::CONV3,
         true,
     );
 }
@@ -422,14 +432,14 @@ fn split_len_is_a_multiple_of_the_k_slice() {
 fn forward_splits_only_small_grids() {
     let k_len = |c: usize, g: Conv| g.k * g.k * c;
     for (rows, c, co, g, split) in [
-        (64 * 56 * 56, 224, 128, POINTWISE, false),
-        (64 * 56 * 56, 128, 32, CONV3, false),
-        (64 * 28 * 28, 480, 128, POINTWISE, false),
-        (64 * 14 * 14, 1248, 128, POINTWISE, true),
-        (64 * 14 * 14, 128, 32, CONV3, true),
-        (64 * 7 * 7, 1632, 128, POINTWISE, true),
-        (64 * 7 * 7, 128, 32, CONV3, true),
-        (64 * 7 * 7, 64, 128, POINTWISE, false), // only 2 K-slices
+        (64 * 56 * 56, 224, 128, Conv::POINTWISE, false),
+        (64 * 56 * 56, 128, 32, Conv::CONV3, false),
+        (64 * 28 * 28, 480, 128, Conv::POINTWISE, false),
+        (64 * 14 * 14, 1248, 128, Conv::POINTWISE, true),
+        (64 * 14 * 14, 128, 32, Conv::CONV3, true),
+        (64 * 7 * 7, 1632, 128, Conv::POINTWISE, true),
+        (64 * 7 * 7, 128, 32, Conv::CONV3, true),
+        (64 * 7 * 7, 64, 128, Conv::POINTWISE, false), // only 2 K-slices
     ] {
         let len = ops_tc::fwd_split_len(rows, c, co, g);
         assert!(len.is_multiple_of(32) && len >= 32, "{rows} {c}: {len}");

@@ -38,22 +38,6 @@ use anyhow::{bail, Context, Result};
 use std::collections::HashMap;
 use std::sync::Arc;
 
-const STEM: Conv = Conv {
-    k: 7,
-    stride: 2,
-    pad: 3,
-};
-const POINTWISE: Conv = Conv {
-    k: 1,
-    stride: 1,
-    pad: 0,
-};
-const CONV3: Conv = Conv {
-    k: 3,
-    stride: 1,
-    pad: 1,
-};
-
 /// An activation buffer of `dt` elements.
 struct Act {
     buf: DeviceBuffer<u8>,
@@ -334,7 +318,7 @@ impl GpuDenseNet {
         let lay = &self.host.layout;
         let spec = &self.host.spec;
         let f0 = lay.conv0.co;
-        let (h0, w0) = STEM.out_hw(h, w);
+        let (h0, w0) = Conv::STEM.out_hw(h, w);
         let (mut hb, mut wb) = crate::ops::pool::maxpool_out(h0, w0);
         let mid = spec.bn_size * spec.growth_rate;
         let mut scratch = n * h0 * w0 * f0;
@@ -349,12 +333,12 @@ impl GpuDenseNet {
         for blk in &lay.blocks {
             let (rows, ct) = (n * hb * wb, blk.c_total);
             for li in &blk.layers {
-                splits(rows, li.norm1.c, li.conv1.co, POINTWISE);
-                splits(rows, li.conv1.co, li.conv2.co, CONV3);
+                splits(rows, li.norm1.c, li.conv1.co, Conv::POINTWISE);
+                splits(rows, li.conv1.co, li.conv2.co, Conv::CONV3);
             }
             if let Some((_, tc)) = blk.transition {
                 let next_rows = n * (hb / 2) * (wb / 2);
-                splits(next_rows, ct, tc.co, POINTWISE);
+                splits(next_rows, ct, tc.co, Conv::POINTWISE);
             }
             scratch = scratch.max(rows * ct).max(rows * mid);
             let f32s = |len| DeviceBuffer::<f32>::alloc(d, len);
@@ -719,7 +703,7 @@ impl GpuDenseNet {
 
         // Stem: conv0 → norm0 → ReLU → max pool into block 0's first channels.
         let f0 = lay.conv0.co;
-        let (h0, w0) = STEM.out_hw(h, w);
+        let (h0, w0) = Conv::STEM.out_hw(h, w);
         let m0 = n * h0 * w0;
         let xv = View {
             ptr: xin,
@@ -736,7 +720,7 @@ impl GpuDenseNet {
             None,
             self.p(lay.conv0.p),
             f0,
-            STEM,
+            Conv::STEM,
             pl.y0.ptr(),
             f0,
         )?;
@@ -799,7 +783,16 @@ impl GpuDenseNet {
                 let pre1 = Some(self.coefs(li.norm1));
                 let stats = train.then_some((st2, mid, 0));
                 let out = (y1, mid);
-                self.conv_stats(prefix, pre1, li.conv1.p, mid, POINTWISE, out, stats, fws)?;
+                self.conv_stats(
+                    prefix,
+                    pre1,
+                    li.conv1.p,
+                    mid,
+                    Conv::POINTWISE,
+                    out,
+                    stats,
+                    fws,
+                )?;
                 let batch = train.then_some((st2, f32_at(st2, mid), rows));
                 self.bn_coeffs(li.norm2, batch)?;
                 let yv = View {
@@ -813,7 +806,7 @@ impl GpuDenseNet {
                 let pre2 = Some(self.coefs(li.norm2));
                 let stats = train.then_some((bp.stats.ptr(), ct, c));
                 let out = (bp.buf.at(c), ct);
-                self.conv_stats(yv, pre2, li.conv2.p, k, CONV3, out, stats, fws)?;
+                self.conv_stats(yv, pre2, li.conv2.p, k, Conv::CONV3, out, stats, fws)?;
             }
             let Some((tn, tc)) = blk.transition else {
                 break;
@@ -842,7 +835,7 @@ impl GpuDenseNet {
             };
             let stats = train.then_some((nx.stats.ptr(), nct, 0));
             let out = (nx.buf.ptr(), nct);
-            self.conv_stats(pv, None, tc.p, tc.co, POINTWISE, out, stats, fws)?;
+            self.conv_stats(pv, None, tc.p, tc.co, Conv::POINTWISE, out, stats, fws)?;
         }
 
         // Head: norm5 → ReLU → global average pool → linear.
@@ -967,15 +960,37 @@ impl GpuDenseNet {
                 self.fix_grads(nx, nct, n, (0, tc.co))?;
                 if self.w16.is_some() {
                     let (w, dw) = (self.w16(tc.p), self.g(tc.p));
-                    ops_tc::conv_bwd_weight(d, pv, None, POINTWISE, dnext, nct, tc.co, dw)?;
+                    ops_tc::conv_bwd_weight(d, pv, None, Conv::POINTWISE, dnext, nct, tc.co, dw)?;
                     ops_tc::conv_bwd_data(
-                        d, dnext, nct, tc.co, w, POINTWISE, dims, sa, ct, false, None, None, None,
+                        d,
+                        dnext,
+                        nct,
+                        tc.co,
+                        w,
+                        Conv::POINTWISE,
+                        dims,
+                        sa,
+                        ct,
+                        false,
+                        None,
+                        None,
+                        None,
                     )?;
                 } else {
                     let (w, dw) = (self.p(tc.p), self.g(tc.p));
-                    ops::conv_bwd_weight(d, dt, pv, None, POINTWISE, dnext, nct, tc.co, dw)?;
+                    ops::conv_bwd_weight(d, dt, pv, None, Conv::POINTWISE, dnext, nct, tc.co, dw)?;
                     ops::conv_bwd_data(
-                        d, dt, dnext, nct, tc.co, w, POINTWISE, dims, sa, ct, false,
+                        d,
+                        dt,
+                        dnext,
+                        nct,
+                        tc.co,
+                        w,
+                        Conv::POINTWISE,
+                        dims,
+                        sa,
+                        ct,
+                        false,
                     )?;
                 }
                 ops::avgpool_bwd(d, dt, (n, bh, bw, ct), sa, ct, sb)?;
@@ -1013,7 +1028,7 @@ impl GpuDenseNet {
                     rs: mid,
                 };
                 let s2 = saved(li.norm2, y1, mid, rows, st2, mid);
-                let conv2 = (li.conv2.p, k, CONV3);
+                let conv2 = (li.conv2.p, k, Conv::CONV3);
                 let out2 = (sb, mid, false);
                 self.layer_conv_bwd(yv, li.norm2, s2, conv2, (dout, ct), out2, sa, None)?;
                 let prefix = View {
@@ -1025,7 +1040,7 @@ impl GpuDenseNet {
                     rs: ct,
                 };
                 let s1 = saved(li.norm1, bp.buf.ptr(), ct, rows, bp.stats.ptr(), ct);
-                let conv1 = (li.conv1.p, mid, POINTWISE);
+                let conv1 = (li.conv1.p, mid, Conv::POINTWISE);
                 let dx = (bp.dbuf.ptr(), ct, true);
                 let corr = (bp.corr.ptr(), f32_at(bp.corr.ptr(), ct));
                 self.layer_conv_bwd(prefix, li.norm1, s1, conv1, (sb, mid), dx, sa, Some(corr))?;
@@ -1034,7 +1049,7 @@ impl GpuDenseNet {
 
         // Stem.
         let f0 = lay.conv0.co;
-        let (h0, w0) = STEM.out_hw(pl.h, pl.w);
+        let (h0, w0) = Conv::STEM.out_hw(pl.h, pl.w);
         let m0 = n * h0 * w0;
         let ct0 = lay.blocks[0].c_total;
         let a0v = View {
@@ -1071,7 +1086,7 @@ impl GpuDenseNet {
             c: 3,
             rs: 3,
         };
-        ops::conv_bwd_weight(d, dt, xv, None, STEM, sb, f0, f0, self.g(lay.conv0.p))
+        ops::conv_bwd_weight(d, dt, xv, None, Conv::STEM, sb, f0, f0, self.g(lay.conv0.p))
     }
 
     /// Gradients of every parameter (after `backward`), in the CPU model's flat layout.

@@ -42,22 +42,6 @@ use rayon::prelude::*;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-const STEM: Conv = Conv {
-    k: 7,
-    stride: 2,
-    pad: 3,
-};
-const POINTWISE: Conv = Conv {
-    k: 1,
-    stride: 1,
-    pad: 0,
-};
-const CONV3: Conv = Conv {
-    k: 3,
-    stride: 1,
-    pad: 1,
-};
-
 /// Seconds per launch of each row's kernels (module docs), timed on `d` after one warm-up over
 /// `reps` launches. `rows` come from [`crate::roofline::table`] built for `precision` (an error
 /// otherwise), with the convolutions of every block whose buffers a row uses.
@@ -163,9 +147,9 @@ impl Dims {
 /// The convolution geometry of a conv row's op.
 fn geometry(op: &str) -> Option<Conv> {
     match op {
-        "stem7x7s2" => Some(STEM),
-        "conv1x1" | "trans1x1" => Some(POINTWISE),
-        "conv3x3" => Some(CONV3),
+        "stem7x7s2" => Some(Conv::STEM),
+        "conv1x1" | "trans1x1" => Some(Conv::POINTWISE),
+        "conv3x3" => Some(Conv::CONV3),
         _ => None,
     }
 }
@@ -504,7 +488,7 @@ impl Bench {
             "stem7x7s2" => {
                 let (ci, co) = dm.conv()?;
                 let (s, h0) = (dm.hi, dm.ho);
-                same("the stem's output side", h0, STEM.out_hw(s, s).0)?;
+                same("the stem's output side", h0, Conv::STEM.out_hw(s, s).0)?;
                 let x = self.act("x", n * s * s * ci)?;
                 let xv = View {
                     ptr: x,
@@ -520,14 +504,14 @@ impl Bench {
                         let w = self.weight(49 * ci, co, false)?;
                         let y = self.act("y0", y0)?;
                         Ok(Box::new(move || {
-                            ops::conv_fwd(&*d, dt, xv, None, w, co, STEM, y, co)
+                            ops::conv_fwd(&*d, dt, xv, None, w, co, Conv::STEM, y, co)
                         }))
                     }
                     Pass::BwdWeight => {
                         let dy = self.scratch("sb", y0)?;
                         let dw = self.f32("dw", 49 * ci * co, ACT)?;
                         Ok(Box::new(move || {
-                            ops::conv_bwd_weight(&*d, dt, xv, None, STEM, dy, co, co, dw)
+                            ops::conv_bwd_weight(&*d, dt, xv, None, Conv::STEM, dy, co, co, dw)
                         }))
                     }
                     _ => bail!("the stem has no {pass} kernel"),
@@ -550,7 +534,7 @@ impl Bench {
                         rs: blk.ct,
                     },
                     bn: Some(self.bn(ci)?),
-                    g: POINTWISE,
+                    g: Conv::POINTWISE,
                     co: mid,
                     y: (self.act(&format!("y1_{b}"), px * mid)?, mid),
                     dy: (self.scratch("sb", px * mid)?, mid),
@@ -591,7 +575,7 @@ impl Bench {
                         rs: mid,
                     },
                     bn: Some(self.bn(mid)?),
-                    g: CONV3,
+                    g: Conv::CONV3,
                     co: k,
                     y: (dt.at(buf, slice), blk.ct),
                     dy: (dt.at(dbuf, slice), blk.ct),
@@ -618,7 +602,7 @@ impl Bench {
                         rs: ci,
                     },
                     bn: None,
-                    g: POINTWISE,
+                    g: Conv::POINTWISE,
                     co,
                     y: (nbuf, next.ct),
                     dy: (ndbuf, next.ct),

@@ -6,22 +6,6 @@ use crate::autograd::{BlockAct, Node, Tape};
 use crate::ops::conv::{conv2d_bwd_input, conv2d_bwd_weight, conv2d_fwd, Conv, Image};
 use crate::ops::{act, bn, pool, BnRelu, Float};
 
-const STEM: Conv = Conv {
-    k: 7,
-    stride: 2,
-    pad: 3,
-};
-const POINTWISE: Conv = Conv {
-    k: 1,
-    stride: 1,
-    pad: 0,
-};
-const CONV3: Conv = Conv {
-    k: 3,
-    stride: 1,
-    pad: 1,
-};
-
 impl ConvIdx {
     fn of<'a, T>(&self, v: &'a [T]) -> &'a [T] {
         &v[self.p..self.p + self.len()]
@@ -122,7 +106,7 @@ impl<T: Float> DenseNet<T> {
 
         // Stem: conv0 → norm0 → ReLU → max pool into block 0's buffer.
         let f0 = lay.conv0.co;
-        let (h0, w0) = STEM.out_hw(h, w);
+        let (h0, w0) = Conv::STEM.out_hw(h, w);
         let m0 = n * h0 * w0;
         let mut y0 = self.buffer(m0 * f0); // overwritten by conv0
         let xi = Image {
@@ -133,7 +117,15 @@ impl<T: Float> DenseNet<T> {
             c: 3,
             rs: 3,
         };
-        conv2d_fwd(xi, None, lay.conv0.of(&self.params), f0, STEM, &mut y0, f0);
+        conv2d_fwd(
+            xi,
+            None,
+            lay.conv0.of(&self.params),
+            f0,
+            Conv::STEM,
+            &mut y0,
+            f0,
+        );
         let st0 = train.then(|| bn::batch_stats(&y0, m0, f0, f0));
         let (s, t) = self.bn_coeffs(lay.norm0, st0.as_ref().map(|(m, v)| (&m[..], &v[..], m0)));
         let mut a0 = self.buffer(m0 * f0); // overwritten by the BN
@@ -183,7 +175,7 @@ impl<T: Float> DenseNet<T> {
                     Some(pre1),
                     li.conv1.of(&self.params),
                     mid,
-                    POINTWISE,
+                    Conv::POINTWISE,
                     &mut y1,
                     mid,
                 );
@@ -207,7 +199,7 @@ impl<T: Float> DenseNet<T> {
                     Some(pre2),
                     li.conv2.of(&self.params),
                     k,
-                    CONV3,
+                    Conv::CONV3,
                     &mut cur.buf[c..],
                     ct,
                 );
@@ -251,7 +243,7 @@ impl<T: Float> DenseNet<T> {
                 None,
                 tc.of(&self.params),
                 tc.co,
-                POINTWISE,
+                Conv::POINTWISE,
                 &mut next.buf,
                 nct,
             );
@@ -356,14 +348,14 @@ impl<T: Float> DenseNet<T> {
                         shift: &t2,
                     };
                     let g2 = &mut self.grads[li.conv2.p..li.conv2.p + li.conv2.len()];
-                    conv2d_bwd_weight(yi, Some(pre2), CONV3, &dbuf[c..], ct, k, g2);
+                    conv2d_bwd_weight(yi, Some(pre2), Conv::CONV3, &dbuf[c..], ct, k, g2);
                     let da2 = scratch(&mut s_da2, rows * mid); // overwritten below
                     conv2d_bwd_input(
                         &dbuf[c..],
                         ct,
                         k,
                         li.conv2.of(&self.params),
-                        CONV3,
+                        Conv::CONV3,
                         (n, h, w, mid),
                         da2,
                     );
@@ -387,14 +379,14 @@ impl<T: Float> DenseNet<T> {
                         shift: &t1,
                     };
                     let g1 = &mut self.grads[li.conv1.p..li.conv1.p + li.conv1.len()];
-                    conv2d_bwd_weight(prefix, Some(pre1), POINTWISE, dy1, mid, mid, g1);
+                    conv2d_bwd_weight(prefix, Some(pre1), Conv::POINTWISE, dy1, mid, mid, g1);
                     let da1 = scratch(&mut s_da1, rows * c); // overwritten below
                     conv2d_bwd_input(
                         dy1,
                         mid,
                         mid,
                         li.conv1.of(&self.params),
-                        POINTWISE,
+                        Conv::POINTWISE,
                         (n, h, w, c),
                         da1,
                     );
@@ -416,14 +408,14 @@ impl<T: Float> DenseNet<T> {
                         rs: ct,
                     };
                     let gt = &mut self.grads[tc.p..tc.p + tc.len()];
-                    conv2d_bwd_weight(pi, None, POINTWISE, &dnext, nct, tc.co, gt);
+                    conv2d_bwd_weight(pi, None, Conv::POINTWISE, &dnext, nct, tc.co, gt);
                     let mut dp = self.buffer(nxt.rows() * ct); // overwritten below
                     conv2d_bwd_input(
                         &dnext,
                         nct,
                         tc.co,
                         tc.of(&self.params),
-                        POINTWISE,
+                        Conv::POINTWISE,
                         (n, nxt.h, nxt.w, ct),
                         &mut dp,
                     );
@@ -452,7 +444,7 @@ impl<T: Float> DenseNet<T> {
                     var,
                     dims: (n, h, w, f0),
                 } => {
-                    let (h0, w0) = STEM.out_hw(h, w);
+                    let (h0, w0) = Conv::STEM.out_hw(h, w);
                     let m0 = n * h0 * w0;
                     let (s, t) = self.bn_saved(lay.norm0, &mean, &var);
                     let mut a0 = self.buffer(m0 * f0); // overwritten by the BN
@@ -488,7 +480,7 @@ impl<T: Float> DenseNet<T> {
                         rs: 3,
                     };
                     let g0 = &mut self.grads[lay.conv0.p..lay.conv0.p + lay.conv0.len()];
-                    conv2d_bwd_weight(xi, None, STEM, &dy0, f0, f0, g0);
+                    conv2d_bwd_weight(xi, None, Conv::STEM, &dy0, f0, f0, g0);
                     let (b0, d0) = (
                         std::mem::take(&mut tape.blocks[0].buf),
                         std::mem::take(&mut dbufs[0]),

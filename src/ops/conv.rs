@@ -15,6 +15,24 @@ pub struct Conv {
 }
 
 impl Conv {
+    /// DenseNet's three geometries: the 7×7/2 pad 3 stem, the 1×1 bottlenecks and transitions,
+    /// and the 3×3/1 pad 1 growth convolutions.
+    pub const STEM: Conv = Conv {
+        k: 7,
+        stride: 2,
+        pad: 3,
+    };
+    pub const POINTWISE: Conv = Conv {
+        k: 1,
+        stride: 1,
+        pad: 0,
+    };
+    pub const CONV3: Conv = Conv {
+        k: 3,
+        stride: 1,
+        pad: 1,
+    };
+
     pub fn out_hw(&self, h: usize, w: usize) -> (usize, usize) {
         (
             (h + 2 * self.pad - self.k) / self.stride + 1,
