@@ -348,6 +348,25 @@ __device__ __forceinline__ void acc_coords(int mt, int nt, int r, int* row, int*
     *col = (warp % WN) * TL::WTN + nt * 8 + 2 * (lane % 4) + r % 2;
 }
 
+// A split-K block's partial sums: dst[(m0 + row) * ncols + n0 + col] += acc for the tile's outputs
+// inside [0, nrows) x [0, ncols) (dst: [nrows, ncols] f32).
+template <int BM, int BN, int WM, int WN>
+__device__ __forceinline__ void add_tile(const float acc[Tile<BM, BN, WM, WN>::MT][Tile<BM, BN, WM, WN>::NT][4],
+                                         float* dst, int m0, int n0, int nrows, int ncols) {
+    typedef Tile<BM, BN, WM, WN> TL;
+UNROLL
+    for (int mt = 0; mt < TL::MT; mt++)
+UNROLL
+        for (int nt = 0; nt < TL::NT; nt++)
+UNROLL
+            for (int r = 0; r < 4; r++) {
+                int row, col;
+                acc_coords<BM, BN, WM, WN>(mt, nt, r, &row, &col);
+                row += m0, col += n0;
+                if (row < nrows && col < ncols) atomicAdd(dst + (long long)row * ncols + col, acc[mt][nt][r]);
+            }
+}
+
 // Per-column sums of a warp's outputs in one 8-column mma tile: s[j][q] is this thread's sum over
 // its rows of moment q of the tile's column 2*(lane%4) + j, which is column col0 + that of dst:
 // [2, ld] f32; the warp's sums are added for columns < ncols. The whole warp must call it.
@@ -383,17 +402,7 @@ __device__ __forceinline__ void conv_tc_fwd(bf16* y, int y_rs, const bf16* x, in
     float acc[TL::MT][TL::NT][4] = {};
     tc_tile<BM, BN, WM, WN, true, false, true>(a, b, m0, n0, k_lo, k_hi, acc);
     if (ws) {
-UNROLL
-        for (int mt = 0; mt < TL::MT; mt++)
-UNROLL
-            for (int nt = 0; nt < TL::NT; nt++)
-UNROLL
-                for (int r = 0; r < 4; r++) {
-                    int row, col;
-                    acc_coords<BM, BN, WM, WN>(mt, nt, r, &row, &col);
-                    row += m0, col += n0;
-                    if (row < M && col < co && k_lo < k_hi) atomicAdd(ws + (long long)row * co + col, acc[mt][nt][r]);
-                }
+        if (k_lo < k_hi) add_tile<BM, BN, WM, WN>(acc, ws, m0, n0, M, co);
         return;
     }
 UNROLL
@@ -475,17 +484,7 @@ __device__ __forceinline__ void conv_tc_bwd_weight(float* dw, const bf16* x, int
     const int k_lo = blockIdx.z * split_len, k_hi = min(P, k_lo + split_len);
     float acc[TL::MT][TL::NT][4] = {};
     tc_tile<BM, BN, WM, WN, false, false, false>(a, b, m0, n0, k_lo, k_hi, acc);
-UNROLL
-    for (int mt = 0; mt < TL::MT; mt++)
-UNROLL
-        for (int nt = 0; nt < TL::NT; nt++)
-UNROLL
-            for (int r = 0; r < 4; r++) {
-                int row, col;
-                acc_coords<BM, BN, WM, WN>(mt, nt, r, &row, &col);
-                row += m0, col += n0;
-                if (row < M && col < co && k_lo < k_hi) atomicAdd(dw + (long long)row * co + col, acc[mt][nt][r]);
-            }
+    if (k_lo < k_hi) add_tile<BM, BN, WM, WN>(acc, dw, m0, n0, M, co);
 }
 
 // Entry points. Shapes: x: [n, h, w, c] bf16 with row stride x_rs (a channel prefix); y, dy:
