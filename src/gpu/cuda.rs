@@ -161,11 +161,14 @@ impl Cuda {
     fn record(&self, work: &mut dyn FnMut() -> Result<()>) -> Result<sys::CUgraph> {
         // Every kernel is loaded first (cached after the first capture): a module load, or the
         // load of a function that lazy loading defers to cuModuleGetFunction, is not something a
-        // capture may contain.
+        // capture may contain. Best effort: a module this device cannot load (NVRTC for an
+        // architecture below the tensor-core kernels' sm_80) is skipped, and a capture that
+        // launches one of its kernels fails on that launch, as a direct launch would.
         for m in MODULES {
             for k in m.kernels {
-                self.function(k)
-                    .context("loading every kernel before a graph capture")?;
+                if self.function(k).is_err() {
+                    break;
+                }
             }
         }
         // Thread-local mode: CUDA refuses any potentially unsafe call (a synchronous copy, an

@@ -323,23 +323,12 @@ impl GpuDenseNet {
         let mid = spec.bn_size * spec.growth_rate;
         let mut scratch = n * h0 * w0 * f0;
         let mut blocks = Vec::new();
-        // The largest [rows, co] of a forward convolution whose reduction splits.
-        let mut split_ws = 0;
-        let mut splits = |rows: usize, c: usize, co: usize, g: Conv| {
-            if ops_tc::fwd_split_len(rows, c, co, g) < g.k * g.k * c {
-                split_ws = split_ws.max(rows * co);
-            }
+        let split_ws = match dt {
+            Dt::Bf16 => split_workspace_len(lay, n, (hb, wb)),
+            Dt::F32 => 0,
         };
         for blk in &lay.blocks {
             let (rows, ct) = (n * hb * wb, blk.c_total);
-            for li in &blk.layers {
-                splits(rows, li.norm1.c, li.conv1.co, Conv::POINTWISE);
-                splits(rows, li.conv1.co, li.conv2.co, Conv::CONV3);
-            }
-            if let Some((_, tc)) = blk.transition {
-                let next_rows = n * (hb / 2) * (wb / 2);
-                splits(next_rows, ct, tc.co, Conv::POINTWISE);
-            }
             scratch = scratch.max(rows * ct).max(rows * mid);
             let f32s = |len| DeviceBuffer::<f32>::alloc(d, len);
             blocks.push(BlockPlan {
@@ -386,9 +375,9 @@ impl GpuDenseNet {
             dlogits: DeviceBuffer::alloc(d, n)?,
             sa: Act::new(d, dt, scratch)?,
             sb: Act::new(d, dt, scratch)?,
-            fws: match (dt, split_ws) {
-                (Dt::Bf16, len) if len > 0 => Some(DeviceBuffer::alloc(d, len)?),
-                _ => None,
+            fws: match split_ws {
+                0 => None,
+                len => Some(DeviceBuffer::alloc(d, len)?),
             },
         })
     }
@@ -461,9 +450,15 @@ impl GpuDenseNet {
         g: Conv,
         (y, y_rs): (DevPtr, usize),
         stats: Option<(DevPtr, usize, usize)>,
-        ws: Option<DevPtr>,
+        ws: Option<(DevPtr, usize)>,
     ) -> Result<()> {
         let d = &*self.d;
+        // (Sized for every convolution that splits at any batch the plan serves; a split that
+        // would not fit must not happen.)
+        let ws = match ws {
+            Some((p, len)) if x.rows() * co <= len => Some(p),
+            _ => None,
+        };
         if self.w16.is_none() {
             ops::conv_fwd(d, self.dt, x, pre, self.p(p), co, g, y, y_rs)?;
             return match stats {
@@ -696,7 +691,7 @@ impl GpuDenseNet {
         // The epilogue sums and the split-K workspace start from zero (their consumers zero
         // them again after reading).
         self.sums.fill_bytes(0)?;
-        let fws = pl.fws.as_ref().map(|w| w.ptr());
+        let fws = pl.fws.as_ref().map(|w| (w.ptr(), w.len()));
         if let Some(w) = &pl.fws {
             w.fill_bytes(0)?;
         }
@@ -1095,6 +1090,33 @@ impl GpuDenseNet {
     }
 }
 
+/// f32 elements of the split-K workspace of a plan for up to `cap` images whose first block is
+/// `hb`×`wb`: the largest `[rows, co]` of a dense-layer or transition forward whose reduction
+/// splits ([`ops_tc::fwd_split_len`]) at any batch of `1..=cap` images (a plan serves every
+/// smaller batch, and a smaller grid splits sooner); 0 when none does.
+fn split_workspace_len(lay: &Layout, cap: usize, (hb, wb): (usize, usize)) -> usize {
+    let mut len = 0;
+    for n in 1..=cap {
+        let (mut h, mut w) = (hb, wb);
+        for blk in &lay.blocks {
+            let mut need = |rows: usize, c: usize, co: usize, g: Conv| {
+                if ops_tc::fwd_split_len(rows, c, co, g) < g.k * g.k * c {
+                    len = len.max(rows * co);
+                }
+            };
+            for li in &blk.layers {
+                need(n * h * w, li.norm1.c, li.conv1.co, Conv::POINTWISE);
+                need(n * h * w, li.conv1.co, li.conv2.co, Conv::CONV3);
+            }
+            if let Some((_, tc)) = blk.transition {
+                need(n * (h / 2) * (w / 2), blk.c_total, tc.co, Conv::POINTWISE);
+            }
+            (h, w) = (h / 2, w / 2);
+        }
+    }
+    len
+}
+
 /// Every BN of the model.
 fn all_bns(lay: &Layout) -> Vec<BnIdx> {
     let mut v = vec![lay.norm0];
@@ -1220,5 +1242,29 @@ impl Net for GpuDenseNet {
         m.stats = self.stats.to_vec()?;
         m.counters = self.counters.clone();
         Ok(m.to_state_dict())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A plan serves every smaller batch, whose smaller grids split sooner: DenseNet-169's
+    /// transition 3 (1280 → 640 channels at 7×7) does not split at 256 images (490 tiles) but
+    /// does at 125 (240 tiles), needing 125·49·640 = 3,920,000 floats, more than any split at
+    /// 256 itself (1,605,632: block 4's 1×1s, 12544·128).
+    #[test]
+    fn split_workspace_covers_every_batch_a_plan_serves() {
+        let spec = DenseNetSpec::preset("densenet169").unwrap();
+        let lay = DenseNet::<f32>::new(spec, 0).layout;
+        let at_cap_only = 256 * 49 * 128;
+        // One image: block 1's 3×3s (3136 rows, 25 tiles, 36 K-slices) split, writing 3136·32;
+        // so do block 2's 1×1s and transition 1 (784 rows, 7 tiles), writing 784·128, as much.
+        assert_eq!(split_workspace_len(&lay, 1, (56, 56)), 3136 * 32);
+        let len = split_workspace_len(&lay, 256, (56, 56));
+        assert!(len >= 125 * 49 * 640, "{len}");
+        assert!(len > at_cap_only, "{len}");
+        // Never more than the largest output a tensor-core forward writes at 256 images.
+        assert!(len <= 256 * 56 * 56 * 128, "{len}");
     }
 }
