@@ -42,14 +42,14 @@ pub fn f32_at(p: DevPtr, i: usize) -> DevPtr {
     p + (i * 4) as u64
 }
 
-/// One kernel parameter.
-enum A {
+/// One kernel parameter (shared with `ops_tc`).
+pub(super) enum A {
     P(DevPtr),
     I(i32),
     F(f32),
 }
 
-fn i(v: usize) -> A {
+pub(super) fn i(v: usize) -> A {
     A::I(v as i32)
 }
 
@@ -59,7 +59,7 @@ fn pre_args(pre: Option<(DevPtr, DevPtr)>) -> [A; 2] {
     [A::P(s), A::P(t)]
 }
 
-fn launch(
+pub(super) fn launch(
     d: &dyn Driver,
     name: &str,
     grid: [u32; 3],

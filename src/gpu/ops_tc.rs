@@ -4,11 +4,10 @@
 //! prefix is a [`View`] with row stride `rs`, a channel slice its first channel's address plus the
 //! row stride; the caller guarantees the addresses are valid for the shapes in the comments.
 
-use super::ops::View;
-use super::{arg, blocks_for, DevPtr, Driver};
+use super::ops::{i, launch, View, A};
+use super::{blocks_for, DevPtr, Driver};
 use crate::ops::conv::Conv;
-use anyhow::{bail, Context, Result};
-use std::ffi::c_void;
+use anyhow::{bail, Result};
 
 /// K-slice of every tile (kernels/conv_tc.cu `BK`).
 const BK: usize = 32;
@@ -61,37 +60,6 @@ fn geometry(g: Conv) -> Result<&'static str> {
             g.pad
         ),
     }
-}
-
-/// One kernel parameter.
-enum A {
-    P(DevPtr),
-    I(i32),
-}
-
-fn i(v: usize) -> A {
-    A::I(v as i32)
-}
-
-fn launch(
-    d: &dyn Driver,
-    name: &str,
-    grid: [u32; 3],
-    block: [u32; 3],
-    shared: u32,
-    mut args: Vec<A>,
-) -> Result<()> {
-    let mut ptrs: Vec<*mut c_void> = args
-        .iter_mut()
-        .map(|a| match a {
-            A::P(v) => arg(v),
-            A::I(v) => arg(v),
-        })
-        .collect();
-    // SAFETY: the argument lists below follow the kernels' signatures; the addresses are the
-    // caller's contract (module documentation).
-    unsafe { d.launch(name, grid, block, shared, &mut ptrs) }
-        .with_context(|| format!("kernel {name}"))
 }
 
 /// Streaming multiprocessors the split-K heuristics aim to fill (an H100 SXM has 132).
