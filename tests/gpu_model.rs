@@ -54,12 +54,13 @@ fn loss(logits: &[f32]) -> (f32, Vec<f32>) {
     weighted_bce_f32(logits, &views, &labels, &w, LossLevel::Image)
 }
 
-/// Every parameter tensor's gradient from the GPU against the CPU model run in f64: within 1e-4
-/// relative. A tensor whose gradient is under 1% of the whole gradient's norm may instead be
-/// within 1e-6 of the whole norm: norm0's weight is one (the BNs after it make the loss nearly
-/// invariant to its scale, so its gradient is a near-total cancellation that f32 cannot resolve
-/// to 1e-4 relative; the CPU model in f32 misses it by ~2e-4 too).
-fn check_grads(gpu: &[f32], truth: &[f64]) {
+/// Every parameter tensor's gradient (GPU's or the CPU model's in f32) against the CPU model run
+/// in f64: within 3e-4 relative (typically 1e-6; a few well-posed draws in 1000 reach 1.4e-4),
+/// or within 1e-4 of the whole gradient's norm: a tensor whose gradient is itself a cancellation
+/// cannot resolve to 3e-4 of its own norm in f32 — norm0's weight (the BNs after it make the loss
+/// nearly invariant to its scale), a BN bias summing gradients of both signs (up to 6e-4 of its
+/// norm, 2e-5 of the whole). A lost, doubled or misplaced gradient term is percents of the whole.
+fn check_grads(got: &[f32], truth: &[f64]) {
     let norm = |v: &[f64]| v.iter().map(|x| x * x).sum::<f64>().sqrt();
     let whole = norm(truth);
     let mut at = 0;
@@ -68,36 +69,86 @@ fn check_grads(gpu: &[f32], truth: &[f64]) {
             continue;
         }
         let r = at..at + t.numel();
-        let (g, want) = (f64s(&gpu[r.clone()]), &truth[r]);
+        let (g, want) = (f64s(&got[r.clone()]), &truth[r]);
         let e = rel_err(&g, want);
-        let abs = e * norm(want);
-        let tiny_grad = norm(want) < 1e-2 * whole;
         assert!(
-            e <= 1e-4 || (tiny_grad && abs <= 1e-6 * whole),
+            e <= 3e-4 || e * norm(want) <= 1e-4 * whole,
             "gradient of {}: rel err {e} (norm {}, whole gradient {whole})",
             t.name,
             norm(want)
         );
         at += t.numel();
     }
-    assert_eq!(at, gpu.len(), "every parameter compared");
+    assert_eq!(at, got.len(), "every parameter compared");
+}
+
+/// The f64 gradient of the test's loss at `x`, then at `x` moved by 1e-6 relative in `moves`
+/// random directions.
+fn f64_gradients(
+    model: &DenseNet<f32>,
+    x: &[f32],
+    (n, hw): (usize, usize),
+    moves: usize,
+    rng: &mut Rng,
+) -> Vec<Vec<f64>> {
+    (0..=moves)
+        .map(|k| {
+            let mut m = model.cast::<f64>();
+            let scale = if k == 0 { 0.0 } else { 1e-6 };
+            let xk: Vec<f64> = x
+                .iter()
+                .map(|&v| v as f64 * (1.0 + scale * rng.normal()))
+                .collect();
+            let logits = m.forward(&xk, n, hw, hw, Mode::Train);
+            let as32: Vec<f32> = logits.iter().map(|&v| v as f32).collect();
+            m.backward(&f64s(&loss(&as32).1));
+            m.grads
+        })
+        .collect()
 }
 
 #[test]
 fn training_step_matches_cpu() {
     let d = test_driver().expect("test device");
     let mut rng = Rng::new(fresh_seed("training_step_matches_cpu"));
-    let mut cpu = model(&mut rng);
-    let mut gpu = GpuDenseNet::new(d, cpu.cast(), Precision::F32).unwrap();
     let (n, hw) = (2, 32);
-    let x = batch(&mut rng, n, hw);
-    let mut truth = cpu.cast::<f64>();
+    // A well-posed draw: about 1 in 200 puts a pre-ReLU value or a max-pool tie within f32
+    // rounding of flipping, where the f64 gradient itself jumps by percents when the input moves
+    // by 1e-6 (in one of 16 random directions; smooth changes are ~3e-6) and any f32 run may land
+    // on either side; such a draw is replaced (from the same seed, so a failure still replays).
+    let (mut cpu, x, truths) = (1..=8)
+        .find_map(|_| {
+            let m = model(&mut rng);
+            let x = batch(&mut rng, n, hw);
+            let truths = f64_gradients(&m, &x, (n, hw), 16, &mut rng);
+            let jump = truths[1..]
+                .iter()
+                .map(|t| rel_err(t, &truths[0]))
+                .fold(0.0, f64::max);
+            match jump <= 1e-5 {
+                true => Some((m, x, truths)),
+                false => {
+                    eprintln!("draw replaced: its f64 gradient jumps by {jump:.1e} within 1e-6");
+                    None
+                }
+            }
+        })
+        .expect("a well-posed draw in 8");
+    let mut gpu = GpuDenseNet::new(d, cpu.cast(), Precision::F32).unwrap();
+    let before = cpu.cast::<f32>();
 
     // One training step on both.
+    // Adam's eps at 1e-3, not PyTorch's 1e-8: with 1e-8 a first step moves every parameter by
+    // lr·sign(g), so where a gradient is rounding noise (norm0's bias: the BNs after it leave the
+    // loss all but invariant to it) two f32 implementations would move it ±lr at random; with
+    // 1e-3 noise-level gradients move nothing measurable and real ones still ~lr·g/(|g|+1e-3).
     let mut adams = [
         Adam::new(cpu.num_params(), 1e-4, 1e-4),
         Adam::new(cpu.num_params(), 1e-4, 1e-4),
     ];
+    for a in &mut adams {
+        a.eps = 1e-3;
+    }
     let nets: [&mut dyn Net; 2] = [&mut cpu, &mut gpu];
     let mut out = Vec::new();
     for net in nets {
@@ -113,11 +164,8 @@ fn training_step_matches_cpu() {
     assert!(e <= 1e-4, "train logits: rel err {e}");
     let e = rel_err(&[gpu_loss as f64], &[cpu_loss as f64]);
     assert!(e <= 1e-4, "loss {gpu_loss} vs {cpu_loss}: rel err {e}");
-    let logits64 = truth.forward(&f64s(&x), n, hw, hw, Mode::Train);
-    let dl64: Vec<f64> = f64s(&loss(&logits64.iter().map(|&v| v as f32).collect::<Vec<_>>()).1);
-    truth.backward(&dl64);
-    check_grads(&gpu.grads().unwrap(), &truth.grads);
-    check_grads(&gpu.grads().unwrap(), &f64s(&cpu.grads));
+    check_grads(&gpu.grads().unwrap(), &truths[0]);
+    check_grads(&cpu.grads, &truths[0]);
 
     // Adam, then weights, running statistics and counters.
     Net::adam_step(&mut cpu, &mut adams[0]).unwrap();
@@ -138,10 +186,15 @@ fn training_step_matches_cpu() {
             _ => panic!("{}: dtypes differ", a.name),
         }
     }
+    // The device's first moment after one step is (1 − β1) × its gradient (plus weight decay).
     let mut moments = Adam::new(cpu.num_params(), 1e-4, 1e-4);
     gpu.export_adam(&mut moments).unwrap();
-    let e = rel_err(&f64s(&moments.m), &f64s(&adams[0].m));
-    assert!(e <= 1e-4, "Adam first moment: rel err {e}");
+    let g = gpu.grads().unwrap();
+    let want: Vec<f64> = (g.iter().zip(&before.params))
+        .map(|(&g, &p)| 0.1 * (g as f64 + 1e-4 * p as f64))
+        .collect();
+    let e = rel_err(&f64s(&moments.m), &want);
+    assert!(e <= 1e-6, "Adam first moment as exported: rel err {e}");
 
     // Eval mode with the updated weights and running statistics; and the CAM features.
     let x2 = batch(&mut rng, 3, 36);
@@ -173,8 +226,8 @@ fn training_step_matches_cpu() {
 /// One bf16 training step (tensor-core convolutions; batch statistics and BN-backward reductions
 /// summed in their epilogues) against the CPU model in f64. This net amplifies rounding about 15×
 /// (the f32 path: ~1e-6 in logits and gradient), and bf16 stores every activation and gradient
-/// with 8 significant bits (2^-9 relative), so the bf16 step is 0.2–3% off in logits and 10–25%
-/// in the gradient (the CUDA-core bf16 path measured the same). The bounds (logits 5e-2, whole
+/// with 8 significant bits (2^-9 relative), so the bf16 step is 0.2–5% off in logits and 10–25%
+/// in the gradient (the CUDA-core bf16 path measured the same). The bounds (logits 0.1, whole
 /// gradient 0.4, each tensor carrying ≥ 5% of the norm 0.8) catch gross wiring errors — a
 /// gradient lost, doubled, negated or sent to the wrong tensor is ≥ 100% off. The sharp checks
 /// are elsewhere: every fused kernel against the CPU reference at 1e-2 (tests/gpu_conv_tc.rs,
@@ -195,7 +248,7 @@ fn bf16_training_step_matches_cpu() {
     let mut truth = cpu.cast::<f64>();
     let logits64 = truth.forward(&f64s(&x), n, hw, hw, Mode::Train);
     let e = rel_err(&f64s(&logits), &logits64);
-    assert!(e <= 5e-2, "bf16 train logits: rel err {e}");
+    assert!(e <= 0.1, "bf16 train logits: rel err {e}");
     let dl64: Vec<f64> = f64s(&loss(&logits64.iter().map(|&v| v as f32).collect::<Vec<_>>()).1);
     truth.backward(&dl64);
     let grads = f64s(&gpu.grads().unwrap());
