@@ -1,5 +1,7 @@
 // Tensor-core implicit-GEMM convolutions for DenseNet's dense layers: 1x1/1 pad 0 and 3x3/1 pad 1,
-// NHWC, bf16 activations and weights, f32 accumulation (mma.sync m16n8k16 through kernels/mma.cuh).
+// NHWC, bf16 activations and weights, f32 accumulation (mma.sync m16n8k16 through kernels/mma.cuh);
+// and, on the same tile engine, the forward and weight gradient of any other window (convkxk_*, at
+// the end: the stem's 7x7/2 pad 3 on 3 channels).
 // The BN + ReLU in front of each convolution is applied while its input tile is loaded (forward and
 // weight gradient) and its ReLU mask recomputed from the pre-BN input in the data gradient's
 // epilogue, so the BN-ReLU output is never stored. Inputs may be channel prefixes (row stride rs),
@@ -136,6 +138,32 @@ __device__ __forceinline__ float dense_at(const Dense& d, int r, int kidx) {
     return __bfloat162float(d.p[((long long)tap * d.rows + r) * d.ld + j]);
 }
 
+// An im2col operand of any square window, stride and padding (the stem: 7x7/2 pad 3 on 3 channels):
+// x: [n, h, w, c] (row stride rs), output grid ho x wo, optional BN + ReLU. Always loaded element
+// by element (the stem's 3 channels make no 16-byte chunks). Element (output pixel p, kidx =
+// (ky, kx, ci)); 0 in the padding, past the last pixel and past k*k*c.
+struct Strided {
+    const bf16* x;
+    const float* scale;
+    const float* shift;
+    int rs, n, h, w, c, ks, stride, pad, ho, wo;
+};
+
+__device__ __forceinline__ Strided make_strided(const bf16* x, int rs, int n, int h, int w, int c, int ks, int stride,
+                                                int pad, const float* scale, const float* shift) {
+    return Strided{x, scale, shift, rs, n, h, w, c, ks, stride, pad, (h + 2 * pad - ks) / stride + 1,
+                   (w + 2 * pad - ks) / stride + 1};
+}
+
+__device__ __forceinline__ float strided_at(const Strided& g, int p, int kidx) {
+    if (p >= g.n * g.ho * g.wo || kidx >= g.ks * g.ks * g.c) return 0.0f;
+    const int ox = p % g.wo, t = p / g.wo, oy = t % g.ho, b = t / g.ho;
+    const int ci = kidx % g.c, tap = kidx / g.c, ky = tap / g.ks, kx = tap % g.ks;
+    const int iy = oy * g.stride + ky - g.pad, ix = ox * g.stride + kx - g.pad;
+    if (iy < 0 || ix < 0 || iy >= g.h || ix >= g.w) return 0.0f;
+    return bnrelu(__bfloat162float(g.x[((long long)(b * g.h + iy) * g.w + ix) * g.rs + ci]), g.scale, g.shift, ci);
+}
+
 // Where the 8 elements (outer, inner .. inner + 7) come from (inner % 8 == 0): returns 0 (all
 // zero), 1 (*src: 8 contiguous bf16, 16-byte aligned, BN channel *ch of the first) or 2 (element
 // by element). Gather: outer = pixel q, inner = kidx; Dense: outer = row q.p, inner = kidx.
@@ -159,6 +187,13 @@ __device__ __forceinline__ int chunk_src(const Dense& d, Pix q, int kidx, const 
     return 1;
 }
 __device__ __forceinline__ float elem_at(const Gather& g, int outer, int inner) { return gather_at(g, outer, inner); }
+__device__ __forceinline__ Pix pix_of(const Strided&, int p) { return Pix{p, 0}; }
+__device__ __forceinline__ int chunk_src(const Strided& g, Pix, int kidx, const bf16**, int*) {
+    return kidx >= g.ks * g.ks * g.c ? 0 : 2;
+}
+__device__ __forceinline__ float elem_at(const Strided& g, int outer, int inner) { return strided_at(g, outer, inner); }
+__device__ __forceinline__ const float* op_scale(const Strided& g) { return g.scale; }
+__device__ __forceinline__ const float* op_shift(const Strided& g) { return g.shift; }
 __device__ __forceinline__ float elem_at(const Dense& d, int outer, int inner) { return dense_at(d, outer, inner); }
 __device__ __forceinline__ const float* op_scale(const Gather& g) { return g.scale; }
 __device__ __forceinline__ const float* op_scale(const Dense&) { return nullptr; }
@@ -385,22 +420,21 @@ UNROLL
         }
 }
 
-// y: [n, h, w, co] bf16 (row stride y_rs) = conv_KS(pre(x), wt); when stats is not null
-// (stats: [2, co] f32), the per-channel sum and sum of squares of the stored y are added to it
-// (the batch statistics of the BN that will read these channels). Split-K (ws not null): block z
-// takes the K range [z * split_len, ...) and adds its partial sums to ws: [n*h*w, co] f32 instead,
-// for conv_tc_fwd_finish_bf16 to store (when M * co is too small a grid to fill the GPU).
-template <int BM, int BN, int WM, int WN, int KS>
-__device__ __forceinline__ void conv_tc_fwd(bf16* y, int y_rs, const bf16* x, int x_rs, const bf16* wt,
-                                            const float* scale, const float* shift, int n, int h, int w, int c,
-                                            int co, float* stats, float* ws, int split_len) {
+// y: [M, co] bf16 (row stride y_rs) = a[M, K] . wt[K, co] (a: the im2col operand of a forward);
+// when stats is not null (stats: [2, co] f32), the per-channel sum and sum of squares of the
+// stored y are added to it (the batch statistics of the BN that will read these channels).
+// Split-K (ws not null): block z takes the K range [z * split_len, ...) and adds its partial sums
+// to ws: [M, co] f32 instead, for conv_tc_fwd_finish_bf16 to store (when M * co is too small a
+// grid to fill the GPU).
+template <int BM, int BN, int WM, int WN, bool CACHE_A, class OA>
+__device__ __forceinline__ void tc_fwd(const OA& a, int M, int K, bf16* y, int y_rs, const bf16* wt, int co,
+                                       float* stats, float* ws, int split_len) {
     typedef Tile<BM, BN, WM, WN> TL;
-    const Gather a = make_gather(x, x_rs, n, h, w, c, KS, scale, shift, 0);
-    const Dense b = make_dense(wt, KS * KS * c, co, co, 1);
-    const int M = n * h * w, m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
-    const int k_lo = blockIdx.z * split_len, k_hi = min(KS * KS * c, k_lo + split_len);
+    const Dense b = make_dense(wt, K, co, co, 1);
+    const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
+    const int k_lo = blockIdx.z * split_len, k_hi = min(K, k_lo + split_len);
     float acc[TL::MT][TL::NT][4] = {};
-    tc_tile<BM, BN, WM, WN, true, false, true>(a, b, m0, n0, k_lo, k_hi, acc);
+    tc_tile<BM, BN, WM, WN, true, false, CACHE_A>(a, b, m0, n0, k_lo, k_hi, acc);
     if (ws) {
         if (k_lo < k_hi) add_tile<BM, BN, WM, WN>(acc, ws, m0, n0, M, co);
         return;
@@ -424,6 +458,15 @@ UNROLL
             }
         if (stats) add_column_sums(sums, stats, co, n0 + (threadIdx.x / 32 % WN) * TL::WTN + nt * 8, co);
     }
+}
+
+// y: [n, h, w, co] bf16 (row stride y_rs) = conv_KS(pre(x), wt) (KS = 1 or 3, stride 1, pad KS/2).
+template <int BM, int BN, int WM, int WN, int KS>
+__device__ __forceinline__ void conv_tc_fwd(bf16* y, int y_rs, const bf16* x, int x_rs, const bf16* wt,
+                                            const float* scale, const float* shift, int n, int h, int w, int c,
+                                            int co, float* stats, float* ws, int split_len) {
+    const Gather a = make_gather(x, x_rs, n, h, w, c, KS, scale, shift, 0);
+    tc_fwd<BM, BN, WM, WN, true>(a, n * h * w, KS * KS * c, y, y_rs, wt, co, stats, ws, split_len);
 }
 
 // dx: [n, h, w, ci] bf16 (row stride dx_rs) = post * g, overwritten or added to, where
@@ -471,20 +514,27 @@ UNROLL
     }
 }
 
-// dw: [KS, KS, c, co] f32 += (d conv_KS / d wt)(pre(x), dy) over pixels [z * split_len, ...).
-template <int BM, int BN, int WM, int WN, int KS>
-__device__ __forceinline__ void conv_tc_bwd_weight(float* dw, const bf16* x, int x_rs, const float* scale,
-                                                   const float* shift, const bf16* dy, int dy_rs, int n, int h,
-                                                   int w, int c, int co, int split_len) {
+// dw: [M, co] f32 += a^T[M, P] . dy[P, co] over the pixels [z * split_len, ...) (a: the im2col
+// operand of the forward, P output pixels by M = k*k*c; dy row stride dy_rs).
+template <int BM, int BN, int WM, int WN, class OA>
+__device__ __forceinline__ void tc_bwd_weight(float* dw, const OA& a, int P, int M, const bf16* dy, int dy_rs, int co,
+                                              int split_len) {
     typedef Tile<BM, BN, WM, WN> TL;
-    const Gather a = make_gather(x, x_rs, n, h, w, c, KS, scale, shift, 0);
-    const int P = n * h * w, M = KS * KS * c;
     const Dense b = make_dense(dy, P, co, dy_rs, 1);
     const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
     const int k_lo = blockIdx.z * split_len, k_hi = min(P, k_lo + split_len);
     float acc[TL::MT][TL::NT][4] = {};
     tc_tile<BM, BN, WM, WN, false, false, false>(a, b, m0, n0, k_lo, k_hi, acc);
     if (k_lo < k_hi) add_tile<BM, BN, WM, WN>(acc, dw, m0, n0, M, co);
+}
+
+// dw: [KS, KS, c, co] f32 += (d conv_KS / d wt)(pre(x), dy) over pixels [z * split_len, ...).
+template <int BM, int BN, int WM, int WN, int KS>
+__device__ __forceinline__ void conv_tc_bwd_weight(float* dw, const bf16* x, int x_rs, const float* scale,
+                                                   const float* shift, const bf16* dy, int dy_rs, int n, int h,
+                                                   int w, int c, int co, int split_len) {
+    const Gather a = make_gather(x, x_rs, n, h, w, c, KS, scale, shift, 0);
+    tc_bwd_weight<BM, BN, WM, WN>(dw, a, n * h * w, KS * KS * c, dy, dy_rs, co, split_len);
 }
 
 // Entry points. Shapes: x: [n, h, w, c] bf16 with row stride x_rs (a channel prefix); y, dy:
@@ -579,4 +629,32 @@ extern "C" __global__ void __launch_bounds__(128)
                                const float* shift, const bf16* __restrict__ dy, int dy_rs, int n, int h, int w, int c,
                                int co, int split_len) {
     conv_tc_bwd_weight<128, 32, 4, 1, 3>(dw, x, x_rs, scale, shift, dy, dy_rs, n, h, w, c, co, split_len);
+}
+
+// Any square window, stride and padding (the stem: 7x7/2 pad 3 on 3 channels), element-by-element
+// im2col loads, a 128x64 tile (4 warps as 2x2, warp tile 64x32: DenseNet's stem has 64 outputs);
+// 126-127 registers at __launch_bounds__(128, 4) (158 unbounded), no spills: 4 blocks per SM.
+// y: [n, ho, wo, co] bf16 (row stride y_rs) = conv(pre(x), wt), ho = (h + 2 pad - k) / stride + 1;
+// x: [n, h, w, c] bf16 (row stride x_rs); wt: [k, k, c, co] bf16; stats: null or [2, co] f32 +=
+// per-channel (sum y, sum y^2). No split-K (the stem's grid is large).
+// Grid (ceil(n*ho*wo / 128), ceil(co / 64)), block 128, 29696 shared bytes.
+extern "C" __global__ void __launch_bounds__(128, 4)
+    convkxk_tc_fwd_bf16(bf16* __restrict__ y, int y_rs, const bf16* __restrict__ x, int x_rs,
+                        const bf16* __restrict__ wt, const float* scale, const float* shift, int n, int h, int w,
+                        int c, int co, int k, int stride, int pad, float* stats) {
+    const Strided a = make_strided(x, x_rs, n, h, w, c, k, stride, pad, scale, shift);
+    const int K = k * k * c;
+    tc_fwd<128, 64, 2, 2, false>(a, n * a.ho * a.wo, K, y, y_rs, wt, co, stats, nullptr, K);
+}
+
+// dw: [k, k, c, co] f32 += (d conv / d wt)(pre(x), dy) over the output pixels split into gridDim.z
+// chunks of split_len (a multiple of 32); x, scale, shift, k, stride, pad as in the forward; dy:
+// [n, ho, wo, co] bf16 (row stride dy_rs).
+// Grid (ceil(k*k*c / 128), ceil(co / 64), ceil(n*ho*wo / split_len)), block 128, 26624 shared bytes.
+extern "C" __global__ void __launch_bounds__(128, 4)
+    convkxk_tc_bwd_weight_bf16(float* dw, const bf16* __restrict__ x, int x_rs, const float* scale,
+                               const float* shift, const bf16* __restrict__ dy, int dy_rs, int n, int h, int w, int c,
+                               int co, int k, int stride, int pad, int split_len) {
+    const Strided a = make_strided(x, x_rs, n, h, w, c, k, stride, pad, scale, shift);
+    tc_bwd_weight<128, 64, 2, 2>(dw, a, n * a.ho * a.wo, k * k * c, dy, dy_rs, co, split_len);
 }

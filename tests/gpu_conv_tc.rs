@@ -1,4 +1,4 @@
-//! The tensor-core convolutions of `mura::gpu::ops_tc` against the CPU reference (`mura::ops::conv`
+//! The tensor-core convolutions of `mura::gpu::ops_tc` (dense-layer and any-window) against the CPU reference (`mura::ops::conv`
 //! with `BnRelu`, in f64) on the executor named by MURA_TEST_DEVICE (the emulator by default):
 //! fresh random inputs, outputs poisoned with NaN, sizes that are not multiples of the tiles (and
 //! channel counts that are not multiples of 8, which take the element-by-element load path),
@@ -393,8 +393,124 @@ fn conv3x3_tc() {
     );
 }
 
+/// The any-window kernels (the stem's 7×7/2 pad 3 on 3 channels): forward with its output
+/// statistics, and the weight gradient (default split and 32-pixel chunks), against the CPU
+/// reference; several row tiles, K (147) not a multiple of the K-slice, outputs a slice.
+fn any_window_case(
+    d: &Arc<dyn Driver>,
+    rng: &mut Rng,
+    (n, h, w, c, x_rs): (usize, usize, usize, usize, usize),
+    (co, y_c0, y_rs): (usize, usize, usize),
+    g: Conv,
+    with_pre: bool,
+) {
+    let what = format!(
+        "tc conv{}x{}/{} pad {} {n}x{h}x{w}x{c}->{co} pre={with_pre}",
+        g.k, g.k, g.stride, g.pad
+    );
+    let (ho, wo) = g.out_hw(h, w);
+    let px = n * ho * wo;
+    let (xb, xv) = Buf::from(d, false, &randn(rng, n * h * w * x_rs, 1.0, 0.2));
+    let (wb, wv) = Buf::from(d, false, &randn(rng, g.k * g.k * c * co, 0.3, 0.0));
+    let (sb, s) = Buf::from(d, true, &randn(rng, c, 0.5, 1.0));
+    let (tb, t) = Buf::from(d, true, &randn(rng, c, 0.5, 0.0));
+    let pre = with_pre.then(|| (sb.at(0), tb.at(0)));
+    let pre_ref = with_pre.then_some(BnRelu {
+        scale: &s[..],
+        shift: &t[..],
+    });
+    let xi = Image {
+        data: &xv[..],
+        n,
+        h,
+        w,
+        c,
+        rs: x_rs,
+    };
+    let view = View {
+        ptr: xb.at(0),
+        n,
+        h,
+        w,
+        c,
+        rs: x_rs,
+    };
+    let mut y_ref = vec![0.0; px * co];
+    conv2d_fwd(xi, pre_ref, &wv, co, g, &mut y_ref, co);
+    let yb = Buf::poisoned(d, false, px * y_rs);
+    let (stats, stats0) = Buf::from(d, true, &randn(rng, 2 * co, 1.0, 0.0));
+    // (The workspace is ignored: any-window forwards never split.)
+    let ws = Buf::poisoned(d, true, px * co);
+    ops_tc::conv_fwd(
+        &**d,
+        view,
+        pre,
+        wb.at(0),
+        co,
+        g,
+        yb.at(y_c0),
+        y_rs,
+        Some(stats.at(0)),
+        Some(ws.at(0)),
+    )
+    .unwrap();
+    let y = yb.read();
+    check(&format!("{what} fwd"), &cols(&y, y_rs, y_c0, co), &y_ref);
+    assert!(
+        untouched_outside(&y, y_rs, y_c0, co),
+        "{what}: wrote outside its slice"
+    );
+    let y = cols(&y, y_rs, y_c0, co);
+    let want = added_column_sums(&stats0, &y, &y, co);
+    check_exact(&format!("{what} fwd stats"), &stats.read(), &want);
+
+    let (dyb, dyv) = Buf::from(d, false, &randn(rng, px * y_rs, 1.0, 0.0));
+    let dy = cols(&dyv, y_rs, y_c0, co);
+    let mut dw_ref = randn(rng, wv.len(), 1.0, 0.0);
+    let (dwb, dw0) = Buf::from(d, true, &dw_ref);
+    ops_tc::conv_bwd_weight(&**d, view, pre, g, dyb.at(y_c0), y_rs, co, dwb.at(0)).unwrap();
+    conv2d_bwd_weight(xi, pre_ref, g, &dy, co, co, &mut dw_ref);
+    check(&format!("{what} bwd weight"), &dwb.read(), &dw_ref);
+    let (dwb, _) = Buf::from(d, true, &dw0);
+    ops_tc::conv_bwd_weight_split(&**d, view, pre, g, dyb.at(y_c0), y_rs, co, dwb.at(0), 32)
+        .unwrap();
+    check(
+        &format!("{what} bwd weight (split 32)"),
+        &dwb.read(),
+        &dw_ref,
+    );
+}
+
 #[test]
-fn tc_rejects_other_geometries() {
+fn stem_tc() {
+    let (d, mut rng) = setup("stem_tc");
+    // The stem: 3 channels, 64 outputs; 2 x 12 x 12 = 288 output pixels (three row tiles).
+    any_window_case(
+        &d,
+        &mut rng,
+        (2, 23, 24, 3, 3),
+        (64, 0, 64),
+        Conv::STEM,
+        false,
+    );
+    // Other windows, with a BN + ReLU in front, a channel prefix and an output slice over two
+    // column tiles.
+    let g = Conv {
+        k: 5,
+        stride: 3,
+        pad: 1,
+    };
+    any_window_case(&d, &mut rng, (1, 17, 14, 5, 8), (70, 4, 80), g, true);
+    let g = Conv {
+        k: 3,
+        stride: 2,
+        pad: 1,
+    };
+    any_window_case(&d, &mut rng, (2, 9, 10, 16, 16), (24, 0, 24), g, true);
+}
+
+#[test]
+fn tc_rejects_what_it_does_not_cover() {
     let d = test_driver().expect("test device");
     let x = View {
         ptr: 0,
@@ -404,13 +520,44 @@ fn tc_rejects_other_geometries() {
         c: 8,
         rs: 8,
     };
-    let stem = Conv {
-        k: 7,
-        stride: 2,
-        pad: 3,
+    let err = |r: anyhow::Result<()>| format!("{:#}", r.unwrap_err());
+    // No data gradient and no explicit split-K for the any-window kernels.
+    let e = err(ops_tc::conv_bwd_data(
+        &*d,
+        0,
+        8,
+        8,
+        0,
+        Conv::STEM,
+        (1, 4, 4, 8),
+        0,
+        8,
+        false,
+        None,
+        None,
+        None,
+    ));
+    assert!(e.contains("7x7/2 pad 3"), "{e}");
+    let e = err(ops_tc::conv_fwd_split(
+        &*d,
+        x,
+        None,
+        0,
+        8,
+        Conv::STEM,
+        (0, 8),
+        None,
+        Some((0, 32)),
+    ));
+    assert!(e.contains("7x7/2 pad 3"), "{e}");
+    // A window larger than the padded input.
+    let g = Conv {
+        k: 11,
+        stride: 1,
+        pad: 2,
     };
-    let e = ops_tc::conv_fwd(&*d, x, None, 0, 8, stem, 0, 8, None, None).unwrap_err();
-    assert!(format!("{e:#}").contains("7x7/2 pad 3"), "{e:#}");
+    let e = err(ops_tc::conv_fwd(&*d, x, None, 0, 8, g, 0, 8, None, None));
+    assert!(e.contains("no output on a 4x4 input"), "{e}");
 }
 
 #[test]

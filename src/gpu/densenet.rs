@@ -10,7 +10,7 @@
 //! (layers read a prefix and write a slice) and one gradient buffer that layers accumulate into;
 //! per-channel batch statistics are computed once, when a channel is written.
 //!
-//! bf16 storage runs the dense layers' and transitions' convolutions on the tensor cores
+//! bf16 storage runs every convolution (stem, dense layers, transitions) on the tensor cores
 //! (`ops_tc`, with a bf16 copy of the weights): each BN + ReLU is applied while the consuming
 //! convolution loads its input (never stored), the batch statistics of the channels a
 //! convolution writes are summed in its epilogue, and a dense layer's data gradients apply the
@@ -435,7 +435,7 @@ impl GpuDenseNet {
         self.w16.as_ref().map_or(0, |w| w.ptr() + 2 * i as u64)
     }
 
-    /// `y` (row stride `y_rs`) = a dense-layer or transition convolution of `pre(x)` with the
+    /// `y` (row stride `y_rs`) = a convolution (stem, dense layer, transition) of `pre(x)` with the
     /// weights at parameter `p`; with `stats = Some((st, stride, at))`, also the batch statistics
     /// of the `co` channels written, as [`Self::stats_into`]. bf16: the tensor-core kernel, the
     /// statistics summed in its epilogue, its reduction split over `ws` (the plan's `fws`) when
@@ -453,16 +453,20 @@ impl GpuDenseNet {
         ws: Option<(DevPtr, usize)>,
     ) -> Result<()> {
         let d = &*self.d;
+        let rows = {
+            let (ho, wo) = g.out_hw(x.h, x.w);
+            x.n * ho * wo
+        };
         // (Sized for every convolution that splits at any batch the plan serves; a split that
         // would not fit must not happen.)
         let ws = match ws {
-            Some((p, len)) if x.rows() * co <= len => Some(p),
+            Some((p, len)) if rows * co <= len => Some(p),
             _ => None,
         };
         if self.w16.is_none() {
             ops::conv_fwd(d, self.dt, x, pre, self.p(p), co, g, y, y_rs)?;
             return match stats {
-                Some(st) => self.stats_into(y, (x.rows(), co, y_rs), st),
+                Some(st) => self.stats_into(y, (rows, co, y_rs), st),
                 None => Ok(()),
             };
         }
@@ -473,7 +477,7 @@ impl GpuDenseNet {
             Some((st, stride, at)) => ops::bn_stats_from_sums(
                 d,
                 self.sums.ptr(),
-                x.rows(),
+                rows,
                 co,
                 f32_at(st, at),
                 f32_at(st, stride + at),
@@ -708,23 +712,10 @@ impl GpuDenseNet {
             c: 3,
             rs: 3,
         };
-        ops::conv_fwd(
-            &*self.d,
-            dt,
-            xv,
-            None,
-            self.p(lay.conv0.p),
-            f0,
-            Conv::STEM,
-            pl.y0.ptr(),
-            f0,
-        )?;
-        let batch = if train {
-            self.stats_into(pl.y0.ptr(), (m0, f0, f0), (pl.st0.ptr(), f0, 0))?;
-            Some((pl.st0.ptr(), f32_at(pl.st0.ptr(), f0), m0))
-        } else {
-            None
-        };
+        let stats = train.then_some((pl.st0.ptr(), f0, 0));
+        let y0 = (pl.y0.ptr(), f0);
+        self.conv_stats(xv, None, lay.conv0.p, f0, Conv::STEM, y0, stats, None)?;
+        let batch = train.then_some((pl.st0.ptr(), f32_at(pl.st0.ptr(), f0), m0));
         self.bn_coeffs(lay.norm0, batch)?;
         let c0 = self.coefs(lay.norm0);
         ops::bn_act(
@@ -1081,7 +1072,11 @@ impl GpuDenseNet {
             c: 3,
             rs: 3,
         };
-        ops::conv_bwd_weight(d, dt, xv, None, Conv::STEM, sb, f0, f0, self.g(lay.conv0.p))
+        let dw = self.g(lay.conv0.p);
+        match self.w16 {
+            Some(_) => ops_tc::conv_bwd_weight(d, xv, None, Conv::STEM, sb, f0, f0, dw),
+            None => ops::conv_bwd_weight(d, dt, xv, None, Conv::STEM, sb, f0, f0, dw),
+        }
     }
 
     /// Gradients of every parameter (after `backward`), in the CPU model's flat layout.

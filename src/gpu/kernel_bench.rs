@@ -8,13 +8,13 @@
 //!
 //! | row | launches |
 //! |---|---|
-//! | `stem7x7s2` fwd, bwd-weight | `ops::conv_fwd`, `ops::conv_bwd_weight` (CUDA cores, both precisions) |
+//! | `stem7x7s2` fwd, bwd-weight | bf16: `ops_tc::conv_fwd` (the any-window kernel, statistics summed in its epilogue), `ops_tc::conv_bwd_weight`; f32: `ops::conv_fwd`, `ops::conv_bwd_weight` |
 //! | `conv1x1`, `conv3x3` fwd | bf16: `ops_tc::conv_fwd` with the BN + ReLU in front and the output's statistics summed in its epilogue (split-K over a workspace, then its finishing kernel, when the grid is small); f32: `ops::conv_fwd` with the BN + ReLU |
 //! | … bwd-weight | `ops_tc::conv_bwd_weight` (split-K) / `ops::conv_bwd_weight`, with the BN + ReLU |
 //! | `conv1x1` bwd-data (a dense layer's BN1) | bf16: `ops_tc::conv_bwd_data` with the ReLU mask, the BN's reductions and its scale, accumulating into the block's gradient buffer, then `ops::bn_bwd_defer`; f32: `ops::conv_bwd_data`, then `ops::bn_bwd_deferred`; both then `ops::bn_grad_fix` of the layer's k output channels (the deferred BN terms, once per layer) |
 //! | `conv3x3` bwd-data (BN2) | bf16: `ops_tc::conv_bwd_data` with the ReLU mask and the BN's reductions into a scratch, then `ops::bn_bwd_from_sums`; f32: `ops::conv_bwd_data`, then `ops::bn_bwd` |
 //! | `trans1x1` | the same kernels without a BN in front (the pool applied it) |
-//! | `bn_stats` | `ops::bn_stats`; bf16 rows of conv outputs: `ops::bn_stats_from_sums` (the epilogue summed them) |
+//! | `bn_stats` | `ops::bn_stats`; bf16 rows of conv outputs (all but the max pool's): `ops::bn_stats_from_sums` (the epilogue summed them) |
 //! | `maxpool` fwd / bwd | `ops::bn_act` (norm0 + ReLU), `ops::maxpool_fwd` / `ops::maxpool_bwd`, `ops::bn_bwd` (norm0) |
 //! | `avgpool` fwd / bwd | `ops::avgpool_fwd` with the transition's BN + ReLU / `ops::avgpool_bwd`, `ops::bn_bwd` |
 //! | `head` fwd / bwd | `ops::bn_act` (norm5 + ReLU), `ops::gap_fwd` / `ops::gap_bwd`, `ops::bn_bwd` |
@@ -499,19 +499,29 @@ impl Bench {
                     rs: ci,
                 };
                 let y0 = n * h0 * h0 * co;
+                let tc = dt == Dt::Bf16;
+                let g = Conv::STEM;
                 match pass {
                     Pass::Fwd => {
-                        let w = self.weight(49 * ci, co, false)?;
+                        let w = self.weight(49 * ci, co, tc)?;
                         let y = self.act("y0", y0)?;
+                        if tc {
+                            // Statistics summed in the epilogue, as for every conv output.
+                            let sums = self.f32("sums", 2 * co, Fill::Zero)?;
+                            return Ok(Box::new(move || {
+                                ops_tc::conv_fwd(&*d, xv, None, w, co, g, y, co, Some(sums), None)
+                            }));
+                        }
                         Ok(Box::new(move || {
-                            ops::conv_fwd(&*d, dt, xv, None, w, co, Conv::STEM, y, co)
+                            ops::conv_fwd(&*d, dt, xv, None, w, co, g, y, co)
                         }))
                     }
                     Pass::BwdWeight => {
                         let dy = self.scratch("sb", y0)?;
                         let dw = self.f32("dw", 49 * ci * co, ACT)?;
-                        Ok(Box::new(move || {
-                            ops::conv_bwd_weight(&*d, dt, xv, None, Conv::STEM, dy, co, co, dw)
+                        Ok(Box::new(move || match tc {
+                            true => ops_tc::conv_bwd_weight(&*d, xv, None, g, dy, co, co, dw),
+                            false => ops::conv_bwd_weight(&*d, dt, xv, None, g, dy, co, co, dw),
                         }))
                     }
                     _ => bail!("the stem has no {pass} kernel"),
@@ -613,11 +623,14 @@ impl Bench {
             "bn_stats" => {
                 let (h, c) = (dm.hi, dm.one()?);
                 let px = n * h * h;
+                // Whether a convolution wrote these channels (else the max pool did).
+                let mut conv_out = true;
                 let (x, rs) = match r.site.as_str() {
                     "stem" => {
                         let b0 = geo.block(0)?;
                         if h == b0.h {
                             b0.holds(h, c)?;
+                            conv_out = false;
                             (self.block_bufs(0, n, b0)?.0, b0.ct)
                         } else {
                             (self.act("y0", px * c)?, c)
@@ -644,7 +657,7 @@ impl Bench {
                 let out = self.f32("stats_out", 2 * c, Fill::Zero)?;
                 let part = self.f32("part", ops::bn_scratch_len(c), ACT)?;
                 let var = ops::f32_at(out, c);
-                if dt == Dt::Bf16 && r.site != "stem" {
+                if dt == Dt::Bf16 && conv_out {
                     // A convolution's epilogue summed these statistics; what is left is turning
                     // the sums into mean and variance.
                     let sums = self.f32("sums", 2 * c, Fill::Positive)?;

@@ -1,6 +1,7 @@
-//! Tensor-core convolutions of the dense layers (kernels/conv_tc.cu): 1×1/1 pad 0 and 3×3/1 pad 1,
-//! bf16 activations and weights, f32 accumulation, NHWC, with the BN + ReLU in front of each
-//! convolution fused into its loads. Same conventions as [`super::ops`]: device addresses, a channel
+//! Tensor-core convolutions (kernels/conv_tc.cu): the dense layers' 1×1/1 pad 0 and 3×3/1 pad 1
+//! (forward, backward-data, backward-weight), and any other window's forward and weight gradient
+//! (the stem's 7×7/2 pad 3), bf16 activations and weights, f32 accumulation, NHWC, with the BN +
+//! ReLU in front of each convolution fused into its loads. Same conventions as [`super::ops`]: device addresses, a channel
 //! prefix is a [`View`] with row stride `rs`, a channel slice its first channel's address plus the
 //! row stride; the caller guarantees the addresses are valid for the shapes in the comments.
 
@@ -30,6 +31,12 @@ const T32: Tile = Tile {
     bn: 32,
     threads: 128,
 };
+/// The any-window kernels' tile (the stem's 64 outputs).
+const T64: Tile = Tile {
+    bm: 128,
+    bn: 64,
+    threads: 128,
+};
 
 /// Dynamic shared bytes of a tile whose A (B) operand is stored k-contiguous when `a_kc` (`b_kc`):
 /// two stages of `[outer][inner + 8]` bf16 per operand (kernels/conv_tc.cu `Smem`).
@@ -47,7 +54,7 @@ fn smem(t: Tile, a_kc: bool, b_kc: bool) -> u32 {
     (2 * (a + b) * 2) as u32
 }
 
-/// `"conv1x1"` or `"conv3x3"`, the two geometries the kernels cover.
+/// `"conv1x1"` or `"conv3x3"`, the two geometries the dense-layer kernels cover.
 fn geometry(g: Conv) -> Result<&'static str> {
     match (g.k, g.stride, g.pad) {
         (1, 1, 0) => Ok("conv1x1"),
@@ -60,6 +67,28 @@ fn geometry(g: Conv) -> Result<&'static str> {
             g.pad
         ),
     }
+}
+
+/// Whether `g` goes to the any-window kernels (`convkxk_*`: element-by-element loads, no split-K
+/// forward, no data gradient), which the stem (7×7/2 pad 3 on 3 channels) needs.
+fn any_window(g: Conv) -> bool {
+    geometry(g).is_err()
+}
+
+/// Checks a window the any-window kernels can take: a non-empty output.
+fn check_window(x: View, g: Conv) -> Result<()> {
+    if g.k == 0 || g.stride == 0 || x.h + 2 * g.pad < g.k || x.w + 2 * g.pad < g.k {
+        bail!(
+            "a {}x{}/{} pad {} convolution has no output on a {}x{} input",
+            g.k,
+            g.k,
+            g.stride,
+            g.pad,
+            x.h,
+            x.w
+        );
+    }
+    Ok(())
 }
 
 /// Streaming multiprocessors the split-K heuristics aim to fill (an H100 SXM has 132).
@@ -78,14 +107,15 @@ pub fn fwd_split_len(rows: usize, c: usize, co: usize, g: Conv) -> usize {
     slices.div_ceil(splits) * BK
 }
 
-/// `y: [n, h, w, co]` bf16 (row stride `y_rs`) = conv(pre(x), wt); `x`: bf16; `wt: [k, k, x.c, co]`
+/// `y: [n, ho, wo, co]` bf16 (row stride `y_rs`) = conv(pre(x), wt); `x`: bf16; `wt: [k, k, x.c, co]`
 /// bf16; `pre`: a fused BN + ReLU's (scale, shift) `[x.c]` f32. `stats: [2, co]` f32, when given,
 /// has the per-channel sum and sum of squares of the stored `y` added to it (batch statistics of
 /// the BN that reads these channels next, without a pass over them): mean = Σy / rows,
 /// var = Σy² / rows − mean² (f32 sums; fine for conv outputs, whose mean is small next to their
 /// spread). `ws: [x.rows(), co]` f32, all zero (and left so), when given lets a grid too small
 /// to fill the GPU split its reduction ([`fwd_split_len`]): partial sums added there, then
-/// stored by a finishing kernel.
+/// stored by a finishing kernel. Windows other than 1×1 and 3×3/1 (the stem) take the
+/// any-window kernel, which never splits (`ws` unused).
 #[allow(clippy::too_many_arguments)]
 pub fn conv_fwd(
     d: &dyn Driver,
@@ -99,11 +129,63 @@ pub fn conv_fwd(
     stats: Option<DevPtr>,
     ws: Option<DevPtr>,
 ) -> Result<()> {
+    if any_window(g) {
+        return conv_fwd_any(d, x, pre, wt, co, g, (y, y_rs), stats);
+    }
     let k_len = g.k * g.k * x.c;
     let split = ws
         .map(|ws| (ws, fwd_split_len(x.rows(), x.c, co, g)))
         .filter(|&(_, len)| len < k_len);
     conv_fwd_split(d, x, pre, wt, co, g, (y, y_rs), stats, split)
+}
+
+/// [`conv_fwd`] of any window (`convkxk_tc_fwd_bf16`): `y: [n, ho, wo, co]`, never split.
+#[allow(clippy::too_many_arguments)]
+fn conv_fwd_any(
+    d: &dyn Driver,
+    x: View,
+    pre: Option<(DevPtr, DevPtr)>,
+    wt: DevPtr,
+    co: usize,
+    g: Conv,
+    (y, y_rs): (DevPtr, usize),
+    stats: Option<DevPtr>,
+) -> Result<()> {
+    check_window(x, g)?;
+    let (ho, wo) = g.out_hw(x.h, x.w);
+    let grid = [
+        blocks_for(x.n * ho * wo, T64.bm as u32),
+        blocks_for(co, T64.bn as u32),
+        1,
+    ];
+    let (s, sh) = pre.unwrap_or((0, 0));
+    let args = vec![
+        A::P(y),
+        i(y_rs),
+        A::P(x.ptr),
+        i(x.rs),
+        A::P(wt),
+        A::P(s),
+        A::P(sh),
+        i(x.n),
+        i(x.h),
+        i(x.w),
+        i(x.c),
+        i(co),
+        i(g.k),
+        i(g.stride),
+        i(g.pad),
+        A::P(stats.unwrap_or(0)),
+    ];
+    let smem = smem(T64, true, false);
+    launch(
+        d,
+        "convkxk_tc_fwd_bf16",
+        grid,
+        [T64.threads, 1, 1],
+        smem,
+        args,
+    )
 }
 
 /// [`conv_fwd`] with the reduction split into chunks of `split = Some((ws, len))` (`len` a
@@ -276,10 +358,20 @@ pub fn conv_bwd_weight(
     co: usize,
     dw: DevPtr,
 ) -> Result<()> {
-    let t = if g.k == 1 { T128 } else { T32 };
+    let t = tile_of(g);
     let tiles = (g.k * g.k * x.c).div_ceil(t.bm) * co.div_ceil(t.bn);
-    let split_len = weight_split_len(x.rows(), tiles);
+    let (ho, wo) = g.out_hw(x.h, x.w);
+    let split_len = weight_split_len(x.n * ho * wo, tiles);
     conv_bwd_weight_split(d, x, pre, g, dy, dy_rs, co, dw, split_len)
+}
+
+/// The weight gradient's tile of geometry `g`.
+fn tile_of(g: Conv) -> Tile {
+    match g.k {
+        _ if any_window(g) => T64,
+        1 => T128,
+        _ => T32,
+    }
 }
 
 /// [`conv_bwd_weight`] with the pixels split into chunks of `split_len` (a positive multiple of 32).
@@ -295,18 +387,23 @@ pub fn conv_bwd_weight_split(
     dw: DevPtr,
     split_len: usize,
 ) -> Result<()> {
-    let geo = geometry(g)?;
+    let any = any_window(g);
+    let name = match any {
+        true => check_window(x, g).map(|()| "convkxk_tc_bwd_weight_bf16".to_string())?,
+        false => format!("{}_tc_bwd_weight_bf16", geometry(g)?),
+    };
     if split_len == 0 || !split_len.is_multiple_of(BK) {
         bail!("split-K chunk of {split_len} pixels is not a positive multiple of {BK}");
     }
-    let t = if g.k == 1 { T128 } else { T32 };
+    let t = tile_of(g);
+    let (ho, wo) = g.out_hw(x.h, x.w);
     let grid = [
         blocks_for(g.k * g.k * x.c, t.bm as u32),
         blocks_for(co, t.bn as u32),
-        blocks_for(x.rows(), split_len as u32),
+        blocks_for(x.n * ho * wo, split_len as u32),
     ];
     let (s, sh) = pre.unwrap_or((0, 0));
-    let args = vec![
+    let mut args = vec![
         A::P(dw),
         A::P(x.ptr),
         i(x.rs),
@@ -319,9 +416,11 @@ pub fn conv_bwd_weight_split(
         i(x.w),
         i(x.c),
         i(co),
-        i(split_len),
     ];
-    let name = format!("{geo}_tc_bwd_weight_bf16");
+    if any {
+        args.extend([i(g.k), i(g.stride), i(g.pad)]);
+    }
+    args.push(i(split_len));
     launch(
         d,
         &name,
