@@ -1,6 +1,6 @@
-// Pooling and the head: max pool 3x3/2 pad 1 (stem), avg pool 2x2/2 (transitions, with the
-// transition's BN + ReLU fused into the read), global average pool and the single-logit linear
-// layer, forward and backward. NHWC; one thread per output element in grid-stride loops (these
+// Pooling and the head: max pool 3x3/2 pad 1 (stem, with norm0 + relu0 fused into the read), avg
+// pool 2x2/2 (transitions, with the transition's BN + ReLU fused into the read), global average
+// pool and the single-logit linear layer, forward and backward. NHWC; one thread per output element in grid-stride loops (these
 // ops move little data next to the convolutions).
 #include "dtype.cuh"
 
@@ -8,15 +8,23 @@
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < (long long)(total); \
          i += (long long)gridDim.x * blockDim.x)
 
-// The window of output (oy, ox) of a 3x3/2 pad-1 max pool: rows [2oy-1, 2oy+1] clipped to [0, h).
-// Returns the flat input pixel (iy * w + ix) holding the first maximum of channel j.
+// pre(x) of channel j: the BN + ReLU max(x * scale + shift, 0) when scale is not null, else x.
 template <class T>
-__device__ int maxpool_argmax(const T* xi, int h, int w, int c, int j, int oy, int ox) {
+__device__ __forceinline__ float pre_at(const T* p, const float* scale, const float* shift, int j) {
+    const float v = ld(p);
+    return scale ? fmaxf(v * scale[j] + shift[j], 0.0f) : v;
+}
+
+// The window of output (oy, ox) of a 3x3/2 pad-1 max pool of pre(x): rows [2oy-1, 2oy+1] clipped
+// to [0, h). Returns the flat input pixel (iy * w + ix) holding the first maximum of channel j.
+template <class T>
+__device__ int maxpool_argmax(const T* xi, int h, int w, int c, int j, int oy, int ox, const float* scale,
+                              const float* shift) {
     float best = 0.0f;
     int at = -1;
     for (int iy = max(2 * oy - 1, 0); iy < min(2 * oy + 2, h); iy++)
         for (int ix = max(2 * ox - 1, 0); ix < min(2 * ox + 2, w); ix++) {
-            const float v = ld(xi + (long long)(iy * w + ix) * c + j);
+            const float v = pre_at(xi + (long long)(iy * w + ix) * c + j, scale, shift, j);
             if (at < 0 || v > best) {
                 best = v;
                 at = iy * w + ix;
@@ -25,24 +33,30 @@ __device__ int maxpool_argmax(const T* xi, int h, int w, int c, int j, int oy, i
     return at;
 }
 
-// y: [n, ho, wo, c] T, row stride y_rs; x: [n, h, w, c] T. ho = (h - 1) / 2 + 1, same for wo.
+// y: [n, ho, wo, c] T, row stride y_rs = max pool of pre(x); x: [n, h, w, c] T; scale, shift: [c]
+// f32 (pre = BN + ReLU, the stem's norm0 + relu0, never stored) or null (pre = identity).
+// ho = (h - 1) / 2 + 1, same for wo.
 template <class T>
-__device__ void maxpool_fwd(T* y, int y_rs, const T* x, int n, int h, int w, int c) {
+__device__ void maxpool_fwd(T* y, int y_rs, const T* x, int n, int h, int w, int c, const float* scale,
+                            const float* shift) {
     const int ho = (h - 1) / 2 + 1, wo = (w - 1) / 2 + 1;
     GRID_STRIDE(i, (long long)n * ho * wo * c) {
         const int j = (int)(i % c);
         const long long r = i / c;
         const int ox = (int)(r % wo), oy = (int)(r / wo % ho), b = (int)(r / ((long long)wo * ho));
         const T* xi = x + (long long)b * h * w * c;
-        st(y + r * y_rs + j, ld(xi + (long long)maxpool_argmax(xi, h, w, c, j, oy, ox) * c + j));
+        const int at = maxpool_argmax(xi, h, w, c, j, oy, ox, scale, shift);
+        st(y + r * y_rs + j, pre_at(xi + (long long)at * c + j, scale, shift, j));
     }
 }
 
-// dx: [n, h, w, c] T, overwritten: each output's gradient goes to its window's first maximum
-// (gathered: each input sums the outputs whose maximum it is). x: the forward input;
-// dy: [n, ho, wo, c] T, row stride dy_rs.
+// dx: [n, h, w, c] T, overwritten: the gradient of pre(x) (the caller applies the BN + ReLU's
+// backward): each output's gradient goes to its window's first maximum (gathered: each input
+// sums the outputs whose maximum it is). x, scale, shift: the forward's; dy: [n, ho, wo, c] T,
+// row stride dy_rs.
 template <class T>
-__device__ void maxpool_bwd(T* dx, const T* x, const T* dy, int dy_rs, int n, int h, int w, int c) {
+__device__ void maxpool_bwd(T* dx, const T* x, const T* dy, int dy_rs, int n, int h, int w, int c, const float* scale,
+                            const float* shift) {
     const int ho = (h - 1) / 2 + 1, wo = (w - 1) / 2 + 1;
     GRID_STRIDE(i, (long long)n * h * w * c) {
         const int j = (int)(i % c);
@@ -52,7 +66,7 @@ __device__ void maxpool_bwd(T* dx, const T* x, const T* dy, int dy_rs, int n, in
         float g = 0.0f;
         for (int oy = max((iy - 1) / 2, 0); oy <= min((iy + 1) / 2, ho - 1); oy++)
             for (int ox = max((ix - 1) / 2, 0); ox <= min((ix + 1) / 2, wo - 1); ox++)
-                if (maxpool_argmax(xi, h, w, c, j, oy, ox) == iy * w + ix)
+                if (maxpool_argmax(xi, h, w, c, j, oy, ox, scale, shift) == iy * w + ix)
                     g += ld(dy + ((long long)(b * ho + oy) * wo + ox) * dy_rs + j);
         st(dx + i, g);
     }
@@ -156,13 +170,14 @@ extern "C" __global__ void cast_fwd_bf16(bf16* __restrict__ y, const float* __re
 
 // f32 storage: see maxpool_fwd.
 extern "C" __global__ void maxpool_fwd_f32(float* __restrict__ y, int y_rs, const float* __restrict__ x, int n, int h,
-                                          int w, int c) {
-    maxpool_fwd<float>(y, y_rs, x, n, h, w, c);
+                                          int w, int c, const float* scale, const float* shift) {
+    maxpool_fwd<float>(y, y_rs, x, n, h, w, c, scale, shift);
 }
 // f32 storage: see maxpool_bwd.
 extern "C" __global__ void maxpool_bwd_f32(float* __restrict__ dx, const float* __restrict__ x,
-                                          const float* __restrict__ dy, int dy_rs, int n, int h, int w, int c) {
-    maxpool_bwd<float>(dx, x, dy, dy_rs, n, h, w, c);
+                                          const float* __restrict__ dy, int dy_rs, int n, int h, int w, int c,
+                                          const float* scale, const float* shift) {
+    maxpool_bwd<float>(dx, x, dy, dy_rs, n, h, w, c, scale, shift);
 }
 // f32 storage: see avgpool_fwd.
 extern "C" __global__ void avgpool_fwd_f32(float* __restrict__ y, int y_rs, const float* __restrict__ x, int x_rs,
@@ -186,13 +201,14 @@ extern "C" __global__ void gap_bwd_f32(float* __restrict__ dx, const float* __re
 
 // bf16 storage: see maxpool_fwd.
 extern "C" __global__ void maxpool_fwd_bf16(bf16* __restrict__ y, int y_rs, const bf16* __restrict__ x, int n, int h,
-                                          int w, int c) {
-    maxpool_fwd<bf16>(y, y_rs, x, n, h, w, c);
+                                          int w, int c, const float* scale, const float* shift) {
+    maxpool_fwd<bf16>(y, y_rs, x, n, h, w, c, scale, shift);
 }
 // bf16 storage: see maxpool_bwd.
 extern "C" __global__ void maxpool_bwd_bf16(bf16* __restrict__ dx, const bf16* __restrict__ x,
-                                          const bf16* __restrict__ dy, int dy_rs, int n, int h, int w, int c) {
-    maxpool_bwd<bf16>(dx, x, dy, dy_rs, n, h, w, c);
+                                          const bf16* __restrict__ dy, int dy_rs, int n, int h, int w, int c,
+                                          const float* scale, const float* shift) {
+    maxpool_bwd<bf16>(dx, x, dy, dy_rs, n, h, w, c, scale, shift);
 }
 // bf16 storage: see avgpool_fwd.
 extern "C" __global__ void avgpool_fwd_bf16(bf16* __restrict__ y, int y_rs, const bf16* __restrict__ x, int x_rs,

@@ -675,39 +675,58 @@ fn pool_all(test: &str, dt: Dt, tol: f64) {
     let (d, mut rng) = setup(test);
     for (n, h, w, c) in [(2usize, 7usize, 6usize, 3usize), (1, 9, 11, 37)] {
         let what = format!("{dt:?} pool {n}x{h}x{w}x{c}");
-        // Max pool into a slice, and back (negative inputs: padding must never win).
+        // Max pool into a slice, and back (negative inputs: padding must never win); then of BN +
+        // ReLU of the input (the stem's norm0 + relu0, applied as the pool reads), whose
+        // gradient is that of the BN + ReLU's output.
         let (ho, wo) = pool::maxpool_out(h, w);
-        let (xb, x) = Buf::from(&d, dt, &randn(&mut rng, n * h * w * c, 1.0, -3.0));
+        let (s, t) = bn_relu(&mut rng, c);
+        let (sb, _) = f32buf(&d, &s);
+        let (tb, _) = f32buf(&d, &t);
         let y_rs = c + 4;
-        let yb = Buf::poisoned(&d, dt, n * ho * wo * y_rs);
-        let view = View {
-            ptr: xb.ptr(),
-            n,
-            h,
-            w,
-            c,
-            rs: c,
-        };
-        ops::maxpool_fwd(&*d, dt, view, yb.at(2), y_rs).unwrap();
-        let mut y_ref = vec![0.0; n * ho * wo * c];
-        pool::maxpool_fwd(&x, n, h, w, c, &mut y_ref, c);
-        let y = yb.read();
-        check(
-            &format!("{what} maxpool fwd"),
-            &cols(&y, y_rs, 2, c),
-            &y_ref,
-            tol.min(1e-5),
-        );
-        assert!(
-            untouched_outside(&y, y_rs, 2, c),
-            "{what}: maxpool wrote outside its slice"
-        );
         let (dyb, dyv) = Buf::from(&d, dt, &randn(&mut rng, n * ho * wo * y_rs, 1.0, 0.0));
-        let dxb = Buf::poisoned(&d, dt, n * h * w * c);
-        ops::maxpool_bwd(&*d, dt, view, dyb.at(2), y_rs, dxb.ptr()).unwrap();
-        let mut dx_ref = vec![0.0; n * h * w * c];
-        pool::maxpool_bwd(&x, n, h, w, c, &cols(&dyv, y_rs, 2, c), c, &mut dx_ref);
-        check(&format!("{what} maxpool bwd"), &dxb.read(), &dx_ref, tol);
+        for with_pre in [false, true] {
+            let what = format!("{what} maxpool pre={with_pre}");
+            let mean = if with_pre { 0.0 } else { -3.0 };
+            let (xb, x) = Buf::from(&d, dt, &randn(&mut rng, n * h * w * c, 1.0, mean));
+            let view = View {
+                ptr: xb.ptr(),
+                n,
+                h,
+                w,
+                c,
+                rs: c,
+            };
+            let pre = with_pre.then(|| (sb.ptr(), tb.ptr()));
+            // What the pool sees: x, or max(x * scale + shift, 0).
+            let seen: Vec<f64> = match with_pre {
+                false => x.clone(),
+                true => (0..x.len())
+                    .map(|i| (x[i] * s[i % c] + t[i % c]).max(0.0))
+                    .collect(),
+            };
+            let yb = Buf::poisoned(&d, dt, n * ho * wo * y_rs);
+            ops::maxpool_fwd(&*d, dt, view, pre, yb.at(2), y_rs).unwrap();
+            let mut y_ref = vec![0.0; n * ho * wo * c];
+            pool::maxpool_fwd(&seen, n, h, w, c, &mut y_ref, c);
+            let y = yb.read();
+            // (Without the BN + ReLU the pool copies values: exact.)
+            let fwd_tol = if with_pre { tol } else { tol.min(1e-5) };
+            check(
+                &format!("{what} fwd"),
+                &cols(&y, y_rs, 2, c),
+                &y_ref,
+                fwd_tol,
+            );
+            assert!(
+                untouched_outside(&y, y_rs, 2, c),
+                "{what}: wrote outside its slice"
+            );
+            let dxb = Buf::poisoned(&d, dt, n * h * w * c);
+            ops::maxpool_bwd(&*d, dt, view, pre, dyb.at(2), y_rs, dxb.ptr()).unwrap();
+            let mut dx_ref = vec![0.0; n * h * w * c];
+            pool::maxpool_bwd(&seen, n, h, w, c, &cols(&dyv, y_rs, 2, c), c, &mut dx_ref);
+            check(&format!("{what} bwd"), &dxb.read(), &dx_ref, tol);
+        }
 
         // Avg pool of BN + ReLU of a channel prefix, and back.
         let x_rs = c + 2;

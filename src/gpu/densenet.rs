@@ -103,9 +103,8 @@ struct Plan {
     /// into the one the model reads: `x16` in bf16 mode, else `x`).
     x: DeviceBuffer<f32>,
     x16: Option<Act>,
-    /// [n, h0, w0, f0]: conv0 output, and after norm0 + ReLU.
+    /// [n, h0, w0, f0]: conv0 output (norm0 + ReLU are applied as the max pool reads it).
     y0: Act,
-    a0: Act,
     /// [2, f0] f32 batch statistics of y0.
     st0: DeviceBuffer<f32>,
     blocks: Vec<BlockPlan>,
@@ -365,7 +364,6 @@ impl GpuDenseNet {
                 Dt::F32 => None,
             },
             y0: Act::new(d, dt, n * h0 * w0 * f0)?,
-            a0: Act::new(d, dt, n * h0 * w0 * f0)?,
             st0: DeviceBuffer::alloc(d, 2 * f0)?,
             blocks,
             a5: Act::new(d, dt, rows5 * c5)?,
@@ -700,7 +698,8 @@ impl GpuDenseNet {
             w.fill_bytes(0)?;
         }
 
-        // Stem: conv0 → norm0 → ReLU → max pool into block 0's first channels.
+        // Stem: conv0 → norm0 → ReLU → max pool into block 0's first channels (the max pool applies
+        // norm0 + ReLU as it reads conv0's output).
         let f0 = lay.conv0.co;
         let (h0, w0) = Conv::STEM.out_hw(h, w);
         let m0 = n * h0 * w0;
@@ -718,29 +717,17 @@ impl GpuDenseNet {
         let batch = train.then_some((pl.st0.ptr(), f32_at(pl.st0.ptr(), f0), m0));
         self.bn_coeffs(lay.norm0, batch)?;
         let c0 = self.coefs(lay.norm0);
-        ops::bn_act(
-            &*self.d,
-            dt,
-            pl.y0.ptr(),
-            f0,
-            m0,
-            f0,
-            c0,
-            true,
-            pl.a0.ptr(),
-            f0,
-        )?;
         let b0 = &pl.blocks[0];
         let ct0 = lay.blocks[0].c_total;
-        let a0v = View {
-            ptr: pl.a0.ptr(),
+        let y0v = View {
+            ptr: pl.y0.ptr(),
             n,
             h: h0,
             w: w0,
             c: f0,
             rs: f0,
         };
-        ops::maxpool_fwd(&*self.d, dt, a0v, b0.buf.ptr(), ct0)?;
+        ops::maxpool_fwd(&*self.d, dt, y0v, Some(c0), b0.buf.ptr(), ct0)?;
         if train {
             self.stats_into(
                 b0.buf.ptr(),
@@ -1038,8 +1025,8 @@ impl GpuDenseNet {
         let (h0, w0) = Conv::STEM.out_hw(pl.h, pl.w);
         let m0 = n * h0 * w0;
         let ct0 = lay.blocks[0].c_total;
-        let a0v = View {
-            ptr: pl.a0.ptr(),
+        let y0v = View {
+            ptr: pl.y0.ptr(),
             n,
             h: h0,
             w: w0,
@@ -1047,7 +1034,8 @@ impl GpuDenseNet {
             rs: f0,
         };
         self.fix_grads(&pl.blocks[0], ct0, n, (0, f0))?;
-        ops::maxpool_bwd(d, dt, a0v, pl.blocks[0].dbuf.ptr(), ct0, sa)?;
+        let c0 = Some(self.coefs(lay.norm0));
+        ops::maxpool_bwd(d, dt, y0v, c0, pl.blocks[0].dbuf.ptr(), ct0, sa)?;
         let s0 = saved(lay.norm0, pl.y0.ptr(), f0, m0, pl.st0.ptr(), f0);
         ops::bn_bwd(
             d,

@@ -15,7 +15,7 @@
 //! | `conv3x3` bwd-data (BN2) | bf16: `ops_tc::conv_bwd_data` with the ReLU mask and the BN's reductions into a scratch, then `ops::bn_bwd_from_sums`; f32: `ops::conv_bwd_data`, then `ops::bn_bwd` |
 //! | `trans1x1` | the same kernels without a BN in front (the pool applied it) |
 //! | `bn_stats` | `ops::bn_stats`; bf16 rows of conv outputs (all but the max pool's): `ops::bn_stats_from_sums` (the epilogue summed them) |
-//! | `maxpool` fwd / bwd | `ops::bn_act` (norm0 + ReLU), `ops::maxpool_fwd` / `ops::maxpool_bwd`, `ops::bn_bwd` (norm0) |
+//! | `maxpool` fwd / bwd | `ops::maxpool_fwd` with norm0 + ReLU / `ops::maxpool_bwd` (the same), `ops::bn_bwd` (norm0) |
 //! | `avgpool` fwd / bwd | `ops::avgpool_fwd` with the transition's BN + ReLU / `ops::avgpool_bwd`, `ops::bn_bwd` |
 //! | `head` fwd / bwd | `ops::bn_act` (norm5 + ReLU), `ops::gap_fwd` / `ops::gap_bwd`, `ops::bn_bwd` |
 //! | `adam` | `ops::adam` over every parameter; bf16: then `ops::cast_bf16` of them (the bf16 weight copy the tensor-core convolutions read, whose bytes the row counts) |
@@ -676,9 +676,8 @@ impl Bench {
                 let (buf0, dbuf0) = self.block_bufs(0, n, b0)?;
                 let m0 = n * h0 * h0;
                 let y0 = self.act("y0", m0 * f0)?;
-                let a0 = self.act("a0", m0 * f0)?;
-                let a0v = View {
-                    ptr: a0,
+                let y0v = View {
+                    ptr: y0,
                     n,
                     h: h0,
                     w: h0,
@@ -686,18 +685,18 @@ impl Bench {
                     rs: f0,
                 };
                 let bn = self.bn(f0)?;
+                let pre = Some((bn.scale, bn.shift));
                 let ct0 = b0.ct;
                 match pass {
                     Pass::Fwd => Ok(Box::new(move || {
-                        ops::bn_act(&*d, dt, y0, f0, m0, f0, (bn.scale, bn.shift), true, a0, f0)?;
-                        ops::maxpool_fwd(&*d, dt, a0v, buf0, ct0)
+                        ops::maxpool_fwd(&*d, dt, y0v, pre, buf0, ct0)
                     })),
                     Pass::Bwd => {
                         let sa = self.scratch("sa", m0 * f0)?;
                         let sb = self.scratch("sb", m0 * f0)?;
                         let saved = bn.saved(y0, f0, m0, f0);
                         Ok(Box::new(move || {
-                            ops::maxpool_bwd(&*d, dt, a0v, dbuf0, ct0, sa)?;
+                            ops::maxpool_bwd(&*d, dt, y0v, pre, dbuf0, ct0, sa)?;
                             let grads = (bn.dgamma, bn.dbeta);
                             let scratch = (bn.part, bn.coef);
                             ops::bn_bwd(

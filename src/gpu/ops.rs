@@ -659,9 +659,19 @@ pub fn bn_bwd_from_sums(
     )
 }
 
-/// `y: [n, ho, wo, x.c]` (row stride `y_rs`) = max pool 3×3/2 pad 1 of `x` (contiguous: rs = c).
-pub fn maxpool_fwd(d: &dyn Driver, dt: Dt, x: View, y: DevPtr, y_rs: usize) -> Result<()> {
+/// `y: [n, ho, wo, x.c]` (row stride `y_rs`) = max pool 3×3/2 pad 1 of pre(x) (`x` contiguous:
+/// rs = c); `pre`: a BN + ReLU's (scale, shift) `[x.c]` f32 applied as `x` is read (the stem's
+/// norm0 + relu0, never stored), or None.
+pub fn maxpool_fwd(
+    d: &dyn Driver,
+    dt: Dt,
+    x: View,
+    pre: Option<(DevPtr, DevPtr)>,
+    y: DevPtr,
+    y_rs: usize,
+) -> Result<()> {
     let (ho, wo) = crate::ops::pool::maxpool_out(x.h, x.w);
+    let [s, t] = pre_args(pre);
     launch(
         d,
         &kname("maxpool_fwd", dt),
@@ -676,20 +686,24 @@ pub fn maxpool_fwd(d: &dyn Driver, dt: Dt, x: View, y: DevPtr, y_rs: usize) -> R
             i(x.h),
             i(x.w),
             i(x.c),
+            s,
+            t,
         ],
     )
 }
 
-/// `dx: [n, h, w, c]` (contiguous, overwritten) from `dy: [n, ho, wo, c]` (row stride `dy_rs`),
-/// `x` the forward input (contiguous).
+/// `dx: [n, h, w, c]` (contiguous, overwritten): the gradient of pre(x) (not through the BN +
+/// ReLU) from `dy: [n, ho, wo, c]` (row stride `dy_rs`); `x` and `pre` as in the forward.
 pub fn maxpool_bwd(
     d: &dyn Driver,
     dt: Dt,
     x: View,
+    pre: Option<(DevPtr, DevPtr)>,
     dy: DevPtr,
     dy_rs: usize,
     dx: DevPtr,
 ) -> Result<()> {
+    let [s, t] = pre_args(pre);
     launch(
         d,
         &kname("maxpool_bwd", dt),
@@ -705,6 +719,8 @@ pub fn maxpool_bwd(
             i(x.h),
             i(x.w),
             i(x.c),
+            s,
+            t,
         ],
     )
 }
