@@ -103,31 +103,29 @@ extern "C" __global__ void bn_stats_merge_fwd_f32(float* __restrict__ mean, floa
     }
 }
 
-// mean, var: [C] f32 out (biased variance) from sums: [2, C] f32, the per-channel sum and sum of
-// squares over R rows that a producing convolution's epilogue accumulated (kernels/conv_tc.cu):
-// mean = s / R, var = max(ss / R - mean^2, 0), in double. The sums are zeroed once read, ready for
-// the next epilogue. One thread a channel.
-extern "C" __global__ void bn_stats_sums_fwd_f32(float* __restrict__ mean, float* __restrict__ var,
-                                                 float* __restrict__ sums, int R, int C) {
-    const int c = blockIdx.x * blockDim.x + threadIdx.x;
-    if (c < C) {
-        const double m = (double)sums[c] / R, v = (double)sums[C + c] / R - m * m;
-        mean[c] = (float)m;
-        var[c] = (float)(v > 0.0 ? v : 0.0);
-        sums[c] = 0.0f;
-        sums[C + c] = 0.0f;
-    }
-}
-
 // scale, shift: [C] f32 out: scale = gamma / sqrt(var + 1e-5), shift = beta - mean * scale.
 // gamma, beta, mean, var: [C] f32. run_mean, run_var: [C] f32 running statistics, updated with
-// momentum 0.1 from this batch (var times unbias = R / (R - 1)), or null (eval). One thread a channel.
+// momentum 0.1 from this batch (var times unbias = R / (R - 1)), or null (eval). When sums is not
+// null, the statistics of the last P channels are not in mean, var yet: sums: [2, P] f32 holds
+// their sum and sum of squares over R rows, as a producing convolution's epilogue accumulated
+// them (kernels/conv_tc.cu); they are turned into mean = s / R and var = max(ss / R - mean^2, 0)
+// (in double), stored into mean, var, and zeroed, ready for the next epilogue. One thread a
+// channel.
 extern "C" __global__ void bn_coeffs_fwd_f32(float* __restrict__ scale, float* __restrict__ shift,
                                              const float* __restrict__ gamma, const float* __restrict__ beta,
-                                             const float* __restrict__ mean, const float* __restrict__ var,
-                                             float* run_mean, float* run_var, float unbias, int C) {
+                                             float* __restrict__ mean, float* __restrict__ var, float* run_mean,
+                                             float* run_var, float unbias, int C, float* __restrict__ sums, int R,
+                                             int P) {
     const int c = blockIdx.x * blockDim.x + threadIdx.x;
     if (c < C) {
+        const int j = c - (C - P);
+        if (sums && j >= 0) {
+            const double m = (double)sums[j] / R, v = (double)sums[P + j] / R - m * m;
+            mean[c] = (float)m;
+            var[c] = (float)(v > 0.0 ? v : 0.0);
+            sums[j] = 0.0f;
+            sums[P + j] = 0.0f;
+        }
         const float s = gamma[c] / sqrtf(var[c] + 1e-5f);
         scale[c] = s;
         shift[c] = beta[c] - mean[c] * s;

@@ -352,6 +352,7 @@ fn bn_all(test: &str, dt: Dt, tol: f64) {
             mean.ptr(),
             var.ptr(),
             run,
+            None,
             c,
             scale.ptr(),
             shift.ptr(),
@@ -373,6 +374,7 @@ fn bn_all(test: &str, dt: Dt, tol: f64) {
             bb.ptr(),
             rmb.ptr(),
             rvb.ptr(),
+            None,
             None,
             c,
             es.ptr(),
@@ -520,14 +522,63 @@ fn bn_all(test: &str, dt: Dt, tol: f64) {
             }
             s
         };
+        // The coefficients of a BN over 3 more channels than the sums cover: those 3 take
+        // their statistics from mean, var (left as they were), the last c from the sums (written
+        // into mean, var); the running statistics of all are updated, the sums zeroed.
         let (sums, _) = f32buf(&d, &sum_cols(&x, &x));
-        let (m2, v2) = (Buf::poisoned(&d, Dt::F32, c), Buf::poisoned(&d, Dt::F32, c));
-        ops::bn_stats_from_sums(&*d, sums.ptr(), rows, c, m2.ptr(), v2.ptr()).unwrap();
-        check(&format!("{what} mean from sums"), &m2.read(), &m_ref, 1e-5);
-        check(&format!("{what} var from sums"), &v2.read(), &v_ref, 1e-5);
+        let cc = c + 3;
+        let (m_head, v_head) = (randn(&mut rng, 3, 1.0, 0.0), randn(&mut rng, 3, 0.2, 1.0));
+        let poison = vec![f64::NAN; c];
+        let (m2, m_head) = f32buf(&d, &[&m_head[..], &poison].concat());
+        let (v2, v_head) = f32buf(&d, &[&v_head[..], &poison].concat());
+        let (gamma2, beta2) = (randn(&mut rng, cc, 0.5, 1.0), randn(&mut rng, cc, 0.5, 0.0));
+        let (g2, _) = f32buf(&d, &gamma2);
+        let (b2, _) = f32buf(&d, &beta2);
+        let (rm2_0, rv2_0) = (randn(&mut rng, cc, 1.0, 0.0), randn(&mut rng, cc, 0.1, 1.0));
+        let (rm2, _) = f32buf(&d, &rm2_0);
+        let (rv2, _) = f32buf(&d, &rv2_0);
+        let (s2, t2) = (
+            Buf::poisoned(&d, Dt::F32, cc),
+            Buf::poisoned(&d, Dt::F32, cc),
+        );
+        ops::bn_coeffs(
+            &*d,
+            g2.ptr(),
+            b2.ptr(),
+            m2.ptr(),
+            v2.ptr(),
+            Some((rm2.ptr(), rv2.ptr(), rows)),
+            Some((sums.ptr(), c)),
+            cc,
+            s2.ptr(),
+            t2.ptr(),
+        )
+        .unwrap();
+        let (m_all, v_all) = (m2.read(), v2.read());
+        check(&format!("{what} mean kept"), &m_all[..3], &m_head[..3], 0.0);
+        check(&format!("{what} var kept"), &v_all[..3], &v_head[..3], 0.0);
+        check(&format!("{what} mean from sums"), &m_all[3..], &m_ref, 1e-5);
+        check(&format!("{what} var from sums"), &v_all[3..], &v_ref, 1e-5);
         assert!(
             sums.read().iter().all(|&v| v == 0.0),
             "{what}: sums not zeroed"
+        );
+        let (s_all, t_all) = bn::scale_shift(&gamma2, &beta2, &m_all, &v_all);
+        check(&format!("{what} scale (sums)"), &s2.read(), &s_all, 1e-5);
+        check(&format!("{what} shift (sums)"), &t2.read(), &t_all, 1e-5);
+        let (mut rm, mut rv) = (rm2_0.clone(), rv2_0.clone());
+        bn::update_running(&mut rm, &mut rv, &m_all, &v_all, rows);
+        check(
+            &format!("{what} running mean (sums)"),
+            &rm2.read(),
+            &rm,
+            1e-5,
+        );
+        check(
+            &format!("{what} running var (sums)"),
+            &rv2.read(),
+            &rv,
+            1e-5,
         );
         let dy = randn(&mut rng, rows * c, 1.0, 0.0);
         let dz: Vec<f64> = (0..rows * c)

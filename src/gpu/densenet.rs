@@ -383,7 +383,14 @@ impl GpuDenseNet {
     /// A BN's (scale, shift), into `coef`: from the batch statistics `(mean, var, count)` in
     /// training (also updating its running statistics and counter), else from the running ones.
     /// (The BN's batch counter is the caller's: [`Self::forward_planned`] counts every BN.)
-    fn bn_coeffs(&self, bn: BnIdx, batch: Option<(DevPtr, DevPtr, usize)>) -> Result<()> {
+    /// `pending`: how many of the BN's last channels have their statistics still as sums in
+    /// `self.sums` (what [`Self::conv_stats`] returned), turned into mean and variance here.
+    fn bn_coeffs(
+        &self,
+        bn: BnIdx,
+        batch: Option<(DevPtr, DevPtr, usize)>,
+        pending: usize,
+    ) -> Result<()> {
         let (scale, shift) = self.coefs(bn);
         let (gamma, beta) = (self.p(bn.p), self.p(bn.p + bn.c));
         let (rm, rv) = (
@@ -399,11 +406,13 @@ impl GpuDenseNet {
                 mean,
                 var,
                 Some((rm, rv, count)),
+                (pending > 0).then(|| (self.sums.ptr(), pending)),
                 bn.c,
                 scale,
                 shift,
             ),
-            None => ops::bn_coeffs(d, gamma, beta, rm, rv, None, bn.c, scale, shift),
+            None if pending > 0 => bail!("BN statistics pending outside training"),
+            None => ops::bn_coeffs(d, gamma, beta, rm, rv, None, None, bn.c, scale, shift),
         }
     }
 
@@ -435,9 +444,12 @@ impl GpuDenseNet {
 
     /// `y` (row stride `y_rs`) = a convolution (stem, dense layer, transition) of `pre(x)` with the
     /// weights at parameter `p`; with `stats = Some((st, stride, at))`, also the batch statistics
-    /// of the `co` channels written, as [`Self::stats_into`]. bf16: the tensor-core kernel, the
-    /// statistics summed in its epilogue, its reduction split over `ws` (the plan's `fws`) when
-    /// the grid is small; f32: the CUDA-core kernel, then a statistics pass.
+    /// of the `co` channels written, as [`Self::stats_into`]. bf16: the tensor-core kernel, its
+    /// reduction split over `ws` (the plan's `fws`) when the grid is small, the statistics summed
+    /// in its epilogue into `self.sums` and left there: returns `co`, the channels pending, which
+    /// the next BN coefficients (those of the BN that reads these channels) turn into mean and
+    /// variance into `st` ([`Self::bn_coeffs`]); f32: the CUDA-core kernel, then a statistics
+    /// pass into `st` (returns 0).
     #[allow(clippy::too_many_arguments)]
     fn conv_stats(
         &self,
@@ -449,7 +461,7 @@ impl GpuDenseNet {
         (y, y_rs): (DevPtr, usize),
         stats: Option<(DevPtr, usize, usize)>,
         ws: Option<(DevPtr, usize)>,
-    ) -> Result<()> {
+    ) -> Result<usize> {
         let d = &*self.d;
         let rows = {
             let (ho, wo) = g.out_hw(x.h, x.w);
@@ -463,25 +475,15 @@ impl GpuDenseNet {
         };
         if self.w16.is_none() {
             ops::conv_fwd(d, self.dt, x, pre, self.p(p), co, g, y, y_rs)?;
-            return match stats {
-                Some(st) => self.stats_into(y, (rows, co, y_rs), st),
-                None => Ok(()),
-            };
+            if let Some(st) = stats {
+                self.stats_into(y, (rows, co, y_rs), st)?;
+            }
+            return Ok(0);
         }
         // (The sums are zero: zeroed at the start of the pass and by each consumer.)
         let sums = stats.map(|_| self.sums.ptr());
         ops_tc::conv_fwd(d, x, pre, self.w16(p), co, g, y, y_rs, sums, ws)?;
-        match stats {
-            Some((st, stride, at)) => ops::bn_stats_from_sums(
-                d,
-                self.sums.ptr(),
-                rows,
-                co,
-                f32_at(st, at),
-                f32_at(st, stride + at),
-            ),
-            None => Ok(()),
-        }
+        Ok(if stats.is_some() { co } else { 0 })
     }
 
     /// Backward of a dense layer's BN + ReLU → convolution (weights at parameter `p`, `co`
@@ -713,9 +715,9 @@ impl GpuDenseNet {
         };
         let stats = train.then_some((pl.st0.ptr(), f0, 0));
         let y0 = (pl.y0.ptr(), f0);
-        self.conv_stats(xv, None, lay.conv0.p, f0, Conv::STEM, y0, stats, None)?;
+        let pending = self.conv_stats(xv, None, lay.conv0.p, f0, Conv::STEM, y0, stats, None)?;
         let batch = train.then_some((pl.st0.ptr(), f32_at(pl.st0.ptr(), f0), m0));
-        self.bn_coeffs(lay.norm0, batch)?;
+        self.bn_coeffs(lay.norm0, batch, pending)?;
         let c0 = self.coefs(lay.norm0);
         let b0 = &pl.blocks[0];
         let ct0 = lay.blocks[0].c_total;
@@ -736,6 +738,10 @@ impl GpuDenseNet {
             )?;
         }
 
+        // Channels of the current block buffer whose statistics are still sums (bf16): the last
+        // convolution's output, consumed by the next BN coefficients (all later BNs that read those
+        // channels then find them in the block's statistics).
+        let mut pending = 0;
         for (b, blk) in lay.blocks.iter().enumerate() {
             let bp = &pl.blocks[b];
             let (ct, rows) = (blk.c_total, n * bp.h * bp.w);
@@ -743,7 +749,7 @@ impl GpuDenseNet {
             let (mean, var) = (bp.stats.ptr(), f32_at(bp.stats.ptr(), ct));
             for (l, li) in blk.layers.iter().enumerate() {
                 let (c, mid, k) = (li.norm1.c, li.conv1.co, li.conv2.co);
-                self.bn_coeffs(li.norm1, train.then_some((mean, var, rows)))?;
+                self.bn_coeffs(li.norm1, train.then_some((mean, var, rows)), pending)?;
                 let prefix = View {
                     ptr: bp.buf.ptr(),
                     n,
@@ -756,7 +762,7 @@ impl GpuDenseNet {
                 let pre1 = Some(self.coefs(li.norm1));
                 let stats = train.then_some((st2, mid, 0));
                 let out = (y1, mid);
-                self.conv_stats(
+                let pending2 = self.conv_stats(
                     prefix,
                     pre1,
                     li.conv1.p,
@@ -767,7 +773,7 @@ impl GpuDenseNet {
                     fws,
                 )?;
                 let batch = train.then_some((st2, f32_at(st2, mid), rows));
-                self.bn_coeffs(li.norm2, batch)?;
+                self.bn_coeffs(li.norm2, batch, pending2)?;
                 let yv = View {
                     ptr: y1,
                     n,
@@ -779,13 +785,13 @@ impl GpuDenseNet {
                 let pre2 = Some(self.coefs(li.norm2));
                 let stats = train.then_some((bp.stats.ptr(), ct, c));
                 let out = (bp.buf.at(c), ct);
-                self.conv_stats(yv, pre2, li.conv2.p, k, Conv::CONV3, out, stats, fws)?;
+                pending = self.conv_stats(yv, pre2, li.conv2.p, k, Conv::CONV3, out, stats, fws)?;
             }
             let Some((tn, tc)) = blk.transition else {
                 break;
             };
             // Transition: norm → ReLU → 2×2 avg pool (fused) → 1×1 conv into the next block.
-            self.bn_coeffs(tn, train.then_some((mean, var, rows)))?;
+            self.bn_coeffs(tn, train.then_some((mean, var, rows)), pending)?;
             let pooled = bp.pooled.as_ref().context("transition buffer")?;
             let bv = View {
                 ptr: bp.buf.ptr(),
@@ -808,14 +814,14 @@ impl GpuDenseNet {
             };
             let stats = train.then_some((nx.stats.ptr(), nct, 0));
             let out = (nx.buf.ptr(), nct);
-            self.conv_stats(pv, None, tc.p, tc.co, Conv::POINTWISE, out, stats, fws)?;
+            pending = self.conv_stats(pv, None, tc.p, tc.co, Conv::POINTWISE, out, stats, fws)?;
         }
 
         // Head: norm5 → ReLU → global average pool → linear.
         let last = pl.blocks.last().context("blocks")?;
         let (c, rows) = (lay.norm5.c, n * last.h * last.w);
         let (mean, var) = (last.stats.ptr(), f32_at(last.stats.ptr(), c));
-        self.bn_coeffs(lay.norm5, train.then_some((mean, var, rows)))?;
+        self.bn_coeffs(lay.norm5, train.then_some((mean, var, rows)), pending)?;
         let c5 = self.coefs(lay.norm5);
         ops::bn_act(
             &*self.d,

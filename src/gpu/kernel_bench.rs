@@ -14,7 +14,7 @@
 //! | `conv1x1` bwd-data (a dense layer's BN1) | bf16: `ops_tc::conv_bwd_data` with the ReLU mask, the BN's reductions and its scale, accumulating into the block's gradient buffer, then `ops::bn_bwd_defer`; f32: `ops::conv_bwd_data`, then `ops::bn_bwd_deferred`; both then `ops::bn_grad_fix` of the layer's k output channels (the deferred BN terms, once per layer) |
 //! | `conv3x3` bwd-data (BN2) | bf16: `ops_tc::conv_bwd_data` with the ReLU mask and the BN's reductions into a scratch, then `ops::bn_bwd_from_sums`; f32: `ops::conv_bwd_data`, then `ops::bn_bwd` |
 //! | `trans1x1` | the same kernels without a BN in front (the pool applied it) |
-//! | `bn_stats` | `ops::bn_stats`; bf16 rows of conv outputs (all but the max pool's): `ops::bn_stats_from_sums` (the epilogue summed them) |
+//! | `bn_stats` | `ops::bn_stats`; bf16 rows of conv outputs (all but the max pool's): `ops::bn_coeffs` turning the sums the epilogue accumulated into mean and variance (with the coefficients of the BN that reads them) |
 //! | `maxpool` fwd / bwd | `ops::maxpool_fwd` with norm0 + ReLU / `ops::maxpool_bwd` (the same), `ops::bn_bwd` (norm0) |
 //! | `avgpool` fwd / bwd | `ops::avgpool_fwd` with the transition's BN + ReLU / `ops::avgpool_bwd`, `ops::bn_bwd` |
 //! | `head` fwd / bwd | `ops::bn_act` (norm5 + ReLU), `ops::gap_fwd` / `ops::gap_bwd`, `ops::bn_bwd` |
@@ -26,8 +26,9 @@
 //!   pixels. `trans1x1` rows are timed as mura runs them, at half the side the row names, so
 //!   their achieved FLOP/s (the row's FLOPs over the time) is 4× the real rate.
 //! - `bn_stats` rows of conv outputs in bf16: the tensor-core forward sums these statistics in
-//!   its epilogue, so the row times only the kernel that turns the sums into mean and variance.
-//! - Not timed, as the table does not list them: the BN coefficient kernels, the classifier and
+//!   its epilogue, and the coefficients of the BN that reads them turn the sums into mean and
+//!   variance, so the row times that coefficient kernel.
+//! - Not timed, as the table does not list them: the other BN coefficient kernels, the classifier and
 //!   the loss, the augmentation, and the `ops::bn_grad_fix` of each block's input channels
 //!   (before the max pool's or the transition's backward; a layer's own are in its 1×1 row).
 
@@ -659,10 +660,21 @@ impl Bench {
                 let var = ops::f32_at(out, c);
                 if dt == Dt::Bf16 && conv_out {
                     // A convolution's epilogue summed these statistics; what is left is turning
-                    // the sums into mean and variance.
+                    // the sums into mean and variance, which the coefficients of the BN that
+                    // reads them do (timed here with that BN's coefficient work: the model
+                    // launches nothing else for it).
                     let sums = self.f32("sums", 2 * c, Fill::Positive)?;
+                    let (gamma, beta) = (
+                        self.f32("gamma", c, Fill::Normal(0.5, 1.0))?,
+                        self.f32("beta", c, Fill::Normal(0.5, 0.0))?,
+                    );
+                    let bn = self.bn(c)?;
+                    let running = Some((bn.mean, bn.var, px));
+                    let coefs = (bn.scale, bn.shift);
                     return Ok(Box::new(move || {
-                        ops::bn_stats_from_sums(&*d, sums, px, c, out, var)
+                        let pending = Some((sums, c));
+                        let (s, t) = coefs;
+                        ops::bn_coeffs(&*d, gamma, beta, out, var, running, pending, c, s, t)
                     }));
                 }
                 Ok(Box::new(move || {

@@ -8,7 +8,7 @@
 
 use super::{arg, blocks_for, DevPtr, Driver};
 use crate::ops::conv::Conv;
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use std::ffi::c_void;
 
 /// The storage type of activations.
@@ -366,30 +366,13 @@ pub fn bn_grad_fix(
     )
 }
 
-/// Per-channel batch mean and biased variance `[c]` f32 from `sums: [2, c]` f32, the sum and sum
-/// of squares over `rows` rows that a convolution's epilogue accumulated (`ops_tc::conv_fwd`);
-/// leaves `sums` zeroed for the next epilogue.
-pub fn bn_stats_from_sums(
-    d: &dyn Driver,
-    sums: DevPtr,
-    rows: usize,
-    c: usize,
-    mean: DevPtr,
-    var: DevPtr,
-) -> Result<()> {
-    launch(
-        d,
-        "bn_stats_sums_fwd_f32",
-        [blocks_for(c, 128), 1, 1],
-        [128, 1, 1],
-        0,
-        vec![A::P(mean), A::P(var), A::P(sums), i(rows), i(c)],
-    )
-}
-
 /// `scale, shift: [c]` f32 of a BN from `gamma, beta` (params) and `mean, var`; in training
 /// (`running = Some((run_mean, run_var, count))`) also updates the running statistics with this
-/// batch of `count` values per channel (PyTorch: momentum 0.1, unbiased variance).
+/// batch of `count` values per channel (PyTorch: momentum 0.1, unbiased variance). With
+/// `pending = Some((sums, p))` (training only) the statistics of the last `p` channels are first
+/// computed from `sums: [2, p]` f32, the per-channel sum and sum of squares over `count` rows that
+/// a tensor-core convolution's epilogue accumulated (mean = Σx / count, var = Σx² / count −
+/// mean²), stored into `mean, var`, and the sums zeroed for the next epilogue.
 #[allow(clippy::too_many_arguments)]
 pub fn bn_coeffs(
     d: &dyn Driver,
@@ -398,12 +381,19 @@ pub fn bn_coeffs(
     mean: DevPtr,
     var: DevPtr,
     running: Option<(DevPtr, DevPtr, usize)>,
+    pending: Option<(DevPtr, usize)>,
     c: usize,
     scale: DevPtr,
     shift: DevPtr,
 ) -> Result<()> {
     let (rm, rv, count) = running.unwrap_or((0, 0, 2));
     let unbias = count as f64 / (count.max(2) - 1) as f64;
+    let (sums, p) = pending.unwrap_or((0, 0));
+    if pending.is_some() && (running.is_none() || p > c) {
+        bail!(
+            "BN statistics from sums need the batch's row count and at most {c} channels, not {p}"
+        );
+    }
     launch(
         d,
         "bn_coeffs_fwd_f32",
@@ -421,6 +411,9 @@ pub fn bn_coeffs(
             A::P(rv),
             A::F(unbias as f32),
             i(c),
+            A::P(sums),
+            i(count),
+            i(p),
         ],
     )
 }
