@@ -4,13 +4,25 @@
 # GPU machine that has the CUDA driver but no Rust toolchain:
 #   scripts/gpu-bundle.sh && scp gpu-bundle.tar.xz host: && ssh host 'tar xJf gpu-bundle.tar.xz && gpu-bundle/gpu-check.sh'
 # (with the device tool: carry gpu-bundle.tar.xz, run the same tar and gpu-check.sh there).
-# Set NVCC (or CUDA_HOME) to embed precompiled kernels; without it they compile with NVRTC there.
+# The kernels must be precompiled (SASS for sm_80..sm_90 embedded): set NVCC or CUDA_HOME, or
+# run .ci/run once, whose pinned CUDA 13.0 compiler (in ~/.cache/mura-ci) is found here. Built
+# with NVRTC instead, every test process would compile them again on the GPU machine (minutes of
+# a short session) and need its NVRTC and headers: refused unless MURA_BUNDLE_NVRTC=1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=gpu-bundle
 TESTS=(gpu_device gpu_ops gpu_densenet_ops gpu_conv_tc gpu_model gpu_rawpath kernel_bench emu_selftest)
 
+if [ -z "${NVCC:-}${CUDA_HOME:-}" ]; then
+    found="$(find "${MURA_CI_CACHE:-$HOME/.cache/mura-ci}" -path '*/nvidia/cu13/bin/nvcc' -type f 2>/dev/null | head -n1)"
+    [ -n "$found" ] && export NVCC="$(realpath "$found")"
+fi
 cargo build --release
+if target/release/mura info | grep -q "built with NVRTC" && [ "${MURA_BUNDLE_NVRTC:-0}" != 1 ]; then
+    echo "gpu-bundle: no nvcc found, so the kernels are not precompiled: set NVCC (or run .ci/run" \
+        "once), or MURA_BUNDLE_NVRTC=1 to bundle NVRTC kernels anyway" >&2
+    exit 1
+fi
 args=()
 for t in "${TESTS[@]}"; do args+=(--test "$t"); done
 json="$(cargo test --release --no-run --message-format=json "${args[@]}")"

@@ -91,6 +91,11 @@ pub trait Net {
     /// GPU backends: run forward and backward as captured CUDA graphs (the default) or kernel by
     /// kernel. Nothing to switch on the CPU.
     fn use_graphs(&mut self, _on: bool) {}
+    /// Waits until the work queued on the device (Adam's update, say) is done (GPU backends;
+    /// the CPU model works synchronously). For timing a whole step.
+    fn finish(&self) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// Refuses a raw batch whose shapes disagree: `raw: [params.len(), src_size, src_size]`.

@@ -264,6 +264,29 @@ fn emu_rejects_bad_launches() {
     assert!(format!("{e}").contains("takes 1 parameters, 2 given"));
     let e = launch_out(&d, "selftest_barrier_fwd_i32", out.ptr(), None, 1, 2048, 0).unwrap_err();
     assert!(format!("{e}").contains("invalid launch"));
+    // CUDA's dynamic shared memory limit without an opt-in: 48 KiB pass, a byte more does not.
+    let f = DeviceBuffer::<f32>::alloc(&d, 64).unwrap();
+    launch_out(
+        &d,
+        "selftest_dynshared_fwd_f32",
+        f.ptr(),
+        None,
+        1,
+        64,
+        48 << 10,
+    )
+    .unwrap();
+    let e = launch_out(
+        &d,
+        "selftest_dynshared_fwd_f32",
+        f.ptr(),
+        None,
+        1,
+        64,
+        (48 << 10) + 1,
+    )
+    .unwrap_err();
+    assert!(format!("{e}").contains("needs an opt-in"), "{e}");
     let e = d.htod(out.ptr() + 200, &[0u8; 100]).unwrap_err();
     assert!(format!("{e}").contains("outside every allocation"));
 }

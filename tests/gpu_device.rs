@@ -100,21 +100,25 @@ fn ptxas_report_parses() {
     );
 }
 
-/// The sources embedded for NVRTC compile, wherever libnvrtc can be loaded (a GPU machine, or
-/// with LD_LIBRARY_PATH pointing at the nvidia-cuda-nvrtc wheel). Elsewhere nvcc in CI compiles
-/// these same files.
+/// The sources embedded for NVRTC compile, for sm_80 and sm_90, wherever libnvrtc and the CUDA
+/// headers are found. With MURA_TEST_NVRTC=1 (CI, which installs NVRTC 13.0 and points
+/// LD_LIBRARY_PATH and MURA_CUDA_INCLUDE at it) their absence is a failure; without it the test
+/// says it did not run.
 #[test]
 fn nvrtc_compiles_embedded_sources() {
+    let required = std::env::var("MURA_TEST_NVRTC").is_ok_and(|v| v == "1");
+    let missing = |why: &str| {
+        assert!(!required, "MURA_TEST_NVRTC=1 but {why}");
+        eprintln!("{why}: NVRTC path NOT exercised (MURA_TEST_NVRTC=1 requires it)");
+    };
     if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
-        eprintln!("libnvrtc not loadable here: NVRTC path not exercised");
-        return;
+        return missing("libnvrtc is not loadable here");
     }
     for m in gpu::kernels::MODULES {
         for cc in [(8, 0), (9, 0)] {
             let ptx = match cuda::nvrtc_compile(m, cc) {
                 Err(e) if format!("{e}").contains("needs the CUDA headers") => {
-                    eprintln!("{e}: NVRTC path not exercised");
-                    return;
+                    return missing(&format!("{e}"));
                 }
                 r => r.unwrap(),
             };

@@ -391,13 +391,14 @@ fn memory_plan_and_out_of_memory() {
 /// Forward and backward replayed from captured graphs give what kernel-by-kernel launches give,
 /// over steps that change the batch size within a plan, grow the plan, and interleave eval
 /// forwards: bit for bit on the emulator (its launches are deterministic), within the atomics'
-/// reordering on a GPU. Graphs are captured once per pass and batch size, and dropped with their
-/// plan.
+/// reordering on a GPU (f32: 1e-4 of the whole, room for a few parameters whose noise-level
+/// gradient changed sign, which 4 Adam steps move by up to 8e-3 either way). Graphs are
+/// captured once per pass and batch size, and dropped with their plan.
 #[test]
 fn graphs_replay_what_direct_launches_do() {
     let d = test_driver().expect("test device");
     let exact = d.name() == "emu";
-    for (precision, tol) in [(Precision::F32, 1e-5), (Precision::Bf16, 2e-2)] {
+    for (precision, tol) in [(Precision::F32, 1e-4), (Precision::Bf16, 2e-2)] {
         let mut rng = Rng::new(fresh_seed("graphs_replay_what_direct_launches_do"));
         let base = match precision {
             Precision::F32 => model(&mut rng),

@@ -81,18 +81,28 @@ fn close(what: &str, got: &[f32], want: &[f32], tol: f64) {
 
 /// Training steps through `forward_raw` against `forward` of the host-augmented inputs, on two
 /// copies of one model: logits, loss, every gradient and the Adam-updated weights and running
-/// statistics within 1e-5. Batches of 3, then 2 (fewer views reuse the buffers), then 3 views;
-/// after the first step the raw path allocates nothing on the device.
+/// statistics within 1e-5 on the emulator, where both copies add in the same order. On a GPU
+/// the atomics add in a different order each run: values within `tol` (f32 1e-4; bf16 2e-2, a
+/// stored activation may round the other way), and the weights within what an Adam step can
+/// move a parameter whose noise-level gradient changed sign (2·lr per step) plus `tol`. Batches
+/// of 3, then 2 (fewer views reuse the buffers), then 3 views; after the first step the raw path
+/// allocates nothing on the device.
 fn raw_steps_match(test: &str, precision: Precision) {
     let d = test_driver().expect("test device");
+    let tol = match (d.name() == "emu", precision) {
+        (true, _) => 1e-5,
+        (false, Precision::F32) => 1e-4,
+        (false, Precision::Bf16) => 2e-2,
+    };
+    let lr = 1e-3;
     let mut rng = Rng::new(fresh_seed(test));
     let cpu = model(&mut rng);
     let mut host = GpuDenseNet::new(d.clone(), cpu.cast(), precision).unwrap();
     let mut dev = GpuDenseNet::new(d, cpu.cast(), precision).unwrap();
     assert!(dev.wants_raw_input());
     let mut adams = [
-        Adam::new(cpu.num_params(), 1e-3, 1e-4),
-        Adam::new(cpu.num_params(), 1e-3, 1e-4),
+        Adam::new(cpu.num_params(), lr, 1e-4),
+        Adam::new(cpu.num_params(), lr, 1e-4),
     ];
     let (src, out) = (37, 32);
     let mut allocs = None;
@@ -106,21 +116,32 @@ fn raw_steps_match(test: &str, precision: Precision) {
             .forward_raw(&raw, src, &params, out, Mode::Train)
             .unwrap();
         assert_eq!(got.len(), n);
-        close(&format!("step {step} logits"), &got, &want, 1e-5);
+        close(&format!("step {step} logits"), &got, &want, tol);
         let ((lw, dw), (lg, dg)) = (loss(&want), loss(&got));
-        close(&format!("step {step} loss"), &[lg], &[lw], 1e-5);
+        close(&format!("step {step} loss"), &[lg], &[lw], tol);
         host.backward(&dw).unwrap();
         dev.backward(&dg).unwrap();
         let (gw, gg) = (host.grads().unwrap(), dev.grads().unwrap());
-        close(&format!("step {step} gradients"), &gg, &gw, 1e-5);
+        close(&format!("step {step} gradients"), &gg, &gw, tol);
         host.adam_step(&mut adams[0]).unwrap();
         dev.adam_step(&mut adams[1]).unwrap();
         let (sw, sg) = (host.to_state_dict().unwrap(), dev.to_state_dict().unwrap());
         assert_eq!(sw.tensors.len(), sg.tensors.len());
         for (a, b) in sw.tensors.iter().zip(&sg.tensors) {
             match (&a.data, &b.data) {
+                (TensorData::F32(va), TensorData::F32(vb)) if tol > 1e-5 => {
+                    let what = format!("step {step} {}", a.name);
+                    let scale = va.iter().fold(0f32, |m, v| m.max(v.abs())) as f64;
+                    let bound = 2.0 * lr * (step + 1) as f64 + tol * scale;
+                    let worst = va
+                        .iter()
+                        .zip(vb)
+                        .map(|(x, y)| (x - y).abs() as f64)
+                        .fold(0.0, f64::max);
+                    assert!(worst <= bound, "{what}: differs by {worst} > {bound}");
+                }
                 (TensorData::F32(va), TensorData::F32(vb)) => {
-                    close(&format!("step {step} {}", a.name), vb, va, 1e-5)
+                    close(&format!("step {step} {}", a.name), vb, va, tol)
                 }
                 (va, vb) => assert_eq!(va, vb, "step {step} {}", a.name),
             }

@@ -97,6 +97,7 @@ pub fn run(args: Args) -> Result<()> {
         let (_, dlogits) = weighted_bce_f32(&logits, &view_study, &labels, &w, LossLevel::Image);
         model.backward(&dlogits)?;
         model.adam_step(&mut adam)?;
+        model.finish()?; // (Adam's kernels are only queued)
         let ts = t.elapsed().as_secs_f64();
         if i >= args.warmup {
             fwd.push(tf);

@@ -2,6 +2,10 @@
 //! CUDA is needed to build). Kernels come from the embedded fatbins, or are compiled with NVRTC
 //! on first use when the build had no nvcc.
 //!
+//! With `MURA_CUDA_SYNC=1` every launch outside a capture is waited for, so that a fault (an
+//! illegal address) is reported by the launch that caused it, with the kernel's name and shape,
+//! not by a later copy (the GPU model then runs without graphs): for debugging, slow.
+//!
 //! All work goes, in order, to one non-blocking stream of our own: memsets and launches are
 //! asynchronous; copies are queued on it and then waited for, so the host slice is free (htod)
 //! or filled (dtoh) when the call returns. Nothing of ours uses the legacy NULL stream, and a
@@ -15,6 +19,11 @@ use std::collections::HashMap;
 use std::ffi::{c_void, CString};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
+
+/// Whether `MURA_CUDA_SYNC` asks for a wait after every launch (set, not empty, not "0").
+pub fn sync_each_launch() -> bool {
+    std::env::var("MURA_CUDA_SYNC").is_ok_and(|v| !v.is_empty() && v != "0")
+}
 
 /// Fails with "no CUDA driver found" unless libcuda can be loaded (cudarc panics without it).
 fn require_driver() -> Result<()> {
@@ -85,6 +94,8 @@ pub struct Cuda {
     /// Instantiated graphs by id.
     graphs: Mutex<HashMap<u64, sys::CUgraphExec>>,
     next_graph: AtomicU64,
+    /// [`sync_each_launch`], read once.
+    sync_each: bool,
 }
 
 // SAFETY: CUDA contexts, streams, modules, functions and graph execs may be used from any
@@ -119,6 +130,7 @@ impl Cuda {
             capturing: AtomicBool::new(false),
             graphs: Mutex::default(),
             next_graph: AtomicU64::new(0),
+            sync_each: sync_each_launch(),
         };
         // On failure from here, Drop releases the context.
         cuda.bind()?;
@@ -217,8 +229,7 @@ impl Cuda {
             )
             .with_context(|| format!("loading the fatbin of kernels/{}", m.file))?,
             None => {
-                let ptx = nvrtc_compile(m, self.info.compute_capability)?;
-                let ptx = CString::new(ptx).context("PTX with a NUL byte")?;
+                let ptx = nvrtc_cached(m, self.info.compute_capability)?;
                 // SAFETY: NUL-terminated PTX text.
                 cu(
                     unsafe { result::module::load_data(ptx.as_ptr() as *const c_void) },
@@ -245,6 +256,21 @@ impl Cuda {
         self.functions.lock().unwrap().insert(name.to_string(), f);
         Ok(f)
     }
+}
+
+/// [`nvrtc_compile`] once per module and compute capability in a process (every driver opened,
+/// one per test, would compile again: seconds per module).
+fn nvrtc_cached(m: &KernelModule, cc: (i32, i32)) -> Result<std::sync::Arc<CString>> {
+    type Cache = Mutex<HashMap<(&'static str, (i32, i32)), std::sync::Arc<CString>>>;
+    static CACHE: std::sync::OnceLock<Cache> = std::sync::OnceLock::new();
+    let cache = CACHE.get_or_init(Cache::default);
+    if let Some(ptx) = cache.lock().unwrap().get(&(m.file, cc)) {
+        return Ok(ptx.clone());
+    }
+    let ptx = nvrtc_compile(m, cc)?;
+    let ptx = std::sync::Arc::new(CString::new(ptx).context("PTX with a NUL byte")?);
+    cache.lock().unwrap().insert((m.file, cc), ptx.clone());
+    Ok(ptx)
 }
 
 /// PTX for compute capability `cc` from the module's embedded source. NVRTC needs the CUDA
@@ -397,7 +423,14 @@ impl Driver for Cuda {
                 params,
             )
         };
-        cu(r, &format!("launching {name}"))
+        cu(r, &format!("launching {name}"))?;
+        if self.sync_each && !self.capturing.load(Ordering::Acquire) {
+            let (g, b) = (grid, block);
+            self.sync_stream().with_context(|| {
+                format!("kernel {name} (grid {g:?}, block {b:?}, {shared_bytes} B shared) failed")
+            })?;
+        }
+        Ok(())
     }
 
     fn synchronize(&self) -> Result<()> {

@@ -234,7 +234,8 @@ impl GpuDenseNet {
                 raw_in: None,
                 recorded: false,
                 graphs: HashMap::new(),
-                use_graphs: true,
+                // (A wait after every launch, for debugging, means no graphs.)
+                use_graphs: !super::cuda::sync_each_launch(),
                 host: model.cast::<f32>(),
                 dt,
                 d: d.clone(),
@@ -1221,8 +1222,11 @@ impl Net for GpuDenseNet {
     }
     /// Forward and backward run as captured graphs (the default; one per pass and batch size,
     /// captured on first use) or kernel by kernel.
+    fn finish(&self) -> Result<()> {
+        self.d.synchronize()
+    }
     fn use_graphs(&mut self, on: bool) {
-        self.use_graphs = on;
+        self.use_graphs = on && !super::cuda::sync_each_launch();
         self.graphs.clear();
     }
     fn to_state_dict(&self) -> Result<StateDict> {

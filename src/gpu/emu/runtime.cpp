@@ -459,8 +459,11 @@ extern "C" int mura_emu_launch(void (*tramp)(void**), void** params, const unsig
         block[2] > 64) {
         fail("invalid launch: grid (%u,%u,%u), block (%u,%u,%u)", grid[0], grid[1], grid[2], block[0], block[1],
              block[2]);
-    } else if (dyn_shared_bytes > 227 * 1024) {
-        fail("invalid launch: %u bytes of dynamic shared memory", dyn_shared_bytes);
+    } else if (dyn_shared_bytes > 48 * 1024) {
+        // CUDA's limit without a cuFuncSetAttribute(MAX_DYNAMIC_SHARED_SIZE_BYTES) opt-in, which
+        // the CUDA driver (src/gpu/cuda.rs) does not make: refused here too, so that a tile
+        // outgrowing it fails on the emulator, not first on a GPU.
+        fail("invalid launch: %u bytes of dynamic shared memory (over 48 KiB needs an opt-in)", dyn_shared_bytes);
     }
     for (unsigned i = 0; i < n && !L.failed; i++)
         if (!stack_for(i)) fail("cannot map fiber stacks");
