@@ -55,11 +55,11 @@ MURA_LDMATRIX(ldmatrix_x4, 4, LdMatrix4, "ldmatrix.sync.aligned.m8n8.x4.shared.b
 MURA_LDMATRIX(ldmatrix_x2_trans, 2, LdMatrix2Trans, "ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16")
 MURA_LDMATRIX(ldmatrix_x4_trans, 4, LdMatrix4Trans, "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16")
 
-// 16-byte global -> shared copy that completes at cp_async_wait_all (a plain copy when emulated).
-// Both addresses 16-byte aligned.
+// 16-byte global -> shared copy that completes at cp_async_wait_all (the emulator writes shared
+// memory only then). Both addresses 16-byte aligned.
 __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem) {
 #ifdef MURA_EMU
-    memcpy(smem, gmem, 16);
+    mura_emu::cp_async_issue(smem, gmem);
 #else
     unsigned addr = (unsigned)__cvta_generic_to_shared(smem);
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(addr), "l"(gmem));
@@ -67,7 +67,9 @@ __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem) {
 }
 
 __device__ __forceinline__ void cp_async_wait_all() {
-#ifndef MURA_EMU
+#ifdef MURA_EMU
+    mura_emu::cp_async_wait();
+#else
     asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;\n" ::: "memory");
 #endif
 }

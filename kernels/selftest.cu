@@ -77,6 +77,23 @@ extern "C" __global__ void selftest_dynshared_fwd_f32(float* out) {
     out[blockIdx.x * n + t] = d[n - 1 - t];
 }
 
+// out: [gridDim.x * blockDim.x, 8] f32, blockDim.x <= 256: each thread copies the first 4 floats
+// of its row (16 bytes) by cp.async into shared memory that holds -1, and writes what it reads
+// there right after issuing the copy (column 5: either value on a GPU; -1 on the emulator, which
+// lands copies only when waited for) and after waiting (columns 6 and 7: the copied first and
+// last float).
+extern "C" __global__ void selftest_cpasync_fwd_f32(float* out) {
+    __shared__ __align__(16) float s[256 * 4];
+    const int t = threadIdx.x;
+    float* row = out + (long long)(blockIdx.x * blockDim.x + t) * 8;
+    for (int j = 0; j < 4; j++) s[t * 4 + j] = -1.0f;
+    cp_async_16(s + t * 4, row);
+    row[5] = s[t * 4];
+    cp_async_wait_all();
+    row[6] = s[t * 4];
+    row[7] = s[t * 4 + 3];
+}
+
 // Conversions, round to nearest even. b: [n] bf16 out; h: [n] f16 out; back: [n, 2] f32 out, the
 // two converted back; x: [n] f32.
 extern "C" __global__ void selftest_convert_fwd_f32(__nv_bfloat16* b, __half* h, float* back, const float* x,

@@ -176,6 +176,40 @@ fn dynamic_shared_memory() {
     }
 }
 
+/// cp.async copies land when the thread waits for them: then on every executor, and not before
+/// on the emulator (so a kernel reading shared memory before its wait fails its tests there).
+#[test]
+fn cp_async_lands_at_the_wait() {
+    let d = driver();
+    let (grid, block) = (2usize, 64usize);
+    let mut rng = Rng::new(fresh_seed("cp_async_lands_at_the_wait"));
+    let rows: Vec<f32> = (0..grid * block * 8).map(|_| rng.normal() as f32).collect();
+    let out = DeviceBuffer::<f32>::alloc(&d, rows.len()).unwrap();
+    out.copy_from(&rows).unwrap();
+    launch_out(
+        &d,
+        "selftest_cpasync_fwd_f32",
+        out.ptr(),
+        None,
+        grid as u32,
+        block as u32,
+        0,
+    )
+    .unwrap();
+    let got = out.to_vec().unwrap();
+    for r in 0..grid * block {
+        let (want, row) = (&rows[r * 8..][..8], &got[r * 8..][..8]);
+        assert_eq!(
+            (row[6], row[7]),
+            (want[0], want[3]),
+            "row {r}: after the wait"
+        );
+        if d.name() == "emu" {
+            assert_eq!(row[5], -1.0, "row {r}: landed before the wait");
+        }
+    }
+}
+
 /// Static shared memory persists across blocks in the emulator's process; it must be poisoned
 /// before every block, as must dynamic shared memory, so reads of unwritten shared memory show.
 #[test]

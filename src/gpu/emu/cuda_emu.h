@@ -35,15 +35,28 @@ struct Site {
     int line;
 };
 
+// An asynchronous 16-byte global -> shared copy in flight (cp.async): the source is read when it
+// is issued, the destination written only when the thread waits for it (cp_async_wait), so a
+// kernel that reads shared memory before waiting sees what was there before, as it may on a GPU.
+struct CpAsync {
+    void* dst;
+    unsigned char bytes[16];
+};
+constexpr unsigned kMaxCpAsync = 32;  // in flight per thread
+
 struct ThreadCtx {
     uint3 tid;
     unsigned lane;
+    unsigned cp_pending;
+    CpAsync cp[kMaxCpAsync];
 };
 extern ThreadCtx* g_thread;  // the running fiber's thread
 extern uint3 g_block_idx;
 extern dim3 g_block_dim, g_grid_dim;
 
 void syncthreads(Site s);
+void cp_async_issue(void* dst, const void* src);
+void cp_async_wait();
 unsigned char* dyn_shared();
 
 // Warp collectives. `in`/`out` are this lane's operands; the runtime completes the collective

@@ -243,6 +243,7 @@ bool run_block() {
         unsigned x = g_block_dim.x, y = g_block_dim.y;
         f.ctx.tid = uint3{i % x, (i / x) % y, i / (x * y)};
         f.ctx.lane = i % 32;
+        f.ctx.cp_pending = 0;  // (copies a thread never waited for died with its block)
         init_fiber(&f, i);
     }
     while (L.live > 0) {
@@ -261,6 +262,27 @@ bool run_block() {
     return true;
 }
 
+// ---- asynchronous copies (cp.async) ------------------------------------------------------------
+}  // namespace
+
+void cp_async_issue(void* dst, const void* src) {
+    ThreadCtx* t = g_thread;
+    if (t->cp_pending == kMaxCpAsync) {
+        fail("more than %u cp.async copies in flight in one thread", kMaxCpAsync);
+        return;
+    }
+    CpAsync& c = t->cp[t->cp_pending++];
+    c.dst = dst;
+    memcpy(c.bytes, src, 16);
+}
+
+void cp_async_wait() {
+    ThreadCtx* t = g_thread;
+    for (unsigned i = 0; i < t->cp_pending; i++) memcpy(t->cp[i].dst, t->cp[i].bytes, 16);
+    t->cp_pending = 0;
+}
+
+namespace {
 // ---- warp collectives --------------------------------------------------------------------------
 const char* op_name(Op op) {
     static const char* names[] = {"__shfl_sync", "__shfl_up_sync", "__shfl_down_sync", "__shfl_xor_sync",
