@@ -14,17 +14,19 @@
 //   backward-wt    dw[T*C, O]  += im2col(pre(x))^T[T*C, P] . dy[P, O]      A m-contiguous, B n-contiguous
 // Each operand tile is staged in shared memory in its memory order ([outer][inner + 8] bf16, rows
 // 16-byte aligned and 80/272-byte strided so ldmatrix is conflict-free) and read with ldmatrix or
-// ldmatrix.trans. K advances in slices of BK = 32 through two shared-memory stages: the raw operand
-// chunks (weights, dy: no transform) go by cp.async straight into the next stage, the transformed or
-// irregular ones (BN + ReLU, padding, sizes not multiples of 8) through registers, loaded before
-// the current stage's mmas and stored after them, so global latency overlaps the tensor cores.
+// ldmatrix.trans. K advances in slices of BK = 32 through shared-memory stages (2; 3 for the data
+// gradients): the raw operand chunks (weights, dy: no transform) go by cp.async straight into a
+// later stage, the transformed or irregular ones (BN + ReLU, padding, sizes not multiples of 8)
+// through registers, loaded before the current stage's mmas and stored after them, so global
+// latency overlaps the tensor cores (see tc_tile).
 //
 // Tile shapes (per block; BK = 32), chosen for DenseNet's O = 128 bottleneck and O = 32 growth:
 //   T128: 128x128, 8 warps as 2x4, warp tile 64x32 (4x4 mma tiles, 64 f32 accumulators/thread).
 //         Per K-slice: 128*128*32*2 = 1.05 MFLOP for (128+128)*32*2 = 16 KB of operands from
-//         global/L2 (64 FLOP/B); shared 2 stages * (A + B) * 2 B: 37.9 KB forward, 40.0 KB
-//         backward-data (both operands k-contiguous), 34.8 KB backward-weight. 123-128 registers
-//         (__launch_bounds__(256, 2)) -> 2 blocks (16 warps) per SM on sm_80/sm_90, ~80 KB shared.
+//         global/L2 (64 FLOP/B); shared stages * (A + B) * 2 B: 37.9 KB forward (2 stages),
+//         61.4 KB backward-data (3 stages, both operands k-contiguous and by cp.async), 34.8 KB
+//         backward-weight (2). 123-128 registers (__launch_bounds__(256, 2)) -> 2 blocks (16
+//         warps) per SM on sm_80/sm_90, <= 123 KB shared (sm_86/89 fit one 61 KB block).
 //         Used by: 1x1 forward (N = O = 128, K = C = 64..1k+), 1x1 backward-data (N = C, K = 128:
 //         only 4 K-slices, so prologue/epilogue weigh), 3x3 backward-data (N = C = 128,
 //         K = 9*32), 1x1 backward-weight (M = C, N = 128, K = pixels, split).
@@ -40,7 +42,8 @@
 // and 25 row tiles for 132 SMs; ops_tc.rs aims at 2 (T128) or 4 (T32) blocks per SM, chunks of
 // >= 4 K-slices), into an f32 workspace that conv_tc_fwd_finish_bf16 rounds, stores and re-zeroes.
 // To tune on the GPU: BM 64 vs 128 for the 3x3 forward at 7x7/14x14 (few pixels per image);
-// 3-4 stages with cp.async.wait_group N-1 (now 2 stages, wait_group 0); the per-chunk division
+// stages per kernel (the data gradients' 3 against 2 and 4; the forwards' weights by cp.async
+// would gain from more only if their BN operand's register loads were not the wait); the per-chunk division
 // kidx / c of the im2col operands (a running (tap, channel) counter would do); bf16x2 epilogue
 // stores; swizzled shared rows instead of +8 padding; 64x128 tiles for the 1x1 backward-data.
 #include "mma.cuh"
@@ -48,6 +51,10 @@
 typedef __nv_bfloat16 bf16;
 
 #define BK 32
+// Shared-memory stages of the data gradients, whose operands (dy, weights) both go by cp.async:
+// 3 stages = 61,440 bytes a block (the CUDA driver opts in beyond 48 KiB); the other kernels
+// keep 2 (their BN + ReLU operand goes through registers, which more stages would not help).
+#define BWD_DATA_STAGES 3
 
 // Loop unrolling for nvcc (the emulator's C++ compiler does not know the pragma).
 #ifdef MURA_EMU
@@ -221,7 +228,7 @@ template <int OUTER, int INNER, int THREADS>
 struct Stager {
     static constexpr int CHUNKS = OUTER * INNER / 8, CPT = (CHUNKS + THREADS - 1) / THREADS, ROW = INNER + 8;
     Chunk v[CPT];
-    unsigned in_regs;
+    unsigned in_regs = 0;  // (set by every stage_fetch before its stage_commit)
     Pix rows[CPT];  // the chunks' outer coordinates, when they are the same for every K-slice
 };
 
@@ -284,30 +291,40 @@ UNROLL
 }
 
 // The block tile engine: acc += A[m0 .. m0+BM, k_lo .. k_hi] . B[k_lo .. k_hi, n0 .. n0+BN] with
-// WM x WN warps. A_KC: A's inner (contiguous) index is k (outer m), else m (outer k); B_KC: B's
-// inner index is k (outer n), else n (outer k). CACHE_A (with A_KC): decompose A's rows once per
-// tile instead of once per K-slice (a few registers more). Shared memory: Smem<...>::BYTES.
+// WM x WN warps, through STAGES shared-memory stages. A_KC: A's inner (contiguous) index is k
+// (outer m), else m (outer k); B_KC: B's inner index is k (outer n), else n (outer k). CACHE_A
+// (with A_KC): decompose A's rows once per tile instead of once per K-slice (a few registers
+// more). Shared memory: Smem<...>::BYTES.
+//
+// Pipeline: K-slice kt + STAGES - 1 is loaded while slice kt is multiplied, into the stage slice
+// kt - 1 used. Its raw chunks go by cp.async, one commit group per slice, waited for STAGES - 1
+// slices later (cp.async.wait_group STAGES - 2), so with STAGES > 2 their global latency spans
+// several slices' mmas; its transformed chunks (BN + ReLU, padding, odd sizes) are loaded into
+// registers before the mmas and stored after them. One barrier per slice: after it, slice kt's
+// stage is complete (every thread waited for its own copies) and every thread is done with slice
+// kt - 1's, which the loads issued next overwrite.
 template <int BM, int BN, int WM, int WN>
 struct Tile {
     static constexpr int THREADS = WM * WN * 32, WTM = BM / WM, WTN = BN / WN, MT = WTM / 16, NT = WTN / 8;
 };
 
-template <int BM, int BN, bool A_KC, bool B_KC>
+template <int BM, int BN, bool A_KC, bool B_KC, int STAGES = 2>
 struct Smem {
     static constexpr int A_ELEMS = A_KC ? BM * (BK + 8) : BK * (BM + 8);
     static constexpr int B_ELEMS = B_KC ? BN * (BK + 8) : BK * (BN + 8);
-    static constexpr int BYTES = 2 * (A_ELEMS + B_ELEMS) * 2;
+    static constexpr int BYTES = STAGES * (A_ELEMS + B_ELEMS) * 2;
 };
 
-template <int BM, int BN, int WM, int WN, bool A_KC, bool B_KC, bool CACHE_A, class OA, class OB>
+template <int BM, int BN, int WM, int WN, bool A_KC, bool B_KC, bool CACHE_A, int STAGES, class OA, class OB>
 __device__ __forceinline__ void tc_tile(const OA& a, const OB& b, int m0, int n0, int k_lo, int k_hi,
                                         float acc[Tile<BM, BN, WM, WN>::MT][Tile<BM, BN, WM, WN>::NT][4]) {
+    static_assert(STAGES >= 2, "the pipeline needs two stages at least");
     typedef Tile<BM, BN, WM, WN> TL;
-    typedef Smem<BM, BN, A_KC, B_KC> SM;
+    typedef Smem<BM, BN, A_KC, B_KC, STAGES> SM;
     constexpr int AO = A_KC ? BM : BK, AI = A_KC ? BK : BM, BO = B_KC ? BN : BK, BI = B_KC ? BK : BN;
     MURA_DYN_SHARED(bf16, smem);
-    bf16* const as = smem;                   // 2 stages of SM::A_ELEMS
-    bf16* const bs = smem + 2 * SM::A_ELEMS;  // 2 stages of SM::B_ELEMS
+    bf16* const as = smem;                        // STAGES stages of SM::A_ELEMS
+    bf16* const bs = smem + STAGES * SM::A_ELEMS;  // STAGES stages of SM::B_ELEMS
     Stager<AO, AI, TL::THREADS> sa;
     Stager<BO, BI, TL::THREADS> sb;
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
@@ -318,24 +335,33 @@ __device__ __forceinline__ void tc_tile(const OA& a, const OB& b, int m0, int n0
 #define B_AT(k0) (B_KC ? n0 : (k0)), (B_KC ? (k0) : n0), (B_KC ? big : k_hi)
     const int nk = (k_hi - k_lo + BK - 1) / BK;
     if (CACHE_A) stage_rows(sa, a, m0);  // (B is never a Gather: its rows cost nothing to recompute)
-    if (nk > 0) {
-        stage_fetch<CACHE_A>(sa, a, A_AT(k_lo), as);
-        stage_fetch<false>(sb, b, B_AT(k_lo), bs);
-        stage_commit(sa, as);
-        stage_commit(sb, bs);
-    }
-    cp_async_wait_all();
-    __syncthreads();
-    for (int kt = 0; kt < nk; kt++) {
-        const int cur = kt % 2, nxt = cur ^ 1;
-        const bool more = kt + 1 < nk;
-        if (more) {
-            const int k1 = k_lo + (kt + 1) * BK;
-            stage_fetch<CACHE_A>(sa, a, A_AT(k1), as + nxt * SM::A_ELEMS);
-            stage_fetch<false>(sb, b, B_AT(k1), bs + nxt * SM::B_ELEMS);
+    // Prologue: slices 0 .. STAGES - 2 into stages 0 .. STAGES - 2, a commit group each.
+UNROLL
+    for (int st = 0; st < STAGES - 1; st++) {
+        if (st < nk) {
+            const int k0 = k_lo + st * BK;
+            stage_fetch<CACHE_A>(sa, a, A_AT(k0), as + st * SM::A_ELEMS);
+            stage_fetch<false>(sb, b, B_AT(k0), bs + st * SM::B_ELEMS);
+            stage_commit(sa, as + st * SM::A_ELEMS);
+            stage_commit(sb, bs + st * SM::B_ELEMS);
         }
-        const bf16* A = as + cur * SM::A_ELEMS;
-        const bf16* B = bs + cur * SM::B_ELEMS;
+        cp_async_commit();
+    }
+    for (int kt = 0; kt < nk; kt++) {
+        cp_async_wait_group<STAGES - 2>();  // this thread's copies of slice kt have landed
+        __syncthreads();
+        const int ld = kt + STAGES - 1;  // the slice loaded now, into slice kt - 1's stage
+        const bool more = ld < nk;
+        bf16* const a_ld = as + (ld % STAGES) * SM::A_ELEMS;
+        bf16* const b_ld = bs + (ld % STAGES) * SM::B_ELEMS;
+        if (more) {
+            const int k1 = k_lo + ld * BK;
+            stage_fetch<CACHE_A>(sa, a, A_AT(k1), a_ld);
+            stage_fetch<false>(sb, b, B_AT(k1), b_ld);
+        }
+        cp_async_commit();  // (empty past the last slice: the group count stays one per slice)
+        const bf16* A = as + (kt % STAGES) * SM::A_ELEMS;
+        const bf16* B = bs + (kt % STAGES) * SM::B_ELEMS;
 UNROLL
         for (int kk = 0; kk < BK; kk += 16) {
             unsigned af[TL::MT][4], bfr[TL::NT][2];
@@ -364,12 +390,11 @@ UNROLL
                 for (int nt = 0; nt < TL::NT; nt++) mma_m16n8k16_bf16(acc[mt][nt], af[mt], bfr[nt], acc[mt][nt]);
         }
         if (more) {
-            stage_commit(sa, as + nxt * SM::A_ELEMS);
-            stage_commit(sb, bs + nxt * SM::B_ELEMS);
+            stage_commit(sa, a_ld);
+            stage_commit(sb, b_ld);
         }
-        cp_async_wait_all();
-        __syncthreads();
     }
+    cp_async_wait_group<0>();  // (only empty groups are left)
 #undef A_AT
 #undef B_AT
 }
@@ -434,7 +459,7 @@ __device__ __forceinline__ void tc_fwd(const OA& a, int M, int K, bf16* y, int y
     const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
     const int k_lo = blockIdx.z * split_len, k_hi = min(K, k_lo + split_len);
     float acc[TL::MT][TL::NT][4] = {};
-    tc_tile<BM, BN, WM, WN, true, false, CACHE_A>(a, b, m0, n0, k_lo, k_hi, acc);
+    tc_tile<BM, BN, WM, WN, true, false, CACHE_A, 2>(a, b, m0, n0, k_lo, k_hi, acc);
     if (ws) {
         if (k_lo < k_hi) add_tile<BM, BN, WM, WN>(acc, ws, m0, n0, M, co);
         return;
@@ -487,7 +512,7 @@ __device__ __forceinline__ void conv_tc_bwd_data(bf16* dx, int dx_rs, int accumu
     const int M = n * h * w, m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
     float acc[TL::MT][TL::NT][4] = {};
     // No row cache: at the 128-register bound it spills on sm_86/89 (K is only 9 * 32 here anyway).
-    tc_tile<BM, BN, WM, WN, true, true, false>(a, b, m0, n0, 0, KS * KS * co, acc);
+    tc_tile<BM, BN, WM, WN, true, true, false, BWD_DATA_STAGES>(a, b, m0, n0, 0, KS * KS * co, acc);
 UNROLL
     for (int nt = 0; nt < TL::NT; nt++) {
         float sums[2][2] = {};
@@ -524,7 +549,7 @@ __device__ __forceinline__ void tc_bwd_weight(float* dw, const OA& a, int P, int
     const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
     const int k_lo = blockIdx.z * split_len, k_hi = min(P, k_lo + split_len);
     float acc[TL::MT][TL::NT][4] = {};
-    tc_tile<BM, BN, WM, WN, false, false, false>(a, b, m0, n0, k_lo, k_hi, acc);
+    tc_tile<BM, BN, WM, WN, false, false, false, 2>(a, b, m0, n0, k_lo, k_hi, acc);
     if (k_lo < k_hi) add_tile<BM, BN, WM, WN>(acc, dw, m0, n0, M, co);
 }
 

@@ -55,8 +55,10 @@ MURA_LDMATRIX(ldmatrix_x4, 4, LdMatrix4, "ldmatrix.sync.aligned.m8n8.x4.shared.b
 MURA_LDMATRIX(ldmatrix_x2_trans, 2, LdMatrix2Trans, "ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16")
 MURA_LDMATRIX(ldmatrix_x4_trans, 4, LdMatrix4Trans, "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16")
 
-// 16-byte global -> shared copy that completes at cp_async_wait_all (the emulator writes shared
-// memory only then). Both addresses 16-byte aligned.
+// 16-byte global -> shared copy that completes when its group is waited for (cp_async_commit
+// closes a group, cp_async_wait_group<N> waits for all but the newest N committed groups,
+// cp_async_wait_all commits and waits for everything; the emulator writes shared memory only
+// then). Both addresses 16-byte aligned.
 __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem) {
 #ifdef MURA_EMU
     mura_emu::cp_async_issue(smem, gmem);
@@ -66,10 +68,24 @@ __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem) {
 #endif
 }
 
-__device__ __forceinline__ void cp_async_wait_all() {
+__device__ __forceinline__ void cp_async_commit() {
 #ifdef MURA_EMU
-    mura_emu::cp_async_wait();
+    mura_emu::cp_async_commit();
 #else
-    asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;\n" ::: "memory");
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
 #endif
+}
+
+template <int N>
+__device__ __forceinline__ void cp_async_wait_group() {
+#ifdef MURA_EMU
+    mura_emu::cp_async_wait(N);
+#else
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#endif
+}
+
+__device__ __forceinline__ void cp_async_wait_all() {
+    cp_async_commit();
+    cp_async_wait_group<0>();
 }

@@ -77,21 +77,26 @@ extern "C" __global__ void selftest_dynshared_fwd_f32(float* out) {
     out[blockIdx.x * n + t] = d[n - 1 - t];
 }
 
-// out: [gridDim.x * blockDim.x, 8] f32, blockDim.x <= 256: each thread copies the first 4 floats
-// of its row (16 bytes) by cp.async into shared memory that holds -1, and writes what it reads
-// there right after issuing the copy (column 5: either value on a GPU; -1 on the emulator, which
-// lands copies only when waited for) and after waiting (columns 6 and 7: the copied first and
-// last float).
+// out: [gridDim.x * blockDim.x, 16] f32, blockDim.x <= 256: each thread copies floats 0..3 of its
+// row (group 1) and 4..7 (group 2) by cp.async into shared memory that holds -1, and writes what
+// it reads there: column 8, copy 1 right after issuing; 9 and 10, copies 1 and 2 after
+// wait_group 1 (all but the newest group); 11, copy 2 after wait_group 0. A GPU may show either
+// value at 8 and 10; the emulator, which lands copies only when their group is waited for, -1.
 extern "C" __global__ void selftest_cpasync_fwd_f32(float* out) {
-    __shared__ __align__(16) float s[256 * 4];
+    __shared__ __align__(16) float s[256 * 8];
     const int t = threadIdx.x;
-    float* row = out + (long long)(blockIdx.x * blockDim.x + t) * 8;
-    for (int j = 0; j < 4; j++) s[t * 4 + j] = -1.0f;
-    cp_async_16(s + t * 4, row);
-    row[5] = s[t * 4];
-    cp_async_wait_all();
-    row[6] = s[t * 4];
-    row[7] = s[t * 4 + 3];
+    float* row = out + (long long)(blockIdx.x * blockDim.x + t) * 16;
+    for (int j = 0; j < 8; j++) s[t * 8 + j] = -1.0f;
+    cp_async_16(s + t * 8, row);
+    cp_async_commit();
+    row[8] = s[t * 8];
+    cp_async_16(s + t * 8 + 4, row + 4);
+    cp_async_commit();
+    cp_async_wait_group<1>();
+    row[9] = s[t * 8 + 3];
+    row[10] = s[t * 8 + 4];
+    cp_async_wait_group<0>();
+    row[11] = s[t * 8 + 7];
 }
 
 // Conversions, round to nearest even. b: [n] bf16 out; h: [n] f16 out; back: [n, 2] f32 out, the

@@ -30,12 +30,13 @@ pub fn run(args: Args) -> Result<()> {
             for i in 0..n {
                 match cuda::device_info(i) {
                     Ok(d) => println!(
-                        "  cuda:{i} {}, compute capability {}.{}, {:.1} GiB, {} SMs",
+                        "  cuda:{i} {}, compute capability {}.{}, {:.1} GiB, {} SMs, {} KiB shared per block",
                         d.name,
                         d.compute_capability.0,
                         d.compute_capability.1,
                         d.memory_bytes as f64 / (1u64 << 30) as f64,
-                        d.multiprocessors
+                        d.multiprocessors,
+                        d.shared_per_block_optin / 1024
                     ),
                     Err(e) => println!("  cuda:{i} error: {e:#}"),
                 }

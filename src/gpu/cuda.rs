@@ -58,6 +58,8 @@ pub struct DeviceInfo {
     pub compute_capability: (i32, i32),
     pub memory_bytes: usize,
     pub multiprocessors: i32,
+    /// The most shared memory a block may have, with the opt-in (sm_90: 227 KiB).
+    pub shared_per_block_optin: i32,
 }
 
 pub fn device_info(ordinal: usize) -> Result<DeviceInfo> {
@@ -77,6 +79,7 @@ pub fn device_info(ordinal: usize) -> Result<DeviceInfo> {
         // SAFETY: dev came from device::get.
         memory_bytes: unsafe { result::device::total_mem(dev) }.map_err(|e| anyhow!("{e}"))?,
         multiprocessors: attr(CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?,
+        shared_per_block_optin: attr(CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?,
     })
 }
 
@@ -253,6 +256,27 @@ impl Cuda {
             unsafe { result::module::get_function(module, CString::new(name)?) },
             name,
         )?;
+        // Launches may ask for more than 48 KiB of dynamic shared memory (the tensor-core data
+        // gradients' 3 stages: 60 KiB) only after this opt-in: up to the device's most per block,
+        // less the kernel's static shared memory. (Done at load, before any graph capture.)
+        use sys::CUfunction_attribute::*;
+        // SAFETY: f is a loaded function.
+        unsafe {
+            let fixed = cu(
+                result::function::get_function_attribute(f, CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES),
+                "cuFuncGetAttribute",
+            )?;
+            let most = self.info.shared_per_block_optin - fixed;
+            cu(
+                result::function::set_function_attribute(
+                    f,
+                    CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    most,
+                ),
+                "cuFuncSetAttribute",
+            )
+            .with_context(|| format!("allowing {name} {most} bytes of dynamic shared memory"))?;
+        }
         self.functions.lock().unwrap().insert(name.to_string(), f);
         Ok(f)
     }

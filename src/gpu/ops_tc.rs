@@ -38,9 +38,13 @@ const T64: Tile = Tile {
     threads: 128,
 };
 
+/// Shared-memory stages of the data gradients (kernels/conv_tc.cu `BWD_DATA_STAGES`); the other
+/// kernels have 2.
+const BWD_DATA_STAGES: usize = 3;
+
 /// Dynamic shared bytes of a tile whose A (B) operand is stored k-contiguous when `a_kc` (`b_kc`):
-/// two stages of `[outer][inner + 8]` bf16 per operand (kernels/conv_tc.cu `Smem`).
-fn smem(t: Tile, a_kc: bool, b_kc: bool) -> u32 {
+/// `stages` stages of `[outer][inner + 8]` bf16 per operand (kernels/conv_tc.cu `Smem`).
+fn smem(t: Tile, a_kc: bool, b_kc: bool, stages: usize) -> u32 {
     let a = if a_kc {
         t.bm * (BK + 8)
     } else {
@@ -51,7 +55,7 @@ fn smem(t: Tile, a_kc: bool, b_kc: bool) -> u32 {
     } else {
         BK * (t.bn + 8)
     };
-    (2 * (a + b) * 2) as u32
+    (stages * (a + b) * 2) as u32
 }
 
 /// `"conv1x1"` or `"conv3x3"`, the two geometries the dense-layer kernels cover.
@@ -177,7 +181,7 @@ fn conv_fwd_any(
         i(g.pad),
         A::P(stats.unwrap_or(0)),
     ];
-    let smem = smem(T64, true, false);
+    let smem = smem(T64, true, false, 2);
     launch(
         d,
         "convkxk_tc_fwd_bf16",
@@ -238,7 +242,7 @@ pub fn conv_fwd_split(
         &name,
         grid,
         [t.threads, 1, 1],
-        smem(t, true, false),
+        smem(t, true, false, 2),
         args,
     )?;
     if split.is_none() {
@@ -332,7 +336,7 @@ pub fn conv_bwd_data(
         &name,
         grid,
         [T128.threads, 1, 1],
-        smem(T128, true, true),
+        smem(T128, true, true, BWD_DATA_STAGES),
         args,
     )
 }
@@ -426,7 +430,7 @@ pub fn conv_bwd_weight_split(
         &name,
         grid,
         [t.threads, 1, 1],
-        smem(t, false, false),
+        smem(t, false, false, 2),
         args,
     )
 }

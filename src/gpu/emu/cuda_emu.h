@@ -36,18 +36,20 @@ struct Site {
 };
 
 // An asynchronous 16-byte global -> shared copy in flight (cp.async): the source is read when it
-// is issued, the destination written only when the thread waits for it (cp_async_wait), so a
-// kernel that reads shared memory before waiting sees what was there before, as it may on a GPU.
+// is issued, the destination written only when the thread waits for its group (cp_async_wait), so
+// a kernel that reads shared memory before waiting sees what was there before, as it may on a GPU.
+// `group`: the commit group it belongs to (the number of commits before it was issued).
 struct CpAsync {
     void* dst;
+    unsigned group;
     unsigned char bytes[16];
 };
-constexpr unsigned kMaxCpAsync = 32;  // in flight per thread
+constexpr unsigned kMaxCpAsync = 64;  // in flight per thread
 
 struct ThreadCtx {
     uint3 tid;
     unsigned lane;
-    unsigned cp_pending;
+    unsigned cp_pending, cp_groups;  // copies in flight; groups committed
     CpAsync cp[kMaxCpAsync];
 };
 extern ThreadCtx* g_thread;  // the running fiber's thread
@@ -56,7 +58,8 @@ extern dim3 g_block_dim, g_grid_dim;
 
 void syncthreads(Site s);
 void cp_async_issue(void* dst, const void* src);
-void cp_async_wait();
+void cp_async_commit();
+void cp_async_wait(unsigned newest_pending);
 unsigned char* dyn_shared();
 
 // Warp collectives. `in`/`out` are this lane's operands; the runtime completes the collective

@@ -243,7 +243,7 @@ bool run_block() {
         unsigned x = g_block_dim.x, y = g_block_dim.y;
         f.ctx.tid = uint3{i % x, (i / x) % y, i / (x * y)};
         f.ctx.lane = i % 32;
-        f.ctx.cp_pending = 0;  // (copies a thread never waited for died with its block)
+        f.ctx.cp_pending = f.ctx.cp_groups = 0;  // (copies never waited for died with their block)
         init_fiber(&f, i);
     }
     while (L.live > 0) {
@@ -273,13 +273,25 @@ void cp_async_issue(void* dst, const void* src) {
     }
     CpAsync& c = t->cp[t->cp_pending++];
     c.dst = dst;
+    c.group = t->cp_groups;
     memcpy(c.bytes, src, 16);
 }
 
-void cp_async_wait() {
+void cp_async_commit() { g_thread->cp_groups++; }
+
+// cp.async.wait_group N: the copies of every committed group but the newest N land (in issue
+// order); those of the newest N, and copies not committed yet, stay in flight.
+void cp_async_wait(unsigned newest_pending) {
     ThreadCtx* t = g_thread;
-    for (unsigned i = 0; i < t->cp_pending; i++) memcpy(t->cp[i].dst, t->cp[i].bytes, 16);
-    t->cp_pending = 0;
+    const unsigned done = t->cp_groups > newest_pending ? t->cp_groups - newest_pending : 0;
+    unsigned kept = 0;
+    for (unsigned i = 0; i < t->cp_pending; i++) {
+        if (t->cp[i].group < done)
+            memcpy(t->cp[i].dst, t->cp[i].bytes, 16);
+        else
+            t->cp[kept++] = t->cp[i];
+    }
+    t->cp_pending = kept;
 }
 
 namespace {
@@ -481,11 +493,12 @@ extern "C" int mura_emu_launch(void (*tramp)(void**), void** params, const unsig
         block[2] > 64) {
         fail("invalid launch: grid (%u,%u,%u), block (%u,%u,%u)", grid[0], grid[1], grid[2], block[0], block[1],
              block[2]);
-    } else if (dyn_shared_bytes > 48 * 1024) {
-        // CUDA's limit without a cuFuncSetAttribute(MAX_DYNAMIC_SHARED_SIZE_BYTES) opt-in, which
-        // the CUDA driver (src/gpu/cuda.rs) does not make: refused here too, so that a tile
-        // outgrowing it fails on the emulator, not first on a GPU.
-        fail("invalid launch: %u bytes of dynamic shared memory (over 48 KiB needs an opt-in)", dyn_shared_bytes);
+    } else if (dyn_shared_bytes > 99 * 1024) {
+        // The most shared memory a block may have on every GPU mura targets (sm_86/89: 99 KiB
+        // with the opt-in that src/gpu/cuda.rs makes for every kernel; sm_80 163, sm_90 227):
+        // a tile outgrowing it fails here, not first on a GPU.
+        fail("invalid launch: %u bytes of dynamic shared memory (over 99 KiB, the most sm_86/89 allow)",
+             dyn_shared_bytes);
     }
     for (unsigned i = 0; i < n && !L.failed; i++)
         if (!stack_for(i)) fail("cannot map fiber stacks");
