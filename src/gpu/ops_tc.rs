@@ -362,6 +362,9 @@ pub fn conv_bwd_weight(
     co: usize,
     dw: DevPtr,
 ) -> Result<()> {
+    if any_window(g) {
+        check_window(x, g)?;
+    }
     let t = tile_of(g);
     let tiles = (g.k * g.k * x.c).div_ceil(t.bm) * co.div_ceil(t.bn);
     let (ho, wo) = g.out_hw(x.h, x.w);

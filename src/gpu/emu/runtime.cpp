@@ -108,6 +108,14 @@ struct Launch {
     bool failed = false;
     char err[512];
     unsigned char* dyn = nullptr;
+    unsigned dyn_bytes = 0;
+    // Odd blocks (by blockIdx.x + y + z) run adversarially: cp.async copies land as issued, and
+    // each warp, last first, runs until all its threads block at a barrier or finish before the
+    // next warp starts, so a warp overwriting a stage that another warp still reads shows. Even
+    // blocks run the warps in lockstep with copies landing only at their wait, so a thread
+    // reading a stage before waiting for it shows. (Correct code gives the same values both
+    // ways, up to the order of float atomics.)
+    bool adversary = false;
 #ifdef MURA_ASAN
     const void* sched_stack_bottom = nullptr;
     size_t sched_stack_size = 0;
@@ -248,10 +256,23 @@ bool run_block() {
     }
     while (L.live > 0) {
         bool ran = false;
-        for (unsigned i = 0; i < L.n && !L.failed; i++) {
-            if (L.fibers[i].st != St::Runnable) continue;
-            resume(&L.fibers[i]);
-            ran = true;
+        if (!L.adversary) {
+            for (unsigned i = 0; i < L.n && !L.failed; i++) {
+                if (L.fibers[i].st != St::Runnable) continue;
+                resume(&L.fibers[i]);
+                ran = true;
+            }
+        } else {
+            for (unsigned w = (L.n + 31) / 32; w-- > 0 && !L.failed;) {
+                for (bool more = true; more && !L.failed;) {
+                    more = false;
+                    for (unsigned i = w * 32; i < L.n && i < w * 32 + 32 && !L.failed; i++) {
+                        if (L.fibers[i].st != St::Runnable) continue;
+                        resume(&L.fibers[i]);
+                        ran = more = true;
+                    }
+                }
+            }
         }
         if (L.failed) return false;
         if (!ran) {
@@ -267,6 +288,18 @@ bool run_block() {
 
 void cp_async_issue(void* dst, const void* src) {
     ThreadCtx* t = g_thread;
+    const char* d = (const char*)dst;
+    const bool in_shared = (d >= __start_mura_shared && d + 16 <= __stop_mura_shared) ||
+                           (d >= (const char*)L.dyn && d + 16 <= (const char*)L.dyn + L.dyn_bytes);
+    if ((((uintptr_t)dst | (uintptr_t)src) & 15) != 0 || !in_shared) {
+        fail("cp.async from %p to %p: both must be 16-byte aligned, the destination in shared memory", src,
+             dst);
+        return;
+    }
+    if (L.adversary) {  // landed at once: a wait never brings stale data back
+        memcpy(dst, src, 16);
+        return;
+    }
     if (t->cp_pending == kMaxCpAsync) {
         fail("more than %u cp.async copies in flight in one thread", kMaxCpAsync);
         return;
@@ -509,11 +542,13 @@ extern "C" int mura_emu_launch(void (*tramp)(void**), void** params, const unsig
         g_block_dim = dim3{block[0], block[1], block[2]};
         g_grid_dim = dim3{grid[0], grid[1], grid[2]};
         L.dyn = (unsigned char*)malloc(dyn_shared_bytes ? dyn_shared_bytes : 1);
+        L.dyn_bytes = dyn_shared_bytes;
         size_t shared = (size_t)(__stop_mura_shared - __start_mura_shared);
         for (unsigned z = 0; z < grid[2] && !L.failed; z++)
             for (unsigned y = 0; y < grid[1] && !L.failed; y++)
                 for (unsigned x = 0; x < grid[0] && !L.failed; x++) {
                     g_block_idx = uint3{x, y, z};
+                    L.adversary = ((x + y + z) & 1) != 0;
                     if (shared) poison(__start_mura_shared, shared);
                     poison((char*)L.dyn, dyn_shared_bytes);
                     run_block();
