@@ -81,6 +81,106 @@ fn check(what: &str, got: &[f64], want: &[f64]) {
     assert!(e <= TOL, "{what}: rel err {e} > {TOL}");
 }
 
+/// A convolution's random inputs, on the device and as stored (rounded): x `[n, h, w, x_rs]`
+/// (its first `c` channels the input), weights `[k, k, c, co]` bf16, and the scale and shift
+/// `[c]` f32 of a BN + ReLU in front.
+struct Inputs {
+    x: (Buf, Vec<f64>),
+    w: (Buf, Vec<f64>),
+    s: (Buf, Vec<f64>),
+    t: (Buf, Vec<f64>),
+    dims: (usize, usize, usize, usize, usize),
+}
+
+impl Inputs {
+    fn new(
+        d: &Arc<dyn Driver>,
+        rng: &mut Rng,
+        dims: (usize, usize, usize, usize, usize),
+        g: Conv,
+        co: usize,
+    ) -> Inputs {
+        let (n, h, w, c, x_rs) = dims;
+        Inputs {
+            x: Buf::from(d, false, &randn(rng, n * h * w * x_rs, 1.0, 0.2)),
+            w: Buf::from(d, false, &randn(rng, g.k * g.k * c * co, 0.3, 0.0)),
+            s: Buf::from(d, true, &randn(rng, c, 0.5, 1.0)),
+            t: Buf::from(d, true, &randn(rng, c, 0.5, 0.0)),
+            dims,
+        }
+    }
+    /// The BN + ReLU's (scale, shift) on the device, when there is one.
+    fn pre(&self, on: bool) -> Option<(DevPtr, DevPtr)> {
+        on.then(|| (self.s.0.at(0), self.t.0.at(0)))
+    }
+    fn pre_ref(&self, on: bool) -> Option<BnRelu<'_, f64>> {
+        on.then_some(BnRelu {
+            scale: &self.s.1,
+            shift: &self.t.1,
+        })
+    }
+    fn image(&self) -> Image<'_, f64> {
+        let (n, h, w, c, rs) = self.dims;
+        Image {
+            data: &self.x.1,
+            n,
+            h,
+            w,
+            c,
+            rs,
+        }
+    }
+    fn view(&self) -> View {
+        let (n, h, w, c, rs) = self.dims;
+        View {
+            ptr: self.x.0.at(0),
+            n,
+            h,
+            w,
+            c,
+            rs,
+        }
+    }
+}
+
+/// Backward-weight from `dy` (`dy_at`: its first channel's address and row stride on the device;
+/// `dy`: `[pixels, co]` as stored), added to random f32 values: the default split, then 32-pixel
+/// chunks.
+#[allow(clippy::too_many_arguments)]
+fn weight_grads(
+    d: &Arc<dyn Driver>,
+    rng: &mut Rng,
+    what: &str,
+    inp: &Inputs,
+    with_pre: bool,
+    g: Conv,
+    (dy_ptr, dy_rs): (DevPtr, usize),
+    dy: &[f64],
+    co: usize,
+) {
+    let (view, pre) = (inp.view(), inp.pre(with_pre));
+    let mut dw_ref = randn(rng, inp.w.1.len(), 1.0, 0.0);
+    let (dwb, dw0) = Buf::from(d, true, &dw_ref);
+    ops_tc::conv_bwd_weight(&**d, view, pre, g, dy_ptr, dy_rs, co, dwb.at(0)).unwrap();
+    conv2d_bwd_weight(
+        inp.image(),
+        inp.pre_ref(with_pre),
+        g,
+        dy,
+        co,
+        co,
+        &mut dw_ref,
+    );
+    check(&format!("{what} bwd weight"), &dwb.read(), &dw_ref);
+    let (dwb, _) = Buf::from(d, true, &dw0);
+    ops_tc::conv_bwd_weight_split(&**d, view, pre, g, dy_ptr, dy_rs, co, dwb.at(0), 32).unwrap();
+    check(
+        &format!("{what} bwd weight (split 32)"),
+        &dwb.read(),
+        &dw_ref,
+    );
+}
+
 /// Forward, backward-data (masked and accumulated; plain and overwritten) and backward-weight
 /// (default and explicit split-K) of one shape. The input is a channel prefix (`c` of `x_rs`),
 /// the output a channel slice (`co` at `y_c0` of `y_rs`).
@@ -97,40 +197,17 @@ fn conv_case(
         g.k, g.k
     );
     let px = n * h * w;
-    let (xb, xv) = Buf::from(d, false, &randn(rng, px * x_rs, 1.0, 0.2));
-    let (wb, wv) = Buf::from(d, false, &randn(rng, g.k * g.k * c * co, 0.3, 0.0));
-    let s = randn(rng, c, 0.5, 1.0);
-    let t = randn(rng, c, 0.5, 0.0);
-    let (sb, s) = Buf::from(d, true, &s);
-    let (tb, t) = Buf::from(d, true, &t);
-    let pre = with_pre.then(|| (sb.at(0), tb.at(0)));
-    let pre_ref = with_pre.then_some(BnRelu {
-        scale: &s[..],
-        shift: &t[..],
-    });
-    let xi = Image {
-        data: &xv[..],
-        n,
-        h,
-        w,
-        c,
-        rs: x_rs,
-    };
-    let view = View {
-        ptr: xb.at(0),
-        n,
-        h,
-        w,
-        c,
-        rs: x_rs,
-    };
+    let inp = Inputs::new(d, rng, (n, h, w, c, x_rs), g, co);
+    let (xv, wv, s, t) = (&inp.x.1, &inp.w.1, &inp.s.1, &inp.t.1);
+    let (wb, pre, view) = (&inp.w.0, inp.pre(with_pre), inp.view());
+    let (xi, pre_ref) = (inp.image(), inp.pre_ref(with_pre));
 
     // Forward into a slice of a poisoned buffer; with a BN + ReLU in front, the output's batch
     // statistics are added to random values. Whole, then split-K over a zeroed workspace in
     // 32-wide chunks and in the default split (with a workspace; whole when the grid is large),
     // which the finishing kernel must leave zeroed again.
     let mut y_ref = vec![0.0; px * co];
-    conv2d_fwd(xi, pre_ref, &wv, co, g, &mut y_ref, co);
+    conv2d_fwd(xi, pre_ref, wv, co, g, &mut y_ref, co);
     let ws = Buf::from(d, true, &vec![0.0; px * co]).0;
     for split in [None, Some(32), Some(0)] {
         let what = format!("{what} fwd split {split:?}");
@@ -187,7 +264,7 @@ fn conv_case(
     let (dyb, dyv) = Buf::from(d, false, &randn(rng, px * y_rs, 1.0, 0.0));
     let dy = cols(&dyv, y_rs, y_c0, co);
     let mut dx_ref = vec![0.0; px * c];
-    conv2d_bwd_input(&dy, co, co, &wv, g, (n, h, w, c), &mut dx_ref);
+    conv2d_bwd_input(&dy, co, co, wv, g, (n, h, w, c), &mut dx_ref);
 
     // Backward-data times the BN-ReLU mask and per-channel factors, accumulated into a prefix of
     // a wider random buffer, with the BN's reductions of the masked gradient g (a dense layer's
@@ -195,7 +272,7 @@ fn conv_case(
     // itself, so its reductions must match the stored values' sums to f32 accuracy.
     let dx_rs = c + 3;
     let (dxb, dx0) = Buf::from(d, false, &randn(rng, px * dx_rs, 1.0, 0.0));
-    let mask = with_pre.then_some((view, (sb.at(0), tb.at(0))));
+    let mask = pre.map(|p| (view, p));
     let (red, red0) = Buf::from(d, true, &randn(rng, 2 * c, 1.0, 0.0));
     let post = randn(rng, c, 0.5, 1.0);
     let (pb, post) = Buf::from(d, true, &post);
@@ -235,7 +312,7 @@ fn conv_case(
         &want,
     );
     let want = if with_pre {
-        added_column_sums(&red0, &g_ref, &cols(&xv, x_rs, 0, c), c)
+        added_column_sums(&red0, &g_ref, &cols(xv, x_rs, 0, c), c)
     } else {
         red0.clone()
     };
@@ -265,7 +342,7 @@ fn conv_case(
         .unwrap();
         let gv = gb.read();
         check(&format!("{what} bwd data (mask)"), &gv, &g_ref);
-        let want = added_column_sums(&red0, &gv, &cols(&xv, x_rs, 0, c), c);
+        let want = added_column_sums(&red0, &gv, &cols(xv, x_rs, 0, c), c);
         check_exact(
             &format!("{what} bwd data BN reductions of stored g"),
             &red.read(),
@@ -292,19 +369,16 @@ fn conv_case(
     .unwrap();
     check(&format!("{what} bwd data"), &dxb.read(), &dx_ref);
 
-    // Backward-weight, added to random f32 values: the default split, then 32-pixel chunks.
-    let mut dw_ref = randn(rng, wv.len(), 1.0, 0.0);
-    let (dwb, dw0) = Buf::from(d, true, &dw_ref);
-    ops_tc::conv_bwd_weight(&**d, view, pre, g, dyb.at(y_c0), y_rs, co, dwb.at(0)).unwrap();
-    conv2d_bwd_weight(xi, pre_ref, g, &dy, co, co, &mut dw_ref);
-    check(&format!("{what} bwd weight"), &dwb.read(), &dw_ref);
-    let (dwb, _) = Buf::from(d, true, &dw0);
-    ops_tc::conv_bwd_weight_split(&**d, view, pre, g, dyb.at(y_c0), y_rs, co, dwb.at(0), 32)
-        .unwrap();
-    check(
-        &format!("{what} bwd weight (split 32)"),
-        &dwb.read(),
-        &dw_ref,
+    weight_grads(
+        d,
+        rng,
+        &what,
+        &inp,
+        with_pre,
+        g,
+        (dyb.at(y_c0), y_rs),
+        &dy,
+        co,
     );
 }
 
@@ -410,33 +484,11 @@ fn any_window_case(
     );
     let (ho, wo) = g.out_hw(h, w);
     let px = n * ho * wo;
-    let (xb, xv) = Buf::from(d, false, &randn(rng, n * h * w * x_rs, 1.0, 0.2));
-    let (wb, wv) = Buf::from(d, false, &randn(rng, g.k * g.k * c * co, 0.3, 0.0));
-    let (sb, s) = Buf::from(d, true, &randn(rng, c, 0.5, 1.0));
-    let (tb, t) = Buf::from(d, true, &randn(rng, c, 0.5, 0.0));
-    let pre = with_pre.then(|| (sb.at(0), tb.at(0)));
-    let pre_ref = with_pre.then_some(BnRelu {
-        scale: &s[..],
-        shift: &t[..],
-    });
-    let xi = Image {
-        data: &xv[..],
-        n,
-        h,
-        w,
-        c,
-        rs: x_rs,
-    };
-    let view = View {
-        ptr: xb.at(0),
-        n,
-        h,
-        w,
-        c,
-        rs: x_rs,
-    };
+    let inp = Inputs::new(d, rng, (n, h, w, c, x_rs), g, co);
+    let (wb, pre, view) = (&inp.w.0, inp.pre(with_pre), inp.view());
+    let (xi, pre_ref) = (inp.image(), inp.pre_ref(with_pre));
     let mut y_ref = vec![0.0; px * co];
-    conv2d_fwd(xi, pre_ref, &wv, co, g, &mut y_ref, co);
+    conv2d_fwd(xi, pre_ref, &inp.w.1, co, g, &mut y_ref, co);
     let yb = Buf::poisoned(d, false, px * y_rs);
     let (stats, stats0) = Buf::from(d, true, &randn(rng, 2 * co, 1.0, 0.0));
     // (The workspace is ignored: any-window forwards never split.)
@@ -466,18 +518,16 @@ fn any_window_case(
 
     let (dyb, dyv) = Buf::from(d, false, &randn(rng, px * y_rs, 1.0, 0.0));
     let dy = cols(&dyv, y_rs, y_c0, co);
-    let mut dw_ref = randn(rng, wv.len(), 1.0, 0.0);
-    let (dwb, dw0) = Buf::from(d, true, &dw_ref);
-    ops_tc::conv_bwd_weight(&**d, view, pre, g, dyb.at(y_c0), y_rs, co, dwb.at(0)).unwrap();
-    conv2d_bwd_weight(xi, pre_ref, g, &dy, co, co, &mut dw_ref);
-    check(&format!("{what} bwd weight"), &dwb.read(), &dw_ref);
-    let (dwb, _) = Buf::from(d, true, &dw0);
-    ops_tc::conv_bwd_weight_split(&**d, view, pre, g, dyb.at(y_c0), y_rs, co, dwb.at(0), 32)
-        .unwrap();
-    check(
-        &format!("{what} bwd weight (split 32)"),
-        &dwb.read(),
-        &dw_ref,
+    weight_grads(
+        d,
+        rng,
+        &what,
+        &inp,
+        with_pre,
+        g,
+        (dyb.at(y_c0), y_rs),
+        &dy,
+        co,
     );
 }
 

@@ -143,6 +143,32 @@ pub fn conv_fwd(
     conv_fwd_split(d, x, pre, wt, co, g, (y, y_rs), stats, split)
 }
 
+/// The parameters every forward kernel begins with: y, y_rs, x, x_rs, wt, scale, shift, n, h, w,
+/// c, co.
+fn fwd_args(
+    x: View,
+    pre: Option<(DevPtr, DevPtr)>,
+    wt: DevPtr,
+    co: usize,
+    (y, y_rs): (DevPtr, usize),
+) -> Vec<A> {
+    let (s, sh) = pre.unwrap_or((0, 0));
+    vec![
+        A::P(y),
+        i(y_rs),
+        A::P(x.ptr),
+        i(x.rs),
+        A::P(wt),
+        A::P(s),
+        A::P(sh),
+        i(x.n),
+        i(x.h),
+        i(x.w),
+        i(x.c),
+        i(co),
+    ]
+}
+
 /// [`conv_fwd`] of any window (`convkxk_tc_fwd_bf16`): `y: [n, ho, wo, co]`, never split.
 #[allow(clippy::too_many_arguments)]
 fn conv_fwd_any(
@@ -162,25 +188,8 @@ fn conv_fwd_any(
         blocks_for(co, T64.bn as u32),
         1,
     ];
-    let (s, sh) = pre.unwrap_or((0, 0));
-    let args = vec![
-        A::P(y),
-        i(y_rs),
-        A::P(x.ptr),
-        i(x.rs),
-        A::P(wt),
-        A::P(s),
-        A::P(sh),
-        i(x.n),
-        i(x.h),
-        i(x.w),
-        i(x.c),
-        i(co),
-        i(g.k),
-        i(g.stride),
-        i(g.pad),
-        A::P(stats.unwrap_or(0)),
-    ];
+    let mut args = fwd_args(x, pre, wt, co, (y, y_rs));
+    args.extend([i(g.k), i(g.stride), i(g.pad), A::P(stats.unwrap_or(0))]);
     let smem = smem(T64, true, false, 2);
     launch(
         d,
@@ -218,24 +227,8 @@ pub fn conv_fwd_split(
         blocks_for(co, t.bn as u32),
         blocks_for(k_len, split_len as u32),
     ];
-    let (s, sh) = pre.unwrap_or((0, 0));
-    let args = vec![
-        A::P(y),
-        i(y_rs),
-        A::P(x.ptr),
-        i(x.rs),
-        A::P(wt),
-        A::P(s),
-        A::P(sh),
-        i(x.n),
-        i(x.h),
-        i(x.w),
-        i(x.c),
-        i(co),
-        A::P(stats.unwrap_or(0)),
-        A::P(ws),
-        i(split_len),
-    ];
+    let mut args = fwd_args(x, pre, wt, co, (y, y_rs));
+    args.extend([A::P(stats.unwrap_or(0)), A::P(ws), i(split_len)]);
     let name = format!("{geo}_tc_fwd_bf16");
     launch(
         d,
