@@ -62,6 +62,8 @@ pub fn run(args: Args) -> Result<()> {
     let (n, s) = (args.batch, args.image_size);
     let mut model = net::build(device, precision, spec.clone(), None, 0)?;
     model.use_graphs(!args.no_graphs);
+    // (MURA_CUDA_SYNC=1, for debugging, turns graphs off.)
+    let graphs = !args.no_graphs && !crate::gpu::cuda::sync_each_launch();
     let mut rng = Rng::new(1);
     // GPU models read u8 images and augment them on the device, as in training (the timed step
     // includes that upload); the CPU model reads normalised f32 inputs.
@@ -110,7 +112,7 @@ pub fn run(args: Args) -> Result<()> {
     if args.json {
         let mut j = serde_json::json!({"forward_s": f, "train_step_s": st, "images_per_s": ips});
         if device != Device::Cpu {
-            j["graphs"] = (!args.no_graphs).into();
+            j["graphs"] = graphs.into();
         }
         if let Some(b) = peak {
             j["peak_device_bytes"] = b.into();
@@ -119,7 +121,7 @@ pub fn run(args: Args) -> Result<()> {
     } else {
         let on = match device {
             Device::Cpu => format!("cpu ({} threads)", rayon::current_num_threads()),
-            d if args.no_graphs => format!("{d} ({precision:?}, no graphs)"),
+            d if !graphs => format!("{d} ({precision:?}, no graphs)"),
             d => format!("{d} ({precision:?}, graphs)"),
         };
         println!(
