@@ -1,12 +1,19 @@
-//! Builds the GPU kernels in `kernels/*.cu` three ways:
+//! Builds the GPU kernels in `kernels/*.cu` (shipped) and `kernels/testing/*.cu` (used by tests
+//! only) three ways:
 //! - for the CPU emulator, always: each file compiled as C++20 against src/gpu/emu/cuda_emu.h,
 //!   with generated trampolines that turn a `void**` parameter array into a typed call;
 //! - with nvcc when one is found (`NVCC`, `CUDA_HOME`/`CUDA_PATH`, `PATH`): a fatbin per file
 //!   (SASS sm_80/86/89/90 + PTX compute_90) embedded in the binary, plus ptxas's `-v` report;
 //! - without nvcc: the sources (local includes inlined) are embedded for NVRTC at run time.
 //!
+//! From the kernels' own `extern "C" __global__` signatures it generates one typed Rust launcher
+//! per kernel (and one generic over the activation type for each `<base>_f32` / `<base>_bf16`
+//! pair), so a caller that disagrees with a kernel's signature fails to compile; and from
+//! `kernels/consts.cuh` the constants that the kernels and the launchers share.
+//!
 //! It also builds a small AddressSanitizer harness of the emulator for the emulator self-tests.
-//! Writes `$OUT_DIR/kernels.rs`, included by src/gpu/kernels.rs.
+//! Writes `$OUT_DIR/kernels.rs` (included by src/gpu/kernels.rs) and `$OUT_DIR/consts.rs`
+//! (included by src/consts.rs).
 
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
@@ -17,10 +24,45 @@ use std::{env, fs};
 const SASS: [&str; 4] = ["80", "86", "89", "90"];
 const PTX: &str = "90";
 
+/// The element type behind a kernel's pointer parameter.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Elem {
+    F32,
+    Bf16,
+    F16,
+    U8,
+    I32,
+    U32,
+}
+
+/// A kernel parameter's C type.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum CType {
+    Ptr(Elem),
+    Int,
+    Float,
+}
+
+struct Param {
+    name: String,
+    ty: CType,
+}
+
+struct Kernel {
+    name: String,
+    params: Vec<Param>,
+    /// The parameter list as written, whitespace folded (for the launcher's documentation).
+    signature: String,
+}
+
 struct KernelFile {
+    /// Unique identifier: `bn`, `testing_selftest`.
     stem: String,
+    /// Relative to kernels/: `bn.cu`, `testing/selftest.cu`.
+    rel: String,
     path: PathBuf,
-    kernels: Vec<String>,
+    testing: bool,
+    kernels: Vec<Kernel>,
 }
 
 fn main() {
@@ -30,34 +72,19 @@ fn main() {
     let emu_dir = root.join("src/gpu/emu");
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-changed=kernels");
+    println!("cargo:rerun-if-changed=kernels/testing");
     println!("cargo:rerun-if-changed=src/gpu/emu");
     for var in ["NVCC", "CUDA_HOME", "CUDA_PATH"] {
         println!("cargo:rerun-if-env-changed={var}");
     }
 
-    let mut files = Vec::new();
-    let mut entries: Vec<_> = fs::read_dir(&kdir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .collect();
-    entries.sort();
-    for path in entries {
-        println!("cargo:rerun-if-changed={}", path.display());
-        if path.extension().is_some_and(|e| e == "cu") {
-            let src = fs::read_to_string(&path).unwrap();
-            let stem = path.file_stem().unwrap().to_str().unwrap().to_string();
-            let kernels = kernel_names(&src);
-            files.push(KernelFile {
-                stem,
-                path,
-                kernels,
-            });
-        }
-    }
+    let mut files = kernel_files(&kdir, "", false);
+    files.extend(kernel_files(&kdir.join("testing"), "testing/", true));
     let mut seen = BTreeSet::new();
     for k in files.iter().flat_map(|f| &f.kernels) {
-        assert!(seen.insert(k), "kernel {k} is defined twice in kernels/");
+        assert!(seen.insert(&k.name), "kernel {} is defined twice in kernels/", k.name);
     }
+    fs::write(out.join("consts.rs"), consts_rs(&kdir.join("consts.cuh"))).unwrap();
 
     // The sources NVRTC gets at run time; nvcc compiles these same files, so CI proves them.
     for f in &files {
@@ -74,14 +101,271 @@ fn main() {
     let built_with = match &nvcc {
         Some(nvcc) => compile_fatbins(nvcc, &files, &kdir, &out),
         None => {
+            fs::write(out.join("ptxas.txt"), "").unwrap();
             "NVRTC at run time (no nvcc found at build time: set NVCC or CUDA_HOME)".to_string()
         }
     };
-    if nvcc.is_none() {
-        fs::write(out.join("ptxas.txt"), "").unwrap();
-    }
+    let rs = kernels_rs(&files, nvcc.is_some(), &built_with, &asan);
+    fs::write(out.join("kernels.rs"), rs).unwrap();
+}
 
+/// The `.cu` files of `dir` (not its subfolders), with their kernels, sorted by name.
+fn kernel_files(dir: &Path, prefix: &str, testing: bool) -> Vec<KernelFile> {
+    let mut paths: Vec<PathBuf> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "cu"))
+        .collect();
+    paths.sort();
+    paths
+        .into_iter()
+        .map(|path| {
+            println!("cargo:rerun-if-changed={}", path.display());
+            let src = fs::read_to_string(&path).unwrap();
+            let name = path.file_stem().unwrap().to_str().unwrap().to_string();
+            KernelFile {
+                stem: format!("{}{name}", prefix.replace('/', "_")),
+                rel: format!("{prefix}{name}.cu"),
+                kernels: kernels_of(&src, &path),
+                path,
+                testing,
+            }
+        })
+        .collect()
+}
+
+/// The `extern "C" __global__` entry points of a .cu source, with their parameters.
+fn kernels_of(src: &str, path: &Path) -> Vec<Kernel> {
+    const MARK: &str = "extern \"C\" __global__";
+    let mut kernels = Vec::new();
+    for (at, _) in src.match_indices(MARK) {
+        let mut rest = &src[at + MARK.len()..];
+        let name = loop {
+            let open = rest.find('(').expect("kernel signature without '('");
+            let ident = last_ident(&rest[..open]);
+            if ident == "__launch_bounds__" {
+                rest = &rest[open + rest[open..].find(')').unwrap() + 1..];
+                continue;
+            }
+            rest = &rest[open + 1..];
+            break ident;
+        };
+        let close = rest.find(')').expect("kernel parameter list without ')'");
+        let list = &rest[..close];
+        let params: Vec<Param> = list
+            .split(',')
+            .map(str::trim)
+            .filter(|p| !p.is_empty() && *p != "void")
+            .map(|p| {
+                param(p).unwrap_or_else(|| {
+                    panic!(
+                        "{}: kernel {name}: unsupported parameter `{p}` (the launcher generator \
+                         knows float, bf16, half, unsigned char, int and unsigned pointers, and int \
+                         and float values)",
+                        path.display()
+                    )
+                })
+            })
+            .collect();
+        let names: BTreeSet<&str> = params.iter().map(|p: &Param| p.name.as_str()).collect();
+        assert!(
+            names.len() == params.len(),
+            "{}: kernel {name}: two parameters differ only in case",
+            path.display()
+        );
+        let signature = list.split_whitespace().collect::<Vec<_>>().join(" ");
+        kernels.push(Kernel {
+            name,
+            params,
+            signature,
+        });
+    }
+    kernels
+}
+
+/// The identifier that ends `s` (after trailing spaces).
+fn last_ident(s: &str) -> String {
+    let s = s.trim_end();
+    let start = s
+        .rfind(|c: char| !(c.is_alphanumeric() || c == '_'))
+        .map_or(0, |i| i + 1);
+    s[start..].to_string()
+}
+
+/// One parameter declaration: `const float* __restrict__ x`, `int n`.
+fn param(decl: &str) -> Option<Param> {
+    let pointer = decl.matches('*').count();
+    let words: Vec<&str> = decl
+        .split(|c: char| c.is_whitespace() || c == '*')
+        .filter(|w| !w.is_empty() && !matches!(*w, "const" | "__restrict__" | "__restrict"))
+        .collect();
+    let (name, ty) = words.split_last()?;
+    // Rust's snake case for the launcher (`R` → `r`).
+    let name = name.to_lowercase();
+    let ty = ty.join(" ");
+    let elem = match ty.as_str() {
+        "float" => Elem::F32,
+        "bf16" | "__nv_bfloat16" | "nv_bfloat16" => Elem::Bf16,
+        "__half" | "half" => Elem::F16,
+        "unsigned char" => Elem::U8,
+        "int" => Elem::I32,
+        "unsigned" | "unsigned int" => Elem::U32,
+        _ => return None,
+    };
+    let ty = match (pointer, elem) {
+        (1, e) => CType::Ptr(e),
+        (0, Elem::I32) => CType::Int,
+        (0, Elem::F32) => CType::Float,
+        _ => return None,
+    };
+    Some(Param { name, ty })
+}
+
+/// `pub const NAME: T = V;` for every `constexpr T NAME = V;` line of consts.cuh.
+fn consts_rs(path: &Path) -> String {
+    let mut rs = String::from("// Generated by build.rs from kernels/consts.cuh.\n");
+    for line in fs::read_to_string(path).unwrap().lines() {
+        let Some(decl) = line.trim().strip_prefix("constexpr ") else {
+            continue;
+        };
+        let decl = decl.split("//").next().unwrap().trim();
+        let parsed = decl.strip_suffix(';').and_then(|d| {
+            let (lhs, value) = d.split_once('=')?;
+            let (ty, name) = lhs.trim().split_once(' ')?;
+            let ty = match ty {
+                "int" => "usize",
+                "double" => "f64",
+                _ => return None,
+            };
+            Some((name.trim(), ty, value.trim()))
+        });
+        let (name, ty, value) = parsed.unwrap_or_else(|| {
+            panic!("kernels/consts.cuh: expected `constexpr int|double NAME = LITERAL;`, got `{line}`")
+        });
+        writeln!(rs, "pub const {name}: {ty} = {value};").unwrap();
+    }
+    rs
+}
+
+/// Rust type of a pointer's element.
+fn rust_elem(e: Elem) -> &'static str {
+    match e {
+        Elem::F32 => "f32",
+        Elem::Bf16 => "bf16",
+        Elem::F16 => "f16",
+        Elem::U8 => "u8",
+        Elem::I32 => "i32",
+        Elem::U32 => "u32",
+    }
+}
+
+/// The Rust parameter type of a C parameter; `generic` marks an activation pointer of type `T`.
+fn rust_param(ty: CType, generic: bool) -> String {
+    match ty {
+        CType::Ptr(_) if generic => "Ptr<T>".into(),
+        CType::Ptr(e) => format!("Ptr<{}>", rust_elem(e)),
+        CType::Int => "impl CInt".into(),
+        CType::Float => "f32".into(),
+    }
+}
+
+/// For a pair `<base>_f32` / `<base>_bf16` whose signatures differ only in f32 ↔ bf16 pointers,
+/// which parameters take the activation type.
+fn activation_params(f32k: &Kernel, bf16k: &Kernel) -> Option<Vec<bool>> {
+    if f32k.params.len() != bf16k.params.len() {
+        return None;
+    }
+    let mut any = false;
+    let mut marks = Vec::new();
+    for (a, b) in f32k.params.iter().zip(&bf16k.params) {
+        let generic = match (a.ty, b.ty) {
+            (CType::Ptr(Elem::F32), CType::Ptr(Elem::Bf16)) => true,
+            (x, y) if x == y => false,
+            _ => return None,
+        };
+        any |= generic;
+        marks.push(generic);
+    }
+    any.then_some(marks)
+}
+
+/// One launcher: `pub unsafe fn name[<T: Act>](d, at, params...) -> Result<()>`.
+fn launcher(rs: &mut String, k: &Kernel, file: &str, generic: Option<(&str, &[bool])>) {
+    let doc_name = match generic {
+        Some((base, _)) => format!("`{base}_f32` or `{base}_bf16` (by `T`)"),
+        None => format!("`{}`", k.name),
+    };
+    writeln!(rs, "/// Launches {doc_name} of `kernels/{file}`:").unwrap();
+    writeln!(rs, "/// `{}({})`.", k.name, k.signature).unwrap();
+    writeln!(rs, "///\n/// # Safety").unwrap();
+    writeln!(
+        rs,
+        "/// Every pointer must address device memory valid for all that the kernel reads and writes\n\
+         /// at these sizes and this launch shape (see the kernel's comment), as with cuLaunchKernel."
+    )
+    .unwrap();
+    let fn_name = generic.map_or(k.name.clone(), |(base, _)| format!("{base}<T: Act>"));
+    let marks = generic.map_or(vec![false; k.params.len()], |(_, m)| m.to_vec());
+    writeln!(rs, "#[allow(clippy::too_many_arguments)]").unwrap();
+    write!(rs, "pub unsafe fn {fn_name}(d: &dyn Driver, at: Launch").unwrap();
+    for (p, &g) in k.params.iter().zip(&marks) {
+        write!(rs, ", {}: {}", p.name, rust_param(p.ty, g)).unwrap();
+    }
+    writeln!(rs, ") -> Result<()> {{").unwrap();
+    match generic {
+        Some((base, _)) => writeln!(
+            rs,
+            "    let name = match T::PRECISION {{\n        Precision::F32 => \"{base}_f32\",\n        \
+             Precision::Bf16 => \"{base}_bf16\",\n    }};"
+        ),
+        None => writeln!(rs, "    let name = \"{}\";", k.name),
+    }
+    .unwrap();
+    for p in &k.params {
+        match p.ty {
+            CType::Int => writeln!(rs, "    let mut {0} = {0}.c_int(name, \"{0}\")?;", p.name),
+            _ => writeln!(rs, "    let mut {0} = {0};", p.name),
+        }
+        .unwrap();
+    }
+    let args: Vec<String> = k
+        .params
+        .iter()
+        .map(|p| format!("arg(&mut {})", p.name))
+        .collect();
+    writeln!(rs, "    let mut params = [{}];", args.join(", ")).unwrap();
+    writeln!(
+        rs,
+        "    // SAFETY: `params` follows the kernel's signature (generated from it); the memory is the\n    \
+         // caller's promise.\n    unsafe {{ launch_params(d, name, at, &mut params) }}\n}}\n"
+    )
+    .unwrap();
+}
+
+/// The launchers of some kernel files: one per kernel, one generic per f32/bf16 pair.
+fn launchers(files: &[&KernelFile]) -> String {
     let mut rs = String::new();
+    let all: Vec<(&Kernel, &str)> = files
+        .iter()
+        .flat_map(|f| f.kernels.iter().map(move |k| (k, f.rel.as_str())))
+        .collect();
+    for &(k, file) in &all {
+        launcher(&mut rs, k, file, None);
+        let Some(base) = k.name.strip_suffix("_f32") else {
+            continue;
+        };
+        let pair = all.iter().find(|(b, _)| b.name == format!("{base}_bf16"));
+        if let Some(marks) = pair.and_then(|(b, _)| activation_params(k, b)) {
+            launcher(&mut rs, k, file, Some((base, &marks)));
+        }
+    }
+    rs
+}
+
+/// `$OUT_DIR/kernels.rs`: the build report, the module tables, the emulator tables and the
+/// typed launchers.
+fn kernels_rs(files: &[KernelFile], fatbins: bool, built_with: &str, asan: &str) -> String {
+    let mut rs = String::from("// Generated by build.rs from kernels/**/*.cu.\n");
     writeln!(rs, "pub static BUILT_WITH: &str = {built_with:?};").unwrap();
     writeln!(
         rs,
@@ -89,81 +373,79 @@ fn main() {
     )
     .unwrap();
     writeln!(rs, "pub static ASAN_HARNESS: &str = {asan:?};").unwrap();
-    writeln!(rs, "pub static MODULES: &[KernelModule] = &[").unwrap();
-    for f in &files {
-        let fatbin = match nvcc {
-            Some(_) => format!(
-                "Some(include_bytes!(concat!(env!(\"OUT_DIR\"), \"/{}.fatbin\")))",
-                f.stem
-            ),
-            None => "None".into(),
-        };
+    for f in files.iter().filter(|_| fatbins) {
+        // cuModuleLoadData reads the image in words: keep it 8-byte aligned.
         writeln!(
             rs,
-            "    KernelModule {{ file: \"{}.cu\", kernels: &{:?}, fatbin: {fatbin}, \
-             source: include_str!(concat!(env!(\"OUT_DIR\"), \"/{}.nvrtc.cu\")) }},",
-            f.stem, f.kernels, f.stem
+            "static FATBIN_{}: &Aligned<[u8]> = &Aligned(*include_bytes!(concat!(env!(\"OUT_DIR\"), \
+             \"/{}.fatbin\")));",
+            f.stem.to_uppercase(),
+            f.stem
         )
         .unwrap();
     }
-    writeln!(rs, "];").unwrap();
+    for (name, testing) in [("MODULES", false), ("TEST_MODULES", true)] {
+        writeln!(rs, "pub static {name}: &[KernelModule] = &[").unwrap();
+        for f in files.iter().filter(|f| f.testing == testing) {
+            let names: Vec<&str> = f.kernels.iter().map(|k| k.name.as_str()).collect();
+            let fatbin = match fatbins {
+                true => format!("Some(&FATBIN_{}.0)", f.stem.to_uppercase()),
+                false => "None".into(),
+            };
+            writeln!(
+                rs,
+                "    KernelModule {{ file: \"{}\", kernels: &{names:?}, fatbin: {fatbin}, \
+                 source: include_str!(concat!(env!(\"OUT_DIR\"), \"/{}.nvrtc.cu\")) }},",
+                f.rel, f.stem
+            )
+            .unwrap();
+        }
+        writeln!(rs, "];").unwrap();
+    }
     writeln!(rs, "extern \"C\" {{").unwrap();
-    for f in &files {
-        writeln!(
-            rs,
-            "    static mura_table_{}: [EmuKernel; {}];",
-            f.stem,
-            f.kernels.len()
-        )
-        .unwrap();
+    for f in files {
+        let n = f.kernels.len();
+        writeln!(rs, "    static mura_table_{}: [EmuKernel; {n}];", f.stem).unwrap();
     }
     writeln!(rs, "}}").unwrap();
-    writeln!(
-        rs,
-        "/// The emulator's compiled kernels, one slice per kernels/*.cu file."
-    )
-    .unwrap();
-    writeln!(
-        rs,
-        "pub fn emu_tables() -> [&'static [EmuKernel]; {}] {{",
-        files.len()
-    )
-    .unwrap();
+    writeln!(rs, "/// The emulator's compiled kernels, one slice per kernels/**/*.cu file.").unwrap();
     let tables: Vec<String> = files
         .iter()
         .map(|f| format!("&mura_table_{}", f.stem))
         .collect();
-    writeln!(rs, "    unsafe {{ [{}] }}", tables.join(", ")).unwrap();
-    writeln!(rs, "}}").unwrap();
-    fs::write(out.join("kernels.rs"), rs).unwrap();
+    writeln!(
+        rs,
+        "pub fn emu_tables() -> [&'static [EmuKernel]; {}] {{\n    unsafe {{ [{}] }}\n}}",
+        files.len(),
+        tables.join(", ")
+    )
+    .unwrap();
+    let shipped: Vec<&KernelFile> = files.iter().filter(|f| !f.testing).collect();
+    let testing: Vec<&KernelFile> = files.iter().filter(|f| f.testing).collect();
+    writeln!(
+        rs,
+        "/// Typed launchers of the shipped kernels (kernels/*.cu), generated from their signatures.\n\
+         pub mod launch {{\n    use super::prelude::*;\n{}}}",
+        indent(&launchers(&shipped))
+    )
+    .unwrap();
+    writeln!(
+        rs,
+        "/// Typed launchers of the test-only kernels (kernels/testing/*.cu).\n\
+         pub mod testing {{\n    use super::prelude::*;\n{}}}",
+        indent(&launchers(&testing))
+    )
+    .unwrap();
+    rs
 }
 
-/// Names of the `extern "C" __global__` entry points in a .cu source.
-fn kernel_names(src: &str) -> Vec<String> {
-    const MARK: &str = "extern \"C\" __global__";
-    let mut names = Vec::new();
-    for (at, _) in src.match_indices(MARK) {
-        let mut rest = &src[at + MARK.len()..];
-        loop {
-            let open = rest.find('(').expect("kernel signature without '('");
-            let ident: String = rest[..open]
-                .trim_end()
-                .chars()
-                .rev()
-                .take_while(|c| c.is_alphanumeric() || *c == '_')
-                .collect::<Vec<_>>()
-                .into_iter()
-                .rev()
-                .collect();
-            if ident == "__launch_bounds__" {
-                rest = &rest[open + rest[open..].find(')').unwrap() + 1..];
-                continue;
-            }
-            names.push(ident);
-            break;
-        }
-    }
-    names
+fn indent(s: &str) -> String {
+    s.lines()
+        .map(|l| match l.is_empty() {
+            true => "\n".to_string(),
+            false => format!("    {l}\n"),
+        })
+        .collect()
 }
 
 fn build_emulator(files: &[KernelFile], kdir: &Path, emu_dir: &Path, out: &Path) {
@@ -189,8 +471,9 @@ fn build_emulator(files: &[KernelFile], kdir: &Path, emu_dir: &Path, out: &Path)
         for k in &f.kernels {
             writeln!(
                 cpp,
-                "    {{\"{k}\", &mura_emu::trampoline<{k}>, mura_emu::arity({k}), \
-                 mura_emu::param_sizes({k})}},"
+                "    {{\"{0}\", &mura_emu::trampoline<{0}>, mura_emu::arity({0}), \
+                 mura_emu::param_sizes({0})}},",
+                k.name
             )
             .unwrap();
         }
@@ -205,8 +488,8 @@ fn build_emulator(files: &[KernelFile], kdir: &Path, emu_dir: &Path, out: &Path)
     build.compile("mura_emu");
 }
 
-/// The emulator with kernels/selftest.cu under AddressSanitizer, as a standalone program for the
-/// out-of-bounds test. Returns its path, or "" (with a warning) when the compiler cannot do it.
+/// The emulator with kernels/testing/selftest.cu under AddressSanitizer, as a standalone program
+/// for the out-of-bounds test. Returns its path, or "" (with a warning) when the compiler cannot.
 fn build_asan_harness(kdir: &Path, emu_dir: &Path, out: &Path) -> String {
     let compiler = cc::Build::new().cpp(true).get_compiler();
     let exe = out.join("emu-asan");
@@ -315,9 +598,9 @@ fn compile_fatbins(nvcc: &Path, files: &[KernelFile], kdir: &Path, out: &Path) -
             String::from_utf8_lossy(&o.stderr)
         );
         if !o.status.success() {
-            panic!("nvcc failed on kernels/{}.cu:\n{text}", f.stem);
+            panic!("nvcc failed on kernels/{}:\n{text}", f.rel);
         }
-        writeln!(report, "== {}.cu\n{text}", f.stem).unwrap();
+        writeln!(report, "== {}\n{text}", f.rel).unwrap();
     }
     fs::write(out.join("ptxas.txt"), report).unwrap();
     let archs: Vec<String> = SASS.iter().map(|s| format!("sm_{s}")).collect();
@@ -328,8 +611,9 @@ fn compile_fatbins(nvcc: &Path, files: &[KernelFile], kdir: &Path, out: &Path) -
 }
 
 /// The source with its local `#include "x.cuh"` lines replaced by the headers (each once), so
-/// NVRTC needs no include path for them.
-fn inline_includes(path: &Path, kdir: &Path, once: &mut BTreeSet<String>) -> String {
+/// NVRTC needs no include path for them. Headers are found beside the including file, then in
+/// kernels/.
+fn inline_includes(path: &Path, kdir: &Path, once: &mut BTreeSet<PathBuf>) -> String {
     let mut out = String::new();
     for line in fs::read_to_string(path).unwrap().lines() {
         let t = line.trim();
@@ -337,8 +621,14 @@ fn inline_includes(path: &Path, kdir: &Path, once: &mut BTreeSet<String>) -> Str
             .strip_prefix("#include \"")
             .and_then(|r| r.strip_suffix('"'))
         {
-            if once.insert(name.to_string()) {
-                out += &inline_includes(&kdir.join(name), kdir, once);
+            let beside = path.parent().unwrap().join(name);
+            let header = if beside.is_file() {
+                beside
+            } else {
+                kdir.join(name)
+            };
+            if once.insert(header.clone()) {
+                out += &inline_includes(&header, kdir, once);
             }
         } else if t != "#pragma once" {
             out += line;

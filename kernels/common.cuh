@@ -17,6 +17,11 @@
 
 #define FULL_MASK 0xffffffffu
 
+// for (i = this thread; i < total; i += every thread of the grid): any grid covers any total.
+#define GRID_STRIDE(i, total)                                                                  \
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < (long long)(total); \
+         i += (long long)gridDim.x * blockDim.x)
+
 // Sum of `v` over the 32 lanes of a full warp; every lane gets the result.
 __device__ __forceinline__ float warp_sum(float v) {
     for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(FULL_MASK, v, offset);

@@ -7,14 +7,14 @@
 // x_rs >= c) and an output a channel slice of one (the pointer at its first channel, row stride
 // y_rs). An optional per-channel BN + ReLU (scale, shift) is applied to the input as it is read;
 // padding stays 0 (it pads the BN-ReLU output, as the CPU reference does).
+#include "consts.cuh"
 #include "dtype.cuh"
 
-#define TM 64      // output tile rows (GEMM M)
-#define TN 64      // output tile columns (GEMM N)
-#define TK 16      // reduction slice
-#define SROW 68    // a shared tile row: 64 + 4 (fewer bank conflicts)
-// dynamic shared bytes of every conv launch: two [TK][SROW] f32 tiles
-#define CONV_SMEM (2 * TK * SROW * 4)
+// Output tile TM x TN (GEMM M x N), reduction slice TK, shared rows of SROW floats (kernels/consts.cuh).
+// Dynamic shared bytes of every conv launch: two [TK][SROW] f32 tiles, CONV_SMEM.
+constexpr int TM = CONV_TILE, TN = CONV_TILE, TK = CONV_TK, SROW = CONV_SROW;
+constexpr int CONV_SMEM = 2 * TK * SROW * 4;
+static_assert(CONV_THREADS == (TM / 4) * (TN / 4), "each thread computes a 4x4 piece of the tile");
 
 // The input as the forward reads it: x: [n, h, w, c] (row stride x_rs); the conv's output
 // is [n, ho, wo, co].
@@ -101,12 +101,12 @@ __device__ void igemm_tile(const P& p, int M, int N, int m0, int n0, int k_lo, i
     float* bs = smem + TK * SROW;  // [TK][SROW]: bs[kk * SROW + nn]
     const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
     for (int k0 = k_lo; k0 < k_hi; k0 += TK) {
-        for (int e = tid; e < TM * TK; e += 256) {
+        for (int e = tid; e < TM * TK; e += CONV_THREADS) {
             const int mm = A_M_FAST ? e % TM : e / TK, kk = A_M_FAST ? e / TM : e % TK;
             const int m = m0 + mm, k = k0 + kk;
             as[kk * SROW + mm] = (m < M && k < k_hi) ? load_a(p, m, k) : 0.0f;
         }
-        for (int e = tid; e < TN * TK; e += 256) {
+        for (int e = tid; e < TN * TK; e += CONV_THREADS) {
             const int nn = B_N_FAST ? e % TN : e / TK, kk = B_N_FAST ? e / TN : e % TK;
             const int n = n0 + nn, k = k0 + kk;
             bs[kk * SROW + nn] = (n < N && k < k_hi) ? load_b(p, k, n) : 0.0f;
@@ -179,7 +179,7 @@ __device__ void conv_bwd_weight(float* dw, const T* x, int x_rs, const float* sc
 // y: [n, ho, wo, co] f32, row stride y_rs (a channel slice); x: [n, h, w, c] f32, row stride x_rs (a
 // channel prefix); wt: [k, k, c, co] f32; scale, shift: [c] f32 or both null (fused BN + ReLU on x).
 // Grid (ceil(n*ho*wo / 64), ceil(co / 64)), block 256, CONV_SMEM dynamic shared bytes.
-extern "C" __global__ void __launch_bounds__(256)
+extern "C" __global__ void __launch_bounds__(CONV_THREADS)
     conv_fwd_f32(float* __restrict__ y, int y_rs, const float* __restrict__ x, int x_rs, const float* __restrict__ wt,
                   const float* scale, const float* shift, int n, int h, int w, int c, int co, int k, int stride,
                   int pad) {
@@ -189,7 +189,7 @@ extern "C" __global__ void __launch_bounds__(256)
 // dx: [n, h, w, ci] f32, row stride dx_rs, overwritten (accumulate = 0) or added to; dy: [n, ho, wo, co]
 // f32, row stride dy_rs; wt: [k, k, ci, co] f32. Grid (ceil(n*h*w / 64), ceil(ci / 64)), block 256,
 // CONV_SMEM dynamic shared bytes.
-extern "C" __global__ void __launch_bounds__(256)
+extern "C" __global__ void __launch_bounds__(CONV_THREADS)
     conv_bwd_data_f32(float* dx, int dx_rs, int accumulate, const float* __restrict__ dy, int dy_rs,
                        const float* __restrict__ wt, int n, int h, int w, int ci, int co, int k, int stride, int pad) {
     conv_bwd_data<float>(dx, dx_rs, accumulate, dy, dy_rs, wt, n, h, w, ci, co, k, stride, pad);
@@ -198,7 +198,7 @@ extern "C" __global__ void __launch_bounds__(256)
 // dw: [k, k, c, co] f32, added to atomically: the output pixels are split over gridDim.z chunks of
 // split_len (a multiple of 16); x, scale, shift as in the forward; dy: [n, ho, wo, co] f32, row stride
 // dy_rs. Grid (ceil(k*k*c / 64), ceil(co / 64), ceil(n*ho*wo / split_len)), block 256, CONV_SMEM bytes.
-extern "C" __global__ void __launch_bounds__(256)
+extern "C" __global__ void __launch_bounds__(CONV_THREADS)
     conv_bwd_weight_f32(float* dw, const float* __restrict__ x, int x_rs, const float* scale, const float* shift,
                          const float* __restrict__ dy, int dy_rs, int n, int h, int w, int c, int co, int k,
                          int stride, int pad, int split_len) {
@@ -208,7 +208,7 @@ extern "C" __global__ void __launch_bounds__(256)
 // y: [n, ho, wo, co] bf16, row stride y_rs (a channel slice); x: [n, h, w, c] bf16, row stride x_rs (a
 // channel prefix); wt: [k, k, c, co] f32; scale, shift: [c] f32 or both null (fused BN + ReLU on x).
 // Grid (ceil(n*ho*wo / 64), ceil(co / 64)), block 256, CONV_SMEM dynamic shared bytes.
-extern "C" __global__ void __launch_bounds__(256)
+extern "C" __global__ void __launch_bounds__(CONV_THREADS)
     conv_fwd_bf16(bf16* __restrict__ y, int y_rs, const bf16* __restrict__ x, int x_rs, const float* __restrict__ wt,
                   const float* scale, const float* shift, int n, int h, int w, int c, int co, int k, int stride,
                   int pad) {
@@ -218,7 +218,7 @@ extern "C" __global__ void __launch_bounds__(256)
 // dx: [n, h, w, ci] bf16, row stride dx_rs, overwritten (accumulate = 0) or added to; dy: [n, ho, wo, co]
 // bf16, row stride dy_rs; wt: [k, k, ci, co] f32. Grid (ceil(n*h*w / 64), ceil(ci / 64)), block 256,
 // CONV_SMEM dynamic shared bytes.
-extern "C" __global__ void __launch_bounds__(256)
+extern "C" __global__ void __launch_bounds__(CONV_THREADS)
     conv_bwd_data_bf16(bf16* dx, int dx_rs, int accumulate, const bf16* __restrict__ dy, int dy_rs,
                        const float* __restrict__ wt, int n, int h, int w, int ci, int co, int k, int stride, int pad) {
     conv_bwd_data<bf16>(dx, dx_rs, accumulate, dy, dy_rs, wt, n, h, w, ci, co, k, stride, pad);
@@ -227,7 +227,7 @@ extern "C" __global__ void __launch_bounds__(256)
 // dw: [k, k, c, co] f32, added to atomically: the output pixels are split over gridDim.z chunks of
 // split_len (a multiple of 16); x, scale, shift as in the forward; dy: [n, ho, wo, co] bf16, row stride
 // dy_rs. Grid (ceil(k*k*c / 64), ceil(co / 64), ceil(n*ho*wo / split_len)), block 256, CONV_SMEM bytes.
-extern "C" __global__ void __launch_bounds__(256)
+extern "C" __global__ void __launch_bounds__(CONV_THREADS)
     conv_bwd_weight_bf16(float* dw, const bf16* __restrict__ x, int x_rs, const float* scale, const float* shift,
                          const bf16* __restrict__ dy, int dy_rs, int n, int h, int w, int c, int co, int k,
                          int stride, int pad, int split_len) {

@@ -25,7 +25,7 @@
 //         Per K-slice: 128*128*32*2 = 1.05 MFLOP for (128+128)*32*2 = 16 KB of operands from
 //         global/L2 (64 FLOP/B); shared stages * (A + B) * 2 B: 37.9 KB forward (2 stages),
 //         61.4 KB backward-data (3 stages, both operands k-contiguous and by cp.async), 34.8 KB
-//         backward-weight (2). 123-128 registers (__launch_bounds__(256, 2)) -> 2 blocks (16
+//         backward-weight (2). 123-128 registers (__launch_bounds__(WIDE_THREADS, 2)) -> 2 blocks (16
 //         warps) per SM on sm_80/sm_90, <= 123 KB shared (sm_86/89 fit one 61 KB block).
 //         Used by: 1x1 forward (N = O = 128, K = C = 64..1k+), 1x1 backward-data (N = C, K = 128:
 //         only 4 K-slices, so prologue/epilogue weigh), 3x3 backward-data (N = C = 128,
@@ -46,15 +46,24 @@
 // would gain from more only if their BN operand's register loads were not the wait); the per-chunk division
 // kidx / c of the im2col operands (a running (tap, channel) counter would do); bf16x2 epilogue
 // stores; swizzled shared rows instead of +8 padding; 64x128 tiles for the 1x1 backward-data.
+#include "consts.cuh"
 #include "mma.cuh"
 
 typedef __nv_bfloat16 bf16;
 
-#define BK 32
-// Shared-memory stages of the data gradients, whose operands (dy, weights) both go by cp.async:
-// 3 stages = 61,440 bytes a block (the CUDA driver opts in beyond 48 KiB); the other kernels
-// keep 2 (their BN + ReLU operand goes through registers, which more stages would not help).
-#define BWD_DATA_STAGES 3
+// The K-slice, stages and block tiles live in kernels/consts.cuh (the Rust launchers size grids and
+// shared memory from the same values). The data gradients' operands (dy, weights) both go by
+// cp.async: TC_BWD_DATA_STAGES = 3 stages = 61,440 bytes a block (the CUDA driver opts in beyond
+// 48 KiB); the other kernels keep TC_STAGES = 2 (their BN + ReLU operand goes through registers,
+// which more stages would not help).
+constexpr int BK = TC_BK;
+// A tile's template arguments <BM, BN, WM, WN>, and its threads (one warp per WM x WN).
+#define WIDE TC_WIDE_BM, TC_WIDE_BN, TC_WIDE_WM, TC_WIDE_WN
+#define NARROW TC_NARROW_BM, TC_NARROW_BN, TC_NARROW_WM, TC_NARROW_WN
+#define ANY TC_ANY_BM, TC_ANY_BN, TC_ANY_WM, TC_ANY_WN
+constexpr int WIDE_THREADS = TC_WIDE_WM * TC_WIDE_WN * 32;
+constexpr int NARROW_THREADS = TC_NARROW_WM * TC_NARROW_WN * 32;
+constexpr int ANY_THREADS = TC_ANY_WM * TC_ANY_WN * 32;
 
 // Loop unrolling for nvcc (the emulator's C++ compiler does not know the pragma).
 #ifdef MURA_EMU
@@ -459,7 +468,7 @@ __device__ __forceinline__ void tc_fwd(const OA& a, int M, int K, bf16* y, int y
     const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
     const int k_lo = blockIdx.z * split_len, k_hi = min(K, k_lo + split_len);
     float acc[TL::MT][TL::NT][4] = {};
-    tc_tile<BM, BN, WM, WN, true, false, CACHE_A, 2>(a, b, m0, n0, k_lo, k_hi, acc);
+    tc_tile<BM, BN, WM, WN, true, false, CACHE_A, TC_STAGES>(a, b, m0, n0, k_lo, k_hi, acc);
     if (ws) {
         if (k_lo < k_hi) add_tile<BM, BN, WM, WN>(acc, ws, m0, n0, M, co);
         return;
@@ -512,7 +521,7 @@ __device__ __forceinline__ void conv_tc_bwd_data(bf16* dx, int dx_rs, int accumu
     const int M = n * h * w, m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
     float acc[TL::MT][TL::NT][4] = {};
     // No row cache: at the 128-register bound it spills on sm_86/89 (K is only 9 * 32 here anyway).
-    tc_tile<BM, BN, WM, WN, true, true, false, BWD_DATA_STAGES>(a, b, m0, n0, 0, KS * KS * co, acc);
+    tc_tile<BM, BN, WM, WN, true, true, false, TC_BWD_DATA_STAGES>(a, b, m0, n0, 0, KS * KS * co, acc);
 UNROLL
     for (int nt = 0; nt < TL::NT; nt++) {
         float sums[2][2] = {};
@@ -549,7 +558,7 @@ __device__ __forceinline__ void tc_bwd_weight(float* dw, const OA& a, int P, int
     const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
     const int k_lo = blockIdx.z * split_len, k_hi = min(P, k_lo + split_len);
     float acc[TL::MT][TL::NT][4] = {};
-    tc_tile<BM, BN, WM, WN, false, false, false, 2>(a, b, m0, n0, k_lo, k_hi, acc);
+    tc_tile<BM, BN, WM, WN, false, false, false, TC_STAGES>(a, b, m0, n0, k_lo, k_hi, acc);
     if (k_lo < k_hi) add_tile<BM, BN, WM, WN>(acc, dw, m0, n0, M, co);
 }
 
@@ -572,19 +581,19 @@ __device__ __forceinline__ void conv_tc_bwd_weight(float* dw, const bf16* x, int
 // ws: null, or [n*h*w, co] f32 partial sums (split-K over gridDim.z chunks of split_len, a multiple
 // of 32, of the k*k*c reduction; y and stats untouched, see conv_tc_fwd_finish_bf16).
 // Grid (ceil(n*h*w / 128), ceil(co / 128), splits), block 256, 37888 shared bytes.
-extern "C" __global__ void __launch_bounds__(256, 2)
+extern "C" __global__ void __launch_bounds__(WIDE_THREADS, 2)
     conv1x1_tc_fwd_bf16(bf16* __restrict__ y, int y_rs, const bf16* __restrict__ x, int x_rs,
                         const bf16* __restrict__ wt, const float* scale, const float* shift, int n, int h, int w,
                         int c, int co, float* stats, float* ws, int split_len) {
-    conv_tc_fwd<128, 128, 2, 4, 1>(y, y_rs, x, x_rs, wt, scale, shift, n, h, w, c, co, stats, ws, split_len);
+    conv_tc_fwd<WIDE, 1>(y, y_rs, x, x_rs, wt, scale, shift, n, h, w, c, co, stats, ws, split_len);
 }
 
 // Grid (ceil(n*h*w / 128), ceil(co / 32), splits), block 128, 25600 shared bytes.
-extern "C" __global__ void __launch_bounds__(128)
+extern "C" __global__ void __launch_bounds__(NARROW_THREADS)
     conv3x3_tc_fwd_bf16(bf16* __restrict__ y, int y_rs, const bf16* __restrict__ x, int x_rs,
                         const bf16* __restrict__ wt, const float* scale, const float* shift, int n, int h, int w,
                         int c, int co, float* stats, float* ws, int split_len) {
-    conv_tc_fwd<128, 32, 4, 1, 3>(y, y_rs, x, x_rs, wt, scale, shift, n, h, w, c, co, stats, ws, split_len);
+    conv_tc_fwd<NARROW, 3>(y, y_rs, x, x_rs, wt, scale, shift, n, h, w, c, co, stats, ws, split_len);
 }
 
 // The end of a split-K forward: y: [M, co] bf16 (row stride y_rs) = ws: [M, co] f32 rounded, and
@@ -622,64 +631,64 @@ extern "C" __global__ void conv_tc_fwd_finish_bf16(bf16* __restrict__ y, int y_r
 // shift: the forward's input and BN + ReLU, for its mask (scale null: no mask; x unused); post:
 // null or [c] f32 factors of the stored gradient; red: null or [2, c] f32 += (sum g, sum g * x).
 // Grid (ceil(n*h*w / 128), ceil(c / 128)), block 256, 40960 shared bytes.
-extern "C" __global__ void __launch_bounds__(256, 2)
+extern "C" __global__ void __launch_bounds__(WIDE_THREADS, 2)
     conv1x1_tc_bwd_data_bf16(bf16* dx, int dx_rs, int accumulate, const bf16* __restrict__ dy, int dy_rs,
                              const bf16* __restrict__ wt, const bf16* __restrict__ x, int x_rs, const float* scale,
                              const float* shift, int n, int h, int w, int c, int co, float* red, const float* post) {
-    conv_tc_bwd_data<128, 128, 2, 4, 1>(dx, dx_rs, accumulate, dy, dy_rs, wt, x, x_rs, scale, shift, n, h, w, c, co,
+    conv_tc_bwd_data<WIDE, 1>(dx, dx_rs, accumulate, dy, dy_rs, wt, x, x_rs, scale, shift, n, h, w, c, co,
                                           red, post);
 }
 
 // As conv1x1_tc_bwd_data_bf16, for the 3x3/1 pad 1 convolution.
-extern "C" __global__ void __launch_bounds__(256, 2)
+extern "C" __global__ void __launch_bounds__(WIDE_THREADS, 2)
     conv3x3_tc_bwd_data_bf16(bf16* dx, int dx_rs, int accumulate, const bf16* __restrict__ dy, int dy_rs,
                              const bf16* __restrict__ wt, const bf16* __restrict__ x, int x_rs, const float* scale,
                              const float* shift, int n, int h, int w, int c, int co, float* red, const float* post) {
-    conv_tc_bwd_data<128, 128, 2, 4, 3>(dx, dx_rs, accumulate, dy, dy_rs, wt, x, x_rs, scale, shift, n, h, w, c, co,
+    conv_tc_bwd_data<WIDE, 3>(dx, dx_rs, accumulate, dy, dy_rs, wt, x, x_rs, scale, shift, n, h, w, c, co,
                                           red, post);
 }
 
 // dw += over pixels split into gridDim.z chunks of split_len (a multiple of 32).
 // Grid (ceil(c / 128), ceil(co / 128), ceil(n*h*w / split_len)), block 256, 34816 shared bytes.
-extern "C" __global__ void __launch_bounds__(256, 2)
+extern "C" __global__ void __launch_bounds__(WIDE_THREADS, 2)
     conv1x1_tc_bwd_weight_bf16(float* dw, const bf16* __restrict__ x, int x_rs, const float* scale,
                                const float* shift, const bf16* __restrict__ dy, int dy_rs, int n, int h, int w, int c,
                                int co, int split_len) {
-    conv_tc_bwd_weight<128, 128, 2, 4, 1>(dw, x, x_rs, scale, shift, dy, dy_rs, n, h, w, c, co, split_len);
+    conv_tc_bwd_weight<WIDE, 1>(dw, x, x_rs, scale, shift, dy, dy_rs, n, h, w, c, co, split_len);
 }
 
 // Grid (ceil(9*c / 128), ceil(co / 32), ceil(n*h*w / split_len)), block 128, 22528 shared bytes.
-extern "C" __global__ void __launch_bounds__(128)
+extern "C" __global__ void __launch_bounds__(NARROW_THREADS)
     conv3x3_tc_bwd_weight_bf16(float* dw, const bf16* __restrict__ x, int x_rs, const float* scale,
                                const float* shift, const bf16* __restrict__ dy, int dy_rs, int n, int h, int w, int c,
                                int co, int split_len) {
-    conv_tc_bwd_weight<128, 32, 4, 1, 3>(dw, x, x_rs, scale, shift, dy, dy_rs, n, h, w, c, co, split_len);
+    conv_tc_bwd_weight<NARROW, 3>(dw, x, x_rs, scale, shift, dy, dy_rs, n, h, w, c, co, split_len);
 }
 
 // Any square window, stride and padding (the stem: 7x7/2 pad 3 on 3 channels), element-by-element
 // im2col loads, a 128x64 tile (4 warps as 2x2, warp tile 64x32: DenseNet's stem has 64 outputs);
-// 126-127 registers at __launch_bounds__(128, 4) (158 unbounded), no spills: 4 blocks per SM.
+// 126-127 registers at __launch_bounds__(ANY_THREADS, 4) (158 unbounded), no spills: 4 blocks per SM.
 // y: [n, ho, wo, co] bf16 (row stride y_rs) = conv(pre(x), wt), ho = (h + 2 pad - k) / stride + 1;
 // x: [n, h, w, c] bf16 (row stride x_rs); wt: [k, k, c, co] bf16; stats: null or [2, co] f32 +=
 // per-channel (sum y, sum y^2). No split-K (the stem's grid is large).
 // Grid (ceil(n*ho*wo / 128), ceil(co / 64)), block 128, 29696 shared bytes.
-extern "C" __global__ void __launch_bounds__(128, 4)
+extern "C" __global__ void __launch_bounds__(ANY_THREADS, 4)
     convkxk_tc_fwd_bf16(bf16* __restrict__ y, int y_rs, const bf16* __restrict__ x, int x_rs,
                         const bf16* __restrict__ wt, const float* scale, const float* shift, int n, int h, int w,
                         int c, int co, int k, int stride, int pad, float* stats) {
     const Strided a = make_strided(x, x_rs, n, h, w, c, k, stride, pad, scale, shift);
     const int K = k * k * c;
-    tc_fwd<128, 64, 2, 2, false>(a, n * a.ho * a.wo, K, y, y_rs, wt, co, stats, nullptr, K);
+    tc_fwd<ANY, false>(a, n * a.ho * a.wo, K, y, y_rs, wt, co, stats, nullptr, K);
 }
 
 // dw: [k, k, c, co] f32 += (d conv / d wt)(pre(x), dy) over the output pixels split into gridDim.z
 // chunks of split_len (a multiple of 32); x, scale, shift, k, stride, pad as in the forward; dy:
 // [n, ho, wo, co] bf16 (row stride dy_rs).
 // Grid (ceil(k*k*c / 128), ceil(co / 64), ceil(n*ho*wo / split_len)), block 128, 26624 shared bytes.
-extern "C" __global__ void __launch_bounds__(128, 4)
+extern "C" __global__ void __launch_bounds__(ANY_THREADS, 4)
     convkxk_tc_bwd_weight_bf16(float* dw, const bf16* __restrict__ x, int x_rs, const float* scale,
                                const float* shift, const bf16* __restrict__ dy, int dy_rs, int n, int h, int w, int c,
                                int co, int k, int stride, int pad, int split_len) {
     const Strided a = make_strided(x, x_rs, n, h, w, c, k, stride, pad, scale, shift);
-    tc_bwd_weight<128, 64, 2, 2>(dw, a, n * a.ho * a.wo, k * k * c, dy, dy_rs, co, split_len);
+    tc_bwd_weight<ANY>(dw, a, n * a.ho * a.wo, k * k * c, dy, dy_rs, co, split_len);
 }

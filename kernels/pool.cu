@@ -1,12 +1,8 @@
-// Pooling and the head: max pool 3x3/2 pad 1 (stem, with norm0 + relu0 fused into the read), avg
-// pool 2x2/2 (transitions, with the transition's BN + ReLU fused into the read), global average
-// pool and the single-logit linear layer, forward and backward. NHWC; one thread per output element in grid-stride loops (these
+// Pooling: max pool 3x3/2 pad 1 (stem, with norm0 + relu0 fused into the read), avg pool 2x2/2
+// (transitions, with the transition's BN + ReLU fused into the read) and the global average pool of
+// the head, forward and backward. NHWC; one thread per output element in grid-stride loops (these
 // ops move little data next to the convolutions).
 #include "dtype.cuh"
-
-#define GRID_STRIDE(i, total)                                                                  \
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < (long long)(total); \
-         i += (long long)gridDim.x * blockDim.x)
 
 // pre(x) of channel j: the BN + ReLU max(x * scale + shift, 0) when scale is not null, else x.
 template <class T>
@@ -128,44 +124,6 @@ __device__ void gap_bwd(T* dx, const float* dfeat, int n, int hw, int c) {
         const long long b = i / c / hw;
         st(dx + i, dfeat[b * c + j] / (float)hw);
     }
-}
-
-// logits: [n] f32 = feat · wt + bias; feat: [n, c] f32; wt: [c] f32; bias: [1] f32.
-// Grid (n), block 256 (a multiple of 32).
-extern "C" __global__ void linear_fwd_f32(float* __restrict__ logits, const float* __restrict__ feat,
-                                          const float* __restrict__ wt, const float* __restrict__ bias, int c) {
-    __shared__ float scratch[32];
-    const int b = blockIdx.x;
-    float s = 0.0f;
-    for (int j = threadIdx.x; j < c; j += blockDim.x) s += feat[(long long)b * c + j] * wt[j];
-    s = block_sum(s, scratch);
-    if (threadIdx.x == 0) logits[b] = s + bias[0];
-}
-
-// dfeat: [n, c] f32 out = dlogits[b] * wt; dw: [c] f32 and db: [1] f32 added to (dw += dlogitsᵀ feat,
-// db += sum dlogits); feat: [n, c] f32; wt: [c] f32; dlogits: [n] f32. One thread per channel.
-extern "C" __global__ void linear_bwd_f32(float* __restrict__ dfeat, float* __restrict__ dw, float* __restrict__ db,
-                                          const float* __restrict__ feat, const float* __restrict__ wt,
-                                          const float* __restrict__ dlogits, int n, int c) {
-    const int j = blockIdx.x * blockDim.x + threadIdx.x;
-    if (j < c) {
-        float s = 0.0f;
-        for (int b = 0; b < n; b++) {
-            s += dlogits[b] * feat[(long long)b * c + j];
-            dfeat[(long long)b * c + j] = dlogits[b] * wt[j];
-        }
-        dw[j] += s;
-        if (j == 0) {
-            float t = 0.0f;
-            for (int b = 0; b < n; b++) t += dlogits[b];
-            db[0] += t;
-        }
-    }
-}
-
-// y: [n] bf16 = x: [n] f32 rounded to nearest even.
-extern "C" __global__ void cast_fwd_bf16(bf16* __restrict__ y, const float* __restrict__ x, int n) {
-    GRID_STRIDE(i, n) y[i] = __float2bfloat16(x[i]);
 }
 
 // f32 storage: see maxpool_fwd.

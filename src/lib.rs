@@ -1,9 +1,9 @@
 //! mura: a from-scratch DenseNet training engine for MURA.
 
-pub mod autograd;
 pub mod cam;
 pub mod checkpoint;
 pub mod cli;
+pub mod consts;
 pub mod data;
 pub mod device;
 pub mod eval;
@@ -15,8 +15,8 @@ pub mod net;
 pub mod ops;
 pub mod optim;
 pub mod plot;
+pub mod precision;
 pub mod rng;
-pub mod roofline;
 pub mod spec;
 pub mod train;
 pub mod weights;

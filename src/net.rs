@@ -1,33 +1,16 @@
 //! The model as the commands see it, whatever runs it: the CPU reference (`DenseNet<f32>`) or the
 //! GPU op layer (on CUDA or the emulator). `train`, `eval`, `predict` and `bench` use only this.
 
-use crate::data::loader::{augment_image, AugParams, Batch};
+use crate::data::loader::Batch;
 use crate::device::Device;
 use crate::model::{DenseNet, Mode};
+use crate::ops::augment::{self, AugParams};
+use crate::precision::Precision;
 use crate::optim::Adam;
 use crate::spec::DenseNetSpec;
 use crate::weights::StateDict;
 use anyhow::{bail, Result};
 use rayon::prelude::*;
-
-/// Storage precision of activations and weights on the device (master weights, BN statistics and
-/// optimiser state stay f32).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub enum Precision {
-    F32,
-    Bf16,
-}
-
-impl std::str::FromStr for Precision {
-    type Err = anyhow::Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "f32" => Ok(Precision::F32),
-            "bf16" => Ok(Precision::Bf16),
-            _ => bail!("unknown precision '{s}': use f32 or bf16"),
-        }
-    }
-}
 
 pub trait Net {
     fn spec(&self) -> &DenseNetSpec;
@@ -42,7 +25,7 @@ pub trait Net {
         false
     }
     /// `forward` of the store images `raw: [n, src_size, src_size]` u8, view `i` augmented by
-    /// `params[i]` into an `out_size`² input exactly as `data::loader::augment_image` does.
+    /// `params[i]` into an `out_size`² input exactly as `ops::augment::image` does.
     /// Here: augmented on the host (in parallel), then `forward`; GPU backends augment on the device.
     fn forward_raw(
         &mut self,
@@ -58,7 +41,7 @@ pub trait Net {
         x.par_chunks_mut(len)
             .zip(raw.par_chunks(src_size * src_size))
             .zip(params)
-            .for_each(|((out, src), &p)| augment_image(src, src_size, p, out_size, out));
+            .for_each(|((out, src), &p)| augment::image(src, src_size, p, out_size, out));
         self.forward(&x, params.len(), out_size, out_size, mode)
     }
     /// Eval-mode forward that also returns the final feature map after norm5 + ReLU
@@ -184,17 +167,14 @@ pub fn build(
         Some(sd) => DenseNet::<f32>::from_state_dict(spec, sd)?,
         None => DenseNet::<f32>::new(spec, seed),
     };
-    match crate::gpu::resolve(device)? {
-        Device::Cpu => {
-            if precision != Precision::F32 {
-                bail!("the cpu backend computes in f32 only: drop --precision or use --device cuda|emu");
-            }
-            Ok(Box::new(cpu))
+    let gpu = |d| crate::gpu::open(d);
+    use crate::gpu::model::GpuDenseNet;
+    Ok(match (crate::gpu::resolve(device)?, precision) {
+        (Device::Cpu, Precision::F32) => Box::new(cpu),
+        (Device::Cpu, Precision::Bf16) => {
+            bail!("the cpu backend computes in f32 only: drop --precision or use --device cuda|emu")
         }
-        d => Ok(Box::new(crate::gpu::densenet::GpuDenseNet::new(
-            crate::gpu::open(d)?,
-            cpu,
-            precision,
-        )?)),
-    }
+        (d, Precision::F32) => Box::new(GpuDenseNet::<f32>::new(gpu(d)?, cpu)?),
+        (d, Precision::Bf16) => Box::new(GpuDenseNet::<half::bf16>::new(gpu(d)?, cpu)?),
+    })
 }

@@ -35,38 +35,22 @@ impl Adam {
         }
     }
 
-    /// The scalars of step `self.step` (after incrementing): (step_size, sqrt(bias_correction2)),
-    /// as PyTorch computes them in double precision.
-    pub fn step_scalars(&self) -> (f64, f64) {
-        let t = self.step as i32;
-        let bc1 = 1.0 - self.beta1.powi(t);
-        let bc2 = 1.0 - self.beta2.powi(t);
-        (self.lr / bc1, bc2.sqrt())
+    /// The hyper-parameters of the step counted so far (`self.step`).
+    pub fn current(&self) -> crate::ops::adam::Step {
+        crate::ops::adam::Step {
+            lr: self.lr,
+            beta1: self.beta1,
+            beta2: self.beta2,
+            eps: self.eps,
+            weight_decay: self.weight_decay,
+            t: self.step,
+        }
     }
 
-    /// One update: params -= lr/bc1 · m / (sqrt(v)/sqrt(bc2) + eps).
-    /// params, grads: [n_params]
+    /// One update of `params: [n_params]` from `grads` (the step counted first).
     pub fn update(&mut self, params: &mut [f32], grads: &[f32]) {
-        assert_eq!(params.len(), self.m.len(), "parameter count changed");
-        assert_eq!(grads.len(), self.m.len(), "one gradient per parameter");
         self.step += 1;
-        let (step_size, bc2_sqrt) = self.step_scalars();
-        let b2 = self.beta2 as f32;
-        let (one_m_b1, one_m_b2) = ((1.0 - self.beta1) as f32, (1.0 - self.beta2) as f32);
-        let (wd, eps) = (self.weight_decay as f32, self.eps as f32);
-        let (step_size, bc2_sqrt) = (step_size as f32, bc2_sqrt as f32);
-        for (((p, &g), m), v) in params
-            .iter_mut()
-            .zip(grads)
-            .zip(&mut self.m)
-            .zip(&mut self.v)
-        {
-            let g = if wd != 0.0 { g + wd * *p } else { g };
-            // torch: exp_avg.lerp_(grad, 1 - β1); exp_avg_sq.mul_(β2).addcmul_(grad, grad, 1 - β2)
-            *m += one_m_b1 * (g - *m);
-            *v = *v * b2 + one_m_b2 * g * g;
-            *p -= step_size * *m / (v.sqrt() / bc2_sqrt + eps);
-        }
+        crate::ops::adam::update(self.current(), params, grads, &mut self.m, &mut self.v);
     }
 }
 

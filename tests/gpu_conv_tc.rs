@@ -9,7 +9,7 @@ use mura::gpu::ops::View;
 use mura::gpu::ops_tc;
 use mura::gpu::testing::{cols, fresh_seed, randn, rel_err, test_driver, untouched_outside};
 use mura::gpu::{DevPtr, DeviceBuffer, Driver};
-use mura::ops::conv::{conv2d_bwd_input, conv2d_bwd_weight, conv2d_fwd, Conv, Image};
+use mura::ops::conv::{bwd_data, bwd_weight, fwd, Conv, Image};
 use mura::ops::BnRelu;
 use mura::rng::Rng;
 use std::sync::Arc;
@@ -162,7 +162,7 @@ fn weight_grads(
     let mut dw_ref = randn(rng, inp.w.1.len(), 1.0, 0.0);
     let (dwb, dw0) = Buf::from(d, true, &dw_ref);
     ops_tc::conv_bwd_weight(&**d, view, pre, g, dy_ptr, dy_rs, co, dwb.at(0)).unwrap();
-    conv2d_bwd_weight(
+    bwd_weight(
         inp.image(),
         inp.pre_ref(with_pre),
         g,
@@ -207,7 +207,7 @@ fn conv_case(
     // 32-wide chunks and in the default split (with a workspace; whole when the grid is large),
     // which the finishing kernel must leave zeroed again.
     let mut y_ref = vec![0.0; px * co];
-    conv2d_fwd(xi, pre_ref, wv, co, g, &mut y_ref, co);
+    fwd(xi, pre_ref, wv, co, g, &mut y_ref, co);
     let ws = Buf::from(d, true, &vec![0.0; px * co]).0;
     for split in [None, Some(32), Some(0)] {
         let what = format!("{what} fwd split {split:?}");
@@ -264,7 +264,7 @@ fn conv_case(
     let (dyb, dyv) = Buf::from(d, false, &randn(rng, px * y_rs, 1.0, 0.0));
     let dy = cols(&dyv, y_rs, y_c0, co);
     let mut dx_ref = vec![0.0; px * c];
-    conv2d_bwd_input(&dy, co, co, wv, g, (n, h, w, c), &mut dx_ref);
+    bwd_data(&dy, co, co, wv, g, (n, h, w, c), &mut dx_ref);
 
     // Backward-data times the BN-ReLU mask and per-channel factors, accumulated into a prefix of
     // a wider random buffer, with the BN's reductions of the masked gradient g (a dense layer's
@@ -488,7 +488,7 @@ fn any_window_case(
     let (wb, pre, view) = (&inp.w.0, inp.pre(with_pre), inp.view());
     let (xi, pre_ref) = (inp.image(), inp.pre_ref(with_pre));
     let mut y_ref = vec![0.0; px * co];
-    conv2d_fwd(xi, pre_ref, &inp.w.1, co, g, &mut y_ref, co);
+    fwd(xi, pre_ref, &inp.w.1, co, g, &mut y_ref, co);
     let yb = Buf::poisoned(d, false, px * y_rs);
     let (stats, stats0) = Buf::from(d, true, &randn(rng, 2 * co, 1.0, 0.0));
     // (The workspace is ignored: any-window forwards never split.)

@@ -7,7 +7,7 @@ use half::bf16;
 use mura::gpu::ops::{self, BnSaved, Dt, View};
 use mura::gpu::testing::{cols, fresh_seed, randn, rel_err, test_driver, untouched_outside};
 use mura::gpu::{DevPtr, DeviceBuffer, Driver};
-use mura::ops::conv::{conv2d_bwd_input, conv2d_bwd_weight, conv2d_fwd, Conv, Image};
+use mura::ops::conv::{bwd_data, bwd_weight, fwd, Conv, Image};
 use mura::ops::{act, bn, pool, BnRelu};
 use mura::rng::Rng;
 use std::sync::Arc;
@@ -155,7 +155,7 @@ fn conv_case(
     let yb = Buf::poisoned(d, dt, n * ho * wo * y_rs);
     ops::conv_fwd(&**d, dt, view, pre, wb.ptr(), co, g, yb.at(y_c0), y_rs).unwrap();
     let mut y_ref = vec![0.0; n * ho * wo * co];
-    conv2d_fwd(xi, pre_ref, &wv, co, g, &mut y_ref, co);
+    fwd(xi, pre_ref, &wv, co, g, &mut y_ref, co);
     let y = yb.read();
     check(
         &format!("{what} fwd"),
@@ -190,7 +190,7 @@ fn conv_case(
     )
     .unwrap();
     let mut dx_ref = vec![0.0; n * h * w * c];
-    conv2d_bwd_input(&dy, co, co, &wv, g, (n, h, w, c), &mut dx_ref);
+    bwd_data(&dy, co, co, &wv, g, (n, h, w, c), &mut dx_ref);
     let dx = dxb.read();
     let want: Vec<f64> = (0..n * h * w * dx_rs)
         .map(|i| {
@@ -225,7 +225,7 @@ fn conv_case(
     let (dwb, dw0) = f32buf(d, &randn(rng, wv.len(), 1.0, 0.0));
     ops::conv_bwd_weight(&**d, dt, view, pre, g, dyb.at(y_c0), y_rs, co, dwb.ptr()).unwrap();
     let mut dw_ref = dw0.clone();
-    conv2d_bwd_weight(xi, pre_ref, g, &dy, co, co, &mut dw_ref);
+    bwd_weight(xi, pre_ref, g, &dy, co, co, &mut dw_ref);
     check(&format!("{what} bwd weight"), &dwb.read(), &dw_ref, tol);
 }
 

@@ -1,10 +1,11 @@
 //! `mura bench`: time an eval forward and a training step (forward + backward + Adam).
 
-use crate::data::loader::AugParams;
+use crate::ops::augment::AugParams;
 use crate::device::Device;
 use crate::loss::{weighted_bce_f32, LossLevel};
 use crate::model::Mode;
-use crate::net::{self, Net, Precision};
+use crate::net::{self, Net};
+use crate::precision::Precision;
 use crate::optim::Adam;
 use crate::rng::Rng;
 use crate::spec::ArchArgs;

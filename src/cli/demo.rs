@@ -6,7 +6,7 @@ use crate::data::store::Store;
 use crate::data::synth::{synth, SynthConfig};
 use crate::data::{Split, StudyType};
 use crate::loss::LossLevel;
-use crate::net::Precision;
+use crate::precision::Precision;
 use crate::spec::DenseNetSpec;
 use crate::train::{self, TrainConfig};
 use anyhow::{bail, Context, Result};

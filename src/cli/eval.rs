@@ -46,7 +46,7 @@ pub struct Args {
 
 pub fn run(args: Args) -> Result<()> {
     let device: crate::device::Device = args.device.parse()?;
-    let precision: crate::net::Precision = args.precision.parse()?;
+    let precision: crate::precision::Precision = args.precision.parse()?;
     let split: Split = args.split.parse()?;
     if let Some(s) = args.image_size {
         crate::data::image::check_side("--image-size", s)?;

@@ -1,13 +1,10 @@
 //! PNG decoding to gray, resizing and ImageNet normalisation: shared by `prep` and `predict`.
 
+use crate::ops::augment::{MEAN, STD};
 use anyhow::{bail, Context, Result};
 use image::DynamicImage;
 use std::path::Path;
 
-/// ImageNet channel means (R, G, B).
-pub const MEAN: [f32; 3] = [0.485, 0.456, 0.406];
-/// ImageNet channel standard deviations (R, G, B).
-pub const STD: [f32; 3] = [0.229, 0.224, 0.225];
 
 /// The largest image side mura stores or feeds a model (MURA's images are at most 512 px).
 pub const MAX_SIDE: usize = 4096;

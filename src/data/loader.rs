@@ -4,9 +4,9 @@
 //! Determinism: the study order of epoch `e` and the augmentation of store image `i` in epoch
 //! `e` depend only on (seed, e, i), never on the worker count or on timing.
 
-use super::image::{MEAN, STD};
 use super::store::Store;
 use super::{Split, StudyType};
+use crate::ops::augment::{self, AugParams};
 use crate::rng::Rng;
 use anyhow::{bail, Result};
 use std::sync::mpsc::{sync_channel, Receiver};
@@ -79,21 +79,6 @@ impl LoaderConfig {
     }
 }
 
-/// How one image is augmented: flipped first, then rotated about its centre.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct AugParams {
-    pub flip: bool,
-    /// Counter-clockwise, in degrees.
-    pub angle_deg: f32,
-}
-
-impl AugParams {
-    pub const IDENTITY: AugParams = AugParams {
-        flip: false,
-        angle_deg: 0.0,
-    };
-}
-
 /// The augmentation of store image `image` in `epoch`: a pure function of its arguments.
 pub fn aug_params(aug: &Augment, seed: u64, epoch: u64, image: usize) -> AugParams {
     let base = Rng::derive(seed, epoch.wrapping_mul(2).wrapping_add(1)).next_u64();
@@ -101,61 +86,6 @@ pub fn aug_params(aug: &Augment, seed: u64, epoch: u64, image: usize) -> AugPara
     let flip = r.bernoulli(0.5) && aug.flip;
     let angle_deg = r.range(-aug.max_rotation_deg as f64, aug.max_rotation_deg as f64) as f32;
     AugParams { flip, angle_deg }
-}
-
-/// Resamples a stored image into a network input: flip, rotate by `angle_deg` about the centre,
-/// bilinear resample to `out_size`² with half-pixel centres, pixels outside the source black
-/// (0), then ImageNet normalisation into 3 channels. With no flip, angle 0 and equal sizes it
-/// reproduces the source exactly; a flip alone is an exact mirror.
-// src: [src_size, src_size] u8; out: [out_size, out_size, 3] f32 (NHWC, one image)
-pub fn augment_image(src: &[u8], src_size: usize, p: AugParams, out_size: usize, out: &mut [f32]) {
-    assert_eq!(src.len(), src_size * src_size, "augment_image: src shape");
-    assert_eq!(
-        out.len(),
-        out_size * out_size * 3,
-        "augment_image: out shape"
-    );
-    let scale = src_size as f32 / out_size as f32;
-    let (sin, cos) = (p.angle_deg.to_radians()).sin_cos();
-    let sign = if p.flip { -1.0 } else { 1.0 };
-    // Source position = centre + scale * R(angle) * (output position - centre), u mirrored by a flip.
-    let (dux, dvx) = (sign * scale * cos, -scale * sin);
-    let (duy, dvy) = (sign * scale * sin, scale * cos);
-    let half_out = out_size as f32 / 2.0;
-    let c_src = src_size as f32 / 2.0 - 0.5;
-    let (lo, hi) = (-0.5f32, src_size as f32 - 0.5);
-    let last = (src_size - 1) as f32;
-    let a: [f32; 3] = std::array::from_fn(|c| 1.0 / (255.0 * STD[c]));
-    let b: [f32; 3] = std::array::from_fn(|c| -MEAN[c] / STD[c]);
-    for (y, row) in out.chunks_exact_mut(out_size * 3).enumerate() {
-        let cy = y as f32 + 0.5 - half_out;
-        let cx0 = 0.5 - half_out;
-        let mut u = c_src + dux * cx0 + duy * cy;
-        let mut v = c_src + dvx * cx0 + dvy * cy;
-        for o in row.chunks_exact_mut(3) {
-            let val = if u >= lo && u <= hi && v >= lo && v <= hi {
-                let (uc, vc) = (u.clamp(0.0, last), v.clamp(0.0, last));
-                let (x0, y0) = (uc as usize, vc as usize);
-                let (fx, fy) = (uc - x0 as f32, vc - y0 as f32);
-                // The right and lower neighbours, or the pixel itself on the last column / row.
-                let i = y0 * src_size + x0;
-                let dx = usize::from(x0 + 1 < src_size);
-                let dy = if y0 + 1 < src_size { src_size } else { 0 };
-                let (p00, p01) = (src[i] as f32, src[i + dx] as f32);
-                let (p10, p11) = (src[i + dy] as f32, src[i + dy + dx] as f32);
-                let top = p00 + (p01 - p00) * fx;
-                let bot = p10 + (p11 - p10) * fx;
-                top + (bot - top) * fy
-            } else {
-                0.0
-            };
-            o[0] = val * a[0] + b[0];
-            o[1] = val * a[1] + b[1];
-            o[2] = val * a[2] + b[2];
-            u += dux;
-            v += dvx;
-        }
-    }
 }
 
 /// B studies with all their (at most `max_views`) views.
@@ -329,7 +259,7 @@ fn build(store: &Store, cfg: &LoaderConfig, epoch: u64, studies: &[usize], raw: 
     } else {
         let mut images = vec![0f32; image_ids.len() * s * s * 3];
         for ((out, &i), &p) in images.chunks_exact_mut(s * s * 3).zip(&image_ids).zip(&aug) {
-            augment_image(store.image(i), store.size, p, s, out);
+            augment::image(store.image(i), store.size, p, s, out);
         }
         (images, None)
     };

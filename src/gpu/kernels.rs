@@ -1,13 +1,16 @@
-//! The kernels from `kernels/*.cu` as build.rs compiled them: fatbins (when nvcc was found),
-//! NVRTC sources, ptxas's report and the emulator's launch table.
+//! The kernels from `kernels/**/*.cu` as build.rs compiled them: fatbins (when nvcc was found),
+//! NVRTC sources, ptxas's report, the emulator's launch tables and the typed launchers
+//! ([`launch`] for the shipped kernels of `kernels/*.cu`, [`testing`] for the test-only ones of
+//! `kernels/testing/*.cu`).
 
 use std::ffi::{c_char, c_int, c_void};
 
-/// One kernels/*.cu file.
+/// One kernels/**/*.cu file.
 pub struct KernelModule {
+    /// Relative to kernels/: `bn.cu`, `testing/selftest.cu`.
     pub file: &'static str,
     pub kernels: &'static [&'static str],
-    /// SASS sm_80/86/89/90 + PTX compute_90, when nvcc was found at build time.
+    /// SASS sm_80/86/89/90 + PTX compute_90, when nvcc was found at build time (8-byte aligned).
     pub fatbin: Option<&'static [u8]>,
     /// The source with its local includes inlined, for NVRTC.
     pub source: &'static str,
@@ -23,13 +26,28 @@ pub struct EmuKernel {
     pub param_sizes: *const c_int,
 }
 
-include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
+/// Bytes kept at an 8-byte boundary (an embedded fatbin).
+#[repr(C, align(8))]
+pub struct Aligned<T: ?Sized>(pub T);
 
-/// The module that defines kernel `name`.
-pub fn module_of(name: &str) -> Option<&'static KernelModule> {
-    MODULES.iter().find(|m| m.kernels.contains(&name))
+/// What the generated launchers use.
+mod prelude {
+    pub use crate::gpu::{arg, launch_params, CInt, Driver, Launch, Ptr};
+    pub use crate::precision::Precision;
+    pub use crate::gpu::Act;
+    pub use anyhow::Result;
+    pub use half::{bf16, f16};
 }
 
+include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
+
+/// The module that defines kernel `name` (shipped or test-only).
+pub fn module_of(name: &str) -> Option<&'static KernelModule> {
+    MODULES
+        .iter()
+        .chain(TEST_MODULES)
+        .find(|m| m.kernels.contains(&name))
+}
 /// One line of ptxas's `-v` report: resources of one kernel on one architecture.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PtxasEntry {

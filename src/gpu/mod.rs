@@ -1,25 +1,24 @@
 //! The GPU op layer's foundation: a small driver interface with two drivers, real CUDA
 //! ([`cuda::Cuda`], through cudarc) and the CPU emulator of the same kernels ([`emu::Emu`]).
 //!
-//! GPU ops are written once against [`Driver`]: allocate, copy, memset, launch a kernel from
-//! `kernels/*.cu` by name with a cuLaunchKernel-style parameter array, synchronise, time.
-//! Device pointers are plain `u64`s (`CUdeviceptr`; host addresses on the emulator), passed to
-//! kernels as parameters like any other value.
+//! GPU ops ([`ops`]) are written once against [`Driver`]: allocate, copy, memset, launch a kernel
+//! from `kernels/*.cu`, synchronise, time. Kernels are launched through typed launchers generated
+//! from their signatures ([`kernels::launch`]); device memory is held in typed buffers and passed
+//! as typed views whose extents the ops check against the shapes they launch ([`buffer`]).
 
+pub mod buffer;
 pub mod cuda;
-pub mod densenet;
 pub mod emu;
-pub mod kernel_bench;
 pub mod kernels;
+pub mod model;
 pub mod ops;
-pub mod ops_tc;
-pub mod testing;
 pub mod tracking;
 
+pub use buffer::{Act, DeviceBuffer, Mat, Nhwc, Ptr, Slice};
+
 use crate::device::Device;
-use anyhow::{bail, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use std::ffi::c_void;
-use std::marker::PhantomData;
 use std::sync::Arc;
 
 /// A device address (`CUdeviceptr`).
@@ -104,68 +103,6 @@ pub fn resolve(device: Device) -> Result<Device> {
     })
 }
 
-/// A typed device buffer of `len` elements that frees itself.
-pub struct DeviceBuffer<T: bytemuck::Pod> {
-    ptr: DevPtr,
-    len: usize,
-    driver: Arc<dyn Driver>,
-    _t: PhantomData<T>,
-}
-
-impl<T: bytemuck::Pod> DeviceBuffer<T> {
-    /// Uninitialised (as on a GPU: the emulator's memory is not zeroed either).
-    pub fn alloc(driver: &Arc<dyn Driver>, len: usize) -> Result<Self> {
-        let ptr = driver.alloc(len * size_of::<T>())?;
-        Ok(Self {
-            ptr,
-            len,
-            driver: driver.clone(),
-            _t: PhantomData,
-        })
-    }
-    pub fn from_slice(driver: &Arc<dyn Driver>, data: &[T]) -> Result<Self> {
-        let buf = Self::alloc(driver, data.len())?;
-        buf.copy_from(data)?;
-        Ok(buf)
-    }
-    pub fn copy_from(&self, data: &[T]) -> Result<()> {
-        if data.len() != self.len {
-            bail!(
-                "copy of {} elements into a device buffer of {}",
-                data.len(),
-                self.len
-            );
-        }
-        self.driver.htod(self.ptr, bytemuck::cast_slice(data))
-    }
-    pub fn to_vec(&self) -> Result<Vec<T>> {
-        let mut v = vec![T::zeroed(); self.len];
-        self.driver
-            .dtoh(bytemuck::cast_slice_mut(&mut v), self.ptr)?;
-        Ok(v)
-    }
-    /// Every byte set to `byte` (0: zeros; 0xff: NaN for f32 and bf16).
-    pub fn fill_bytes(&self, byte: u8) -> Result<()> {
-        self.driver
-            .memset(self.ptr, byte, self.len * size_of::<T>())
-    }
-    pub fn ptr(&self) -> DevPtr {
-        self.ptr
-    }
-    pub fn len(&self) -> usize {
-        self.len
-    }
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-}
-
-impl<T: bytemuck::Pod> Drop for DeviceBuffer<T> {
-    fn drop(&mut self) {
-        let _ = self.driver.free(self.ptr);
-    }
-}
-
 /// A captured graph (CUDA graph; a node list on the emulator) that frees itself.
 pub struct Graph {
     id: u64,
@@ -199,4 +136,65 @@ impl Drop for Graph {
 /// Blocks of `block` threads to cover `n` items, one per thread.
 pub fn blocks_for(n: usize, block: u32) -> u32 {
     n.div_ceil(block as usize).max(1) as u32
+}
+
+/// The shape of a kernel launch: blocks in the grid, threads in a block, dynamic shared bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Launch {
+    pub grid: [u32; 3],
+    pub block: [u32; 3],
+    pub shared: u32,
+}
+
+impl Launch {
+    /// A one-dimensional launch of `blocks` blocks of `threads` threads, no dynamic shared memory.
+    pub fn linear(blocks: u32, threads: u32) -> Launch {
+        Launch {
+            grid: [blocks, 1, 1],
+            block: [threads, 1, 1],
+            shared: 0,
+        }
+    }
+}
+
+/// A kernel's C `int` argument from a Rust size, count or flag, converted with a check (a size
+/// that does not fit is an error naming the kernel and the parameter, never a silent truncation).
+pub trait CInt {
+    fn c_int(self, kernel: &str, param: &str) -> Result<i32>;
+}
+
+impl CInt for usize {
+    fn c_int(self, kernel: &str, param: &str) -> Result<i32> {
+        i32::try_from(self)
+            .map_err(|_| anyhow!("kernel {kernel}: {param} = {self} does not fit a C int"))
+    }
+}
+
+impl CInt for i32 {
+    fn c_int(self, _kernel: &str, _param: &str) -> Result<i32> {
+        Ok(self)
+    }
+}
+
+impl CInt for bool {
+    fn c_int(self, _kernel: &str, _param: &str) -> Result<i32> {
+        Ok(self as i32)
+    }
+}
+
+/// Launches kernel `name` (an `extern "C" __global__` of kernels/**/*.cu) with a cuLaunchKernel-
+/// style parameter array; an error names the kernel. The typed launchers of [`kernels::launch`]
+/// are the callers.
+///
+/// # Safety
+/// As [`Driver::launch`].
+pub unsafe fn launch_params(
+    d: &dyn Driver,
+    name: &str,
+    at: Launch,
+    params: &mut [*mut c_void],
+) -> Result<()> {
+    // SAFETY: the caller's promise.
+    unsafe { d.launch(name, at.grid, at.block, at.shared, params) }
+        .with_context(|| format!("kernel {name}"))
 }

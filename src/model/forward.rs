@@ -1,15 +1,34 @@
-//! The forward pass (recording the tape in Train mode, or in either mode on request) and the
-//! backward replay.
+//! The forward pass over the schedule's stages (recording the tape in Train mode, or in either
+//! mode on request) and the backward over the same stages in reverse.
 
-use super::{BnIdx, ConvIdx, DenseNet, Mode};
-use crate::autograd::{BlockAct, Node, Tape};
-use crate::ops::conv::{conv2d_bwd_input, conv2d_bwd_weight, conv2d_fwd, Conv, Image};
-use crate::ops::{act, bn, pool, BnRelu, Float};
+use super::schedule::{BnIdx, Head, Layer, Stem, Step, Transition};
+use super::tape::{BlockAct, Node, Tape};
+use super::{DenseNet, Mode};
+use crate::ops::conv::{bwd_data, bwd_weight, fwd, Conv, Image};
+use crate::ops::{bn, linear, pool, BnRelu, Float};
 
-impl ConvIdx {
-    fn of<'a, T>(&self, v: &'a [T]) -> &'a [T] {
-        &v[self.p..self.p + self.len()]
-    }
+/// A forward in progress: the block buffer being filled, and what it records.
+struct Pass<T> {
+    n: usize,
+    train: bool,
+    record: bool,
+    /// Hand back the final feature map (norm5 + ReLU) for class activation maps.
+    features: bool,
+    cur: Option<BlockAct<T>>,
+    nodes: Vec<Node<T>>,
+    blocks: Vec<BlockAct<T>>,
+    logits: Vec<T>,
+    fmap: Option<Vec<T>>,
+}
+
+/// The block gradient buffers of a backward in progress, and the dense layers' temporaries,
+/// reused across layers (no allocation or page faults per layer).
+struct Grads<T> {
+    train: bool,
+    dbufs: Vec<Vec<T>>,
+    da2: Vec<T>,
+    dy1: Vec<T>,
+    da1: Vec<T>,
 }
 
 impl<T: Float> DenseNet<T> {
@@ -18,7 +37,7 @@ impl<T: Float> DenseNet<T> {
     /// records nothing.
     pub fn forward(&mut self, x: &[T], n: usize, h: usize, w: usize, mode: Mode) -> Vec<T> {
         let train = mode == Mode::Train;
-        self.run(x, n, h, w, train, train, false).0
+        self.run(x, (n, h, w), train, train, false).0
     }
 
     /// [`forward`](Self::forward) that records the tape in either mode, for one `backward`.
@@ -32,7 +51,7 @@ impl<T: Float> DenseNet<T> {
         w: usize,
         mode: Mode,
     ) -> Vec<T> {
-        self.run(x, n, h, w, mode == Mode::Train, true, false).0
+        self.run(x, (n, h, w), mode == Mode::Train, true, false).0
     }
 
     /// Eval-mode forward that also returns the final feature map after norm5 + ReLU,
@@ -44,9 +63,9 @@ impl<T: Float> DenseNet<T> {
         h: usize,
         w: usize,
     ) -> (Vec<T>, Vec<T>, usize, usize) {
-        let (logits, f) = self.run(x, n, h, w, false, false, true);
-        let (fmap, hf, wf) = f.expect("features requested");
-        (logits, fmap, hf, wf)
+        let (logits, fmap) = self.run(x, (n, h, w), false, false, true);
+        let hw = self.schedule(h, w).expect("run checked it").feature_hw();
+        (logits, fmap.expect("features requested"), hw.h, hw.w)
     }
 
     /// A BN's `(scale, shift)`: from batch `(mean, var, count)` in training (also updating the
@@ -88,407 +107,363 @@ impl<T: Float> DenseNet<T> {
         bn::scale_shift(gamma, beta, mean, var)
     }
 
-    #[allow(clippy::type_complexity, clippy::too_many_arguments)]
+    /// The schedule's stages in order; logits, and the final feature map if `features`.
     fn run(
         &mut self,
         x: &[T],
-        n: usize,
-        h: usize,
-        w: usize,
+        (n, h, w): (usize, usize, usize),
         train: bool,
         record: bool,
         features: bool,
-    ) -> (Vec<T>, Option<(Vec<T>, usize, usize)>) {
+    ) -> (Vec<T>, Option<Vec<T>>) {
         assert_eq!(x.len(), n * h * w * 3, "forward: x must be [n, h, w, 3]");
-        let lay = self.layout.clone();
-        let mut tape = Tape::default();
+        let schedule = self
+            .schedule(h, w)
+            .expect("forward: the caller checks the input size (Net::forward does)");
         self.tape = None;
+        let mut pass = Pass {
+            n,
+            train,
+            record,
+            features,
+            cur: None,
+            nodes: Vec::new(),
+            blocks: Vec::new(),
+            logits: Vec::new(),
+            fmap: None,
+        };
+        for step in schedule.forward() {
+            match step {
+                Step::Stem(s) => self.stem_fwd(s, x, &mut pass),
+                Step::Layer(l) => self.layer_fwd(l, &mut pass),
+                Step::Transition(t) => self.transition_fwd(t, &mut pass),
+                Step::Head(hd) => self.head_fwd(hd, &mut pass),
+            }
+        }
+        if record {
+            let tape = Tape {
+                schedule,
+                n,
+                nodes: pass.nodes,
+                blocks: pass.blocks,
+            };
+            self.tape = Some((tape, train));
+        }
+        (pass.logits, pass.fmap)
+    }
 
-        // Stem: conv0 → norm0 → ReLU → max pool into block 0's buffer.
-        let f0 = lay.conv0.co;
-        let (h0, w0) = Conv::STEM.out_hw(h, w);
-        let m0 = n * h0 * w0;
+    /// conv0 → norm0 → ReLU → max pool into block 0's buffer.
+    fn stem_fwd(&mut self, s: &Stem, x: &[T], p: &mut Pass<T>) {
+        let (n, f0) = (p.n, s.conv.co);
+        let m0 = s.conv_out.rows(n);
         let mut y0 = self.buffer(m0 * f0); // overwritten by conv0
         let xi = Image {
             data: x,
             n,
-            h,
-            w,
+            h: s.input.h,
+            w: s.input.w,
             c: 3,
             rs: 3,
         };
-        conv2d_fwd(
-            xi,
-            None,
-            lay.conv0.of(&self.params),
-            f0,
-            Conv::STEM,
-            &mut y0,
-            f0,
-        );
-        let st0 = train.then(|| bn::batch_stats(&y0, m0, f0, f0));
-        let (s, t) = self.bn_coeffs(lay.norm0, st0.as_ref().map(|(m, v)| (&m[..], &v[..], m0)));
+        fwd(xi, None, s.conv.of(&self.params), f0, Conv::STEM, &mut y0, f0);
+        let st0 = p.train.then(|| bn::batch_stats(&y0, m0, f0, f0));
+        let (sc, sh) = self.bn_coeffs(s.norm, st0.as_ref().map(|(m, v)| (&m[..], &v[..], m0)));
         let mut a0 = self.buffer(m0 * f0); // overwritten by the BN
-        bn::apply(&y0, m0, f0, f0, &s, &t, true, &mut a0, f0);
-        let (hb, wb) = pool::maxpool_out(h0, w0);
-        let ct0 = lay.blocks[0].c_total;
+        bn::apply(&y0, m0, f0, f0, &sc, &sh, true, &mut a0, f0);
+        let (hb, wb, ct0) = (s.pool_out.h, s.pool_out.w, self.layout.blocks[0].c_total);
         let mut cur = BlockAct::new(self.buffer(n * hb * wb * ct0), n, hb, wb, ct0);
-        pool::maxpool_fwd(&a0, n, h0, w0, f0, &mut cur.buf, lay.blocks[0].c_total);
+        let (h0, w0) = (s.conv_out.h, s.conv_out.w);
+        pool::maxpool_fwd(&a0, n, h0, w0, f0, &mut cur.buf, ct0);
         self.spare.push(a0);
-        if train {
+        if p.train {
             cur.cache_stats(0, f0);
         }
-        if record {
-            let (mean, var) = st0.unwrap_or_else(|| self.running(lay.norm0));
-            tape.nodes.push(Node::Stem {
-                x: x.to_vec(),
-                y0,
-                mean,
-                var,
-                dims: (n, h, w, f0),
-            });
+        if p.record {
+            let (mean, var) = st0.unwrap_or_else(|| self.running(s.norm));
+            let x = x.to_vec();
+            p.nodes.push(Node::Stem { x, y0, mean, var });
         }
+        p.cur = Some(cur);
+    }
 
-        for (b, blk) in lay.blocks.iter().enumerate() {
-            let (rows, ct) = (cur.rows(), blk.c_total);
-            for (l, li) in blk.layers.iter().enumerate() {
-                let (c, mid, k) = (li.norm1.c, li.conv1.co, li.conv2.co);
-                let (s1, t1) = self.bn_coeffs(
-                    li.norm1,
-                    train.then(|| (&cur.mean[..c], &cur.var[..c], rows)),
-                );
-                let mut y1 = self.buffer(rows * mid); // overwritten by conv1
-                let prefix = Image {
-                    data: &cur.buf,
-                    n,
-                    h: cur.h,
-                    w: cur.w,
-                    c,
-                    rs: ct,
-                };
-                let pre1 = BnRelu {
-                    scale: &s1,
-                    shift: &t1,
-                };
-                conv2d_fwd(
-                    prefix,
-                    Some(pre1),
-                    li.conv1.of(&self.params),
-                    mid,
-                    Conv::POINTWISE,
-                    &mut y1,
-                    mid,
-                );
-                let st2 = train.then(|| bn::batch_stats(&y1, rows, mid, mid));
-                let (s2, t2) =
-                    self.bn_coeffs(li.norm2, st2.as_ref().map(|(m, v)| (&m[..], &v[..], rows)));
-                let yi = Image {
-                    data: &y1,
-                    n,
-                    h: cur.h,
-                    w: cur.w,
-                    c: mid,
-                    rs: mid,
-                };
-                let pre2 = BnRelu {
-                    scale: &s2,
-                    shift: &t2,
-                };
-                conv2d_fwd(
-                    yi,
-                    Some(pre2),
-                    li.conv2.of(&self.params),
-                    k,
-                    Conv::CONV3,
-                    &mut cur.buf[c..],
-                    ct,
-                );
-                if train {
-                    cur.cache_stats(c, k);
-                }
-                if record {
-                    let (mean2, var2) = st2.unwrap_or_else(|| self.running(li.norm2));
-                    tape.nodes.push(Node::DenseLayer {
-                        b,
-                        l,
-                        y1,
-                        mean2,
-                        var2,
-                    });
-                }
-            }
-            let Some((tn, tc)) = blk.transition else {
-                break;
-            };
-            let (s, t) = self.bn_coeffs(tn, train.then(|| (&cur.mean[..], &cur.var[..], rows)));
-            let (hp, wp) = (cur.h / 2, cur.w / 2);
-            let mut pooled = self.buffer(n * hp * wp * ct); // overwritten by the pool
-            let pre = BnRelu {
-                scale: &s,
-                shift: &t,
-            };
-            pool::avgpool_fwd(&cur.buf, n, cur.h, cur.w, ct, Some(pre), &mut pooled, ct);
-            let nct = lay.blocks[b + 1].c_total;
-            let mut next = BlockAct::new(self.buffer(n * hp * wp * nct), n, hp, wp, nct);
-            let pi = Image {
-                data: &pooled,
-                n,
-                h: hp,
-                w: wp,
-                c: ct,
-                rs: ct,
-            };
-            conv2d_fwd(
-                pi,
-                None,
-                tc.of(&self.params),
-                tc.co,
-                Conv::POINTWISE,
-                &mut next.buf,
-                nct,
-            );
-            let done = std::mem::replace(&mut cur, next);
-            if train {
-                cur.cache_stats(0, tc.co);
-            }
-            if record {
-                tape.blocks.push(done);
-                tape.nodes.push(Node::Transition { b, pooled });
-            }
+    /// BN1 + ReLU → 1×1 → BN2 + ReLU → 3×3, from the block's channel prefix into its next `k`
+    /// channels.
+    fn layer_fwd(&mut self, l: &Layer, p: &mut Pass<T>) {
+        let (c, mid, k, ct) = (l.c_in, l.conv1.co, l.conv2.co, l.c_total);
+        let (n, rows) = (p.n, l.hw.rows(p.n));
+        let (train, cur) = (p.train, p.cur.take().expect("the stem fills block 0 first"));
+        let batch1 = train.then(|| (&cur.mean[..c], &cur.var[..c], rows));
+        let (s1, t1) = self.bn_coeffs(l.norm1, batch1);
+        let mut y1 = self.buffer(rows * mid); // overwritten by conv1
+        let prefix = Image {
+            data: &cur.buf,
+            n,
+            h: l.hw.h,
+            w: l.hw.w,
+            c,
+            rs: ct,
+        };
+        let pre1 = BnRelu {
+            scale: &s1,
+            shift: &t1,
+        };
+        let w1 = l.conv1.of(&self.params);
+        fwd(prefix, Some(pre1), w1, mid, Conv::POINTWISE, &mut y1, mid);
+        let st2 = train.then(|| bn::batch_stats(&y1, rows, mid, mid));
+        let batch2 = st2.as_ref().map(|(m, v)| (&m[..], &v[..], rows));
+        let (s2, t2) = self.bn_coeffs(l.norm2, batch2);
+        let yi = Image {
+            data: &y1,
+            n,
+            h: l.hw.h,
+            w: l.hw.w,
+            c: mid,
+            rs: mid,
+        };
+        let pre2 = BnRelu {
+            scale: &s2,
+            shift: &t2,
+        };
+        let mut cur = cur;
+        let w2 = l.conv2.of(&self.params);
+        fwd(yi, Some(pre2), w2, k, Conv::CONV3, &mut cur.buf[c..], ct);
+        if train {
+            cur.cache_stats(c, k);
         }
+        if p.record {
+            let (mean2, var2) = st2.unwrap_or_else(|| self.running(l.norm2));
+            p.nodes.push(Node::DenseLayer { y1, mean2, var2 });
+        }
+        p.cur = Some(cur);
+    }
 
-        // Head: norm5 → ReLU → global average pool → linear.
-        let (rows, c) = (cur.rows(), lay.norm5.c);
-        let (s, t) = self.bn_coeffs(
-            lay.norm5,
-            train.then(|| (&cur.mean[..], &cur.var[..], rows)),
-        );
+    /// BN + ReLU → 2×2 avg pool → 1×1 conv into the next block's first channels.
+    fn transition_fwd(&mut self, t: &Transition, p: &mut Pass<T>) {
+        let (n, ct, nct, rows) = (p.n, t.c_in, t.next_c_total, t.hw_in.rows(p.n));
+        let cur = p.cur.take().expect("a transition follows its block");
+        let batch = p.train.then(|| (&cur.mean[..], &cur.var[..], rows));
+        let (s, sh) = self.bn_coeffs(t.norm, batch);
+        let (hp, wp) = (t.hw_out.h, t.hw_out.w);
+        let mut pooled = self.buffer(n * hp * wp * ct); // overwritten by the pool
+        let pre = BnRelu {
+            scale: &s,
+            shift: &sh,
+        };
+        pool::avgpool_fwd(&cur.buf, n, cur.h, cur.w, ct, Some(pre), &mut pooled, ct);
+        let mut next = BlockAct::new(self.buffer(n * hp * wp * nct), n, hp, wp, nct);
+        let pi = Image {
+            data: &pooled,
+            n,
+            h: hp,
+            w: wp,
+            c: ct,
+            rs: ct,
+        };
+        let wt = t.conv.of(&self.params);
+        fwd(pi, None, wt, t.conv.co, Conv::POINTWISE, &mut next.buf, nct);
+        if p.train {
+            next.cache_stats(0, t.conv.co);
+        }
+        if p.record {
+            p.blocks.push(cur);
+            p.nodes.push(Node::Transition { pooled });
+        }
+        p.cur = Some(next);
+    }
+
+    /// norm5 → ReLU → global average pool → linear.
+    fn head_fwd(&mut self, hd: &Head, p: &mut Pass<T>) {
+        let (n, c) = (p.n, hd.c);
+        let cur = p.cur.take().expect("the head follows the last block");
+        let rows = cur.rows();
+        let batch = p.train.then(|| (&cur.mean[..], &cur.var[..], rows));
+        let (s, t) = self.bn_coeffs(hd.norm, batch);
         let mut a5 = vec![T::ZERO; rows * c];
         bn::apply(&cur.buf, rows, c, c, &s, &t, true, &mut a5, c);
         let feat = pool::gap_fwd(&a5, n, cur.h * cur.w, c);
-        let (fw, fb) = self.params[lay.fc..lay.fc + c + 1].split_at(c);
-        let logits = act::linear_fwd(&feat, n, c, fw, fb);
-        let fmap = features.then_some((a5, cur.h, cur.w));
-        if record {
-            tape.blocks.push(cur);
-            tape.nodes.push(Node::Head { feat });
-            self.tape = Some((tape, train));
+        let (fw, fb) = self.params[hd.fc..hd.fc + c + 1].split_at(c);
+        p.logits = linear::fwd(&feat, n, c, fw, fb);
+        if p.features {
+            p.fmap = Some(a5);
         }
-        (logits, fmap)
+        if p.record {
+            p.blocks.push(cur);
+            p.nodes.push(Node::Head { feat });
+        }
     }
 
     /// `dlogits: [n]`. Accumulates d(loss)/d(params) into `self.grads` (after a Train-mode
-    /// `forward` or a `forward_recorded`; the BN mode is the forward's).
+    /// `forward` or a `forward_recorded`; the BN mode is the forward's): the schedule's stages
+    /// in reverse, one tape node each.
     pub fn backward(&mut self, dlogits: &[T]) {
         let (mut tape, train) = self
             .tape
             .take()
             .expect("backward needs a Train-mode forward or a forward_recorded first");
-        let lay = self.layout.clone();
-        let nb = lay.blocks.len();
-        let mut dbufs: Vec<Vec<T>> = (0..nb).map(|_| Vec::new()).collect();
-        // Dense-layer temporaries, reused across layers (no allocation or page faults per layer).
-        let (mut s_da2, mut s_dy1, mut s_da1) = (Vec::new(), Vec::new(), Vec::new());
-        while let Some(node) = tape.nodes.pop() {
-            match node {
-                Node::Head { feat } => {
-                    let blk = &tape.blocks[nb - 1];
-                    let (n, rows, c) = (blk.n, blk.rows(), lay.norm5.c);
-                    assert_eq!(dlogits.len(), n, "backward: dlogits must be [n]");
-                    let (fw, fb) = (&self.params[lay.fc..lay.fc + c], lay.fc);
-                    let (dw, db) = self.grads[fb..fb + c + 1].split_at_mut(c);
-                    let dfeat = act::linear_bwd(&feat, n, c, fw, dlogits, dw, db);
-                    let mut da = self.buffer(rows * c); // overwritten by the pool
-                    pool::gap_bwd(&dfeat, n, blk.h * blk.w, c, &mut da);
-                    let mut dbuf = self.buffer(rows * c); // overwritten by the BN backward
-                    let (mean, var) = self.used_stats(lay.norm5, train, &blk.mean, &blk.var);
-                    self.bn_bwd(
-                        lay.norm5,
-                        train,
-                        (&blk.buf, c),
-                        &mean,
-                        &var,
-                        (&da, c),
-                        (&mut dbuf, c),
-                        false,
-                    );
-                    dbufs[nb - 1] = dbuf;
-                    self.spare.push(da);
+        assert_eq!(dlogits.len(), tape.n, "backward: dlogits must be [n]");
+        let mut g = Grads {
+            train,
+            dbufs: (0..tape.blocks.len()).map(|_| Vec::new()).collect(),
+            da2: Vec::new(),
+            dy1: Vec::new(),
+            da1: Vec::new(),
+        };
+        let schedule = tape.schedule.clone();
+        for step in schedule.backward() {
+            let node = tape.nodes.pop().expect("one tape node per stage");
+            match (step, node) {
+                (Step::Head(hd), Node::Head { feat }) => {
+                    self.head_bwd(hd, &tape, &feat, dlogits, &mut g)
                 }
-                Node::DenseLayer {
-                    b,
-                    l,
-                    y1,
-                    mean2,
-                    var2,
-                } => {
-                    let li = &lay.blocks[b].layers[l];
-                    let blk = &tape.blocks[b];
-                    let dbuf = &mut dbufs[b];
-                    let (ct, c, mid, k, rows) = (
-                        lay.blocks[b].c_total,
-                        li.norm1.c,
-                        li.conv1.co,
-                        li.conv2.co,
-                        blk.rows(),
-                    );
-                    let (n, h, w) = (blk.n, blk.h, blk.w);
-                    // conv2 (3×3) on relu(norm2(y1)).
-                    let (s2, t2) = self.bn_saved(li.norm2, &mean2, &var2);
-                    let yi = Image {
-                        data: &y1,
-                        n,
-                        h,
-                        w,
-                        c: mid,
-                        rs: mid,
-                    };
-                    let pre2 = BnRelu {
-                        scale: &s2,
-                        shift: &t2,
-                    };
-                    let g2 = &mut self.grads[li.conv2.p..li.conv2.p + li.conv2.len()];
-                    conv2d_bwd_weight(yi, Some(pre2), Conv::CONV3, &dbuf[c..], ct, k, g2);
-                    let da2 = scratch(&mut s_da2, rows * mid); // overwritten below
-                    conv2d_bwd_input(
-                        &dbuf[c..],
-                        ct,
-                        k,
-                        li.conv2.of(&self.params),
-                        Conv::CONV3,
-                        (n, h, w, mid),
-                        da2,
-                    );
-                    let dy1 = scratch(&mut s_dy1, rows * mid); // overwritten below
-                    let (x2, d2) = ((&y1[..], mid), (&da2[..], mid));
-                    self.bn_bwd(li.norm2, train, x2, &mean2, &var2, d2, (dy1, mid), false);
-                    // conv1 (1×1) on relu(norm1(prefix)).
-                    let (mean1, var1) =
-                        self.used_stats(li.norm1, train, &blk.mean[..c], &blk.var[..c]);
-                    let (s1, t1) = self.bn_saved(li.norm1, &mean1, &var1);
-                    let prefix = Image {
-                        data: &blk.buf,
-                        n,
-                        h,
-                        w,
-                        c,
-                        rs: ct,
-                    };
-                    let pre1 = BnRelu {
-                        scale: &s1,
-                        shift: &t1,
-                    };
-                    let g1 = &mut self.grads[li.conv1.p..li.conv1.p + li.conv1.len()];
-                    conv2d_bwd_weight(prefix, Some(pre1), Conv::POINTWISE, dy1, mid, mid, g1);
-                    let da1 = scratch(&mut s_da1, rows * c); // overwritten below
-                    conv2d_bwd_input(
-                        dy1,
-                        mid,
-                        mid,
-                        li.conv1.of(&self.params),
-                        Conv::POINTWISE,
-                        (n, h, w, c),
-                        da1,
-                    );
-                    let (x1, d1) = ((&blk.buf[..], ct), (&da1[..], c));
-                    self.bn_bwd(li.norm1, train, x1, &mean1, &var1, d1, (dbuf, ct), true);
-                    self.spare.push(y1);
+                (Step::Layer(l), Node::DenseLayer { y1, mean2, var2 }) => {
+                    self.layer_bwd(l, &tape, (y1, mean2, var2), &mut g)
                 }
-                Node::Transition { b, pooled } => {
-                    let (tn, tc) = lay.blocks[b].transition.expect("transition");
-                    let (blk, nxt) = (&tape.blocks[b], &tape.blocks[b + 1]);
-                    let (ct, nct, n) = (lay.blocks[b].c_total, lay.blocks[b + 1].c_total, blk.n);
-                    let dnext = std::mem::take(&mut dbufs[b + 1]);
-                    let pi = Image {
-                        data: &pooled,
-                        n,
-                        h: nxt.h,
-                        w: nxt.w,
-                        c: ct,
-                        rs: ct,
-                    };
-                    let gt = &mut self.grads[tc.p..tc.p + tc.len()];
-                    conv2d_bwd_weight(pi, None, Conv::POINTWISE, &dnext, nct, tc.co, gt);
-                    let mut dp = self.buffer(nxt.rows() * ct); // overwritten below
-                    conv2d_bwd_input(
-                        &dnext,
-                        nct,
-                        tc.co,
-                        tc.of(&self.params),
-                        Conv::POINTWISE,
-                        (n, nxt.h, nxt.w, ct),
-                        &mut dp,
-                    );
-                    let mut da = self.buffer(blk.rows() * ct); // overwritten by the pool
-                    pool::avgpool_bwd(n, blk.h, blk.w, ct, &dp, ct, &mut da);
-                    let mut dbuf = self.buffer(blk.rows() * ct); // overwritten by the BN backward
-                    let (mean, var) = self.used_stats(tn, train, &blk.mean, &blk.var);
-                    self.bn_bwd(
-                        tn,
-                        train,
-                        (&blk.buf, ct),
-                        &mean,
-                        &var,
-                        (&da, ct),
-                        (&mut dbuf, ct),
-                        false,
-                    );
-                    dbufs[b] = dbuf;
-                    let nxt_buf = std::mem::take(&mut tape.blocks[b + 1].buf);
-                    self.spare.extend([pooled, dnext, dp, da, nxt_buf]);
+                (Step::Transition(t), Node::Transition { pooled }) => {
+                    self.transition_bwd(t, &mut tape, pooled, &mut g)
                 }
-                Node::Stem {
-                    x,
-                    y0,
-                    mean,
-                    var,
-                    dims: (n, h, w, f0),
-                } => {
-                    let (h0, w0) = Conv::STEM.out_hw(h, w);
-                    let m0 = n * h0 * w0;
-                    let (s, t) = self.bn_saved(lay.norm0, &mean, &var);
-                    let mut a0 = self.buffer(m0 * f0); // overwritten by the BN
-                    bn::apply(&y0, m0, f0, f0, &s, &t, true, &mut a0, f0);
-                    let mut da0 = self.buffer(m0 * f0); // overwritten by the pool
-                    pool::maxpool_bwd(
-                        &a0,
-                        n,
-                        h0,
-                        w0,
-                        f0,
-                        &dbufs[0],
-                        lay.blocks[0].c_total,
-                        &mut da0,
-                    );
-                    let mut dy0 = self.buffer(m0 * f0); // overwritten by the BN backward
-                    self.bn_bwd(
-                        lay.norm0,
-                        train,
-                        (&y0, f0),
-                        &mean,
-                        &var,
-                        (&da0, f0),
-                        (&mut dy0, f0),
-                        false,
-                    );
-                    let xi = Image {
-                        data: &x,
-                        n,
-                        h,
-                        w,
-                        c: 3,
-                        rs: 3,
-                    };
-                    let g0 = &mut self.grads[lay.conv0.p..lay.conv0.p + lay.conv0.len()];
-                    conv2d_bwd_weight(xi, None, Conv::STEM, &dy0, f0, f0, g0);
-                    let (b0, d0) = (
-                        std::mem::take(&mut tape.blocks[0].buf),
-                        std::mem::take(&mut dbufs[0]),
-                    );
-                    self.spare.extend([y0, a0, da0, dy0, b0, d0]);
+                (Step::Stem(s), Node::Stem { x, y0, mean, var }) => {
+                    self.stem_bwd(s, &mut tape, (x, y0, mean, var), &mut g)
                 }
+                _ => unreachable!("the tape records one node per stage, in the schedule's order"),
             }
         }
+    }
+
+    fn head_bwd(&mut self, hd: &Head, tape: &Tape<T>, feat: &[T], dlogits: &[T], g: &mut Grads<T>) {
+        let last = tape.blocks.len() - 1;
+        let blk = &tape.blocks[last];
+        let (n, rows, c) = (blk.n, blk.rows(), hd.c);
+        let fw = &self.params[hd.fc..hd.fc + c];
+        let (dw, db) = self.grads[hd.fc..hd.fc + c + 1].split_at_mut(c);
+        let dfeat = linear::bwd(feat, n, c, fw, dlogits, dw, db);
+        let mut da = self.buffer(rows * c); // overwritten by the pool
+        pool::gap_bwd(&dfeat, n, blk.h * blk.w, c, &mut da);
+        let mut dbuf = self.buffer(rows * c); // overwritten by the BN backward
+        let (mean, var) = self.used_stats(hd.norm, g.train, &blk.mean, &blk.var);
+        let (x, dy, dx) = ((&blk.buf[..], c), (&da[..], c), (&mut dbuf[..], c));
+        self.bn_bwd(hd.norm, g.train, x, &mean, &var, dy, dx, false);
+        g.dbufs[last] = dbuf;
+        self.spare.push(da);
+    }
+
+    fn layer_bwd(&mut self, l: &Layer, tape: &Tape<T>, saved: (Vec<T>, Vec<T>, Vec<T>), g: &mut Grads<T>) {
+        let (y1, mean2, var2) = saved;
+        let blk = &tape.blocks[l.block];
+        let dbuf = &mut g.dbufs[l.block];
+        let (ct, c, mid, k, rows) = (l.c_total, l.c_in, l.conv1.co, l.conv2.co, blk.rows());
+        let (n, h, w) = (blk.n, blk.h, blk.w);
+        // conv2 (3×3) on relu(norm2(y1)).
+        let (s2, t2) = self.bn_saved(l.norm2, &mean2, &var2);
+        let yi = Image {
+            data: &y1,
+            n,
+            h,
+            w,
+            c: mid,
+            rs: mid,
+        };
+        let pre2 = BnRelu {
+            scale: &s2,
+            shift: &t2,
+        };
+        let g2 = &mut self.grads[l.conv2.p..l.conv2.p + l.conv2.len()];
+        bwd_weight(yi, Some(pre2), Conv::CONV3, &dbuf[c..], ct, k, g2);
+        let da2 = scratch(&mut g.da2, rows * mid); // overwritten below
+        let w2 = l.conv2.of(&self.params);
+        bwd_data(&dbuf[c..], ct, k, w2, Conv::CONV3, (n, h, w, mid), da2);
+        let dy1 = scratch(&mut g.dy1, rows * mid); // overwritten below
+        let (x2, d2) = ((&y1[..], mid), (&da2[..], mid));
+        self.bn_bwd(l.norm2, g.train, x2, &mean2, &var2, d2, (dy1, mid), false);
+        // conv1 (1×1) on relu(norm1(prefix)).
+        let (mean1, var1) = self.used_stats(l.norm1, g.train, &blk.mean[..c], &blk.var[..c]);
+        let (s1, t1) = self.bn_saved(l.norm1, &mean1, &var1);
+        let prefix = Image {
+            data: &blk.buf,
+            n,
+            h,
+            w,
+            c,
+            rs: ct,
+        };
+        let pre1 = BnRelu {
+            scale: &s1,
+            shift: &t1,
+        };
+        let g1 = &mut self.grads[l.conv1.p..l.conv1.p + l.conv1.len()];
+        bwd_weight(prefix, Some(pre1), Conv::POINTWISE, dy1, mid, mid, g1);
+        let da1 = scratch(&mut g.da1, rows * c); // overwritten below
+        let w1 = l.conv1.of(&self.params);
+        bwd_data(dy1, mid, mid, w1, Conv::POINTWISE, (n, h, w, c), da1);
+        let (x1, d1) = ((&blk.buf[..], ct), (&da1[..], c));
+        self.bn_bwd(l.norm1, g.train, x1, &mean1, &var1, d1, (dbuf, ct), true);
+        self.spare.push(y1);
+    }
+
+    fn transition_bwd(&mut self, t: &Transition, tape: &mut Tape<T>, pooled: Vec<T>, g: &mut Grads<T>) {
+        let b = t.block;
+        let (blk, nxt) = (&tape.blocks[b], &tape.blocks[b + 1]);
+        let (ct, nct, n) = (t.c_in, t.next_c_total, blk.n);
+        let dnext = std::mem::take(&mut g.dbufs[b + 1]);
+        let pi = Image {
+            data: &pooled,
+            n,
+            h: nxt.h,
+            w: nxt.w,
+            c: ct,
+            rs: ct,
+        };
+        let gt = &mut self.grads[t.conv.p..t.conv.p + t.conv.len()];
+        bwd_weight(pi, None, Conv::POINTWISE, &dnext, nct, t.conv.co, gt);
+        let mut dp = self.buffer(nxt.rows() * ct); // overwritten below
+        let wt = t.conv.of(&self.params);
+        let dims = (n, nxt.h, nxt.w, ct);
+        bwd_data(&dnext, nct, t.conv.co, wt, Conv::POINTWISE, dims, &mut dp);
+        let mut da = self.buffer(blk.rows() * ct); // overwritten by the pool
+        pool::avgpool_bwd(n, blk.h, blk.w, ct, &dp, ct, &mut da);
+        let mut dbuf = self.buffer(blk.rows() * ct); // overwritten by the BN backward
+        let (mean, var) = self.used_stats(t.norm, g.train, &blk.mean, &blk.var);
+        let (x, dy, dx) = ((&blk.buf[..], ct), (&da[..], ct), (&mut dbuf[..], ct));
+        self.bn_bwd(t.norm, g.train, x, &mean, &var, dy, dx, false);
+        g.dbufs[b] = dbuf;
+        let nxt_buf = std::mem::take(&mut tape.blocks[b + 1].buf);
+        self.spare.extend([pooled, dnext, dp, da, nxt_buf]);
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn stem_bwd(
+        &mut self,
+        s: &Stem,
+        tape: &mut Tape<T>,
+        (x, y0, mean, var): (Vec<T>, Vec<T>, Vec<T>, Vec<T>),
+        g: &mut Grads<T>,
+    ) {
+        let (n, f0) = (tape.n, s.conv.co);
+        let (h0, w0) = (s.conv_out.h, s.conv_out.w);
+        let m0 = s.conv_out.rows(n);
+        let (sc, sh) = self.bn_saved(s.norm, &mean, &var);
+        let mut a0 = self.buffer(m0 * f0); // overwritten by the BN
+        bn::apply(&y0, m0, f0, f0, &sc, &sh, true, &mut a0, f0);
+        let mut da0 = self.buffer(m0 * f0); // overwritten by the pool
+        let ct0 = self.layout.blocks[0].c_total;
+        pool::maxpool_bwd(&a0, n, h0, w0, f0, &g.dbufs[0], ct0, &mut da0);
+        let mut dy0 = self.buffer(m0 * f0); // overwritten by the BN backward
+        let (dy, dx) = ((&da0[..], f0), (&mut dy0[..], f0));
+        self.bn_bwd(s.norm, g.train, (&y0, f0), &mean, &var, dy, dx, false);
+        let xi = Image {
+            data: &x,
+            n,
+            h: s.input.h,
+            w: s.input.w,
+            c: 3,
+            rs: 3,
+        };
+        let g0 = &mut self.grads[s.conv.p..s.conv.p + s.conv.len()];
+        bwd_weight(xi, None, Conv::STEM, &dy0, f0, f0, g0);
+        let (b0, d0) = (
+            std::mem::take(&mut tape.blocks[0].buf),
+            std::mem::take(&mut g.dbufs[0]),
+        );
+        self.spare.extend([y0, a0, da0, dy0, b0, d0]);
     }
 
     /// Backward of a BN + ReLU that normalised with `mean`, `var` (batch statistics if `train`,
@@ -516,9 +491,7 @@ impl<T: Float> DenseNet<T> {
             acc,
         );
     }
-}
 
-impl<T: Float> DenseNet<T> {
     /// A buffer of `len` elements from the spares (stale contents) or freshly zeroed.
     fn buffer(&mut self, len: usize) -> Vec<T> {
         match self.spare.iter().position(|v| v.len() == len) {

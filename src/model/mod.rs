@@ -5,8 +5,12 @@
 //! at the state-dict boundary. BN running stats live in a second flat buffer.
 
 mod forward;
+pub mod schedule;
+mod tape;
 
-use crate::autograd::Tape;
+pub use schedule::{Layout, Schedule};
+
+use tape::Tape;
 use crate::ops::Float;
 use crate::rng::Rng;
 use crate::spec::{DenseNetSpec, Role};
@@ -20,155 +24,6 @@ pub enum Mode {
     Eval,
 }
 
-/// Where one BN's tensors live: gamma at `p`, beta at `p + c` (params); running mean at `s`,
-/// running var at `s + c` (stats); its counter at `counters[cnt]`.
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct BnIdx {
-    pub p: usize,
-    pub s: usize,
-    pub cnt: usize,
-    pub c: usize,
-}
-
-/// A conv weight `[k, k, ci, co]` at `params[p..]`.
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct ConvIdx {
-    pub p: usize,
-    pub k: usize,
-    pub ci: usize,
-    pub co: usize,
-}
-
-impl ConvIdx {
-    fn len(&self) -> usize {
-        self.k * self.k * self.ci * self.co
-    }
-}
-
-#[derive(Clone, Debug)]
-pub(crate) struct LayerIdx {
-    pub norm1: BnIdx,
-    pub conv1: ConvIdx,
-    pub norm2: BnIdx,
-    pub conv2: ConvIdx,
-}
-
-#[derive(Clone, Debug)]
-pub(crate) struct BlockIdx {
-    pub c_total: usize,
-    pub layers: Vec<LayerIdx>,
-    pub transition: Option<(BnIdx, ConvIdx)>,
-}
-
-/// Offsets of every tensor in the flat buffers, and the structure they describe.
-#[derive(Clone, Debug)]
-pub(crate) struct Layout {
-    pub conv0: ConvIdx,
-    pub norm0: BnIdx,
-    pub blocks: Vec<BlockIdx>,
-    pub norm5: BnIdx,
-    /// classifier weight `[c]` at `fc`, bias at `fc + c`.
-    pub fc: usize,
-    pub n_params: usize,
-    pub n_stats: usize,
-    pub n_counters: usize,
-}
-
-impl Layout {
-    fn new(spec: &DenseNetSpec) -> Layout {
-        let mut at: HashMap<String, usize> = HashMap::new();
-        let (mut np, mut ns, mut nc) = (0, 0, 0);
-        for t in spec.state_dict_layout() {
-            let slot = match t.role {
-                Role::Param => &mut np,
-                Role::RunningStat => &mut ns,
-                Role::Counter => &mut nc,
-            };
-            let len = t.numel().max(1);
-            at.insert(t.name, *slot);
-            *slot += len;
-        }
-        let bn = |name: &str, c: usize| BnIdx {
-            p: at[&format!("{name}.weight")],
-            s: at[&format!("{name}.running_mean")],
-            cnt: at[&format!("{name}.num_batches_tracked")],
-            c,
-        };
-        let conv = |name: &str, k: usize, ci: usize, co: usize| ConvIdx {
-            p: at[&format!("{name}.weight")],
-            k,
-            ci,
-            co,
-        };
-        let (ins, c_final) = spec.block_input_channels();
-        let (k, mid) = (spec.growth_rate, spec.bn_size * spec.growth_rate);
-        let nb = spec.block_config.len();
-        let blocks = (0..nb)
-            .map(|b| {
-                let c_total = ins[b] + spec.block_config[b] * k;
-                let layers = (0..spec.block_config[b])
-                    .map(|l| {
-                        let p = format!("features.denseblock{}.denselayer{}", b + 1, l + 1);
-                        let c = ins[b] + l * k;
-                        LayerIdx {
-                            norm1: bn(&format!("{p}.norm1"), c),
-                            conv1: conv(&format!("{p}.conv1"), 1, c, mid),
-                            norm2: bn(&format!("{p}.norm2"), mid),
-                            conv2: conv(&format!("{p}.conv2"), 3, mid, k),
-                        }
-                    })
-                    .collect();
-                let transition = (b + 1 < nb).then(|| {
-                    let p = format!("features.transition{}", b + 1);
-                    (
-                        bn(&format!("{p}.norm"), c_total),
-                        conv(&format!("{p}.conv"), 1, c_total, c_total / 2),
-                    )
-                });
-                BlockIdx {
-                    c_total,
-                    layers,
-                    transition,
-                }
-            })
-            .collect();
-        let f0 = spec.num_init_features;
-        Layout {
-            conv0: conv("features.conv0", 7, 3, f0),
-            norm0: bn("features.norm0", f0),
-            blocks,
-            norm5: bn("features.norm5", c_final),
-            fc: at["classifier.weight"],
-            n_params: np,
-            n_stats: ns,
-            n_counters: nc,
-        }
-    }
-
-    fn convs(&self) -> Vec<ConvIdx> {
-        let mut v = vec![self.conv0];
-        for b in &self.blocks {
-            for l in &b.layers {
-                v.extend([l.conv1, l.conv2]);
-            }
-            v.extend(b.transition.map(|t| t.1));
-        }
-        v
-    }
-
-    fn bns(&self) -> Vec<BnIdx> {
-        let mut v = vec![self.norm0];
-        for b in &self.blocks {
-            for l in &b.layers {
-                v.extend([l.norm1, l.norm2]);
-            }
-            v.extend(b.transition.map(|t| t.0));
-        }
-        v.push(self.norm5);
-        v
-    }
-}
-
 /// A DenseNet with one output logit, its parameters, gradients, BN state and tape.
 pub struct DenseNet<T: Float = f32> {
     pub spec: DenseNetSpec,
@@ -180,7 +35,7 @@ pub struct DenseNet<T: Float = f32> {
     pub stats: Vec<T>,
     /// BN `num_batches_tracked`, one per BN.
     pub counters: Vec<i64>,
-    pub(crate) layout: Layout,
+    pub layout: Layout,
     /// The last recording forward's tape, and whether it ran in Train mode.
     pub(crate) tape: Option<(Tape<T>, bool)>,
     /// Activation buffers freed by the last backward, reused by the next forward/backward so
@@ -226,22 +81,16 @@ impl<T: Float> DenseNet<T> {
         m
     }
 
-    /// Size of the final feature map for an `h × w` input, or an error if the input is too
-    /// small to survive the stem and every transition's pooling.
+    /// The step's stages for `h × w` inputs, or an error if the input is too small to survive
+    /// the stem and every transition's pooling.
+    pub fn schedule(&self, h: usize, w: usize) -> Result<Schedule> {
+        Schedule::new(&self.layout, &self.spec.arch, h, w)
+    }
+
+    /// Size of the final feature map for an `h × w` input (an error if it is too small).
     pub fn feature_hw(&self, h: usize, w: usize) -> Result<(usize, usize)> {
-        let too_small = || anyhow::anyhow!("input {h}x{w} is too small for {}", self.spec.arch);
-        if h < 4 || w < 4 {
-            return Err(too_small());
-        }
-        let pool = |x: usize| ((x - 1) / 2 + 1 - 1) / 2 + 1; // stem conv, then max pool
-        let (mut fh, mut fw) = (pool(h), pool(w));
-        for _ in 1..self.layout.blocks.len() {
-            (fh, fw) = (fh / 2, fw / 2);
-        }
-        if fh == 0 || fw == 0 {
-            return Err(too_small());
-        }
-        Ok((fh, fw))
+        let hw = self.schedule(h, w)?.feature_hw();
+        Ok((hw.h, hw.w))
     }
 
     pub fn num_params(&self) -> usize {
@@ -280,120 +129,131 @@ impl<T: Float> DenseNet<T> {
         }
     }
 
-    /// For each state-dict tensor: its spec, where it lives, and (for convs) its kernel geometry.
-    fn slots(&self) -> Vec<(crate::spec::TensorSpec, usize)> {
-        let (mut np, mut ns, mut nc) = (0, 0, 0);
-        self.spec
-            .state_dict_layout()
-            .into_iter()
-            .map(|t| {
-                let slot = match t.role {
-                    Role::Param => &mut np,
-                    Role::RunningStat => &mut ns,
-                    Role::Counter => &mut nc,
-                };
-                let at = *slot;
-                *slot += t.numel().max(1);
-                (t, at)
-            })
-            .collect()
-    }
-
     /// f32 tensors in torchvision layout and order, `num_batches_tracked` as an I64 scalar.
     pub fn to_state_dict(&self) -> StateDict {
-        let tensors = self
-            .slots()
-            .into_iter()
-            .map(|(t, at)| {
-                let data = match t.role {
-                    Role::Counter => TensorData::I64(vec![self.counters[at]]),
-                    Role::RunningStat => TensorData::F32(
-                        self.stats[at..at + t.numel()]
-                            .iter()
-                            .map(|v| v.to_f64() as f32)
-                            .collect(),
-                    ),
-                    Role::Param => {
-                        let src = &self.params[at..at + t.numel()];
-                        let v = if t.shape.len() == 4 {
-                            oihw_from_hwio(src, &t.shape)
-                        } else {
-                            src.to_vec()
-                        };
-                        TensorData::F32(v.iter().map(|v| v.to_f64() as f32).collect())
-                    }
-                };
-                NamedTensor {
-                    name: t.name,
-                    shape: t.shape,
-                    data,
-                }
-            })
-            .collect();
-        StateDict { tensors }
+        to_state_dict(&self.spec, &self.params, &self.stats, &self.counters)
     }
 
     /// Exact match of names and shapes required: a missing, unexpected or mis-shaped key
     /// is an error naming it.
     pub fn from_state_dict(spec: DenseNetSpec, sd: &StateDict) -> Result<Self> {
         let mut m = Self::zeroed(spec);
-        let slots = m.slots();
-        let known: HashMap<&str, usize> = slots
-            .iter()
-            .enumerate()
-            .map(|(i, (t, _))| (t.name.as_str(), i))
-            .collect();
-        let mut seen = vec![false; slots.len()];
-        for nt in &sd.tensors {
-            let Some(&i) = known.get(nt.name.as_str()) else {
-                bail!(
-                    "unexpected key '{}' in state dict for {}",
-                    nt.name,
-                    m.spec.arch
-                );
-            };
-            if seen[i] {
-                bail!("duplicate key '{}' in state dict", nt.name);
-            }
-            seen[i] = true;
-            let (t, at) = &slots[i];
-            if nt.shape != t.shape {
-                bail!(
-                    "key '{}' has shape {:?}, expected {:?} for {}",
-                    nt.name,
-                    nt.shape,
-                    t.shape,
-                    m.spec.arch
-                );
-            }
-            match (&nt.data, t.role) {
-                (TensorData::I64(v), Role::Counter) if v.len() == 1 => m.counters[*at] = v[0],
-                (TensorData::F32(v), Role::RunningStat) if v.len() == t.numel() => {
-                    for (d, &s) in m.stats[*at..*at + t.numel()].iter_mut().zip(v) {
-                        *d = T::from_f64(s as f64);
-                    }
-                }
-                (TensorData::F32(v), Role::Param) if v.len() == t.numel() => {
-                    let v: Vec<T> = v.iter().map(|&s| T::from_f64(s as f64)).collect();
-                    let v = if t.shape.len() == 4 {
-                        hwio_from_oihw(&v, &t.shape)
-                    } else {
-                        v
-                    };
-                    m.params[*at..*at + t.numel()].copy_from_slice(&v);
-                }
-                _ => bail!("key '{}' has the wrong dtype or element count", nt.name),
-            }
-        }
-        if let Some(i) = seen.iter().position(|s| !s) {
-            bail!(
-                "missing key '{}' in state dict for {}",
-                slots[i].0.name,
-                m.spec.arch
-            );
-        }
+        let (params, stats, counters) = from_state_dict(&m.spec, sd)?;
+        m.params = params;
+        m.stats = stats;
+        m.counters = counters;
         Ok(m)
     }
+}
+
+/// For each state-dict tensor of `spec`: its spec and where it lives in its flat buffer.
+fn slots(spec: &DenseNetSpec) -> Vec<(crate::spec::TensorSpec, usize)> {
+    let (mut np, mut ns, mut nc) = (0, 0, 0);
+    spec.state_dict_layout()
+        .into_iter()
+        .map(|t| {
+            let slot = match t.role {
+                Role::Param => &mut np,
+                Role::RunningStat => &mut ns,
+                Role::Counter => &mut nc,
+            };
+            let at = *slot;
+            *slot += t.numel().max(1);
+            (t, at)
+        })
+        .collect()
+}
+
+/// The flat buffers of a model of `spec` (parameters, BN running statistics, BN counters) as a
+/// state dict: f32 tensors in torchvision layout and order, `num_batches_tracked` as I64 scalars.
+pub fn to_state_dict<T: Float>(
+    spec: &DenseNetSpec,
+    params: &[T],
+    stats: &[T],
+    counters: &[i64],
+) -> StateDict {
+    let f32s = |v: &[T]| v.iter().map(|v| v.to_f64() as f32).collect();
+    let tensors = slots(spec)
+        .into_iter()
+        .map(|(t, at)| {
+            let data = match t.role {
+                Role::Counter => TensorData::I64(vec![counters[at]]),
+                Role::RunningStat => TensorData::F32(f32s(&stats[at..at + t.numel()])),
+                Role::Param => {
+                    let src = &params[at..at + t.numel()];
+                    match t.shape.len() {
+                        4 => TensorData::F32(f32s(&oihw_from_hwio(src, &t.shape))),
+                        _ => TensorData::F32(f32s(src)),
+                    }
+                }
+            };
+            NamedTensor {
+                name: t.name,
+                shape: t.shape,
+                data,
+            }
+        })
+        .collect();
+    StateDict { tensors }
+}
+
+/// A state dict as the flat buffers of a model of `spec`: `(params, stats, counters)`. Names and
+/// shapes must match exactly: a missing, unexpected, duplicate or mis-shaped key is an error
+/// naming it.
+#[allow(clippy::type_complexity)]
+pub fn from_state_dict<T: Float>(
+    spec: &DenseNetSpec,
+    sd: &StateDict,
+) -> Result<(Vec<T>, Vec<T>, Vec<i64>)> {
+    let layout = Layout::new(spec);
+    let mut params = vec![T::ZERO; layout.n_params];
+    let mut stats = vec![T::ZERO; layout.n_stats];
+    let mut counters = vec![0; layout.n_counters];
+    let slots = slots(spec);
+    let known: HashMap<&str, usize> = slots
+        .iter()
+        .enumerate()
+        .map(|(i, (t, _))| (t.name.as_str(), i))
+        .collect();
+    let mut seen = vec![false; slots.len()];
+    for nt in &sd.tensors {
+        let Some(&i) = known.get(nt.name.as_str()) else {
+            bail!("unexpected key '{}' in state dict for {}", nt.name, spec.arch);
+        };
+        if seen[i] {
+            bail!("duplicate key '{}' in state dict", nt.name);
+        }
+        seen[i] = true;
+        let (t, at) = &slots[i];
+        if nt.shape != t.shape {
+            bail!(
+                "key '{}' has shape {:?}, expected {:?} for {}",
+                nt.name,
+                nt.shape,
+                t.shape,
+                spec.arch
+            );
+        }
+        let ts = |v: &[f32]| v.iter().map(|&s| T::from_f64(s as f64)).collect::<Vec<T>>();
+        match (&nt.data, t.role) {
+            (TensorData::I64(v), Role::Counter) if v.len() == 1 => counters[*at] = v[0],
+            (TensorData::F32(v), Role::RunningStat) if v.len() == t.numel() => {
+                stats[*at..*at + t.numel()].copy_from_slice(&ts(v));
+            }
+            (TensorData::F32(v), Role::Param) if v.len() == t.numel() => {
+                let v = match t.shape.len() {
+                    4 => hwio_from_oihw(&ts(v), &t.shape),
+                    _ => ts(v),
+                };
+                params[*at..*at + t.numel()].copy_from_slice(&v);
+            }
+            _ => bail!("key '{}' has the wrong dtype or element count", nt.name),
+        }
+    }
+    if let Some(i) = seen.iter().position(|s| !s) {
+        bail!("missing key '{}' in state dict for {}", slots[i].0.name, spec.arch);
+    }
+    Ok((params, stats, counters))
 }
 
 /// `[k, k, i, o]` → PyTorch's `[o, i, k, k]` (`shape` is the PyTorch shape).

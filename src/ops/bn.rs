@@ -4,10 +4,9 @@
 //! The forward is split into statistics and a per-channel affine `x * scale + shift`
 //! (optionally followed by ReLU) so callers can fuse the affine into GEMM packing.
 
+use crate::consts::{BN_EPS, BN_MOMENTUM};
 use super::{par_rows, row_sums, Float};
 
-pub const EPS: f64 = 1e-5;
-pub const MOMENTUM: f64 = 0.1;
 
 /// Per-channel batch mean and biased variance (two passes, f64 accumulation).
 pub fn batch_stats<T: Float>(x: &[T], rows: usize, c: usize, rs: usize) -> (Vec<T>, Vec<T>) {
@@ -36,7 +35,7 @@ pub fn scale_shift<T: Float>(gamma: &[T], beta: &[T], mean: &[T], var: &[T]) -> 
     let scale: Vec<T> = gamma
         .iter()
         .zip(var)
-        .map(|(&g, &v)| g / (v + T::from_f64(EPS)).sqrt())
+        .map(|(&g, &v)| g / (v + T::from_f64(BN_EPS)).sqrt())
         .collect();
     let shift = beta
         .iter()
@@ -55,7 +54,7 @@ pub fn update_running<T: Float>(
     var: &[T],
     count: usize,
 ) {
-    let m = T::from_f64(MOMENTUM);
+    let m = T::from_f64(BN_MOMENTUM);
     let keep = T::ONE - m;
     let unbias = T::from_f64(count as f64 / (count.max(2) - 1) as f64);
     for j in 0..run_mean.len() {
@@ -166,7 +165,7 @@ pub fn backward_to<T: Float>(
     let mut ka = vec![T::ZERO; c];
     let mut kb = vec![T::ZERO; c];
     for j in 0..c {
-        let is = (T::ONE / (var[j] + T::from_f64(EPS)).sqrt()).to_f64();
+        let is = (T::ONE / (var[j] + T::from_f64(BN_EPS)).sqrt()).to_f64();
         dgamma[j] += T::from_f64(sum_dz_xc[j] * is);
         dbeta[j] += T::from_f64(sum_dz[j]);
         if train {

@@ -103,7 +103,7 @@ fn im2col<T: Float>(
 }
 
 /// `y: [n, ho, wo, co]` (row stride `y_rs`) = conv(pre(x), wt); `wt: [k, k, x.c, co]`.
-pub fn conv2d_fwd<T: Float>(
+pub fn fwd<T: Float>(
     x: Image<T>,
     pre: Option<BnRelu<T>>,
     wt: &[T],
@@ -151,7 +151,7 @@ pub fn conv2d_fwd<T: Float>(
 }
 
 /// `dw: [k, k, x.c, co] += d(loss)/d(wt)` given `dy: [n, ho, wo, co]` (row stride `dy_rs`).
-pub fn conv2d_bwd_weight<T: Float>(
+pub fn bwd_weight<T: Float>(
     x: Image<T>,
     pre: Option<BnRelu<T>>,
     g: Conv,
@@ -203,7 +203,7 @@ pub fn conv2d_bwd_weight<T: Float>(
 /// `dx: [n, h, w, ci]` (contiguous, overwritten) = d(loss)/d(conv input) given
 /// `dy: [n, ho, wo, co]` (row stride `dy_rs`) and `wt: [k, k, ci, co]`.
 #[allow(clippy::too_many_arguments)]
-pub fn conv2d_bwd_input<T: Float>(
+pub fn bwd_data<T: Float>(
     dy: &[T],
     dy_rs: usize,
     co: usize,
@@ -254,7 +254,7 @@ pub fn conv2d_bwd_input<T: Float>(
             c: co,
             rs: dy_rs,
         };
-        conv2d_fwd(dyi, None, &wf, ci, gt, dx, ci);
+        fwd(dyi, None, &wf, ci, gt, dx, ci);
         return;
     }
     // General case: dcol = dy · wtᵀ, then each input pixel gathers the entries it fed.
@@ -355,7 +355,7 @@ mod tests {
                 shift: &shift,
             });
             let mut y = vec![0.0; n * ho * wo * co];
-            conv2d_fwd(
+            fwd(
                 Image {
                     data: x,
                     n,
@@ -386,7 +386,7 @@ mod tests {
             scale: &scale,
             shift: &shift,
         });
-        conv2d_bwd_weight(
+        bwd_weight(
             Image {
                 data: &x,
                 n,
@@ -411,7 +411,7 @@ mod tests {
         }
         // Input gradient (w.r.t. the contiguous input channels).
         let mut dx = vec![f64::NAN; n * h * w * ci];
-        conv2d_bwd_input(&r, co, co, &wt, g, (n, h, w, ci), &mut dx);
+        bwd_data(&r, co, co, &wt, g, (n, h, w, ci), &mut dx);
         let mut dxs = vec![0.0; x.len()];
         for p in 0..n * h * w {
             dxs[p * rs..p * rs + ci].copy_from_slice(&dx[p * ci..][..ci]);

@@ -1,13 +1,16 @@
 //! CPU reference ops in NHWC, generic over f32 and f64: each op family has a forward, a
-//! backward and a finite-difference gradient test next to it.
+//! backward and a finite-difference gradient test next to it. Each op bears the same name in
+//! every layer: `ops::<op>` here, `kernels/<op>.cu`, `gpu::ops::<op>`, `tests/ops/<op>.rs`.
 //!
 //! Activations are `[N, H, W, C]` row-major, i.e. a `[N*H*W, C]` matrix whose rows may be
 //! longer than `C` (a channel prefix of a dense block's buffer): such views carry a row
 //! stride `rs >= C`.
 
-pub mod act;
+pub mod adam;
+pub mod augment;
 pub mod bn;
 pub mod conv;
+pub mod linear;
 pub mod pool;
 
 use rayon::prelude::*;
@@ -305,6 +308,16 @@ pub(crate) mod testutil {
 mod tests {
     use super::*;
     use crate::rng::Rng;
+
+    #[test]
+    fn bn_relu_propagates_nan() {
+        let f = BnRelu {
+            scale: &[1.0f32, 2.0],
+            shift: &[0.0, -1.0],
+        };
+        assert!(f.at(0, f32::NAN).is_nan());
+        assert_eq!((f.at(1, 0.25), f.at(1, 1.0)), (0.0, 1.0));
+    }
 
     #[test]
     fn matmul_matches_naive_with_strides() {

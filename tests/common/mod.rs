@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests that drive the `mura` binary.
 #![allow(dead_code)] // each test file uses its own subset
 
+pub mod gpu;
+
 use std::path::PathBuf;
 use std::process::{Command, Output};
 

@@ -1,7 +1,7 @@
-// The emulator and kernels/selftest.cu under AddressSanitizer, run by tests/emu_selftest.rs:
+// The emulator and kernels/testing/selftest.cu under AddressSanitizer, run by tests/emu_selftest.rs:
 // `emu-asan ok` must exit 0 (fiber switching is clean under ASan); `emu-asan oob` writes one
 // element past a heap buffer from a kernel and must die with an ASan report.
-#include "selftest.cu"
+#include "testing/selftest.cu"
 
 #include <stdio.h>
 #include <stdlib.h>

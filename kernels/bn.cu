@@ -1,43 +1,11 @@
-// Batch-norm statistics for NHWC activations: per-channel mean and biased variance over the
-// R = N*H*W rows. Two passes over x (mean, then squared deviations) for accuracy.
+// Batch norm over NHWC activations (a channel slice of a wider buffer): statistics, coefficients,
+// the fused apply, and the backward's reductions and per-element terms. Eps and momentum are
+// PyTorch's (kernels/consts.cuh).
+#include "consts.cuh"
 #include "dtype.cuh"
 
-// mean: [C] f32 out; var: [C] f32 out (biased, divided by R); x: [R, C] f32 (R = N*H*W).
-// Block (32, 16): threadIdx.x picks a channel of the block's 32-channel slice (coalesced reads),
-// threadIdx.y strides over rows. Grid: (ceil(C / 32), 1, 1).
-extern "C" __global__ void bn_stats_fwd_f32(float* __restrict__ mean, float* __restrict__ var,
-                                            const float* __restrict__ x, int R, int C) {
-    __shared__ float part[16][33];
-    __shared__ float mu[32];
-    const int c = blockIdx.x * 32 + threadIdx.x;
-    const bool valid = c < C;
-    float s = 0.0f;
-    if (valid)
-        for (int r = threadIdx.y; r < R; r += blockDim.y) s += x[(long long)r * C + c];
-    part[threadIdx.y][threadIdx.x] = s;
-    __syncthreads();
-    if (threadIdx.y == 0) {
-        float t = 0.0f;
-        for (int k = 0; k < (int)blockDim.y; k++) t += part[k][threadIdx.x];
-        mu[threadIdx.x] = t / (float)R;
-    }
-    __syncthreads();
-    const float m = mu[threadIdx.x];
-    float q = 0.0f;
-    if (valid)
-        for (int r = threadIdx.y; r < R; r += blockDim.y) {
-            const float d = x[(long long)r * C + c] - m;
-            q += d * d;
-        }
-    part[threadIdx.y][threadIdx.x] = q;
-    __syncthreads();
-    if (threadIdx.y == 0 && valid) {
-        float t = 0.0f;
-        for (int k = 0; k < (int)blockDim.y; k++) t += part[k][threadIdx.x];
-        mean[c] = m;
-        var[c] = t / (float)R;
-    }
-}
+constexpr float EPS = (float)BN_EPS, MOMENTUM = (float)BN_MOMENTUM;
+static_assert(EPS == 1e-5f && MOMENTUM == 0.1f, "PyTorch's BatchNorm defaults, rounded to f32 once");
 
 // ---- Training and eval batch norm over a channel slice of an NHWC buffer -------------------------
 // Statistics: rows are split into P chunks; each chunk's mean and sum of squared deviations
@@ -103,7 +71,7 @@ extern "C" __global__ void bn_stats_merge_fwd_f32(float* __restrict__ mean, floa
     }
 }
 
-// scale, shift: [C] f32 out: scale = gamma / sqrt(var + 1e-5), shift = beta - mean * scale.
+// scale, shift: [C] f32 out: scale = gamma / sqrt(var + eps), shift = beta - mean * scale.
 // gamma, beta, mean, var: [C] f32. run_mean, run_var: [C] f32 running statistics, updated with
 // momentum 0.1 from this batch (var times unbias = R / (R - 1)), or null (eval). When sums is not
 // null, the statistics of the last P channels are not in mean, var yet: sums: [2, P] f32 holds
@@ -126,13 +94,13 @@ extern "C" __global__ void bn_coeffs_fwd_f32(float* __restrict__ scale, float* _
             sums[j] = 0.0f;
             sums[P + j] = 0.0f;
         }
-        const float s = gamma[c] / sqrtf(var[c] + 1e-5f);
+        const float s = gamma[c] / sqrtf(var[c] + EPS);
         scale[c] = s;
         shift[c] = beta[c] - mean[c] * s;
         if (run_mean) {
-            const float mom = 0.1f, keep = 1.0f - mom;
-            run_mean[c] = keep * run_mean[c] + mom * mean[c];
-            run_var[c] = keep * run_var[c] + mom * var[c] * unbias;
+            const float keep = 1.0f - MOMENTUM;
+            run_mean[c] = keep * run_mean[c] + MOMENTUM * mean[c];
+            run_var[c] = keep * run_var[c] + MOMENTUM * var[c] * unbias;
         }
     }
 }
@@ -140,7 +108,7 @@ extern "C" __global__ void bn_coeffs_fwd_f32(float* __restrict__ scale, float* _
 // y = x * scale + shift (then ReLU when relu != 0). y: [R, C] T, row stride y_rs; x: [R, C] T,
 // row stride x_rs; scale, shift: [C] f32. Grid-stride over R*C.
 template <class T>
-__device__ void bn_act(T* y, int y_rs, const T* x, int x_rs, int R, int C, const float* scale,
+__device__ void bn_apply(T* y, int y_rs, const T* x, int x_rs, int R, int C, const float* scale,
                        const float* shift, int relu) {
     const long long total = (long long)R * C;
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
@@ -209,7 +177,7 @@ extern "C" __global__ void bn_bwd_merge_f32(float* __restrict__ coef, float* __r
             sdz += part[(long long)p * C + c];
             sdx += part[(long long)(P + p) * C + c];
         }
-        const double is = 1.0 / sqrt((double)(var[c] + 1e-5f));
+        const double is = 1.0 / sqrt((double)(var[c] + EPS));
         dgamma[c] += (float)(sdx * is);
         dbeta[c] += (float)sdz;
         const double a = sdz / R, b = sdx * is * is / R;
@@ -234,7 +202,7 @@ extern "C" __global__ void bn_bwd_merge_sums_f32(float* __restrict__ coef, float
     const int c = blockIdx.x * blockDim.x + threadIdx.x;
     if (c < C) {
         const double sdz = red[c], sdx = (double)red[C + c] - (double)mean[c] * sdz;
-        const double is = 1.0 / sqrt((double)(var[c] + 1e-5f));
+        const double is = 1.0 / sqrt((double)(var[c] + EPS));
         dgamma[c] += (float)(sdx * is);
         dbeta[c] += (float)sdz;
         coef[c] = (float)(sdz / R);
@@ -258,7 +226,7 @@ extern "C" __global__ void bn_bwd_defer_f32(float* __restrict__ alpha, float* __
     const int c = blockIdx.x * blockDim.x + threadIdx.x;
     if (c < C) {
         const double m = mean[c], sdz = red[c], sdx = (double)red[C + c] - m * sdz;
-        const double is = 1.0 / sqrt((double)(var[c] + 1e-5f));
+        const double is = 1.0 / sqrt((double)(var[c] + EPS));
         dgamma[c] += (float)(sdx * is);
         dbeta[c] += (float)sdz;
         const double a = sdz / R, b = sdx * is * is / R, s = scale[c];
@@ -321,11 +289,11 @@ extern "C" __global__ void bn_stats_part_fwd_f32(float* __restrict__ part, const
                                                 int C, int rs) {
     bn_stats_part<float>(part, x, R, C, rs);
 }
-// f32 storage: see bn_act.
-extern "C" __global__ void bn_act_fwd_f32(float* __restrict__ y, int y_rs, const float* __restrict__ x, int x_rs,
+// f32 storage: see bn_apply.
+extern "C" __global__ void bn_apply_fwd_f32(float* __restrict__ y, int y_rs, const float* __restrict__ x, int x_rs,
                                          int R, int C, const float* __restrict__ scale,
                                          const float* __restrict__ shift, int relu) {
-    bn_act<float>(y, y_rs, x, x_rs, R, C, scale, shift, relu);
+    bn_apply<float>(y, y_rs, x, x_rs, R, C, scale, shift, relu);
 }
 // f32 storage: see bn_bwd_part.
 extern "C" __global__ void bn_bwd_part_f32(float* __restrict__ part, const float* __restrict__ x, int x_rs,
@@ -348,11 +316,11 @@ extern "C" __global__ void bn_stats_part_fwd_bf16(float* __restrict__ part, cons
                                                 int C, int rs) {
     bn_stats_part<bf16>(part, x, R, C, rs);
 }
-// bf16 storage: see bn_act.
-extern "C" __global__ void bn_act_fwd_bf16(bf16* __restrict__ y, int y_rs, const bf16* __restrict__ x, int x_rs,
+// bf16 storage: see bn_apply.
+extern "C" __global__ void bn_apply_fwd_bf16(bf16* __restrict__ y, int y_rs, const bf16* __restrict__ x, int x_rs,
                                          int R, int C, const float* __restrict__ scale,
                                          const float* __restrict__ shift, int relu) {
-    bn_act<bf16>(y, y_rs, x, x_rs, R, C, scale, shift, relu);
+    bn_apply<bf16>(y, y_rs, x, x_rs, R, C, scale, shift, relu);
 }
 // bf16 storage: see bn_bwd_part.
 extern "C" __global__ void bn_bwd_part_bf16(float* __restrict__ part, const bf16* __restrict__ x, int x_rs,

@@ -1,6 +1,7 @@
-//! Tape autograd: a recorded forward (train or eval BN mode) records one node per (fused) op together with
-//! what its backward needs; `DenseNet::backward` replays the nodes in reverse. Parameters
-//! and their gradients live in two flat buffers owned by the model (zero-grad is one fill).
+//! Tape autograd: a recorded forward (train or eval BN mode) records one node per stage of the
+//! schedule (a fused op) together with what its backward needs; `DenseNet::backward` walks the
+//! schedule backwards, popping one node per stage. Parameters and their gradients live in two
+//! flat buffers owned by the model (zero-grad is one fill).
 //!
 //! Dense blocks never concatenate: a block owns one `[pixels, channels]` activation buffer
 //! and, during backward, one gradient buffer of the same shape. Each dense layer reads a
@@ -8,7 +9,10 @@
 //! accumulates into the prefix of the gradient buffer, so a prefix read by several layers
 //! receives the sum of their gradients.
 
-/// One recorded op with its saved tensors. Block activations are kept once, in `Tape::blocks`.
+use super::Schedule;
+
+/// One recorded stage with its saved tensors. Block activations are kept once, in
+/// `Tape::blocks`.
 pub(crate) enum Node<T> {
     /// conv0 → norm0 → ReLU → max pool, writing block 0's first channels.
     Stem {
@@ -16,12 +20,10 @@ pub(crate) enum Node<T> {
         y0: Vec<T>, // [n, h0, w0, f0] conv0 output (before norm0)
         mean: Vec<T>,
         var: Vec<T>,
-        dims: (usize, usize, usize, usize), // n, h, w (input), f0
     },
-    /// BN-ReLU-1×1 conv → BN-ReLU-3×3 conv, reading a prefix of block `b` and writing `k` channels.
+    /// BN-ReLU-1×1 conv → BN-ReLU-3×3 conv, reading a prefix of its block and writing `k`
+    /// channels.
     DenseLayer {
-        b: usize,
-        l: usize,
         y1: Vec<T>, // [pixels, bn_size*k] bottleneck output (before norm2)
         mean2: Vec<T>,
         var2: Vec<T>,
@@ -29,7 +31,6 @@ pub(crate) enum Node<T> {
     /// BN-ReLU → 2×2 avg pool → 1×1 conv (pooling first: both are linear per pixel, so
     /// they commute), from block `b` into the first channels of block `b + 1`.
     Transition {
-        b: usize,
         pooled: Vec<T>, // [pixels/4, channels of block b]
     },
     /// norm5 → ReLU → global average pool → linear.
@@ -56,17 +57,11 @@ impl<T> BlockAct<T> {
     }
 }
 
-/// What one train-mode forward recorded, for one backward.
+/// What one recorded forward left for one backward: the schedule it ran, its batch size, one
+/// node per stage and every block's activations.
 pub(crate) struct Tape<T> {
+    pub schedule: Schedule,
+    pub n: usize,
     pub nodes: Vec<Node<T>>,
     pub blocks: Vec<BlockAct<T>>,
-}
-
-impl<T> Default for Tape<T> {
-    fn default() -> Self {
-        Tape {
-            nodes: Vec::new(),
-            blocks: Vec::new(),
-        }
-    }
 }

@@ -1,0 +1,217 @@
+//! The GPU model's forward: the input into the plan, then one launch sequence per stage of the
+//! schedule (captured once as a graph per batch size and mode), then the logits to the host.
+
+use super::engine::ConvOp;
+use super::plan::{stats_of, Plan, RawIn};
+use super::{Engine, GpuDenseNet, Pass};
+use crate::gpu::ops::{augment, bn, cast, linear, pool};
+use crate::gpu::{DeviceBuffer, Graph, Nhwc};
+use crate::model::schedule::{Head, Layer, Stem, Step, Transition};
+use crate::ops::augment::AugParams;
+use crate::ops::conv::Conv;
+use anyhow::{bail, Context, Result};
+
+/// What a forward reads: host-built f32 inputs, or store images that the device augments.
+pub(super) enum Input<'a> {
+    /// `[n, h, w, 3]` f32 NHWC, normalised.
+    F32(&'a [f32]),
+    /// raw: `[n, src_size, src_size]` u8; params: `[n]`.
+    Raw {
+        raw: &'a [u8],
+        src_size: usize,
+        params: &'a [AugParams],
+    },
+}
+
+impl<T: Engine> GpuDenseNet<T> {
+    /// The forward pass; leaves the logits (and the final feature map) in the plan.
+    pub(super) fn run(&mut self, x: Input, n: usize, h: usize, w: usize, train: bool) -> Result<Vec<f32>> {
+        match x {
+            Input::F32(x) if x.len() != n * h * w * 3 => bail!(
+                "forward: input has {} values, expected [{n}, {h}, {w}, 3]",
+                x.len()
+            ),
+            Input::Raw {
+                raw,
+                src_size,
+                params,
+            } => crate::net::check_raw(raw, src_size, params, h)?,
+            _ => {}
+        }
+        self.ensure_plan(n, h, w)?;
+        self.recorded = false;
+        if let Some(w16) = self.weights_bf16.as_ref().filter(|_| self.weights_stale) {
+            cast::to_bf16(&*self.d, self.params.slice(), w16.slice())?;
+            self.weights_stale = false;
+        }
+        let plan = self.plan.take().context("planned above")?;
+        let out = self
+            .load_input(&plan, x)
+            .and_then(|()| self.forward_planned(&plan, train));
+        self.plan = Some(plan);
+        self.recorded = train && out.is_ok();
+        out
+    }
+
+    /// The batch into the plan's input: uploaded as f32 (and cast in bf16), or uploaded as u8
+    /// and augmented by the device.
+    fn load_input(&mut self, plan: &Plan<T>, x: Input) -> Result<()> {
+        let staging = plan.input_f32.as_ref().map(|b| b.slice());
+        match x {
+            Input::F32(x) => T::load_input(self, x, staging, plan.input.slice()),
+            Input::Raw {
+                raw,
+                src_size,
+                params,
+            } => {
+                let n = params.len();
+                let fits = |r: &RawIn| r.src.len() >= raw.len() && r.steps.len() >= 4 * n;
+                if !self.raw_in.as_ref().is_some_and(fits) {
+                    self.raw_in = None; // free the smaller buffers first
+                    self.raw_in = Some(RawIn {
+                        src: DeviceBuffer::alloc(&self.d, raw.len())?,
+                        steps: DeviceBuffer::alloc(&self.d, 4 * n)?,
+                    });
+                }
+                let r = self.raw_in.as_ref().context("allocated above")?;
+                self.d.htod(r.src.ptr().addr(), raw)?;
+                let (src, steps) = (r.src.slice(), r.steps.slice());
+                augment::images(&*self.d, src, src_size, params, steps, plan.input()?)
+            }
+        }
+    }
+
+    /// The forward's kernels (one graph per batch size and mode), then the logits to the host.
+    fn forward_planned(&mut self, plan: &Plan<T>, train: bool) -> Result<Vec<f32>> {
+        if train {
+            for bn in self.layout.bns() {
+                self.counters[bn.cnt] += 1;
+            }
+        }
+        let key = (if train { Pass::Train } else { Pass::Eval }, plan.n);
+        self.run_graph(key, &|m: &Self| m.forward_kernels(plan, train))?;
+        let mut logits = vec![0f32; plan.n];
+        let src = plan.logits.slice().range(0, plan.n)?;
+        self.d
+            .dtoh(bytemuck::cast_slice_mut(&mut logits), src.ptr().addr())?;
+        Ok(logits)
+    }
+
+    /// Runs `work` (launches and memsets only): through its graph for `key`, captured on first
+    /// use, or directly when graphs are off.
+    pub(super) fn run_graph(&mut self, key: (Pass, usize), work: &dyn Fn(&Self) -> Result<()>) -> Result<()> {
+        if !self.use_graphs {
+            return work(self);
+        }
+        if !self.graphs.contains_key(&key) {
+            let d = self.d.clone();
+            let g = Graph::capture(&d, || work(self)).context("capturing a CUDA graph")?;
+            self.graphs.insert(key, g);
+        }
+        self.graphs[&key].replay()
+    }
+
+    /// Launch the whole forward, stage by stage, from the input in the plan to the logits in the
+    /// plan. `pending` carries the channels of the current block whose statistics are still sums
+    /// (bf16): the last convolution's output, consumed by the next BN's coefficients (every
+    /// later BN that reads those channels then finds them in the block's statistics).
+    fn forward_kernels(&self, plan: &Plan<T>, train: bool) -> Result<()> {
+        // The epilogue sums and the split-K workspace start from zero (their consumers zero
+        // them again after reading).
+        self.sums.fill_bytes(0)?;
+        if let Some(w) = &plan.split_ws {
+            w.fill_bytes(0)?;
+        }
+        let mut pending = 0;
+        for step in plan.schedule.forward() {
+            pending = match step {
+                Step::Stem(s) => self.stem_fwd(plan, s, train)?,
+                Step::Layer(l) => self.layer_fwd(plan, l, train, pending)?,
+                Step::Transition(t) => self.transition_fwd(plan, t, train, pending)?,
+                Step::Head(hd) => self.head_fwd(plan, hd, train, pending)?,
+            };
+        }
+        Ok(())
+    }
+
+    /// conv0 → norm0 → ReLU → max pool into block 0's first channels (the max pool applies norm0
+    /// + ReLU as it reads conv0's output); then the pooled channels' statistics.
+    fn stem_fwd(&self, plan: &Plan<T>, s: &Stem, train: bool) -> Result<usize> {
+        let (n, f0) = (plan.n, s.conv.co);
+        let stats = stats_of(plan.stem_stats.slice(), f0, 0, f0)?;
+        let op = ConvOp {
+            conv: s.conv,
+            g: Conv::STEM,
+        };
+        let (x, y0) = (plan.input()?, plan.stem_out()?);
+        let pending = T::conv_fwd(self, x, None, op, y0, train.then_some(stats), None)?;
+        let batch = train.then_some((stats, s.conv_out.rows(n)));
+        self.bn_scale_shift(s.norm, batch, pending)?;
+        let block0 = &plan.blocks[0];
+        let out = block0.acts(n)?.channels(0, f0)?;
+        pool::maxpool_fwd(&*self.d, y0, Some(self.coefs(s.norm)?), out)?;
+        if train {
+            bn::batch_stats(&*self.d, out.mat(), block0.stats(0, f0)?, self.bn_part.slice())?;
+        }
+        Ok(0)
+    }
+
+    /// BN1 + ReLU → 1×1 into the bottleneck, BN2 + ReLU → 3×3 into the block's next channels.
+    fn layer_fwd(&self, plan: &Plan<T>, l: &Layer, train: bool, pending: usize) -> Result<usize> {
+        let (n, c, mid, k) = (plan.n, l.c_in, l.conv1.co, l.conv2.co);
+        let (block, rows) = (&plan.blocks[l.block], l.hw.rows(n));
+        self.bn_scale_shift(l.norm1, train.then_some((block.stats(0, c)?, rows)), pending)?;
+        let prefix = block.acts(n)?.channels(0, c)?;
+        let y1 = &block.bottleneck[l.index];
+        let y1 = Nhwc::new(y1.slice(), (n, l.hw.h, l.hw.w, mid), mid)?;
+        let stats2 = stats_of(block.bottleneck_stats[l.index].slice(), mid, 0, mid)?;
+        let conv1 = ConvOp {
+            conv: l.conv1,
+            g: Conv::POINTWISE,
+        };
+        let (pre1, ws) = (Some(self.coefs(l.norm1)?), plan.split_ws());
+        let pending2 = T::conv_fwd(self, prefix, pre1, conv1, y1, train.then_some(stats2), ws)?;
+        self.bn_scale_shift(l.norm2, train.then_some((stats2, rows)), pending2)?;
+        let out = block.acts(n)?.channels(c, k)?;
+        let conv2 = ConvOp {
+            conv: l.conv2,
+            g: Conv::CONV3,
+        };
+        let (pre2, stats) = (Some(self.coefs(l.norm2)?), block.stats(c, k)?);
+        T::conv_fwd(self, y1, pre2, conv2, out, train.then_some(stats), ws)
+    }
+
+    /// BN + ReLU → 2×2 average pool (fused) → 1×1 into the next block's first channels.
+    fn transition_fwd(&self, plan: &Plan<T>, t: &Transition, train: bool, pending: usize) -> Result<usize> {
+        let n = plan.n;
+        let (block, next) = (&plan.blocks[t.block], &plan.blocks[t.block + 1]);
+        let batch = train.then_some((block.stats(0, t.c_in)?, t.hw_in.rows(n)));
+        self.bn_scale_shift(t.norm, batch, pending)?;
+        let pooled = block.pooled.as_ref().context("a transition's pooled buffer")?;
+        let (hw, ct) = (t.hw_out, t.c_in);
+        let pooled = Nhwc::new(pooled.slice(), (n, hw.h, hw.w, ct), ct)?;
+        pool::avgpool_fwd(&*self.d, block.acts(n)?, Some(self.coefs(t.norm)?), pooled)?;
+        let out = next.acts(n)?.channels(0, t.conv.co)?;
+        let op = ConvOp {
+            conv: t.conv,
+            g: Conv::POINTWISE,
+        };
+        let stats = next.stats(0, t.conv.co)?;
+        T::conv_fwd(self, pooled, None, op, out, train.then_some(stats), plan.split_ws())
+    }
+
+    /// norm5 → ReLU → global average pool → linear.
+    fn head_fwd(&self, plan: &Plan<T>, hd: &Head, train: bool, pending: usize) -> Result<usize> {
+        let (d, n, c) = (&*self.d, plan.n, hd.c);
+        let last = plan.blocks.last().context("a DenseNet has blocks")?;
+        let batch = train.then_some((last.stats(0, c)?, hd.hw.rows(n)));
+        self.bn_scale_shift(hd.norm, batch, pending)?;
+        let features = Nhwc::new(plan.features.slice(), (n, hd.hw.h, hd.hw.w, c), c)?;
+        let acts = last.acts(n)?;
+        bn::apply(d, acts.mat(), self.coefs(hd.norm)?, true, features.mat())?;
+        pool::gap_fwd(d, features, plan.pooled(false)?)?;
+        let wb = (self.param(hd.fc, c)?, self.param(hd.fc + c, 1)?);
+        linear::fwd(d, plan.pooled(false)?, wb, plan.logits.slice())?;
+        Ok(0)
+    }
+}

@@ -1,0 +1,415 @@
+//! Batch norm over a channel slice of NHWC activations (kernels/bn.cu; CPU reference
+//! `crate::ops::bn`): batch statistics, scale and shift (with the running-statistics update), the
+//! apply, and the backward, whole or with its per-channel part deferred.
+//!
+//! The deferred backward: a dense layer's BN1 reads a channel prefix that every later layer of the
+//! block reads too. Its input gradient is `scale · dz` per element plus a per-channel term affine
+//! in x, `alpha + beta · x`; the per-element part goes straight into the block's gradient buffer
+//! (bf16: from the data-gradient convolution's epilogue), the affine terms are summed over every
+//! reader of the channel ([`Deferred`]) and added once, by [`grad_fix`], when the channel's
+//! gradient is otherwise complete.
+
+use super::{elementwise, per_channel, same_shape, Act, BnRelu};
+use crate::gpu::kernels::launch as k;
+use crate::gpu::{blocks_for, Driver, Launch, Mat, Ptr, Slice};
+use anyhow::{bail, Result};
+
+/// Most row chunks of a BN reduction.
+const MAX_CHUNKS: usize = 64;
+
+/// Row chunks of a BN reduction over `rows` rows: enough blocks to fill a GPU, at most 64.
+fn chunks(rows: usize) -> usize {
+    rows.div_ceil(1024).clamp(1, MAX_CHUNKS)
+}
+
+/// f32 elements of scratch the BN reductions need for `c` channels: `[2, 64, c]`.
+pub fn scratch_len(c: usize) -> usize {
+    2 * MAX_CHUNKS * c
+}
+
+/// A BN's per-channel statistics `[c]` f32: mean and biased variance (batch or running).
+#[derive(Clone, Copy, Debug)]
+pub struct Stats {
+    pub mean: Slice<f32>,
+    pub var: Slice<f32>,
+}
+
+impl Stats {
+    fn ptrs(self, c: usize) -> Result<(Ptr<f32>, Ptr<f32>)> {
+        Ok((
+            self.mean.expect(c, "a BN's mean")?.ptr(),
+            self.var.expect(c, "a BN's variance")?.ptr(),
+        ))
+    }
+}
+
+/// A BN's parameters, or their gradients: `gamma, beta: [c]` f32.
+#[derive(Clone, Copy, Debug)]
+pub struct Affine {
+    pub gamma: Slice<f32>,
+    pub beta: Slice<f32>,
+}
+
+impl Affine {
+    fn ptrs(self, c: usize) -> Result<(Ptr<f32>, Ptr<f32>)> {
+        Ok((
+            self.gamma.expect(c, "a BN's gamma")?.ptr(),
+            self.beta.expect(c, "a BN's beta")?.ptr(),
+        ))
+    }
+}
+
+/// Per-channel mean and biased variance of `x: [rows, c]` into `out`. `part`: scratch of
+/// [`scratch_len`]`(c)` f32.
+pub fn batch_stats<T: Act>(d: &dyn Driver, x: Mat<T>, out: Stats, part: Slice<f32>) -> Result<()> {
+    let (rows, c) = (x.rows(), x.cols());
+    let p = chunks(rows);
+    let part = part.expect(scratch_len(c), "the BN scratch")?.ptr();
+    let (mean, var) = out.ptrs(c)?;
+    let at = Launch {
+        grid: [blocks_for(c, 32), p as u32, 1],
+        block: [32, 8, 1],
+        shared: 9 * 33 * 4,
+    };
+    // SAFETY: x is a checked view of rows × c; part holds [2, p, c]; mean, var hold c.
+    unsafe { k::bn_stats_part_fwd::<T>(d, at, part, x.ptr(), rows, c, x.rs())? };
+    // SAFETY: as above.
+    unsafe { k::bn_stats_merge_fwd_f32(d, per_channel(c), mean, var, part, rows, c, p) }
+}
+
+/// The running statistics a training-mode [`scale_shift`] updates, from a batch of `count` rows
+/// (PyTorch: momentum 0.1, unbiased variance).
+#[derive(Clone, Copy, Debug)]
+pub struct Running {
+    pub stats: Stats,
+    pub count: usize,
+}
+
+/// Statistics of a BN's last `channels` channels that are still sums: `sums: [2, channels]` f32,
+/// the per-channel Σx and Σx² over the batch that a tensor-core convolution's epilogue added up.
+#[derive(Clone, Copy, Debug)]
+pub struct Pending {
+    pub sums: Slice<f32>,
+    pub channels: usize,
+}
+
+/// A BN's (scale, shift) into `out`, from its `params` and `stats` (`[c]` each): scale =
+/// gamma / sqrt(var + eps), shift = beta − mean · scale. In training (`running`) also updates the
+/// running statistics; with `pending` (training only) the statistics of the last channels are first
+/// computed from their sums (mean = Σx / count, var = Σx² / count − mean²), stored into `stats`,
+/// and the sums zeroed for the next epilogue.
+pub fn scale_shift(
+    d: &dyn Driver,
+    params: Affine,
+    stats: Stats,
+    running: Option<Running>,
+    pending: Option<Pending>,
+    out: BnRelu,
+) -> Result<()> {
+    let c = params.gamma.len().min(params.beta.len());
+    let (gamma, beta) = params.ptrs(c)?;
+    let (mean, var) = stats.ptrs(c)?;
+    let (scale, shift) = out.ptrs(c)?;
+    let (run_mean, run_var, count) = match running {
+        Some(r) => {
+            let (m, v) = r.stats.ptrs(c)?;
+            (m, v, r.count)
+        }
+        None => (Ptr::NULL, Ptr::NULL, 2),
+    };
+    let unbias = count as f64 / (count.max(2) - 1) as f64;
+    let (sums, p) = match pending {
+        Some(_) if running.is_none() => bail!("BN statistics from sums need the batch's row count"),
+        Some(p) if p.channels > c => bail!("{} pending channels of a BN of {c}", p.channels),
+        Some(p) => (p.sums.expect(2 * p.channels, "the pending sums")?.ptr(), p.channels),
+        None => (Ptr::NULL, 0),
+    };
+    // SAFETY: every [c] operand is checked above, the sums hold [2, p].
+    unsafe {
+        k::bn_coeffs_fwd_f32(
+            d,
+            per_channel(c),
+            scale,
+            shift,
+            gamma,
+            beta,
+            mean,
+            var,
+            run_mean,
+            run_var,
+            unbias as f32,
+            c,
+            sums,
+            count,
+            p,
+        )
+    }
+}
+
+/// `y = x · scale + shift` (then ReLU if `relu`), `x, y: [rows, c]`.
+pub fn apply<T: Act>(d: &dyn Driver, x: Mat<T>, coef: BnRelu, relu: bool, y: Mat<T>) -> Result<()> {
+    same_shape("BN apply", x, y)?;
+    let (rows, c) = (x.rows(), x.cols());
+    let (scale, shift) = coef.ptrs(c)?;
+    let at = elementwise(rows * c);
+    // SAFETY: x and y are checked views of the same shape, the coefficients hold c.
+    unsafe { k::bn_apply_fwd::<T>(d, at, y.ptr(), y.rs(), x.ptr(), x.rs(), rows, c, scale, shift, relu) }
+}
+
+/// What a BN backward reads: the forward input `x: [rows, c]`, the statistics it normalised with
+/// and its coefficients.
+#[derive(Clone, Copy, Debug)]
+pub struct Saved<T> {
+    pub x: Mat<T>,
+    pub stats: Stats,
+    pub coef: BnRelu,
+}
+
+/// The gradient a backward writes: `mat` overwritten, or added to when `accumulate` (a dense
+/// block's shared gradient buffer).
+#[derive(Clone, Copy, Debug)]
+pub struct Grad<T> {
+    pub mat: Mat<T>,
+    pub accumulate: bool,
+}
+
+/// The scratch of a BN backward: `part` of [`scratch_len`]`(c)` f32, `coef` of `2c` f32.
+#[derive(Clone, Copy, Debug)]
+pub struct Scratch {
+    pub part: Slice<f32>,
+    pub coef: Slice<f32>,
+}
+
+/// The deferred per-channel terms of BN backwards, `alpha, beta: [c]` f32 (module comment).
+#[derive(Clone, Copy, Debug)]
+pub struct Deferred {
+    pub alpha: Slice<f32>,
+    pub beta: Slice<f32>,
+}
+
+impl Deferred {
+    fn ptrs(self, c: usize) -> Result<(Ptr<f32>, Ptr<f32>)> {
+        Ok((
+            self.alpha.expect(c, "the deferred alpha")?.ptr(),
+            self.beta.expect(c, "the deferred beta")?.ptr(),
+        ))
+    }
+}
+
+/// Backward of BN (batch statistics if `train`, else running ones) then ReLU if `relu`:
+/// `dparams` += the parameters' gradients; `dx` from `dy` (`[rows, c]` each).
+#[allow(clippy::too_many_arguments)]
+pub fn backward<T: Act>(
+    d: &dyn Driver,
+    s: Saved<T>,
+    relu: bool,
+    train: bool,
+    dy: Mat<T>,
+    dparams: Affine,
+    dx: Grad<T>,
+    scratch: Scratch,
+) -> Result<()> {
+    reduce(d, s, relu, dy, dparams, scratch, None)?;
+    dx_pass(d, s, relu, train, dy, dx, scratch.coef)
+}
+
+/// [`backward`] in training with ReLU, its input gradient's per-channel terms added to `deferred`
+/// for [`grad_fix`]: `dx` receives `scale · mask · dy` only. `part`: the reduction scratch.
+pub fn backward_deferred<T: Act>(
+    d: &dyn Driver,
+    s: Saved<T>,
+    dy: Mat<T>,
+    dparams: Affine,
+    dx: Grad<T>,
+    part: Slice<f32>,
+    deferred: Deferred,
+) -> Result<()> {
+    let scratch = Scratch { part, coef: part };
+    reduce(d, s, true, dy, dparams, scratch, Some(deferred))?;
+    // The eval-mode formula is exactly the per-element term: scale · mask · dy (no coef read).
+    dx_pass(d, s, true, false, dy, dx, part)
+}
+
+/// The reductions of a BN backward: `dparams` +=, and the merged `coef: [2, c]` (or, deferred,
+/// `alpha, beta` +=) from `dy`.
+fn reduce<T: Act>(
+    d: &dyn Driver,
+    s: Saved<T>,
+    relu: bool,
+    dy: Mat<T>,
+    dparams: Affine,
+    scratch: Scratch,
+    deferred: Option<Deferred>,
+) -> Result<()> {
+    same_shape("BN backward", s.x, dy)?;
+    let (rows, c) = (s.x.rows(), s.x.cols());
+    let p = chunks(rows);
+    let part = scratch.part.expect(scratch_len(c), "the BN scratch")?.ptr();
+    let (scale, shift) = s.coef.ptrs(c)?;
+    let (mean, var) = s.stats.ptrs(c)?;
+    let (dgamma, dbeta) = dparams.ptrs(c)?;
+    let at = Launch {
+        grid: [blocks_for(c, 32), p as u32, 1],
+        block: [32, 8, 1],
+        shared: 8 * 33 * 4,
+    };
+    let (x, x_rs, dy_rs) = (s.x.ptr(), s.x.rs(), dy.rs());
+    // SAFETY: x and dy are checked views of rows × c; part holds [2, p, c]; [c] operands checked.
+    unsafe {
+        k::bn_bwd_part::<T>(
+            d, at, part, x, x_rs, dy.ptr(), dy_rs, rows, c, scale, shift, mean, relu,
+        )?
+    };
+    let (coef, (alpha, beta)) = match deferred {
+        Some(def) => (Ptr::NULL, def.ptrs(c)?),
+        None => (scratch.coef.expect(2 * c, "the BN coefficients scratch")?.ptr(), (Ptr::NULL, Ptr::NULL)),
+    };
+    // SAFETY: as above; coef holds [2, c] when written.
+    unsafe {
+        k::bn_bwd_merge_f32(
+            d,
+            per_channel(c),
+            coef,
+            dgamma,
+            dbeta,
+            part,
+            var,
+            rows,
+            c,
+            p,
+            alpha,
+            beta,
+            scale,
+            mean,
+        )
+    }
+}
+
+/// The elementwise part of a BN backward: `dx` (+)= from `dy` and `coef: [2, c]` f32 (the merged
+/// reductions; unread in eval).
+fn dx_pass<T: Act>(
+    d: &dyn Driver,
+    s: Saved<T>,
+    relu: bool,
+    train: bool,
+    dy: Mat<T>,
+    dx: Grad<T>,
+    coef: Slice<f32>,
+) -> Result<()> {
+    same_shape("BN backward", s.x, dy)?;
+    same_shape("BN backward", s.x, dx.mat)?;
+    let (rows, c) = (s.x.rows(), s.x.cols());
+    let (scale, shift) = s.coef.ptrs(c)?;
+    let (mean, _) = s.stats.ptrs(c)?;
+    let coef = match train {
+        true => coef.expect(2 * c, "the BN coefficients scratch")?.ptr(),
+        false => Ptr::NULL,
+    };
+    let at = elementwise(rows * c);
+    let (x, x_rs) = (s.x.ptr(), s.x.rs());
+    // SAFETY: x, dy, dx are checked views of rows × c; [c] and [2, c] operands checked.
+    unsafe {
+        k::bn_bwd_dx::<T>(
+            d,
+            at,
+            dx.mat.ptr(),
+            dx.mat.rs(),
+            dx.accumulate,
+            x,
+            x_rs,
+            dy.ptr(),
+            dy.rs(),
+            rows,
+            c,
+            scale,
+            shift,
+            mean,
+            coef,
+            relu,
+            train,
+        )
+    }
+}
+
+/// A training-mode BN backward whose data-gradient convolution already added `scale · dz` to the
+/// input gradient (`conv_tc::bwd_data` with `post` = scale) and summed `red: [2, c]` f32 =
+/// (Σdz, Σdz·x) (left zeroed): `dparams` += ...; the rest of the input gradient, affine in x per
+/// channel, is added to `deferred` for [`grad_fix`]. `s.x` gives the rows (its values are not read).
+pub fn defer_from_sums<T: Act>(
+    d: &dyn Driver,
+    s: Saved<T>,
+    red: Slice<f32>,
+    dparams: Affine,
+    deferred: Deferred,
+) -> Result<()> {
+    let (rows, c) = (s.x.rows(), s.x.cols());
+    let red = red.expect(2 * c, "the BN backward sums")?.ptr();
+    let (alpha, beta) = deferred.ptrs(c)?;
+    let (dgamma, dbeta) = dparams.ptrs(c)?;
+    let (mean, var) = s.stats.ptrs(c)?;
+    let (scale, _) = s.coef.ptrs(c)?;
+    // SAFETY: every [c] and [2, c] operand is checked above.
+    unsafe {
+        k::bn_bwd_defer_f32(
+            d,
+            per_channel(c),
+            alpha,
+            beta,
+            dgamma,
+            dbeta,
+            red,
+            mean,
+            var,
+            scale,
+            rows,
+            c,
+        )
+    }
+}
+
+/// A training-mode BN backward whose per-channel reductions a data-gradient convolution already
+/// summed (`red: [2, c]` f32 = Σdz, Σdz·x; left zeroed), as was its ReLU mask: `dz: [rows, c]` is
+/// the masked gradient of the BN output. `dparams` += ...; `dx` (+)= ...; `coef`: scratch of `2c`.
+#[allow(clippy::too_many_arguments)]
+pub fn backward_from_sums<T: Act>(
+    d: &dyn Driver,
+    s: Saved<T>,
+    red: Slice<f32>,
+    dz: Mat<T>,
+    dparams: Affine,
+    dx: Grad<T>,
+    coef: Slice<f32>,
+) -> Result<()> {
+    let (rows, c) = (s.x.rows(), s.x.cols());
+    let red = red.expect(2 * c, "the BN backward sums")?.ptr();
+    let coef_ptr = coef.expect(2 * c, "the BN coefficients scratch")?.ptr();
+    let (dgamma, dbeta) = dparams.ptrs(c)?;
+    let (mean, var) = s.stats.ptrs(c)?;
+    // SAFETY: every [c] and [2, c] operand is checked above.
+    unsafe {
+        k::bn_bwd_merge_sums_f32(
+            d,
+            per_channel(c),
+            coef_ptr,
+            dgamma,
+            dbeta,
+            red,
+            mean,
+            var,
+            rows,
+            c,
+        )?
+    };
+    dx_pass(d, s, false, true, dz, dx, coef)
+}
+
+/// `dx += alpha + beta · x` per channel (`dx, x: [rows, c]`): the deferred terms of every BN that
+/// read these channels, applied once their gradient is otherwise complete.
+pub fn grad_fix<T: Act>(d: &dyn Driver, dx: Mat<T>, x: Mat<T>, deferred: Deferred) -> Result<()> {
+    same_shape("BN gradient fix", dx, x)?;
+    let (rows, c) = (x.rows(), x.cols());
+    let (alpha, beta) = deferred.ptrs(c)?;
+    let at = elementwise(rows * c);
+    // SAFETY: dx and x are checked views of rows × c; alpha, beta hold c.
+    unsafe { k::bn_grad_fix_bwd::<T>(d, at, dx.ptr(), dx.rs(), x.ptr(), x.rs(), rows, c, alpha, beta) }
+}
