@@ -4,8 +4,9 @@
 
 use crate::net::Net;
 use crate::optim::Adam;
-use crate::spec::{ArchArgs, DenseNetSpec};
-use crate::train::RunState;
+use crate::spec::DenseNetSpec;
+use crate::optim::ReduceLrOnPlateau;
+use serde::{Deserialize, Serialize};
 use crate::weights::{self, NamedTensor, StateDict, TensorData};
 use anyhow::{bail, Context, Result};
 use std::collections::HashMap;
@@ -97,13 +98,16 @@ pub fn load_model(path: &Path, spec: Option<&DenseNetSpec>) -> Result<(DenseNetS
     Ok((spec, sd))
 }
 
-/// [`load_model`] for a command's `--arch` options: a mura checkpoint's recorded architecture
-/// needs no `--arch` (one given other than the default is insisted on); any other safetensors
-/// file with torchvision's names loads as the `--arch` asked for.
-pub fn load_model_for(path: &Path, arch: &ArchArgs) -> Result<(DenseNetSpec, StateDict)> {
-    let requested = arch.spec()?;
+/// [`load_model`] for an architecture a command asked for (`explicit`: asked for by name rather
+/// than taken by default): a mura checkpoint records its architecture, which an explicit request
+/// must match; any other safetensors file with torchvision's names loads as `requested`.
+pub fn load_model_for(
+    path: &Path,
+    requested: &DenseNetSpec,
+    explicit: bool,
+) -> Result<(DenseNetSpec, StateDict)> {
     let recorded = read_spec(path)?.is_some();
-    let want = (!recorded || arch.arch != "densenet169").then_some(&requested);
+    let want = (!recorded || explicit).then_some(requested);
     let loaded = load_model(path, want);
     match recorded {
         true => loaded,
@@ -111,10 +115,36 @@ pub fn load_model_for(path: &Path, arch: &ArchArgs) -> Result<(DenseNetSpec, Sta
             format!(
                 "{} records no architecture, so it was read as --arch {}: pass the --arch it has",
                 path.display(),
-                arch.arch
+                requested.arch
             )
         }),
     }
+}
+
+/// Where a run stands: saved with every checkpoint of the last step.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RunState {
+    /// Epochs fully finished (validation included).
+    pub epochs_done: usize,
+    /// Batches finished inside epoch `epochs_done` (non-zero only after an interruption).
+    pub batches_done: usize,
+    pub best_val_loss: Option<f64>,
+    pub adam_step: u64,
+    pub lr: f64,
+    pub scheduler: ReduceLrOnPlateau,
+    pub store_id: String,
+    /// The unfinished epoch's running totals, so a resumed epoch reports the same train loss.
+    #[serde(default)]
+    pub partial: PartialEpoch,
+}
+
+/// Running totals of the epoch in progress.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct PartialEpoch {
+    pub loss_sum: f64,
+    pub batches: usize,
+    pub images: usize,
+    pub seconds: f64,
 }
 
 pub struct Checkpoint {

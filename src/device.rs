@@ -4,7 +4,9 @@ use anyhow::{bail, Result};
 use std::fmt;
 use std::str::FromStr;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Written as its name (`"cuda:0"`) where it is stored (a run's config.json).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(into = "String", try_from = "String")]
 pub enum Device {
     /// The CPU reference backend.
     Cpu,
@@ -40,5 +42,18 @@ impl fmt::Display for Device {
             Device::Cuda(n) => write!(f, "cuda:{n}"),
             Device::Auto => write!(f, "auto"),
         }
+    }
+}
+
+impl From<Device> for String {
+    fn from(d: Device) -> String {
+        d.to_string()
+    }
+}
+
+impl TryFrom<String> for Device {
+    type Error = anyhow::Error;
+    fn try_from(s: String) -> Result<Device> {
+        s.parse()
     }
 }

@@ -69,7 +69,7 @@ pub fn predict_split(
             .iter()
             .all(|&i| store.studies[i].label.is_some())
         {
-            let (loss, _) = crate::train::batch_loss(store, &batch, &logits, level);
+            let (loss, _) = crate::loss::batch_loss(store, &batch, &logits, level);
             let n = match level {
                 LossLevel::Study => batch.studies.len(),
                 LossLevel::Image => batch.n_images,

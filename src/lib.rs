@@ -1,5 +1,6 @@
 //! mura: a from-scratch DenseNet training engine for MURA.
 
+pub mod backend;
 pub mod cam;
 pub mod checkpoint;
 pub mod cli;

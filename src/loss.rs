@@ -15,6 +15,38 @@ pub enum LossLevel {
     Study,
 }
 
+impl std::str::FromStr for LossLevel {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> anyhow::Result<Self> {
+        match s {
+            "study" => Ok(LossLevel::Study),
+            "image" => Ok(LossLevel::Image),
+            _ => anyhow::bail!("unknown loss level '{s}': use study or image"),
+        }
+    }
+}
+
+/// Loss and its gradient for one batch, with the store's per-type weights.
+pub fn batch_loss(
+    store: &crate::data::store::Store,
+    batch: &crate::data::loader::Batch,
+    logits: &[f32],
+    level: LossLevel,
+) -> (f64, Vec<f32>) {
+    let z: Vec<f64> = logits.iter().map(|&v| v as f64).collect();
+    let w: Vec<(f64, f64)> = batch
+        .types
+        .iter()
+        .map(|&t| {
+            let (w0, w1) = store.loss_weights(t);
+            (w0 as f64, w1 as f64)
+        })
+        .collect();
+    let labels: Vec<f64> = batch.labels.iter().map(|&l| l as f64).collect();
+    let (loss, dz) = weighted_bce(&z, &batch.view_study, &labels, &w, level);
+    (loss, dz.iter().map(|&g| g as f32).collect())
+}
+
 /// softplus(x) = log(1 + e^x), stable for any finite x.
 pub fn softplus(x: f64) -> f64 {
     x.max(0.0) + (-x.abs()).exp().ln_1p()

@@ -2,10 +2,8 @@
 //! GPU op layer (on CUDA or the emulator). `train`, `eval`, `predict` and `bench` use only this.
 
 use crate::data::loader::Batch;
-use crate::device::Device;
 use crate::model::{DenseNet, Mode};
 use crate::ops::augment::{self, AugParams};
-use crate::precision::Precision;
 use crate::optim::Adam;
 use crate::spec::DenseNetSpec;
 use crate::weights::StateDict;
@@ -152,29 +150,4 @@ impl Net for DenseNet<f32> {
     fn to_state_dict(&self) -> Result<StateDict> {
         Ok(DenseNet::to_state_dict(self))
     }
-}
-
-/// Build a model on a device: from a state dict, or freshly initialised from `seed`
-/// (torchvision's init, identical on every device).
-pub fn build(
-    device: Device,
-    precision: Precision,
-    spec: DenseNetSpec,
-    weights: Option<&StateDict>,
-    seed: u64,
-) -> Result<Box<dyn Net>> {
-    let cpu = match weights {
-        Some(sd) => DenseNet::<f32>::from_state_dict(spec, sd)?,
-        None => DenseNet::<f32>::new(spec, seed),
-    };
-    let gpu = |d| crate::gpu::open(d);
-    use crate::gpu::model::GpuDenseNet;
-    Ok(match (crate::gpu::resolve(device)?, precision) {
-        (Device::Cpu, Precision::F32) => Box::new(cpu),
-        (Device::Cpu, Precision::Bf16) => {
-            bail!("the cpu backend computes in f32 only: drop --precision or use --device cuda|emu")
-        }
-        (d, Precision::F32) => Box::new(GpuDenseNet::<f32>::new(gpu(d)?, cpu)?),
-        (d, Precision::Bf16) => Box::new(GpuDenseNet::<half::bf16>::new(gpu(d)?, cpu)?),
-    })
 }

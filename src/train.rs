@@ -8,16 +8,16 @@
 //!   moments) and `state.json` (epoch, step, optimiser scalars, scheduler, store identity)
 //! - `metrics.jsonl`    one line per epoch; `val_predictions.csv` the best model's validation predictions
 
-use crate::checkpoint::{self, Checkpoint};
-use crate::cli::train::Args;
-use crate::data::loader::{Augment, Batch, Loader, LoaderConfig};
+use crate::backend;
+use crate::checkpoint::{self, Checkpoint, PartialEpoch, RunState};
+use crate::data::loader::{Augment, Loader, LoaderConfig};
 use crate::data::store::Store;
 use crate::data::{Split, StudyType};
 use crate::device::Device;
 use crate::eval::{predict_split, StudyPrediction};
-use crate::loss::{weighted_bce, LossLevel};
+use crate::loss::{batch_loss, LossLevel};
 use crate::model::Mode;
-use crate::net::{self, Net};
+use crate::net::Net;
 use crate::precision::Precision;
 use crate::optim::{Adam, ReduceLrOnPlateau};
 use crate::spec::DenseNetSpec;
@@ -35,7 +35,7 @@ pub struct TrainConfig {
     pub store: PathBuf,
     pub out: PathBuf,
     pub spec: DenseNetSpec,
-    pub init: String,
+    pub init: Init,
     pub epochs: usize,
     pub batch: usize,
     pub lr: f64,
@@ -47,11 +47,61 @@ pub struct TrainConfig {
     pub max_rotation_deg: f32,
     pub max_views: Option<usize>,
     pub seed: u64,
-    /// `cpu`, `emu`, `cuda[:N]` or `auto` (resolved when the run starts or resumes)
-    pub device: String,
+    /// Resolved (`auto`) when the run starts or resumes.
+    pub device: Device,
     pub precision: Precision,
     pub workers: usize,
     pub max_batches: Option<usize>,
+}
+
+/// Where training starts (`--init`): `random` (torchvision's initialisation from the seed),
+/// `imagenet:FILE` (torchvision's ImageNet weights, `.pth` or `.safetensors`, with a fresh
+/// single-logit head), or a mura checkpoint to fine-tune. Stored in a run's config.json as
+/// that string.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(into = "String", try_from = "String")]
+pub enum Init {
+    Random,
+    ImageNet(PathBuf),
+    Checkpoint(PathBuf),
+}
+
+impl std::str::FromStr for Init {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Init> {
+        Ok(match s {
+            "random" => Init::Random,
+            "" => bail!("--init is empty: use random, imagenet:FILE or a checkpoint"),
+            _ => match s.strip_prefix("imagenet:") {
+                Some("") => bail!("--init imagenet: names no file"),
+                Some(file) => Init::ImageNet(file.into()),
+                None => Init::Checkpoint(s.into()),
+            },
+        })
+    }
+}
+
+impl std::fmt::Display for Init {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Init::Random => f.write_str("random"),
+            Init::ImageNet(p) => write!(f, "imagenet:{}", p.display()),
+            Init::Checkpoint(p) => write!(f, "{}", p.display()),
+        }
+    }
+}
+
+impl From<Init> for String {
+    fn from(i: Init) -> String {
+        i.to_string()
+    }
+}
+
+impl TryFrom<String> for Init {
+    type Error = anyhow::Error;
+    fn try_from(s: String) -> Result<Init> {
+        s.parse()
+    }
 }
 
 impl TrainConfig {
@@ -74,78 +124,6 @@ impl TrainConfig {
         }
         crate::data::image::check_side("--image-size", self.image_size)
     }
-
-    pub fn from_args(a: &Args, store: PathBuf, out: PathBuf) -> Result<Self> {
-        a.device.parse::<Device>()?;
-        let precision: Precision = a.precision.parse()?;
-        let (size, rot) = match a.preset.as_str() {
-            "blog" => (224, 10.0),
-            "paper" => (320, 30.0),
-            p => bail!("unknown --preset '{p}': use blog or paper"),
-        };
-        let loss = match a.loss.as_str() {
-            "study" => LossLevel::Study,
-            "image" => LossLevel::Image,
-            l => bail!("unknown --loss '{l}': use study or image"),
-        };
-        let study_types = if a.study_types.is_empty() {
-            StudyType::ALL.to_vec()
-        } else {
-            a.study_types
-                .iter()
-                .map(|s| s.parse())
-                .collect::<Result<Vec<StudyType>>>()?
-        };
-        let cfg = TrainConfig {
-            store,
-            out,
-            spec: a.arch.spec()?,
-            init: a.init.clone(),
-            epochs: a.epochs.unwrap_or(10),
-            batch: a.batch,
-            lr: a.lr,
-            weight_decay: a.weight_decay,
-            patience: a.patience,
-            loss,
-            study_types,
-            image_size: a.image_size.unwrap_or(size),
-            max_rotation_deg: rot,
-            max_views: a.max_views,
-            seed: a.seed,
-            device: a.device.clone(),
-            precision,
-            workers: a.workers.max(1),
-            max_batches: a.max_batches,
-        };
-        cfg.validate()?;
-        Ok(cfg)
-    }
-}
-
-/// Where a run stands: saved with every checkpoint of the last step.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct RunState {
-    /// Epochs fully finished (validation included).
-    pub epochs_done: usize,
-    /// Batches finished inside epoch `epochs_done` (non-zero only after an interruption).
-    pub batches_done: usize,
-    pub best_val_loss: Option<f64>,
-    pub adam_step: u64,
-    pub lr: f64,
-    pub scheduler: ReduceLrOnPlateau,
-    pub store_id: String,
-    /// The unfinished epoch's running totals, so a resumed epoch reports the same train loss.
-    #[serde(default)]
-    pub partial: PartialEpoch,
-}
-
-/// Running totals of the epoch in progress.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-pub struct PartialEpoch {
-    pub loss_sum: f64,
-    pub batches: usize,
-    pub images: usize,
-    pub seconds: f64,
 }
 
 /// One epoch's line in `metrics.jsonl`.
@@ -266,8 +244,8 @@ pub fn resume(dir: &Path, epochs: Option<usize>, quiet: bool) -> Result<TrainOut
             interrupted: false,
         });
     }
-    let mut model = net::build(
-        cfg.device.parse()?,
+    let mut model = backend::build(
+        cfg.device,
         cfg.precision,
         cfg.spec.clone(),
         Some(&weights),
@@ -278,26 +256,23 @@ pub fn resume(dir: &Path, epochs: Option<usize>, quiet: bool) -> Result<TrainOut
 }
 
 fn initial_model(cfg: &TrainConfig) -> Result<Box<dyn Net>> {
-    let device: Device = cfg.device.parse()?;
-    if cfg.init == "random" {
-        return net::build(device, cfg.precision, cfg.spec.clone(), None, cfg.seed);
-    }
-    let sd = match cfg.init.strip_prefix("imagenet:") {
+    let sd = match &cfg.init {
+        Init::Random => {
+            return backend::build(cfg.device, cfg.precision, cfg.spec.clone(), None, cfg.seed)
+        }
         // torchvision ImageNet weights: remap legacy keys, fresh single-logit head.
-        Some(file) => {
-            let path = Path::new(file);
-            let sd = if file.ends_with(".safetensors") {
-                weights::load_safetensors(path)?.state_dict
-            } else {
-                weights::load_pth(path)?
+        Init::ImageNet(path) => {
+            let sd = match path.extension().is_some_and(|e| e == "safetensors") {
+                true => weights::load_safetensors(path)?.state_dict,
+                false => weights::load_pth(path)?,
             };
             weights::import_torchvision(sd, &cfg.spec, cfg.seed)
         }
         // A mura checkpoint (fine-tuning goes on from its head).
-        None => weights::load_safetensors(Path::new(&cfg.init)).map(|c| c.state_dict),
+        Init::Checkpoint(path) => weights::load_safetensors(path).map(|c| c.state_dict),
     }
     .with_context(|| format!("--init {}", cfg.init))?;
-    net::build(device, cfg.precision, cfg.spec.clone(), Some(&sd), cfg.seed)
+    backend::build(cfg.device, cfg.precision, cfg.spec.clone(), Some(&sd), cfg.seed)
         .with_context(|| format!("--init {}", cfg.init))
 }
 
@@ -321,27 +296,6 @@ fn loader(cfg: &TrainConfig, store: &Arc<Store>, split: Split) -> Result<Loader>
             prefetch: 2,
         },
     )
-}
-
-/// Loss and its gradient for one batch, with the store's per-type weights.
-pub fn batch_loss(
-    store: &Store,
-    batch: &Batch,
-    logits: &[f32],
-    level: LossLevel,
-) -> (f64, Vec<f32>) {
-    let z: Vec<f64> = logits.iter().map(|&v| v as f64).collect();
-    let w: Vec<(f64, f64)> = batch
-        .types
-        .iter()
-        .map(|&t| {
-            let (w0, w1) = store.loss_weights(t);
-            (w0 as f64, w1 as f64)
-        })
-        .collect();
-    let labels: Vec<f64> = batch.labels.iter().map(|&l| l as f64).collect();
-    let (loss, dz) = weighted_bce(&z, &batch.view_study, &labels, &w, level);
-    (loss, dz.iter().map(|&g| g as f32).collect())
 }
 
 fn run_epochs(
@@ -381,7 +335,7 @@ fn run_epochs(
         };
         for (b, batch) in batches.enumerate().take(n_batches).skip(state.batches_done) {
             model.zero_grad()?;
-            let logits = net::forward_batch(model, &batch, Mode::Train)?;
+            let logits = crate::net::forward_batch(model, &batch, Mode::Train)?;
             let (loss, dz) = batch_loss(&store, &batch, &logits, cfg.loss);
             if !loss.is_finite() {
                 let kept = if has_checkpoint(&cfg.out) {

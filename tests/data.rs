@@ -1,8 +1,9 @@
 //! The data pipeline: reader (good and bad trees), synth, prep/store round trip and refusal of
 //! damaged stores, augmentation properties, loader determinism, loss weights.
 
-use mura::data::image::{decode_gray, normalize_to_input, resize_bilinear, GrayImage, MEAN, STD};
-use mura::data::loader::{augment_image, AugParams, Augment, Loader, LoaderConfig};
+use mura::data::image::{decode_gray, normalize_to_input, resize_bilinear, GrayImage};
+use mura::data::loader::{Augment, Loader, LoaderConfig};
+use mura::ops::augment::{self, AugParams, MEAN, STD};
 use mura::data::prep::{prep, PrepConfig};
 use mura::data::store::Store;
 use mura::data::synth::{synth, SynthConfig};
@@ -523,7 +524,7 @@ fn augmentation_properties() {
     let src = random_u8(s * s, 21);
     let mut out = vec![f32::NAN; s * s * 3];
     // Identity: rotation 0, no flip, same size reproduces the source (normalised).
-    augment_image(&src, s, AugParams::IDENTITY, s, &mut out);
+    augment::image(&src, s, AugParams::IDENTITY, s, &mut out);
     let mut gray: Vec<f32> = src.iter().map(|&v| v as f32 / 255.0).collect();
     let mut want = vec![0f32; s * s * 3];
     normalize_to_input(&gray, &mut want);
@@ -532,7 +533,7 @@ fn augmentation_properties() {
     }
     // A flip is an exact mirror.
     let mut flipped = vec![f32::NAN; s * s * 3];
-    augment_image(
+    augment::image(
         &src,
         s,
         AugParams {
@@ -554,7 +555,7 @@ fn augmentation_properties() {
     }
     // 90 degrees turns the pixel grid (up to float rounding in sin/cos).
     let mut rot = vec![f32::NAN; s * s * 3];
-    augment_image(
+    augment::image(
         &src,
         s,
         AugParams {
@@ -582,14 +583,14 @@ fn augmentation_properties() {
     let v = 1 + Rng::new(8).below(254) as u8;
     let flat = vec![v; 64 * 64];
     let mut o = vec![f32::NAN; 32 * 32 * 3];
-    augment_image(&flat, 64, AugParams::IDENTITY, 32, &mut o);
+    augment::image(&flat, 64, AugParams::IDENTITY, 32, &mut o);
     for c in 0..3 {
         let mean = o.iter().skip(c).step_by(3).sum::<f32>() / (32 * 32) as f32;
         assert!((mean - (v as f32 / 255.0 - MEAN[c]) / STD[c]).abs() < 1e-4);
     }
     // Rotation keeps the centre fixed and fills corners with black.
     let mut o = vec![f32::NAN; 64 * 64 * 3];
-    augment_image(
+    augment::image(
         &flat,
         64,
         AugParams {

@@ -3,13 +3,15 @@
 //! a bug (poisoned shared memory, bad masks, divergent barriers, out-of-bounds writes) check the
 //! emulator's diagnostics and run on the emulator only.
 
-use mura::gpu::testing::{fresh_seed, test_driver};
+mod common;
+
+use common::gpu::{seed, test_driver};
 use mura::gpu::{arg, emu::Emu, kernels, DeviceBuffer, Driver};
 use mura::rng::Rng;
 use std::sync::Arc;
 
 fn driver() -> Arc<dyn Driver> {
-    test_driver().expect("test device")
+    test_driver()
 }
 
 /// Launch a kernel whose only parameter is an output buffer (plus optional extra i32).
@@ -40,7 +42,7 @@ fn barriers_order_shared_memory() {
     launch_out(
         &d,
         "selftest_barrier_fwd_i32",
-        out.ptr(),
+        out.ptr().addr(),
         None,
         grid as u32,
         n as u32,
@@ -66,7 +68,7 @@ fn warp_shuffles_and_votes() {
     launch_out(
         &d,
         "selftest_shfl_fwd_i32",
-        out.ptr(),
+        out.ptr().addr(),
         None,
         grid as u32,
         block as u32,
@@ -100,7 +102,8 @@ fn warp_shuffles_and_votes() {
 #[test]
 fn atomics() {
     let d = driver();
-    let mut rng = Rng::new(fresh_seed("atomics"));
+    let seed = seed("atomics");
+    let mut rng = Rng::new(seed.value);
     let n: usize = 10_007;
     let x: Vec<i32> = (0..n).map(|_| rng.below(1_000_000) as i32).collect();
     let xb = DeviceBuffer::from_slice(&d, &x).unwrap();
@@ -108,16 +111,16 @@ fn atomics() {
     let fsum = DeviceBuffer::<f32>::alloc(&d, 1).unwrap();
     let imax = DeviceBuffer::<i32>::alloc(&d, 1).unwrap();
     let count = DeviceBuffer::<u32>::alloc(&d, 1).unwrap();
-    for b in [hist.ptr(), fsum.ptr(), imax.ptr(), count.ptr()] {
+    for b in [hist.ptr().addr(), fsum.ptr().addr(), imax.ptr().addr(), count.ptr().addr()] {
         d.memset(b, 0, 4).unwrap();
     }
     hist.fill_bytes(0).unwrap();
     let (mut h, mut f, mut m, mut c, mut xp, mut ni) = (
-        hist.ptr(),
-        fsum.ptr(),
-        imax.ptr(),
-        count.ptr(),
-        xb.ptr(),
+        hist.ptr().addr(),
+        fsum.ptr().addr(),
+        imax.ptr().addr(),
+        count.ptr().addr(),
+        xb.ptr().addr(),
         n as i32,
     );
     let mut params = [
@@ -161,7 +164,7 @@ fn dynamic_shared_memory() {
     launch_out(
         &d,
         "selftest_dynshared_fwd_f32",
-        out.ptr(),
+        out.ptr().addr(),
         None,
         grid as u32,
         n as u32,
@@ -184,7 +187,8 @@ fn dynamic_shared_memory() {
 fn cp_async_lands_at_the_wait() {
     let d = driver();
     let (grid, block) = (2usize, 64usize);
-    let mut rng = Rng::new(fresh_seed("cp_async_lands_at_the_wait"));
+    let seed = seed("cp_async_lands_at_the_wait");
+    let mut rng = Rng::new(seed.value);
     let rows: Vec<f32> = (0..grid * block * 16)
         .map(|_| rng.normal() as f32)
         .collect();
@@ -193,7 +197,7 @@ fn cp_async_lands_at_the_wait() {
     launch_out(
         &d,
         "selftest_cpasync_fwd_f32",
-        out.ptr(),
+        out.ptr().addr(),
         None,
         grid as u32,
         block as u32,
@@ -235,7 +239,7 @@ fn emu_poisons_shared_memory_per_block() {
     launch_out(
         &d,
         "selftest_uninit_fwd_f32",
-        out.ptr(),
+        out.ptr().addr(),
         None,
         grid as u32,
         n as u32,
@@ -282,7 +286,7 @@ fn emu_reports_planted_bugs() {
         let r = launch_out(
             &d,
             "selftest_bug_fwd_i32",
-            out.ptr(),
+            out.ptr().addr(),
             Some(mode),
             2,
             block,
@@ -299,18 +303,18 @@ fn emu_reports_planted_bugs() {
     }
     // The emulator is still usable after failed launches.
     let out = DeviceBuffer::<i32>::alloc(&d, 128).unwrap();
-    launch_out(&d, "selftest_barrier_fwd_i32", out.ptr(), None, 2, 64, 0).unwrap();
+    launch_out(&d, "selftest_barrier_fwd_i32", out.ptr().addr(), None, 2, 64, 0).unwrap();
 }
 
 #[test]
 fn emu_rejects_bad_launches() {
     let d: Arc<dyn Driver> = Arc::new(Emu::new());
     let out = DeviceBuffer::<i32>::alloc(&d, 64).unwrap();
-    let e = launch_out(&d, "no_such_kernel", out.ptr(), None, 1, 32, 0).unwrap_err();
+    let e = launch_out(&d, "no_such_kernel", out.ptr().addr(), None, 1, 32, 0).unwrap_err();
     assert!(format!("{e}").contains("no kernel named 'no_such_kernel'"));
-    let e = launch_out(&d, "selftest_barrier_fwd_i32", out.ptr(), Some(1), 1, 32, 0).unwrap_err();
+    let e = launch_out(&d, "selftest_barrier_fwd_i32", out.ptr().addr(), Some(1), 1, 32, 0).unwrap_err();
     assert!(format!("{e}").contains("takes 1 parameters, 2 given"));
-    let e = launch_out(&d, "selftest_barrier_fwd_i32", out.ptr(), None, 1, 2048, 0).unwrap_err();
+    let e = launch_out(&d, "selftest_barrier_fwd_i32", out.ptr().addr(), None, 1, 2048, 0).unwrap_err();
     assert!(format!("{e}").contains("invalid launch"));
     // The most dynamic shared memory a block may have on every target GPU (sm_86/89, with the
     // opt-in): 99 KiB pass, a byte more does not.
@@ -318,7 +322,7 @@ fn emu_rejects_bad_launches() {
     launch_out(
         &d,
         "selftest_dynshared_fwd_f32",
-        f.ptr(),
+        f.ptr().addr(),
         None,
         1,
         64,
@@ -328,7 +332,7 @@ fn emu_rejects_bad_launches() {
     let e = launch_out(
         &d,
         "selftest_dynshared_fwd_f32",
-        f.ptr(),
+        f.ptr().addr(),
         None,
         1,
         64,
@@ -336,7 +340,7 @@ fn emu_rejects_bad_launches() {
     )
     .unwrap_err();
     assert!(format!("{e}").contains("over 99 KiB"), "{e}");
-    let e = d.htod(out.ptr() + 200, &[0u8; 100]).unwrap_err();
+    let e = d.htod(out.ptr().addr() + 200, &[0u8; 100]).unwrap_err();
     assert!(format!("{e}").contains("outside every allocation"));
 }
 
@@ -381,7 +385,8 @@ fn run_harness(exe: &str, mode: &str) -> std::process::Output {
 fn float_conversions() {
     use half::{bf16, f16};
     let d = driver();
-    let mut rng = Rng::new(fresh_seed("float_conversions"));
+    let seed = seed("float_conversions");
+    let mut rng = Rng::new(seed.value);
     let mut x: Vec<f32> = vec![
         0.0,
         -0.0,
@@ -418,12 +423,12 @@ fn float_conversions() {
     let bb = DeviceBuffer::<u16>::alloc(&d, n).unwrap();
     let hb = DeviceBuffer::<u16>::alloc(&d, n).unwrap();
     let back = DeviceBuffer::<f32>::alloc(&d, 2 * n).unwrap();
-    for buf in [bb.ptr(), hb.ptr()] {
+    for buf in [bb.ptr().addr(), hb.ptr().addr()] {
         d.memset(buf, 0xff, 2 * n).unwrap();
     }
     back.fill_bytes(0xff).unwrap();
     let (mut b, mut h, mut bk, mut xp, mut ni) =
-        (bb.ptr(), hb.ptr(), back.ptr(), xb.ptr(), n as i32);
+        (bb.ptr().addr(), hb.ptr().addr(), back.ptr().addr(), xb.ptr().addr(), n as i32);
     let mut params = [
         arg(&mut b),
         arg(&mut h),
@@ -476,7 +481,7 @@ fn float_conversions() {
         );
     }
     let nan = DeviceBuffer::from_slice(&d, &[f32::NAN]).unwrap();
-    let (mut xp, mut ni) = (nan.ptr(), 1);
+    let (mut xp, mut ni) = (nan.ptr().addr(), 1);
     let mut params = [
         arg(&mut b),
         arg(&mut h),
@@ -504,7 +509,7 @@ fn ldmatrix_forms() {
     let d = driver();
     let out = DeviceBuffer::<u32>::alloc(&d, 32 * 13).unwrap();
     out.fill_bytes(0xff).unwrap();
-    launch_out(&d, "selftest_ldmatrix_fwd_i32", out.ptr(), None, 1, 32, 0).unwrap();
+    launch_out(&d, "selftest_ldmatrix_fwd_i32", out.ptr().addr(), None, 1, 32, 0).unwrap();
     let got = out.to_vec().unwrap();
     let tile = |r: usize, c: usize| (8 * r + c) as u32;
     let pair = |a: u32, b: u32| a | (b << 16);
@@ -541,7 +546,7 @@ fn emu_fiber_stack_overflow_hits_guard_page() {
         launch_out(
             &d,
             "selftest_overflow_fwd_f32",
-            out.ptr(),
+            out.ptr().addr(),
             Some(depth),
             1,
             32,

@@ -1,11 +1,15 @@
 //! Device selection and `mura info`, with or without a CUDA driver on the machine; graph
 //! capture and replay on the executor named by MURA_TEST_DEVICE (the emulator by default).
 
+mod common;
+
 use anyhow::{bail, Result};
+use common::gpu::{seed, test_driver};
+use half::bf16;
 use mura::device::Device;
-use mura::gpu::testing::{fresh_seed, test_driver};
+use mura::gpu::kernels::testing as k;
 use mura::gpu::tracking::Tracking;
-use mura::gpu::{self, arg, blocks_for, cuda, ops, DeviceBuffer, Driver, Graph};
+use mura::gpu::{self, blocks_for, cuda, ops, DeviceBuffer, Driver, Graph, Launch};
 use mura::optim::Adam;
 use mura::rng::Rng;
 use std::process::Command;
@@ -144,7 +148,7 @@ fn normal(rng: &mut Rng, n: usize) -> Vec<f32> {
 struct Bufs {
     x: DeviceBuffer<f32>,
     y: DeviceBuffer<f32>,
-    h: DeviceBuffer<u16>,
+    h: DeviceBuffer<bf16>,
     p: DeviceBuffer<f32>,
     m: DeviceBuffer<f32>,
     v: DeviceBuffer<f32>,
@@ -184,31 +188,24 @@ impl Bufs {
 /// relu_fwd_f32(y, x, n) with a short grid (the kernel loops): pointer and int parameters that
 /// live only during this call.
 fn relu(d: &dyn Driver, y: &DeviceBuffer<f32>, x: &DeviceBuffer<f32>) -> Result<()> {
-    let (mut yp, mut xp, mut n) = (y.ptr(), x.ptr(), x.len() as i32);
-    let grid = [blocks_for(x.len(), 256).min(5), 1, 1];
-    // SAFETY: the kernel's signature; both buffers hold n f32.
-    unsafe {
-        d.launch(
-            "relu_fwd_f32",
-            grid,
-            [256, 1, 1],
-            0,
-            &mut [arg(&mut yp), arg(&mut xp), arg(&mut n)],
-        )
-    }
+    let n = x.len();
+    let at = Launch::linear(blocks_for(n, 256).min(5), 256);
+    // SAFETY: both buffers hold n f32.
+    unsafe { k::relu_fwd_f32(d, at, y.ptr(), x.ptr(), n) }
 }
 
 /// A small training-step-like sequence: m = v = 0 (memsets); y = relu(x); h = bf16(y); one Adam
 /// step of p with gradient y (pointer and float parameters).
 fn step(d: &dyn Driver, b: &Bufs) -> Result<()> {
     let n = b.x.len();
-    d.memset(b.m.ptr(), 0, n * 4)?;
-    d.memset(b.v.ptr(), 0, n * 4)?;
+    d.memset(b.m.ptr().addr(), 0, n * 4)?;
+    d.memset(b.v.ptr().addr(), 0, n * 4)?;
     relu(d, &b.y, &b.x)?;
-    ops::cast_bf16(d, b.y.ptr(), n, b.h.ptr())?;
+    ops::cast::to_bf16(d, b.y.slice(), b.h.slice())?;
     let mut adam = Adam::new(n, 0.01, 1e-4);
     adam.step = 1;
-    ops::adam(d, &adam, n, (b.p.ptr(), b.y.ptr(), b.m.ptr(), b.v.ptr()))
+    let (p, g, m, v) = (b.p.slice(), b.y.slice(), b.m.slice(), b.v.slice());
+    ops::adam::update(d, adam.current(), p, g, (m, v))
 }
 
 fn relu_bits(x: &[f32]) -> Vec<u8> {
@@ -218,8 +215,9 @@ fn relu_bits(x: &[f32]) -> Vec<u8> {
 
 #[test]
 fn graph_replay_matches_direct_launches() {
-    let d = test_driver().unwrap();
-    let mut rng = Rng::new(fresh_seed("graph_replay_matches_direct_launches"));
+    let d = test_driver();
+    let seed = seed("graph_replay_matches_direct_launches");
+    let mut rng = Rng::new(seed.value);
     let n = 10_007;
     let (x, p) = (normal(&mut rng, n), normal(&mut rng, n));
     let (a, b) = (Bufs::new(&d, &x, &p), Bufs::new(&d, &x, &p));
@@ -275,10 +273,11 @@ fn graph_replay_matches_direct_launches() {
 
 #[test]
 fn capture_refuses_other_calls_and_driver_stays_usable() {
-    let inner = test_driver().unwrap();
+    let inner = test_driver();
     let tracking = Arc::new(Tracking::new(inner));
     let d: Arc<dyn Driver> = tracking.clone();
-    let mut rng = Rng::new(fresh_seed("capture_refuses_other_calls"));
+    let seed = seed("capture_refuses_other_calls");
+    let mut rng = Rng::new(seed.value);
     let x = normal(&mut rng, 999);
     let xb = DeviceBuffer::from_slice(&d, &x).unwrap();
     let yb = DeviceBuffer::<f32>::alloc(&d, x.len()).unwrap();
@@ -288,10 +287,10 @@ fn capture_refuses_other_calls_and_driver_stays_usable() {
 
     let graph = Graph::capture(&d, || {
         let refused: Vec<(&str, Result<()>)> = vec![
-            ("htod", d.htod(xb.ptr(), &[1, 2, 3, 4])),
-            ("dtoh", d.dtoh(&mut [0; 4], xb.ptr())),
+            ("htod", d.htod(xb.ptr().addr(), &[1, 2, 3, 4])),
+            ("dtoh", d.dtoh(&mut [0; 4], xb.ptr().addr())),
             ("alloc", d.alloc(64).map(|_| ())),
-            ("free", d.free(xb.ptr())),
+            ("free", d.free(xb.ptr().addr())),
             ("synchronize", d.synchronize()),
             ("time", d.time(&mut || Ok(())).map(|_| ())),
             ("capture", d.capture(&mut || Ok(())).map(|_| ())),
@@ -333,8 +332,9 @@ fn capture_refuses_other_calls_and_driver_stays_usable() {
 
 #[test]
 fn failed_capture_keeps_nothing() {
-    let d = test_driver().unwrap();
-    let mut rng = Rng::new(fresh_seed("failed_capture_keeps_nothing"));
+    let d = test_driver();
+    let seed = seed("failed_capture_keeps_nothing");
+    let mut rng = Rng::new(seed.value);
     let x = normal(&mut rng, 4099);
     let xb = DeviceBuffer::from_slice(&d, &x).unwrap();
     let yb = DeviceBuffer::<f32>::alloc(&d, x.len()).unwrap();

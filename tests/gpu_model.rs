@@ -3,16 +3,23 @@
 //! parameter's gradient, Adam-updated weights, BN running statistics — then eval logits and
 //! the CAM feature map; and bf16 storage tracking f32 over a few steps.
 
+mod common;
+
+use common::gpu::{f64s, rel_err, seed, test_driver};
+use half::bf16;
 use mura::device::Device;
-use mura::gpu::densenet::GpuDenseNet;
-use mura::gpu::testing::{fresh_seed, rel_err, test_driver};
+use mura::gpu::model::{Engine, GpuDenseNet};
+use mura::gpu::Driver;
 use mura::loss::{weighted_bce_f32, LossLevel};
 use mura::model::{DenseNet, Mode};
-use mura::net::{self, Net, Precision};
+use mura::backend;
+use mura::net::Net;
 use mura::optim::Adam;
+use mura::precision::Precision;
 use mura::rng::Rng;
 use mura::spec::{DenseNetSpec, Role};
 use mura::weights::TensorData;
+use std::sync::Arc;
 
 fn tiny() -> DenseNetSpec {
     DenseNetSpec::custom(4, vec![2, 2], 8, 2).unwrap()
@@ -22,10 +29,6 @@ fn tiny() -> DenseNetSpec {
 /// 18 K-slices over a grid of 2 row tiles) and its loads take the 16-byte paths.
 fn wide() -> DenseNetSpec {
     DenseNetSpec::custom(16, vec![2, 2], 32, 4).unwrap()
-}
-
-fn f64s(v: &[f32]) -> Vec<f64> {
-    v.iter().map(|&x| x as f64).collect()
 }
 
 /// A freshly initialised tiny model with every parameter perturbed (so no BN is an identity).
@@ -39,6 +42,14 @@ fn model_of(spec: DenseNetSpec, rng: &mut Rng) -> DenseNet<f32> {
         *p += 0.1 * rng.normal() as f32;
     }
     m
+}
+
+/// The GPU model of `model` storing activations at `precision`, on `d`.
+fn gpu_net(d: &Arc<dyn Driver>, model: &DenseNet<f32>, precision: Precision) -> Box<dyn Net> {
+    match precision {
+        Precision::F32 => Box::new(GpuDenseNet::<f32>::new(d.clone(), model.cast()).unwrap()),
+        Precision::Bf16 => Box::new(GpuDenseNet::<bf16>::new(d.clone(), model.cast()).unwrap()),
+    }
 }
 
 fn batch(rng: &mut Rng, n: usize, hw: usize) -> Vec<f32> {
@@ -109,8 +120,9 @@ fn f64_gradients(
 
 #[test]
 fn training_step_matches_cpu() {
-    let d = test_driver().expect("test device");
-    let mut rng = Rng::new(fresh_seed("training_step_matches_cpu"));
+    let d = test_driver();
+    let seed = seed("training_step_matches_cpu");
+    let mut rng = Rng::new(seed.value);
     let (n, hw) = (2, 32);
     // A well-posed draw: about 1 in 200 puts a pre-ReLU value or a max-pool tie within f32
     // rounding of flipping, where the f64 gradient itself jumps by percents when the input moves
@@ -134,7 +146,7 @@ fn training_step_matches_cpu() {
             }
         })
         .expect("a well-posed draw in 8");
-    let mut gpu = GpuDenseNet::new(d, cpu.cast(), Precision::F32).unwrap();
+    let mut gpu = GpuDenseNet::<f32>::new(d, cpu.cast()).unwrap();
     let before = cpu.cast::<f32>();
 
     // One training step on both.
@@ -235,10 +247,11 @@ fn training_step_matches_cpu() {
 /// the f32 path shares, at 1e-4 in `training_step_matches_cpu`.
 #[test]
 fn bf16_training_step_matches_cpu() {
-    let d = test_driver().expect("test device");
-    let mut rng = Rng::new(fresh_seed("bf16_training_step_matches_cpu"));
+    let d = test_driver();
+    let seed = seed("bf16_training_step_matches_cpu");
+    let mut rng = Rng::new(seed.value);
     let cpu = model_of(wide(), &mut rng);
-    let mut gpu = GpuDenseNet::new(d, cpu.cast(), Precision::Bf16).unwrap();
+    let mut gpu = GpuDenseNet::<bf16>::new(d, cpu.cast()).unwrap();
     let (n, hw) = (4, 36);
     let x = batch(&mut rng, n, hw);
     gpu.zero_grad().unwrap();
@@ -282,14 +295,15 @@ fn bf16_training_step_matches_cpu() {
 /// A few steps in bf16 storage track f32 (both on the device) within 2% in loss.
 #[test]
 fn bf16_steps_track_f32() {
-    let d = test_driver().expect("test device");
-    let mut rng = Rng::new(fresh_seed("bf16_steps_track_f32"));
+    let d = test_driver();
+    let seed = seed("bf16_steps_track_f32");
+    let mut rng = Rng::new(seed.value);
     let base = model(&mut rng);
     let (n, hw) = (4, 32);
     let x = batch(&mut rng, n, hw);
     let mut losses = Vec::new();
     for precision in [Precision::F32, Precision::Bf16] {
-        let mut net = GpuDenseNet::new(d.clone(), base.cast(), precision).unwrap();
+        let mut net = gpu_net(&d, &base, precision);
         let mut adam = Adam::new(net.num_params(), 1e-3, 0.0);
         let mut ls = Vec::new();
         for _ in 0..4 {
@@ -321,11 +335,12 @@ fn bf16_steps_track_f32() {
 /// `net::build` gives the GPU model for `emu`, from a state dict, agreeing with the CPU model.
 #[test]
 fn build_emu_from_state_dict() {
-    let mut rng = Rng::new(fresh_seed("build_emu_from_state_dict"));
+    let seed = seed("build_emu_from_state_dict");
+    let mut rng = Rng::new(seed.value);
     let cpu = model(&mut rng);
     let sd = cpu.to_state_dict();
-    let mut emu = net::build(Device::Emu, Precision::F32, tiny(), Some(&sd), 0).unwrap();
-    let mut host = net::build(Device::Cpu, Precision::F32, tiny(), Some(&sd), 0).unwrap();
+    let mut emu = backend::build(Device::Emu, Precision::F32, tiny(), Some(&sd), 0).unwrap();
+    let mut host = backend::build(Device::Cpu, Precision::F32, tiny(), Some(&sd), 0).unwrap();
     let x = batch(&mut rng, 1, 20);
     let a = emu.forward(&x, 1, 20, 20, Mode::Eval).unwrap();
     let b = host.forward(&x, 1, 20, 20, Mode::Eval).unwrap();
@@ -340,14 +355,14 @@ fn build_emu_from_state_dict() {
 #[test]
 fn memory_plan_and_out_of_memory() {
     use mura::gpu::tracking::Tracking;
-    use std::sync::Arc;
-    let mut rng = Rng::new(fresh_seed("memory_plan_and_out_of_memory"));
+    let seed = seed("memory_plan_and_out_of_memory");
+    let mut rng = Rng::new(seed.value);
     let base = model(&mut rng);
     let hw = 32;
-    let mut net = GpuDenseNet::new(test_driver().unwrap(), base.cast(), Precision::F32).unwrap();
+    let mut net = GpuDenseNet::<f32>::new(test_driver(), base.cast()).unwrap();
     let fixed = net.memory().current_bytes();
     let mut adam = Adam::new(net.num_params(), 1e-3, 0.0);
-    let mut step = |net: &mut GpuDenseNet, n: usize| {
+    let mut step = |net: &mut GpuDenseNet<f32>, n: usize| {
         let x = batch(&mut rng, n, hw);
         net.zero_grad().unwrap();
         let logits = net.forward(&x, n, hw, hw, Mode::Train).unwrap();
@@ -374,8 +389,8 @@ fn memory_plan_and_out_of_memory() {
     // Room for the model and the plan of 3.5 images: 3 fit, 8 do not.
     let per_image = plan2 - plan1;
     let limit = fixed + plan1 - per_image + 7 * per_image / 2;
-    let tight = Arc::new(Tracking::with_limit(test_driver().unwrap(), Some(limit)));
-    let mut net = GpuDenseNet::new(tight, base.cast(), Precision::F32).unwrap();
+    let tight = Arc::new(Tracking::with_limit(test_driver(), Some(limit)));
+    let mut net = GpuDenseNet::<f32>::new(tight, base.cast()).unwrap();
     let e = net
         .forward(&batch(&mut rng, 8, hw), 8, hw, hw, Mode::Train)
         .unwrap_err();
@@ -396,63 +411,64 @@ fn memory_plan_and_out_of_memory() {
 /// captured once per pass and batch size, and dropped with their plan.
 #[test]
 fn graphs_replay_what_direct_launches_do() {
-    let d = test_driver().expect("test device");
+    let d = test_driver();
+    let seed = seed("graphs_replay_what_direct_launches_do");
+    let mut rng = Rng::new(seed.value);
+    let base = model(&mut rng);
+    graphs_case::<f32>(&d, &mut rng, &base, 1e-4);
+    let base = model_of(wide(), &mut rng);
+    graphs_case::<bf16>(&d, &mut rng, &base, 2e-2);
+}
+
+/// [`graphs_replay_what_direct_launches_do`] for activations stored as `T`.
+fn graphs_case<T: Engine>(d: &Arc<dyn Driver>, rng: &mut Rng, base: &DenseNet<f32>, tol: f64) {
     let exact = d.name() == "emu";
-    for (precision, tol) in [(Precision::F32, 1e-4), (Precision::Bf16, 2e-2)] {
-        let mut rng = Rng::new(fresh_seed("graphs_replay_what_direct_launches_do"));
-        let base = match precision {
-            Precision::F32 => model(&mut rng),
-            Precision::Bf16 => model_of(wide(), &mut rng),
-        };
-        let hw = 32;
-        let batches: Vec<(usize, Vec<f32>)> = [3, 2, 3, 5]
-            .iter()
-            .map(|&n| (n, batch(&mut rng, n, hw)))
-            .collect();
-        let mut results = Vec::new();
-        for graphs in [false, true] {
-            let mut net = GpuDenseNet::new(d.clone(), base.cast(), precision).unwrap();
-            net.use_graphs(graphs);
-            let before = net.driver().graph_count();
-            let mut adam = Adam::new(net.num_params(), 1e-3, 0.0);
-            let mut out: Vec<f32> = Vec::new();
-            for (i, (n, x)) in batches.iter().enumerate() {
-                net.zero_grad().unwrap();
-                let logits = net.forward(x, *n, hw, hw, Mode::Train).unwrap();
-                net.backward(&loss(&logits).1).unwrap();
-                net.adam_step(&mut adam).unwrap();
-                out.extend(&logits);
-                out.extend(net.forward(x, *n, hw, hw, Mode::Eval).unwrap());
-                if graphs {
-                    // Plan of 3: (train, eval, backward) × sizes seen; the plan of 5 drops them.
-                    let want = [3, 6, 6, 3][i];
-                    assert_eq!(net.driver().graph_count() - before, want, "step {i}");
-                }
+    let hw = 32;
+    let batches: Vec<(usize, Vec<f32>)> = [3, 2, 3, 5]
+        .iter()
+        .map(|&n| (n, batch(rng, n, hw)))
+        .collect();
+    let mut results = Vec::new();
+    for graphs in [false, true] {
+        let mut net = GpuDenseNet::<T>::new(d.clone(), base.cast()).unwrap();
+        net.use_graphs(graphs);
+        let before = net.driver().graph_count();
+        let mut adam = Adam::new(net.num_params(), 1e-3, 0.0);
+        let mut out: Vec<f32> = Vec::new();
+        for (i, (n, x)) in batches.iter().enumerate() {
+            net.zero_grad().unwrap();
+            let logits = net.forward(x, *n, hw, hw, Mode::Train).unwrap();
+            net.backward(&loss(&logits).1).unwrap();
+            net.adam_step(&mut adam).unwrap();
+            out.extend(&logits);
+            out.extend(net.forward(x, *n, hw, hw, Mode::Eval).unwrap());
+            if graphs {
+                // Plan of 3: (train, eval, backward) × sizes seen; the plan of 5 drops them.
+                let want = [3, 6, 6, 3][i];
+                assert_eq!(net.driver().graph_count() - before, want, "step {i}");
             }
-            out.extend(net.grads().unwrap());
-            for t in net.to_state_dict().unwrap().tensors {
-                match t.data {
-                    TensorData::F32(v) => out.extend(v),
-                    TensorData::I64(v) => out.extend(v.iter().map(|&c| c as f32)),
-                }
+        }
+        out.extend(net.grads().unwrap());
+        for t in net.to_state_dict().unwrap().tensors {
+            match t.data {
+                TensorData::F32(v) => out.extend(v),
+                TensorData::I64(v) => out.extend(v.iter().map(|&c| c as f32)),
             }
-            results.push(out);
         }
-        let (direct, graphed) = (&results[0], &results[1]);
-        if exact {
-            assert!(
-                direct
-                    .iter()
-                    .zip(graphed)
-                    .all(|(a, b)| a.to_bits() == b.to_bits()),
-                "{precision:?}: graph replay differs from direct launches on the emulator"
-            );
-        } else {
-            let e = rel_err(&f64s(graphed), &f64s(direct));
-            assert!(
-                e <= tol,
-                "{precision:?}: graph replay vs direct: rel err {e}"
-            );
-        }
+        results.push(out);
+    }
+    let (direct, graphed) = (&results[0], &results[1]);
+    let precision = T::PRECISION;
+    if exact {
+        assert!(
+            direct
+                .iter()
+                .zip(graphed)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "{precision}: graph replay differs from direct launches on the emulator"
+        );
+    } else {
+        let e = rel_err(&f64s(graphed), &f64s(direct));
+        assert!(e <= tol, "{precision}: graph replay vs direct: rel err {e}");
     }
 }

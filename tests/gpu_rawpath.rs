@@ -2,17 +2,21 @@
 //! default): the store's u8 images uploaded as they are and augmented by the model's device
 //! give the same training step and the same predictions as f32 inputs built on the host.
 
-use mura::data::loader::{aug_params, augment_image, AugParams, Augment, Loader, LoaderConfig};
+mod common;
+
+use common::gpu::{f64s, rel_err, seed, test_driver};
+use mura::data::loader::{aug_params, Augment, Loader, LoaderConfig};
 use mura::data::prep::{prep, PrepConfig};
 use mura::data::store::Store;
 use mura::data::synth::{synth, SynthConfig};
 use mura::data::{Split, StudyType};
 use mura::eval::predict_split;
-use mura::gpu::densenet::GpuDenseNet;
-use mura::gpu::testing::{fresh_seed, rel_err, test_driver};
+use mura::gpu::model::{Engine, GpuDenseNet};
 use mura::loss::{weighted_bce_f32, LossLevel};
 use mura::model::{DenseNet, Mode};
-use mura::net::{Net, Precision};
+use mura::net::Net;
+use mura::ops::augment::{self, AugParams};
+use mura::precision::Precision;
 use mura::optim::Adam;
 use mura::rng::Rng;
 use mura::spec::DenseNetSpec;
@@ -21,10 +25,6 @@ use std::sync::Arc;
 
 fn tiny() -> DenseNetSpec {
     DenseNetSpec::custom(4, vec![2, 2], 8, 2).unwrap()
-}
-
-fn f64s(v: &[f32]) -> Vec<f64> {
-    v.iter().map(|&x| x as f64).collect()
 }
 
 /// A freshly initialised tiny model with every parameter perturbed (so no BN is an identity).
@@ -69,7 +69,7 @@ fn host_inputs(raw: &[u8], src: usize, params: &[AugParams], out: usize) -> Vec<
     let mut x = vec![0f32; params.len() * len];
     for (i, p) in params.iter().enumerate() {
         let img = &raw[i * src * src..][..src * src];
-        augment_image(img, src, *p, out, &mut x[i * len..][..len]);
+        augment::image(img, src, *p, out, &mut x[i * len..][..len]);
     }
     x
 }
@@ -87,18 +87,20 @@ fn close(what: &str, got: &[f32], want: &[f32], tol: f64) {
 /// move a parameter whose noise-level gradient changed sign (2·lr per step) plus `tol`. Batches
 /// of 3, then 2 (fewer views reuse the buffers), then 3 views; after the first step the raw path
 /// allocates nothing on the device.
-fn raw_steps_match(test: &str, precision: Precision) {
-    let d = test_driver().expect("test device");
+fn raw_steps_match<T: Engine>(test: &str) {
+    let precision = T::PRECISION;
+    let d = test_driver();
     let tol = match (d.name() == "emu", precision) {
         (true, _) => 1e-5,
         (false, Precision::F32) => 1e-4,
         (false, Precision::Bf16) => 2e-2,
     };
     let lr = 1e-3;
-    let mut rng = Rng::new(fresh_seed(test));
+    let seed = seed(test);
+    let mut rng = Rng::new(seed.value);
     let cpu = model(&mut rng);
-    let mut host = GpuDenseNet::new(d.clone(), cpu.cast(), precision).unwrap();
-    let mut dev = GpuDenseNet::new(d, cpu.cast(), precision).unwrap();
+    let mut host = GpuDenseNet::<T>::new(d.clone(), cpu.cast()).unwrap();
+    let mut dev = GpuDenseNet::<T>::new(d, cpu.cast()).unwrap();
     assert!(dev.wants_raw_input());
     let mut adams = [
         Adam::new(cpu.num_params(), lr, 1e-4),
@@ -156,25 +158,23 @@ fn raw_steps_match(test: &str, precision: Precision) {
 
 #[test]
 fn raw_training_steps_match_the_f32_path() {
-    raw_steps_match("raw_training_steps_match_the_f32_path", Precision::F32);
+    raw_steps_match::<f32>("raw_training_steps_match_the_f32_path");
 }
 
 #[test]
 fn raw_training_steps_match_the_f32_path_bf16() {
-    raw_steps_match(
-        "raw_training_steps_match_the_f32_path_bf16",
-        Precision::Bf16,
-    );
+    raw_steps_match::<half::bf16>("raw_training_steps_match_the_f32_path_bf16");
 }
 
 /// The CPU model's `forward_raw` (host augmentation, then `forward`) and the device's agree
 /// as well as the CPU and device forwards do (1e-4).
 #[test]
 fn cpu_and_device_raw_forwards_agree() {
-    let d = test_driver().expect("test device");
-    let mut rng = Rng::new(fresh_seed("cpu_and_device_raw_forwards_agree"));
+    let d = test_driver();
+    let seed = seed("cpu_and_device_raw_forwards_agree");
+    let mut rng = Rng::new(seed.value);
     let mut cpu = model(&mut rng);
-    let mut dev = GpuDenseNet::new(d, cpu.cast(), Precision::F32).unwrap();
+    let mut dev = GpuDenseNet::<f32>::new(d, cpu.cast()).unwrap();
     assert!(!Net::wants_raw_input(&cpu));
     let (raw, params) = raw_batch(&mut rng, 4, 29);
     for mode in [Mode::Train, Mode::Eval] {
@@ -198,7 +198,8 @@ fn cpu_and_device_raw_forwards_agree() {
 /// evaluation through the raw path giving the CPU's predictions.
 #[test]
 fn raw_batches_and_raw_evaluation() {
-    let mut rng = Rng::new(fresh_seed("raw_batches_and_raw_evaluation"));
+    let seed = seed("raw_batches_and_raw_evaluation");
+    let mut rng = Rng::new(seed.value);
     let root = std::env::temp_dir().join(format!(
         "mura-rawpath-{}-{}",
         std::process::id(),
@@ -257,9 +258,9 @@ fn raw_batches_and_raw_evaluation() {
     }
 
     // Evaluation: the device model takes raw batches and predicts what the CPU model does.
-    let d = test_driver().expect("test device");
+    let d = test_driver();
     let mut cpu = model(&mut rng);
-    let mut dev = GpuDenseNet::new(d, cpu.cast(), Precision::F32).unwrap();
+    let mut dev = GpuDenseNet::<f32>::new(d, cpu.cast()).unwrap();
     let val = Loader::new(store.clone(), Split::Valid, &StudyType::ALL, lc.for_eval()).unwrap();
     let want = predict_split(&mut cpu, &store, &val, LossLevel::Study).unwrap();
     let got = predict_split(&mut dev, &store, &val, LossLevel::Study).unwrap();

@@ -4,11 +4,11 @@ use crate::ops::augment::AugParams;
 use crate::device::Device;
 use crate::loss::{weighted_bce_f32, LossLevel};
 use crate::model::Mode;
-use crate::net::{self, Net};
+use crate::net::Net;
 use crate::precision::Precision;
 use crate::optim::Adam;
 use crate::rng::Rng;
-use crate::spec::ArchArgs;
+use super::arch::ArchArgs;
 use anyhow::{bail, Result};
 use std::time::Instant;
 
@@ -16,10 +16,10 @@ use std::time::Instant;
 pub struct Args {
     /// cpu | cuda[:N] | emu | auto
     #[arg(long, default_value = "cpu")]
-    pub device: String,
+    pub device: Device,
     /// f32 | bf16 (GPU backends)
     #[arg(long, default_value = "f32")]
-    pub precision: String,
+    pub precision: Precision,
     #[command(flatten)]
     pub arch: ArchArgs,
     /// Images per batch
@@ -53,15 +53,14 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let device = crate::gpu::resolve(args.device.parse::<Device>()?)?;
-    let precision: Precision = args.precision.parse()?;
+    let (device, precision) = (crate::gpu::resolve(args.device)?, args.precision);
     if args.batch == 0 || args.steps == 0 {
         bail!("--batch and --steps must be at least 1");
     }
     crate::data::image::check_side("--image-size", args.image_size)?;
     let spec = args.arch.spec()?;
     let (n, s) = (args.batch, args.image_size);
-    let mut model = net::build(device, precision, spec.clone(), None, 0)?;
+    let mut model = crate::backend::build(device, precision, spec.clone(), None, 0)?;
     model.use_graphs(!args.no_graphs);
     // (MURA_CUDA_SYNC=1, for debugging, turns graphs off.)
     let graphs = !args.no_graphs && !crate::gpu::cuda::sync_each_launch();
@@ -146,10 +145,10 @@ pub fn run(args: Args) -> Result<()> {
 mod tests {
     use super::*;
 
-    fn args(device: &str, image_size: usize) -> Args {
+    fn args(device: Device, image_size: usize) -> Args {
         Args {
-            device: device.into(),
-            precision: "f32".into(),
+            device,
+            precision: Precision::F32,
             arch: ArchArgs {
                 arch: "custom".into(),
                 growth_rate: 4,
@@ -168,14 +167,10 @@ mod tests {
 
     #[test]
     fn runs_on_cpu_and_refuses_unknown_devices_and_tiny_inputs() {
-        run(args("cpu", 32)).unwrap();
-        assert!(run(args("tpu", 32))
-            .unwrap_err()
-            .to_string()
-            .contains("unknown device"));
-        let e = run(args("cpu", 3)).unwrap_err().to_string();
+        run(args(Device::Cpu, 32)).unwrap();
+        let e = run(args(Device::Cpu, 3)).unwrap_err().to_string();
         assert!(e.contains("out of range"), "{e}");
-        let mut deep = args("cpu", 16);
+        let mut deep = args(Device::Cpu, 16);
         deep.arch.block_config = vec![1; 6];
         let e = run(deep).unwrap_err().to_string();
         assert!(e.contains("too small"), "{e}");

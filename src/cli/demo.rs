@@ -8,7 +8,8 @@ use crate::data::{Split, StudyType};
 use crate::loss::LossLevel;
 use crate::precision::Precision;
 use crate::spec::DenseNetSpec;
-use crate::train::{self, TrainConfig};
+use crate::device::Device;
+use crate::train::{self, Init, TrainConfig};
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -20,7 +21,7 @@ pub struct Args {
     pub dir: PathBuf,
     /// cpu | cuda[:N] | emu | auto (cuda if present, else cpu)
     #[arg(long, default_value = "auto")]
-    pub device: String,
+    pub device: Device,
     /// Synthetic studies (train + valid)
     #[arg(long, default_value_t = 1200)]
     pub studies: usize,
@@ -64,7 +65,7 @@ pub fn run(args: Args) -> Result<()> {
     let t0 = Instant::now();
     let dir = &args.dir;
     // Every setting is checked before anything is written or the first minute is spent.
-    let device = crate::gpu::resolve(args.device.parse()?)?;
+    let device = crate::gpu::resolve(args.device)?;
     let spec = demo_spec();
     let store_dir = dir.join("store");
     let run_dir = dir.join("run");
@@ -72,7 +73,7 @@ pub fn run(args: Args) -> Result<()> {
         store: store_dir.clone(),
         out: run_dir.clone(),
         spec: spec.clone(),
-        init: "random".into(),
+        init: Init::Random,
         epochs: args.epochs,
         batch: 8,
         lr: 1e-3,
@@ -84,7 +85,7 @@ pub fn run(args: Args) -> Result<()> {
         max_rotation_deg: 10.0,
         max_views: None,
         seed: args.seed,
-        device: device.to_string(),
+        device,
         precision: Precision::F32,
         workers: 2,
         max_batches: None,
@@ -150,12 +151,12 @@ pub fn run(args: Args) -> Result<()> {
         store: store_dir.clone(),
         checkpoint: vec![best.clone()],
         arch: Default::default(),
-        split: "valid".into(),
+        split: Split::Valid,
         study_types: vec![],
         image_size: Some(args.image_size),
         out: Some(eval_dir.clone()),
-        device: device.to_string(),
-        precision: "f32".into(),
+        device,
+        precision: Precision::F32,
         batch: 8,
     })?;
 
@@ -164,7 +165,7 @@ pub fn run(args: Args) -> Result<()> {
     std::fs::create_dir_all(&cam_dir)?;
     let store = Store::open(&store_dir)?;
     let (spec, sd) = crate::checkpoint::load_model(&best, None)?;
-    let mut model = crate::net::build(device, Precision::F32, spec, Some(&sd), 0)?;
+    let mut model = crate::backend::build(device, Precision::F32, spec, Some(&sd), 0)?;
     for want in [1u8, 0] {
         let Some(st) = store
             .studies

@@ -2,12 +2,15 @@
 //! print a table like the MURA paper's Table 2, write `predictions.csv` (official scorer format) and
 //! `metrics.json`.
 
+use super::arch::{self, ArchArgs};
 use crate::checkpoint;
 use crate::data::loader::{Loader, LoaderConfig};
 use crate::data::store::Store;
 use crate::data::{Split, StudyType};
 use crate::eval::{predict_split, table, StudyPrediction};
+use crate::device::Device;
 use crate::loss::LossLevel;
+use crate::precision::Precision;
 use anyhow::{bail, Context, Result};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -21,13 +24,13 @@ pub struct Args {
     #[arg(long, num_args = 1.., required = true)]
     pub checkpoint: Vec<PathBuf>,
     #[command(flatten)]
-    pub arch: crate::spec::ArchArgs,
+    pub arch: ArchArgs,
     /// train | valid
     #[arg(long, default_value = "valid")]
-    pub split: String,
+    pub split: Split,
     /// Study types to evaluate (default: all in the store)
     #[arg(long, value_delimiter = ',')]
-    pub study_types: Vec<String>,
+    pub study_types: Vec<StudyType>,
     /// Model input side (default: the one the checkpoint was trained at, else 224)
     #[arg(long)]
     pub image_size: Option<usize>,
@@ -36,28 +39,22 @@ pub struct Args {
     pub out: Option<PathBuf>,
     /// cpu | cuda[:N] | emu | auto
     #[arg(long, default_value = "cpu")]
-    pub device: String,
+    pub device: Device,
     /// f32 | bf16 (GPU backends)
     #[arg(long, default_value = "f32")]
-    pub precision: String,
+    pub precision: Precision,
     #[arg(long, default_value_t = 8)]
     pub batch: usize,
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let device: crate::device::Device = args.device.parse()?;
-    let precision: crate::precision::Precision = args.precision.parse()?;
-    let split: Split = args.split.parse()?;
+    let (device, precision, split) = (args.device, args.precision, args.split);
     if let Some(s) = args.image_size {
         crate::data::image::check_side("--image-size", s)?;
     }
-    let types = if args.study_types.is_empty() {
-        StudyType::ALL.to_vec()
-    } else {
-        args.study_types
-            .iter()
-            .map(|s| s.parse())
-            .collect::<Result<Vec<StudyType>>>()?
+    let types = match args.study_types.is_empty() {
+        true => StudyType::ALL.to_vec(),
+        false => args.study_types.clone(),
     };
     let store = Arc::new(Store::open(&args.store)?);
     let mut ensemble: Option<Vec<StudyPrediction>> = None;
@@ -66,8 +63,8 @@ pub fn run(args: Args) -> Result<()> {
             Some(s) => s,
             None => checkpoint::read_image_size(ck)?.unwrap_or(224),
         };
-        let (spec, sd) = checkpoint::load_model_for(ck, &args.arch)?;
-        let mut model = crate::net::build(device, precision, spec, Some(&sd), 0)?;
+        let (spec, sd) = arch::load_model(ck, &args.arch)?;
+        let mut model = crate::backend::build(device, precision, spec, Some(&sd), 0)?;
         let loader = Loader::new(
             store.clone(),
             split,

@@ -1,4 +1,5 @@
 //! One file per subcommand: its clap `Args` and its `run`.
+pub mod arch;
 pub mod bench;
 pub mod demo;
 pub mod eval;

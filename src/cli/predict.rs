@@ -2,8 +2,11 @@
 //! study, optionally with class activation maps.
 
 use crate::data::image::{decode_gray, normalize_to_input, resize_bilinear, GrayImage};
+use super::arch::{self, ArchArgs};
+use crate::device::Device;
+use crate::loss::sigmoid;
 use crate::net::Net;
-use crate::spec::ArchArgs;
+use crate::precision::Precision;
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 
@@ -22,10 +25,10 @@ pub struct Args {
     pub cam: Option<PathBuf>,
     /// cpu | cuda[:N] | emu | auto
     #[arg(long, default_value = "cpu")]
-    pub device: String,
+    pub device: Device,
     /// f32 | bf16 (GPU backends)
     #[arg(long, default_value = "f32")]
-    pub precision: String,
+    pub precision: Precision,
     /// Study folders (all their PNG views) or single PNG files (one-view studies)
     #[arg(required = true)]
     pub paths: Vec<PathBuf>,
@@ -58,26 +61,16 @@ pub fn prepare_view(img: &GrayImage, size: usize) -> Vec<f32> {
     x
 }
 
-fn sigmoid(z: f64) -> f64 {
-    1.0 / (1.0 + (-z).exp())
-}
-
 pub fn run(args: Args) -> Result<()> {
     if let Some(s) = args.image_size {
         crate::data::image::check_side("--image-size", s)?;
     }
-    let (spec, sd) = crate::checkpoint::load_model_for(&args.weights, &args.arch)?;
+    let (spec, sd) = arch::load_model(&args.weights, &args.arch)?;
     let size = match args.image_size {
         Some(s) => s,
         None => crate::checkpoint::read_image_size(&args.weights)?.unwrap_or(224),
     };
-    let mut model = crate::net::build(
-        args.device.parse()?,
-        args.precision.parse()?,
-        spec,
-        Some(&sd),
-        0,
-    )?;
+    let mut model = crate::backend::build(args.device, args.precision, spec, Some(&sd), 0)?;
     if let Some(dir) = &args.cam {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }

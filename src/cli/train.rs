@@ -1,7 +1,12 @@
 //! `mura train`: train a DenseNet on a prepped store (or `--resume RUN_DIR`).
 
-use crate::spec::ArchArgs;
-use crate::train::{self, TrainConfig};
+use super::arch::ArchArgs;
+use crate::data::loader::Preset;
+use crate::data::StudyType;
+use crate::device::Device;
+use crate::loss::LossLevel;
+use crate::precision::Precision;
+use crate::train::{self, Init, TrainConfig};
 use anyhow::{bail, Result};
 use std::path::PathBuf;
 
@@ -25,7 +30,7 @@ pub struct Args {
     pub arch: ArchArgs,
     /// Initial weights: `random`, `imagenet:FILE` (torchvision .pth or .safetensors), or a mura checkpoint
     #[arg(long, default_value = "random")]
-    pub init: String,
+    pub init: Init,
     /// Epochs to train, 10 if not given (with --resume: the new total; default the run's own)
     #[arg(long)]
     pub epochs: Option<usize>,
@@ -41,13 +46,13 @@ pub struct Args {
     pub patience: usize,
     /// `study`: loss on the mean of a study's view probabilities (blog); `image`: per view (paper)
     #[arg(long, default_value = "study")]
-    pub loss: String,
+    pub loss: LossLevel,
     /// Study types to train on, e.g. XR_WRIST,XR_HAND (default: all seven)
     #[arg(long, value_delimiter = ',')]
-    pub study_types: Vec<String>,
+    pub study_types: Vec<StudyType>,
     /// Augmentation preset: `blog` (224², ±10°, flips) or `paper` (320², ±30°, flips)
     #[arg(long, default_value = "blog")]
-    pub preset: String,
+    pub preset: Preset,
     /// Model input side (default: the preset's)
     #[arg(long)]
     pub image_size: Option<usize>,
@@ -58,10 +63,10 @@ pub struct Args {
     pub seed: u64,
     /// cpu | cuda[:N] | emu | auto
     #[arg(long, default_value = "cpu")]
-    pub device: String,
+    pub device: Device,
     /// f32 | bf16 (GPU backends)
     #[arg(long, default_value = "f32")]
-    pub precision: String,
+    pub precision: Precision,
     /// Loader worker threads
     #[arg(long, default_value_t = 2)]
     pub workers: usize,
@@ -80,6 +85,37 @@ pub fn run(args: Args) -> Result<()> {
     let (Some(store), Some(out)) = (args.store.clone(), args.out.clone()) else {
         bail!("mura train needs --store and --out (or --resume RUN_DIR)");
     };
-    let cfg = TrainConfig::from_args(&args, store, out)?;
+    let cfg = config(&args, store, out)?;
     train::train(cfg, args.quiet).map(|_| ())
+}
+
+/// The run's settings from the command line (checked).
+pub fn config(a: &Args, store: PathBuf, out: PathBuf) -> Result<TrainConfig> {
+    let study_types = match a.study_types.is_empty() {
+        true => StudyType::ALL.to_vec(),
+        false => a.study_types.clone(),
+    };
+    let cfg = TrainConfig {
+        store,
+        out,
+        spec: a.arch.spec()?,
+        init: a.init.clone(),
+        epochs: a.epochs.unwrap_or(10),
+        batch: a.batch,
+        lr: a.lr,
+        weight_decay: a.weight_decay,
+        patience: a.patience,
+        loss: a.loss,
+        study_types,
+        image_size: a.image_size.unwrap_or(a.preset.image_size()),
+        max_rotation_deg: a.preset.augment().max_rotation_deg,
+        max_views: a.max_views,
+        seed: a.seed,
+        device: a.device,
+        precision: a.precision,
+        workers: a.workers.max(1),
+        max_batches: a.max_batches,
+    };
+    cfg.validate()?;
+    Ok(cfg)
 }

@@ -22,6 +22,47 @@ pub struct Augment {
     pub max_rotation_deg: f32,
 }
 
+/// A training recipe's input size and augmentation (`--preset`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Preset {
+    /// The reference blog post: 224², flips, rotations within ±10°.
+    Blog,
+    /// The MURA paper: 320², lateral inversions, rotations within ±30°.
+    Paper,
+}
+
+impl Preset {
+    /// The network input's side.
+    pub fn image_size(self) -> usize {
+        match self {
+            Preset::Blog => 224,
+            Preset::Paper => 320,
+        }
+    }
+    /// The training augmentation.
+    pub fn augment(self) -> Augment {
+        let max_rotation_deg = match self {
+            Preset::Blog => 10.0,
+            Preset::Paper => 30.0,
+        };
+        Augment {
+            flip: true,
+            max_rotation_deg,
+        }
+    }
+}
+
+impl std::str::FromStr for Preset {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "blog" => Ok(Preset::Blog),
+            "paper" => Ok(Preset::Paper),
+            _ => bail!("unknown preset '{s}': use blog or paper"),
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct LoaderConfig {
     pub batch_studies: usize,
@@ -40,16 +81,13 @@ pub struct LoaderConfig {
 }
 
 impl LoaderConfig {
-    /// The blog post's training setup: 224², flips, rotations within ±10°, batch 8.
+    /// The blog post's training setup ([`Preset::Blog`]), batch 8.
     pub fn blog() -> Self {
         LoaderConfig {
             batch_studies: 8,
             max_views: None,
-            image_size: 224,
-            augment: Some(Augment {
-                flip: true,
-                max_rotation_deg: 10.0,
-            }),
+            image_size: Preset::Blog.image_size(),
+            augment: Some(Preset::Blog.augment()),
             seed: 0,
             shuffle: true,
             workers: std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -57,14 +95,11 @@ impl LoaderConfig {
         }
     }
 
-    /// The paper's training setup: 320², lateral inversions, rotations within ±30°.
+    /// The paper's training setup ([`Preset::Paper`]).
     pub fn paper() -> Self {
         LoaderConfig {
-            image_size: 320,
-            augment: Some(Augment {
-                flip: true,
-                max_rotation_deg: 30.0,
-            }),
+            image_size: Preset::Paper.image_size(),
+            augment: Some(Preset::Paper.augment()),
             ..Self::blog()
         }
     }
