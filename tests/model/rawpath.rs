@@ -2,9 +2,7 @@
 //! default): the store's u8 images uploaded as they are and augmented by the model's device
 //! give the same training step and the same predictions as f32 inputs built on the host.
 
-mod common;
-
-use common::gpu::{f64s, rel_err, seed, test_driver};
+use crate::common::gpu::{f64s, rel_err, seed, test_driver};
 use mura::data::loader::{aug_params, Augment, Loader, LoaderConfig};
 use mura::data::prep::{prep, PrepConfig};
 use mura::data::store::Store;

@@ -3,9 +3,7 @@
 //! parameter's gradient, Adam-updated weights, BN running statistics — then eval logits and
 //! the CAM feature map; and bf16 storage tracking f32 over a few steps.
 
-mod common;
-
-use common::gpu::{f64s, rel_err, seed, test_driver};
+use crate::common::gpu::{f64s, rel_err, seed, test_driver};
 use half::bf16;
 use mura::device::Device;
 use mura::gpu::model::{Engine, GpuDenseNet};

@@ -1,8 +1,6 @@
 //! End to end through the binary: synth -> prep -> train -> resume -> eval -> predict --cam -> report.
 
-mod common;
-
-use common::{mura, run_ok, TINY};
+use crate::common::{mura, run_ok, TINY};
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
@@ -19,13 +17,13 @@ fn err(args: &[&str]) -> String {
 }
 
 fn tmp(name: &str) -> PathBuf {
-    common::tmp("e2e", name)
+    crate::common::tmp("e2e", name)
 }
 
 /// A small synthetic dataset prepped at 32x32, shared by the tests.
 fn dataset() -> &'static (PathBuf, PathBuf) {
     static D: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
-    D.get_or_init(|| common::prepped(&tmp("data"), 60, 3))
+    D.get_or_init(|| crate::common::prepped(&tmp("data"), 60, 3))
 }
 
 fn train_args<'a>(store: &'a Path, out: &'a Path, epochs: &'a str) -> Vec<&'a str> {

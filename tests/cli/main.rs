@@ -1,0 +1,10 @@
+//! The `mura` binary as a user runs it: every command's argument checks and error lines
+//! (`audit`), `mura score` (`score`), `mura report` (`report`), and training end to end (`train`).
+
+#[path = "../common/mod.rs"]
+mod common;
+
+mod audit;
+mod report;
+mod score;
+mod train;

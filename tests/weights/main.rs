@@ -1,0 +1,6 @@
+//! Weights on disk: safetensors checkpoints, torchvision's `.pth` (zip and legacy formats) and the
+//! seeded-weights formula the golden fixtures share with PyTorch.
+
+mod checkpoint;
+mod pth;
+mod seeded;
