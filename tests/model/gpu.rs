@@ -5,10 +5,10 @@
 
 use crate::common::gpu::{f64s, rel_err, seed, test_driver};
 use half::bf16;
+use super::{loss, model, model_of, tiny};
 use mura::device::Device;
 use mura::gpu::model::{Engine, GpuDenseNet};
 use mura::gpu::Driver;
-use mura::loss::{weighted_bce_f32, LossLevel};
 use mura::model::{DenseNet, Mode};
 use mura::backend;
 use mura::net::Net;
@@ -19,27 +19,10 @@ use mura::spec::{DenseNetSpec, Role};
 use mura::weights::TensorData;
 use std::sync::Arc;
 
-fn tiny() -> DenseNetSpec {
-    DenseNetSpec::custom(4, vec![2, 2], 8, 2).unwrap()
-}
-
 /// Wide enough that the bf16 path's 3×3 forwards split their reduction (64 bottleneck channels:
 /// 18 K-slices over a grid of 2 row tiles) and its loads take the 16-byte paths.
 fn wide() -> DenseNetSpec {
     DenseNetSpec::custom(16, vec![2, 2], 32, 4).unwrap()
-}
-
-/// A freshly initialised tiny model with every parameter perturbed (so no BN is an identity).
-fn model(rng: &mut Rng) -> DenseNet<f32> {
-    model_of(tiny(), rng)
-}
-
-fn model_of(spec: DenseNetSpec, rng: &mut Rng) -> DenseNet<f32> {
-    let mut m = DenseNet::<f32>::new(spec, rng.next_u64());
-    for p in &mut m.params {
-        *p += 0.1 * rng.normal() as f32;
-    }
-    m
 }
 
 /// The GPU model of `model` storing activations at `precision`, on `d`.
@@ -52,15 +35,6 @@ fn gpu_net(d: &Arc<dyn Driver>, model: &DenseNet<f32>, precision: Precision) -> 
 
 fn batch(rng: &mut Rng, n: usize, hw: usize) -> Vec<f32> {
     (0..n * hw * hw * 3).map(|_| rng.normal() as f32).collect()
-}
-
-/// Loss and d(loss)/d(logits) for labels alternating 1, 0, 1, ... one view per study.
-fn loss(logits: &[f32]) -> (f32, Vec<f32>) {
-    let n = logits.len();
-    let labels: Vec<f64> = (0..n).map(|i| ((i + 1) % 2) as f64).collect();
-    let w = vec![(0.4, 0.6); n];
-    let views: Vec<usize> = (0..n).collect();
-    weighted_bce_f32(logits, &views, &labels, &w, LossLevel::Image)
 }
 
 /// Every parameter tensor's gradient (GPU's or the CPU model's in f32) against the CPU model run

@@ -1,14 +1,11 @@
 //! Whole-model checks: finite differences through a tiny DenseNet in both BN modes (f64), and
 //! the torchvision state-dict boundary.
 
+use super::tiny;
 use mura::model::{DenseNet, Mode};
 use mura::rng::Rng;
-use mura::spec::{DenseNetSpec, Role};
+use mura::spec::Role;
 use mura::weights::TensorData;
-
-fn tiny() -> DenseNetSpec {
-    DenseNetSpec::custom(4, vec![2, 2], 8, 2).unwrap()
-}
 
 /// A tiny model with random (non-trivial) BN gammas/betas and running stats.
 fn randomised(seed: u64) -> DenseNet<f64> {

@@ -9,3 +9,36 @@ mod golden;
 mod gpu;
 mod gradcheck;
 mod rawpath;
+
+use mura::loss::{weighted_bce_f32, LossLevel};
+use mura::model::DenseNet;
+use mura::rng::Rng;
+use mura::spec::DenseNetSpec;
+
+/// The tiny DenseNet most model tests run: two blocks of two layers, growth 4.
+fn tiny() -> DenseNetSpec {
+    DenseNetSpec::custom(4, vec![2, 2], 8, 2).unwrap()
+}
+
+/// A freshly initialised tiny model with every parameter perturbed (so no BN is an identity).
+fn model(rng: &mut Rng) -> DenseNet<f32> {
+    model_of(tiny(), rng)
+}
+
+/// [`model`] of another architecture.
+fn model_of(spec: DenseNetSpec, rng: &mut Rng) -> DenseNet<f32> {
+    let mut m = DenseNet::<f32>::new(spec, rng.next_u64());
+    for p in &mut m.params {
+        *p += 0.1 * rng.normal() as f32;
+    }
+    m
+}
+
+/// Loss and d(loss)/d(logits) for labels alternating 1, 0, 1, ... one view per study.
+fn loss(logits: &[f32]) -> (f32, Vec<f32>) {
+    let n = logits.len();
+    let labels: Vec<f64> = (0..n).map(|i| ((i + 1) % 2) as f64).collect();
+    let w = vec![(0.4, 0.6); n];
+    let views: Vec<usize> = (0..n).collect();
+    weighted_bce_f32(logits, &views, &labels, &w, LossLevel::Image)
+}

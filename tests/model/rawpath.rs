@@ -3,6 +3,7 @@
 //! give the same training step and the same predictions as f32 inputs built on the host.
 
 use crate::common::gpu::{f64s, rel_err, seed, test_driver};
+use super::{loss, model};
 use mura::data::loader::{aug_params, Augment, Loader, LoaderConfig};
 use mura::data::prep::{prep, PrepConfig};
 use mura::data::store::Store;
@@ -10,43 +11,15 @@ use mura::data::synth::{synth, SynthConfig};
 use mura::data::{Split, StudyType};
 use mura::eval::predict_split;
 use mura::gpu::model::{Engine, GpuDenseNet};
-use mura::loss::{weighted_bce_f32, LossLevel};
-use mura::model::{DenseNet, Mode};
+use mura::loss::LossLevel;
+use mura::model::Mode;
 use mura::net::Net;
 use mura::ops::augment::{self, AugParams};
 use mura::precision::Precision;
 use mura::optim::Adam;
 use mura::rng::Rng;
-use mura::spec::DenseNetSpec;
 use mura::weights::TensorData;
 use std::sync::Arc;
-
-fn tiny() -> DenseNetSpec {
-    DenseNetSpec::custom(4, vec![2, 2], 8, 2).unwrap()
-}
-
-/// A freshly initialised tiny model with every parameter perturbed (so no BN is an identity).
-fn model(rng: &mut Rng) -> DenseNet<f32> {
-    let mut m = DenseNet::<f32>::new(tiny(), rng.next_u64());
-    for p in &mut m.params {
-        *p += 0.1 * rng.normal() as f32;
-    }
-    m
-}
-
-/// Loss and d(loss)/d(logits) for labels alternating 1, 0, 1, ... one view per study.
-fn loss(logits: &[f32]) -> (f32, Vec<f32>) {
-    let n = logits.len();
-    let labels: Vec<f64> = (0..n).map(|i| ((i + 1) % 2) as f64).collect();
-    let views: Vec<usize> = (0..n).collect();
-    weighted_bce_f32(
-        logits,
-        &views,
-        &labels,
-        &vec![(0.4, 0.6); n],
-        LossLevel::Image,
-    )
-}
 
 /// n random store images of side `src` and their augmentations (the first one the identity).
 fn raw_batch(rng: &mut Rng, n: usize, src: usize) -> (Vec<u8>, Vec<AugParams>) {
