@@ -3,9 +3,7 @@
 //! a bug (poisoned shared memory, bad masks, divergent barriers, out-of-bounds writes) check the
 //! emulator's diagnostics and run on the emulator only.
 
-mod common;
-
-use common::gpu::{seed, test_driver};
+use crate::common::gpu::{seed, test_driver};
 use mura::gpu::{arg, emu::Emu, kernels, DeviceBuffer, Driver};
 use mura::rng::Rng;
 use std::sync::Arc;
@@ -564,7 +562,7 @@ fn emu_fiber_stack_overflow_hits_guard_page() {
     let child = std::process::Command::new(std::env::current_exe().unwrap())
         .args([
             "--exact",
-            "emu_fiber_stack_overflow_hits_guard_page",
+            "emu::emu_fiber_stack_overflow_hits_guard_page",
             "--test-threads=1",
         ])
         .env("MURA_EMU_OVERFLOW_CHILD", "1")
