@@ -4,7 +4,7 @@
 //! `cargo bench --bench kernels -- [ARCH BATCH SIZE [PRECISION [PEAK_TFLOPS [TBPS]]]]
 //! [--device emu|cuda[:N]] [--reps N]`, default `densenet169 64 224 bf16` against an H100
 //! (800 TFLOP/s bf16, 3.0 TB/s), analytic only. With `--device`, every row's kernels run on
-//! that device (`mura::gpu::kernel_bench::measure`: fresh random inputs, one warm-up, then
+//! that device (`mura_kernel_lab::harness::measure`: fresh random inputs, one warm-up, then
 //! `--reps` launches timed with CUDA events (wall time on the emulator), default 20) and the
 //! table shows measured time, achieved TFLOP/s and GB/s, and % of the floor, per shape, per
 //! (op, pass) and for the step. The emulator is slow: use tiny shapes there
@@ -12,8 +12,11 @@
 
 use anyhow::{bail, Context, Result};
 use mura::device::Device;
-use mura::roofline::{self, Machine, Precision};
+use mura::model::{Layout, Schedule};
+use mura::precision::Precision;
 use mura::spec::DenseNetSpec;
+use mura_kernel_lab::harness::{self, Timing};
+use mura_kernel_lab::roofline::{self, Machine};
 
 fn arg<T: std::str::FromStr>(args: &[String], i: usize, name: &str, default: T) -> Result<T>
 where
@@ -96,7 +99,9 @@ fn run() -> Result<()> {
         None => (vec![None; rows.len()], String::new()),
         Some(device) => {
             let d = mura::gpu::open(device)?;
-            let t = mura::gpu::kernel_bench::measure(&d, &rows, precision, o.reps)?;
+            let schedule = Schedule::new(&Layout::new(&spec), &spec.arch, size, size)?;
+            let timing = Timing::fresh(o.reps);
+            let t = harness::measure(&d, &schedule, batch, precision, &rows, timing)?;
             let on = format!(
                 "; measured on {}, mean of {} launches after a warm-up",
                 d.name(),

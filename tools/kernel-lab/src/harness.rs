@@ -1,26 +1,32 @@
 //! Measured times of the kernels of one DenseNet training step, one per row of the roofline
 //! table ([`crate::roofline::table`]; issue 7): each row's work is launched as mura's GPU model
-//! launches it, on device buffers of the row's shape filled with fresh random values (a dense
-//! block's layers read a channel prefix of one block-wide buffer and write a slice of it, as in
-//! the model), once to warm up and then `reps` times inside [`Driver::time`].
+//! (`mura::gpu::model`) launches it, on device buffers of the step's shapes (its [`Schedule`])
+//! filled with fresh random values (a dense block's layers read a channel prefix of one
+//! block-wide buffer and write a slice of it; the backward goes through the model's two scratch
+//! buffers; the tensor-core forwards split over one workspace), once to warm up and then `reps`
+//! times inside [`Driver::time`].
 //!
-//! What a row launches (bf16: tensor-core convolutions from [`ops_tc`]; f32: [`ops`] throughout):
+//! What a row launches (the storage type's kernels, as the model's `Engine` picks them — bf16:
+//! tensor-core convolutions from `ops::conv_tc`; f32: `ops::conv` and separate passes):
 //!
 //! | row | launches |
 //! |---|---|
-//! | `stem7x7s2` fwd, bwd-weight | bf16: `ops_tc::conv_fwd` (the any-window kernel, statistics summed in its epilogue), `ops_tc::conv_bwd_weight`; f32: `ops::conv_fwd`, `ops::conv_bwd_weight` |
-//! | `conv1x1`, `conv3x3` fwd | bf16: `ops_tc::conv_fwd` with the BN + ReLU in front and the output's statistics summed in its epilogue (split-K over a workspace, then its finishing kernel, when the grid is small); f32: `ops::conv_fwd` with the BN + ReLU |
-//! | … bwd-weight | `ops_tc::conv_bwd_weight` (split-K) / `ops::conv_bwd_weight`, with the BN + ReLU |
-//! | `conv1x1` bwd-data (a dense layer's BN1) | bf16: `ops_tc::conv_bwd_data` with the ReLU mask, the BN's reductions and its scale, accumulating into the block's gradient buffer, then `ops::bn_bwd_defer`; f32: `ops::conv_bwd_data`, then `ops::bn_bwd_deferred`; both then `ops::bn_grad_fix` of the layer's k output channels (the deferred BN terms, once per layer) |
-//! | `conv3x3` bwd-data (BN2) | bf16: `ops_tc::conv_bwd_data` with the ReLU mask and the BN's reductions into a scratch, then `ops::bn_bwd_from_sums`; f32: `ops::conv_bwd_data`, then `ops::bn_bwd` |
+//! | `stem7x7s2` fwd, bwd-weight | bf16: `conv_tc::fwd` (the any-window kernel, statistics summed in its epilogue), `conv_tc::bwd_weight`; f32: `conv::fwd`, `conv::bwd_weight` |
+//! | `conv1x1`, `conv3x3` fwd | bf16: `conv_tc::fwd` with the BN + ReLU in front and the output's statistics summed in its epilogue (split-K over the workspace, then its finishing kernel, when the grid is small); f32: `conv::fwd` with the BN + ReLU |
+//! | … bwd-weight | `conv_tc::bwd_weight` (split-K) / `conv::bwd_weight`, with the BN + ReLU |
+//! | `conv1x1` bwd-data (a dense layer's BN1) | bf16: `conv_tc::bwd_data` with the ReLU mask, the BN's reductions and its scale, accumulating into the block's gradient buffer, then `bn::defer_from_sums`; f32: `conv::bwd_data`, then `bn::backward_deferred`; both then `bn::grad_fix` of the layer's k output channels (the deferred BN terms, once per layer) |
+//! | `conv3x3` bwd-data (BN2) | bf16: `conv_tc::bwd_data` with the ReLU mask and the BN's reductions into a scratch, then `bn::backward_from_sums`; f32: `conv::bwd_data`, then `bn::backward` |
 //! | `trans1x1` | the same kernels without a BN in front (the pool applied it) |
-//! | `bn_stats` | `ops::bn_stats`; bf16 rows of conv outputs (all but the max pool's): `ops::bn_coeffs` turning the sums the epilogue accumulated into mean and variance (with the coefficients of the BN that reads them) |
-//! | `maxpool` fwd / bwd | `ops::maxpool_fwd` with norm0 + ReLU / `ops::maxpool_bwd` (the same), `ops::bn_bwd` (norm0) |
-//! | `avgpool` fwd / bwd | `ops::avgpool_fwd` with the transition's BN + ReLU / `ops::avgpool_bwd`, `ops::bn_bwd` |
-//! | `head` fwd / bwd | `ops::bn_act` (norm5 + ReLU), `ops::gap_fwd` / `ops::gap_bwd`, `ops::bn_bwd` |
-//! | `adam` | `ops::adam` over every parameter; bf16: then `ops::cast_bf16` of them (the bf16 weight copy the tensor-core convolutions read, whose bytes the row counts) |
+//! | `bn_stats` | `bn::batch_stats`; bf16 rows of conv outputs (all but the max pool's): `bn::scale_shift` of the BN that reads them, turning the sums the epilogue accumulated into mean and variance (its pending channels) |
+//! | `maxpool` fwd / bwd | `pool::maxpool_fwd` with norm0 + ReLU / `pool::maxpool_bwd` (the same), `bn::backward` (norm0) |
+//! | `avgpool` fwd / bwd | `pool::avgpool_fwd` with the transition's BN + ReLU / `pool::avgpool_bwd`, `bn::backward` |
+//! | `head` fwd / bwd | `bn::apply` (norm5 + ReLU), `pool::gap_fwd` / `pool::gap_bwd`, `bn::backward` |
+//! | `adam` | `adam::update` over every parameter; bf16: then `cast::to_bf16` of them (the bf16 weight copy the tensor-core convolutions read, whose bytes the row counts) |
 //!
-//! Every row of the table is mapped (no `None`). Where the model differs from the table:
+//! Every row of the table is mapped: [`measure`] finds each row's kernel in the schedule by its
+//! op, site and shape (a row of several launches — a block's identical 3×3s — is timed at the
+//! first), and refuses rows built for another precision, batch, image size or network before
+//! launching anything. Where the model differs from the table:
 //! - Transitions: the table counts torchvision's order, the 1×1 conv at the block's resolution
 //!   and then the pool; mura applies BN + ReLU + pool first and convolves a quarter of the
 //!   pixels. `trans1x1` rows are timed as mura runs them, at half the side the row names, so
@@ -28,57 +34,77 @@
 //! - `bn_stats` rows of conv outputs in bf16: the tensor-core forward sums these statistics in
 //!   its epilogue, and the coefficients of the BN that reads them turn the sums into mean and
 //!   variance, so the row times that coefficient kernel.
-//! - Not timed, as the table does not list them: the other BN coefficient kernels, the classifier and
-//!   the loss, the augmentation, and the `ops::bn_grad_fix` of each block's input channels
+//! - Not timed, as the table does not list them: the other BN coefficient kernels, the classifier
+//!   and the loss, the augmentation, and the `bn::grad_fix` of each block's input channels
 //!   (before the max pool's or the transition's backward; a layer's own are in its 1×1 row).
 
-use super::ops::{self, BnSaved, Dt, View};
-use super::{ops_tc, DevPtr, DeviceBuffer, Driver};
-use crate::ops::conv::Conv;
-use crate::optim::Adam;
-use crate::rng::Rng;
-use crate::roofline::{KernelRow, Pass, Precision};
+use crate::roofline::{KernelRow, Op, Pass, Shape, Site};
 use anyhow::{bail, Context, Result};
+use half::bf16;
+use mura::gpu::ops::bn::{self, Affine, Deferred, Grad, Pending, Running, Saved, Stats};
+use mura::gpu::ops::conv_tc::{self, Mask};
+use mura::gpu::ops::{adam, cast, conv, pool, Act, BnRelu};
+use mura::gpu::{DeviceBuffer, Driver, Mat, Nhwc, Slice};
+use mura::model::schedule::{Head, Hw, Layer, Schedule, Stem, Transition};
+use mura::ops::conv::Conv;
+use mura::optim::Adam;
+use mura::precision::Precision;
+use mura::rng::Rng;
 use rayon::prelude::*;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::Arc;
 
-/// Seconds per launch of each row's kernels (module docs), timed on `d` after one warm-up over
-/// `reps` launches. `rows` come from [`crate::roofline::table`] built for `precision` (an error
-/// otherwise), with the convolutions of every block whose buffers a row uses.
+/// How each row is timed: one warm-up, then the mean of `reps` launches, on random inputs drawn
+/// from `seed`.
+#[derive(Clone, Copy, Debug)]
+pub struct Timing {
+    pub reps: usize,
+    pub seed: u64,
+}
+
+impl Timing {
+    /// `reps` launches on inputs from a seed taken from the clock: fresh values every run.
+    pub fn fresh(reps: usize) -> Timing {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+        Timing {
+            reps,
+            seed: now.unwrap_or_default().as_nanos() as u64,
+        }
+    }
+}
+
+/// Seconds per launch of each row's kernels (module docs), timed on `d`. `rows` come from
+/// [`crate::roofline::table`] built for the step whose stages `schedule` has, at `batch` images
+/// stored in `precision`: a row built for another precision, batch, image size or network is an
+/// error, before anything is allocated or launched.
 pub fn measure(
     d: &Arc<dyn Driver>,
-    rows: &[KernelRow],
+    schedule: &Schedule,
+    batch: usize,
     precision: Precision,
-    reps: usize,
+    rows: &[KernelRow],
+    timing: Timing,
 ) -> Result<Vec<Option<f64>>> {
-    if reps == 0 {
+    if timing.reps == 0 {
         bail!("the number of timed launches per kernel (reps) must be at least 1");
     }
-    let geo = Geo::of(rows, precision)?;
-    let seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_nanos() as u64;
-    let mut bench = Bench {
-        d: d.clone(),
-        dt: match precision {
-            Precision::Bf16 => Dt::Bf16,
-            Precision::F32 => Dt::F32,
-        },
-        seed,
-        made: 0,
-        bufs: HashMap::new(),
-        scratch: HashMap::new(),
-        row: 0,
-    };
-    rows.iter()
-        .map(|r| {
-            let what = || format!("timing {} {} {} {}", r.op, r.pass, r.site, r.shape);
-            let mut work = bench.work(r, &geo).with_context(what)?;
-            Ok(Some(time(d, &mut work, reps).with_context(what)?))
-        })
-        .collect()
+    let timed = rows
+        .iter()
+        .map(|r| locate(schedule, batch, precision, r).with_context(|| what(r)))
+        .collect::<Result<Vec<_>>>()?;
+    match precision {
+        Precision::F32 => {
+            Bench::<f32>::new(d, schedule, batch, timing.seed)?.time(rows, &timed, timing.reps)
+        }
+        Precision::Bf16 => {
+            Bench::<bf16>::new(d, schedule, batch, timing.seed)?.time(rows, &timed, timing.reps)
+        }
+    }
+}
+
+/// A row, for error messages.
+fn what(r: &KernelRow) -> String {
+    format!("timing {} {} {} {}", r.op, r.pass, r.site, r.shape)
 }
 
 /// One row's launches.
@@ -97,860 +123,974 @@ fn time(d: &Arc<dyn Driver>, work: &mut Work, reps: usize) -> Result<f64> {
     Ok(ms * 1e-3 / reps as f64)
 }
 
-/// A row's shape: `"56x56 128->32"`, `"112x112->56x56 64"`, `"7x7 1664"`: input and output
-/// side, channels.
-struct Dims {
-    hi: usize,
-    ho: usize,
-    c: Vec<usize>,
+/// What a row times, found in the schedule.
+#[derive(Clone, Copy, Debug)]
+enum Timed<'s> {
+    StemConv(&'s Stem),
+    /// The statistics of conv0's output.
+    StemStats(&'s Stem),
+    MaxPool(&'s Stem),
+    /// The statistics of the max pool's output (block 0's first channels).
+    PoolStats(&'s Stem),
+    Conv1(&'s Layer),
+    /// The statistics of a layer's bottleneck (the 1×1's output).
+    Conv1Stats(&'s Layer),
+    Conv2(&'s Layer),
+    /// The statistics of a layer's new channels (the 3×3's output).
+    Conv2Stats(&'s Layer),
+    TransConv(&'s Transition),
+    AvgPool(&'s Transition),
+    /// The statistics of a transition's output (the next block's first channels).
+    TransStats(&'s Transition),
+    Head(&'s Head),
+    /// Adam over this many parameters.
+    Adam(usize),
 }
 
-impl Dims {
-    fn parse(shape: &str) -> Result<Dims> {
-        let num = |s: &str| -> Result<usize> {
-            s.parse()
-                .with_context(|| format!("bad number '{s}' in shape '{shape}'"))
-        };
-        let side = |s: &str| -> Result<usize> {
-            match s.split_once('x') {
-                Some((a, b)) if a == b => num(a),
-                _ => bail!("shape '{shape}': '{s}' is not a square side like 56x56"),
-            }
-        };
-        let (space, chans) = shape
-            .split_once(' ')
-            .with_context(|| format!("shape '{shape}' is not 'HxH C' or 'HxH C->C'"))?;
-        let (hi, ho) = match space.split_once("->") {
-            Some((a, b)) => (side(a)?, side(b)?),
-            None => (side(space)?, side(space)?),
-        };
-        let c = chans.split("->").map(num).collect::<Result<_>>()?;
-        Ok(Dims { hi, ho, c })
-    }
-
-    /// Input and output channels of a convolution.
-    fn conv(&self) -> Result<(usize, usize)> {
-        match self.c[..] {
-            [ci, co] => Ok((ci, co)),
-            _ => bail!("a convolution's shape names input and output channels"),
-        }
-    }
-
-    /// The one channel count of a memory-bound op.
-    fn one(&self) -> Result<usize> {
-        match self.c[..] {
-            [c] => Ok(c),
-            _ => bail!("expected one channel count"),
-        }
-    }
-}
-
-/// The convolution geometry of a conv row's op.
-fn geometry(op: &str) -> Option<Conv> {
+/// Whether the table has rows of `op` in `pass`.
+fn has_pass(op: Op, pass: Pass) -> bool {
+    use Pass::*;
     match op {
-        "stem7x7s2" => Some(Conv::STEM),
-        "conv1x1" | "trans1x1" => Some(Conv::POINTWISE),
-        "conv3x3" => Some(Conv::CONV3),
-        _ => None,
+        Op::Stem7x7s2 => matches!(pass, Fwd | BwdWeight),
+        Op::Conv1x1 | Op::Conv3x3 | Op::Trans1x1 => matches!(pass, Fwd | BwdWeight | BwdData),
+        Op::BnStats => pass == Fwd,
+        Op::MaxPool | Op::AvgPool | Op::Head => matches!(pass, Fwd | Bwd),
+        Op::Adam => pass == Update,
     }
 }
 
-/// An error unless a row's size `got` is the `want` its neighbours imply (a mismatch would
-/// launch kernels outside the buffers).
-fn same(what: &str, got: usize, want: usize) -> Result<()> {
-    if got != want {
-        bail!("{what} is {got}, but the other rows imply {want}");
+/// The kernel of `s` (at `n` images stored in `p`) that row `r` times: the first at its site with
+/// its op and shape.
+fn locate<'s>(s: &'s Schedule, n: usize, p: Precision, r: &KernelRow) -> Result<Timed<'s>> {
+    if r.precision != p {
+        bail!(
+            "the rows were built for {} storage, not {p}: build the table with the precision to \
+             measure",
+            r.precision
+        );
     }
-    Ok(())
-}
-
-/// `blockN` / `transN` → N − 1.
-fn site_index(site: &str, prefix: &str) -> Result<usize> {
-    site.strip_prefix(prefix)
-        .and_then(|s| s.parse::<usize>().ok())
-        .filter(|&b| b >= 1)
-        .map(|b| b - 1)
-        .with_context(|| format!("site '{site}' is not {prefix}N"))
-}
-
-/// One dense block: side, channels of its buffer, growth rate.
-#[derive(Clone, Copy)]
-struct Block {
-    h: usize,
-    ct: usize,
-    k: usize,
-}
-
-impl Block {
-    /// An error unless `[n, h, h, c]` fits in the block's buffer.
-    fn holds(&self, h: usize, c: usize) -> Result<()> {
-        same("the side", h, self.h)?;
-        if c > self.ct {
-            bail!("{c} channels do not fit the block's {}", self.ct);
-        }
-        Ok(())
+    if let Some(b) = r.shape.batch().filter(|&b| b != n) {
+        bail!("the row is for a batch of {b}, not {n}: build the table with the batch to measure");
     }
-}
-
-/// What the rows say about the network: batch and dense blocks (by 0-based index).
-struct Geo {
-    n: usize,
-    blocks: BTreeMap<usize, Block>,
-}
-
-impl Geo {
-    fn of(rows: &[KernelRow], precision: Precision) -> Result<Geo> {
-        let mut n = None;
-        // Per block: side, widest 1×1 input, growth.
-        let mut seen: BTreeMap<usize, (usize, usize, usize)> = BTreeMap::new();
-        for r in rows {
-            let (Some(g), Some(conv)) = (r.gemm, geometry(r.op)) else {
-                continue;
-            };
-            let what = || format!("row {} {} {} {}", r.op, r.pass, r.site, r.shape);
-            let dm = Dims::parse(&r.shape).with_context(what)?;
-            let (ci, co) = dm.conv().with_context(what)?;
-            let (pixels, side) = match r.pass {
-                Pass::BwdData => (g.m as usize, dm.hi),
-                Pass::BwdWeight => (g.k as usize, dm.ho),
-                _ => (g.m as usize, dm.ho),
-            };
-            if side == 0 || pixels % (side * side) != 0 {
-                bail!("{}: its GEMM does not match its shape", what());
-            }
-            let images = pixels / (side * side);
-            if *n.get_or_insert(images) != images {
-                bail!("{}: batch {images}, other rows {}", what(), n.unwrap_or(0));
-            }
-            if r.pass == Pass::Fwd {
-                let kk = conv.k * conv.k;
-                let elems = images * (dm.hi * dm.hi * ci + dm.ho * dm.ho * co) + kk * ci * co;
-                let other = match precision {
-                    Precision::Bf16 => Precision::F32,
-                    Precision::F32 => Precision::Bf16,
-                };
-                if r.bytes == elems as u64 * other.bytes() {
-                    bail!(
-                        "the rows were built for {other} storage, not {precision}: build the \
-                         table with the precision to measure"
-                    );
-                }
-                if r.bytes != elems as u64 * precision.bytes() {
-                    bail!("{}: its bytes do not match its shape", what());
-                }
-            }
-            if r.op == "conv1x1" || r.op == "conv3x3" {
-                let b = site_index(&r.site, "block").with_context(what)?;
-                let e = seen.entry(b).or_insert((dm.hi, 0, 0));
-                if r.op == "conv1x1" {
-                    e.1 = e.1.max(ci);
-                } else {
-                    e.2 = co;
-                }
-            }
-        }
-        let n = n.context("the rows have no convolution to take the batch size from")?;
-        let blocks = seen
-            .into_iter()
-            .filter(|&(_, (_, c, k))| c > 0 && k > 0)
-            .map(|(b, (h, c, k))| (b, Block { h, ct: c + k, k }))
-            .collect();
-        Ok(Geo { n, blocks })
+    if !has_pass(r.op, r.pass) {
+        bail!("{} has no {} kernel", r.op, r.pass);
     }
-
-    /// Dense block `b` (0-based), whose buffer width needs its 1×1 and 3×3 rows.
-    fn block(&self, b: usize) -> Result<Block> {
-        self.blocks.get(&b).copied().with_context(|| {
+    if let (Op::Adam, Site::All, Shape::Params(params)) = (r.op, r.site, r.shape) {
+        return Ok(Timed::Adam(params));
+    }
+    kernels_at(s, n, r.site)?
+        .into_iter()
+        .find(|&(op, shape, _)| (op, shape) == (r.op, r.shape))
+        .map(|(_, _, k)| k)
+        .with_context(|| {
             format!(
-                "the rows lack the 1x1 and 3x3 convolutions of block{} (its buffer width)",
-                b + 1
+                "{} of this step has no {} of shape {}: the rows were built for another network \
+                 or image size",
+                r.site, r.op, r.shape
             )
         })
-    }
+}
+
+/// Every kernel that runs at `site` of `s` at batch `n`, with its row's op and shape.
+fn kernels_at(s: &Schedule, n: usize, site: Site) -> Result<Vec<(Op, Shape, Timed<'_>)>> {
+    let conv = |hw_in: Hw, hw_out: Hw, c_in: usize, c_out: usize| Shape::Conv {
+        n,
+        hw_in,
+        hw_out,
+        c_in,
+        c_out,
+    };
+    let map = |hw_in: Hw, hw_out: Hw, c: usize| Shape::Map {
+        n,
+        hw_in,
+        hw_out,
+        c,
+    };
+    let missing = || format!("this step has no {site}");
+    Ok(match site {
+        Site::Stem => {
+            let st = &s.stem;
+            let (f0, h0, h1) = (st.conv.co, st.conv_out, st.pool_out);
+            vec![
+                (
+                    Op::Stem7x7s2,
+                    conv(st.input, h0, st.conv.ci, f0),
+                    Timed::StemConv(st),
+                ),
+                (Op::BnStats, map(h0, h0, f0), Timed::StemStats(st)),
+                (Op::MaxPool, map(h0, h1, f0), Timed::MaxPool(st)),
+                (Op::BnStats, map(h1, h1, f0), Timed::PoolStats(st)),
+            ]
+        }
+        Site::Block(b) => {
+            let block = s.blocks.get(b).with_context(missing)?;
+            let mut v = Vec::new();
+            for l in &block.layers {
+                let (hw, mid, k) = (l.hw, l.conv1.co, l.conv2.co);
+                v.extend([
+                    (Op::Conv1x1, conv(hw, hw, l.c_in, mid), Timed::Conv1(l)),
+                    (Op::BnStats, map(hw, hw, mid), Timed::Conv1Stats(l)),
+                    (Op::Conv3x3, conv(hw, hw, mid, k), Timed::Conv2(l)),
+                    (Op::BnStats, map(hw, hw, k), Timed::Conv2Stats(l)),
+                ]);
+            }
+            v
+        }
+        Site::Transition(b) => {
+            let block = s.blocks.get(b).with_context(missing)?;
+            let t = block.transition.as_ref().with_context(missing)?;
+            let (hw, out, c2) = (t.hw_in, t.hw_out, t.conv.co);
+            vec![
+                (Op::Trans1x1, conv(hw, hw, t.c_in, c2), Timed::TransConv(t)),
+                (Op::AvgPool, map(hw, out, c2), Timed::AvgPool(t)),
+                (Op::BnStats, map(out, out, c2), Timed::TransStats(t)),
+            ]
+        }
+        Site::Head => {
+            let h = &s.head;
+            vec![(Op::Head, map(h.hw, h.hw, h.c), Timed::Head(h))]
+        }
+        Site::All => Vec::new(),
+    })
 }
 
 /// How a buffer is filled.
 #[derive(Clone, Copy)]
 enum Fill {
-    /// Normal with this standard deviation and mean.
-    Normal(f64, f64),
+    Normal {
+        mean: f64,
+        sd: f64,
+    },
     /// Uniform in [0.5, 1.5): variances, Adam's second moments.
     Positive,
-    /// Accumulated statistics.
+    /// Accumulated sums.
     Zero,
 }
 
-const ACT: Fill = Fill::Normal(1.0, 0.0);
+const ACT: Fill = Fill::Normal { mean: 0.0, sd: 1.0 };
 
-/// `len` values of `fill` stored as `dt`, drawn in parallel chunks from streams of `seed`.
-fn random_bytes(seed: u64, len: usize, dt: Dt, fill: Fill) -> Vec<u8> {
+/// `len` values of `fill` as `U`, drawn in parallel chunks from streams of `seed`.
+fn random<U: Act>(seed: u64, len: usize, fill: Fill) -> Vec<U> {
     const CHUNK: usize = 1 << 16;
-    let size = dt.size();
-    let mut out = vec![0u8; len * size];
+    let mut out = vec![U::from_f64(0.0); len];
     if let Fill::Zero = fill {
         return out;
     }
-    out.par_chunks_mut(CHUNK * size)
+    out.par_chunks_mut(CHUNK)
         .enumerate()
-        .for_each(|(i, bytes)| {
+        .for_each(|(i, chunk)| {
             let mut rng = Rng::derive(seed, i as u64);
-            for e in bytes.chunks_exact_mut(size) {
-                let v = match fill {
-                    Fill::Normal(scale, mean) => rng.normal() * scale + mean,
+            for v in chunk {
+                *v = U::from_f64(match fill {
+                    Fill::Normal { mean, sd } => mean + sd * rng.normal(),
                     Fill::Positive => 0.5 + rng.uniform(),
                     Fill::Zero => 0.0,
-                } as f32;
-                match dt {
-                    Dt::F32 => e.copy_from_slice(&v.to_le_bytes()),
-                    Dt::Bf16 => e.copy_from_slice(&half::bf16::from_f32(v).to_le_bytes()),
-                }
+                });
             }
         });
     out
 }
 
-/// A BN over `c` channels: its (scale, shift), statistics, parameter gradients and scratch.
-#[derive(Clone, Copy)]
-struct Bn {
-    scale: DevPtr,
-    shift: DevPtr,
-    mean: DevPtr,
-    var: DevPtr,
-    dgamma: DevPtr,
-    dbeta: DevPtr,
-    part: DevPtr,
-    coef: DevPtr,
-}
-
-impl Bn {
-    fn pre(&self) -> Option<(DevPtr, DevPtr)> {
-        Some((self.scale, self.shift))
-    }
-
-    /// What its backward reads, for input `x`.
-    fn saved(&self, x: DevPtr, rs: usize, rows: usize, c: usize) -> BnSaved {
-        BnSaved {
-            x,
-            rs,
-            rows,
-            c,
-            mean: self.mean,
-            var: self.var,
-            scale: self.scale,
-            shift: self.shift,
-        }
-    }
-}
-
-/// One convolution as the model runs it: the places it reads and writes.
-struct ConvSite {
-    /// The input (pre-BN when `bn` is given).
-    x: View,
-    /// The BN + ReLU in front of the convolution, fused into its loads.
-    bn: Option<Bn>,
-    g: Conv,
-    co: usize,
-    /// The output and its row stride.
-    y: (DevPtr, usize),
-    /// The output's gradient and its row stride.
-    dy: (DevPtr, usize),
-    /// Where the gradient of the BN's input (or of `x` without a BN) goes: address, row
-    /// stride, accumulate.
-    dx: (DevPtr, usize, bool),
-}
-
-/// Random device buffers, made on first use and shared by the rows that name them (a block's
-/// buffer by all its layers), so a large network is filled once.
-struct Bench {
-    d: Arc<dyn Driver>,
-    dt: Dt,
+/// Random device buffers of one element type, made on first use and shared by every row that
+/// names them at the same length (a block's buffer by all its layers), so a large network is
+/// filled once.
+struct Store<U: Act> {
     seed: u64,
     /// Buffers made so far (each draws from its own stream).
     made: u64,
-    /// By (name, elements, element size).
-    bufs: HashMap<(String, usize, usize), DeviceBuffer<u8>>,
-    /// The model's two backward scratch buffers, by name: grown (replaced) when a row needs
-    /// more, with the row that last took their address.
-    scratch: HashMap<&'static str, (DeviceBuffer<u8>, usize)>,
-    /// The row being set up.
-    row: usize,
+    bufs: HashMap<(String, usize), DeviceBuffer<U>>,
 }
 
-impl Bench {
-    fn buf(&mut self, name: &str, len: usize, dt: Dt, fill: Fill) -> Result<DevPtr> {
-        let key = (name.to_string(), len, dt.size());
-        if let Some(b) = self.bufs.get(&key) {
-            return Ok(b.ptr());
+impl<U: Act> Store<U> {
+    fn new(seed: u64) -> Self {
+        Store {
+            seed,
+            made: 0,
+            bufs: HashMap::new(),
         }
-        let b = self.random(name, len, dt, fill)?;
-        let ptr = b.ptr();
-        self.bufs.insert(key, b);
-        Ok(ptr)
     }
 
-    fn random(&mut self, name: &str, len: usize, dt: Dt, fill: Fill) -> Result<DeviceBuffer<u8>> {
+    /// A new buffer of `len` values of `fill`, from the next stream.
+    fn random(
+        &mut self,
+        d: &Arc<dyn Driver>,
+        name: &str,
+        len: usize,
+        fill: Fill,
+    ) -> Result<DeviceBuffer<U>> {
         self.made += 1;
         let seed = Rng::derive(self.seed, self.made).next_u64();
-        DeviceBuffer::from_slice(&self.d, &random_bytes(seed, len.max(1), dt, fill))
+        DeviceBuffer::from_slice(d, &random(seed, len.max(1), fill))
             .with_context(|| format!("allocating {name} ({len} values)"))
     }
 
-    /// Scratch `name` with room for `len` activations (one buffer per name, as in the model,
-    /// rather than one per size).
-    fn scratch(&mut self, name: &'static str, len: usize) -> Result<DevPtr> {
-        let bytes = len * self.dt.size();
-        match self.scratch.get_mut(name) {
-            Some((b, row)) if b.len() >= bytes => {
-                *row = self.row;
-                return Ok(b.ptr());
-            }
-            Some((_, row)) if *row == self.row => {
-                bail!("internal: scratch {name} grown after this row took its address")
-            }
-            _ => {}
+    /// Buffer `name` of `len` values (filled with `fill` when made).
+    fn get(&mut self, d: &Arc<dyn Driver>, name: &str, len: usize, fill: Fill) -> Result<Slice<U>> {
+        let key = (name.to_string(), len);
+        if !self.bufs.contains_key(&key) {
+            let b = self.random(d, name, len, fill)?;
+            self.bufs.insert(key.clone(), b);
         }
-        self.scratch.remove(name); // free the smaller one first
-        let b = self.random(name, len, self.dt, ACT)?;
-        let ptr = b.ptr();
-        self.scratch.insert(name, (b, self.row));
-        Ok(ptr)
+        self.bufs[&key].slice().range(0, len)
+    }
+}
+
+/// Elements of each backward scratch buffer at batch `n`, as the model's plan sizes them: the
+/// largest of conv0's output and every block's `[rows, c_total]` and `[rows, bottleneck]`.
+fn scratch_len(s: &Schedule, n: usize) -> usize {
+    let mut len = s.stem.conv_out.rows(n) * s.stem.conv.co;
+    for b in &s.blocks {
+        len = len.max(b.hw.rows(n) * b.c_total);
+        for l in &b.layers {
+            len = len.max(l.hw.rows(n) * l.conv1.co);
+        }
+    }
+    len
+}
+
+/// f32 elements of the split-K workspace at batch `n`: the largest `[rows, co]` of a dense-layer
+/// or transition forward whose reduction splits ([`conv_tc::fwd_split_len`]), as the model's
+/// plan sizes it (here for this batch only); 0 when none does.
+fn split_ws_len(s: &Schedule, n: usize) -> usize {
+    let need = |rows: usize, c: usize, co: usize, g: Conv| {
+        let split = conv_tc::fwd_split_len(rows, c, co, g) < g.k * g.k * c;
+        if split {
+            rows * co
+        } else {
+            0
+        }
+    };
+    let mut len = 0;
+    for b in &s.blocks {
+        for l in &b.layers {
+            let rows = l.hw.rows(n);
+            len = len.max(need(rows, l.c_in, l.conv1.co, Conv::POINTWISE));
+            len = len.max(need(rows, l.conv1.co, l.conv2.co, Conv::CONV3));
+        }
+        if let Some(t) = &b.transition {
+            len = len.max(need(t.hw_out.rows(n), t.c_in, t.conv.co, Conv::POINTWISE));
+        }
+    }
+    len
+}
+
+/// A BN over `c` channels as its kernels see it: f32 `[c]` vectors and its reduction scratch.
+#[derive(Clone, Copy)]
+struct BnBufs {
+    /// Its (scale, shift): the BN + ReLU the op after it applies.
+    coef: BnRelu,
+    params: Affine,
+    /// The batch statistics it normalised with.
+    stats: Stats,
+    running: Stats,
+    dparams: Affine,
+    scratch: bn::Scratch,
+}
+
+/// A training BN + ReLU's backward: `dx` from `dy` and the BN's input `x` (`[rows, c]` each).
+fn bn_backward<T: Act>(
+    d: &dyn Driver,
+    bn: &BnBufs,
+    x: Mat<T>,
+    dy: Mat<T>,
+    dx: Grad<T>,
+) -> Result<()> {
+    let saved = Saved {
+        x,
+        stats: bn.stats,
+        coef: bn.coef,
+    };
+    bn::backward(d, saved, true, true, dy, bn.dparams, dx, bn.scratch)
+}
+
+/// A gradient that overwrites `mat`.
+fn overwrite<T>(mat: Mat<T>) -> Grad<T> {
+    Grad {
+        mat,
+        accumulate: false,
+    }
+}
+
+/// One convolution as the model runs it: what it reads and writes.
+#[derive(Clone, Copy)]
+struct ConvAt<T> {
+    /// `[n, h, w, ci]`, pre-BN when `bn` is given.
+    x: Nhwc<T>,
+    /// The BN + ReLU in front, applied as `x` is loaded.
+    bn: Option<BnBufs>,
+    g: Conv,
+    /// `[k, k, ci, co]` in the storage type (f32 on the CUDA cores, bf16 on the tensor cores).
+    w: Slice<T>,
+    /// `[n, ho, wo, co]`, and its gradient.
+    y: Nhwc<T>,
+    dy: Nhwc<T>,
+    dx: Dx<T>,
+}
+
+impl<T: Act> ConvAt<T> {
+    fn pre(&self) -> Option<BnRelu> {
+        self.bn.map(|b| b.coef)
     }
 
-    /// An activation (or activation gradient) buffer of the step's storage type.
-    fn act(&mut self, name: &str, len: usize) -> Result<DevPtr> {
-        self.buf(name, len, self.dt, ACT)
+    /// The BN in front and what its backward reads.
+    fn saved(&self) -> Result<(BnBufs, Saved<T>)> {
+        let bn = self
+            .bn
+            .context("a data gradient through a BN without one")?;
+        let saved = Saved {
+            x: self.x.mat(),
+            stats: bn.stats,
+            coef: bn.coef,
+        };
+        Ok((bn, saved))
+    }
+}
+
+/// Where a convolution's data gradient goes.
+#[derive(Clone, Copy)]
+enum Dx<T> {
+    /// None: the stem's input image needs no gradient.
+    None,
+    /// Overwrites `[n, h, w, ci]` (a transition's pooled input).
+    Plain(Nhwc<T>),
+    /// Through the BN + ReLU in front.
+    Bn(BnDx<T>),
+}
+
+/// The data gradient through a BN + ReLU, as the model's `Engine::layer_bwd`: the gradient of
+/// the BN's input into `dx: [n, h, w, ci]` (added to when `accumulate`) through `scratch` (the
+/// gradient of the BN's output, `[n, h, w, ci]`); with `deferred`, the BN backward's per-channel
+/// terms go there instead (`bn::grad_fix` applies them).
+#[derive(Clone, Copy)]
+struct BnDx<T> {
+    dx: Nhwc<T>,
+    accumulate: bool,
+    scratch: Nhwc<T>,
+    deferred: Option<Deferred>,
+}
+
+impl<T: Act> BnDx<T> {
+    fn grad(&self) -> Grad<T> {
+        Grad {
+            mat: self.dx.mat(),
+            accumulate: self.accumulate,
+        }
+    }
+}
+
+/// A convolution output's statistics: `y: [rows, c]` and where they go; the BN that reads `y`
+/// next, over channels whose last `c` are `y`'s; bf16: `sums: [2, c]`, the epilogue's.
+#[derive(Clone, Copy)]
+struct StatsAt<T> {
+    y: Mat<T>,
+    out: Stats,
+    reader: BnBufs,
+    sums: Slice<f32>,
+}
+
+/// The storage type's kernels, chosen as the GPU model's `Engine` chooses them: f32 on the CUDA
+/// cores with separate statistics and reduction passes, bf16 on the tensor cores with those in
+/// the epilogues.
+trait Kernels: Act {
+    const TENSOR_CORES: bool;
+
+    /// `c.y = conv(pre(c.x))`; bf16: the output's statistics added to `sums: [2, co]`, the
+    /// reduction split over `ws` when the grid is small.
+    fn conv_fwd(
+        d: &dyn Driver,
+        c: &ConvAt<Self>,
+        sums: Slice<f32>,
+        ws: Option<Slice<f32>>,
+    ) -> Result<()>;
+
+    /// `dw: [k, k, ci, co]` f32 += the weight gradient.
+    fn conv_bwd_weight(d: &dyn Driver, c: &ConvAt<Self>, dw: Slice<f32>) -> Result<()>;
+
+    /// The data gradient of a convolution with no BN in front, overwriting `dx`.
+    fn conv_bwd_data(d: &dyn Driver, c: &ConvAt<Self>, dx: Nhwc<Self>) -> Result<()>;
+
+    /// The data gradient through the BN + ReLU in front; bf16: the BN's reductions summed in
+    /// the epilogue into `sums: [2, ci]`.
+    fn bn_conv_bwd_data(
+        d: &dyn Driver,
+        c: &ConvAt<Self>,
+        dx: BnDx<Self>,
+        sums: Slice<f32>,
+    ) -> Result<()>;
+
+    /// A convolution output's batch statistics (module docs).
+    fn conv_stats(d: &dyn Driver, s: &StatsAt<Self>) -> Result<()>;
+
+    /// The copy of the parameters that the convolutions read, when it is not `params` itself.
+    fn weights_copy(d: &dyn Driver, params: Slice<f32>, copy: Slice<Self>) -> Result<()>;
+}
+
+impl Kernels for f32 {
+    const TENSOR_CORES: bool = false;
+
+    fn conv_fwd(
+        d: &dyn Driver,
+        c: &ConvAt<f32>,
+        _: Slice<f32>,
+        _: Option<Slice<f32>>,
+    ) -> Result<()> {
+        conv::fwd(d, c.x, c.pre(), c.w, c.g, c.y)
     }
 
-    fn f32(&mut self, name: &str, len: usize, fill: Fill) -> Result<DevPtr> {
-        self.buf(name, len, Dt::F32, fill)
+    fn conv_bwd_weight(d: &dyn Driver, c: &ConvAt<f32>, dw: Slice<f32>) -> Result<()> {
+        conv::bwd_weight(d, c.x, c.pre(), c.g, c.dy, dw)
     }
 
-    /// Conv weights `[fan_in, co]` as the kernels read them: bf16 for the tensor-core
-    /// kernels, else f32.
-    fn weight(&mut self, fan_in: usize, co: usize, tc: bool) -> Result<DevPtr> {
-        let dt = if tc { Dt::Bf16 } else { Dt::F32 };
-        let fill = Fill::Normal((1.0 / fan_in as f64).sqrt(), 0.0);
-        self.buf("w", fan_in * co, dt, fill)
+    fn conv_bwd_data(d: &dyn Driver, c: &ConvAt<f32>, dx: Nhwc<f32>) -> Result<()> {
+        conv::bwd_data(d, c.dy, c.w, c.g, dx, false)
     }
 
-    fn bn(&mut self, c: usize) -> Result<Bn> {
-        Ok(Bn {
-            scale: self.f32("scale", c, Fill::Normal(0.5, 1.0))?,
-            shift: self.f32("shift", c, Fill::Normal(0.5, 0.0))?,
-            mean: self.f32("mean", c, Fill::Normal(0.1, 0.0))?,
-            var: self.f32("var", c, Fill::Positive)?,
-            dgamma: self.f32("dgamma", c, ACT)?,
-            dbeta: self.f32("dbeta", c, ACT)?,
-            part: self.f32("part", ops::bn_scratch_len(c), ACT)?,
-            coef: self.f32("coef", 2 * c, ACT)?,
+    fn bn_conv_bwd_data(
+        d: &dyn Driver,
+        c: &ConvAt<f32>,
+        dx: BnDx<f32>,
+        _: Slice<f32>,
+    ) -> Result<()> {
+        let (bn, saved) = c.saved()?;
+        conv::bwd_data(d, c.dy, c.w, c.g, dx.scratch, false)?;
+        let dz = dx.scratch.mat();
+        match dx.deferred {
+            Some(def) => {
+                bn::backward_deferred(d, saved, dz, bn.dparams, dx.grad(), bn.scratch.part, def)
+            }
+            None => bn_backward(d, &bn, c.x.mat(), dz, dx.grad()),
+        }
+    }
+
+    fn conv_stats(d: &dyn Driver, s: &StatsAt<f32>) -> Result<()> {
+        bn::batch_stats(d, s.y, s.out, s.reader.scratch.part)
+    }
+
+    fn weights_copy(_: &dyn Driver, _: Slice<f32>, _: Slice<f32>) -> Result<()> {
+        bail!("the f32 convolutions read the parameters themselves")
+    }
+}
+
+impl Kernels for bf16 {
+    const TENSOR_CORES: bool = true;
+
+    fn conv_fwd(
+        d: &dyn Driver,
+        c: &ConvAt<bf16>,
+        sums: Slice<f32>,
+        ws: Option<Slice<f32>>,
+    ) -> Result<()> {
+        conv_tc::fwd(d, c.x, c.pre(), c.w, c.g, c.y, Some(sums), ws)
+    }
+
+    fn conv_bwd_weight(d: &dyn Driver, c: &ConvAt<bf16>, dw: Slice<f32>) -> Result<()> {
+        conv_tc::bwd_weight(d, c.x, c.pre(), c.g, c.dy, dw)
+    }
+
+    fn conv_bwd_data(d: &dyn Driver, c: &ConvAt<bf16>, dx: Nhwc<bf16>) -> Result<()> {
+        conv_tc::bwd_data(d, c.dy, c.w, c.g, dx, false, None, None, None)
+    }
+
+    fn bn_conv_bwd_data(
+        d: &dyn Driver,
+        c: &ConvAt<bf16>,
+        dx: BnDx<bf16>,
+        sums: Slice<f32>,
+    ) -> Result<()> {
+        let (bn, saved) = c.saved()?;
+        let mask = Some(Mask {
+            x: c.x,
+            bn: bn.coef,
+        });
+        let Some(def) = dx.deferred else {
+            // BN2: the masked gradient of its output into the scratch, its reductions alongside.
+            conv_tc::bwd_data(d, c.dy, c.w, c.g, dx.scratch, false, mask, Some(sums), None)?;
+            let dz = dx.scratch.mat();
+            return bn::backward_from_sums(
+                d,
+                saved,
+                sums,
+                dz,
+                bn.dparams,
+                dx.grad(),
+                bn.scratch.coef,
+            );
+        };
+        // BN1: scale × the masked gradient straight into dx, the per-channel rest deferred.
+        let post = Some(bn.coef.scale);
+        conv_tc::bwd_data(
+            d,
+            c.dy,
+            c.w,
+            c.g,
+            dx.dx,
+            dx.accumulate,
+            mask,
+            Some(sums),
+            post,
+        )?;
+        bn::defer_from_sums(d, saved, sums, bn.dparams, def)
+    }
+
+    fn conv_stats(d: &dyn Driver, s: &StatsAt<bf16>) -> Result<()> {
+        let r = &s.reader;
+        let running = Running {
+            stats: r.running,
+            count: s.y.rows(),
+        };
+        let pending = Pending {
+            sums: s.sums,
+            channels: s.y.cols(),
+        };
+        bn::scale_shift(d, r.params, r.stats, Some(running), Some(pending), r.coef)
+    }
+
+    fn weights_copy(d: &dyn Driver, params: Slice<f32>, copy: Slice<bf16>) -> Result<()> {
+        cast::to_bf16(d, params, copy)
+    }
+}
+
+/// The device buffers of the step being measured (`n` images of the schedule's input size).
+struct Bench<'s, T: Kernels> {
+    d: Arc<dyn Driver>,
+    s: &'s Schedule,
+    n: usize,
+    acts: Store<T>,
+    f32s: Store<f32>,
+    /// The model's two backward scratch buffers, each as large as the largest intermediate
+    /// gradient.
+    scratch: [DeviceBuffer<T>; 2],
+    /// bf16: the split-K workspace of the tensor-core forwards (zero); None when none splits.
+    split_ws: Option<DeviceBuffer<f32>>,
+}
+
+impl<'s, T: Kernels> Bench<'s, T> {
+    fn new(d: &Arc<dyn Driver>, s: &'s Schedule, n: usize, seed: u64) -> Result<Self> {
+        let mut acts = Store::new(Rng::derive(seed, 1).next_u64());
+        let len = scratch_len(s, n);
+        let scratch = [
+            acts.random(d, "scratch 0", len, ACT)?,
+            acts.random(d, "scratch 1", len, ACT)?,
+        ];
+        let ws = match split_ws_len(s, n) {
+            len if T::TENSOR_CORES && len > 0 => Some(DeviceBuffer::zeroed(d, len)?),
+            _ => None,
+        };
+        Ok(Bench {
+            d: d.clone(),
+            s,
+            n,
+            acts,
+            f32s: Store::new(Rng::derive(seed, 2).next_u64()),
+            scratch,
+            split_ws: ws,
         })
     }
 
-    /// Dense block `b`'s buffer and gradient buffer, `[n, h, h, ct]`.
-    fn block_bufs(&mut self, b: usize, n: usize, blk: Block) -> Result<(DevPtr, DevPtr)> {
-        let len = n * blk.h * blk.h * blk.ct;
-        Ok((
-            self.act(&format!("buf{b}"), len)?,
-            self.act(&format!("dbuf{b}"), len)?,
-        ))
+    /// Seconds per launch of each row, `timed[i]` being what `rows[i]` times.
+    fn time(
+        mut self,
+        rows: &[KernelRow],
+        timed: &[Timed<'s>],
+        reps: usize,
+    ) -> Result<Vec<Option<f64>>> {
+        rows.iter()
+            .zip(timed)
+            .map(|(r, &k)| {
+                let mut work = self.work(k, r.pass).with_context(|| what(r))?;
+                Ok(Some(
+                    time(&self.d, &mut work, reps).with_context(|| what(r))?,
+                ))
+            })
+            .collect()
     }
 
-    /// The launches of row `r`.
-    fn work(&mut self, r: &KernelRow, geo: &Geo) -> Result<Work> {
-        self.row += 1;
-        let (d, dt, n) = (self.d.clone(), self.dt, geo.n);
-        if r.op == "adam" {
-            let count = r
-                .shape
-                .strip_suffix(" params")
-                .and_then(|s| s.parse::<usize>().ok())
-                .with_context(|| format!("adam shape '{}' is not 'N params'", r.shape))?;
-            let params = self.f32("params", count, Fill::Normal(0.05, 0.0))?;
-            let grads = self.f32("grads", count, Fill::Normal(0.01, 0.0))?;
-            let m = self.f32("adam_m", count, Fill::Normal(0.01, 0.0))?;
-            let v = self.f32("adam_v", count, Fill::Positive)?;
-            let copy = match dt {
-                Dt::Bf16 => Some(self.buf("params16", count, Dt::Bf16, ACT)?),
-                Dt::F32 => None,
-            };
-            let mut adam = Adam::new(0, 1e-4, 0.0);
-            adam.step = 1;
+    /// The launches of `pass` of `k` (a pass its op has: [`locate`] checked).
+    fn work(&mut self, k: Timed<'s>, pass: Pass) -> Result<Work> {
+        match k {
+            Timed::StemConv(s) => {
+                let c = self.stem_at(s)?;
+                self.conv(c, pass)
+            }
+            Timed::Conv1(l) => self.conv1(l, pass),
+            Timed::Conv2(l) => {
+                let c = self.conv2_at(l)?;
+                self.conv(c, pass)
+            }
+            Timed::TransConv(t) => {
+                let c = self.trans_at(t)?;
+                self.conv(c, pass)
+            }
+            Timed::StemStats(s) => {
+                let y0 = self.stem_out(s)?.mat();
+                self.conv_stats(y0, s.conv.co)
+            }
+            Timed::Conv1Stats(l) => {
+                let y1 = self.bottleneck(l)?.mat();
+                self.conv_stats(y1, l.conv1.co)
+            }
+            Timed::Conv2Stats(l) => {
+                let (k, out) = (l.conv2.co, self.block(l.block)?.0);
+                // Read next by a BN of the block's channels up to and including these.
+                self.conv_stats(out.channels(l.c_in, k)?.mat(), l.c_in + k)
+            }
+            Timed::TransStats(t) => {
+                let (c2, out) = (t.conv.co, self.block(t.block + 1)?.0);
+                self.conv_stats(out.channels(0, c2)?.mat(), c2)
+            }
+            Timed::PoolStats(s) => self.pool_stats(s),
+            Timed::MaxPool(s) => self.maxpool(s, pass),
+            Timed::AvgPool(t) => self.avgpool(t, pass),
+            Timed::Head(h) => self.head(h, pass),
+            Timed::Adam(params) => self.adam(params),
+        }
+    }
+
+    fn act(&mut self, name: &str, len: usize) -> Result<Slice<T>> {
+        self.acts.get(&self.d, name, len, ACT)
+    }
+
+    fn f32(&mut self, name: &str, len: usize, fill: Fill) -> Result<Slice<f32>> {
+        self.f32s.get(&self.d, name, len, fill)
+    }
+
+    /// Activation `name`, a contiguous `[n, h, w, c]`.
+    fn nhwc(&mut self, name: &str, hw: Hw, c: usize) -> Result<Nhwc<T>> {
+        let n = self.n;
+        Nhwc::new(self.act(name, hw.rows(n) * c)?, (n, hw.h, hw.w, c), c)
+    }
+
+    /// Scratch buffer `i` as a contiguous `[n, h, w, c]` (the model's `plan.scratch`).
+    fn scratch(&self, i: usize, hw: Hw, c: usize) -> Result<Nhwc<T>> {
+        Nhwc::new(self.scratch[i].slice(), (self.n, hw.h, hw.w, c), c)
+    }
+
+    fn split_ws(&self) -> Option<Slice<f32>> {
+        self.split_ws.as_ref().map(|w| w.slice())
+    }
+
+    /// Dense block `b`'s activations and their gradient, `[n, h, w, c_total]` each.
+    fn block(&mut self, b: usize) -> Result<(Nhwc<T>, Nhwc<T>)> {
+        let (hw, ct) = (self.s.blocks[b].hw, self.s.blocks[b].c_total);
+        let acts = self.nhwc(&format!("block {b}"), hw, ct)?;
+        Ok((acts, self.nhwc(&format!("block {b} gradient"), hw, ct)?))
+    }
+
+    /// conv0's output `[n, h0, w0, f0]`.
+    fn stem_out(&mut self, s: &Stem) -> Result<Nhwc<T>> {
+        self.nhwc("conv0 output", s.conv_out, s.conv.co)
+    }
+
+    /// The bottleneck of layer `l` (one per block: its layers' are alike), `[n, h, w, mid]`.
+    fn bottleneck(&mut self, l: &Layer) -> Result<Nhwc<T>> {
+        self.nhwc(&format!("bottleneck {}", l.block), l.hw, l.conv1.co)
+    }
+
+    /// A transition's pooled input, `[n, h/2, w/2, c_total]`.
+    fn pooled(&mut self, t: &Transition) -> Result<Nhwc<T>> {
+        self.nhwc(&format!("pooled {}", t.block), t.hw_out, t.c_in)
+    }
+
+    /// Weights `[k, k, ci, co]` of geometry `g`.
+    fn weights(&mut self, g: Conv, ci: usize, co: usize) -> Result<Slice<T>> {
+        let fan_in = g.k * g.k * ci;
+        let fill = Fill::Normal {
+            mean: 0.0,
+            sd: (1.0 / fan_in as f64).sqrt(),
+        };
+        self.acts.get(&self.d, "weights", fan_in * co, fill)
+    }
+
+    /// Epilogue sums of `c` channels, `[2, c]` f32.
+    fn sums(&mut self, c: usize) -> Result<Slice<f32>> {
+        self.f32("sums", 2 * c, Fill::Zero)
+    }
+
+    /// The deferred BN-backward terms of block `b`'s channels `[c0, c0 + c)`.
+    fn deferred(&mut self, b: usize, c0: usize, c: usize) -> Result<Deferred> {
+        let ct = self.s.blocks[b].c_total;
+        let all = self.f32(&format!("deferred {b}"), 2 * ct, ACT)?;
+        Ok(Deferred {
+            alpha: all.range(c0, c)?,
+            beta: all.range(ct + c0, c)?,
+        })
+    }
+
+    /// A BN over `c` channels (shared by every BN of `c` channels).
+    fn bn(&mut self, c: usize) -> Result<BnBufs> {
+        let normal = |mean, sd| Fill::Normal { mean, sd };
+        let mut f = |name: &str, fill| self.f32(name, c, fill);
+        let coef = BnRelu {
+            scale: f("scale", normal(1.0, 0.5))?,
+            shift: f("shift", normal(0.0, 0.5))?,
+        };
+        let params = Affine {
+            gamma: f("gamma", normal(1.0, 0.5))?,
+            beta: f("beta", normal(0.0, 0.5))?,
+        };
+        let stats = Stats {
+            mean: f("mean", normal(0.0, 0.1))?,
+            var: f("var", Fill::Positive)?,
+        };
+        let running = Stats {
+            mean: f("running mean", normal(0.0, 0.1))?,
+            var: f("running var", Fill::Positive)?,
+        };
+        let dparams = Affine {
+            gamma: f("dgamma", ACT)?,
+            beta: f("dbeta", ACT)?,
+        };
+        let scratch = bn::Scratch {
+            part: self.f32("bn part", bn::scratch_len(c), ACT)?,
+            coef: self.f32("bn coef", 2 * c, ACT)?,
+        };
+        Ok(BnBufs {
+            coef,
+            params,
+            stats,
+            running,
+            dparams,
+            scratch,
+        })
+    }
+
+    /// One pass of a convolution.
+    fn conv(&mut self, c: ConvAt<T>, pass: Pass) -> Result<Work> {
+        let d = self.d.clone();
+        Ok(match (pass, c.dx) {
+            (Pass::Fwd, _) => {
+                let (sums, ws) = (self.sums(c.y.c())?, self.split_ws());
+                Box::new(move || T::conv_fwd(&*d, &c, sums, ws))
+            }
+            (Pass::BwdWeight, _) => {
+                let dw = self.f32("dw", c.w.len(), ACT)?;
+                Box::new(move || T::conv_bwd_weight(&*d, &c, dw))
+            }
+            (Pass::BwdData, Dx::Plain(dx)) => Box::new(move || T::conv_bwd_data(&*d, &c, dx)),
+            (Pass::BwdData, Dx::Bn(dx)) => {
+                let sums = self.sums(c.x.c())?;
+                Box::new(move || T::bn_conv_bwd_data(&*d, &c, dx, sums))
+            }
+            _ => bail!("this convolution has no {pass} kernel"),
+        })
+    }
+
+    /// conv0 on the image `[n, h, w, 3]`; its output gradient in scratch 1.
+    fn stem_at(&mut self, s: &Stem) -> Result<ConvAt<T>> {
+        let (ci, f0) = (s.conv.ci, s.conv.co);
+        Ok(ConvAt {
+            x: self.nhwc("image", s.input, ci)?,
+            bn: None,
+            g: Conv::STEM,
+            w: self.weights(Conv::STEM, ci, f0)?,
+            y: self.stem_out(s)?,
+            dy: self.scratch(1, s.conv_out, f0)?,
+            dx: Dx::None,
+        })
+    }
+
+    /// A dense layer's 1×1: BN1 + ReLU of the block's channel prefix `[0, c_in)` into the
+    /// bottleneck; its output gradient in scratch 1; its data gradient through scratch 0 into
+    /// the block's gradient (added), BN1's per-channel terms deferred.
+    fn conv1_at(&mut self, l: &Layer) -> Result<ConvAt<T>> {
+        let (c, mid) = (l.c_in, l.conv1.co);
+        let (acts, grads) = self.block(l.block)?;
+        let dx = BnDx {
+            dx: grads.channels(0, c)?,
+            accumulate: true,
+            scratch: self.scratch(0, l.hw, c)?,
+            deferred: Some(self.deferred(l.block, 0, c)?),
+        };
+        Ok(ConvAt {
+            x: acts.channels(0, c)?,
+            bn: Some(self.bn(c)?),
+            g: Conv::POINTWISE,
+            w: self.weights(Conv::POINTWISE, c, mid)?,
+            y: self.bottleneck(l)?,
+            dy: self.scratch(1, l.hw, mid)?,
+            dx: Dx::Bn(dx),
+        })
+    }
+
+    /// A dense layer's 1×1; its data gradient is followed by the deferred BN terms of the
+    /// layer's own k output channels (the model adds them once per layer, before its backward).
+    fn conv1(&mut self, l: &Layer, pass: Pass) -> Result<Work> {
+        let c = self.conv1_at(l)?;
+        let mut work = self.conv(c, pass)?;
+        if pass != Pass::BwdData {
+            return Ok(work);
+        }
+        let (c0, k) = (l.c_in, l.conv2.co);
+        let (acts, grads) = self.block(l.block)?;
+        let (dx, x) = (grads.channels(c0, k)?.mat(), acts.channels(c0, k)?.mat());
+        let (def, d) = (self.deferred(l.block, c0, k)?, self.d.clone());
+        Ok(Box::new(move || {
+            work()?;
+            bn::grad_fix(&*d, dx, x, def)
+        }))
+    }
+
+    /// A dense layer's 3×3: BN2 + ReLU of the bottleneck into the layer's k channels of the
+    /// block; its data gradient through scratch 0 into scratch 1.
+    fn conv2_at(&mut self, l: &Layer) -> Result<ConvAt<T>> {
+        let (mid, k) = (l.conv1.co, l.conv2.co);
+        let (acts, grads) = self.block(l.block)?;
+        let dx = BnDx {
+            dx: self.scratch(1, l.hw, mid)?,
+            accumulate: false,
+            scratch: self.scratch(0, l.hw, mid)?,
+            deferred: None,
+        };
+        Ok(ConvAt {
+            x: self.bottleneck(l)?,
+            bn: Some(self.bn(mid)?),
+            g: Conv::CONV3,
+            w: self.weights(Conv::CONV3, mid, k)?,
+            y: acts.channels(l.c_in, k)?,
+            dy: grads.channels(l.c_in, k)?,
+            dx: Dx::Bn(dx),
+        })
+    }
+
+    /// A transition's 1×1 as mura runs it: on the pooled block (a quarter of the pixels) into
+    /// the next block's first channels; its data gradient into scratch 0.
+    fn trans_at(&mut self, t: &Transition) -> Result<ConvAt<T>> {
+        let (ci, co) = (t.c_in, t.conv.co);
+        let (acts, grads) = self.block(t.block + 1)?;
+        Ok(ConvAt {
+            x: self.pooled(t)?,
+            bn: None,
+            g: Conv::POINTWISE,
+            w: self.weights(Conv::POINTWISE, ci, co)?,
+            y: acts.channels(0, co)?,
+            dy: grads.channels(0, co)?,
+            dx: Dx::Plain(self.scratch(0, t.hw_out, ci)?),
+        })
+    }
+
+    /// The statistics of a convolution's output `y: [rows, c]`, read next by a BN over `reader`
+    /// channels (its last `c` are `y`'s).
+    fn conv_stats(&mut self, y: Mat<T>, reader: usize) -> Result<Work> {
+        let (c, bn) = (y.cols(), self.bn(reader)?);
+        let st = StatsAt {
+            y,
+            out: Stats {
+                mean: bn.stats.mean.range(reader - c, c)?,
+                var: bn.stats.var.range(reader - c, c)?,
+            },
+            reader: bn,
+            sums: self.sums(c)?,
+        };
+        let d = self.d.clone();
+        Ok(Box::new(move || T::conv_stats(&*d, &st)))
+    }
+
+    /// The statistics of the max pool's output, block 0's first f0 channels: a pass over them
+    /// in either precision.
+    fn pool_stats(&mut self, s: &Stem) -> Result<Work> {
+        let f0 = s.conv.co;
+        let (x, bn) = (self.block(0)?.0.channels(0, f0)?.mat(), self.bn(f0)?);
+        let d = self.d.clone();
+        Ok(Box::new(move || {
+            bn::batch_stats(&*d, x, bn.stats, bn.scratch.part)
+        }))
+    }
+
+    /// The max pool with norm0 + ReLU applied to conv0's output as it is read, into block 0's
+    /// first channels; backward: the pool's into scratch 0, then norm0's into scratch 1.
+    fn maxpool(&mut self, s: &Stem, pass: Pass) -> Result<Work> {
+        let f0 = s.conv.co;
+        let (y0, bn) = (self.stem_out(s)?, self.bn(f0)?);
+        let (acts, grads) = self.block(0)?;
+        let (out, dout) = (acts.channels(0, f0)?, grads.channels(0, f0)?);
+        let d = self.d.clone();
+        if pass == Pass::Fwd {
             return Ok(Box::new(move || {
-                ops::adam(&*d, &adam, count, (params, grads, m, v))?;
-                match copy {
-                    Some(p16) => ops::cast_bf16(&*d, params, count, p16),
-                    None => Ok(()),
-                }
+                pool::maxpool_fwd(&*d, y0, Some(bn.coef), out)
             }));
         }
-        let dm = Dims::parse(&r.shape)?;
-        let pass = r.pass;
-        match r.op {
-            "stem7x7s2" => {
-                let (ci, co) = dm.conv()?;
-                let (s, h0) = (dm.hi, dm.ho);
-                same("the stem's output side", h0, Conv::STEM.out_hw(s, s).0)?;
-                let x = self.act("x", n * s * s * ci)?;
-                let xv = View {
-                    ptr: x,
-                    n,
-                    h: s,
-                    w: s,
-                    c: ci,
-                    rs: ci,
-                };
-                let y0 = n * h0 * h0 * co;
-                let tc = dt == Dt::Bf16;
-                let g = Conv::STEM;
-                match pass {
-                    Pass::Fwd => {
-                        let w = self.weight(49 * ci, co, tc)?;
-                        let y = self.act("y0", y0)?;
-                        if tc {
-                            // Statistics summed in the epilogue, as for every conv output.
-                            let sums = self.f32("sums", 2 * co, Fill::Zero)?;
-                            return Ok(Box::new(move || {
-                                ops_tc::conv_fwd(&*d, xv, None, w, co, g, y, co, Some(sums), None)
-                            }));
-                        }
-                        Ok(Box::new(move || {
-                            ops::conv_fwd(&*d, dt, xv, None, w, co, g, y, co)
-                        }))
-                    }
-                    Pass::BwdWeight => {
-                        let dy = self.scratch("sb", y0)?;
-                        let dw = self.f32("dw", 49 * ci * co, ACT)?;
-                        Ok(Box::new(move || match tc {
-                            true => ops_tc::conv_bwd_weight(&*d, xv, None, g, dy, co, co, dw),
-                            false => ops::conv_bwd_weight(&*d, dt, xv, None, g, dy, co, co, dw),
-                        }))
-                    }
-                    _ => bail!("the stem has no {pass} kernel"),
-                }
-            }
-            "conv1x1" => {
-                let b = site_index(&r.site, "block")?;
-                let blk = geo.block(b)?;
-                same("the side", dm.hi, blk.h)?;
-                let (ci, mid) = dm.conv()?;
-                let (buf, dbuf) = self.block_bufs(b, n, blk)?;
-                let px = n * blk.h * blk.h;
-                let site = ConvSite {
-                    x: View {
-                        ptr: buf,
-                        n,
-                        h: blk.h,
-                        w: blk.h,
-                        c: ci,
-                        rs: blk.ct,
-                    },
-                    bn: Some(self.bn(ci)?),
-                    g: Conv::POINTWISE,
-                    co: mid,
-                    y: (self.act(&format!("y1_{b}"), px * mid)?, mid),
-                    dy: (self.scratch("sb", px * mid)?, mid),
-                    dx: (dbuf, blk.ct, true),
-                };
-                let work = self.conv(site, pass)?;
-                if pass == Pass::BwdData {
-                    // The model adds the deferred BN-backward terms to a layer's k output
-                    // channels once per layer: counted with its 1×1 data gradient.
-                    let corr = self.f32("corr", 2 * blk.ct, ACT)?;
-                    let at = blk.ct - blk.k;
-                    let fix = (ops::f32_at(corr, at), ops::f32_at(corr, blk.ct + at));
-                    let (dx, x) = ((dt.at(dbuf, at), blk.ct), (dt.at(buf, at), blk.ct));
-                    let mut work = work;
-                    return Ok(Box::new(move || {
-                        work()?;
-                        ops::bn_grad_fix(&*d, dt, dx, x, px, blk.k, fix)
-                    }));
-                }
-                Ok(work)
-            }
-            "conv3x3" => {
-                let b = site_index(&r.site, "block")?;
-                let blk = geo.block(b)?;
-                same("the side", dm.hi, blk.h)?;
-                let (mid, k) = dm.conv()?;
-                let (buf, dbuf) = self.block_bufs(b, n, blk)?;
-                let px = n * blk.h * blk.h;
-                // The last layer's slice of the block.
-                let slice = blk.ct - k;
-                let site = ConvSite {
-                    x: View {
-                        ptr: self.act(&format!("y1_{b}"), px * mid)?,
-                        n,
-                        h: blk.h,
-                        w: blk.h,
-                        c: mid,
-                        rs: mid,
-                    },
-                    bn: Some(self.bn(mid)?),
-                    g: Conv::CONV3,
-                    co: k,
-                    y: (dt.at(buf, slice), blk.ct),
-                    dy: (dt.at(dbuf, slice), blk.ct),
-                    dx: (self.scratch("sb", px * mid)?, mid, false),
-                };
-                self.conv(site, pass)
-            }
-            "trans1x1" => {
-                // mura pools first: the conv runs at the next block's resolution.
-                let b = site_index(&r.site, "trans")?;
-                let next = geo.block(b + 1)?;
-                let (ci, co) = dm.conv()?;
-                let h = dm.hi / 2;
-                next.holds(h, co)?;
-                let px = n * h * h;
-                let (nbuf, ndbuf) = self.block_bufs(b + 1, n, next)?;
-                let site = ConvSite {
-                    x: View {
-                        ptr: self.act(&format!("pooled{b}"), px * ci)?,
-                        n,
-                        h,
-                        w: h,
-                        c: ci,
-                        rs: ci,
-                    },
-                    bn: None,
-                    g: Conv::POINTWISE,
-                    co,
-                    y: (nbuf, next.ct),
-                    dy: (ndbuf, next.ct),
-                    dx: (self.scratch("sa", px * ci)?, ci, false),
-                };
-                self.conv(site, pass)
-            }
-            "bn_stats" => {
-                let (h, c) = (dm.hi, dm.one()?);
-                let px = n * h * h;
-                // Whether a convolution wrote these channels (else the max pool did).
-                let mut conv_out = true;
-                let (x, rs) = match r.site.as_str() {
-                    "stem" => {
-                        let b0 = geo.block(0)?;
-                        if h == b0.h {
-                            b0.holds(h, c)?;
-                            conv_out = false;
-                            (self.block_bufs(0, n, b0)?.0, b0.ct)
-                        } else {
-                            (self.act("y0", px * c)?, c)
-                        }
-                    }
-                    s if s.starts_with("trans") => {
-                        let b = site_index(s, "trans")?;
-                        let next = geo.block(b + 1)?;
-                        next.holds(h, c)?;
-                        (self.block_bufs(b + 1, n, next)?.0, next.ct)
-                    }
-                    s => {
-                        let b = site_index(s, "block")?;
-                        let blk = geo.block(b)?;
-                        if c == blk.k {
-                            blk.holds(h, c)?;
-                            let buf = self.block_bufs(b, n, blk)?.0;
-                            (dt.at(buf, blk.ct - c), blk.ct)
-                        } else {
-                            (self.act(&format!("y1_{b}"), px * c)?, c)
-                        }
-                    }
-                };
-                let out = self.f32("stats_out", 2 * c, Fill::Zero)?;
-                let part = self.f32("part", ops::bn_scratch_len(c), ACT)?;
-                let var = ops::f32_at(out, c);
-                if dt == Dt::Bf16 && conv_out {
-                    // A convolution's epilogue summed these statistics; what is left is turning
-                    // the sums into mean and variance, which the coefficients of the BN that
-                    // reads them do (timed here with that BN's coefficient work: the model
-                    // launches nothing else for it).
-                    let sums = self.f32("sums", 2 * c, Fill::Positive)?;
-                    let (gamma, beta) = (
-                        self.f32("gamma", c, Fill::Normal(0.5, 1.0))?,
-                        self.f32("beta", c, Fill::Normal(0.5, 0.0))?,
-                    );
-                    let bn = self.bn(c)?;
-                    let running = Some((bn.mean, bn.var, px));
-                    let coefs = (bn.scale, bn.shift);
-                    return Ok(Box::new(move || {
-                        let pending = Some((sums, c));
-                        let (s, t) = coefs;
-                        ops::bn_coeffs(&*d, gamma, beta, out, var, running, pending, c, s, t)
-                    }));
-                }
-                Ok(Box::new(move || {
-                    ops::bn_stats(&*d, dt, x, px, c, rs, out, var, part)
-                }))
-            }
-            "maxpool" => {
-                let (h0, f0) = (dm.hi, dm.one()?);
-                let b0 = geo.block(0)?;
-                b0.holds(crate::ops::pool::maxpool_out(h0, h0).0, f0)?;
-                let (buf0, dbuf0) = self.block_bufs(0, n, b0)?;
-                let m0 = n * h0 * h0;
-                let y0 = self.act("y0", m0 * f0)?;
-                let y0v = View {
-                    ptr: y0,
-                    n,
-                    h: h0,
-                    w: h0,
-                    c: f0,
-                    rs: f0,
-                };
-                let bn = self.bn(f0)?;
-                let pre = Some((bn.scale, bn.shift));
-                let ct0 = b0.ct;
-                match pass {
-                    Pass::Fwd => Ok(Box::new(move || {
-                        ops::maxpool_fwd(&*d, dt, y0v, pre, buf0, ct0)
-                    })),
-                    Pass::Bwd => {
-                        let sa = self.scratch("sa", m0 * f0)?;
-                        let sb = self.scratch("sb", m0 * f0)?;
-                        let saved = bn.saved(y0, f0, m0, f0);
-                        Ok(Box::new(move || {
-                            ops::maxpool_bwd(&*d, dt, y0v, pre, dbuf0, ct0, sa)?;
-                            let grads = (bn.dgamma, bn.dbeta);
-                            let scratch = (bn.part, bn.coef);
-                            ops::bn_bwd(
-                                &*d, dt, saved, true, true, sa, f0, grads, sb, f0, false, scratch,
-                            )
-                        }))
-                    }
-                    _ => bail!("max pool has no {pass} kernel"),
-                }
-            }
-            "avgpool" => {
-                // The pool reads the whole block (ct channels; the row names the conv's output).
-                let b = site_index(&r.site, "trans")?;
-                let blk = geo.block(b)?;
-                let (h, h2, ct) = (dm.hi, dm.ho, blk.ct);
-                blk.holds(h, ct)?;
-                same("the pooled side", h2, h / 2)?;
-                let (buf, dbuf) = self.block_bufs(b, n, blk)?;
-                let bv = View {
-                    ptr: buf,
-                    n,
-                    h,
-                    w: h,
-                    c: ct,
-                    rs: ct,
-                };
-                let bn = self.bn(ct)?;
-                let pooled_len = n * h2 * h2 * ct;
-                match pass {
-                    Pass::Fwd => {
-                        let pooled = self.act(&format!("pooled{b}"), pooled_len)?;
-                        Ok(Box::new(move || {
-                            ops::avgpool_fwd(&*d, dt, bv, bn.pre(), pooled, ct)
-                        }))
-                    }
-                    Pass::Bwd => {
-                        let sa = self.scratch("sa", pooled_len)?;
-                        let sb = self.scratch("sb", n * h * h * ct)?;
-                        let saved = bn.saved(buf, ct, n * h * h, ct);
-                        Ok(Box::new(move || {
-                            ops::avgpool_bwd(&*d, dt, (n, h, h, ct), sa, ct, sb)?;
-                            let grads = (bn.dgamma, bn.dbeta);
-                            let scratch = (bn.part, bn.coef);
-                            ops::bn_bwd(
-                                &*d, dt, saved, true, true, sb, ct, grads, dbuf, ct, false, scratch,
-                            )
-                        }))
-                    }
-                    _ => bail!("avg pool has no {pass} kernel"),
-                }
-            }
-            "head" => {
-                let (hf, c) = (dm.hi, dm.one()?);
-                let (hw, px) = (hf * hf, n * hf * hf);
-                let x = self.act("head_x", px * c)?;
-                let a5 = self.act("a5", px * c)?;
-                let bn = self.bn(c)?;
-                match pass {
-                    Pass::Fwd => {
-                        let feat = self.f32("feat", n * c, ACT)?;
-                        Ok(Box::new(move || {
-                            ops::bn_act(&*d, dt, x, c, px, c, (bn.scale, bn.shift), true, a5, c)?;
-                            ops::gap_fwd(&*d, dt, a5, n, hw, c, feat)
-                        }))
-                    }
-                    Pass::Bwd => {
-                        let dfeat = self.f32("dfeat", n * c, ACT)?;
-                        let sa = self.scratch("sa", px * c)?;
-                        let dx = self.act("head_dx", px * c)?;
-                        let saved = bn.saved(x, c, px, c);
-                        Ok(Box::new(move || {
-                            ops::gap_bwd(&*d, dt, dfeat, n, hw, c, sa)?;
-                            let grads = (bn.dgamma, bn.dbeta);
-                            let scratch = (bn.part, bn.coef);
-                            ops::bn_bwd(
-                                &*d, dt, saved, true, true, sa, c, grads, dx, c, false, scratch,
-                            )
-                        }))
-                    }
-                    _ => bail!("the head has no {pass} kernel"),
-                }
-            }
-            op => bail!("no kernel for op '{op}' (not a row of roofline::table)"),
-        }
+        let (da0, dy0) = (
+            self.scratch(0, s.conv_out, f0)?,
+            self.scratch(1, s.conv_out, f0)?,
+        );
+        Ok(Box::new(move || {
+            pool::maxpool_bwd(&*d, y0, Some(bn.coef), dout, da0)?;
+            bn_backward(&*d, &bn, y0.mat(), da0.mat(), overwrite(dy0.mat()))
+        }))
     }
 
-    /// One pass of a dense-layer or transition convolution.
-    fn conv(&mut self, s: ConvSite, pass: Pass) -> Result<Work> {
-        let (d, dt) = (self.d.clone(), self.dt);
-        let tc = dt == Dt::Bf16;
-        let ConvSite {
-            x,
-            bn,
-            g,
-            co,
-            y,
-            dy,
-            dx,
-        } = s;
-        let pre = bn.and_then(|b| b.pre());
-        let fan_in = g.k * g.k * x.c;
-        Ok(match pass {
-            Pass::Fwd => {
-                let w = self.weight(fan_in, co, tc)?;
-                if tc {
-                    // The convolution adds its output's statistics to the sums (the model's
-                    // consumer, timed in the bn_stats row, zeroes them again); a small grid
-                    // splits its reduction over a workspace, as in the model.
-                    let sums = self.f32("sums", 2 * co, Fill::Zero)?;
-                    let split = ops_tc::fwd_split_len(x.rows(), x.c, co, g) < fan_in;
-                    let ws = match split {
-                        true => Some(self.f32("fws", x.rows() * co, Fill::Zero)?),
-                        false => None,
-                    };
-                    Box::new(move || {
-                        ops_tc::conv_fwd(&*d, x, pre, w, co, g, y.0, y.1, Some(sums), ws)
-                    })
-                } else {
-                    Box::new(move || ops::conv_fwd(&*d, dt, x, pre, w, co, g, y.0, y.1))
-                }
+    /// A transition's BN + ReLU + average pool of its block into the pooled buffer; backward:
+    /// the pool's from scratch 0 into scratch 1, then the BN's into the block's gradient.
+    fn avgpool(&mut self, t: &Transition, pass: Pass) -> Result<Work> {
+        let ct = t.c_in;
+        let ((acts, grads), bn) = (self.block(t.block)?, self.bn(ct)?);
+        let d = self.d.clone();
+        if pass == Pass::Fwd {
+            let pooled = self.pooled(t)?;
+            return Ok(Box::new(move || {
+                pool::avgpool_fwd(&*d, acts, Some(bn.coef), pooled)
+            }));
+        }
+        let (dpooled, dacts) = (
+            self.scratch(0, t.hw_out, ct)?,
+            self.scratch(1, t.hw_in, ct)?,
+        );
+        Ok(Box::new(move || {
+            pool::avgpool_bwd(&*d, dpooled, dacts)?;
+            bn_backward(&*d, &bn, acts.mat(), dacts.mat(), overwrite(grads.mat()))
+        }))
+    }
+
+    /// norm5 + ReLU of the last block into the feature map, then its global average pool into
+    /// `[n, c]` f32; backward: the pool's into scratch 0, then norm5's into the block's gradient.
+    fn head(&mut self, h: &Head, pass: Pass) -> Result<Work> {
+        let (n, c) = (self.n, h.c);
+        let ((acts, grads), bn) = (self.block(self.s.blocks.len() - 1)?, self.bn(c)?);
+        let d = self.d.clone();
+        if pass == Pass::Fwd {
+            let features = self.nhwc("features", h.hw, c)?;
+            let pooled = Mat::dense(self.f32("pooled features", n * c, ACT)?, n, c)?;
+            return Ok(Box::new(move || {
+                bn::apply(&*d, acts.mat(), bn.coef, true, features.mat())?;
+                pool::gap_fwd(&*d, features, pooled)
+            }));
+        }
+        let dpooled = Mat::dense(self.f32("pooled features' gradient", n * c, ACT)?, n, c)?;
+        let dfeatures = self.scratch(0, h.hw, c)?;
+        Ok(Box::new(move || {
+            pool::gap_bwd(&*d, dpooled, dfeatures)?;
+            bn_backward(
+                &*d,
+                &bn,
+                acts.mat(),
+                dfeatures.mat(),
+                overwrite(grads.mat()),
+            )
+        }))
+    }
+
+    /// Adam's first step over `p` parameters; bf16: then their bf16 copy.
+    fn adam(&mut self, p: usize) -> Result<Work> {
+        let small = |sd| Fill::Normal { mean: 0.0, sd };
+        let params = self.f32("params", p, small(0.05))?;
+        let grads = self.f32("grads", p, small(0.01))?;
+        let moments = (
+            self.f32("adam m", p, small(0.01))?,
+            self.f32("adam v", p, Fill::Positive)?,
+        );
+        let copy = match T::TENSOR_CORES {
+            true => Some(self.act("weights copy", p)?),
+            false => None,
+        };
+        let mut opt = Adam::new(0, 1e-4, 0.0);
+        opt.step = 1;
+        let (step, d) = (opt.current(), self.d.clone());
+        Ok(Box::new(move || {
+            adam::update(&*d, step, params, grads, moments)?;
+            match copy {
+                Some(copy) => T::weights_copy(&*d, params, copy),
+                None => Ok(()),
             }
-            Pass::BwdWeight => {
-                let dw = self.f32("dw", fan_in * co, ACT)?;
-                if tc {
-                    Box::new(move || ops_tc::conv_bwd_weight(&*d, x, pre, g, dy.0, dy.1, co, dw))
-                } else {
-                    Box::new(move || ops::conv_bwd_weight(&*d, dt, x, pre, g, dy.0, dy.1, co, dw))
-                }
-            }
-            Pass::BwdData => {
-                let w = self.weight(fan_in, co, tc)?;
-                let dims = (x.n, x.h, x.w, x.c);
-                match bn {
-                    Some(bn) if tc && g.k == 1 => {
-                        // As the model (a dense layer's BN1): the epilogue adds scale × the masked
-                        // gradient of the BN output straight into dx and sums the BN's reductions;
-                        // the per-channel rest is deferred (bn_bwd_defer), applied by the fix.
-                        let red = self.f32("sums", 2 * x.c, Fill::Zero)?;
-                        let corr = self.f32("corr", 2 * x.rs, ACT)?;
-                        let fix = (corr, ops::f32_at(corr, x.rs));
-                        let mask = Some((x, (bn.scale, bn.shift)));
-                        let saved = bn.saved(x.ptr, x.rs, x.rows(), x.c);
-                        Box::new(move || {
-                            ops_tc::conv_bwd_data(
-                                &*d,
-                                dy.0,
-                                dy.1,
-                                co,
-                                w,
-                                g,
-                                dims,
-                                dx.0,
-                                dx.1,
-                                dx.2,
-                                mask,
-                                Some(red),
-                                Some(bn.scale),
-                            )?;
-                            ops::bn_bwd_defer(&*d, saved, red, (bn.dgamma, bn.dbeta), fix)
-                        })
-                    }
-                    Some(bn) if tc => {
-                        // As the model (a dense layer's BN2): the masked gradient of the BN output
-                        // into a scratch with the BN's reductions summed alongside, then the BN
-                        // backward from them.
-                        let red = self.f32("sums", 2 * x.c, Fill::Zero)?;
-                        let sa = self.scratch("sa", x.rows() * x.c)?;
-                        let mask = Some((x, (bn.scale, bn.shift)));
-                        let saved = bn.saved(x.ptr, x.rs, x.rows(), x.c);
-                        Box::new(move || {
-                            ops_tc::conv_bwd_data(
-                                &*d,
-                                dy.0,
-                                dy.1,
-                                co,
-                                w,
-                                g,
-                                dims,
-                                sa,
-                                x.c,
-                                false,
-                                mask,
-                                Some(red),
-                                None,
-                            )?;
-                            let grads = (bn.dgamma, bn.dbeta);
-                            ops::bn_bwd_from_sums(
-                                &*d, dt, saved, red, sa, x.c, grads, dx.0, dx.1, dx.2, bn.coef,
-                            )
-                        })
-                    }
-                    None if tc => Box::new(move || {
-                        ops_tc::conv_bwd_data(
-                            &*d, dy.0, dy.1, co, w, g, dims, dx.0, dx.1, dx.2, None, None, None,
-                        )
-                    }),
-                    None => Box::new(move || {
-                        ops::conv_bwd_data(&*d, dt, dy.0, dy.1, co, w, g, dims, dx.0, dx.1, dx.2)
-                    }),
-                    Some(bn) => {
-                        // The gradient of the BN's output, then the BN backward into dx (a dense
-                        // layer's BN1, g.k == 1: its per-channel terms deferred, as in the model).
-                        let sa = self.scratch("sa", x.rows() * x.c)?;
-                        let saved = bn.saved(x.ptr, x.rs, x.rows(), x.c);
-                        let corr = self.f32("corr", 2 * x.rs, ACT)?;
-                        let defer = (g.k == 1).then_some((corr, ops::f32_at(corr, x.rs)));
-                        Box::new(move || {
-                            ops::conv_bwd_data(
-                                &*d, dt, dy.0, dy.1, co, w, g, dims, sa, x.c, false,
-                            )?;
-                            let grads = (bn.dgamma, bn.dbeta);
-                            match defer {
-                                Some(corr) => ops::bn_bwd_deferred(
-                                    &*d,
-                                    dt,
-                                    saved,
-                                    (sa, x.c),
-                                    grads,
-                                    dx,
-                                    bn.part,
-                                    corr,
-                                ),
-                                None => ops::bn_bwd(
-                                    &*d,
-                                    dt,
-                                    saved,
-                                    true,
-                                    true,
-                                    sa,
-                                    x.c,
-                                    grads,
-                                    dx.0,
-                                    dx.1,
-                                    dx.2,
-                                    (bn.part, bn.coef),
-                                ),
-                            }
-                        })
-                    }
-                }
-            }
-            _ => bail!("a convolution has no {pass} kernel"),
-        })
+        }))
     }
 }

@@ -12,7 +12,9 @@
 //! | bwd-weight | C_out          | C_in·kh·kw     | N·Ho·Wo        |
 //!
 //! with FLOPs = 2·M·N·K (the stride-1 convolutions here have equal FLOPs in all three).
-//! The stem has no backward-data kernel: the input image needs no gradient.
+//! The stem has no backward-data kernel: the input image needs no gradient. The kernels and
+//! their shapes are read off the step's [`Schedule`], stage by stage (stem, each dense layer,
+//! each transition, head).
 //!
 //! Minimum bytes: each kernel reads each operand once and writes each result once, in the
 //! fused design of `DESIGN.md` (issue 7). The assumptions, precisely:
@@ -44,47 +46,12 @@
 //!
 //! The floor of the step is the sum of its kernels' floors (they run one after another).
 
-use crate::spec::DenseNetSpec;
 use anyhow::{bail, Result};
+use mura::model::schedule::{ConvIdx, Head, Hw, Layer, Schedule, Stem, Step, Transition};
+use mura::model::Layout;
+use mura::precision::Precision;
+use mura::spec::DenseNetSpec;
 use std::fmt::{self, Write};
-use std::str::FromStr;
-
-/// Storage precision of activations, activation gradients and GEMM weights.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Precision {
-    Bf16,
-    F32,
-}
-
-impl Precision {
-    /// Bytes per stored element.
-    pub fn bytes(self) -> u64 {
-        match self {
-            Precision::Bf16 => 2,
-            Precision::F32 => 4,
-        }
-    }
-}
-
-impl FromStr for Precision {
-    type Err = anyhow::Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "bf16" => Ok(Precision::Bf16),
-            "f32" => Ok(Precision::F32),
-            _ => bail!("unknown precision '{s}': use bf16 or f32"),
-        }
-    }
-}
-
-impl fmt::Display for Precision {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Precision::Bf16 => "bf16",
-            Precision::F32 => "f32",
-        })
-    }
-}
 
 /// The peak rates floors are computed against.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -110,7 +77,7 @@ impl Machine {
 }
 
 /// Which part of the step a kernel belongs to.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Pass {
     Fwd,
     BwdData,
@@ -132,6 +99,133 @@ impl fmt::Display for Pass {
     }
 }
 
+/// What a row's kernels do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Op {
+    /// conv0, 7×7/2 pad 3.
+    Stem7x7s2,
+    /// A dense layer's bottleneck convolution.
+    Conv1x1,
+    /// A dense layer's growth convolution.
+    Conv3x3,
+    /// A transition's convolution.
+    Trans1x1,
+    /// A BN's batch statistics over the tensor a kernel produced.
+    BnStats,
+    /// The stem's max pool (norm0 + ReLU fused into its load).
+    MaxPool,
+    /// A transition's average pool.
+    AvgPool,
+    /// BN + ReLU + global average pool.
+    Head,
+    /// The optimiser's update of every parameter.
+    Adam,
+}
+
+impl Op {
+    /// The name the table shows: `stem7x7s2`, `conv1x1`, `bn_stats`, `maxpool`, …
+    pub fn name(self) -> &'static str {
+        match self {
+            Op::Stem7x7s2 => "stem7x7s2",
+            Op::Conv1x1 => "conv1x1",
+            Op::Conv3x3 => "conv3x3",
+            Op::Trans1x1 => "trans1x1",
+            Op::BnStats => "bn_stats",
+            Op::MaxPool => "maxpool",
+            Op::AvgPool => "avgpool",
+            Op::Head => "head",
+            Op::Adam => "adam",
+        }
+    }
+}
+
+impl fmt::Display for Op {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Where in the network a kernel runs. Blocks and transitions are numbered from 0, as in the
+/// [`Schedule`], and shown from 1, as torchvision names them (`Block(1)` is `block2`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Site {
+    Stem,
+    Block(usize),
+    /// The transition after block `b`.
+    Transition(usize),
+    Head,
+    /// Every parameter (the optimiser).
+    All,
+}
+
+impl fmt::Display for Site {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Site::Stem => f.write_str("stem"),
+            Site::Block(b) => write!(f, "block{}", b + 1),
+            Site::Transition(b) => write!(f, "trans{}", b + 1),
+            Site::Head => f.write_str("head"),
+            Site::All => f.write_str("all"),
+        }
+    }
+}
+
+/// The sizes of a row's tensors; shown without the batch (the table's), e.g. `56x56 128->32`,
+/// `112x112->56x56 64`, `7x7 1664`, `14149825 params`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Shape {
+    /// A convolution, `[n, hw_in, c_in]` → `[n, hw_out, c_out]`.
+    Conv {
+        n: usize,
+        hw_in: Hw,
+        hw_out: Hw,
+        c_in: usize,
+        c_out: usize,
+    },
+    /// A memory-bound op over `c` channels, `[n, hw_in, c]` → `[n, hw_out, c]`.
+    Map {
+        n: usize,
+        hw_in: Hw,
+        hw_out: Hw,
+        c: usize,
+    },
+    /// The optimiser over this many parameters.
+    Params(usize),
+}
+
+impl Shape {
+    /// Images per launch (None for the optimiser).
+    pub fn batch(self) -> Option<usize> {
+        match self {
+            Shape::Conv { n, .. } | Shape::Map { n, .. } => Some(n),
+            Shape::Params(_) => None,
+        }
+    }
+}
+
+impl fmt::Display for Shape {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let side = |hw: Hw| format!("{}x{}", hw.h, hw.w);
+        let space = |a: Hw, b: Hw| match a == b {
+            true => side(a),
+            false => format!("{}->{}", side(a), side(b)),
+        };
+        match *self {
+            Shape::Conv {
+                hw_in,
+                hw_out,
+                c_in,
+                c_out,
+                ..
+            } => write!(f, "{} {c_in}->{c_out}", space(hw_in, hw_out)),
+            Shape::Map {
+                hw_in, hw_out, c, ..
+            } => write!(f, "{} {c}", space(hw_in, hw_out)),
+            Shape::Params(p) => write!(f, "{p} params"),
+        }
+    }
+}
+
 /// GEMM dimensions of a convolution pass: `C[M, N] = A[M, K] · B[K, N]`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Gemm {
@@ -143,14 +237,12 @@ pub struct Gemm {
 /// One distinct kernel shape of the step and how many times it runs.
 #[derive(Clone, Debug, PartialEq)]
 pub struct KernelRow {
-    /// `stem7x7s2`, `conv1x1`, `conv3x3`, `trans1x1`, `maxpool`, `avgpool`, `bn_stats`,
-    /// `head` (BN+ReLU+global average pool) or `adam`.
-    pub op: &'static str,
+    pub op: Op,
     pub pass: Pass,
-    /// `stem`, `block2`, `trans1`, `head`, `all`.
-    pub site: String,
-    /// Spatial size and channels, e.g. `56x56 128->32` (batch is the table's).
-    pub shape: String,
+    pub site: Site,
+    pub shape: Shape,
+    /// The storage precision its bytes count activations at.
+    pub precision: Precision,
     /// `None` for memory-bound ops.
     pub gemm: Option<Gemm>,
     /// Launches of this shape per step.
@@ -205,13 +297,14 @@ pub fn totals(rows: &[KernelRow], m: &Machine) -> Totals {
         flops,
         bytes,
         floor_s: floor(&|_| true),
-        floor_stats_fused_s: floor(&|r| r.op != "bn_stats"),
+        floor_stats_fused_s: floor(&|r| r.op != Op::BnStats),
         compute_s: flops as f64 / m.peak_flops,
         memory_s: bytes as f64 / m.bandwidth,
     }
 }
 
 /// Collects rows, merging launches of identical shape.
+#[derive(Default)]
 struct Rows {
     rows: Vec<KernelRow>,
 }
@@ -219,7 +312,7 @@ struct Rows {
 impl Rows {
     fn push(&mut self, row: KernelRow) {
         let same = |r: &&mut KernelRow| {
-            r.op == row.op && r.pass == row.pass && r.site == row.site && r.shape == row.shape
+            (r.op, r.pass, r.site, r.shape) == (row.op, row.pass, row.site, row.shape)
         };
         match self.rows.iter_mut().find(same) {
             Some(r) => r.count += row.count,
@@ -238,15 +331,14 @@ enum Dx {
     Accumulate,
 }
 
-/// One convolution: input `[n, hi, hi, cin]`, output `[n, ho, ho, cout]`, `kk` taps.
-struct Conv<'a> {
-    op: &'static str,
-    site: &'a str,
-    hi: u64,
-    ho: u64,
-    cin: u64,
-    cout: u64,
-    kk: u64,
+/// One convolution of the schedule: weights `[k, k, ci, co]`, input `[n, hw_in, ci]`, output
+/// `[n, hw_out, co]`.
+struct ConvSite {
+    op: Op,
+    site: Site,
+    conv: ConvIdx,
+    hw_in: Hw,
+    hw_out: Hw,
     dx: Dx,
     /// The output feeds a BN whose backward correction is applied when `dy` is loaded,
     /// so backward kernels also read the output `y`.
@@ -255,119 +347,217 @@ struct Conv<'a> {
 
 /// The step's kernels: forward rows in order, and backward groups (one per forward op,
 /// in that op's backward order) in forward order, replayed reversed.
-struct Step {
+struct Walk {
     fwd: Rows,
     bwd: Vec<Vec<KernelRow>>,
-    n: u64,
-    p: u64,
+    n: usize,
+    precision: Precision,
 }
 
-impl Step {
-    fn conv(&mut self, c: Conv) {
-        let (n, p) = (self.n, self.p);
-        let (pi, po) = (n * c.hi * c.hi, n * c.ho * c.ho);
-        let x = pi * c.cin * p; // [n, hi, hi, cin], pre-BN
-        let y = po * c.cout * p; // [n, ho, ho, cout], pre-BN
-        let w = c.cout * c.cin * c.kk * p; // [cout, kh, kw, cin]
-        let shape = if c.hi == c.ho {
-            format!("{0}x{0} {1}->{2}", c.hi, c.cin, c.cout)
-        } else {
-            format!("{0}x{0}->{1}x{1} {2}->{3}", c.hi, c.ho, c.cin, c.cout)
-        };
-        let row = |pass, g: Gemm, bytes| KernelRow {
-            op: c.op,
+impl Walk {
+    /// Bytes of an activation `[n, hw, c]` at the step's precision.
+    fn act(&self, hw: Hw, c: usize) -> u64 {
+        (hw.rows(self.n) * c * self.precision.bytes()) as u64
+    }
+
+    /// A memory-bound op's shape.
+    fn map(&self, hw_in: Hw, hw_out: Hw, c: usize) -> Shape {
+        Shape::Map {
+            n: self.n,
+            hw_in,
+            hw_out,
+            c,
+        }
+    }
+
+    /// A row launched once, of `flops` (from `gemm`) and `bytes`.
+    fn row(
+        &self,
+        op: Op,
+        pass: Pass,
+        site: Site,
+        shape: Shape,
+        gemm: Option<Gemm>,
+        bytes: u64,
+    ) -> KernelRow {
+        KernelRow {
+            op,
             pass,
-            site: c.site.to_string(),
-            shape: shape.clone(),
-            gemm: Some(g),
+            site,
+            shape,
+            precision: self.precision,
+            gemm,
             count: 1,
-            flops: 2 * g.m * g.n * g.k,
+            flops: gemm.map_or(0, |g| 2 * g.m * g.n * g.k),
             bytes,
+        }
+    }
+
+    /// A convolution: its forward row, and its backward group (the weight gradient, then the
+    /// data gradient unless `c.dx` is `None`), GEMMs as in the module docs.
+    fn conv(&mut self, c: ConvSite) {
+        let (pi, po) = (c.hw_in.rows(self.n) as u64, c.hw_out.rows(self.n) as u64);
+        let (cin, cout) = (c.conv.ci as u64, c.conv.co as u64);
+        let kk = (c.conv.k * c.conv.k) as u64;
+        let x = self.act(c.hw_in, c.conv.ci); // [n, hi, wi, cin], pre-BN
+        let y = self.act(c.hw_out, c.conv.co); // [n, ho, wo, cout], pre-BN
+        let w = cout * cin * kk * self.precision.bytes() as u64; // [cout, kh, kw, cin]
+        let dw = cout * cin * kk * 4; // the same, f32
+        let shape = Shape::Conv {
+            n: self.n,
+            hw_in: c.hw_in,
+            hw_out: c.hw_out,
+            c_in: c.conv.ci,
+            c_out: c.conv.co,
+        };
+        let row = |pass, m, n, k, bytes| {
+            self.row(c.op, pass, c.site, shape, Some(Gemm { m, n, k }), bytes)
         };
         let dy_read = if c.y_feeds_bn { 2 * y } else { y };
-        let fwd = Gemm {
-            m: po,
-            n: c.cout,
-            k: c.cin * c.kk,
-        };
-        self.fwd.push(row(Pass::Fwd, fwd, x + w + y));
-        let wgrad = Gemm {
-            m: c.cout,
-            n: c.cin * c.kk,
-            k: po,
-        };
-        let mut bwd = vec![row(
-            Pass::BwdWeight,
-            wgrad,
-            x + dy_read + c.cout * c.cin * c.kk * 4,
-        )];
+        let fwd = row(Pass::Fwd, po, cout, cin * kk, x + w + y);
+        let mut bwd = vec![row(Pass::BwdWeight, cout, cin * kk, po, x + dy_read + dw)];
         let dx = match c.dx {
             Dx::None => 0,
             Dx::Write => x,
             Dx::Accumulate => 2 * x,
         };
         if c.dx != Dx::None {
-            let dgrad = Gemm {
-                m: pi,
-                n: c.cin,
-                k: c.cout * c.kk,
-            };
             // The ReLU mask and the BN reductions need the pre-BN input: + x.
-            bwd.push(row(Pass::BwdData, dgrad, dy_read + w + x + dx));
+            bwd.push(row(Pass::BwdData, pi, cin, cout * kk, dy_read + w + x + dx));
         }
+        self.fwd.push(fwd);
         self.bwd.push(bwd);
     }
 
     /// A memory-bound op: forward bytes and backward bytes (`None`: no backward kernel).
-    fn mem(&mut self, op: &'static str, site: &str, shape: String, fwd: u64, bwd: Option<u64>) {
-        let row = |pass, bytes| KernelRow {
-            op,
-            pass,
-            site: site.to_string(),
-            shape: shape.clone(),
-            gemm: None,
-            count: 1,
-            flops: 0,
-            bytes,
-        };
-        self.fwd.push(row(Pass::Fwd, fwd));
+    fn mem(&mut self, op: Op, site: Site, shape: Shape, fwd: u64, bwd: Option<u64>) {
+        self.fwd
+            .push(self.row(op, Pass::Fwd, site, shape, None, fwd));
         if let Some(b) = bwd {
-            self.bwd.push(vec![row(Pass::Bwd, b)]);
+            self.bwd
+                .push(vec![self.row(op, Pass::Bwd, site, shape, None, b)]);
         }
     }
 
-    /// A BN statistics pass over `[n, h, h, c]` (sum and sum of squares per channel).
-    fn bn_stats(&mut self, site: &str, h: u64, c: u64) {
-        let bytes = self.n * h * h * c * self.p + 2 * c * 4;
-        self.mem("bn_stats", site, format!("{h}x{h} {c}"), bytes, None);
+    /// A BN statistics pass over `[n, hw, c]` (sum and sum of squares per channel).
+    fn bn_stats(&mut self, site: Site, hw: Hw, c: usize) {
+        let bytes = self.act(hw, c) + 2 * c as u64 * 4;
+        self.mem(Op::BnStats, site, self.map(hw, hw, c), bytes, None);
     }
-}
 
-/// Spatial sizes: (stem output, block inputs...). Errors if a feature map vanishes.
-fn spatial(spec: &DenseNetSpec, s: usize) -> Result<(u64, Vec<u64>)> {
-    let s = s as u64;
-    if s == 0 {
-        bail!("image size must be positive");
+    /// Stem: conv 7x7/2 (image -> x0), BN0 statistics, BN0+ReLU+max pool into block 1.
+    fn stem(&mut self, s: &Stem) {
+        let (site, f0) = (Site::Stem, s.conv.co);
+        self.conv(ConvSite {
+            op: Op::Stem7x7s2,
+            site,
+            conv: s.conv,
+            hw_in: s.input,
+            hw_out: s.conv_out,
+            dx: Dx::None,
+            y_feeds_bn: true,
+        });
+        self.bn_stats(site, s.conv_out, f0);
+        let (x0, pooled) = (self.act(s.conv_out, f0), self.act(s.pool_out, f0));
+        // Backward: dy and the pooled output (BN correction), x0 (argmax, mask) -> dx0.
+        let shape = self.map(s.conv_out, s.pool_out, f0);
+        self.mem(
+            Op::MaxPool,
+            site,
+            shape,
+            x0 + pooled,
+            Some(2 * pooled + 2 * x0),
+        );
+        self.bn_stats(site, s.pool_out, f0);
     }
-    let h0 = (s - 1) / 2 + 1; // 7x7 stride 2 pad 3
-    let mut h = (h0 - 1) / 2 + 1; // 3x3 max pool stride 2 pad 1
-    let mut hs = vec![h];
-    for _ in 1..spec.block_config.len() {
-        h /= 2; // 2x2 avg pool stride 2
-        if h == 0 {
-            bail!(
-                "image size {s} is too small for {} dense blocks: the feature map vanishes; use a larger image size",
-                spec.block_config.len()
-            );
+
+    /// A dense layer: BN1+ReLU+1x1 (accumulating its data gradient into the block's), BN2
+    /// statistics, BN2+ReLU+3x3 into the block's next channels, their statistics.
+    fn layer(&mut self, l: &Layer) {
+        let site = Site::Block(l.block);
+        let conv = |op, conv, dx| ConvSite {
+            op,
+            site,
+            conv,
+            hw_in: l.hw,
+            hw_out: l.hw,
+            dx,
+            y_feeds_bn: true,
+        };
+        self.conv(conv(Op::Conv1x1, l.conv1, Dx::Accumulate));
+        self.bn_stats(site, l.hw, l.conv1.co);
+        self.conv(conv(Op::Conv3x3, l.conv2, Dx::Write));
+        self.bn_stats(site, l.hw, l.conv2.co);
+    }
+
+    /// A transition as torchvision orders it: 1x1 at the block's size, then the average pool,
+    /// then the pooled output's statistics.
+    fn transition(&mut self, t: &Transition) {
+        let (site, c2) = (Site::Transition(t.block), t.conv.co);
+        self.conv(ConvSite {
+            op: Op::Trans1x1,
+            site,
+            conv: t.conv,
+            hw_in: t.hw_in,
+            hw_out: t.hw_in,
+            dx: Dx::Write,
+            y_feeds_bn: false,
+        });
+        let (full, pooled) = (self.act(t.hw_in, c2), self.act(t.hw_out, c2));
+        // Backward: dy and the pooled output (BN correction) -> d(conv output).
+        let shape = self.map(t.hw_in, t.hw_out, c2);
+        self.mem(
+            Op::AvgPool,
+            site,
+            shape,
+            full + pooled,
+            Some(2 * pooled + full),
+        );
+        self.bn_stats(site, t.hw_out, c2);
+    }
+
+    /// Head: BN5 + ReLU + global average pool -> features [n, c] f32.
+    fn head(&mut self, h: &Head) {
+        let x = self.act(h.hw, h.c);
+        let features = (self.n * h.c * 4) as u64;
+        let shape = self.map(h.hw, h.hw, h.c);
+        self.mem(
+            Op::Head,
+            Site::Head,
+            shape,
+            x + features,
+            Some(2 * x + features),
+        );
+    }
+
+    /// The forward rows, the backward groups reversed, then Adam over `params` parameters.
+    fn finish(self, params: usize) -> Vec<KernelRow> {
+        let p = self.precision.bytes() as u64;
+        let copy = if self.precision == Precision::F32 {
+            0
+        } else {
+            p
+        };
+        let adam = self.row(
+            Op::Adam,
+            Pass::Update,
+            Site::All,
+            Shape::Params(params),
+            None,
+            params as u64 * (7 * 4 + copy),
+        );
+        let mut rows = self.fwd;
+        for r in self.bwd.into_iter().rev().flatten() {
+            rows.push(r);
         }
-        hs.push(h);
+        rows.push(adam);
+        rows.rows
     }
-    Ok((h0, hs))
 }
 
 /// Every kernel of one training step of `spec` at batch `n`, square images of side `s`,
 /// storing activations in `precision`; identical shapes grouped, in execution order
-/// (forward, then backward, then the optimiser).
+/// (forward, then backward, then the optimiser). The rows follow the step's [`Schedule`].
 pub fn table(
     spec: &DenseNetSpec,
     n: usize,
@@ -377,136 +567,23 @@ pub fn table(
     if n == 0 {
         bail!("batch size must be positive");
     }
-    let (h0, hs) = spatial(spec, s)?;
-    let (n, s, p) = (n as u64, s as u64, precision.bytes());
-    let k = spec.growth_rate as u64;
-    let mid = (spec.bn_size * spec.growth_rate) as u64;
-    let f0 = spec.num_init_features as u64;
-    let (ins, c_final) = spec.block_input_channels();
-    let mut st = Step {
-        fwd: Rows { rows: Vec::new() },
+    let layout = Layout::new(spec);
+    let schedule = Schedule::new(&layout, &spec.arch, s, s)?;
+    let mut walk = Walk {
+        fwd: Rows::default(),
         bwd: Vec::new(),
         n,
-        p,
+        precision,
     };
-
-    // Stem: conv 7x7/2 (image -> x0), BN0 statistics, BN0+ReLU+max pool into block 1.
-    st.conv(Conv {
-        op: "stem7x7s2",
-        site: "stem",
-        hi: s,
-        ho: h0,
-        cin: 3,
-        cout: f0,
-        kk: 49,
-        dx: Dx::None,
-        y_feeds_bn: true,
-    });
-    st.bn_stats("stem", h0, f0);
-    let h1 = hs[0];
-    let (x0, pooled) = (n * h0 * h0 * f0 * p, n * h1 * h1 * f0 * p);
-    // Backward: dy and the pooled output (BN correction), x0 (argmax, mask) -> dx0.
-    let shape = format!("{h0}x{h0}->{h1}x{h1} {f0}");
-    st.mem(
-        "maxpool",
-        "stem",
-        shape,
-        x0 + pooled,
-        Some(2 * pooled + 2 * x0),
-    );
-    st.bn_stats("stem", h1, f0);
-
-    let nblocks = spec.block_config.len();
-    for (b, &layers) in spec.block_config.iter().enumerate() {
-        let h = hs[b];
-        let site = format!("block{}", b + 1);
-        for l in 0..layers as u64 {
-            let c = ins[b] as u64 + l * k;
-            st.conv(Conv {
-                op: "conv1x1",
-                site: &site,
-                hi: h,
-                ho: h,
-                cin: c,
-                cout: mid,
-                kk: 1,
-                dx: Dx::Accumulate,
-                y_feeds_bn: true,
-            });
-            st.bn_stats(&site, h, mid);
-            st.conv(Conv {
-                op: "conv3x3",
-                site: &site,
-                hi: h,
-                ho: h,
-                cin: mid,
-                cout: k,
-                kk: 9,
-                dx: Dx::Write,
-                y_feeds_bn: true,
-            });
-            st.bn_stats(&site, h, k);
-        }
-        if b + 1 < nblocks {
-            let c = ins[b] as u64 + layers as u64 * k;
-            let (c2, h2) = (c / 2, hs[b + 1]);
-            let site = format!("trans{}", b + 1);
-            st.conv(Conv {
-                op: "trans1x1",
-                site: &site,
-                hi: h,
-                ho: h,
-                cin: c,
-                cout: c2,
-                kk: 1,
-                dx: Dx::Write,
-                y_feeds_bn: false,
-            });
-            let (full, pooled) = (n * h * h * c2 * p, n * h2 * h2 * c2 * p);
-            // Backward: dy and the pooled output (BN correction) -> d(conv output).
-            let shape = format!("{h}x{h}->{h2}x{h2} {c2}");
-            st.mem(
-                "avgpool",
-                &site,
-                shape,
-                full + pooled,
-                Some(2 * pooled + full),
-            );
-            st.bn_stats(&site, h2, c2);
+    for step in schedule.forward() {
+        match step {
+            Step::Stem(s) => walk.stem(s),
+            Step::Layer(l) => walk.layer(l),
+            Step::Transition(t) => walk.transition(t),
+            Step::Head(h) => walk.head(h),
         }
     }
-
-    // Head: BN5 + ReLU + global average pool -> features [n, c_final] f32.
-    let (hf, cf) = (hs[nblocks - 1], c_final as u64);
-    let x = n * hf * hf * cf * p;
-    let shape = format!("{hf}x{hf} {cf}");
-    st.mem(
-        "head",
-        "head",
-        shape,
-        x + n * cf * 4,
-        Some(2 * x + n * cf * 4),
-    );
-
-    let mut rows = st.fwd;
-    for group in st.bwd.into_iter().rev() {
-        for r in group {
-            rows.push(r);
-        }
-    }
-    let params = spec.num_params() as u64;
-    let copy = if precision == Precision::F32 { 0 } else { p };
-    rows.push(KernelRow {
-        op: "adam",
-        pass: Pass::Update,
-        site: "all".into(),
-        shape: format!("{params} params"),
-        gemm: None,
-        count: 1,
-        flops: 0,
-        bytes: params * (7 * 4 + copy),
-    });
-    Ok(rows.rows)
+    Ok(walk.finish(layout.n_params))
 }
 
 fn si(x: f64, unit: &str) -> String {
@@ -538,8 +615,8 @@ pub fn markdown(rows: &[KernelRow], batch: usize, m: &Machine, measured: &[Optio
     );
     out.push_str("|---|---|---:|---:|---:|---:|---:|---:|---:|\n");
     let time = |i: usize| measured.get(i).copied().flatten();
-    let mut groups: Vec<(&str, Pass)> = rows.iter().map(|r| (r.op, r.pass)).collect();
-    groups.sort_by_key(|&(op, pass)| (pass, op));
+    let mut groups: Vec<(Op, Pass)> = rows.iter().map(|r| (r.op, r.pass)).collect();
+    groups.sort_by_key(|&(op, pass)| (pass, op.name()));
     groups.dedup();
     for (op, pass) in groups {
         let g: Vec<(usize, &KernelRow)> = rows

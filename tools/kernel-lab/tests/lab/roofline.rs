@@ -1,14 +1,15 @@
 //! The analytic roofline table against independent counts of DenseNet's work.
 
-use mura::roofline::{markdown, table, totals, KernelRow, Machine, Pass, Precision};
+use mura::precision::Precision;
 use mura::spec::{DenseNetSpec, Role};
+use mura_kernel_lab::roofline::{markdown, table, totals, KernelRow, Machine, Op, Pass, Site};
 
 fn d169() -> DenseNetSpec {
     DenseNetSpec::preset("densenet169").unwrap()
 }
 
 /// Forward MACs of the rows whose op is `op`.
-fn fwd_macs(rows: &[KernelRow], op: &str) -> f64 {
+fn fwd_macs(rows: &[KernelRow], op: Op) -> f64 {
     rows.iter()
         .filter(|r| r.op == op && r.pass == Pass::Fwd)
         .map(|r| (r.count * r.flops) as f64 / 2.0)
@@ -18,12 +19,12 @@ fn fwd_macs(rows: &[KernelRow], op: &str) -> f64 {
 #[test]
 fn densenet169_forward_macs_match_design_figures() {
     let rows = table(&d169(), 1, 224, Precision::Bf16).unwrap();
-    let ops = ["conv1x1", "conv3x3", "trans1x1", "stem7x7s2"];
-    let total: f64 = ops.iter().map(|op| fwd_macs(&rows, op)).sum();
+    let ops = [Op::Conv1x1, Op::Conv3x3, Op::Trans1x1, Op::Stem7x7s2];
+    let total: f64 = ops.iter().map(|&op| fwd_macs(&rows, op)).sum();
     // DESIGN.md: 3.36 GMAC forward per image at 224².
     assert!((total / 3.36e9 - 1.0).abs() < 0.01, "total {total}");
     // 1x1 46%, 3x3 40%, transitions 11%, stem 3.5%.
-    for (op, share) in ops.iter().zip([0.46, 0.40, 0.11, 0.035]) {
+    for (&op, share) in ops.iter().zip([0.46, 0.40, 0.11, 0.035]) {
         let got = fwd_macs(&rows, op) / total;
         assert!((got - share).abs() < 0.01, "{op}: {got} vs {share}");
     }
@@ -32,7 +33,7 @@ fn densenet169_forward_macs_match_design_figures() {
 #[test]
 fn every_conv_pass_has_the_forward_flops_and_the_stem_has_no_data_gradient() {
     let rows = table(&d169(), 3, 224, Precision::Bf16).unwrap();
-    for op in ["conv1x1", "conv3x3", "trans1x1", "stem7x7s2"] {
+    for op in [Op::Conv1x1, Op::Conv3x3, Op::Trans1x1, Op::Stem7x7s2] {
         let sum = |pass| -> u64 {
             rows.iter()
                 .filter(|r| r.op == op && r.pass == pass)
@@ -43,7 +44,7 @@ fn every_conv_pass_has_the_forward_flops_and_the_stem_has_no_data_gradient() {
         assert!(f > 0);
         assert_eq!(sum(Pass::BwdWeight), f, "{op}");
         let d = sum(Pass::BwdData);
-        if op == "stem7x7s2" {
+        if op == Op::Stem7x7s2 {
             assert_eq!(d, 0);
         } else {
             assert_eq!(d, f, "{op}");
@@ -96,19 +97,19 @@ fn forward_weights_are_exactly_the_state_dict_convolutions() {
 fn grouping_and_hand_counted_bytes() {
     let n = 5u64;
     let rows = table(&d169(), n as usize, 224, Precision::Bf16).unwrap();
-    let find = |op: &str, pass: Pass, site: &str| -> Vec<&KernelRow> {
+    let find = |op: Op, pass: Pass, site: Site| -> Vec<&KernelRow> {
         rows.iter()
             .filter(|r| r.op == op && r.pass == pass && r.site == site)
             .collect()
     };
     // Block 3's 32 identical 3x3 convs are one row; its 32 1x1s have 32 distinct widths.
-    let three = find("conv3x3", Pass::Fwd, "block3");
+    let three = find(Op::Conv3x3, Pass::Fwd, Site::Block(2));
     assert_eq!(three.len(), 1);
     assert_eq!(three[0].count, 32);
-    assert_eq!(three[0].shape, "14x14 128->32");
-    assert_eq!(find("conv1x1", Pass::Fwd, "block3").len(), 32);
+    assert_eq!(three[0].shape.to_string(), "14x14 128->32");
+    assert_eq!(find(Op::Conv1x1, Pass::Fwd, Site::Block(2)).len(), 32);
     // Block 1's 3x3 forward, bf16: read x [n,56,56,128], W [32,3,3,128]; write y [n,56,56,32].
-    let one = find("conv3x3", Pass::Fwd, "block1")[0];
+    let one = find(Op::Conv3x3, Pass::Fwd, Site::Block(0))[0];
     let px = n * 56 * 56;
     assert_eq!(one.bytes, 2 * (px * 128 + 32 * 9 * 128 + px * 32));
     let g = one.gemm.unwrap();
@@ -116,16 +117,16 @@ fn grouping_and_hand_counted_bytes() {
     // Block 2's first 1x1 data gradient: dy and y [px,128], W [128,128], x [px,128] for
     // the mask, and read-modify-write of the block's gradient buffer [px,128].
     let px2 = n * 28 * 28;
-    let d = find("conv1x1", Pass::BwdData, "block2")
+    let d = find(Op::Conv1x1, Pass::BwdData, Site::Block(1))
         .into_iter()
-        .find(|r| r.shape == "28x28 128->128")
+        .find(|r| r.shape.to_string() == "28x28 128->128")
         .unwrap();
     assert_eq!(
         d.bytes,
         2 * (2 * px2 * 128 + 128 * 128 + px2 * 128 + 2 * px2 * 128)
     );
     // Stem weight gradient: image [n,224,224,3], dy and y [n,112,112,64], dW f32.
-    let s = find("stem7x7s2", Pass::BwdWeight, "stem")[0];
+    let s = find(Op::Stem7x7s2, Pass::BwdWeight, Site::Stem)[0];
     assert_eq!(
         s.bytes,
         2 * (n * 224 * 224 * 3 + 2 * n * 112 * 112 * 64) + 4 * 64 * 147
@@ -134,7 +135,7 @@ fn grouping_and_hand_counted_bytes() {
     let rows32 = table(&d169(), n as usize, 224, Precision::F32).unwrap();
     let one32 = rows32
         .iter()
-        .find(|r| r.op == "conv3x3" && r.pass == Pass::Fwd && r.site == "block1")
+        .find(|r| r.op == Op::Conv3x3 && r.pass == Pass::Fwd && r.site == Site::Block(0))
         .unwrap();
     assert_eq!(one32.bytes, 2 * one.bytes);
 }
@@ -157,7 +158,7 @@ fn floor_is_the_larger_term_and_the_step_is_memory_bound() {
         peak_flops: 800e12,
         bandwidth: 1e18,
     };
-    let conv = rows.iter().find(|r| r.op == "conv3x3").unwrap();
+    let conv = rows.iter().find(|r| r.op == Op::Conv3x3).unwrap();
     assert_eq!(conv.bound(&fast), "compute");
     assert_eq!(conv.bound(&m), "memory");
 }
@@ -191,4 +192,34 @@ fn bad_inputs_are_errors() {
     assert!(table(&d169(), 1, 0, Precision::Bf16).is_err());
     assert!("fp16".parse::<Precision>().is_err());
     assert_eq!("bf16".parse::<Precision>().unwrap(), Precision::Bf16);
+}
+
+#[test]
+fn rows_name_ops_sites_and_shapes_as_the_markdown_shows_them() {
+    let spec = d169();
+    let rows = table(&spec, 2, 224, Precision::Bf16).unwrap();
+    let names = |r: &KernelRow| format!("{} {} {} {}", r.op, r.pass, r.site, r.shape);
+    let first: Vec<String> = rows[..4].iter().map(names).collect();
+    assert_eq!(
+        first,
+        [
+            "stem7x7s2 fwd stem 224x224->112x112 3->64",
+            "bn_stats fwd stem 112x112 64",
+            "maxpool fwd stem 112x112->56x56 64",
+            "bn_stats fwd stem 56x56 64",
+        ]
+    );
+    let pool = rows.iter().find(|r| r.op == Op::AvgPool).unwrap();
+    assert_eq!(names(pool), "avgpool fwd trans1 56x56->28x28 128");
+    let head = rows.iter().find(|r| r.op == Op::Head).unwrap();
+    assert_eq!(names(head), "head fwd head 7x7 1664");
+    let adam = rows.last().unwrap();
+    let params = spec.num_params();
+    assert_eq!(names(adam), format!("adam update all {params} params"));
+    assert_eq!(Site::Block(1).to_string(), "block2");
+    // Every row carries the batch and precision it was built for.
+    assert!(rows.iter().all(|r| r.precision == Precision::Bf16));
+    assert!(rows[..rows.len() - 1]
+        .iter()
+        .all(|r| r.shape.batch() == Some(2)));
 }
