@@ -9,7 +9,8 @@
 #![allow(dead_code)] // each test binary uses its own subset
 
 use half::bf16;
-use mura::gpu::{Act, DeviceBuffer, Driver};
+use mura::gpu::ops::BnRelu;
+use mura::gpu::{Act, DeviceBuffer, Driver, Mat, Nhwc};
 use mura::rng::Rng;
 use std::sync::Arc;
 
@@ -42,9 +43,9 @@ impl Drop for Seed {
 /// `MURA_TEST_SEED=random`.
 pub fn seed(test: &str) -> Seed {
     let value = match std::env::var("MURA_TEST_SEED").ok().as_deref() {
-        None | Some("") => test
-            .bytes()
-            .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3)),
+        None | Some("") => test.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+        }),
         Some("random") => {
             let t = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -90,6 +91,16 @@ impl Exec {
     pub fn upload<T: Act>(&self, v: &[f64]) -> (DeviceBuffer<T>, Vec<f64>) {
         upload(&self.d, v)
     }
+    /// [`Exec::randn`] rounded to `T` on the device, and the values as stored.
+    pub fn random<T: Act>(
+        &mut self,
+        n: usize,
+        scale: f64,
+        offset: f64,
+    ) -> (DeviceBuffer<T>, Vec<f64>) {
+        let v = self.randn(n, scale, offset);
+        self.upload(&v)
+    }
     /// `len` NaNs of `T` on the device.
     pub fn poisoned<T: Act>(&self, len: usize) -> DeviceBuffer<T> {
         poisoned(&self.d, len)
@@ -104,7 +115,9 @@ macro_rules! test_device {
         mod $name {
             #[test]
             fn f32() {
-                super::$body::<f32>(&mut $crate::common::gpu::Exec::new::<f32>(stringify!($name)));
+                super::$body::<f32>(&mut $crate::common::gpu::Exec::new::<f32>(stringify!(
+                    $name
+                )));
             }
             #[test]
             fn bf16() {
@@ -187,7 +200,12 @@ pub fn check(what: &str, got: &[f64], want: &[f64], tol: f64) {
 pub fn check_cond(what: &str, got: &[f64], want: &[f64], terms: &[f64], tol: f64) {
     let norm = |v: &[f64]| v.iter().map(|x| x * x).sum::<f64>().sqrt();
     let cond = (norm(terms) / norm(want).max(f64::MIN_POSITIVE)).max(1.0);
-    check(&format!("{what} (condition {cond:.1})"), got, want, tol * cond);
+    check(
+        &format!("{what} (condition {cond:.1})"),
+        got,
+        want,
+        tol * cond,
+    );
 }
 
 /// `n` normal samples times `scale` plus `offset`.
@@ -207,4 +225,115 @@ pub fn untouched_outside(v: &[f64], rs: usize, c0: usize, c: usize) -> bool {
             .enumerate()
             .all(|(j, x)| (c0..c0 + c).contains(&j) || x.is_nan())
     })
+}
+
+/// Channels `[c0, c0 + c)` of a `[n, h, w, rs]` buffer, as an NHWC view.
+pub fn nhwc<T: Act>(
+    b: &DeviceBuffer<T>,
+    (n, h, w): (usize, usize, usize),
+    rs: usize,
+    (c0, c): (usize, usize),
+) -> Nhwc<T> {
+    Nhwc::new(b.slice(), (n, h, w, rs), rs)
+        .and_then(|v| v.channels(c0, c))
+        .unwrap()
+}
+
+/// Columns `[c0, c0 + c)` of a `[rows, rs]` buffer.
+pub fn mat<T: Act>(b: &DeviceBuffer<T>, rows: usize, rs: usize, (c0, c): (usize, usize)) -> Mat<T> {
+    Mat::new(b.slice(), rows, rs, rs)
+        .and_then(|m| m.cols_range(c0, c))
+        .unwrap()
+}
+
+/// `base: [rows, rs]` with `add: [rows, c]` added into its columns `[c0, c0 + c)`.
+pub fn plus_cols(base: &[f64], (rs, c0, c): (usize, usize, usize), add: &[f64]) -> Vec<f64> {
+    let mut out = base.to_vec();
+    for (i, v) in add.iter().enumerate() {
+        out[(i / c) * rs + c0 + i % c] += v;
+    }
+    out
+}
+
+/// `base: [2, c]` plus the per-column sums of `a` and of `a · b` (both `[rows, c]`): the
+/// (Σa, Σa·b) that BN statistics and BN-backward reductions add up.
+pub fn column_sums(base: &[f64], a: &[f64], b: &[f64], c: usize) -> Vec<f64> {
+    let mut out = base.to_vec();
+    for (i, (x, y)) in a.iter().zip(b).enumerate() {
+        out[i % c] += x;
+        out[c + i % c] += x * y;
+    }
+    out
+}
+
+/// [`check`] of columns `[c0, c0 + c)` of a `[rows, rs]` output written into a poisoned buffer,
+/// and that nothing outside them was written.
+pub fn check_cols(
+    what: &str,
+    got: &[f64],
+    (rs, c0, c): (usize, usize, usize),
+    want: &[f64],
+    tol: f64,
+) {
+    check(what, &cols(got, rs, c0, c), want, tol);
+    assert!(
+        untouched_outside(got, rs, c0, c),
+        "{what}: wrote outside its slice"
+    );
+}
+
+/// Asserts that `r` is an error whose message (causes included) contains `needle`.
+pub fn refused(r: anyhow::Result<()>, needle: &str) {
+    match r {
+        Ok(()) => panic!("accepted; expected an error naming {needle:?}"),
+        Err(e) => {
+            let e = format!("{e:#}");
+            assert!(e.contains(needle), "{e:?} does not name {needle:?}");
+        }
+    }
+}
+
+/// Every value 0 (a workspace or sums a kernel must leave zeroed).
+pub fn all_zero(v: &[f64]) -> bool {
+    v.iter().all(|&x| x == 0.0)
+}
+
+/// Every value NaN: a poisoned buffer no kernel wrote.
+pub fn all_nan(v: &[f64]) -> bool {
+    v.iter().all(|x| x.is_nan())
+}
+
+/// A BN + ReLU in front of an op, `max(x · scale + shift, 0)`: random `[c]` coefficients (scale
+/// about 1 ± 0.5, shift 0 ± 0.5: about half the inputs clipped) on the device (f32) and as stored.
+pub struct Pre {
+    pub scale: (DeviceBuffer<f32>, Vec<f64>),
+    pub shift: (DeviceBuffer<f32>, Vec<f64>),
+}
+
+impl Pre {
+    pub fn draw(x: &mut Exec, c: usize) -> Pre {
+        let (s, t) = (x.randn(c, 0.5, 1.0), x.randn(c, 0.5, 0.0));
+        Pre {
+            scale: x.upload(&s),
+            shift: x.upload(&t),
+        }
+    }
+    /// The device's coefficients when `on`.
+    pub fn dev(&self, on: bool) -> Option<BnRelu> {
+        on.then(|| BnRelu {
+            scale: self.scale.0.slice(),
+            shift: self.shift.0.slice(),
+        })
+    }
+    /// The CPU reference's coefficients when `on`.
+    pub fn host(&self, on: bool) -> Option<mura::ops::BnRelu<'_, f64>> {
+        on.then_some(mura::ops::BnRelu {
+            scale: &self.scale.1,
+            shift: &self.shift.1,
+        })
+    }
+    /// `pre(v)` for a value `v` of channel `j`.
+    pub fn at(&self, j: usize, v: f64) -> f64 {
+        (v * self.scale.1[j] + self.shift.1[j]).max(0.0)
+    }
 }

@@ -1,0 +1,433 @@
+//! `gpu::ops::conv_tc` (the tensor-core convolutions: the dense layers' 1×1 and 3×3, and any
+//! window's forward and weight gradient) against `ops::conv` in f64: outputs poisoned with NaN,
+//! sizes that are not multiples of the tiles (and channel counts that are not multiples of 8,
+//! which take the element-by-element load path), channel prefixes and slices of wider buffers.
+//! bf16 storage, within 1e-2 relative; sums of values the kernels stored, within 1e-5.
+
+use super::conv::{window, Inputs, Shape};
+use crate::common::gpu::{
+    all_nan, all_zero, check, check_cols, cols, column_sums, nhwc, plus_cols, read, refused, Exec,
+};
+use half::bf16;
+use mura::gpu::ops::conv_tc::{self, Mask};
+use mura::gpu::DeviceBuffer;
+use mura::ops::conv::Conv;
+
+/// Sums of values the kernels themselves stored: only f32 accumulation error is allowed.
+const EXACT: f64 = 1e-5;
+
+type In = Inputs<bf16, bf16>;
+
+/// The executor of a bf16 test (tolerance 1e-2).
+fn exec(test: &str) -> Exec {
+    Exec::new::<bf16>(test)
+}
+
+const P: Conv = Conv::POINTWISE;
+const C3: Conv = Conv::CONV3;
+
+/// The 1×1 shapes.
+const CONV1X1: [Shape; 4] = [
+    // Element-by-element loads (channels not multiples of 8), two pixel tiles.
+    Shape::new((2, 9, 8, 19, 27), (13, 3, 20), P, true),
+    // 16-byte and cp.async loads, two output-channel tiles, a slice at channel 8.
+    Shape::new((2, 9, 8, 40, 48), (136, 8, 152), P, true),
+    Shape::new((1, 5, 7, 24, 24), (16, 0, 16), P, false),
+    // A dense layer's bottleneck: a 96-channel prefix of a 160-channel block buffer -> 128.
+    Shape::new((1, 14, 14, 96, 160), (128, 0, 128), P, true),
+];
+
+/// The 3×3 shapes.
+const CONV3X3: [Shape; 4] = [
+    Shape::new((1, 9, 6, 17, 17), (7, 5, 13), C3, true),
+    Shape::new((2, 9, 8, 48, 56), (40, 8, 56), C3, true),
+    Shape::new((1, 6, 5, 32, 32), (32, 0, 32), C3, false),
+    // A dense layer's growth conv: 128 bottleneck channels -> 32 written at channel 96 of 160.
+    Shape::new((1, 14, 14, 128, 128), (32, 96, 160), C3, true),
+];
+
+/// The any-window kernels' shapes: several row tiles, K not a multiple of the K-slice.
+const ANY_WINDOW: [Shape; 3] = [
+    // The stem: 3 channels, 64 outputs; 2 x 12 x 12 = 288 output pixels (three row tiles), K 147.
+    Shape::new((2, 23, 24, 3, 3), (64, 0, 64), Conv::STEM, false),
+    // Other windows, with a BN + ReLU in front, a channel prefix and an output slice over two
+    // column tiles.
+    Shape::new((1, 17, 14, 5, 8), (70, 4, 80), window(5, 3, 1), true),
+    Shape::new((2, 9, 10, 16, 16), (24, 0, 24), window(3, 2, 1), true),
+];
+
+#[test]
+fn conv1x1() {
+    let x = &mut exec("conv1x1_tc");
+    CONV1X1.into_iter().for_each(|s| dense_case(x, s));
+}
+
+#[test]
+fn conv3x3() {
+    let x = &mut exec("conv3x3_tc");
+    CONV3X3.into_iter().for_each(|s| dense_case(x, s));
+}
+
+/// The any-window kernels: forward with its output statistics, and the weight gradient.
+#[test]
+fn stem() {
+    let x = &mut exec("stem_tc");
+    ANY_WINDOW.into_iter().for_each(|s| any_window_case(x, s));
+}
+
+/// Forward (whole and split-K), data gradients (masked and accumulated; plain and overwritten)
+/// and weight gradient (default and explicit split-K) of a dense-layer shape.
+fn dense_case(x: &mut Exec, s: Shape) {
+    let what = format!("tc {}", s.name());
+    let inp = In::draw(x, s);
+    forward_splits(x, &inp, &what);
+    let (dyb, dy) = inp.dy(x);
+    data_grads(x, &inp, &dyb, &dy, &what);
+    weight_grads(x, &inp, &dyb, &dy, &what);
+}
+
+/// Forward with its output statistics and the weight gradient of an any-window shape.
+fn any_window_case(x: &mut Exec, s: Shape) {
+    let what = format!("tc {}", s.name());
+    let inp = In::draw(x, s);
+    let out = FwdOut::new(x, s);
+    // (The workspace is ignored: any-window forwards never split.)
+    let ws = x.poisoned::<f32>(s.px_out() * s.co);
+    let (xv, pre, wt) = (inp.view(), inp.pre(), inp.wt.0.slice());
+    let y = inp.out_view(&out.y);
+    let stats = Some(out.stats.slice());
+    conv_tc::fwd(&*x.d, xv, pre, wt, s.g, y, stats, Some(ws.slice())).unwrap();
+    out.check(x, &inp, &format!("{what} fwd"), true);
+    assert!(all_nan(&read(&ws)), "{what}: the workspace was written");
+    let (dyb, dy) = inp.dy(x);
+    weight_grads(x, &inp, &dyb, &dy, &what);
+}
+
+/// A forward's outputs: `y: [px_out, y_rs]` poisoned, `stats: [2, co]` random (`stats0` as stored).
+struct FwdOut {
+    y: DeviceBuffer<bf16>,
+    stats: DeviceBuffer<f32>,
+    stats0: Vec<f64>,
+}
+
+impl FwdOut {
+    fn new(x: &mut Exec, s: Shape) -> FwdOut {
+        let (stats, stats0) = x.random(2 * s.co, 1.0, 0.0);
+        FwdOut {
+            y: x.poisoned(s.px_out() * s.y_rs),
+            stats,
+            stats0,
+        }
+    }
+    /// `y`'s channel slice against the reference (nothing written outside it), and the stats:
+    /// with Σy and Σy² of the stored `y` added when `summed`, else untouched.
+    fn check(&self, x: &Exec, inp: &In, what: &str, summed: bool) {
+        let s = inp.s;
+        let y = read(&self.y);
+        check_cols(what, &y, (s.y_rs, s.y_c0, s.co), &inp.y_ref(), x.tol);
+        let y = cols(&y, s.y_rs, s.y_c0, s.co);
+        let want = match summed {
+            true => column_sums(&self.stats0, &y, &y, s.co),
+            false => self.stats0.clone(),
+        };
+        check(&format!("{what} stats"), &read(&self.stats), &want, EXACT);
+    }
+}
+
+/// How a dense-layer forward splits its reduction.
+#[derive(Clone, Copy, Debug)]
+enum Split {
+    Whole,
+    /// `fwd_split` in chunks of this many K elements.
+    Chunks(usize),
+    /// `fwd` with a workspace: its own split (whole when the grid is large).
+    Default,
+}
+
+/// The forward into a slice of a poisoned buffer; with a BN + ReLU in front, the output's batch
+/// statistics are added to random values. Whole, then split-K over a zeroed workspace in 32-wide
+/// chunks and in the default split, which the finishing kernel must leave zeroed again.
+fn forward_splits(x: &mut Exec, inp: &In, what: &str) {
+    let s = inp.s;
+    let ws = DeviceBuffer::<f32>::zeroed(&x.d, s.px_out() * s.co).unwrap();
+    for split in [Split::Whole, Split::Chunks(32), Split::Default] {
+        let what = format!("{what} fwd {split:?}");
+        let out = FwdOut::new(x, s);
+        let (xv, pre, wt) = (inp.view(), inp.pre(), inp.wt.0.slice());
+        let y = inp.out_view(&out.y);
+        let stats = s.pre.then(|| out.stats.slice());
+        match split {
+            Split::Whole => conv_tc::fwd_split(&*x.d, xv, pre, wt, s.g, y, stats, None),
+            Split::Chunks(len) => {
+                let split = Some((ws.slice(), len));
+                conv_tc::fwd_split(&*x.d, xv, pre, wt, s.g, y, stats, split)
+            }
+            Split::Default => conv_tc::fwd(&*x.d, xv, pre, wt, s.g, y, stats, Some(ws.slice())),
+        }
+        .unwrap();
+        out.check(x, inp, &what, s.pre);
+        assert!(all_zero(&read(&ws)), "{what}: workspace not left zeroed");
+    }
+}
+
+/// `conv_tc::bwd_data` of `inp` from `dyb` into the first `c` channels of `dx: [px_in, rs]`,
+/// masked by the BN + ReLU in front when `mask`, with the BN reductions `red` and factors `post`.
+fn bwd_data(
+    x: &Exec,
+    inp: &In,
+    dyb: &DeviceBuffer<bf16>,
+    (dx, rs): (&DeviceBuffer<bf16>, usize),
+    (accumulate, mask): (bool, bool),
+    (red, post): (Option<&DeviceBuffer<f32>>, Option<&DeviceBuffer<f32>>),
+) -> anyhow::Result<()> {
+    let s = inp.s;
+    let dxv = nhwc(dx, (s.n, s.h, s.w), rs, (0, s.c));
+    let mask = inp.pre.dev(mask).map(|bn| Mask { x: inp.view(), bn });
+    let (red, post) = (red.map(|b| b.slice()), post.map(|b| b.slice()));
+    let (dyv, wt) = (inp.out_view(dyb), inp.wt.0.slice());
+    conv_tc::bwd_data(&*x.d, dyv, wt, s.g, dxv, accumulate, mask, red, post)
+}
+
+/// The data gradient from `dyb` (`dy`: its channels as stored): times the BN-ReLU mask and
+/// per-channel factors, accumulated, with the BN's reductions (a dense layer's BN1 backward,
+/// deferred); masked but plain, overwriting; then without the mask, overwriting.
+fn data_grads(x: &mut Exec, inp: &In, dyb: &DeviceBuffer<bf16>, dy: &[f64], what: &str) {
+    let s = inp.s;
+    let dx_ref = inp.dx_ref(dy);
+    // g: the gradient of the BN + ReLU's output (0 where the ReLU clipped).
+    let on = |i: usize| !s.pre || inp.pre.at(i % s.c, inp.x.1[i / s.c * s.x_rs + i % s.c]) > 0.0;
+    let g_ref: Vec<f64> = (0..dx_ref.len())
+        .map(|i| if on(i) { dx_ref[i] } else { 0.0 })
+        .collect();
+    masked_accumulated(x, inp, dyb, &g_ref, what);
+    if s.pre {
+        masked_plain(x, inp, dyb, &g_ref, what);
+    }
+    let dxb = x.poisoned::<bf16>(s.px_in() * s.c);
+    bwd_data(x, inp, dyb, (&dxb, s.c), (false, false), (None, None)).unwrap();
+    check(&format!("{what} bwd data"), &read(&dxb), &dx_ref, x.tol);
+}
+
+/// `dx += post · g` into a prefix of a wider random buffer, with `red` += (Σg, Σg·x) when masked.
+fn masked_accumulated(x: &mut Exec, inp: &In, dyb: &DeviceBuffer<bf16>, g_ref: &[f64], what: &str) {
+    let (s, c) = (inp.s, inp.s.c);
+    let dx_rs = c + 3;
+    let (dxb, dx0) = x.random::<bf16>(s.px_in() * dx_rs, 1.0, 0.0);
+    let (red, red0) = x.random::<f32>(2 * c, 1.0, 0.0);
+    let (post, pv) = x.random::<f32>(c, 0.5, 1.0);
+    let sums = (s.pre.then_some(&red), Some(&post));
+    bwd_data(x, inp, dyb, (&dxb, dx_rs), (true, s.pre), sums).unwrap();
+    let scaled: Vec<f64> = g_ref
+        .iter()
+        .enumerate()
+        .map(|(i, g)| pv[i % c] * g)
+        .collect();
+    let want = plus_cols(&dx0, (dx_rs, 0, c), &scaled);
+    let w = format!("{what} bwd data (mask, factors, accumulate)");
+    check(&w, &read(&dxb), &want, x.tol);
+    let want = match s.pre {
+        true => column_sums(&red0, g_ref, &cols(&inp.x.1, s.x_rs, 0, c), c),
+        false => red0,
+    };
+    check(
+        &format!("{what} bwd data BN reductions"),
+        &read(&red),
+        &want,
+        x.tol,
+    );
+}
+
+/// Masked, overwriting a poisoned buffer: the stored values are g itself, so the reductions must
+/// match the stored values' sums to f32 accuracy.
+fn masked_plain(x: &mut Exec, inp: &In, dyb: &DeviceBuffer<bf16>, g_ref: &[f64], what: &str) {
+    let (s, c) = (inp.s, inp.s.c);
+    let gb = x.poisoned::<bf16>(s.px_in() * c);
+    let (red, red0) = x.random::<f32>(2 * c, 1.0, 0.0);
+    bwd_data(x, inp, dyb, (&gb, c), (false, true), (Some(&red), None)).unwrap();
+    let gv = read(&gb);
+    check(&format!("{what} bwd data (mask)"), &gv, g_ref, x.tol);
+    let want = column_sums(&red0, &gv, &cols(&inp.x.1, s.x_rs, 0, c), c);
+    let w = format!("{what} bwd data BN reductions of stored g");
+    check(&w, &read(&red), &want, EXACT);
+}
+
+/// The weight gradient from `dyb` (`dy` as stored), added to random f32 values: the default
+/// split, then 32-pixel chunks.
+fn weight_grads(x: &mut Exec, inp: &In, dyb: &DeviceBuffer<bf16>, dy: &[f64], what: &str) {
+    let s = inp.s;
+    let (dwb, dw0) = inp.dw0(x);
+    let want = inp.dw_ref(dy, &dw0);
+    let (xv, pre, dyv) = (inp.view(), inp.pre(), inp.out_view(dyb));
+    conv_tc::bwd_weight(&*x.d, xv, pre, s.g, dyv, dwb.slice()).unwrap();
+    check(&format!("{what} bwd weight"), &read(&dwb), &want, x.tol);
+    let (dwb, _) = x.upload::<f32>(&dw0);
+    conv_tc::bwd_weight_split(&*x.d, xv, pre, s.g, dyv, dwb.slice(), 32).unwrap();
+    let w = format!("{what} bwd weight (split 32)");
+    check(&w, &read(&dwb), &want, x.tol);
+}
+
+#[test]
+fn rejects_what_it_does_not_cover() {
+    let x = &mut exec("tc_rejects");
+    let xb = x.poisoned::<bf16>(128);
+    let v = nhwc(&xb, (1, 4, 4), 8, (0, 8));
+    let (wt, ws, dw) = (
+        x.poisoned::<bf16>(11 * 11 * 64),
+        x.poisoned::<f32>(128),
+        x.poisoned::<f32>(11 * 11 * 64),
+    );
+    let (d, wt) = (&*x.d, wt.slice());
+    // No data gradient and no explicit split-K for the any-window kernels.
+    let e = conv_tc::bwd_data(d, v, wt, Conv::STEM, v, false, None, None, None);
+    refused(e, "7x7/2 pad 3");
+    let e = conv_tc::fwd_split(d, v, None, wt, Conv::STEM, v, None, Some((ws.slice(), 32)));
+    refused(e, "7x7/2 pad 3");
+    // A window larger than the padded input.
+    let g = window(11, 1, 2);
+    refused(
+        conv_tc::fwd(d, v, None, wt, g, v, None, None),
+        "no output on a 4x4 input",
+    );
+    let e = conv_tc::bwd_weight(d, v, None, g, v, dw.slice());
+    refused(e, "no output on a 4x4 input");
+    assert!(
+        all_nan(&read(&xb)) && all_nan(&read(&dw)),
+        "a refused call wrote"
+    );
+}
+
+/// Operands that do not cover the launch's shapes, and split-K chunks that are not multiples of
+/// the K-slice, are refused before anything is launched: the outputs stay poisoned.
+#[test]
+fn refuses_operands_that_do_not_fit() {
+    let x = &mut exec("tc_refuses");
+    // A 1x1 conv [1, 4, 4, 8] -> [1, 4, 4, 8]: 64 weights.
+    let s = Shape::new((1, 4, 4, 8, 8), (8, 0, 8), Conv::POINTWISE, true);
+    let inp = In::draw(x, s);
+    let (yb, f) = (x.poisoned::<bf16>(128), x.poisoned::<f32>(128));
+    let (d, xv, pre, g, y) = (&*x.d, inp.view(), inp.pre(), s.g, inp.out_view(&yb));
+    let wt = inp.wt.0.slice();
+    let short = |n: usize| f.slice().range(0, n).unwrap();
+    let e = conv_tc::fwd(d, xv, pre, wt.range(0, 63).unwrap(), g, y, None, None);
+    refused(
+        e,
+        "the convolution's weights: 63 elements where 64 are needed",
+    );
+    let e = conv_tc::fwd(d, xv, pre, wt, g, y, Some(short(15)), None);
+    refused(e, "the output statistics: 15 elements where 16 are needed");
+    let e = conv_tc::fwd_split(d, xv, pre, wt, g, y, None, Some((short(127), 32)));
+    refused(
+        e,
+        "the split-K workspace: 127 elements where 128 are needed",
+    );
+    let e = conv_tc::fwd_split(d, xv, pre, wt, g, y, None, Some((f.slice(), 48)));
+    refused(e, "split-K chunk of 48 is not a positive multiple of 32");
+    let e = conv_tc::bwd_weight_split(d, xv, pre, g, y, f.slice(), 0);
+    refused(
+        e,
+        "split-K chunk of 0 pixels is not a positive multiple of 32",
+    );
+    let e = conv_tc::bwd_weight(d, xv, pre, g, y, short(63));
+    refused(e, "the weight gradient: 63 elements where 64 are needed");
+    let bn = pre.unwrap();
+    let mask = |v| Some(Mask { x: v, bn });
+    let e = conv_tc::bwd_data(d, y, wt, g, y, false, None, Some(f.slice()), None);
+    refused(e, "need the BN's input (mask)");
+    let e = conv_tc::bwd_data(
+        d,
+        y,
+        wt,
+        g,
+        y,
+        false,
+        mask(nhwc(&yb, (1, 2, 8), 8, (0, 8))),
+        None,
+        None,
+    );
+    refused(
+        e,
+        "the ReLU mask's input is (1, 2, 8, 8), expected (1, 4, 4, 8)",
+    );
+    let e = conv_tc::bwd_data(d, y, wt, g, y, false, mask(xv), None, Some(short(7)));
+    refused(e, "the per-channel factors: 7 elements where 8 are needed");
+    assert!(
+        all_nan(&read(&yb)) && all_nan(&read(&f)),
+        "a refused call wrote"
+    );
+}
+
+#[test]
+fn split_len_is_a_multiple_of_the_k_slice() {
+    for (pixels, tiles) in [(1, 1), (100, 3), (200_704, 1), (200_704, 9), (3136, 600)] {
+        let s = conv_tc::weight_split_len(pixels, tiles);
+        assert!(s.is_multiple_of(32) && s >= 32, "{pixels} {tiles}: {s}");
+        let splits = pixels.div_ceil(s);
+        assert!(
+            splits * tiles <= 528 + tiles,
+            "{pixels} {tiles}: {splits} splits"
+        );
+    }
+}
+
+/// The forward splits its reduction only when its grid cannot fill the GPU: DenseNet-169's
+/// blocks 3 and 4 at batch 64 (14² and 7²: 98 and 25 row tiles), never block 1 (56²).
+#[test]
+fn forward_splits_only_small_grids() {
+    let k_len = |c: usize, g: Conv| g.k * g.k * c;
+    for (rows, c, co, g, split) in [
+        (64 * 56 * 56, 224, 128, Conv::POINTWISE, false),
+        (64 * 56 * 56, 128, 32, Conv::CONV3, false),
+        (64 * 28 * 28, 480, 128, Conv::POINTWISE, false),
+        (64 * 14 * 14, 1248, 128, Conv::POINTWISE, true),
+        (64 * 14 * 14, 128, 32, Conv::CONV3, true),
+        (64 * 7 * 7, 1632, 128, Conv::POINTWISE, true),
+        (64 * 7 * 7, 128, 32, Conv::CONV3, true),
+        (64 * 7 * 7, 64, 128, Conv::POINTWISE, false), // only 2 K-slices
+    ] {
+        let len = conv_tc::fwd_split_len(rows, c, co, g);
+        assert!(len.is_multiple_of(32) && len >= 32, "{rows} {c}: {len}");
+        let chunks = k_len(c, g).div_ceil(len);
+        assert_eq!(
+            chunks > 1,
+            split,
+            "{rows}x{c}->{co} k{}: {chunks} chunks",
+            g.k
+        );
+        assert!(
+            len >= 4 * 32 || chunks == 1,
+            "chunks of at least 4 K-slices"
+        );
+    }
+}
+
+/// The hot kernels keep everything in registers: no spills and no stack frame on any architecture
+/// ptxas compiled them for (checked when the build found nvcc; NVRTC builds have no report).
+#[test]
+fn tc_kernels_do_not_spill() {
+    use mura::gpu::kernels::{parse_ptxas, PTXAS_REPORT};
+    let entries: Vec<_> = parse_ptxas(PTXAS_REPORT)
+        .into_iter()
+        .filter(|e| e.kernel.contains("_tc_"))
+        .collect();
+    if PTXAS_REPORT.is_empty() {
+        eprintln!("no ptxas report (built without nvcc): nothing to check");
+        return;
+    }
+    for geo in ["conv1x1", "conv3x3"] {
+        for op in ["fwd", "bwd_data", "bwd_weight"] {
+            for arch in ["sm_80", "sm_90"] {
+                let k = format!("{geo}_tc_{op}_bf16");
+                assert!(
+                    entries.iter().any(|e| e.kernel == k && e.arch == arch),
+                    "no ptxas entry for {k} on {arch}"
+                );
+            }
+        }
+    }
+    for e in entries {
+        assert!(
+            e.spill_stores == 0 && e.spill_loads == 0 && e.stack_bytes == 0,
+            "{e:?}"
+        );
+    }
+}
