@@ -82,7 +82,11 @@ fn main() {
     files.extend(kernel_files(&kdir.join("testing"), "testing/", true));
     let mut seen = BTreeSet::new();
     for k in files.iter().flat_map(|f| &f.kernels) {
-        assert!(seen.insert(&k.name), "kernel {} is defined twice in kernels/", k.name);
+        assert!(
+            seen.insert(&k.name),
+            "kernel {} is defined twice in kernels/",
+            k.name
+        );
     }
     fs::write(out.join("consts.rs"), consts_rs(&kdir.join("consts.cuh"))).unwrap();
 
@@ -240,7 +244,9 @@ fn consts_rs(path: &Path) -> String {
             Some((name.trim(), ty, value.trim()))
         });
         let (name, ty, value) = parsed.unwrap_or_else(|| {
-            panic!("kernels/consts.cuh: expected `constexpr int|double NAME = LITERAL;`, got `{line}`")
+            panic!(
+                "kernels/consts.cuh: expected `constexpr int|double NAME = LITERAL;`, got `{line}`"
+            )
         });
         writeln!(rs, "pub const {name}: {ty} = {value};").unwrap();
     }
@@ -408,7 +414,11 @@ fn kernels_rs(files: &[KernelFile], fatbins: bool, built_with: &str, asan: &str)
         writeln!(rs, "    static mura_table_{}: [EmuKernel; {n}];", f.stem).unwrap();
     }
     writeln!(rs, "}}").unwrap();
-    writeln!(rs, "/// The emulator's compiled kernels, one slice per kernels/**/*.cu file.").unwrap();
+    writeln!(
+        rs,
+        "/// The emulator's compiled kernels, one slice per kernels/**/*.cu file."
+    )
+    .unwrap();
     let tables: Vec<String> = files
         .iter()
         .map(|f| format!("&mura_table_{}", f.stem))

@@ -1,12 +1,13 @@
 //! Data pipeline speed: synth and prep images/s, and augmented 224² images/s per core from
-//! the store (augment_image alone, and the loader with one worker). Run with
+//! the store (augment::image alone, and the loader with one worker). Run with
 //! `cargo bench --bench loader`.
 
-use mura::data::loader::{aug_params, augment_image, Augment, Loader, LoaderConfig};
+use mura::data::loader::{aug_params, Augment, Loader, LoaderConfig};
 use mura::data::prep::{prep, PrepConfig};
 use mura::data::store::Store;
 use mura::data::synth::{synth, SynthConfig};
 use mura::data::{Split, StudyType};
+use mura::ops::augment;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -91,7 +92,7 @@ fn main() -> anyhow::Result<()> {
     let (t, c0) = (Instant::now(), cpu_s());
     for r in 0..reps {
         for i in 0..n {
-            augment_image(
+            augment::image(
                 store.image(i),
                 store.size,
                 aug_params(&aug, 0, r, i),
@@ -101,7 +102,7 @@ fn main() -> anyhow::Result<()> {
         }
     }
     println!(
-        "augment_image 256²->224², 1 thread: {}",
+        "augment::image 256²->224², 1 thread: {}",
         rate(reps as usize * n, t, c0)
     );
 

@@ -11,7 +11,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=gpu-bundle
-TESTS=(gpu_device gpu_ops gpu_densenet_ops gpu_conv_tc gpu_model gpu_rawpath kernel_bench emu_selftest)
+TESTS=(device ops model) # the GPU test binaries of the mura package; and the kernel lab's `lab`
 
 if [ -z "${NVCC:-}${CUDA_HOME:-}" ]; then
     found="$(find "${MURA_CI_CACHE:-$HOME/.cache/mura-ci}" -path '*/nvidia/cu13/bin/nvcc' -type f 2>/dev/null | head -n1)"
@@ -25,9 +25,10 @@ if target/release/mura info | grep -q "built with NVRTC" && [ "${MURA_BUNDLE_NVR
 fi
 args=()
 for t in "${TESTS[@]}"; do args+=(--test "$t"); done
-json="$(cargo test --release --no-run --message-format=json "${args[@]}")"
-# The kernel harness (benches/kernels.rs) as a plain binary.
-json+=$'\n'"$(cargo bench --no-run --message-format=json --bench kernels)"
+json="$(cargo test --release --no-run --message-format=json -p mura "${args[@]}")"
+json+=$'\n'"$(cargo test --release --no-run --message-format=json -p mura-kernel-lab --test lab)"
+# The kernel harness (tools/kernel-lab/benches/kernels.rs) as a plain binary.
+json+=$'\n'"$(cargo bench --no-run --message-format=json -p mura-kernel-lab --bench kernels)"
 
 rm -rf "$OUT"
 mkdir -p "$OUT/tests"

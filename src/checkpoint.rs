@@ -4,11 +4,11 @@
 
 use crate::net::Net;
 use crate::optim::Adam;
-use crate::spec::DenseNetSpec;
 use crate::optim::ReduceLrOnPlateau;
-use serde::{Deserialize, Serialize};
+use crate::spec::DenseNetSpec;
 use crate::weights::{self, NamedTensor, StateDict, TensorData};
 use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::Path;
 

@@ -18,8 +18,8 @@ use crate::eval::{predict_split, StudyPrediction};
 use crate::loss::{batch_loss, LossLevel};
 use crate::model::Mode;
 use crate::net::Net;
-use crate::precision::Precision;
 use crate::optim::{Adam, ReduceLrOnPlateau};
+use crate::precision::Precision;
 use crate::spec::DenseNetSpec;
 use crate::weights;
 use anyhow::{bail, Context, Result};
@@ -272,8 +272,14 @@ fn initial_model(cfg: &TrainConfig) -> Result<Box<dyn Net>> {
         Init::Checkpoint(path) => weights::load_safetensors(path).map(|c| c.state_dict),
     }
     .with_context(|| format!("--init {}", cfg.init))?;
-    backend::build(cfg.device, cfg.precision, cfg.spec.clone(), Some(&sd), cfg.seed)
-        .with_context(|| format!("--init {}", cfg.init))
+    backend::build(
+        cfg.device,
+        cfg.precision,
+        cfg.spec.clone(),
+        Some(&sd),
+        cfg.seed,
+    )
+    .with_context(|| format!("--init {}", cfg.init))
 }
 
 fn loader(cfg: &TrainConfig, store: &Arc<Store>, split: Split) -> Result<Loader> {

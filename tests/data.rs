@@ -3,11 +3,11 @@
 
 use mura::data::image::{decode_gray, normalize_to_input, resize_bilinear, GrayImage};
 use mura::data::loader::{Augment, Loader, LoaderConfig};
-use mura::ops::augment::{self, AugParams, MEAN, STD};
 use mura::data::prep::{prep, PrepConfig};
 use mura::data::store::Store;
 use mura::data::synth::{synth, SynthConfig};
 use mura::data::{mura as reader, Split, StudyType};
+use mura::ops::augment::{self, AugParams, MEAN, STD};
 use mura::rng::Rng;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -1,14 +1,14 @@
 //! `mura bench`: time an eval forward and a training step (forward + backward + Adam).
 
-use crate::ops::augment::AugParams;
+use super::arch::ArchArgs;
 use crate::device::Device;
 use crate::loss::{weighted_bce_f32, LossLevel};
 use crate::model::Mode;
 use crate::net::Net;
-use crate::precision::Precision;
+use crate::ops::augment::AugParams;
 use crate::optim::Adam;
+use crate::precision::Precision;
 use crate::rng::Rng;
-use super::arch::ArchArgs;
 use anyhow::{bail, Result};
 use std::time::Instant;
 

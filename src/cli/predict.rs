@@ -1,8 +1,8 @@
 //! `mura predict`: study probabilities for folders of PNG views (or single PNGs), one JSON line per
 //! study, optionally with class activation maps.
 
-use crate::data::image::{decode_gray, normalize_to_input, resize_bilinear, GrayImage};
 use super::arch::{self, ArchArgs};
+use crate::data::image::{decode_gray, normalize_to_input, resize_bilinear, GrayImage};
 use crate::device::Device;
 use crate::loss::sigmoid;
 use crate::net::Net;

@@ -5,7 +5,6 @@ use anyhow::{bail, Context, Result};
 use image::DynamicImage;
 use std::path::Path;
 
-
 /// The largest image side mura stores or feeds a model (MURA's images are at most 512 px).
 pub const MAX_SIDE: usize = 4096;
 

@@ -37,8 +37,19 @@ impl Act for f32 {
 
 impl Act for bf16 {
     const PRECISION: Precision = Precision::Bf16;
+    /// Rounded once, to nearest even: through f32 rounded to odd (24 bits, 2 more than bf16's
+    /// 8 need), which never makes a tie that `v` was not.
     fn from_f64(v: f64) -> bf16 {
-        bf16::from_f64(v)
+        let f = v as f32;
+        if !f.is_finite() || f as f64 == v {
+            return bf16::from_f32(f);
+        }
+        // `f` is `v` rounded to nearest; step back to the truncation toward zero, then make it odd.
+        let mut bits = f.to_bits();
+        if (f as f64).abs() > v.abs() {
+            bits -= 1;
+        }
+        bf16::from_f32(f32::from_bits(bits | 1))
     }
     fn to_f64(self) -> f64 {
         bf16::to_f64(self)
@@ -205,7 +216,7 @@ impl<T> Slice<T> {
     /// Refuses a slice of fewer than `len` elements, naming the operand `what`.
     pub fn expect(self, len: usize, what: &str) -> Result<Slice<T>> {
         if self.len < len {
-            bail!("{what} has {} elements, {len} needed", self.len);
+            bail!("{what}: {} elements where {len} are needed", self.len);
         }
         Ok(self)
     }
@@ -289,11 +300,12 @@ impl<T> Mat<T> {
     }
 }
 
-/// An NHWC activation `[n, h, w, c]`: the matrix `[n·h·w, c]` (row stride `rs`) with its `n, h, w`.
+/// An NHWC activation `[n, h, w, c]`: the matrix `[n·h·w, c]` (row stride `rs`) with its `n, h, w`
+/// (checked together at construction, so the fields are private).
 pub struct Nhwc<T> {
-    pub n: usize,
-    pub h: usize,
-    pub w: usize,
+    n: usize,
+    h: usize,
+    w: usize,
     mat: Mat<T>,
 }
 
@@ -307,13 +319,21 @@ impl<T> Copy for Nhwc<T> {}
 impl<T> fmt::Debug for Nhwc<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let (n, h, w, c) = (self.n, self.h, self.w, self.mat.cols);
-        write!(f, "Nhwc([{n}, {h}, {w}, {c}] rs {} in {:?})", self.mat.rs, self.mat.slice)
+        write!(
+            f,
+            "Nhwc([{n}, {h}, {w}, {c}] rs {} in {:?})",
+            self.mat.rs, self.mat.slice
+        )
     }
 }
 
 impl<T> Nhwc<T> {
     /// `[n, h, w, c]` at row stride `rs` inside `slice`.
-    pub fn new(slice: Slice<T>, (n, h, w, c): (usize, usize, usize, usize), rs: usize) -> Result<Self> {
+    pub fn new(
+        slice: Slice<T>,
+        (n, h, w, c): (usize, usize, usize, usize),
+        rs: usize,
+    ) -> Result<Self> {
         let rows = n
             .checked_mul(h)
             .and_then(|r| r.checked_mul(w))
@@ -334,6 +354,15 @@ impl<T> Nhwc<T> {
     }
     pub fn mat(self) -> Mat<T> {
         self.mat
+    }
+    pub fn n(self) -> usize {
+        self.n
+    }
+    pub fn h(self) -> usize {
+        self.h
+    }
+    pub fn w(self) -> usize {
+        self.w
     }
     pub fn c(self) -> usize {
         self.mat.cols
@@ -362,6 +391,38 @@ mod tests {
             addr: 0x1000,
             len,
             _t: PhantomData,
+        }
+    }
+
+    /// bf16 from f64 is rounded once: against the exact midpoints between neighbouring bf16s.
+    #[test]
+    fn bf16_from_f64_rounds_once_to_nearest_even() {
+        let mut rng = crate::rng::Rng::new(3);
+        for i in 0..20_000 {
+            let v = match i % 4 {
+                // Just above and below a tie: what rounding through f32 to nearest gets wrong.
+                0 | 1 => {
+                    let b = bf16::from_f32(rng.normal() as f32 * 100.0);
+                    let up = bf16::from_bits(b.to_bits().wrapping_add(1));
+                    let mid = (b.to_f64() + up.to_f64()) / 2.0;
+                    mid * (1.0 + if i % 4 == 0 { 1e-12 } else { -1e-12 })
+                }
+                2 => rng.normal() * 1e-39, // subnormal
+                _ => rng.normal() * 1e30,
+            };
+            let got = <bf16 as Act>::from_f64(v);
+            let bits = got.to_bits();
+            // Neither neighbour is nearer; at a tie (never drawn exactly) the even one wins.
+            for nb in [bits.wrapping_sub(1), bits.wrapping_add(1)] {
+                let other = bf16::from_bits(nb).to_f64();
+                if other.is_nan() {
+                    continue; // past ±0 in the bit order
+                }
+                assert!(
+                    (got.to_f64() - v).abs() <= (other - v).abs(),
+                    "{v:e} rounded to {got}, but {other:e} is nearer"
+                );
+            }
         }
     }
 

@@ -32,9 +32,9 @@ pub struct Aligned<T: ?Sized>(pub T);
 
 /// What the generated launchers use.
 mod prelude {
+    pub use crate::gpu::Act;
     pub use crate::gpu::{arg, launch_params, CInt, Driver, Launch, Ptr};
     pub use crate::precision::Precision;
-    pub use crate::gpu::Act;
     pub use anyhow::Result;
     pub use half::{bf16, f16};
 }

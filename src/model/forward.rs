@@ -4,7 +4,7 @@
 use super::schedule::{BnIdx, Head, Layer, Stem, Step, Transition};
 use super::tape::{BlockAct, Node, Tape};
 use super::{DenseNet, Mode};
-use crate::ops::conv::{bwd_data, bwd_weight, fwd, Conv, Image};
+use crate::ops::conv::{bwd_data, bwd_weight, fwd, Image};
 use crate::ops::{bn, linear, pool, BnRelu, Float};
 
 /// A forward in progress: the block buffer being filled, and what it records.
@@ -165,7 +165,7 @@ impl<T: Float> DenseNet<T> {
             c: 3,
             rs: 3,
         };
-        fwd(xi, None, s.conv.of(&self.params), f0, Conv::STEM, &mut y0, f0);
+        fwd(xi, None, s.conv.of(&self.params), f0, s.conv.g, &mut y0, f0);
         let st0 = p.train.then(|| bn::batch_stats(&y0, m0, f0, f0));
         let (sc, sh) = self.bn_coeffs(s.norm, st0.as_ref().map(|(m, v)| (&m[..], &v[..], m0)));
         let mut a0 = self.buffer(m0 * f0); // overwritten by the BN
@@ -208,7 +208,7 @@ impl<T: Float> DenseNet<T> {
             shift: &t1,
         };
         let w1 = l.conv1.of(&self.params);
-        fwd(prefix, Some(pre1), w1, mid, Conv::POINTWISE, &mut y1, mid);
+        fwd(prefix, Some(pre1), w1, mid, l.conv1.g, &mut y1, mid);
         let st2 = train.then(|| bn::batch_stats(&y1, rows, mid, mid));
         let batch2 = st2.as_ref().map(|(m, v)| (&m[..], &v[..], rows));
         let (s2, t2) = self.bn_coeffs(l.norm2, batch2);
@@ -226,7 +226,7 @@ impl<T: Float> DenseNet<T> {
         };
         let mut cur = cur;
         let w2 = l.conv2.of(&self.params);
-        fwd(yi, Some(pre2), w2, k, Conv::CONV3, &mut cur.buf[c..], ct);
+        fwd(yi, Some(pre2), w2, k, l.conv2.g, &mut cur.buf[c..], ct);
         if train {
             cur.cache_stats(c, k);
         }
@@ -260,7 +260,7 @@ impl<T: Float> DenseNet<T> {
             rs: ct,
         };
         let wt = t.conv.of(&self.params);
-        fwd(pi, None, wt, t.conv.co, Conv::POINTWISE, &mut next.buf, nct);
+        fwd(pi, None, wt, t.conv.co, t.conv.g, &mut next.buf, nct);
         if p.train {
             next.cache_stats(0, t.conv.co);
         }
@@ -346,7 +346,13 @@ impl<T: Float> DenseNet<T> {
         self.spare.push(da);
     }
 
-    fn layer_bwd(&mut self, l: &Layer, tape: &Tape<T>, saved: (Vec<T>, Vec<T>, Vec<T>), g: &mut Grads<T>) {
+    fn layer_bwd(
+        &mut self,
+        l: &Layer,
+        tape: &Tape<T>,
+        saved: (Vec<T>, Vec<T>, Vec<T>),
+        g: &mut Grads<T>,
+    ) {
         let (y1, mean2, var2) = saved;
         let blk = &tape.blocks[l.block];
         let dbuf = &mut g.dbufs[l.block];
@@ -367,10 +373,10 @@ impl<T: Float> DenseNet<T> {
             shift: &t2,
         };
         let g2 = &mut self.grads[l.conv2.p..l.conv2.p + l.conv2.len()];
-        bwd_weight(yi, Some(pre2), Conv::CONV3, &dbuf[c..], ct, k, g2);
+        bwd_weight(yi, Some(pre2), l.conv2.g, &dbuf[c..], ct, k, g2);
         let da2 = scratch(&mut g.da2, rows * mid); // overwritten below
         let w2 = l.conv2.of(&self.params);
-        bwd_data(&dbuf[c..], ct, k, w2, Conv::CONV3, (n, h, w, mid), da2);
+        bwd_data(&dbuf[c..], ct, k, w2, l.conv2.g, (n, h, w, mid), da2);
         let dy1 = scratch(&mut g.dy1, rows * mid); // overwritten below
         let (x2, d2) = ((&y1[..], mid), (&da2[..], mid));
         self.bn_bwd(l.norm2, g.train, x2, &mean2, &var2, d2, (dy1, mid), false);
@@ -390,16 +396,22 @@ impl<T: Float> DenseNet<T> {
             shift: &t1,
         };
         let g1 = &mut self.grads[l.conv1.p..l.conv1.p + l.conv1.len()];
-        bwd_weight(prefix, Some(pre1), Conv::POINTWISE, dy1, mid, mid, g1);
+        bwd_weight(prefix, Some(pre1), l.conv1.g, dy1, mid, mid, g1);
         let da1 = scratch(&mut g.da1, rows * c); // overwritten below
         let w1 = l.conv1.of(&self.params);
-        bwd_data(dy1, mid, mid, w1, Conv::POINTWISE, (n, h, w, c), da1);
+        bwd_data(dy1, mid, mid, w1, l.conv1.g, (n, h, w, c), da1);
         let (x1, d1) = ((&blk.buf[..], ct), (&da1[..], c));
         self.bn_bwd(l.norm1, g.train, x1, &mean1, &var1, d1, (dbuf, ct), true);
         self.spare.push(y1);
     }
 
-    fn transition_bwd(&mut self, t: &Transition, tape: &mut Tape<T>, pooled: Vec<T>, g: &mut Grads<T>) {
+    fn transition_bwd(
+        &mut self,
+        t: &Transition,
+        tape: &mut Tape<T>,
+        pooled: Vec<T>,
+        g: &mut Grads<T>,
+    ) {
         let b = t.block;
         let (blk, nxt) = (&tape.blocks[b], &tape.blocks[b + 1]);
         let (ct, nct, n) = (t.c_in, t.next_c_total, blk.n);
@@ -413,11 +425,11 @@ impl<T: Float> DenseNet<T> {
             rs: ct,
         };
         let gt = &mut self.grads[t.conv.p..t.conv.p + t.conv.len()];
-        bwd_weight(pi, None, Conv::POINTWISE, &dnext, nct, t.conv.co, gt);
+        bwd_weight(pi, None, t.conv.g, &dnext, nct, t.conv.co, gt);
         let mut dp = self.buffer(nxt.rows() * ct); // overwritten below
         let wt = t.conv.of(&self.params);
         let dims = (n, nxt.h, nxt.w, ct);
-        bwd_data(&dnext, nct, t.conv.co, wt, Conv::POINTWISE, dims, &mut dp);
+        bwd_data(&dnext, nct, t.conv.co, wt, t.conv.g, dims, &mut dp);
         let mut da = self.buffer(blk.rows() * ct); // overwritten by the pool
         pool::avgpool_bwd(n, blk.h, blk.w, ct, &dp, ct, &mut da);
         let mut dbuf = self.buffer(blk.rows() * ct); // overwritten by the BN backward
@@ -458,7 +470,7 @@ impl<T: Float> DenseNet<T> {
             rs: 3,
         };
         let g0 = &mut self.grads[s.conv.p..s.conv.p + s.conv.len()];
-        bwd_weight(xi, None, Conv::STEM, &dy0, f0, f0, g0);
+        bwd_weight(xi, None, s.conv.g, &dy0, f0, f0, g0);
         let (b0, d0) = (
             std::mem::take(&mut tape.blocks[0].buf),
             std::mem::take(&mut g.dbufs[0]),

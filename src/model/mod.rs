@@ -10,13 +10,13 @@ mod tape;
 
 pub use schedule::{Layout, Schedule};
 
-use tape::Tape;
 use crate::ops::Float;
 use crate::rng::Rng;
 use crate::spec::{DenseNetSpec, Role};
 use crate::weights::{NamedTensor, StateDict, TensorData};
 use anyhow::{bail, Result};
 use std::collections::HashMap;
+use tape::Tape;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
@@ -64,7 +64,7 @@ impl<T: Float> DenseNet<T> {
         let mut m = Self::zeroed(spec);
         let mut rng = Rng::new(seed);
         for cv in m.layout.convs() {
-            let std = (2.0 / (cv.ci * cv.k * cv.k) as f64).sqrt();
+            let std = (2.0 / (cv.ci * cv.g.k * cv.g.k) as f64).sqrt();
             for v in &mut m.params[cv.p..cv.p + cv.len()] {
                 *v = T::from_f64(std * rng.normal());
             }
@@ -218,7 +218,11 @@ pub fn from_state_dict<T: Float>(
     let mut seen = vec![false; slots.len()];
     for nt in &sd.tensors {
         let Some(&i) = known.get(nt.name.as_str()) else {
-            bail!("unexpected key '{}' in state dict for {}", nt.name, spec.arch);
+            bail!(
+                "unexpected key '{}' in state dict for {}",
+                nt.name,
+                spec.arch
+            );
         };
         if seen[i] {
             bail!("duplicate key '{}' in state dict", nt.name);
@@ -251,7 +255,11 @@ pub fn from_state_dict<T: Float>(
         }
     }
     if let Some(i) = seen.iter().position(|s| !s) {
-        bail!("missing key '{}' in state dict for {}", slots[i].0.name, spec.arch);
+        bail!(
+            "missing key '{}' in state dict for {}",
+            slots[i].0.name,
+            spec.arch
+        );
     }
     Ok((params, stats, counters))
 }

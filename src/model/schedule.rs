@@ -30,18 +30,18 @@ pub struct BnIdx {
     pub c: usize,
 }
 
-/// A conv weight `[k, k, ci, co]` at `params[p..]`.
+/// A convolution: its geometry, and its weight `[k, k, ci, co]` at `params[p..]`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ConvIdx {
     pub p: usize,
-    pub k: usize,
+    pub g: Conv,
     pub ci: usize,
     pub co: usize,
 }
 
 impl ConvIdx {
     pub fn len(&self) -> usize {
-        self.k * self.k * self.ci * self.co
+        self.g.k * self.g.k * self.ci * self.co
     }
     pub fn is_empty(&self) -> bool {
         self.len() == 0
@@ -104,9 +104,9 @@ impl Layout {
             cnt: at[&format!("{name}.num_batches_tracked")],
             c,
         };
-        let conv = |name: &str, k: usize, ci: usize, co: usize| ConvIdx {
+        let conv = |name: &str, g: Conv, ci: usize, co: usize| ConvIdx {
             p: at[&format!("{name}.weight")],
-            k,
+            g,
             ci,
             co,
         };
@@ -122,9 +122,9 @@ impl Layout {
                         let c = ins[b] + l * k;
                         LayerIdx {
                             norm1: bn(&format!("{p}.norm1"), c),
-                            conv1: conv(&format!("{p}.conv1"), 1, c, mid),
+                            conv1: conv(&format!("{p}.conv1"), Conv::POINTWISE, c, mid),
                             norm2: bn(&format!("{p}.norm2"), mid),
-                            conv2: conv(&format!("{p}.conv2"), 3, mid, k),
+                            conv2: conv(&format!("{p}.conv2"), Conv::CONV3, mid, k),
                         }
                     })
                     .collect();
@@ -132,7 +132,7 @@ impl Layout {
                     let p = format!("features.transition{}", b + 1);
                     (
                         bn(&format!("{p}.norm"), c_total),
-                        conv(&format!("{p}.conv"), 1, c_total, c_total / 2),
+                        conv(&format!("{p}.conv"), Conv::POINTWISE, c_total, c_total / 2),
                     )
                 });
                 BlockIdx {
@@ -144,7 +144,7 @@ impl Layout {
             .collect();
         let f0 = spec.num_init_features;
         Layout {
-            conv0: conv("features.conv0", 7, 3, f0),
+            conv0: conv("features.conv0", Conv::STEM, 3, f0),
             norm0: bn("features.norm0", f0),
             blocks,
             norm5: bn("features.norm5", c_final),
@@ -409,7 +409,10 @@ mod tests {
         let Step::Layer(l) = fwd[8] else {
             panic!("block 1 starts after transition 0")
         };
-        assert_eq!((l.block, l.index, l.c_in, l.c_total, l.hw.h), (1, 0, 128, 512, 28));
+        assert_eq!(
+            (l.block, l.index, l.c_in, l.c_total, l.hw.h),
+            (1, 0, 128, 512, 28)
+        );
         let bwd = s.backward();
         assert!(matches!(bwd[0], Step::Head(_)) && matches!(bwd.last(), Some(Step::Stem(_))));
         assert!(Schedule::new(&lay, "densenet169", 3, 224).is_err());

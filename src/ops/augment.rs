@@ -35,7 +35,12 @@ impl AugParams {
         let scale = src_size as f32 / out_size as f32;
         let (sin, cos) = (self.angle_deg.to_radians()).sin_cos();
         let sign = if self.flip { -1.0 } else { 1.0 };
-        [sign * scale * cos, -scale * sin, sign * scale * sin, scale * cos]
+        [
+            sign * scale * cos,
+            -scale * sin,
+            sign * scale * sin,
+            scale * cos,
+        ]
     }
 }
 

@@ -4,9 +4,8 @@
 //! The forward is split into statistics and a per-channel affine `x * scale + shift`
 //! (optionally followed by ReLU) so callers can fuse the affine into GEMM packing.
 
-use crate::consts::{BN_EPS, BN_MOMENTUM};
 use super::{par_rows, row_sums, Float};
-
+use crate::consts::{BN_EPS, BN_MOMENTUM};
 
 /// Per-channel batch mean and biased variance (two passes, f64 accumulation).
 pub fn batch_stats<T: Float>(x: &[T], rows: usize, c: usize, rs: usize) -> (Vec<T>, Vec<T>) {

@@ -33,6 +33,23 @@ impl Conv {
         pad: 1,
     };
 
+    /// Refuses a window with no output on an `h × w` input (where [`Conv::out_hw`] would
+    /// underflow).
+    pub fn check(&self, h: usize, w: usize) -> anyhow::Result<()> {
+        if self.k == 0 || self.stride == 0 || h + 2 * self.pad < self.k || w + 2 * self.pad < self.k
+        {
+            anyhow::bail!(
+                "a {}x{}/{} pad {} convolution has no output on a {h}x{w} input",
+                self.k,
+                self.k,
+                self.stride,
+                self.pad
+            );
+        }
+        Ok(())
+    }
+
+    /// The output size on an `h × w` input (see [`Conv::check`]).
     pub fn out_hw(&self, h: usize, w: usize) -> (usize, usize) {
         (
             (h + 2 * self.pad - self.k) / self.stride + 1,

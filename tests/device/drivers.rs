@@ -1,8 +1,8 @@
 //! Device selection and `mura info`, with or without a CUDA driver on the machine; graph
 //! capture and replay on the executor named by MURA_TEST_DEVICE (the emulator by default).
 
-use anyhow::{bail, Result};
 use crate::common::gpu::{seed, test_driver};
+use anyhow::{bail, Result};
 use half::bf16;
 use mura::device::Device;
 use mura::gpu::kernels::testing as k;

@@ -109,7 +109,12 @@ fn atomics() {
     let fsum = DeviceBuffer::<f32>::alloc(&d, 1).unwrap();
     let imax = DeviceBuffer::<i32>::alloc(&d, 1).unwrap();
     let count = DeviceBuffer::<u32>::alloc(&d, 1).unwrap();
-    for b in [hist.ptr().addr(), fsum.ptr().addr(), imax.ptr().addr(), count.ptr().addr()] {
+    for b in [
+        hist.ptr().addr(),
+        fsum.ptr().addr(),
+        imax.ptr().addr(),
+        count.ptr().addr(),
+    ] {
         d.memset(b, 0, 4).unwrap();
     }
     hist.fill_bytes(0).unwrap();
@@ -301,7 +306,16 @@ fn emu_reports_planted_bugs() {
     }
     // The emulator is still usable after failed launches.
     let out = DeviceBuffer::<i32>::alloc(&d, 128).unwrap();
-    launch_out(&d, "selftest_barrier_fwd_i32", out.ptr().addr(), None, 2, 64, 0).unwrap();
+    launch_out(
+        &d,
+        "selftest_barrier_fwd_i32",
+        out.ptr().addr(),
+        None,
+        2,
+        64,
+        0,
+    )
+    .unwrap();
 }
 
 #[test]
@@ -310,9 +324,27 @@ fn emu_rejects_bad_launches() {
     let out = DeviceBuffer::<i32>::alloc(&d, 64).unwrap();
     let e = launch_out(&d, "no_such_kernel", out.ptr().addr(), None, 1, 32, 0).unwrap_err();
     assert!(format!("{e}").contains("no kernel named 'no_such_kernel'"));
-    let e = launch_out(&d, "selftest_barrier_fwd_i32", out.ptr().addr(), Some(1), 1, 32, 0).unwrap_err();
+    let e = launch_out(
+        &d,
+        "selftest_barrier_fwd_i32",
+        out.ptr().addr(),
+        Some(1),
+        1,
+        32,
+        0,
+    )
+    .unwrap_err();
     assert!(format!("{e}").contains("takes 1 parameters, 2 given"));
-    let e = launch_out(&d, "selftest_barrier_fwd_i32", out.ptr().addr(), None, 1, 2048, 0).unwrap_err();
+    let e = launch_out(
+        &d,
+        "selftest_barrier_fwd_i32",
+        out.ptr().addr(),
+        None,
+        1,
+        2048,
+        0,
+    )
+    .unwrap_err();
     assert!(format!("{e}").contains("invalid launch"));
     // The most dynamic shared memory a block may have on every target GPU (sm_86/89, with the
     // opt-in): 99 KiB pass, a byte more does not.
@@ -425,8 +457,13 @@ fn float_conversions() {
         d.memset(buf, 0xff, 2 * n).unwrap();
     }
     back.fill_bytes(0xff).unwrap();
-    let (mut b, mut h, mut bk, mut xp, mut ni) =
-        (bb.ptr().addr(), hb.ptr().addr(), back.ptr().addr(), xb.ptr().addr(), n as i32);
+    let (mut b, mut h, mut bk, mut xp, mut ni) = (
+        bb.ptr().addr(),
+        hb.ptr().addr(),
+        back.ptr().addr(),
+        xb.ptr().addr(),
+        n as i32,
+    );
     let mut params = [
         arg(&mut b),
         arg(&mut h),
@@ -507,7 +544,16 @@ fn ldmatrix_forms() {
     let d = driver();
     let out = DeviceBuffer::<u32>::alloc(&d, 32 * 13).unwrap();
     out.fill_bytes(0xff).unwrap();
-    launch_out(&d, "selftest_ldmatrix_fwd_i32", out.ptr().addr(), None, 1, 32, 0).unwrap();
+    launch_out(
+        &d,
+        "selftest_ldmatrix_fwd_i32",
+        out.ptr().addr(),
+        None,
+        1,
+        32,
+        0,
+    )
+    .unwrap();
     let got = out.to_vec().unwrap();
     let tile = |r: usize, c: usize| (8 * r + c) as u32;
     let pair = |a: u32, b: u32| a | (b << 16);

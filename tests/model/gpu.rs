@@ -3,14 +3,14 @@
 //! parameter's gradient, Adam-updated weights, BN running statistics — then eval logits and
 //! the CAM feature map; and bf16 storage tracking f32 over a few steps.
 
+use super::{loss, model, model_of, tiny};
 use crate::common::gpu::{f64s, rel_err, seed, test_driver};
 use half::bf16;
-use super::{loss, model, model_of, tiny};
+use mura::backend;
 use mura::device::Device;
 use mura::gpu::model::{Engine, GpuDenseNet};
 use mura::gpu::Driver;
 use mura::model::{DenseNet, Mode};
-use mura::backend;
 use mura::net::Net;
 use mura::optim::Adam;
 use mura::precision::Precision;
@@ -214,8 +214,8 @@ fn training_step_matches_cpu() {
 /// in the gradient (the CUDA-core bf16 path measured the same). The bounds (logits 0.1, whole
 /// gradient 0.4, each tensor carrying ≥ 5% of the norm 0.8) catch gross wiring errors — a
 /// gradient lost, doubled, negated or sent to the wrong tensor is ≥ 100% off. The sharp checks
-/// are elsewhere: every fused kernel against the CPU reference at 1e-2 (tests/gpu_conv_tc.rs,
-/// tests/gpu_densenet_ops.rs), and the backward's structure, deferred BN terms included, which
+/// are elsewhere: every fused kernel against the CPU reference at 1e-2 (tests/ops/conv_tc.rs,
+/// tests/ops/bn.rs and the other op tests), and the backward's structure, deferred BN terms included, which
 /// the f32 path shares, at 1e-4 in `training_step_matches_cpu`.
 #[test]
 fn bf16_training_step_matches_cpu() {

@@ -2,8 +2,8 @@
 //! default): the store's u8 images uploaded as they are and augmented by the model's device
 //! give the same training step and the same predictions as f32 inputs built on the host.
 
-use crate::common::gpu::{f64s, rel_err, seed, test_driver};
 use super::{loss, model};
+use crate::common::gpu::{f64s, rel_err, seed, test_driver};
 use mura::data::loader::{aug_params, Augment, Loader, LoaderConfig};
 use mura::data::prep::{prep, PrepConfig};
 use mura::data::store::Store;
@@ -15,8 +15,8 @@ use mura::loss::LossLevel;
 use mura::model::Mode;
 use mura::net::Net;
 use mura::ops::augment::{self, AugParams};
-use mura::precision::Precision;
 use mura::optim::Adam;
+use mura::precision::Precision;
 use mura::rng::Rng;
 use mura::weights::TensorData;
 use std::sync::Arc;

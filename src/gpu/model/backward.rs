@@ -7,14 +7,13 @@
 //! `deferred` terms) and added once the channel's gradient is complete, before its producer's
 //! backward ([`GpuDenseNet::apply_deferred`]).
 
-use super::engine::{BnConv, ConvOp};
+use super::engine::BnConv;
 use super::plan::{stats_of, BlockBufs, Plan};
 use super::{Engine, GpuDenseNet, Pass};
 use crate::gpu::ops::bn::{self, Grad, Saved};
 use crate::gpu::ops::{linear, pool};
 use crate::gpu::{Mat, Nhwc};
 use crate::model::schedule::{BnIdx, Head, Layer, Stem, Step, Transition};
-use crate::ops::conv::Conv;
 use anyhow::{bail, Context, Result};
 
 impl<T: Engine> GpuDenseNet<T> {
@@ -43,7 +42,9 @@ impl<T: Engine> GpuDenseNet<T> {
         let dst = plan.logits_grad.slice().range(0, plan.n)?;
         self.d
             .htod(dst.ptr().addr(), bytemuck::cast_slice(dlogits))?;
-        self.run_graph((Pass::Backward, plan.n), &|m: &Self| m.backward_kernels(plan))?;
+        self.run_graph((Pass::Backward, plan.n), &|m: &Self| {
+            m.backward_kernels(plan)
+        })?;
         self.d.synchronize()
     }
 
@@ -94,7 +95,16 @@ impl<T: Engine> GpuDenseNet<T> {
             accumulate: false,
         };
         let dparams = self.bn_grads(hd.norm)?;
-        bn::backward(d, saved, true, true, dfeatures.mat(), dparams, dx, self.bn_scratch())
+        bn::backward(
+            d,
+            saved,
+            true,
+            true,
+            dfeatures.mat(),
+            dparams,
+            dx,
+            self.bn_scratch(),
+        )
     }
 
     /// The transition from block `t.block` to the next: the 1×1's gradients, the pool's, and the
@@ -103,16 +113,15 @@ impl<T: Engine> GpuDenseNet<T> {
         let (d, n, ct) = (&*self.d, plan.n, t.c_in);
         let (block, next) = (&plan.blocks[t.block], &plan.blocks[t.block + 1]);
         self.apply_deferred(next, n, 0, t.conv.co)?;
-        let pooled = block.pooled.as_ref().context("a transition's pooled buffer")?;
+        let pooled = block
+            .pooled
+            .as_ref()
+            .context("a transition's pooled buffer")?;
         let pooled = Nhwc::new(pooled.slice(), (n, t.hw_out.h, t.hw_out.w, ct), ct)?;
         let dnext = next.grads(n)?.channels(0, t.conv.co)?;
-        let op = ConvOp {
-            conv: t.conv,
-            g: Conv::POINTWISE,
-        };
-        T::conv_bwd_weight(self, pooled, op, dnext)?;
+        T::conv_bwd_weight(self, pooled, t.conv, dnext)?;
         let dpooled = plan.scratch(0, t.hw_out, ct)?;
-        T::conv_bwd_data(self, dnext, op, dpooled)?;
+        T::conv_bwd_data(self, dnext, t.conv, dpooled)?;
         let dacts = plan.scratch(1, t.hw_in, ct)?;
         pool::avgpool_bwd(d, dpooled, dacts)?;
         let saved = self.saved_in_block(t.norm, block, n)?;
@@ -121,7 +130,16 @@ impl<T: Engine> GpuDenseNet<T> {
             accumulate: false,
         };
         let dparams = self.bn_grads(t.norm)?;
-        bn::backward(d, saved, true, true, dacts.mat(), dparams, dx, self.bn_scratch())
+        bn::backward(
+            d,
+            saved,
+            true,
+            true,
+            dacts.mat(),
+            dparams,
+            dx,
+            self.bn_scratch(),
+        )
     }
 
     /// A dense layer: its output channels' gradient completed by their deferred terms, then
@@ -141,10 +159,7 @@ impl<T: Engine> GpuDenseNet<T> {
                 stats: stats_of(block.bottleneck_stats[l.index].slice(), mid, 0, mid)?,
                 coef: self.coefs(l.norm2)?,
             },
-            op: ConvOp {
-                conv: l.conv2,
-                g: Conv::CONV3,
-            },
+            conv: l.conv2,
         };
         let dy1 = plan.scratch(1, l.hw, mid)?;
         let dout = block.grads(n)?.channels(c, k)?;
@@ -152,21 +167,32 @@ impl<T: Engine> GpuDenseNet<T> {
             mat: dy1.mat(),
             accumulate: false,
         };
-        T::layer_bwd(self, conv2, dout, into_dy1, plan.scratch(0, l.hw, mid)?, None)?;
+        T::layer_bwd(
+            self,
+            conv2,
+            dout,
+            into_dy1,
+            plan.scratch(0, l.hw, mid)?,
+            None,
+        )?;
         let conv1 = BnConv {
             bn: l.norm1,
             saved: self.saved_in_block(l.norm1, block, n)?,
-            op: ConvOp {
-                conv: l.conv1,
-                g: Conv::POINTWISE,
-            },
+            conv: l.conv1,
         };
         let into_block = Grad {
             mat: block.grads(n)?.channels(0, c)?.mat(),
             accumulate: true,
         };
         let deferred = Some(block.deferred(0, c)?);
-        T::layer_bwd(self, conv1, dy1, into_block, plan.scratch(0, l.hw, c)?, deferred)
+        T::layer_bwd(
+            self,
+            conv1,
+            dy1,
+            into_block,
+            plan.scratch(0, l.hw, c)?,
+            deferred,
+        )
     }
 
     /// The max pool's gradient (through norm0 + ReLU recomputed from conv0's output), norm0's,
@@ -190,12 +216,17 @@ impl<T: Engine> GpuDenseNet<T> {
             accumulate: false,
         };
         let dparams = self.bn_grads(s.norm)?;
-        bn::backward(d, saved, true, true, da0.mat(), dparams, dx, self.bn_scratch())?;
-        let op = ConvOp {
-            conv: s.conv,
-            g: Conv::STEM,
-        };
-        T::conv_bwd_weight(self, plan.input()?, op, dy0)
+        bn::backward(
+            d,
+            saved,
+            true,
+            true,
+            da0.mat(),
+            dparams,
+            dx,
+            self.bn_scratch(),
+        )?;
+        T::conv_bwd_weight(self, plan.input()?, s.conv, dy0)
     }
 
     /// Adds the deferred BN-backward terms of `block`'s channels `[c0, c0 + c)` (every reader's

@@ -15,16 +15,8 @@ use crate::gpu::ops::conv_tc::{self, Mask};
 use crate::gpu::ops::{cast, conv, Act, BnRelu};
 use crate::gpu::{Nhwc, Slice};
 use crate::model::schedule::{BnIdx, ConvIdx};
-use crate::ops::conv::Conv;
 use anyhow::Result;
 use half::bf16;
-
-/// A convolution of the model: its weights and its geometry.
-#[derive(Clone, Copy, Debug)]
-pub struct ConvOp {
-    pub conv: ConvIdx,
-    pub g: Conv,
-}
 
 /// A dense layer's BN + ReLU → convolution, as its backward sees it.
 #[derive(Clone, Copy, Debug)]
@@ -32,7 +24,7 @@ pub struct BnConv<T> {
     pub bn: BnIdx,
     /// What the BN normalised: its input, statistics and coefficients.
     pub saved: Saved<T>,
-    pub op: ConvOp,
+    pub conv: ConvIdx,
 }
 
 /// The storage type of the GPU model's activations, with the convolutions that go with it.
@@ -43,7 +35,12 @@ pub trait Engine: Act {
     /// The host's f32 batch `x` into the model's input `input` (`staging`: an f32 buffer of the
     /// same length, for a type other than f32).
     #[doc(hidden)]
-    fn load_input(m: &GpuDenseNet<Self>, x: &[f32], staging: Option<Slice<f32>>, input: Slice<Self>) -> Result<()>;
+    fn load_input(
+        m: &GpuDenseNet<Self>,
+        x: &[f32],
+        staging: Option<Slice<f32>>,
+        input: Slice<Self>,
+    ) -> Result<()>;
 
     /// `y = conv(pre(x))`; with `stats`, also the batch statistics of `y`'s channels, into
     /// `stats` (f32: a pass over `y`; returns 0) or summed in the epilogue into the model's sums
@@ -55,7 +52,7 @@ pub trait Engine: Act {
         m: &GpuDenseNet<Self>,
         x: Nhwc<Self>,
         pre: Option<BnRelu>,
-        op: ConvOp,
+        cv: ConvIdx,
         y: Nhwc<Self>,
         stats: Option<Stats>,
         ws: Option<Slice<f32>>,
@@ -77,31 +74,49 @@ pub trait Engine: Act {
 
     /// The weight gradient of a convolution with no BN in front (the stem, a transition).
     #[doc(hidden)]
-    fn conv_bwd_weight(m: &GpuDenseNet<Self>, x: Nhwc<Self>, op: ConvOp, dy: Nhwc<Self>) -> Result<()>;
+    fn conv_bwd_weight(
+        m: &GpuDenseNet<Self>,
+        x: Nhwc<Self>,
+        cv: ConvIdx,
+        dy: Nhwc<Self>,
+    ) -> Result<()>;
 
     /// The data gradient of a 1×1 convolution with no BN in front (a transition), overwriting `dx`.
     #[doc(hidden)]
-    fn conv_bwd_data(m: &GpuDenseNet<Self>, dy: Nhwc<Self>, op: ConvOp, dx: Nhwc<Self>) -> Result<()>;
+    fn conv_bwd_data(
+        m: &GpuDenseNet<Self>,
+        dy: Nhwc<Self>,
+        cv: ConvIdx,
+        dx: Nhwc<Self>,
+    ) -> Result<()>;
 }
 
 impl Engine for f32 {
     const TENSOR_CORES: bool = false;
 
-    fn load_input(m: &GpuDenseNet<f32>, x: &[f32], _: Option<Slice<f32>>, input: Slice<f32>) -> Result<()> {
-        m.d.htod(input.range(0, x.len())?.ptr().addr(), bytemuck::cast_slice(x))
+    fn load_input(
+        m: &GpuDenseNet<f32>,
+        x: &[f32],
+        _: Option<Slice<f32>>,
+        input: Slice<f32>,
+    ) -> Result<()> {
+        m.d.htod(
+            input.range(0, x.len())?.ptr().addr(),
+            bytemuck::cast_slice(x),
+        )
     }
 
     fn conv_fwd(
         m: &GpuDenseNet<f32>,
         x: Nhwc<f32>,
         pre: Option<BnRelu>,
-        op: ConvOp,
+        cv: ConvIdx,
         y: Nhwc<f32>,
         stats: Option<Stats>,
         _ws: Option<Slice<f32>>,
     ) -> Result<usize> {
         let d = &*m.d;
-        conv::fwd(d, x, pre, m.conv_weights(op.conv)?, op.g, y)?;
+        conv::fwd(d, x, pre, m.conv_weights(cv)?, cv.g, y)?;
         if let Some(stats) = stats {
             bn::batch_stats(d, y.mat(), stats, m.bn_part.slice())?;
         }
@@ -116,12 +131,12 @@ impl Engine for f32 {
         scratch: Nhwc<f32>,
         deferred: Option<bn::Deferred>,
     ) -> Result<()> {
-        let (d, op, s) = (&*m.d, layer.op, layer.saved);
+        let (d, cv, s) = (&*m.d, layer.conv, layer.saved);
         let (pre, dparams) = (m.coefs(layer.bn)?, m.bn_grads(layer.bn)?);
         let x = Nhwc::new(s.x.slice(), scratch.dims(), s.x.rs())?;
-        let dw = m.grad(op.conv.p, op.conv.len())?;
-        conv::bwd_weight(d, x, Some(pre), op.g, dy, dw)?;
-        conv::bwd_data(d, dy, m.conv_weights(op.conv)?, op.g, scratch, false)?;
+        let dw = m.grad(cv.p, cv.len())?;
+        conv::bwd_weight(d, x, Some(pre), cv.g, dy, dw)?;
+        conv::bwd_data(d, dy, m.conv_weights(cv)?, cv.g, scratch, false)?;
         let da = scratch.mat();
         match deferred {
             Some(def) => bn::backward_deferred(d, s, da, dparams, dx, m.bn_part.slice(), def),
@@ -129,21 +144,38 @@ impl Engine for f32 {
         }
     }
 
-    fn conv_bwd_weight(m: &GpuDenseNet<f32>, x: Nhwc<f32>, op: ConvOp, dy: Nhwc<f32>) -> Result<()> {
-        let dw = m.grad(op.conv.p, op.conv.len())?;
-        conv::bwd_weight(&*m.d, x, None, op.g, dy, dw)
+    fn conv_bwd_weight(
+        m: &GpuDenseNet<f32>,
+        x: Nhwc<f32>,
+        cv: ConvIdx,
+        dy: Nhwc<f32>,
+    ) -> Result<()> {
+        let dw = m.grad(cv.p, cv.len())?;
+        conv::bwd_weight(&*m.d, x, None, cv.g, dy, dw)
     }
 
-    fn conv_bwd_data(m: &GpuDenseNet<f32>, dy: Nhwc<f32>, op: ConvOp, dx: Nhwc<f32>) -> Result<()> {
-        conv::bwd_data(&*m.d, dy, m.conv_weights(op.conv)?, op.g, dx, false)
+    fn conv_bwd_data(
+        m: &GpuDenseNet<f32>,
+        dy: Nhwc<f32>,
+        cv: ConvIdx,
+        dx: Nhwc<f32>,
+    ) -> Result<()> {
+        conv::bwd_data(&*m.d, dy, m.conv_weights(cv)?, cv.g, dx, false)
     }
 }
 
 impl Engine for bf16 {
     const TENSOR_CORES: bool = true;
 
-    fn load_input(m: &GpuDenseNet<bf16>, x: &[f32], staging: Option<Slice<f32>>, input: Slice<bf16>) -> Result<()> {
-        let staging = staging.expect("a bf16 plan has an f32 staging buffer").range(0, x.len())?;
+    fn load_input(
+        m: &GpuDenseNet<bf16>,
+        x: &[f32],
+        staging: Option<Slice<f32>>,
+        input: Slice<bf16>,
+    ) -> Result<()> {
+        let staging = staging
+            .expect("a bf16 plan has an f32 staging buffer")
+            .range(0, x.len())?;
         m.d.htod(staging.ptr().addr(), bytemuck::cast_slice(x))?;
         cast::to_bf16(&*m.d, staging, input.range(0, x.len())?)
     }
@@ -152,7 +184,7 @@ impl Engine for bf16 {
         m: &GpuDenseNet<bf16>,
         x: Nhwc<bf16>,
         pre: Option<BnRelu>,
-        op: ConvOp,
+        cv: ConvIdx,
         y: Nhwc<bf16>,
         stats: Option<Stats>,
         ws: Option<Slice<f32>>,
@@ -162,8 +194,8 @@ impl Engine for bf16 {
             Some(_) => Some(m.sums(y.c())?),
             None => None,
         };
-        let wt = m.conv_weights_bf16(op.conv)?;
-        conv_tc::fwd(&*m.d, x, pre, wt, op.g, y, sums, ws)?;
+        let wt = m.conv_weights_bf16(cv)?;
+        conv_tc::fwd(&*m.d, x, pre, wt, cv.g, y, sums, ws)?;
         Ok(if stats.is_some() { y.c() } else { 0 })
     }
 
@@ -175,31 +207,41 @@ impl Engine for bf16 {
         scratch: Nhwc<bf16>,
         deferred: Option<bn::Deferred>,
     ) -> Result<()> {
-        let (d, op, s) = (&*m.d, layer.op, layer.saved);
+        let (d, cv, s) = (&*m.d, layer.conv, layer.saved);
         let (pre, dparams) = (m.coefs(layer.bn)?, m.bn_grads(layer.bn)?);
         let x = Nhwc::new(s.x.slice(), scratch.dims(), s.x.rs())?;
-        let dw = m.grad(op.conv.p, op.conv.len())?;
-        conv_tc::bwd_weight(d, x, Some(pre), op.g, dy, dw)?;
-        let (wt, sums) = (m.conv_weights_bf16(op.conv)?, m.sums(x.c())?);
+        let dw = m.grad(cv.p, cv.len())?;
+        conv_tc::bwd_weight(d, x, Some(pre), cv.g, dy, dw)?;
+        let (wt, sums) = (m.conv_weights_bf16(cv)?, m.sums(x.c())?);
         let mask = Some(Mask { x, bn: pre });
         if let Some(def) = deferred {
             let out = Nhwc::new(dx.mat.slice(), x.dims(), dx.mat.rs())?;
             let post = Some(pre.scale);
-            conv_tc::bwd_data(d, dy, wt, op.g, out, dx.accumulate, mask, Some(sums), post)?;
+            conv_tc::bwd_data(d, dy, wt, cv.g, out, dx.accumulate, mask, Some(sums), post)?;
             return bn::defer_from_sums(d, s, sums, dparams, def);
         }
-        conv_tc::bwd_data(d, dy, wt, op.g, scratch, false, mask, Some(sums), None)?;
+        conv_tc::bwd_data(d, dy, wt, cv.g, scratch, false, mask, Some(sums), None)?;
         let coef = m.bn_coef.slice();
         bn::backward_from_sums(d, s, sums, scratch.mat(), dparams, dx, coef)
     }
 
-    fn conv_bwd_weight(m: &GpuDenseNet<bf16>, x: Nhwc<bf16>, op: ConvOp, dy: Nhwc<bf16>) -> Result<()> {
-        let dw = m.grad(op.conv.p, op.conv.len())?;
-        conv_tc::bwd_weight(&*m.d, x, None, op.g, dy, dw)
+    fn conv_bwd_weight(
+        m: &GpuDenseNet<bf16>,
+        x: Nhwc<bf16>,
+        cv: ConvIdx,
+        dy: Nhwc<bf16>,
+    ) -> Result<()> {
+        let dw = m.grad(cv.p, cv.len())?;
+        conv_tc::bwd_weight(&*m.d, x, None, cv.g, dy, dw)
     }
 
-    fn conv_bwd_data(m: &GpuDenseNet<bf16>, dy: Nhwc<bf16>, op: ConvOp, dx: Nhwc<bf16>) -> Result<()> {
-        let wt = m.conv_weights_bf16(op.conv)?;
-        conv_tc::bwd_data(&*m.d, dy, wt, op.g, dx, false, None, None, None)
+    fn conv_bwd_data(
+        m: &GpuDenseNet<bf16>,
+        dy: Nhwc<bf16>,
+        cv: ConvIdx,
+        dx: Nhwc<bf16>,
+    ) -> Result<()> {
+        let wt = m.conv_weights_bf16(cv)?;
+        conv_tc::bwd_data(&*m.d, dy, wt, cv.g, dx, false, None, None, None)
     }
 }

@@ -1,14 +1,12 @@
 //! The GPU model's forward: the input into the plan, then one launch sequence per stage of the
 //! schedule (captured once as a graph per batch size and mode), then the logits to the host.
 
-use super::engine::ConvOp;
 use super::plan::{stats_of, Plan, RawIn};
 use super::{Engine, GpuDenseNet, Pass};
 use crate::gpu::ops::{augment, bn, cast, linear, pool};
 use crate::gpu::{DeviceBuffer, Graph, Nhwc};
 use crate::model::schedule::{Head, Layer, Stem, Step, Transition};
 use crate::ops::augment::AugParams;
-use crate::ops::conv::Conv;
 use anyhow::{bail, Context, Result};
 
 /// What a forward reads: host-built f32 inputs, or store images that the device augments.
@@ -25,7 +23,14 @@ pub(super) enum Input<'a> {
 
 impl<T: Engine> GpuDenseNet<T> {
     /// The forward pass; leaves the logits (and the final feature map) in the plan.
-    pub(super) fn run(&mut self, x: Input, n: usize, h: usize, w: usize, train: bool) -> Result<Vec<f32>> {
+    pub(super) fn run(
+        &mut self,
+        x: Input,
+        n: usize,
+        h: usize,
+        w: usize,
+        train: bool,
+    ) -> Result<Vec<f32>> {
         match x {
             Input::F32(x) if x.len() != n * h * w * 3 => bail!(
                 "forward: input has {} values, expected [{n}, {h}, {w}, 3]",
@@ -99,7 +104,11 @@ impl<T: Engine> GpuDenseNet<T> {
 
     /// Runs `work` (launches and memsets only): through its graph for `key`, captured on first
     /// use, or directly when graphs are off.
-    pub(super) fn run_graph(&mut self, key: (Pass, usize), work: &dyn Fn(&Self) -> Result<()>) -> Result<()> {
+    pub(super) fn run_graph(
+        &mut self,
+        key: (Pass, usize),
+        work: &dyn Fn(&Self) -> Result<()>,
+    ) -> Result<()> {
         if !self.use_graphs {
             return work(self);
         }
@@ -139,19 +148,20 @@ impl<T: Engine> GpuDenseNet<T> {
     fn stem_fwd(&self, plan: &Plan<T>, s: &Stem, train: bool) -> Result<usize> {
         let (n, f0) = (plan.n, s.conv.co);
         let stats = stats_of(plan.stem_stats.slice(), f0, 0, f0)?;
-        let op = ConvOp {
-            conv: s.conv,
-            g: Conv::STEM,
-        };
         let (x, y0) = (plan.input()?, plan.stem_out()?);
-        let pending = T::conv_fwd(self, x, None, op, y0, train.then_some(stats), None)?;
+        let pending = T::conv_fwd(self, x, None, s.conv, y0, train.then_some(stats), None)?;
         let batch = train.then_some((stats, s.conv_out.rows(n)));
         self.bn_scale_shift(s.norm, batch, pending)?;
         let block0 = &plan.blocks[0];
         let out = block0.acts(n)?.channels(0, f0)?;
         pool::maxpool_fwd(&*self.d, y0, Some(self.coefs(s.norm)?), out)?;
         if train {
-            bn::batch_stats(&*self.d, out.mat(), block0.stats(0, f0)?, self.bn_part.slice())?;
+            bn::batch_stats(
+                &*self.d,
+                out.mat(),
+                block0.stats(0, f0)?,
+                self.bn_part.slice(),
+            )?;
         }
         Ok(0)
     }
@@ -160,44 +170,53 @@ impl<T: Engine> GpuDenseNet<T> {
     fn layer_fwd(&self, plan: &Plan<T>, l: &Layer, train: bool, pending: usize) -> Result<usize> {
         let (n, c, mid, k) = (plan.n, l.c_in, l.conv1.co, l.conv2.co);
         let (block, rows) = (&plan.blocks[l.block], l.hw.rows(n));
-        self.bn_scale_shift(l.norm1, train.then_some((block.stats(0, c)?, rows)), pending)?;
+        self.bn_scale_shift(
+            l.norm1,
+            train.then_some((block.stats(0, c)?, rows)),
+            pending,
+        )?;
         let prefix = block.acts(n)?.channels(0, c)?;
         let y1 = &block.bottleneck[l.index];
         let y1 = Nhwc::new(y1.slice(), (n, l.hw.h, l.hw.w, mid), mid)?;
         let stats2 = stats_of(block.bottleneck_stats[l.index].slice(), mid, 0, mid)?;
-        let conv1 = ConvOp {
-            conv: l.conv1,
-            g: Conv::POINTWISE,
-        };
         let (pre1, ws) = (Some(self.coefs(l.norm1)?), plan.split_ws());
-        let pending2 = T::conv_fwd(self, prefix, pre1, conv1, y1, train.then_some(stats2), ws)?;
+        let pending2 = T::conv_fwd(self, prefix, pre1, l.conv1, y1, train.then_some(stats2), ws)?;
         self.bn_scale_shift(l.norm2, train.then_some((stats2, rows)), pending2)?;
         let out = block.acts(n)?.channels(c, k)?;
-        let conv2 = ConvOp {
-            conv: l.conv2,
-            g: Conv::CONV3,
-        };
         let (pre2, stats) = (Some(self.coefs(l.norm2)?), block.stats(c, k)?);
-        T::conv_fwd(self, y1, pre2, conv2, out, train.then_some(stats), ws)
+        T::conv_fwd(self, y1, pre2, l.conv2, out, train.then_some(stats), ws)
     }
 
     /// BN + ReLU → 2×2 average pool (fused) → 1×1 into the next block's first channels.
-    fn transition_fwd(&self, plan: &Plan<T>, t: &Transition, train: bool, pending: usize) -> Result<usize> {
+    fn transition_fwd(
+        &self,
+        plan: &Plan<T>,
+        t: &Transition,
+        train: bool,
+        pending: usize,
+    ) -> Result<usize> {
         let n = plan.n;
         let (block, next) = (&plan.blocks[t.block], &plan.blocks[t.block + 1]);
         let batch = train.then_some((block.stats(0, t.c_in)?, t.hw_in.rows(n)));
         self.bn_scale_shift(t.norm, batch, pending)?;
-        let pooled = block.pooled.as_ref().context("a transition's pooled buffer")?;
+        let pooled = block
+            .pooled
+            .as_ref()
+            .context("a transition's pooled buffer")?;
         let (hw, ct) = (t.hw_out, t.c_in);
         let pooled = Nhwc::new(pooled.slice(), (n, hw.h, hw.w, ct), ct)?;
         pool::avgpool_fwd(&*self.d, block.acts(n)?, Some(self.coefs(t.norm)?), pooled)?;
         let out = next.acts(n)?.channels(0, t.conv.co)?;
-        let op = ConvOp {
-            conv: t.conv,
-            g: Conv::POINTWISE,
-        };
         let stats = next.stats(0, t.conv.co)?;
-        T::conv_fwd(self, pooled, None, op, out, train.then_some(stats), plan.split_ws())
+        T::conv_fwd(
+            self,
+            pooled,
+            None,
+            t.conv,
+            out,
+            train.then_some(stats),
+            plan.split_ws(),
+        )
     }
 
     /// norm5 → ReLU → global average pool → linear.

@@ -16,7 +16,8 @@ mod engine;
 mod forward;
 mod plan;
 
-pub use engine::{BnConv, ConvOp, Engine};
+pub use engine::{BnConv, Engine};
+pub use plan::{scratch_len, split_workspace_len};
 
 use super::ops::bn::{self, Affine, Stats};
 use super::ops::BnRelu;
@@ -217,7 +218,12 @@ impl<T: Engine> GpuDenseNet<T> {
     /// else from the running ones. `pending`: how many of the BN's last channels still have their
     /// statistics as sums in `self.sums` (what [`Engine::conv_fwd`] returned), turned into mean and
     /// variance here.
-    fn bn_scale_shift(&self, bn: BnIdx, batch: Option<(Stats, usize)>, pending: usize) -> Result<()> {
+    fn bn_scale_shift(
+        &self,
+        bn: BnIdx,
+        batch: Option<(Stats, usize)>,
+        pending: usize,
+    ) -> Result<()> {
         let (d, params, out) = (&*self.d, self.bn_params(bn)?, self.coefs(bn)?);
         let pending = match pending {
             0 => None,
@@ -337,6 +343,8 @@ impl<T: Engine> crate::net::Net for GpuDenseNet<T> {
     fn to_state_dict(&self) -> Result<StateDict> {
         let (params, running) = (self.params.to_vec()?, self.running.to_vec()?);
         let counters = &self.counters;
-        Ok(crate::model::to_state_dict(&self.spec, &params, &running, counters))
+        Ok(crate::model::to_state_dict(
+            &self.spec, &params, &running, counters,
+        ))
     }
 }

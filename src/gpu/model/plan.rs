@@ -9,9 +9,7 @@ use super::{Engine, GpuDenseNet};
 use crate::gpu::ops::bn::{Deferred, Stats};
 use crate::gpu::ops::conv_tc;
 use crate::gpu::{DeviceBuffer, Driver, Mat, Nhwc, Slice};
-use crate::model::schedule::{Hw, Schedule};
-use crate::model::Layout;
-use crate::ops::conv::Conv;
+use crate::model::schedule::{ConvIdx, Hw, Schedule};
 use anyhow::{bail, Result};
 use std::sync::Arc;
 
@@ -118,7 +116,11 @@ impl<T: Engine> Plan<T> {
     }
     /// The pooled features (`grad`: their gradient) as `[n, c]`.
     pub fn pooled(&self, grad: bool) -> Result<Mat<f32>> {
-        let buf = if grad { &self.pooled_grad } else { &self.pooled };
+        let buf = if grad {
+            &self.pooled_grad
+        } else {
+            &self.pooled
+        };
         Mat::dense(buf.slice(), self.n, self.schedule.head.c)
     }
     /// The split-K workspace.
@@ -149,7 +151,7 @@ impl<T: Engine> GpuDenseNet<T> {
         self.plan = None; // free the old shape's buffers first
         self.recorded = false;
         let schedule = Schedule::new(&self.layout, &self.spec.arch, h, w)?;
-        match build(&self.d, &self.layout, schedule.clone(), n) {
+        match build(&self.d, schedule.clone(), n) {
             Ok(p) => {
                 self.plan = Some(p);
                 Ok(())
@@ -159,7 +161,7 @@ impl<T: Engine> GpuDenseNet<T> {
                 let (mut lo, mut hi) = (0, n);
                 while hi - lo > 1 {
                     let mid = (lo + hi) / 2;
-                    match build::<T>(&self.d, &self.layout, schedule.clone(), mid) {
+                    match build::<T>(&self.d, schedule.clone(), mid) {
                         Ok(_) => lo = mid,
                         Err(_) => hi = mid,
                     }
@@ -179,15 +181,12 @@ impl<T: Engine> GpuDenseNet<T> {
 }
 
 /// The activation buffers of batches of up to `cap` images of the schedule's input size.
-fn build<T: Engine>(d: &Arc<dyn Driver>, lay: &Layout, schedule: Schedule, cap: usize) -> Result<Plan<T>> {
+fn build<T: Engine>(d: &Arc<dyn Driver>, schedule: Schedule, cap: usize) -> Result<Plan<T>> {
     let stem = schedule.stem;
     let (f0, stem_rows) = (stem.conv.co, stem.conv_out.rows(cap));
-    let mid = lay.blocks[0].layers.first().map_or(0, |l| l.conv1.co);
-    let mut scratch_len = stem_rows * f0;
     let mut blocks = Vec::new();
     for b in &schedule.blocks {
         let (rows, ct) = (b.hw.rows(cap), b.c_total);
-        scratch_len = scratch_len.max(rows * ct).max(rows * mid);
         let f32s = |len| DeviceBuffer::<f32>::alloc(d, len);
         let acts = |len| DeviceBuffer::<T>::alloc(d, len);
         blocks.push(BlockBufs {
@@ -197,7 +196,11 @@ fn build<T: Engine>(d: &Arc<dyn Driver>, lay: &Layout, schedule: Schedule, cap: 
             grads: acts(rows * ct)?,
             stats: f32s(2 * ct)?,
             deferred: f32s(2 * ct)?,
-            bottleneck: b.layers.iter().map(|l| acts(rows * l.conv1.co)).collect::<Result<_>>()?,
+            bottleneck: b
+                .layers
+                .iter()
+                .map(|l| acts(rows * l.conv1.co))
+                .collect::<Result<_>>()?,
             bottleneck_stats: b
                 .layers
                 .iter()
@@ -232,8 +235,8 @@ fn build<T: Engine>(d: &Arc<dyn Driver>, lay: &Layout, schedule: Schedule, cap: 
         logits: DeviceBuffer::alloc(d, cap)?,
         logits_grad: DeviceBuffer::alloc(d, cap)?,
         scratch: [
-            DeviceBuffer::alloc(d, scratch_len)?,
-            DeviceBuffer::alloc(d, scratch_len)?,
+            DeviceBuffer::alloc(d, scratch_len(&schedule, cap))?,
+            DeviceBuffer::alloc(d, scratch_len(&schedule, cap))?,
         ],
         split_ws: match split_len {
             0 => None,
@@ -243,25 +246,39 @@ fn build<T: Engine>(d: &Arc<dyn Driver>, lay: &Layout, schedule: Schedule, cap: 
     })
 }
 
+/// Elements of each of a plan's two backward scratch buffers for up to `cap` images: the largest
+/// intermediate gradient, of conv0's output, a block's `[rows, c_total]` or a bottleneck's.
+pub fn scratch_len(schedule: &Schedule, cap: usize) -> usize {
+    let stem = schedule.stem;
+    let mut len = stem.conv_out.rows(cap) * stem.conv.co;
+    for b in &schedule.blocks {
+        len = len.max(b.hw.rows(cap) * b.c_total);
+        for l in &b.layers {
+            len = len.max(l.hw.rows(cap) * l.conv1.co);
+        }
+    }
+    len
+}
+
 /// f32 elements of the split-K workspace of a plan for up to `cap` images: the largest
 /// `[rows, co]` of a dense-layer or transition forward whose reduction splits
 /// ([`conv_tc::fwd_split_len`]) at any batch of `1..=cap` images (a plan serves every smaller
 /// batch, and a smaller grid splits sooner); 0 when none does.
-pub(super) fn split_workspace_len(schedule: &Schedule, cap: usize) -> usize {
+pub fn split_workspace_len(schedule: &Schedule, cap: usize) -> usize {
     let mut len = 0;
     for n in 1..=cap {
-        let mut need = |rows: usize, c: usize, co: usize, g: Conv| {
-            if conv_tc::fwd_split_len(rows, c, co, g) < g.k * g.k * c {
-                len = len.max(rows * co);
+        let mut need = |rows: usize, c: usize, cv: ConvIdx| {
+            if conv_tc::fwd_split_len(rows, c, cv.co, cv.g) < cv.g.k * cv.g.k * c {
+                len = len.max(rows * cv.co);
             }
         };
         for b in &schedule.blocks {
             for l in &b.layers {
-                need(l.hw.rows(n), l.c_in, l.conv1.co, Conv::POINTWISE);
-                need(l.hw.rows(n), l.conv1.co, l.conv2.co, Conv::CONV3);
+                need(l.hw.rows(n), l.c_in, l.conv1);
+                need(l.hw.rows(n), l.conv1.co, l.conv2);
             }
             if let Some(t) = &b.transition {
-                need(t.hw_out.rows(n), t.c_in, t.conv.co, Conv::POINTWISE);
+                need(t.hw_out.rows(n), t.c_in, t.conv);
             }
         }
     }
@@ -280,7 +297,7 @@ mod tests {
     #[test]
     fn split_workspace_covers_every_batch_a_plan_serves() {
         let spec = DenseNetSpec::preset("densenet169").unwrap();
-        let lay = Layout::new(&spec);
+        let lay = crate::model::Layout::new(&spec);
         let schedule = Schedule::new(&lay, "densenet169", 224, 224).unwrap();
         let at_cap_only = 256 * 49 * 128;
         // One image: block 1's 3×3s (3136 rows, 25 tiles, 36 K-slices) split, writing 3136·32;

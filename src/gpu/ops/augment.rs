@@ -21,7 +21,10 @@ pub fn images<T: Act>(
     let n = params.len();
     let (on, out_size, ow, oc) = out.dims();
     if (on, ow, oc, out.rs()) != (n, out_size, 3, 3) {
-        bail!("augmenting {n} images into {:?} (a contiguous [{n}, s, s, 3] is needed)", out.dims());
+        bail!(
+            "augmenting {n} images into {:?} (a contiguous [{n}, s, s, 3] is needed)",
+            out.dims()
+        );
     }
     let src = src.expect(n * src_size * src_size, "the source images")?;
     let steps = steps.expect(4 * n, "the augmentation steps")?;
@@ -36,7 +39,20 @@ pub fn images<T: Act>(
     // SAFETY: src, steps and out are checked to hold what the kernel reads and writes.
     unsafe {
         k::augment_fwd::<T>(
-            d, at, out.ptr(), src, steps, n, src_size, out_size, a[0], a[1], a[2], b[0], b[1], b[2],
+            d,
+            at,
+            out.ptr(),
+            src,
+            steps,
+            n,
+            src_size,
+            out_size,
+            a[0],
+            a[1],
+            a[2],
+            b[0],
+            b[1],
+            b[2],
         )
     }
 }

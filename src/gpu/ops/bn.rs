@@ -106,7 +106,10 @@ pub fn scale_shift(
     pending: Option<Pending>,
     out: BnRelu,
 ) -> Result<()> {
-    let c = params.gamma.len().min(params.beta.len());
+    let c = params.gamma.len();
+    if params.beta.len() != c {
+        bail!("a BN with {c} gammas and {} betas", params.beta.len());
+    }
     let (gamma, beta) = params.ptrs(c)?;
     let (mean, var) = stats.ptrs(c)?;
     let (scale, shift) = out.ptrs(c)?;
@@ -121,7 +124,10 @@ pub fn scale_shift(
     let (sums, p) = match pending {
         Some(_) if running.is_none() => bail!("BN statistics from sums need the batch's row count"),
         Some(p) if p.channels > c => bail!("{} pending channels of a BN of {c}", p.channels),
-        Some(p) => (p.sums.expect(2 * p.channels, "the pending sums")?.ptr(), p.channels),
+        Some(p) => (
+            p.sums.expect(2 * p.channels, "the pending sums")?.ptr(),
+            p.channels,
+        ),
         None => (Ptr::NULL, 0),
     };
     // SAFETY: every [c] operand is checked above, the sums hold [2, p].
@@ -153,7 +159,21 @@ pub fn apply<T: Act>(d: &dyn Driver, x: Mat<T>, coef: BnRelu, relu: bool, y: Mat
     let (scale, shift) = coef.ptrs(c)?;
     let at = elementwise(rows * c);
     // SAFETY: x and y are checked views of the same shape, the coefficients hold c.
-    unsafe { k::bn_apply_fwd::<T>(d, at, y.ptr(), y.rs(), x.ptr(), x.rs(), rows, c, scale, shift, relu) }
+    unsafe {
+        k::bn_apply_fwd::<T>(
+            d,
+            at,
+            y.ptr(),
+            y.rs(),
+            x.ptr(),
+            x.rs(),
+            rows,
+            c,
+            scale,
+            shift,
+            relu,
+        )
+    }
 }
 
 /// What a BN backward reads: the forward input `x: [rows, c]`, the statistics it normalised with
@@ -209,8 +229,19 @@ pub fn backward<T: Act>(
     dx: Grad<T>,
     scratch: Scratch,
 ) -> Result<()> {
+    check_grads(s, dy, dx.mat)?;
+    scratch
+        .coef
+        .expect(2 * s.x.cols(), "the BN coefficients scratch")?;
     reduce(d, s, relu, dy, dparams, scratch, None)?;
     dx_pass(d, s, relu, train, dy, dx, scratch.coef)
+}
+
+/// Refuses a backward whose gradients do not match the saved input, before anything runs (a
+/// reduction launched first would already have added to the parameters' gradients).
+fn check_grads<T>(s: Saved<T>, dy: Mat<T>, dx: Mat<T>) -> Result<()> {
+    same_shape("BN backward (dy)", s.x, dy)?;
+    same_shape("BN backward (dx)", s.x, dx)
 }
 
 /// [`backward`] in training with ReLU, its input gradient's per-channel terms added to `deferred`
@@ -224,6 +255,7 @@ pub fn backward_deferred<T: Act>(
     part: Slice<f32>,
     deferred: Deferred,
 ) -> Result<()> {
+    check_grads(s, dy, dx.mat)?;
     let scratch = Scratch { part, coef: part };
     reduce(d, s, true, dy, dparams, scratch, Some(deferred))?;
     // The eval-mode formula is exactly the per-element term: scale · mask · dy (no coef read).
@@ -257,12 +289,30 @@ fn reduce<T: Act>(
     // SAFETY: x and dy are checked views of rows × c; part holds [2, p, c]; [c] operands checked.
     unsafe {
         k::bn_bwd_part::<T>(
-            d, at, part, x, x_rs, dy.ptr(), dy_rs, rows, c, scale, shift, mean, relu,
+            d,
+            at,
+            part,
+            x,
+            x_rs,
+            dy.ptr(),
+            dy_rs,
+            rows,
+            c,
+            scale,
+            shift,
+            mean,
+            relu,
         )?
     };
     let (coef, (alpha, beta)) = match deferred {
         Some(def) => (Ptr::NULL, def.ptrs(c)?),
-        None => (scratch.coef.expect(2 * c, "the BN coefficients scratch")?.ptr(), (Ptr::NULL, Ptr::NULL)),
+        None => (
+            scratch
+                .coef
+                .expect(2 * c, "the BN coefficients scratch")?
+                .ptr(),
+            (Ptr::NULL, Ptr::NULL),
+        ),
     };
     // SAFETY: as above; coef holds [2, c] when written.
     unsafe {
@@ -380,9 +430,11 @@ pub fn backward_from_sums<T: Act>(
     dx: Grad<T>,
     coef: Slice<f32>,
 ) -> Result<()> {
+    check_grads(s, dz, dx.mat)?;
     let (rows, c) = (s.x.rows(), s.x.cols());
     let red = red.expect(2 * c, "the BN backward sums")?.ptr();
     let coef_ptr = coef.expect(2 * c, "the BN coefficients scratch")?.ptr();
+    s.coef.ptrs(c)?;
     let (dgamma, dbeta) = dparams.ptrs(c)?;
     let (mean, var) = s.stats.ptrs(c)?;
     // SAFETY: every [c] and [2, c] operand is checked above.
@@ -411,5 +463,18 @@ pub fn grad_fix<T: Act>(d: &dyn Driver, dx: Mat<T>, x: Mat<T>, deferred: Deferre
     let (alpha, beta) = deferred.ptrs(c)?;
     let at = elementwise(rows * c);
     // SAFETY: dx and x are checked views of rows × c; alpha, beta hold c.
-    unsafe { k::bn_grad_fix_bwd::<T>(d, at, dx.ptr(), dx.rs(), x.ptr(), x.rs(), rows, c, alpha, beta) }
+    unsafe {
+        k::bn_grad_fix_bwd::<T>(
+            d,
+            at,
+            dx.ptr(),
+            dx.rs(),
+            x.ptr(),
+            x.rs(),
+            rows,
+            c,
+            alpha,
+            beta,
+        )
+    }
 }

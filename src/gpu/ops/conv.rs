@@ -35,9 +35,12 @@ pub fn fwd<T: Act>(
 ) -> Result<()> {
     let (n, h, w, c) = x.dims();
     let co = y.c();
+    g.check(h, w)?;
     let (ho, wo) = g.out_hw(h, w);
     dims_are("the convolution's output", y, (n, ho, wo, co))?;
-    let wt = wt.expect(g.k * g.k * c * co, "the convolution's weights")?.ptr();
+    let wt = wt
+        .expect(g.k * g.k * c * co, "the convolution's weights")?
+        .ptr();
     let (scale, shift) = pre_ptrs(pre, c)?;
     let at = tiles(n * ho * wo, co, 1);
     let (ys, xs) = (y.rs(), x.rs());
@@ -45,7 +48,23 @@ pub fn fwd<T: Act>(
     // coefficients are checked to cover them.
     unsafe {
         k::conv_fwd::<T>(
-            d, at, y.ptr(), ys, x.ptr(), xs, wt, scale, shift, n, h, w, c, co, g.k, g.stride, g.pad,
+            d,
+            at,
+            y.ptr(),
+            ys,
+            x.ptr(),
+            xs,
+            wt,
+            scale,
+            shift,
+            n,
+            h,
+            w,
+            c,
+            co,
+            g.k,
+            g.stride,
+            g.pad,
         )
     }
 }
@@ -62,9 +81,12 @@ pub fn bwd_data<T: Act>(
 ) -> Result<()> {
     let (n, h, w, ci) = dx.dims();
     let co = dy.c();
+    g.check(h, w)?;
     let (ho, wo) = g.out_hw(h, w);
     dims_are("the convolution's output gradient", dy, (n, ho, wo, co))?;
-    let wt = wt.expect(g.k * g.k * ci * co, "the convolution's weights")?.ptr();
+    let wt = wt
+        .expect(g.k * g.k * ci * co, "the convolution's weights")?
+        .ptr();
     let at = tiles(n * h * w, ci, 1);
     let (dxs, dys) = (dx.rs(), dy.rs());
     // SAFETY: dx, dy are checked views of the shapes the kernel reads and writes; wt covers them.
@@ -102,6 +124,7 @@ pub fn bwd_weight<T: Act>(
 ) -> Result<()> {
     let (n, h, w, c) = x.dims();
     let co = dy.c();
+    g.check(h, w)?;
     let (ho, wo) = g.out_hw(h, w);
     dims_are("the convolution's output gradient", dy, (n, ho, wo, co))?;
     let dw = dw.expect(g.k * g.k * c * co, "the weight gradient")?.ptr();

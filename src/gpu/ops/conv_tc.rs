@@ -79,20 +79,6 @@ fn dense_kernels(g: Conv, what: &str) -> Result<Kernels> {
     }
 }
 
-/// Refuses a window with no output on an `h × w` input.
-fn check_window(g: Conv, h: usize, w: usize) -> Result<()> {
-    if g.k == 0 || g.stride == 0 || h + 2 * g.pad < g.k || w + 2 * g.pad < g.k {
-        bail!(
-            "a {}x{}/{} pad {} convolution has no output on a {h}x{w} input",
-            g.k,
-            g.k,
-            g.stride,
-            g.pad
-        );
-    }
-    Ok(())
-}
-
 /// The tile of geometry `g`'s forward and weight gradient.
 fn tile_of(g: Conv) -> Tile {
     match kernels_for(g) {
@@ -156,6 +142,7 @@ fn fwd_operands(
 ) -> Result<[Ptr<f32>; 3]> {
     let (n, h, w, c) = x.dims();
     let co = y.c();
+    g.check(h, w)?;
     let (ho, wo) = g.out_hw(h, w);
     dims_are("the convolution's output", y, (n, ho, wo, co))?;
     wt.expect(g.k * g.k * c * co, "the convolution's weights")?;
@@ -177,7 +164,7 @@ fn fwd_any(
     y: Nhwc<bf16>,
     stats: Option<Slice<f32>>,
 ) -> Result<()> {
-    check_window(g, x.h, x.w)?;
+    g.check(x.h(), x.w())?;
     let [scale, shift, stats] = fwd_operands(x, pre, wt, g, y, stats)?;
     let (n, h, w, c) = x.dims();
     let at = Launch {
@@ -311,7 +298,9 @@ pub fn bwd_data(
     let (n, h, w, ci) = dx.dims();
     let co = dy.c();
     dims_are("the convolution's output gradient", dy, (n, h, w, co))?;
-    let wt = wt.expect(g.k * g.k * ci * co, "the convolution's weights")?.ptr();
+    let wt = wt
+        .expect(g.k * g.k * ci * co, "the convolution's weights")?
+        .ptr();
     if red.is_some() && mask.is_none() {
         bail!("the BN-backward reductions of a data gradient need the BN's input (mask)");
     }
@@ -390,7 +379,7 @@ pub fn bwd_weight_split(
     dw: Slice<f32>,
     split_len: usize,
 ) -> Result<()> {
-    check_window(g, x.h, x.w)?;
+    g.check(x.h(), x.w())?;
     if split_len == 0 || !split_len.is_multiple_of(TC_BK) {
         bail!("split-K chunk of {split_len} pixels is not a positive multiple of {TC_BK}");
     }

@@ -2,7 +2,7 @@
 
 use crate::gpu::kernels::launch as k;
 use crate::gpu::{blocks_for, Driver, Launch, Mat, Slice};
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 
 /// Refuses features that are not a contiguous `[n, c]`, and weights not `[c]`, bias not `[1]`.
 fn check(feat: Mat<f32>, wt: Slice<f32>, bias: Slice<f32>) -> Result<()> {
@@ -29,11 +29,15 @@ pub fn fwd(
     check(feat, wt, bias)?;
     let (n, c) = (feat.rows(), feat.cols());
     let logits = logits.expect(n, "the logits")?.ptr();
+    let blocks = u32::try_from(n)
+        .ok()
+        .filter(|&b| b > 0)
+        .with_context(|| format!("a linear layer over {n} rows (one block a row)"))?;
     // SAFETY: every operand is checked above.
     unsafe {
         k::linear_fwd_f32(
             d,
-            Launch::linear(n as u32, 256),
+            Launch::linear(blocks, 256),
             logits,
             feat.ptr(),
             wt.ptr(),

@@ -11,14 +11,23 @@ use anyhow::{bail, Result};
 /// Refuses a view with a row stride wider than its channels (a kernel that reads it whole).
 fn contiguous<T>(what: &str, x: Nhwc<T>) -> Result<()> {
     if x.rs() != x.c() {
-        bail!("{what} must be contiguous (row stride {} for {} channels)", x.rs(), x.c());
+        bail!(
+            "{what} must be contiguous (row stride {} for {} channels)",
+            x.rs(),
+            x.c()
+        );
     }
     Ok(())
 }
 
 /// `y: [n, ho, wo, c]` = max pool 3×3/2 pad 1 of `pre(x)`, `x: [n, h, w, c]` contiguous; `pre`:
 /// a BN + ReLU applied as `x` is read (the stem's norm0 + ReLU, never stored), or None.
-pub fn maxpool_fwd<T: Act>(d: &dyn Driver, x: Nhwc<T>, pre: Option<BnRelu>, y: Nhwc<T>) -> Result<()> {
+pub fn maxpool_fwd<T: Act>(
+    d: &dyn Driver,
+    x: Nhwc<T>,
+    pre: Option<BnRelu>,
+    y: Nhwc<T>,
+) -> Result<()> {
     let (n, h, w, c) = x.dims();
     contiguous("the max pool's input", x)?;
     let (ho, wo) = maxpool_out(h, w);
@@ -52,7 +61,12 @@ pub fn maxpool_bwd<T: Act>(
 }
 
 /// `y: [n, h/2, w/2, c]` = average pool 2×2/2 of `pre(x)`, `x: [n, h, w, c]`.
-pub fn avgpool_fwd<T: Act>(d: &dyn Driver, x: Nhwc<T>, pre: Option<BnRelu>, y: Nhwc<T>) -> Result<()> {
+pub fn avgpool_fwd<T: Act>(
+    d: &dyn Driver,
+    x: Nhwc<T>,
+    pre: Option<BnRelu>,
+    y: Nhwc<T>,
+) -> Result<()> {
     let (n, h, w, c) = x.dims();
     dims_are("the average pool's output", y, (n, h / 2, w / 2, c))?;
     let (scale, shift) = pre_ptrs(pre, c)?;
@@ -67,7 +81,11 @@ pub fn avgpool_fwd<T: Act>(d: &dyn Driver, x: Nhwc<T>, pre: Option<BnRelu>, y: N
 pub fn avgpool_bwd<T: Act>(d: &dyn Driver, dy: Nhwc<T>, dx: Nhwc<T>) -> Result<()> {
     let (n, h, w, c) = dx.dims();
     contiguous("the average pool's input gradient", dx)?;
-    dims_are("the average pool's output gradient", dy, (n, h / 2, w / 2, c))?;
+    dims_are(
+        "the average pool's output gradient",
+        dy,
+        (n, h / 2, w / 2, c),
+    )?;
     let at = elementwise(dx.rows() * c);
     // SAFETY: dy and dx are checked views of the shapes the kernel reads and writes.
     unsafe { k::avgpool_bwd::<T>(d, at, dx.ptr(), dy.ptr(), dy.rs(), n, h, w, c) }

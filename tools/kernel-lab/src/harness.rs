@@ -44,7 +44,7 @@ use half::bf16;
 use mura::gpu::ops::bn::{self, Affine, Deferred, Grad, Pending, Running, Saved, Stats};
 use mura::gpu::ops::conv_tc::{self, Mask};
 use mura::gpu::ops::{adam, cast, conv, pool, Act, BnRelu};
-use mura::gpu::{DeviceBuffer, Driver, Mat, Nhwc, Slice};
+use mura::gpu::{model, DeviceBuffer, Driver, Mat, Nhwc, Slice};
 use mura::model::schedule::{Head, Hw, Layer, Schedule, Stem, Transition};
 use mura::ops::conv::Conv;
 use mura::optim::Adam;
@@ -333,45 +333,6 @@ impl<U: Act> Store<U> {
         }
         self.bufs[&key].slice().range(0, len)
     }
-}
-
-/// Elements of each backward scratch buffer at batch `n`, as the model's plan sizes them: the
-/// largest of conv0's output and every block's `[rows, c_total]` and `[rows, bottleneck]`.
-fn scratch_len(s: &Schedule, n: usize) -> usize {
-    let mut len = s.stem.conv_out.rows(n) * s.stem.conv.co;
-    for b in &s.blocks {
-        len = len.max(b.hw.rows(n) * b.c_total);
-        for l in &b.layers {
-            len = len.max(l.hw.rows(n) * l.conv1.co);
-        }
-    }
-    len
-}
-
-/// f32 elements of the split-K workspace at batch `n`: the largest `[rows, co]` of a dense-layer
-/// or transition forward whose reduction splits ([`conv_tc::fwd_split_len`]), as the model's
-/// plan sizes it (here for this batch only); 0 when none does.
-fn split_ws_len(s: &Schedule, n: usize) -> usize {
-    let need = |rows: usize, c: usize, co: usize, g: Conv| {
-        let split = conv_tc::fwd_split_len(rows, c, co, g) < g.k * g.k * c;
-        if split {
-            rows * co
-        } else {
-            0
-        }
-    };
-    let mut len = 0;
-    for b in &s.blocks {
-        for l in &b.layers {
-            let rows = l.hw.rows(n);
-            len = len.max(need(rows, l.c_in, l.conv1.co, Conv::POINTWISE));
-            len = len.max(need(rows, l.conv1.co, l.conv2.co, Conv::CONV3));
-        }
-        if let Some(t) = &b.transition {
-            len = len.max(need(t.hw_out.rows(n), t.c_in, t.conv.co, Conv::POINTWISE));
-        }
-    }
-    len
 }
 
 /// A BN over `c` channels as its kernels see it: f32 `[c]` vectors and its reduction scratch.
@@ -667,12 +628,12 @@ struct Bench<'s, T: Kernels> {
 impl<'s, T: Kernels> Bench<'s, T> {
     fn new(d: &Arc<dyn Driver>, s: &'s Schedule, n: usize, seed: u64) -> Result<Self> {
         let mut acts = Store::new(Rng::derive(seed, 1).next_u64());
-        let len = scratch_len(s, n);
+        let len = model::scratch_len(s, n);
         let scratch = [
             acts.random(d, "scratch 0", len, ACT)?,
             acts.random(d, "scratch 1", len, ACT)?,
         ];
-        let ws = match split_ws_len(s, n) {
+        let ws = match model::split_workspace_len(s, n) {
             len if T::TENSOR_CORES && len > 0 => Some(DeviceBuffer::zeroed(d, len)?),
             _ => None,
         };
@@ -881,8 +842,8 @@ impl<'s, T: Kernels> Bench<'s, T> {
         Ok(ConvAt {
             x: self.nhwc("image", s.input, ci)?,
             bn: None,
-            g: Conv::STEM,
-            w: self.weights(Conv::STEM, ci, f0)?,
+            g: s.conv.g,
+            w: self.weights(s.conv.g, ci, f0)?,
             y: self.stem_out(s)?,
             dy: self.scratch(1, s.conv_out, f0)?,
             dx: Dx::None,
@@ -904,8 +865,8 @@ impl<'s, T: Kernels> Bench<'s, T> {
         Ok(ConvAt {
             x: acts.channels(0, c)?,
             bn: Some(self.bn(c)?),
-            g: Conv::POINTWISE,
-            w: self.weights(Conv::POINTWISE, c, mid)?,
+            g: l.conv1.g,
+            w: self.weights(l.conv1.g, c, mid)?,
             y: self.bottleneck(l)?,
             dy: self.scratch(1, l.hw, mid)?,
             dx: Dx::Bn(dx),
@@ -944,8 +905,8 @@ impl<'s, T: Kernels> Bench<'s, T> {
         Ok(ConvAt {
             x: self.bottleneck(l)?,
             bn: Some(self.bn(mid)?),
-            g: Conv::CONV3,
-            w: self.weights(Conv::CONV3, mid, k)?,
+            g: l.conv2.g,
+            w: self.weights(l.conv2.g, mid, k)?,
             y: acts.channels(l.c_in, k)?,
             dy: grads.channels(l.c_in, k)?,
             dx: Dx::Bn(dx),
@@ -960,8 +921,8 @@ impl<'s, T: Kernels> Bench<'s, T> {
         Ok(ConvAt {
             x: self.pooled(t)?,
             bn: None,
-            g: Conv::POINTWISE,
-            w: self.weights(Conv::POINTWISE, ci, co)?,
+            g: t.conv.g,
+            w: self.weights(t.conv.g, ci, co)?,
             y: acts.channels(0, co)?,
             dy: grads.channels(0, co)?,
             dx: Dx::Plain(self.scratch(0, t.hw_out, ci)?),

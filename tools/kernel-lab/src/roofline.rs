@@ -398,7 +398,7 @@ impl Walk {
     fn conv(&mut self, c: ConvSite) {
         let (pi, po) = (c.hw_in.rows(self.n) as u64, c.hw_out.rows(self.n) as u64);
         let (cin, cout) = (c.conv.ci as u64, c.conv.co as u64);
-        let kk = (c.conv.k * c.conv.k) as u64;
+        let kk = (c.conv.g.k * c.conv.g.k) as u64;
         let x = self.act(c.hw_in, c.conv.ci); // [n, hi, wi, cin], pre-BN
         let y = self.act(c.hw_out, c.conv.co); // [n, ho, wo, cout], pre-BN
         let w = cout * cin * kk * self.precision.bytes() as u64; // [cout, kh, kw, cin]
