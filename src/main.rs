@@ -68,9 +68,14 @@ fn main() {
         Command::Bench(a) => cli::bench::run(a),
         Command::Info(a) => cli::info::run(a),
     };
-    if let Err(e) = result {
+    match result {
+        // A reader that stopped reading (`| head`): the command is done.
+        Err(e) if cli::out::is_closed(&e) => {}
         // One clear line: the whole context chain, no backtrace.
-        eprintln!("error: {e:#}");
-        std::process::exit(1);
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::exit(1);
+        }
+        Ok(()) => {}
     }
 }

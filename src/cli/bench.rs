@@ -117,22 +117,24 @@ pub fn run(args: Args) -> Result<()> {
         if let Some(b) = peak {
             j["peak_device_bytes"] = b.into();
         }
-        println!("{j}");
+        crate::out!("{j}");
     } else {
         let on = match device {
             Device::Cpu => format!("cpu ({} threads)", rayon::current_num_threads()),
             d if !graphs => format!("{d} ({precision:?}, no graphs)"),
             d => format!("{d} ({precision:?}, graphs)"),
         };
-        println!(
+        crate::out!(
             "{} on {on}, batch {n}, {s}x{s}, median of {} steps after {} warm-up",
-            spec.arch, args.steps, args.warmup
+            spec.arch,
+            args.steps,
+            args.warmup
         );
-        println!("forward (eval)   {f:.3} s");
-        println!("train step       {st:.3} s   (forward + backward + Adam)");
-        println!("images/s         {ips:.1}   (training)");
+        crate::out!("forward (eval)   {f:.3} s");
+        crate::out!("train step       {st:.3} s   (forward + backward + Adam)");
+        crate::out!("images/s         {ips:.1}   (training)");
         if let Some(b) = peak {
-            println!(
+            crate::out!(
                 "peak memory      {:.1} MiB (device)",
                 b as f64 / (1 << 20) as f64
             );

@@ -99,7 +99,7 @@ pub fn run(args: Args) -> Result<()> {
     fresh_dir(dir)?;
     let data = dir.join("data");
 
-    println!(
+    crate::out!(
         "1/6 synthesising {} MURA-like studies in {}",
         args.studies,
         data.display()
@@ -113,12 +113,14 @@ pub fn run(args: Args) -> Result<()> {
         },
         true,
     )?;
-    println!(
+    crate::out!(
         "    {} studies ({} abnormal), {} images",
-        s.studies, s.abnormal_studies, s.images
+        s.studies,
+        s.abnormal_studies,
+        s.images
     );
 
-    println!(
+    crate::out!(
         "2/6 prepping a {0}x{0} store in {1}",
         args.image_size,
         store_dir.display()
@@ -132,7 +134,7 @@ pub fn run(args: Args) -> Result<()> {
         progress: true,
     })?;
 
-    println!(
+    crate::out!(
         "3/6 training a DenseNet (growth {}, blocks {:?}, {} parameters) on {device} for {} epochs",
         spec.growth_rate,
         spec.block_config,
@@ -145,7 +147,7 @@ pub fn run(args: Args) -> Result<()> {
     }
     let best = run_dir.join("best.safetensors");
 
-    println!("4/6 evaluating the best checkpoint on the validation split");
+    crate::out!("4/6 evaluating the best checkpoint on the validation split");
     let eval_dir = dir.join("eval");
     super::eval::run(super::eval::Args {
         store: store_dir.clone(),
@@ -160,7 +162,7 @@ pub fn run(args: Args) -> Result<()> {
         batch: 8,
     })?;
 
-    println!("5/6 class activation maps for one abnormal and one normal validation study");
+    crate::out!("5/6 class activation maps for one abnormal and one normal validation study");
     let cam_dir = dir.join("cam");
     std::fs::create_dir_all(&cam_dir)?;
     let store = Store::open(&store_dir)?;
@@ -183,7 +185,7 @@ pub fn run(args: Args) -> Result<()> {
             args.image_size,
             Some(&cam_dir),
         )?;
-        println!(
+        crate::out!(
             "    {} ({}): p(abnormal) = {:.3}",
             st.path,
             if want == 1 { "abnormal" } else { "normal" },
@@ -191,20 +193,20 @@ pub fn run(args: Args) -> Result<()> {
         );
     }
 
-    println!("6/6 plotting the run");
+    crate::out!("6/6 plotting the run");
     super::report::run(super::report::Args {
         run_dir: run_dir.clone(),
     })?;
 
-    println!();
-    println!("done in {:.0} s", t0.elapsed().as_secs_f64());
-    println!("  checkpoint   {}", best.display());
-    println!("  metrics      {}", eval_dir.join("metrics.json").display());
-    println!(
+    crate::out!();
+    crate::out!("done in {:.0} s", t0.elapsed().as_secs_f64());
+    crate::out!("  checkpoint   {}", best.display());
+    crate::out!("  metrics      {}", eval_dir.join("metrics.json").display());
+    crate::out!(
         "  predictions  {}",
         eval_dir.join("predictions.csv").display()
     );
-    println!("  CAM images   {}", cam_dir.display());
-    println!("  plots        {}", run_dir.join("report").display());
+    crate::out!("  CAM images   {}", cam_dir.display());
+    crate::out!("  plots        {}", run_dir.join("report").display());
     Ok(())
 }

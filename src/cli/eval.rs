@@ -104,10 +104,10 @@ pub fn run(args: Args) -> Result<()> {
     }
     let labelled = preds.iter().any(|p| p.label.is_some());
     if !labelled {
-        println!("no labelled studies in this split: predictions only");
+        crate::out!("no labelled studies in this split: predictions only");
     } else {
         let table = table(&preds);
-        print!("{table}");
+        crate::out!("{}", table.to_string().trim_end_matches('\n'));
         if let Some(dir) = &args.out {
             std::fs::create_dir_all(dir)
                 .with_context(|| format!("cannot create {}", dir.display()))?;
@@ -121,11 +121,11 @@ pub fn run(args: Args) -> Result<()> {
             csv += &format!("{},{}\n", p.path, u8::from(p.probability > 0.5));
         }
         checkpoint::write_atomic(&dir.join("predictions.csv"), csv.as_bytes())?;
-        print!("wrote {}", dir.join("predictions.csv").display());
-        if labelled {
-            print!(" and {}", dir.join("metrics.json").display());
-        }
-        println!();
+        let json = match labelled {
+            true => format!(" and {}", dir.join("metrics.json").display()),
+            false => String::new(),
+        };
+        crate::out!("wrote {}{json}", dir.join("predictions.csv").display());
     }
     Ok(())
 }

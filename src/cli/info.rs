@@ -11,25 +11,25 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    println!("devices:");
-    println!(
+    crate::out!("devices:");
+    crate::out!(
         "  cpu    the CPU reference backend ({} threads)",
         rayon::current_num_threads()
     );
-    println!(
+    crate::out!(
         "  emu    CPU emulator of the CUDA kernels ({} kernels)",
         emu::kernel_names().len()
     );
     match cuda::device_count() {
-        Err(e) => println!("  cuda   none: {e:#}"),
-        Ok(0) => println!("  cuda   none: the driver reports no device"),
+        Err(e) => crate::out!("  cuda   none: {e:#}"),
+        Ok(0) => crate::out!("  cuda   none: the driver reports no device"),
         Ok(n) => {
             if let Ok((major, minor)) = cuda::driver_version() {
-                println!("  cuda   driver supports CUDA {major}.{minor}");
+                crate::out!("  cuda   driver supports CUDA {major}.{minor}");
             }
             for i in 0..n {
                 match cuda::device_info(i) {
-                    Ok(d) => println!(
+                    Ok(d) => crate::out!(
                         "  cuda:{i} {}, compute capability {}.{}, {:.1} GiB, {} SMs, {} KiB shared per block",
                         d.name,
                         d.compute_capability.0,
@@ -38,13 +38,13 @@ pub fn run(args: Args) -> Result<()> {
                         d.multiprocessors,
                         d.shared_per_block_optin / 1024
                     ),
-                    Err(e) => println!("  cuda:{i} error: {e:#}"),
+                    Err(e) => crate::out!("  cuda:{i} error: {e:#}"),
                 }
             }
         }
     }
     let files: Vec<_> = kernels::MODULES.iter().map(|m| m.file).collect();
-    println!(
+    crate::out!(
         "kernels: {} in {}",
         kernels::MODULES
             .iter()
@@ -52,31 +52,36 @@ pub fn run(args: Args) -> Result<()> {
             .sum::<usize>(),
         files.join(" ")
     );
-    println!("  built with {}", kernels::BUILT_WITH);
+    crate::out!("  built with {}", kernels::BUILT_WITH);
     if args.kernels {
-        print_ptxas();
+        print_ptxas()?;
     }
     Ok(())
 }
 
-fn print_ptxas() {
+fn print_ptxas() -> anyhow::Result<()> {
     let mut entries = kernels::parse_ptxas(kernels::PTXAS_REPORT);
     entries.sort_by(|a, b| (&a.kernel, &a.arch).cmp(&(&b.kernel, &b.arch)));
     if entries.is_empty() {
-        println!(
+        crate::out!(
             "no ptxas report: the build had no nvcc, so kernels are compiled by NVRTC at run time"
         );
         for m in kernels::MODULES {
-            println!("  {}: {}", m.file, m.kernels.join(" "));
+            crate::out!("  {}: {}", m.file, m.kernels.join(" "));
         }
-        return;
+        return Ok(());
     }
-    println!(
+    crate::out!(
         "{:<28} {:<6} {:>5} {:>12} {:>11} {:>6}",
-        "kernel", "arch", "regs", "spill st/ld", "stack B", "smem B"
+        "kernel",
+        "arch",
+        "regs",
+        "spill st/ld",
+        "stack B",
+        "smem B"
     );
     for e in entries {
-        println!(
+        crate::out!(
             "{:<28} {:<6} {:>5} {:>12} {:>11} {:>6}",
             e.kernel,
             e.arch,
@@ -86,4 +91,5 @@ fn print_ptxas() {
             e.smem_bytes
         );
     }
+    Ok(())
 }

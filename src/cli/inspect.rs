@@ -12,35 +12,46 @@ pub struct Args {
 pub fn run(args: Args) -> anyhow::Result<()> {
     let store = Store::open(&args.store)?; // verifies header, shape, checksum, index
     let m = &store.manifest;
-    println!("store {} ({})", args.store.display(), store.id());
-    println!(
+    crate::out!("store {} ({})", args.store.display(), store.id());
+    crate::out!(
         "  {} studies, {} images of {}x{} u8, format v{}",
-        m.studies, m.images, m.size, m.size, m.format_version
+        m.studies,
+        m.images,
+        m.size,
+        m.size,
+        m.format_version
     );
-    println!("  source: {}", m.source);
+    crate::out!("  source: {}", m.source);
     for (split, c) in &m.splits {
-        println!("  {split}: {} studies, {} images", c.studies, c.images);
-        println!(
+        crate::out!("  {split}: {} studies, {} images", c.studies, c.images);
+        crate::out!(
             "    {:<12} {:>7} {:>7} {:>9} {:>9}",
-            "type", "studies", "images", "abn.stud", "abn.imgs"
+            "type",
+            "studies",
+            "images",
+            "abn.stud",
+            "abn.imgs"
         );
         for (t, tc) in &c.by_type {
-            println!(
+            crate::out!(
                 "    {t:<12} {:>7} {:>7} {:>9} {:>9}",
-                tc.studies, tc.images, tc.abnormal_studies, tc.abnormal_images
+                tc.studies,
+                tc.images,
+                tc.abnormal_studies,
+                tc.abnormal_images
             );
         }
     }
     if !m.weights.is_empty() {
-        println!("  loss weights (from training images): type w0 w1");
+        crate::out!("  loss weights (from training images): type w0 w1");
         for (t, w) in &m.weights {
-            println!("    {t:<12} {:.4} {:.4}", w.w0, w.w1);
+            crate::out!("    {t:<12} {:.4} {:.4}", w.w0, w.w1);
         }
     }
-    println!("  skipped: {}, notes: {}", m.skipped.len(), m.notes.len());
+    crate::out!("  skipped: {}, notes: {}", m.skipped.len(), m.notes.len());
     for k in m.skipped.iter().take(10) {
-        println!("    {}: {}", k.path, k.reason);
+        crate::out!("    {}: {}", k.path, k.reason);
     }
-    println!("  checksum ok");
+    crate::out!("  checksum ok");
     Ok(())
 }

@@ -5,6 +5,7 @@ pub mod demo;
 pub mod eval;
 pub mod info;
 pub mod inspect;
+pub mod out;
 pub mod predict;
 pub mod prep;
 pub mod report;

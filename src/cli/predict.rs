@@ -82,7 +82,7 @@ pub fn run(args: Args) -> Result<()> {
         .collect::<Result<_>>()?;
     for (study, views) in studies {
         let line = predict_study(model.as_mut(), &study, &views, size, args.cam.as_deref())?;
-        println!("{line}");
+        crate::out!("{line}");
     }
     Ok(())
 }

@@ -35,27 +35,27 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let s = prep(&cfg)?;
     let m = &s.manifest;
     for (split, c) in &m.splits {
-        println!("{split}: {} studies, {} images", c.studies, c.images);
+        crate::out!("{split}: {} studies, {} images", c.studies, c.images);
     }
     for n in m.notes.iter().take(20) {
-        println!("note: {n}");
+        crate::out!("note: {n}");
     }
     if m.notes.len() > 20 {
-        println!(
+        crate::out!(
             "note: ... and {} more (see manifest.json)",
             m.notes.len() - 20
         );
     }
     for k in m.skipped.iter().take(20) {
-        println!("skipped: {}: {}", k.path, k.reason);
+        crate::out!("skipped: {}: {}", k.path, k.reason);
     }
     if m.skipped.len() > 20 {
-        println!(
+        crate::out!(
             "skipped: ... and {} more (see manifest.json)",
             m.skipped.len() - 20
         );
     }
-    println!(
+    crate::out!(
         "wrote {} ({} images of {}x{}, {} skipped) in {:.1}s ({:.0} images/s)",
         cfg.out.display(),
         m.images,

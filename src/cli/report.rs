@@ -104,6 +104,6 @@ pub fn run(args: Args) -> Result<()> {
     } else {
         eprintln!("note: no {}, so no roc.png", preds.display());
     }
-    println!("wrote {} in {}", written.join(", "), out.display());
+    crate::out!("wrote {} in {}", written.join(", "), out.display());
     Ok(())
 }

@@ -117,12 +117,12 @@ pub fn run(args: Args) -> Result<()> {
             .iter()
             .map(|(t, m)| (t.clone(), row(m)))
             .collect();
-        println!(
+        crate::out!(
             "{}",
             serde_json::json!({"overall": row(&table.overall), "by_type": by_type})
         );
     } else {
-        println!("{:<12} {:>6} {:>7} {:>9}", "type", "n", "kappa", "accuracy");
+        crate::out!("{:<12} {:>6} {:>7} {:>9}", "type", "n", "kappa", "accuracy");
         let rows = table.by_type.iter().map(|(t, m)| (t.as_str(), m));
         for (name, m) in rows.chain([("overall", &table.overall)]) {
             let kappa = if m.kappa.is_finite() {
@@ -130,7 +130,7 @@ pub fn run(args: Args) -> Result<()> {
             } else {
                 "n/a".into()
             };
-            println!("{:<12} {:>6} {:>7} {:>9.3}", name, m.n, kappa, m.accuracy);
+            crate::out!("{:<12} {:>6} {:>7} {:>9.3}", name, m.n, kappa, m.accuracy);
         }
     }
     Ok(())

@@ -25,7 +25,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         valid_fraction: args.valid_fraction,
     };
     let s = synth(&args.out, &cfg, true)?;
-    println!(
+    crate::out!(
         "wrote {} studies ({} abnormal), {} images to {} in {:.1}s ({:.0} images/s)",
         s.studies,
         s.abnormal_studies,

@@ -284,3 +284,24 @@ fn demo_checks_its_settings_before_touching_the_folder() {
         assert!(!dir.exists(), "{extra:?} made {}", dir.display());
     }
 }
+
+/// A reader that stops reading (`mura inspect STORE | head -1`) ends the command quietly with
+/// success: its standard output here is a pipe whose reader is already gone, so the first line
+/// it writes meets a broken pipe.
+#[test]
+fn closed_stdout_ends_the_command_quietly() {
+    let (_, store) = dataset();
+    for args in [vec!["inspect", s(store)], vec!["info", "--kernels"]] {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let out = Command::new(env!("CARGO_BIN_EXE_mura"))
+            .args(&args)
+            .stdout(writer)
+            .stderr(Stdio::piped())
+            .output()
+            .unwrap();
+        let e = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "mura {args:?}: {:?} {e}", out.status);
+        assert!(e.is_empty(), "mura {args:?} wrote to stderr: {e}");
+    }
+}
