@@ -50,9 +50,13 @@ fn read_metadata(path: &Path) -> Result<HashMap<String, String>> {
 
 /// The input side a mura checkpoint was trained at.
 pub fn read_image_size(path: &Path) -> Result<Option<usize>> {
-    Ok(read_metadata(path)?
-        .get("image_size")
-        .and_then(|s| s.parse().ok()))
+    let Some(s) = read_metadata(path)?.get("image_size").cloned() else {
+        return Ok(None);
+    };
+    let what = || format!("{}: the image size in its metadata", path.display());
+    let size = s.parse().with_context(|| format!("{} is {s:?}", what()))?;
+    crate::data::image::check_side(&what(), size)?;
+    Ok(Some(size))
 }
 
 /// A checkpoint's architecture, if it was written by mura.

@@ -3,8 +3,11 @@
 
 use anyhow::{bail, Result};
 
-/// The hyper-parameters that define a DenseNet (torchvision's `DenseNet.__init__`).
+/// The hyper-parameters that define a DenseNet (torchvision's `DenseNet.__init__`). Checked
+/// ([`DenseNetSpec::validate`]) however it is made: from the command line, or read from a
+/// checkpoint's metadata or a run's config.json.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "SpecFields")]
 pub struct DenseNetSpec {
     /// Preset name (`densenet169`, …) or `custom`.
     pub arch: String,
@@ -13,6 +16,43 @@ pub struct DenseNetSpec {
     pub num_init_features: usize,
     pub bn_size: usize,
 }
+
+/// A spec as stored, before [`DenseNetSpec::validate`].
+#[derive(serde::Deserialize)]
+struct SpecFields {
+    arch: String,
+    growth_rate: usize,
+    block_config: Vec<usize>,
+    num_init_features: usize,
+    bn_size: usize,
+}
+
+impl TryFrom<SpecFields> for DenseNetSpec {
+    type Error = anyhow::Error;
+    fn try_from(f: SpecFields) -> Result<Self> {
+        let spec = DenseNetSpec {
+            arch: f.arch,
+            growth_rate: f.growth_rate,
+            block_config: f.block_config,
+            num_init_features: f.num_init_features,
+            bn_size: f.bn_size,
+        };
+        spec.validate()?;
+        Ok(spec)
+    }
+}
+
+/// The largest network mura builds. Every size computed from a spec is bounded by these, so a
+/// mistyped or hostile spec is refused instead of overflowing or exhausting memory. DenseNet-264
+/// (the deepest published: 6-12-64-48) and DenseNet-161 (growth 48, 96 init features) fit with a
+/// wide margin.
+const MAX_BLOCKS: usize = 8;
+const MAX_LAYERS_PER_BLOCK: usize = 256;
+/// Growth rate and init features.
+const MAX_WIDTH: usize = 1024;
+const MAX_BN_SIZE: usize = 16;
+/// 2^30 parameters (4 GiB of f32).
+const MAX_PARAMS: usize = 1 << 30;
 
 /// What a state-dict tensor is for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -68,19 +108,55 @@ impl DenseNetSpec {
         num_init_features: usize,
         bn_size: usize,
     ) -> Result<Self> {
-        if growth_rate == 0 || num_init_features == 0 || bn_size == 0 {
-            bail!("custom DenseNet: growth rate, init features and bn size must be positive");
-        }
-        if block_config.is_empty() || block_config.contains(&0) {
-            bail!("custom DenseNet: block config must list at least one block, each with at least one layer");
-        }
-        Ok(DenseNetSpec {
+        let spec = DenseNetSpec {
             arch: "custom".to_string(),
             growth_rate,
             block_config,
             num_init_features,
             bn_size,
-        })
+        };
+        spec.validate()?;
+        Ok(spec)
+    }
+
+    /// Refuses a spec mura cannot build: a non-positive size, more than the stated maxima of
+    /// blocks, layers, widths or parameters, or a preset's name on other hyper-parameters.
+    pub fn validate(&self) -> Result<()> {
+        let (k, f0, bn) = (self.growth_rate, self.num_init_features, self.bn_size);
+        if k == 0 || f0 == 0 || bn == 0 {
+            bail!("custom DenseNet: growth rate, init features and bn size must be positive");
+        }
+        let blocks = &self.block_config;
+        if blocks.is_empty() || blocks.contains(&0) {
+            bail!("custom DenseNet: block config must list at least one block, each with at least one layer");
+        }
+        if blocks.len() > MAX_BLOCKS || blocks.iter().any(|&l| l > MAX_LAYERS_PER_BLOCK) {
+            bail!(
+                "DenseNet with blocks {blocks:?}: at most {MAX_BLOCKS} blocks of at most \
+                 {MAX_LAYERS_PER_BLOCK} layers"
+            );
+        }
+        if k > MAX_WIDTH || f0 > MAX_WIDTH || bn > MAX_BN_SIZE {
+            bail!(
+                "DenseNet with growth rate {k}, {f0} init features, bn size {bn}: at most \
+                 {MAX_WIDTH}, {MAX_WIDTH} and {MAX_BN_SIZE}"
+            );
+        }
+        match self.arch.as_str() {
+            "custom" => {}
+            name => {
+                let preset = Self::preset(name)?;
+                if *self != preset {
+                    bail!("a spec named {name} has other hyper-parameters than {name}'s");
+                }
+            }
+        }
+        // (Bounded above: at most 2048 layers of at most ~2^18 × 2^14 weights each.)
+        let params = self.num_params();
+        if params > MAX_PARAMS {
+            bail!("DenseNet with {params} parameters: at most {MAX_PARAMS}");
+        }
+        Ok(())
     }
 
     /// Channels entering each dense block, and after the last block (the classifier's width).

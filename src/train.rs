@@ -54,6 +54,10 @@ pub struct TrainConfig {
     pub max_batches: Option<usize>,
 }
 
+/// The most studies in a batch, and loader threads, a run may ask for.
+const MAX_BATCH: usize = 4096;
+const MAX_WORKERS: usize = 256;
+
 /// Where training starts (`--init`): `random` (torchvision's initialisation from the seed),
 /// `imagenet:FILE` (torchvision's ImageNet weights, `.pth` or `.safetensors`, with a fresh
 /// single-logit head), or a mura checkpoint to fine-tune. Stored in a run's config.json as
@@ -121,6 +125,15 @@ impl TrainConfig {
         }
         if self.max_views == Some(0) || self.max_batches == Some(0) {
             bail!("--max-views and --max-batches must be at least 1");
+        }
+        if self.batch > MAX_BATCH || !(1..=MAX_WORKERS).contains(&self.workers) {
+            bail!("--batch must be at most {MAX_BATCH} and --workers 1 to {MAX_WORKERS}");
+        }
+        if !(0.0..=180.0).contains(&self.max_rotation_deg) {
+            bail!("a rotation of at most {} degrees", self.max_rotation_deg);
+        }
+        if self.study_types.is_empty() {
+            bail!("no study type to train on");
         }
         crate::data::image::check_side("--image-size", self.image_size)
     }
@@ -203,6 +216,8 @@ pub fn train(cfg: TrainConfig, quiet: bool) -> Result<TrainOutcome> {
 pub fn resume(dir: &Path, epochs: Option<usize>, quiet: bool) -> Result<TrainOutcome> {
     let mut cfg: TrainConfig = checkpoint::read_json(&dir.join("config.json"))
         .with_context(|| format!("{} is not a mura run folder", dir.display()))?;
+    cfg.validate()
+        .with_context(|| format!("{}: its config.json", dir.display()))?;
     cfg.out = dir.to_path_buf();
     if epochs == Some(0) {
         bail!("--epochs must be at least 1");

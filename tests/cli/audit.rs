@@ -305,3 +305,77 @@ fn closed_stdout_ends_the_command_quietly() {
         assert!(e.is_empty(), "mura {args:?} wrote to stderr: {e}");
     }
 }
+
+/// A checkpoint's and a run's metadata go through the checks the command line gets: a spec with
+/// a growth rate of 0, no blocks, an astronomically long block or a bn size of 0, and an image
+/// size out of range are one error line in `predict`, `eval` and `train --resume`, not a panic,
+/// an abort or an allocation of everything.
+#[test]
+fn hostile_checkpoint_and_run_metadata_are_refused() {
+    use mura::weights::{load_safetensors, save_safetensors};
+    let (src, store) = dataset();
+    let d = tmp("hostile-meta");
+    let run = d.join("run");
+    ok(&train_args(
+        s(store),
+        s(&run),
+        &["--image-size", "32", "--epochs", "1", "--max-batches", "1"],
+    ));
+    let best = run.join("best.safetensors");
+    let good = load_safetensors(&best).unwrap();
+    let png = std::fs::read_dir(src.join("MURA-v1.1/valid"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let spec = |k: &str, blocks: &str, f0: &str, bn: &str| {
+        format!(
+            r#"{{"arch":"custom","growth_rate":{k},"block_config":{blocks},"num_init_features":{f0},"bn_size":{bn}}}"#
+        )
+    };
+    let huge = format!("[{}]", vec!["4"; 100_000].join(","));
+    let cases = [
+        ("spec", spec("0", "[2,2]", "8", "2")),
+        ("spec", spec("4", "[]", "8", "2")),
+        ("spec", spec("4", &huge, "8", "2")),
+        ("spec", spec("4", "[1000000000000]", "8", "2")),
+        ("spec", spec("4", "[2,2]", "8", "0")),
+        ("spec", spec("99999999", "[2]", "8", "2")),
+        ("spec", r#"{"arch":"densenet169","growth_rate":4,"block_config":[2,2],"num_init_features":8,"bn_size":2}"#.into()),
+        ("image_size", "999999999".into()),
+        ("image_size", "-3".into()),
+    ];
+    for (i, (key, value)) in cases.iter().enumerate() {
+        let bad = d.join(format!("bad{i}.safetensors"));
+        let mut meta = good.metadata.clone();
+        meta.insert(key.to_string(), value.clone());
+        save_safetensors(&bad, &good.state_dict, &meta).unwrap();
+        let what = format!("{key} = {}", &value[..value.len().min(60)]);
+        let e = err(&["predict", "--weights", s(&bad), s(&png)]);
+        assert!(e.contains(s(&bad)), "{what}: {e}");
+        let e = err(&["eval", "--store", s(store), "--checkpoint", s(&bad)]);
+        assert!(e.contains(s(&bad)), "{what}: {e}");
+    }
+    // The run's own config.json, as resume reads it.
+    let config = std::fs::read_to_string(run.join("config.json")).unwrap();
+    let original: serde_json::Value = serde_json::from_str(&config).unwrap();
+    for (field, value) in [
+        (
+            "spec",
+            serde_json::from_str(&spec("0", "[2,2]", "8", "2")).unwrap(),
+        ),
+        ("batch", serde_json::json!(1_000_000_000_000u64)),
+        ("image_size", serde_json::json!(3)),
+        ("max_rotation_deg", serde_json::json!(f64::MAX)),
+        ("device", serde_json::json!("tpu")),
+    ] {
+        let mut c = original.clone();
+        c[field] = value;
+        std::fs::write(run.join("config.json"), c.to_string()).unwrap();
+        let e = err(&["train", "--resume", s(&run), "--epochs", "2"]);
+        assert!(e.contains("config.json"), "{field}: {e}");
+    }
+    std::fs::write(run.join("config.json"), config).unwrap();
+    ok(&["train", "--resume", s(&run), "--epochs", "2", "--quiet"]);
+}
