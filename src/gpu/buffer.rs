@@ -213,6 +213,22 @@ impl<T> Slice<T> {
             ),
         }
     }
+    /// `data` into the first `data.len()` elements (the rest untouched).
+    pub fn upload(self, d: &dyn Driver, data: &[T]) -> Result<()>
+    where
+        T: Pod,
+    {
+        let dst = self.range(0, data.len())?;
+        d.htod(dst.addr, bytemuck::cast_slice(data))
+    }
+    /// The first `out.len()` elements into `out`.
+    pub fn download(self, d: &dyn Driver, out: &mut [T]) -> Result<()>
+    where
+        T: Pod,
+    {
+        let src = self.range(0, out.len())?;
+        d.dtoh(bytemuck::cast_slice_mut(out), src.addr)
+    }
     /// Refuses a slice of fewer than `len` elements, naming the operand `what`.
     pub fn expect(self, len: usize, what: &str) -> Result<Slice<T>> {
         if self.len < len {

@@ -39,9 +39,7 @@ impl<T: Engine> GpuDenseNet<T> {
                 plan.n
             );
         }
-        let dst = plan.logits_grad.slice().range(0, plan.n)?;
-        self.d
-            .htod(dst.ptr().addr(), bytemuck::cast_slice(dlogits))?;
+        plan.logits_grad.slice().upload(&*self.d, dlogits)?;
         self.run_graph((Pass::Backward, plan.n), &|m: &Self| {
             m.backward_kernels(plan)
         })?;

@@ -15,7 +15,7 @@ use crate::gpu::ops::conv_tc::{self, Mask};
 use crate::gpu::ops::{cast, conv, Act, BnRelu};
 use crate::gpu::{Nhwc, Slice};
 use crate::model::schedule::{BnIdx, ConvIdx};
-use anyhow::Result;
+use anyhow::{Context, Result};
 use half::bf16;
 
 /// A dense layer's BN + ReLU → convolution, as its backward sees it.
@@ -100,10 +100,7 @@ impl Engine for f32 {
         _: Option<Slice<f32>>,
         input: Slice<f32>,
     ) -> Result<()> {
-        m.d.htod(
-            input.range(0, x.len())?.ptr().addr(),
-            bytemuck::cast_slice(x),
-        )
+        input.upload(&*m.d, x)
     }
 
     fn conv_fwd(
@@ -174,9 +171,9 @@ impl Engine for bf16 {
         input: Slice<bf16>,
     ) -> Result<()> {
         let staging = staging
-            .expect("a bf16 plan has an f32 staging buffer")
+            .context("a bf16 plan has an f32 staging buffer")?
             .range(0, x.len())?;
-        m.d.htod(staging.ptr().addr(), bytemuck::cast_slice(x))?;
+        staging.upload(&*m.d, x)?;
         cast::to_bf16(&*m.d, staging, input.range(0, x.len())?)
     }
 

@@ -79,7 +79,7 @@ impl<T: Engine> GpuDenseNet<T> {
                     });
                 }
                 let r = self.raw_in.as_ref().context("allocated above")?;
-                self.d.htod(r.src.ptr().addr(), raw)?;
+                r.src.slice().upload(&*self.d, raw)?;
                 let (src, steps) = (r.src.slice(), r.steps.slice());
                 augment::images(&*self.d, src, src_size, params, steps, plan.input()?)
             }
@@ -96,9 +96,7 @@ impl<T: Engine> GpuDenseNet<T> {
         let key = (if train { Pass::Train } else { Pass::Eval }, plan.n);
         self.run_graph(key, &|m: &Self| m.forward_kernels(plan, train))?;
         let mut logits = vec![0f32; plan.n];
-        let src = plan.logits.slice().range(0, plan.n)?;
-        self.d
-            .dtoh(bytemuck::cast_slice_mut(&mut logits), src.ptr().addr())?;
+        plan.logits.slice().download(&*self.d, &mut logits)?;
         Ok(logits)
     }
 

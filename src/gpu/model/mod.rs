@@ -293,9 +293,8 @@ impl<T: Engine> crate::net::Net for GpuDenseNet<T> {
     fn classifier(&self) -> Result<(Vec<f32>, f32)> {
         let c = self.layout.features();
         let mut v = vec![0f32; c + 1];
-        let w = self.param(self.layout.fc, c + 1)?;
-        self.d
-            .dtoh(bytemuck::cast_slice_mut(&mut v), w.ptr().addr())?;
+        self.param(self.layout.fc, c + 1)?
+            .download(&*self.d, &mut v)?;
         let b = v.pop().context("c + 1 values")?;
         Ok((v, b))
     }

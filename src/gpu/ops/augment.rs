@@ -32,7 +32,7 @@ pub fn images<T: Act>(
         .iter()
         .flat_map(|p| p.steps(src_size, out_size))
         .collect();
-    d.htod(steps.ptr().addr(), bytemuck::cast_slice(&host))?;
+    steps.upload(d, &host)?;
     let (a, b) = normalisation();
     let at = Launch::linear(blocks_for(n * out_size, 64), 64);
     let (src, steps) = (src.ptr(), steps.ptr());
