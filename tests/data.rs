@@ -127,7 +127,7 @@ fn store_round_trip_counts_and_weights() {
     assert_eq!(store.manifest.splits["valid"].by_type["XR_HAND"].images, 1);
     // manifest.json has the documented fields.
     let j: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(out.join("manifest.json")).unwrap()).unwrap();
+        serde_json::from_slice(&std::fs::read(store.files.join("manifest.json")).unwrap()).unwrap();
     assert_eq!(
         j["splits"]["train"]["by_type"]["XR_WRIST"]["abnormal_images"],
         4
@@ -156,12 +156,16 @@ fn damaged_stores_are_refused() {
     let good = root.join("good");
     prep(&cfg(&root, &good, 20)).unwrap();
     let id = Store::open(&good).unwrap().id();
+    let files = Store::open(&good).unwrap().files;
+    assert_eq!(files, good.join("gen-1"));
+    // Copies in the layout before generations (the files in the store folder), which opens too.
     let copy = |name: &str| {
         let d = root.join(name);
         std::fs::create_dir_all(&d).unwrap();
         for f in ["images.bin", "index.json", "manifest.json"] {
-            std::fs::copy(good.join(f), d.join(f)).unwrap();
+            std::fs::copy(files.join(f), d.join(f)).unwrap();
         }
+        assert_eq!(Store::open(&d).unwrap().id(), id);
         d
     };
     let bin = |d: &Path| d.join("images.bin");
@@ -196,7 +200,7 @@ fn damaged_stores_are_refused() {
     let other = root.join("other");
     prep(&cfg(&root, &other, 16)).unwrap();
     let d = copy("stale");
-    std::fs::copy(other.join("index.json"), d.join("index.json")).unwrap();
+    std::fs::copy(other.join("gen-1/index.json"), d.join("index.json")).unwrap();
     expect_err(Store::open(&d), "stale");
     // Missing index; missing store.
     let d = copy("noindex");
