@@ -21,6 +21,21 @@ pub fn check_side(option: &str, side: usize) -> Result<()> {
     Ok(())
 }
 
+/// Refuses a PNG with a palette (PLTE chunk) that is not whole RGB entries: png 0.18.1 panics
+/// decoding one (image-rs/image-png#694, fixed upstream after that release; found by
+/// `fuzz/` and kept in `fuzz/regressions/png/`).
+fn check_palettes(bytes: &[u8]) -> Result<()> {
+    let mut at = 8usize; // after the signature: chunks of length, type, data, crc
+    while let Some(head) = bytes.get(at..at.saturating_add(8)) {
+        let len = u32::from_be_bytes(head[..4].try_into().expect("4 bytes")) as usize;
+        if &head[4..] == b"PLTE" && !len.is_multiple_of(3) {
+            bail!("not a readable PNG: its palette holds {len} bytes, not whole RGB entries");
+        }
+        at = at.saturating_add(12).saturating_add(len);
+    }
+    Ok(())
+}
+
 /// A single-channel image with values in [0, 1].
 #[derive(Clone, Debug, PartialEq)]
 pub struct GrayImage {
@@ -51,6 +66,7 @@ pub fn decode_gray_bytes(bytes: &[u8]) -> Result<GrayImage> {
     if bytes.is_empty() {
         bail!("empty file (0 bytes)");
     }
+    check_palettes(bytes)?;
     let mut limits = image::Limits::default();
     limits.max_image_width = Some(MAX_PNG_SIDE);
     limits.max_image_height = Some(MAX_PNG_SIDE);
