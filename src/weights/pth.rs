@@ -46,18 +46,24 @@ pub fn load_pth_bytes(bytes: &[u8]) -> Result<StateDict> {
     }
 }
 
-type Zip<'a> = zip::ZipArchive<std::io::Cursor<&'a [u8]>>;
+/// A `.pth` zip archive and its length.
+struct Archive<'a> {
+    zip: zip::ZipArchive<std::io::Cursor<&'a [u8]>>,
+    len: u64,
+}
 
 /// The zip member `name`, refused if it declares or inflates to more than `cap` bytes.
-fn read_entry(zip: &mut Zip, name: &str, cap: u64) -> Result<Vec<u8>> {
-    let f = zip
+fn read_entry(archive: &mut Archive, name: &str, cap: u64) -> Result<Vec<u8>> {
+    let f = archive
+        .zip
         .by_name(name)
         .with_context(|| format!("checkpoint lacks '{name}'"))?;
     let too_big = || format!("'{name}' in the zip holds more than the {cap} bytes expected");
     if f.size() > cap {
         bail!(too_big());
     }
-    let mut v = Vec::with_capacity(f.size() as usize);
+    // Room for what a stored member can hold; a compressed one grows as it inflates.
+    let mut v = Vec::with_capacity(f.size().min(archive.len) as usize);
     f.take(cap + 1)
         .read_to_end(&mut v)
         .with_context(|| format!("reading '{name}' from the zip"))?;
@@ -68,17 +74,22 @@ fn read_entry(zip: &mut Zip, name: &str, cap: u64) -> Result<Vec<u8>> {
 }
 
 fn load_zip(bytes: &[u8]) -> Result<StateDict> {
-    let mut zip = zip::ZipArchive::new(std::io::Cursor::new(bytes))
+    let zip = zip::ZipArchive::new(std::io::Cursor::new(bytes))
         .context("not a readable PyTorch zip checkpoint")?;
-    let pkl_name = zip
+    let mut archive = Archive {
+        zip,
+        len: bytes.len() as u64,
+    };
+    let pkl_name = archive
+        .zip
         .file_names()
         .find(|n| n.ends_with("/data.pkl") && n.matches('/').count() == 1)
         .map(str::to_string)
         .context("zip file has no '<folder>/data.pkl': not a PyTorch checkpoint")?;
     let prefix = &pkl_name[..pkl_name.len() - "data.pkl".len()];
     let order_name = format!("{prefix}byteorder");
-    if zip.index_for_name(&order_name).is_some() {
-        let order = read_entry(&mut zip, &order_name, 16)?;
+    if archive.zip.index_for_name(&order_name).is_some() {
+        let order = read_entry(&mut archive, &order_name, 16)?;
         if order != b"little" {
             bail!(
                 "checkpoint was written on a {} machine; only little-endian is supported",
@@ -86,7 +97,7 @@ fn load_zip(bytes: &[u8]) -> Result<StateDict> {
             );
         }
     }
-    let pkl = read_entry(&mut zip, &pkl_name, MAX_PICKLE_BYTES)?;
+    let pkl = read_entry(&mut archive, &pkl_name, MAX_PICKLE_BYTES)?;
     let (obj, _) = pickle::read(&pkl).context("reading data.pkl")?;
     let entries = state_dict_entries(obj)?;
     // Each storage's size, as its first tensor declares it; all of them checked before any is read.
@@ -108,7 +119,7 @@ fn load_zip(bytes: &[u8]) -> Result<StateDict> {
     }
     let mut storages: HashMap<&str, Vec<u8>> = HashMap::new();
     for (key, n) in sizes {
-        let data = read_entry(&mut zip, &format!("{prefix}data/{key}"), n)?;
+        let data = read_entry(&mut archive, &format!("{prefix}data/{key}"), n)?;
         storages.insert(key, data);
     }
     build(&entries, &storages)
