@@ -71,12 +71,18 @@ impl Drop for Removal {
     }
 }
 
+/// Whether `name` is a `CURRENT` staged by a prep (`CURRENT.tmp-<pid>`).
+fn is_staged_current(name: &str) -> bool {
+    name.strip_prefix(CURRENT_FILE)
+        .is_some_and(|rest| rest.starts_with(".tmp-"))
+}
+
 /// Whether `name`, an entry of a store folder, is one of mura's (a generation, `CURRENT` or
-/// its temporary, or a file of a store written before generations).
+/// its staged copy, or a file of a store written before generations).
 fn is_store_entry(name: &str) -> bool {
     generation(name).is_some()
         || name == CURRENT_FILE
-        || name.starts_with(&format!("{CURRENT_FILE}.tmp-"))
+        || is_staged_current(name)
         || FLAT_FILES.contains(&name)
 }
 
@@ -145,7 +151,7 @@ fn remove_leftovers(out: &Path, current: Option<u64>) -> Result<()> {
         let stale = match generation(&name) {
             Some(g) => Some(g) != current,
             None => {
-                name.starts_with(&format!("{CURRENT_FILE}.tmp-"))
+                is_staged_current(&name)
                     || (current.is_some() && FLAT_FILES.contains(&name.as_str()))
             }
         };

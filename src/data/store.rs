@@ -255,6 +255,68 @@ pub fn files_dir(dir: &Path) -> Result<PathBuf> {
     )
 }
 
+/// What an images file's header says, checked against the file.
+struct Header {
+    n: usize,
+    side: usize,
+    crc: u32,
+}
+
+/// Checks the images file `bin` (mapped as `bytes`): magic, version, dtype, shape, that its
+/// length is what the header says, and the pixels' checksum.
+fn check_header(bin: &Path, bytes: &[u8]) -> Result<Header> {
+    let again = "re-run 'mura prep' to rebuild it";
+    let len = bytes.len();
+    if len < HEADER_LEN || &bytes[0..8] != MAGIC {
+        if len < HEADER_LEN || bytes[0..8].iter().all(|&b| b == 0) {
+            bail!(
+                "{} is truncated or unfinished (no header): {again}",
+                bin.display()
+            );
+        }
+        bail!("{} is not a mura store file (bad magic)", bin.display());
+    }
+    let h = &bytes[..HEADER_LEN];
+    let version = u32_at(h, 8);
+    if version != FORMAT_VERSION {
+        bail!("{} has store format version {version}, this mura reads version {FORMAT_VERSION}: {again}", bin.display());
+    }
+    if u32_at(h, 12) != DTYPE_U8 {
+        bail!(
+            "{} has unsupported dtype code {}",
+            bin.display(),
+            u32_at(h, 12)
+        );
+    }
+    let n = u64::from_le_bytes(h[16..24].try_into().expect("8 bytes")) as usize;
+    let (hh, ww) = (u32_at(h, 24) as usize, u32_at(h, 28) as usize);
+    if hh != ww || !(8..=super::image::MAX_SIDE).contains(&hh) {
+        bail!("{} has an unsupported image shape {hh}x{ww}", bin.display());
+    }
+    if n == 0 {
+        bail!("{} holds no images: {again}", bin.display());
+    }
+    let want = n
+        .checked_mul(hh * ww)
+        .and_then(|p| p.checked_add(HEADER_LEN))
+        .ok_or_else(|| anyhow::anyhow!("{} has a corrupt header", bin.display()))?;
+    if len != want {
+        bail!(
+            "{} is truncated or damaged: {len} bytes, its header says {want}: {again}",
+            bin.display()
+        );
+    }
+    let crc = u32_at(h, 32);
+    let actual = checksum(&bytes[HEADER_LEN..]);
+    if actual != crc {
+        bail!(
+            "{} is damaged: checksum {actual:08x}, header says {crc:08x}: {again}",
+            bin.display()
+        );
+    }
+    Ok(Header { n, side: hh, crc })
+}
+
 impl Store {
     /// Opens and verifies a store: header, format version, shape, checksum, that the index
     /// and manifest belong to these pixels, and that they agree with them and each other.
@@ -268,61 +330,14 @@ impl Store {
         // a new generation and switches to it), so the mapping is not changed under us by mura.
         let mmap =
             unsafe { Mmap::map(&file) }.with_context(|| format!("cannot map {}", bin.display()))?;
-        let len = mmap.len();
-        if len < HEADER_LEN || &mmap[0..8] != MAGIC {
-            if len < HEADER_LEN || mmap[0..8].iter().all(|&b| b == 0) {
-                bail!(
-                    "{} is truncated or unfinished (no header): {again}",
-                    bin.display()
-                );
-            }
-            bail!("{} is not a mura store file (bad magic)", bin.display());
-        }
-        let h = &mmap[..HEADER_LEN];
-        let version = u32_at(h, 8);
-        if version != FORMAT_VERSION {
-            bail!("{} has store format version {version}, this mura reads version {FORMAT_VERSION}: {again}", bin.display());
-        }
-        if u32_at(h, 12) != DTYPE_U8 {
-            bail!(
-                "{} has unsupported dtype code {}",
-                bin.display(),
-                u32_at(h, 12)
-            );
-        }
-        let n = u64::from_le_bytes(h[16..24].try_into().expect("8 bytes")) as usize;
-        let (hh, ww) = (u32_at(h, 24) as usize, u32_at(h, 28) as usize);
-        if hh != ww || !(8..=super::image::MAX_SIDE).contains(&hh) {
-            bail!("{} has an unsupported image shape {hh}x{ww}", bin.display());
-        }
-        if n == 0 {
-            bail!("{} holds no images: {again}", bin.display());
-        }
-        let want = n
-            .checked_mul(hh * ww)
-            .and_then(|p| p.checked_add(HEADER_LEN))
-            .ok_or_else(|| anyhow::anyhow!("{} has a corrupt header", bin.display()))?;
-        if len != want {
-            bail!(
-                "{} is truncated or damaged: {len} bytes, its header says {want}: {again}",
-                bin.display()
-            );
-        }
-        let crc = u32_at(h, 32);
-        let actual = checksum(&mmap[HEADER_LEN..]);
-        if actual != crc {
-            bail!(
-                "{} is damaged: checksum {actual:08x}, header says {crc:08x}: {again}",
-                bin.display()
-            );
-        }
+        let Header { n, side, crc } = check_header(&bin, &mmap)?;
         let hex = format!("{crc:08x}");
         let index: Index = read_json(&files.join(INDEX_FILE))?;
         let manifest: Manifest = read_json(&files.join(MANIFEST_FILE))?;
         if index.checksum != hex || manifest.checksum != hex {
             bail!("stale store at {}: {INDEX_FILE} or {MANIFEST_FILE} is from another prep than {IMAGES_FILE}: {again}", dir.display());
         }
-        if index.size != hh || index.images.len() != n {
+        if index.size != side || index.images.len() != n {
             bail!(
                 "stale store at {}: {INDEX_FILE} does not match {IMAGES_FILE}'s shape: {again}",
                 dir.display()
@@ -333,7 +348,7 @@ impl Store {
         Ok(Store {
             dir: dir.to_path_buf(),
             files,
-            size: hh,
+            size: side,
             studies: index.studies,
             images: index.images,
             manifest,
@@ -370,13 +385,18 @@ fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
 }
 
 /// What `index` must satisfy for its images (already checked to be as many as the pixels hold)
-/// and what `manifest` must say about it: the studies tile the images in order, each with at
-/// least one view; labels are 0, 1 or none; types are the manifest's; counts and loss weights
-/// are the ones the index gives.
-pub fn check_index(index: &Index, manifest: &Manifest) -> Result<()> {
+/// and what `manifest` must say about it.
+fn check_index(index: &Index, manifest: &Manifest) -> Result<()> {
     if index.format_version != FORMAT_VERSION || manifest.format_version != FORMAT_VERSION {
         bail!("{INDEX_FILE} or {MANIFEST_FILE} has another format version than {FORMAT_VERSION}");
     }
+    check_studies(index, &manifest.study_types)?;
+    check_counts(index, manifest)
+}
+
+/// The studies tile the images in order, each with at least one view (no range wraps or
+/// leaves the images); labels are 0, 1 or none; types are among `types`.
+fn check_studies(index: &Index, types: &[StudyType]) -> Result<()> {
     let n = index.images.len();
     let mut next = 0usize;
     for s in &index.studies {
@@ -403,7 +423,7 @@ pub fn check_index(index: &Index, manifest: &Manifest) -> Result<()> {
                 s.path
             );
         }
-        if !manifest.study_types.contains(&s.study_type) {
+        if !types.contains(&s.study_type) {
             bail!(
                 "{INDEX_FILE}: study {} is {}, a type {MANIFEST_FILE} does not list",
                 s.path,
@@ -414,6 +434,12 @@ pub fn check_index(index: &Index, manifest: &Manifest) -> Result<()> {
     if next != n {
         bail!("{INDEX_FILE}: its studies cover {next} of its {n} images");
     }
+    Ok(())
+}
+
+/// The manifest's counts and loss weights (each in [0, 1]) are the ones the index gives.
+fn check_counts(index: &Index, manifest: &Manifest) -> Result<()> {
+    let n = index.images.len();
     if manifest.images != n || manifest.studies != index.studies.len() {
         bail!(
             "{MANIFEST_FILE} counts {} images and {} studies, {INDEX_FILE} holds {n} and {}",
@@ -435,12 +461,12 @@ pub fn check_index(index: &Index, manifest: &Manifest) -> Result<()> {
     }
     let same =
         |a: &Weights, b: &Weights| (a.w0 - b.w0).abs() <= 1e-9 && (a.w1 - b.w1).abs() <= 1e-9;
-    if manifest.weights.len() != weights.len()
-        || manifest
+    let agree = manifest.weights.len() == weights.len()
+        && manifest
             .weights
             .iter()
-            .any(|(t, w)| !weights.get(t).is_some_and(|r| same(w, r)))
-    {
+            .all(|(t, w)| weights.get(t).is_some_and(|r| same(w, r)));
+    if !agree {
         bail!(
             "{MANIFEST_FILE}'s loss weights are not the ones {INDEX_FILE}'s training images give"
         );
