@@ -29,7 +29,9 @@ fn store() -> &'static PathBuf {
 /// Runs mura bounded and returns its one error line.
 fn fails(args: &[&str]) -> String {
     let run: Bounded = mura_bounded(args, &[], MEM, SECS);
-    one_error_line(&run, &format!("mura {args:?}"))
+    let line = one_error_line(&run, &format!("mura {args:?}"));
+    println!("mura {} ({:.2} s): {line}", args[0], run.seconds);
+    line
 }
 
 // --- .pth files ----------------------------------------------------------------------------

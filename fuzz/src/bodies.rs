@@ -11,8 +11,11 @@ use mura::spec::DenseNetSpec;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+/// A fuzz target's body.
+pub type Body = fn(&[u8]);
+
 /// Every target: its name (folder and binary) and its body.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Body)] = &[
     ("pth", pth),
     ("safetensors", safetensors),
     ("store", store),
@@ -201,7 +204,7 @@ pub fn png(data: &[u8]) {
 
 /// Runs `body` on every file under `dir` (none if it does not exist): how many files ran, and
 /// the ones that panicked.
-pub fn replay(dir: &Path, body: fn(&[u8])) -> (usize, Vec<PathBuf>) {
+pub fn replay(dir: &Path, body: Body) -> (usize, Vec<PathBuf>) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return (0, Vec::new());
     };

@@ -379,8 +379,7 @@ impl Store {
 }
 
 fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
-    let text = read_regular_string(path, MAX_TEXT_BYTES)
-        .with_context(|| format!("incomplete store: cannot read {}", path.display()))?;
+    let text = read_regular_string(path, MAX_TEXT_BYTES).context("unreadable store")?;
     serde_json::from_str(&text).with_context(|| format!("damaged store file {}", path.display()))
 }
 
