@@ -7,6 +7,7 @@ pub mod cli;
 pub mod consts;
 pub mod data;
 pub mod device;
+pub mod disk;
 pub mod eval;
 pub mod gpu;
 pub mod loss;

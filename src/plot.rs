@@ -4,6 +4,7 @@
 //! binary (epaint_default_fonts), so no system font is needed.
 
 use crate::cam::write_png_atomic;
+use crate::data::StudyType;
 use anyhow::{anyhow, Result};
 use plotters::coord::Shift;
 use plotters::prelude::*;
@@ -58,23 +59,45 @@ fn render(
     write_png_atomic(path, &rgb, SIZE.0, SIZE.1)
 }
 
+/// The error for values from `lo` to `hi` that no axis can span: the plotting library would lay
+/// out ticks for ever (an infinite range) instead of failing.
+fn unplottable(what: &str, lo: f64, hi: f64) -> anyhow::Error {
+    anyhow!(
+        "cannot plot the {what}: they range from {lo:e} to {hi:e}, more than a plot can span \
+         (a damaged metrics.jsonl?)"
+    )
+}
+
 /// (min, max) of finite values padded by 5%, or (0, 1) when there are none.
-fn span(values: impl Iterator<Item = f64>) -> (f64, f64) {
+fn span(what: &str, values: impl Iterator<Item = f64>) -> Result<(f64, f64)> {
     let (lo, hi) = values
         .filter(|v| v.is_finite())
         .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| {
             (lo.min(v), hi.max(v))
         });
     if lo > hi {
-        return (0.0, 1.0);
+        return Ok((0.0, 1.0));
     }
     let pad = ((hi - lo) * 0.05).max(1e-3 * hi.abs().max(1e-12));
-    (lo - pad, hi + pad)
+    let (a, b) = (lo - pad, hi + pad);
+    if !(a.is_finite() && b.is_finite() && (b - a).is_finite()) {
+        return Err(unplottable(what, lo, hi));
+    }
+    Ok((a, b))
 }
 
-fn epochs_span(epochs: &[EpochRecord]) -> (f64, f64) {
-    let (lo, hi) = span(epochs.iter().map(|e| e.epoch));
-    (lo.min(hi - 1.0), hi)
+/// The positive values `lo..=hi` padded by ×2 each way, for a log axis.
+fn log_span(what: &str, lo: f64, hi: f64) -> Result<(f64, f64)> {
+    let (a, b) = (lo / 2.0, hi * 2.0);
+    if !(a > 0.0 && b.is_finite() && (b / a).is_finite()) {
+        return Err(unplottable(what, lo, hi));
+    }
+    Ok((a, b))
+}
+
+fn epochs_span(epochs: &[EpochRecord]) -> Result<(f64, f64)> {
+    let (lo, hi) = span("epochs", epochs.iter().map(|e| e.epoch))?;
+    Ok((lo.min(hi - 1.0), hi))
 }
 
 /// Finite (epoch, value) points of one series.
@@ -138,10 +161,10 @@ where
 pub fn plot_loss(path: &Path, epochs: &[EpochRecord]) -> Result<()> {
     render(path, |root| {
         let (top, bottom) = root.split_vertically(SIZE.1 * 62 / 100);
-        let (x0, x1) = epochs_span(epochs);
+        let (x0, x1) = epochs_span(epochs)?;
         let train = series(epochs, |e| e.train_loss);
         let val = series(epochs, |e| e.val_loss);
-        let (y0, y1) = span(train.iter().chain(&val).map(|p| p.1));
+        let (y0, y1) = span("losses", train.iter().chain(&val).map(|p| p.1))?;
         let mut chart = ChartBuilder::on(&top)
             .caption("Loss per epoch", (FONT, 24))
             .margin(12)
@@ -180,7 +203,7 @@ pub fn plot_loss(path: &Path, epochs: &[EpochRecord]) -> Result<()> {
         let (lo, hi) = if lr.is_empty() {
             (1e-5, 1e-3)
         } else {
-            (lo / 2.0, hi * 2.0)
+            log_span("learning rates", lo, hi)?
         };
         let mut chart = ChartBuilder::on(&bottom)
             .margin(12)
@@ -205,7 +228,7 @@ pub fn plot_loss(path: &Path, epochs: &[EpochRecord]) -> Result<()> {
 /// `kappa.png`: overall (thick, black) and per-type Cohen's kappa per epoch.
 pub fn plot_kappa(path: &Path, epochs: &[EpochRecord]) -> Result<()> {
     render(path, |root| {
-        let (x0, x1) = epochs_span(epochs);
+        let (x0, x1) = epochs_span(epochs)?;
         let overall = series(epochs, |e| e.kappa);
         let types: Vec<&String> = epochs
             .iter()
@@ -213,6 +236,10 @@ pub fn plot_kappa(path: &Path, epochs: &[EpochRecord]) -> Result<()> {
             .collect::<std::collections::BTreeSet<_>>()
             .into_iter()
             .collect();
+        // One line per study type: a log naming thousands of "types" is not one mura wrote.
+        if let Some(t) = types.iter().find(|t| StudyType::parse(t).is_err()) {
+            anyhow::bail!("cannot plot kappa per type: '{t}' in kappa_by_type is not a study type");
+        }
         let per_type: Vec<(&String, Vec<(f64, f64)>)> = types
             .iter()
             .map(|&t| {
@@ -223,11 +250,12 @@ pub fn plot_kappa(path: &Path, epochs: &[EpochRecord]) -> Result<()> {
             })
             .collect();
         let (y0, y1) = span(
+            "kappas",
             overall
                 .iter()
                 .chain(per_type.iter().flat_map(|(_, s)| s))
                 .map(|p| p.1),
-        );
+        )?;
         let mut chart = ChartBuilder::on(root)
             .caption("Cohen's kappa on validation studies", (FONT, 24))
             .margin(12)

@@ -34,6 +34,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
     let s = prep(&cfg)?;
     let m = &s.manifest;
+    let manifest = s.files.join(crate::data::store::MANIFEST_FILE);
     for (split, c) in &m.splits {
         crate::out!("{split}: {} studies, {} images", c.studies, c.images);
     }
@@ -42,8 +43,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     if m.notes.len() > 20 {
         crate::out!(
-            "note: ... and {} more (see manifest.json)",
-            m.notes.len() - 20
+            "note: ... and {} more (see {})",
+            m.notes.len() - 20,
+            manifest.display()
         );
     }
     for k in m.skipped.iter().take(20) {
@@ -51,8 +53,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     if m.skipped.len() > 20 {
         crate::out!(
-            "skipped: ... and {} more (see manifest.json)",
-            m.skipped.len() - 20
+            "skipped: ... and {} more (see {})",
+            m.skipped.len() - 20,
+            manifest.display()
         );
     }
     crate::out!(

@@ -4,6 +4,7 @@
 //! `val_loss`, `lr`, `kappa`, `kappa_by_type`, ...) and `RUN_DIR/val_predictions.csv`
 //! (header `study,type,label,probability`: the best checkpoint's validation predictions).
 
+use crate::disk::{read_regular_string, MAX_TEXT_BYTES};
 use crate::metrics::{auroc, roc_curve};
 use crate::plot::{plot_kappa, plot_loss, plot_roc, EpochRecord, RocCurve};
 use anyhow::{bail, Context, Result};
@@ -18,8 +19,7 @@ pub struct Args {
 
 /// The epochs of a `metrics.jsonl`, in file order.
 pub fn read_metrics_jsonl(path: &Path) -> Result<Vec<EpochRecord>> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let text = read_regular_string(path, MAX_TEXT_BYTES)?;
     let mut epochs = Vec::new();
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
@@ -37,8 +37,7 @@ pub fn read_metrics_jsonl(path: &Path) -> Result<Vec<EpochRecord>> {
 
 /// ROC curves per study type, then overall, from a `val_predictions.csv`.
 pub fn read_roc_curves(path: &Path) -> Result<Vec<RocCurve>> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let text = read_regular_string(path, MAX_TEXT_BYTES)?;
     let mut lines = text.lines().enumerate();
     match lines.next() {
         Some((_, h)) if h.trim() == "study,type,label,probability" => {}

@@ -1,8 +1,9 @@
 //! `mura score`: score a predictions CSV against labelled studies as MURA's official
 //! evaluation does (study type from the path, Cohen's kappa per type and overall).
 
+use crate::disk::{read_regular_string, MAX_TEXT_BYTES};
 use crate::metrics::{study_type_of, MetricsTable};
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -23,8 +24,12 @@ pub struct Args {
 /// Blank lines are skipped; anything else that is not `path,0` or `path,1` is an error naming
 /// the line, as is a path without an `XR_...` study type or a repeated study.
 pub fn read_study_csv(path: &Path) -> Result<Vec<(String, bool)>> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let text = read_regular_string(path, MAX_TEXT_BYTES)?;
+    parse_study_csv(&text, &path.display().to_string())
+}
+
+/// [`read_study_csv`] of the text of the file `name`.
+pub fn parse_study_csv(text: &str, name: &str) -> Result<Vec<(String, bool)>> {
     let mut rows = Vec::new();
     let mut seen: HashMap<String, usize> = HashMap::new();
     for (i, line) in text.lines().enumerate() {
@@ -32,7 +37,7 @@ pub fn read_study_csv(path: &Path) -> Result<Vec<(String, bool)>> {
         if line.is_empty() {
             continue;
         }
-        let where_ = || format!("{} line {no}", path.display());
+        let where_ = || format!("{name} line {no}");
         let (study, label) = match line.rsplit_once(',') {
             Some((s, l)) if !s.trim().is_empty() => (s.trim(), l.trim()),
             _ => bail!("{}: expected 'study_path,label', got '{line}'", where_()),

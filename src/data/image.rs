@@ -17,6 +17,21 @@ pub fn check_side(option: &str, side: usize) -> Result<()> {
     Ok(())
 }
 
+/// Refuses a PNG with a palette (PLTE chunk) that is not whole RGB entries: png 0.18.1 panics
+/// decoding one (image-rs/image-png#694, fixed upstream after that release; found by
+/// `fuzz/` and kept in `fuzz/regressions/png/`).
+fn check_palettes(bytes: &[u8]) -> Result<()> {
+    let mut at = 8usize; // after the signature: chunks of length, type, data, crc
+    while let Some(head) = bytes.get(at..at.saturating_add(8)) {
+        let len = u32::from_be_bytes(head[..4].try_into().expect("4 bytes")) as usize;
+        if &head[4..] == b"PLTE" && !len.is_multiple_of(3) {
+            bail!("not a readable PNG: its palette holds {len} bytes, not whole RGB entries");
+        }
+        at = at.saturating_add(12).saturating_add(len);
+    }
+    Ok(())
+}
+
 /// A single-channel image with values in [0, 1].
 #[derive(Clone, Debug, PartialEq)]
 pub struct GrayImage {
@@ -26,20 +41,43 @@ pub struct GrayImage {
     pub data: Vec<f32>,
 }
 
+/// The widest and tallest PNG decoded (MURA's are at most 512 px): larger ones are refused
+/// from their header, before any pixel is inflated.
+pub const MAX_PNG_SIDE: u32 = 8192;
+/// What the PNG decoder may allocate for one image; the gray copy adds 4 bytes per pixel.
+pub const MAX_DECODE_BYTES: u64 = 256 << 20;
+/// The largest PNG file read.
+pub const MAX_PNG_FILE_BYTES: u64 = 256 << 20;
+
 /// Decodes a PNG (8 or 16 bit; gray, gray+alpha, RGB, RGBA or palette) to gray in [0, 1].
 /// RGB uses PIL's `L` weights (0.299, 0.587, 0.114); alpha is ignored, as PIL does.
 pub fn decode_gray(path: &Path) -> Result<GrayImage> {
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let bytes = crate::disk::read_regular(path, MAX_PNG_FILE_BYTES)?;
     decode_gray_bytes(&bytes).with_context(|| format!("{}", path.display()))
 }
 
-/// As [`decode_gray`], from the bytes of a PNG file.
+/// As [`decode_gray`], from the bytes of a PNG file. At most [`MAX_PNG_SIDE`] on a side and
+/// [`MAX_DECODE_BYTES`] for the decoder, so a decompression bomb is refused, not inflated.
 pub fn decode_gray_bytes(bytes: &[u8]) -> Result<GrayImage> {
     if bytes.is_empty() {
         bail!("empty file (0 bytes)");
     }
-    let img = image::load_from_memory_with_format(bytes, image::ImageFormat::Png)
-        .map_err(|e| anyhow::anyhow!("not a readable PNG: {e}"))?;
+    check_palettes(bytes)?;
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(MAX_PNG_SIDE);
+    limits.max_image_height = Some(MAX_PNG_SIDE);
+    limits.max_alloc = Some(MAX_DECODE_BYTES);
+    let mut reader =
+        image::ImageReader::with_format(std::io::Cursor::new(bytes), image::ImageFormat::Png);
+    reader.limits(limits);
+    let img = reader.decode().map_err(|e| match e {
+        image::ImageError::Limits(_) => anyhow::anyhow!(
+            "PNG is too large to decode ({e}; mura decodes at most {MAX_PNG_SIDE}x{MAX_PNG_SIDE} \
+             pixels and {} MiB)",
+            MAX_DECODE_BYTES >> 20
+        ),
+        e => anyhow::anyhow!("not a readable PNG: {e}"),
+    })?;
     let (width, height) = (img.width() as usize, img.height() as usize);
     if width == 0 || height == 0 {
         bail!("image has no pixels ({width}x{height})");

@@ -2,6 +2,7 @@
 //! unlabeled folders (`studyK`, no suffix) too. Every problem is collected, not fatal.
 
 use super::{Split, StudyType};
+use crate::disk::{read_regular_string, MAX_TEXT_BYTES};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet};
@@ -128,8 +129,7 @@ fn find_csv(mura_dir: &Path, name: &str) -> Option<PathBuf> {
 }
 
 fn csv_lines(path: &Path) -> Result<Vec<String>> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let text = read_regular_string(path, MAX_TEXT_BYTES)?;
     Ok(text
         .lines()
         .map(|l| l.trim().trim_matches('"').to_string())

@@ -1,13 +1,28 @@
-//! `prep`: decode every image once (all cores), gray, resize to size², and write the store
-//! atomically: everything goes into a hidden temporary folder next to the output, the pixel
-//! header is written last, files are fsynced, and the folder is renamed into place.
+//! `prep`: decode every image once (all cores), gray, resize to size², and commit the store
+//! in one atomic step. The store folder `out/` holds generations `gen-<N>/` and the file
+//! `CURRENT` naming the one in use (see `data::store`). Holding a lock on `out/`, prep
+//! 1. removes what an interrupted prep left behind (generations not in use, `CURRENT.tmp-*`);
+//! 2. writes the new generation `gen-<N+1>/`: the pixels with write(2) into space reserved up
+//!    front, so a full disk is an error and never a fault, the header last, then index and
+//!    manifest, everything fsynced;
+//! 3. switches `CURRENT` to it with one rename (then fsyncs `out/`): the commit;
+//! 4. removes the previous generation, or the files of a store written before generations.
+//!
+//! A kill before step 3 leaves the previous store in use, after it the new one; an error removes
+//! the new generation and leaves the previous store as it was. Each step is a failpoint
+//! `store.<step>` (see `disk::failpoint`).
 
 use super::image::{decode_gray, resize_for_store};
 use super::mura::{self, Skipped};
-use super::store::{self, ImageRecord, Index, Manifest, StudyRecord};
+use super::store::{
+    self, generation, ImageRecord, Index, Manifest, StudyRecord, CURRENT_FILE, GEN_PREFIX,
+};
 use super::{sync_dir, StudyType};
+use crate::disk::failpoint;
 use anyhow::{bail, Context, Result};
 use rayon::prelude::*;
+use std::fs::File;
+use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -25,28 +40,56 @@ pub struct PrepConfig {
 #[derive(Debug)]
 pub struct PrepSummary {
     pub manifest: Manifest,
+    /// The folder holding the new store's files (its generation).
+    pub files: PathBuf,
     pub seconds: f64,
 }
 
-/// Removes the temporary folder unless the store was committed.
-struct TmpDir(PathBuf);
-impl Drop for TmpDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+/// Files a store written before generations holds in the store folder itself.
+const FLAT_FILES: [&str; 3] = [store::IMAGES_FILE, store::INDEX_FILE, store::MANIFEST_FILE];
+
+/// Removes a folder when dropped, unless kept: an unfinished generation, or a store folder
+/// that this prep created and that is empty again.
+struct Removal {
+    path: PathBuf,
+    whole: bool,
+}
+
+impl Removal {
+    fn keep(self) {
+        std::mem::forget(self);
     }
 }
 
-fn sibling(out: &Path, tag: &str) -> PathBuf {
-    let name = out
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "store".into());
-    out.with_file_name(format!(".{name}.{tag}-{}", std::process::id()))
+impl Drop for Removal {
+    fn drop(&mut self) {
+        let _ = if self.whole {
+            std::fs::remove_dir_all(&self.path)
+        } else {
+            std::fs::remove_dir(&self.path)
+        };
+    }
 }
 
-/// Refuses to replace anything but a missing path, an empty folder or an earlier store.
+/// Whether `name` is a `CURRENT` staged by a prep (`CURRENT.tmp-<pid>`).
+fn is_staged_current(name: &str) -> bool {
+    name.strip_prefix(CURRENT_FILE)
+        .is_some_and(|rest| rest.starts_with(".tmp-"))
+}
+
+/// Whether `name`, an entry of a store folder, is one of mura's (a generation, `CURRENT` or
+/// its staged copy, or a file of a store written before generations).
+fn is_store_entry(name: &str) -> bool {
+    generation(name).is_some()
+        || name == CURRENT_FILE
+        || is_staged_current(name)
+        || FLAT_FILES.contains(&name)
+}
+
+/// Refuses to replace anything but a missing path, an empty folder or an earlier store
+/// (finished, or left unfinished by an interrupted prep).
 pub fn check_replaceable(out: &Path) -> Result<()> {
-    if !out.exists() {
+    if out.symlink_metadata().is_err() {
         return Ok(());
     }
     if !out.is_dir() {
@@ -55,11 +98,12 @@ pub fn check_replaceable(out: &Path) -> Result<()> {
             out.display()
         );
     }
-    let empty = std::fs::read_dir(out)
-        .with_context(|| format!("cannot read {}", out.display()))?
-        .next()
-        .is_none();
-    if !empty && !out.join(store::IMAGES_FILE).exists() {
+    let names = entry_names(out)?;
+    let ours = names
+        .iter()
+        .any(|n| n == CURRENT_FILE || n == store::IMAGES_FILE)
+        || names.iter().all(|n| is_store_entry(n));
+    if !ours {
         bail!(
             "{} exists and is not a mura store; refusing to replace it",
             out.display()
@@ -68,68 +112,149 @@ pub fn check_replaceable(out: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Renames the finished folder `tmp` to `out`, replacing an earlier store at `out`.
-pub fn commit_dir(tmp: &Path, out: &Path) -> Result<()> {
-    if out.exists() {
-        let old = sibling(out, "old");
-        std::fs::rename(out, &old)
-            .with_context(|| format!("cannot move the old {} aside", out.display()))?;
-        std::fs::rename(tmp, out)
-            .with_context(|| format!("cannot rename into {}", out.display()))?;
-        let _ = std::fs::remove_dir_all(&old);
-    } else {
-        std::fs::rename(tmp, out)
-            .with_context(|| format!("cannot rename into {}", out.display()))?;
+fn entry_names(dir: &Path) -> Result<Vec<String>> {
+    let mut names = Vec::new();
+    for e in std::fs::read_dir(dir).with_context(|| format!("cannot read {}", dir.display()))? {
+        let e = e.with_context(|| format!("cannot read {}", dir.display()))?;
+        names.push(e.file_name().to_string_lossy().into_owned());
     }
-    sync_dir(out.parent());
+    Ok(names)
+}
+
+/// The generation `out/CURRENT` names, if it names one that exists.
+fn current_generation(out: &Path) -> Option<u64> {
+    let text = crate::disk::read_regular_string(&out.join(CURRENT_FILE), 256).ok()?;
+    let g = generation(text.trim_end_matches('\n'))?;
+    out.join(format!("{GEN_PREFIX}{g}")).is_dir().then_some(g)
+}
+
+/// An exclusive lock on the store folder for this prep's lifetime: a second prep into the same
+/// store is refused instead of removing the first one's generation as a leftover.
+fn lock(out: &Path) -> Result<File> {
+    let f = File::open(out).with_context(|| format!("cannot open {}", out.display()))?;
+    match f.try_lock() {
+        Ok(()) => Ok(f),
+        Err(std::fs::TryLockError::WouldBlock) => bail!(
+            "another 'mura prep' is writing {}; wait for it to finish",
+            out.display()
+        ),
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(e).with_context(|| format!("cannot lock {}", out.display()))
+        }
+    }
+}
+
+/// Removes what interrupted preps left in `out`: generations not in use, staged `CURRENT`s,
+/// and the files of a store written before generations once a generation is in use.
+fn remove_leftovers(out: &Path, current: Option<u64>) -> Result<()> {
+    for name in entry_names(out)? {
+        let stale = match generation(&name) {
+            Some(g) => Some(g) != current,
+            None => {
+                is_staged_current(&name)
+                    || (current.is_some() && FLAT_FILES.contains(&name.as_str()))
+            }
+        };
+        if stale {
+            let p = out.join(&name);
+            let r = if p.is_dir() {
+                std::fs::remove_dir_all(&p)
+            } else {
+                std::fs::remove_file(&p)
+            };
+            r.with_context(|| format!("cannot remove the leftover {}", p.display()))?;
+        }
+    }
     Ok(())
 }
 
-pub fn prep(cfg: &PrepConfig) -> Result<PrepSummary> {
-    let t0 = std::time::Instant::now();
-    super::image::check_side("--size", cfg.size)?;
-    check_replaceable(&cfg.out)?;
-    let ds = mura::read(&cfg.mura_root, &cfg.study_types)?;
-    let mut skipped = ds.skipped.clone();
-    let all: Vec<(usize, &str)> = ds
-        .studies
-        .iter()
-        .enumerate()
-        .flat_map(|(s, st)| st.images.iter().map(move |p| (s, p.as_str())))
-        .collect();
-    if all.is_empty() {
-        bail!(
-            "nothing usable under {} ({} problems{})",
-            cfg.mura_root.display(),
-            skipped.len(),
-            skipped
-                .first()
-                .map(|s| format!("; first: {}: {}", s.path, s.reason))
-                .unwrap_or_default()
-        );
+/// Reserves `len` bytes for `file`, so that a disk too small fails now, as an error (where the
+/// file system cannot reserve, the writes still report a full disk).
+fn reserve(file: &File, len: u64) -> std::io::Result<()> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: a plain syscall on a descriptor we own.
+        let r = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, len as libc::off_t) };
+        if r != 0 {
+            let e = std::io::Error::last_os_error();
+            if !matches!(
+                e.raw_os_error(),
+                Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS)
+            ) {
+                return Err(e);
+            }
+        }
     }
+    let _ = (file, len);
+    Ok(())
+}
 
-    if let Some(parent) = cfg.out.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent)
-            .with_context(|| format!("cannot create {}", parent.display()))?;
-    }
-    let tmp = TmpDir(sibling(&cfg.out, "tmp"));
-    let _ = std::fs::remove_dir_all(&tmp.0);
-    std::fs::create_dir(&tmp.0).with_context(|| format!("cannot create {}", tmp.0.display()))?;
-    let bin_path = tmp.0.join(store::IMAGES_FILE);
-    let file = std::fs::OpenOptions::new()
-        .read(true)
+/// Writes `data` to a new file `path` and fsyncs it: the commit step `step`.
+fn write_synced(path: &Path, data: &[u8], step: &str) -> Result<()> {
+    let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
-        .open(&bin_path)
-        .with_context(|| format!("cannot create {}", bin_path.display()))?;
-    let px = cfg.size * cfg.size;
-    file.set_len((store::HEADER_LEN + all.len() * px) as u64)
-        .with_context(|| format!("cannot size {}", bin_path.display()))?;
-    // SAFETY: the file was just created by us in a private temporary folder.
-    let mut map =
-        unsafe { memmap2::MmapMut::map_mut(&file) }.context("cannot map the new store")?;
+        .open(path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    f.write_all(data)
+        .and_then(|_| f.sync_all())
+        .and_then(|_| failpoint::hit(step))
+        .with_context(|| format!("cannot write {}", path.display()))
+}
 
+/// A source image as the store holds it: its original (width, height) and its pixels.
+struct Decoded {
+    size: (u32, u32),
+    pixels: Vec<u8>,
+}
+
+/// Decodes, grays and resizes the PNG `path` to `side`², or says why it cannot be used.
+fn decode_for_store(path: &Path, side: usize) -> Result<Decoded, String> {
+    let g = decode_gray(path).map_err(|e| format!("{e:#}"))?;
+    let size = (g.width as u32, g.height as u32);
+    let small = resize_for_store(g, side);
+    let pixels = small.data.iter();
+    Ok(Decoded {
+        size,
+        pixels: pixels
+            .map(|&v| (v * 255.0).round().clamp(0.0, 255.0) as u8)
+            .collect(),
+    })
+}
+
+/// Decoded, resized and written pixels: per source image its original size or why it was
+/// skipped, the number written and their crc32.
+struct Pixels {
+    results: Vec<Result<(u32, u32), String>>,
+    n: usize,
+    crc: u32,
+}
+
+/// Decodes `all` (in parallel, a bounded number at a time) and writes the readable ones, in
+/// order, after a blank header into `bin`; the header goes last.
+fn write_pixels(
+    ds: &mura::Dataset,
+    all: &[(usize, &str)],
+    cfg: &PrepConfig,
+    bin: &Path,
+) -> Result<Pixels> {
+    let px = cfg.size * cfg.size;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(bin)
+        .with_context(|| format!("cannot create {}", bin.display()))?;
+    let cannot = || format!("cannot write {}", bin.display());
+    reserve(&file, (store::HEADER_LEN + all.len() * px) as u64).with_context(|| {
+        format!(
+            "cannot reserve {} MB for {}",
+            (store::HEADER_LEN + all.len() * px) >> 20,
+            bin.display()
+        )
+    })?;
+    file.write_all(&[0; store::HEADER_LEN])
+        .with_context(cannot)?;
     let bar = if cfg.progress {
         indicatif::ProgressBar::new(all.len() as u64).with_style(
             indicatif::ProgressStyle::with_template(
@@ -140,28 +265,51 @@ pub fn prep(cfg: &PrepConfig) -> Result<PrepSummary> {
     } else {
         indicatif::ProgressBar::hidden()
     };
-    // Decode into each image's slot; Err(reason) for an unreadable one.
-    let results: Vec<Result<(u32, u32), String>> = map[store::HEADER_LEN..]
-        .par_chunks_mut(px)
-        .zip(all.par_iter())
-        .map(|(slot, &(_, rel))| {
-            let r = decode_gray(&ds.file(rel))
-                .map_err(|e| format!("{e:#}"))
-                .map(|g| {
-                    let (w, h) = (g.width as u32, g.height as u32);
-                    let small = resize_for_store(g, cfg.size);
-                    for (o, &v) in slot.iter_mut().zip(&small.data) {
-                        *o = (v * 255.0).round().clamp(0.0, 255.0) as u8;
-                    }
-                    (w, h)
-                });
-            bar.inc(1);
-            r
-        })
-        .collect();
+    // At most 64 MiB of decoded pixels wait to be written (but a batch for every thread).
+    let batch = ((64 << 20) / px).max(rayon::current_num_threads());
+    let mut results = Vec::with_capacity(all.len());
+    let mut hasher = crc32fast::Hasher::new();
+    let mut n = 0;
+    for group in all.chunks(batch) {
+        let decoded: Vec<Result<Decoded, String>> = group
+            .par_iter()
+            .map(|&(_, rel)| {
+                let d = decode_for_store(&ds.file(rel), cfg.size);
+                bar.inc(1);
+                d
+            })
+            .collect();
+        for d in decoded {
+            results.push(match d {
+                Ok(Decoded { size, pixels }) => {
+                    file.write_all(&pixels)
+                        .and_then(|_| failpoint::hit("store.image-written"))
+                        .with_context(cannot)?;
+                    hasher.update(&pixels);
+                    n += 1;
+                    Ok(size)
+                }
+                Err(reason) => Err(reason),
+            });
+        }
+    }
     bar.finish_and_clear();
+    let crc = hasher.finalize();
+    file.set_len((store::HEADER_LEN + n * px) as u64)
+        .and_then(|_| file.write_all_at(&store::header_bytes(n, cfg.size, crc), 0))
+        .and_then(|_| file.sync_all())
+        .and_then(|_| failpoint::hit("store.images-synced"))
+        .with_context(cannot)?;
+    Ok(Pixels { results, n, crc })
+}
 
-    // Compact: move readable images down over the holes, and rebuild the study records.
+/// The study records of the images written, in order, adding to `skipped` what was left out.
+fn study_records(
+    ds: &mura::Dataset,
+    all: &[(usize, &str)],
+    results: &[Result<(u32, u32), String>],
+    skipped: &mut Vec<Skipped>,
+) -> (Vec<StudyRecord>, Vec<ImageRecord>) {
     let mut images = Vec::with_capacity(all.len());
     let mut studies: Vec<StudyRecord> = Vec::new();
     let mut i = 0;
@@ -169,18 +317,11 @@ pub fn prep(cfg: &PrepConfig) -> Result<PrepSummary> {
         let first = images.len();
         while i < all.len() && all[i].0 == s {
             match &results[i] {
-                Ok((w, h)) => {
-                    let k = images.len();
-                    if k != i {
-                        let src = store::HEADER_LEN + i * px;
-                        map.copy_within(src..src + px, store::HEADER_LEN + k * px);
-                    }
-                    images.push(ImageRecord {
-                        path: all[i].1.to_string(),
-                        width: *w,
-                        height: *h,
-                    });
-                }
+                Ok((w, h)) => images.push(ImageRecord {
+                    path: all[i].1.to_string(),
+                    width: *w,
+                    height: *h,
+                }),
                 Err(reason) => skipped.push(Skipped {
                     path: all[i].1.to_string(),
                     reason: reason.clone(),
@@ -205,6 +346,19 @@ pub fn prep(cfg: &PrepConfig) -> Result<PrepSummary> {
             n_views: images.len() - first,
         });
     }
+    (studies, images)
+}
+
+/// Writes a complete generation into the new folder `files`: pixels, index, manifest.
+fn write_generation(
+    cfg: &PrepConfig,
+    ds: &mura::Dataset,
+    all: &[(usize, &str)],
+    files: &Path,
+) -> Result<Manifest> {
+    let px = write_pixels(ds, all, cfg, &files.join(store::IMAGES_FILE))?;
+    let mut skipped = ds.skipped.clone();
+    let (studies, images) = study_records(ds, all, &px.results, &mut skipped);
     if images.is_empty() {
         bail!(
             "nothing usable under {}: all {} images were unreadable",
@@ -220,35 +374,20 @@ pub fn prep(cfg: &PrepConfig) -> Result<PrepSummary> {
             skipped[0].reason
         );
     }
-
-    let n = images.len();
-    map.flush().context("cannot flush the store")?;
-    drop(map);
-    file.set_len((store::HEADER_LEN + n * px) as u64)
-        .context("cannot truncate the store")?;
-    // SAFETY: as above; read-only view of our own private file.
-    let crc = store::checksum(
-        &unsafe { memmap2::Mmap::map(&file) }.context("cannot map the store")?[store::HEADER_LEN..],
-    );
-    file.write_all_at(&store::header_bytes(n, cfg.size, crc), 0)
-        .context("cannot write the header")?;
-    file.sync_all().context("cannot sync the store")?;
-    drop(file);
-
-    let hex = format!("{crc:08x}");
+    let hex = format!("{:08x}", px.crc);
     let (splits, weights) = Manifest::counts(&studies);
     let manifest = Manifest {
         format_version: store::FORMAT_VERSION,
         checksum: hex.clone(),
         size: cfg.size,
-        images: n,
+        images: px.n,
         studies: studies.len(),
         source: cfg.mura_root.display().to_string(),
         study_types: cfg.study_types.clone(),
         splits,
         weights,
         skipped,
-        notes: ds.notes,
+        notes: ds.notes.clone(),
     };
     let index = Index {
         format_version: store::FORMAT_VERSION,
@@ -257,14 +396,116 @@ pub fn prep(cfg: &PrepConfig) -> Result<PrepSummary> {
         studies,
         images,
     };
-    super::write_atomic(&tmp.0.join(store::INDEX_FILE), &serde_json::to_vec(&index)?)?;
-    super::write_atomic(
-        &tmp.0.join(store::MANIFEST_FILE),
-        &serde_json::to_vec_pretty(&manifest)?,
+    let index = serde_json::to_vec(&index)?;
+    write_synced(
+        &files.join(store::INDEX_FILE),
+        &index,
+        "store.index-written",
     )?;
-    commit_dir(&tmp.0, &cfg.out)?;
+    let manifest_json = serde_json::to_vec_pretty(&manifest)?;
+    let path = files.join(store::MANIFEST_FILE);
+    write_synced(&path, &manifest_json, "store.manifest-written")?;
+    sync_dir(Some(files));
+    failpoint::hit("store.generation-synced")
+        .with_context(|| format!("cannot write {}", files.display()))?;
+    Ok(manifest)
+}
+
+/// Makes `name` the generation in use: `CURRENT` staged beside, fsynced, renamed over.
+fn switch_current(out: &Path, name: &str) -> Result<()> {
+    let staged = out.join(format!("{CURRENT_FILE}.tmp-{}", std::process::id()));
+    let r = write_synced(
+        &staged,
+        format!("{name}\n").as_bytes(),
+        "store.current-staged",
+    )
+    .and_then(|_| {
+        std::fs::rename(&staged, out.join(CURRENT_FILE))
+            .with_context(|| format!("cannot switch {} to {name}", out.display()))
+    });
+    if r.is_err() {
+        let _ = std::fs::remove_file(&staged);
+    }
+    r
+}
+
+/// Removes the store that `name`'s generation replaced: generation `previous`, or the files of
+/// a store written before generations. Best effort: the next prep removes what is left.
+fn remove_previous(out: &Path, previous: Option<u64>) {
+    match previous {
+        Some(g) => {
+            let _ = std::fs::remove_dir_all(out.join(format!("{GEN_PREFIX}{g}")));
+        }
+        None => {
+            for f in FLAT_FILES {
+                let _ = std::fs::remove_file(out.join(f));
+            }
+        }
+    }
+    sync_dir(Some(out));
+}
+
+pub fn prep(cfg: &PrepConfig) -> Result<PrepSummary> {
+    let t0 = std::time::Instant::now();
+    super::image::check_side("--size", cfg.size)?;
+    let out = &cfg.out;
+    check_replaceable(out)?;
+    let ds = mura::read(&cfg.mura_root, &cfg.study_types)?;
+    let all: Vec<(usize, &str)> = ds
+        .studies
+        .iter()
+        .enumerate()
+        .flat_map(|(s, st)| st.images.iter().map(move |p| (s, p.as_str())))
+        .collect();
+    if all.is_empty() {
+        bail!(
+            "nothing usable under {} ({} problems{})",
+            cfg.mura_root.display(),
+            ds.skipped.len(),
+            ds.skipped
+                .first()
+                .map(|s| format!("; first: {}: {}", s.path, s.reason))
+                .unwrap_or_default()
+        );
+    }
+
+    let created = out.symlink_metadata().is_err();
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let made = created.then(|| Removal {
+        path: out.clone(),
+        whole: false,
+    });
+    let _lock = lock(out)?;
+    let previous = current_generation(out);
+    remove_leftovers(out, previous)?;
+    let had_store = previous.is_some() || out.join(store::IMAGES_FILE).exists();
+    failpoint::hit("store.locked").with_context(|| format!("cannot write {}", out.display()))?;
+    let name = format!("{GEN_PREFIX}{}", previous.map_or(1, |g| g + 1));
+    let files = out.join(&name);
+    std::fs::create_dir(&files).with_context(|| format!("cannot create {}", files.display()))?;
+    let unfinished = Removal {
+        path: files.clone(),
+        whole: true,
+    };
+    let manifest = write_generation(cfg, &ds, &all, &files)
+        .and_then(|m| switch_current(out, &name).map(|_| m))
+        .map_err(|e| match had_store {
+            true => anyhow::anyhow!("{e:#} (the store at {} is unchanged)", out.display()),
+            false => e,
+        })?;
+    unfinished.keep();
+    if let Some(m) = made {
+        m.keep();
+    }
+    // Committed: what follows only tidies up (a failure there is reported, the store stays).
+    let tidy = || format!("{} was replaced, then tidying up failed", out.display());
+    failpoint::hit("store.switched").with_context(tidy)?;
+    sync_dir(Some(out));
+    remove_previous(out, previous);
+    failpoint::hit("store.previous-removed").with_context(tidy)?;
     Ok(PrepSummary {
         manifest,
+        files,
         seconds: t0.elapsed().as_secs_f64(),
     })
 }

@@ -1,15 +1,23 @@
-//! The prepped store: a folder holding
+//! The prepped store: a folder `STORE/` whose file `CURRENT` names the generation in use,
+//! `STORE/gen-<N>/`, which holds
 //! - `images.bin`: a 64-byte header, then uint8 pixels `[N, size, size]`, memory-mapped;
 //! - `index.json`: per study and per image records;
 //! - `manifest.json`: counts, loss weights and what was skipped.
 //!
+//! `prep` writes a new generation beside the one in use and switches `CURRENT` to it by one
+//! rename, so a store is replaced in one atomic step (see `data::prep`). A store written before
+//! generations (the three files directly in `STORE/`) still opens.
+//!
 //! Header (little endian): magic `MURASTOR`, u32 format version, u32 dtype (1 = u8),
 //! u64 N, u32 height, u32 width, u32 crc32 of the pixels, zero padding to 64 bytes.
 //! `index.json` and `manifest.json` repeat the checksum, so files from different preps
-//! (a stale store) are refused, as are truncated and foreign files.
+//! (a stale store) are refused, as are truncated and foreign files. The index is checked
+//! against the images (its studies tile them in order, labels are 0, 1 or none) and the
+//! manifest against the index (counts, loss weights), since the checksum does not cover them.
 
 use super::mura::Skipped;
 use super::{Split, StudyType};
+use crate::disk::{open_regular, read_regular_string, MAX_TEXT_BYTES};
 use anyhow::{bail, Context, Result};
 use memmap2::Mmap;
 use rayon::prelude::*;
@@ -24,6 +32,10 @@ const DTYPE_U8: u32 = 1;
 pub const IMAGES_FILE: &str = "images.bin";
 pub const INDEX_FILE: &str = "index.json";
 pub const MANIFEST_FILE: &str = "manifest.json";
+/// The file naming the generation in use.
+pub const CURRENT_FILE: &str = "CURRENT";
+/// Generation folders are `gen-<N>`.
+pub const GEN_PREFIX: &str = "gen-";
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct StudyRecord {
@@ -139,7 +151,10 @@ impl Manifest {
 
 /// An opened, verified store. Pixels stay memory-mapped; `image(i)` borrows them.
 pub struct Store {
+    /// The store folder, as given.
     pub dir: PathBuf,
+    /// The folder holding its files (the generation in use).
+    pub files: PathBuf,
     /// Side of every stored image.
     pub size: usize,
     pub studies: Vec<StudyRecord>,
@@ -194,99 +209,146 @@ fn u32_at(b: &[u8], at: usize) -> u32 {
     u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
 }
 
+/// The generation `CURRENT` names, or None for a name that is not `gen-<N>`.
+pub fn generation(name: &str) -> Option<u64> {
+    let n = name.strip_prefix(GEN_PREFIX)?;
+    (!n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+        .then(|| n.parse().ok())
+        .flatten()
+}
+
+/// The folder holding a store's files: `dir/gen-<N>` as `dir/CURRENT` names it, or `dir`
+/// itself for a store written before generations.
+pub fn files_dir(dir: &Path) -> Result<PathBuf> {
+    let again = "re-run 'mura prep' to rebuild it";
+    if !dir.is_dir() {
+        bail!(
+            "no store at {} (run 'mura prep' to make one)",
+            dir.display()
+        );
+    }
+    let current = dir.join(CURRENT_FILE);
+    if current.symlink_metadata().is_ok() {
+        let text = read_regular_string(&current, 256)?;
+        let name = text.trim_end_matches('\n');
+        if generation(name).is_none() {
+            bail!(
+                "damaged store: {} does not name a generation: {again}",
+                current.display()
+            );
+        }
+        let files = dir.join(name);
+        if !files.is_dir() {
+            bail!(
+                "damaged store: {} names {name}, which is missing: {again}",
+                current.display()
+            );
+        }
+        return Ok(files);
+    }
+    if dir.join(IMAGES_FILE).symlink_metadata().is_ok() {
+        return Ok(dir.to_path_buf());
+    }
+    bail!(
+        "{} holds no finished store (no {CURRENT_FILE}; an interrupted prep?): {again}",
+        dir.display()
+    )
+}
+
+/// What an images file's header says, checked against the file.
+struct Header {
+    n: usize,
+    side: usize,
+    crc: u32,
+}
+
+/// Checks the images file `bin` (mapped as `bytes`): magic, version, dtype, shape, that its
+/// length is what the header says, and the pixels' checksum.
+fn check_header(bin: &Path, bytes: &[u8]) -> Result<Header> {
+    let again = "re-run 'mura prep' to rebuild it";
+    let len = bytes.len();
+    if len < HEADER_LEN || &bytes[0..8] != MAGIC {
+        if len < HEADER_LEN || bytes[0..8].iter().all(|&b| b == 0) {
+            bail!(
+                "{} is truncated or unfinished (no header): {again}",
+                bin.display()
+            );
+        }
+        bail!("{} is not a mura store file (bad magic)", bin.display());
+    }
+    let h = &bytes[..HEADER_LEN];
+    let version = u32_at(h, 8);
+    if version != FORMAT_VERSION {
+        bail!("{} has store format version {version}, this mura reads version {FORMAT_VERSION}: {again}", bin.display());
+    }
+    if u32_at(h, 12) != DTYPE_U8 {
+        bail!(
+            "{} has unsupported dtype code {}",
+            bin.display(),
+            u32_at(h, 12)
+        );
+    }
+    let n = u64::from_le_bytes(h[16..24].try_into().expect("8 bytes")) as usize;
+    let (hh, ww) = (u32_at(h, 24) as usize, u32_at(h, 28) as usize);
+    if hh != ww || !(8..=super::image::MAX_SIDE).contains(&hh) {
+        bail!("{} has an unsupported image shape {hh}x{ww}", bin.display());
+    }
+    if n == 0 {
+        bail!("{} holds no images: {again}", bin.display());
+    }
+    let want = n
+        .checked_mul(hh * ww)
+        .and_then(|p| p.checked_add(HEADER_LEN))
+        .ok_or_else(|| anyhow::anyhow!("{} has a corrupt header", bin.display()))?;
+    if len != want {
+        bail!(
+            "{} is truncated or damaged: {len} bytes, its header says {want}: {again}",
+            bin.display()
+        );
+    }
+    let crc = u32_at(h, 32);
+    let actual = checksum(&bytes[HEADER_LEN..]);
+    if actual != crc {
+        bail!(
+            "{} is damaged: checksum {actual:08x}, header says {crc:08x}: {again}",
+            bin.display()
+        );
+    }
+    Ok(Header { n, side: hh, crc })
+}
+
 impl Store {
-    /// Opens and verifies a store: header, format version, shape, checksum, and that the index
-    /// and manifest belong to these pixels.
+    /// Opens and verifies a store: header, format version, shape, checksum, that the index
+    /// and manifest belong to these pixels, and that they agree with them and each other.
     pub fn open(dir: &Path) -> Result<Store> {
         let again = "re-run 'mura prep' to rebuild it";
-        if !dir.is_dir() {
-            bail!(
-                "no store at {} (run 'mura prep' to make one)",
-                dir.display()
-            );
-        }
-        let bin = dir.join(IMAGES_FILE);
-        let file = std::fs::File::open(&bin).with_context(|| {
-            format!(
-                "{} is not a mura store: cannot open {IMAGES_FILE}",
-                dir.display()
-            )
-        })?;
+        let files = files_dir(dir)?;
+        let bin = files.join(IMAGES_FILE);
+        let (file, _) =
+            open_regular(&bin).with_context(|| format!("{} is not a mura store", dir.display()))?;
         // SAFETY: the file is opened read-only; mura never writes a store in place (prep writes
-        // a new folder and renames it), so the mapping is not changed under us by mura.
+        // a new generation and switches to it), so the mapping is not changed under us by mura.
         let mmap =
             unsafe { Mmap::map(&file) }.with_context(|| format!("cannot map {}", bin.display()))?;
-        let len = mmap.len();
-        if len < HEADER_LEN || &mmap[0..8] != MAGIC {
-            if len < HEADER_LEN || mmap[0..8].iter().all(|&b| b == 0) {
-                bail!(
-                    "{} is truncated or unfinished (no header): {again}",
-                    bin.display()
-                );
-            }
-            bail!("{} is not a mura store file (bad magic)", bin.display());
-        }
-        let h = &mmap[..HEADER_LEN];
-        let version = u32_at(h, 8);
-        if version != FORMAT_VERSION {
-            bail!("{} has store format version {version}, this mura reads version {FORMAT_VERSION}: {again}", bin.display());
-        }
-        if u32_at(h, 12) != DTYPE_U8 {
-            bail!(
-                "{} has unsupported dtype code {}",
-                bin.display(),
-                u32_at(h, 12)
-            );
-        }
-        let n = u64::from_le_bytes(h[16..24].try_into().expect("8 bytes")) as usize;
-        let (hh, ww) = (u32_at(h, 24) as usize, u32_at(h, 28) as usize);
-        if hh != ww || hh == 0 {
-            bail!("{} has an unsupported image shape {hh}x{ww}", bin.display());
-        }
-        let want = n
-            .checked_mul(hh * ww)
-            .and_then(|p| p.checked_add(HEADER_LEN))
-            .ok_or_else(|| anyhow::anyhow!("{} has a corrupt header", bin.display()))?;
-        if len != want {
-            bail!(
-                "{} is truncated or damaged: {len} bytes, its header says {want}: {again}",
-                bin.display()
-            );
-        }
-        let crc = u32_at(h, 32);
-        let actual = checksum(&mmap[HEADER_LEN..]);
-        if actual != crc {
-            bail!(
-                "{} is damaged: checksum {actual:08x}, header says {crc:08x}: {again}",
-                bin.display()
-            );
-        }
+        let Header { n, side, crc } = check_header(&bin, &mmap)?;
         let hex = format!("{crc:08x}");
-        let index: Index = read_json(&dir.join(INDEX_FILE))?;
-        let manifest: Manifest = read_json(&dir.join(MANIFEST_FILE))?;
+        let index: Index = read_json(&files.join(INDEX_FILE))?;
+        let manifest: Manifest = read_json(&files.join(MANIFEST_FILE))?;
         if index.checksum != hex || manifest.checksum != hex {
             bail!("stale store at {}: {INDEX_FILE} or {MANIFEST_FILE} is from another prep than {IMAGES_FILE}: {again}", dir.display());
         }
-        if index.size != hh || index.images.len() != n {
+        if index.size != side || index.images.len() != n {
             bail!(
                 "stale store at {}: {INDEX_FILE} does not match {IMAGES_FILE}'s shape: {again}",
                 dir.display()
             );
         }
-        if let Some(s) = index
-            .studies
-            .iter()
-            .find(|s| s.n_views == 0 || s.first_image + s.n_views > n)
-        {
-            bail!(
-                "damaged {INDEX_FILE} in {}: study {} points outside the images",
-                dir.display(),
-                s.path
-            );
-        }
+        check_index(&index, &manifest)
+            .map_err(|e| anyhow::anyhow!("damaged store at {}: {e:#}: {again}", dir.display()))?;
         Ok(Store {
             dir: dir.to_path_buf(),
-            size: hh,
+            files,
+            size: side,
             studies: index.studies,
             images: index.images,
             manifest,
@@ -317,7 +379,96 @@ impl Store {
 }
 
 fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("incomplete store: cannot read {}", path.display()))?;
+    let text = read_regular_string(path, MAX_TEXT_BYTES).context("unreadable store")?;
     serde_json::from_str(&text).with_context(|| format!("damaged store file {}", path.display()))
+}
+
+/// What `index` must satisfy for its images (already checked to be as many as the pixels hold)
+/// and what `manifest` must say about it.
+fn check_index(index: &Index, manifest: &Manifest) -> Result<()> {
+    if index.format_version != FORMAT_VERSION || manifest.format_version != FORMAT_VERSION {
+        bail!("{INDEX_FILE} or {MANIFEST_FILE} has another format version than {FORMAT_VERSION}");
+    }
+    check_studies(index, &manifest.study_types)?;
+    check_counts(index, manifest)
+}
+
+/// The studies tile the images in order, each with at least one view (no range wraps or
+/// leaves the images); labels are 0, 1 or none; types are among `types`.
+fn check_studies(index: &Index, types: &[StudyType]) -> Result<()> {
+    let n = index.images.len();
+    let mut next = 0usize;
+    for s in &index.studies {
+        let end = s.first_image.checked_add(s.n_views).filter(|&e| e <= n);
+        if s.n_views == 0 || end.is_none() {
+            bail!(
+                "{INDEX_FILE}: study {} has views {}..+{}, outside the {n} images",
+                s.path,
+                s.first_image,
+                s.n_views
+            );
+        }
+        if s.first_image != next {
+            bail!(
+                "{INDEX_FILE}: study {} starts at image {}, not {next} after the study before it",
+                s.path,
+                s.first_image
+            );
+        }
+        next = s.first_image + s.n_views;
+        if let Some(l) = s.label.filter(|&l| l > 1) {
+            bail!(
+                "{INDEX_FILE}: study {} has label {l} (a label is 0, 1 or none)",
+                s.path
+            );
+        }
+        if !types.contains(&s.study_type) {
+            bail!(
+                "{INDEX_FILE}: study {} is {}, a type {MANIFEST_FILE} does not list",
+                s.path,
+                s.study_type
+            );
+        }
+    }
+    if next != n {
+        bail!("{INDEX_FILE}: its studies cover {next} of its {n} images");
+    }
+    Ok(())
+}
+
+/// The manifest's counts and loss weights (each in [0, 1]) are the ones the index gives.
+fn check_counts(index: &Index, manifest: &Manifest) -> Result<()> {
+    let n = index.images.len();
+    if manifest.images != n || manifest.studies != index.studies.len() {
+        bail!(
+            "{MANIFEST_FILE} counts {} images and {} studies, {INDEX_FILE} holds {n} and {}",
+            manifest.images,
+            manifest.studies,
+            index.studies.len()
+        );
+    }
+    let (splits, weights) = Manifest::counts(&index.studies);
+    if manifest.splits != splits {
+        bail!("{MANIFEST_FILE}'s counts per split and type disagree with {INDEX_FILE}");
+    }
+    for (t, w) in &manifest.weights {
+        for (name, v) in [("w0", w.w0), ("w1", w.w1)] {
+            if !(0.0..=1.0).contains(&v) {
+                bail!("{MANIFEST_FILE}: loss weight {name} of {t} is {v}, outside [0, 1]");
+            }
+        }
+    }
+    let same =
+        |a: &Weights, b: &Weights| (a.w0 - b.w0).abs() <= 1e-9 && (a.w1 - b.w1).abs() <= 1e-9;
+    let agree = manifest.weights.len() == weights.len()
+        && manifest
+            .weights
+            .iter()
+            .all(|(t, w)| weights.get(t).is_some_and(|r| same(w, r)));
+    if !agree {
+        bail!(
+            "{MANIFEST_FILE}'s loss weights are not the ones {INDEX_FILE}'s training images give"
+        );
+    }
+    Ok(())
 }

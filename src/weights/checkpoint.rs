@@ -160,8 +160,11 @@ pub fn from_safetensors_bytes(bytes: &[u8]) -> Result<Checkpoint> {
     })
 }
 
+/// The largest safetensors file read (DenseNet-161's optimiser state is 230 MB).
+pub const MAX_SAFETENSORS_BYTES: u64 = 2 << 30;
+
 /// Loads a safetensors checkpoint.
 pub fn load_safetensors(path: &Path) -> Result<Checkpoint> {
-    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let bytes = crate::disk::read_regular(path, MAX_SAFETENSORS_BYTES)?;
     from_safetensors_bytes(&bytes).with_context(|| format!("loading {}", path.display()))
 }

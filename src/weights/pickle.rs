@@ -6,6 +6,7 @@
 
 use anyhow::{bail, Context, Result};
 use std::collections::HashMap;
+use std::rc::Rc;
 
 /// Element type of a torch storage, from its class name (`torch.FloatStorage`, …).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -43,7 +44,7 @@ pub enum Global {
 /// A storage named by a persistent id: `('storage', type, key, location, numel[, view])`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct StorageRef {
-    pub key: String,
+    pub key: Rc<str>,
     pub dtype: StorageDtype,
     /// Elements held under `key`.
     pub numel: usize,
@@ -61,25 +62,45 @@ pub struct TensorRef {
     pub stride: Vec<usize>,
 }
 
+/// The most nested containers a pickle may build (a state dict needs fewer than ten), so that
+/// no value is too deep to compare or drop without exhausting the stack.
+pub const MAX_DEPTH: usize = 100;
+/// The most values a pickle may build, shared ones counted once (torchvision's DenseNet-201
+/// needs about 30,000), so that a memo bomb is refused before it exhausts memory.
+pub const MAX_VALUES: usize = 1 << 22;
+/// The most dimensions a tensor may have.
+pub const MAX_DIMS: usize = 64;
+
+/// A container's items and its nesting depth (1 + its deepest item's).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Node<T> {
+    depth: usize,
+    pub items: Vec<T>,
+}
+
+/// A pickled value. Containers, strings and tensors are shared (`Rc`), never copied: a memo
+/// read is one pointer. Shared values are immutable; filling a list or dict that the memo
+/// also holds copies it first, so the memo keeps the value as it was when memoised (Python
+/// would share the filled one; `torch.save` never refers back to a container it is filling).
 #[derive(Clone, Debug, PartialEq)]
 pub enum Value {
     None,
     Bool(bool),
     Int(i128),
     Float(f64),
-    Str(String),
-    Bytes(Vec<u8>),
-    Tuple(Vec<Value>),
-    List(Vec<Value>),
+    Str(Rc<str>),
+    Bytes(Rc<[u8]>),
+    Tuple(Rc<Node<Value>>),
+    List(Rc<Node<Value>>),
     /// dict or OrderedDict, in insertion order.
-    Dict(Vec<(Value, Value)>),
+    Dict(Rc<Node<(Value, Value)>>),
     Global(Global),
-    Storage(StorageRef),
-    Tensor(TensorRef),
+    Storage(Rc<StorageRef>),
+    Tensor(Rc<TensorRef>),
 }
 
 impl Value {
-    fn kind(&self) -> &'static str {
+    pub fn kind(&self) -> &'static str {
         match self {
             Value::None => "None",
             Value::Bool(_) => "bool",
@@ -95,6 +116,62 @@ impl Value {
             Value::Tensor(_) => "tensor",
         }
     }
+
+    /// A short description for an error message: a scalar's value, else its kind (never the
+    /// whole of a shared structure, which may print exponentially long).
+    pub fn describe(&self) -> String {
+        match self {
+            Value::Bool(b) => format!("{b}"),
+            Value::Int(i) => format!("{i}"),
+            Value::Float(f) => format!("{f}"),
+            Value::Str(s) if s.len() <= 80 => format!("{s:?}"),
+            v => format!("a {}", v.kind()),
+        }
+    }
+
+    /// Whether this is the string `s`.
+    pub fn is_str(&self, s: &str) -> bool {
+        matches!(self, Value::Str(v) if &**v == s)
+    }
+
+    /// The address of a shared container (tests check sharing with it).
+    #[cfg(test)]
+    fn address(&self) -> *const Node<Value> {
+        match self {
+            Value::Tuple(t) | Value::List(t) => Rc::as_ptr(t),
+            _ => std::ptr::null(),
+        }
+    }
+
+    fn depth(&self) -> usize {
+        match self {
+            Value::Tuple(n) | Value::List(n) => n.depth,
+            Value::Dict(n) => n.depth,
+            _ => 0,
+        }
+    }
+
+    fn tuple(items: Vec<Value>) -> Result<Value> {
+        Ok(Value::Tuple(node(items, Value::depth)?))
+    }
+}
+
+fn pair_depth(p: &(Value, Value)) -> usize {
+    p.0.depth().max(p.1.depth())
+}
+
+fn check_depth(depth: usize) -> Result<()> {
+    if depth > MAX_DEPTH {
+        bail!("the pickle nests containers deeper than {MAX_DEPTH} levels");
+    }
+    Ok(())
+}
+
+/// A container of `items`, refused if it nests too deep.
+fn node<T>(items: Vec<T>, depth_of: impl Fn(&T) -> usize) -> Result<Rc<Node<T>>> {
+    let depth = 1 + items.iter().map(depth_of).max().unwrap_or(0);
+    check_depth(depth)?;
+    Ok(Rc::new(Node { depth, items }))
 }
 
 fn resolve_global(module: &str, name: &str) -> Result<Global> {
@@ -118,18 +195,25 @@ fn resolve_global(module: &str, name: &str) -> Result<Global> {
 fn as_usize(v: &Value, what: &str) -> Result<usize> {
     match v {
         Value::Int(i) if *i >= 0 && *i <= usize::MAX as i128 => Ok(*i as usize),
-        _ => bail!("{what}: expected a non-negative int, found {}", v.kind()),
+        _ => bail!(
+            "{what}: expected a non-negative int, found {}",
+            v.describe()
+        ),
     }
 }
 
 fn as_usizes(v: &Value, what: &str) -> Result<Vec<usize>> {
     match v {
-        Value::Tuple(xs) | Value::List(xs) => xs.iter().map(|x| as_usize(x, what)).collect(),
+        Value::Tuple(xs) | Value::List(xs) if xs.items.len() > MAX_DIMS => bail!(
+            "{what}: {} dimensions, more than the {MAX_DIMS} a tensor may have",
+            xs.items.len()
+        ),
+        Value::Tuple(xs) | Value::List(xs) => xs.items.iter().map(|x| as_usize(x, what)).collect(),
         _ => bail!("{what}: expected a tuple of ints, found {}", v.kind()),
     }
 }
 
-fn as_str(v: &Value, what: &str) -> Result<String> {
+fn as_str(v: &Value, what: &str) -> Result<Rc<str>> {
     match v {
         Value::Str(s) => Ok(s.clone()),
         _ => bail!("{what}: expected a string, found {}", v.kind()),
@@ -137,11 +221,12 @@ fn as_str(v: &Value, what: &str) -> Result<String> {
 }
 
 /// Interprets a persistent id `('storage', storage_type, key, location, numel[, view_metadata])`.
-fn storage_from_pid(pid: Value) -> Result<Value> {
+fn storage_from_pid(pid: &Value) -> Result<Value> {
     let Value::Tuple(t) = pid else {
         bail!("persistent id is a {}, not a tuple", pid.kind());
     };
-    if t.len() < 5 || t[0] != Value::Str("storage".into()) {
+    let t = &t.items;
+    if t.len() < 5 || !t[0].is_str("storage") {
         bail!("persistent id is not a ('storage', …) tuple");
     }
     let Value::Global(Global::Storage(dtype)) = t[1] else {
@@ -151,22 +236,24 @@ fn storage_from_pid(pid: Value) -> Result<Value> {
         );
     };
     let key = match &t[2] {
-        Value::Int(i) => i.to_string(),
+        Value::Int(i) => i.to_string().into(),
         v => as_str(v, "storage key")?,
     };
     let numel = as_usize(&t[4], "storage size")?;
     let view_offset = match t.get(5) {
         None | Some(Value::None) => 0,
         // Legacy views: (view_key, offset, view_size) into the storage `key`.
-        Some(Value::Tuple(v)) if v.len() == 3 => as_usize(&v[1], "storage view offset")?,
+        Some(Value::Tuple(v)) if v.items.len() == 3 => {
+            as_usize(&v.items[1], "storage view offset")?
+        }
         Some(v) => bail!("unexpected storage view metadata ({})", v.kind()),
     };
-    Ok(Value::Storage(StorageRef {
+    Ok(Value::Storage(Rc::new(StorageRef {
         key,
         dtype,
         numel,
         view_offset,
-    }))
+    })))
 }
 
 fn reduce(f: Value, args: Value) -> Result<Value> {
@@ -176,18 +263,19 @@ fn reduce(f: Value, args: Value) -> Result<Value> {
     let Value::Tuple(a) = args else {
         bail!("REDUCE arguments are a {}, not a tuple", args.kind());
     };
+    let a = &a.items;
     match g {
-        Global::OrderedDict if a.is_empty() => Ok(Value::Dict(Vec::new())),
+        Global::OrderedDict if a.is_empty() => Ok(Value::Dict(node(Vec::new(), pair_depth)?)),
         Global::RebuildTensor | Global::RebuildTensorV2 if a.len() >= 4 => {
-            let Value::Storage(storage) = a[0].clone() else {
+            let Value::Storage(storage) = &a[0] else {
                 bail!("tensor built from a {}, not a storage", a[0].kind());
             };
-            Ok(Value::Tensor(TensorRef {
-                storage,
+            Ok(Value::Tensor(Rc::new(TensorRef {
+                storage: (**storage).clone(),
                 offset: as_usize(&a[1], "tensor storage offset")?,
                 size: as_usizes(&a[2], "tensor size")?,
                 stride: as_usizes(&a[3], "tensor stride")?,
-            }))
+            })))
         }
         Global::RebuildParameter if !a.is_empty() => match &a[0] {
             Value::Tensor(_) => Ok(a[0].clone()),
@@ -212,17 +300,20 @@ impl<'a> Reader<'a> {
         self.pos = end;
         Ok(s)
     }
+    fn array<const N: usize>(&mut self) -> Result<[u8; N]> {
+        Ok(self.take(N)?.try_into().expect("N bytes"))
+    }
     fn u8(&mut self) -> Result<u8> {
         Ok(self.take(1)?[0])
     }
     fn u16(&mut self) -> Result<u16> {
-        Ok(u16::from_le_bytes(self.take(2)?.try_into().unwrap()))
+        Ok(u16::from_le_bytes(self.array()?))
     }
     fn u32(&mut self) -> Result<u32> {
-        Ok(u32::from_le_bytes(self.take(4)?.try_into().unwrap()))
+        Ok(u32::from_le_bytes(self.array()?))
     }
     fn u64(&mut self) -> Result<u64> {
-        Ok(u64::from_le_bytes(self.take(8)?.try_into().unwrap()))
+        Ok(u64::from_le_bytes(self.array()?))
     }
     fn line(&mut self) -> Result<&'a str> {
         let rest = &self.data[self.pos..];
@@ -233,11 +324,13 @@ impl<'a> Reader<'a> {
         self.pos += n + 1;
         Ok(s)
     }
-    fn string(&mut self, n: usize) -> Result<String> {
+    fn string(&mut self, n: usize) -> Result<Value> {
         let b = self.take(n)?;
-        Ok(std::str::from_utf8(b)
-            .context("string is not UTF-8")?
-            .to_string())
+        Ok(Value::Str(
+            std::str::from_utf8(b)
+                .context("string is not UTF-8")?
+                .into(),
+        ))
     }
 }
 
@@ -257,198 +350,264 @@ fn long(bytes: &[u8]) -> Result<i128> {
     Ok(v)
 }
 
+/// Values built so far, against [`MAX_VALUES`].
+struct Budget(usize);
+
+impl Budget {
+    fn charge(&mut self, n: usize) -> Result<()> {
+        self.0 = self.0.saturating_add(n);
+        if self.0 > MAX_VALUES {
+            bail!("the pickle builds more than {MAX_VALUES} values (a memo bomb?)");
+        }
+        Ok(())
+    }
+}
+
+/// Appends `items` to a container, copying it first if it is shared (the copy is charged).
+fn extend<T: Clone>(
+    node: &mut Rc<Node<T>>,
+    items: Vec<T>,
+    depth_of: impl Fn(&T) -> usize,
+    budget: &mut Budget,
+) -> Result<()> {
+    if Rc::strong_count(node) > 1 {
+        budget.charge(node.items.len())?;
+    }
+    let n = Rc::make_mut(node);
+    for item in items {
+        n.depth = n.depth.max(1 + depth_of(&item));
+        n.items.push(item);
+    }
+    check_depth(n.depth)
+}
+
+/// The pickle machine: its stack, marks and memo.
+struct Machine<'a> {
+    r: Reader<'a>,
+    stack: Vec<Value>,
+    marks: Vec<usize>,
+    memo: HashMap<u32, Value>,
+    budget: Budget,
+}
+
 /// Reads one pickle from the start of `data`. Returns the object and the bytes consumed
 /// (legacy `.pth` files hold several pickles back to back).
 pub fn read(data: &[u8]) -> Result<(Value, usize)> {
-    let mut r = Reader { data, pos: 0 };
-    let mut stack: Vec<Value> = Vec::new();
-    let mut marks: Vec<usize> = Vec::new();
-    let mut memo: HashMap<u32, Value> = HashMap::new();
+    let mut m = Machine {
+        r: Reader { data, pos: 0 },
+        stack: Vec::new(),
+        marks: Vec::new(),
+        memo: HashMap::new(),
+        budget: Budget(0),
+    };
     loop {
-        let at = r.pos;
-        let op = r.u8()?;
-        step(&mut r, op, &mut stack, &mut marks, &mut memo)
+        let at = m.r.pos;
+        let op = m.r.u8()?;
+        m.step(op)
             .with_context(|| format!("pickle opcode 0x{op:02x} at byte {at}"))?;
         if op == b'.' {
-            let v = stack.pop().context("pickle STOP with an empty stack")?;
-            return Ok((v, r.pos));
+            let v = m.pop().context("pickle STOP with an empty stack")?;
+            return Ok((v, m.r.pos));
         }
     }
 }
 
-fn pop(stack: &mut Vec<Value>) -> Result<Value> {
-    stack.pop().context("pickle stack underflow")
-}
-
-fn pop_mark(stack: &mut Vec<Value>, marks: &mut Vec<usize>) -> Result<Vec<Value>> {
-    let m = marks.pop().context("pickle MARK missing")?;
-    if m > stack.len() {
-        bail!("pickle MARK beyond the stack");
+impl Machine<'_> {
+    fn push(&mut self, v: Value) -> Result<()> {
+        self.budget.charge(1)?;
+        self.stack.push(v);
+        Ok(())
     }
-    Ok(stack.split_off(m))
-}
 
-fn step(
-    r: &mut Reader,
-    op: u8,
-    stack: &mut Vec<Value>,
-    marks: &mut Vec<usize>,
-    memo: &mut HashMap<u32, Value>,
-) -> Result<()> {
-    match op {
-        0x80 => {
-            let proto = r.u8()?;
-            if proto > 5 {
-                bail!("unsupported pickle protocol {proto}");
-            }
-        }
-        0x95 => {
-            r.u64()?; // FRAME: a length hint only
-        }
-        b'.' => {}
-        b'(' => marks.push(stack.len()),
-        b'}' => stack.push(Value::Dict(Vec::new())),
-        b']' => stack.push(Value::List(Vec::new())),
-        b')' => stack.push(Value::Tuple(Vec::new())),
-        b't' => {
-            let items = pop_mark(stack, marks)?;
-            stack.push(Value::Tuple(items));
-        }
-        0x85..=0x87 => {
-            let n = (op - 0x84) as usize;
-            if stack.len() < n {
-                bail!("pickle stack underflow");
-            }
-            let items = stack.split_off(stack.len() - n);
-            stack.push(Value::Tuple(items));
-        }
-        b'X' => {
-            let n = r.u32()? as usize;
-            stack.push(Value::Str(r.string(n)?));
-        }
-        0x8c => {
-            let n = r.u8()? as usize;
-            stack.push(Value::Str(r.string(n)?));
-        }
-        0x8d => {
-            let n = usize::try_from(r.u64()?)?;
-            stack.push(Value::Str(r.string(n)?));
-        }
-        // Python 2 `str` (BINSTRING / SHORT_BINSTRING): torch.load decodes it as UTF-8.
-        b'T' => {
-            let n = r.u32()? as usize;
-            stack.push(Value::Str(r.string(n)?));
-        }
-        b'U' => {
-            let n = r.u8()? as usize;
-            stack.push(Value::Str(r.string(n)?));
-        }
-        b'B' => {
-            let n = r.u32()? as usize;
-            stack.push(Value::Bytes(r.take(n)?.to_vec()));
-        }
-        b'C' => {
-            let n = r.u8()? as usize;
-            stack.push(Value::Bytes(r.take(n)?.to_vec()));
-        }
-        b'J' => stack.push(Value::Int(r.u32()? as i32 as i128)),
-        b'K' => stack.push(Value::Int(r.u8()? as i128)),
-        b'M' => stack.push(Value::Int(r.u16()? as i128)),
-        0x8a => {
-            let n = r.u8()? as usize;
-            stack.push(Value::Int(long(r.take(n)?)?));
-        }
-        0x8b => {
-            let n = r.u32()? as usize;
-            stack.push(Value::Int(long(r.take(n)?)?));
-        }
-        b'G' => stack.push(Value::Float(f64::from_be_bytes(
-            r.take(8)?.try_into().unwrap(),
-        ))),
-        0x88 => stack.push(Value::Bool(true)),
-        0x89 => stack.push(Value::Bool(false)),
-        b'N' => stack.push(Value::None),
-        b's' => {
-            let v = pop(stack)?;
-            let k = pop(stack)?;
-            match stack.last_mut() {
-                Some(Value::Dict(d)) => d.push((k, v)),
-                _ => bail!("SETITEM on something that is not a dict"),
-            }
-        }
-        b'u' => {
-            let items = pop_mark(stack, marks)?;
-            if items.len() % 2 != 0 {
-                bail!("SETITEMS with an odd number of items");
-            }
-            let Some(Value::Dict(d)) = stack.last_mut() else {
-                bail!("SETITEMS on something that is not a dict");
-            };
-            let mut it = items.into_iter();
-            while let (Some(k), Some(v)) = (it.next(), it.next()) {
-                d.push((k, v));
-            }
-        }
-        b'a' => {
-            let v = pop(stack)?;
-            match stack.last_mut() {
-                Some(Value::List(l)) => l.push(v),
-                _ => bail!("APPEND on something that is not a list"),
-            }
-        }
-        b'e' => {
-            let items = pop_mark(stack, marks)?;
-            match stack.last_mut() {
-                Some(Value::List(l)) => l.extend(items),
-                _ => bail!("APPENDS on something that is not a list"),
-            }
-        }
-        b'h' | b'j' => {
-            let i = if op == b'h' { r.u8()? as u32 } else { r.u32()? };
-            let v = memo.get(&i).with_context(|| format!("memo {i} unset"))?;
-            stack.push(v.clone());
-        }
-        b'q' | b'r' | 0x94 => {
-            let i = match op {
-                b'q' => r.u8()? as u32,
-                b'r' => r.u32()?,
-                _ => memo.len() as u32,
-            };
-            let v = stack.last().context("memoize on an empty stack")?;
-            memo.insert(i, v.clone());
-        }
-        b'c' => {
-            let module = r.line()?;
-            let name = r.line()?;
-            stack.push(Value::Global(resolve_global(module, name)?));
-        }
-        0x93 => {
-            let name = as_str(&pop(stack)?, "STACK_GLOBAL name")?;
-            let module = as_str(&pop(stack)?, "STACK_GLOBAL module")?;
-            stack.push(Value::Global(resolve_global(&module, &name)?));
-        }
-        b'R' => {
-            let args = pop(stack)?;
-            let f = pop(stack)?;
-            stack.push(reduce(f, args)?);
-        }
-        b'b' => {
-            // Object state (an OrderedDict's `_metadata`, a tensor's extra attributes):
-            // nothing mura needs.
-            let _state = pop(stack)?;
-            match stack.last() {
-                Some(Value::Dict(_)) | Some(Value::Tensor(_)) => {}
-                Some(v) => bail!("BUILD on a {}", v.kind()),
-                None => bail!("pickle stack underflow"),
-            }
-        }
-        b'Q' => {
-            let pid = pop(stack)?;
-            stack.push(storage_from_pid(pid)?);
-        }
-        _ => bail!("unsupported pickle opcode (not one torch.save writes for a state dict)"),
+    fn pop(&mut self) -> Result<Value> {
+        self.stack.pop().context("pickle stack underflow")
     }
-    Ok(())
+
+    fn pop_mark(&mut self) -> Result<Vec<Value>> {
+        let m = self.marks.pop().context("pickle MARK missing")?;
+        if m > self.stack.len() {
+            bail!("pickle MARK beyond the stack");
+        }
+        Ok(self.stack.split_off(m))
+    }
+
+    fn append(&mut self, items: Vec<Value>) -> Result<()> {
+        match self.stack.last_mut() {
+            Some(Value::List(l)) => extend(l, items, Value::depth, &mut self.budget),
+            _ => bail!("APPEND on something that is not a list"),
+        }
+    }
+
+    fn set_items(&mut self, items: Vec<Value>) -> Result<()> {
+        if !items.len().is_multiple_of(2) {
+            bail!("SETITEMS with an odd number of items");
+        }
+        let mut it = items.into_iter();
+        let mut pairs = Vec::with_capacity(it.len() / 2);
+        while let (Some(k), Some(v)) = (it.next(), it.next()) {
+            pairs.push((k, v));
+        }
+        match self.stack.last_mut() {
+            Some(Value::Dict(d)) => extend(d, pairs, pair_depth, &mut self.budget),
+            _ => bail!("SETITEM on something that is not a dict"),
+        }
+    }
+
+    fn step(&mut self, op: u8) -> Result<()> {
+        let r = &mut self.r;
+        match op {
+            0x80 => {
+                let proto = r.u8()?;
+                if proto > 5 {
+                    bail!("unsupported pickle protocol {proto}");
+                }
+            }
+            0x95 => {
+                r.u64()?; // FRAME: a length hint only
+            }
+            b'.' => {}
+            b'(' => {
+                self.budget.charge(1)?;
+                self.marks.push(self.stack.len());
+            }
+            b'}' => self.push(Value::Dict(node(Vec::new(), pair_depth)?))?,
+            b']' => self.push(Value::List(node(Vec::new(), Value::depth)?))?,
+            b')' => self.push(Value::tuple(Vec::new())?)?,
+            b't' => {
+                let items = self.pop_mark()?;
+                self.push(Value::tuple(items)?)?;
+            }
+            0x85..=0x87 => {
+                let n = (op - 0x84) as usize;
+                if self.stack.len() < n {
+                    bail!("pickle stack underflow");
+                }
+                let items = self.stack.split_off(self.stack.len() - n);
+                self.push(Value::tuple(items)?)?;
+            }
+            // Python 2 `str` (BINSTRING, SHORT_BINSTRING): torch.load decodes it as UTF-8.
+            b'X' | b'T' => {
+                let n = r.u32()? as usize;
+                let v = r.string(n)?;
+                self.push(v)?;
+            }
+            0x8c | b'U' => {
+                let n = r.u8()? as usize;
+                let v = r.string(n)?;
+                self.push(v)?;
+            }
+            0x8d => {
+                let n = usize::try_from(r.u64()?)?;
+                let v = r.string(n)?;
+                self.push(v)?;
+            }
+            b'B' => {
+                let n = r.u32()? as usize;
+                let v = Value::Bytes(r.take(n)?.into());
+                self.push(v)?;
+            }
+            b'C' => {
+                let n = r.u8()? as usize;
+                let v = Value::Bytes(r.take(n)?.into());
+                self.push(v)?;
+            }
+            b'J' => {
+                let v = r.u32()? as i32 as i128;
+                self.push(Value::Int(v))?;
+            }
+            b'K' => {
+                let v = r.u8()? as i128;
+                self.push(Value::Int(v))?;
+            }
+            b'M' => {
+                let v = r.u16()? as i128;
+                self.push(Value::Int(v))?;
+            }
+            0x8a => {
+                let n = r.u8()? as usize;
+                let v = long(r.take(n)?)?;
+                self.push(Value::Int(v))?;
+            }
+            0x8b => {
+                let n = r.u32()? as usize;
+                let v = long(r.take(n)?)?;
+                self.push(Value::Int(v))?;
+            }
+            b'G' => {
+                let v = f64::from_be_bytes(r.array()?);
+                self.push(Value::Float(v))?;
+            }
+            0x88 => self.push(Value::Bool(true))?,
+            0x89 => self.push(Value::Bool(false))?,
+            b'N' => self.push(Value::None)?,
+            b's' => {
+                let v = self.pop()?;
+                let k = self.pop()?;
+                self.set_items(vec![k, v])?;
+            }
+            b'u' => {
+                let items = self.pop_mark()?;
+                self.set_items(items)?;
+            }
+            b'a' => {
+                let v = self.pop()?;
+                self.append(vec![v])?;
+            }
+            b'e' => {
+                let items = self.pop_mark()?;
+                self.append(items)?;
+            }
+            b'h' | b'j' => {
+                let i = if op == b'h' { r.u8()? as u32 } else { r.u32()? };
+                let v = self
+                    .memo
+                    .get(&i)
+                    .with_context(|| format!("memo {i} unset"))?;
+                self.push(v.clone())?;
+            }
+            b'q' | b'r' | 0x94 => {
+                let i = match op {
+                    b'q' => r.u8()? as u32,
+                    b'r' => r.u32()?,
+                    _ => self.memo.len() as u32,
+                };
+                let v = self.stack.last().context("memoize on an empty stack")?;
+                self.memo.insert(i, v.clone());
+                self.budget.charge(1)?;
+            }
+            b'c' => {
+                let module = r.line()?;
+                let name = r.line()?;
+                self.push(Value::Global(resolve_global(module, name)?))?;
+            }
+            0x93 => {
+                let name = as_str(&self.pop()?, "STACK_GLOBAL name")?;
+                let module = as_str(&self.pop()?, "STACK_GLOBAL module")?;
+                self.push(Value::Global(resolve_global(&module, &name)?))?;
+            }
+            b'R' => {
+                let args = self.pop()?;
+                let f = self.pop()?;
+                self.push(reduce(f, args)?)?;
+            }
+            b'b' => {
+                // Object state (an OrderedDict's `_metadata`, a tensor's extra attributes):
+                // nothing mura needs.
+                let _state = self.pop()?;
+                match self.stack.last() {
+                    Some(Value::Dict(_)) | Some(Value::Tensor(_)) => {}
+                    Some(v) => bail!("BUILD on a {}", v.kind()),
+                    None => bail!("pickle stack underflow"),
+                }
+            }
+            b'Q' => {
+                let pid = self.pop()?;
+                self.push(storage_from_pid(&pid)?)?;
+            }
+            _ => bail!("unsupported pickle opcode (not one torch.save writes for a state dict)"),
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -472,11 +631,61 @@ mod tests {
         let (v, n) = read(&p).unwrap();
         assert_eq!(n, p.len());
         let Value::Dict(d) = v else { panic!() };
+        let d = &d.items;
         assert_eq!(d[0], (Value::Str("a".into()), Value::Int(1)));
         assert_eq!(d[1], (Value::Str("bb".into()), Value::Int(-2)));
         assert_eq!(d[2].1, Value::Int(0x1950a86a20f9469cfc6c));
         assert_eq!(d[3].1, Value::Float(1.5));
-        assert_eq!(d[4].1, Value::List(vec![Value::Bool(true), Value::None]));
+        let Value::List(l) = &d[4].1 else { panic!() };
+        assert_eq!(l.items, [Value::Bool(true), Value::None]);
+    }
+
+    /// `[]` memoised, then `n` rounds of memo[0] = (memo[0], memo[0]): 2^n leaves in 7n bytes.
+    fn doubling(n: usize) -> Vec<u8> {
+        let mut p = vec![0x80, 2, b']', b'q', 0];
+        for _ in 0..n {
+            p.extend([b'h', 0, b'h', 0, 0x86, b'q', 0]);
+        }
+        p.push(b'.');
+        p
+    }
+
+    #[test]
+    fn memo_reads_share_instead_of_copying() {
+        let (v, _) = read(&doubling(60)).unwrap();
+        let (mut v, mut depth) = (v, 0);
+        while let Value::Tuple(t) = v {
+            assert_eq!(t.items[0].address(), t.items[1].address());
+            v = t.items[0].clone();
+            depth += 1;
+        }
+        assert_eq!(depth, 60);
+        // The message names kinds, never a printout of 2^60 leaves.
+        assert_eq!(read(&doubling(60)).unwrap().0.describe(), "a tuple");
+    }
+
+    #[test]
+    fn nesting_and_size_are_capped() {
+        let e = format!("{:#}", read(&doubling(MAX_DEPTH + 5)).unwrap_err());
+        assert!(e.contains("deeper than 100 levels"), "{e}");
+        // 200,000 nested lists, each appended to the one below: refused at depth 101, and
+        // nothing deep is ever built, so dropping cannot exhaust the stack.
+        let mut p = vec![0x80, 2];
+        p.extend(std::iter::repeat_n(b']', 200_000));
+        p.extend(std::iter::repeat_n(b'a', 199_999));
+        p.push(b'.');
+        let e = format!("{:#}", read(&p).unwrap_err());
+        assert!(e.contains("deeper than 100 levels"), "{e}");
+        // A list copied by every append while the memo shares it: quadratic, so capped.
+        let mut p = vec![0x80, 2, b']', b'('];
+        p.extend(std::iter::repeat_n(b'N', 100_000));
+        p.extend([b'e', b'q', 0]);
+        for _ in 0..100 {
+            p.extend([b'h', 0, b'N', b'a']);
+        }
+        p.push(b'.');
+        let e = format!("{:#}", read(&p).unwrap_err());
+        assert!(e.contains("more than 4194304 values"), "{e}");
     }
 
     #[test]

@@ -9,18 +9,30 @@
 
 use super::pickle::{self, StorageDtype, StorageRef, TensorRef, Value};
 use super::{NamedTensor, StateDict, TensorData};
+use crate::disk::read_regular;
 use anyhow::{bail, Context, Result};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::Read;
 use std::path::Path;
 
 const LEGACY_MAGIC: i128 = 0x1950a86a20f9469cfc6c;
 const LEGACY_PROTOCOL: i128 = 1001;
 
+/// The most storage bytes a `.pth` may hold (torchvision's largest DenseNet holds 115 MB);
+/// compressed zip entries are refused by their declared sizes and never inflate beyond them.
+pub const MAX_STORAGE_BYTES: u64 = 512 << 20;
+/// The most a `data.pkl` may hold (a DenseNet's is about 60 KB).
+pub const MAX_PICKLE_BYTES: u64 = 64 << 20;
+/// The largest `.pth` file read.
+pub const MAX_FILE_BYTES: u64 = MAX_STORAGE_BYTES + MAX_PICKLE_BYTES;
+/// The most elements the tensors of a `.pth` may hold together (512 MiB as f32; DenseNet-161
+/// has 29 M), however many of them view the same storage.
+pub const MAX_ELEMENTS: usize = 1 << 27;
+
 /// Reads a `.pth` file (either format) into a state dict, in the file's order. A state dict
 /// nested under a `"state_dict"` key is found too.
 pub fn load_pth(path: &Path) -> Result<StateDict> {
-    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let bytes = read_regular(path, MAX_FILE_BYTES)?;
     load_pth_bytes(&bytes).with_context(|| format!("importing {}", path.display()))
 }
 
@@ -34,25 +46,50 @@ pub fn load_pth_bytes(bytes: &[u8]) -> Result<StateDict> {
     }
 }
 
+/// A `.pth` zip archive and its length.
+struct Archive<'a> {
+    zip: zip::ZipArchive<std::io::Cursor<&'a [u8]>>,
+    len: u64,
+}
+
+/// The zip member `name`, refused if it declares or inflates to more than `cap` bytes.
+fn read_entry(archive: &mut Archive, name: &str, cap: u64) -> Result<Vec<u8>> {
+    let f = archive
+        .zip
+        .by_name(name)
+        .with_context(|| format!("checkpoint lacks '{name}'"))?;
+    let too_big = || format!("'{name}' in the zip holds more than the {cap} bytes expected");
+    if f.size() > cap {
+        bail!(too_big());
+    }
+    // Room for what a stored member can hold; a compressed one grows as it inflates.
+    let mut v = Vec::with_capacity(f.size().min(archive.len) as usize);
+    f.take(cap + 1)
+        .read_to_end(&mut v)
+        .with_context(|| format!("reading '{name}' from the zip"))?;
+    if v.len() as u64 > cap {
+        bail!(too_big());
+    }
+    Ok(v)
+}
+
 fn load_zip(bytes: &[u8]) -> Result<StateDict> {
-    let mut zip = zip::ZipArchive::new(std::io::Cursor::new(bytes))
+    let zip = zip::ZipArchive::new(std::io::Cursor::new(bytes))
         .context("not a readable PyTorch zip checkpoint")?;
-    let pkl_name = zip
+    let mut archive = Archive {
+        zip,
+        len: bytes.len() as u64,
+    };
+    let pkl_name = archive
+        .zip
         .file_names()
         .find(|n| n.ends_with("/data.pkl") && n.matches('/').count() == 1)
         .map(str::to_string)
         .context("zip file has no '<folder>/data.pkl': not a PyTorch checkpoint")?;
     let prefix = &pkl_name[..pkl_name.len() - "data.pkl".len()];
-    let mut read_entry = |name: &str| -> Result<Vec<u8>> {
-        let mut f = zip
-            .by_name(name)
-            .with_context(|| format!("checkpoint lacks '{name}'"))?;
-        let mut v = Vec::with_capacity(f.size() as usize);
-        f.read_to_end(&mut v)
-            .with_context(|| format!("reading '{name}' from the zip"))?;
-        Ok(v)
-    };
-    if let Ok(order) = read_entry(&format!("{prefix}byteorder")) {
+    let order_name = format!("{prefix}byteorder");
+    if archive.zip.index_for_name(&order_name).is_some() {
+        let order = read_entry(&mut archive, &order_name, 16)?;
         if order != b"little" {
             bail!(
                 "checkpoint was written on a {} machine; only little-endian is supported",
@@ -60,17 +97,32 @@ fn load_zip(bytes: &[u8]) -> Result<StateDict> {
             );
         }
     }
-    let pkl = read_entry(&pkl_name)?;
+    let pkl = read_entry(&mut archive, &pkl_name, MAX_PICKLE_BYTES)?;
     let (obj, _) = pickle::read(&pkl).context("reading data.pkl")?;
     let entries = state_dict_entries(obj)?;
-    let mut storages: HashMap<String, Vec<u8>> = HashMap::new();
+    // Each storage's size, as its first tensor declares it; all of them checked before any is read.
+    let mut sizes: Vec<(&str, u64)> = Vec::new();
     for (_, t) in &entries {
-        let key = &t.storage.key;
-        if !storages.contains_key(key) {
-            storages.insert(key.clone(), read_entry(&format!("{prefix}data/{key}"))?);
+        let key = &*t.storage.key;
+        if sizes.iter().all(|(k, _)| *k != key) {
+            let n = (t.storage.numel as u64)
+                .checked_mul(t.storage.dtype.size() as u64)
+                .context("absurd storage size")?;
+            sizes.push((key, n));
         }
     }
-    build(entries, &storages)
+    let total = sizes.iter().fold(0u64, |a, (_, n)| a.saturating_add(*n));
+    if total > MAX_STORAGE_BYTES {
+        bail!(
+            "checkpoint declares {total} bytes of tensor data, more than the {MAX_STORAGE_BYTES} mura imports"
+        );
+    }
+    let mut storages: HashMap<&str, Vec<u8>> = HashMap::new();
+    for (key, n) in sizes {
+        let data = read_entry(&mut archive, &format!("{prefix}data/{key}"), n)?;
+        storages.insert(key, data);
+    }
+    build(&entries, &storages)
 }
 
 fn load_legacy(bytes: &[u8]) -> Result<StateDict> {
@@ -86,11 +138,14 @@ fn load_legacy(bytes: &[u8]) -> Result<StateDict> {
     }
     match next("protocol version")? {
         Value::Int(LEGACY_PROTOCOL) => {}
-        v => bail!("unsupported legacy PyTorch protocol version {v:?} (expected 1001)"),
+        v => bail!(
+            "unsupported legacy PyTorch protocol version {} (expected 1001)",
+            v.describe()
+        ),
     }
     if let Value::Dict(info) = next("system info")? {
-        for (k, v) in info {
-            if k == Value::Str("little_endian".into()) && v == Value::Bool(false) {
+        for (k, v) in &info.items {
+            if k.is_str("little_endian") && *v == Value::Bool(false) {
                 bail!("checkpoint was written on a big-endian machine; only little-endian is supported");
             }
         }
@@ -101,14 +156,14 @@ fn load_legacy(bytes: &[u8]) -> Result<StateDict> {
     };
     let dtypes: HashMap<&str, StorageDtype> = entries
         .iter()
-        .map(|(_, t)| (t.storage.key.as_str(), t.storage.dtype))
+        .map(|(_, t)| (&*t.storage.key, t.storage.dtype))
         .collect();
-    let mut storages: HashMap<String, Vec<u8>> = HashMap::new();
-    for key in keys {
+    let mut storages: HashMap<String, &[u8]> = HashMap::new();
+    for key in &keys.items {
         let key = match key {
-            Value::Str(s) => s,
+            Value::Str(s) => s.to_string(),
             Value::Int(i) => i.to_string(),
-            v => bail!("legacy checkpoint: storage key is {v:?}"),
+            v => bail!("legacy checkpoint: storage key is {}", v.describe()),
         };
         let dtype = *dtypes
             .get(key.as_str())
@@ -116,10 +171,11 @@ fn load_legacy(bytes: &[u8]) -> Result<StateDict> {
         let head = bytes
             .get(pos..pos + 8)
             .with_context(|| format!("truncated checkpoint: storage '{key}' is missing"))?;
-        let numel = u64::from_le_bytes(head.try_into().unwrap()) as usize;
+        let numel = u64::from_le_bytes(head.try_into().expect("8 bytes"));
         pos += 8;
-        let len = numel
-            .checked_mul(dtype.size())
+        let len = usize::try_from(numel)
+            .ok()
+            .and_then(|n| n.checked_mul(dtype.size()))
             .context("legacy checkpoint: absurd storage size")?;
         let data = bytes.get(pos..pos.saturating_add(len)).with_context(|| {
             format!(
@@ -128,7 +184,7 @@ fn load_legacy(bytes: &[u8]) -> Result<StateDict> {
             )
         })?;
         pos += len;
-        storages.insert(key, data.to_vec());
+        storages.insert(key, data);
     }
     if pos != bytes.len() {
         bail!(
@@ -136,7 +192,7 @@ fn load_legacy(bytes: &[u8]) -> Result<StateDict> {
             bytes.len() - pos
         );
     }
-    build(entries, &storages)
+    build(&entries, &storages)
 }
 
 /// The `(name, tensor)` entries of the top-level dict, or of its `"state_dict"` entry.
@@ -144,43 +200,113 @@ fn state_dict_entries(obj: Value) -> Result<Vec<(String, TensorRef)>> {
     let Value::Dict(mut top) = obj else {
         bail!("checkpoint holds no state dict (its top-level object is not a dict)");
     };
-    if let Some(i) = top
-        .iter()
-        .position(|(k, v)| *k == Value::Str("state_dict".into()) && matches!(v, Value::Dict(_)))
-    {
-        let Value::Dict(inner) = top.swap_remove(i).1 else {
-            unreachable!()
-        };
+    let inner = top.items.iter().find_map(|(k, v)| match v {
+        Value::Dict(d) if k.is_str("state_dict") => Some(d.clone()),
+        _ => None,
+    });
+    if let Some(inner) = inner {
         top = inner;
     }
-    top.into_iter()
+    let mut names = HashSet::new();
+    top.items
+        .iter()
         .map(|(k, v)| {
             let Value::Str(name) = k else {
-                bail!("state dict key {k:?} is not a string");
+                bail!("state dict key {} is not a string", k.describe());
             };
+            if !names.insert(name.clone()) {
+                bail!("state dict has the key '{name}' twice");
+            }
             match v {
-                Value::Tensor(t) => Ok((name, t)),
-                v => bail!("state dict entry '{name}' is not a tensor ({v:?})"),
+                Value::Tensor(t) => Ok((name.to_string(), (**t).clone())),
+                v => bail!(
+                    "state dict entry '{name}' is not a tensor ({})",
+                    v.describe()
+                ),
             }
         })
         .collect()
 }
 
-fn build(
-    entries: Vec<(String, TensorRef)>,
-    storages: &HashMap<String, Vec<u8>>,
+fn build<S: AsRef<[u8]>, K: std::borrow::Borrow<str> + std::hash::Hash + Eq>(
+    entries: &[(String, TensorRef)],
+    storages: &HashMap<K, S>,
 ) -> Result<StateDict> {
+    let mut total = 0usize;
+    for (name, t) in entries {
+        total = total.saturating_add(checked_numel(t).with_context(|| format!("tensor '{name}'"))?);
+    }
+    if total > MAX_ELEMENTS {
+        bail!("the checkpoint's tensors hold {total} elements, more than the {MAX_ELEMENTS} mura imports");
+    }
     let mut tensors = Vec::with_capacity(entries.len());
     for (name, t) in entries {
-        let raw = &storages[&t.storage.key];
-        let data = gather(&t, raw).with_context(|| format!("tensor '{name}'"))?;
+        let raw = storages.get(&*t.storage.key).with_context(|| {
+            format!(
+                "tensor '{name}': its storage '{}' is missing",
+                t.storage.key
+            )
+        })?;
+        let data = gather(t, raw.as_ref()).with_context(|| format!("tensor '{name}'"))?;
         tensors.push(NamedTensor {
-            name,
-            shape: t.size,
+            name: name.clone(),
+            shape: t.size.clone(),
             data,
         });
     }
     Ok(StateDict { tensors })
+}
+
+/// The tensor's element count, refused if it exceeds its storage's: a view repeating elements
+/// (stride 0) is not a weight, and would let a few bytes declare gigabytes.
+fn checked_numel(t: &TensorRef) -> Result<usize> {
+    let count = t
+        .size
+        .iter()
+        .try_fold(1usize, |a, &s| a.checked_mul(s))
+        .with_context(|| format!("absurd tensor size {:?}", t.size))?;
+    if count > t.storage.numel {
+        bail!(
+            "size {:?} has {count} elements but its storage holds {}",
+            t.size,
+            t.storage.numel
+        );
+    }
+    Ok(count)
+}
+
+/// Element offsets of a strided view, in row-major order (last dimension fastest).
+struct Offsets<'a> {
+    size: &'a [usize],
+    stride: &'a [usize],
+    pos: Vec<usize>,
+    next: usize,
+    left: usize,
+}
+
+impl Iterator for Offsets<'_> {
+    type Item = usize;
+    fn next(&mut self) -> Option<usize> {
+        self.left = self.left.checked_sub(1)?;
+        let here = self.next;
+        // Odometer step; wrapping because a dimension's last step may overshoot usize before
+        // it is taken back (the offsets returned were all checked to lie in the storage).
+        for d in (0..self.pos.len()).rev() {
+            self.pos[d] += 1;
+            self.next = self.next.wrapping_add(self.stride[d]);
+            if self.pos[d] < self.size[d] {
+                break;
+            }
+            self.next = self
+                .next
+                .wrapping_sub(self.stride[d].wrapping_mul(self.size[d]));
+            self.pos[d] = 0;
+        }
+        Some(here)
+    }
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        (self.left, Some(self.left))
+    }
 }
 
 /// Copies the strided view `t` of the storage bytes `raw` into a contiguous row-major tensor.
@@ -201,16 +327,10 @@ fn gather(t: &TensorRef, raw: &[u8]) -> Result<TensorData> {
             t.storage.key
         );
     }
-    // Checked arithmetic: sizes come from the file and may be corrupt.
-    let count = t
-        .size
-        .iter()
-        .try_fold(1usize, |a, &s| a.checked_mul(s))
-        .filter(|&c| c <= 1 << 31)
-        .with_context(|| format!("absurd tensor size {:?}", t.size))?;
-    let mut idx = Vec::new();
+    let count = checked_numel(t)?;
+    let base = view_offset.checked_add(t.offset);
     if count > 0 {
-        let base = view_offset.checked_add(t.offset);
+        // Checked arithmetic: offsets and strides come from the file and may be corrupt.
         let last = t
             .size
             .iter()
@@ -224,62 +344,45 @@ fn gather(t: &TensorRef, raw: &[u8]) -> Result<TensorData> {
                 t.stride
             );
         }
-        let base = view_offset + t.offset;
-        idx.reserve(count);
-        let mut row_major = 1;
-        let contiguous = t.size.iter().zip(&t.stride).rev().all(|(&s, &st)| {
-            let ok = s == 1 || st == row_major;
-            row_major *= s;
-            ok
-        });
-        if contiguous {
-            idx.extend(base..base + count);
-            return convert(dtype, raw, &idx);
-        }
-        // Odometer over the multi-index, last dimension fastest.
-        let mut pos = vec![0usize; t.size.len()];
-        for _ in 0..count {
-            idx.push(base + pos.iter().zip(&t.stride).map(|(p, s)| p * s).sum::<usize>());
-            for d in (0..pos.len()).rev() {
-                pos[d] += 1;
-                if pos[d] < t.size[d] {
-                    break;
-                }
-                pos[d] = 0;
-            }
-        }
     }
-    convert(dtype, raw, &idx)
+    let offsets = Offsets {
+        size: &t.size,
+        stride: &t.stride,
+        pos: vec![0; t.size.len()],
+        next: base.unwrap_or(0),
+        left: count,
+    };
+    Ok(convert(dtype, raw, offsets))
 }
 
-/// Reads the elements `idx` of a little-endian storage as f32 (float types) or i64.
-fn convert(dtype: StorageDtype, raw: &[u8], idx: &[usize]) -> Result<TensorData> {
-    let at = |i: usize, n: usize| &raw[i * n..(i + 1) * n];
-    Ok(match dtype {
-        StorageDtype::F32 => TensorData::F32(
-            idx.iter()
-                .map(|&i| f32::from_le_bytes(at(i, 4).try_into().unwrap()))
-                .collect(),
-        ),
+/// Element `i` of a little-endian storage of `N`-byte elements.
+fn elem<const N: usize>(raw: &[u8], i: usize) -> [u8; N] {
+    raw[i * N..(i + 1) * N].try_into().expect("N bytes")
+}
+
+/// Reads the elements at `offsets` as f32 (float types) or i64.
+fn convert(dtype: StorageDtype, raw: &[u8], offsets: Offsets) -> TensorData {
+    match dtype {
+        StorageDtype::F32 => {
+            TensorData::F32(offsets.map(|i| f32::from_le_bytes(elem(raw, i))).collect())
+        }
         StorageDtype::F64 => TensorData::F32(
-            idx.iter()
-                .map(|&i| f64::from_le_bytes(at(i, 8).try_into().unwrap()) as f32)
+            offsets
+                .map(|i| f64::from_le_bytes(elem(raw, i)) as f32)
                 .collect(),
         ),
         StorageDtype::F16 => TensorData::F32(
-            idx.iter()
-                .map(|&i| half::f16::from_le_bytes(at(i, 2).try_into().unwrap()).to_f32())
+            offsets
+                .map(|i| half::f16::from_le_bytes(elem(raw, i)).to_f32())
                 .collect(),
         ),
         StorageDtype::BF16 => TensorData::F32(
-            idx.iter()
-                .map(|&i| half::bf16::from_le_bytes(at(i, 2).try_into().unwrap()).to_f32())
+            offsets
+                .map(|i| half::bf16::from_le_bytes(elem(raw, i)).to_f32())
                 .collect(),
         ),
-        StorageDtype::I64 => TensorData::I64(
-            idx.iter()
-                .map(|&i| i64::from_le_bytes(at(i, 8).try_into().unwrap()))
-                .collect(),
-        ),
-    })
+        StorageDtype::I64 => {
+            TensorData::I64(offsets.map(|i| i64::from_le_bytes(elem(raw, i))).collect())
+        }
+    }
 }

@@ -1,10 +1,11 @@
 //! The `mura` binary as a user runs it: every command's argument checks and error lines
-//! (`audit`), `mura score` (`score`), `mura report` (`report`), and training end to end (`train`).
+//! (`audit`), hostile files (`hostile`), `mura score` (`score`), `mura report` (`report`), and training end to end (`train`).
 
 #[path = "../common/mod.rs"]
 mod common;
 
 mod audit;
+mod hostile;
 mod report;
 mod score;
 mod train;

@@ -72,3 +72,89 @@ pub const TINY: &[&str] = &[
     "--bn-size",
     "2",
 ];
+
+/// How a bounded run of mura ended.
+pub struct Bounded {
+    pub status: std::process::ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+    pub seconds: f64,
+}
+
+/// Runs mura with `env` set, at most `mem` bytes of address space (an allocation beyond it
+/// fails, so an unbounded one aborts), on two threads; panics if it runs longer than `secs`.
+pub fn mura_bounded(args: &[&str], env: &[(&str, &str)], mem: u64, secs: u64) -> Bounded {
+    use std::io::Read;
+    use std::os::unix::process::CommandExt;
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_mura"));
+    cmd.args(args)
+        .envs(env.iter().copied())
+        .env("RAYON_NUM_THREADS", "2")
+        .env("MALLOC_ARENA_MAX", "2")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    // SAFETY: setrlimit is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            let lim = libc::rlimit {
+                rlim_cur: mem,
+                rlim_max: mem,
+            };
+            match libc::setrlimit(libc::RLIMIT_AS, &lim) {
+                0 => Ok(()),
+                _ => Err(std::io::Error::last_os_error()),
+            }
+        });
+    }
+    let t0 = std::time::Instant::now();
+    let mut child = cmd.spawn().expect("run mura");
+    let pipe = |mut r: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut s = Vec::new();
+            let _ = r.read_to_end(&mut s);
+            String::from_utf8_lossy(&s).into_owned()
+        })
+    };
+    let out = pipe(Box::new(child.stdout.take().unwrap()));
+    let err = pipe(Box::new(child.stderr.take().unwrap()));
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait for mura") {
+            break s;
+        }
+        if t0.elapsed().as_secs() >= secs {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("mura {args:?} did not finish within {secs} s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    };
+    Bounded {
+        status,
+        stdout: out.join().unwrap(),
+        stderr: err.join().unwrap(),
+        seconds: t0.elapsed().as_secs_f64(),
+    }
+}
+
+/// The one `error: ...` line of a run that must fail cleanly (exit code 1, nothing else on
+/// stderr, no panic).
+pub fn one_error_line(run: &Bounded, what: &str) -> String {
+    let lines: Vec<&str> = run
+        .stderr
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .collect();
+    assert_eq!(
+        run.status.code(),
+        Some(1),
+        "{what}: exit {:?}, stderr:\n{}",
+        run.status,
+        run.stderr
+    );
+    assert!(
+        lines.len() == 1 && lines[0].starts_with("error: "),
+        "{what} should print one error line, got:\n{}",
+        run.stderr
+    );
+    lines[0].to_string()
+}

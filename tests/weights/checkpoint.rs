@@ -143,3 +143,48 @@ fn bad_files_are_refused_clearly() {
     );
     assert!(e.contains("/nonexistent/w.safetensors"), "{e}");
 }
+
+/// A safetensors file of `header` (JSON) and `data`.
+fn raw_safetensors(header: &str, data: &[u8]) -> Vec<u8> {
+    let mut f = (header.len() as u64).to_le_bytes().to_vec();
+    f.extend(header.as_bytes());
+    f.extend(data);
+    f
+}
+
+#[test]
+fn sizes_a_header_states_are_checked_against_the_file() {
+    let msg = |b: &[u8]| format!("{:#}", from_safetensors_bytes(b).unwrap_err());
+    let four = 1f32.to_le_bytes();
+    // A shape of 2^31 elements over 4 bytes, offsets past the end, overlapping tensors, a
+    // header length of 2^64 - 1: refused before anything is allocated from them.
+    for header in [
+        r#"{"w":{"dtype":"F32","shape":[2147483648],"data_offsets":[0,4]}}"#,
+        r#"{"w":{"dtype":"F32","shape":[1000000000],"data_offsets":[0,4000000000]}}"#,
+        r#"{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"v":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#,
+    ] {
+        let e = msg(&raw_safetensors(header, &four));
+        assert!(e.contains("not a valid safetensors file"), "{header}: {e}");
+    }
+    let mut huge = u64::MAX.to_le_bytes().to_vec();
+    huge.extend(b"{}");
+    assert!(msg(&huge).contains("not a valid safetensors file"));
+    let ok = raw_safetensors(
+        r#"{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#,
+        &four,
+    );
+    assert_eq!(
+        from_safetensors_bytes(&ok).unwrap().state_dict.tensors[0].data,
+        TensorData::F32(vec![1.0])
+    );
+}
+
+#[test]
+fn only_regular_files_are_read() {
+    let d = tmp_dir("special");
+    let link = d.join("zero.safetensors");
+    let _ = std::fs::remove_file(&link);
+    std::os::unix::fs::symlink("/dev/zero", &link).unwrap();
+    let e = format!("{:#}", load_safetensors(&link).unwrap_err());
+    assert!(e.contains("is a device, not a regular file"), "{e}");
+}

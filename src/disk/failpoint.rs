@@ -1,0 +1,101 @@
+//! Failpoints: named steps of a multi-step commit to disk, where a test stops the process as
+//! `kill -9` would, or makes the step fail as a full disk would, to check that every
+//! interruption leaves the previous state or the new one, complete.
+//!
+//! `MURA_FAILPOINT=<name>:<n>[:kill|:enospc]`: the `n`-th time (counting from 1) the process
+//! reaches a point named `<name>` or `<name>.<step>`, it kills itself with SIGKILL (`kill`, the
+//! default) or that step fails with ENOSPC (`enospc`). Unset, a point costs one load.
+//!
+//! Points: `store.<step>`, the steps of `prep` writing and committing a store (see
+//! `data::prep`). A test that counts up `n` from 1 until the command succeeds visits every step.
+
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
+
+/// The environment variable that arms a failpoint.
+pub const ENV: &str = "MURA_FAILPOINT";
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Action {
+    Kill,
+    NoSpace,
+}
+
+#[derive(Debug, PartialEq)]
+struct Spec {
+    name: String,
+    n: u64,
+    action: Action,
+}
+
+fn parse(s: &str) -> Option<Spec> {
+    let mut parts = s.split(':');
+    let name = parts.next().filter(|n| !n.is_empty())?.to_string();
+    let n = parts.next()?.parse().ok().filter(|&n| n > 0)?;
+    let action = match parts.next() {
+        None | Some("kill") => Action::Kill,
+        Some("enospc") => Action::NoSpace,
+        Some(_) => return None,
+    };
+    parts.next().is_none().then_some(Spec { name, n, action })
+}
+
+fn armed() -> &'static Result<Option<Spec>, String> {
+    static SPEC: OnceLock<Result<Option<Spec>, String>> = OnceLock::new();
+    SPEC.get_or_init(|| match std::env::var(ENV) {
+        Err(_) => Ok(None),
+        Ok(s) => parse(&s)
+            .map(Some)
+            .ok_or_else(|| format!("{ENV}='{s}' is not <name>:<n>[:kill|:enospc]")),
+    })
+}
+
+/// Reaching the step `point`: Ok unless a failpoint armed for it fires (see the module docs).
+pub fn hit(point: &str) -> io::Result<()> {
+    static HITS: AtomicU64 = AtomicU64::new(0);
+    let spec = match armed() {
+        Ok(None) => return Ok(()),
+        Ok(Some(spec)) => spec,
+        Err(e) => return Err(io::Error::new(io::ErrorKind::InvalidInput, e.clone())),
+    };
+    let named = point
+        .strip_prefix(spec.name.as_str())
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('.'));
+    if !named || HITS.fetch_add(1, Ordering::SeqCst) + 1 != spec.n {
+        return Ok(());
+    }
+    match spec.action {
+        Action::Kill => {
+            eprintln!("failpoint {point}: killed");
+            // SAFETY: plain syscalls on this process; SIGKILL does not return.
+            unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+            std::process::abort()
+        }
+        Action::NoSpace => Err(io::Error::from_raw_os_error(libc::ENOSPC)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn specs_parse_strictly() {
+        let s = parse("store:3").unwrap();
+        assert_eq!((s.name.as_str(), s.n, s.action), ("store", 3, Action::Kill));
+        let s = parse("store.image-written:2:enospc").unwrap();
+        assert_eq!(s.action, Action::NoSpace);
+        for bad in [
+            "",
+            "store",
+            "store:0",
+            "store:x",
+            ":1",
+            "store:1:later",
+            "a:1:kill:x",
+        ] {
+            assert_eq!(parse(bad), None, "{bad}");
+        }
+    }
+}
