@@ -166,18 +166,35 @@ fn kernel_names(src: &str) -> Vec<String> {
     names
 }
 
+/// The emulator: the kernels compiled with the host compiler's thread-sanitizer instrumentation
+/// (every load and store calls a hook of src/gpu/emu/checks.cpp; no sanitizer runtime is
+/// linked), the runtime, checkers and profiler without it, plus the mutants of
+/// src/gpu/emu/mutants.txt (see [`build_mutants`]).
 fn build_emulator(files: &[KernelFile], kdir: &Path, emu_dir: &Path, out: &Path) {
-    let mut build = cc::Build::new();
-    build
-        .cpp(true)
-        .std("c++20")
-        .opt_level(2)
-        .define("MURA_EMU", None)
-        .include(kdir)
-        .include(emu_dir)
-        .flag("-fstack-clash-protection")
-        .flag("-Wno-unused-parameter")
-        .file(emu_dir.join("runtime.cpp"));
+    let base = || {
+        let mut build = cc::Build::new();
+        build
+            .cpp(true)
+            .std("c++20")
+            .opt_level(2)
+            .define("MURA_EMU", None)
+            .include(kdir)
+            .include(emu_dir)
+            .flag("-fstack-clash-protection")
+            .flag("-Wno-unused-parameter")
+            .flag("-include")
+            .flag(emu_dir.join("cuda_emu.h").to_str().unwrap());
+        build
+    };
+    let mut kernels = base();
+    kernels.flag("-fsanitize=thread");
+    if kernels.get_compiler().is_like_clang() {
+        kernels
+            .flag("-mllvm")
+            .flag("-tsan-instrument-func-entry-exit=0");
+    } else {
+        kernels.flag("--param=tsan-instrument-func-entry-exit=0");
+    }
     for f in files {
         let mut cpp = format!("#include \"{}\"\n", f.path.display());
         writeln!(
@@ -197,12 +214,134 @@ fn build_emulator(files: &[KernelFile], kdir: &Path, emu_dir: &Path, out: &Path)
         writeln!(cpp, "}};").unwrap();
         let path = out.join(format!("emu_{}.cpp", f.stem));
         fs::write(&path, cpp).unwrap();
-        build.file(path);
+        kernels.file(path);
     }
-    build
-        .flag("-include")
-        .flag(emu_dir.join("cuda_emu.h").to_str().unwrap());
-    build.compile("mura_emu");
+    kernels.files(build_mutants(files, &emu_dir.join("mutants.txt"), out));
+    let objects = kernels.compile_intermediates();
+    base()
+        .files(["runtime.cpp", "checks.cpp", "profile.cpp"].map(|f| emu_dir.join(f)))
+        .objects(objects)
+        .compile("mura_emu");
+}
+
+/// One mutant of src/gpu/emu/mutants.txt: kernels/`file` with `original` (exact text, found
+/// exactly once) replaced by `replacement`; its kernels are named `<kernel>__<name>`.
+struct Mutant {
+    name: String,
+    file: String,
+    checker: String,
+    original: String,
+    replacement: String,
+}
+
+/// Parses the mutant spec: `== name file checker`, then the original's lines each prefixed by
+/// `-- ` and the replacement's by `++ ` (`--`/`++` alone: an empty line); `#` lines are comments.
+fn parse_mutants(spec: &str) -> Vec<Mutant> {
+    let mut out: Vec<Mutant> = Vec::new();
+    for line in spec.lines() {
+        if line.starts_with('#') || line.trim().is_empty() {
+            continue;
+        }
+        if let Some(head) = line.strip_prefix("== ") {
+            let f: Vec<&str> = head.split_whitespace().collect();
+            assert!(
+                f.len() == 3,
+                "mutants.txt: want '== name file checker', got '{line}'"
+            );
+            out.push(Mutant {
+                name: f[0].into(),
+                file: f[1].into(),
+                checker: f[2].into(),
+                original: String::new(),
+                replacement: String::new(),
+            });
+            continue;
+        }
+        let m = out
+            .last_mut()
+            .expect("mutants.txt: a snippet line before any '== ' header");
+        let (text, to) = match (line.strip_prefix("--"), line.strip_prefix("++")) {
+            (Some(t), _) => (t, &mut m.original),
+            (_, Some(t)) => (t, &mut m.replacement),
+            _ => panic!("mutants.txt: a line must start with '--', '++', '==' or '#': '{line}'"),
+        };
+        *to += text.strip_prefix(' ').unwrap_or(text);
+        to.push('\n');
+    }
+    out
+}
+
+/// The mutation suite's kernels: for each mutant of `spec`, a copy of its kernel file with the
+/// snippet replaced (the build fails when the snippet is not found exactly once, so the suite
+/// cannot silently rot), compiled for the emulator only, each kernel renamed `<kernel>__<name>`
+/// and listed in `mura_mutants_<name>`; `$OUT_DIR/emu_mutants.rs` declares those tables.
+/// Returns the C++ files to compile.
+fn build_mutants(files: &[KernelFile], spec: &Path, out: &Path) -> Vec<PathBuf> {
+    let mutants = parse_mutants(&fs::read_to_string(spec).unwrap());
+    let mut cpps = Vec::new();
+    let mut rs = String::from("extern \"C\" {\n");
+    let mut list = String::new();
+    for m in &mutants {
+        let f = files
+            .iter()
+            .find(|f| f.path.file_name().unwrap() == m.file.as_str())
+            .unwrap_or_else(|| panic!("mutant {}: no kernels/{}", m.name, m.file));
+        let src = fs::read_to_string(&f.path).unwrap();
+        let found = src.matches(m.original.as_str()).count();
+        assert!(
+            found == 1,
+            "mutant {}: its snippet occurs {found} times in kernels/{} (must be exactly once):\n{}",
+            m.name,
+            m.file,
+            m.original
+        );
+        let mutated = out.join(format!("mutant_{}_{}", m.name, m.file));
+        fs::write(&mutated, src.replace(&m.original, &m.replacement)).unwrap();
+        let mut cpp = String::new();
+        for k in &f.kernels {
+            writeln!(cpp, "#define {k} {k}__{}", m.name).unwrap();
+        }
+        writeln!(cpp, "#include \"{}\"", mutated.display()).unwrap();
+        writeln!(
+            cpp,
+            "extern \"C\" const mura_emu::Kernel mura_mutants_{}[] = {{",
+            m.name
+        )
+        .unwrap();
+        for k in &f.kernels {
+            writeln!(
+                cpp,
+                "    {{\"{k}__{}\", &mura_emu::trampoline<{k}>, mura_emu::arity({k}), \
+                 mura_emu::param_sizes({k})}},",
+                m.name
+            )
+            .unwrap();
+        }
+        writeln!(cpp, "}};").unwrap();
+        let path = out.join(format!("emu_mutant_{}.cpp", m.name));
+        fs::write(&path, cpp).unwrap();
+        cpps.push(path);
+        writeln!(
+            rs,
+            "    static mura_mutants_{}: [EmuKernel; {}];",
+            m.name,
+            f.kernels.len()
+        )
+        .unwrap();
+        writeln!(
+            list,
+            "        Mutant {{ name: {:?}, file: {:?}, checker: {:?}, kernels: &mura_mutants_{} }},",
+            m.name, m.file, m.checker, m.name
+        )
+        .unwrap();
+    }
+    rs += "}\n/// The mutants of src/gpu/emu/mutants.txt, as build.rs compiled them.\n";
+    rs += &format!(
+        "pub fn mutants() -> [Mutant; {}] {{\n    // SAFETY: build.rs defines each table with these lengths.\n    unsafe {{ [\n{list}    ] }}\n}}\n",
+        mutants.len()
+    );
+    fs::write(out.join("emu_mutants.rs"), rs).unwrap();
+    cpps
 }
 
 /// The emulator with kernels/selftest.cu under AddressSanitizer, as a standalone program for the
@@ -227,6 +366,8 @@ fn build_asan_harness(kdir: &Path, emu_dir: &Path, out: &Path) -> String {
             .arg("-I")
             .arg(kdir)
             .arg(emu_dir.join("runtime.cpp"))
+            .arg(emu_dir.join("checks.cpp"))
+            .arg(emu_dir.join("profile.cpp"))
             .arg(emu_dir.join("asan_main.cpp"))
             .arg("-o")
             .arg(&exe)

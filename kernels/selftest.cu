@@ -168,3 +168,43 @@ extern "C" __global__ void selftest_oob_fwd_f32(float* out, int n, int extra) {
     for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n + extra; i += gridDim.x * blockDim.x)
         out[i] = (float)i;
 }
+
+// ---- the emulator's checkers (tests/emu_checks.rs) and profiler (tests/emu_profile.rs) -------
+
+// Planted races and misuses for the checkers, one per mode (0: none), on a 64-thread block (two
+// warps), t = threadIdx.x. out: [gridDim.x * 64] i32, zeroed by the caller. Shared memory: 1-8
+// plant hazards between threads of a block (3, 4 and 6 are not hazards: a __syncwarp or a
+// shuffle orders accesses within a warp, and atomics never race with atomics); global memory:
+// 10-14 between blocks (10 is not a race: atomics only); 20-22 misaligned or misplaced accesses.
+extern "C" __global__ void selftest_hazard_fwd_i32(int* out, int mode) {
+    __shared__ __align__(16) int s[64 + 8];
+    const int t = threadIdx.x, b = blockIdx.x, i = b * 64 + t;
+    int v = 0;
+    s[t] = t;
+    if (mode != 1 && mode != 2 && mode != 3 && mode != 4) __syncthreads();
+    switch (mode) {
+    case 1: v = s[(t + 32) % 64]; break;  // read-after-write across warps, no barrier
+    case 2: v = s[t ^ 1]; break;          // ... within a warp, no __syncwarp
+    case 3: __syncwarp(); v = s[t ^ 1]; break;
+    case 4: v = __shfl_xor_sync(FULL_MASK, t, 1); v = s[t ^ 1] + v; break;
+    case 5: v = s[(t + 32) % 64]; s[t] = 0; break;  // write-after-read across warps
+    case 6: atomicAdd(&s[64], 1); break;            // (s[64] is never written plainly)
+    case 7: if (t == 0) s[65] = 5; else atomicAdd(&s[65], 1); break;  // plain write vs atomics
+    case 8: s[66] = 1; break;                                          // write-after-write
+    case 10: atomicAdd(&out[0], 1); break;
+    case 11: if (t == 0) out[0] = b; break;                            // blocks store one word
+    case 12: if (t == 0) { if (b == 0) out[0] = 7; else out[i] = out[0]; } break;  // block 1 reads it
+    case 13: if (t == 0) { if (b == 0) out[1] = out[0]; else out[0] = 7; } break;  // ... then stores it
+    case 14: if (t == 0) { if (b == 0) out[0] = 7; else atomicAdd(&out[0], 1); } break;
+    case 20: v = *reinterpret_cast<const int*>(reinterpret_cast<const char*>(out) + 2); break;
+    case 21: v = *reinterpret_cast<const int*>(reinterpret_cast<const char*>(s) + 2); break;
+    case 22: {  // an ldmatrix row 2 bytes off its 16-byte alignment
+        unsigned r[1];
+        ldmatrix_x1(r, reinterpret_cast<const char*>(s) + 16 * (t % 4) + 2);
+        v = (int)r[0];
+        break;
+    }
+    default: break;
+    }
+    if (mode < 10 || mode >= 20) out[i] = v;
+}
