@@ -129,24 +129,27 @@ void describe_global(char* out, size_t len, uintptr_t a, unsigned bytes) {
 // ---- shared memory -----------------------------------------------------------------------------
 // Static __shared__ variables live in the mura_shared section (cuda_emu.h); dynamic shared
 // memory is the first dyn_bytes of a kDynRegion buffer. A shared byte's offset: static ones
-// first, then dynamic.
+// first, then dynamic ones from dyn_base().
 size_t static_shared_bytes() { return (size_t)(__stop_mura_shared - __start_mura_shared); }
+size_t dyn_base() { return (static_shared_bytes() + 15) & ~size_t(15); }
 
-const char* space_of(size_t off) { return off < static_shared_bytes() ? "static" : "dynamic"; }
-size_t offset_in_space(size_t off) {
-    const size_t s = static_shared_bytes();
-    return off < s ? off : off - s;
-}
+const char* space_of(size_t off) { return off < dyn_base() ? "static" : "dynamic"; }
+size_t offset_in_space(size_t off) { return off < dyn_base() ? off : off - dyn_base(); }
 
-// The racecheck state of a shared byte: its last write (thread, barrier epoch, warp-sync count,
-// atomic?) and its two most recent readers from different warps. A field whose epoch is not the
-// current one is stale: a barrier (or another block) came between.
+// The racecheck state of a 4-byte shared word: its last write (thread, barrier epoch, warp-sync
+// count, atomic?, which of its bytes) and its two most recent readers from different warps (and
+// their bytes). A field whose epoch is not the current one is stale: a barrier (or another
+// block) came between. (Two threads writing different bytes of one word in one epoch: only the
+// later write is kept, so a hazard with the earlier one's bytes can go unseen.)
 struct SharedRec {
     uint32_t w_epoch, w_sync, r_epoch, r_sync, r2_epoch, r2_sync;
     uint16_t w_tid, r_tid, r2_tid;
-    uint8_t w_atomic;
+    uint8_t w_bytes;  // bit i: byte i written; bit 4: by an atomic
+    uint8_t r_bytes;  // bits 0-3: r's bytes; 4-7: r2's
 };
-SharedRec* g_shared;  // [static bytes + 99 KiB]
+constexpr uint8_t kAtomicBit = 16;
+constexpr size_t kSharedWords = (99 * 1024) / 4 + 1;  // dynamic shared memory's, static ones added
+SharedRec* g_shared;  // [static words + kSharedWords]
 uint32_t g_epoch;     // +1 at every block start and every completed __syncthreads
 uint32_t g_sync;      // +1 at every completed warp collective
 uint32_t g_full_sync[kMaxThreads / 32];  // per warp: g_sync at its last whole-warp collective
@@ -265,21 +268,32 @@ bool ordered(unsigned u, uint32_t epoch, uint32_t sync, unsigned t) {
                  tid / 32 == other / 32 ? " (same warp, and no __syncwarp or other collective of both either)" : "");
 }
 
-void race_shared_byte(size_t off, Kind k, unsigned t) {
-    SharedRec& r = g_shared[off];
+// Racecheck of the bytes `mask` of shared word `word` by thread t.
+void race_shared_word(size_t word, uint8_t mask, Kind k, unsigned t) {
+    SharedRec& r = g_shared[word];
+    const size_t off = 4 * word + __builtin_ctz(mask);
     const bool atomic = k == Kind::Atomic;
-    const bool w_live = !ordered(r.w_tid, r.w_epoch, r.w_sync, t);
-    if (w_live && !(atomic && r.w_atomic)) shared_hazard(off, k, t, r.w_tid, true, r.w_atomic);
+    if ((r.w_bytes & mask) && !ordered(r.w_tid, r.w_epoch, r.w_sync, t) && !(atomic && (r.w_bytes & kAtomicBit)))
+        shared_hazard(off, k, t, r.w_tid, true, r.w_bytes & kAtomicBit);
     if (writes(k)) {
-        if (!ordered(r.r_tid, r.r_epoch, r.r_sync, t)) shared_hazard(off, k, t, r.r_tid, false, false);
-        if (!ordered(r.r2_tid, r.r2_epoch, r.r2_sync, t)) shared_hazard(off, k, t, r.r2_tid, false, false);
-        r.w_tid = (uint16_t)t, r.w_epoch = g_epoch, r.w_sync = g_sync, r.w_atomic = atomic;
+        if ((r.r_bytes & mask) && !ordered(r.r_tid, r.r_epoch, r.r_sync, t)) shared_hazard(off, k, t, r.r_tid, false, false);
+        if ((r.r_bytes >> 4 & mask) && !ordered(r.r2_tid, r.r2_epoch, r.r2_sync, t))
+            shared_hazard(off, k, t, r.r2_tid, false, false);
+        const bool same = r.w_epoch == g_epoch && r.w_tid == t;
+        r.w_bytes = (uint8_t)((same ? r.w_bytes & 15 : 0) | mask | (atomic ? kAtomicBit : 0));
+        r.w_tid = (uint16_t)t, r.w_epoch = g_epoch, r.w_sync = g_sync;
         return;
     }
     // A read: remember it, and a reader of another warp in the same epoch too.
-    if (r.r_epoch == g_epoch && r.r_tid != t && r.r_tid / 32 != t / 32)
-        r.r2_tid = r.r_tid, r.r2_epoch = r.r_epoch, r.r2_sync = r.r_sync;
+    if (r.r_epoch == g_epoch && r.r_tid == t) {
+        r.r_bytes |= mask, r.r_sync = g_sync;
+        return;
+    }
+    uint8_t r2 = r.r_bytes >> 4;
+    if (r.r_epoch == g_epoch && r.r_tid / 32 != t / 32)
+        r.r2_tid = r.r_tid, r.r2_epoch = r.r_epoch, r.r2_sync = r.r_sync, r2 = r.r_bytes & 15;
     r.r_tid = (uint16_t)t, r.r_epoch = g_epoch, r.r_sync = g_sync;
+    r.r_bytes = (uint8_t)(mask | r2 << 4);
 }
 
 // The shared-memory offset of [a, a + bytes), -1 when it is not shared memory at all; fails the
@@ -294,7 +308,7 @@ long long shared_offset(uintptr_t a, unsigned bytes, Kind k, unsigned tid) {
         if (off + bytes <= size) return (long long)off;
     } else if (d0 && a - d0 < kDynRegion) {
         space = "dynamic", size = g_run.dyn_bytes, off = a - d0;
-        if (off + bytes <= size) return (long long)(ns + off);
+        if (off + bytes <= size) return (long long)(dyn_base() + off);
     } else {
         return -1;
     }
@@ -310,7 +324,10 @@ void shared_access(size_t off, uintptr_t a, unsigned bytes, Kind k, const void* 
         kernel_error("memcheck: misaligned: %u-byte %s at %s shared offset %zu, by thread %s", bytes, kind_str(k),
                      space_of(off), offset_in_space(off), thread_str(tid));
     if (f & kRacecheck)
-        for (unsigned i = 0; i < bytes; i++) race_shared_byte(off + i, k, tid);
+        for (size_t w = off / 4; w <= (off + bytes - 1) / 4; w++) {
+            const size_t lo = std::max(off, 4 * w), hi = std::min(off + bytes, 4 * w + 4);
+            race_shared_word(w, (uint8_t)(((1u << (hi - lo)) - 1) << (lo - 4 * w)), k, tid);
+        }
     if ((f & kProfile) && k != Kind::CpAsyncStore && k != Kind::LdMatrix) prof::record(tid, pc, a, bytes, k, true);
 }
 
@@ -338,7 +355,7 @@ void atomic_access(const void* p, unsigned bytes, const void* pc) { hook((void*)
 namespace chk {
 
 void launch_begin() {
-    if (!g_shared) g_shared = (SharedRec*)calloc(static_shared_bytes() + 99 * 1024, sizeof(SharedRec));
+    if (!g_shared) g_shared = (SharedRec*)calloc(dyn_base() / 4 + kSharedWords, sizeof(SharedRec));
     if (++g_launch_id == 0) {  // (after 2^32 launches: forget every page's tags)
         memset(g_arena.page_launch, 0xff, g_arena.size / kPage * 4);
         g_launch_id = 1;
@@ -347,7 +364,7 @@ void launch_begin() {
 
 void block_begin() {
     if (g_epoch > 0xf0000000u || g_sync > 0xf0000000u) {  // start the clocks over
-        memset(g_shared, 0, (static_shared_bytes() + 99 * 1024) * sizeof(SharedRec));
+        memset(g_shared, 0, (dyn_base() / 4 + kSharedWords) * sizeof(SharedRec));
         memset(g_full_sync, 0, sizeof g_full_sync);
         memset(g_pair_sync, 0, sizeof g_pair_sync);
         g_epoch = g_sync = 0;
