@@ -245,7 +245,8 @@ impl Default for Emu {
 }
 
 impl Emu {
-    /// The checkers of `MURA_EMU_CHECKS` (all by default); profiling when `MURA_EMU_PROFILE=1`.
+    /// The checkers of `MURA_EMU_CHECKS` (all by default); profiling when `MURA_EMU_PROFILE=1` or
+    /// after [`profile::enable`].
     pub fn new() -> Self {
         let emu = Emu {
             allocs: Mutex::default(),
@@ -256,7 +257,7 @@ impl Emu {
             profile: None,
             mutant: None,
         };
-        emu.with_profile(std::env::var("MURA_EMU_PROFILE").is_ok_and(|v| v == "1"))
+        emu.with_profile(profile::enabled())
     }
 
     /// An emulator running every launch under exactly `checks`.

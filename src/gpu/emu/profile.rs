@@ -25,6 +25,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 /// One launch's (or a sum of launches') counts. Field order is the runtime's
@@ -132,6 +133,17 @@ fn ratio(a: u64, b: u64) -> Option<f64> {
 
 /// Every profiled launch of the process (any [`super::Emu`] with profiling on), per kernel.
 static ALL: Mutex<BTreeMap<&'static str, KernelProfile>> = Mutex::new(BTreeMap::new());
+static ENABLED: AtomicBool = AtomicBool::new(false);
+
+/// Profiles every emulator made from now on in this process (as `MURA_EMU_PROFILE=1` does).
+pub fn enable() {
+    ENABLED.store(true, Ordering::Relaxed);
+}
+
+/// Whether [`enable`] was called or `MURA_EMU_PROFILE=1` is set.
+pub fn enabled() -> bool {
+    ENABLED.load(Ordering::Relaxed) || std::env::var("MURA_EMU_PROFILE").is_ok_and(|v| v == "1")
+}
 
 pub(super) fn record(kernel: &'static str, c: &Counters) {
     ALL.lock().unwrap().entry(kernel).or_default().add(c);
@@ -144,6 +156,18 @@ pub fn all() -> Vec<(String, KernelProfile)> {
         .iter()
         .map(|(k, v)| (k.to_string(), *v))
         .collect()
+}
+
+/// Every profiled launch of this process as a [`table`] (no floors), after a line saying what
+/// the columns count.
+pub fn report() -> String {
+    format!(
+        "\nEmulator profile (per kernel, all launches; Nsight Compute's definitions, see \
+         src/gpu/emu/profile.rs): requests are warp-level instructions, sect/req 32-byte sectors \
+         per request, eff = bytes requested / bytes of those sectors, ways = shared wavefronts / \
+         conflict-free wavefronts, mma = mma.sync instructions.\n\n{}",
+        table(&all(), &|_| None)
+    )
 }
 
 /// The profile as a markdown table, one row per kernel, with the caller's roofline floor of
