@@ -168,7 +168,9 @@ fn kernel_names(src: &str) -> Vec<String> {
 
 /// The emulator: the kernels compiled with the host compiler's thread-sanitizer instrumentation
 /// (every load and store calls a hook of src/gpu/emu/checks.cpp; no sanitizer runtime is
-/// linked), the runtime, checkers and profiler without it, plus the mutants of
+/// linked), and again without it (`<kernel>__plain`, listed under the kernel's own name in
+/// `mura_plain_<file>`, declared in `$OUT_DIR/emu_plain.rs`) for launches with every check and
+/// the profiler off; the runtime, checkers and profiler without it; and the mutants of
 /// src/gpu/emu/mutants.txt (see [`build_mutants`]).
 fn build_emulator(files: &[KernelFile], kdir: &Path, emu_dir: &Path, out: &Path) {
     let base = || {
@@ -195,33 +197,85 @@ fn build_emulator(files: &[KernelFile], kdir: &Path, emu_dir: &Path, out: &Path)
     } else {
         kernels.flag("--param=tsan-instrument-func-entry-exit=0");
     }
+    let mut plain = base();
+    let mut rs = String::from("extern \"C\" {\n");
     for f in files {
-        let mut cpp = format!("#include \"{}\"\n", f.path.display());
-        writeln!(
-            cpp,
-            "extern \"C\" const mura_emu::Kernel mura_table_{}[] = {{",
-            f.stem
-        )
-        .unwrap();
-        for k in &f.kernels {
-            writeln!(
-                cpp,
-                "    {{\"{k}\", &mura_emu::trampoline<{k}>, mura_emu::arity({k}), \
-                 mura_emu::param_sizes({k})}},"
-            )
-            .unwrap();
-        }
-        writeln!(cpp, "}};").unwrap();
-        let path = out.join(format!("emu_{}.cpp", f.stem));
-        fs::write(&path, cpp).unwrap();
-        kernels.file(path);
+        let (stem, ks) = (&f.stem, &f.kernels);
+        let table = format!("mura_table_{stem}");
+        kernels.file(emu_tu(
+            out,
+            &format!("emu_{stem}"),
+            &f.path,
+            ks,
+            "",
+            "",
+            &table,
+        ));
+        let table = format!("mura_plain_{stem}");
+        plain.file(emu_tu(
+            out,
+            &format!("emu_plain_{stem}"),
+            &f.path,
+            ks,
+            "__plain",
+            "",
+            &table,
+        ));
+        writeln!(rs, "    static {table}: [EmuKernel; {}];", ks.len()).unwrap();
     }
+    let tables: Vec<String> = files
+        .iter()
+        .map(|f| format!("&mura_plain_{}", f.stem))
+        .collect();
+    writeln!(
+        rs,
+        "}}\n/// The kernels compiled without instrumentation, one slice per kernels/*.cu file.\n\
+         pub fn plain_tables() -> [&'static [EmuKernel]; {}] {{\n    \
+         // SAFETY: build.rs defines each table with these lengths.\n    unsafe {{ [{}] }}\n}}",
+        files.len(),
+        tables.join(", ")
+    )
+    .unwrap();
+    fs::write(out.join("emu_plain.rs"), rs).unwrap();
     kernels.files(build_mutants(files, &emu_dir.join("mutants.txt"), out));
     let objects = kernels.compile_intermediates();
-    base()
+    plain
         .files(["runtime.cpp", "checks.cpp", "profile.cpp"].map(|f| emu_dir.join(f)))
         .objects(objects)
         .compile("mura_emu");
+}
+
+/// Writes `$OUT_DIR/<tu>.cpp`, an emulator translation unit: `source` with each of `kernels`
+/// renamed `<kernel><rename>` and listed in the launch table `table` as `<kernel><listed>`.
+fn emu_tu(
+    out: &Path,
+    tu: &str,
+    source: &Path,
+    kernels: &[String],
+    rename: &str,
+    listed: &str,
+    table: &str,
+) -> PathBuf {
+    let mut cpp = String::new();
+    if !rename.is_empty() {
+        for k in kernels {
+            writeln!(cpp, "#define {k} {k}{rename}").unwrap();
+        }
+    }
+    writeln!(cpp, "#include \"{}\"", source.display()).unwrap();
+    writeln!(cpp, "extern \"C\" const mura_emu::Kernel {table}[] = {{").unwrap();
+    for k in kernels {
+        writeln!(
+            cpp,
+            "    {{\"{k}{listed}\", &mura_emu::trampoline<{k}>, mura_emu::arity({k}), \
+             mura_emu::param_sizes({k})}},"
+        )
+        .unwrap();
+    }
+    writeln!(cpp, "}};").unwrap();
+    let path = out.join(format!("{tu}.cpp"));
+    fs::write(&path, cpp).unwrap();
+    path
 }
 
 /// One mutant of src/gpu/emu/mutants.txt: kernels/`file` with `original` (exact text, found
@@ -297,30 +351,14 @@ fn build_mutants(files: &[KernelFile], spec: &Path, out: &Path) -> Vec<PathBuf> 
         );
         let mutated = out.join(format!("mutant_{}_{}", m.name, m.file));
         fs::write(&mutated, src.replace(&m.original, &m.replacement)).unwrap();
-        let mut cpp = String::new();
-        for k in &f.kernels {
-            writeln!(cpp, "#define {k} {k}__{}", m.name).unwrap();
-        }
-        writeln!(cpp, "#include \"{}\"", mutated.display()).unwrap();
-        writeln!(
-            cpp,
-            "extern \"C\" const mura_emu::Kernel mura_mutants_{}[] = {{",
-            m.name
-        )
-        .unwrap();
-        for k in &f.kernels {
-            writeln!(
-                cpp,
-                "    {{\"{k}__{}\", &mura_emu::trampoline<{k}>, mura_emu::arity({k}), \
-                 mura_emu::param_sizes({k})}},",
-                m.name
-            )
-            .unwrap();
-        }
-        writeln!(cpp, "}};").unwrap();
-        let path = out.join(format!("emu_mutant_{}.cpp", m.name));
-        fs::write(&path, cpp).unwrap();
-        cpps.push(path);
+        let suffix = format!("__{}", m.name);
+        let (tu, table) = (
+            format!("emu_mutant_{}", m.name),
+            format!("mura_mutants_{}", m.name),
+        );
+        cpps.push(emu_tu(
+            out, &tu, &mutated, &f.kernels, &suffix, &suffix, &table,
+        ));
         writeln!(
             rs,
             "    static mura_mutants_{}: [EmuKernel; {}];",

@@ -106,7 +106,10 @@ const PROFILE_FLAG: c_uint = 8;
 
 #[derive(Clone, Copy)]
 struct Entry {
+    /// The kernel compiled with the memory hooks (checkers, profiler).
     entry: unsafe extern "C" fn(*mut *mut c_void),
+    /// The kernel compiled without them, for launches with every check off (mutants have none).
+    plain: Option<unsafe extern "C" fn(*mut *mut c_void)>,
     /// Each parameter's size in bytes (one per parameter).
     param_sizes: &'static [c_int],
 }
@@ -117,6 +120,11 @@ fn table() -> &'static HashMap<&'static str, Entry> {
         let mut map = HashMap::new();
         for k in emu_tables().into_iter().flatten() {
             map.insert(kernel_name(k), entry_of(k));
+        }
+        for k in plain::plain_tables().into_iter().flatten() {
+            map.get_mut(kernel_name(k))
+                .expect("a plain twin of every kernel")
+                .plain = Some(k.entry);
         }
         map
     })
@@ -132,6 +140,7 @@ fn kernel_name(k: &'static EmuKernel) -> &'static str {
 fn entry_of(k: &'static EmuKernel) -> Entry {
     Entry {
         entry: k.entry,
+        plain: None,
         // SAFETY: build.rs points it at `arity` sizes (plus a terminating 0).
         param_sizes: unsafe { std::slice::from_raw_parts(k.param_sizes, k.arity as usize) },
     }
@@ -216,6 +225,11 @@ pub struct Mutant {
 // (string literals, functions, arrays of sizes), which no one writes.
 unsafe impl Sync for Mutant {}
 unsafe impl Send for Mutant {}
+
+mod plain {
+    use super::EmuKernel;
+    include!(concat!(env!("OUT_DIR"), "/emu_plain.rs"));
+}
 
 mod mutants {
     use super::{EmuKernel, Mutant};
@@ -354,7 +368,10 @@ impl Emu {
             // SAFETY: the caller vouches for the parameters (see Driver::launch).
             unsafe {
                 mura_emu_launch(
-                    entry.entry,
+                    match entry.plain {
+                        Some(plain) if flags == 0 => plain,
+                        _ => entry.entry,
+                    },
                     params.as_mut_ptr(),
                     grid.as_ptr(),
                     block.as_ptr(),
