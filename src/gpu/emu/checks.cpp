@@ -14,10 +14,13 @@
 //   stored plainly by one block and read, stored or updated atomically by another block of the
 //   same launch is a race.
 // The first error fails the launch with one message; the kernel never runs on.
+#include <dlfcn.h>
+#include <elf.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <map>
@@ -341,6 +344,7 @@ inline __attribute__((always_inline)) void hook(void* p, unsigned bytes, Kind k,
 }  // namespace
 
 void access(uintptr_t a, unsigned bytes, Kind k, const void* pc, unsigned tid) {
+    g_run.pc = pc;
     if (a - g_arena.base < g_arena.size) return global_access(a, bytes, k, pc, tid);
     const long long off = shared_offset(a, bytes, k, tid);
     if (off >= 0) return shared_access((size_t)off, a, bytes, k, pc, tid);
@@ -348,6 +352,31 @@ void access(uintptr_t a, unsigned bytes, Kind k, const void* pc, unsigned tid) {
         kernel_error("memcheck: %u-byte %s at %#lx is not device memory (no allocation of this emulator) nor "
                      "shared memory, by thread %s",
                      bytes, kind_str(k), (unsigned long)a, thread_str(tid));
+}
+
+const char* source_of(const void* pc) {
+    static char out[256];
+    Dl_info info;
+    if (!pc || !dladdr(pc, &info) || !info.dli_fbase) return "";
+    // A position-independent binary's addresses are offsets from where it was loaded.
+    const bool pie = ((const Elf64_Ehdr*)info.dli_fbase)->e_type == ET_DYN;
+    const uintptr_t at = (uintptr_t)pc - 1 - (pie ? (uintptr_t)info.dli_fbase : 0);
+    char cmd[128];
+    snprintf(cmd, sizeof cmd, "addr2line -i -e /proc/%d/exe %#lx 2>/dev/null", (int)getpid(), (unsigned long)at);
+    FILE* f = popen(cmd, "r");
+    if (!f) return "";
+    char line[512];
+    size_t n = 0;
+    out[0] = 0;
+    for (int i = 0; fgets(line, sizeof line, f); i++) {
+        line[strcspn(line, " \n")] = 0;  // (drops " (discriminator N)")
+        const char* base = strrchr(line, '/') ? strrchr(line, '/') + 1 : line;
+        if (base[0] == '?' || n >= sizeof out - 1) continue;
+        n += snprintf(out + n, sizeof out - n, i == 0 ? " at %s" : i == 1 ? " (inlined from %s" : ", %s", base);
+    }
+    pclose(f);
+    if (strchr(out, '(') && n < sizeof out - 1) snprintf(out + n, sizeof out - n, ")");
+    return out;
 }
 
 void atomic_access(const void* p, unsigned bytes, const void* pc) { hook((void*)p, bytes, Kind::Atomic, pc); }

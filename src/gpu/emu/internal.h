@@ -33,9 +33,13 @@ struct Running {
     unsigned char* dyn;     // dynamic shared memory: dyn_bytes valid, kDynRegion mapped
     unsigned dyn_bytes;
     uint64_t block_linear;  // the running block, linear within the grid
+    const void* pc;         // the instruction whose access is being checked, for messages
 };
 extern Running g_run;
 
+// " at conv_tc.cu:262 (inlined from conv_tc.cu:343, ...)": the source line of the kernel's
+// instruction `pc`, from the binary's debug information through addr2line; "" without either.
+const char* source_of(const void* pc);
 // "(x,y,z)" of linear thread `tid` of the running block (a static buffer per call slot 0..3).
 const char* thread_str(unsigned tid, int slot = 0);
 // Fails the launch with this message and switches away: the kernel never runs on.

@@ -134,7 +134,8 @@ struct Launch {
     Fiber* cur = nullptr;
     void* sched_sp = nullptr;
     bool failed = false;
-    char err[512];
+    bool err_has_block = false;  // (kernel_error's messages name the block before the source line)
+    char err[1024];
     unsigned char* dyn = nullptr;  // kDynRegion bytes, mapped once
     unsigned dyn_bytes = 0;
     // Odd blocks (by blockIdx.x + y + z) run adversarially: cp.async copies land as issued, and
@@ -330,6 +331,10 @@ void kernel_error(const char* fmt, ...) {
         va_start(ap, fmt);
         vsnprintf(L.err, sizeof L.err, fmt, ap);
         va_end(ap);
+        const size_t n = strlen(L.err);
+        snprintf(L.err + n, sizeof L.err - n, " (block %u,%u,%u)%s", g_block_idx.x, g_block_idx.y, g_block_idx.z,
+                 source_of(g_run.pc));
+        L.err_has_block = true;
     }
     yield();
     __builtin_trap();  // (a failed launch never resumes its fibers)
@@ -437,9 +442,11 @@ void ldmatrix(Fiber* w, unsigned nmat, bool trans) {
     for (unsigned r = 0; r < 8 * nmat; r++) {
         rows[r] = w[r].lane->ptr;
         const uintptr_t a = (uintptr_t)rows[r];
-        if ((a & 15) || !in_shared(rows[r], 16))
+        if ((a & 15) || !in_shared(rows[r], 16)) {
+            g_run.pc = nullptr;
             kernel_error("ldmatrix row address %#lx of lane %u: must be 16-byte aligned, in shared memory",
                          (unsigned long)a, r);
+        }
         if (g_run.flags) access(a, 16, Kind::LdMatrix, nullptr, warp0 + r);
     }
     prof::ldmatrix(rows, 8 * nmat);
@@ -597,7 +604,7 @@ extern "C" int mura_emu_launch(void (*tramp)(void**), void** params, const unsig
                                const unsigned block[3], unsigned dyn_shared_bytes, unsigned flags,
                                Counters* counters, char* err, size_t errlen) {
     unsigned n = block[0] * block[1] * block[2];
-    L.failed = false;
+    L.failed = L.err_has_block = false;
     if (!L.dyn) {
         void* m = mmap(nullptr, kDynRegion, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
         if (m == MAP_FAILED) fail("cannot map dynamic shared memory");
@@ -623,7 +630,7 @@ extern "C" int mura_emu_launch(void (*tramp)(void**), void** params, const unsig
         g_block_dim = dim3{block[0], block[1], block[2]};
         g_grid_dim = dim3{grid[0], grid[1], grid[2]};
         L.dyn_bytes = dyn_shared_bytes;
-        g_run = Running{flags, 0, 0, n, L.dyn, dyn_shared_bytes, 0};
+        g_run = Running{flags, 0, 0, n, L.dyn, dyn_shared_bytes, 0, nullptr};
         chk::launch_begin();
         prof::launch_begin(flags & kProfile ? counters : nullptr);
         size_t shared = (size_t)(__stop_mura_shared - __start_mura_shared);
@@ -640,7 +647,7 @@ extern "C" int mura_emu_launch(void (*tramp)(void**), void** params, const unsig
                 }
         g_run.flags = 0;
         prof::launch_begin(nullptr);
-        if (L.failed) {
+        if (L.failed && !L.err_has_block) {
             size_t len = strlen(L.err);
             snprintf(L.err + len, sizeof L.err - len, " (block %u,%u,%u)", g_block_idx.x, g_block_idx.y,
                      g_block_idx.z);
