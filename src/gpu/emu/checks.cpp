@@ -5,7 +5,9 @@
 // the running fiber's own stack (a kernel's locals) is classified as device memory (the arena
 // below), static or dynamic shared memory, or neither, and then:
 // - memcheck: device bytes must lie in a live allocation, shared bytes inside the block's static
-//   + dynamic shared memory, and every access must be naturally aligned;
+//   + dynamic shared memory (dynamic: exactly the launch's bytes; static: the section holding
+//   every kernel's __shared__ variables, so an overrun of one static variable into the next is
+//   not seen), and every access must be naturally aligned;
 // - initcheck: a device byte read must have been written since its allocation (by a copy, a
 //   memset or a kernel's store; fresh allocations are also poisoned with 0xff);
 // - racecheck: a shared byte accessed by two threads of a block, one of them writing, with no
@@ -253,7 +255,7 @@ void global_access(uintptr_t a, unsigned bytes, Kind k, const void* pc, unsigned
 
 // ---- racecheck of shared memory ----------------------------------------------------------------
 // Whether thread `u`'s access at (epoch, sync) is ordered before thread `t`'s now.
-bool ordered(unsigned u, uint32_t epoch, uint32_t sync, unsigned t) {
+inline __attribute__((always_inline)) bool ordered(unsigned u, uint32_t epoch, uint32_t sync, unsigned t) {
     if (epoch != g_epoch || u == t) return true;
     if (u / 32 != t / 32) return false;
     const unsigned w = t / 32;
