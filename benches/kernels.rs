@@ -8,7 +8,8 @@
 //! `--reps` launches timed with CUDA events (wall time on the emulator), default 20) and the
 //! table shows measured time, achieved TFLOP/s and GB/s, and % of the floor, per shape, per
 //! (op, pass) and for the step. The emulator is slow: use tiny shapes there
-//! (`densenet121 1 32 --device emu --reps 1`).
+//! (`densenet121 1 32 --device emu --reps 1`); `--profile` there adds each kernel's memory
+//! traffic as Nsight Compute counts it (mura::gpu::emu::profile).
 
 use anyhow::{bail, Context, Result};
 use mura::device::Device;
@@ -33,6 +34,7 @@ struct Opts {
     positional: Vec<String>,
     device: Option<Device>,
     reps: usize,
+    profile: bool,
 }
 
 fn options(args: impl Iterator<Item = String>) -> Result<Opts> {
@@ -40,6 +42,7 @@ fn options(args: impl Iterator<Item = String>) -> Result<Opts> {
         positional: Vec::new(),
         device: None,
         reps: 20,
+        profile: false,
     };
     let mut args = args;
     while let Some(a) = args.next() {
@@ -47,7 +50,8 @@ fn options(args: impl Iterator<Item = String>) -> Result<Opts> {
             o.positional.push(a);
             continue;
         };
-        if opt == "bench" {
+        if opt == "bench" || opt == "profile" {
+            o.profile |= opt == "profile";
             continue;
         }
         let (name, value) = match opt.split_once('=') {
@@ -75,6 +79,13 @@ fn options(args: impl Iterator<Item = String>) -> Result<Opts> {
 
 fn run() -> Result<()> {
     let o = options(std::env::args().skip(1))?;
+    if o.profile {
+        anyhow::ensure!(
+            o.device == Some(Device::Emu),
+            "--profile needs --device emu"
+        );
+        mura::gpu::emu::profile::enable();
+    }
     let args = &o.positional;
     let arch: String = arg(args, 0, "architecture", "densenet169".to_string())?;
     let batch: usize = arg(args, 1, "batch", 64)?;
@@ -110,6 +121,9 @@ fn run() -> Result<()> {
          {peak} TFLOP/s, {tbps} TB/s{on}\n"
     );
     print!("{}", roofline::markdown(&rows, batch, &machine, &measured));
+    if o.profile {
+        print!("{}", mura::gpu::emu::profile::report());
+    }
     Ok(())
 }
 
