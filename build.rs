@@ -28,6 +28,7 @@ const PTX: &str = "90";
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Elem {
     F32,
+    F32x4,
     Bf16,
     F16,
     U8,
@@ -63,6 +64,13 @@ struct KernelFile {
     path: PathBuf,
     testing: bool,
     kernels: Vec<Kernel>,
+}
+
+impl KernelFile {
+    /// Its kernels' names.
+    fn names(&self) -> Vec<String> {
+        self.kernels.iter().map(|k| k.name.clone()).collect()
+    }
 }
 
 fn main() {
@@ -164,7 +172,7 @@ fn kernels_of(src: &str, path: &Path) -> Vec<Kernel> {
                 param(p).unwrap_or_else(|| {
                     panic!(
                         "{}: kernel {name}: unsupported parameter `{p}` (the launcher generator \
-                         knows float, bf16, half, unsigned char, int and unsigned pointers, and int \
+                         knows float, float4, bf16, half, unsigned char, int and unsigned pointers, and int \
                          and float values)",
                         path.display()
                     )
@@ -196,6 +204,12 @@ fn last_ident(s: &str) -> String {
     s[start..].to_string()
 }
 
+/// Rust keywords a C parameter may be named (strict and reserved ones a kernel might use).
+const RUST_KEYWORDS: [&str; 24] = [
+    "as", "box", "crate", "dyn", "enum", "final", "fn", "impl", "in", "let", "loop", "match",
+    "mod", "move", "mut", "priv", "pub", "ref", "self", "trait", "type", "use", "where", "yield",
+];
+
 /// One parameter declaration: `const float* __restrict__ x`, `int n`.
 fn param(decl: &str) -> Option<Param> {
     let pointer = decl.matches('*').count();
@@ -204,11 +218,16 @@ fn param(decl: &str) -> Option<Param> {
         .filter(|w| !w.is_empty() && !matches!(*w, "const" | "__restrict__" | "__restrict"))
         .collect();
     let (name, ty) = words.split_last()?;
-    // Rust's snake case for the launcher (`R` → `r`).
+    // Rust's snake case for the launcher (`R` → `r`), a keyword as a raw identifier (`r#in`).
     let name = name.to_lowercase();
+    let name = match RUST_KEYWORDS.contains(&name.as_str()) {
+        true => format!("r#{name}"),
+        false => name,
+    };
     let ty = ty.join(" ");
     let elem = match ty.as_str() {
         "float" => Elem::F32,
+        "float4" => Elem::F32x4,
         "bf16" | "__nv_bfloat16" | "nv_bfloat16" => Elem::Bf16,
         "__half" | "half" => Elem::F16,
         "unsigned char" => Elem::U8,
@@ -257,6 +276,7 @@ fn consts_rs(path: &Path) -> String {
 fn rust_elem(e: Elem) -> &'static str {
     match e {
         Elem::F32 => "f32",
+        Elem::F32x4 => "[f32; 4]",
         Elem::Bf16 => "bf16",
         Elem::F16 => "f16",
         Elem::U8 => "u8",
@@ -458,44 +478,226 @@ fn indent(s: &str) -> String {
         .collect()
 }
 
+/// The emulator: the kernels compiled with the host compiler's thread-sanitizer instrumentation
+/// (every load and store calls a hook of src/gpu/emu/checks.cpp; no sanitizer runtime is
+/// linked), and again without it (`<kernel>__plain`, listed under the kernel's own name in
+/// `mura_plain_<file>`, declared in `$OUT_DIR/emu_plain.rs`) for launches with every check and
+/// the profiler off; the runtime, checkers and profiler without it; and the mutants of
+/// src/gpu/emu/mutants.txt (see [`build_mutants`]).
 fn build_emulator(files: &[KernelFile], kdir: &Path, emu_dir: &Path, out: &Path) {
-    let mut build = cc::Build::new();
-    build
-        .cpp(true)
-        .std("c++20")
-        .opt_level(2)
-        .define("MURA_EMU", None)
-        .include(kdir)
-        .include(emu_dir)
-        .flag("-fstack-clash-protection")
-        .flag("-Wno-unused-parameter")
-        .file(emu_dir.join("runtime.cpp"));
+    let base = || {
+        let mut build = cc::Build::new();
+        build
+            .cpp(true)
+            .std("c++20")
+            .opt_level(2)
+            .define("MURA_EMU", None)
+            .include(kdir)
+            .include(emu_dir)
+            .flag("-fstack-clash-protection")
+            .flag("-Wno-unused-parameter")
+            .flag("-include")
+            .flag(emu_dir.join("cuda_emu.h").to_str().unwrap());
+        build
+    };
+    let mut kernels = base();
+    kernels.flag("-fsanitize=thread");
+    if kernels.get_compiler().is_like_clang() {
+        kernels
+            .flag("-mllvm")
+            .flag("-tsan-instrument-func-entry-exit=0");
+    } else {
+        kernels.flag("--param=tsan-instrument-func-entry-exit=0");
+    }
+    let mut plain = base();
+    let mut rs = String::from("extern \"C\" {\n");
     for f in files {
-        let mut cpp = format!("#include \"{}\"\n", f.path.display());
+        let (stem, ks) = (&f.stem, &f.names());
+        let table = format!("mura_table_{stem}");
+        kernels.file(emu_tu(
+            out,
+            &format!("emu_{stem}"),
+            &f.path,
+            ks,
+            "",
+            "",
+            &table,
+        ));
+        let table = format!("mura_plain_{stem}");
+        plain.file(emu_tu(
+            out,
+            &format!("emu_plain_{stem}"),
+            &f.path,
+            ks,
+            "__plain",
+            "",
+            &table,
+        ));
+        writeln!(rs, "    static {table}: [EmuKernel; {}];", ks.len()).unwrap();
+    }
+    let tables: Vec<String> = files
+        .iter()
+        .map(|f| format!("&mura_plain_{}", f.stem))
+        .collect();
+    writeln!(
+        rs,
+        "}}\n/// The kernels compiled without instrumentation, one slice per kernels/*.cu file.\n\
+         pub fn plain_tables() -> [&'static [EmuKernel]; {}] {{\n    \
+         // SAFETY: build.rs defines each table with these lengths.\n    unsafe {{ [{}] }}\n}}",
+        files.len(),
+        tables.join(", ")
+    )
+    .unwrap();
+    fs::write(out.join("emu_plain.rs"), rs).unwrap();
+    kernels.files(build_mutants(files, &emu_dir.join("mutants.txt"), out));
+    let objects = kernels.compile_intermediates();
+    plain
+        .files(["runtime.cpp", "checks.cpp", "profile.cpp"].map(|f| emu_dir.join(f)))
+        .objects(objects)
+        .compile("mura_emu");
+}
+
+/// Writes `$OUT_DIR/<tu>.cpp`, an emulator translation unit: `source` with each of `kernels`
+/// renamed `<kernel><rename>` and listed in the launch table `table` as `<kernel><listed>`.
+fn emu_tu(
+    out: &Path,
+    tu: &str,
+    source: &Path,
+    kernels: &[String],
+    rename: &str,
+    listed: &str,
+    table: &str,
+) -> PathBuf {
+    let mut cpp = String::new();
+    if !rename.is_empty() {
+        for k in kernels {
+            writeln!(cpp, "#define {k} {k}{rename}").unwrap();
+        }
+    }
+    writeln!(cpp, "#include \"{}\"", source.display()).unwrap();
+    writeln!(cpp, "extern \"C\" const mura_emu::Kernel {table}[] = {{").unwrap();
+    for k in kernels {
         writeln!(
             cpp,
-            "extern \"C\" const mura_emu::Kernel mura_table_{}[] = {{",
-            f.stem
+            "    {{\"{k}{listed}\", &mura_emu::trampoline<{k}>, mura_emu::arity({k}), \
+             mura_emu::param_sizes({k})}},"
         )
         .unwrap();
-        for k in &f.kernels {
-            writeln!(
-                cpp,
-                "    {{\"{0}\", &mura_emu::trampoline<{0}>, mura_emu::arity({0}), \
-                 mura_emu::param_sizes({0})}},",
-                k.name
-            )
-            .unwrap();
-        }
-        writeln!(cpp, "}};").unwrap();
-        let path = out.join(format!("emu_{}.cpp", f.stem));
-        fs::write(&path, cpp).unwrap();
-        build.file(path);
     }
-    build
-        .flag("-include")
-        .flag(emu_dir.join("cuda_emu.h").to_str().unwrap());
-    build.compile("mura_emu");
+    writeln!(cpp, "}};").unwrap();
+    let path = out.join(format!("{tu}.cpp"));
+    fs::write(&path, cpp).unwrap();
+    path
+}
+
+/// One mutant of src/gpu/emu/mutants.txt: kernels/`file` with `original` (exact text, found
+/// exactly once) replaced by `replacement`; its kernels are named `<kernel>__<name>`.
+struct Mutant {
+    name: String,
+    file: String,
+    checker: String,
+    original: String,
+    replacement: String,
+}
+
+/// Parses the mutant spec: `== name file checker`, then the original's lines each prefixed by
+/// `-- ` and the replacement's by `++ ` (`--`/`++` alone: an empty line); `#` lines are comments.
+fn parse_mutants(spec: &str) -> Vec<Mutant> {
+    let mut out: Vec<Mutant> = Vec::new();
+    for line in spec.lines() {
+        if line.starts_with('#') || line.trim().is_empty() {
+            continue;
+        }
+        if let Some(head) = line.strip_prefix("== ") {
+            let f: Vec<&str> = head.split_whitespace().collect();
+            assert!(
+                f.len() == 3,
+                "mutants.txt: want '== name file checker', got '{line}'"
+            );
+            out.push(Mutant {
+                name: f[0].into(),
+                file: f[1].into(),
+                checker: f[2].into(),
+                original: String::new(),
+                replacement: String::new(),
+            });
+            continue;
+        }
+        let m = out
+            .last_mut()
+            .expect("mutants.txt: a snippet line before any '== ' header");
+        let (text, to) = match (line.strip_prefix("--"), line.strip_prefix("++")) {
+            (Some(t), _) => (t, &mut m.original),
+            (_, Some(t)) => (t, &mut m.replacement),
+            _ => panic!("mutants.txt: a line must start with '--', '++', '==' or '#': '{line}'"),
+        };
+        *to += text.strip_prefix(' ').unwrap_or(text);
+        to.push('\n');
+    }
+    out
+}
+
+/// The mutation suite's kernels: for each mutant of `spec`, a copy of its kernel file with the
+/// snippet replaced (the build fails when the snippet is not found exactly once, so the suite
+/// cannot silently rot), compiled for the emulator only, each kernel renamed `<kernel>__<name>`
+/// and listed in `mura_mutants_<name>`; `$OUT_DIR/emu_mutants.rs` declares those tables.
+/// Returns the C++ files to compile.
+fn build_mutants(files: &[KernelFile], spec: &Path, out: &Path) -> Vec<PathBuf> {
+    let mutants = parse_mutants(&fs::read_to_string(spec).unwrap());
+    let mut cpps = Vec::new();
+    let mut rs = String::from("extern \"C\" {\n");
+    let mut list = String::new();
+    for m in &mutants {
+        let f = files
+            .iter()
+            .find(|f| f.path.file_name().unwrap() == m.file.as_str())
+            .unwrap_or_else(|| panic!("mutant {}: no kernels/{}", m.name, m.file));
+        let src = fs::read_to_string(&f.path).unwrap();
+        let found = src.matches(m.original.as_str()).count();
+        assert!(
+            found == 1,
+            "mutant {}: its snippet occurs {found} times in kernels/{} (must be exactly once):\n{}",
+            m.name,
+            m.file,
+            m.original
+        );
+        let mutated = out.join(format!("mutant_{}_{}", m.name, m.file));
+        fs::write(&mutated, src.replace(&m.original, &m.replacement)).unwrap();
+        let suffix = format!("__{}", m.name);
+        let (tu, table) = (
+            format!("emu_mutant_{}", m.name),
+            format!("mura_mutants_{}", m.name),
+        );
+        cpps.push(emu_tu(
+            out,
+            &tu,
+            &mutated,
+            &f.names(),
+            &suffix,
+            &suffix,
+            &table,
+        ));
+        writeln!(
+            rs,
+            "    static mura_mutants_{}: [EmuKernel; {}];",
+            m.name,
+            f.kernels.len()
+        )
+        .unwrap();
+        writeln!(
+            list,
+            "        Mutant {{ name: {:?}, file: {:?}, checker: {:?}, kernels: &mura_mutants_{} }},",
+            m.name, m.file, m.checker, m.name
+        )
+        .unwrap();
+    }
+    rs += "}\n/// The mutants of src/gpu/emu/mutants.txt, as build.rs compiled them.\n";
+    rs += &format!(
+        "pub fn mutants() -> [Mutant; {}] {{\n    // SAFETY: build.rs defines each table with these lengths.\n    unsafe {{ [\n{list}    ] }}\n}}\n",
+        mutants.len()
+    );
+    fs::write(out.join("emu_mutants.rs"), rs).unwrap();
+    cpps
 }
 
 /// The emulator with kernels/testing/selftest.cu under AddressSanitizer, as a standalone program
@@ -520,6 +722,8 @@ fn build_asan_harness(kdir: &Path, emu_dir: &Path, out: &Path) -> String {
             .arg("-I")
             .arg(kdir)
             .arg(emu_dir.join("runtime.cpp"))
+            .arg(emu_dir.join("checks.cpp"))
+            .arg(emu_dir.join("profile.cpp"))
             .arg(emu_dir.join("asan_main.cpp"))
             .arg("-o")
             .arg(&exe)

@@ -168,3 +168,90 @@ extern "C" __global__ void selftest_oob_fwd_f32(float* out, int n, int extra) {
     for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n + extra; i += gridDim.x * blockDim.x)
         out[i] = (float)i;
 }
+
+// ---- the emulator's checkers and profiler (tests/emu_checks.rs, tests/emu_profile.rs) ----------
+
+// y: [n] f32 = x: [n] f32, one element per thread (a perfectly coalesced copy).
+extern "C" __global__ void selftest_copy_fwd_f32(float* __restrict__ y, const float* __restrict__ x, int n) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) y[i] = x[i];
+}
+
+// y: [n] f32 = x[i * stride] (x: [n * stride] f32): strided loads, coalesced stores.
+extern "C" __global__ void selftest_strided_fwd_f32(float* __restrict__ y, const float* __restrict__ x, int stride,
+                                                    int n) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) y[i] = x[(long long)i * stride];
+}
+
+// y: [n, n] f32 = x^T (x: [n, n] f32, n a multiple of 32) through a 32x32 shared tile whose rows
+// are 32 + pad floats apart (pad 0: the column reads are 32-way bank conflicts; pad 1: none).
+// Block (32, 32), grid (n / 32, n / 32).
+extern "C" __global__ void selftest_transpose_fwd_f32(float* __restrict__ y, const float* __restrict__ x, int n,
+                                                      int pad) {
+    __shared__ float tile[32 * 33];
+    const int tx = threadIdx.x, ty = threadIdx.y, rs = 32 + pad;
+    tile[ty * rs + tx] = x[(long long)(blockIdx.y * 32 + ty) * n + blockIdx.x * 32 + tx];
+    __syncthreads();
+    y[(long long)(blockIdx.x * 32 + ty) * n + blockIdx.y * 32 + tx] = tile[tx * rs + ty];
+}
+
+// One warp: each thread t stores shared word t * st (st = 32: all in one bank, a 32-way
+// conflict; 33: conflict-free) and loads word t * ld (ld = 0: one word, a broadcast), then
+// stores and loads 8-byte word t (two conflict-free half-warp phases) and copies in[t] through
+// 16-byte word t to out[t] (four quarter-warp phases). out, in: [32] float4; vw: [32] f32.
+extern "C" __global__ void selftest_banks_fwd_f32(float4* out, float* vw, const float4* in, int st, int ld) {
+    __shared__ __align__(16) float s[32 * 33];
+    const int t = threadIdx.x;
+    s[t * st % (32 * 33)] = (float)t;
+    __syncthreads();
+    const float v = s[t * ld % (32 * 33)];
+    __syncthreads();
+    double* s8 = reinterpret_cast<double*>(s);
+    s8[t] = (double)v;
+    __syncthreads();
+    vw[t] = (float)s8[t];
+    __syncthreads();
+    float4* s16 = reinterpret_cast<float4*>(s);
+    s16[t] = in[t];
+    __syncthreads();
+    out[t] = s16[t];
+}
+
+// Planted races and misuses for the checkers, one per mode (0: none), on a 64-thread block (two
+// warps), t = threadIdx.x. out: [gridDim.x * 64] i32, zeroed by the caller. Shared memory: 1-8
+// plant hazards between threads of a block (3, 4 and 6 are not hazards: a __syncwarp or a
+// shuffle orders accesses within a warp, and atomics never race with atomics); global memory:
+// 10-14 between blocks (10 is not a race: atomics only); 20-22 misaligned or misplaced accesses.
+extern "C" __global__ void selftest_hazard_fwd_i32(int* out, int mode) {
+    __shared__ __align__(16) int s[64 + 8];
+    const int t = threadIdx.x, b = blockIdx.x, i = b * 64 + t;
+    int v = 0;
+    s[t] = t;
+    if (mode != 1 && mode != 2 && mode != 3 && mode != 4) __syncthreads();
+    switch (mode) {
+    case 1: v = s[(t + 32) % 64]; break;  // read-after-write across warps, no barrier
+    case 2: v = s[t ^ 1]; break;          // ... within a warp, no __syncwarp
+    case 3: __syncwarp(); v = s[t ^ 1]; break;
+    case 4: v = __shfl_xor_sync(FULL_MASK, t, 1); v = s[t ^ 1] + v; break;
+    case 5: v = s[(t + 32) % 64]; s[t] = 0; break;  // write-after-read across warps
+    case 6: atomicAdd(&s[64], 1); break;            // (s[64] is never written plainly)
+    case 7: if (t == 0) s[65] = 5; else atomicAdd(&s[65], 1); break;  // plain write vs atomics
+    case 8: s[66] = 1; break;                                          // write-after-write
+    case 10: atomicAdd(&out[0], 1); break;
+    case 11: if (t == 0) out[0] = b; break;                            // blocks store one word
+    case 12: if (t == 0) { if (b == 0) out[0] = 7; else out[i] = out[0]; } break;  // block 1 reads it
+    case 13: if (t == 0) { if (b == 0) out[1] = out[0]; else out[0] = 7; } break;  // ... then stores it
+    case 14: if (t == 0) { if (b == 0) out[0] = 7; else atomicAdd(&out[0], 1); } break;
+    case 20: v = *reinterpret_cast<const int*>(reinterpret_cast<const char*>(out) + 2); break;
+    case 21: v = *reinterpret_cast<const int*>(reinterpret_cast<const char*>(s) + 2); break;
+    case 22: {  // an ldmatrix row 2 bytes off its 16-byte alignment
+        unsigned r[1];
+        ldmatrix_x1(r, reinterpret_cast<const char*>(s) + 16 * (t % 4) + 2);
+        v = (int)r[0];
+        break;
+    }
+    default: break;
+    }
+    if (mode < 10 || mode >= 20) out[i] = v;
+}

@@ -40,6 +40,9 @@ pub struct Args {
     /// GPU devices: launch kernel by kernel instead of replaying captured CUDA graphs
     #[arg(long)]
     pub no_graphs: bool,
+    /// emu: count each kernel's memory traffic as Nsight Compute does and print it per kernel
+    #[arg(long)]
+    pub profile: bool,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -59,6 +62,10 @@ pub fn run(args: Args) -> Result<()> {
     }
     crate::data::image::check_side("--image-size", args.image_size)?;
     let spec = args.arch.spec()?;
+    if args.profile {
+        anyhow::ensure!(device == Device::Emu, "--profile needs --device emu");
+        crate::gpu::emu::profile::enable();
+    }
     let (n, s) = (args.batch, args.image_size);
     let mut model = crate::backend::build(device, precision, spec.clone(), None, 0)?;
     model.use_graphs(!args.no_graphs);
@@ -140,6 +147,9 @@ pub fn run(args: Args) -> Result<()> {
             );
         }
     }
+    if args.profile {
+        crate::out!("{}", crate::gpu::emu::profile::report().trim_end());
+    }
     Ok(())
 }
 
@@ -164,6 +174,7 @@ mod tests {
             warmup: 0,
             json: true,
             no_graphs: false,
+            profile: false,
         }
     }
 

@@ -1,14 +1,23 @@
 //! Driver 2: the CPU emulator. The same kernels/*.cu, compiled by the host C++ compiler against
-//! src/gpu/emu/cuda_emu.h (build.rs), run as fibers by src/gpu/emu/runtime.cpp. Device memory is
-//! host memory; launches are synchronous and serialised (the runtime has one set of fibers).
+//! src/gpu/emu/cuda_emu.h (build.rs), run as fibers by src/gpu/emu/runtime.cpp. Launches are
+//! synchronous and serialised (the runtime has one set of fibers).
 //! A captured graph is a list of nodes holding what a CUDA graph's nodes hold: a memset's
 //! destination, byte and length; a launch's kernel, grid, block, shared bytes and a copy of each
 //! parameter's bytes.
+//!
+//! Device memory is a reserved range of host address space (src/gpu/emu/checks.cpp), and every
+//! launch runs under the checkers selected by [`Checks`] (all of them unless `MURA_EMU_CHECKS`
+//! says otherwise): memcheck, initcheck and racecheck, which fail the launch with one error
+//! naming the kernel, block, thread, address and allocation. With profiling on
+//! (`MURA_EMU_PROFILE=1` or [`Emu::with_profile`]) each launch's memory traffic is counted as
+//! Nsight Compute counts it ([`profile`]).
+
+pub mod profile;
 
 use super::kernels::{emu_tables, EmuKernel};
 use super::{not_while_capturing, DevPtr, Driver};
 use anyhow::{anyhow, bail, Context, Result};
-use std::alloc::Layout;
+use profile::{Counters, KernelProfile};
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::{c_char, c_int, c_uint, c_void, CStr};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,17 +31,85 @@ extern "C" {
         grid: *const c_uint,
         block: *const c_uint,
         dyn_shared_bytes: c_uint,
+        flags: c_uint,
+        counters: *mut Counters,
         err: *mut c_char,
         errlen: usize,
     ) -> c_int;
+    fn mura_emu_alloc(bytes: usize, poison: c_int, err: *mut c_char, errlen: usize) -> u64;
+    fn mura_emu_free(ptr: u64);
+    fn mura_emu_written(ptr: u64, bytes: usize);
 }
 
 static LAUNCH: Mutex<()> = Mutex::new(());
-const ALIGN: usize = 256; // as cudaMalloc
+
+/// The emulator's checkers, each on or off (src/gpu/emu/checks.cpp describes them).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Checks {
+    /// Every device access in a live allocation, every shared access inside the block's shared
+    /// memory, every access naturally aligned.
+    pub memcheck: bool,
+    /// No device byte read before a copy, memset or store wrote it (fresh allocations are also
+    /// poisoned with 0xff).
+    pub initcheck: bool,
+    /// No unsynchronised conflicting shared accesses within a block, and no plain store to a
+    /// device byte that another block of the same launch accesses.
+    pub racecheck: bool,
+}
+
+impl Checks {
+    pub fn all() -> Self {
+        Checks {
+            memcheck: true,
+            initcheck: true,
+            racecheck: true,
+        }
+    }
+    pub fn none() -> Self {
+        Checks {
+            memcheck: false,
+            initcheck: false,
+            racecheck: false,
+        }
+    }
+    /// `MURA_EMU_CHECKS`: unset or `all` for every checker, `none` (or `off`, `0`) for none, or a
+    /// comma-separated list of `memcheck`, `initcheck`, `racecheck`.
+    pub fn from_env() -> Result<Self> {
+        match std::env::var("MURA_EMU_CHECKS") {
+            Err(_) => Ok(Self::all()),
+            Ok(v) => Self::parse(&v).with_context(|| format!("MURA_EMU_CHECKS={v}")),
+        }
+    }
+    pub fn parse(v: &str) -> Result<Self> {
+        let mut c = Self::none();
+        for word in v.split(',').map(str::trim) {
+            match word {
+                "all" => c = Self::all(),
+                "none" | "off" | "0" | "" => {}
+                "memcheck" => c.memcheck = true,
+                "initcheck" => c.initcheck = true,
+                "racecheck" => c.racecheck = true,
+                _ => {
+                    bail!("unknown checker '{word}': use all, none or memcheck,initcheck,racecheck")
+                }
+            }
+        }
+        Ok(c)
+    }
+    /// The runtime's flag bits (src/gpu/emu/internal.h).
+    fn flags(self) -> c_uint {
+        self.memcheck as c_uint | (self.initcheck as c_uint) << 1 | (self.racecheck as c_uint) << 2
+    }
+}
+
+const PROFILE_FLAG: c_uint = 8;
 
 #[derive(Clone, Copy)]
 struct Entry {
+    /// The kernel compiled with the memory hooks (checkers, profiler).
     entry: unsafe extern "C" fn(*mut *mut c_void),
+    /// The kernel compiled without them, for launches with every check off (mutants have none).
+    plain: Option<unsafe extern "C" fn(*mut *mut c_void)>,
     /// Each parameter's size in bytes (one per parameter).
     param_sizes: &'static [c_int],
 }
@@ -42,24 +119,31 @@ fn table() -> &'static HashMap<&'static str, Entry> {
     TABLE.get_or_init(|| {
         let mut map = HashMap::new();
         for k in emu_tables().into_iter().flatten() {
-            let k: &EmuKernel = k;
-            // SAFETY: build.rs fills the table with string literals.
-            let name = unsafe { CStr::from_ptr(k.name) }
-                .to_str()
-                .expect("kernel names are ASCII");
-            // SAFETY: build.rs points it at `arity` sizes (plus a terminating 0).
-            let param_sizes =
-                unsafe { std::slice::from_raw_parts(k.param_sizes, k.arity as usize) };
-            map.insert(
-                name,
-                Entry {
-                    entry: k.entry,
-                    param_sizes,
-                },
-            );
+            map.insert(kernel_name(k), entry_of(k));
+        }
+        for k in plain::plain_tables().into_iter().flatten() {
+            map.get_mut(kernel_name(k))
+                .expect("a plain twin of every kernel")
+                .plain = Some(k.entry);
         }
         map
     })
+}
+
+fn kernel_name(k: &'static EmuKernel) -> &'static str {
+    // SAFETY: build.rs fills the tables with string literals.
+    unsafe { CStr::from_ptr(k.name) }
+        .to_str()
+        .expect("kernel names are ASCII")
+}
+
+fn entry_of(k: &'static EmuKernel) -> Entry {
+    Entry {
+        entry: k.entry,
+        plain: None,
+        // SAFETY: build.rs points it at `arity` sizes (plus a terminating 0).
+        param_sizes: unsafe { std::slice::from_raw_parts(k.param_sizes, k.arity as usize) },
+    }
 }
 
 /// Names of every kernel the emulator can run.
@@ -126,7 +210,33 @@ impl Node {
     }
 }
 
-#[derive(Default)]
+/// A copy of a kernel file with one planted bug (src/gpu/emu/mutants.txt), for the checkers'
+/// mutation suite: its kernels are the file's, renamed `<kernel>__<name>`.
+pub struct Mutant {
+    pub name: &'static str,
+    /// The kernels/ file it mutates.
+    pub file: &'static str,
+    /// The checker that must catch it.
+    pub checker: &'static str,
+    kernels: &'static [EmuKernel],
+}
+
+// SAFETY: a Mutant's kernel table points only to constant static data that build.rs generated
+// (string literals, functions, arrays of sizes), which no one writes.
+unsafe impl Sync for Mutant {}
+unsafe impl Send for Mutant {}
+
+mod plain {
+    use super::EmuKernel;
+    include!(concat!(env!("OUT_DIR"), "/emu_plain.rs"));
+}
+
+mod mutants {
+    use super::{EmuKernel, Mutant};
+    include!(concat!(env!("OUT_DIR"), "/emu_mutants.rs"));
+}
+pub use mutants::mutants;
+
 pub struct Emu {
     /// Live allocations: address -> size in bytes.
     allocs: Mutex<BTreeMap<u64, usize>>,
@@ -134,11 +244,85 @@ pub struct Emu {
     capturing: Mutex<Option<Vec<Node>>>,
     graphs: Mutex<HashMap<u64, Arc<[Node]>>>,
     next_graph: AtomicU64,
+    /// The checkers every launch runs under, or why `MURA_EMU_CHECKS` could not be read.
+    checks: Result<Checks, String>,
+    /// Per kernel, what the profiler counted (None: not profiling).
+    profile: Option<Mutex<BTreeMap<&'static str, KernelProfile>>>,
+    /// Kernels launched under their own name run the mutant's copy instead (see [`Mutant`]).
+    mutant: Option<&'static Mutant>,
+}
+
+impl Default for Emu {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl Emu {
+    /// The checkers of `MURA_EMU_CHECKS` (all by default); profiling when `MURA_EMU_PROFILE=1` or
+    /// after [`profile::enable`].
     pub fn new() -> Self {
-        Self::default()
+        let emu = Emu {
+            allocs: Mutex::default(),
+            capturing: Mutex::default(),
+            graphs: Mutex::default(),
+            next_graph: AtomicU64::default(),
+            checks: Checks::from_env().map_err(|e| format!("{e:#}")),
+            profile: None,
+            mutant: None,
+        };
+        emu.with_profile(profile::enabled())
+    }
+
+    /// An emulator running every launch under exactly `checks`.
+    pub fn with_checks(checks: Checks) -> Self {
+        let mut emu = Self::new();
+        emu.checks = Ok(checks);
+        emu
+    }
+
+    /// Counts every launch's memory traffic ([`profile`]) when `on`.
+    pub fn with_profile(mut self, on: bool) -> Self {
+        self.profile = on.then(Mutex::default);
+        self
+    }
+
+    /// Launches of the kernels of `mutant`'s file run its copies (an error if there is none).
+    pub fn with_mutant(mut self, mutant: &str) -> Result<Self> {
+        static ALL: OnceLock<Vec<Mutant>> = OnceLock::new();
+        let all = ALL.get_or_init(|| mutants().into());
+        self.mutant =
+            Some(all.iter().find(|m| m.name == mutant).ok_or_else(|| {
+                anyhow!("emu: no mutant named '{mutant}' (src/gpu/emu/mutants.txt)")
+            })?);
+        Ok(self)
+    }
+
+    /// What the profiler counted per kernel since this emulator was made (empty unless profiling).
+    pub fn profile(&self) -> Vec<(String, KernelProfile)> {
+        match &self.profile {
+            None => Vec::new(),
+            Some(p) => p
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|(k, v)| (k.to_string(), *v))
+                .collect(),
+        }
+    }
+
+    /// The kernel launched as `name`: the mutant's copy when there is one, else the real one.
+    fn resolve(&self, name: &str) -> Result<(&'static str, Entry)> {
+        if let Some(m) = self.mutant {
+            let renamed = format!("{name}__{}", m.name);
+            if let Some(k) = m.kernels.iter().find(|k| kernel_name(k) == renamed) {
+                return Ok((kernel_name(k), entry_of(k)));
+            }
+        }
+        let (&name, &k) = table()
+            .get_key_value(name)
+            .ok_or_else(|| anyhow!("no kernel named '{name}' in kernels/*.cu"))?;
+        Ok((name, k))
     }
 
     /// Checks that [ptr, ptr + bytes) lies inside one live allocation.
@@ -157,36 +341,56 @@ impl Emu {
         }
     }
 
-    /// Runs kernel `name` now.
+    /// Runs kernel `name` now, under this emulator's checks (and profiler).
     ///
     /// # Safety
     /// As [`Driver::launch`], with `params` of the kernel's arity.
     unsafe fn run(
-        name: &str,
+        &self,
+        name: &'static str,
         entry: Entry,
         grid: [u32; 3],
         block: [u32; 3],
         shared_bytes: u32,
         params: &mut [*mut c_void],
     ) -> Result<()> {
-        let mut err = [0 as c_char; 512];
-        let _serial = LAUNCH.lock().unwrap_or_else(|e| e.into_inner());
-        // SAFETY: the caller vouches for the parameters (see Driver::launch).
-        let rc = unsafe {
-            mura_emu_launch(
-                entry.entry,
-                params.as_mut_ptr(),
-                grid.as_ptr(),
-                block.as_ptr(),
-                shared_bytes,
-                err.as_mut_ptr(),
-                err.len(),
-            )
+        let checks = self.checks.as_ref().map_err(|e| anyhow!("emu: {e}"))?;
+        let flags = checks.flags()
+            | if self.profile.is_some() {
+                PROFILE_FLAG
+            } else {
+                0
+            };
+        let mut counters = Counters::default();
+        let mut err = [0 as c_char; 1024];
+        let rc = {
+            let _serial = LAUNCH.lock().unwrap_or_else(|e| e.into_inner());
+            // SAFETY: the caller vouches for the parameters (see Driver::launch).
+            unsafe {
+                mura_emu_launch(
+                    match entry.plain {
+                        Some(plain) if flags == 0 => plain,
+                        _ => entry.entry,
+                    },
+                    params.as_mut_ptr(),
+                    grid.as_ptr(),
+                    block.as_ptr(),
+                    shared_bytes,
+                    flags,
+                    &mut counters,
+                    err.as_mut_ptr(),
+                    err.len(),
+                )
+            }
         };
         if rc != 0 {
             // SAFETY: the runtime writes a NUL-terminated message.
             let msg = unsafe { CStr::from_ptr(err.as_ptr()) }.to_string_lossy();
             bail!("emu: kernel {name}: {msg}");
+        }
+        if let Some(p) = &self.profile {
+            p.lock().unwrap().entry(name).or_default().add(&counters);
+            profile::record(name, &counters);
         }
         Ok(())
     }
@@ -209,14 +413,9 @@ impl Drop for EndCapture<'_> {
 
 impl Drop for Emu {
     fn drop(&mut self) {
-        for (&ptr, &size) in self.allocs.get_mut().unwrap().iter() {
-            // SAFETY: allocated in `alloc` with this layout.
-            unsafe {
-                std::alloc::dealloc(
-                    ptr as *mut u8,
-                    Layout::from_size_align(size.max(1), ALIGN).unwrap(),
-                )
-            };
+        for &ptr in self.allocs.get_mut().unwrap().keys() {
+            // SAFETY: allocated by mura_emu_alloc, freed once.
+            unsafe { mura_emu_free(ptr) };
         }
     }
 }
@@ -228,32 +427,28 @@ impl Driver for Emu {
 
     fn alloc(&self, bytes: usize) -> Result<DevPtr> {
         self.not_capturing("alloc")?;
-        let layout =
-            Layout::from_size_align(bytes.max(1), ALIGN).context("emu: allocation too large")?;
-        // SAFETY: non-zero size.
-        let p = unsafe { std::alloc::alloc(layout) };
-        if p.is_null() {
-            bail!("emu: out of memory allocating {bytes} bytes");
+        let poison = self.checks.as_ref().is_ok_and(|c| c.initcheck);
+        let mut err = [0 as c_char; 256];
+        // SAFETY: the runtime writes a NUL-terminated message into `err` when it fails.
+        let p = unsafe { mura_emu_alloc(bytes, poison as c_int, err.as_mut_ptr(), err.len()) };
+        if p == 0 {
+            // SAFETY: as above.
+            let msg = unsafe { CStr::from_ptr(err.as_ptr()) }.to_string_lossy();
+            bail!("emu: {msg}");
         }
-        self.allocs.lock().unwrap().insert(p as u64, bytes);
-        Ok(p as u64)
+        self.allocs.lock().unwrap().insert(p, bytes);
+        Ok(p)
     }
 
     fn free(&self, ptr: DevPtr) -> Result<()> {
         self.not_capturing("free")?;
-        let size = self
-            .allocs
+        self.allocs
             .lock()
             .unwrap()
             .remove(&ptr)
             .ok_or_else(|| anyhow!("emu: free of {ptr:#x}, not allocated"))?;
-        // SAFETY: allocated in `alloc` with this layout.
-        unsafe {
-            std::alloc::dealloc(
-                ptr as *mut u8,
-                Layout::from_size_align(size.max(1), ALIGN).unwrap(),
-            )
-        };
+        // SAFETY: allocated by mura_emu_alloc, freed once (just removed from the live set).
+        unsafe { mura_emu_free(ptr) };
         Ok(())
     }
 
@@ -261,7 +456,10 @@ impl Driver for Emu {
         self.not_capturing("copy to device")?;
         self.check(dst, src.len(), "copy to device")?;
         // SAFETY: checked to lie inside a live allocation.
-        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst as *mut u8, src.len()) };
+        unsafe {
+            std::ptr::copy_nonoverlapping(src.as_ptr(), dst as *mut u8, src.len());
+            mura_emu_written(dst, src.len());
+        }
         Ok(())
     }
 
@@ -280,7 +478,10 @@ impl Driver for Emu {
             return Ok(());
         }
         // SAFETY: checked to lie inside a live allocation.
-        unsafe { std::ptr::write_bytes(dst as *mut u8, byte, bytes) };
+        unsafe {
+            std::ptr::write_bytes(dst as *mut u8, byte, bytes);
+            mura_emu_written(dst, bytes);
+        }
         Ok(())
     }
 
@@ -292,9 +493,7 @@ impl Driver for Emu {
         shared_bytes: u32,
         params: &mut [*mut c_void],
     ) -> Result<()> {
-        let (&name, &k) = table()
-            .get_key_value(name)
-            .ok_or_else(|| anyhow!("no kernel named '{name}' in kernels/*.cu"))?;
+        let (name, k) = self.resolve(name)?;
         if params.len() != k.param_sizes.len() {
             bail!(
                 "kernel {name} takes {} parameters, {} given",
@@ -308,7 +507,7 @@ impl Driver for Emu {
             return Ok(());
         }
         // SAFETY: as above.
-        unsafe { Self::run(name, k, grid, block, shared_bytes, params) }
+        unsafe { self.run(name, k, grid, block, shared_bytes, params) }
     }
 
     fn synchronize(&self) -> Result<()> {
@@ -368,7 +567,7 @@ impl Driver for Emu {
                         .collect();
                     // SAFETY: the parameters were vouched for at capture; the buffers they point
                     // to must still be live, as on CUDA.
-                    unsafe { Self::run(name, *entry, *grid, *block, *shared_bytes, &mut params) }
+                    unsafe { self.run(name, *entry, *grid, *block, *shared_bytes, &mut params) }
                 }
             }
             .with_context(|| format!("replaying graph {graph}"))?;

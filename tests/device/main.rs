@@ -1,8 +1,13 @@
 //! The executors themselves: device selection, `mura info`, the drivers (copies, graphs), and the
-//! emulator's self-tests (barriers, warp collectives, atomics, shared memory, its diagnostics).
+//! emulator's self-tests (barriers, warp collectives, atomics, shared memory, its diagnostics),
+//! its checkers (`checks`, and on real kernels with planted bugs, `mutants`) and its profiler
+//! (`profile`).
 
 #[path = "../common/mod.rs"]
 mod common;
 
+mod checks;
 mod drivers;
 mod emu;
+mod mutants;
+mod profile;

@@ -1,4 +1,4 @@
-// The emulator and kernels/testing/selftest.cu under AddressSanitizer, run by tests/emu_selftest.rs:
+// The emulator and kernels/testing/selftest.cu under AddressSanitizer, run by tests/device/emu.rs:
 // `emu-asan ok` must exit 0 (fiber switching is clean under ASan); `emu-asan oob` writes one
 // element past a heap buffer from a kernel and must die with an ASan report.
 #include "testing/selftest.cu"
@@ -7,7 +7,8 @@
 #include <stdlib.h>
 
 extern "C" int mura_emu_launch(void (*tramp)(void**), void** params, const unsigned grid[3],
-                               const unsigned block[3], unsigned dyn_shared_bytes, char* err, size_t errlen);
+                               const unsigned block[3], unsigned dyn_shared_bytes, unsigned flags,
+                               void* counters, char* err, size_t errlen);
 
 int main(int argc, char** argv) {
     if (argc != 2) {
@@ -19,7 +20,8 @@ int main(int argc, char** argv) {
     void* params[] = {&out, &n, &extra};
     const unsigned grid[3] = {4, 1, 1}, block[3] = {128, 1, 1};
     char err[512];
-    if (mura_emu_launch(&mura_emu::trampoline<selftest_oob_fwd_f32>, params, grid, block, 0, err, sizeof err)) {
+    if (mura_emu_launch(&mura_emu::trampoline<selftest_oob_fwd_f32>, params, grid, block, 0, 0, nullptr, err,
+                        sizeof err)) {
         fprintf(stderr, "launch failed: %s\n", err);
         return 3;
     }

@@ -3,6 +3,14 @@
 // build.rs compiles every kernels/*.cu with the host C++ compiler (C++20, -DMURA_EMU) with this
 // header force-included. Each CUDA thread is a fiber; runtime.cpp schedules them one block at a
 // time and checks barriers and warp collectives. Only what the kernels use is here.
+//
+// The kernels are also compiled with the host compiler's thread-sanitizer instrumentation (but
+// not its runtime): every load and store through a pointer calls a __tsan_* hook that checks.cpp
+// defines, which checks it against device and shared memory and feeds the profiler. Code here
+// that must not be seen as the kernel's own accesses (a collective's operand block, an atomic's
+// read-modify-write, the launch trampoline's parameter reads) is MURA_EMU_UNCHECKED: GCC and
+// clang never inline such a function into an instrumented one, so it stays out of line and
+// uninstrumented.
 #pragma once
 
 #include <math.h>
@@ -24,8 +32,11 @@
 #define __align__(n) __attribute__((aligned(n)))
 #define __shared__ static __attribute__((section("mura_shared"), aligned(16)))
 
+#define MURA_EMU_UNCHECKED __attribute__((no_sanitize("thread"), noinline))
+
 struct uint3 { unsigned int x, y, z; };
 struct dim3 { unsigned int x, y, z; };
+struct __attribute__((aligned(16))) float4 { float x, y, z, w; };
 
 namespace mura_emu {
 
@@ -35,26 +46,12 @@ struct Site {
     int line;
 };
 
-// An asynchronous 16-byte global -> shared copy in flight (cp.async): the source is read when it
-// is issued, the destination written only when the thread waits for its group (cp_async_wait), so
-// a kernel that reads shared memory before waiting sees what was there before, as it may on a GPU.
-// `group`: the commit group it belongs to (the number of commits before it was issued).
-struct CpAsync {
-    void* dst;
-    unsigned group;
-    unsigned char bytes[16];
-};
-constexpr unsigned kMaxCpAsync = 64;  // in flight per thread
-
-struct ThreadCtx {
-    uint3 tid;
-    unsigned lane;
-    unsigned cp_pending, cp_groups;  // copies in flight; groups committed
-    CpAsync cp[kMaxCpAsync];
-};
-extern ThreadCtx* g_thread;  // the running fiber's thread
-extern uint3 g_block_idx;
-extern dim3 g_block_dim, g_grid_dim;
+// The built-in variables, out of line and uninstrumented (see the memory checks in checks.cpp).
+// `const`: each is fixed for the life of the fiber (the CUDA thread) that reads it.
+uint3 thread_idx() __attribute__((const));
+uint3 block_idx() __attribute__((const));
+dim3 block_dim() __attribute__((const));
+dim3 grid_dim() __attribute__((const));
 
 void syncthreads(Site s);
 void cp_async_issue(void* dst, const void* src);
@@ -76,7 +73,7 @@ struct Lane {
 void warp_op(Op op, unsigned mask, Lane* lane, Site s);
 
 template <class T>
-T shfl(Op op, unsigned mask, T v, int arg, int width, Site s) {
+MURA_EMU_UNCHECKED T shfl(Op op, unsigned mask, T v, int arg, int width, Site s) {
     static_assert(sizeof(T) <= 8 && std::is_trivially_copyable_v<T>);
     Lane l{};
     memcpy(l.in, &v, sizeof(T));
@@ -87,7 +84,7 @@ T shfl(Op op, unsigned mask, T v, int arg, int width, Site s) {
     memcpy(&r, l.out, sizeof(T));
     return r;
 }
-inline unsigned vote(Op op, unsigned mask, int pred, Site s) {
+MURA_EMU_UNCHECKED inline unsigned vote(Op op, unsigned mask, int pred, Site s) {
     Lane l{};
     l.in[0] = pred != 0;
     warp_op(op, mask, &l, s);
@@ -95,10 +92,10 @@ inline unsigned vote(Op op, unsigned mask, int pred, Site s) {
 }
 }  // namespace mura_emu
 
-#define threadIdx (mura_emu::g_thread->tid)
-#define blockIdx (mura_emu::g_block_idx)
-#define blockDim (mura_emu::g_block_dim)
-#define gridDim (mura_emu::g_grid_dim)
+#define threadIdx (mura_emu::thread_idx())
+#define blockIdx (mura_emu::block_idx())
+#define blockDim (mura_emu::block_dim())
+#define gridDim (mura_emu::grid_dim())
 static constexpr int warpSize = 32;
 
 // Barriers and collectives are macros so that each call records its own file:line (a default
@@ -123,7 +120,7 @@ template <class T>
 T shfl_xor(Site s, unsigned mask, T v, int m, int width = 32) {
     return shfl(Op::ShflXor, mask, v, m, width, s);
 }
-inline void syncwarp(Site s, unsigned mask = 0xffffffffu) {
+MURA_EMU_UNCHECKED inline void syncwarp(Site s, unsigned mask = 0xffffffffu) {
     Lane l{};
     warp_op(Op::SyncWarp, mask, &l, s);
 }
@@ -142,32 +139,26 @@ inline void __threadfence() {}
 inline void __threadfence_block() {}
 
 // ---- atomics: fibers never preempt each other, so a plain read-modify-write is atomic ---------
-template <class T>
-T atomicAdd(T* p, T v) {
-    T old = *p;
-    *p = old + v;
-    return old;
+// Each first tells the checkers and the profiler (checks.cpp) about its access, as an atomic.
+namespace mura_emu {
+void atomic_access(const void* p, unsigned bytes, const void* pc);
 }
+#define MURA_EMU_ATOMIC(name, expr)                                         \
+    template <class T>                                                      \
+    MURA_EMU_UNCHECKED T name(T* p, T v) {                                  \
+        mura_emu::atomic_access(p, sizeof(T), __builtin_return_address(0)); \
+        T old = *p;                                                         \
+        *p = expr;                                                          \
+        return old;                                                         \
+    }
+MURA_EMU_ATOMIC(atomicAdd, old + v)
+MURA_EMU_ATOMIC(atomicMax, old > v ? old : v)
+MURA_EMU_ATOMIC(atomicMin, old < v ? old : v)
+MURA_EMU_ATOMIC(atomicExch, v)
+#undef MURA_EMU_ATOMIC
 template <class T>
-T atomicMax(T* p, T v) {
-    T old = *p;
-    *p = old > v ? old : v;
-    return old;
-}
-template <class T>
-T atomicMin(T* p, T v) {
-    T old = *p;
-    *p = old < v ? old : v;
-    return old;
-}
-template <class T>
-T atomicExch(T* p, T v) {
-    T old = *p;
-    *p = v;
-    return old;
-}
-template <class T>
-T atomicCAS(T* p, T cmp, T v) {
+MURA_EMU_UNCHECKED T atomicCAS(T* p, T cmp, T v) {
+    mura_emu::atomic_access(p, sizeof(T), __builtin_return_address(0));
     T old = *p;
     if (old == cmp) *p = v;
     return old;
@@ -200,13 +191,13 @@ inline float __int_as_float(int i) { return __uint_as_float((unsigned)i); }
 struct __nv_bfloat16 {
     uint16_t x;
 };
-struct __nv_bfloat162 {
+struct __attribute__((aligned(4))) __nv_bfloat162 {  // (aligned as CUDA's)
     __nv_bfloat16 x, y;
 };
 struct __half {
     uint16_t x;
 };
-struct __half2 {
+struct __attribute__((aligned(4))) __half2 {
     __half x, y;
 };
 typedef __nv_bfloat16 nv_bfloat16;
@@ -274,11 +265,11 @@ constexpr const int* param_sizes(void (*)(A...)) {
     return ParamSizes<A...>::v;
 }
 template <class... A, size_t... I>
-void call(void (*f)(A...), void** p, std::index_sequence<I...>) {
+__attribute__((no_sanitize("thread"))) void call(void (*f)(A...), void** p, std::index_sequence<I...>) {
     f(*static_cast<std::remove_reference_t<A>*>(p[I])...);
 }
 template <auto F>
-void trampoline(void** p) {
+MURA_EMU_UNCHECKED void trampoline(void** p) {  // (the parameter block is not device memory)
     call(F, p, std::make_index_sequence<arity(F)>{});
 }
 }  // namespace mura_emu

@@ -3,15 +3,15 @@
 // A launch runs its blocks one after another on the calling OS thread (callers serialise
 // launches). Each CUDA thread of a block is a fiber with its own guard-paged stack, switched by a
 // small hand-written x86-64 context switch (glibc's swapcontext makes a syscall per switch).
-// Errors in kernel code (a bad warp mask, a divergent barrier) abandon the launch and come back
-// as an error string, never as an abort.
+// Errors in kernel code (a bad warp mask, a divergent barrier, and what checks.cpp finds) abandon
+// the launch and come back as an error string, never as an abort.
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
-#include "cuda_emu.h"
+#include "internal.h"
 
 #if defined(__SANITIZE_ADDRESS__)
 #define MURA_ASAN 1
@@ -75,14 +75,42 @@ extern "C" char __stop_mura_shared[] __attribute__((weak));
 
 namespace mura_emu {
 
-ThreadCtx* g_thread;
+// An asynchronous 16-byte global -> shared copy in flight (cp.async): the source is read when it
+// is issued, the destination written only when the thread waits for its group (cp_async_wait), so
+// a kernel that reads shared memory before waiting sees what was there before, as it may on a GPU.
+// `group`: the commit group it belongs to (the number of commits before it was issued).
+struct CpAsync {
+    void* dst;
+    unsigned group;
+    unsigned char bytes[16];
+};
+constexpr unsigned kMaxCpAsync = 64;  // in flight per thread
+
+struct ThreadCtx {
+    uint3 tid;
+    unsigned lane;
+    unsigned cp_pending, cp_groups;  // copies in flight; groups committed
+    CpAsync cp[kMaxCpAsync];
+};
+
+Running g_run;
+ThreadCtx* g_thread;  // the running fiber's thread
 uint3 g_block_idx;
 dim3 g_block_dim, g_grid_dim;
 
-namespace {
+uint3 thread_idx() { return g_thread->tid; }
+uint3 block_idx() { return g_block_idx; }
+dim3 block_dim() { return g_block_dim; }
+dim3 grid_dim() { return g_grid_dim; }
 
-constexpr size_t kStack = 256 * 1024;  // per fiber; a guard page sits below each
-constexpr unsigned kMaxThreads = 1024;
+const char* thread_str(unsigned tid, int slot) {
+    static char buf[4][40];
+    const unsigned x = g_block_dim.x, y = g_block_dim.y;
+    snprintf(buf[slot & 3], sizeof buf[0], "(%u,%u,%u)", tid % x, tid / x % y, tid / (x * y));
+    return buf[slot & 3];
+}
+
+namespace {
 
 enum class St { Runnable, AtBarrier, AtWarp, Done };
 
@@ -106,8 +134,9 @@ struct Launch {
     Fiber* cur = nullptr;
     void* sched_sp = nullptr;
     bool failed = false;
-    char err[512];
-    unsigned char* dyn = nullptr;
+    bool err_has_block = false;  // (kernel_error's messages name the block before the source line)
+    char err[1024];
+    unsigned char* dyn = nullptr;  // kDynRegion bytes, mapped once
     unsigned dyn_bytes = 0;
     // Odd blocks (by blockIdx.x + y + z) run adversarially: cp.async copies land as issued, and
     // each warp, last first, runs until all its threads block at a barrier or finish before the
@@ -169,6 +198,8 @@ void fiber_main(void*) {
 void resume(Fiber* f) {
     L.cur = f;
     g_thread = &f->ctx;
+    g_run.tid = (unsigned)(f - L.fibers);
+    g_run.stack_lo = (uintptr_t)f->stack;
 #ifdef MURA_ASAN
     void* fake = nullptr;
     __sanitizer_start_switch_fiber(&fake, f->stack, kStack);
@@ -212,6 +243,13 @@ void init_fiber(Fiber* f, unsigned i) {
 
 __attribute__((no_sanitize_address)) void poison(char* p, size_t n) {
     for (size_t i = 0; i < n; i++) p[i] = (char)0xff;  // NaN as float/bf16, -1 as int
+}
+
+// Whether [p, p + bytes) lies in the block's static or dynamic shared memory.
+bool in_shared(const void* p, unsigned bytes) {
+    const char* d = (const char*)p;
+    return (d >= __start_mura_shared && d + bytes <= __stop_mura_shared) ||
+           (d >= (const char*)L.dyn && d + bytes <= (const char*)L.dyn + L.dyn_bytes);
 }
 
 // Why nobody can run: a barrier that some threads will never reach, or a collective whose lanes
@@ -280,18 +318,40 @@ bool run_block() {
             return false;
         }
     }
+    prof::flush_block();
     return true;
 }
 
-// ---- asynchronous copies (cp.async) ------------------------------------------------------------
 }  // namespace
+
+void kernel_error(const char* fmt, ...) {
+    if (!L.failed) {
+        L.failed = true;
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(L.err, sizeof L.err, fmt, ap);
+        va_end(ap);
+        const size_t n = strlen(L.err);
+        snprintf(L.err + n, sizeof L.err - n, " (block %u,%u,%u)%s", g_block_idx.x, g_block_idx.y, g_block_idx.z,
+                 source_of(g_run.pc));
+        L.err_has_block = true;
+    }
+    yield();
+    __builtin_trap();  // (a failed launch never resumes its fibers)
+}
+
+// ---- asynchronous copies (cp.async) ------------------------------------------------------------
+// The global read happens at issue and the shared write when the copy lands; each is an access
+// of the issuing thread for the checkers (the write also at issue: from then on it may land).
 
 void cp_async_issue(void* dst, const void* src) {
     ThreadCtx* t = g_thread;
-    const char* d = (const char*)dst;
-    const bool in_shared = (d >= __start_mura_shared && d + 16 <= __stop_mura_shared) ||
-                           (d >= (const char*)L.dyn && d + 16 <= (const char*)L.dyn + L.dyn_bytes);
-    if ((((uintptr_t)dst | (uintptr_t)src) & 15) != 0 || !in_shared) {
+    const void* pc = __builtin_return_address(0);
+    if (g_run.flags) {
+        access((uintptr_t)src, 16, Kind::CpAsyncLoad, pc, g_run.tid);
+        access((uintptr_t)dst, 16, Kind::CpAsyncStore, pc, g_run.tid);
+    }
+    if ((((uintptr_t)dst | (uintptr_t)src) & 15) != 0 || !in_shared(dst, 16)) {
         fail("cp.async from %p to %p: both must be 16-byte aligned, the destination in shared memory", src,
              dst);
         return;
@@ -319,9 +379,11 @@ void cp_async_wait(unsigned newest_pending) {
     const unsigned done = t->cp_groups > newest_pending ? t->cp_groups - newest_pending : 0;
     unsigned kept = 0;
     for (unsigned i = 0; i < t->cp_pending; i++) {
-        if (t->cp[i].group < done)
+        if (t->cp[i].group < done) {
+            if (g_run.flags)
+                access((uintptr_t)t->cp[i].dst, 16, Kind::CpAsyncStore, __builtin_return_address(0), g_run.tid);
             memcpy(t->cp[i].dst, t->cp[i].bytes, 16);
-        else
+        } else
             t->cp[kept++] = t->cp[i];
     }
     t->cp_pending = kept;
@@ -375,6 +437,19 @@ void mma_m16n8k16(Fiber* w) {
 // ldmatrix .m8n8 .b16: lanes 8i..8i+7 give the row addresses of matrix i; lane l receives, for
 // each matrix, the two elements at row l/4, columns 2(l%4)..+1 (transposed: column l/4, rows ..).
 void ldmatrix(Fiber* w, unsigned nmat, bool trans) {
+    const void* rows[32];
+    const unsigned warp0 = (unsigned)(w - L.fibers);
+    for (unsigned r = 0; r < 8 * nmat; r++) {
+        rows[r] = w[r].lane->ptr;
+        const uintptr_t a = (uintptr_t)rows[r];
+        if ((a & 15) || !in_shared(rows[r], 16)) {
+            g_run.pc = nullptr;
+            kernel_error("ldmatrix row address %#lx of lane %u: must be 16-byte aligned, in shared memory",
+                         (unsigned long)a, r);
+        }
+        if (g_run.flags) access(a, 16, Kind::LdMatrix, nullptr, warp0 + r);
+    }
+    prof::ldmatrix(rows, 8 * nmat);
     for (unsigned m = 0; m < nmat; m++) {
         uint16_t tile[8][8];
         for (unsigned r = 0; r < 8; r++) memcpy(tile[r], w[8 * m + r].lane->ptr, 16);
@@ -391,7 +466,7 @@ void complete(Fiber* w, Op op, unsigned mask) {
     for (unsigned l = 0; l < 32; l++)
         if (mask >> l & 1) ballot |= (w[l].lane->in[0] != 0) << l;
     switch (op) {
-    case Op::Mma: mma_m16n8k16(w); return;
+    case Op::Mma: prof::mma(), mma_m16n8k16(w); return;
     case Op::LdMatrix1: ldmatrix(w, 1, false); return;
     case Op::LdMatrix2: ldmatrix(w, 2, false); return;
     case Op::LdMatrix4: ldmatrix(w, 4, false); return;
@@ -436,6 +511,8 @@ void syncthreads(Site s) {
     f->st = St::AtBarrier;
     f->site = s;
     if (++L.at_barrier == L.live) {
+        chk::barrier();
+        prof::flush_block();
         for (unsigned i = 0; i < L.n; i++) {
             Fiber& g = L.fibers[i];
             if (g.st != St::AtBarrier) continue;
@@ -507,7 +584,10 @@ void warp_op(Op op, unsigned mask, Lane* lane, Site s) {
         }
     }
     arrived &= ~mask;
+    prof::flush_lanes(warp, mask);
     complete(w, op, mask);
+    const unsigned existing = lanes == 32 ? 0xffffffffu : (1u << lanes) - 1;
+    chk::warp_sync(warp, mask, (mask & existing) == existing);
     for (unsigned l = 0; l < 32; l++)
         if (mask >> l & 1) w[l].st = St::Runnable;
     if (L.failed) yield();
@@ -518,10 +598,18 @@ void warp_op(Op op, unsigned mask, Lane* lane, Site s) {
 using namespace mura_emu;
 
 // Run one launch to completion. Returns 0, or 1 with a message in `err`.
+// Run one launch to completion with the checks and profiling of `flags` (internal.h; the counters
+// of a profiled launch are added to *counters). Returns 0, or 1 with a message in `err`.
 extern "C" int mura_emu_launch(void (*tramp)(void**), void** params, const unsigned grid[3],
-                               const unsigned block[3], unsigned dyn_shared_bytes, char* err, size_t errlen) {
+                               const unsigned block[3], unsigned dyn_shared_bytes, unsigned flags,
+                               Counters* counters, char* err, size_t errlen) {
     unsigned n = block[0] * block[1] * block[2];
-    L.failed = false;
+    L.failed = L.err_has_block = false;
+    if (!L.dyn) {
+        void* m = mmap(nullptr, kDynRegion, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (m == MAP_FAILED) fail("cannot map dynamic shared memory");
+        else L.dyn = (unsigned char*)m;
+    }
     if (n == 0 || n > kMaxThreads || grid[0] * grid[1] * grid[2] == 0 || grid[1] > 65535 || grid[2] > 65535 ||
         block[2] > 64) {
         fail("invalid launch: grid (%u,%u,%u), block (%u,%u,%u)", grid[0], grid[1], grid[2], block[0], block[1],
@@ -541,21 +629,25 @@ extern "C" int mura_emu_launch(void (*tramp)(void**), void** params, const unsig
         L.n = n;
         g_block_dim = dim3{block[0], block[1], block[2]};
         g_grid_dim = dim3{grid[0], grid[1], grid[2]};
-        L.dyn = (unsigned char*)malloc(dyn_shared_bytes ? dyn_shared_bytes : 1);
         L.dyn_bytes = dyn_shared_bytes;
+        g_run = Running{flags, 0, 0, n, L.dyn, dyn_shared_bytes, 0, nullptr};
+        chk::launch_begin();
+        prof::launch_begin(flags & kProfile ? counters : nullptr);
         size_t shared = (size_t)(__stop_mura_shared - __start_mura_shared);
         for (unsigned z = 0; z < grid[2] && !L.failed; z++)
             for (unsigned y = 0; y < grid[1] && !L.failed; y++)
                 for (unsigned x = 0; x < grid[0] && !L.failed; x++) {
                     g_block_idx = uint3{x, y, z};
+                    g_run.block_linear = x + (uint64_t)grid[0] * (y + (uint64_t)grid[1] * z);
+                    chk::block_begin();
                     L.adversary = ((x + y + z) & 1) != 0;
                     if (shared) poison(__start_mura_shared, shared);
                     poison((char*)L.dyn, dyn_shared_bytes);
                     run_block();
                 }
-        free(L.dyn);
-        L.dyn = nullptr;
-        if (L.failed) {
+        g_run.flags = 0;
+        prof::launch_begin(nullptr);
+        if (L.failed && !L.err_has_block) {
             size_t len = strlen(L.err);
             snprintf(L.err + len, sizeof L.err - len, " (block %u,%u,%u)", g_block_idx.x, g_block_idx.y,
                      g_block_idx.z);

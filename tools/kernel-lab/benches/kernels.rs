@@ -8,10 +8,12 @@
 //! `--reps` launches timed with CUDA events (wall time on the emulator), default 20) and the
 //! table shows measured time, achieved TFLOP/s and GB/s, and % of the floor, per shape, per
 //! (op, pass) and for the step. The emulator is slow: use tiny shapes there
-//! (`densenet121 1 32 --device emu --reps 1`).
+//! (`densenet121 1 32 --device emu --reps 1`); `--profile` there adds each kernel's memory
+//! traffic as Nsight Compute counts it (mura::gpu::emu::profile).
 
 use anyhow::{bail, Context, Result};
 use mura::device::Device;
+use mura::gpu::emu::profile;
 use mura::model::{Layout, Schedule};
 use mura::precision::Precision;
 use mura::spec::DenseNetSpec;
@@ -36,6 +38,7 @@ struct Opts {
     positional: Vec<String>,
     device: Option<Device>,
     reps: usize,
+    profile: bool,
 }
 
 fn options(args: impl Iterator<Item = String>) -> Result<Opts> {
@@ -43,6 +46,7 @@ fn options(args: impl Iterator<Item = String>) -> Result<Opts> {
         positional: Vec::new(),
         device: None,
         reps: 20,
+        profile: false,
     };
     let mut args = args;
     while let Some(a) = args.next() {
@@ -50,7 +54,8 @@ fn options(args: impl Iterator<Item = String>) -> Result<Opts> {
             o.positional.push(a);
             continue;
         };
-        if opt == "bench" {
+        if opt == "bench" || opt == "profile" {
+            o.profile |= opt == "profile";
             continue;
         }
         let (name, value) = match opt.split_once('=') {
@@ -78,6 +83,13 @@ fn options(args: impl Iterator<Item = String>) -> Result<Opts> {
 
 fn run() -> Result<()> {
     let o = options(std::env::args().skip(1))?;
+    if o.profile {
+        anyhow::ensure!(
+            o.device == Some(Device::Emu),
+            "--profile needs --device emu"
+        );
+        profile::enable();
+    }
     let args = &o.positional;
     let arch: String = arg(args, 0, "architecture", "densenet169".to_string())?;
     let batch: usize = arg(args, 1, "batch", 64)?;
@@ -95,13 +107,21 @@ fn run() -> Result<()> {
     };
     let spec = DenseNetSpec::preset(&arch)?;
     let rows = roofline::table(&spec, batch, size, precision)?;
+    let mut profile_table = None;
     let (measured, on) = match o.device {
         None => (vec![None; rows.len()], String::new()),
         Some(device) => {
             let d = mura::gpu::open(device)?;
             let schedule = Schedule::new(&Layout::new(&spec), &spec.arch, size, size)?;
             let timing = Timing::fresh(o.reps);
-            let t = harness::measure(&d, &schedule, batch, precision, &rows, timing)?;
+            let t = match o.profile {
+                false => harness::measure(&d, &schedule, batch, precision, &rows, timing)?,
+                true => {
+                    let (t, table) = profiled(&d, &schedule, (batch, precision), &rows, timing)?;
+                    profile_table = Some(table);
+                    t
+                }
+            };
             let on = format!(
                 "; measured on {}, mean of {} launches after a warm-up",
                 d.name(),
@@ -115,7 +135,54 @@ fn run() -> Result<()> {
          {peak} TFLOP/s, {tbps} TB/s{on}\n"
     );
     print!("{}", roofline::markdown(&rows, batch, &machine, &measured));
+    if let Some(rows_profile) = profile_table {
+        let floor = |label: &str| {
+            let r = rows.iter().find(|r| row_label(r) == label)?;
+            Some(r.floor_s(&machine) * 1e6)
+        };
+        println!(
+            "\n{} Per roofline row, per launch of the row's kernels, with its floor.\n",
+            profile::LEGEND
+        );
+        print!("{}", profile::table(&rows_profile, &floor));
+        print!("{}", profile::report());
+    }
     Ok(())
+}
+
+/// A roofline row's name in the profile table.
+fn row_label(r: &roofline::KernelRow) -> String {
+    format!("{} {} {} {}", r.op, r.pass, r.site, r.shape)
+}
+
+/// Each roofline row's profile, by its label.
+type RowProfiles = Vec<(String, profile::KernelProfile)>;
+
+/// [`harness::measure`] one row at a time, with what the emulator's profiler counted for each
+/// row's launches (warm-up and timed ones), per launch of the row's kernels.
+fn profiled(
+    d: &std::sync::Arc<dyn mura::gpu::Driver>,
+    schedule: &Schedule,
+    (batch, precision): (usize, Precision),
+    rows: &[roofline::KernelRow],
+    timing: Timing,
+) -> Result<(Vec<Option<f64>>, RowProfiles)> {
+    let (mut times, mut table) = (Vec::new(), Vec::new());
+    for r in rows {
+        let before = profile::all();
+        let one = std::slice::from_ref(r);
+        times.extend(harness::measure(
+            d, schedule, batch, precision, one, timing,
+        )?);
+        let mut p = profile::since(&before);
+        // Per run of the row's work: its warm-up and the `reps` timed runs.
+        let runs = timing.reps as u64 + 1;
+        let c: &mut [u64; 23] = bytemuck::cast_mut(&mut p.counters);
+        c.iter_mut().for_each(|v| *v /= runs);
+        p.launches /= runs;
+        table.push((row_label(r), p));
+    }
+    Ok((times, table))
 }
 
 fn main() {

@@ -1,0 +1,325 @@
+//! The emulator's checkers on planted bugs (kernels/testing/selftest.cu): memcheck, initcheck and
+//! racecheck each fail the launch with one error naming the kernel, block, thread, address and
+//! allocation; correct code passes; and the emulator stays usable after a failed launch.
+
+use crate::common::gpu::seed;
+use mura::gpu::emu::{Checks, Emu};
+use mura::gpu::{arg, DeviceBuffer, Driver};
+use mura::rng::Rng;
+use std::sync::Arc;
+
+fn emu() -> Arc<dyn Driver> {
+    Arc::new(Emu::with_checks(Checks::all()))
+}
+
+/// Launches `kernel` with `params` on `grid` blocks of `block` threads.
+fn launch(
+    d: &Arc<dyn Driver>,
+    kernel: &str,
+    grid: u32,
+    block: u32,
+    shared: u32,
+    params: &mut [*mut std::ffi::c_void],
+) -> anyhow::Result<()> {
+    unsafe { d.launch(kernel, [grid, 1, 1], [block, 1, 1], shared, params) }
+}
+
+/// `y = x` by selftest_copy_fwd_f32 over `n` elements.
+fn copy(d: &Arc<dyn Driver>, y: u64, x: u64, n: usize) -> anyhow::Result<()> {
+    let (mut y, mut x, mut n32) = (y, x, n as i32);
+    let grid = n.div_ceil(128) as u32;
+    launch(
+        d,
+        "selftest_copy_fwd_f32",
+        grid,
+        128,
+        0,
+        &mut [arg(&mut y), arg(&mut x), arg(&mut n32)],
+    )
+}
+
+fn expect_err(r: anyhow::Result<()>, want: &[&str]) -> String {
+    let e = format!(
+        "{:#}",
+        r.expect_err(&format!("the launch should fail with {want:?}"))
+    );
+    for w in want {
+        assert!(e.contains(w), "error '{e}' lacks '{w}'");
+    }
+    e
+}
+
+fn random(rng: &mut Rng, n: usize) -> Vec<f32> {
+    (0..n).map(|_| rng.normal() as f32).collect()
+}
+
+#[test]
+fn memcheck_catches_out_of_bounds_global_accesses() {
+    let d = emu();
+    let n = 1000;
+    let out = DeviceBuffer::<f32>::alloc(&d, n).unwrap();
+    let run = |extra: i32| {
+        let (mut o, mut n32, mut e) = (out.ptr().addr(), n as i32, extra);
+        launch(
+            &d,
+            "selftest_oob_fwd_f32",
+            4,
+            128,
+            0,
+            &mut [arg(&mut o), arg(&mut n32), arg(&mut e)],
+        )
+    };
+    run(0).unwrap();
+    let want: Vec<f32> = (0..n).map(|i| i as f32).collect();
+    assert_eq!(out.to_vec().unwrap(), want);
+    // Element 1000 is written by thread 1000 - 512 = 488 of the grid's 512: block 3, thread 104.
+    let e = expect_err(
+        run(1),
+        &[
+            "kernel selftest_oob_fwd_f32: memcheck: out of bounds: 4-byte write",
+            "at offset 4000 of allocation #",
+            "(4000 bytes at ",
+            ": 0 bytes past its end, by thread (104,0,0) (block 3,0,0)",
+        ],
+    );
+    assert!(
+        e.contains(&format!("{:#x}", out.ptr().addr() + 4000)),
+        "{e}"
+    );
+    // The emulator is still usable, and the failed launch wrote nothing past the end.
+    run(0).unwrap();
+}
+
+#[test]
+fn memcheck_catches_freed_foreign_and_misaligned_addresses() {
+    let d = emu();
+    let seed = seed("memcheck_catches_freed_foreign_and_misaligned_addresses");
+    let mut rng = Rng::new(seed.value);
+    let x = DeviceBuffer::from_slice(&d, &random(&mut rng, 256)).unwrap();
+    let y = DeviceBuffer::<f32>::alloc(&d, 256).unwrap();
+    let freed = x.ptr().addr();
+    copy(&d, y.ptr().addr(), freed, 256).unwrap();
+    drop(x);
+    expect_err(
+        copy(&d, y.ptr().addr(), freed, 256),
+        &[
+            "memcheck: out of bounds: 4-byte read",
+            "bytes at",
+            ", freed)",
+        ],
+    );
+    let host = vec![1.0f32; 256];
+    expect_err(
+        copy(&d, y.ptr().addr(), host.as_ptr() as u64, 256),
+        &["memcheck: 4-byte read at", "is not device memory"],
+    );
+    let out = DeviceBuffer::<i32>::alloc(&d, 64).unwrap();
+    out.fill_bytes(0).unwrap();
+    let hazard = |mode: i32| {
+        let (mut o, mut m) = (out.ptr().addr(), mode);
+        launch(
+            &d,
+            "selftest_hazard_fwd_i32",
+            1,
+            64,
+            0,
+            &mut [arg(&mut o), arg(&mut m)],
+        )
+    };
+    expect_err(
+        hazard(20),
+        &[
+            "memcheck: misaligned: 4-byte read at",
+            "at offset 2 of allocation #",
+        ],
+    );
+    expect_err(
+        hazard(21),
+        &["memcheck: misaligned: 4-byte read at static shared offset"],
+    );
+    expect_err(
+        hazard(22),
+        &[
+            "ldmatrix row address",
+            "must be 16-byte aligned, in shared memory",
+        ],
+    );
+    hazard(0).unwrap();
+}
+
+#[test]
+fn memcheck_catches_shared_memory_overruns() {
+    let d = emu();
+    let out = DeviceBuffer::<f32>::alloc(&d, 64).unwrap();
+    let run = |shared: u32| {
+        let mut o = out.ptr().addr();
+        launch(
+            &d,
+            "selftest_dynshared_fwd_f32",
+            1,
+            64,
+            shared,
+            &mut [arg(&mut o)],
+        )
+    };
+    run(256).unwrap();
+    expect_err(
+        run(252),
+        &["memcheck: out of bounds: 4-byte write at dynamic shared offset 252, past the end of the block's 252 bytes"],
+    );
+}
+
+#[test]
+fn initcheck_catches_reads_of_unwritten_device_memory() {
+    let d = emu();
+    let seed = seed("initcheck_catches_reads_of_unwritten_device_memory");
+    let mut rng = Rng::new(seed.value);
+    let n = 1000;
+    let x = DeviceBuffer::<f32>::alloc(&d, n).unwrap();
+    let (y, z) = (
+        DeviceBuffer::<f32>::alloc(&d, n).unwrap(),
+        DeviceBuffer::<f32>::alloc(&d, n).unwrap(),
+    );
+    // Fresh memory is poisoned (NaN), and reading it fails the launch.
+    assert!(x.to_vec().unwrap().iter().all(|v| v.to_bits() == u32::MAX));
+    let head = random(&mut rng, 500);
+    d.htod(x.ptr().addr(), bytemuck::cast_slice(&head)).unwrap();
+    // Element 500, the first nothing wrote, is read by block 3, thread 116.
+    expect_err(
+        copy(&d, y.ptr().addr(), x.ptr().addr(), n),
+        &[
+            "kernel selftest_copy_fwd_f32: initcheck: read of device memory nothing wrote",
+            "4-byte read at",
+            "at offset 2000 of allocation #",
+            "by thread (116,0,0) (block 3,0,0)",
+        ],
+    );
+    // A memset writes the rest; then a kernel's stores count as writes for the next kernel.
+    d.memset(x.ptr().addr() + 2000, 0, 2000).unwrap();
+    copy(&d, y.ptr().addr(), x.ptr().addr(), n).unwrap();
+    copy(&d, z.ptr().addr(), y.ptr().addr(), n).unwrap();
+    let mut want = head.clone();
+    want.resize(n, 0.0);
+    assert_eq!(z.to_vec().unwrap(), want);
+}
+
+#[test]
+fn racecheck_catches_shared_memory_hazards() {
+    let d = emu();
+    let out = DeviceBuffer::<i32>::alloc(&d, 2 * 64).unwrap();
+    let hazard = "racecheck: shared memory hazard";
+    let cases: [(i32, Option<&str>); 9] = [
+        (0, None),
+        (1, Some("no __syncthreads between them")),
+        (
+            2,
+            Some("(same warp, and no __syncwarp or other collective of both either)"),
+        ),
+        (3, None),
+        (4, None),
+        (5, Some("at static shared offset")),
+        (6, None),
+        (7, Some("atomic")),
+        (8, Some("write-after-write")),
+    ];
+    for (mode, want) in cases {
+        out.fill_bytes(0).unwrap();
+        let (mut o, mut m) = (out.ptr().addr(), mode);
+        let r = launch(
+            &d,
+            "selftest_hazard_fwd_i32",
+            2,
+            64,
+            0,
+            &mut [arg(&mut o), arg(&mut m)],
+        );
+        match want {
+            None => r.unwrap_or_else(|e| panic!("mode {mode}: {e:#}")),
+            Some(w) => {
+                expect_err(r, &[hazard, w]);
+            }
+        }
+    }
+}
+
+#[test]
+fn racecheck_catches_races_between_blocks() {
+    let d = emu();
+    let out = DeviceBuffer::<i32>::alloc(&d, 3 * 64).unwrap();
+    let race = "racecheck: global memory race";
+    let cases: [(i32, Option<&str>); 5] = [
+        (10, None),
+        (
+            11,
+            Some("touches bytes stored by block (0,0,0) in this launch"),
+        ),
+        (12, Some("4-byte read at")),
+        (13, Some("stores bytes read by block (0,0,0)")),
+        (14, Some("4-byte atomic at")),
+    ];
+    for (mode, want) in cases {
+        out.fill_bytes(0).unwrap();
+        let (mut o, mut m) = (out.ptr().addr(), mode);
+        let r = launch(
+            &d,
+            "selftest_hazard_fwd_i32",
+            3,
+            64,
+            0,
+            &mut [arg(&mut o), arg(&mut m)],
+        );
+        match want {
+            None => r.unwrap_or_else(|e| panic!("mode {mode}: {e:#}")),
+            Some(w) => {
+                expect_err(r, &[race, w, "(block 1,0,0)"]);
+            }
+        }
+    }
+    // Mode 10's atomics all landed.
+    let (mut o, mut m) = (out.ptr().addr(), 10);
+    out.fill_bytes(0).unwrap();
+    launch(
+        &d,
+        "selftest_hazard_fwd_i32",
+        3,
+        64,
+        0,
+        &mut [arg(&mut o), arg(&mut m)],
+    )
+    .unwrap();
+    assert_eq!(out.to_vec().unwrap()[0], 3 * 64);
+}
+
+#[test]
+fn checks_are_chosen_by_name_and_can_be_off() {
+    assert_eq!(Checks::parse("all").unwrap(), Checks::all());
+    assert_eq!(Checks::parse("none").unwrap(), Checks::none());
+    let c = Checks::parse("memcheck, racecheck").unwrap();
+    assert!(c.memcheck && !c.initcheck && c.racecheck);
+    let e = Checks::parse("memcheck,asan").unwrap_err();
+    assert!(format!("{e}").contains("unknown checker 'asan'"), "{e}");
+    // Off, the planted bugs run through (memcheck's redzone absorbs the overrun).
+    let d: Arc<dyn Driver> = Arc::new(Emu::with_checks(Checks::none()));
+    let out = DeviceBuffer::<f32>::alloc(&d, 1000).unwrap();
+    let (mut o, mut n, mut e) = (out.ptr().addr(), 1000, 1);
+    launch(
+        &d,
+        "selftest_oob_fwd_f32",
+        4,
+        128,
+        0,
+        &mut [arg(&mut o), arg(&mut n), arg(&mut e)],
+    )
+    .unwrap();
+    let h = DeviceBuffer::<i32>::alloc(&d, 64).unwrap();
+    let (mut o, mut m) = (h.ptr().addr(), 1);
+    launch(
+        &d,
+        "selftest_hazard_fwd_i32",
+        1,
+        64,
+        0,
+        &mut [arg(&mut o), arg(&mut m)],
+    )
+    .unwrap();
+}
