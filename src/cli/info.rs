@@ -16,8 +16,9 @@ pub fn run(args: Args) -> Result<()> {
         "  cpu    the CPU reference backend ({} threads)",
         rayon::current_num_threads()
     );
+    let shipped: usize = kernels::MODULES.iter().map(|m| m.kernels.len()).sum();
     crate::out!(
-        "  emu    CPU emulator of the CUDA kernels ({} kernels)",
+        "  emu    CPU emulator of the CUDA kernels ({shipped} kernels, {} with the test-only ones)",
         emu::kernel_names().len()
     );
     match cuda::device_count() {
