@@ -12,10 +12,8 @@ use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::Path;
 
-pub use crate::weights::checkpoint::write_atomic;
-
 pub fn write_json_atomic<T: serde::Serialize>(path: &Path, v: &T) -> Result<()> {
-    write_atomic(path, serde_json::to_string_pretty(v)?.as_bytes())
+    crate::disk::write_atomic(path, serde_json::to_string_pretty(v)?.as_bytes())
 }
 
 pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {

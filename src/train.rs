@@ -499,5 +499,5 @@ fn write_val_predictions(path: &Path, studies: &[StudyPrediction]) -> Result<()>
             p.probability
         );
     }
-    checkpoint::write_atomic(path, s.as_bytes())
+    crate::disk::write_atomic(path, s.as_bytes())
 }
