@@ -18,7 +18,7 @@ use super::store::{
     self, generation, ImageRecord, Index, Manifest, StudyRecord, CURRENT_FILE, GEN_PREFIX,
 };
 use super::StudyType;
-use crate::disk::{failpoint, sync_dir, write_synced};
+use crate::disk::{entry_names, failpoint, sync_dir, write_synced};
 use anyhow::{bail, Context, Result};
 use rayon::prelude::*;
 use std::fs::File;
@@ -110,15 +110,6 @@ pub fn check_replaceable(out: &Path) -> Result<()> {
         );
     }
     Ok(())
-}
-
-fn entry_names(dir: &Path) -> Result<Vec<String>> {
-    let mut names = Vec::new();
-    for e in std::fs::read_dir(dir).with_context(|| format!("cannot read {}", dir.display()))? {
-        let e = e.with_context(|| format!("cannot read {}", dir.display()))?;
-        names.push(e.file_name().to_string_lossy().into_owned());
-    }
-    Ok(names)
 }
 
 /// The generation `out/CURRENT` names, if it names one that exists.

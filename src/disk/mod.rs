@@ -103,6 +103,16 @@ pub fn read_regular_string(path: &Path, cap: u64) -> Result<String> {
         .map_err(|_| anyhow::anyhow!("{} is not UTF-8 text", path.display()))
 }
 
+/// The names of the entries of the folder `dir`.
+pub fn entry_names(dir: &Path) -> Result<Vec<String>> {
+    let mut names = Vec::new();
+    for e in std::fs::read_dir(dir).with_context(|| format!("cannot read {}", dir.display()))? {
+        let e = e.with_context(|| format!("cannot read {}", dir.display()))?;
+        names.push(e.file_name().to_string_lossy().into_owned());
+    }
+    Ok(names)
+}
+
 /// Writes `data` to the new file `path` (an existing one is an error) and fsyncs it, then
 /// passes the failpoint `step`: one step of a commit.
 pub fn write_synced(path: &Path, data: &[u8], step: &str) -> Result<()> {
@@ -139,6 +149,16 @@ pub fn is_temporary(entry: &str, name: &str) -> bool {
         .and_then(|rest| rest.strip_prefix(name))
         .and_then(|rest| rest.strip_prefix(".tmp"))
         .is_some_and(|pid| !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// Removes from `dir` the temporary files that killed [`write_atomic`]s of the files `names`
+/// left. Best effort: one that cannot be removed harms nothing and goes another time.
+pub fn remove_temporaries(dir: &Path, names: &[&str]) {
+    for entry in entry_names(dir).unwrap_or_default() {
+        if names.iter().any(|n| is_temporary(&entry, n)) {
+            let _ = std::fs::remove_file(dir.join(entry));
+        }
+    }
 }
 
 /// Replaces `path` by a file holding `data` in one rename, as the last step of a commit: the

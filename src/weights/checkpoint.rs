@@ -131,6 +131,11 @@ pub const MAX_SAFETENSORS_BYTES: u64 = 2 << 30;
 
 /// Loads a safetensors checkpoint.
 pub fn load_safetensors(path: &Path) -> Result<Checkpoint> {
-    let bytes = crate::disk::read_regular(path, MAX_SAFETENSORS_BYTES)?;
+    load_safetensors_capped(path, MAX_SAFETENSORS_BYTES)
+}
+
+/// Loads a safetensors file that may hold at most `cap` bytes.
+pub fn load_safetensors_capped(path: &Path, cap: u64) -> Result<Checkpoint> {
+    let bytes = crate::disk::read_regular(path, cap)?;
     from_safetensors_bytes(&bytes).with_context(|| format!("loading {}", path.display()))
 }
