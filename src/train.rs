@@ -4,16 +4,21 @@
 //! A run folder holds:
 //! - `config.json`      the run's settings (what `--resume` continues with)
 //! - `best.safetensors` the model with the lowest validation loss (torchvision names)
-//! - `last.safetensors` the model after the last finished step, with `last.optim.safetensors` (Adam's
-//!   moments) and `state.json` (epoch, step, optimiser scalars, scheduler, store identity)
-//! - `metrics.jsonl`    one line per epoch; `val_predictions.csv` the best model's validation predictions
+//! - `last.safetensors` the model after the last saved step (torchvision names), and the file its
+//!   metadata names, `last.optim-<N>.safetensors`: Adam's moments and the run state (epoch, step,
+//!   optimiser scalars, scheduler, store identity), committed with the model by one rename (see
+//!   `checkpoint`), so a kill at any moment leaves a run that resumes
+//! - `metrics.jsonl`    one line per finished epoch; `val_predictions.csv` the best model's validation predictions
+//!
+//! A `train` holds a lock on the run folder, so a second one into the same folder is refused.
 
 use crate::backend;
-use crate::checkpoint::{self, Checkpoint, PartialEpoch, RunState};
+use crate::checkpoint::{self, PartialEpoch, RunState};
 use crate::data::loader::{Augment, Loader, LoaderConfig};
 use crate::data::store::Store;
 use crate::data::{Split, StudyType};
 use crate::device::Device;
+use crate::disk;
 use crate::eval::{predict_split, StudyPrediction};
 use crate::loss::{batch_loss, LossLevel};
 use crate::model::Mode;
@@ -172,6 +177,15 @@ fn install_ctrlc() {
     });
 }
 
+/// The run folder's files replaced in one rename (besides the checkpoint's, see `checkpoint`),
+/// whose temporary files a kill may leave.
+const REPLACED: [&str; 4] = [
+    "config.json",
+    "best.safetensors",
+    "val_predictions.csv",
+    "metrics.jsonl",
+];
+
 /// Whether a run folder holds a checkpoint (a run that trained at least one step).
 fn has_checkpoint(dir: &Path) -> bool {
     ["last.safetensors", "best.safetensors"]
@@ -183,6 +197,8 @@ pub fn train(cfg: TrainConfig, quiet: bool) -> Result<TrainOutcome> {
     cfg.validate()?;
     std::fs::create_dir_all(&cfg.out)
         .with_context(|| format!("cannot create run folder {}", cfg.out.display()))?;
+    let _lock = disk::lock_folder(&cfg.out, "mura train")?;
+    disk::remove_temporaries(&cfg.out, &REPLACED);
     // A config without a checkpoint is a run that failed before its first step: start it afresh.
     if cfg.out.join("config.json").exists() && has_checkpoint(&cfg.out) {
         bail!(
@@ -193,7 +209,15 @@ pub fn train(cfg: TrainConfig, quiet: bool) -> Result<TrainOutcome> {
     }
     let store = Arc::new(Store::open(&cfg.store)?);
     let mut model = initial_model(&cfg)?;
-    let adam = Adam::new(model.num_params(), cfg.lr, cfg.weight_decay);
+    let (adam, state) = fresh(&cfg, &store);
+    checkpoint::write_json_atomic(&cfg.out.join("config.json"), &cfg)?;
+    let _ = std::fs::remove_file(cfg.out.join("metrics.jsonl"));
+    run_epochs(cfg, store, model.as_mut(), adam, state, quiet)
+}
+
+/// The optimiser and run state of a run that has not trained a step.
+fn fresh(cfg: &TrainConfig, store: &Store) -> (Adam, RunState) {
+    let adam = Adam::new(cfg.spec.num_params(), cfg.lr, cfg.weight_decay);
     let state = RunState {
         epochs_done: 0,
         batches_done: 0,
@@ -206,13 +230,13 @@ pub fn train(cfg: TrainConfig, quiet: bool) -> Result<TrainOutcome> {
         },
         store_id: store.id(),
         partial: PartialEpoch::default(),
+        epoch_metrics: None,
     };
-    checkpoint::write_json_atomic(&cfg.out.join("config.json"), &cfg)?;
-    let _ = std::fs::remove_file(cfg.out.join("metrics.jsonl"));
-    run_epochs(cfg, store, model.as_mut(), adam, state, quiet)
+    (adam, state)
 }
 
-/// Continue the run in `dir`, to `epochs` in all when given (else the run's own total).
+/// Continue the run in `dir`, to `epochs` in all when given (else the run's own total), from
+/// its last checkpoint, or from the beginning when a kill came before the first one.
 pub fn resume(dir: &Path, epochs: Option<usize>, quiet: bool) -> Result<TrainOutcome> {
     let mut cfg: TrainConfig = checkpoint::read_json(&dir.join("config.json"))
         .with_context(|| format!("{} is not a mura run folder", dir.display()))?;
@@ -222,12 +246,21 @@ pub fn resume(dir: &Path, epochs: Option<usize>, quiet: bool) -> Result<TrainOut
     if epochs == Some(0) {
         bail!("--epochs must be at least 1");
     }
+    let _lock = disk::lock_folder(dir, "mura train")?;
+    disk::remove_temporaries(dir, &REPLACED);
     let store = Arc::new(Store::open(&cfg.store)?);
-    let Checkpoint {
-        weights,
-        adam,
-        state,
-    } = checkpoint::load_last(dir, &cfg.spec, cfg.weight_decay)?;
+    let (weights, adam, state) = match checkpoint::load_last(dir, &cfg.spec, cfg.weight_decay)? {
+        Some(ck) => (Some(ck.weights), ck.adam, ck.state),
+        None => {
+            check_nothing_trained(dir)?;
+            eprintln!(
+                "{} has no checkpoint yet: training from the beginning",
+                dir.display()
+            );
+            let (adam, state) = fresh(&cfg, &store);
+            (None, adam, state)
+        }
+    };
     if state.store_id != store.id() {
         bail!(
             "store {} is not the one this run was trained on (store id {} vs {})",
@@ -236,6 +269,7 @@ pub fn resume(dir: &Path, epochs: Option<usize>, quiet: bool) -> Result<TrainOut
             state.store_id
         );
     }
+    sync_metrics(&dir.join("metrics.jsonl"), &state)?;
     if let Some(e) = epochs.filter(|&e| e != cfg.epochs) {
         if e < state.epochs_done {
             bail!(
@@ -259,15 +293,71 @@ pub fn resume(dir: &Path, epochs: Option<usize>, quiet: bool) -> Result<TrainOut
             interrupted: false,
         });
     }
-    let mut model = backend::build(
-        cfg.device,
-        cfg.precision,
-        cfg.spec.clone(),
-        Some(&weights),
-        cfg.seed,
-    )?;
+    let mut model = match weights {
+        None => initial_model(&cfg)?,
+        Some(w) => backend::build(
+            cfg.device,
+            cfg.precision,
+            cfg.spec.clone(),
+            Some(&w),
+            cfg.seed,
+        )?,
+    };
     model.import_adam(&adam)?;
     run_epochs(cfg, store, model.as_mut(), adam, state, quiet)
+}
+
+/// The epoch a line of `metrics.jsonl` reports, if it is a whole line of mura's.
+fn line_epoch(line: &str) -> Option<usize> {
+    let v: serde_json::Value = serde_json::from_str(line).ok()?;
+    v.get("epoch")?.as_u64()?.try_into().ok()
+}
+
+fn read_metrics(path: &Path) -> Result<String> {
+    match path.symlink_metadata() {
+        Err(_) => Ok(String::new()),
+        Ok(_) => disk::read_regular_string(path, disk::MAX_TEXT_BYTES),
+    }
+}
+
+/// A run without a last checkpoint starts again only if no epoch of it was committed (its
+/// metrics lines are appended after the commit), so that a deleted `last.safetensors` does
+/// not make a resume write over a long run's best model and metrics.
+fn check_nothing_trained(dir: &Path) -> Result<()> {
+    let metrics = dir.join("metrics.jsonl");
+    if let Some(e) = read_metrics(&metrics)?.lines().filter_map(line_epoch).max() {
+        bail!(
+            "{} has trained {e} epoch(s) (see metrics.jsonl) but has no {}: it cannot resume; \
+             start a new run from its best model with `--init {}`",
+            dir.display(),
+            checkpoint::LAST_MODEL,
+            dir.join("best.safetensors").display()
+        );
+    }
+    Ok(())
+}
+
+/// Makes `metrics.jsonl` hold the lines of the epochs `state` has finished: lines of later
+/// epochs (or torn ones) that an interrupted run wrote are dropped, and the last finished
+/// epoch's line, which the checkpoint carries, is added when a kill came before its append.
+fn sync_metrics(path: &Path, state: &RunState) -> Result<()> {
+    let text = read_metrics(path)?;
+    let mut kept = String::new();
+    let mut has_last = false;
+    for line in text.lines() {
+        if let Some(e) = line_epoch(line).filter(|&e| e <= state.epochs_done) {
+            has_last |= e == state.epochs_done;
+            kept += line;
+            kept.push('\n');
+        }
+    }
+    if let Some(m) = state.epoch_metrics.as_ref().filter(|_| !has_last) {
+        kept += &format!("{m}\n");
+    }
+    match kept == text {
+        true => Ok(()),
+        false => disk::write_atomic(path, kept.as_bytes()),
+    }
 }
 
 fn initial_model(cfg: &TrainConfig) -> Result<Box<dyn Net>> {
@@ -337,6 +427,13 @@ fn run_epochs(
     if n_batches == 0 {
         bail!("the store has no training studies of the selected types");
     }
+    if state.batches_done > n_batches {
+        bail!(
+            "{}: the last checkpoint is at batch {} of an epoch of {n_batches}",
+            cfg.out.display(),
+            state.batches_done
+        );
+    }
     let mut outcome = TrainOutcome {
         epochs: Vec::new(),
         interrupted: false,
@@ -392,7 +489,8 @@ fn run_epochs(
                     seconds: done.seconds + t0.elapsed().as_secs_f64(),
                 };
                 model.export_adam(&mut adam)?;
-                checkpoint::save_last(&cfg.out, model, &adam, &state, cfg.image_size)?;
+                checkpoint::save_last(&cfg.out, model, &adam, &state, cfg.image_size)
+                    .map_err(|e| stopped(e, &cfg.out))?;
                 eprintln!(
                     "interrupted: saved epoch {} batch {}; continue with `mura train --resume {}`",
                     epoch + 1,
@@ -404,48 +502,21 @@ fn run_epochs(
             }
         }
         bar.finish_and_clear();
-        let train_seconds = done.seconds + t0.elapsed().as_secs_f64();
-
-        let preds = predict_split(model, &store, &val_loader, cfg.loss)?;
-        let val_loss = preds.loss;
-        let table = preds.table();
-        let lr = adam.lr;
-        adam.lr = state.scheduler.step(val_loss, adam.lr);
-        let improved = state.best_val_loss.is_none_or(|b| val_loss < b);
-        if improved {
-            state.best_val_loss = Some(val_loss);
-            checkpoint::save_model(
-                &cfg.out.join("best.safetensors"),
-                model,
-                &store.id(),
-                cfg.image_size,
-            )?;
-            write_val_predictions(&cfg.out.join("val_predictions.csv"), &preds.studies)?;
-        }
-        state.epochs_done += 1;
-        state.batches_done = 0;
-        state.adam_step = adam.step;
-        state.lr = adam.lr;
-        model.export_adam(&mut adam)?;
-        checkpoint::save_last(&cfg.out, model, &adam, &state, cfg.image_size)?;
-
-        let m = EpochMetrics {
-            epoch: epoch + 1,
-            train_loss: loss_sum / loss_n.max(1) as f64,
-            val_loss,
-            lr,
-            kappa: table.overall.kappa,
-            kappa_by_type: table
-                .by_type
-                .iter()
-                .map(|(t, r)| (t.clone(), r.kappa))
-                .collect(),
-            accuracy: table.overall.accuracy,
-            auroc: table.overall.auroc,
-            images_per_s: images as f64 / train_seconds,
+        let totals = PartialEpoch {
+            loss_sum,
+            batches: loss_n,
+            images,
             seconds: done.seconds + t0.elapsed().as_secs_f64(),
         };
-        append_metrics(&cfg.out.join("metrics.jsonl"), &m)?;
+        let (m, improved) = finish_epoch(
+            &cfg,
+            &store,
+            &val_loader,
+            model,
+            &mut adam,
+            &mut state,
+            totals,
+        )?;
         if !quiet {
             eprintln!(
                 "epoch {:>3}  train loss {:.4}  val loss {:.4}{}  kappa {:.3}  auroc {:.3}  lr {:.1e}  {:.1} img/s",
@@ -462,6 +533,86 @@ fn run_epochs(
         outcome.epochs.push(m);
     }
     Ok(outcome)
+}
+
+/// Validates the epoch just trained (`totals`: its training totals), steps the scheduler and
+/// saves the epoch (see [`save_epoch`]); the epoch's metrics and whether the model improved.
+fn finish_epoch(
+    cfg: &TrainConfig,
+    store: &Store,
+    val_loader: &Loader,
+    model: &mut dyn Net,
+    adam: &mut Adam,
+    state: &mut RunState,
+    totals: PartialEpoch,
+) -> Result<(EpochMetrics, bool)> {
+    let t0 = Instant::now();
+    let preds = predict_split(model, store, val_loader, cfg.loss)?;
+    let table = preds.table();
+    let lr = adam.lr;
+    adam.lr = state.scheduler.step(preds.loss, adam.lr);
+    let improved = state.best_val_loss.is_none_or(|b| preds.loss < b);
+    let m = EpochMetrics {
+        epoch: state.epochs_done + 1,
+        train_loss: totals.loss_sum / totals.batches.max(1) as f64,
+        val_loss: preds.loss,
+        lr,
+        kappa: table.overall.kappa,
+        kappa_by_type: table
+            .by_type
+            .iter()
+            .map(|(t, r)| (t.clone(), r.kappa))
+            .collect(),
+        accuracy: table.overall.accuracy,
+        auroc: table.overall.auroc,
+        images_per_s: totals.images as f64 / totals.seconds,
+        seconds: totals.seconds + t0.elapsed().as_secs_f64(),
+    };
+    let best = improved.then_some(preds.studies.as_slice());
+    save_epoch(cfg, store, model, adam, state, &m, best).map_err(|e| stopped(e, &cfg.out))?;
+    Ok((m, improved))
+}
+
+/// Saves a finished epoch: the best model and its validation predictions when `best` holds
+/// them, then the last checkpoint with the run state and `m` (the commit), then `m`'s line of
+/// `metrics.jsonl`. A kill before the commit makes a resume redo the epoch, and write these
+/// files again; one after it, restore the metrics line from the checkpoint.
+fn save_epoch(
+    cfg: &TrainConfig,
+    store: &Store,
+    model: &mut dyn Net,
+    adam: &mut Adam,
+    state: &mut RunState,
+    m: &EpochMetrics,
+    best: Option<&[StudyPrediction]>,
+) -> Result<()> {
+    if let Some(studies) = best {
+        state.best_val_loss = Some(m.val_loss);
+        let path = cfg.out.join("best.safetensors");
+        checkpoint::save_model(&path, model, &store.id(), cfg.image_size)?;
+        write_val_predictions(&cfg.out.join("val_predictions.csv"), studies)?;
+    }
+    state.epochs_done += 1;
+    state.batches_done = 0;
+    state.adam_step = adam.step;
+    state.lr = adam.lr;
+    state.epoch_metrics = Some(serde_json::to_value(m)?);
+    model.export_adam(adam)?;
+    checkpoint::save_last(&cfg.out, model, adam, state, cfg.image_size)?;
+    append_metrics(&cfg.out.join("metrics.jsonl"), m)
+}
+
+/// A write of the run's files failed (a full disk, say): training stops, and the line says
+/// what a resume does.
+fn stopped(e: anyhow::Error, dir: &Path) -> anyhow::Error {
+    let resume = match dir.join(checkpoint::LAST_MODEL).exists() {
+        true => "continues from the last checkpoint",
+        false => "starts the run again",
+    };
+    anyhow::anyhow!(
+        "{e:#}; training stopped: `mura train --resume {}` {resume}",
+        dir.display()
+    )
 }
 
 fn progress(quiet: bool, len: u64, prefix: &str) -> indicatif::ProgressBar {
@@ -484,8 +635,9 @@ fn append_metrics(path: &Path, m: &EpochMetrics) -> Result<()> {
         .append(true)
         .open(path)
         .with_context(|| format!("cannot write {}", path.display()))?;
-    writeln!(f, "{}", serde_json::to_string(m)?)?;
-    Ok(())
+    writeln!(f, "{}", serde_json::to_string(m)?)
+        .and_then(|_| f.sync_data())
+        .with_context(|| format!("cannot write {}", path.display()))
 }
 
 fn write_val_predictions(path: &Path, studies: &[StudyPrediction]) -> Result<()> {
@@ -499,5 +651,5 @@ fn write_val_predictions(path: &Path, studies: &[StudyPrediction]) -> Result<()>
             p.probability
         );
     }
-    checkpoint::write_atomic(path, s.as_bytes())
+    crate::disk::write_atomic(path, s.as_bytes())
 }

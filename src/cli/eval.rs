@@ -120,7 +120,7 @@ pub fn run(args: Args) -> Result<()> {
         for p in &preds {
             csv += &format!("{},{}\n", p.path, u8::from(p.probability > 0.5));
         }
-        checkpoint::write_atomic(&dir.join("predictions.csv"), csv.as_bytes())?;
+        crate::disk::write_atomic(&dir.join("predictions.csv"), csv.as_bytes())?;
         let json = match labelled {
             true => format!(" and {}", dir.join("metrics.json").display()),
             false => String::new(),

@@ -139,33 +139,3 @@ impl std::str::FromStr for Split {
         Split::parse(s)
     }
 }
-
-/// Writes `bytes` to `path` atomically: a temporary sibling, fsync, rename, fsync of the folder.
-pub fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> anyhow::Result<()> {
-    use anyhow::Context;
-    use std::io::Write;
-    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
-    let mut f =
-        std::fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-    f.write_all(bytes)
-        .and_then(|_| f.sync_all())
-        .with_context(|| format!("cannot write {}", tmp.display()))?;
-    drop(f);
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot rename to {}", path.display()))?;
-    sync_dir(path.parent());
-    Ok(())
-}
-
-/// fsyncs a directory so a rename inside it is durable (best effort: not every platform allows it).
-pub fn sync_dir(dir: Option<&std::path::Path>) {
-    if let Some(d) = dir {
-        let d = if d.as_os_str().is_empty() {
-            std::path::Path::new(".")
-        } else {
-            d
-        };
-        if let Ok(f) = std::fs::File::open(d) {
-            let _ = f.sync_all();
-        }
-    }
-}

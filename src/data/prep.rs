@@ -17,8 +17,8 @@ use super::mura::{self, Skipped};
 use super::store::{
     self, generation, ImageRecord, Index, Manifest, StudyRecord, CURRENT_FILE, GEN_PREFIX,
 };
-use super::{sync_dir, StudyType};
-use crate::disk::failpoint;
+use super::StudyType;
+use crate::disk::{entry_names, failpoint, sync_dir, write_synced};
 use anyhow::{bail, Context, Result};
 use rayon::prelude::*;
 use std::fs::File;
@@ -112,36 +112,11 @@ pub fn check_replaceable(out: &Path) -> Result<()> {
     Ok(())
 }
 
-fn entry_names(dir: &Path) -> Result<Vec<String>> {
-    let mut names = Vec::new();
-    for e in std::fs::read_dir(dir).with_context(|| format!("cannot read {}", dir.display()))? {
-        let e = e.with_context(|| format!("cannot read {}", dir.display()))?;
-        names.push(e.file_name().to_string_lossy().into_owned());
-    }
-    Ok(names)
-}
-
 /// The generation `out/CURRENT` names, if it names one that exists.
 fn current_generation(out: &Path) -> Option<u64> {
     let text = crate::disk::read_regular_string(&out.join(CURRENT_FILE), 256).ok()?;
     let g = generation(text.trim_end_matches('\n'))?;
     out.join(format!("{GEN_PREFIX}{g}")).is_dir().then_some(g)
-}
-
-/// An exclusive lock on the store folder for this prep's lifetime: a second prep into the same
-/// store is refused instead of removing the first one's generation as a leftover.
-fn lock(out: &Path) -> Result<File> {
-    let f = File::open(out).with_context(|| format!("cannot open {}", out.display()))?;
-    match f.try_lock() {
-        Ok(()) => Ok(f),
-        Err(std::fs::TryLockError::WouldBlock) => bail!(
-            "another 'mura prep' is writing {}; wait for it to finish",
-            out.display()
-        ),
-        Err(std::fs::TryLockError::Error(e)) => {
-            Err(e).with_context(|| format!("cannot lock {}", out.display()))
-        }
-    }
 }
 
 /// Removes what interrupted preps left in `out`: generations not in use, staged `CURRENT`s,
@@ -188,19 +163,6 @@ fn reserve(file: &File, len: u64) -> std::io::Result<()> {
     }
     let _ = (file, len);
     Ok(())
-}
-
-/// Writes `data` to a new file `path` and fsyncs it: the commit step `step`.
-fn write_synced(path: &Path, data: &[u8], step: &str) -> Result<()> {
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(path)
-        .with_context(|| format!("cannot create {}", path.display()))?;
-    f.write_all(data)
-        .and_then(|_| f.sync_all())
-        .and_then(|_| failpoint::hit(step))
-        .with_context(|| format!("cannot write {}", path.display()))
 }
 
 /// A source image as the store holds it: its original (width, height) and its pixels.
@@ -475,7 +437,7 @@ pub fn prep(cfg: &PrepConfig) -> Result<PrepSummary> {
         path: out.clone(),
         whole: false,
     });
-    let _lock = lock(out)?;
+    let _lock = crate::disk::lock_folder(out, "mura prep")?;
     let previous = current_generation(out);
     remove_leftovers(out, previous)?;
     let had_store = previous.is_some() || out.join(store::IMAGES_FILE).exists();

@@ -30,7 +30,8 @@
 //!
 //! A quick check of learnability is in the data helper's report (a small CNN on the 64² prep).
 
-use super::{mura::PREFIX, sync_dir, Split, StudyType};
+use super::{mura::PREFIX, Split, StudyType};
+use crate::disk::sync_dir;
 use crate::rng::Rng;
 use anyhow::{bail, Context, Result};
 use rayon::prelude::*;

@@ -7,7 +7,10 @@
 //! default) or that step fails with ENOSPC (`enospc`). Unset, a point costs one load.
 //!
 //! Points: `store.<step>`, the steps of `prep` writing and committing a store (see
-//! `data::prep`). A test that counts up `n` from 1 until the command succeeds visits every step.
+//! `data::prep`); `checkpoint.<step>`, the steps of a training run saving its last checkpoint
+//! (see `checkpoint::save_last`); `atomic-write`, any other file replaced in one rename (see
+//! `disk::write_atomic`), when its new content is written but not yet renamed into place. A test
+//! that counts up `n` from 1 until the command succeeds visits every step.
 
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -1,17 +1,24 @@
-//! Files on disk: bounded reads of regular files only, and [`failpoint`]s for crash tests.
+//! Files on disk: bounded reads of regular files only, writes that commit in one step, and
+//! [`failpoint`]s for crash tests.
 //!
 //! Every file mura reads as data goes through [`open_regular`]: a FIFO, a device (a link to
 //! `/dev/zero`), a socket or a folder where a file belongs is refused before a byte is read, so
 //! nothing hangs on a FIFO or reads until memory runs out; and [`read_regular`] never reads more
 //! than the cap its caller states, whatever the file claims or grows to.
+//!
+//! Every file mura writes is either new ([`write_synced`]: a step of a larger commit) or
+//! replaced in one rename ([`write_atomic`]), so a kill or a full disk leaves the old file or the
+//! new one, never a part of either. A folder that one command rewrites is locked
+//! ([`lock_folder`]) for as long as it does, so that a second one cannot take its files in
+//! progress for leftovers.
 
 pub mod failpoint;
 
 use anyhow::{bail, Context, Result};
 use std::fs::{File, Metadata};
-use std::io::Read;
+use std::io::{Read, Write};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 const MIB: u64 = 1 << 20;
 
@@ -96,6 +103,114 @@ pub fn read_regular_string(path: &Path, cap: u64) -> Result<String> {
         .map_err(|_| anyhow::anyhow!("{} is not UTF-8 text", path.display()))
 }
 
+/// The names of the entries of the folder `dir`.
+pub fn entry_names(dir: &Path) -> Result<Vec<String>> {
+    let mut names = Vec::new();
+    for e in std::fs::read_dir(dir).with_context(|| format!("cannot read {}", dir.display()))? {
+        let e = e.with_context(|| format!("cannot read {}", dir.display()))?;
+        names.push(e.file_name().to_string_lossy().into_owned());
+    }
+    Ok(names)
+}
+
+/// Writes `data` to the new file `path` (an existing one is an error) and fsyncs it, then
+/// passes the failpoint `step`: one step of a commit.
+pub fn write_synced(path: &Path, data: &[u8], step: &str) -> Result<()> {
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    f.write_all(data)
+        .and_then(|_| f.sync_all())
+        .and_then(|_| failpoint::hit(step))
+        .with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// Replaces `path` by a file holding `data` in one rename (see [`write_atomic_step`]).
+pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
+    write_atomic_step(path, data, "atomic-write")
+}
+
+/// The temporary file [`write_atomic`] writes for `path`: `.NAME.tmp<pid>` beside it.
+fn temporary(path: &Path) -> Result<PathBuf> {
+    let name = path
+        .file_name()
+        .with_context(|| format!("{} is not a file path", path.display()))?;
+    let name = format!(".{}.tmp{}", name.to_string_lossy(), std::process::id());
+    Ok(path.with_file_name(name))
+}
+
+/// Whether the folder entry `entry` is a temporary file of [`write_atomic`] for a file `name`
+/// (left behind by a kill).
+pub fn is_temporary(entry: &str, name: &str) -> bool {
+    entry
+        .strip_prefix('.')
+        .and_then(|rest| rest.strip_prefix(name))
+        .and_then(|rest| rest.strip_prefix(".tmp"))
+        .is_some_and(|pid| !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// Removes from `dir` the temporary files that killed [`write_atomic`]s of the files `names`
+/// left. Best effort: one that cannot be removed harms nothing and goes another time.
+pub fn remove_temporaries(dir: &Path, names: &[&str]) {
+    for entry in entry_names(dir).unwrap_or_default() {
+        if names.iter().any(|n| is_temporary(&entry, n)) {
+            let _ = std::fs::remove_file(dir.join(entry));
+        }
+    }
+}
+
+/// Replaces `path` by a file holding `data` in one rename, as the last step of a commit: the
+/// data goes into a temporary file beside `path` (fsynced, then the failpoint `step`), which is
+/// renamed over `path`; then the folder is fsynced. On an error the temporary file is removed
+/// and `path` is as it was.
+pub fn write_atomic_step(path: &Path, data: &[u8], step: &str) -> Result<()> {
+    let tmp = temporary(path)?;
+    let written = (|| {
+        let mut f = File::create(&tmp)?; // truncating a leftover of a killed process with our pid
+        f.write_all(data)?;
+        f.sync_all()?;
+        failpoint::hit(step)?;
+        std::fs::rename(&tmp, path)
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written.with_context(|| format!("cannot write {}", path.display()))?;
+    sync_dir(path.parent());
+    Ok(())
+}
+
+/// fsyncs the folder `dir` (an empty path is the current folder) so that a rename inside it is
+/// durable (best effort: not every platform lets a folder be opened).
+pub fn sync_dir(dir: Option<&Path>) {
+    let Some(dir) = dir else { return };
+    let dir = match dir.as_os_str().is_empty() {
+        true => Path::new("."),
+        false => dir,
+    };
+    if let Ok(f) = File::open(dir) {
+        let _ = f.sync_all();
+    }
+}
+
+/// An exclusive lock on the folder `dir` while the returned file is open: a second `command`
+/// writing the same folder is refused instead of taking the first one's files for leftovers.
+pub fn lock_folder(dir: &Path, command: &str) -> Result<File> {
+    let f = File::open(dir).with_context(|| format!("cannot open {}", dir.display()))?;
+    match f.try_lock() {
+        Ok(()) => Ok(f),
+        Err(std::fs::TryLockError::WouldBlock) => bail!(
+            "another '{command}' is writing {}; wait for it to finish",
+            dir.display()
+        ),
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(e).with_context(|| format!("cannot lock {}", dir.display()))
+        }
+    }
+}
+
 /// `cap` for a message: whole MiB when it is at least one.
 fn show_size(cap: u64) -> String {
     if cap >= MIB && cap.is_multiple_of(MIB) {
@@ -126,6 +241,36 @@ mod tests {
         assert!(e.contains("larger than the 4 bytes"), "{e}");
         let e = format!("{:#}", read_regular(&d, 4).unwrap_err());
         assert!(e.contains("is a folder"), "{e}");
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn atomic_writes_replace_whole_files_and_leave_no_temporary() {
+        let d = tmp("atomic");
+        let f = d.join("a.json");
+        write_atomic(&f, b"one").unwrap();
+        write_atomic(&f, b"two").unwrap();
+        assert_eq!(std::fs::read(&f).unwrap(), b"two");
+        let names: Vec<_> = std::fs::read_dir(&d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["a.json"]);
+        let tmp = temporary(&f).unwrap();
+        let tmp = tmp.file_name().unwrap().to_str().unwrap();
+        assert!(is_temporary(tmp, "a.json"), "{tmp}");
+        for other in [
+            "a.json",
+            ".a.json.tmp",
+            ".a.json.tmpx",
+            ".b.json.tmp1",
+            "a.json.tmp1",
+        ] {
+            assert!(!is_temporary(other, "a.json"), "{other}");
+        }
+        // A file that exists is not written over by a step of a commit.
+        let e = format!("{:#}", write_synced(&f, b"three", "test").unwrap_err());
+        assert!(e.contains("cannot create"), "{e}");
         std::fs::remove_dir_all(&d).unwrap();
     }
 

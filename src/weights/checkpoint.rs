@@ -9,7 +9,6 @@ use anyhow::{bail, Context, Result};
 use safetensors::{Dtype, SafeTensors, View};
 use std::borrow::Cow;
 use std::collections::HashMap;
-use std::io::Write;
 use std::path::Path;
 
 /// A loaded checkpoint: tensors plus the header's string metadata.
@@ -78,46 +77,13 @@ pub fn to_safetensors_bytes(sd: &StateDict, metadata: &HashMap<String, String>) 
         .context("serialising safetensors")
 }
 
-/// Writes `sd` to `path` atomically: a temp file in the same folder, fsync, rename.
+/// Writes `sd` to `path` atomically (see `disk::write_atomic`).
 pub fn save_safetensors(
     path: &Path,
     sd: &StateDict,
     metadata: &HashMap<String, String>,
 ) -> Result<()> {
-    let bytes = to_safetensors_bytes(sd, metadata)?;
-    write_atomic(path, &bytes).with_context(|| format!("writing {}", path.display()))
-}
-
-/// Atomic file write: temp file beside `path`, fsync, rename over `path`, fsync the folder.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    let name = path
-        .file_name()
-        .with_context(|| format!("{} is not a file path", path.display()))?;
-    let tmp = dir.join(format!(
-        ".{}.tmp{}",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
-    let result = (|| -> Result<()> {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        Ok(())
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result?;
-    // Make the rename durable; not every platform lets a folder be opened, so best effort.
-    if let Ok(d) = std::fs::File::open(dir) {
-        let _ = d.sync_all();
-    }
-    Ok(())
+    crate::disk::write_atomic(path, &to_safetensors_bytes(sd, metadata)?)
 }
 
 /// Parses safetensors bytes into a checkpoint. F32 and I64 only; other dtypes are an error
@@ -165,6 +131,11 @@ pub const MAX_SAFETENSORS_BYTES: u64 = 2 << 30;
 
 /// Loads a safetensors checkpoint.
 pub fn load_safetensors(path: &Path) -> Result<Checkpoint> {
-    let bytes = crate::disk::read_regular(path, MAX_SAFETENSORS_BYTES)?;
+    load_safetensors_capped(path, MAX_SAFETENSORS_BYTES)
+}
+
+/// Loads a safetensors file that may hold at most `cap` bytes.
+pub fn load_safetensors_capped(path: &Path, cap: u64) -> Result<Checkpoint> {
+    let bytes = crate::disk::read_regular(path, cap)?;
     from_safetensors_bytes(&bytes).with_context(|| format!("loading {}", path.display()))
 }

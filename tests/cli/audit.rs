@@ -260,7 +260,7 @@ fn eval_and_predict_use_what_the_checkpoint_records() {
         "--store",
         s(store),
         "--checkpoint",
-        s(&run.join("last.optim.safetensors")),
+        s(&run.join("last.optim-1.safetensors")),
     ]);
     assert!(
         e.contains("records no architecture") && e.contains("missing key 'features.conv0.weight'"),

@@ -332,6 +332,176 @@ fn metric_of_1e308_is_refused_not_plotted_for_ever() {
     );
 }
 
+// --- a run's files -------------------------------------------------------------------------
+
+/// A run of the tiny net, one epoch of one batch, trained once and shared.
+fn trained_run() -> &'static PathBuf {
+    static R: OnceLock<PathBuf> = OnceLock::new();
+    R.get_or_init(|| {
+        let run = tmp("run").join("run");
+        let mut args = vec!["train", "--store", s(store()), "--out", s(&run), "--quiet"];
+        args.extend_from_slice(TINY);
+        args.extend(["--image-size", "32", "--epochs", "1", "--max-batches", "1"]);
+        run_ok(&args);
+        run
+    })
+}
+
+/// A copy of the shared run whose `file` is edited by `edit`.
+fn run_with(name: &str, file: &str, edit: impl FnOnce(&Path)) -> PathBuf {
+    let d = tmp(name).join("run");
+    std::fs::create_dir_all(&d).unwrap();
+    for e in std::fs::read_dir(trained_run()).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), d.join(e.file_name())).unwrap();
+    }
+    edit(&d.join(file));
+    d
+}
+
+/// `train --resume` of `run` fails with one line, and removes nothing from the run.
+fn resume_refused(run: &Path) -> String {
+    let names = |d: &Path| -> Vec<_> {
+        let mut v: Vec<_> = std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        v.sort();
+        v
+    };
+    let before = names(run);
+    let e = fails(&["train", "--resume", s(run), "--epochs", "2", "--quiet"]);
+    assert_eq!(names(run), before, "{e}");
+    e
+}
+
+/// Replaces the file `p` by a FIFO.
+fn fifo(p: &Path) {
+    std::fs::remove_file(p).unwrap();
+    let c = std::ffi::CString::new(p.to_str().unwrap()).unwrap();
+    // SAFETY: a plain syscall with a valid C string.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+}
+
+/// Replaces the file `p` by a link to `/dev/zero`.
+fn zero(p: &Path) {
+    std::fs::remove_file(p).unwrap();
+    std::os::unix::fs::symlink("/dev/zero", p).unwrap();
+}
+
+const OPTIM: &str = "last.optim-1.safetensors";
+
+#[test]
+fn special_or_huge_run_files_are_not_read() {
+    let e = resume_refused(&run_with("cfg-fifo", "config.json", fifo));
+    assert!(
+        e.contains("config.json is a FIFO, not a regular file"),
+        "{e}"
+    );
+    let e = resume_refused(&run_with("cfg-zero", "config.json", zero));
+    assert!(
+        e.contains("config.json is a device, not a regular file"),
+        "{e}"
+    );
+    let e = resume_refused(&run_with("cfg-big", "config.json", |p| {
+        let mut f = std::fs::OpenOptions::new().append(true).open(p).unwrap();
+        f.write_all(&vec![b' '; 2 << 20]).unwrap();
+    }));
+    assert!(e.contains("config.json is larger than the 1 MiB"), "{e}");
+    let e = resume_refused(&run_with("optim-zero", OPTIM, zero));
+    assert!(
+        e.contains(&format!("{OPTIM} is a device, not a regular file")),
+        "{e}"
+    );
+    // Moments of far more floats than the model has parameters: refused before reading.
+    let e = resume_refused(&run_with("optim-big", OPTIM, |p| {
+        edit_optim(p, |sd, _| {
+            for t in &mut sd.tensors {
+                t.shape = vec![1 << 20];
+                t.data = mura::weights::TensorData::F32(vec![0.0; 1 << 20]);
+            }
+        })
+    }));
+    assert!(e.contains(&format!("{OPTIM} is larger than the")), "{e}");
+}
+
+/// Rewrites the safetensors file `p` through `edit` of its tensors and metadata.
+fn edit_optim(
+    p: &Path,
+    edit: impl FnOnce(&mut mura::weights::StateDict, &mut std::collections::HashMap<String, String>),
+) {
+    let mut ck = mura::weights::load_safetensors(p).unwrap();
+    edit(&mut ck.state_dict, &mut ck.metadata);
+    mura::weights::save_safetensors(p, &ck.state_dict, &ck.metadata).unwrap();
+}
+
+/// Edits the run state in the optimiser file `p`.
+fn edit_state(p: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    edit_optim(p, |_, meta| {
+        let mut v: serde_json::Value = serde_json::from_str(&meta["state"]).unwrap();
+        edit(&mut v);
+        meta.insert("state".into(), v.to_string());
+    });
+}
+
+#[test]
+fn run_files_that_disagree_with_the_model_are_refused() {
+    let e = resume_refused(&run_with("short-moment", OPTIM, |p| {
+        edit_optim(p, |sd, _| {
+            let t = &mut sd.tensors[0];
+            if let mura::weights::TensorData::F32(v) = &mut t.data {
+                v.pop();
+                t.shape = vec![v.len()];
+            }
+        })
+    }));
+    assert!(
+        e.contains("is missing or not") && e.contains("floats (the model's parameters)"),
+        "{e}"
+    );
+    // The model names its optimiser file: a path elsewhere is not followed.
+    let e = resume_refused(&run_with("optim-path", "last.safetensors", |p| {
+        edit_optim(p, |_, meta| {
+            meta.insert("optimizer".into(), "../../../etc/passwd".into());
+        })
+    }));
+    assert!(
+        e.contains(r#"its metadata names "../../../etc/passwd", not an optimiser file"#),
+        "{e}"
+    );
+    for (name, field, value) in [
+        ("lr", "lr", serde_json::json!(-1.0)),
+        ("step", "adam_step", serde_json::json!(1u64 << 40)),
+        (
+            "factor",
+            "scheduler",
+            serde_json::json!({"factor": 10.0, "patience": 1, "threshold": 1e-4, "cooldown": 0, "min_lr": 0.0, "eps": 1e-8, "best": null, "num_bad_epochs": 0, "cooldown_counter": 0}),
+        ),
+    ] {
+        let e = resume_refused(&run_with(&format!("state-{name}"), OPTIM, |p| {
+            edit_state(p, |v| v[field] = value)
+        }));
+        assert!(e.contains("damaged run state"), "{name}: {e}");
+    }
+    // Without its last model a run that has trained is not started again over its best model.
+    let e = resume_refused(&run_with("no-last", "last.safetensors", |p| {
+        std::fs::remove_file(p).unwrap()
+    }));
+    assert!(
+        e.contains("has trained 1 epoch(s) (see metrics.jsonl) but has no last.safetensors"),
+        "{e}"
+    );
+    let e = resume_refused(&run_with("state-batch", OPTIM, |p| {
+        edit_state(p, |v| {
+            v["batches_done"] = serde_json::json!(1_000_000_000_000u64)
+        })
+    }));
+    assert!(
+        e.contains("the last checkpoint is at batch 1000000000000 of an epoch of 1"),
+        "{e}"
+    );
+}
+
 // --- PNGs ----------------------------------------------------------------------------------
 
 /// Bits packed as deflate writes them (least significant first).

@@ -103,7 +103,7 @@ fn train_learns_and_resume_matches_an_uninterrupted_run() {
     for f in [
         "best.safetensors",
         "last.safetensors",
-        "last.optim.safetensors",
+        "last.optim-4.safetensors",
         "val_predictions.csv",
     ] {
         assert!(full.join(f).exists(), "no {f}");
