@@ -36,11 +36,12 @@
 //         4 blocks (16 warps) per SM. Used by the 3x3 forward (N = O = 32, K = 9*128 = 36
 //         K-slices) and 3x3 backward-weight (M = 9*C, N = 32, K = pixels, split).
 // Split-K (gridDim.z chunks of split_len pixels, a multiple of BK) for both weight gradients, whose
-// K = n*h*w is huge and M*N small; f32 partial sums are added with atomicAdd (ops_tc.rs aims at
-// ~4 blocks per SM of a 132-SM GPU, chunks of >= 512 pixels). The forwards split K = k*k*c the same
-// way when their grid is too small to fill the GPU (DenseNet-169's blocks 3 and 4 at batch 64: 98
-// and 25 row tiles for 132 SMs; ops_tc.rs aims at 2 (T128) or 4 (T32) blocks per SM, chunks of
-// >= 4 K-slices), into an f32 workspace that conv_tc_fwd_finish_bf16 rounds, stores and re-zeroes.
+// K = n*h*w is huge and M*N small; f32 partial sums are added with atomicAdd
+// (src/gpu/ops/conv_tc.rs aims at ~4 blocks per SM of a 132-SM GPU, chunks of >= 512 pixels). The
+// forwards split K = k*k*c the same way when their grid is too small to fill the GPU
+// (DenseNet-169's blocks 3 and 4 at batch 64: 98 and 25 row tiles for 132 SMs;
+// src/gpu/ops/conv_tc.rs aims at 2 (T128) or 4 (T32) blocks per SM, chunks of >= 4 K-slices), into
+// an f32 workspace that conv_tc_fwd_finish_bf16 rounds, stores and re-zeroes.
 // To tune on the GPU: BM 64 vs 128 for the 3x3 forward at 7x7/14x14 (few pixels per image);
 // stages per kernel (the data gradients' 3 against 2 and 4; the forwards' weights by cp.async
 // would gain from more only if their BN operand's register loads were not the wait); the per-chunk division
@@ -576,7 +577,7 @@ __device__ __forceinline__ void conv_tc_bwd_weight(float* dw, const bf16* x, int
 // scale, shift: [c] f32, or both null (no BN + ReLU); dw: [k, k, c, co] f32; stats: null or
 // [2, co] f32 += per-channel (sum y, sum y^2); red: null or [2, c] f32 += (sum g, sum g * x) of
 // the masked data gradient g; post: null or [c] f32 factors of the stored data gradient.
-// Dynamic shared bytes: 2 stages of [outer][inner + 8] bf16 per operand (src/gpu/ops_tc.rs smem).
+// Dynamic shared bytes: 2 stages of [outer][inner + 8] bf16 per operand (gpu/ops/conv_tc.rs smem).
 
 // ws: null, or [n*h*w, co] f32 partial sums (split-K over gridDim.z chunks of split_len, a multiple
 // of 32, of the k*k*c reduction; y and stats untouched, see conv_tc_fwd_finish_bf16).

@@ -63,7 +63,7 @@ FIXTURE FORMAT (tests/fixtures/golden/<name>.json), all numbers plain JSON float
 
 Also writes tests/fixtures/golden/seeded_weights.json: per model, the state_dict names in
 order with each tensor's float64 sum and first three values, so that seeded_state_dict can
-be checked without torch (tests/weights_seeded.rs).
+be checked without torch (tests/weights/seeded.rs).
 """
 import json
 import math

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Writes the small `.pth` fixtures that tests/weights_pth.rs imports.
+"""Writes the small `.pth` fixtures that tests/weights/pth.rs imports.
 
 Run with the torch venv:  /work/venvs/torch/bin/python scripts/make_pth_fixtures.py
 (CI does not need torch: the outputs are committed under tests/fixtures/.)

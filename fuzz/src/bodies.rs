@@ -1,5 +1,5 @@
 //! The fuzz targets' bodies, shared by the cargo-fuzz targets (`fuzz/fuzz_targets/<name>.rs`)
-//! and the replay test (`tests/fuzz_replay.rs`), which runs every file of
+//! and the replay test (`tests/data/fuzz_replay.rs`), which runs every file of
 //! `fuzz/corpus/<name>/` and `fuzz/regressions/<name>/` through them. A body may meet any
 //! error; it must never panic, abort, hang or exhaust memory.
 #![allow(dead_code)] // each fuzz target uses one body

@@ -169,7 +169,7 @@ extern "C" __global__ void selftest_oob_fwd_f32(float* out, int n, int extra) {
         out[i] = (float)i;
 }
 
-// ---- the emulator's checkers and profiler (tests/emu_checks.rs, tests/emu_profile.rs) ----------
+// ---- the emulator's checkers and profiler (tests/device/checks.rs, tests/device/profile.rs) ----------
 
 // y: [n] f32 = x: [n] f32, one element per thread (a perfectly coalesced copy).
 extern "C" __global__ void selftest_copy_fwd_f32(float* __restrict__ y, const float* __restrict__ x, int n) {
