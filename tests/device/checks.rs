@@ -3,8 +3,10 @@
 //! allocation; correct code passes; and the emulator stays usable after a failed launch.
 
 use crate::common::gpu::seed;
+use anyhow::Result;
 use mura::gpu::emu::{Checks, Emu};
-use mura::gpu::{arg, DeviceBuffer, Driver};
+use mura::gpu::kernels::testing;
+use mura::gpu::{arg, DeviceBuffer, Driver, Launch, Ptr};
 use mura::rng::Rng;
 use std::sync::Arc;
 
@@ -12,33 +14,24 @@ fn emu() -> Arc<dyn Driver> {
     Arc::new(Emu::with_checks(Checks::all()))
 }
 
-/// Launches `kernel` with `params` on `grid` blocks of `block` threads.
-fn launch(
-    d: &Arc<dyn Driver>,
-    kernel: &str,
-    grid: u32,
-    block: u32,
-    shared: u32,
-    params: &mut [*mut std::ffi::c_void],
-) -> anyhow::Result<()> {
-    unsafe { d.launch(kernel, [grid, 1, 1], [block, 1, 1], shared, params) }
-}
-
 /// `y = x` by selftest_copy_fwd_f32 over `n` elements.
-fn copy(d: &Arc<dyn Driver>, y: u64, x: u64, n: usize) -> anyhow::Result<()> {
-    let (mut y, mut x, mut n32) = (y, x, n as i32);
-    let grid = n.div_ceil(128) as u32;
-    launch(
-        d,
-        "selftest_copy_fwd_f32",
-        grid,
-        128,
-        0,
-        &mut [arg(&mut y), arg(&mut x), arg(&mut n32)],
-    )
+fn copy(d: &Arc<dyn Driver>, y: Ptr<f32>, x: Ptr<f32>, n: usize) -> Result<()> {
+    let at = Launch::linear(n.div_ceil(128) as u32, 128);
+    unsafe { testing::selftest_copy_fwd_f32(&**d, at, y, x, n) }
 }
 
-fn expect_err(r: anyhow::Result<()>, want: &[&str]) -> String {
+/// selftest_hazard_fwd_i32's planted hazard `mode` on `blocks` blocks of 64 threads.
+fn run_hazard(d: &Arc<dyn Driver>, out: &DeviceBuffer<i32>, blocks: u32, mode: i32) -> Result<()> {
+    let at = Launch::linear(blocks, 64);
+    unsafe { testing::selftest_hazard_fwd_i32(&**d, at, out.ptr(), mode) }
+}
+
+/// selftest_oob_fwd_f32 on 4 blocks of 128 threads: `out[i] = i` for `i < n + extra`.
+fn oob(d: &Arc<dyn Driver>, out: &DeviceBuffer<f32>, n: usize, extra: i32) -> Result<()> {
+    unsafe { testing::selftest_oob_fwd_f32(&**d, Launch::linear(4, 128), out.ptr(), n, extra) }
+}
+
+fn expect_err(r: Result<()>, want: &[&str]) -> String {
     let e = format!(
         "{:#}",
         r.expect_err(&format!("the launch should fail with {want:?}"))
@@ -58,17 +51,7 @@ fn memcheck_catches_out_of_bounds_global_accesses() {
     let d = emu();
     let n = 1000;
     let out = DeviceBuffer::<f32>::alloc(&d, n).unwrap();
-    let run = |extra: i32| {
-        let (mut o, mut n32, mut e) = (out.ptr().addr(), n as i32, extra);
-        launch(
-            &d,
-            "selftest_oob_fwd_f32",
-            4,
-            128,
-            0,
-            &mut [arg(&mut o), arg(&mut n32), arg(&mut e)],
-        )
-    };
+    let run = |extra: i32| oob(&d, &out, n, extra);
     run(0).unwrap();
     let want: Vec<f32> = (0..n).map(|i| i as f32).collect();
     assert_eq!(out.to_vec().unwrap(), want);
@@ -97,11 +80,12 @@ fn memcheck_catches_freed_foreign_and_misaligned_addresses() {
     let mut rng = Rng::new(seed.value);
     let x = DeviceBuffer::from_slice(&d, &random(&mut rng, 256)).unwrap();
     let y = DeviceBuffer::<f32>::alloc(&d, 256).unwrap();
-    let freed = x.ptr().addr();
-    copy(&d, y.ptr().addr(), freed, 256).unwrap();
+    // A Ptr outlives its buffer: kept past the drop, it addresses freed memory.
+    let freed = x.ptr();
+    copy(&d, y.ptr(), freed, 256).unwrap();
     drop(x);
     expect_err(
-        copy(&d, y.ptr().addr(), freed, 256),
+        copy(&d, y.ptr(), freed, 256),
         &[
             "memcheck: out of bounds: 4-byte read",
             "bytes at",
@@ -109,42 +93,40 @@ fn memcheck_catches_freed_foreign_and_misaligned_addresses() {
         ],
     );
     let host = vec![1.0f32; 256];
-    expect_err(
-        copy(&d, y.ptr().addr(), host.as_ptr() as u64, 256),
-        &["memcheck: 4-byte read at", "is not device memory"],
-    );
-    let out = DeviceBuffer::<i32>::alloc(&d, 64).unwrap();
-    out.fill_bytes(0).unwrap();
-    let hazard = |mode: i32| {
-        let (mut o, mut m) = (out.ptr().addr(), mode);
-        launch(
-            &d,
-            "selftest_hazard_fwd_i32",
-            1,
-            64,
+    // Raw: a host address, which no Ptr can carry.
+    let (mut yp, mut xp, mut n32) = (y.ptr().addr(), host.as_ptr() as u64, 256i32);
+    let mut params = [arg(&mut yp), arg(&mut xp), arg(&mut n32)];
+    let r = unsafe {
+        d.launch(
+            "selftest_copy_fwd_f32",
+            [2, 1, 1],
+            [128, 1, 1],
             0,
-            &mut [arg(&mut o), arg(&mut m)],
+            &mut params,
         )
     };
+    expect_err(r, &["memcheck: 4-byte read at", "is not device memory"]);
+    let out = DeviceBuffer::<i32>::alloc(&d, 64).unwrap();
+    out.fill_bytes(0).unwrap();
     expect_err(
-        hazard(20),
+        run_hazard(&d, &out, 1, 20),
         &[
             "memcheck: misaligned: 4-byte read at",
             "at offset 2 of allocation #",
         ],
     );
     expect_err(
-        hazard(21),
+        run_hazard(&d, &out, 1, 21),
         &["memcheck: misaligned: 4-byte read at static shared offset"],
     );
     expect_err(
-        hazard(22),
+        run_hazard(&d, &out, 1, 22),
         &[
             "ldmatrix row address",
             "must be 16-byte aligned, in shared memory",
         ],
     );
-    hazard(0).unwrap();
+    run_hazard(&d, &out, 1, 0).unwrap();
 }
 
 #[test]
@@ -152,15 +134,11 @@ fn memcheck_catches_shared_memory_overruns() {
     let d = emu();
     let out = DeviceBuffer::<f32>::alloc(&d, 64).unwrap();
     let run = |shared: u32| {
-        let mut o = out.ptr().addr();
-        launch(
-            &d,
-            "selftest_dynshared_fwd_f32",
-            1,
-            64,
+        let at = Launch {
             shared,
-            &mut [arg(&mut o)],
-        )
+            ..Launch::linear(1, 64)
+        };
+        unsafe { testing::selftest_dynshared_fwd_f32(&*d, at, out.ptr()) }
     };
     run(256).unwrap();
     expect_err(
@@ -186,7 +164,7 @@ fn initcheck_catches_reads_of_unwritten_device_memory() {
     d.htod(x.ptr().addr(), bytemuck::cast_slice(&head)).unwrap();
     // Element 500, the first nothing wrote, is read by block 3, thread 116.
     expect_err(
-        copy(&d, y.ptr().addr(), x.ptr().addr(), n),
+        copy(&d, y.ptr(), x.ptr(), n),
         &[
             "kernel selftest_copy_fwd_f32: initcheck: read of device memory nothing wrote",
             "4-byte read at",
@@ -196,8 +174,8 @@ fn initcheck_catches_reads_of_unwritten_device_memory() {
     );
     // A memset writes the rest; then a kernel's stores count as writes for the next kernel.
     d.memset(x.ptr().addr() + 2000, 0, 2000).unwrap();
-    copy(&d, y.ptr().addr(), x.ptr().addr(), n).unwrap();
-    copy(&d, z.ptr().addr(), y.ptr().addr(), n).unwrap();
+    copy(&d, y.ptr(), x.ptr(), n).unwrap();
+    copy(&d, z.ptr(), y.ptr(), n).unwrap();
     let mut want = head.clone();
     want.resize(n, 0.0);
     assert_eq!(z.to_vec().unwrap(), want);
@@ -224,15 +202,7 @@ fn racecheck_catches_shared_memory_hazards() {
     ];
     for (mode, want) in cases {
         out.fill_bytes(0).unwrap();
-        let (mut o, mut m) = (out.ptr().addr(), mode);
-        let r = launch(
-            &d,
-            "selftest_hazard_fwd_i32",
-            2,
-            64,
-            0,
-            &mut [arg(&mut o), arg(&mut m)],
-        );
+        let r = run_hazard(&d, &out, 2, mode);
         match want {
             None => r.unwrap_or_else(|e| panic!("mode {mode}: {e:#}")),
             Some(w) => {
@@ -259,15 +229,7 @@ fn racecheck_catches_races_between_blocks() {
     ];
     for (mode, want) in cases {
         out.fill_bytes(0).unwrap();
-        let (mut o, mut m) = (out.ptr().addr(), mode);
-        let r = launch(
-            &d,
-            "selftest_hazard_fwd_i32",
-            3,
-            64,
-            0,
-            &mut [arg(&mut o), arg(&mut m)],
-        );
+        let r = run_hazard(&d, &out, 3, mode);
         match want {
             None => r.unwrap_or_else(|e| panic!("mode {mode}: {e:#}")),
             Some(w) => {
@@ -276,17 +238,8 @@ fn racecheck_catches_races_between_blocks() {
         }
     }
     // Mode 10's atomics all landed.
-    let (mut o, mut m) = (out.ptr().addr(), 10);
     out.fill_bytes(0).unwrap();
-    launch(
-        &d,
-        "selftest_hazard_fwd_i32",
-        3,
-        64,
-        0,
-        &mut [arg(&mut o), arg(&mut m)],
-    )
-    .unwrap();
+    run_hazard(&d, &out, 3, 10).unwrap();
     assert_eq!(out.to_vec().unwrap()[0], 3 * 64);
 }
 
@@ -301,25 +254,7 @@ fn checks_are_chosen_by_name_and_can_be_off() {
     // Off, the planted bugs run through (memcheck's redzone absorbs the overrun).
     let d: Arc<dyn Driver> = Arc::new(Emu::with_checks(Checks::none()));
     let out = DeviceBuffer::<f32>::alloc(&d, 1000).unwrap();
-    let (mut o, mut n, mut e) = (out.ptr().addr(), 1000, 1);
-    launch(
-        &d,
-        "selftest_oob_fwd_f32",
-        4,
-        128,
-        0,
-        &mut [arg(&mut o), arg(&mut n), arg(&mut e)],
-    )
-    .unwrap();
+    oob(&d, &out, 1000, 1).unwrap();
     let h = DeviceBuffer::<i32>::alloc(&d, 64).unwrap();
-    let (mut o, mut m) = (h.ptr().addr(), 1);
-    launch(
-        &d,
-        "selftest_hazard_fwd_i32",
-        1,
-        64,
-        0,
-        &mut [arg(&mut o), arg(&mut m)],
-    )
-    .unwrap();
+    run_hazard(&d, &h, 1, 1).unwrap();
 }

@@ -4,7 +4,9 @@
 //! emulator's diagnostics and run on the emulator only.
 
 use crate::common::gpu::{seed, test_driver};
-use mura::gpu::{arg, emu::Emu, kernels, DeviceBuffer, Driver};
+use anyhow::Result;
+use mura::gpu::kernels::{self, testing};
+use mura::gpu::{arg, emu::Emu, DeviceBuffer, Driver, Launch};
 use mura::rng::Rng;
 use std::sync::Arc;
 
@@ -12,23 +14,18 @@ fn driver() -> Arc<dyn Driver> {
     test_driver()
 }
 
-/// Launch a kernel whose only parameter is an output buffer (plus optional extra i32).
-fn launch_out(
-    d: &Arc<dyn Driver>,
-    name: &str,
-    out: u64,
-    extra: Option<i32>,
-    grid: u32,
-    block: u32,
-    shared: u32,
-) -> anyhow::Result<()> {
-    let (mut o, mut e) = (out, extra.unwrap_or(0));
-    let mut params = vec![arg(&mut o)];
-    if extra.is_some() {
-        params.push(arg(&mut e));
-    }
-    unsafe { d.launch(name, [grid, 1, 1], [block, 1, 1], shared, &mut params) }?;
+/// A launch's result once the device has run it (a real GPU reports a kernel's fault late).
+fn synced(d: &Arc<dyn Driver>, launched: Result<()>) -> Result<()> {
+    launched?;
     d.synchronize()
+}
+
+/// `blocks` blocks of `threads` threads with `shared` bytes of dynamic shared memory.
+fn with_shared(blocks: u32, threads: u32, shared: u32) -> Launch {
+    Launch {
+        shared,
+        ..Launch::linear(blocks, threads)
+    }
 }
 
 #[test]
@@ -37,16 +34,9 @@ fn barriers_order_shared_memory() {
     let (grid, n) = (3usize, 96usize);
     let out = DeviceBuffer::<i32>::alloc(&d, grid * n).unwrap();
     out.fill_bytes(0xff).unwrap();
-    launch_out(
-        &d,
-        "selftest_barrier_fwd_i32",
-        out.ptr().addr(),
-        None,
-        grid as u32,
-        n as u32,
-        0,
-    )
-    .unwrap();
+    let at = Launch::linear(grid as u32, n as u32);
+    unsafe { testing::selftest_barrier_fwd_i32(&*d, at, out.ptr()) }.unwrap();
+    d.synchronize().unwrap();
     let got = out.to_vec().unwrap();
     for b in 0..grid {
         let s1: Vec<i32> = (0..n).map(|u| (u * 7 + b) as i32).collect();
@@ -63,16 +53,9 @@ fn warp_shuffles_and_votes() {
     let (grid, block) = (2usize, 64usize);
     let out = DeviceBuffer::<i32>::alloc(&d, grid * block * 8).unwrap();
     out.fill_bytes(0xff).unwrap();
-    launch_out(
-        &d,
-        "selftest_shfl_fwd_i32",
-        out.ptr().addr(),
-        None,
-        grid as u32,
-        block as u32,
-        0,
-    )
-    .unwrap();
+    let at = Launch::linear(grid as u32, block as u32);
+    unsafe { testing::selftest_shfl_fwd_i32(&*d, at, out.ptr()) }.unwrap();
+    d.synchronize().unwrap();
     let got = out.to_vec().unwrap();
     let v = |i: usize| (i * 3 + 1) as i32;
     for i in 0..grid * block {
@@ -118,29 +101,16 @@ fn atomics() {
         d.memset(b, 0, 4).unwrap();
     }
     hist.fill_bytes(0).unwrap();
-    let (mut h, mut f, mut m, mut c, mut xp, mut ni) = (
-        hist.ptr().addr(),
-        fsum.ptr().addr(),
-        imax.ptr().addr(),
-        count.ptr().addr(),
-        xb.ptr().addr(),
-        n as i32,
-    );
-    let mut params = [
-        arg(&mut h),
-        arg(&mut f),
-        arg(&mut m),
-        arg(&mut c),
-        arg(&mut xp),
-        arg(&mut ni),
-    ];
     unsafe {
-        d.launch(
-            "selftest_atomic_fwd_i32",
-            [5, 1, 1],
-            [128, 1, 1],
-            0,
-            &mut params,
+        testing::selftest_atomic_fwd_i32(
+            &*d,
+            Launch::linear(5, 128),
+            hist.ptr(),
+            fsum.ptr(),
+            imax.ptr(),
+            count.ptr(),
+            xb.ptr(),
+            n,
         )
     }
     .unwrap();
@@ -164,16 +134,9 @@ fn dynamic_shared_memory() {
     let (grid, n) = (3usize, 64usize);
     let out = DeviceBuffer::<f32>::alloc(&d, grid * n).unwrap();
     out.fill_bytes(0xff).unwrap();
-    launch_out(
-        &d,
-        "selftest_dynshared_fwd_f32",
-        out.ptr().addr(),
-        None,
-        grid as u32,
-        n as u32,
-        4 * n as u32,
-    )
-    .unwrap();
+    let at = with_shared(grid as u32, n as u32, 4 * n as u32);
+    unsafe { testing::selftest_dynshared_fwd_f32(&*d, at, out.ptr()) }.unwrap();
+    d.synchronize().unwrap();
     let got = out.to_vec().unwrap();
     for b in 0..grid {
         for t in 0..n {
@@ -197,16 +160,9 @@ fn cp_async_lands_at_the_wait() {
         .collect();
     let out = DeviceBuffer::<f32>::alloc(&d, rows.len()).unwrap();
     out.copy_from(&rows).unwrap();
-    launch_out(
-        &d,
-        "selftest_cpasync_fwd_f32",
-        out.ptr().addr(),
-        None,
-        grid as u32,
-        block as u32,
-        0,
-    )
-    .unwrap();
+    let at = Launch::linear(grid as u32, block as u32);
+    unsafe { testing::selftest_cpasync_fwd_f32(&*d, at, out.ptr()) }.unwrap();
+    d.synchronize().unwrap();
     let got = out.to_vec().unwrap();
     for r in 0..grid * block {
         let (want, row) = (&rows[r * 16..][..16], &got[r * 16..][..16]);
@@ -239,16 +195,9 @@ fn emu_poisons_shared_memory_per_block() {
     let (grid, n) = (4usize, 64usize);
     let out = DeviceBuffer::<f32>::alloc(&d, grid * n * 2).unwrap();
     out.fill_bytes(0).unwrap();
-    launch_out(
-        &d,
-        "selftest_uninit_fwd_f32",
-        out.ptr().addr(),
-        None,
-        grid as u32,
-        n as u32,
-        4 * n as u32,
-    )
-    .unwrap();
+    let at = with_shared(grid as u32, n as u32, 4 * n as u32);
+    unsafe { testing::selftest_uninit_fwd_f32(&*d, at, out.ptr()) }.unwrap();
+    d.synchronize().unwrap();
     for (i, v) in out.to_vec().unwrap().into_iter().enumerate() {
         assert_eq!(
             v.to_bits(),
@@ -286,15 +235,9 @@ fn emu_reports_planted_bugs() {
     ];
     for (mode, block, expect) in cases {
         let out = DeviceBuffer::<i32>::alloc(&d, 2 * block as usize).unwrap();
-        let r = launch_out(
-            &d,
-            "selftest_bug_fwd_i32",
-            out.ptr().addr(),
-            Some(mode),
-            2,
-            block,
-            0,
-        );
+        let at = Launch::linear(2, block);
+        let launched = unsafe { testing::selftest_bug_fwd_i32(&*d, at, out.ptr(), mode) };
+        let r = synced(&d, launched);
         match (expect, r) {
             (None, Ok(())) => {}
             (Some(want), Err(e)) => assert!(
@@ -306,70 +249,56 @@ fn emu_reports_planted_bugs() {
     }
     // The emulator is still usable after failed launches.
     let out = DeviceBuffer::<i32>::alloc(&d, 128).unwrap();
-    launch_out(
-        &d,
-        "selftest_barrier_fwd_i32",
-        out.ptr().addr(),
-        None,
-        2,
-        64,
-        0,
-    )
-    .unwrap();
+    let at = Launch::linear(2, 64);
+    unsafe { testing::selftest_barrier_fwd_i32(&*d, at, out.ptr()) }.unwrap();
+    d.synchronize().unwrap();
 }
 
 #[test]
 fn emu_rejects_bad_launches() {
     let d: Arc<dyn Driver> = Arc::new(Emu::new());
     let out = DeviceBuffer::<i32>::alloc(&d, 64).unwrap();
-    let e = launch_out(&d, "no_such_kernel", out.ptr().addr(), None, 1, 32, 0).unwrap_err();
+    let (mut o, mut extra) = (out.ptr().addr(), 1i32);
+    // Raw: no typed launcher can name a kernel that does not exist.
+    let e = unsafe {
+        d.launch(
+            "no_such_kernel",
+            [1, 1, 1],
+            [32, 1, 1],
+            0,
+            &mut [arg(&mut o)],
+        )
+    }
+    .unwrap_err();
     assert!(format!("{e}").contains("no kernel named 'no_such_kernel'"));
-    let e = launch_out(
-        &d,
-        "selftest_barrier_fwd_i32",
-        out.ptr().addr(),
-        Some(1),
-        1,
-        32,
-        0,
-    )
+    // Raw: a typed launcher cannot pass more parameters than its kernel's signature has.
+    let mut params = [arg(&mut o), arg(&mut extra)];
+    let e = unsafe {
+        d.launch(
+            "selftest_barrier_fwd_i32",
+            [1, 1, 1],
+            [32, 1, 1],
+            0,
+            &mut params,
+        )
+    }
     .unwrap_err();
     assert!(format!("{e}").contains("takes 1 parameters, 2 given"));
-    let e = launch_out(
-        &d,
-        "selftest_barrier_fwd_i32",
-        out.ptr().addr(),
-        None,
-        1,
-        2048,
-        0,
-    )
-    .unwrap_err();
-    assert!(format!("{e}").contains("invalid launch"));
+    let at = Launch::linear(1, 2048);
+    let launched = unsafe { testing::selftest_barrier_fwd_i32(&*d, at, out.ptr()) };
+    let e = synced(&d, launched).unwrap_err();
+    assert!(format!("{e:#}").contains("invalid launch"));
     // The most dynamic shared memory a block may have on every target GPU (sm_86/89, with the
     // opt-in): 99 KiB pass, a byte more does not.
     let f = DeviceBuffer::<f32>::alloc(&d, 64).unwrap();
-    launch_out(
-        &d,
-        "selftest_dynshared_fwd_f32",
-        f.ptr().addr(),
-        None,
-        1,
-        64,
-        99 << 10,
-    )
-    .unwrap();
-    let e = launch_out(
-        &d,
-        "selftest_dynshared_fwd_f32",
-        f.ptr().addr(),
-        None,
-        1,
-        64,
-        (99 << 10) + 1,
-    )
-    .unwrap_err();
-    assert!(format!("{e}").contains("over 99 KiB"), "{e}");
+    let dynshared = |shared: u32| {
+        let at = with_shared(1, 64, shared);
+        let launched = unsafe { testing::selftest_dynshared_fwd_f32(&*d, at, f.ptr()) };
+        synced(&d, launched)
+    };
+    dynshared(99 << 10).unwrap();
+    let e = dynshared((99 << 10) + 1).unwrap_err();
+    assert!(format!("{e:#}").contains("over 99 KiB"), "{e:#}");
     let e = d.htod(out.ptr().addr() + 200, &[0u8; 100]).unwrap_err();
     assert!(format!("{e}").contains("outside every allocation"));
 }
@@ -450,37 +379,17 @@ fn float_conversions() {
     }
     let n = x.len();
     let xb = DeviceBuffer::from_slice(&d, &x).unwrap();
-    let bb = DeviceBuffer::<u16>::alloc(&d, n).unwrap();
-    let hb = DeviceBuffer::<u16>::alloc(&d, n).unwrap();
+    let bb = DeviceBuffer::<bf16>::alloc(&d, n).unwrap();
+    let hb = DeviceBuffer::<f16>::alloc(&d, n).unwrap();
     let back = DeviceBuffer::<f32>::alloc(&d, 2 * n).unwrap();
     for buf in [bb.ptr().addr(), hb.ptr().addr()] {
         d.memset(buf, 0xff, 2 * n).unwrap();
     }
     back.fill_bytes(0xff).unwrap();
-    let (mut b, mut h, mut bk, mut xp, mut ni) = (
-        bb.ptr().addr(),
-        hb.ptr().addr(),
-        back.ptr().addr(),
-        xb.ptr().addr(),
-        n as i32,
-    );
-    let mut params = [
-        arg(&mut b),
-        arg(&mut h),
-        arg(&mut bk),
-        arg(&mut xp),
-        arg(&mut ni),
-    ];
-    unsafe {
-        d.launch(
-            "selftest_convert_fwd_f32",
-            [4, 1, 1],
-            [128, 1, 1],
-            0,
-            &mut params,
-        )
-    }
-    .unwrap();
+    let convert = |at: Launch, x: &DeviceBuffer<f32>, n: usize| unsafe {
+        testing::selftest_convert_fwd_f32(&*d, at, bb.ptr(), hb.ptr(), back.ptr(), x.ptr(), n)
+    };
+    convert(Launch::linear(4, 128), &xb, n).unwrap();
     let (bs, hs, backs) = (
         bb.to_vec().unwrap(),
         hb.to_vec().unwrap(),
@@ -489,14 +398,14 @@ fn float_conversions() {
     for i in 0..n {
         let (wb, wh) = (bf16::from_f32(x[i]), f16::from_f32(x[i]));
         assert_eq!(
-            bs[i],
+            bs[i].to_bits(),
             wb.to_bits(),
             "bf16 of {:e} ({:#x})",
             x[i],
             x[i].to_bits()
         );
         assert_eq!(
-            hs[i],
+            hs[i].to_bits(),
             wh.to_bits(),
             "f16 of {:e} ({:#x})",
             x[i],
@@ -516,24 +425,7 @@ fn float_conversions() {
         );
     }
     let nan = DeviceBuffer::from_slice(&d, &[f32::NAN]).unwrap();
-    let (mut xp, mut ni) = (nan.ptr().addr(), 1);
-    let mut params = [
-        arg(&mut b),
-        arg(&mut h),
-        arg(&mut bk),
-        arg(&mut xp),
-        arg(&mut ni),
-    ];
-    unsafe {
-        d.launch(
-            "selftest_convert_fwd_f32",
-            [1, 1, 1],
-            [32, 1, 1],
-            0,
-            &mut params,
-        )
-    }
-    .unwrap();
+    convert(Launch::linear(1, 32), &nan, 1).unwrap();
     let got = back.to_vec().unwrap();
     assert!(got[0].is_nan() && got[1].is_nan(), "NaN must stay NaN");
 }
@@ -544,16 +436,9 @@ fn ldmatrix_forms() {
     let d = driver();
     let out = DeviceBuffer::<u32>::alloc(&d, 32 * 13).unwrap();
     out.fill_bytes(0xff).unwrap();
-    launch_out(
-        &d,
-        "selftest_ldmatrix_fwd_i32",
-        out.ptr().addr(),
-        None,
-        1,
-        32,
-        0,
-    )
-    .unwrap();
+    let at = Launch::linear(1, 32);
+    unsafe { testing::selftest_ldmatrix_fwd_i32(&*d, at, out.ptr()) }.unwrap();
+    d.synchronize().unwrap();
     let got = out.to_vec().unwrap();
     let tile = |r: usize, c: usize| (8 * r + c) as u32;
     let pair = |a: u32, b: u32| a | (b << 16);
@@ -587,15 +472,9 @@ fn emu_fiber_stack_overflow_hits_guard_page() {
     let d: Arc<dyn Driver> = Arc::new(Emu::new());
     let out = DeviceBuffer::<f32>::alloc(&d, 1).unwrap();
     let run = |depth: i32| {
-        launch_out(
-            &d,
-            "selftest_overflow_fwd_f32",
-            out.ptr().addr(),
-            Some(depth),
-            1,
-            32,
-            0,
-        )
+        let at = Launch::linear(1, 32);
+        let launched = unsafe { testing::selftest_overflow_fwd_f32(&*d, at, out.ptr(), depth) };
+        synced(&d, launched)
     };
     if std::env::var_os("MURA_EMU_OVERFLOW_CHILD").is_some() {
         let _ = run(10_000); // 10 MB of frames on a 256 KiB stack

@@ -7,9 +7,9 @@ use crate::common::gpu::seed;
 use half::bf16;
 use mura::gpu::emu::profile::{self, Counters, KernelProfile};
 use mura::gpu::emu::Emu;
-use mura::gpu::{arg, DeviceBuffer, Driver};
+use mura::gpu::kernels::testing;
+use mura::gpu::{DeviceBuffer, Driver, Launch};
 use mura::rng::Rng;
-use std::ffi::c_void;
 use std::sync::Arc;
 
 /// A profiling emulator, as the concrete type (for its profile) and as a driver.
@@ -18,22 +18,17 @@ fn profiling() -> (Arc<Emu>, Arc<dyn Driver>) {
     (e.clone(), e)
 }
 
-fn launch(
-    d: &Arc<dyn Driver>,
-    kernel: &str,
-    grid: [u32; 3],
-    block: [u32; 3],
-    params: &mut [*mut c_void],
-) {
-    unsafe { d.launch(kernel, grid, block, 0, params) }.unwrap();
-}
-
 fn profile_of(e: &Emu, kernel: &str) -> KernelProfile {
     let p = e.profile();
     p.iter()
         .find(|(k, _)| k == kernel)
         .unwrap_or_else(|| panic!("{kernel} not in the profile {p:?}"))
         .1
+}
+
+/// selftest_ldmatrix_fwd_i32 on one warp.
+fn ldmatrix(d: &Arc<dyn Driver>, out: &DeviceBuffer<u32>) {
+    unsafe { testing::selftest_ldmatrix_fwd_i32(&**d, Launch::linear(1, 32), out.ptr()) }.unwrap();
 }
 
 fn random(rng: &mut Rng, n: usize) -> Vec<f32> {
@@ -49,9 +44,11 @@ fn a_coalesced_copy_touches_each_sector_once() {
     let n = 4100;
     let x = DeviceBuffer::from_slice(&d, &random(&mut rng, n)).unwrap();
     let y = DeviceBuffer::<f32>::alloc(&d, n).unwrap();
-    let (mut yp, mut xp, mut n32) = (y.ptr().addr(), x.ptr().addr(), n as i32);
-    let params = &mut [arg(&mut yp), arg(&mut xp), arg(&mut n32)];
-    launch(&d, "selftest_copy_fwd_f32", [33, 1, 1], [128, 1, 1], params);
+    let copy = |d: &Arc<dyn Driver>, y: &DeviceBuffer<f32>, x: &DeviceBuffer<f32>| {
+        let at = Launch::linear(33, 128);
+        unsafe { testing::selftest_copy_fwd_f32(&**d, at, y.ptr(), x.ptr(), n) }.unwrap();
+    };
+    copy(&d, &y, &x);
     assert_eq!(y.to_vec().unwrap(), x.to_vec().unwrap());
     let p = profile_of(&e, "selftest_copy_fwd_f32");
     let want = Counters {
@@ -72,20 +69,13 @@ fn a_coalesced_copy_touches_each_sector_once() {
     );
     assert!((p.gld_efficiency().unwrap() - 16400.0 / (513.0 * 32.0)).abs() < 1e-12);
     // A second launch adds the same counts; another emulator counts the same (deterministic).
-    launch(&d, "selftest_copy_fwd_f32", [33, 1, 1], [128, 1, 1], params);
+    copy(&d, &y, &x);
     let twice = profile_of(&e, "selftest_copy_fwd_f32");
     assert_eq!((twice.launches, twice.counters.gld_sectors), (2, 2 * 513));
     let (e2, d2) = profiling();
     let x2 = DeviceBuffer::from_slice(&d2, &random(&mut rng, n)).unwrap();
     let y2 = DeviceBuffer::<f32>::alloc(&d2, n).unwrap();
-    let (mut yp, mut xp) = (y2.ptr().addr(), x2.ptr().addr());
-    launch(
-        &d2,
-        "selftest_copy_fwd_f32",
-        [33, 1, 1],
-        [128, 1, 1],
-        &mut [arg(&mut yp), arg(&mut xp), arg(&mut n32)],
-    );
+    copy(&d2, &y2, &x2);
     assert_eq!(profile_of(&e2, "selftest_copy_fwd_f32"), p);
 }
 
@@ -98,17 +88,9 @@ fn strided_loads_touch_a_sector_per_lane() {
     for (stride, sectors_per_load) in [(8, 32), (2, 8)] {
         let x = DeviceBuffer::from_slice(&d, &random(&mut rng, n * stride)).unwrap();
         let y = DeviceBuffer::<f32>::alloc(&d, n).unwrap();
-        let (mut yp, mut xp, mut s, mut n32) =
-            (y.ptr().addr(), x.ptr().addr(), stride as i32, n as i32);
-        let params = &mut [arg(&mut yp), arg(&mut xp), arg(&mut s), arg(&mut n32)];
         let before = e.profile();
-        launch(
-            &d,
-            "selftest_strided_fwd_f32",
-            [8, 1, 1],
-            [128, 1, 1],
-            params,
-        );
+        let at = Launch::linear(8, 128);
+        unsafe { testing::selftest_strided_fwd_f32(&*d, at, y.ptr(), x.ptr(), stride, n) }.unwrap();
         let xs = x.to_vec().unwrap();
         assert_eq!(
             y.to_vec().unwrap(),
@@ -150,20 +132,14 @@ fn bank_conflicts_are_counted_per_phase() {
     for (st, ld, ways) in [(32, 32, 32), (33, 0, 1), (1, 33, 1)] {
         let (e, d) = profiling();
         let input = random(&mut rng, 32 * 4);
-        let inp = DeviceBuffer::from_slice(&d, &input).unwrap();
-        let out = DeviceBuffer::<f32>::alloc(&d, 32 * 4).unwrap();
+        // float4s, as the kernel reads and writes them.
+        let inp = DeviceBuffer::<[f32; 4]>::from_slice(&d, bytemuck::cast_slice(&input)).unwrap();
+        let out = DeviceBuffer::<[f32; 4]>::alloc(&d, 32).unwrap();
         let vw = DeviceBuffer::<f32>::alloc(&d, 32).unwrap();
-        let (mut o, mut v, mut i, mut s, mut l) =
-            (out.ptr().addr(), vw.ptr().addr(), inp.ptr().addr(), st, ld);
-        let params = &mut [
-            arg(&mut o),
-            arg(&mut v),
-            arg(&mut i),
-            arg(&mut s),
-            arg(&mut l),
-        ];
-        launch(&d, "selftest_banks_fwd_f32", [1, 1, 1], [32, 1, 1], params);
-        assert_eq!(out.to_vec().unwrap(), input);
+        let at = Launch::linear(1, 32);
+        unsafe { testing::selftest_banks_fwd_f32(&*d, at, out.ptr(), vw.ptr(), inp.ptr(), st, ld) }
+            .unwrap();
+        assert_eq!(out.to_vec().unwrap().concat(), input);
         let c = profile_of(&e, "selftest_banks_fwd_f32").counters;
         let want = |w: u64| (3, w + 2 + 4, 1 + 2 + 4);
         assert_eq!(
@@ -196,15 +172,12 @@ fn a_padded_transpose_is_conflict_free() {
         let xv = random(&mut rng, n * n);
         let x = DeviceBuffer::from_slice(&d, &xv).unwrap();
         let y = DeviceBuffer::<f32>::alloc(&d, n * n).unwrap();
-        let (mut yp, mut xp, mut n32, mut p32) = (y.ptr().addr(), x.ptr().addr(), n as i32, pad);
-        let params = &mut [arg(&mut yp), arg(&mut xp), arg(&mut n32), arg(&mut p32)];
-        launch(
-            &d,
-            "selftest_transpose_fwd_f32",
-            [2, 2, 1],
-            [32, 32, 1],
-            params,
-        );
+        let at = Launch {
+            grid: [2, 2, 1],
+            block: [32, 32, 1],
+            shared: 0,
+        };
+        unsafe { testing::selftest_transpose_fwd_f32(&*d, at, y.ptr(), x.ptr(), n, pad) }.unwrap();
         let yv = y.to_vec().unwrap();
         for r in 0..n {
             for c in 0..n {
@@ -253,23 +226,8 @@ fn tensor_core_instructions_are_counted() {
         DeviceBuffer::from_slice(&d, &bt).unwrap(),
     );
     let cb = DeviceBuffer::<f32>::alloc(&d, m * n).unwrap();
-    let (mut c, mut ap, mut bp, mut mm, mut nn, mut kk) = (
-        cb.ptr().addr(),
-        ab.ptr().addr(),
-        bb.ptr().addr(),
-        m as i32,
-        n as i32,
-        k as i32,
-    );
-    let params = &mut [
-        arg(&mut c),
-        arg(&mut ap),
-        arg(&mut bp),
-        arg(&mut mm),
-        arg(&mut nn),
-        arg(&mut kk),
-    ];
-    launch(&d, "gemm_fwd_bf16", [1, 1, 1], [128, 1, 1], params);
+    let at = Launch::linear(1, 128);
+    unsafe { testing::gemm_fwd_bf16(&*d, at, cb.ptr(), ab.ptr(), bb.ptr(), m, n, k) }.unwrap();
     let got = cb.to_vec().unwrap();
     for i in 0..m {
         for j in 0..n {
@@ -307,14 +265,7 @@ fn tensor_core_instructions_are_counted() {
 fn ldmatrix_and_narrow_stores_are_counted() {
     let (e, d) = profiling();
     let out = DeviceBuffer::<u32>::alloc(&d, 32 * 13).unwrap();
-    let mut o = out.ptr().addr();
-    launch(
-        &d,
-        "selftest_ldmatrix_fwd_i32",
-        [1, 1, 1],
-        [32, 1, 1],
-        &mut [arg(&mut o)],
-    );
+    ldmatrix(&d, &out);
     let c = profile_of(&e, "selftest_ldmatrix_fwd_i32").counters;
     let want = Counters {
         sst_requests: 8,
@@ -336,23 +287,10 @@ fn the_profile_is_off_unless_asked_for_and_prints_as_a_table() {
     let e = Arc::new(Emu::new().with_profile(false));
     let d: Arc<dyn Driver> = e.clone();
     let out = DeviceBuffer::<u32>::alloc(&d, 32 * 13).unwrap();
-    let mut o = out.ptr().addr();
-    launch(
-        &d,
-        "selftest_ldmatrix_fwd_i32",
-        [1, 1, 1],
-        [32, 1, 1],
-        &mut [arg(&mut o)],
-    );
+    ldmatrix(&d, &out);
     assert!(e.profile().is_empty());
     let (e, d) = profiling();
-    launch(
-        &d,
-        "selftest_ldmatrix_fwd_i32",
-        [1, 1, 1],
-        [32, 1, 1],
-        &mut [arg(&mut o)],
-    );
+    ldmatrix(&d, &out);
     let t = profile::table(&e.profile(), &|k| {
         (k == "selftest_ldmatrix_fwd_i32").then_some(1.5)
     });
