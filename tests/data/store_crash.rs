@@ -1,6 +1,7 @@
 //! Hard stops while `prep` replaces a store: killed (SIGKILL, through the `store` failpoints) at
 //! every step, or out of disk space (ENOSPC injected at a step), the store folder always holds
-//! the old store or the new one, complete, never nothing; the next prep cleans up.
+//! the old store or the new one, complete, never nothing; the next prep cleans up. A second prep
+//! into a store being written is refused.
 
 use crate::common::{mura_bounded, one_error_line, run_ok, Bounded};
 use mura::data::store::Store;
@@ -227,4 +228,28 @@ fn a_full_disk_is_one_error_line_and_loses_nothing() {
     let e = one_error_line(&run, "first prep");
     assert!(e.contains("No space left on device"), "{e}");
     assert!(!fresh.exists(), "{:?}", entries(&fresh));
+}
+
+/// While a `prep` writes a store folder it holds a lock on it: a second one is refused, so it
+/// cannot take the first one's generation in progress for a leftover and remove it.
+#[test]
+fn a_second_prep_into_a_store_in_use_is_refused() {
+    let setup = setup("locked");
+    let out = setup.dir.join("store");
+    copy_dir(&setup.old, &out);
+    let before = entries(&out);
+    let lock = std::fs::File::open(&out).unwrap();
+    lock.try_lock().unwrap();
+    let e = one_error_line(&prep_with(&setup, &out, None), "second prep");
+    let want = format!(
+        "another 'mura prep' is writing {}; wait for it to finish",
+        s(&out)
+    );
+    assert!(e.ends_with(&want), "{e}");
+    assert_eq!(entries(&out), before);
+    assert_eq!(Store::open(&out).unwrap().id(), setup.old_id);
+    drop(lock);
+    let after = prep_with(&setup, &out, None);
+    assert!(after.status.success(), "{}", after.stderr);
+    assert_ne!(Store::open(&out).unwrap().id(), setup.old_id);
 }
