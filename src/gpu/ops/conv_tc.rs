@@ -164,7 +164,6 @@ fn fwd_any(
     y: Nhwc<bf16>,
     stats: Option<Slice<f32>>,
 ) -> Result<()> {
-    g.check(x.h(), x.w())?;
     let [scale, shift, stats] = fwd_operands(x, pre, wt, g, y, stats)?;
     let (n, h, w, c) = x.dims();
     let at = Launch {
