@@ -27,6 +27,8 @@ enum Command {
     Score(cli::score::Args),
     /// Predict studies (folders of PNG views, or single PNGs), optionally with CAM heatmaps
     Predict(cli::predict::Args),
+    /// Write a model checkpoint as an ONNX file (onnxruntime, TensorRT, Triton, OpenVINO)
+    Export(cli::export::Args),
     /// Plot a training run's curves and ROC
     Report(cli::report::Args),
     /// Time forward and training steps
@@ -64,6 +66,7 @@ fn main() {
         Command::Eval(a) => cli::eval::run(a),
         Command::Score(a) => cli::score::run(a),
         Command::Predict(a) => cli::predict::run(a),
+        Command::Export(a) => cli::export::run(a),
         Command::Report(a) => cli::report::run(a),
         Command::Bench(a) => cli::bench::run(a),
         Command::Info(a) => cli::info::run(a),
