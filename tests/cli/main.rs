@@ -8,6 +8,7 @@ mod common;
 
 mod audit;
 mod checkpoint_crash;
+mod export;
 mod hostile;
 mod report;
 mod score;
