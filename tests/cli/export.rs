@@ -1,6 +1,7 @@
 //! `mura export --onnx`, checked by the real clients: `onnx.checker.check_model` and
 //! onnxruntime's CPU output against mura's own CPU forward (eval mode) on fresh random weights
-//! and inputs, batch 1 and 5 (`scripts/check_onnx.py` runs them); and its hostile inputs.
+//! and inputs, batch 1 and 5 (`scripts/check_onnx.py` runs them); README's deployment recipe
+//! (its Python, run as written) against `mura predict`; and the command's hostile inputs.
 //!
 //! The clients come from `MURA_TEST_PYTHON` (CI's venv, see `.ci/run`) or `python3`. With
 //! `MURA_TEST_ONNX=1` (CI) their absence fails the test; without it the test says, past the test
@@ -27,14 +28,14 @@ fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
-/// The Python with numpy, onnx and onnxruntime, or None (said loudly) where there is none and
+/// The Python with numpy, onnx, onnxruntime and Pillow, or None (said loudly) where there is none and
 /// `MURA_TEST_ONNX=1` does not require one. Probed once (importing them takes seconds).
 fn onnx_python(test: &str) -> Option<String> {
     static PROBED: OnceLock<Result<String, String>> = OnceLock::new();
     let probed = PROBED.get_or_init(|| {
         let python = std::env::var("MURA_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
         let probe = Command::new(&python)
-            .args(["-c", "import numpy, onnx, onnxruntime"])
+            .args(["-c", "import numpy, onnx, onnxruntime, PIL"])
             .output();
         match probe.is_ok_and(|o| o.status.success()) {
             true => Ok(python),
@@ -248,6 +249,75 @@ fn onnx_custom_agrees_with_onnxruntime() {
     let spec = DenseNetSpec::custom(12, vec![3, 5, 4], 20, 3).unwrap();
     let types = [StudyType::Elbow, StudyType::Wrist];
     check_export("onnx_custom", spec, 69, Weights::Mura, &types);
+}
+
+/// The first PNG under `dir` of each (bit depth, colour type) in its header.
+fn png_kinds(dir: &Path, found: &mut std::collections::BTreeMap<(u8, u8), PathBuf>) {
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            png_kinds(&p, found);
+        } else if p.extension().is_some_and(|x| x == "png") {
+            let head = std::fs::read(&p).unwrap();
+            found.entry((head[24], head[25])).or_insert(p);
+        }
+    }
+}
+
+/// README's "Deploying a trained model" Python, run as written, gives `mura predict`'s study
+/// probability for a study with a view of each kind of PNG synth writes.
+#[test]
+fn readme_deploy_recipe_gives_mura_predicts_probability() {
+    let test = "onnx_readme_deploy";
+    let Some(python) = onnx_python(test) else {
+        return;
+    };
+    let d = tmp("export", test);
+    let src = d.join("src");
+    run_ok(&["synth", "--out", s(&src), "--studies", "40", "--seed", "2"]);
+    let mut kinds = Default::default();
+    png_kinds(&src, &mut kinds);
+    let study = d.join("study");
+    std::fs::create_dir(&study).unwrap();
+    // 8-bit gray, 8-bit RGB, 16-bit gray.
+    for (i, kind) in [(8, 0), (8, 2), (16, 0)].iter().enumerate() {
+        let from = kinds
+            .get(kind)
+            .unwrap_or_else(|| panic!("synth wrote no {kind:?} PNG"));
+        std::fs::copy(from, study.join(format!("view{i}.png"))).unwrap();
+    }
+    let spec = DenseNetSpec::custom(8, vec![2, 3], 16, 2).unwrap();
+    let model = random_model(spec, &mut Rng::new(seed(test).value));
+    let (w, onnx) = (d.join("model.safetensors"), d.join("model.onnx"));
+    mura::checkpoint::save_model(&w, &model, "test", 64).unwrap();
+    run_ok(&["export", "--onnx", s(&onnx), "--weights", s(&w)]);
+    let (line, _) = run_ok(&["predict", "--weights", s(&w), s(&study)]);
+    let want: serde_json::Value = serde_json::from_str(&line).unwrap();
+
+    let readme = include_str!("../../README.md");
+    let section = &readme[readme.find("## Deploying a trained model").unwrap()..];
+    let code = section.split("```python\n").nth(1).unwrap();
+    let script = d.join("deploy.py");
+    std::fs::write(&script, code.split("```").next().unwrap()).unwrap();
+    let mut views: Vec<PathBuf> = (0..3).map(|i| study.join(format!("view{i}.png"))).collect();
+    views.sort();
+    let out = Command::new(&python)
+        .arg(&script)
+        .arg(&onnx)
+        .args(&views)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "README's deploy.py failed:\n{stderr}");
+    println!("{test}: mura predict {want}\nREADME's Python: {stdout}");
+    let (p, call) = stdout.trim().split_once(' ').unwrap();
+    let p: f64 = p.parse().unwrap();
+    let delta = (p - want["probability"].as_f64().unwrap()).abs();
+    assert!(delta <= TOL, "{test}: |README - mura predict| = {delta:e}");
+    let abnormal = want["abnormal"].as_bool().unwrap();
+    assert_eq!(call, if abnormal { "abnormal" } else { "normal" });
+    let _ = std::fs::remove_dir_all(&d);
 }
 
 // --- hostile input: one error line, exit 1, nothing on disk lost ---------------------------
