@@ -64,7 +64,7 @@ pub fn read_image_size(path: &Path) -> Result<Option<usize>> {
     };
     let what = || format!("{}: the image size in its metadata", path.display());
     let size = s.parse().with_context(|| format!("{} is {s:?}", what()))?;
-    crate::data::image::check_side(&what(), size)?;
+    crate::bounds::SIDE.check(&what(), size)?;
     Ok(Some(size))
 }
 

@@ -59,10 +59,6 @@ pub struct TrainConfig {
     pub max_batches: Option<usize>,
 }
 
-/// The most studies in a batch, and loader threads, a run may ask for.
-const MAX_BATCH: usize = 4096;
-const MAX_WORKERS: usize = 256;
-
 /// Where training starts (`--init`): `random` (torchvision's initialisation from the seed),
 /// `imagenet:FILE` (torchvision's ImageNet weights, `.pth` or `.safetensors`, with a fresh
 /// single-logit head), or a mura checkpoint to fine-tune. Stored in a run's config.json as
@@ -114,10 +110,22 @@ impl TryFrom<String> for Init {
 }
 
 impl TrainConfig {
-    /// Refuses settings that cannot train, before anything is written.
+    /// Refuses settings that cannot train, before anything is written: every count within the
+    /// bounds the command line states (`bounds`), whether it came from there or a config.json.
     pub fn validate(&self) -> Result<()> {
-        if self.epochs == 0 || self.batch == 0 {
-            bail!("--epochs and --batch must be at least 1");
+        use crate::bounds::{BATCH, EPOCHS, MAX_BATCHES, MAX_VIEWS, PATIENCE, SIDE, WORKERS};
+        EPOCHS.check("--epochs", self.epochs)?;
+        BATCH.check("--batch", self.batch)?;
+        PATIENCE.check("--patience", self.patience)?;
+        WORKERS.check("--workers", self.workers)?;
+        SIDE.check("--image-size", self.image_size)?;
+        for (name, value, count) in [
+            ("--max-views", self.max_views, MAX_VIEWS),
+            ("--max-batches", self.max_batches, MAX_BATCHES),
+        ] {
+            if let Some(v) = value {
+                count.check(name, v)?;
+            }
         }
         if !(self.lr.is_finite() && self.lr > 0.0) {
             bail!("--lr must be a positive number, got {}", self.lr);
@@ -128,19 +136,13 @@ impl TrainConfig {
                 self.weight_decay
             );
         }
-        if self.max_views == Some(0) || self.max_batches == Some(0) {
-            bail!("--max-views and --max-batches must be at least 1");
-        }
-        if self.batch > MAX_BATCH || !(1..=MAX_WORKERS).contains(&self.workers) {
-            bail!("--batch must be at most {MAX_BATCH} and --workers 1 to {MAX_WORKERS}");
-        }
         if !(0.0..=180.0).contains(&self.max_rotation_deg) {
             bail!("a rotation of at most {} degrees", self.max_rotation_deg);
         }
         if self.study_types.is_empty() {
             bail!("no study type to train on");
         }
-        crate::data::image::check_side("--image-size", self.image_size)
+        Ok(())
     }
 }
 
@@ -209,15 +211,16 @@ pub fn train(cfg: TrainConfig, quiet: bool) -> Result<TrainOutcome> {
     }
     let store = Arc::new(Store::open(&cfg.store)?);
     let mut model = initial_model(&cfg)?;
-    let (adam, state) = fresh(&cfg, &store);
+    let (adam, state) = fresh(&cfg, &store)?;
     checkpoint::write_json_atomic(&cfg.out.join("config.json"), &cfg)?;
     let _ = std::fs::remove_file(cfg.out.join("metrics.jsonl"));
     run_epochs(cfg, store, model.as_mut(), adam, state, quiet)
 }
 
 /// The optimiser and run state of a run that has not trained a step.
-fn fresh(cfg: &TrainConfig, store: &Store) -> (Adam, RunState) {
+fn fresh(cfg: &TrainConfig, store: &Store) -> Result<(Adam, RunState)> {
     let adam = Adam::new(cfg.spec.num_params(), cfg.lr, cfg.weight_decay);
+    let patience = u32::try_from(cfg.patience).context("--patience")?;
     let state = RunState {
         epochs_done: 0,
         batches_done: 0,
@@ -225,14 +228,14 @@ fn fresh(cfg: &TrainConfig, store: &Store) -> (Adam, RunState) {
         adam_step: 0,
         lr: cfg.lr,
         scheduler: ReduceLrOnPlateau {
-            patience: cfg.patience as u32,
+            patience,
             ..Default::default()
         },
         store_id: store.id(),
         partial: PartialEpoch::default(),
         epoch_metrics: None,
     };
-    (adam, state)
+    Ok((adam, state))
 }
 
 /// Continue the run in `dir`, to `epochs` in all when given (else the run's own total), from
@@ -257,7 +260,7 @@ pub fn resume(dir: &Path, epochs: Option<usize>, quiet: bool) -> Result<TrainOut
                 "{} has no checkpoint yet: training from the beginning",
                 dir.display()
             );
-            let (adam, state) = fresh(&cfg, &store);
+            let (adam, state) = fresh(&cfg, &store)?;
             (None, adam, state)
         }
     };

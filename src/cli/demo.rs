@@ -23,12 +23,12 @@ pub struct Args {
     #[arg(long, default_value = "auto")]
     pub device: Device,
     /// Synthetic studies (train + valid)
-    #[arg(long, default_value_t = 1200)]
+    #[arg(long, default_value_t = 1200, value_parser = super::count(crate::bounds::STUDIES))]
     pub studies: usize,
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, value_parser = super::count(crate::bounds::EPOCHS))]
     pub epochs: usize,
     /// Side of the stored and model images
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, value_parser = super::count(crate::bounds::SIDE))]
     pub image_size: usize,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -93,9 +93,7 @@ pub fn run(args: Args) -> Result<()> {
     cfg.validate()?;
     crate::model::DenseNet::<f32>::new(spec.clone(), 0)
         .feature_hw(args.image_size, args.image_size)?;
-    if args.studies == 0 {
-        bail!("--studies must be at least 1");
-    }
+    crate::bounds::STUDIES.check("--studies", args.studies)?;
     fresh_dir(dir)?;
     let data = dir.join("data");
 

@@ -21,7 +21,7 @@ pub struct Args {
     #[arg(long)]
     pub image_size: Option<usize>,
     /// Write a CAM overlay PNG per view into this folder
-    #[arg(long)]
+    #[arg(long, value_parser = super::count(crate::bounds::SIDE))]
     pub cam: Option<PathBuf>,
     /// cpu | cuda[:N] | emu | auto
     #[arg(long, default_value = "cpu")]

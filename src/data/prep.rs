@@ -409,7 +409,7 @@ fn remove_previous(out: &Path, previous: Option<u64>) {
 
 pub fn prep(cfg: &PrepConfig) -> Result<PrepSummary> {
     let t0 = std::time::Instant::now();
-    super::image::check_side("--size", cfg.size)?;
+    crate::bounds::SIDE.check("--size", cfg.size)?;
     let out = &cfg.out;
     check_replaceable(out)?;
     let ds = mura::read(&cfg.mura_root, &cfg.study_types)?;

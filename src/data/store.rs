@@ -288,9 +288,10 @@ fn check_header(bin: &Path, bytes: &[u8]) -> Result<Header> {
             u32_at(h, 12)
         );
     }
-    let n = u64::from_le_bytes(h[16..24].try_into().expect("8 bytes")) as usize;
+    let n = usize::try_from(u64::from_le_bytes(h[16..24].try_into().expect("8 bytes")))
+        .with_context(|| format!("{} has a corrupt header", bin.display()))?;
     let (hh, ww) = (u32_at(h, 24) as usize, u32_at(h, 28) as usize);
-    if hh != ww || !(8..=super::image::MAX_SIDE).contains(&hh) {
+    if hh != ww || crate::bounds::SIDE.check("side", hh).is_err() {
         bail!("{} has an unsupported image shape {hh}x{ww}", bin.display());
     }
     if n == 0 {

@@ -87,7 +87,7 @@ pub fn read_regular(path: &Path, cap: u64) -> Result<Vec<u8>> {
     if len > cap {
         return Err(too_big());
     }
-    let mut bytes = Vec::with_capacity(len as usize);
+    let mut bytes = Vec::with_capacity(usize::try_from(len)?);
     file.take(cap + 1)
         .read_to_end(&mut bytes)
         .with_context(|| format!("cannot read {}", path.display()))?;

@@ -1,7 +1,7 @@
 //! The `mura` binary as a user runs it: every command's argument checks and error lines
 //! (`audit`), hostile files (`hostile`), kills and full disks while training saves its
-//! checkpoint (`checkpoint_crash`), `mura score` (`score`), `mura report` (`report`), and
-//! training end to end (`train`).
+//! checkpoint (`checkpoint_crash`), `mura score` (`score`), `mura report` (`report`),
+//! training end to end (`train`) and the bounds of every count (`sizes`).
 
 #[path = "../common/mod.rs"]
 mod common;
@@ -11,4 +11,5 @@ mod checkpoint_crash;
 mod hostile;
 mod report;
 mod score;
+mod sizes;
 mod train;
