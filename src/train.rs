@@ -264,9 +264,21 @@ pub fn resume(dir: &Path, epochs: Option<usize>, quiet: bool) -> Result<TrainOut
             (None, adam, state)
         }
     };
+    let mut state = state;
+    if store.is_earlier_id(&state.store_id) {
+        // An earlier mura's run: its store identity covers the pixels only.
+        eprintln!(
+            "note: {} was saved by an earlier mura, which identified its store by the pixels \
+             alone: they match {}, its labels cannot be checked; from this resume on they are",
+            dir.display(),
+            cfg.store.display()
+        );
+        state.store_id = store.id();
+    }
     if state.store_id != store.id() {
         bail!(
-            "store {} is not the one this run was trained on (store id {} vs {})",
+            "store {} is not the one this run was trained on (store id {} vs {}: other \
+             images, labels or studies)",
             cfg.store.display(),
             store.id(),
             state.store_id
@@ -377,7 +389,7 @@ fn initial_model(cfg: &TrainConfig) -> Result<Box<dyn Net>> {
             weights::import_torchvision(sd, &cfg.spec, cfg.seed)
         }
         // A mura checkpoint (fine-tuning goes on from its head).
-        Init::Checkpoint(path) => weights::load_safetensors(path).map(|c| c.state_dict),
+        Init::Checkpoint(path) => checkpoint::load_model(path, Some(&cfg.spec)).map(|m| m.weights),
     }
     .with_context(|| format!("--init {}", cfg.init))?;
     backend::build(
@@ -424,6 +436,9 @@ fn run_epochs(
     STOP.store(false, Ordering::SeqCst);
     let train_loader = loader(&cfg, &store, Split::Train)?;
     let val_loader = loader(&cfg, &store, Split::Valid)?;
+    for l in [&train_loader, &val_loader] {
+        check_labelled(&store, l.studies())?;
+    }
     let n_batches = train_loader
         .n_batches()
         .min(cfg.max_batches.unwrap_or(usize::MAX));
@@ -492,7 +507,7 @@ fn run_epochs(
                     seconds: done.seconds + t0.elapsed().as_secs_f64(),
                 };
                 model.export_adam(&mut adam)?;
-                checkpoint::save_last(&cfg.out, model, &adam, &state, cfg.image_size)
+                checkpoint::save_last(&cfg.out, model, &adam, &state, input(&cfg, &store))
                     .map_err(|e| stopped(e, &cfg.out))?;
                 eprintln!(
                     "interrupted: saved epoch {} batch {}; continue with `mura train --resume {}`",
@@ -536,6 +551,27 @@ fn run_epochs(
         outcome.epochs.push(m);
     }
     Ok(outcome)
+}
+
+/// Refuses to train on `studies` (store indices) if one has no label: its loss would be NaN
+/// (training) or left out unsaid (validation). The error names it, and what to do.
+fn check_labelled(store: &Store, studies: &[usize]) -> Result<()> {
+    let unlabelled: Vec<&str> = studies
+        .iter()
+        .map(|&i| &store.studies[i])
+        .filter(|s| s.label.is_none())
+        .map(|s| s.path.as_str())
+        .collect();
+    let Some(first) = unlabelled.first() else {
+        return Ok(());
+    };
+    let split = store.studies[studies[0]].split;
+    bail!(
+        "{} of the store's {split} studies have no label, e.g. {first}: training needs every \
+         one labelled: give it a row in {split}_labeled_studies.csv (or name its folder \
+         studyN_positive or studyN_negative) and re-run `mura prep`",
+        unlabelled.len()
+    )
 }
 
 /// Validates the epoch just trained (`totals`: its training totals), steps the scheduler and
@@ -592,7 +628,7 @@ fn save_epoch(
     if let Some(studies) = best {
         state.best_val_loss = Some(m.val_loss);
         let path = cfg.out.join("best.safetensors");
-        checkpoint::save_model(&path, model, &store.id(), cfg.image_size)?;
+        checkpoint::save_model(&path, model, &store.id(), input(cfg, store))?;
         write_val_predictions(&cfg.out.join("val_predictions.csv"), studies)?;
     }
     state.epochs_done += 1;
@@ -601,8 +637,17 @@ fn save_epoch(
     state.lr = adam.lr;
     state.epoch_metrics = Some(serde_json::to_value(m)?);
     model.export_adam(adam)?;
-    checkpoint::save_last(&cfg.out, model, adam, state, cfg.image_size)?;
+    checkpoint::save_last(&cfg.out, model, adam, state, input(cfg, store))?;
     append_metrics(&cfg.out.join("metrics.jsonl"), m)
+}
+
+/// How the run feeds its model, which its checkpoints record: the store's preprocessing and the
+/// run's input side.
+fn input(cfg: &TrainConfig, store: &Store) -> checkpoint::Input {
+    checkpoint::Input {
+        preprocess: crate::data::image::Preprocess::prep(store.size),
+        image_size: cfg.image_size,
+    }
 }
 
 /// A write of the run's files failed (a full disk, say): training stops, and the line says

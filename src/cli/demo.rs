@@ -164,8 +164,10 @@ pub fn run(args: Args) -> Result<()> {
     let cam_dir = dir.join("cam");
     std::fs::create_dir_all(&cam_dir)?;
     let store = Store::open(&store_dir)?;
-    let (spec, sd) = crate::checkpoint::load_model(&best, None)?;
-    let mut model = crate::backend::build(device, Precision::F32, spec, Some(&sd), 0)?;
+    let best_model = crate::checkpoint::load_model(&best, None)?;
+    let spec = best_model.spec.clone();
+    let mut model =
+        crate::backend::build(device, Precision::F32, spec, Some(&best_model.weights), 0)?;
     for want in [1u8, 0] {
         let Some(st) = store
             .studies
@@ -176,13 +178,12 @@ pub fn run(args: Args) -> Result<()> {
         };
         let folder = data.join(&st.path);
         let views = super::predict::study_views(&folder)?;
-        let line = super::predict::predict_study(
-            model.as_mut(),
-            &folder,
-            &views,
-            args.image_size,
-            Some(&cam_dir),
-        )?;
+        let input = crate::checkpoint::Input {
+            preprocess: best_model.preprocess_for(&best, args.image_size).0,
+            image_size: args.image_size,
+        };
+        let line =
+            super::predict::predict_study(model.as_mut(), &folder, &views, input, Some(&cam_dir))?;
         crate::out!(
             "    {} ({}): p(abnormal) = {:.3}",
             st.path,

@@ -56,12 +56,19 @@ pub fn run(args: Args) -> Result<()> {
     let store = Arc::new(Store::open(&args.store)?);
     let mut ensemble: Option<Vec<StudyPrediction>> = None;
     for ck in &args.checkpoint {
-        let size = match args.image_size {
-            Some(s) => s,
-            None => checkpoint::read_image_size(ck)?.unwrap_or(224),
-        };
-        let (spec, sd) = arch::load_model(ck, &args.arch)?;
-        let mut model = crate::backend::build(device, precision, spec, Some(&sd), 0)?;
+        let loaded = arch::load_model(ck, &args.arch)?;
+        let size = args.image_size.or(loaded.image_size).unwrap_or(224);
+        if let Some(p) = loaded.preprocess.filter(|p| p.store_size != store.size) {
+            eprintln!(
+                "note: {} was trained on images stored at {s}x{s}, this store holds {t}x{t}: \
+                 its scores here are of other inputs than in training",
+                ck.display(),
+                s = p.store_size,
+                t = store.size
+            );
+        }
+        let spec = loaded.spec.clone();
+        let mut model = crate::backend::build(device, precision, spec, Some(&loaded.weights), 0)?;
         let loader = Loader::new(
             store.clone(),
             split,
