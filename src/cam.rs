@@ -1,5 +1,5 @@
 //! Class activation map overlays (as in the MURA paper's figures), and the atomic PNG writer
-//! shared with the report plots.
+//! of the report plots.
 
 use anyhow::{bail, Context, Result};
 use image::ImageEncoder;
@@ -9,9 +9,9 @@ use std::path::Path;
 /// Blend weight of the heat map over the radiograph.
 const ALPHA: f32 = 0.45;
 
-/// Write an 8-bit RGB PNG atomically (temp file in the same folder, fsync, rename).
+/// An 8-bit RGB PNG of `rgb`, for the file `path`.
 /// rgb: [h, w, 3]
-pub fn write_png_atomic(path: &Path, rgb: &[u8], w: u32, h: u32) -> Result<()> {
+fn encode_png(path: &Path, rgb: &[u8], w: u32, h: u32) -> Result<Vec<u8>> {
     assert_eq!(
         rgb.len(),
         w as usize * h as usize * 3,
@@ -21,6 +21,13 @@ pub fn write_png_atomic(path: &Path, rgb: &[u8], w: u32, h: u32) -> Result<()> {
     image::codecs::png::PngEncoder::new(&mut png)
         .write_image(rgb, w, h, image::ExtendedColorType::Rgb8)
         .with_context(|| format!("cannot encode {}", path.display()))?;
+    Ok(png)
+}
+
+/// Write an 8-bit RGB PNG atomically (temp file in the same folder, fsync, rename).
+/// rgb: [h, w, 3]
+pub fn write_png_atomic(path: &Path, rgb: &[u8], w: u32, h: u32) -> Result<()> {
+    let png = encode_png(path, rgb, w, h)?;
     let name = path
         .file_name()
         .with_context(|| format!("{} is not a file path", path.display()))?;
@@ -70,7 +77,8 @@ fn resize_bilinear(src: &[f32], sw: usize, sh: usize, w: usize, h: usize) -> Vec
     out
 }
 
-/// Overlay a class activation map on a radiograph and write it as a PNG.
+/// Overlay a class activation map on a radiograph and write it as the new PNG `path` (an
+/// existing file is never replaced: see `disk::write_new`).
 ///
 /// - gray: [h, w] radiograph intensities in [0, 1]
 /// - cam: [ch, cw] Σ_c w_c·F_c over the final feature map (any scale); it is upsampled
@@ -114,7 +122,7 @@ pub fn write_cam_png(
             rgb.push(((1.0 - ALPHA) * g + ALPHA * k).mul_add(255.0, 0.5) as u8);
         }
     }
-    write_png_atomic(path, &rgb, w as u32, h as u32)
+    crate::disk::write_new(path, &encode_png(path, &rgb, w as u32, h as u32)?)
 }
 
 #[cfg(test)]

@@ -10,11 +10,13 @@
 //! removes every other one (what an interrupted save left). Runs written before generations
 //! (`last.optim.safetensors`, two renames) still resume.
 
+use crate::data::image::Preprocess;
 use crate::disk::{self, failpoint};
 use crate::net::Net;
 use crate::optim::Adam;
 use crate::optim::ReduceLrOnPlateau;
 use crate::spec::DenseNetSpec;
+use crate::weights::checkpoint::MAX_SAFETENSORS_BYTES;
 use crate::weights::{self, NamedTensor, StateDict, TensorData};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -33,44 +35,107 @@ pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
     serde_json::from_str(&s).with_context(|| format!("{} is malformed", path.display()))
 }
 
+/// How a checkpoint's model was fed in training, which it records beside the weights: the
+/// preprocessing of its images and its input side.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Input {
+    pub preprocess: Preprocess,
+    pub image_size: usize,
+}
+
+/// The metadata entry recording a checkpoint's [`Preprocess`].
+const PREPROCESS_KEY: &str = "preprocess";
+
 /// What a mura checkpoint records beside the weights.
 fn model_metadata(
     model: &dyn Net,
     store_id: &str,
-    image_size: usize,
+    input: Input,
 ) -> Result<HashMap<String, String>> {
     let mut meta = HashMap::new();
     meta.insert("format".to_string(), "mura".to_string());
     meta.insert("spec".to_string(), serde_json::to_string(model.spec())?);
     meta.insert("store".to_string(), store_id.to_string());
-    meta.insert("image_size".to_string(), image_size.to_string());
+    meta.insert("image_size".to_string(), input.image_size.to_string());
+    let preprocess = serde_json::to_string(&input.preprocess)?;
+    meta.insert(PREPROCESS_KEY.to_string(), preprocess);
     Ok(meta)
 }
 
-/// Save a model with its architecture, store identity and input size in the metadata.
-pub fn save_model(path: &Path, model: &dyn Net, store_id: &str, image_size: usize) -> Result<()> {
-    let meta = model_metadata(model, store_id, image_size)?;
+/// Save a model with its architecture, store identity and input in the metadata.
+pub fn save_model(path: &Path, model: &dyn Net, store_id: &str, input: Input) -> Result<()> {
+    let meta = model_metadata(model, store_id, input)?;
     weights::save_safetensors(path, &model.to_state_dict()?, &meta)
 }
 
-fn read_metadata(path: &Path) -> Result<HashMap<String, String>> {
-    Ok(weights::load_safetensors(path)?.metadata)
+/// A model checkpoint as read: its architecture, its weights (checked against it, layout and
+/// values), and what a mura checkpoint records of its training.
+pub struct ModelFile {
+    pub spec: DenseNetSpec,
+    pub weights: StateDict,
+    /// The input side it was trained at.
+    pub image_size: Option<usize>,
+    /// The preprocessing it was trained with: recorded, or, for a checkpoint of an earlier mura
+    /// (which recorded only its store's identity), that store's side with prep's one resize.
+    pub preprocess: Option<Preprocess>,
+    /// The header's string metadata.
+    pub metadata: HashMap<String, String>,
 }
 
-/// The input side a mura checkpoint was trained at.
-pub fn read_image_size(path: &Path) -> Result<Option<usize>> {
-    let Some(s) = read_metadata(path)?.get("image_size").cloned() else {
+impl ModelFile {
+    /// The preprocessing to feed the model at input side `side`: the one it was trained with,
+    /// else (a checkpoint that records none: not mura's) a store of that very side, with a note
+    /// saying so.
+    pub fn preprocess_for(&self, path: &Path, side: usize) -> (Preprocess, Option<String>) {
+        match self.preprocess {
+            Some(p) => (p, None),
+            None => (
+                Preprocess::prep(side),
+                Some(format!(
+                    "note: {} records no preprocessing (not a mura checkpoint): its PNGs are \
+                     preprocessed as `mura prep --size {side}` would store them",
+                    path.display()
+                )),
+            ),
+        }
+    }
+}
+
+/// The input side `meta` of the file `path` records, if any.
+fn recorded_image_size(path: &Path, meta: &HashMap<String, String>) -> Result<Option<usize>> {
+    let Some(s) = meta.get("image_size") else {
         return Ok(None);
     };
     let what = || format!("{}: the image size in its metadata", path.display());
     let size = s.parse().with_context(|| format!("{} is {s:?}", what()))?;
-    crate::data::image::check_side(&what(), size)?;
+    crate::bounds::SIDE.check(&what(), size)?;
     Ok(Some(size))
 }
 
+/// The preprocessing `meta` of the file `path` records: the entry [`PREPROCESS_KEY`], or the side
+/// ending the store identity (`<checksum>-<images>x<side>`) that earlier versions recorded, whose
+/// prep resized one way only.
+fn recorded_preprocess(path: &Path, meta: &HashMap<String, String>) -> Result<Option<Preprocess>> {
+    let what = || format!("{}: the preprocessing in its metadata", path.display());
+    let p = match (meta.get(PREPROCESS_KEY), meta.get("store")) {
+        (Some(p), _) => serde_json::from_str(p).with_context(|| format!("{} is {p:?}", what()))?,
+        (None, Some(id)) => {
+            let side = id.rsplit_once('x').and_then(|(_, s)| s.parse().ok());
+            Preprocess::prep(side.with_context(|| {
+                format!(
+                    "{}: its store identity {id:?} names no image side",
+                    path.display()
+                )
+            })?)
+        }
+        (None, None) => return Ok(None),
+    };
+    crate::bounds::SIDE.check(&what(), p.store_size)?;
+    Ok(Some(p))
+}
+
 /// A checkpoint's architecture, if it was written by mura.
-pub fn read_spec(path: &Path) -> Result<Option<DenseNetSpec>> {
-    let meta = read_metadata(path)?;
+fn recorded_spec(path: &Path, meta: &HashMap<String, String>) -> Result<Option<DenseNetSpec>> {
     match meta.get("spec") {
         Some(s) => Ok(Some(serde_json::from_str(s).with_context(|| {
             format!("{}: malformed architecture metadata", path.display())
@@ -79,12 +144,14 @@ pub fn read_spec(path: &Path) -> Result<Option<DenseNetSpec>> {
     }
 }
 
-/// Load a model checkpoint's architecture and weights (checked against that architecture). The
-/// architecture comes from the file's metadata when mura wrote it, else from `spec`; a checkpoint
-/// that disagrees with an explicit `spec` is refused.
-pub fn load_model(path: &Path, spec: Option<&DenseNetSpec>) -> Result<(DenseNetSpec, StateDict)> {
-    let stored = read_spec(path)?;
-    let spec = match (stored, spec) {
+/// Load a model checkpoint: its architecture (from the file's metadata when mura wrote it, else
+/// `spec`; a checkpoint that disagrees with an explicit `spec` is refused), then its tensors'
+/// names, shapes and dtypes from the header, checked against that architecture before any data
+/// is read, then the data, tensor by tensor, checked too (`weights::check_state_dict`).
+pub fn load_model(path: &Path, spec: Option<&DenseNetSpec>) -> Result<ModelFile> {
+    let file = weights::checkpoint::SafetensorsFile::open(path, MAX_SAFETENSORS_BYTES)?;
+    let metadata = file.metadata();
+    let spec = match (recorded_spec(path, &metadata)?, spec) {
         (Some(s), Some(want))
             if s.block_config != want.block_config
                 || s.growth_rate != want.growth_rate
@@ -106,20 +173,26 @@ pub fn load_model(path: &Path, spec: Option<&DenseNetSpec>) -> Result<(DenseNetS
             path.display()
         ),
     };
-    let sd = weights::load_safetensors(path)?.state_dict;
-    weights::check_layout(&sd, &spec).with_context(|| format!("loading {}", path.display()))?;
-    Ok((spec, sd))
+    let loading = || format!("loading {}", path.display());
+    weights::check_heads(&file.heads(), &spec).with_context(loading)?;
+    let weights = file.state_dict()?;
+    weights::check_state_dict(&weights, &spec).with_context(loading)?;
+    Ok(ModelFile {
+        image_size: recorded_image_size(path, &metadata)?,
+        preprocess: recorded_preprocess(path, &metadata)?,
+        spec,
+        weights,
+        metadata,
+    })
 }
 
 /// [`load_model`] for an architecture a command asked for (`explicit`: asked for by name rather
 /// than taken by default): a mura checkpoint records its architecture, which an explicit request
 /// must match; any other safetensors file with torchvision's names loads as `requested`.
-pub fn load_model_for(
-    path: &Path,
-    requested: &DenseNetSpec,
-    explicit: bool,
-) -> Result<(DenseNetSpec, StateDict)> {
-    let recorded = read_spec(path)?.is_some();
+pub fn load_model_for(path: &Path, requested: &DenseNetSpec, explicit: bool) -> Result<ModelFile> {
+    let file = weights::checkpoint::SafetensorsFile::open(path, MAX_SAFETENSORS_BYTES)?;
+    let recorded = recorded_spec(path, &file.metadata())?.is_some();
+    drop(file);
     let want = (!recorded || explicit).then_some(requested);
     let loaded = load_model(path, want);
     match recorded {
@@ -234,7 +307,7 @@ pub fn save_last(
     model: &dyn Net,
     adam: &Adam,
     state: &RunState,
-    image_size: usize,
+    input: Input,
 ) -> Result<()> {
     let generation = disk::entry_names(dir)?
         .iter()
@@ -245,7 +318,7 @@ pub fn save_last(
     let optim_path = dir.join(&optim);
     let written = write_optim(&optim_path, adam, state).and_then(|_| {
         disk::sync_dir(Some(dir));
-        write_model(dir, model, state, &optim, image_size)
+        write_model(dir, model, state, &optim, input)
     });
     if let Err(e) = written {
         let _ = std::fs::remove_file(&optim_path);
@@ -279,9 +352,9 @@ fn write_model(
     model: &dyn Net,
     state: &RunState,
     optim: &str,
-    image_size: usize,
+    input: Input,
 ) -> Result<()> {
-    let mut meta = model_metadata(model, &state.store_id, image_size)?;
+    let mut meta = model_metadata(model, &state.store_id, input)?;
     meta.insert("adam_step".to_string(), state.adam_step.to_string());
     meta.insert(OPTIM_KEY.to_string(), optim.to_string());
     let bytes = weights::checkpoint::to_safetensors_bytes(&model.to_state_dict()?, &meta)?;
@@ -308,8 +381,11 @@ pub fn load_last(dir: &Path, spec: &DenseNetSpec, weight_decay: f64) -> Result<O
     if model_path.symlink_metadata().is_err() {
         return Ok(None);
     }
-    let (_, weights) = load_model(&model_path, Some(spec))?;
-    let meta = read_metadata(&model_path)?;
+    let ModelFile {
+        weights,
+        metadata: meta,
+        ..
+    } = load_model(&model_path, Some(spec))?;
     let optim = match meta.get(OPTIM_KEY) {
         None => LEGACY_OPTIM.to_string(),
         Some(name) => optim_generation(name).map(optim_file).with_context(|| {
@@ -380,6 +456,19 @@ fn read_optim(path: &Path, n_params: usize) -> Result<(Vec<f32>, Vec<f32>, RunSt
             path.display(),
             sd.tensors[0].name
         );
+    }
+    // Finite moments, and second moments (running means of squares) not negative.
+    for (name, moment, signed) in [("adam.m", &m, true), ("adam.v", &v, false)] {
+        if let Some(i) = moment
+            .iter()
+            .position(|&x| !x.is_finite() || (!signed && x < 0.0))
+        {
+            bail!(
+                "{}: {name} holds {} (element {i}), a value no run writes",
+                path.display(),
+                moment[i]
+            );
+        }
     }
     Ok((m, v, state))
 }

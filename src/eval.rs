@@ -8,7 +8,7 @@ use crate::loss::LossLevel;
 use crate::metrics::MetricsTable;
 use crate::model::Mode;
 use crate::net::Net;
-use anyhow::Result;
+use anyhow::{bail, Result};
 
 #[derive(Clone, Debug)]
 pub struct StudyPrediction {
@@ -43,6 +43,8 @@ pub fn table(studies: &[StudyPrediction]) -> MetricsTable {
 }
 
 /// Eval-mode predictions (no augmentation) for every study the loader yields, in store order.
+/// A study split over several batches (more views than one holds) is scored once all its parts
+/// are in. A score that is not finite is an error naming the image, never a metric.
 pub fn predict_split(
     model: &mut dyn Net,
     store: &Store,
@@ -51,6 +53,8 @@ pub fn predict_split(
 ) -> Result<SplitPredictions> {
     let mut studies = Vec::new();
     let (mut loss_sum, mut loss_count) = (0.0, 0usize);
+    // The study whose parts are coming in, and its logits so far.
+    let mut parts: Option<(usize, Vec<f32>)> = None;
     // A GPU model takes the store's u8 images and resizes them on its device.
     let batches = match model.wants_raw_input() {
         true => loader.epoch_raw(0),
@@ -58,6 +62,34 @@ pub fn predict_split(
     };
     for batch in batches {
         let logits = crate::net::forward_batch(model, &batch, Mode::Eval)?;
+        if let Some(i) = logits.iter().position(|z| !z.is_finite()) {
+            bail!(
+                "the model scores {} as {}: its weights overflow on this image",
+                store.images[batch.image_ids[i]].path,
+                logits[i]
+            );
+        }
+        if !batch.whole {
+            let study = batch.studies[0];
+            let so_far = match parts.take() {
+                Some((s, mut z)) if s == study => {
+                    z.extend(&logits);
+                    z
+                }
+                _ => logits,
+            };
+            if so_far.len() < loader.views(study) {
+                parts = Some((study, so_far));
+                continue;
+            }
+            let (p, loss) = study_score(store, study, &so_far, level);
+            studies.push(p);
+            if let Some((loss, n)) = loss {
+                loss_sum += loss * n as f64;
+                loss_count += n;
+            }
+            continue;
+        }
         let mut sum = vec![0.0f64; batch.studies.len()];
         let mut cnt = vec![0usize; batch.studies.len()];
         for (i, &z) in logits.iter().enumerate() {
@@ -78,14 +110,7 @@ pub fn predict_split(
             loss_count += n;
         }
         for (j, &si) in batch.studies.iter().enumerate() {
-            let rec = &store.studies[si];
-            studies.push(StudyPrediction {
-                study: si,
-                path: rec.path.clone(),
-                study_type: rec.study_type,
-                label: rec.label,
-                probability: sum[j] / cnt[j].max(1) as f64,
-            });
+            studies.push(prediction(store, si, sum[j] / cnt[j].max(1) as f64));
         }
     }
     studies.sort_by_key(|p| p.study);
@@ -97,4 +122,41 @@ pub fn predict_split(
             f64::NAN
         },
     })
+}
+
+/// The store study `si`'s prediction of `probability`.
+fn prediction(store: &Store, si: usize, probability: f64) -> StudyPrediction {
+    let rec = &store.studies[si];
+    StudyPrediction {
+        study: si,
+        path: rec.path.clone(),
+        study_type: rec.study_type,
+        label: rec.label,
+        probability,
+    }
+}
+
+/// A study scored from all its views' `logits`, gathered from several batches: its prediction,
+/// and, if it is labelled, its loss and what that loss counts for (one study, or its views).
+fn study_score(
+    store: &Store,
+    si: usize,
+    logits: &[f32],
+    level: LossLevel,
+) -> (StudyPrediction, Option<(f64, usize)>) {
+    let z: Vec<f64> = logits.iter().map(|&v| v as f64).collect();
+    let p = z.iter().map(|&z| crate::loss::sigmoid(z)).sum::<f64>() / z.len() as f64;
+    let rec = &store.studies[si];
+    let loss = rec.label.map(|y| {
+        let (w0, w1) = store.loss_weights(rec.study_type);
+        let w = [(w0 as f64, w1 as f64)];
+        let views = vec![0; z.len()];
+        let (loss, _) = crate::loss::weighted_bce(&z, &views, &[f64::from(y)], &w, level);
+        let n = match level {
+            LossLevel::Study => 1,
+            LossLevel::Image => z.len(),
+        };
+        (loss, n)
+    });
+    (prediction(store, si, p), loss)
 }

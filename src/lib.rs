@@ -1,6 +1,7 @@
 //! mura: a from-scratch DenseNet training engine for MURA.
 
 pub mod backend;
+pub mod bounds;
 pub mod cam;
 pub mod checkpoint;
 pub mod cli;

@@ -59,10 +59,6 @@ pub struct TrainConfig {
     pub max_batches: Option<usize>,
 }
 
-/// The most studies in a batch, and loader threads, a run may ask for.
-const MAX_BATCH: usize = 4096;
-const MAX_WORKERS: usize = 256;
-
 /// Where training starts (`--init`): `random` (torchvision's initialisation from the seed),
 /// `imagenet:FILE` (torchvision's ImageNet weights, `.pth` or `.safetensors`, with a fresh
 /// single-logit head), or a mura checkpoint to fine-tune. Stored in a run's config.json as
@@ -114,10 +110,22 @@ impl TryFrom<String> for Init {
 }
 
 impl TrainConfig {
-    /// Refuses settings that cannot train, before anything is written.
+    /// Refuses settings that cannot train, before anything is written: every count within the
+    /// bounds the command line states (`bounds`), whether it came from there or a config.json.
     pub fn validate(&self) -> Result<()> {
-        if self.epochs == 0 || self.batch == 0 {
-            bail!("--epochs and --batch must be at least 1");
+        use crate::bounds::{BATCH, EPOCHS, MAX_BATCHES, MAX_VIEWS, PATIENCE, SIDE, WORKERS};
+        EPOCHS.check("--epochs", self.epochs)?;
+        BATCH.check("--batch", self.batch)?;
+        PATIENCE.check("--patience", self.patience)?;
+        WORKERS.check("--workers", self.workers)?;
+        SIDE.check("--image-size", self.image_size)?;
+        for (name, value, count) in [
+            ("--max-views", self.max_views, MAX_VIEWS),
+            ("--max-batches", self.max_batches, MAX_BATCHES),
+        ] {
+            if let Some(v) = value {
+                count.check(name, v)?;
+            }
         }
         if !(self.lr.is_finite() && self.lr > 0.0) {
             bail!("--lr must be a positive number, got {}", self.lr);
@@ -128,19 +136,13 @@ impl TrainConfig {
                 self.weight_decay
             );
         }
-        if self.max_views == Some(0) || self.max_batches == Some(0) {
-            bail!("--max-views and --max-batches must be at least 1");
-        }
-        if self.batch > MAX_BATCH || !(1..=MAX_WORKERS).contains(&self.workers) {
-            bail!("--batch must be at most {MAX_BATCH} and --workers 1 to {MAX_WORKERS}");
-        }
         if !(0.0..=180.0).contains(&self.max_rotation_deg) {
             bail!("a rotation of at most {} degrees", self.max_rotation_deg);
         }
         if self.study_types.is_empty() {
             bail!("no study type to train on");
         }
-        crate::data::image::check_side("--image-size", self.image_size)
+        Ok(())
     }
 }
 
@@ -209,15 +211,16 @@ pub fn train(cfg: TrainConfig, quiet: bool) -> Result<TrainOutcome> {
     }
     let store = Arc::new(Store::open(&cfg.store)?);
     let mut model = initial_model(&cfg)?;
-    let (adam, state) = fresh(&cfg, &store);
+    let (adam, state) = fresh(&cfg, &store)?;
     checkpoint::write_json_atomic(&cfg.out.join("config.json"), &cfg)?;
     let _ = std::fs::remove_file(cfg.out.join("metrics.jsonl"));
     run_epochs(cfg, store, model.as_mut(), adam, state, quiet)
 }
 
 /// The optimiser and run state of a run that has not trained a step.
-fn fresh(cfg: &TrainConfig, store: &Store) -> (Adam, RunState) {
+fn fresh(cfg: &TrainConfig, store: &Store) -> Result<(Adam, RunState)> {
     let adam = Adam::new(cfg.spec.num_params(), cfg.lr, cfg.weight_decay);
+    let patience = u32::try_from(cfg.patience).context("--patience")?;
     let state = RunState {
         epochs_done: 0,
         batches_done: 0,
@@ -225,14 +228,14 @@ fn fresh(cfg: &TrainConfig, store: &Store) -> (Adam, RunState) {
         adam_step: 0,
         lr: cfg.lr,
         scheduler: ReduceLrOnPlateau {
-            patience: cfg.patience as u32,
+            patience,
             ..Default::default()
         },
         store_id: store.id(),
         partial: PartialEpoch::default(),
         epoch_metrics: None,
     };
-    (adam, state)
+    Ok((adam, state))
 }
 
 /// Continue the run in `dir`, to `epochs` in all when given (else the run's own total), from
@@ -257,13 +260,25 @@ pub fn resume(dir: &Path, epochs: Option<usize>, quiet: bool) -> Result<TrainOut
                 "{} has no checkpoint yet: training from the beginning",
                 dir.display()
             );
-            let (adam, state) = fresh(&cfg, &store);
+            let (adam, state) = fresh(&cfg, &store)?;
             (None, adam, state)
         }
     };
+    let mut state = state;
+    if store.is_earlier_id(&state.store_id) {
+        // An earlier mura's run: its store identity covers the pixels only.
+        eprintln!(
+            "note: {} was saved by an earlier mura, which identified its store by the pixels \
+             alone: they match {}, its labels cannot be checked; from this resume on they are",
+            dir.display(),
+            cfg.store.display()
+        );
+        state.store_id = store.id();
+    }
     if state.store_id != store.id() {
         bail!(
-            "store {} is not the one this run was trained on (store id {} vs {})",
+            "store {} is not the one this run was trained on (store id {} vs {}: other \
+             images, labels or studies)",
             cfg.store.display(),
             store.id(),
             state.store_id
@@ -374,7 +389,7 @@ fn initial_model(cfg: &TrainConfig) -> Result<Box<dyn Net>> {
             weights::import_torchvision(sd, &cfg.spec, cfg.seed)
         }
         // A mura checkpoint (fine-tuning goes on from its head).
-        Init::Checkpoint(path) => weights::load_safetensors(path).map(|c| c.state_dict),
+        Init::Checkpoint(path) => checkpoint::load_model(path, Some(&cfg.spec)).map(|m| m.weights),
     }
     .with_context(|| format!("--init {}", cfg.init))?;
     backend::build(
@@ -421,6 +436,9 @@ fn run_epochs(
     STOP.store(false, Ordering::SeqCst);
     let train_loader = loader(&cfg, &store, Split::Train)?;
     let val_loader = loader(&cfg, &store, Split::Valid)?;
+    for l in [&train_loader, &val_loader] {
+        check_labelled(&store, l.studies())?;
+    }
     let n_batches = train_loader
         .n_batches()
         .min(cfg.max_batches.unwrap_or(usize::MAX));
@@ -489,7 +507,7 @@ fn run_epochs(
                     seconds: done.seconds + t0.elapsed().as_secs_f64(),
                 };
                 model.export_adam(&mut adam)?;
-                checkpoint::save_last(&cfg.out, model, &adam, &state, cfg.image_size)
+                checkpoint::save_last(&cfg.out, model, &adam, &state, input(&cfg, &store))
                     .map_err(|e| stopped(e, &cfg.out))?;
                 eprintln!(
                     "interrupted: saved epoch {} batch {}; continue with `mura train --resume {}`",
@@ -533,6 +551,27 @@ fn run_epochs(
         outcome.epochs.push(m);
     }
     Ok(outcome)
+}
+
+/// Refuses to train on `studies` (store indices) if one has no label: its loss would be NaN
+/// (training) or left out unsaid (validation). The error names it, and what to do.
+fn check_labelled(store: &Store, studies: &[usize]) -> Result<()> {
+    let unlabelled: Vec<&str> = studies
+        .iter()
+        .map(|&i| &store.studies[i])
+        .filter(|s| s.label.is_none())
+        .map(|s| s.path.as_str())
+        .collect();
+    let Some(first) = unlabelled.first() else {
+        return Ok(());
+    };
+    let split = store.studies[studies[0]].split;
+    bail!(
+        "{} of the store's {split} studies have no label, e.g. {first}: training needs every \
+         one labelled: give it a row in {split}_labeled_studies.csv (or name its folder \
+         studyN_positive or studyN_negative) and re-run `mura prep`",
+        unlabelled.len()
+    )
 }
 
 /// Validates the epoch just trained (`totals`: its training totals), steps the scheduler and
@@ -589,7 +628,7 @@ fn save_epoch(
     if let Some(studies) = best {
         state.best_val_loss = Some(m.val_loss);
         let path = cfg.out.join("best.safetensors");
-        checkpoint::save_model(&path, model, &store.id(), cfg.image_size)?;
+        checkpoint::save_model(&path, model, &store.id(), input(cfg, store))?;
         write_val_predictions(&cfg.out.join("val_predictions.csv"), studies)?;
     }
     state.epochs_done += 1;
@@ -598,8 +637,17 @@ fn save_epoch(
     state.lr = adam.lr;
     state.epoch_metrics = Some(serde_json::to_value(m)?);
     model.export_adam(adam)?;
-    checkpoint::save_last(&cfg.out, model, adam, state, cfg.image_size)?;
+    checkpoint::save_last(&cfg.out, model, adam, state, input(cfg, store))?;
     append_metrics(&cfg.out.join("metrics.jsonl"), m)
+}
+
+/// How the run feeds its model, which its checkpoints record: the store's preprocessing and the
+/// run's input side.
+fn input(cfg: &TrainConfig, store: &Store) -> checkpoint::Input {
+    checkpoint::Input {
+        preprocess: crate::data::image::Preprocess::prep(store.size),
+        image_size: cfg.image_size,
+    }
 }
 
 /// A write of the run's files failed (a full disk, say): training stops, and the line says

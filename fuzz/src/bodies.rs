@@ -36,15 +36,22 @@ pub fn pth(data: &[u8]) {
     }
 }
 
-/// A safetensors file, loaded into a DenseNet.
+/// A safetensors file: parsed from memory, checked and loaded into a DenseNet; and as a file,
+/// loaded as a model checkpoint is (its header checked against the model before its data is
+/// read, tensor by tensor).
 pub fn safetensors(data: &[u8]) {
     if let Ok(ck) = mura::weights::checkpoint::from_safetensors_bytes(data) {
-        let _ = mura::model::DenseNet::<f32>::from_state_dict(micro(), &ck.state_dict);
+        if mura::weights::check_state_dict(&ck.state_dict, &micro()).is_ok() {
+            let _ = mura::model::DenseNet::<f32>::from_state_dict(micro(), &ck.state_dict);
+        }
     }
+    let file = scratch("weights").join("model.safetensors");
+    std::fs::write(&file, data).expect("write");
+    let _ = mura::checkpoint::load_model(&file, Some(&micro()));
 }
 
 /// Bodies that write files write them under scratch folders of this process.
-const SCRATCH: [&str; 2] = ["store", "tree"];
+const SCRATCH: [&str; 3] = ["store", "tree", "weights"];
 
 fn scratch_path(name: &str) -> PathBuf {
     std::env::temp_dir().join(format!("mura-fuzz-{name}-{}", std::process::id()))
@@ -193,12 +200,11 @@ pub fn score_csv(data: &[u8]) {
     }
 }
 
-/// A PNG, decoded to gray and resized as `prep` and `predict` do.
+/// A PNG, decoded to gray and preprocessed as `prep` and `predict` do.
 pub fn png(data: &[u8]) {
-    use mura::data::image::{decode_gray_bytes, resize_bilinear, resize_for_store};
+    use mura::data::image::{decode_gray_bytes, Preprocess};
     if let Ok(img) = decode_gray_bytes(data) {
-        let _ = resize_bilinear(img.clone(), 12);
-        let _ = resize_for_store(img, 8);
+        let _ = Preprocess::prep(8).model_input(img, 12);
     }
 }
 

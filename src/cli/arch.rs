@@ -2,7 +2,6 @@
 
 use crate::checkpoint;
 use crate::spec::DenseNetSpec;
-use crate::weights::StateDict;
 use anyhow::Result;
 use std::path::Path;
 
@@ -57,7 +56,7 @@ impl ArchArgs {
 /// A model checkpoint for a command's `--arch` options ([`checkpoint::load_model_for`]): a mura
 /// checkpoint's recorded architecture needs no `--arch` (one given other than the default is
 /// insisted on); any other safetensors file loads as the `--arch` asked for.
-pub fn load_model(path: &Path, arch: &ArchArgs) -> Result<(DenseNetSpec, StateDict)> {
+pub fn load_model(path: &Path, arch: &ArchArgs) -> Result<checkpoint::ModelFile> {
     let explicit = arch.arch != ArchArgs::default().arch;
     checkpoint::load_model_for(path, &arch.spec()?, explicit)
 }

@@ -9,7 +9,7 @@ use crate::ops::augment::AugParams;
 use crate::optim::Adam;
 use crate::precision::Precision;
 use crate::rng::Rng;
-use anyhow::{bail, Result};
+use anyhow::Result;
 use std::time::Instant;
 
 #[derive(clap::Args, Debug)]
@@ -23,16 +23,16 @@ pub struct Args {
     #[command(flatten)]
     pub arch: ArchArgs,
     /// Images per batch
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, value_parser = super::count(crate::bounds::BATCH))]
     pub batch: usize,
     /// Square input size in pixels
-    #[arg(long, default_value_t = 224)]
+    #[arg(long, default_value_t = 224, value_parser = super::count(crate::bounds::SIDE))]
     pub image_size: usize,
     /// Timed steps (medians are reported)
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 5, value_parser = super::count(crate::bounds::STEPS))]
     pub steps: usize,
     /// Untimed steps first
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = super::count(crate::bounds::WARMUP))]
     pub warmup: usize,
     /// Print one JSON line instead of a table
     #[arg(long)]
@@ -57,10 +57,11 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 pub fn run(args: Args) -> Result<()> {
     let (device, precision) = (crate::gpu::resolve(args.device)?, args.precision);
-    if args.batch == 0 || args.steps == 0 {
-        bail!("--batch and --steps must be at least 1");
-    }
-    crate::data::image::check_side("--image-size", args.image_size)?;
+    use crate::bounds::{BATCH, SIDE, STEPS, WARMUP};
+    BATCH.check("--batch", args.batch)?;
+    STEPS.check("--steps", args.steps)?;
+    WARMUP.check("--warmup", args.warmup)?;
+    SIDE.check("--image-size", args.image_size)?;
     let spec = args.arch.spec()?;
     if args.profile {
         anyhow::ensure!(device == Device::Emu, "--profile needs --device emu");

@@ -23,12 +23,12 @@ pub struct Args {
     #[arg(long, default_value = "auto")]
     pub device: Device,
     /// Synthetic studies (train + valid)
-    #[arg(long, default_value_t = 1200)]
+    #[arg(long, default_value_t = 1200, value_parser = super::count(crate::bounds::STUDIES))]
     pub studies: usize,
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, value_parser = super::count(crate::bounds::EPOCHS))]
     pub epochs: usize,
     /// Side of the stored and model images
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, value_parser = super::count(crate::bounds::SIDE))]
     pub image_size: usize,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -93,9 +93,7 @@ pub fn run(args: Args) -> Result<()> {
     cfg.validate()?;
     crate::model::DenseNet::<f32>::new(spec.clone(), 0)
         .feature_hw(args.image_size, args.image_size)?;
-    if args.studies == 0 {
-        bail!("--studies must be at least 1");
-    }
+    crate::bounds::STUDIES.check("--studies", args.studies)?;
     fresh_dir(dir)?;
     let data = dir.join("data");
 
@@ -166,8 +164,10 @@ pub fn run(args: Args) -> Result<()> {
     let cam_dir = dir.join("cam");
     std::fs::create_dir_all(&cam_dir)?;
     let store = Store::open(&store_dir)?;
-    let (spec, sd) = crate::checkpoint::load_model(&best, None)?;
-    let mut model = crate::backend::build(device, Precision::F32, spec, Some(&sd), 0)?;
+    let best_model = crate::checkpoint::load_model(&best, None)?;
+    let spec = best_model.spec.clone();
+    let mut model =
+        crate::backend::build(device, Precision::F32, spec, Some(&best_model.weights), 0)?;
     for want in [1u8, 0] {
         let Some(st) = store
             .studies
@@ -178,13 +178,12 @@ pub fn run(args: Args) -> Result<()> {
         };
         let folder = data.join(&st.path);
         let views = super::predict::study_views(&folder)?;
-        let line = super::predict::predict_study(
-            model.as_mut(),
-            &folder,
-            &views,
-            args.image_size,
-            Some(&cam_dir),
-        )?;
+        let input = crate::checkpoint::Input {
+            preprocess: best_model.preprocess_for(&best, args.image_size).0,
+            image_size: args.image_size,
+        };
+        let line =
+            super::predict::predict_study(model.as_mut(), &folder, &views, input, Some(&cam_dir))?;
         crate::out!(
             "    {} ({}): p(abnormal) = {:.3}",
             st.path,

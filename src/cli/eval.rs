@@ -32,7 +32,7 @@ pub struct Args {
     #[arg(long, value_delimiter = ',')]
     pub study_types: Vec<StudyType>,
     /// Model input side (default: the one the checkpoint was trained at, else 224)
-    #[arg(long)]
+    #[arg(long, value_parser = super::count(crate::bounds::SIDE))]
     pub image_size: Option<usize>,
     /// Folder for predictions.csv and metrics.json
     #[arg(long)]
@@ -43,15 +43,12 @@ pub struct Args {
     /// f32 | bf16 (GPU backends)
     #[arg(long, default_value = "f32")]
     pub precision: Precision,
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, value_parser = super::count(crate::bounds::BATCH))]
     pub batch: usize,
 }
 
 pub fn run(args: Args) -> Result<()> {
     let (device, precision, split) = (args.device, args.precision, args.split);
-    if let Some(s) = args.image_size {
-        crate::data::image::check_side("--image-size", s)?;
-    }
     let types = match args.study_types.is_empty() {
         true => StudyType::ALL.to_vec(),
         false => args.study_types.clone(),
@@ -59,18 +56,25 @@ pub fn run(args: Args) -> Result<()> {
     let store = Arc::new(Store::open(&args.store)?);
     let mut ensemble: Option<Vec<StudyPrediction>> = None;
     for ck in &args.checkpoint {
-        let size = match args.image_size {
-            Some(s) => s,
-            None => checkpoint::read_image_size(ck)?.unwrap_or(224),
-        };
-        let (spec, sd) = arch::load_model(ck, &args.arch)?;
-        let mut model = crate::backend::build(device, precision, spec, Some(&sd), 0)?;
+        let loaded = arch::load_model(ck, &args.arch)?;
+        let size = args.image_size.or(loaded.image_size).unwrap_or(224);
+        if let Some(p) = loaded.preprocess.filter(|p| p.store_size != store.size) {
+            eprintln!(
+                "note: {} was trained on images stored at {s}x{s}, this store holds {t}x{t}: \
+                 its scores here are of other inputs than in training",
+                ck.display(),
+                s = p.store_size,
+                t = store.size
+            );
+        }
+        let spec = loaded.spec.clone();
+        let mut model = crate::backend::build(device, precision, spec, Some(&loaded.weights), 0)?;
         let loader = Loader::new(
             store.clone(),
             split,
             &types,
             LoaderConfig {
-                batch_studies: args.batch.max(1),
+                batch_studies: args.batch,
                 max_views: None,
                 image_size: size,
                 augment: None,

@@ -1,13 +1,19 @@
 //! `mura predict`: study probabilities for folders of PNG views (or single PNGs), one JSON line per
 //! study, optionally with class activation maps.
+//!
+//! A view is preprocessed as its checkpoint records it was in training (`Preprocess`: the store
+//! image `prep` would make, then the loader's resampling to the input side), so a study predicted
+//! from its files scores what `eval` gives it on a store prepped from them.
 
 use super::arch::{self, ArchArgs};
-use crate::data::image::{decode_gray, normalize_to_input, resize_bilinear, GrayImage};
+use crate::checkpoint::Input;
+use crate::data::image::decode_gray;
 use crate::device::Device;
 use crate::loss::sigmoid;
 use crate::net::Net;
 use crate::precision::Precision;
 use anyhow::{bail, Context, Result};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 #[derive(clap::Args, Debug)]
@@ -18,7 +24,7 @@ pub struct Args {
     #[arg(long)]
     pub weights: PathBuf,
     /// Model input side (default: the one a mura checkpoint was trained at, else 224)
-    #[arg(long)]
+    #[arg(long, value_parser = super::count(crate::bounds::SIDE))]
     pub image_size: Option<usize>,
     /// Write a CAM overlay PNG per view into this folder
     #[arg(long)]
@@ -53,75 +59,107 @@ pub fn study_views(path: &Path) -> Result<Vec<PathBuf>> {
     Ok(views)
 }
 
-/// Decode, resize and normalise one view into the model's input `[s, s, 3]`.
-pub fn prepare_view(img: &GrayImage, size: usize) -> Vec<f32> {
-    let resized = resize_bilinear(img.clone(), size);
-    let mut x = vec![0.0f32; size * size * 3];
-    normalize_to_input(&resized.data, &mut x);
-    x
-}
-
 pub fn run(args: Args) -> Result<()> {
-    if let Some(s) = args.image_size {
-        crate::data::image::check_side("--image-size", s)?;
-    }
-    let (spec, sd) = arch::load_model(&args.weights, &args.arch)?;
-    let size = match args.image_size {
-        Some(s) => s,
-        None => crate::checkpoint::read_image_size(&args.weights)?.unwrap_or(224),
-    };
-    let mut model = crate::backend::build(args.device, args.precision, spec, Some(&sd), 0)?;
-    if let Some(dir) = &args.cam {
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    }
-    // Check every path before any work, so a typo fails fast.
+    let loaded = arch::load_model(&args.weights, &args.arch)?;
+    let size = args.image_size.or(loaded.image_size).unwrap_or(224);
+    let (preprocess, note) = loaded.preprocess_for(&args.weights, size);
+    let spec = loaded.spec.clone();
+    let mut model =
+        crate::backend::build(args.device, args.precision, spec, Some(&loaded.weights), 0)?;
+    // Check every path, and every CAM file name, before any work, so a typo fails fast.
     let studies: Vec<(PathBuf, Vec<PathBuf>)> = args
         .paths
         .iter()
         .map(|p| study_views(p).map(|v| (p.clone(), v)))
         .collect::<Result<_>>()?;
+    if let Some(dir) = &args.cam {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        check_cam_names(dir, &studies)?;
+    }
+    if let Some(note) = note {
+        eprintln!("{note}");
+    }
+    let input = Input {
+        preprocess,
+        image_size: size,
+    };
     for (study, views) in studies {
-        let line = predict_study(model.as_mut(), &study, &views, size, args.cam.as_deref())?;
+        let line = predict_study(model.as_mut(), &study, &views, input, args.cam.as_deref())?;
         crate::out!("{line}");
     }
     Ok(())
 }
 
-/// One study's JSON line (and CAM files).
+/// Refuses CAM files that would not be new and unique: two views given the same name (a study
+/// given twice), or a name that exists in `dir` (from an earlier run, or not mura's at all).
+fn check_cam_names(dir: &Path, studies: &[(PathBuf, Vec<PathBuf>)]) -> Result<()> {
+    let mut seen: HashMap<String, &Path> = HashMap::new();
+    for (study, views) in studies {
+        for v in 0..views.len() {
+            let name = cam_name(study, v);
+            if let Some(first) = seen.insert(name.clone(), study) {
+                bail!(
+                    "{} and {} would write the same CAM file {name} (a study given twice?)",
+                    first.display(),
+                    study.display()
+                );
+            }
+            let path = dir.join(&name);
+            if path.symlink_metadata().is_ok() {
+                bail!(
+                    "{} already exists; refusing to replace it: pass an empty or new --cam folder",
+                    path.display()
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The CAM file of view `view` (from 0) of `study`: the study path made a file name, and a
+/// checksum of the path itself, so that paths made alike (`a/b` and `a_b`) stay apart.
+pub fn cam_name(study: &Path, view: usize) -> String {
+    let path = study.as_os_str().as_encoded_bytes();
+    format!(
+        "{}-{:08x}_view{}_cam.png",
+        sanitize(&study.to_string_lossy()),
+        crc32fast::hash(path),
+        view + 1
+    )
+}
+
+/// One study's JSON line (and CAM files, new in `cam_dir`), its views fed to the model as
+/// `input` says. A score that is not finite (weights
+/// that overflow) is an error naming the view, never a `null` probability.
 pub fn predict_study(
     model: &mut dyn Net,
     study: &Path,
     views: &[PathBuf],
-    size: usize,
+    input: Input,
     cam_dir: Option<&Path>,
 ) -> Result<serde_json::Value> {
+    let size = input.image_size;
     let mut out = Vec::new();
     let mut psum = 0.0;
     for (v, path) in views.iter().enumerate() {
         let img = decode_gray(path)?;
-        let x = prepare_view(&img, size);
+        let x = input.preprocess.model_input(img.clone(), size);
         let (logits, feats, fh, fw) = model.forward_features(&x, 1, size, size)?;
         let z = logits[0] as f64;
+        if !z.is_finite() {
+            bail!(
+                "the model scores {} as {z}: its weights overflow on this image",
+                path.display()
+            );
+        }
         if let Some(dir) = cam_dir {
             let (w, _) = model.classifier()?;
             let c = w.len();
             let cam: Vec<f32> = (0..fh * fw)
                 .map(|p| (0..c).map(|k| w[k] * feats[p * c + k]).sum())
                 .collect();
-            let name = format!(
-                "{}_view{}_cam.png",
-                sanitize(&study.to_string_lossy()),
-                v + 1
-            );
-            crate::cam::write_cam_png(
-                &img.data,
-                img.width,
-                img.height,
-                &cam,
-                fw,
-                fh,
-                &dir.join(name),
-            )?;
+            let path = dir.join(cam_name(study, v));
+            crate::cam::write_cam_png(&img.data, img.width, img.height, &cam, fw, fh, &path)?;
         }
         psum += sigmoid(z);
         out.push(serde_json::json!({
@@ -139,6 +177,8 @@ pub fn predict_study(
     }))
 }
 
+/// `s` as a file name: ASCII letters, digits and `-`, anything else `_`; its last 120 characters
+/// (the study's end of the path) when longer.
 fn sanitize(s: &str) -> String {
     let t: String = s
         .trim_matches(|c| c == '/' || c == '.')
@@ -151,9 +191,8 @@ fn sanitize(s: &str) -> String {
             }
         })
         .collect();
-    if t.is_empty() {
-        "study".into()
-    } else {
-        t
+    match t.len() {
+        0 => "study".into(),
+        n => t[n.saturating_sub(120)..].to_string(),
     }
 }

@@ -13,7 +13,7 @@ pub struct Args {
     #[arg(long)]
     pub out: PathBuf,
     /// Side of the stored square images
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 256, value_parser = super::count(crate::bounds::SIDE))]
     pub size: usize,
     /// Comma-separated study types, e.g. XR_WRIST,XR_HAND (default: all seven)
     #[arg(long, default_value = "")]

@@ -9,7 +9,7 @@ pub struct Args {
     #[arg(long)]
     pub out: PathBuf,
     /// Number of studies (train + valid)
-    #[arg(long, default_value_t = 600)]
+    #[arg(long, default_value_t = 600, value_parser = super::count(crate::bounds::STUDIES))]
     pub studies: usize,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,

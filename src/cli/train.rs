@@ -32,17 +32,17 @@ pub struct Args {
     #[arg(long, default_value = "random")]
     pub init: Init,
     /// Epochs to train, 10 if not given (with --resume: the new total; default the run's own)
-    #[arg(long)]
+    #[arg(long, value_parser = super::count(crate::bounds::EPOCHS))]
     pub epochs: Option<usize>,
     /// Studies per batch
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, value_parser = super::count(crate::bounds::BATCH))]
     pub batch: usize,
     #[arg(long, default_value_t = 1e-4)]
     pub lr: f64,
     #[arg(long, default_value_t = 0.0)]
     pub weight_decay: f64,
     /// Epochs without validation-loss improvement before the learning rate drops ×0.1
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = super::count(crate::bounds::PATIENCE))]
     pub patience: usize,
     /// `study`: loss on the mean of a study's view probabilities (blog); `image`: per view (paper)
     #[arg(long, default_value = "study")]
@@ -54,10 +54,10 @@ pub struct Args {
     #[arg(long, default_value = "blog")]
     pub preset: Preset,
     /// Model input side (default: the preset's)
-    #[arg(long)]
+    #[arg(long, value_parser = super::count(crate::bounds::SIDE))]
     pub image_size: Option<usize>,
     /// Most views taken from one study
-    #[arg(long)]
+    #[arg(long, value_parser = super::count(crate::bounds::MAX_VIEWS))]
     pub max_views: Option<usize>,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -68,10 +68,10 @@ pub struct Args {
     #[arg(long, default_value = "f32")]
     pub precision: Precision,
     /// Loader worker threads
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 2, value_parser = super::count(crate::bounds::WORKERS))]
     pub workers: usize,
     /// Stop each epoch after this many batches (quick experiments)
-    #[arg(long)]
+    #[arg(long, value_parser = super::count(crate::bounds::MAX_BATCHES))]
     pub max_batches: Option<usize>,
     /// No progress bars
     #[arg(long)]
@@ -113,7 +113,7 @@ pub fn config(a: &Args, store: PathBuf, out: PathBuf) -> Result<TrainConfig> {
         seed: a.seed,
         device: a.device,
         precision: a.precision,
-        workers: a.workers.max(1),
+        workers: a.workers,
         max_batches: a.max_batches,
     };
     cfg.validate()?;

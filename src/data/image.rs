@@ -1,21 +1,10 @@
-//! PNG decoding to gray, resizing and ImageNet normalisation: shared by `prep` and `predict`.
+//! PNG decoding to gray, resizing, and the preprocessing ([`Preprocess`]) shared by `prep` and
+//! `predict`.
 
-use crate::ops::augment::{MEAN, STD};
 use anyhow::{bail, Context, Result};
 use image::DynamicImage;
+use serde::{Deserialize, Serialize};
 use std::path::Path;
-
-/// The largest image side mura stores or feeds a model (MURA's images are at most 512 px).
-pub const MAX_SIDE: usize = 4096;
-
-/// Refuses an image side given as `option` (e.g. `--image-size`) outside 8..=MAX_SIDE, before a
-/// huge size turns into a failed allocation.
-pub fn check_side(option: &str, side: usize) -> Result<()> {
-    if !(8..=MAX_SIDE).contains(&side) {
-        bail!("{option} {side} is out of range (8..={MAX_SIDE})");
-    }
-    Ok(())
-}
 
 /// Refuses a PNG with a palette (PLTE chunk) that is not whole RGB entries: png 0.18.1 panics
 /// decoding one (image-rs/image-png#694, fixed upstream after that release; found by
@@ -203,18 +192,52 @@ pub fn resize_for_store(img: GrayImage, size: usize) -> GrayImage {
     )
 }
 
-/// Writes gray values in [0, 1] as the network's input: the gray value in all three channels,
-/// each normalised by ImageNet's mean and std.
-// gray: [s*s] f32 in [0, 1]; out: [s, s, 3] f32 (NHWC, one image)
-pub fn normalize_to_input(gray: &[f32], out: &mut [f32]) {
-    assert_eq!(
-        out.len(),
-        gray.len() * 3,
-        "normalize_to_input: out must be 3x gray"
-    );
-    for (o, &g) in out.chunks_exact_mut(3).zip(gray) {
-        for c in 0..3 {
-            o[c] = (g - MEAN[c]) / STD[c];
+/// How a PNG becomes a model input, the one way for `prep` (and so training and `eval`) and
+/// `predict`: decoded to gray ([`decode_gray`]), made a store image of `store_size`² u8 as
+/// [`Resize`] says ([`Preprocess::store_pixels`]), then resampled to the model's input side and
+/// normalised as the loader does in evaluation (`ops::augment::image` without augmentation).
+/// A checkpoint records the preprocessing it was trained with, which `predict` then runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Preprocess {
+    /// The store's image side (`prep --size`).
+    pub store_size: usize,
+    pub resize: Resize,
+}
+
+/// How a decoded image becomes a store image.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Resize {
+    /// [`resize_for_store`] (area-averaging by whole factors, then bilinear), rounded to u8.
+    #[serde(rename = "area-bilinear-u8")]
+    AreaBilinearU8,
+}
+
+impl Preprocess {
+    /// What `prep --size store_size` does.
+    pub fn prep(store_size: usize) -> Preprocess {
+        Preprocess {
+            store_size,
+            resize: Resize::AreaBilinearU8,
         }
+    }
+
+    /// `img` as the store holds it: [store_size, store_size] u8.
+    pub fn store_pixels(&self, img: GrayImage) -> Vec<u8> {
+        match self.resize {
+            Resize::AreaBilinearU8 => resize_for_store(img, self.store_size)
+                .data
+                .iter()
+                .map(|&v| (v * 255.0).round().clamp(0.0, 255.0) as u8)
+                .collect(),
+        }
+    }
+
+    /// `img` as the model sees it in evaluation: [side, side, 3] f32 (NHWC, one image).
+    pub fn model_input(&self, img: GrayImage, side: usize) -> Vec<f32> {
+        let pixels = self.store_pixels(img);
+        let mut x = vec![0f32; side * side * 3];
+        let identity = crate::ops::augment::AugParams::IDENTITY;
+        crate::ops::augment::image(&pixels, self.store_size, identity, side, &mut x);
+        x
     }
 }

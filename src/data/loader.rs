@@ -1,5 +1,9 @@
 //! Study-level batches from a store: B studies with all their views, reshuffled each epoch,
-//! augmented (flip, rotation, bilinear resample) and normalised on worker threads.
+//! augmented (flip, rotation, bilinear resample) and normalised on worker threads. An evaluation
+//! batch (no augmentation) holds at most [`EVAL_BATCH_PIXELS`] input pixels: a study with more
+//! views than that is split over batches of its own, so no study makes evaluation allocate
+//! without bound (training takes a study's views at once: its loss and the batch statistics
+//! need them together).
 //!
 //! Determinism: the study order of epoch `e` and the augmentation of store image `i` in epoch
 //! `e` depend only on (seed, e, i), never on the worker count or on timing.
@@ -9,6 +13,7 @@ use super::{Split, StudyType};
 use crate::ops::augment::{self, AugParams};
 use crate::rng::Rng;
 use anyhow::{bail, Result};
+use std::ops::Range;
 use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -123,7 +128,18 @@ pub fn aug_params(aug: &Augment, seed: u64, epoch: u64, image: usize) -> AugPara
     AugParams { flip, angle_deg }
 }
 
-/// B studies with all their (at most `max_views`) views.
+/// The most input pixels of an evaluation batch: 64 images of 224².
+pub const EVAL_BATCH_PIXELS: usize = 64 * 224 * 224;
+
+/// Of the store study `study`, the views (store image indices) `views` that a batch holds.
+#[derive(Clone, Debug, PartialEq)]
+struct Part {
+    study: usize,
+    views: Range<usize>,
+}
+
+/// B studies with all their (at most `max_views`) views, or one part of a study split over
+/// evaluation batches.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Batch {
     /// images: [n_images, size, size, 3] f32, NHWC, normalised (empty in a raw batch)
@@ -148,6 +164,9 @@ pub struct Batch {
     /// Per image: the store image index and how it was augmented.
     pub image_ids: Vec<usize>,
     pub aug: Vec<AugParams>,
+    /// Whether the batch holds its studies with all their views (false: it holds one part of a
+    /// study whose views fill more than one evaluation batch; its parts come one after another).
+    pub whole: bool,
 }
 
 pub struct Loader {
@@ -194,7 +213,7 @@ impl Loader {
     }
 
     pub fn n_batches(&self) -> usize {
-        self.selected.len().div_ceil(self.cfg.batch_studies)
+        self.plan(&self.selected).len()
     }
 
     /// Images per epoch (after `max_views`).
@@ -206,9 +225,46 @@ impl Loader {
         &self.cfg
     }
 
-    fn views(&self, study: usize) -> usize {
-        let n = self.store.studies[study].n_views;
-        self.cfg.max_views.map_or(n, |m| n.min(m))
+    /// The views of the store study `study` this loader serves (after `max_views`).
+    pub fn views(&self, study: usize) -> usize {
+        views(&self.store, &self.cfg, study)
+    }
+
+    /// The batches of the studies `order`: `batch_studies` studies each, or fewer where the next
+    /// study would take an evaluation batch past [`EVAL_BATCH_PIXELS`]; a study with more views
+    /// than one holds goes in parts, each in a batch of its own.
+    fn plan(&self, order: &[usize]) -> Vec<Vec<Part>> {
+        let side = self.cfg.image_size;
+        let cap = match self.cfg.augment {
+            Some(_) => usize::MAX,
+            None => (EVAL_BATCH_PIXELS / (side * side)).max(1),
+        };
+        let (mut plan, mut batch, mut images) = (Vec::new(), Vec::new(), 0usize);
+        for &study in order {
+            let first = self.store.studies[study].first_image;
+            let n = self.views(study);
+            let full = batch.len() == self.cfg.batch_studies || images.saturating_add(n) > cap;
+            if full && !batch.is_empty() {
+                plan.push(std::mem::take(&mut batch));
+                images = 0;
+            }
+            if n > cap {
+                for at in (0..n).step_by(cap) {
+                    let views = first + at..first + n.min(at + cap);
+                    plan.push(vec![Part { study, views }]);
+                }
+                continue;
+            }
+            batch.push(Part {
+                study,
+                views: first..first + n,
+            });
+            images += n;
+        }
+        if !batch.is_empty() {
+            plan.push(batch);
+        }
+        plan
     }
 
     /// The batches of one epoch, in order, built ahead on worker threads.
@@ -227,12 +283,7 @@ impl Loader {
         if self.cfg.shuffle {
             Rng::derive(self.cfg.seed, epoch.wrapping_mul(2)).shuffle(&mut order);
         }
-        let plan: Arc<Vec<Vec<usize>>> = Arc::new(
-            order
-                .chunks(self.cfg.batch_studies)
-                .map(|c| c.to_vec())
-                .collect(),
-        );
+        let plan = Arc::new(self.plan(&order));
         let mut it = EpochIter {
             plan: plan.clone(),
             next: 0,
@@ -261,22 +312,40 @@ impl Loader {
     }
 }
 
-/// Builds one batch of the given store studies.
+/// The views of the store study `study` a loader of `cfg` serves (after `max_views`).
+fn views(store: &Store, cfg: &LoaderConfig, study: usize) -> usize {
+    let n = store.studies[study].n_views;
+    cfg.max_views.map_or(n, |m| n.min(m))
+}
+
+/// Builds one batch of the given store studies, each with all its views.
 pub fn build_batch(store: &Store, cfg: &LoaderConfig, epoch: u64, studies: &[usize]) -> Batch {
-    build(store, cfg, epoch, studies, false)
+    let parts: Vec<Part> = studies
+        .iter()
+        .map(|&study| {
+            let first = store.studies[study].first_image;
+            Part {
+                study,
+                views: first..first + views(store, cfg, study),
+            }
+        })
+        .collect();
+    build(store, cfg, epoch, &parts, false)
 }
 
 /// One batch: f32 inputs augmented here, or (`raw`) the store images as they are.
-fn build(store: &Store, cfg: &LoaderConfig, epoch: u64, studies: &[usize], raw: bool) -> Batch {
+fn build(store: &Store, cfg: &LoaderConfig, epoch: u64, parts: &[Part], raw: bool) -> Batch {
     let s = cfg.image_size;
     let mut image_ids = Vec::new();
     let mut view_study = Vec::new();
-    for (k, &st) in studies.iter().enumerate() {
-        let rec = &store.studies[st];
-        let n = cfg.max_views.map_or(rec.n_views, |m| rec.n_views.min(m));
-        image_ids.extend(rec.first_image..rec.first_image + n);
-        view_study.extend(std::iter::repeat_n(k, n));
+    for (k, part) in parts.iter().enumerate() {
+        image_ids.extend(part.views.clone());
+        view_study.extend(std::iter::repeat_n(k, part.views.len()));
     }
+    let whole = parts
+        .iter()
+        .all(|p| p.views.len() == views(store, cfg, p.study));
+    let studies: Vec<usize> = parts.iter().map(|p| p.study).collect();
     let aug: Vec<AugParams> = image_ids
         .iter()
         .map(|&i| {
@@ -305,7 +374,6 @@ fn build(store: &Store, cfg: &LoaderConfig, epoch: u64, studies: &[usize], raw: 
         n_images: image_ids.len(),
         size: s,
         view_study,
-        studies: studies.to_vec(),
         labels: studies
             .iter()
             .map(|&i| store.studies[i].label.map_or(f32::NAN, f32::from))
@@ -316,12 +384,14 @@ fn build(store: &Store, cfg: &LoaderConfig, epoch: u64, studies: &[usize], raw: 
             .collect(),
         image_ids,
         aug,
+        studies,
+        whole,
     }
 }
 
 /// One epoch's batches, in plan order whatever the number of workers.
 pub struct EpochIter {
-    plan: Arc<Vec<Vec<usize>>>,
+    plan: Arc<Vec<Vec<Part>>>,
     next: usize,
     rx: Vec<Receiver<Batch>>,
     handles: Vec<JoinHandle<()>>,

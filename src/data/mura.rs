@@ -1,5 +1,8 @@
 //! Reads a MURA-v1.1 tree: the four CSVs when present, else the folders alone; test-style
-//! unlabeled folders (`studyK`, no suffix) too. Every problem is collected, not fatal.
+//! unlabeled folders (`studyK`, no suffix) too. Every problem is collected, not fatal. A CSV row
+//! that repeats an earlier one is ignored (a note says so); a labelled-studies row giving a
+//! study another label than an earlier row is skipped (listed as such, so `--strict` fails on
+//! it), and the first row's label is kept.
 
 use super::{Split, StudyType};
 use crate::disk::{read_regular_string, MAX_TEXT_BYTES};
@@ -207,7 +210,10 @@ fn read_split(ds: &mut Dataset, split: Split, types: &[StudyType]) -> Result<()>
                 continue;
             }
             if !seen.insert(line.clone()) {
-                skip(ds, &line, format!("duplicate row in {}", csv.display()));
+                ds.notes.push(format!(
+                    "{line}: listed twice in {}; the repeat is ignored",
+                    csv.display()
+                ));
                 continue;
             }
             if !ds.file(&line).is_file() {
@@ -305,8 +311,29 @@ fn read_split(ds: &mut Dataset, split: Split, types: &[StudyType]) -> Result<()>
                     continue;
                 }
             }
-            if labels.insert(study.clone(), label).is_some() {
-                skip(ds, &path, format!("duplicate row in {}", csv.display()));
+            match labels.get(&study) {
+                Some(&first) if first == label => {
+                    ds.notes.push(format!(
+                        "{study}: labelled {label} twice in {}; the repeat is ignored",
+                        csv.display()
+                    ));
+                    continue;
+                }
+                Some(&first) => {
+                    skip(
+                        ds,
+                        &path,
+                        format!(
+                            "row of {} labels the study {label}, an earlier row {first}: the \
+                             first row's label is kept",
+                            csv.display()
+                        ),
+                    );
+                    continue;
+                }
+                None => {
+                    labels.insert(study.clone(), label);
+                }
             }
             if !images.contains_key(&study) {
                 let why = if image_csv.is_some() {

@@ -4,7 +4,8 @@
 //! 1. removes what an interrupted prep left behind (generations not in use, `CURRENT.tmp-*`);
 //! 2. writes the new generation `gen-<N+1>/`: the pixels with write(2) into space reserved up
 //!    front, so a full disk is an error and never a fault, the header last, then index and
-//!    manifest, everything fsynced;
+//!    manifest, everything fsynced; then opens it with the store's own reader (`Store::open`'s
+//!    checks and caps), so that a store its readers would refuse is never committed;
 //! 3. switches `CURRENT` to it with one rename (then fsyncs `out/`): the commit;
 //! 4. removes the previous generation, or the files of a store written before generations.
 //!
@@ -12,7 +13,7 @@
 //! the new generation and leaves the previous store as it was. Each step is a failpoint
 //! `store.<step>` (see `disk::failpoint`).
 
-use super::image::{decode_gray, resize_for_store};
+use super::image::{decode_gray, Preprocess};
 use super::mura::{self, Skipped};
 use super::store::{
     self, generation, ImageRecord, Index, Manifest, StudyRecord, CURRENT_FILE, GEN_PREFIX,
@@ -175,13 +176,9 @@ struct Decoded {
 fn decode_for_store(path: &Path, side: usize) -> Result<Decoded, String> {
     let g = decode_gray(path).map_err(|e| format!("{e:#}"))?;
     let size = (g.width as u32, g.height as u32);
-    let small = resize_for_store(g, side);
-    let pixels = small.data.iter();
     Ok(Decoded {
         size,
-        pixels: pixels
-            .map(|&v| (v * 255.0).round().clamp(0.0, 255.0) as u8)
-            .collect(),
+        pixels: Preprocess::prep(side).store_pixels(g),
     })
 }
 
@@ -373,6 +370,15 @@ fn write_generation(
     Ok(manifest)
 }
 
+/// Opens the generation `files` written into `out` with the store's own reader, which checks all
+/// it checks when a command opens the store (sizes against its caps included): a generation it
+/// would refuse is never put in use.
+fn read_back(out: &Path, files: &Path) -> Result<()> {
+    store::Store::open_generation(out, files.to_path_buf())
+        .map(drop)
+        .context("the store written cannot be read back, so it is not put in use")
+}
+
 /// Makes `name` the generation in use: `CURRENT` staged beside, fsynced, renamed over.
 fn switch_current(out: &Path, name: &str) -> Result<()> {
     let staged = out.join(format!("{CURRENT_FILE}.tmp-{}", std::process::id()));
@@ -409,7 +415,7 @@ fn remove_previous(out: &Path, previous: Option<u64>) {
 
 pub fn prep(cfg: &PrepConfig) -> Result<PrepSummary> {
     let t0 = std::time::Instant::now();
-    super::image::check_side("--size", cfg.size)?;
+    crate::bounds::SIDE.check("--size", cfg.size)?;
     let out = &cfg.out;
     check_replaceable(out)?;
     let ds = mura::read(&cfg.mura_root, &cfg.study_types)?;
@@ -450,6 +456,7 @@ pub fn prep(cfg: &PrepConfig) -> Result<PrepSummary> {
         whole: true,
     };
     let manifest = write_generation(cfg, &ds, &all, &files)
+        .and_then(|m| read_back(out, &files).map(|_| m))
         .and_then(|m| switch_current(out, &name).map(|_| m))
         .map_err(|e| match had_store {
             true => anyhow::anyhow!("{e:#} (the store at {} is unchanged)", out.display()),

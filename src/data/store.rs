@@ -161,6 +161,8 @@ pub struct Store {
     pub images: Vec<ImageRecord>,
     pub manifest: Manifest,
     checksum: u32,
+    /// crc32 of the index as read (re-serialised, so that its layout does not count).
+    index_checksum: u32,
     mmap: Mmap,
 }
 
@@ -288,9 +290,10 @@ fn check_header(bin: &Path, bytes: &[u8]) -> Result<Header> {
             u32_at(h, 12)
         );
     }
-    let n = u64::from_le_bytes(h[16..24].try_into().expect("8 bytes")) as usize;
+    let n = usize::try_from(u64::from_le_bytes(h[16..24].try_into().expect("8 bytes")))
+        .with_context(|| format!("{} has a corrupt header", bin.display()))?;
     let (hh, ww) = (u32_at(h, 24) as usize, u32_at(h, 28) as usize);
-    if hh != ww || !(8..=super::image::MAX_SIDE).contains(&hh) {
+    if hh != ww || crate::bounds::SIDE.check("side", hh).is_err() {
         bail!("{} has an unsupported image shape {hh}x{ww}", bin.display());
     }
     if n == 0 {
@@ -321,8 +324,13 @@ impl Store {
     /// Opens and verifies a store: header, format version, shape, checksum, that the index
     /// and manifest belong to these pixels, and that they agree with them and each other.
     pub fn open(dir: &Path) -> Result<Store> {
+        Store::open_generation(dir, files_dir(dir)?)
+    }
+
+    /// [`Store::open`] of the store folder `dir`'s files in `files` (its generation in use, or
+    /// one that `prep` wrote and checks before it is put in use).
+    pub fn open_generation(dir: &Path, files: PathBuf) -> Result<Store> {
         let again = "re-run 'mura prep' to rebuild it";
-        let files = files_dir(dir)?;
         let bin = files.join(IMAGES_FILE);
         let (file, _) =
             open_regular(&bin).with_context(|| format!("{} is not a mura store", dir.display()))?;
@@ -345,6 +353,7 @@ impl Store {
         }
         check_index(&index, &manifest)
             .map_err(|e| anyhow::anyhow!("damaged store at {}: {e:#}: {again}", dir.display()))?;
+        let index_checksum = crc32fast::hash(&serde_json::to_vec(&index)?);
         Ok(Store {
             dir: dir.to_path_buf(),
             files,
@@ -353,6 +362,7 @@ impl Store {
             images: index.images,
             manifest,
             checksum: crc,
+            index_checksum,
             mmap,
         })
     }
@@ -372,9 +382,21 @@ impl Store {
             .map_or((0.5, 0.5), |w| (w.w0 as f32, w.w1 as f32))
     }
 
-    /// A short identity for checkpoints to record: pixel checksum, image count and size.
+    /// A short identity for a run to record, so that a resume on another store is refused:
+    /// `<pixels>-<index>-<N>x<size>`, the checksums of the pixels and of the index (its studies
+    /// with their labels, and its images), the image count and side.
     pub fn id(&self) -> String {
-        format!("{:08x}-{}x{}", self.checksum, self.images.len(), self.size)
+        let (n, size) = (self.images.len(), self.size);
+        format!(
+            "{:08x}-{:08x}-{n}x{size}",
+            self.checksum, self.index_checksum
+        )
+    }
+
+    /// Whether `id` is the identity an earlier mura recorded for a store of these pixels: it
+    /// covered the pixels, count and side only (`<pixels>-<N>x<size>`), not the index.
+    pub fn is_earlier_id(&self, id: &str) -> bool {
+        id == format!("{:08x}-{}x{}", self.checksum, self.images.len(), self.size)
     }
 }
 

@@ -784,8 +784,6 @@ fn plan(cfg: &SynthConfig) -> Vec<StudySpec> {
     out
 }
 
-/// MURA itself has 14,656 studies; far more is a typo that would fill the disk.
-const MAX_STUDIES: usize = 1_000_000;
 /// The file that marks a folder as written by `synth` (only such a folder is ever replaced).
 const MARKER: &str = ".mura-synth";
 
@@ -794,9 +792,8 @@ const MARKER: &str = ".mura-synth";
 /// renamed into place.
 pub fn synth(out: &Path, cfg: &SynthConfig, progress: bool) -> Result<SynthSummary> {
     let t0 = std::time::Instant::now();
-    if cfg.studies == 0 || cfg.studies > MAX_STUDIES {
-        bail!("--studies must be between 1 and {MAX_STUDIES}");
-    }
+    // (MURA itself has 14,656 studies; far more is a typo that would fill the disk.)
+    crate::bounds::STUDIES.check("--studies", cfg.studies)?;
     if !(0.0..=1.0).contains(&cfg.valid_fraction) {
         bail!("--valid-fraction must be between 0 and 1");
     }

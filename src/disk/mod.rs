@@ -6,8 +6,9 @@
 //! nothing hangs on a FIFO or reads until memory runs out; and [`read_regular`] never reads more
 //! than the cap its caller states, whatever the file claims or grows to.
 //!
-//! Every file mura writes is either new ([`write_synced`]: a step of a larger commit) or
-//! replaced in one rename ([`write_atomic`]), so a kill or a full disk leaves the old file or the
+//! Every file mura writes is either new ([`write_synced`]: a step of a larger commit;
+//! [`write_new`]: a file that must not replace another) or replaced in one rename
+//! ([`write_atomic`]), so a kill or a full disk leaves the old file or the
 //! new one, never a part of either. A folder that one command rewrites is locked
 //! ([`lock_folder`]) for as long as it does, so that a second one cannot take its files in
 //! progress for leftovers.
@@ -87,7 +88,7 @@ pub fn read_regular(path: &Path, cap: u64) -> Result<Vec<u8>> {
     if len > cap {
         return Err(too_big());
     }
-    let mut bytes = Vec::with_capacity(len as usize);
+    let mut bytes = Vec::with_capacity(usize::try_from(len)?);
     file.take(cap + 1)
         .read_to_end(&mut bytes)
         .with_context(|| format!("cannot read {}", path.display()))?;
@@ -182,6 +183,35 @@ pub fn write_atomic_step(path: &Path, data: &[u8], step: &str) -> Result<()> {
     Ok(())
 }
 
+/// Writes the new file `path` holding `data` in one step, never replacing a file: the data goes
+/// into a temporary file beside `path` (fsynced), which is linked as `path` (a link is refused
+/// where `path` exists), then removed. On a file system without links, `path` is created
+/// exclusively and written in place.
+pub fn write_new(path: &Path, data: &[u8]) -> Result<()> {
+    let exists = || anyhow::anyhow!("{} already exists; refusing to replace it", path.display());
+    let tmp = temporary(path)?;
+    let written = (|| {
+        let mut f = File::create(&tmp)?;
+        f.write_all(data)?;
+        f.sync_all()
+    })();
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e).with_context(|| format!("cannot write {}", path.display()));
+    }
+    let linked = std::fs::hard_link(&tmp, path);
+    let _ = std::fs::remove_file(&tmp);
+    match linked {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Err(exists()),
+        // No links on this file system (FAT, say).
+        Err(_) if path.symlink_metadata().is_ok() => return Err(exists()),
+        Err(_) => write_synced(path, data, "atomic-write")?,
+    }
+    sync_dir(path.parent());
+    Ok(())
+}
+
 /// fsyncs the folder `dir` (an empty path is the current folder) so that a rename inside it is
 /// durable (best effort: not every platform lets a folder be opened).
 pub fn sync_dir(dir: Option<&Path>) {
@@ -212,7 +242,7 @@ pub fn lock_folder(dir: &Path, command: &str) -> Result<File> {
 }
 
 /// `cap` for a message: whole MiB when it is at least one.
-fn show_size(cap: u64) -> String {
+pub fn show_size(cap: u64) -> String {
     if cap >= MIB && cap.is_multiple_of(MIB) {
         format!("{} MiB", cap / MIB)
     } else {

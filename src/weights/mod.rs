@@ -3,7 +3,8 @@
 //!
 //! - [`checkpoint`]: safetensors save/load (mura's own checkpoint format),
 //! - [`pth`] + [`pickle`]: import of PyTorch `.pth` files (zip and legacy formats),
-//! - [`torchvision`]: torchvision key remapping, fresh head, exact layout checks,
+//! - [`torchvision`]: torchvision key remapping, fresh head, the exact check of weights (layout
+//!   and values) every load goes through,
 //! - [`seeded`]: weights from a closed-form formula shared with `scripts/golden_fixtures.py`.
 
 pub mod checkpoint;
@@ -15,7 +16,7 @@ pub mod torchvision;
 pub use checkpoint::{load_safetensors, save_safetensors, Checkpoint};
 pub use pth::load_pth;
 pub use seeded::seeded_state_dict;
-pub use torchvision::{check_layout, import_torchvision};
+pub use torchvision::{check_heads, check_state_dict, check_values, import_torchvision};
 
 /// The data of one named tensor.
 #[derive(Clone, Debug, PartialEq)]

@@ -63,7 +63,7 @@ fn read_entry(archive: &mut Archive, name: &str, cap: u64) -> Result<Vec<u8>> {
         bail!(too_big());
     }
     // Room for what a stored member can hold; a compressed one grows as it inflates.
-    let mut v = Vec::with_capacity(f.size().min(archive.len) as usize);
+    let mut v = Vec::with_capacity(usize::try_from(f.size().min(archive.len))?);
     f.take(cap + 1)
         .read_to_end(&mut v)
         .with_context(|| format!("reading '{name}' from the zip"))?;

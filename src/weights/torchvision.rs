@@ -1,7 +1,9 @@
 //! From torchvision's ImageNet checkpoints to mura's single-logit DenseNet, and the exact
-//! layout check every weight load goes through: a missing, unexpected, mis-shaped or
-//! mis-typed key is an error naming the key, never a silent partial load.
+//! check every weight load goes through: a missing, unexpected, mis-shaped or mis-typed key is
+//! an error naming the key, never a silent partial load, and so is a value no trained model
+//! holds (NaN, ±∞, a negative running variance).
 
+use super::checkpoint::TensorHead;
 use super::{NamedTensor, StateDict, TensorData};
 use crate::rng::Rng;
 use crate::spec::{DenseNetSpec, Role};
@@ -71,11 +73,11 @@ pub fn import_torchvision(sd: StateDict, spec: &DenseNetSpec, seed: u64) -> Resu
         data: TensorData::F32(vec![0.0]),
     });
     let sd = StateDict { tensors };
-    check_layout(&sd, spec)?;
+    check_state_dict(&sd, spec)?;
     Ok(in_layout_order(sd, spec))
 }
 
-/// Reorders a state dict that passed [`check_layout`] into the layout's order.
+/// Reorders a state dict that passed [`check_state_dict`] into the layout's order.
 pub fn in_layout_order(sd: StateDict, spec: &DenseNetSpec) -> StateDict {
     let mut by_name: HashMap<String, NamedTensor> = sd
         .tensors
@@ -91,14 +93,14 @@ pub fn in_layout_order(sd: StateDict, spec: &DenseNetSpec) -> StateDict {
     }
 }
 
-/// Checks that `sd` holds exactly the tensors of `spec`'s single-logit model: every name,
-/// shape and dtype (F32, I64 for `num_batches_tracked`), nothing missing, nothing extra.
-/// The error names the offending keys (the first few, and how many problems in all).
-pub fn check_layout(sd: &StateDict, spec: &DenseNetSpec) -> Result<()> {
+/// Checks that the tensors `heads` describe are exactly those of `spec`'s single-logit model:
+/// every name, shape and dtype (F32, I64 for `num_batches_tracked`), nothing missing, nothing
+/// extra. A file's header is checked so before its data is read.
+pub fn check_heads(heads: &[TensorHead], spec: &DenseNetSpec) -> Result<()> {
     let layout = spec.state_dict_layout();
     let mut problems = Vec::new();
-    let mut have: HashMap<&str, &NamedTensor> = HashMap::new();
-    for t in &sd.tensors {
+    let mut have: HashMap<&str, &TensorHead> = HashMap::new();
+    for t in heads {
         if have.insert(t.name.as_str(), t).is_some() {
             problems.push(format!("duplicate key '{}'", t.name));
         }
@@ -120,26 +122,90 @@ pub fn check_layout(sd: &StateDict, spec: &DenseNetSpec) -> Result<()> {
         } else {
             "f32"
         };
-        if t.data.dtype_name() != want {
+        if t.dtype != want {
             problems.push(format!(
                 "key '{}' is {}, the model needs {want}",
-                s.name,
-                t.data.dtype_name()
-            ));
-        } else if t.data.len() != t.shape.iter().product::<usize>() {
-            problems.push(format!(
-                "key '{}' holds {} values for shape {:?}",
-                s.name,
-                t.data.len(),
-                t.shape
+                s.name, t.dtype
             ));
         }
     }
-    for t in &sd.tensors {
+    for t in heads {
         if !expected.contains(t.name.as_str()) {
             problems.push(format!("unexpected key '{}' (shape {:?})", t.name, t.shape));
         }
     }
+    refuse(
+        problems,
+        &format!(
+            "weights do not match the {} model ({} features)",
+            spec.arch,
+            spec.num_features()
+        ),
+    )
+}
+
+/// The one check of weights against a model, which every load goes through (mura's checkpoints
+/// and torchvision's `.safetensors` and `.pth` alike): the layout ([`check_heads`], and every
+/// tensor holding as many values as its shape), then the values ([`check_values`]).
+pub fn check_state_dict(sd: &StateDict, spec: &DenseNetSpec) -> Result<()> {
+    let heads: Vec<TensorHead> = sd
+        .tensors
+        .iter()
+        .map(|t| TensorHead {
+            name: t.name.clone(),
+            shape: t.shape.clone(),
+            dtype: t.data.dtype_name().to_string(),
+        })
+        .collect();
+    check_heads(&heads, spec)?;
+    let problems = sd
+        .tensors
+        .iter()
+        .filter(|t| t.data.len() != t.shape.iter().product::<usize>())
+        .map(|t| {
+            format!(
+                "key '{}' holds {} values for shape {:?}",
+                t.name,
+                t.data.len(),
+                t.shape
+            )
+        })
+        .collect();
+    refuse(
+        problems,
+        &format!("weights do not match the {} model", spec.arch),
+    )?;
+    check_values(sd)
+}
+
+/// Refuses values that no trained model holds: a weight, bias or running statistic that is NaN
+/// or infinite, a negative running variance, a negative `num_batches_tracked`. (Such weights
+/// would give NaN scores, or, through a max-pool that drops NaN, finite and wrong ones.)
+pub fn check_values(sd: &StateDict) -> Result<()> {
+    let mut problems = Vec::new();
+    for t in &sd.tensors {
+        let variance = t.name.ends_with("running_var");
+        let bad = match &t.data {
+            TensorData::F32(v) => v.iter().enumerate().find_map(|(i, &x)| match x {
+                x if !x.is_finite() => Some((format!("{x}"), i)),
+                x if variance && x < 0.0 => Some((format!("a negative variance, {x}"), i)),
+                _ => None,
+            }),
+            TensorData::I64(v) => v
+                .iter()
+                .enumerate()
+                .find(|(_, &c)| c < 0)
+                .map(|(i, c)| (format!("a negative batch count, {c}"), i)),
+        };
+        if let Some((what, i)) = bad {
+            problems.push(format!("key '{}' holds {what} (element {i})", t.name));
+        }
+    }
+    refuse(problems, "weights hold values no trained model has")
+}
+
+/// Ok if there are no `problems`; else one error: `what`, the first few, and how many in all.
+fn refuse(problems: Vec<String>, what: &str) -> Result<()> {
     if problems.is_empty() {
         return Ok(());
     }
@@ -150,11 +216,7 @@ pub fn check_layout(sd: &StateDict, spec: &DenseNetSpec) -> Result<()> {
     } else {
         String::new()
     };
-    bail!(
-        "weights do not match the {} model ({} features): {shown}{more}",
-        spec.arch,
-        spec.num_features()
-    )
+    bail!("{what}: {shown}{more}")
 }
 
 #[cfg(test)]

@@ -1,7 +1,8 @@
 //! The `mura` binary as a user runs it: every command's argument checks and error lines
 //! (`audit`), hostile files (`hostile`), kills and full disks while training saves its
-//! checkpoint (`checkpoint_crash`), `mura score` (`score`), `mura report` (`report`), and
-//! training end to end (`train`).
+//! checkpoint (`checkpoint_crash`), `mura score` (`score`), `mura report` (`report`),
+//! training end to end (`train`), loaded data that is not what it claims (`loaded`), predict
+//! and eval agreeing (`preprocess`) and the bounds of every count (`sizes`).
 
 #[path = "../common/mod.rs"]
 mod common;
@@ -10,6 +11,9 @@ mod audit;
 mod checkpoint_crash;
 mod export;
 mod hostile;
+mod loaded;
+mod preprocess;
 mod report;
 mod score;
+mod sizes;
 mod train;

@@ -1,7 +1,7 @@
 //! The data pipeline: reader (good and bad trees), synth, prep/store round trip and refusal of
 //! damaged stores, augmentation properties, loader determinism, loss weights.
 
-use mura::data::image::{decode_gray, normalize_to_input, resize_bilinear, GrayImage};
+use mura::data::image::{decode_gray, resize_bilinear, GrayImage};
 use mura::data::loader::{Augment, Loader, LoaderConfig};
 use mura::data::prep::{prep, PrepConfig};
 use mura::data::store::Store;
@@ -294,7 +294,11 @@ fn bad_inputs_are_reported_and_skipped() {
         "{reasons:#?}"
     );
     assert!(has("patient00009", "missing"), "{reasons:#?}");
-    assert!(has("patient00002", "duplicate"), "{reasons:#?}");
+    // A repeated row is ignored, with a note (the image is stored once).
+    assert!(!has("patient00002", "twice"), "{reasons:#?}");
+    assert!(s.manifest.notes.iter().any(
+        |n| n.contains("patient00002/study1_positive/image1.png") && n.contains("listed twice")
+    ));
     assert!(has("XR_KNEE", "unknown study type"), "{reasons:#?}");
     assert!(has("etc/passwd", "escapes"), "{reasons:#?}");
     assert!(has("patient00011", "not 0 or 1"), "{reasons:#?}");
@@ -530,8 +534,10 @@ fn augmentation_properties() {
     // Identity: rotation 0, no flip, same size reproduces the source (normalised).
     augment::image(&src, s, AugParams::IDENTITY, s, &mut out);
     let mut gray: Vec<f32> = src.iter().map(|&v| v as f32 / 255.0).collect();
-    let mut want = vec![0f32; s * s * 3];
-    normalize_to_input(&gray, &mut want);
+    let want: Vec<f32> = gray
+        .iter()
+        .flat_map(|&g| (0..3).map(move |c| (g - MEAN[c]) / STD[c]))
+        .collect();
     for (a, b) in out.iter().zip(&want) {
         assert!((a - b).abs() < 1e-5);
     }
@@ -755,4 +761,114 @@ fn prep_resize_area_averages_large_shrinks() {
     let aliased = resize_bilinear(img, 64);
     let (a, b) = (std(&out.data), std(&aliased.data));
     assert!(a < 0.06 && b > 0.1, "area std {a}, bilinear std {b}");
+}
+
+#[test]
+fn an_evaluation_splits_a_study_of_many_views_and_scores_it_whole() {
+    use mura::data::loader::EVAL_BATCH_PIXELS;
+    use mura::eval::predict_split;
+    use mura::loss::{weighted_bce, LossLevel};
+    use mura::model::{DenseNet, Mode};
+    let root = tmp("split");
+    let m = root.join("MURA-v1.1");
+    // Valid: a study of 11 views between two of 2 and 1; a side of 896 makes a batch 4 images.
+    let studies = [
+        ("valid/XR_HAND/patient00001/study1_negative", 2, 0),
+        ("valid/XR_HAND/patient00002/study1_positive", 11, 1),
+        ("valid/XR_WRIST/patient00003/study1_positive", 1, 1),
+        ("train/XR_HAND/patient00004/study1_negative", 1, 0),
+        ("train/XR_HAND/patient00005/study1_positive", 2, 1),
+    ];
+    for (k, (s, n, _)) in studies.iter().enumerate() {
+        for v in 1..=*n {
+            write_gray(
+                &m.join(format!("{s}/image{v}.png")),
+                20,
+                20,
+                (k * 20 + v) as u64,
+            );
+        }
+    }
+    let out = root.join("store");
+    prep(&cfg(&root, &out, 16)).unwrap();
+    let store = Arc::new(Store::open(&out).unwrap());
+    let side = 896;
+    let cap = EVAL_BATCH_PIXELS / (side * side);
+    assert_eq!(cap, 4);
+    let lc = LoaderConfig {
+        batch_studies: 8,
+        max_views: None,
+        image_size: side,
+        augment: None,
+        seed: 0,
+        shuffle: false,
+        workers: 1,
+        prefetch: 1,
+    };
+    let loader = Loader::new(store.clone(), Split::Valid, &StudyType::ALL, lc.clone()).unwrap();
+    let batches: Vec<_> = loader.epoch(0).collect();
+    let shape: Vec<(Vec<usize>, usize, bool)> = batches
+        .iter()
+        .map(|b| (b.studies.clone(), b.n_images, b.whole))
+        .collect();
+    let big = loader.studies()[1];
+    assert_eq!(store.studies[big].n_views, 11);
+    let (a, c) = (loader.studies()[0], loader.studies()[2]);
+    assert_eq!(
+        shape,
+        vec![
+            (vec![a], 2, true),
+            (vec![big], 4, false),
+            (vec![big], 4, false),
+            (vec![big], 3, false),
+            (vec![c], 1, true),
+        ]
+    );
+    assert_eq!(loader.n_batches(), 5);
+    let first = store.studies[big].first_image;
+    let ids: Vec<usize> = batches[1..4]
+        .iter()
+        .flat_map(|b| b.image_ids.clone())
+        .collect();
+    assert_eq!(ids, (first..first + 11).collect::<Vec<_>>());
+
+    // Scored as a whole: each study's probability is the mean over all its views, and the loss
+    // is each study's own (or each view's), as if every study had its own batch.
+    let spec = mura::spec::DenseNetSpec::custom(4, vec![2, 2], 8, 2).unwrap();
+    let mut model = DenseNet::<f32>::new(spec, 3);
+    for level in [LossLevel::Study, LossLevel::Image] {
+        let got = predict_split(&mut model, &store, &loader, level).unwrap();
+        let (mut loss, mut count) = (0.0, 0usize);
+        for (p, &si) in got.studies.iter().zip(loader.studies()) {
+            let b = mura::data::loader::build_batch(&store, &lc, 0, &[si]);
+            let z = mura::net::forward_batch(&mut model, &b, Mode::Eval).unwrap();
+            let z: Vec<f64> = z.iter().map(|&v| v as f64).collect();
+            let want = z.iter().map(|&z| 1.0 / (1.0 + (-z).exp())).sum::<f64>() / z.len() as f64;
+            assert_eq!(p.study, si);
+            assert!(
+                (p.probability - want).abs() < 1e-6,
+                "{} vs {want}",
+                p.probability
+            );
+            let rec = &store.studies[si];
+            let (w0, w1) = store.loss_weights(rec.study_type);
+            let y = f64::from(rec.label.unwrap());
+            let views = vec![0; z.len()];
+            let w = [(w0 as f64, w1 as f64)];
+            let n = if level == LossLevel::Study {
+                1
+            } else {
+                z.len()
+            };
+            loss += weighted_bce(&z, &views, &[y], &w, level).0 * n as f64;
+            count += n;
+        }
+        let want = loss / count as f64;
+        assert!(
+            (got.loss - want).abs() < 1e-6,
+            "{level:?}: {} vs {want}",
+            got.loss
+        );
+    }
+    std::fs::remove_dir_all(&root).unwrap();
 }

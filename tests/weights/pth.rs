@@ -7,7 +7,7 @@ use mura::spec::DenseNetSpec;
 use mura::weights::pth::load_pth_bytes;
 use mura::weights::torchvision::remap_legacy_key;
 use mura::weights::{
-    check_layout, import_torchvision, load_pth, load_safetensors, NamedTensor, StateDict,
+    check_state_dict, import_torchvision, load_pth, load_safetensors, NamedTensor, StateDict,
     TensorData,
 };
 use std::path::{Path, PathBuf};
@@ -83,7 +83,7 @@ fn import_torchvision_remaps_adds_counters_and_replaces_head() {
     let c = spec.num_features();
     for f in ["tiny_legacy.pth", "tiny_legacy_v1.pth", "tiny_zip.pth"] {
         let sd = import_torchvision(load_pth(&fixture(f)).unwrap(), &spec, 7).unwrap();
-        check_layout(&sd, &spec).unwrap();
+        check_state_dict(&sd, &spec).unwrap();
         let names: Vec<_> = sd.tensors.iter().map(|t| t.name.clone()).collect();
         let layout: Vec<_> = spec
             .state_dict_layout()
@@ -147,7 +147,7 @@ fn imported() -> StateDict {
 }
 
 #[test]
-fn check_layout_names_missing_unexpected_misshaped_and_mistyped_keys() {
+fn check_state_dict_names_missing_unexpected_misshaped_and_mistyped_keys() {
     let spec = tiny();
     let good = imported();
     let mut rng = Rng::new(11);
@@ -157,13 +157,13 @@ fn check_layout_names_missing_unexpected_misshaped_and_mistyped_keys() {
 
         let mut sd = good.clone();
         sd.tensors.remove(i);
-        let e = format!("{:#}", check_layout(&sd, &spec).unwrap_err());
+        let e = format!("{:#}", check_state_dict(&sd, &spec).unwrap_err());
         assert!(e.contains(&format!("missing key '{name}'")), "{e}");
 
         let mut sd = good.clone();
         let t = &mut sd.tensors[i];
         t.shape.push(1);
-        let e = format!("{:#}", check_layout(&sd, &spec).unwrap_err());
+        let e = format!("{:#}", check_state_dict(&sd, &spec).unwrap_err());
         assert!(e.contains(&format!("key '{name}' has shape")), "{e}");
 
         let mut sd = good.clone();
@@ -172,7 +172,7 @@ fn check_layout_names_missing_unexpected_misshaped_and_mistyped_keys() {
             TensorData::F32(v) => TensorData::I64(vec![0; v.len()]),
             TensorData::I64(v) => TensorData::F32(vec![0.0; v.len()]),
         };
-        let e = format!("{:#}", check_layout(&sd, &spec).unwrap_err());
+        let e = format!("{:#}", check_state_dict(&sd, &spec).unwrap_err());
         assert!(e.contains(&format!("key '{name}' is")), "{e}");
     }
     let mut sd = good.clone();
@@ -181,15 +181,88 @@ fn check_layout_names_missing_unexpected_misshaped_and_mistyped_keys() {
         shape: vec![8],
         data: TensorData::F32(vec![1.0; 8]),
     });
-    let e = format!("{:#}", check_layout(&sd, &spec).unwrap_err());
+    let e = format!("{:#}", check_state_dict(&sd, &spec).unwrap_err());
     assert!(
         e.contains("unexpected key 'features.denseblock1.denselayer1.norm.1.weight'"),
         "{e}"
     );
     let mut sd = good.clone();
     sd.tensors.push(good.tensors[5].clone());
-    let e = format!("{:#}", check_layout(&sd, &spec).unwrap_err());
+    let e = format!("{:#}", check_state_dict(&sd, &spec).unwrap_err());
     assert!(e.contains("duplicate key"), "{e}");
+}
+
+#[test]
+fn check_state_dict_refuses_values_no_trained_model_holds() {
+    let spec = tiny();
+    let good = imported();
+    check_state_dict(&good, &spec).unwrap();
+    // The first element of the tensor whose name ends with `end` set to `v`: the error.
+    let with = |end: &str, v: TensorData| {
+        let mut sd = good.clone();
+        let t = sd
+            .tensors
+            .iter_mut()
+            .find(|t| t.name.ends_with(end))
+            .unwrap();
+        t.data = match (&t.data, v) {
+            (TensorData::F32(old), TensorData::F32(v)) => {
+                TensorData::F32([v, old[1..].to_vec()].concat())
+            }
+            (_, v) => v,
+        };
+        check_state_dict(&sd, &spec).map_err(|e| format!("{e:#}"))
+    };
+    let f = |x: f32| TensorData::F32(vec![x]);
+    for (end, v, want) in [
+        (
+            "conv0.weight",
+            f(f32::NAN),
+            "key 'features.conv0.weight' holds NaN (element 0)",
+        ),
+        (
+            "classifier.weight",
+            f(f32::INFINITY),
+            "key 'classifier.weight' holds inf",
+        ),
+        ("norm0.running_mean", f(f32::NEG_INFINITY), "holds -inf"),
+        (
+            "norm5.running_var",
+            f(f32::NAN),
+            "key 'features.norm5.running_var' holds NaN",
+        ),
+        (
+            "norm0.running_var",
+            f(-1e-3),
+            "holds a negative variance, -0.001",
+        ),
+        (
+            "norm0.num_batches_tracked",
+            TensorData::I64(vec![-1]),
+            "a negative batch count, -1",
+        ),
+    ] {
+        let e = with(end, v).unwrap_err();
+        assert!(
+            e.starts_with("weights hold values no trained model has: ") && e.contains(want),
+            "{end}: {e}"
+        );
+    }
+    // A variance of 0 (a channel that never varied) and a bias of -1e30 are values a model may hold.
+    with("norm0.running_var", f(0.0)).unwrap();
+    with("classifier.bias", f(-1e30)).unwrap();
+    // An imported `.pth` goes through the same check.
+    let mut raw = load_pth(&fixture("tiny_legacy.pth")).unwrap();
+    let t = raw
+        .tensors
+        .iter_mut()
+        .find(|t| t.name.ends_with("running_var"))
+        .unwrap();
+    if let TensorData::F32(v) = &mut t.data {
+        v[0] = -2.0;
+    }
+    let e = format!("{:#}", import_torchvision(raw, &spec, 3).unwrap_err());
+    assert!(e.contains("a negative variance, -2"), "{e}");
 }
 
 fn err(bytes: &[u8]) -> String {
