@@ -13,7 +13,7 @@ use super::{Engine, GpuDenseNet, Pass};
 use crate::gpu::ops::bn::{self, Grad, Saved};
 use crate::gpu::ops::{linear, pool};
 use crate::gpu::{Mat, Nhwc};
-use crate::model::schedule::{BnIdx, Head, Layer, Stem, Step, Transition};
+use crate::model::schedule::{BnIdx, Dir, Head, Layer, Stage, Stem, Step, Transition};
 use anyhow::{bail, Context, Result};
 
 impl<T: Engine> GpuDenseNet<T> {
@@ -39,6 +39,7 @@ impl<T: Engine> GpuDenseNet<T> {
                 plan.n
             );
         }
+        self.d.stage(Stage::Start(Dir::Bwd));
         plan.logits_grad.slice().upload(&*self.d, dlogits)?;
         self.run_graph((Pass::Backward, plan.n), &|m: &Self| {
             m.backward_kernels(plan)
@@ -50,6 +51,7 @@ impl<T: Engine> GpuDenseNet<T> {
     /// plan to every parameter's. Every block's gradient buffer is first written whole (by the
     /// head or by the transition after it), then accumulated into by its layers.
     fn backward_kernels(&self, plan: &Plan<T>) -> Result<()> {
+        self.d.stage(Stage::Start(Dir::Bwd));
         if T::TENSOR_CORES {
             self.sums.fill_bytes(0)?;
         }
@@ -57,6 +59,7 @@ impl<T: Engine> GpuDenseNet<T> {
             block.deferred.fill_bytes(0)?;
         }
         for step in plan.schedule.backward() {
+            self.d.stage(Stage::of(step, Dir::Bwd));
             match step {
                 Step::Head(hd) => self.head_bwd(plan, hd)?,
                 Step::Transition(t) => self.transition_bwd(plan, t)?,

@@ -5,7 +5,7 @@ use super::plan::{stats_of, Plan, RawIn};
 use super::{Engine, GpuDenseNet, Pass};
 use crate::gpu::ops::{augment, bn, cast, linear, pool};
 use crate::gpu::{DeviceBuffer, Graph, Nhwc};
-use crate::model::schedule::{Head, Layer, Stem, Step, Transition};
+use crate::model::schedule::{Dir, Head, Layer, Stage, Stem, Step, Transition};
 use crate::ops::augment::AugParams;
 use anyhow::{bail, Context, Result};
 
@@ -45,6 +45,7 @@ impl<T: Engine> GpuDenseNet<T> {
         }
         self.ensure_plan(n, h, w)?;
         self.recorded = false;
+        self.d.stage(Stage::Start(Dir::Fwd));
         if let Some(w16) = self.weights_bf16.as_ref().filter(|_| self.weights_stale) {
             cast::to_bf16(&*self.d, self.params.slice(), w16.slice())?;
             self.weights_stale = false;
@@ -125,12 +126,14 @@ impl<T: Engine> GpuDenseNet<T> {
     fn forward_kernels(&self, plan: &Plan<T>, train: bool) -> Result<()> {
         // The epilogue sums and the split-K workspace start from zero (their consumers zero
         // them again after reading).
+        self.d.stage(Stage::Start(Dir::Fwd));
         self.sums.fill_bytes(0)?;
         if let Some(w) = &plan.split_ws {
             w.fill_bytes(0)?;
         }
         let mut pending = 0;
         for step in plan.schedule.forward() {
+            self.d.stage(Stage::of(step, Dir::Fwd));
             pending = match step {
                 Step::Stem(s) => self.stem_fwd(plan, s, train)?,
                 Step::Layer(l) => self.layer_fwd(plan, l, train, pending)?,

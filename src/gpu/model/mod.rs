@@ -23,7 +23,7 @@ use super::ops::bn::{self, Affine, Stats};
 use super::ops::BnRelu;
 use super::tracking::Tracking;
 use super::{DeviceBuffer, Driver, Graph, Slice};
-use crate::model::schedule::{BnIdx, ConvIdx};
+use crate::model::schedule::{BnIdx, ConvIdx, Stage};
 use crate::model::{DenseNet, Layout, Mode};
 use crate::ops::augment::AugParams;
 use crate::optim::Adam;
@@ -299,6 +299,7 @@ impl<T: Engine> crate::net::Net for GpuDenseNet<T> {
         Ok((v, b))
     }
     fn zero_grad(&mut self) -> Result<()> {
+        self.d.stage(Stage::ZeroGrad);
         self.grads.fill_bytes(0)
     }
     fn backward(&mut self, dlogits: &[f32]) -> Result<()> {
@@ -314,6 +315,7 @@ impl<T: Engine> crate::net::Net for GpuDenseNet<T> {
         }
         adam.step += 1;
         self.weights_stale = true;
+        self.d.stage(Stage::Adam);
         let moments = (self.adam_m.slice(), self.adam_v.slice());
         let (p, g) = (self.params.slice(), self.grads.slice());
         super::ops::adam::update(&*self.d, adam.current(), p, g, moments)
