@@ -37,7 +37,8 @@
 //! - BN forward statistics are listed as their own passes (`bn_stats`: read the produced
 //!   tensor once); computed in the producer's epilogue they cost no bytes, and
 //!   [`Totals::floor_stats_fused_s`] is the floor without them.
-//! - Max pool and avg pool are their own kernels (BN+ReLU fused into the max pool's load);
+//! - Max pool and avg pool are their own kernels (BN+ReLU fused into their loads; mura pools
+//!   before the transition's 1×1, as its schedule says);
 //!   the head (BN+ReLU+global average pool) is one kernel each way; the classifier, loss
 //!   and BN parameter gradients (O(N·C) work) and the augmentation kernel are not counted.
 //! - Memory-bound kernels' arithmetic is not counted (it is ≪ bytes × the ridge point).
@@ -507,29 +508,34 @@ impl Walk {
         self.bn_stats(site, l.hw, l.conv2.co);
     }
 
-    /// A transition as torchvision orders it: 1x1 at the block's size, then the average pool,
-    /// then the pooled output's statistics.
+    /// A transition as mura runs it (the schedule's order): BN + ReLU + 2×2 average pool over
+    /// the block's channels, then the 1×1 at the pooled size into the next block's first
+    /// channels (exact for a linear map, and a quarter of torchvision's conv-then-pool work),
+    /// then their statistics.
     fn transition(&mut self, t: &Transition) {
-        let (site, c2) = (Site::Transition(t.block), t.conv.co);
-        self.conv(ConvSite {
-            op: Op::Trans1x1,
-            site,
-            conv: t.conv,
-            hw_in: t.hw_in,
-            hw_out: t.hw_in,
-            dx: Dx::Write,
-            y_feeds_bn: false,
-        });
-        let (full, pooled) = (self.act(t.hw_in, c2), self.act(t.hw_out, c2));
-        // Backward: dy and the pooled output (BN correction) -> d(conv output).
-        let shape = self.map(t.hw_in, t.hw_out, c2);
+        let (site, ct, c2) = (Site::Transition(t.block), t.c_in, t.conv.co);
+        let (full, pooled) = (self.act(t.hw_in, ct), self.act(t.hw_out, ct));
+        // Forward: the block read (pre-BN), the pooled block written. Backward: the pooled
+        // block's gradient and the block (ReLU mask, BN reductions) read, the block's gradient
+        // written (the transition's backward is the first to write it).
+        let shape = self.map(t.hw_in, t.hw_out, ct);
         self.mem(
             Op::AvgPool,
             site,
             shape,
             full + pooled,
-            Some(2 * pooled + full),
+            Some(pooled + 2 * full),
         );
+        self.conv(ConvSite {
+            op: Op::Trans1x1,
+            site,
+            conv: t.conv,
+            hw_in: t.hw_out,
+            hw_out: t.hw_out,
+            dx: Dx::Write,
+            // Its output is the next block's first channels, which BNs read.
+            y_feeds_bn: true,
+        });
         self.bn_stats(site, t.hw_out, c2);
     }
 

@@ -64,7 +64,7 @@ impl<T: Engine> GpuDenseNet<T> {
     fn load_input(&mut self, plan: &Plan<T>, x: Input) -> Result<()> {
         let staging = plan.input_f32.as_ref().map(|b| b.slice());
         match x {
-            Input::F32(x) => T::load_input(self, x, staging, plan.input.slice()),
+            Input::F32(x) => T::load_input(&*self.d, x, staging, plan.input.slice()),
             Input::Raw {
                 raw,
                 src_size,
@@ -150,7 +150,8 @@ impl<T: Engine> GpuDenseNet<T> {
         let (n, f0) = (plan.n, s.conv.co);
         let stats = stats_of(plan.stem_stats.slice(), f0, 0, f0)?;
         let (x, y0) = (plan.input()?, plan.stem_out()?);
-        let pending = T::conv_fwd(self, x, None, s.conv, y0, train.then_some(stats), None)?;
+        let (ctx, w) = (self.ctx(), self.conv_weights(s.conv)?);
+        let pending = T::conv_fwd(&ctx, x, None, w, s.conv.g, y0, train.then_some(stats), None)?;
         let batch = train.then_some((stats, s.conv_out.rows(n)));
         self.bn_scale_shift(s.norm, batch, pending)?;
         let block0 = &plan.blocks[0];
@@ -181,11 +182,26 @@ impl<T: Engine> GpuDenseNet<T> {
         let y1 = Nhwc::new(y1.slice(), (n, l.hw.h, l.hw.w, mid), mid)?;
         let stats2 = stats_of(block.bottleneck_stats[l.index].slice(), mid, 0, mid)?;
         let (pre1, ws) = (Some(self.coefs(l.norm1)?), plan.split_ws());
-        let pending2 = T::conv_fwd(self, prefix, pre1, l.conv1, y1, train.then_some(stats2), ws)?;
+        let (ctx, w1, w2) = (
+            self.ctx(),
+            self.conv_weights(l.conv1)?,
+            self.conv_weights(l.conv2)?,
+        );
+        let g1 = l.conv1.g;
+        let pending2 = T::conv_fwd(&ctx, prefix, pre1, w1, g1, y1, train.then_some(stats2), ws)?;
         self.bn_scale_shift(l.norm2, train.then_some((stats2, rows)), pending2)?;
         let out = block.acts(n)?.channels(c, k)?;
         let (pre2, stats) = (Some(self.coefs(l.norm2)?), block.stats(c, k)?);
-        T::conv_fwd(self, y1, pre2, l.conv2, out, train.then_some(stats), ws)
+        T::conv_fwd(
+            &ctx,
+            y1,
+            pre2,
+            w2,
+            l.conv2.g,
+            out,
+            train.then_some(stats),
+            ws,
+        )
     }
 
     /// BN + ReLU → 2×2 average pool (fused) → 1×1 into the next block's first channels.
@@ -209,14 +225,16 @@ impl<T: Engine> GpuDenseNet<T> {
         pool::avgpool_fwd(&*self.d, block.acts(n)?, Some(self.coefs(t.norm)?), pooled)?;
         let out = next.acts(n)?.channels(0, t.conv.co)?;
         let stats = next.stats(0, t.conv.co)?;
+        let (ctx, w, ws) = (self.ctx(), self.conv_weights(t.conv)?, plan.split_ws());
         T::conv_fwd(
-            self,
+            &ctx,
             pooled,
             None,
-            t.conv,
+            w,
+            t.conv.g,
             out,
             train.then_some(stats),
-            plan.split_ws(),
+            ws,
         )
     }
 

@@ -16,7 +16,7 @@ mod engine;
 mod forward;
 mod plan;
 
-pub use engine::{BnConv, Engine};
+pub use engine::{BnDx, Ctx, DxOut, Engine};
 pub use plan::{scratch_len, split_workspace_len};
 
 use super::ops::bn::{self, Affine, Stats};
@@ -151,18 +151,24 @@ impl<T: Engine> GpuDenseNet<T> {
         self.grads.slice().range(at, len)
     }
 
-    /// A convolution's f32 weights (the CUDA-core kernels read them).
-    fn conv_weights(&self, conv: ConvIdx) -> Result<Slice<f32>> {
-        self.param(conv.p, conv.len())
+    /// A convolution's weights as its kernels read them ([`Engine::weights`]).
+    fn conv_weights(&self, conv: ConvIdx) -> Result<Slice<T>> {
+        let copy = self.weights_bf16.as_ref().map(|w| w.slice());
+        T::weights(self.params.slice(), copy)?.range(conv.p, conv.len())
     }
 
-    /// A convolution's bf16 weights (the tensor-core kernels read them).
-    fn conv_weights_bf16(&self, conv: ConvIdx) -> Result<Slice<bf16>> {
-        let w = self
-            .weights_bf16
-            .as_ref()
-            .context("the bf16 weights of a tensor-core model")?;
-        w.slice().range(conv.p, conv.len())
+    /// A convolution's weight gradient.
+    fn conv_grad(&self, conv: ConvIdx) -> Result<Slice<f32>> {
+        self.grad(conv.p, conv.len())
+    }
+
+    /// What the engine's launches share: the driver and the reduction scratch.
+    fn ctx(&self) -> Ctx<'_> {
+        Ctx {
+            d: &*self.d,
+            sums: self.sums.slice(),
+            bn: self.bn_scratch(),
+        }
     }
 
     /// A BN's gamma and beta.
