@@ -8,7 +8,7 @@ use half::bf16;
 use mura::gpu::emu::{self, Emu};
 use mura::gpu::launch_plan::record;
 use mura::gpu::model::Engine;
-use mura::gpu::record::{Event, Op, Recorder};
+use mura::gpu::record::{Event, Launched, Op, Recorder};
 use mura::gpu::Driver;
 use mura::spec::DenseNetSpec;
 use std::sync::Arc;
@@ -25,16 +25,19 @@ fn both<T: Engine>(spec: &DenseNetSpec, n: usize, s: usize, sms: usize) -> [[Vec
     [planned.into(), ran.into()]
 }
 
-fn kernels(events: &[Event]) -> Vec<&'static str> {
-    let launch = |e: &Event| match &e.op {
-        Op::Launch(l) => Some(l.kernel),
-        Op::Memset { .. } => None,
-    };
+fn launches(events: &[Event]) -> Vec<&Launched> {
+    fn launch(e: &Event) -> Option<&Launched> {
+        match &e.op {
+            Op::Launch(l) => Some(l),
+            Op::Memset { .. } => None,
+        }
+    }
     events.iter().filter_map(launch).collect()
 }
 
-/// Every planned event has a stage; the emulator's ops are the plan's, in order.
-fn same<T: Engine>(spec: &DenseNetSpec, n: usize, s: usize, sms: usize) -> Vec<&'static str> {
+/// Every planned event has a stage; the emulator's ops are the plan's, in order. The training
+/// step's launches.
+fn same<T: Engine>(spec: &DenseNetSpec, n: usize, s: usize, sms: usize) -> Vec<Launched> {
     let [planned, ran] = both::<T>(spec, n, s, sms);
     for (pass, (p, r)) in ["train", "eval"].iter().zip(planned.iter().zip(&ran)) {
         assert!(
@@ -55,20 +58,36 @@ fn same<T: Engine>(spec: &DenseNetSpec, n: usize, s: usize, sms: usize) -> Vec<&
             p.len(),
             r.len()
         );
-        assert!(!kernels(p).is_empty(), "{pass}: nothing planned");
+        assert!(!launches(p).is_empty(), "{pass}: nothing planned");
     }
-    kernels(&planned[0])
+    launches(&planned[0]).into_iter().cloned().collect()
+}
+
+/// Split-K grids (z > 1) of the kernels whose name contains `kind`.
+fn splits(step: &[Launched], kind: &str) -> usize {
+    let split = |l: &&Launched| l.kernel.contains(kind) && l.grid[2] > 1;
+    step.iter().filter(split).count()
 }
 
 #[test]
 fn recorded_plan_is_what_the_emulator_executes() {
     let f32_step = same::<f32>(&tiny(), 2, 32, emu::SMS);
-    assert!(f32_step.contains(&"conv_fwd_f32"), "{f32_step:?}");
+    assert!(f32_step.iter().any(|l| l.kernel == "conv_fwd_f32"));
+    // The bf16 step's split-K forwards and data gradients are planned as they run, and their
+    // grids follow the card's SMs: fewer splits for fewer SMs.
     let bf16_step = same::<bf16>(&wide(), 2, 32, emu::SMS);
-    // The bf16 step's split-K forwards are planned as they run.
-    assert!(bf16_step.contains(&"conv3x3_tc_fwd_bf16"), "{bf16_step:?}");
+    let (fwd, data) = (
+        splits(&bf16_step, "tc_fwd"),
+        splits(&bf16_step, "tc_bwd_data"),
+    );
     assert!(
-        bf16_step.iter().any(|k| k.contains("finish")),
-        "{bf16_step:?}"
+        fwd > 0 && data > 0,
+        "{fwd} split forwards, {data} split data gradients"
+    );
+    let small = same::<bf16>(&wide(), 2, 32, 2);
+    let blocks = |step: &[Launched]| step.iter().map(|l| l.blocks()).sum::<u64>();
+    assert!(
+        blocks(&small) < blocks(&bf16_step),
+        "grids sized for 2 SMs are smaller"
     );
 }

@@ -119,7 +119,7 @@ impl<T: Engine> GpuDenseNet<T> {
             .context("a transition's pooled buffer")?;
         let pooled = Nhwc::new(pooled.slice(), (n, t.hw_out.h, t.hw_out.w, ct), ct)?;
         let dnext = next.grads(n)?.channels(0, t.conv.co)?;
-        let (ctx, dw) = (self.ctx(), self.conv_grad(t.conv)?);
+        let (ctx, dw) = (self.ctx(plan), self.conv_grad(t.conv)?);
         T::conv_bwd_weight(&ctx, pooled, None, t.conv.g, dnext, dw)?;
         let dpooled = plan.scratch(0, t.hw_out, ct)?;
         let w = self.conv_weights(t.conv)?;
@@ -159,7 +159,7 @@ impl<T: Engine> GpuDenseNet<T> {
             stats: stats_of(block.bottleneck_stats[l.index].slice(), mid, 0, mid)?,
             coef: self.coefs(l.norm2)?,
         };
-        let ctx = self.ctx();
+        let ctx = self.ctx(plan);
         let (dy1, dout) = (plan.scratch(1, l.hw, mid)?, block.grads(n)?.channels(c, k)?);
         let (pre2, g2, w2) = (Some(saved2.coef), l.conv2.g, self.conv_weights(l.conv2)?);
         T::conv_bwd_weight(&ctx, y1, pre2, g2, dout, self.conv_grad(l.conv2)?)?;
@@ -223,7 +223,7 @@ impl<T: Engine> GpuDenseNet<T> {
             self.bn_scratch(),
         )?;
         let dw = self.conv_grad(s.conv)?;
-        T::conv_bwd_weight(&self.ctx(), plan.input()?, None, s.conv.g, dy0, dw)
+        T::conv_bwd_weight(&self.ctx(plan), plan.input()?, None, s.conv.g, dy0, dw)
     }
 
     /// Adds the deferred BN-backward terms of `block`'s channels `[c0, c0 + c)` (every reader's

@@ -14,7 +14,7 @@
 //! (`tools/kernel-lab`) run the very same launches.
 
 use crate::gpu::ops::bn::{self, Affine, Deferred, Grad, Saved, Stats};
-use crate::gpu::ops::conv_tc::{self, Mask};
+use crate::gpu::ops::conv_tc::{self, DataOut, Mask, SplitK};
 use crate::gpu::ops::{cast, conv, Act, BnRelu};
 use crate::gpu::{Driver, Nhwc, Slice};
 use crate::ops::conv::Conv;
@@ -30,6 +30,8 @@ pub struct Ctx<'a> {
     pub sums: Slice<f32>,
     /// The BN reductions' scratch (`bn::scratch_len(c)` and `2c` f32 for `c` channels).
     pub bn: bn::Scratch,
+    /// bf16: the split-K workspace of the forwards and data gradients (none: nothing splits).
+    pub split: Option<SplitK>,
 }
 
 impl Ctx<'_> {
@@ -84,7 +86,7 @@ pub trait Engine: Act {
     /// `y = conv(pre(x), w)` of geometry `g`, `w: [k, k, x.c, y.c]`; with `stats`, also the batch
     /// statistics of `y`'s channels, into `stats` (f32: a pass over `y`; returns 0) or summed in
     /// the epilogue into `c.sums` (bf16; returns `y.c()`: the channels whose statistics are
-    /// pending for the next BN's coefficients). `ws`: the split-K workspace (bf16 dense layers).
+    /// pending for the next BN's coefficients).
     #[allow(clippy::too_many_arguments)]
     fn conv_fwd(
         c: &Ctx,
@@ -94,7 +96,6 @@ pub trait Engine: Act {
         g: Conv,
         y: Nhwc<Self>,
         stats: Option<Stats>,
-        ws: Option<Slice<f32>>,
     ) -> Result<usize>;
 
     /// `dw: [k, k, x.c, dy.c]` f32 += the weight gradient of `conv(pre(x))` from `dy`.
@@ -142,7 +143,6 @@ impl Engine for f32 {
         g: Conv,
         y: Nhwc<f32>,
         stats: Option<Stats>,
-        _ws: Option<Slice<f32>>,
     ) -> Result<usize> {
         conv::fwd(c.d, x, pre, w, g, y)?;
         if let Some(stats) = stats {
@@ -210,14 +210,13 @@ impl Engine for bf16 {
         g: Conv,
         y: Nhwc<bf16>,
         stats: Option<Stats>,
-        ws: Option<Slice<f32>>,
     ) -> Result<usize> {
         // (The sums are zero: zeroed at the start of the pass and by each consumer.)
         let sums = match stats {
             Some(_) => Some(c.sums(y.c())?),
             None => None,
         };
-        conv_tc::fwd(c.d, x, pre, w, g, y, sums, ws)?;
+        conv_tc::fwd(c.d, x, pre, w, g, y, sums, c.split)?;
         Ok(if stats.is_some() { y.c() } else { 0 })
     }
 
@@ -241,7 +240,11 @@ impl Engine for bf16 {
     ) -> Result<()> {
         let b = match out {
             DxOut::Plain(dx) => {
-                return conv_tc::bwd_data(c.d, dy, w, g, dx, false, None, None, None)
+                let dx = DataOut {
+                    dx,
+                    accumulate: false,
+                };
+                return conv_tc::bwd_data(c.d, dy, w, g, dx, None, None, None, c.split);
             }
             DxOut::Bn(b) => b,
         };
@@ -250,13 +253,20 @@ impl Engine for bf16 {
         let (sums, mask) = (c.sums(x.c())?, Some(Mask { x, bn: s.coef }));
         if let Some(def) = b.deferred {
             // BN1: scale × the masked gradient straight into dx, the per-channel rest deferred.
-            let out = Nhwc::new(b.dx.mat.slice(), x.dims(), b.dx.mat.rs())?;
+            let out = DataOut {
+                dx: Nhwc::new(b.dx.mat.slice(), x.dims(), b.dx.mat.rs())?,
+                accumulate: b.dx.accumulate,
+            };
             let post = Some(s.coef.scale);
-            conv_tc::bwd_data(c.d, dy, w, g, out, b.dx.accumulate, mask, Some(sums), post)?;
+            conv_tc::bwd_data(c.d, dy, w, g, out, mask, Some(sums), post, c.split)?;
             return bn::defer_from_sums(c.d, s, sums, b.dparams, def);
         }
         // BN2: the masked gradient of its output into the scratch, its reductions alongside.
-        conv_tc::bwd_data(c.d, dy, w, g, b.scratch, false, mask, Some(sums), None)?;
+        let out = DataOut {
+            dx: b.scratch,
+            accumulate: false,
+        };
+        conv_tc::bwd_data(c.d, dy, w, g, out, mask, Some(sums), None, c.split)?;
         bn::backward_from_sums(c.d, s, sums, b.scratch.mat(), b.dparams, b.dx, c.bn.coef)
     }
 }

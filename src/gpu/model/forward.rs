@@ -128,8 +128,8 @@ impl<T: Engine> GpuDenseNet<T> {
         // them again after reading).
         self.d.stage(Stage::Start(Dir::Fwd));
         self.sums.fill_bytes(0)?;
-        if let Some(w) = &plan.split_ws {
-            w.fill_bytes(0)?;
+        if let Some(split) = &plan.split {
+            split.clear()?;
         }
         let mut pending = 0;
         for step in plan.schedule.forward() {
@@ -150,8 +150,8 @@ impl<T: Engine> GpuDenseNet<T> {
         let (n, f0) = (plan.n, s.conv.co);
         let stats = stats_of(plan.stem_stats.slice(), f0, 0, f0)?;
         let (x, y0) = (plan.input()?, plan.stem_out()?);
-        let (ctx, w) = (self.ctx(), self.conv_weights(s.conv)?);
-        let pending = T::conv_fwd(&ctx, x, None, w, s.conv.g, y0, train.then_some(stats), None)?;
+        let (ctx, w) = (self.ctx(plan), self.conv_weights(s.conv)?);
+        let pending = T::conv_fwd(&ctx, x, None, w, s.conv.g, y0, train.then_some(stats))?;
         let batch = train.then_some((stats, s.conv_out.rows(n)));
         self.bn_scale_shift(s.norm, batch, pending)?;
         let block0 = &plan.blocks[0];
@@ -181,27 +181,18 @@ impl<T: Engine> GpuDenseNet<T> {
         let y1 = &block.bottleneck[l.index];
         let y1 = Nhwc::new(y1.slice(), (n, l.hw.h, l.hw.w, mid), mid)?;
         let stats2 = stats_of(block.bottleneck_stats[l.index].slice(), mid, 0, mid)?;
-        let (pre1, ws) = (Some(self.coefs(l.norm1)?), plan.split_ws());
+        let pre1 = Some(self.coefs(l.norm1)?);
         let (ctx, w1, w2) = (
-            self.ctx(),
+            self.ctx(plan),
             self.conv_weights(l.conv1)?,
             self.conv_weights(l.conv2)?,
         );
         let g1 = l.conv1.g;
-        let pending2 = T::conv_fwd(&ctx, prefix, pre1, w1, g1, y1, train.then_some(stats2), ws)?;
+        let pending2 = T::conv_fwd(&ctx, prefix, pre1, w1, g1, y1, train.then_some(stats2))?;
         self.bn_scale_shift(l.norm2, train.then_some((stats2, rows)), pending2)?;
         let out = block.acts(n)?.channels(c, k)?;
         let (pre2, stats) = (Some(self.coefs(l.norm2)?), block.stats(c, k)?);
-        T::conv_fwd(
-            &ctx,
-            y1,
-            pre2,
-            w2,
-            l.conv2.g,
-            out,
-            train.then_some(stats),
-            ws,
-        )
+        T::conv_fwd(&ctx, y1, pre2, w2, l.conv2.g, out, train.then_some(stats))
     }
 
     /// BN + ReLU → 2×2 average pool (fused) → 1×1 into the next block's first channels.
@@ -225,17 +216,8 @@ impl<T: Engine> GpuDenseNet<T> {
         pool::avgpool_fwd(&*self.d, block.acts(n)?, Some(self.coefs(t.norm)?), pooled)?;
         let out = next.acts(n)?.channels(0, t.conv.co)?;
         let stats = next.stats(0, t.conv.co)?;
-        let (ctx, w, ws) = (self.ctx(), self.conv_weights(t.conv)?, plan.split_ws());
-        T::conv_fwd(
-            &ctx,
-            pooled,
-            None,
-            w,
-            t.conv.g,
-            out,
-            train.then_some(stats),
-            ws,
-        )
+        let (ctx, w) = (self.ctx(plan), self.conv_weights(t.conv)?);
+        T::conv_fwd(&ctx, pooled, None, w, t.conv.g, out, train.then_some(stats))
     }
 
     /// norm5 → ReLU → global average pool → linear.

@@ -17,7 +17,7 @@ mod forward;
 mod plan;
 
 pub use engine::{BnDx, Ctx, DxOut, Engine};
-pub use plan::{scratch_len, split_workspace_len};
+pub use plan::{scratch_len, split_workspace, SplitBufs};
 
 use super::ops::bn::{self, Affine, Stats};
 use super::ops::BnRelu;
@@ -163,11 +163,12 @@ impl<T: Engine> GpuDenseNet<T> {
     }
 
     /// What the engine's launches share: the driver and the reduction scratch.
-    fn ctx(&self) -> Ctx<'_> {
+    fn ctx<'a>(&'a self, plan: &Plan<T>) -> Ctx<'a> {
         Ctx {
             d: &*self.d,
             sums: self.sums.slice(),
             bn: self.bn_scratch(),
+            split: plan.split(),
         }
     }
 

@@ -36,8 +36,9 @@
 use crate::roofline::{KernelRow, Op, Pass, Shape, Site};
 use anyhow::{bail, Context, Result};
 use half::bf16;
-use mura::gpu::model::{self, BnDx, Ctx, DxOut, Engine};
+use mura::gpu::model::{self, BnDx, Ctx, DxOut, Engine, SplitBufs};
 use mura::gpu::ops::bn::{self, Affine, Deferred, Grad, Pending, Running, Saved, Stats};
+use mura::gpu::ops::conv_tc::SplitK;
 use mura::gpu::ops::{adam, cast, pool, Act, BnRelu};
 use mura::gpu::{DeviceBuffer, Driver, Mat, Nhwc, Slice};
 use mura::model::schedule::{Head, Hw, Layer, Schedule, Stem, Transition};
@@ -463,8 +464,9 @@ struct Bench<'s, T: Engine> {
     /// The model's two backward scratch buffers, each as large as the largest intermediate
     /// gradient.
     scratch: [DeviceBuffer<T>; 2],
-    /// bf16: the split-K workspace of the tensor-core forwards (zero); None when none splits.
-    split_ws: Option<DeviceBuffer<f32>>,
+    /// bf16: the split-K workspace of the tensor-core forwards and data gradients (zero), as the
+    /// model's plan sizes it; None when none splits.
+    split: Option<SplitBufs>,
 }
 
 impl<'s, T: Engine> Bench<'s, T> {
@@ -475,9 +477,9 @@ impl<'s, T: Engine> Bench<'s, T> {
             acts.random(d, "scratch 0", len, ACT)?,
             acts.random(d, "scratch 1", len, ACT)?,
         ];
-        let ws = match model::split_workspace_len(s, n) {
-            len if T::TENSOR_CORES && len > 0 => Some(DeviceBuffer::zeroed(d, len)?),
-            _ => None,
+        let split = match T::TENSOR_CORES {
+            true => SplitBufs::zeroed(d, model::split_workspace(s, n, d.sms()))?,
+            false => None,
         };
         Ok(Bench {
             d: d.clone(),
@@ -486,7 +488,7 @@ impl<'s, T: Engine> Bench<'s, T> {
             acts,
             f32s: Store::new(Rng::derive(seed, 2).next_u64()),
             scratch,
-            split_ws: ws,
+            split,
         })
     }
 
@@ -568,8 +570,8 @@ impl<'s, T: Engine> Bench<'s, T> {
         Nhwc::new(self.scratch[i].slice(), (self.n, hw.h, hw.w, c), c)
     }
 
-    fn split_ws(&self) -> Option<Slice<f32>> {
-        self.split_ws.as_ref().map(|w| w.slice())
+    fn split(&self) -> Option<SplitK> {
+        self.split.as_ref().map(SplitBufs::view)
     }
 
     /// Dense block `b`'s activations and their gradient, `[n, h, w, c_total]` each.
@@ -673,29 +675,33 @@ impl<'s, T: Engine> Bench<'s, T> {
     fn conv(&mut self, c: ConvAt<T>, pass: Pass) -> Result<Work> {
         let d = self.d.clone();
         let (sums, bn) = self.ctx_parts(c.x.c().max(c.y.c()))?;
-        fn ctx(d: &Arc<dyn Driver>, sums: Slice<f32>, bn: bn::Scratch) -> Ctx<'_> {
-            Ctx { d: &**d, sums, bn }
+        let split = self.split();
+        fn ctx(d: &Arc<dyn Driver>, (sums, bn, split): Parts) -> Ctx<'_> {
+            Ctx {
+                d: &**d,
+                sums,
+                bn,
+                split,
+            }
         }
+        type Parts = (Slice<f32>, bn::Scratch, Option<SplitK>);
+        let parts: Parts = (sums, bn, split);
         Ok(match pass {
             Pass::Fwd => {
                 // bf16: the output's statistics summed in the epilogue, as training runs it;
                 // f32: its separate statistics pass is the `bn_stats` row's.
-                let (ws, stats) = (self.split_ws(), self.bn(c.y.c())?.stats);
-                let stats = T::TENSOR_CORES.then_some(stats);
+                let stats = T::TENSOR_CORES.then_some(self.bn(c.y.c())?.stats);
                 Box::new(move || {
-                    T::conv_fwd(&ctx(&d, sums, bn), c.x, c.pre(), c.w, c.g, c.y, stats, ws)
-                        .map(drop)
+                    T::conv_fwd(&ctx(&d, parts), c.x, c.pre(), c.w, c.g, c.y, stats).map(drop)
                 })
             }
             Pass::BwdWeight => {
                 let dw = self.f32("dw", c.w.len(), ACT)?;
-                Box::new(move || {
-                    T::conv_bwd_weight(&ctx(&d, sums, bn), c.x, c.pre(), c.g, c.dy, dw)
-                })
+                Box::new(move || T::conv_bwd_weight(&ctx(&d, parts), c.x, c.pre(), c.g, c.dy, dw))
             }
             Pass::BwdData => {
                 let out = c.dx_out()?;
-                Box::new(move || T::conv_bwd_data(&ctx(&d, sums, bn), c.dy, c.w, c.g, out))
+                Box::new(move || T::conv_bwd_data(&ctx(&d, parts), c.dy, c.w, c.g, out))
             }
             _ => bail!("a convolution has no {pass} kernel"),
         })
