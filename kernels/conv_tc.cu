@@ -37,11 +37,14 @@
 //         K-slices) and 3x3 backward-weight (M = 9*C, N = 32, K = pixels, split).
 // Split-K (gridDim.z chunks of split_len pixels, a multiple of BK) for both weight gradients, whose
 // K = n*h*w is huge and M*N small; f32 partial sums are added with atomicAdd
-// (src/gpu/ops/conv_tc.rs aims at ~4 blocks per SM of a 132-SM GPU, chunks of >= 512 pixels). The
+// (src/gpu/ops/conv_tc.rs aims at a full wave of the device's SMs, chunks of >= 512 pixels unless
+// the grid would not reach one block per SM). The
 // forwards split K = k*k*c the same way when their grid is too small to fill the GPU
 // (DenseNet-169's blocks 3 and 4 at batch 64: 98 and 25 row tiles for 132 SMs;
-// src/gpu/ops/conv_tc.rs aims at 2 (T128) or 4 (T32) blocks per SM, chunks of >= 4 K-slices), into
-// an f32 workspace that conv_tc_fwd_finish_bf16 rounds, stores and re-zeroes.
+// src/gpu/ops/conv_tc.rs aims at 2 (T128) or 4 (T32) blocks per SM of the device, chunks of >= 4
+// K-slices, shorter only where the grid would not reach one block per SM), and so do the data
+// gradients, into an f32 workspace: the last block of each tile to add its partial sums takes them
+// back and runs the epilogue (split_fixup), so a split costs no launch of its own.
 // To tune on the GPU: BM 64 vs 128 for the 3x3 forward at 7x7/14x14 (few pixels per image);
 // stages per kernel (the data gradients' 3 against 2 and 4; the forwards' weights by cp.async
 // would gain from more only if their BN operand's register loads were not the wait); the per-chunk division
@@ -437,6 +440,45 @@ UNROLL
             }
 }
 
+// Split-K's fix-up, in the kernel itself: this block's partial tile is added to ws: [nrows, ncols]
+// f32 (zero), and the block that adds the last of the tile's gridDim.z partials (counted in tiles:
+// [gridDim.x * gridDim.y] unsigned, zero) takes the tile's sums back into acc, leaving ws and its
+// counter zero again. Returns true in that block only, which then runs the tile's epilogue as an
+// unsplit block would. The partials are device-scope atomics, fenced before the count (CUDA
+// Programming Guide, "Memory Fence Functions"), so the last block sees all of them.
+template <int BM, int BN, int WM, int WN>
+__device__ __forceinline__ bool split_fixup(float acc[Tile<BM, BN, WM, WN>::MT][Tile<BM, BN, WM, WN>::NT][4],
+                                            float* ws, unsigned* tiles, int m0, int n0, int nrows, int ncols) {
+    typedef Tile<BM, BN, WM, WN> TL;
+    // The block's flag in the first word of the stages' shared memory, which the barrier below
+    // frees (the tile's mmas are done with it).
+    MURA_DYN_SHARED(int, last);
+    add_tile<BM, BN, WM, WN>(acc, ws, m0, n0, nrows, ncols);
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        unsigned* count = tiles + blockIdx.y * gridDim.x + blockIdx.x;
+        *last = atomicAdd(count, 1u) == gridDim.z - 1;
+        if (*last) atomicExch(count, 0u);
+    }
+    __syncthreads();
+    if (!*last) return false;
+    __threadfence();
+UNROLL
+    for (int mt = 0; mt < TL::MT; mt++)
+UNROLL
+        for (int nt = 0; nt < TL::NT; nt++)
+UNROLL
+            for (int r = 0; r < 4; r++) {
+                int row, col;
+                acc_coords<BM, BN, WM, WN>(mt, nt, r, &row, &col);
+                row += m0, col += n0;
+                const bool in = row < nrows && col < ncols;
+                acc[mt][nt][r] = in ? atomicExch(ws + (long long)row * ncols + col, 0.0f) : 0.0f;
+            }
+    return true;
+}
+
 // Per-column sums of a warp's outputs in one 8-column mma tile: s[j][q] is this thread's sum over
 // its rows of moment q of the tile's column 2*(lane%4) + j, which is column col0 + that of dst:
 // [2, ld] f32; the warp's sums are added for columns < ncols. The whole warp must call it.
@@ -458,22 +500,20 @@ UNROLL
 // y: [M, co] bf16 (row stride y_rs) = a[M, K] . wt[K, co] (a: the im2col operand of a forward);
 // when stats is not null (stats: [2, co] f32), the per-channel sum and sum of squares of the
 // stored y are added to it (the batch statistics of the BN that will read these channels).
-// Split-K (ws not null): block z takes the K range [z * split_len, ...) and adds its partial sums
-// to ws: [M, co] f32 instead, for conv_tc_fwd_finish_bf16 to store (when M * co is too small a
-// grid to fill the GPU).
+// Split-K (ws not null, when M * co is too small a grid to fill the GPU): block z takes the K
+// range [z * split_len, ...), and the last block of each tile finishes it (split_fixup; ws:
+// [M, co] f32 and tiles: [gridDim.x * gridDim.y] unsigned, zero and left so). ws null: gridDim.z
+// is 1.
 template <int BM, int BN, int WM, int WN, bool CACHE_A, class OA>
 __device__ __forceinline__ void tc_fwd(const OA& a, int M, int K, bf16* y, int y_rs, const bf16* wt, int co,
-                                       float* stats, float* ws, int split_len) {
+                                       float* stats, float* ws, unsigned* tiles, int split_len) {
     typedef Tile<BM, BN, WM, WN> TL;
     const Dense b = make_dense(wt, K, co, co, 1);
     const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
     const int k_lo = blockIdx.z * split_len, k_hi = min(K, k_lo + split_len);
     float acc[TL::MT][TL::NT][4] = {};
     tc_tile<BM, BN, WM, WN, true, false, CACHE_A, TC_STAGES>(a, b, m0, n0, k_lo, k_hi, acc);
-    if (ws) {
-        if (k_lo < k_hi) add_tile<BM, BN, WM, WN>(acc, ws, m0, n0, M, co);
-        return;
-    }
+    if (ws && !split_fixup<BM, BN, WM, WN>(acc, ws, tiles, m0, n0, M, co)) return;
 UNROLL
     for (int nt = 0; nt < TL::NT; nt++) {
         float sums[2][2] = {};
@@ -499,9 +539,9 @@ UNROLL
 template <int BM, int BN, int WM, int WN, int KS>
 __device__ __forceinline__ void conv_tc_fwd(bf16* y, int y_rs, const bf16* x, int x_rs, const bf16* wt,
                                             const float* scale, const float* shift, int n, int h, int w, int c,
-                                            int co, float* stats, float* ws, int split_len) {
+                                            int co, float* stats, float* ws, unsigned* tiles, int split_len) {
     const Gather a = make_gather(x, x_rs, n, h, w, c, KS, scale, shift, 0);
-    tc_fwd<BM, BN, WM, WN, true>(a, n * h * w, KS * KS * c, y, y_rs, wt, co, stats, ws, split_len);
+    tc_fwd<BM, BN, WM, WN, true>(a, n * h * w, KS * KS * c, y, y_rs, wt, co, stats, ws, tiles, split_len);
 }
 
 // dx: [n, h, w, ci] bf16 (row stride dx_rs) = post * g, overwritten or added to, where
@@ -510,19 +550,23 @@ __device__ __forceinline__ void conv_tc_fwd(bf16* y, int y_rs, const bf16* x, in
 // post: [ci] f32 per-channel factors, or null for 1. When red is not null (and scale is), the
 // per-channel sums of g and of g * x are added to red: [2, ci] f32 (the reductions of that BN's
 // backward; with post = the BN's scale and accumulate, dx receives the BN backward's per-element
-// term and the rest, affine in x per channel, can be added later).
+// term and the rest, affine in x per channel, can be added later). Split-K as in tc_fwd (ws:
+// [n*h*w, ci] f32, the reduction over k*k*co in chunks of split_len).
 template <int BM, int BN, int WM, int WN, int KS>
 __device__ __forceinline__ void conv_tc_bwd_data(bf16* dx, int dx_rs, int accumulate, const bf16* dy, int dy_rs,
                                                  const bf16* wt, const bf16* x, int x_rs, const float* scale,
                                                  const float* shift, int n, int h, int w, int ci, int co,
-                                                 float* red, const float* post) {
+                                                 float* red, const float* post, float* ws, unsigned* tiles,
+                                                 int split_len) {
     typedef Tile<BM, BN, WM, WN> TL;
     const Gather a = make_gather(dy, dy_rs, n, h, w, co, KS, nullptr, nullptr, 1);
     const Dense b = make_dense(wt, ci, co, co, KS * KS);
     const int M = n * h * w, m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
     float acc[TL::MT][TL::NT][4] = {};
+    const int K = KS * KS * co, k_lo = blockIdx.z * split_len, k_hi = min(K, k_lo + split_len);
     // No row cache: at the 128-register bound it spills on sm_86/89 (K is only 9 * 32 here anyway).
-    tc_tile<BM, BN, WM, WN, true, true, false, TC_BWD_DATA_STAGES>(a, b, m0, n0, 0, KS * KS * co, acc);
+    tc_tile<BM, BN, WM, WN, true, true, false, TC_BWD_DATA_STAGES>(a, b, m0, n0, k_lo, k_hi, acc);
+    if (ws && !split_fixup<BM, BN, WM, WN>(acc, ws, tiles, m0, n0, M, ci)) return;
 UNROLL
     for (int nt = 0; nt < TL::NT; nt++) {
         float sums[2][2] = {};
@@ -579,74 +623,48 @@ __device__ __forceinline__ void conv_tc_bwd_weight(float* dw, const bf16* x, int
 // the masked data gradient g; post: null or [c] f32 factors of the stored data gradient.
 // Dynamic shared bytes: 2 stages of [outer][inner + 8] bf16 per operand (gpu/ops/conv_tc.rs smem).
 
-// ws: null, or [n*h*w, co] f32 partial sums (split-K over gridDim.z chunks of split_len, a multiple
-// of 32, of the k*k*c reduction; y and stats untouched, see conv_tc_fwd_finish_bf16).
+// ws, tiles: null, or [n*h*w, co] f32 partial sums and [gridDim.x * gridDim.y] arrival counts, zero
+// (split-K over gridDim.z chunks of split_len, a multiple of 32, of the k*k*c reduction; the last
+// block of each tile stores it, see split_fixup).
 // Grid (ceil(n*h*w / 128), ceil(co / 128), splits), block 256, 37888 shared bytes.
 extern "C" __global__ void __launch_bounds__(WIDE_THREADS, 2)
     conv1x1_tc_fwd_bf16(bf16* __restrict__ y, int y_rs, const bf16* __restrict__ x, int x_rs,
                         const bf16* __restrict__ wt, const float* scale, const float* shift, int n, int h, int w,
-                        int c, int co, float* stats, float* ws, int split_len) {
-    conv_tc_fwd<WIDE, 1>(y, y_rs, x, x_rs, wt, scale, shift, n, h, w, c, co, stats, ws, split_len);
+                        int c, int co, float* stats, float* ws, unsigned* tiles, int split_len) {
+    conv_tc_fwd<WIDE, 1>(y, y_rs, x, x_rs, wt, scale, shift, n, h, w, c, co, stats, ws, tiles, split_len);
 }
 
 // Grid (ceil(n*h*w / 128), ceil(co / 32), splits), block 128, 25600 shared bytes.
 extern "C" __global__ void __launch_bounds__(NARROW_THREADS)
     conv3x3_tc_fwd_bf16(bf16* __restrict__ y, int y_rs, const bf16* __restrict__ x, int x_rs,
                         const bf16* __restrict__ wt, const float* scale, const float* shift, int n, int h, int w,
-                        int c, int co, float* stats, float* ws, int split_len) {
-    conv_tc_fwd<NARROW, 3>(y, y_rs, x, x_rs, wt, scale, shift, n, h, w, c, co, stats, ws, split_len);
-}
-
-// The end of a split-K forward: y: [M, co] bf16 (row stride y_rs) = ws: [M, co] f32 rounded, and
-// ws zeroed (ready for the next split forward); stats: null or [2, co] f32 += per-channel (sum y,
-// sum y^2) of the stored y. Block (32, 8): threadIdx.x a channel of the block's 32 (coalesced),
-// threadIdx.y strides the rows of chunk blockIdx.y. Grid (ceil(co / 32), chunks).
-extern "C" __global__ void conv_tc_fwd_finish_bf16(bf16* __restrict__ y, int y_rs, float* __restrict__ ws, int M,
-                                                   int co, float* stats) {
-    __shared__ float part[2][8][33];
-    const int c = blockIdx.x * 32 + threadIdx.x, P = gridDim.y, p = blockIdx.y;
-    const int r0 = (int)((long long)p * M / P), r1 = (int)((long long)(p + 1) * M / P);
-    float s = 0.0f, ss = 0.0f;
-    if (c < co)
-        for (int r = r0 + threadIdx.y; r < r1; r += 8) {
-            float* src = ws + (long long)r * co + c;
-            const bf16 o = __float2bfloat16(*src);
-            *src = 0.0f;
-            y[(long long)r * y_rs + c] = o;
-            const float f = __bfloat162float(o);
-            s += f;
-            ss += f * f;
-        }
-    part[0][threadIdx.y][threadIdx.x] = s;
-    part[1][threadIdx.y][threadIdx.x] = ss;
-    __syncthreads();
-    if (threadIdx.y == 0 && c < co && stats) {
-        float t = 0.0f, tt = 0.0f;
-        for (int k = 0; k < 8; k++) t += part[0][k][threadIdx.x], tt += part[1][k][threadIdx.x];
-        atomicAdd(stats + c, t);
-        atomicAdd(stats + co + c, tt);
-    }
+                        int c, int co, float* stats, float* ws, unsigned* tiles, int split_len) {
+    conv_tc_fwd<NARROW, 3>(y, y_rs, x, x_rs, wt, scale, shift, n, h, w, c, co, stats, ws, tiles, split_len);
 }
 
 // dx: [n, h, w, c] bf16 (row stride dx_rs), overwritten (accumulate = 0) or added to; x, scale,
 // shift: the forward's input and BN + ReLU, for its mask (scale null: no mask; x unused); post:
-// null or [c] f32 factors of the stored gradient; red: null or [2, c] f32 += (sum g, sum g * x).
-// Grid (ceil(n*h*w / 128), ceil(c / 128)), block 256, 40960 shared bytes.
+// null or [c] f32 factors of the stored gradient; red: null or [2, c] f32 += (sum g, sum g * x);
+// ws, tiles: null, or split-K over gridDim.z chunks of split_len of the k*k*co reduction, as in the
+// forward (ws: [n*h*w, c] f32).
+// Grid (ceil(n*h*w / 128), ceil(c / 128), splits), block 256, 61440 shared bytes.
 extern "C" __global__ void __launch_bounds__(WIDE_THREADS, 2)
     conv1x1_tc_bwd_data_bf16(bf16* dx, int dx_rs, int accumulate, const bf16* __restrict__ dy, int dy_rs,
                              const bf16* __restrict__ wt, const bf16* __restrict__ x, int x_rs, const float* scale,
-                             const float* shift, int n, int h, int w, int c, int co, float* red, const float* post) {
+                             const float* shift, int n, int h, int w, int c, int co, float* red, const float* post,
+                             float* ws, unsigned* tiles, int split_len) {
     conv_tc_bwd_data<WIDE, 1>(dx, dx_rs, accumulate, dy, dy_rs, wt, x, x_rs, scale, shift, n, h, w, c, co,
-                                          red, post);
+                                          red, post, ws, tiles, split_len);
 }
 
 // As conv1x1_tc_bwd_data_bf16, for the 3x3/1 pad 1 convolution.
 extern "C" __global__ void __launch_bounds__(WIDE_THREADS, 2)
     conv3x3_tc_bwd_data_bf16(bf16* dx, int dx_rs, int accumulate, const bf16* __restrict__ dy, int dy_rs,
                              const bf16* __restrict__ wt, const bf16* __restrict__ x, int x_rs, const float* scale,
-                             const float* shift, int n, int h, int w, int c, int co, float* red, const float* post) {
+                             const float* shift, int n, int h, int w, int c, int co, float* red, const float* post,
+                             float* ws, unsigned* tiles, int split_len) {
     conv_tc_bwd_data<WIDE, 3>(dx, dx_rs, accumulate, dy, dy_rs, wt, x, x_rs, scale, shift, n, h, w, c, co,
-                                          red, post);
+                                          red, post, ws, tiles, split_len);
 }
 
 // dw += over pixels split into gridDim.z chunks of split_len (a multiple of 32).
@@ -679,7 +697,7 @@ extern "C" __global__ void __launch_bounds__(ANY_THREADS, 4)
                         int c, int co, int k, int stride, int pad, float* stats) {
     const Strided a = make_strided(x, x_rs, n, h, w, c, k, stride, pad, scale, shift);
     const int K = k * k * c;
-    tc_fwd<ANY, false>(a, n * a.ho * a.wo, K, y, y_rs, wt, co, stats, nullptr, K);
+    tc_fwd<ANY, false>(a, n * a.ho * a.wo, K, y, y_rs, wt, co, stats, nullptr, nullptr, K);
 }
 
 // dw: [k, k, c, co] f32 += (d conv / d wt)(pre(x), dy) over the output pixels split into gridDim.z

@@ -21,6 +21,7 @@ pub mod optim;
 pub mod plot;
 pub mod precision;
 pub mod rng;
+pub mod roofline;
 pub mod spec;
 pub mod train;
 pub mod weights;

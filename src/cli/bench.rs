@@ -43,6 +43,16 @@ pub struct Args {
     /// emu: count each kernel's memory traffic as Nsight Compute does and print it per kernel
     #[arg(long)]
     pub profile: bool,
+    /// Print the launch plan of one GPU training step and one eval forward instead (any machine:
+    /// the launches are recorded, nothing runs)
+    #[arg(long, conflicts_with_all = ["profile", "no_graphs"])]
+    pub plan: bool,
+    /// --plan: the card's streaming multiprocessors (grids are sized for them)
+    #[arg(long, default_value_t = 132, requires = "plan")]
+    pub sms: usize,
+    /// --plan: the architecture whose ptxas figures give the blocks per SM (80, 86, 89, 90)
+    #[arg(long, default_value_t = 90, requires = "plan")]
+    pub arch_sm: u32,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -56,13 +66,16 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let (device, precision) = (crate::gpu::resolve(args.device)?, args.precision);
     use crate::bounds::{BATCH, SIDE, STEPS, WARMUP};
     BATCH.check("--batch", args.batch)?;
     STEPS.check("--steps", args.steps)?;
     WARMUP.check("--warmup", args.warmup)?;
     SIDE.check("--image-size", args.image_size)?;
     let spec = args.arch.spec()?;
+    if args.plan {
+        return plan(&args, &spec);
+    }
+    let (device, precision) = (crate::gpu::resolve(args.device)?, args.precision);
     if args.profile {
         anyhow::ensure!(device == Device::Emu, "--profile needs --device emu");
         crate::gpu::emu::profile::enable();
@@ -154,6 +167,165 @@ pub fn run(args: Args) -> Result<()> {
     Ok(())
 }
 
+/// Most SMs `--sms` takes.
+const MAX_SMS: usize = 1 << 16;
+
+/// `--plan`: the launch plan, as text or one JSON object.
+fn plan(args: &Args, spec: &crate::spec::DenseNetSpec) -> Result<()> {
+    use crate::gpu::launch_plan::{self, Card, PlanPass};
+    if args.sms == 0 || args.sms > MAX_SMS {
+        bail!(
+            "--sms {} is not a card's SM count (1 to {MAX_SMS})",
+            args.sms
+        );
+    }
+    let card = Card {
+        sms: args.sms,
+        arch: format!("sm_{}", args.arch_sm),
+    };
+    let p = launch_plan::plan(spec, args.precision, args.batch, args.image_size, card)?;
+    let (train, eval) = (p.summary(PlanPass::Train), p.summary(PlanPass::Eval));
+    let occupancy = match p.occupancy {
+        true => format!("blocks per SM from ptxas's report for {}", p.card.arch),
+        false => format!(
+            "no ptxas report for {} (the build had no nvcc): blocks per SM and waves left empty",
+            p.card.arch
+        ),
+    };
+    if args.json {
+        let launches: Vec<serde_json::Value> = p
+            .launches
+            .iter()
+            .map(|l| {
+                serde_json::json!({
+                    "pass": l.pass.name(),
+                    "stage": l.stage.to_string(),
+                    "kernel": l.kernel,
+                    "grid": l.grid,
+                    "block": l.block,
+                    "blocks": l.blocks(),
+                    "threads": l.threads(),
+                    "shared_bytes": l.shared_bytes,
+                    "resident_per_sm": l.resident_per_sm,
+                    "waves": l.waves,
+                    "floor_us": l.floor_s * 1e6,
+                })
+            })
+            .collect();
+        let j = serde_json::json!({
+            "arch": spec.arch,
+            "precision": args.precision.to_string(),
+            "batch": args.batch,
+            "image_size": args.image_size,
+            "sms": p.card.sms,
+            "arch_sm": p.card.arch,
+            "occupancy": occupancy,
+            "launch_us": launch_plan::LAUNCH_S * 1e6,
+            "train_launches": train.launches,
+            "eval_launches": eval.launches,
+            "memsets": p.train_memsets,
+            "eval_memsets": p.eval_memsets,
+            "underfilled": train.underfilled,
+            "one_block": train.one_block,
+            "tensor_core_underfilled": train.tensor_core_underfilled,
+            "floor_ms": train.floor_s * 1e3,
+            "launch_bound_ms": train.launch_bound_s * 1e3,
+            "eval_underfilled": eval.underfilled,
+            "eval_one_block": eval.one_block,
+            "eval_floor_ms": eval.floor_s * 1e3,
+            "eval_launch_bound_ms": eval.launch_bound_s * 1e3,
+            "launches": launches,
+        });
+        crate::out!("{j}");
+        return Ok(());
+    }
+    crate::out!(
+        "launch plan of {}, {}, batch {}, {s}x{s}, on {} SMs (nothing run): {occupancy}",
+        spec.arch,
+        args.precision,
+        args.batch,
+        p.card.sms,
+        s = args.image_size
+    );
+    crate::out!(
+        "{:<5} {:<20} {:<28} {:>16} {:>12} {:>7} {:>4} {:>7} {:>9}",
+        "pass",
+        "stage",
+        "kernel",
+        "grid",
+        "block",
+        "smem B",
+        "/SM",
+        "waves",
+        "floor µs"
+    );
+    let dims = |d: [u32; 3]| format!("{}x{}x{}", d[0], d[1], d[2]);
+    for l in &p.launches {
+        crate::out!(
+            "{:<5} {:<20} {:<28} {:>16} {:>12} {:>7} {:>4} {:>7} {:>9.2}",
+            l.pass.name(),
+            l.stage.to_string(),
+            l.kernel,
+            dims(l.grid),
+            dims(l.block),
+            l.shared_bytes,
+            l.resident_per_sm.map_or("-".into(), |r| r.to_string()),
+            l.waves.map_or("-".into(), |w| format!("{w:.2}")),
+            l.floor_s * 1e6
+        );
+    }
+    crate::out!();
+    crate::out!(
+        "{:<13} {:>8} {:>7} {:>6} {:>7} {:>9} {:>9} {:>15}",
+        "",
+        "launches",
+        "memsets",
+        "<SMs",
+        "1-block",
+        "tc <SMs",
+        "floor ms",
+        "launch-bound ms"
+    );
+    for (name, s, memsets) in [
+        ("train step", train, p.train_memsets),
+        ("eval forward", eval, p.eval_memsets),
+    ] {
+        crate::out!(
+            "{name:<13} {:>8} {memsets:>7} {:>6} {:>7} {:>9} {:>9.3} {:>15.3}",
+            s.launches,
+            s.underfilled,
+            s.one_block,
+            s.tensor_core_underfilled,
+            s.floor_s * 1e3,
+            s.launch_bound_s * 1e3
+        );
+    }
+    crate::out!(
+        "(launch-bound: every launch at least {} µs, graph node overhead and ramp; <SMs: fewer \
+         blocks than SMs; floor: the roofline's, H100 at {} precision)",
+        launch_plan::LAUNCH_S * 1e6,
+        args.precision
+    );
+    crate::out!();
+    crate::out!("largest launch groups of the train step:");
+    crate::out!(
+        "{:<28} {:>8} {:>6} {:>9} {:>15}",
+        "kernel",
+        "launches",
+        "<SMs",
+        "floor ms",
+        "launch-bound ms"
+    );
+    for (k, n, under, floor, bound) in p.groups(PlanPass::Train) {
+        crate::out!(
+            "{k:<28} {n:>8} {under:>6} {:>9.3} {:>15.3}",
+            floor * 1e3,
+            bound * 1e3
+        );
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -176,6 +348,9 @@ mod tests {
             json: true,
             no_graphs: false,
             profile: false,
+            plan: false,
+            sms: 132,
+            arch_sm: 90,
         }
     }
 

@@ -372,6 +372,10 @@ impl Driver for Cuda {
         format!("cuda:{} ({})", self.info.ordinal, self.info.name)
     }
 
+    fn sms(&self) -> usize {
+        self.info.multiprocessors.max(1) as usize
+    }
+
     fn alloc(&self, bytes: usize) -> Result<DevPtr> {
         self.not_capturing("alloc")?;
         self.bind()?;

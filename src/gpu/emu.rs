@@ -15,6 +15,7 @@
 pub mod profile;
 
 use super::kernels::{emu_tables, EmuKernel};
+use super::record::{Event, Log, Op};
 use super::{not_while_capturing, DevPtr, Driver};
 use anyhow::{anyhow, bail, Context, Result};
 use profile::{Counters, KernelProfile};
@@ -146,6 +147,18 @@ fn entry_of(k: &'static EmuKernel) -> Entry {
     }
 }
 
+/// The streaming multiprocessors the emulator stands for unless told otherwise ([`Emu::with_sms`]):
+/// an H100 SXM's. Grids sized from them ([`Driver::sms`]) are the ones that GPU would get.
+pub const SMS: usize = 132;
+
+/// Kernel `name`'s name as the kernel tables spell it and its parameters' sizes in bytes.
+pub fn signature(name: &str) -> Result<(&'static str, &'static [c_int])> {
+    let (&name, k) = table()
+        .get_key_value(name)
+        .ok_or_else(|| anyhow!("no kernel named '{name}' in kernels/*.cu"))?;
+    Ok((name, k.param_sizes))
+}
+
 /// Names of every kernel the emulator can run.
 pub fn kernel_names() -> Vec<&'static str> {
     let mut v: Vec<_> = table().keys().copied().collect();
@@ -250,6 +263,9 @@ pub struct Emu {
     profile: Option<Mutex<BTreeMap<&'static str, KernelProfile>>>,
     /// Kernels launched under their own name run the mutant's copy instead (see [`Mutant`]).
     mutant: Option<&'static Mutant>,
+    sms: usize,
+    /// What ran, when logging ([`Emu::with_log`]).
+    log: Option<Mutex<Log>>,
 }
 
 impl Default for Emu {
@@ -270,6 +286,8 @@ impl Emu {
             checks: Checks::from_env().map_err(|e| format!("{e:#}")),
             profile: None,
             mutant: None,
+            sms: SMS,
+            log: None,
         };
         emu.with_profile(profile::enabled())
     }
@@ -285,6 +303,37 @@ impl Emu {
     pub fn with_profile(mut self, on: bool) -> Self {
         self.profile = on.then(Mutex::default);
         self
+    }
+
+    /// Grids sized for a card of `sms` streaming multiprocessors ([`Driver::sms`]).
+    pub fn with_sms(mut self, sms: usize) -> Self {
+        self.sms = sms.max(1);
+        self
+    }
+
+    /// Logs every launch and memset as it runs (a graph's nodes at each replay), with its
+    /// parameters as [`record::Log`] keeps them; [`Emu::executed`] returns the log.
+    pub fn with_log(mut self) -> Self {
+        self.log = Some(Mutex::default());
+        self
+    }
+
+    /// What ran since the last call (or since [`Emu::with_log`]); empty when not logging.
+    pub fn executed(&self) -> Vec<Event> {
+        match &self.log {
+            Some(log) => std::mem::take(&mut log.lock().unwrap().events),
+            None => Vec::new(),
+        }
+    }
+
+    /// Appends what `op` of `log` makes to the log, when logging.
+    fn note(&self, op: impl FnOnce(&Log) -> Result<Op>) -> Result<()> {
+        if let Some(log) = &self.log {
+            let mut log = log.lock().unwrap();
+            let op = op(&log)?;
+            log.events.push(Event { stage: None, op });
+        }
+        Ok(())
     }
 
     /// Launches of the kernels of `mutant`'s file run its copies (an error if there is none).
@@ -392,7 +441,10 @@ impl Emu {
             p.lock().unwrap().entry(name).or_default().add(&counters);
             profile::record(name, &counters);
         }
-        Ok(())
+        // SAFETY: as above.
+        self.note(|log| unsafe {
+            log.launch(name, grid, block, shared_bytes, params, entry.param_sizes)
+        })
     }
 }
 
@@ -425,6 +477,10 @@ impl Driver for Emu {
         "emu".into()
     }
 
+    fn sms(&self) -> usize {
+        self.sms
+    }
+
     fn alloc(&self, bytes: usize) -> Result<DevPtr> {
         self.not_capturing("alloc")?;
         let poison = self.checks.as_ref().is_ok_and(|c| c.initcheck);
@@ -437,6 +493,9 @@ impl Driver for Emu {
             bail!("emu: {msg}");
         }
         self.allocs.lock().unwrap().insert(p, bytes);
+        if let Some(log) = &self.log {
+            log.lock().unwrap().alloc(p, bytes);
+        }
         Ok(p)
     }
 
@@ -482,7 +541,7 @@ impl Driver for Emu {
             std::ptr::write_bytes(dst as *mut u8, byte, bytes);
             mura_emu_written(dst, bytes);
         }
-        Ok(())
+        self.note(|log| Ok(log.memset(dst, byte, bytes)))
     }
 
     unsafe fn launch(

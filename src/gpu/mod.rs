@@ -10,13 +10,16 @@ pub mod buffer;
 pub mod cuda;
 pub mod emu;
 pub mod kernels;
+pub mod launch_plan;
 pub mod model;
 pub mod ops;
+pub mod record;
 pub mod tracking;
 
 pub use buffer::{Act, DeviceBuffer, Mat, Nhwc, Ptr, Slice};
 
 use crate::device::Device;
+use crate::model::schedule::Stage;
 use anyhow::{anyhow, bail, Context, Result};
 use std::ffi::c_void;
 use std::sync::Arc;
@@ -30,6 +33,14 @@ pub type DevPtr = u64;
 pub trait Driver: Send + Sync {
     /// "emu", or "cuda:0 (NVIDIA H100 80GB HBM3)".
     fn name(&self) -> String;
+    /// The streaming multiprocessors that grids are sized to fill: the device's (CUDA), or the
+    /// card a driver that runs no GPU stands for (the emulator: [`emu::SMS`]; the recorder: its
+    /// `--sms`).
+    fn sms(&self) -> usize;
+    /// Marks where in the step the launches and memsets that follow belong (a launch plan's
+    /// stage column, [`record::Recorder`]); drivers that run kernels ignore it. Marks made while
+    /// capturing belong to the graph's nodes.
+    fn stage(&self, _stage: Stage) {}
     fn alloc(&self, bytes: usize) -> Result<DevPtr>;
     fn free(&self, ptr: DevPtr) -> Result<()>;
     fn htod(&self, dst: DevPtr, src: &[u8]) -> Result<()>;

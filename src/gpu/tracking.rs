@@ -3,6 +3,7 @@
 //! running out of memory can be tested on any executor.
 
 use super::{DevPtr, Driver};
+use crate::model::schedule::Stage;
 use anyhow::{bail, Context, Result};
 use std::collections::HashMap;
 use std::ffi::c_void;
@@ -55,6 +56,12 @@ impl Tracking {
 impl Driver for Tracking {
     fn name(&self) -> String {
         self.inner.name()
+    }
+    fn sms(&self) -> usize {
+        self.inner.sms()
+    }
+    fn stage(&self, stage: Stage) {
+        self.inner.stage(stage)
     }
     fn alloc(&self, bytes: usize) -> Result<DevPtr> {
         let mut c = self.counts.lock().unwrap();

@@ -279,6 +279,83 @@ pub enum Step<'a> {
     Head(&'a Head),
 }
 
+/// Which way a stage runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Dir {
+    Fwd,
+    Bwd,
+}
+
+/// Where in a training step (or an eval forward) a piece of work belongs: a stage of the
+/// schedule in one direction, or the work around them. Blocks, layers and transitions are
+/// numbered from 0, as in the [`Schedule`], and shown from 1, as torchvision names them
+/// (`block2.layer3`, `trans1`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Stage {
+    /// What a pass does before its first stage. Forward: the batch into the model (upload and
+    /// cast, or augmentation), the bf16 weight copy, its scratch zeroed; backward: the logits'
+    /// gradient in, its scratch zeroed.
+    Start(Dir),
+    /// The gradients' zeroing before a training step.
+    ZeroGrad,
+    Stem(Dir),
+    Layer {
+        block: usize,
+        index: usize,
+        dir: Dir,
+    },
+    Transition {
+        block: usize,
+        dir: Dir,
+    },
+    Head(Dir),
+    /// The optimiser's update of every parameter.
+    Adam,
+}
+
+impl Stage {
+    /// The stage of `step` in direction `dir`.
+    pub fn of(step: Step, dir: Dir) -> Stage {
+        match step {
+            Step::Stem(_) => Stage::Stem(dir),
+            Step::Layer(l) => Stage::Layer {
+                block: l.block,
+                index: l.index,
+                dir,
+            },
+            Step::Transition(t) => Stage::Transition {
+                block: t.block,
+                dir,
+            },
+            Step::Head(_) => Stage::Head(dir),
+        }
+    }
+}
+
+impl std::fmt::Display for Stage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let dir = |d: &Dir| match d {
+            Dir::Fwd => "fwd",
+            Dir::Bwd => "bwd",
+        };
+        match self {
+            Stage::Start(d) => write!(f, "start {}", dir(d)),
+            Stage::ZeroGrad => f.write_str("zero-grad"),
+            Stage::Stem(d) => write!(f, "stem {}", dir(d)),
+            Stage::Layer {
+                block,
+                index,
+                dir: d,
+            } => {
+                write!(f, "block{}.layer{} {}", block + 1, index + 1, dir(d))
+            }
+            Stage::Transition { block, dir: d } => write!(f, "trans{} {}", block + 1, dir(d)),
+            Stage::Head(d) => write!(f, "head {}", dir(d)),
+            Stage::Adam => f.write_str("adam"),
+        }
+    }
+}
+
 /// Every stage of the step for one input size, with its shapes.
 #[derive(Clone, Debug)]
 pub struct Schedule {

@@ -1,13 +1,15 @@
 //! The `mura` binary as a user runs it: every command's argument checks and error lines
-//! (`audit`), hostile files (`hostile`), kills and full disks while training saves its
-//! checkpoint (`checkpoint_crash`), `mura score` (`score`), `mura report` (`report`),
-//! training end to end (`train`), loaded data that is not what it claims (`loaded`), predict
-//! and eval agreeing (`preprocess`) and the bounds of every count (`sizes`).
+//! (`audit`), `mura bench --plan` (`bench`), hostile files (`hostile`), kills and full disks
+//! while training saves its checkpoint (`checkpoint_crash`), `mura score` (`score`), `mura
+//! report` (`report`), training end to end (`train`), `mura export --onnx` (`export`), loaded
+//! data that is not what it claims (`loaded`), predict and eval agreeing (`preprocess`) and the
+//! bounds of every count (`sizes`).
 
 #[path = "../common/mod.rs"]
 mod common;
 
 mod audit;
+mod bench;
 mod checkpoint_crash;
 mod export;
 mod hostile;

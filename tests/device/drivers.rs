@@ -356,3 +356,75 @@ fn failed_capture_keeps_nothing() {
     graph.replay().unwrap();
     assert!(yb.to_vec().unwrap().iter().all(|v| v.is_nan()));
 }
+
+/// The recorder runs nothing: addresses are handed out once each and checked like the
+/// emulator's, launches and memsets are recorded with their stage and parameters (pointers as
+/// allocation and offset), a graph's nodes are recorded again at each replay, and what a capture
+/// may not contain is refused.
+#[test]
+fn the_recorder_records_and_runs_nothing() {
+    use mura::gpu::record::{Arg, Op, Recorder};
+    use mura::model::schedule::{Dir, Stage};
+    let rec = Arc::new(Recorder::new(7));
+    let d: Arc<dyn Driver> = rec.clone();
+    assert_eq!(d.sms(), 7);
+    let a = DeviceBuffer::<f32>::zeroed(&d, 100).unwrap();
+    let b = DeviceBuffer::<f32>::alloc(&d, 3).unwrap();
+    drop(b);
+    let c = DeviceBuffer::<f32>::alloc(&d, 3).unwrap();
+    assert!(
+        c.slice().ptr().addr() > a.slice().ptr().addr() + 400,
+        "no address reused"
+    );
+    assert!(
+        d.htod(a.slice().ptr().addr() + 396, &[0; 8]).is_err(),
+        "past the end"
+    );
+    let mut back = [7u8; 8];
+    d.dtoh(&mut back, a.slice().ptr().addr()).unwrap();
+    assert_eq!(back, [0; 8], "nothing ran: zeros come back");
+    rec.take();
+    d.stage(Stage::Stem(Dir::Fwd));
+    let g = Graph::capture(&d, || {
+        assert!(d.alloc(4).is_err(), "no allocation while capturing");
+        let (y, x) = (a.slice().range(4, 10)?, a.slice().range(0, 10)?);
+        // SAFETY: x, y are live device buffers of 10 floats (nothing runs anyway).
+        unsafe { k::relu_fwd_f32(&*d, Launch::linear(1, 32), y.ptr(), x.ptr(), 10usize) }
+    })
+    .unwrap();
+    assert!(rec.take().is_empty(), "a capture records into its graph");
+    d.stage(Stage::Adam);
+    c.fill_bytes(0).unwrap();
+    g.replay().unwrap();
+    g.replay().unwrap();
+    let events = rec.take();
+    assert_eq!(events.len(), 3);
+    assert_eq!(events[0].stage, Some(Stage::Adam));
+    assert!(matches!(
+        events[0].op,
+        Op::Memset {
+            dst: Arg::Addr {
+                alloc: 2,
+                offset: 0
+            },
+            byte: 0,
+            bytes: 12
+        }
+    ));
+    for e in &events[1..] {
+        assert_eq!(e.stage, Some(Stage::Stem(Dir::Fwd)), "marked at capture");
+        let Op::Launch(l) = &e.op else {
+            panic!("{e:?}")
+        };
+        assert_eq!(
+            (l.kernel, l.grid, l.block),
+            ("relu_fwd_f32", [1, 1, 1], [32, 1, 1])
+        );
+        let at = |offset| Arg::Addr { alloc: 0, offset };
+        let want = [at(16), at(0), Arg::Value(10)];
+        assert_eq!(l.args, want);
+    }
+    // SAFETY: refused before anything could run.
+    let e = unsafe { d.launch("no_such_kernel", [1; 3], [1; 3], 0, &mut []) }.unwrap_err();
+    assert!(format!("{e:#}").contains("no kernel named"), "{e:#}");
+}

@@ -29,7 +29,8 @@ fn read_bf16(b: &DeviceBuffer<bf16>) -> Vec<f64> {
 
 /// A convolution forward through `conv_tc` (`g`: 1×1 or 3×3) of random inputs on `d`, against the
 /// CPU reference: the relative error, or the launch's error. `ws`: split the reduction into
-/// 32-wide chunks over a workspace that is zeroed when `zero_ws`, else only allocated.
+/// 32-wide chunks over a workspace (partial sums, tile counts) zeroed when `Some(true)`, else
+/// only allocated.
 fn conv_forward(
     d: &Arc<dyn Driver>,
     rng: &mut Rng,
@@ -45,10 +46,16 @@ fn conv_forward(
         Nhwc::new(y.slice(), (n, h, w, co), co)?,
     );
     let ws = DeviceBuffer::<f32>::alloc(d, n * h * w * co)?;
+    let tiles = DeviceBuffer::<u32>::alloc(d, 1)?;
     if split == Some(true) {
         ws.fill_bytes(0)?;
+        tiles.fill_bytes(0)?;
     }
-    let split = split.map(|_| (ws.slice(), 32));
+    let ws = conv_tc::SplitK {
+        ws: ws.slice(),
+        tiles: tiles.slice(),
+    };
+    let split = split.map(|_| (ws, 32));
     conv_tc::fwd_split(&**d, xv, None, wb.slice(), g, yv, None, split)?;
     let mut want = vec![0.0; n * h * w * co];
     let img = Image {

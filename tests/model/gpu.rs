@@ -3,7 +3,7 @@
 //! parameter's gradient, Adam-updated weights, BN running statistics — then eval logits and
 //! the CAM feature map; and bf16 storage tracking f32 over a few steps.
 
-use super::{loss, model, model_of, tiny};
+use super::{loss, model, model_of, tiny, wide};
 use crate::common::gpu::{f64s, rel_err, seed, test_driver};
 use half::bf16;
 use mura::backend;
@@ -15,15 +15,9 @@ use mura::net::Net;
 use mura::optim::Adam;
 use mura::precision::Precision;
 use mura::rng::Rng;
-use mura::spec::{DenseNetSpec, Role};
+use mura::spec::Role;
 use mura::weights::TensorData;
 use std::sync::Arc;
-
-/// Wide enough that the bf16 path's 3×3 forwards split their reduction (64 bottleneck channels:
-/// 18 K-slices over a grid of 2 row tiles) and its loads take the 16-byte paths.
-fn wide() -> DenseNetSpec {
-    DenseNetSpec::custom(16, vec![2, 2], 32, 4).unwrap()
-}
 
 /// The GPU model of `model` storing activations at `precision`, on `d`.
 fn gpu_net(d: &Arc<dyn Driver>, model: &DenseNet<f32>, precision: Precision) -> Box<dyn Net> {

@@ -1,6 +1,7 @@
 //! The DenseNet as a whole: the CPU model's gradients against finite differences (`gradcheck`)
 //! and against torchvision's golden fixtures (`golden`), and the GPU model against the CPU model
-//! on the executor named by MURA_TEST_DEVICE (`gpu`, `rawpath`).
+//! on the executor named by MURA_TEST_DEVICE (`gpu`, `rawpath`), and the launch plan against
+//! what the emulator executes (`plan`).
 
 #[path = "../common/mod.rs"]
 mod common;
@@ -8,6 +9,7 @@ mod common;
 mod golden;
 mod gpu;
 mod gradcheck;
+mod plan;
 mod rawpath;
 
 use mura::loss::{weighted_bce_f32, LossLevel};
@@ -18,6 +20,12 @@ use mura::spec::DenseNetSpec;
 /// The tiny DenseNet most model tests run: two blocks of two layers, growth 4.
 fn tiny() -> DenseNetSpec {
     DenseNetSpec::custom(4, vec![2, 2], 8, 2).unwrap()
+}
+
+/// Wide enough that the bf16 path's 3×3 forwards split their reduction (64 bottleneck channels:
+/// 18 K-slices over a grid of 2 row tiles) and its loads take the 16-byte paths.
+fn wide() -> DenseNetSpec {
+    DenseNetSpec::custom(16, vec![2, 2], 32, 4).unwrap()
 }
 
 /// A freshly initialised tiny model with every parameter perturbed (so no BN is an identity).

@@ -9,8 +9,8 @@ use crate::common::gpu::{
     all_nan, all_zero, check, check_cols, cols, column_sums, nhwc, plus_cols, read, refused, Exec,
 };
 use half::bf16;
-use mura::gpu::ops::conv_tc::{self, Mask};
-use mura::gpu::DeviceBuffer;
+use mura::gpu::ops::conv_tc::{self, DataOut, Mask, SplitK};
+use mura::gpu::{DeviceBuffer, Driver};
 use mura::ops::conv::Conv;
 
 /// Sums of values the kernels themselves stored: only f32 accumulation error is allowed.
@@ -21,6 +21,39 @@ type In = Inputs<bf16, bf16>;
 /// The executor of a bf16 test (tolerance 1e-2).
 fn exec(test: &str) -> Exec {
     Exec::new::<bf16>(test)
+}
+
+/// A zeroed split-K workspace for outputs of up to `len` values and `tiles` tiles.
+struct Workspace {
+    ws: DeviceBuffer<f32>,
+    tiles: DeviceBuffer<u32>,
+}
+
+impl Workspace {
+    fn new(d: &std::sync::Arc<dyn Driver>, len: usize, tiles: usize) -> Workspace {
+        Workspace {
+            ws: DeviceBuffer::zeroed(d, len).unwrap(),
+            tiles: DeviceBuffer::zeroed(d, tiles).unwrap(),
+        }
+    }
+    fn view(&self) -> SplitK {
+        SplitK {
+            ws: self.ws.slice(),
+            tiles: self.tiles.slice(),
+        }
+    }
+    /// Every launch that used it left it zero.
+    fn left_zero(&self, what: &str) {
+        assert!(
+            all_zero(&read(&self.ws)),
+            "{what}: workspace not left zeroed"
+        );
+        let counts = self.tiles.to_vec().unwrap();
+        assert!(
+            counts.iter().all(|&c| c == 0),
+            "{what}: tile counts not left zeroed: {counts:?}"
+        );
+    }
 }
 
 const P: Conv = Conv::POINTWISE;
@@ -92,13 +125,25 @@ fn any_window_case(x: &mut Exec, s: Shape) {
     let inp = In::draw(x, s);
     let out = FwdOut::new(x, s);
     // (The workspace is ignored: any-window forwards never split.)
-    let ws = x.poisoned::<f32>(s.px_out() * s.co);
+    let (ws, tiles) = (
+        x.poisoned::<f32>(s.px_out() * s.co),
+        DeviceBuffer::<u32>::alloc(&x.d, 8).unwrap(),
+    );
+    tiles.fill_bytes(0xff).unwrap();
+    let split = SplitK {
+        ws: ws.slice(),
+        tiles: tiles.slice(),
+    };
     let (xv, pre, wt) = (inp.view(), inp.pre(), inp.wt.0.slice());
     let y = inp.out_view(&out.y);
     let stats = Some(out.stats.slice());
-    conv_tc::fwd(&*x.d, xv, pre, wt, s.g, y, stats, Some(ws.slice())).unwrap();
+    conv_tc::fwd(&*x.d, xv, pre, wt, s.g, y, stats, Some(split)).unwrap();
     out.check(x, &inp, &format!("{what} fwd"), true);
-    assert!(all_nan(&read(&ws)), "{what}: the workspace was written");
+    let untouched = tiles.to_vec().unwrap().iter().all(|&c| c == u32::MAX);
+    assert!(
+        all_nan(&read(&ws)) && untouched,
+        "{what}: the workspace was written"
+    );
     let (dyb, dy) = inp.dy(x);
     weight_grads(x, &inp, &dyb, &dy, &what);
 }
@@ -146,10 +191,11 @@ enum Split {
 
 /// The forward into a slice of a poisoned buffer; with a BN + ReLU in front, the output's batch
 /// statistics are added to random values. Whole, then split-K over a zeroed workspace in 32-wide
-/// chunks and in the default split, which the finishing kernel must leave zeroed again.
+/// chunks and in the default split, which the launch (the last block of each tile) must leave
+/// zeroed again.
 fn forward_splits(x: &mut Exec, inp: &In, what: &str) {
     let s = inp.s;
-    let ws = DeviceBuffer::<f32>::zeroed(&x.d, s.px_out() * s.co).unwrap();
+    let ws = Workspace::new(&x.d, s.px_out() * s.co, 64);
     for split in [Split::Whole, Split::Chunks(32), Split::Default] {
         let what = format!("{what} fwd {split:?}");
         let out = FwdOut::new(x, s);
@@ -159,19 +205,22 @@ fn forward_splits(x: &mut Exec, inp: &In, what: &str) {
         match split {
             Split::Whole => conv_tc::fwd_split(&*x.d, xv, pre, wt, s.g, y, stats, None),
             Split::Chunks(len) => {
-                let split = Some((ws.slice(), len));
+                let split = Some((ws.view(), len));
                 conv_tc::fwd_split(&*x.d, xv, pre, wt, s.g, y, stats, split)
             }
-            Split::Default => conv_tc::fwd(&*x.d, xv, pre, wt, s.g, y, stats, Some(ws.slice())),
+            Split::Default => conv_tc::fwd(&*x.d, xv, pre, wt, s.g, y, stats, Some(ws.view())),
         }
         .unwrap();
         out.check(x, inp, &what, s.pre);
-        assert!(all_zero(&read(&ws)), "{what}: workspace not left zeroed");
+        ws.left_zero(&what);
     }
 }
 
 /// `conv_tc::bwd_data` of `inp` from `dyb` into the first `c` channels of `dx: [px_in, rs]`,
-/// masked by the BN + ReLU in front when `mask`, with the BN reductions `red` and factors `post`.
+/// masked by the BN + ReLU in front when `mask`, with the BN reductions `red` and factors `post`;
+/// with `split`, split-K in chunks of that many K elements over a zeroed workspace, which it must
+/// leave zeroed.
+#[allow(clippy::too_many_arguments)]
 fn bwd_data(
     x: &Exec,
     inp: &In,
@@ -179,13 +228,21 @@ fn bwd_data(
     (dx, rs): (&DeviceBuffer<bf16>, usize),
     (accumulate, mask): (bool, bool),
     (red, post): (Option<&DeviceBuffer<f32>>, Option<&DeviceBuffer<f32>>),
+    split: Option<usize>,
 ) -> anyhow::Result<()> {
     let s = inp.s;
-    let dxv = nhwc(dx, (s.n, s.h, s.w), rs, (0, s.c));
+    let out = DataOut {
+        dx: nhwc(dx, (s.n, s.h, s.w), rs, (0, s.c)),
+        accumulate,
+    };
     let mask = inp.pre.dev(mask).map(|bn| Mask { x: inp.view(), bn });
     let (red, post) = (red.map(|b| b.slice()), post.map(|b| b.slice()));
-    let (dyv, wt) = (inp.out_view(dyb), inp.wt.0.slice());
-    conv_tc::bwd_data(&*x.d, dyv, wt, s.g, dxv, accumulate, mask, red, post)
+    let (dyv, wt, d) = (inp.out_view(dyb), inp.wt.0.slice(), &*x.d);
+    let ws = Workspace::new(&x.d, s.px_in() * s.c, 64);
+    let split = split.map(|len| (ws.view(), len));
+    conv_tc::bwd_data_split(d, dyv, wt, s.g, out, mask, red, post, split)?;
+    ws.left_zero("bwd data");
+    Ok(())
 }
 
 /// The data gradient from `dyb` (`dy`: its channels as stored): times the BN-ReLU mask and
@@ -199,24 +256,36 @@ fn data_grads(x: &mut Exec, inp: &In, dyb: &DeviceBuffer<bf16>, dy: &[f64], what
     let g_ref: Vec<f64> = (0..dx_ref.len())
         .map(|i| if on(i) { dx_ref[i] } else { 0.0 })
         .collect();
-    masked_accumulated(x, inp, dyb, &g_ref, what);
-    if s.pre {
-        masked_plain(x, inp, dyb, &g_ref, what);
+    // Whole, and split-K in chunks of one K-slice (every split finished by its tile's last block).
+    for split in [None, Some(32)] {
+        let what = &format!("{what} (split {split:?})");
+        masked_accumulated(x, inp, dyb, &g_ref, what, split);
+        if s.pre {
+            masked_plain(x, inp, dyb, &g_ref, what, split);
+        }
+        let dxb = x.poisoned::<bf16>(s.px_in() * s.c);
+        let plain = (false, false);
+        bwd_data(x, inp, dyb, (&dxb, s.c), plain, (None, None), split).unwrap();
+        check(&format!("{what} bwd data"), &read(&dxb), &dx_ref, x.tol);
     }
-    let dxb = x.poisoned::<bf16>(s.px_in() * s.c);
-    bwd_data(x, inp, dyb, (&dxb, s.c), (false, false), (None, None)).unwrap();
-    check(&format!("{what} bwd data"), &read(&dxb), &dx_ref, x.tol);
 }
 
 /// `dx += post · g` into a prefix of a wider random buffer, with `red` += (Σg, Σg·x) when masked.
-fn masked_accumulated(x: &mut Exec, inp: &In, dyb: &DeviceBuffer<bf16>, g_ref: &[f64], what: &str) {
+fn masked_accumulated(
+    x: &mut Exec,
+    inp: &In,
+    dyb: &DeviceBuffer<bf16>,
+    g_ref: &[f64],
+    what: &str,
+    split: Option<usize>,
+) {
     let (s, c) = (inp.s, inp.s.c);
     let dx_rs = c + 3;
     let (dxb, dx0) = x.random::<bf16>(s.px_in() * dx_rs, 1.0, 0.0);
     let (red, red0) = x.random::<f32>(2 * c, 1.0, 0.0);
     let (post, pv) = x.random::<f32>(c, 0.5, 1.0);
     let sums = (s.pre.then_some(&red), Some(&post));
-    bwd_data(x, inp, dyb, (&dxb, dx_rs), (true, s.pre), sums).unwrap();
+    bwd_data(x, inp, dyb, (&dxb, dx_rs), (true, s.pre), sums, split).unwrap();
     let scaled: Vec<f64> = g_ref
         .iter()
         .enumerate()
@@ -239,11 +308,27 @@ fn masked_accumulated(x: &mut Exec, inp: &In, dyb: &DeviceBuffer<bf16>, g_ref: &
 
 /// Masked, overwriting a poisoned buffer: the stored values are g itself, so the reductions must
 /// match the stored values' sums to f32 accuracy.
-fn masked_plain(x: &mut Exec, inp: &In, dyb: &DeviceBuffer<bf16>, g_ref: &[f64], what: &str) {
+fn masked_plain(
+    x: &mut Exec,
+    inp: &In,
+    dyb: &DeviceBuffer<bf16>,
+    g_ref: &[f64],
+    what: &str,
+    split: Option<usize>,
+) {
     let (s, c) = (inp.s, inp.s.c);
     let gb = x.poisoned::<bf16>(s.px_in() * c);
     let (red, red0) = x.random::<f32>(2 * c, 1.0, 0.0);
-    bwd_data(x, inp, dyb, (&gb, c), (false, true), (Some(&red), None)).unwrap();
+    bwd_data(
+        x,
+        inp,
+        dyb,
+        (&gb, c),
+        (false, true),
+        (Some(&red), None),
+        split,
+    )
+    .unwrap();
     let gv = read(&gb);
     check(&format!("{what} bwd data (mask)"), &gv, g_ref, x.tol);
     let want = column_sums(&red0, &gv, &cols(&inp.x.1, s.x_rs, 0, c), c);
@@ -271,16 +356,20 @@ fn rejects_what_it_does_not_cover() {
     let x = &mut exec("tc_rejects");
     let xb = x.poisoned::<bf16>(128);
     let v = nhwc(&xb, (1, 4, 4), 8, (0, 8));
-    let (wt, ws, dw) = (
+    let (wt, dw) = (
         x.poisoned::<bf16>(11 * 11 * 64),
-        x.poisoned::<f32>(128),
         x.poisoned::<f32>(11 * 11 * 64),
     );
+    let ws = Workspace::new(&x.d, 128, 4);
     let (d, wt) = (&*x.d, wt.slice());
     // No data gradient and no explicit split-K for the any-window kernels.
-    let e = conv_tc::bwd_data(d, v, wt, Conv::STEM, v, false, None, None, None);
+    let out = DataOut {
+        dx: v,
+        accumulate: false,
+    };
+    let e = conv_tc::bwd_data(d, v, wt, Conv::STEM, out, None, None, None, None);
     refused(e, "7x7/2 pad 3");
-    let e = conv_tc::fwd_split(d, v, None, wt, Conv::STEM, v, None, Some((ws.slice(), 32)));
+    let e = conv_tc::fwd_split(d, v, None, wt, Conv::STEM, v, None, Some((ws.view(), 32)));
     refused(e, "7x7/2 pad 3");
     // A window larger than the padded input.
     let g = window(11, 1, 2);
@@ -308,6 +397,11 @@ fn refuses_operands_that_do_not_fit() {
     let (d, xv, pre, g, y) = (&*x.d, inp.view(), inp.pre(), s.g, inp.out_view(&yb));
     let wt = inp.wt.0.slice();
     let short = |n: usize| f.slice().range(0, n).unwrap();
+    let counts = DeviceBuffer::<u32>::zeroed(&x.d, 4).unwrap();
+    let split = |ws: usize, tiles: usize| SplitK {
+        ws: short(ws),
+        tiles: counts.slice().range(0, tiles).unwrap(),
+    };
     let e = conv_tc::fwd(d, xv, pre, wt.range(0, 63).unwrap(), g, y, None, None);
     refused(
         e,
@@ -315,13 +409,15 @@ fn refuses_operands_that_do_not_fit() {
     );
     let e = conv_tc::fwd(d, xv, pre, wt, g, y, Some(short(15)), None);
     refused(e, "the output statistics: 15 elements where 16 are needed");
-    let e = conv_tc::fwd_split(d, xv, pre, wt, g, y, None, Some((short(127), 32)));
-    refused(
-        e,
-        "the split-K workspace: 127 elements where 128 are needed",
-    );
-    let e = conv_tc::fwd_split(d, xv, pre, wt, g, y, None, Some((f.slice(), 48)));
+    // (K = 8 channels: a chunk of 32 does not split; 8 rows of 16 pixels would in chunks of 0.)
+    let e = conv_tc::fwd_split(d, xv, pre, wt, g, y, None, Some((split(128, 1), 0)));
+    refused(e, "split-K chunk of 0 is not a positive multiple of 32");
+    let e = conv_tc::fwd_split(d, xv, pre, wt, g, y, None, Some((split(128, 1), 48)));
     refused(e, "split-K chunk of 48 is not a positive multiple of 32");
+    let dout = |dx| DataOut {
+        dx,
+        accumulate: false,
+    };
     let e = conv_tc::bwd_weight_split(d, xv, pre, g, y, f.slice(), 0);
     refused(
         e,
@@ -331,16 +427,16 @@ fn refuses_operands_that_do_not_fit() {
     refused(e, "the weight gradient: 63 elements where 64 are needed");
     let bn = pre.unwrap();
     let mask = |v| Some(Mask { x: v, bn });
-    let e = conv_tc::bwd_data(d, y, wt, g, y, false, None, Some(f.slice()), None);
+    let e = conv_tc::bwd_data(d, y, wt, g, dout(y), None, Some(f.slice()), None, None);
     refused(e, "need the BN's input (mask)");
     let e = conv_tc::bwd_data(
         d,
         y,
         wt,
         g,
-        y,
-        false,
+        dout(y),
         mask(nhwc(&yb, (1, 2, 8), 8, (0, 8))),
+        None,
         None,
         None,
     );
@@ -348,7 +444,7 @@ fn refuses_operands_that_do_not_fit() {
         e,
         "the ReLU mask's input is (1, 2, 8, 8), expected (1, 4, 4, 8)",
     );
-    let e = conv_tc::bwd_data(d, y, wt, g, y, false, mask(xv), None, Some(short(7)));
+    let e = conv_tc::bwd_data(d, y, wt, g, dout(y), mask(xv), None, Some(short(7)), None);
     refused(e, "the per-channel factors: 7 elements where 8 are needed");
     assert!(
         all_nan(&read(&yb)) && all_nan(&read(&f)),
@@ -356,21 +452,116 @@ fn refuses_operands_that_do_not_fit() {
     );
 }
 
+/// Short workspaces are refused before anything runs: a 3×3 data gradient of 8 channels (K = 72:
+/// chunks of 32 split it in 3) over 16 pixels needs 128 partial sums and one tile count.
 #[test]
-fn split_len_is_a_multiple_of_the_k_slice() {
-    for (pixels, tiles) in [(1, 1), (100, 3), (200_704, 1), (200_704, 9), (3136, 600)] {
-        let s = conv_tc::weight_split_len(pixels, tiles);
-        assert!(s.is_multiple_of(32) && s >= 32, "{pixels} {tiles}: {s}");
-        let splits = pixels.div_ceil(s);
-        assert!(
-            splits * tiles <= 528 + tiles,
-            "{pixels} {tiles}: {splits} splits"
-        );
+fn refuses_short_split_workspaces() {
+    let x = &mut exec("tc_refuses_split");
+    let s = Shape::new((1, 4, 4, 8, 8), (8, 0, 8), C3, false);
+    let inp = In::draw(x, s);
+    let (dxb, f) = (x.poisoned::<bf16>(128), x.poisoned::<f32>(128));
+    let counts = DeviceBuffer::<u32>::zeroed(&x.d, 1).unwrap();
+    let (d, wt, dy) = (&*x.d, inp.wt.0.slice(), inp.out_view(&dxb));
+    let out = DataOut {
+        dx: inp.view(),
+        accumulate: false,
+    };
+    let split = |ws: usize, tiles: usize| SplitK {
+        ws: f.slice().range(0, ws).unwrap(),
+        tiles: counts.slice().range(0, tiles).unwrap(),
+    };
+    let e = conv_tc::bwd_data_split(
+        d,
+        dy,
+        wt,
+        s.g,
+        out,
+        None,
+        None,
+        None,
+        Some((split(127, 1), 32)),
+    );
+    refused(
+        e,
+        "the split-K workspace: 127 elements where 128 are needed",
+    );
+    let e = conv_tc::bwd_data_split(
+        d,
+        dy,
+        wt,
+        s.g,
+        out,
+        None,
+        None,
+        None,
+        Some((split(128, 0), 32)),
+    );
+    refused(e, "the split-K tile counts: 0 elements where 1 are needed");
+    let e = conv_tc::fwd_split(
+        d,
+        inp.view(),
+        None,
+        wt,
+        s.g,
+        dy,
+        None,
+        Some((split(127, 1), 32)),
+    );
+    refused(
+        e,
+        "the split-K workspace: 127 elements where 128 are needed",
+    );
+    assert!(all_nan(&read(&f)), "a refused call wrote");
+}
+
+/// Split-K chunks are multiples of the K-slice; a grid that fills a wave of the device's SMs
+/// does not split; one that does not is split into at least a block per SM where the reduction
+/// allows, in chunks of at least `min` K-slices where that still fills the SMs.
+#[test]
+fn split_len_fills_the_device() {
+    for (k_len, tiles, per_sm, sms) in [
+        (1usize, 1usize, 2usize, 132usize),
+        (100, 3, 4, 132),
+        (200_704, 1, 2, 132),
+        (200_704, 9, 4, 132),
+        (3136, 600, 2, 132),
+        (288, 25, 2, 132),
+        (128, 125, 2, 132),
+        (3136, 5, 2, 132),
+        (3136, 9, 4, 132),
+        (288, 25, 2, 1),
+        (288, 25, 2, 10_000),
+    ] {
+        let slices = k_len.div_ceil(32);
+        for min in [1, 4, 16] {
+            let len = conv_tc::split_len(k_len, tiles, per_sm, sms, min);
+            let what = format!("{k_len} over {tiles} tiles, {sms} SMs, min {min}: {len}");
+            assert!(len.is_multiple_of(32) && len >= 32, "{what}");
+            let blocks = tiles * k_len.div_ceil(len);
+            if tiles >= per_sm * sms {
+                assert!(len >= k_len, "{what}: a full grid does not split");
+                continue;
+            }
+            // As many blocks as the reduction allows, up to one per SM.
+            assert!(blocks >= sms.min(tiles * slices), "{what}: {blocks} blocks");
+            // Chunks shorter than `min` only where `min` would not reach one block per SM.
+            if len < min.min(slices) * 32 {
+                assert!(tiles * slices.div_ceil(min) < sms, "{what}");
+            }
+            // Never more splits than a wave needs, in the longest chunks reaching it.
+            if len < k_len && len >= min * 32 {
+                assert!(
+                    tiles * k_len.div_ceil(len + 32) < per_sm * sms,
+                    "{what}: a longer chunk fills too"
+                );
+            }
+        }
     }
 }
 
-/// The forward splits its reduction only when its grid cannot fill the GPU: DenseNet-169's
-/// blocks 3 and 4 at batch 64 (14² and 7²: 98 and 25 row tiles), never block 1 (56²).
+/// The forward splits its reduction only when its grid cannot fill the device: DenseNet-169's
+/// blocks 3 and 4 at batch 64 on 132 SMs (14² and 7²: 98 and 25 row tiles), never block 1 (56²);
+/// on one SM nothing splits, on a thousand more does.
 #[test]
 fn forward_splits_only_small_grids() {
     let k_len = |c: usize, g: Conv| g.k * g.k * c;
@@ -382,9 +573,10 @@ fn forward_splits_only_small_grids() {
         (64 * 14 * 14, 128, 32, Conv::CONV3, true),
         (64 * 7 * 7, 1632, 128, Conv::POINTWISE, true),
         (64 * 7 * 7, 128, 32, Conv::CONV3, true),
-        (64 * 7 * 7, 64, 128, Conv::POINTWISE, false), // only 2 K-slices
+        // Only 2 K-slices, over 25 tiles: split in two, short of a block per SM.
+        (64 * 7 * 7, 64, 128, Conv::POINTWISE, true),
     ] {
-        let len = conv_tc::fwd_split_len(rows, c, co, g);
+        let len = conv_tc::fwd_split_len(rows, c, co, g, 132);
         assert!(len.is_multiple_of(32) && len >= 32, "{rows} {c}: {len}");
         let chunks = k_len(c, g).div_ceil(len);
         assert_eq!(
@@ -393,11 +585,18 @@ fn forward_splits_only_small_grids() {
             "{rows}x{c}->{co} k{}: {chunks} chunks",
             g.k
         );
+        let tiles = conv_tc::fwd_tiles(rows, co, g);
         assert!(
-            len >= 4 * 32 || chunks == 1,
-            "chunks of at least 4 K-slices"
+            len >= 4 * 32 || chunks == 1 || tiles * chunks <= 132,
+            "{rows} {c}: {len}"
+        );
+        assert_eq!(
+            conv_tc::fwd_split_len(rows, c, co, g, 1),
+            k_len(c, g),
+            "one SM"
         );
     }
+    assert!(conv_tc::fwd_split_len(64 * 28 * 28, 480, 128, Conv::POINTWISE, 1000) < 480);
 }
 
 /// The hot kernels keep everything in registers: no spills and no stack frame on any architecture

@@ -7,13 +7,12 @@
 //! `deferred` terms) and added once the channel's gradient is complete, before its producer's
 //! backward ([`GpuDenseNet::apply_deferred`]).
 
-use super::engine::BnConv;
 use super::plan::{stats_of, BlockBufs, Plan};
-use super::{Engine, GpuDenseNet, Pass};
+use super::{BnDx, DxOut, Engine, GpuDenseNet, Pass};
 use crate::gpu::ops::bn::{self, Grad, Saved};
 use crate::gpu::ops::{linear, pool};
 use crate::gpu::{Mat, Nhwc};
-use crate::model::schedule::{BnIdx, Head, Layer, Stem, Step, Transition};
+use crate::model::schedule::{BnIdx, Dir, Head, Layer, Stage, Stem, Step, Transition};
 use anyhow::{bail, Context, Result};
 
 impl<T: Engine> GpuDenseNet<T> {
@@ -39,6 +38,7 @@ impl<T: Engine> GpuDenseNet<T> {
                 plan.n
             );
         }
+        self.d.stage(Stage::Start(Dir::Bwd));
         plan.logits_grad.slice().upload(&*self.d, dlogits)?;
         self.run_graph((Pass::Backward, plan.n), &|m: &Self| {
             m.backward_kernels(plan)
@@ -50,6 +50,7 @@ impl<T: Engine> GpuDenseNet<T> {
     /// plan to every parameter's. Every block's gradient buffer is first written whole (by the
     /// head or by the transition after it), then accumulated into by its layers.
     fn backward_kernels(&self, plan: &Plan<T>) -> Result<()> {
+        self.d.stage(Stage::Start(Dir::Bwd));
         if T::TENSOR_CORES {
             self.sums.fill_bytes(0)?;
         }
@@ -57,6 +58,7 @@ impl<T: Engine> GpuDenseNet<T> {
             block.deferred.fill_bytes(0)?;
         }
         for step in plan.schedule.backward() {
+            self.d.stage(Stage::of(step, Dir::Bwd));
             match step {
                 Step::Head(hd) => self.head_bwd(plan, hd)?,
                 Step::Transition(t) => self.transition_bwd(plan, t)?,
@@ -117,9 +119,11 @@ impl<T: Engine> GpuDenseNet<T> {
             .context("a transition's pooled buffer")?;
         let pooled = Nhwc::new(pooled.slice(), (n, t.hw_out.h, t.hw_out.w, ct), ct)?;
         let dnext = next.grads(n)?.channels(0, t.conv.co)?;
-        T::conv_bwd_weight(self, pooled, t.conv, dnext)?;
+        let (ctx, dw) = (self.ctx(plan), self.conv_grad(t.conv)?);
+        T::conv_bwd_weight(&ctx, pooled, None, t.conv.g, dnext, dw)?;
         let dpooled = plan.scratch(0, t.hw_out, ct)?;
-        T::conv_bwd_data(self, dnext, t.conv, dpooled)?;
+        let w = self.conv_weights(t.conv)?;
+        T::conv_bwd_data(&ctx, dnext, w, t.conv.g, DxOut::Plain(dpooled))?;
         let dacts = plan.scratch(1, t.hw_in, ct)?;
         pool::avgpool_bwd(d, dpooled, dacts)?;
         let saved = self.saved_in_block(t.norm, block, n)?;
@@ -150,47 +154,41 @@ impl<T: Engine> GpuDenseNet<T> {
         self.apply_deferred(block, n, c, k)?;
         let y1 = &block.bottleneck[l.index];
         let y1 = Nhwc::new(y1.slice(), (n, l.hw.h, l.hw.w, mid), mid)?;
-        let conv2 = BnConv {
-            bn: l.norm2,
-            saved: Saved {
-                x: y1.mat(),
-                stats: stats_of(block.bottleneck_stats[l.index].slice(), mid, 0, mid)?,
-                coef: self.coefs(l.norm2)?,
+        let saved2 = Saved {
+            x: y1.mat(),
+            stats: stats_of(block.bottleneck_stats[l.index].slice(), mid, 0, mid)?,
+            coef: self.coefs(l.norm2)?,
+        };
+        let ctx = self.ctx(plan);
+        let (dy1, dout) = (plan.scratch(1, l.hw, mid)?, block.grads(n)?.channels(c, k)?);
+        let (pre2, g2, w2) = (Some(saved2.coef), l.conv2.g, self.conv_weights(l.conv2)?);
+        T::conv_bwd_weight(&ctx, y1, pre2, g2, dout, self.conv_grad(l.conv2)?)?;
+        let bn2 = BnDx {
+            saved: saved2,
+            dparams: self.bn_grads(l.norm2)?,
+            dx: Grad {
+                mat: dy1.mat(),
+                accumulate: false,
             },
-            conv: l.conv2,
+            scratch: plan.scratch(0, l.hw, mid)?,
+            deferred: None,
         };
-        let dy1 = plan.scratch(1, l.hw, mid)?;
-        let dout = block.grads(n)?.channels(c, k)?;
-        let into_dy1 = Grad {
-            mat: dy1.mat(),
-            accumulate: false,
+        T::conv_bwd_data(&ctx, dout, w2, g2, DxOut::Bn(bn2))?;
+        let saved1 = self.saved_in_block(l.norm1, block, n)?;
+        let prefix = block.acts(n)?.channels(0, c)?;
+        let (pre1, g1, w1) = (Some(saved1.coef), l.conv1.g, self.conv_weights(l.conv1)?);
+        T::conv_bwd_weight(&ctx, prefix, pre1, g1, dy1, self.conv_grad(l.conv1)?)?;
+        let bn1 = BnDx {
+            saved: saved1,
+            dparams: self.bn_grads(l.norm1)?,
+            dx: Grad {
+                mat: block.grads(n)?.channels(0, c)?.mat(),
+                accumulate: true,
+            },
+            scratch: plan.scratch(0, l.hw, c)?,
+            deferred: Some(block.deferred(0, c)?),
         };
-        T::layer_bwd(
-            self,
-            conv2,
-            dout,
-            into_dy1,
-            plan.scratch(0, l.hw, mid)?,
-            None,
-        )?;
-        let conv1 = BnConv {
-            bn: l.norm1,
-            saved: self.saved_in_block(l.norm1, block, n)?,
-            conv: l.conv1,
-        };
-        let into_block = Grad {
-            mat: block.grads(n)?.channels(0, c)?.mat(),
-            accumulate: true,
-        };
-        let deferred = Some(block.deferred(0, c)?);
-        T::layer_bwd(
-            self,
-            conv1,
-            dy1,
-            into_block,
-            plan.scratch(0, l.hw, c)?,
-            deferred,
-        )
+        T::conv_bwd_data(&ctx, dy1, w1, g1, DxOut::Bn(bn1))
     }
 
     /// The max pool's gradient (through norm0 + ReLU recomputed from conv0's output), norm0's,
@@ -224,7 +222,8 @@ impl<T: Engine> GpuDenseNet<T> {
             dx,
             self.bn_scratch(),
         )?;
-        T::conv_bwd_weight(self, plan.input()?, s.conv, dy0)
+        let dw = self.conv_grad(s.conv)?;
+        T::conv_bwd_weight(&self.ctx(plan), plan.input()?, None, s.conv.g, dy0, dw)
     }
 
     /// Adds the deferred BN-backward terms of `block`'s channels `[c0, c0 + c)` (every reader's

@@ -8,23 +8,61 @@
 //!   convolution loads its input; the batch statistics of the channels a convolution writes summed
 //!   in its epilogue; a dense layer's data gradients apply the ReLU mask and sum their BN
 //!   backward's reductions in their epilogues.
+//!
+//! Every function takes what it launches on explicitly (the operands, and a [`Ctx`] of the
+//! driver and the reduction scratch), so the GPU model and the kernel lab's harness
+//! (`tools/kernel-lab`) run the very same launches.
 
-use super::GpuDenseNet;
-use crate::gpu::ops::bn::{self, Grad, Saved, Stats};
-use crate::gpu::ops::conv_tc::{self, Mask};
+use crate::gpu::ops::bn::{self, Affine, Deferred, Grad, Saved, Stats};
+use crate::gpu::ops::conv_tc::{self, DataOut, Mask, SplitK};
 use crate::gpu::ops::{cast, conv, Act, BnRelu};
-use crate::gpu::{Nhwc, Slice};
-use crate::model::schedule::{BnIdx, ConvIdx};
+use crate::gpu::{Driver, Nhwc, Slice};
+use crate::ops::conv::Conv;
 use anyhow::{Context, Result};
 use half::bf16;
 
-/// A dense layer's BN + ReLU → convolution, as its backward sees it.
+/// What the engine's launches share besides their operands: the driver and the reduction scratch.
+#[derive(Clone, Copy)]
+pub struct Ctx<'a> {
+    pub d: &'a dyn Driver,
+    /// `[2, c]` f32 or more, zero: per-channel sums a tensor-core epilogue accumulates (bf16),
+    /// zeroed again by their consumer.
+    pub sums: Slice<f32>,
+    /// The BN reductions' scratch (`bn::scratch_len(c)` and `2c` f32 for `c` channels).
+    pub bn: bn::Scratch,
+    /// bf16: the split-K workspace of the forwards and data gradients (none: nothing splits).
+    pub split: Option<SplitK>,
+}
+
+impl Ctx<'_> {
+    /// The epilogue sums of `c` channels: `[2, c]`.
+    fn sums(&self, c: usize) -> Result<Slice<f32>> {
+        self.sums.range(0, 2 * c)
+    }
+}
+
+/// Where a convolution's data gradient goes.
 #[derive(Clone, Copy, Debug)]
-pub struct BnConv<T> {
-    pub bn: BnIdx,
-    /// What the BN normalised: its input, statistics and coefficients.
+#[allow(clippy::large_enum_variant)] // views, copied once per launch
+pub enum DxOut<T> {
+    /// Overwrites `[n, h, w, ci]` (no BN in front: a transition's pooled input).
+    Plain(Nhwc<T>),
+    /// Through the BN + ReLU in front ([`BnDx`]).
+    Bn(BnDx<T>),
+}
+
+/// A data gradient through the BN + ReLU in front of a convolution: the gradient of the BN's
+/// input into `dx` (added to when `dx.accumulate`), `dparams` += its parameters' gradients.
+/// `scratch`: `[rows, ci]` the engine may overwrite (the gradient of the BN's output, f32).
+/// With `deferred` only the per-element term goes into `dx` and the rest, affine in x per
+/// channel, into the deferred terms (`bn::grad_fix` applies them).
+#[derive(Clone, Copy, Debug)]
+pub struct BnDx<T> {
     pub saved: Saved<T>,
-    pub conv: ConvIdx,
+    pub dparams: Affine,
+    pub dx: Grad<T>,
+    pub scratch: Nhwc<T>,
+    pub deferred: Option<Deferred>,
 }
 
 /// The storage type of the GPU model's activations, with the convolutions that go with it.
@@ -34,60 +72,50 @@ pub trait Engine: Act {
 
     /// The host's f32 batch `x` into the model's input `input` (`staging`: an f32 buffer of the
     /// same length, for a type other than f32).
-    #[doc(hidden)]
     fn load_input(
-        m: &GpuDenseNet<Self>,
+        d: &dyn Driver,
         x: &[f32],
         staging: Option<Slice<f32>>,
         input: Slice<Self>,
     ) -> Result<()>;
 
-    /// `y = conv(pre(x))`; with `stats`, also the batch statistics of `y`'s channels, into
-    /// `stats` (f32: a pass over `y`; returns 0) or summed in the epilogue into the model's sums
-    /// (bf16; returns `y.c()`: the channels whose statistics are pending for the next BN's
-    /// coefficients). `ws`: the split-K workspace (bf16 dense layers).
-    #[doc(hidden)]
+    /// The convolutions' weights as they read them: the f32 parameters themselves, or `copy`, the
+    /// parameters rounded to bf16.
+    fn weights(params: Slice<f32>, copy: Option<Slice<bf16>>) -> Result<Slice<Self>>;
+
+    /// `y = conv(pre(x), w)` of geometry `g`, `w: [k, k, x.c, y.c]`; with `stats`, also the batch
+    /// statistics of `y`'s channels, into `stats` (f32: a pass over `y`; returns 0) or summed in
+    /// the epilogue into `c.sums` (bf16; returns `y.c()`: the channels whose statistics are
+    /// pending for the next BN's coefficients).
     #[allow(clippy::too_many_arguments)]
     fn conv_fwd(
-        m: &GpuDenseNet<Self>,
+        c: &Ctx,
         x: Nhwc<Self>,
         pre: Option<BnRelu>,
-        cv: ConvIdx,
+        w: Slice<Self>,
+        g: Conv,
         y: Nhwc<Self>,
         stats: Option<Stats>,
-        ws: Option<Slice<f32>>,
     ) -> Result<usize>;
 
-    /// Backward of a dense layer's BN + ReLU → convolution from `dy`: the weight gradient, then
-    /// into `dx` the gradient of the BN's input, through `scratch` (`[rows, c]` of the BN's
-    /// input). With `deferred` only the per-element term goes into `dx` and the rest, affine in x
-    /// per channel, into the deferred terms (`bn::grad_fix` applies them).
-    #[doc(hidden)]
-    fn layer_bwd(
-        m: &GpuDenseNet<Self>,
-        layer: BnConv<Self>,
-        dy: Nhwc<Self>,
-        dx: Grad<Self>,
-        scratch: Nhwc<Self>,
-        deferred: Option<bn::Deferred>,
-    ) -> Result<()>;
-
-    /// The weight gradient of a convolution with no BN in front (the stem, a transition).
-    #[doc(hidden)]
+    /// `dw: [k, k, x.c, dy.c]` f32 += the weight gradient of `conv(pre(x))` from `dy`.
     fn conv_bwd_weight(
-        m: &GpuDenseNet<Self>,
+        c: &Ctx,
         x: Nhwc<Self>,
-        cv: ConvIdx,
+        pre: Option<BnRelu>,
+        g: Conv,
         dy: Nhwc<Self>,
+        dw: Slice<f32>,
     ) -> Result<()>;
 
-    /// The data gradient of a 1×1 convolution with no BN in front (a transition), overwriting `dx`.
-    #[doc(hidden)]
+    /// The data gradient of a 1×1/1 or 3×3/1 pad 1 convolution of weights `w` from `dy`, into
+    /// `out`.
     fn conv_bwd_data(
-        m: &GpuDenseNet<Self>,
+        c: &Ctx,
         dy: Nhwc<Self>,
-        cv: ConvIdx,
-        dx: Nhwc<Self>,
+        w: Slice<Self>,
+        g: Conv,
+        out: DxOut<Self>,
     ) -> Result<()>;
 }
 
@@ -95,69 +123,62 @@ impl Engine for f32 {
     const TENSOR_CORES: bool = false;
 
     fn load_input(
-        m: &GpuDenseNet<f32>,
+        d: &dyn Driver,
         x: &[f32],
         _: Option<Slice<f32>>,
         input: Slice<f32>,
     ) -> Result<()> {
-        input.upload(&*m.d, x)
+        input.upload(d, x)
+    }
+
+    fn weights(params: Slice<f32>, _: Option<Slice<bf16>>) -> Result<Slice<f32>> {
+        Ok(params)
     }
 
     fn conv_fwd(
-        m: &GpuDenseNet<f32>,
+        c: &Ctx,
         x: Nhwc<f32>,
         pre: Option<BnRelu>,
-        cv: ConvIdx,
+        w: Slice<f32>,
+        g: Conv,
         y: Nhwc<f32>,
         stats: Option<Stats>,
-        _ws: Option<Slice<f32>>,
     ) -> Result<usize> {
-        let d = &*m.d;
-        conv::fwd(d, x, pre, m.conv_weights(cv)?, cv.g, y)?;
+        conv::fwd(c.d, x, pre, w, g, y)?;
         if let Some(stats) = stats {
-            bn::batch_stats(d, y.mat(), stats, m.bn_part.slice())?;
+            bn::batch_stats(c.d, y.mat(), stats, c.bn.part)?;
         }
         Ok(0)
     }
 
-    fn layer_bwd(
-        m: &GpuDenseNet<f32>,
-        layer: BnConv<f32>,
-        dy: Nhwc<f32>,
-        dx: Grad<f32>,
-        scratch: Nhwc<f32>,
-        deferred: Option<bn::Deferred>,
-    ) -> Result<()> {
-        let (d, cv, s) = (&*m.d, layer.conv, layer.saved);
-        let (pre, dparams) = (m.coefs(layer.bn)?, m.bn_grads(layer.bn)?);
-        let x = Nhwc::new(s.x.slice(), scratch.dims(), s.x.rs())?;
-        let dw = m.grad(cv.p, cv.len())?;
-        conv::bwd_weight(d, x, Some(pre), cv.g, dy, dw)?;
-        conv::bwd_data(d, dy, m.conv_weights(cv)?, cv.g, scratch, false)?;
-        let da = scratch.mat();
-        match deferred {
-            Some(def) => bn::backward_deferred(d, s, da, dparams, dx, m.bn_part.slice(), def),
-            None => bn::backward(d, s, true, true, da, dparams, dx, m.bn_scratch()),
-        }
-    }
-
     fn conv_bwd_weight(
-        m: &GpuDenseNet<f32>,
+        c: &Ctx,
         x: Nhwc<f32>,
-        cv: ConvIdx,
+        pre: Option<BnRelu>,
+        g: Conv,
         dy: Nhwc<f32>,
+        dw: Slice<f32>,
     ) -> Result<()> {
-        let dw = m.grad(cv.p, cv.len())?;
-        conv::bwd_weight(&*m.d, x, None, cv.g, dy, dw)
+        conv::bwd_weight(c.d, x, pre, g, dy, dw)
     }
 
     fn conv_bwd_data(
-        m: &GpuDenseNet<f32>,
+        c: &Ctx,
         dy: Nhwc<f32>,
-        cv: ConvIdx,
-        dx: Nhwc<f32>,
+        w: Slice<f32>,
+        g: Conv,
+        out: DxOut<f32>,
     ) -> Result<()> {
-        conv::bwd_data(&*m.d, dy, m.conv_weights(cv)?, cv.g, dx, false)
+        let b = match out {
+            DxOut::Plain(dx) => return conv::bwd_data(c.d, dy, w, g, dx, false),
+            DxOut::Bn(b) => b,
+        };
+        conv::bwd_data(c.d, dy, w, g, b.scratch, false)?;
+        let (s, da) = (b.saved, b.scratch.mat());
+        match b.deferred {
+            Some(def) => bn::backward_deferred(c.d, s, da, b.dparams, b.dx, c.bn.part, def),
+            None => bn::backward(c.d, s, true, true, da, b.dparams, b.dx, c.bn),
+        }
     }
 }
 
@@ -165,7 +186,7 @@ impl Engine for bf16 {
     const TENSOR_CORES: bool = true;
 
     fn load_input(
-        m: &GpuDenseNet<bf16>,
+        d: &dyn Driver,
         x: &[f32],
         staging: Option<Slice<f32>>,
         input: Slice<bf16>,
@@ -173,72 +194,79 @@ impl Engine for bf16 {
         let staging = staging
             .context("a bf16 plan has an f32 staging buffer")?
             .range(0, x.len())?;
-        staging.upload(&*m.d, x)?;
-        cast::to_bf16(&*m.d, staging, input.range(0, x.len())?)
+        staging.upload(d, x)?;
+        cast::to_bf16(d, staging, input.range(0, x.len())?)
+    }
+
+    fn weights(_: Slice<f32>, copy: Option<Slice<bf16>>) -> Result<Slice<bf16>> {
+        copy.context("the bf16 weights of a tensor-core model")
     }
 
     fn conv_fwd(
-        m: &GpuDenseNet<bf16>,
+        c: &Ctx,
         x: Nhwc<bf16>,
         pre: Option<BnRelu>,
-        cv: ConvIdx,
+        w: Slice<bf16>,
+        g: Conv,
         y: Nhwc<bf16>,
         stats: Option<Stats>,
-        ws: Option<Slice<f32>>,
     ) -> Result<usize> {
         // (The sums are zero: zeroed at the start of the pass and by each consumer.)
         let sums = match stats {
-            Some(_) => Some(m.sums(y.c())?),
+            Some(_) => Some(c.sums(y.c())?),
             None => None,
         };
-        let wt = m.conv_weights_bf16(cv)?;
-        conv_tc::fwd(&*m.d, x, pre, wt, cv.g, y, sums, ws)?;
+        conv_tc::fwd(c.d, x, pre, w, g, y, sums, c.split)?;
         Ok(if stats.is_some() { y.c() } else { 0 })
     }
 
-    fn layer_bwd(
-        m: &GpuDenseNet<bf16>,
-        layer: BnConv<bf16>,
-        dy: Nhwc<bf16>,
-        dx: Grad<bf16>,
-        scratch: Nhwc<bf16>,
-        deferred: Option<bn::Deferred>,
-    ) -> Result<()> {
-        let (d, cv, s) = (&*m.d, layer.conv, layer.saved);
-        let (pre, dparams) = (m.coefs(layer.bn)?, m.bn_grads(layer.bn)?);
-        let x = Nhwc::new(s.x.slice(), scratch.dims(), s.x.rs())?;
-        let dw = m.grad(cv.p, cv.len())?;
-        conv_tc::bwd_weight(d, x, Some(pre), cv.g, dy, dw)?;
-        let (wt, sums) = (m.conv_weights_bf16(cv)?, m.sums(x.c())?);
-        let mask = Some(Mask { x, bn: pre });
-        if let Some(def) = deferred {
-            let out = Nhwc::new(dx.mat.slice(), x.dims(), dx.mat.rs())?;
-            let post = Some(pre.scale);
-            conv_tc::bwd_data(d, dy, wt, cv.g, out, dx.accumulate, mask, Some(sums), post)?;
-            return bn::defer_from_sums(d, s, sums, dparams, def);
-        }
-        conv_tc::bwd_data(d, dy, wt, cv.g, scratch, false, mask, Some(sums), None)?;
-        let coef = m.bn_coef.slice();
-        bn::backward_from_sums(d, s, sums, scratch.mat(), dparams, dx, coef)
-    }
-
     fn conv_bwd_weight(
-        m: &GpuDenseNet<bf16>,
+        c: &Ctx,
         x: Nhwc<bf16>,
-        cv: ConvIdx,
+        pre: Option<BnRelu>,
+        g: Conv,
         dy: Nhwc<bf16>,
+        dw: Slice<f32>,
     ) -> Result<()> {
-        let dw = m.grad(cv.p, cv.len())?;
-        conv_tc::bwd_weight(&*m.d, x, None, cv.g, dy, dw)
+        conv_tc::bwd_weight(c.d, x, pre, g, dy, dw)
     }
 
     fn conv_bwd_data(
-        m: &GpuDenseNet<bf16>,
+        c: &Ctx,
         dy: Nhwc<bf16>,
-        cv: ConvIdx,
-        dx: Nhwc<bf16>,
+        w: Slice<bf16>,
+        g: Conv,
+        out: DxOut<bf16>,
     ) -> Result<()> {
-        let wt = m.conv_weights_bf16(cv)?;
-        conv_tc::bwd_data(&*m.d, dy, wt, cv.g, dx, false, None, None, None)
+        let b = match out {
+            DxOut::Plain(dx) => {
+                let dx = DataOut {
+                    dx,
+                    accumulate: false,
+                };
+                return conv_tc::bwd_data(c.d, dy, w, g, dx, None, None, None, c.split);
+            }
+            DxOut::Bn(b) => b,
+        };
+        let (s, x) = (b.saved, b.scratch);
+        let x = Nhwc::new(s.x.slice(), x.dims(), s.x.rs())?;
+        let (sums, mask) = (c.sums(x.c())?, Some(Mask { x, bn: s.coef }));
+        if let Some(def) = b.deferred {
+            // BN1: scale × the masked gradient straight into dx, the per-channel rest deferred.
+            let out = DataOut {
+                dx: Nhwc::new(b.dx.mat.slice(), x.dims(), b.dx.mat.rs())?,
+                accumulate: b.dx.accumulate,
+            };
+            let post = Some(s.coef.scale);
+            conv_tc::bwd_data(c.d, dy, w, g, out, mask, Some(sums), post, c.split)?;
+            return bn::defer_from_sums(c.d, s, sums, b.dparams, def);
+        }
+        // BN2: the masked gradient of its output into the scratch, its reductions alongside.
+        let out = DataOut {
+            dx: b.scratch,
+            accumulate: false,
+        };
+        conv_tc::bwd_data(c.d, dy, w, g, out, mask, Some(sums), None, c.split)?;
+        bn::backward_from_sums(c.d, s, sums, b.scratch.mat(), b.dparams, b.dx, c.bn.coef)
     }
 }

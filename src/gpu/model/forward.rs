@@ -5,7 +5,7 @@ use super::plan::{stats_of, Plan, RawIn};
 use super::{Engine, GpuDenseNet, Pass};
 use crate::gpu::ops::{augment, bn, cast, linear, pool};
 use crate::gpu::{DeviceBuffer, Graph, Nhwc};
-use crate::model::schedule::{Head, Layer, Stem, Step, Transition};
+use crate::model::schedule::{Dir, Head, Layer, Stage, Stem, Step, Transition};
 use crate::ops::augment::AugParams;
 use anyhow::{bail, Context, Result};
 
@@ -45,6 +45,7 @@ impl<T: Engine> GpuDenseNet<T> {
         }
         self.ensure_plan(n, h, w)?;
         self.recorded = false;
+        self.d.stage(Stage::Start(Dir::Fwd));
         if let Some(w16) = self.weights_bf16.as_ref().filter(|_| self.weights_stale) {
             cast::to_bf16(&*self.d, self.params.slice(), w16.slice())?;
             self.weights_stale = false;
@@ -63,7 +64,7 @@ impl<T: Engine> GpuDenseNet<T> {
     fn load_input(&mut self, plan: &Plan<T>, x: Input) -> Result<()> {
         let staging = plan.input_f32.as_ref().map(|b| b.slice());
         match x {
-            Input::F32(x) => T::load_input(self, x, staging, plan.input.slice()),
+            Input::F32(x) => T::load_input(&*self.d, x, staging, plan.input.slice()),
             Input::Raw {
                 raw,
                 src_size,
@@ -125,12 +126,14 @@ impl<T: Engine> GpuDenseNet<T> {
     fn forward_kernels(&self, plan: &Plan<T>, train: bool) -> Result<()> {
         // The epilogue sums and the split-K workspace start from zero (their consumers zero
         // them again after reading).
+        self.d.stage(Stage::Start(Dir::Fwd));
         self.sums.fill_bytes(0)?;
-        if let Some(w) = &plan.split_ws {
-            w.fill_bytes(0)?;
+        if let Some(split) = &plan.split {
+            split.clear()?;
         }
         let mut pending = 0;
         for step in plan.schedule.forward() {
+            self.d.stage(Stage::of(step, Dir::Fwd));
             pending = match step {
                 Step::Stem(s) => self.stem_fwd(plan, s, train)?,
                 Step::Layer(l) => self.layer_fwd(plan, l, train, pending)?,
@@ -147,7 +150,8 @@ impl<T: Engine> GpuDenseNet<T> {
         let (n, f0) = (plan.n, s.conv.co);
         let stats = stats_of(plan.stem_stats.slice(), f0, 0, f0)?;
         let (x, y0) = (plan.input()?, plan.stem_out()?);
-        let pending = T::conv_fwd(self, x, None, s.conv, y0, train.then_some(stats), None)?;
+        let (ctx, w) = (self.ctx(plan), self.conv_weights(s.conv)?);
+        let pending = T::conv_fwd(&ctx, x, None, w, s.conv.g, y0, train.then_some(stats))?;
         let batch = train.then_some((stats, s.conv_out.rows(n)));
         self.bn_scale_shift(s.norm, batch, pending)?;
         let block0 = &plan.blocks[0];
@@ -177,12 +181,18 @@ impl<T: Engine> GpuDenseNet<T> {
         let y1 = &block.bottleneck[l.index];
         let y1 = Nhwc::new(y1.slice(), (n, l.hw.h, l.hw.w, mid), mid)?;
         let stats2 = stats_of(block.bottleneck_stats[l.index].slice(), mid, 0, mid)?;
-        let (pre1, ws) = (Some(self.coefs(l.norm1)?), plan.split_ws());
-        let pending2 = T::conv_fwd(self, prefix, pre1, l.conv1, y1, train.then_some(stats2), ws)?;
+        let pre1 = Some(self.coefs(l.norm1)?);
+        let (ctx, w1, w2) = (
+            self.ctx(plan),
+            self.conv_weights(l.conv1)?,
+            self.conv_weights(l.conv2)?,
+        );
+        let g1 = l.conv1.g;
+        let pending2 = T::conv_fwd(&ctx, prefix, pre1, w1, g1, y1, train.then_some(stats2))?;
         self.bn_scale_shift(l.norm2, train.then_some((stats2, rows)), pending2)?;
         let out = block.acts(n)?.channels(c, k)?;
         let (pre2, stats) = (Some(self.coefs(l.norm2)?), block.stats(c, k)?);
-        T::conv_fwd(self, y1, pre2, l.conv2, out, train.then_some(stats), ws)
+        T::conv_fwd(&ctx, y1, pre2, w2, l.conv2.g, out, train.then_some(stats))
     }
 
     /// BN + ReLU → 2×2 average pool (fused) → 1×1 into the next block's first channels.
@@ -206,15 +216,8 @@ impl<T: Engine> GpuDenseNet<T> {
         pool::avgpool_fwd(&*self.d, block.acts(n)?, Some(self.coefs(t.norm)?), pooled)?;
         let out = next.acts(n)?.channels(0, t.conv.co)?;
         let stats = next.stats(0, t.conv.co)?;
-        T::conv_fwd(
-            self,
-            pooled,
-            None,
-            t.conv,
-            out,
-            train.then_some(stats),
-            plan.split_ws(),
-        )
+        let (ctx, w) = (self.ctx(plan), self.conv_weights(t.conv)?);
+        T::conv_fwd(&ctx, pooled, None, w, t.conv.g, out, train.then_some(stats))
     }
 
     /// norm5 → ReLU → global average pool → linear.

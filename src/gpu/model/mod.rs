@@ -16,14 +16,14 @@ mod engine;
 mod forward;
 mod plan;
 
-pub use engine::{BnConv, Engine};
-pub use plan::{scratch_len, split_workspace_len};
+pub use engine::{BnDx, Ctx, DxOut, Engine};
+pub use plan::{scratch_len, split_workspace, SplitBufs};
 
 use super::ops::bn::{self, Affine, Stats};
 use super::ops::BnRelu;
 use super::tracking::Tracking;
 use super::{DeviceBuffer, Driver, Graph, Slice};
-use crate::model::schedule::{BnIdx, ConvIdx};
+use crate::model::schedule::{BnIdx, ConvIdx, Stage};
 use crate::model::{DenseNet, Layout, Mode};
 use crate::ops::augment::AugParams;
 use crate::optim::Adam;
@@ -151,18 +151,25 @@ impl<T: Engine> GpuDenseNet<T> {
         self.grads.slice().range(at, len)
     }
 
-    /// A convolution's f32 weights (the CUDA-core kernels read them).
-    fn conv_weights(&self, conv: ConvIdx) -> Result<Slice<f32>> {
-        self.param(conv.p, conv.len())
+    /// A convolution's weights as its kernels read them ([`Engine::weights`]).
+    fn conv_weights(&self, conv: ConvIdx) -> Result<Slice<T>> {
+        let copy = self.weights_bf16.as_ref().map(|w| w.slice());
+        T::weights(self.params.slice(), copy)?.range(conv.p, conv.len())
     }
 
-    /// A convolution's bf16 weights (the tensor-core kernels read them).
-    fn conv_weights_bf16(&self, conv: ConvIdx) -> Result<Slice<bf16>> {
-        let w = self
-            .weights_bf16
-            .as_ref()
-            .context("the bf16 weights of a tensor-core model")?;
-        w.slice().range(conv.p, conv.len())
+    /// A convolution's weight gradient.
+    fn conv_grad(&self, conv: ConvIdx) -> Result<Slice<f32>> {
+        self.grad(conv.p, conv.len())
+    }
+
+    /// What the engine's launches share: the driver and the reduction scratch.
+    fn ctx<'a>(&'a self, plan: &Plan<T>) -> Ctx<'a> {
+        Ctx {
+            d: &*self.d,
+            sums: self.sums.slice(),
+            bn: self.bn_scratch(),
+            split: plan.split(),
+        }
     }
 
     /// A BN's gamma and beta.
@@ -299,6 +306,7 @@ impl<T: Engine> crate::net::Net for GpuDenseNet<T> {
         Ok((v, b))
     }
     fn zero_grad(&mut self) -> Result<()> {
+        self.d.stage(Stage::ZeroGrad);
         self.grads.fill_bytes(0)
     }
     fn backward(&mut self, dlogits: &[f32]) -> Result<()> {
@@ -314,6 +322,7 @@ impl<T: Engine> crate::net::Net for GpuDenseNet<T> {
         }
         adam.step += 1;
         self.weights_stale = true;
+        self.d.stage(Stage::Adam);
         let moments = (self.adam_m.slice(), self.adam_v.slice());
         let (p, g) = (self.params.slice(), self.grads.slice());
         super::ops::adam::update(&*self.d, adam.current(), p, g, moments)

@@ -7,7 +7,7 @@
 
 use super::{Engine, GpuDenseNet};
 use crate::gpu::ops::bn::{Deferred, Stats};
-use crate::gpu::ops::conv_tc;
+use crate::gpu::ops::conv_tc::{self, SplitK};
 use crate::gpu::{DeviceBuffer, Driver, Mat, Nhwc, Slice};
 use crate::model::schedule::{ConvIdx, Hw, Schedule};
 use anyhow::{bail, Result};
@@ -94,9 +94,9 @@ pub(super) struct Plan<T: Engine> {
     pub logits_grad: DeviceBuffer<f32>,
     /// Two backward scratch buffers, each as large as the largest intermediate gradient.
     pub scratch: [DeviceBuffer<T>; 2],
-    /// bf16: f32 partial sums of the split-K forwards ([`conv_tc::fwd_split_len`]), as large as
-    /// the largest `[rows, co]` of a convolution that splits; None when none does.
-    pub split_ws: Option<DeviceBuffer<f32>>,
+    /// bf16: the split-K workspace of the forwards and data gradients ([`split_workspace`]),
+    /// zero; None when none splits.
+    pub split: Option<SplitBufs>,
 }
 
 impl<T: Engine> Plan<T> {
@@ -124,8 +124,38 @@ impl<T: Engine> Plan<T> {
         Mat::dense(buf.slice(), self.n, self.schedule.head.c)
     }
     /// The split-K workspace.
-    pub fn split_ws(&self) -> Option<Slice<f32>> {
-        self.split_ws.as_ref().map(|w| w.slice())
+    pub fn split(&self) -> Option<SplitK> {
+        self.split.as_ref().map(SplitBufs::view)
+    }
+}
+
+/// A split-K workspace's buffers: f32 partial sums and per-tile arrival counts.
+pub struct SplitBufs {
+    pub ws: DeviceBuffer<f32>,
+    pub tiles: DeviceBuffer<u32>,
+}
+
+impl SplitBufs {
+    /// Zeroed buffers of `(ws, tiles)` elements; None when nothing splits.
+    pub fn zeroed(d: &Arc<dyn Driver>, (ws, tiles): (usize, usize)) -> Result<Option<Self>> {
+        if ws == 0 {
+            return Ok(None);
+        }
+        Ok(Some(SplitBufs {
+            ws: DeviceBuffer::zeroed(d, ws)?,
+            tiles: DeviceBuffer::zeroed(d, tiles.max(1))?,
+        }))
+    }
+    pub fn view(&self) -> SplitK {
+        SplitK {
+            ws: self.ws.slice(),
+            tiles: self.tiles.slice(),
+        }
+    }
+    /// Zeroes both again.
+    pub fn clear(&self) -> Result<()> {
+        self.ws.fill_bytes(0)?;
+        self.tiles.fill_bytes(0)
     }
 }
 
@@ -214,9 +244,9 @@ fn build<T: Engine>(d: &Arc<dyn Driver>, schedule: Schedule, cap: usize) -> Resu
     }
     let head = schedule.head;
     let (input_len, head_rows) = (schedule.input.rows(cap) * 3, head.hw.rows(cap));
-    let split_len = match T::TENSOR_CORES {
-        true => split_workspace_len(&schedule, cap),
-        false => 0,
+    let split = match T::TENSOR_CORES {
+        true => split_workspace(&schedule, cap, d.sms()),
+        false => (0, 0),
     };
     Ok(Plan {
         cap,
@@ -238,10 +268,7 @@ fn build<T: Engine>(d: &Arc<dyn Driver>, schedule: Schedule, cap: usize) -> Resu
             DeviceBuffer::alloc(d, scratch_len(&schedule, cap))?,
             DeviceBuffer::alloc(d, scratch_len(&schedule, cap))?,
         ],
-        split_ws: match split_len {
-            0 => None,
-            len => Some(DeviceBuffer::alloc(d, len)?),
-        },
+        split: SplitBufs::zeroed(d, split)?,
         schedule,
     })
 }
@@ -260,29 +287,38 @@ pub fn scratch_len(schedule: &Schedule, cap: usize) -> usize {
     len
 }
 
-/// f32 elements of the split-K workspace of a plan for up to `cap` images: the largest
-/// `[rows, co]` of a dense-layer or transition forward whose reduction splits
-/// ([`conv_tc::fwd_split_len`]) at any batch of `1..=cap` images (a plan serves every smaller
-/// batch, and a smaller grid splits sooner); 0 when none does.
-pub fn split_workspace_len(schedule: &Schedule, cap: usize) -> usize {
-    let mut len = 0;
-    for n in 1..=cap {
-        let mut need = |rows: usize, c: usize, cv: ConvIdx| {
-            if conv_tc::fwd_split_len(rows, c, cv.co, cv.g) < cv.g.k * cv.g.k * c {
-                len = len.max(rows * cv.co);
-            }
+/// The split-K workspace of a plan for up to `cap` images on a device of `sms` SMs: f32 elements
+/// for the largest `[rows, n]` output of a dense-layer or transition forward or data gradient whose
+/// reduction splits ([`conv_tc::fwd_split_len`], [`conv_tc::data_split_len`]), and counts for its
+/// most output tiles, at any batch of `1..=cap` images (a plan serves every smaller batch, and a
+/// smaller grid splits sooner); (0, 0) when none splits.
+pub fn split_workspace(schedule: &Schedule, cap: usize, sms: usize) -> (usize, usize) {
+    let (mut ws, mut tiles) = (0, 0);
+    // A launch of `tiles` output tiles over `[rows, n]` that splits a reduction of `k_len` into
+    // chunks of `len`.
+    let mut need = |rows: usize, n: usize, tiles_of: usize, k_len: usize, len: usize| {
+        if len < k_len {
+            ws = usize::max(ws, rows * n);
+            tiles = usize::max(tiles, tiles_of);
+        }
+    };
+    for (n, b) in (1..=cap).flat_map(|n| schedule.blocks.iter().map(move |b| (n, b))) {
+        let mut conv = |rows: usize, c: usize, cv: ConvIdx| {
+            let (kk, co, g) = (cv.g.k * cv.g.k, cv.co, cv.g);
+            let fwd = conv_tc::fwd_split_len(rows, c, co, g, sms);
+            need(rows, co, conv_tc::fwd_tiles(rows, co, g), kk * c, fwd);
+            let data = conv_tc::data_split_len(rows, c, co, g, sms);
+            need(rows, c, conv_tc::data_tiles(rows, c), kk * co, data);
         };
-        for b in &schedule.blocks {
-            for l in &b.layers {
-                need(l.hw.rows(n), l.c_in, l.conv1);
-                need(l.hw.rows(n), l.conv1.co, l.conv2);
-            }
-            if let Some(t) = &b.transition {
-                need(t.hw_out.rows(n), t.c_in, t.conv);
-            }
+        for l in &b.layers {
+            conv(l.hw.rows(n), l.c_in, l.conv1);
+            conv(l.hw.rows(n), l.conv1.co, l.conv2);
+        }
+        if let Some(t) = &b.transition {
+            conv(t.hw_out.rows(n), t.c_in, t.conv);
         }
     }
-    len
+    (ws, tiles)
 }
 
 #[cfg(test)]
@@ -291,22 +327,30 @@ mod tests {
     use crate::spec::DenseNetSpec;
 
     /// A plan serves every smaller batch, whose smaller grids split sooner: DenseNet-169's
-    /// transition 3 (1280 → 640 channels at 7×7) does not split at 256 images (490 tiles) but
-    /// does at 125 (240 tiles), needing 125·49·640 = 3,920,000 floats, more than any split at
-    /// 256 itself (1,605,632: block 4's 1×1s, 12544·128).
+    /// transition 3 (1280 → 640 channels at 7×7) does not split at 256 images (490 tiles fill
+    /// 132 SMs twice over) but does at 125 (240 tiles), needing 125·49·640 = 3,920,000 floats.
     #[test]
     fn split_workspace_covers_every_batch_a_plan_serves() {
         let spec = DenseNetSpec::preset("densenet169").unwrap();
         let lay = crate::model::Layout::new(&spec);
         let schedule = Schedule::new(&lay, "densenet169", 224, 224).unwrap();
-        let at_cap_only = 256 * 49 * 128;
-        // One image: block 1's 3×3s (3136 rows, 25 tiles, 36 K-slices) split, writing 3136·32;
-        // so do block 2's 1×1s and transition 1 (784 rows, 7 tiles), writing 784·128, as much.
-        assert_eq!(split_workspace_len(&schedule, 1), 3136 * 32);
-        let len = split_workspace_len(&schedule, 256);
-        assert!(len >= 125 * 49 * 640, "{len}");
-        assert!(len > at_cap_only, "{len}");
-        // Never more than the largest output a tensor-core forward writes at 256 images.
-        assert!(len <= 256 * 56 * 56 * 128, "{len}");
+        let g = crate::ops::conv::Conv::POINTWISE;
+        assert_eq!(conv_tc::fwd_split_len(256 * 49, 1280, 640, g, 132), 1280);
+        assert!(conv_tc::fwd_split_len(125 * 49, 1280, 640, g, 132) < 1280);
+        let (ws, tiles) = split_workspace(&schedule, 256, 132);
+        assert!(ws >= 125 * 49 * 640, "{ws}");
+        // Never more than the largest output a tensor-core kernel writes at 256 images.
+        assert!(ws <= 256 * 56 * 56 * 256, "{ws}");
+        assert!(
+            (1..528).contains(&tiles),
+            "{tiles}: a split grid has fewer tiles than a wave"
+        );
+        // More SMs split larger grids.
+        assert!(split_workspace(&schedule, 8, 1000).0 > split_workspace(&schedule, 8, 132).0);
+        let one = split_workspace(&schedule, 256, 1);
+        assert!(
+            one.0 < ws && one.1 <= 4,
+            "one SM: only grids of under a wave split: {one:?}"
+        );
     }
 }

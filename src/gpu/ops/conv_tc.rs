@@ -88,28 +88,113 @@ fn tile_of(g: Conv) -> Tile {
     }
 }
 
-/// Streaming multiprocessors the split-K heuristics aim to fill (an H100 SXM has 132).
-const SMS: usize = 132;
+impl Tile {
+    /// Blocks of this tile an SM holds at once (`__launch_bounds__` in kernels/conv_tc.cu: the
+    /// 256-thread tiles 2, the 128-thread ones 4).
+    fn per_sm(self) -> usize {
+        match self.threads {
+            256 => 2,
+            _ => 4,
+        }
+    }
+}
 
-/// The K-slice length (a multiple of `TC_BK`) of a split-K forward of `rows` pixels × `co`
-/// channels (`c` inputs, geometry `g`): the reduction split so that the grid has about 2 (wide
-/// tiles) or 4 (narrow) blocks per SM of a 132-SM GPU, each at least 4 K-slices long; the whole
-/// reduction (no split) when the grid is large enough already.
-pub fn fwd_split_len(rows: usize, c: usize, co: usize, g: Conv) -> usize {
+/// Elements (a multiple of `TC_BK`) per chunk of a split-K reduction of `k_len` elements over a
+/// grid of `tiles` output tiles whose kernel keeps `per_sm` blocks on an SM, on a device of `sms`
+/// SMs: the whole reduction when the tiles fill a wave (`per_sm · sms` blocks) already; else the
+/// longest chunks that do, at least `min` K-slices long; shorter only where `min`-slice chunks
+/// would leave fewer blocks than SMs, then the longest chunks that give a block per SM (down to
+/// one K-slice).
+pub fn split_len(k_len: usize, tiles: usize, per_sm: usize, sms: usize, min: usize) -> usize {
+    let slices = k_len.div_ceil(TC_BK).max(1);
+    let tiles = tiles.max(1);
+    let blocks = |len: usize| tiles * slices.div_ceil(len);
+    // The longest chunk (in K-slices) whose grid has at least `want` blocks.
+    let longest = |want: usize| match want.div_ceil(tiles) {
+        0 | 1 => Some(slices),
+        s if s > slices => None,
+        s => Some((slices - 1) / (s - 1)),
+    };
+    let min = min.clamp(1, slices);
+    let len = match longest(per_sm * sms) {
+        Some(len) if len >= min => len,
+        _ if blocks(min) >= sms => min,
+        _ => longest(sms).unwrap_or(1),
+    };
+    len * TC_BK
+}
+
+/// The shortest split-K chunks of the forwards and data gradients, in K-slices, unless the grid
+/// would not reach one block per SM otherwise.
+const MIN_SLICES: usize = 4;
+/// ... of the weight gradients: 512 pixels.
+const MIN_WEIGHT_SLICES: usize = 16;
+
+/// Output tiles of a forward of geometry `g` over `[rows, co]`.
+pub fn fwd_tiles(rows: usize, co: usize, g: Conv) -> usize {
     let t = tile_of(g);
-    let tiles = rows.div_ceil(t.bm) * co.div_ceil(t.bn);
-    let per_sm = if t.threads == 256 { 2 } else { 4 };
-    let slices = (g.k * g.k * c).div_ceil(TC_BK);
-    let splits = (per_sm * SMS).div_ceil(tiles).min(slices / 4).max(1);
-    slices.div_ceil(splits) * TC_BK
+    rows.div_ceil(t.bm) * co.div_ceil(t.bn)
+}
+
+/// Output tiles of a data gradient over `[rows, ci]`.
+pub fn data_tiles(rows: usize, ci: usize) -> usize {
+    rows.div_ceil(WIDE.bm) * ci.div_ceil(WIDE.bn)
+}
+
+/// The K-chunk of a dense-layer forward of `rows` pixels × `co` channels (`c` inputs, geometry
+/// `g`) on a device of `sms` SMs ([`split_len`]): the whole reduction when its grid fills it.
+pub fn fwd_split_len(rows: usize, c: usize, co: usize, g: Conv, sms: usize) -> usize {
+    let tiles = fwd_tiles(rows, co, g);
+    split_len(g.k * g.k * c, tiles, tile_of(g).per_sm(), sms, MIN_SLICES)
+}
+
+/// The K-chunk of a data gradient of `rows` pixels × `ci` channels from `co` output channels.
+pub fn data_split_len(rows: usize, ci: usize, co: usize, g: Conv, sms: usize) -> usize {
+    let tiles = data_tiles(rows, ci);
+    split_len(g.k * g.k * co, tiles, WIDE.per_sm(), sms, MIN_SLICES)
+}
+
+/// Pixels per split-K chunk of a weight gradient over `pixels` pixels with `tiles` output tiles
+/// of `g`'s tile ([`split_len`]: chunks of at least 512 pixels where the grid allows).
+pub fn weight_split_len(pixels: usize, tiles: usize, g: Conv, sms: usize) -> usize {
+    split_len(pixels, tiles, tile_of(g).per_sm(), sms, MIN_WEIGHT_SLICES)
+}
+
+/// The split-K workspace of the forwards and data gradients: `ws` f32 partial sums (at least the
+/// launch's `[rows, n]` output) and `tiles`, one arrival count per output tile; both zero, and
+/// left zero by every launch that uses them.
+#[derive(Clone, Copy, Debug)]
+pub struct SplitK {
+    pub ws: Slice<f32>,
+    pub tiles: Slice<u32>,
+}
+
+/// A split-K chunk of `len` elements, checked, with the workspace's pointers for a `[rows, n]`
+/// output of `tiles` tiles; or none (`len` covers `k_len`, or no split): the whole reduction.
+fn chunking(
+    split: Option<(SplitK, usize)>,
+    k_len: usize,
+    (rows, n, tiles): (usize, usize, usize),
+) -> Result<(Ptr<f32>, Ptr<u32>, usize)> {
+    match split {
+        Some((_, len)) if len == 0 || !len.is_multiple_of(TC_BK) => {
+            bail!("split-K chunk of {len} is not a positive multiple of {TC_BK}")
+        }
+        Some((w, len)) if len < k_len => Ok((
+            w.ws.expect(rows * n, "the split-K workspace")?.ptr(),
+            w.tiles.expect(tiles, "the split-K tile counts")?.ptr(),
+            len,
+        )),
+        _ => Ok((Ptr::NULL, Ptr::NULL, k_len.max(1))),
+    }
 }
 
 /// `y: [n, ho, wo, co] = conv(pre(x), wt)`, `wt: [k, k, x.c, co]` bf16. `stats: [2, co]` f32, when
 /// given, has the per-channel Σy and Σy² of the stored `y` added to it (batch statistics of the BN
 /// that reads these channels next, without a pass over them; f32 sums, fine for conv outputs, whose
-/// mean is small next to their spread). `ws: [x.rows(), co]` f32, all zero (and left so), when given
-/// lets a dense-layer grid too small to fill the GPU split its reduction ([`fwd_split_len`]): partial
-/// sums added there, then stored by a finishing kernel. Other windows (the stem) never split.
+/// mean is small next to their spread). `split`, when given, lets a dense-layer grid too small to
+/// fill the device split its reduction ([`fwd_split_len`]), finished in the same launch. Other
+/// windows (the stem) never split.
 #[allow(clippy::too_many_arguments)]
 pub fn fwd(
     d: &dyn Driver,
@@ -119,16 +204,13 @@ pub fn fwd(
     g: Conv,
     y: Nhwc<bf16>,
     stats: Option<Slice<f32>>,
-    ws: Option<Slice<f32>>,
+    split: Option<SplitK>,
 ) -> Result<()> {
     if kernels_for(g) == Kernels::AnyWindow {
         return fwd_any(d, x, pre, wt, g, y, stats);
     }
-    let split_len = fwd_split_len(x.rows(), x.c(), y.c(), g);
-    let split = ws
-        .filter(|_| split_len < g.k * g.k * x.c())
-        .map(|ws| (ws, split_len));
-    fwd_split(d, x, pre, wt, g, y, stats, split)
+    let len = fwd_split_len(x.rows(), x.c(), y.c(), g, d.sms());
+    fwd_split(d, x, pre, wt, g, y, stats, split.map(|s| (s, len)))
 }
 
 /// The checked operands every forward shares: `(wt, scale, shift, stats)` pointers.
@@ -202,8 +284,8 @@ fn fwd_any(
     }
 }
 
-/// A dense-layer [`fwd`] with the reduction split into chunks of `split = Some((ws, len))` (`len` a
-/// positive multiple of `TC_BK`; `ws: [x.rows(), co]` f32, zero), or whole.
+/// A dense-layer [`fwd`] with the reduction split into chunks of `split = Some((workspace, len))`
+/// (`len` a positive multiple of `TC_BK`; whole when `len` covers it), or whole.
 #[allow(clippy::too_many_arguments)]
 pub fn fwd_split(
     d: &dyn Driver,
@@ -213,27 +295,19 @@ pub fn fwd_split(
     g: Conv,
     y: Nhwc<bf16>,
     stats: Option<Slice<f32>>,
-    split: Option<(Slice<f32>, usize)>,
+    split: Option<(SplitK, usize)>,
 ) -> Result<()> {
     let kernels = dense_kernels(g, "a split tensor-core forward")?;
     let [scale, shift, stats_ptr] = fwd_operands(x, pre, wt, g, y, stats)?;
     let (n, h, w, c) = x.dims();
     let (rows, co) = (x.rows(), y.c());
     let k_len = g.k * g.k * c;
-    let (ws, split_len) = match split {
-        Some((_, len)) if len == 0 || !len.is_multiple_of(TC_BK) => {
-            bail!("split-K chunk of {len} is not a positive multiple of {TC_BK}")
-        }
-        Some((ws, len)) => (ws.expect(rows * co, "the split-K workspace")?.ptr(), len),
-        None => (Ptr::NULL, k_len.max(1)),
-    };
     let t = tile_of(g);
+    let grid = [blocks_for(rows, t.bm as u32), blocks_for(co, t.bn as u32)];
+    let tiles = grid[0] as usize * grid[1] as usize;
+    let (ws, counts, split_len) = chunking(split, k_len, (rows, co, tiles))?;
     let at = Launch {
-        grid: [
-            blocks_for(rows, t.bm as u32),
-            blocks_for(co, t.bn as u32),
-            blocks_for(k_len, split_len as u32),
-        ],
+        grid: [grid[0], grid[1], blocks_for(k_len, split_len as u32)],
         block: [t.threads, 1, 1],
         shared: smem(t, true, false, TC_STAGES),
     };
@@ -243,26 +317,16 @@ pub fn fwd_split(
     // coefficients, stats and the workspace are checked to cover them.
     unsafe {
         let (yp, ys, xp, xs, wt, s, t) = args;
+        let (st, sl) = (stats_ptr, split_len);
         match kernels {
             Kernels::Conv1x1 => k::conv1x1_tc_fwd_bf16(
-                d, at, yp, ys, xp, xs, wt, s, t, n, h, w, c, co, stats_ptr, ws, split_len,
+                d, at, yp, ys, xp, xs, wt, s, t, n, h, w, c, co, st, ws, counts, sl,
             ),
             _ => k::conv3x3_tc_fwd_bf16(
-                d, at, yp, ys, xp, xs, wt, s, t, n, h, w, c, co, stats_ptr, ws, split_len,
+                d, at, yp, ys, xp, xs, wt, s, t, n, h, w, c, co, st, ws, counts, sl,
             ),
-        }?
-    };
-    if split.is_none() {
-        return Ok(());
+        }
     }
-    let chunks = rows.div_ceil(1024).clamp(1, 64);
-    let at = Launch {
-        grid: [blocks_for(co, 32), chunks as u32, 1],
-        block: [32, 8, 1],
-        shared: 0,
-    };
-    // SAFETY: as above.
-    unsafe { k::conv_tc_fwd_finish_bf16(d, at, y.ptr(), ys, ws, rows, co, stats_ptr) }
 }
 
 /// The ReLU mask of the BN + ReLU in front of a convolution, for its data gradient: the BN's
@@ -280,19 +344,47 @@ pub struct Mask {
 /// (with a mask), has the per-channel Σg and Σg·x added to it: that BN's backward reductions,
 /// dbeta = Σg and dgamma = (Σg·x − mean·Σg) · invstd. With `post` = the BN's scale and
 /// `accumulate`, `dx` receives the BN backward's per-element term (`bn::defer_from_sums` has the
-/// rest). 1×1/1 and 3×3/1 pad 1 only.
+/// rest). 1×1/1 and 3×3/1 pad 1 only. `split`, when given, lets a grid too small to fill the
+/// device split its reduction ([`data_split_len`]), finished in the same launch.
 #[allow(clippy::too_many_arguments)]
 pub fn bwd_data(
     d: &dyn Driver,
     dy: Nhwc<bf16>,
     wt: Slice<bf16>,
     g: Conv,
-    dx: Nhwc<bf16>,
-    accumulate: bool,
+    dx: DataOut,
     mask: Option<Mask>,
     red: Option<Slice<f32>>,
     post: Option<Slice<f32>>,
+    split: Option<SplitK>,
 ) -> Result<()> {
+    let (rows, ci, co) = (dx.dx.rows(), dx.dx.c(), dy.c());
+    let len = data_split_len(rows, ci, co, g, d.sms());
+    bwd_data_split(d, dy, wt, g, dx, mask, red, post, split.map(|s| (s, len)))
+}
+
+/// Where a data gradient goes: `dx` overwritten, or added to when `accumulate`.
+#[derive(Clone, Copy, Debug)]
+pub struct DataOut {
+    pub dx: Nhwc<bf16>,
+    pub accumulate: bool,
+}
+
+/// [`bwd_data`] with the reduction split into chunks of `split = Some((workspace, len))` (`len`
+/// a positive multiple of `TC_BK`; whole when `len` covers it), or whole.
+#[allow(clippy::too_many_arguments)]
+pub fn bwd_data_split(
+    d: &dyn Driver,
+    dy: Nhwc<bf16>,
+    wt: Slice<bf16>,
+    g: Conv,
+    out: DataOut,
+    mask: Option<Mask>,
+    red: Option<Slice<f32>>,
+    post: Option<Slice<f32>>,
+    split: Option<(SplitK, usize)>,
+) -> Result<()> {
+    let (dx, accumulate) = (out.dx, out.accumulate);
     let kernels = dense_kernels(g, "the tensor-core data gradient")?;
     let (n, h, w, ci) = dx.dims();
     let co = dy.c();
@@ -318,38 +410,34 @@ pub fn bwd_data(
         Some(p) => p.expect(ci, "the per-channel factors")?.ptr(),
         None => Ptr::NULL,
     };
+    let grid = [
+        blocks_for(n * h * w, WIDE.bm as u32),
+        blocks_for(ci, WIDE.bn as u32),
+    ];
+    let tiles = grid[0] as usize * grid[1] as usize;
+    let k_len = g.k * g.k * co;
+    let (ws, counts, split_len) = chunking(split, k_len, (n * h * w, ci, tiles))?;
     let at = Launch {
-        grid: [
-            blocks_for(n * h * w, WIDE.bm as u32),
-            blocks_for(ci, WIDE.bn as u32),
-            1,
-        ],
+        grid: [grid[0], grid[1], blocks_for(k_len, split_len as u32)],
         block: [WIDE.threads, 1, 1],
         shared: smem(WIDE, true, true, TC_BWD_DATA_STAGES),
     };
     let (dxp, dxs, dyp, dys) = (dx.ptr(), dx.rs(), dy.ptr(), dy.rs());
     // SAFETY: dx, dy and the mask's x are checked views of the shapes the kernel reads and writes;
-    // wt, the BN's coefficients, red and post are checked to cover them.
+    // wt, the BN's coefficients, red, post and the workspace are checked to cover them.
     unsafe {
+        let acc = accumulate;
         match kernels {
             Kernels::Conv1x1 => k::conv1x1_tc_bwd_data_bf16(
-                d, at, dxp, dxs, accumulate, dyp, dys, wt, x, x_rs, scale, shift, n, h, w, ci, co,
-                red, post,
+                d, at, dxp, dxs, acc, dyp, dys, wt, x, x_rs, scale, shift, n, h, w, ci, co, red,
+                post, ws, counts, split_len,
             ),
             _ => k::conv3x3_tc_bwd_data_bf16(
-                d, at, dxp, dxs, accumulate, dyp, dys, wt, x, x_rs, scale, shift, n, h, w, ci, co,
-                red, post,
+                d, at, dxp, dxs, acc, dyp, dys, wt, x, x_rs, scale, shift, n, h, w, ci, co, red,
+                post, ws, counts, split_len,
             ),
         }
     }
-}
-
-/// Pixels per split-K chunk of a weight gradient over `pixels` pixels with `tiles` output tiles:
-/// enough chunks for about 4 blocks per SM of a 132-SM GPU, each at least 512 pixels, a multiple
-/// of the K-slice.
-pub fn weight_split_len(pixels: usize, tiles: usize) -> usize {
-    let splits = (528 / tiles.max(1)).clamp(1, pixels.div_ceil(512).max(1));
-    pixels.div_ceil(splits).div_ceil(TC_BK).max(1) * TC_BK
 }
 
 /// `dw: [k, k, x.c, co]` f32 += d(loss)/d(wt) from `dy: [n, ho, wo, co]`, `x` and `pre` as in the
@@ -364,7 +452,7 @@ pub fn bwd_weight(
 ) -> Result<()> {
     let t = tile_of(g);
     let tiles = (g.k * g.k * x.c()).div_ceil(t.bm) * dy.c().div_ceil(t.bn);
-    let split_len = weight_split_len(dy.rows(), tiles);
+    let split_len = weight_split_len(dy.rows(), tiles, g, d.sms());
     bwd_weight_split(d, x, pre, g, dy, dw, split_len)
 }
 

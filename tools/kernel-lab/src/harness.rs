@@ -6,17 +6,19 @@
 //! buffers; the tensor-core forwards split over one workspace), once to warm up and then `reps`
 //! times inside [`Driver::time`].
 //!
-//! What a row launches (the storage type's kernels, as the model's `Engine` picks them — bf16:
-//! tensor-core convolutions from `ops::conv_tc`; f32: `ops::conv` and separate passes):
+//! What a row launches: the model's own functions, so the harness, the launch plan and the
+//! model cannot disagree — the convolutions through the GPU model's engine
+//! (`mura::gpu::model::Engine`: bf16 tensor-core convolutions from `ops::conv_tc`, f32
+//! `ops::conv` and separate passes), the rest through the ops the model calls:
 //!
 //! | row | launches |
 //! |---|---|
-//! | `stem7x7s2` fwd, bwd-weight | bf16: `conv_tc::fwd` (the any-window kernel, statistics summed in its epilogue), `conv_tc::bwd_weight`; f32: `conv::fwd`, `conv::bwd_weight` |
-//! | `conv1x1`, `conv3x3` fwd | bf16: `conv_tc::fwd` with the BN + ReLU in front and the output's statistics summed in its epilogue (split-K over the workspace, then its finishing kernel, when the grid is small); f32: `conv::fwd` with the BN + ReLU |
-//! | … bwd-weight | `conv_tc::bwd_weight` (split-K) / `conv::bwd_weight`, with the BN + ReLU |
-//! | `conv1x1` bwd-data (a dense layer's BN1) | bf16: `conv_tc::bwd_data` with the ReLU mask, the BN's reductions and its scale, accumulating into the block's gradient buffer, then `bn::defer_from_sums`; f32: `conv::bwd_data`, then `bn::backward_deferred`; both then `bn::grad_fix` of the layer's k output channels (the deferred BN terms, once per layer) |
-//! | `conv3x3` bwd-data (BN2) | bf16: `conv_tc::bwd_data` with the ReLU mask and the BN's reductions into a scratch, then `bn::backward_from_sums`; f32: `conv::bwd_data`, then `bn::backward` |
-//! | `trans1x1` | the same kernels without a BN in front (the pool applied it) |
+//! | `stem7x7s2` fwd, bwd-weight | `Engine::conv_fwd` (bf16: the any-window kernel, statistics summed in its epilogue), `Engine::conv_bwd_weight` |
+//! | `conv1x1`, `conv3x3` fwd | `Engine::conv_fwd` with the BN + ReLU in front (bf16: the output's statistics summed in its epilogue, split-K over the workspace, then its finishing kernel, when the grid is small; f32: its statistics pass is the `bn_stats` row's) |
+//! | … bwd-weight | `Engine::conv_bwd_weight` with the BN + ReLU |
+//! | `conv1x1` bwd-data (a dense layer's BN1) | `Engine::conv_bwd_data` through the BN (its per-channel terms deferred), accumulating into the block's gradient buffer; then `bn::grad_fix` of the layer's k output channels (the deferred BN terms, once per layer) |
+//! | `conv3x3` bwd-data (BN2) | `Engine::conv_bwd_data` through the BN into a scratch |
+//! | `trans1x1` | the same without a BN in front (the pool applied it), on the pooled block |
 //! | `bn_stats` | `bn::batch_stats`; bf16 rows of conv outputs (all but the max pool's): `bn::scale_shift` of the BN that reads them, turning the sums the epilogue accumulated into mean and variance (its pending channels) |
 //! | `maxpool` fwd / bwd | `pool::maxpool_fwd` with norm0 + ReLU / `pool::maxpool_bwd` (the same), `bn::backward` (norm0) |
 //! | `avgpool` fwd / bwd | `pool::avgpool_fwd` with the transition's BN + ReLU / `pool::avgpool_bwd`, `bn::backward` |
@@ -26,25 +28,19 @@
 //! Every row of the table is mapped: [`measure`] finds each row's kernel in the schedule by its
 //! op, site and shape (a row of several launches — a block's identical 3×3s — is timed at the
 //! first), and refuses rows built for another precision, batch, image size or network before
-//! launching anything. Where the model differs from the table:
-//! - Transitions: the table counts torchvision's order, the 1×1 conv at the block's resolution
-//!   and then the pool; mura applies BN + ReLU + pool first and convolves a quarter of the
-//!   pixels. `trans1x1` rows are timed as mura runs them, at half the side the row names, so
-//!   their achieved FLOP/s (the row's FLOPs over the time) is 4× the real rate.
-//! - `bn_stats` rows of conv outputs in bf16: the tensor-core forward sums these statistics in
-//!   its epilogue, and the coefficients of the BN that reads them turn the sums into mean and
-//!   variance, so the row times that coefficient kernel.
-//! - Not timed, as the table does not list them: the other BN coefficient kernels, the classifier
-//!   and the loss, the augmentation, and the `bn::grad_fix` of each block's input channels
-//!   (before the max pool's or the transition's backward; a layer's own are in its 1×1 row).
+//! launching anything. Not timed, as the table does not list them: the other BN coefficient
+//! kernels, the classifier and the loss, the augmentation, and the `bn::grad_fix` of each
+//! block's input channels (before the max pool's or the transition's backward; a layer's own are
+//! in its 1×1 row).
 
 use crate::roofline::{KernelRow, Op, Pass, Shape, Site};
 use anyhow::{bail, Context, Result};
 use half::bf16;
+use mura::gpu::model::{self, BnDx, Ctx, DxOut, Engine, SplitBufs};
 use mura::gpu::ops::bn::{self, Affine, Deferred, Grad, Pending, Running, Saved, Stats};
-use mura::gpu::ops::conv_tc::{self, Mask};
-use mura::gpu::ops::{adam, cast, conv, pool, Act, BnRelu};
-use mura::gpu::{model, DeviceBuffer, Driver, Mat, Nhwc, Slice};
+use mura::gpu::ops::conv_tc::SplitK;
+use mura::gpu::ops::{adam, cast, pool, Act, BnRelu};
+use mura::gpu::{DeviceBuffer, Driver, Mat, Nhwc, Slice};
 use mura::model::schedule::{Head, Hw, Layer, Schedule, Stem, Transition};
 use mura::ops::conv::Conv;
 use mura::optim::Adam;
@@ -241,8 +237,12 @@ fn kernels_at(s: &Schedule, n: usize, site: Site) -> Result<Vec<(Op, Shape, Time
             let t = block.transition.as_ref().with_context(missing)?;
             let (hw, out, c2) = (t.hw_in, t.hw_out, t.conv.co);
             vec![
-                (Op::Trans1x1, conv(hw, hw, t.c_in, c2), Timed::TransConv(t)),
-                (Op::AvgPool, map(hw, out, c2), Timed::AvgPool(t)),
+                (Op::AvgPool, map(hw, out, t.c_in), Timed::AvgPool(t)),
+                (
+                    Op::Trans1x1,
+                    conv(out, out, t.c_in, c2),
+                    Timed::TransConv(t),
+                ),
                 (Op::BnStats, map(out, out, c2), Timed::TransStats(t)),
             ]
         }
@@ -393,17 +393,31 @@ impl<T: Act> ConvAt<T> {
         self.bn.map(|b| b.coef)
     }
 
-    /// The BN in front and what its backward reads.
-    fn saved(&self) -> Result<(BnBufs, Saved<T>)> {
-        let bn = self
-            .bn
-            .context("a data gradient through a BN without one")?;
-        let saved = Saved {
-            x: self.x.mat(),
-            stats: bn.stats,
-            coef: bn.coef,
-        };
-        Ok((bn, saved))
+    /// Where its data gradient goes, as the model's backward sends it.
+    fn dx_out(&self) -> Result<DxOut<T>> {
+        Ok(match self.dx {
+            Dx::None => bail!("this convolution has no data gradient"),
+            Dx::Plain(dx) => DxOut::Plain(dx),
+            Dx::Bn(b) => {
+                let bn = self
+                    .bn
+                    .context("a data gradient through a BN without one")?;
+                DxOut::Bn(BnDx {
+                    saved: Saved {
+                        x: self.x.mat(),
+                        stats: bn.stats,
+                        coef: bn.coef,
+                    },
+                    dparams: bn.dparams,
+                    dx: Grad {
+                        mat: b.dx.mat(),
+                        accumulate: b.accumulate,
+                    },
+                    scratch: b.scratch,
+                    deferred: b.deferred,
+                })
+            }
+        })
     }
 }
 
@@ -415,28 +429,19 @@ enum Dx<T> {
     /// Overwrites `[n, h, w, ci]` (a transition's pooled input).
     Plain(Nhwc<T>),
     /// Through the BN + ReLU in front.
-    Bn(BnDx<T>),
+    Bn(BnAt<T>),
 }
 
-/// The data gradient through a BN + ReLU, as the model's `Engine::layer_bwd`: the gradient of
-/// the BN's input into `dx: [n, h, w, ci]` (added to when `accumulate`) through `scratch` (the
-/// gradient of the BN's output, `[n, h, w, ci]`); with `deferred`, the BN backward's per-channel
-/// terms go there instead (`bn::grad_fix` applies them).
+/// The data gradient through a BN + ReLU, as the model's backward sends it
+/// (`mura::gpu::model::BnDx`): the gradient of the BN's input into `dx: [n, h, w, ci]` (added to
+/// when `accumulate`) through `scratch` (`[n, h, w, ci]`); with `deferred`, the BN backward's
+/// per-channel terms go there instead (`bn::grad_fix` applies them).
 #[derive(Clone, Copy)]
-struct BnDx<T> {
+struct BnAt<T> {
     dx: Nhwc<T>,
     accumulate: bool,
     scratch: Nhwc<T>,
     deferred: Option<Deferred>,
-}
-
-impl<T: Act> BnDx<T> {
-    fn grad(&self) -> Grad<T> {
-        Grad {
-            mat: self.dx.mat(),
-            accumulate: self.accumulate,
-        }
-    }
 }
 
 /// A convolution output's statistics: `y: [rows, c]` and where they go; the BN that reads `y`
@@ -449,170 +454,8 @@ struct StatsAt<T> {
     sums: Slice<f32>,
 }
 
-/// The storage type's kernels, chosen as the GPU model's `Engine` chooses them: f32 on the CUDA
-/// cores with separate statistics and reduction passes, bf16 on the tensor cores with those in
-/// the epilogues.
-trait Kernels: Act {
-    const TENSOR_CORES: bool;
-
-    /// `c.y = conv(pre(c.x))`; bf16: the output's statistics added to `sums: [2, co]`, the
-    /// reduction split over `ws` when the grid is small.
-    fn conv_fwd(
-        d: &dyn Driver,
-        c: &ConvAt<Self>,
-        sums: Slice<f32>,
-        ws: Option<Slice<f32>>,
-    ) -> Result<()>;
-
-    /// `dw: [k, k, ci, co]` f32 += the weight gradient.
-    fn conv_bwd_weight(d: &dyn Driver, c: &ConvAt<Self>, dw: Slice<f32>) -> Result<()>;
-
-    /// The data gradient of a convolution with no BN in front, overwriting `dx`.
-    fn conv_bwd_data(d: &dyn Driver, c: &ConvAt<Self>, dx: Nhwc<Self>) -> Result<()>;
-
-    /// The data gradient through the BN + ReLU in front; bf16: the BN's reductions summed in
-    /// the epilogue into `sums: [2, ci]`.
-    fn bn_conv_bwd_data(
-        d: &dyn Driver,
-        c: &ConvAt<Self>,
-        dx: BnDx<Self>,
-        sums: Slice<f32>,
-    ) -> Result<()>;
-
-    /// A convolution output's batch statistics (module docs).
-    fn conv_stats(d: &dyn Driver, s: &StatsAt<Self>) -> Result<()>;
-
-    /// The copy of the parameters that the convolutions read, when it is not `params` itself.
-    fn weights_copy(d: &dyn Driver, params: Slice<f32>, copy: Slice<Self>) -> Result<()>;
-}
-
-impl Kernels for f32 {
-    const TENSOR_CORES: bool = false;
-
-    fn conv_fwd(
-        d: &dyn Driver,
-        c: &ConvAt<f32>,
-        _: Slice<f32>,
-        _: Option<Slice<f32>>,
-    ) -> Result<()> {
-        conv::fwd(d, c.x, c.pre(), c.w, c.g, c.y)
-    }
-
-    fn conv_bwd_weight(d: &dyn Driver, c: &ConvAt<f32>, dw: Slice<f32>) -> Result<()> {
-        conv::bwd_weight(d, c.x, c.pre(), c.g, c.dy, dw)
-    }
-
-    fn conv_bwd_data(d: &dyn Driver, c: &ConvAt<f32>, dx: Nhwc<f32>) -> Result<()> {
-        conv::bwd_data(d, c.dy, c.w, c.g, dx, false)
-    }
-
-    fn bn_conv_bwd_data(
-        d: &dyn Driver,
-        c: &ConvAt<f32>,
-        dx: BnDx<f32>,
-        _: Slice<f32>,
-    ) -> Result<()> {
-        let (bn, saved) = c.saved()?;
-        conv::bwd_data(d, c.dy, c.w, c.g, dx.scratch, false)?;
-        let dz = dx.scratch.mat();
-        match dx.deferred {
-            Some(def) => {
-                bn::backward_deferred(d, saved, dz, bn.dparams, dx.grad(), bn.scratch.part, def)
-            }
-            None => bn_backward(d, &bn, c.x.mat(), dz, dx.grad()),
-        }
-    }
-
-    fn conv_stats(d: &dyn Driver, s: &StatsAt<f32>) -> Result<()> {
-        bn::batch_stats(d, s.y, s.out, s.reader.scratch.part)
-    }
-
-    fn weights_copy(_: &dyn Driver, _: Slice<f32>, _: Slice<f32>) -> Result<()> {
-        bail!("the f32 convolutions read the parameters themselves")
-    }
-}
-
-impl Kernels for bf16 {
-    const TENSOR_CORES: bool = true;
-
-    fn conv_fwd(
-        d: &dyn Driver,
-        c: &ConvAt<bf16>,
-        sums: Slice<f32>,
-        ws: Option<Slice<f32>>,
-    ) -> Result<()> {
-        conv_tc::fwd(d, c.x, c.pre(), c.w, c.g, c.y, Some(sums), ws)
-    }
-
-    fn conv_bwd_weight(d: &dyn Driver, c: &ConvAt<bf16>, dw: Slice<f32>) -> Result<()> {
-        conv_tc::bwd_weight(d, c.x, c.pre(), c.g, c.dy, dw)
-    }
-
-    fn conv_bwd_data(d: &dyn Driver, c: &ConvAt<bf16>, dx: Nhwc<bf16>) -> Result<()> {
-        conv_tc::bwd_data(d, c.dy, c.w, c.g, dx, false, None, None, None)
-    }
-
-    fn bn_conv_bwd_data(
-        d: &dyn Driver,
-        c: &ConvAt<bf16>,
-        dx: BnDx<bf16>,
-        sums: Slice<f32>,
-    ) -> Result<()> {
-        let (bn, saved) = c.saved()?;
-        let mask = Some(Mask {
-            x: c.x,
-            bn: bn.coef,
-        });
-        let Some(def) = dx.deferred else {
-            // BN2: the masked gradient of its output into the scratch, its reductions alongside.
-            conv_tc::bwd_data(d, c.dy, c.w, c.g, dx.scratch, false, mask, Some(sums), None)?;
-            let dz = dx.scratch.mat();
-            return bn::backward_from_sums(
-                d,
-                saved,
-                sums,
-                dz,
-                bn.dparams,
-                dx.grad(),
-                bn.scratch.coef,
-            );
-        };
-        // BN1: scale × the masked gradient straight into dx, the per-channel rest deferred.
-        let post = Some(bn.coef.scale);
-        conv_tc::bwd_data(
-            d,
-            c.dy,
-            c.w,
-            c.g,
-            dx.dx,
-            dx.accumulate,
-            mask,
-            Some(sums),
-            post,
-        )?;
-        bn::defer_from_sums(d, saved, sums, bn.dparams, def)
-    }
-
-    fn conv_stats(d: &dyn Driver, s: &StatsAt<bf16>) -> Result<()> {
-        let r = &s.reader;
-        let running = Running {
-            stats: r.running,
-            count: s.y.rows(),
-        };
-        let pending = Pending {
-            sums: s.sums,
-            channels: s.y.cols(),
-        };
-        bn::scale_shift(d, r.params, r.stats, Some(running), Some(pending), r.coef)
-    }
-
-    fn weights_copy(d: &dyn Driver, params: Slice<f32>, copy: Slice<bf16>) -> Result<()> {
-        cast::to_bf16(d, params, copy)
-    }
-}
-
 /// The device buffers of the step being measured (`n` images of the schedule's input size).
-struct Bench<'s, T: Kernels> {
+struct Bench<'s, T: Engine> {
     d: Arc<dyn Driver>,
     s: &'s Schedule,
     n: usize,
@@ -621,11 +464,12 @@ struct Bench<'s, T: Kernels> {
     /// The model's two backward scratch buffers, each as large as the largest intermediate
     /// gradient.
     scratch: [DeviceBuffer<T>; 2],
-    /// bf16: the split-K workspace of the tensor-core forwards (zero); None when none splits.
-    split_ws: Option<DeviceBuffer<f32>>,
+    /// bf16: the split-K workspace of the tensor-core forwards and data gradients (zero), as the
+    /// model's plan sizes it; None when none splits.
+    split: Option<SplitBufs>,
 }
 
-impl<'s, T: Kernels> Bench<'s, T> {
+impl<'s, T: Engine> Bench<'s, T> {
     fn new(d: &Arc<dyn Driver>, s: &'s Schedule, n: usize, seed: u64) -> Result<Self> {
         let mut acts = Store::new(Rng::derive(seed, 1).next_u64());
         let len = model::scratch_len(s, n);
@@ -633,9 +477,9 @@ impl<'s, T: Kernels> Bench<'s, T> {
             acts.random(d, "scratch 0", len, ACT)?,
             acts.random(d, "scratch 1", len, ACT)?,
         ];
-        let ws = match model::split_workspace_len(s, n) {
-            len if T::TENSOR_CORES && len > 0 => Some(DeviceBuffer::zeroed(d, len)?),
-            _ => None,
+        let split = match T::TENSOR_CORES {
+            true => SplitBufs::zeroed(d, model::split_workspace(s, n, d.sms()))?,
+            false => None,
         };
         Ok(Bench {
             d: d.clone(),
@@ -644,7 +488,7 @@ impl<'s, T: Kernels> Bench<'s, T> {
             acts,
             f32s: Store::new(Rng::derive(seed, 2).next_u64()),
             scratch,
-            split_ws: ws,
+            split,
         })
     }
 
@@ -726,8 +570,8 @@ impl<'s, T: Kernels> Bench<'s, T> {
         Nhwc::new(self.scratch[i].slice(), (self.n, hw.h, hw.w, c), c)
     }
 
-    fn split_ws(&self) -> Option<Slice<f32>> {
-        self.split_ws.as_ref().map(|w| w.slice())
+    fn split(&self) -> Option<SplitK> {
+        self.split.as_ref().map(SplitBufs::view)
     }
 
     /// Dense block `b`'s activations and their gradient, `[n, h, w, c_total]` each.
@@ -815,24 +659,51 @@ impl<'s, T: Kernels> Bench<'s, T> {
         })
     }
 
-    /// One pass of a convolution.
+    /// What the engine's launches share: the driver and a reduction scratch for `c` channels
+    /// (epilogue sums left zero, as the model keeps them).
+    fn ctx_parts(&mut self, c: usize) -> Result<(Slice<f32>, bn::Scratch)> {
+        let scratch = bn::Scratch {
+            part: self.f32("bn part", bn::scratch_len(c), ACT)?,
+            coef: self.f32("bn coef", 2 * c, ACT)?,
+        };
+        Ok((self.sums(c)?, scratch))
+    }
+
+    /// One pass of a convolution, through the model's engine (`mura::gpu::model::Engine`): the
+    /// forward as training runs it (with its output's statistics), the weight gradient, the
+    /// data gradient.
     fn conv(&mut self, c: ConvAt<T>, pass: Pass) -> Result<Work> {
         let d = self.d.clone();
-        Ok(match (pass, c.dx) {
-            (Pass::Fwd, _) => {
-                let (sums, ws) = (self.sums(c.y.c())?, self.split_ws());
-                Box::new(move || T::conv_fwd(&*d, &c, sums, ws))
+        let (sums, bn) = self.ctx_parts(c.x.c().max(c.y.c()))?;
+        let split = self.split();
+        fn ctx(d: &Arc<dyn Driver>, (sums, bn, split): Parts) -> Ctx<'_> {
+            Ctx {
+                d: &**d,
+                sums,
+                bn,
+                split,
             }
-            (Pass::BwdWeight, _) => {
+        }
+        type Parts = (Slice<f32>, bn::Scratch, Option<SplitK>);
+        let parts: Parts = (sums, bn, split);
+        Ok(match pass {
+            Pass::Fwd => {
+                // bf16: the output's statistics summed in the epilogue, as training runs it;
+                // f32: its separate statistics pass is the `bn_stats` row's.
+                let stats = T::TENSOR_CORES.then_some(self.bn(c.y.c())?.stats);
+                Box::new(move || {
+                    T::conv_fwd(&ctx(&d, parts), c.x, c.pre(), c.w, c.g, c.y, stats).map(drop)
+                })
+            }
+            Pass::BwdWeight => {
                 let dw = self.f32("dw", c.w.len(), ACT)?;
-                Box::new(move || T::conv_bwd_weight(&*d, &c, dw))
+                Box::new(move || T::conv_bwd_weight(&ctx(&d, parts), c.x, c.pre(), c.g, c.dy, dw))
             }
-            (Pass::BwdData, Dx::Plain(dx)) => Box::new(move || T::conv_bwd_data(&*d, &c, dx)),
-            (Pass::BwdData, Dx::Bn(dx)) => {
-                let sums = self.sums(c.x.c())?;
-                Box::new(move || T::bn_conv_bwd_data(&*d, &c, dx, sums))
+            Pass::BwdData => {
+                let out = c.dx_out()?;
+                Box::new(move || T::conv_bwd_data(&ctx(&d, parts), c.dy, c.w, c.g, out))
             }
-            _ => bail!("this convolution has no {pass} kernel"),
+            _ => bail!("a convolution has no {pass} kernel"),
         })
     }
 
@@ -856,7 +727,7 @@ impl<'s, T: Kernels> Bench<'s, T> {
     fn conv1_at(&mut self, l: &Layer) -> Result<ConvAt<T>> {
         let (c, mid) = (l.c_in, l.conv1.co);
         let (acts, grads) = self.block(l.block)?;
-        let dx = BnDx {
+        let dx = BnAt {
             dx: grads.channels(0, c)?,
             accumulate: true,
             scratch: self.scratch(0, l.hw, c)?,
@@ -896,7 +767,7 @@ impl<'s, T: Kernels> Bench<'s, T> {
     fn conv2_at(&mut self, l: &Layer) -> Result<ConvAt<T>> {
         let (mid, k) = (l.conv1.co, l.conv2.co);
         let (acts, grads) = self.block(l.block)?;
-        let dx = BnDx {
+        let dx = BnAt {
             dx: self.scratch(1, l.hw, mid)?,
             accumulate: false,
             scratch: self.scratch(0, l.hw, mid)?,
@@ -913,8 +784,8 @@ impl<'s, T: Kernels> Bench<'s, T> {
         })
     }
 
-    /// A transition's 1×1 as mura runs it: on the pooled block (a quarter of the pixels) into
-    /// the next block's first channels; its data gradient into scratch 0.
+    /// A transition's 1×1: on the pooled block into the next block's first channels; its data
+    /// gradient into scratch 0.
     fn trans_at(&mut self, t: &Transition) -> Result<ConvAt<T>> {
         let (ci, co) = (t.c_in, t.conv.co);
         let (acts, grads) = self.block(t.block + 1)?;
@@ -943,7 +814,23 @@ impl<'s, T: Kernels> Bench<'s, T> {
             sums: self.sums(c)?,
         };
         let d = self.d.clone();
-        Ok(Box::new(move || T::conv_stats(&*d, &st)))
+        Ok(Box::new(move || match T::TENSOR_CORES {
+            // bf16: summed in the producer's epilogue; the reader's coefficients turn the sums
+            // into mean and variance (its pending channels).
+            true => {
+                let r = &st.reader;
+                let running = Running {
+                    stats: r.running,
+                    count: st.y.rows(),
+                };
+                let pending = Pending {
+                    sums: st.sums,
+                    channels: st.y.cols(),
+                };
+                bn::scale_shift(&*d, r.params, r.stats, Some(running), Some(pending), r.coef)
+            }
+            false => bn::batch_stats(&*d, st.y, st.out, st.reader.scratch.part),
+        }))
     }
 
     /// The statistics of the max pool's output, block 0's first f0 channels: a pass over them
@@ -1040,7 +927,7 @@ impl<'s, T: Kernels> Bench<'s, T> {
             self.f32("adam v", p, Fill::Positive)?,
         );
         let copy = match T::TENSOR_CORES {
-            true => Some(self.act("weights copy", p)?),
+            true => Some(DeviceBuffer::<bf16>::alloc(&self.d, p)?),
             false => None,
         };
         let mut opt = Adam::new(0, 1e-4, 0.0);
@@ -1048,8 +935,8 @@ impl<'s, T: Kernels> Bench<'s, T> {
         let (step, d) = (opt.current(), self.d.clone());
         Ok(Box::new(move || {
             adam::update(&*d, step, params, grads, moments)?;
-            match copy {
-                Some(copy) => T::weights_copy(&*d, params, copy),
+            match &copy {
+                Some(copy) => cast::to_bf16(&*d, params, copy.slice()),
                 None => Ok(()),
             }
         }))

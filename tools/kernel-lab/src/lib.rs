@@ -1,8 +1,9 @@
 //! The kernel lab: tooling for kernel engineers that the `mura` binary does not ship.
 //!
-//! - [`roofline`]: the analytic roofline of one DenseNet training step, every kernel's FLOPs,
+//! - [`roofline`]: the analytic roofline of one DenseNet training step (`mura::roofline`, which
+//!   the launch plan also reads), as markdown: every kernel's FLOPs,
 //!   minimum bytes and floor time.
-//! - [`harness`]: each roofline row's kernels launched as mura's GPU model launches them, timed
+//! - [`harness`]: each roofline row's kernels launched through mura's GPU model's own engine, timed
 //!   on a device.
 //!
 //! `cargo bench --bench kernels` prints the table (benches/kernels.rs).
