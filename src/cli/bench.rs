@@ -9,7 +9,7 @@ use crate::ops::augment::AugParams;
 use crate::optim::Adam;
 use crate::precision::Precision;
 use crate::rng::Rng;
-use anyhow::Result;
+use anyhow::{bail, Result};
 use std::time::Instant;
 
 #[derive(clap::Args, Debug)]

@@ -25,14 +25,12 @@ pub struct Args {
 
 pub fn run(args: Args) -> Result<()> {
     if let Some(s) = args.image_size {
-        crate::data::image::check_side("--image-size", s)?;
+        crate::bounds::SIDE.check("--image-size", s)?;
     }
     check_output(&args.onnx, &args.weights)?;
-    let (spec, sd) = arch::load_model(&args.weights, &args.arch)?;
-    let size = match args.image_size {
-        Some(s) => s,
-        None => crate::checkpoint::read_image_size(&args.weights)?.unwrap_or(224),
-    };
+    let loaded = arch::load_model(&args.weights, &args.arch)?;
+    let (spec, sd) = (loaded.spec, loaded.weights);
+    let size = args.image_size.or(loaded.image_size).unwrap_or(224);
     let mut types = match args.study_types.is_empty() {
         true => StudyType::ALL.to_vec(),
         false => args.study_types,
