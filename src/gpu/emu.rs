@@ -417,7 +417,7 @@ impl Emu {
             let msg = unsafe { CStr::from_ptr(err.as_ptr()) }.to_string_lossy();
             bail!(Error::Kernel {
                 kernel: name.to_string(),
-                message: format!("emu: {msg}"),
+                message: msg.into_owned(),
             });
         }
         if let Some(p) = &self.profile {
