@@ -10,7 +10,8 @@ random 0/1 labels, in three modes:
 
 Each mode runs in a fresh child process, so its peak memory is its own and an out-of-memory
 error cannot poison the next measurement. For each mode: median step time over --steps
-timed steps after --warmup steps, images/s = batch / median, and peak memory
+timed steps after --warmup steps (step_ms; every timed step in step_times_ms), images/s =
+batch / median, and peak memory
 (torch.cuda.max_memory_allocated on GPU; the process's peak RSS on CPU, which includes
 the Python and torch runtime). Prints one JSON line per mode, and with --markdown a table.
 
@@ -165,9 +166,8 @@ def worker(cfg):
         "steps": cfg["steps"],
         "warmup": cfg["warmup"],
         "warmup_s": round(warmup_s, 3),
-        "step_ms_median": round(med * 1e3, 3),
-        "step_ms_min": round(min(times) * 1e3, 3),
-        "step_ms_max": round(max(times) * 1e3, 3),
+        "step_ms": round(med * 1e3, 3),
+        "step_times_ms": [round(t * 1e3, 4) for t in times],
         "images_per_s": round(batch / med, 2),
         "last_loss": last_loss,
         "loss_finite": math.isfinite(last_loss),
@@ -257,7 +257,7 @@ def markdown(results):
         if r.get("max_batch_limit_reached"):
             mb = f">= {mb} (limit)"
         rows.append(
-            f"| {r['mode']} | {r['device_name']} | {r['batch']} | {r['step_ms_median']:.1f} | "
+            f"| {r['mode']} | {r['device_name']} | {r['batch']} | {r['step_ms']:.1f} | "
             f"{r['images_per_s']:.1f} | {r['peak_mem_bytes'] / 2**30:.2f} | {mb} |"
         )
     return "\n".join(rows)
@@ -268,7 +268,11 @@ def main():
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))), flush=True)
         return
-    import torch
+    try:
+        import torch
+        import torchvision  # noqa: F401 - the workers need it; fail here, in one line
+    except ImportError as e:
+        sys.exit(f"error: {sys.executable} cannot import {e.name}: pytorch_bench.py needs torch and torchvision")
 
     device = args.device
     if device == "auto":

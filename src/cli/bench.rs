@@ -127,11 +127,26 @@ pub fn run(args: Args) -> Result<()> {
             step.push(ts);
         }
     }
-    let (f, st) = (median(fwd), median(step));
+    let (f, st) = (median(fwd.clone()), median(step.clone()));
     let ips = n as f64 / st;
     let peak = model.peak_device_bytes();
     if args.json {
-        let mut j = serde_json::json!({"forward_s": f, "train_step_s": st, "images_per_s": ips});
+        // The medians, and every timed step's seconds, so that any other statistic can be
+        // recomputed from the record.
+        let mut j = serde_json::json!({
+            "arch": spec.arch,
+            "device": device.to_string(),
+            "precision": precision.to_string(),
+            "batch": n,
+            "image_size": s,
+            "steps": args.steps,
+            "warmup": args.warmup,
+            "forward_s": f,
+            "train_step_s": st,
+            "images_per_s": ips,
+            "forward_times_s": fwd,
+            "train_step_times_s": step,
+        });
         if device != Device::Cpu {
             j["graphs"] = graphs.into();
         }

@@ -1,4 +1,5 @@
-//! `mura info`: the devices, and how the GPU kernels were built.
+//! `mura info`: the devices (for a GPU: its SMs, clocks, memory and driver; for the emulator:
+//! what it models), and how the GPU kernels were built.
 
 use crate::gpu::{cuda, emu, kernels};
 use anyhow::Result;
@@ -16,29 +17,21 @@ pub fn run(args: Args) -> Result<()> {
         "  cpu    the CPU reference backend ({} threads)",
         rayon::current_num_threads()
     );
-    let shipped: usize = kernels::MODULES.iter().map(|m| m.kernels.len()).sum();
-    crate::out!(
-        "  emu    CPU emulator of the CUDA kernels ({shipped} kernels, {} with the test-only ones)",
-        emu::kernel_names().len()
-    );
+    print_emu()?;
     match cuda::device_count() {
         Err(e) => crate::out!("  cuda   none: {e:#}"),
         Ok(0) => crate::out!("  cuda   none: the driver reports no device"),
         Ok(n) => {
-            if let Ok((major, minor)) = cuda::driver_version() {
-                crate::out!("  cuda   driver supports CUDA {major}.{minor}");
+            let release = cuda::driver_release().unwrap_or_else(|| "of unknown release".into());
+            match cuda::driver_version() {
+                Ok((major, minor)) => {
+                    crate::out!("  cuda   driver {release}, supports CUDA {major}.{minor}")
+                }
+                Err(e) => crate::out!("  cuda   driver {release}: {e:#}"),
             }
             for i in 0..n {
                 match cuda::device_info(i) {
-                    Ok(d) => crate::out!(
-                        "  cuda:{i} {}, compute capability {}.{}, {:.1} GiB, {} SMs, {} KiB shared per block",
-                        d.name,
-                        d.compute_capability.0,
-                        d.compute_capability.1,
-                        d.memory_bytes as f64 / (1u64 << 30) as f64,
-                        d.multiprocessors,
-                        d.shared_per_block_optin / 1024
-                    ),
+                    Ok(d) => print_device(&d)?,
                     Err(e) => crate::out!("  cuda:{i} error: {e:#}"),
                 }
             }
@@ -57,6 +50,58 @@ pub fn run(args: Args) -> Result<()> {
     if args.kernels {
         print_ptxas()?;
     }
+    Ok(())
+}
+
+/// The emulator's line: its kernels and what it models of a device.
+fn print_emu() -> Result<()> {
+    let shipped: usize = kernels::MODULES.iter().map(|m| m.kernels.len()).sum();
+    let model = emu::model();
+    let checks = match emu::Checks::from_env() {
+        Ok(c) => {
+            let on = [
+                (c.memcheck, "memcheck"),
+                (c.initcheck, "initcheck"),
+                (c.racecheck, "racecheck"),
+            ];
+            let on: Vec<&str> = on.iter().filter(|(on, _)| *on).map(|(_, n)| *n).collect();
+            match on.is_empty() {
+                true => "no checkers".to_string(),
+                false => on.join(", "),
+            }
+        }
+        Err(e) => format!("{e:#}"),
+    };
+    crate::out!(
+        "  emu    CPU emulator of the CUDA kernels ({shipped} kernels, {} with the test-only ones): \
+         warps of 32 lanes, blocks of up to {} threads and {} KiB of dynamic shared memory, run \
+         one at a time in an adversarial order; every launch under {checks}",
+        emu::kernel_names().len(),
+        model.max_threads,
+        model.max_dynamic_shared / 1024
+    );
+    Ok(())
+}
+
+/// One CUDA device: its name, architecture, SMs and clock, memory and its clock, L2, shared
+/// memory per block.
+fn print_device(d: &cuda::DeviceInfo) -> Result<()> {
+    let mib = |b: f64| b / (1u64 << 20) as f64;
+    crate::out!(
+        "  cuda:{} {}, compute capability {}.{}, {} SMs at {} MHz, {:.1} GiB at {} MHz \
+         ({}-bit bus), {:.0} MiB L2, {} KiB shared per block",
+        d.ordinal,
+        d.name,
+        d.compute_capability.0,
+        d.compute_capability.1,
+        d.multiprocessors,
+        d.sm_clock_khz / 1000,
+        mib(d.memory_bytes as f64) / 1024.0,
+        d.memory_clock_khz / 1000,
+        d.memory_bus_bits,
+        mib(d.l2_bytes as f64),
+        d.shared_per_block_optin / 1024
+    );
     Ok(())
 }
 

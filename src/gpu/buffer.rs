@@ -9,9 +9,10 @@
 //!   as `[n·h·w, c]`, and a channel slice `[c0, c0 + c)` of a dense block's wider buffer.
 //! - [`Nhwc<T>`]: a `Mat` with its `n, h, w` (rows = n·h·w), for convolutions and pools.
 
-use super::{DevPtr, Driver};
+use super::{DevPtr, Driver, Error};
+use crate::gpu::error::bail_shape;
 use crate::precision::Precision;
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use bytemuck::Pod;
 use half::bf16;
 use std::fmt;
@@ -100,7 +101,9 @@ impl<T: Pod> DeviceBuffer<T> {
     pub fn alloc(driver: &Arc<dyn Driver>, len: usize) -> Result<Self> {
         let bytes = len
             .checked_mul(size_of::<T>())
-            .with_context(|| format!("a device buffer of {len} elements is too large"))?;
+            .ok_or_else(|| Error::OutOfMemory {
+                what: format!("a device buffer of {len} elements is too large"),
+            })?;
         let ptr = driver.alloc(bytes)?;
         Ok(Self {
             ptr,
@@ -122,7 +125,7 @@ impl<T: Pod> DeviceBuffer<T> {
     }
     pub fn copy_from(&self, data: &[T]) -> Result<()> {
         if data.len() != self.len {
-            bail!(
+            bail_shape!(
                 "copy of {} elements into a device buffer of {}",
                 data.len(),
                 self.len
@@ -207,7 +210,7 @@ impl<T> Slice<T> {
                 len,
                 _t: PhantomData,
             }),
-            _ => bail!(
+            _ => bail_shape!(
                 "elements {start}..{start}+{len} are outside a device slice of {}",
                 self.len
             ),
@@ -232,7 +235,7 @@ impl<T> Slice<T> {
     /// Refuses a slice of fewer than `len` elements, naming the operand `what`.
     pub fn expect(self, len: usize, what: &str) -> Result<Slice<T>> {
         if self.len < len {
-            bail!("{what}: {} elements where {len} are needed", self.len);
+            bail_shape!("{what}: {} elements where {len} are needed", self.len);
         }
         Ok(self)
     }
@@ -272,7 +275,7 @@ impl<T> Mat<T> {
     /// Refuses a stride shorter than a row, and a matrix that does not fit in `slice`.
     pub fn new(slice: Slice<T>, rows: usize, cols: usize, rs: usize) -> Result<Mat<T>> {
         if rs < cols {
-            bail!("a row stride of {rs} is shorter than a row of {cols}");
+            bail_shape!("a row stride of {rs} is shorter than a row of {cols}");
         }
         match span(rows, cols, rs) {
             Some(need) if need <= slice.len => Ok(Mat {
@@ -281,7 +284,7 @@ impl<T> Mat<T> {
                 cols,
                 rs,
             }),
-            _ => bail!(
+            _ => bail_shape!(
                 "a [{rows}, {cols}] matrix with row stride {rs} does not fit in a device slice of {}",
                 slice.len
             ),
@@ -294,7 +297,7 @@ impl<T> Mat<T> {
     /// Columns `[c0, c0 + c)` of every row: a channel slice.
     pub fn cols_range(self, c0: usize, c: usize) -> Result<Mat<T>> {
         if c0.checked_add(c).is_none_or(|end| end > self.cols) {
-            bail!("columns {c0}..{c0}+{c} of a matrix of {}", self.cols);
+            bail_shape!("columns {c0}..{c0}+{c} of a matrix of {}", self.cols);
         }
         let slice = self.slice.range(c0, self.slice.len - c0)?;
         Mat::new(slice, self.rows, c, self.rs)

@@ -1,6 +1,7 @@
 //! Driver 1: a real CUDA device through cudarc's driver API (loaded at run time, so nothing of
-//! CUDA is needed to build). Kernels come from the embedded fatbins, or are compiled with NVRTC
-//! on first use when the build had no nvcc.
+//! CUDA is needed to build). Kernels come from the embedded fatbins, or, when the build had no
+//! nvcc, from NVRTC on first use (cached on disk: [`super::nvrtc`]). Driver errors are typed
+//! ([`Error`]): out of memory apart from every other code.
 //!
 //! With `MURA_CUDA_SYNC=1` every launch outside a capture is waited for, so that a fault (an
 //! illegal address) is reported by the launch that caused it, with the kernel's name and shape,
@@ -11,12 +12,13 @@
 //! or filled (dtoh) when the call returns. Nothing of ours uses the legacy NULL stream, and a
 //! non-blocking stream does not synchronise with it. Graphs are captured from that stream.
 
-use super::kernels::{module_of, KernelModule, MODULES};
-use super::{not_while_capturing, DevPtr, Driver};
+use super::kernels::{all_modules, module_of, KernelModule};
+use super::{not_while_capturing, DevPtr, Driver, Error};
 use anyhow::{anyhow, bail, Context, Result};
 use cudarc::driver::{result, sys};
 use std::collections::HashMap;
 use std::ffi::{c_void, CString};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 
@@ -29,26 +31,42 @@ pub fn sync_each_launch() -> bool {
 fn require_driver() -> Result<()> {
     // SAFETY: only tries to dlopen the library.
     if !unsafe { sys::is_culib_present() } {
-        bail!("no CUDA driver found (libcuda could not be loaded)");
+        bail!(Error::Driver {
+            call: "cuda".into(),
+            message: "no CUDA driver found (libcuda could not be loaded)".into(),
+        });
     }
-    result::init().map_err(|e| anyhow!("cuInit failed: {e}"))
+    cu(result::init(), "cuInit")
 }
 
 /// Number of CUDA devices; an error when there is no driver.
 pub fn device_count() -> Result<usize> {
     require_driver()?;
-    Ok(result::device::get_count().map_err(|e| anyhow!("cuDeviceGetCount: {e}"))? as usize)
+    Ok(cu(result::device::get_count(), "cuDeviceGetCount")? as usize)
 }
 
-/// The driver's CUDA version, e.g. (13, 0).
+/// The CUDA version the driver supports, e.g. (13, 0).
 pub fn driver_version() -> Result<(i32, i32)> {
     require_driver()?;
     let mut v = 0;
     // SAFETY: writes one int.
-    unsafe { sys::cuDriverGetVersion(&mut v) }
-        .result()
-        .map_err(|e| anyhow!("cuDriverGetVersion: {e}"))?;
+    cu(
+        unsafe { sys::cuDriverGetVersion(&mut v) }.result(),
+        "cuDriverGetVersion",
+    )?;
     Ok((v / 1000, (v % 1000) / 10))
+}
+
+/// The kernel driver's release (`580.159.04`), from `/proc/driver/nvidia/version` (Linux; None
+/// where that file is absent or says no version).
+pub fn driver_release() -> Option<String> {
+    let text = crate::disk::read_regular_string(Path::new("/proc/driver/nvidia/version"), 1 << 16);
+    let text = text.ok()?;
+    let line = text.lines().find(|l| l.starts_with("NVRM version:"))?;
+    // "NVRM version: NVIDIA UNIX x86_64 Kernel Module  580.159.04  Thu ..."
+    line.split_whitespace()
+        .find(|w| w.split('.').count() >= 2 && w.split('.').all(|p| p.parse::<u32>().is_ok()))
+        .map(str::to_string)
 }
 
 /// What `mura info` shows about a device.
@@ -60,26 +78,35 @@ pub struct DeviceInfo {
     pub multiprocessors: i32,
     /// The most shared memory a block may have, with the opt-in (sm_90: 227 KiB).
     pub shared_per_block_optin: i32,
+    /// The SMs' and the memory's peak clocks, in kHz, and the memory bus width in bits.
+    pub sm_clock_khz: i32,
+    pub memory_clock_khz: i32,
+    pub memory_bus_bits: i32,
+    pub l2_bytes: i32,
 }
 
 pub fn device_info(ordinal: usize) -> Result<DeviceInfo> {
     require_driver()?;
-    let dev = result::device::get(ordinal as i32).map_err(|e| anyhow!("cuda:{ordinal}: {e}"))?;
-    let attr = |a| {
-        unsafe { result::device::get_attribute(dev, a) }.map_err(|e| anyhow!("cuda:{ordinal}: {e}"))
-    };
+    let what = format!("cuda:{ordinal}");
+    let dev = cu(result::device::get(ordinal as i32), &what)?;
+    // SAFETY: dev came from device::get.
+    let attr = |a| cu(unsafe { result::device::get_attribute(dev, a) }, &what);
     use sys::CUdevice_attribute::*;
     Ok(DeviceInfo {
         ordinal,
-        name: result::device::get_name(dev).map_err(|e| anyhow!("{e}"))?,
+        name: cu(result::device::get_name(dev), &what)?,
         compute_capability: (
             attr(CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?,
             attr(CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?,
         ),
         // SAFETY: dev came from device::get.
-        memory_bytes: unsafe { result::device::total_mem(dev) }.map_err(|e| anyhow!("{e}"))?,
+        memory_bytes: cu(unsafe { result::device::total_mem(dev) }, &what)?,
         multiprocessors: attr(CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?,
         shared_per_block_optin: attr(CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?,
+        sm_clock_khz: attr(CU_DEVICE_ATTRIBUTE_CLOCK_RATE)?,
+        memory_clock_khz: attr(CU_DEVICE_ATTRIBUTE_MEMORY_CLOCK_RATE)?,
+        memory_bus_bits: attr(CU_DEVICE_ATTRIBUTE_GLOBAL_MEMORY_BUS_WIDTH)?,
+        l2_bytes: attr(CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)?,
     })
 }
 
@@ -106,15 +133,36 @@ pub struct Cuda {
 unsafe impl Send for Cuda {}
 unsafe impl Sync for Cuda {}
 
+/// A driver call's result, its error typed: `CUDA_ERROR_OUT_OF_MEMORY` (from any call) is
+/// [`Error::OutOfMemory`], every other code [`Error::Driver`] naming the call.
 fn cu<T>(r: Result<T, result::DriverError>, what: &str) -> Result<T> {
-    r.map_err(|e| anyhow!("{what}: {e}"))
+    r.map_err(|e| driver_error(e, what).into())
+}
+
+fn driver_error(e: result::DriverError, call: &str) -> Error {
+    let message = match (e.error_name(), e.error_string()) {
+        (Ok(name), Ok(text)) => format!("{} ({})", name.to_string_lossy(), text.to_string_lossy()),
+        _ => format!("{:?}", e.0),
+    };
+    match e.0 {
+        sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY => Error::OutOfMemory {
+            what: format!("{call}: {message}"),
+        },
+        _ => Error::Driver {
+            call: call.to_string(),
+            message,
+        },
+    }
 }
 
 impl Cuda {
     pub fn new(ordinal: usize) -> Result<Self> {
         let count = device_count()?;
         if ordinal >= count {
-            bail!("no CUDA device {ordinal}: found {count}");
+            bail!(Error::Driver {
+                call: format!("cuda:{ordinal}"),
+                message: format!("no CUDA device {ordinal}: found {count}"),
+            });
         }
         let info = device_info(ordinal)?;
         let dev = cu(result::device::get(ordinal as i32), "cuDeviceGet")?;
@@ -174,12 +222,13 @@ impl Cuda {
 
     /// `work` between cuStreamBeginCapture and cuStreamEndCapture; the captured CUgraph.
     fn record(&self, work: &mut dyn FnMut() -> Result<()>) -> Result<sys::CUgraph> {
-        // Every kernel is loaded first (cached after the first capture): a module load, or the
-        // load of a function that lazy loading defers to cuModuleGetFunction, is not something a
-        // capture may contain. Best effort: a module this device cannot load (NVRTC for an
-        // architecture below the tensor-core kernels' sm_80) is skipped, and a capture that
-        // launches one of its kernels fails on that launch, as a direct launch would.
-        for m in MODULES {
+        // Every kernel, the test-only ones too, is loaded first (cached after the first
+        // capture): a module load, or the load of a function that lazy loading defers to
+        // cuModuleGetFunction, is not something a capture may contain. Best effort: a module
+        // this device cannot load (NVRTC for an architecture below the tensor-core kernels'
+        // sm_80) is skipped, and a capture that launches one of its kernels fails on that
+        // launch, as a direct launch would.
+        for m in all_modules() {
             for k in m.kernels {
                 if self.function(k).is_err() {
                     break;
@@ -232,7 +281,7 @@ impl Cuda {
             )
             .with_context(|| format!("loading the fatbin of kernels/{}", m.file))?,
             None => {
-                let ptx = nvrtc_cached(m, self.info.compute_capability)?;
+                let ptx = super::nvrtc::ptx(m, self.info.compute_capability)?;
                 // SAFETY: NUL-terminated PTX text.
                 cu(
                     unsafe { result::module::load_data(ptx.as_ptr() as *const c_void) },
@@ -248,8 +297,10 @@ impl Cuda {
         if let Some(&f) = self.functions.lock().unwrap().get(name) {
             return Ok(f);
         }
-        let m =
-            module_of(name).ok_or_else(|| anyhow!("no kernel named '{name}' in kernels/*.cu"))?;
+        let m = module_of(name).ok_or_else(|| Error::Kernel {
+            kernel: name.to_string(),
+            message: format!("no kernel named '{name}' in kernels/*.cu"),
+        })?;
         let module = self.load(m)?;
         // SAFETY: module is loaded and never unloaded.
         let f = cu(
@@ -280,53 +331,6 @@ impl Cuda {
         self.functions.lock().unwrap().insert(name.to_string(), f);
         Ok(f)
     }
-}
-
-/// [`nvrtc_compile`] once per module and compute capability in a process (every driver opened,
-/// one per test, would compile again: seconds per module).
-fn nvrtc_cached(m: &KernelModule, cc: (i32, i32)) -> Result<std::sync::Arc<CString>> {
-    type Cache = Mutex<HashMap<(&'static str, (i32, i32)), std::sync::Arc<CString>>>;
-    static CACHE: std::sync::OnceLock<Cache> = std::sync::OnceLock::new();
-    let cache = CACHE.get_or_init(Cache::default);
-    if let Some(ptx) = cache.lock().unwrap().get(&(m.file, cc)) {
-        return Ok(ptx.clone());
-    }
-    let ptx = nvrtc_compile(m, cc)?;
-    let ptx = std::sync::Arc::new(CString::new(ptx).context("PTX with a NUL byte")?);
-    cache.lock().unwrap().insert((m.file, cc), ptx.clone());
-    Ok(ptx)
-}
-
-/// PTX for compute capability `cc` from the module's embedded source. NVRTC needs the CUDA
-/// headers (cuda_bf16.h): MURA_CUDA_INCLUDE, else CUDA_HOME/include, CUDA_PATH/include or
-/// /usr/local/cuda/include, whichever exist.
-pub fn nvrtc_compile(m: &KernelModule, (major, minor): (i32, i32)) -> Result<String> {
-    // SAFETY: only tries to dlopen the library.
-    if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
-        bail!("kernels/{} needs NVRTC (libnvrtc not found): install the CUDA toolkit, or build with NVCC set", m.file);
-    }
-    let mut include_paths: Vec<String> = std::env::var("MURA_CUDA_INCLUDE").into_iter().collect();
-    for var in ["CUDA_HOME", "CUDA_PATH"] {
-        if let Ok(home) = std::env::var(var) {
-            include_paths.push(format!("{home}/include"));
-        }
-    }
-    include_paths.push("/usr/local/cuda/include".into());
-    include_paths.retain(|p| std::path::Path::new(p).join("cuda_bf16.h").is_file());
-    if include_paths.is_empty() {
-        bail!("NVRTC needs the CUDA headers (cuda_bf16.h): set MURA_CUDA_INCLUDE or CUDA_HOME");
-    }
-    let opts = cudarc::nvrtc::CompileOptions {
-        include_paths,
-        options: vec![
-            format!("--gpu-architecture=compute_{major}{minor}"),
-            "-std=c++17".into(),
-        ],
-        ..Default::default()
-    };
-    let ptx = cudarc::nvrtc::compile_ptx_with_opts(m.source, opts)
-        .map_err(|e| anyhow!("NVRTC failed on kernels/{}: {e}", m.file))?;
-    Ok(ptx.to_src())
 }
 
 /// Leaves capture mode however `record` left, ending the stream's capture if `work` panicked.
@@ -380,8 +384,10 @@ impl Driver for Cuda {
         self.not_capturing("alloc")?;
         self.bind()?;
         // SAFETY: context is current.
-        cu(unsafe { result::malloc_sync(bytes.max(1)) }, "cuMemAlloc")
-            .with_context(|| format!("allocating {bytes} bytes on {}", self.name()))
+        cu(
+            unsafe { result::malloc_sync(bytes.max(1)) },
+            &format!("cuMemAlloc of {bytes} bytes on {}", self.name()),
+        )
     }
 
     fn free(&self, ptr: DevPtr) -> Result<()> {
@@ -451,11 +457,19 @@ impl Driver for Cuda {
                 params,
             )
         };
-        cu(r, &format!("launching {name}"))?;
+        let shape = || format!("grid {grid:?}, block {block:?}, {shared_bytes} B shared");
+        r.map_err(|e| Error::Kernel {
+            kernel: name.to_string(),
+            message: format!(
+                "cuLaunchKernel ({}): {}",
+                shape(),
+                driver_error(e, "launch")
+            ),
+        })?;
         if self.sync_each && !self.capturing.load(Ordering::Acquire) {
-            let (g, b) = (grid, block);
-            self.sync_stream().with_context(|| {
-                format!("kernel {name} (grid {g:?}, block {b:?}, {shared_bytes} B shared) failed")
+            self.sync_stream().map_err(|e| Error::Kernel {
+                kernel: name.to_string(),
+                message: format!("failed ({}): {e:#}", shape()),
             })?;
         }
         Ok(())

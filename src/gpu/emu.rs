@@ -16,7 +16,7 @@ pub mod profile;
 
 use super::kernels::{emu_tables, EmuKernel};
 use super::record::{Event, Log, Op};
-use super::{not_while_capturing, DevPtr, Driver};
+use super::{not_while_capturing, DevPtr, Driver, Error};
 use anyhow::{anyhow, bail, Context, Result};
 use profile::{Counters, KernelProfile};
 use std::collections::{BTreeMap, HashMap};
@@ -37,8 +37,15 @@ extern "C" {
         err: *mut c_char,
         errlen: usize,
     ) -> c_int;
-    fn mura_emu_alloc(bytes: usize, poison: c_int, err: *mut c_char, errlen: usize) -> u64;
+    fn mura_emu_alloc(
+        bytes: usize,
+        poison: c_int,
+        out_of_space: *mut c_int,
+        err: *mut c_char,
+        errlen: usize,
+    ) -> u64;
     fn mura_emu_free(ptr: u64);
+    fn mura_emu_limits(max_threads: *mut c_uint, max_dyn_shared: *mut c_uint);
     fn mura_emu_written(ptr: u64, bytes: usize);
 }
 
@@ -157,6 +164,24 @@ pub fn signature(name: &str) -> Result<(&'static str, &'static [c_int])> {
         .get_key_value(name)
         .ok_or_else(|| anyhow!("no kernel named '{name}' in kernels/*.cu"))?;
     Ok((name, k.param_sizes))
+}
+
+/// What the emulator models of a device (`mura info` prints it): warps of 32 lanes, blocks of
+/// at most `max_threads` threads with at most `max_dynamic_shared` bytes of dynamic shared memory
+/// (the smallest limit of the GPUs mura targets), run one at a time in an adversarial order.
+pub struct Model {
+    pub max_threads: u32,
+    pub max_dynamic_shared: u32,
+}
+
+pub fn model() -> Model {
+    let (mut max_threads, mut max_dynamic_shared) = (0, 0);
+    // SAFETY: writes two unsigned ints.
+    unsafe { mura_emu_limits(&mut max_threads, &mut max_dynamic_shared) };
+    Model {
+        max_threads,
+        max_dynamic_shared,
+    }
 }
 
 /// Names of every kernel the emulator can run.
@@ -368,9 +393,10 @@ impl Emu {
                 return Ok((kernel_name(k), entry_of(k)));
             }
         }
-        let (&name, &k) = table()
-            .get_key_value(name)
-            .ok_or_else(|| anyhow!("no kernel named '{name}' in kernels/*.cu"))?;
+        let (&name, &k) = table().get_key_value(name).ok_or_else(|| Error::Kernel {
+            kernel: name.to_string(),
+            message: format!("no kernel named '{name}' in kernels/*.cu"),
+        })?;
         Ok((name, k))
     }
 
@@ -379,7 +405,10 @@ impl Emu {
         let allocs = self.allocs.lock().unwrap();
         match allocs.range(..=ptr).next_back() {
             Some((&base, &size)) if ptr + bytes as u64 <= base + size as u64 => Ok(()),
-            _ => bail!("emu: {what} of {bytes} bytes at {ptr:#x} is outside every allocation"),
+            _ => bail!(Error::Driver {
+                call: format!("emu: {what}"),
+                message: format!("{bytes} bytes at {ptr:#x} are outside every allocation"),
+            }),
         }
     }
 
@@ -435,7 +464,10 @@ impl Emu {
         if rc != 0 {
             // SAFETY: the runtime writes a NUL-terminated message.
             let msg = unsafe { CStr::from_ptr(err.as_ptr()) }.to_string_lossy();
-            bail!("emu: kernel {name}: {msg}");
+            bail!(Error::Kernel {
+                kernel: name.to_string(),
+                message: msg.into_owned(),
+            });
         }
         if let Some(p) = &self.profile {
             p.lock().unwrap().entry(name).or_default().add(&counters);
@@ -484,13 +516,29 @@ impl Driver for Emu {
     fn alloc(&self, bytes: usize) -> Result<DevPtr> {
         self.not_capturing("alloc")?;
         let poison = self.checks.as_ref().is_ok_and(|c| c.initcheck);
-        let mut err = [0 as c_char; 256];
+        let (mut err, mut out_of_space) = ([0 as c_char; 256], 0);
         // SAFETY: the runtime writes a NUL-terminated message into `err` when it fails.
-        let p = unsafe { mura_emu_alloc(bytes, poison as c_int, err.as_mut_ptr(), err.len()) };
+        let p = unsafe {
+            mura_emu_alloc(
+                bytes,
+                poison as c_int,
+                &mut out_of_space,
+                err.as_mut_ptr(),
+                err.len(),
+            )
+        };
         if p == 0 {
             // SAFETY: as above.
             let msg = unsafe { CStr::from_ptr(err.as_ptr()) }.to_string_lossy();
-            bail!("emu: {msg}");
+            bail!(match out_of_space {
+                0 => Error::Driver {
+                    call: "emu: alloc".into(),
+                    message: msg.into_owned(),
+                },
+                _ => Error::OutOfMemory {
+                    what: format!("emu: {msg}"),
+                },
+            });
         }
         self.allocs.lock().unwrap().insert(p, bytes);
         if let Some(log) = &self.log {
@@ -554,11 +602,14 @@ impl Driver for Emu {
     ) -> Result<()> {
         let (name, k) = self.resolve(name)?;
         if params.len() != k.param_sizes.len() {
-            bail!(
-                "kernel {name} takes {} parameters, {} given",
-                k.param_sizes.len(),
-                params.len()
-            );
+            bail!(Error::Kernel {
+                kernel: name.to_string(),
+                message: format!(
+                    "takes {} parameters, {} given",
+                    k.param_sizes.len(),
+                    params.len()
+                ),
+            });
         }
         if let Some(nodes) = self.capturing.lock().unwrap().as_mut() {
             // SAFETY: the caller vouches for the parameters (see Driver::launch).

@@ -41,12 +41,14 @@ mod prelude {
 
 include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
 
+/// Every module: the shipped ones, then the test-only ones.
+pub fn all_modules() -> impl Iterator<Item = &'static KernelModule> {
+    MODULES.iter().chain(TEST_MODULES)
+}
+
 /// The module that defines kernel `name` (shipped or test-only).
 pub fn module_of(name: &str) -> Option<&'static KernelModule> {
-    MODULES
-        .iter()
-        .chain(TEST_MODULES)
-        .find(|m| m.kernels.contains(&name))
+    all_modules().find(|m| m.kernels.contains(&name))
 }
 /// One line of ptxas's `-v` report: resources of one kernel on one architecture.
 #[derive(Debug, Clone, PartialEq, Eq)]

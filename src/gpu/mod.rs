@@ -9,14 +9,17 @@
 pub mod buffer;
 pub mod cuda;
 pub mod emu;
+pub mod error;
 pub mod kernels;
 pub mod launch_plan;
 pub mod model;
+pub mod nvrtc;
 pub mod ops;
 pub mod record;
 pub mod tracking;
 
 pub use buffer::{Act, DeviceBuffer, Mat, Nhwc, Ptr, Slice};
+pub use error::Error;
 
 use crate::device::Device;
 use crate::model::schedule::Stage;
@@ -28,8 +31,10 @@ use std::sync::Arc;
 pub type DevPtr = u64;
 
 /// What every executor of the GPU kernels provides. Work is ordered: each call sees the effects
-/// of the calls before it. Errors are values; an emulated kernel bug (bad warp mask, divergent
-/// barrier) comes back from `launch`, an asynchronous CUDA fault from the next synchronising call.
+/// of the calls before it. Errors are values, each a typed [`Error`] inside the `anyhow::Error`
+/// (running out of memory is [`Error::OutOfMemory`]); an emulated kernel bug (bad warp mask,
+/// divergent barrier) comes back from `launch`, an asynchronous CUDA fault from the next
+/// synchronising call.
 pub trait Driver: Send + Sync {
     /// "emu", or "cuda:0 (NVIDIA H100 80GB HBM3)".
     fn name(&self) -> String;
@@ -85,9 +90,12 @@ pub trait Driver: Send + Sync {
 
 /// The error for a call that a graph capture cannot record.
 fn not_while_capturing(what: &str) -> anyhow::Error {
-    anyhow::anyhow!(
-        "{what} is not allowed while capturing a graph (only launches and memsets are recorded)"
-    )
+    Error::Driver {
+        call: what.to_string(),
+        message: "not allowed while capturing a graph (only launches and memsets are recorded)"
+            .into(),
+    }
+    .into()
 }
 
 /// One entry of a launch's parameter array: a pointer to `v`, which must outlive the launch.
@@ -176,8 +184,12 @@ pub trait CInt {
 
 impl CInt for usize {
     fn c_int(self, kernel: &str, param: &str) -> Result<i32> {
-        i32::try_from(self)
-            .map_err(|_| anyhow!("kernel {kernel}: {param} = {self} does not fit a C int"))
+        i32::try_from(self).map_err(|_| {
+            Error::Shape(format!(
+                "kernel {kernel}: {param} = {self} does not fit a C int"
+            ))
+            .into()
+        })
     }
 }
 

@@ -1,8 +1,9 @@
 //! A driver wrapper that counts device memory: bytes live now, the peak since creation (or the
-//! last reset), and allocation calls; optionally refusing allocations beyond a limit, so that
-//! running out of memory can be tested on any executor.
+//! last reset), and allocation calls; optionally refusing allocations beyond a limit, or failing
+//! one allocation with a given error, so that running out of memory, or a driver fault where an
+//! allocation was expected, can be tested on any executor.
 
-use super::{DevPtr, Driver};
+use super::{DevPtr, Driver, Error};
 use crate::model::schedule::Stage;
 use anyhow::{bail, Context, Result};
 use std::collections::HashMap;
@@ -20,6 +21,8 @@ struct Counts {
 pub struct Tracking {
     inner: Arc<dyn Driver>,
     limit: Option<usize>,
+    /// The allocation call (counting from 1) that fails, and with what.
+    fault: Option<(u64, Error)>,
     counts: Mutex<Counts>,
 }
 
@@ -32,7 +35,15 @@ impl Tracking {
         Tracking {
             inner,
             limit,
+            fault: None,
             counts: Mutex::default(),
+        }
+    }
+    /// The `n`-th allocation call (counting from 1) fails with `error` and allocates nothing.
+    pub fn failing(inner: Arc<dyn Driver>, n: u64, error: Error) -> Self {
+        Tracking {
+            fault: Some((n, error)),
+            ..Self::new(inner)
         }
     }
     /// Bytes allocated through this driver and not yet freed.
@@ -66,18 +77,19 @@ impl Driver for Tracking {
     fn alloc(&self, bytes: usize) -> Result<DevPtr> {
         let mut c = self.counts.lock().unwrap();
         c.allocs += 1;
-        if let Some(limit) = self.limit {
-            if c.current + bytes > limit {
-                bail!(
-                    "out of device memory: {bytes} bytes requested, {} of the {limit} allowed in use",
-                    c.current
-                );
-            }
+        if let Some((_, e)) = self.fault.as_ref().filter(|(n, _)| *n == c.allocs) {
+            bail!(e.clone());
         }
-        let p = self
-            .inner
-            .alloc(bytes)
-            .with_context(|| format!("allocating {bytes} bytes on {}", self.inner.name()))?;
+        if let Some(limit) = self.limit.filter(|&l| c.current + bytes > l) {
+            bail!(Error::OutOfMemory {
+                what: format!(
+                    "{bytes} bytes requested on {}, {} of the {limit} allowed in use",
+                    self.inner.name(),
+                    c.current
+                ),
+            });
+        }
+        let p = self.inner.alloc(bytes)?;
         c.live.insert(p, bytes);
         c.current += bytes;
         c.peak = c.peak.max(c.current);

@@ -380,7 +380,7 @@ fn bad_input_is_one_clear_line() {
 fn init_from_torchvision_pth_fine_tunes_from_its_weights() {
     let (_, store) = dataset();
     let d = tmp("init");
-    let pth = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny_legacy.pth");
+    let pth = crate::common::fixtures().join("tiny_legacy.pth");
     let init = format!("imagenet:{}", pth.display());
     let run = d.join("run");
     let mut a = train_args(store, &run, "1");

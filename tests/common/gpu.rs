@@ -9,19 +9,64 @@
 #![allow(dead_code)] // each test binary uses its own subset
 
 use half::bf16;
+use mura::device::Device;
 use mura::gpu::ops::BnRelu;
 use mura::gpu::{Act, DeviceBuffer, Driver, Mat, Nhwc};
 use mura::rng::Rng;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 /// The driver named by `MURA_TEST_DEVICE` (`emu` when unset); a test fails loudly when it cannot
-/// be opened (a GPU asked for and absent is not skipped).
+/// be opened (a GPU asked for and absent is not skipped), and when it is not listed in
+/// tests/gpu-tests.txt, the tests a GPU visit runs (so none is left out).
+///
+/// On CUDA each test gets a driver of its own (its stream, modules and graphs) in the one CUDA
+/// context of the process: the first driver opened is kept, so the context is not created again
+/// for every test; a kept driver whose context a fault has poisoned is replaced, so one faulting
+/// test does not fail the tests after it.
 pub fn test_driver() -> Arc<dyn Driver> {
+    require_listed();
     let name = std::env::var("MURA_TEST_DEVICE").unwrap_or_else(|_| "emu".into());
-    let device: mura::device::Device = name
+    let device: Device = name
         .parse()
         .unwrap_or_else(|e| panic!("MURA_TEST_DEVICE={name}: {e}"));
-    mura::gpu::open(device).unwrap_or_else(|e| panic!("MURA_TEST_DEVICE={name}: {e:#}"))
+    let open =
+        || mura::gpu::open(device).unwrap_or_else(|e| panic!("MURA_TEST_DEVICE={name}: {e:#}"));
+    if let Device::Cuda(_) = device {
+        static KEPT: Mutex<Option<Arc<dyn Driver>>> = Mutex::new(None);
+        let mut kept = KEPT.lock().unwrap_or_else(|e| e.into_inner());
+        if kept.as_ref().is_some_and(|d| d.synchronize().is_err()) {
+            *kept = None;
+        }
+        kept.get_or_insert_with(open);
+    }
+    open()
+}
+
+/// The tests that open the driver under test, as `<binary> <test>` lines.
+const GPU_TESTS: &str = include_str!("../gpu-tests.txt");
+
+/// Panics unless the running test is listed in tests/gpu-tests.txt.
+fn require_listed() {
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let stem = exe.file_stem().and_then(|s| s.to_str()).unwrap_or_default();
+    // cargo names a test binary `<name>-<16 hex digits>`; the GPU bundle, `<name>`.
+    let binary = match stem.rsplit_once('-') {
+        Some((name, hash)) if hash.len() == 16 && hash.bytes().all(|b| b.is_ascii_hexdigit()) => {
+            name
+        }
+        _ => stem,
+    };
+    let thread = std::thread::current();
+    let test = thread
+        .name()
+        .filter(|t| *t != "main")
+        .expect("test_driver() is called from a test's own thread (named after the test)");
+    let line = format!("{binary} {test}");
+    assert!(
+        GPU_TESTS.lines().any(|l| l.trim() == line),
+        "{test} opens the driver under test but tests/gpu-tests.txt does not list it, so a GPU \
+         visit would not run it: add the line `{line}`"
+    );
 }
 
 /// A test's seed; prints it if the test fails (panics) while this is alive.

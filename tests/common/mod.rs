@@ -26,6 +26,15 @@ pub fn run_ok(args: &[&str]) -> (String, String) {
     (so, se)
 }
 
+/// The folder of the test fixtures: `MURA_FIXTURES` (set by scripts/gpu-check.sh, which runs
+/// the test binaries far from this source tree), else this tree's tests/fixtures.
+pub fn fixtures() -> PathBuf {
+    match std::env::var_os("MURA_FIXTURES") {
+        Some(dir) => PathBuf::from(dir),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures"),
+    }
+}
+
 /// A fresh empty folder for one test.
 pub fn tmp(prefix: &str, name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("mura-{prefix}-{}-{name}", std::process::id()));

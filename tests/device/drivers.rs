@@ -105,22 +105,12 @@ fn ptxas_report_parses() {
 /// says it did not run.
 #[test]
 fn nvrtc_compiles_embedded_sources() {
-    let required = std::env::var("MURA_TEST_NVRTC").is_ok_and(|v| v == "1");
-    let missing = |why: &str| {
-        assert!(!required, "MURA_TEST_NVRTC=1 but {why}");
-        eprintln!("{why}: NVRTC path NOT exercised (MURA_TEST_NVRTC=1 requires it)");
-    };
-    if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
-        return missing("libnvrtc is not loadable here");
+    if !nvrtc_here() {
+        return;
     }
     for m in gpu::kernels::MODULES {
         for cc in [(8, 0), (9, 0)] {
-            let ptx = match cuda::nvrtc_compile(m, cc) {
-                Err(e) if format!("{e}").contains("needs the CUDA headers") => {
-                    return missing(&format!("{e}"));
-                }
-                r => r.unwrap(),
-            };
+            let ptx = gpu::nvrtc::compile(m, cc).unwrap();
             for k in m.kernels {
                 assert!(
                     ptx.contains(&format!(".entry {k}(")),
@@ -130,6 +120,102 @@ fn nvrtc_compiles_embedded_sources() {
             }
         }
     }
+}
+
+/// Whether libnvrtc and the CUDA headers are here; without them, a failure under
+/// MURA_TEST_NVRTC=1, else a line saying the NVRTC path was not exercised.
+fn nvrtc_here() -> bool {
+    let required = std::env::var("MURA_TEST_NVRTC").is_ok_and(|v| v == "1");
+    let why = if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+        "libnvrtc is not loadable here".to_string()
+    } else {
+        match gpu::nvrtc::compile(relu_module(), (8, 0)) {
+            Err(e) if format!("{e}").contains("needs the CUDA headers") => format!("{e}"),
+            _ => return true,
+        }
+    };
+    assert!(!required, "MURA_TEST_NVRTC=1 but {why}");
+    eprintln!("{why}: NVRTC path NOT exercised (MURA_TEST_NVRTC=1 requires it)");
+    false
+}
+
+/// The smallest module (test-only), quick to compile.
+fn relu_module() -> &'static gpu::kernels::KernelModule {
+    let modules = gpu::kernels::TEST_MODULES.iter();
+    modules
+        .clone()
+        .find(|m| m.file == "testing/relu.cu")
+        .unwrap()
+}
+
+/// NVRTC's output is cached on disk: compiled once, then read back; a damaged or torn entry is
+/// compiled again and replaced, never used; another architecture is another entry; a cache
+/// folder that is a file, a link or writable by others is not used, and costs only a compile.
+#[test]
+fn nvrtc_output_is_cached_on_disk() {
+    use gpu::nvrtc::{cached, Origin};
+    use std::os::unix::fs::PermissionsExt;
+    if !nvrtc_here() {
+        return;
+    }
+    let m = relu_module();
+    let dir = std::env::temp_dir().join(format!("mura-nvrtc-cache-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let cache = dir.join("nvrtc");
+    let (ptx, how) = cached(m, (9, 0), Some(&cache)).unwrap();
+    assert!(ptx.contains(".entry relu_fwd_f32("), "{ptx}");
+    assert_eq!(how, Origin::Compiled);
+    let mode = std::fs::metadata(&cache).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o700, "the cache is its owner's alone");
+    let entries = || -> Vec<std::path::PathBuf> {
+        let mut v: Vec<_> = std::fs::read_dir(&cache)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        v.sort();
+        v
+    };
+    let [entry] = entries().try_into().unwrap();
+    assert_eq!(
+        cached(m, (9, 0), Some(&cache)).unwrap(),
+        (ptx.clone(), Origin::Disk)
+    );
+    // Damaged (one byte of the PTX), then torn: compiled again, and the entry replaced.
+    let good = std::fs::read(&entry).unwrap();
+    let mut bad = good.clone();
+    let at = good.len() - ptx.len() / 2;
+    bad[at] ^= 0x04;
+    for broken in [bad, good[..good.len() - 10].to_vec(), Vec::new()] {
+        std::fs::write(&entry, &broken).unwrap();
+        assert_eq!(
+            cached(m, (9, 0), Some(&cache)).unwrap(),
+            (ptx.clone(), Origin::Compiled)
+        );
+        assert_eq!(
+            std::fs::read(&entry).unwrap(),
+            good,
+            "the entry is rewritten whole"
+        );
+    }
+    assert_eq!(cached(m, (8, 0), Some(&cache)).unwrap().1, Origin::Compiled);
+    assert_eq!(entries().len(), 2, "one entry per architecture");
+    // Folders that are not safe to use: written by others, a link, a file.
+    std::fs::set_permissions(&cache, std::fs::Permissions::from_mode(0o777)).unwrap();
+    assert_eq!(
+        cached(m, (9, 0), Some(&cache)).unwrap(),
+        (ptx.clone(), Origin::Compiled)
+    );
+    std::fs::set_permissions(&cache, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let link = dir.join("link");
+    std::os::unix::fs::symlink(&cache, &link).unwrap();
+    assert_eq!(cached(m, (9, 0), Some(&link)).unwrap().1, Origin::Compiled);
+    let file = dir.join("file");
+    std::fs::write(&file, "not a folder").unwrap();
+    assert_eq!(
+        cached(m, (9, 0), Some(&file)).unwrap(),
+        (ptx, Origin::Compiled)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 const NAN: u8 = 0xff; // every byte 0xff: NaN as f32 and as bf16

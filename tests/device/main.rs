@@ -1,7 +1,7 @@
 //! The executors themselves: device selection, `mura info`, the drivers (copies, graphs), and the
 //! emulator's self-tests (barriers, warp collectives, atomics, shared memory, its diagnostics),
 //! its checkers (`checks`, and on real kernels with planted bugs, `mutants`) and its profiler
-//! (`profile`).
+//! (`profile`); and the GPU-visit kit's scripts, rehearsed on the emulator (`kit`).
 
 #[path = "../common/mod.rs"]
 mod common;
@@ -9,5 +9,6 @@ mod common;
 mod checks;
 mod drivers;
 mod emu;
+mod kit;
 mod mutants;
 mod profile;

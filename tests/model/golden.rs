@@ -24,14 +24,13 @@ use mura::weights::seeded::{seeded_input_nhwc, seeded_state_dict};
 use mura::weights::{StateDict, TensorData};
 use serde_json::Value;
 use std::collections::BTreeMap;
-use std::path::Path;
 
 const F64_TOL: f64 = 1e-9;
 const F32_TOL: f64 = 1e-5;
 
 fn fixture(name: &str) -> Value {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/golden")
+    let p = crate::common::fixtures()
+        .join("golden")
         .join(format!("{name}.json"));
     serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap()
 }

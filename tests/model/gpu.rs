@@ -9,7 +9,7 @@ use half::bf16;
 use mura::backend;
 use mura::device::Device;
 use mura::gpu::model::{Engine, GpuDenseNet};
-use mura::gpu::Driver;
+use mura::gpu::{Driver, Error};
 use mura::model::{DenseNet, Mode};
 use mura::net::Net;
 use mura::optim::Adam;
@@ -365,8 +365,54 @@ fn memory_plan_and_out_of_memory() {
         msg.contains("does not fit") && msg.contains("the largest batch that fits is 3"),
         "{msg}"
     );
+    assert!(Error::is_out_of_memory(&e), "the error stays typed: {msg}");
     net.forward(&batch(&mut rng, 3, hw), 3, hw, hw, Mode::Train)
         .unwrap();
+}
+
+/// Only running out of memory makes a plan search for a smaller batch: any other failure while
+/// the plan is allocated (here a driver fault at its third allocation, as an earlier kernel's
+/// illegal address would make cuMemAlloc report) is the error, as itself, with no probing; an
+/// out-of-memory at the same allocation still searches (the probes after it fit, so 7 of 8).
+#[test]
+fn a_plan_failure_other_than_out_of_memory_is_reported_as_itself() {
+    use mura::gpu::tracking::Tracking;
+    let seed = seed("a_plan_failure_other_than_out_of_memory_is_reported_as_itself");
+    let mut rng = Rng::new(seed.value);
+    let base = model(&mut rng);
+    let (n, hw) = (8, 32);
+    let x = batch(&mut rng, n, hw);
+    let d = test_driver();
+    let setup = {
+        let counting = Arc::new(Tracking::new(d.clone()));
+        GpuDenseNet::<f32>::new(counting.clone(), base.cast()).unwrap();
+        counting.alloc_calls()
+    };
+    let fault = Error::Driver {
+        call: "cuMemAlloc".into(),
+        message: "CUDA_ERROR_ILLEGAL_ADDRESS (an illegal memory access was encountered)".into(),
+    };
+    let oom = Error::OutOfMemory {
+        what: "cuMemAlloc of 4096 bytes".into(),
+    };
+    for (forced, searches) in [(fault, false), (oom, true)] {
+        let failing = Arc::new(Tracking::failing(d.clone(), setup + 3, forced.clone()));
+        let mut net = GpuDenseNet::<f32>::new(failing.clone(), base.cast()).unwrap();
+        let e = net.forward(&x, n, hw, hw, Mode::Train).unwrap_err();
+        let msg = format!("{e:#}");
+        assert_eq!(Error::find(&e), Some(&forced), "{msg}");
+        assert!(msg.contains(&forced.to_string()), "{msg}");
+        assert_eq!(
+            msg.contains("the largest batch that fits is 7"),
+            searches,
+            "{msg}"
+        );
+        // Each probe of the search allocates a whole plan; without one, nothing after the fault.
+        let probed = failing.alloc_calls() > setup + 3;
+        assert_eq!(probed, searches, "{msg}");
+        // The model is usable afterwards: the next allocations succeed.
+        net.forward(&x, n, hw, hw, Mode::Train).unwrap();
+    }
 }
 
 /// Forward and backward replayed from captured graphs give what kernel-by-kernel launches give,

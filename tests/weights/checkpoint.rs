@@ -90,8 +90,7 @@ fn ck_counter(sd: &StateDict) -> (Vec<usize>, Vec<i64>) {
 #[test]
 fn reads_a_file_from_another_writer() {
     // Written by scripts/make_pth_fixtures.py with its own small writer.
-    let path =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny_expected.safetensors");
+    let path = crate::common::fixtures().join("tiny_expected.safetensors");
     let sd = load_safetensors(&path).unwrap().state_dict;
     let t = sd.get("features.conv0.weight").unwrap();
     assert_eq!(t.shape, vec![8, 3, 7, 7]);

@@ -10,12 +10,10 @@ use mura::weights::{
     check_state_dict, import_torchvision, load_pth, load_safetensors, NamedTensor, StateDict,
     TensorData,
 };
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
+    crate::common::fixtures().join(name)
 }
 
 fn tiny() -> DenseNetSpec {

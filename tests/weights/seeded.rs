@@ -6,12 +6,9 @@ use mura::spec::DenseNetSpec;
 use mura::weights::seeded::{seeded_input_nhwc, seeded_state_dict};
 use mura::weights::TensorData;
 use serde_json::Value;
-use std::path::Path;
 
 fn golden(name: &str) -> Value {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/golden")
-        .join(name);
+    let p = crate::common::fixtures().join("golden").join(name);
     serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
 }
 

@@ -427,8 +427,11 @@ using namespace mura_emu;
 // ---- the device memory API of src/gpu/emu.rs ---------------------------------------------------
 
 // A new allocation of `bytes` (poisoned with 0xff when `poison`), or 0 with a message in `err`.
-extern "C" uint64_t mura_emu_alloc(size_t bytes, int poison, char* err, size_t errlen) {
+// Returns 0 with a message in `err` on failure, and `*out_of_space` = 1 when the failure is the
+// arena being used up (the device's memory, as the Rust side reports it).
+extern "C" uint64_t mura_emu_alloc(size_t bytes, int poison, int* out_of_space, char* err, size_t errlen) {
     std::lock_guard<std::mutex> lock(g_alloc_mutex);
+    *out_of_space = 0;
     if (!g_arena.base && !arena_init()) {
         snprintf(err, errlen, "cannot reserve address space for device memory");
         return 0;
@@ -436,7 +439,8 @@ extern "C" uint64_t mura_emu_alloc(size_t bytes, int poison, char* err, size_t e
     const size_t n = bytes ? bytes : 1, align = n >= 65536 ? kPage : 256;
     const size_t redzone = std::clamp(n / 4, kPage, size_t(1) << 20);
     const uintptr_t p = (g_arena.top + align - 1) & ~(uintptr_t)(align - 1);
-    if (p + n + redzone > g_arena.base + g_arena.size) {
+    if (n > g_arena.size || p + n + redzone > g_arena.base + g_arena.size) {  // (no wrap-around)
+        *out_of_space = 1;
         snprintf(err, errlen, "out of device address space (%zu GiB, never reused) allocating %zu bytes",
                  g_arena.size >> 30, bytes);
         return 0;

@@ -14,6 +14,10 @@ namespace mura_emu {
 enum : unsigned { kMemcheck = 1, kInitcheck = 2, kRacecheck = 4, kProfile = 8 };
 
 constexpr unsigned kMaxThreads = 1024;
+// The most dynamic shared memory a block may have on every GPU mura targets (sm_86/89: 99 KiB
+// with the opt-in that src/gpu/cuda.rs makes for every kernel; sm_80 163, sm_90 227): a tile
+// outgrowing it fails here, not first on a GPU.
+constexpr unsigned kMaxDynShared = 99 * 1024;
 constexpr size_t kStack = 256 * 1024;       // per fiber
 constexpr size_t kDynRegion = 256 * 1024;   // dynamic shared memory (<= 99 KiB) and what follows it
 

@@ -90,6 +90,64 @@ impl Counters {
     }
 }
 
+impl Counters {
+    /// The counts that one Nsight Compute metric measures directly, by that metric's name (as
+    /// `ncu --metrics` takes it): global loads and stores (requests and sectors), cp.async, shared
+    /// loads and stores (instructions, wavefronts, bank conflicts), ldmatrix and mma.sync.
+    pub fn ncu_metrics(&self) -> [(&'static str, u64); 15] {
+        [
+            (
+                "l1tex__t_requests_pipe_lsu_mem_global_op_ld.sum",
+                self.gld_requests,
+            ),
+            (
+                "l1tex__t_sectors_pipe_lsu_mem_global_op_ld.sum",
+                self.gld_sectors,
+            ),
+            (
+                "l1tex__t_requests_pipe_lsu_mem_global_op_st.sum",
+                self.gst_requests,
+            ),
+            (
+                "l1tex__t_sectors_pipe_lsu_mem_global_op_st.sum",
+                self.gst_sectors,
+            ),
+            (
+                "l1tex__t_requests_pipe_lsu_mem_global_op_ldgsts.sum",
+                self.ldgsts_requests,
+            ),
+            (
+                "l1tex__t_sectors_pipe_lsu_mem_global_op_ldgsts.sum",
+                self.ldgsts_sectors,
+            ),
+            ("smsp__inst_executed_op_shared_ld.sum", self.sld_requests),
+            (
+                "l1tex__data_pipe_lsu_wavefronts_mem_shared_op_ld.sum",
+                self.sld_wavefronts,
+            ),
+            (
+                "l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_ld.sum",
+                self.sld_wavefronts.saturating_sub(self.sld_ideal),
+            ),
+            ("smsp__inst_executed_op_shared_st.sum", self.sst_requests),
+            (
+                "l1tex__data_pipe_lsu_wavefronts_mem_shared_op_st.sum",
+                self.sst_wavefronts,
+            ),
+            (
+                "l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_st.sum",
+                self.sst_wavefronts.saturating_sub(self.sst_ideal),
+            ),
+            ("smsp__inst_executed_op_ldsm.sum", self.ldsm_requests),
+            (
+                "l1tex__data_pipe_lsu_wavefronts_mem_shared_op_ldsm.sum",
+                self.ldsm_wavefronts,
+            ),
+            ("smsp__inst_executed_pipe_tensor_op_hmma.sum", self.hmma),
+        ]
+    }
+}
+
 /// What the profiler counted for one kernel over its launches.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct KernelProfile {

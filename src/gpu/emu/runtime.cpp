@@ -600,6 +600,12 @@ using namespace mura_emu;
 // Run one launch to completion. Returns 0, or 1 with a message in `err`.
 // Run one launch to completion with the checks and profiling of `flags` (internal.h; the counters
 // of a profiled launch are added to *counters). Returns 0, or 1 with a message in `err`.
+// What a launch may ask for (src/gpu/emu.rs `Model`).
+extern "C" void mura_emu_limits(unsigned* max_threads, unsigned* max_dyn_shared) {
+    *max_threads = kMaxThreads;
+    *max_dyn_shared = kMaxDynShared;
+}
+
 extern "C" int mura_emu_launch(void (*tramp)(void**), void** params, const unsigned grid[3],
                                const unsigned block[3], unsigned dyn_shared_bytes, unsigned flags,
                                Counters* counters, char* err, size_t errlen) {
@@ -614,10 +620,7 @@ extern "C" int mura_emu_launch(void (*tramp)(void**), void** params, const unsig
         block[2] > 64) {
         fail("invalid launch: grid (%u,%u,%u), block (%u,%u,%u)", grid[0], grid[1], grid[2], block[0], block[1],
              block[2]);
-    } else if (dyn_shared_bytes > 99 * 1024) {
-        // The most shared memory a block may have on every GPU mura targets (sm_86/89: 99 KiB
-        // with the opt-in that src/gpu/cuda.rs makes for every kernel; sm_80 163, sm_90 227):
-        // a tile outgrowing it fails here, not first on a GPU.
+    } else if (dyn_shared_bytes > kMaxDynShared) {
         fail("invalid launch: %u bytes of dynamic shared memory (over 99 KiB, the most sm_86/89 allow)",
              dyn_shared_bytes);
     }

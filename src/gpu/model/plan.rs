@@ -8,9 +8,9 @@
 use super::{Engine, GpuDenseNet};
 use crate::gpu::ops::bn::{Deferred, Stats};
 use crate::gpu::ops::conv_tc::{self, SplitK};
-use crate::gpu::{DeviceBuffer, Driver, Mat, Nhwc, Slice};
+use crate::gpu::{DeviceBuffer, Driver, Error, Mat, Nhwc, Slice};
 use crate::model::schedule::{ConvIdx, Hw, Schedule};
-use anyhow::{bail, Result};
+use anyhow::Result;
 use std::sync::Arc;
 
 /// One dense block's buffers for a batch shape (`cap` images of `hw`).
@@ -169,8 +169,10 @@ pub(super) struct RawIn {
 
 impl<T: Engine> GpuDenseNet<T> {
     /// Makes the plan ready for a batch of `n` images of `h`×`w`: the current one when it has
-    /// room (batches of fewer views reuse the buffers), else a new one for `n`. When that does not
-    /// fit, the error names the largest batch that would.
+    /// room (batches of fewer views reuse the buffers), else a new one for `n`. When the device
+    /// runs out of memory for it, the error names the largest batch that would fit (found by
+    /// bisection, each probe allocated and freed); any other failure (a driver fault, say) is
+    /// returned as it is, without probing.
     pub(super) fn ensure_plan(&mut self, n: usize, h: usize, w: usize) -> Result<()> {
         let fits = |p: &Plan<T>| p.schedule.input == Hw { h, w } && p.cap >= n;
         if let Some(p) = self.plan.as_mut().filter(|p| fits(p)) {
@@ -181,32 +183,42 @@ impl<T: Engine> GpuDenseNet<T> {
         self.plan = None; // free the old shape's buffers first
         self.recorded = false;
         let schedule = Schedule::new(&self.layout, &self.spec.arch, h, w)?;
-        match build(&self.d, schedule.clone(), n) {
+        let e = match build(&self.d, schedule.clone(), n) {
             Ok(p) => {
                 self.plan = Some(p);
-                Ok(())
+                return Ok(());
             }
+            Err(e) if Error::is_out_of_memory(&e) => e,
             Err(e) => {
-                // Binary search: `lo` images fit, `hi` do not (each probe allocated, then freed).
-                let (mut lo, mut hi) = (0, n);
-                while hi - lo > 1 {
-                    let mid = (lo + hi) / 2;
-                    match build::<T>(&self.d, schedule.clone(), mid) {
-                        Ok(_) => lo = mid,
-                        Err(_) => hi = mid,
-                    }
+                return Err(e.context(format!(
+                    "allocating the buffers of a batch of {n} images at {h}x{w}"
+                )))
+            }
+        };
+        // Binary search: `lo` images fit, `hi` do not.
+        let (mut lo, mut hi) = (0, n);
+        while hi - lo > 1 {
+            let mid = (lo + hi) / 2;
+            match build::<T>(&self.d, schedule.clone(), mid) {
+                Ok(_) => lo = mid,
+                Err(e) if Error::is_out_of_memory(&e) => hi = mid,
+                Err(e) => {
+                    return Err(e.context(format!(
+                        "allocating the buffers of a batch of {mid} images at {h}x{w} (to find \
+                         the largest that fits)"
+                    )))
                 }
-                let fits = match lo {
-                    0 => "not even one image fits".to_string(),
-                    _ => format!("the largest batch that fits is {lo}"),
-                };
-                bail!(
-                    "a batch of {n} images at {h}x{w} does not fit in the memory of {}: {fits} \
-                     (use a smaller batch or input size) [{e:#}]",
-                    self.d.name()
-                )
             }
         }
+        let fits = match lo {
+            0 => "not even one image fits".to_string(),
+            _ => format!("the largest batch that fits is {lo}"),
+        };
+        Err(e.context(format!(
+            "a batch of {n} images at {h}x{w} does not fit in the memory of {}: {fits} (use a \
+             smaller batch or input size)",
+            self.d.name()
+        )))
     }
 }
 

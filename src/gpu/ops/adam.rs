@@ -2,10 +2,11 @@
 //! `crate::ops::adam`).
 
 use super::elementwise;
+use crate::gpu::error::bail_shape;
 use crate::gpu::kernels::launch as k;
 use crate::gpu::{Driver, Slice};
 use crate::ops::adam::Step;
-use anyhow::{bail, Result};
+use anyhow::Result;
 
 /// `params, grads, m, v: [n]` f32: the moments and then the parameters updated by step `s`.
 pub fn update(
@@ -17,7 +18,7 @@ pub fn update(
 ) -> Result<()> {
     let n = params.len();
     if [grads.len(), m.len(), v.len()] != [n; 3] {
-        bail!(
+        bail_shape!(
             "Adam over {n} parameters with {} gradients and {}/{} moments",
             grads.len(),
             m.len(),

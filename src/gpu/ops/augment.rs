@@ -2,10 +2,11 @@
 //! `crate::ops::augment::image` on each image, bit for bit in f32.
 
 use super::Act;
+use crate::gpu::error::bail_shape;
 use crate::gpu::kernels::launch as k;
 use crate::gpu::{blocks_for, Driver, Launch, Nhwc, Slice};
 use crate::ops::augment::{normalisation, AugParams};
-use anyhow::{bail, Result};
+use anyhow::Result;
 
 /// `out: [n, out_size, out_size, 3]` (normalised NHWC) from the store's `src: [n, s, s]` u8
 /// images, image `i` flipped and rotated by `params[i]`. `steps`: scratch of `[n, 4]` f32 for the
@@ -21,7 +22,7 @@ pub fn images<T: Act>(
     let n = params.len();
     let (on, out_size, ow, oc) = out.dims();
     if (on, ow, oc, out.rs()) != (n, out_size, 3, 3) {
-        bail!(
+        bail_shape!(
             "augmenting {n} images into {:?} (a contiguous [{n}, s, s, 3] is needed)",
             out.dims()
         );

@@ -10,9 +10,10 @@
 //! gradient is otherwise complete.
 
 use super::{elementwise, per_channel, same_shape, Act, BnRelu};
+use crate::gpu::error::bail_shape;
 use crate::gpu::kernels::launch as k;
 use crate::gpu::{blocks_for, Driver, Launch, Mat, Ptr, Slice};
-use anyhow::{bail, Result};
+use anyhow::Result;
 
 /// Most row chunks of a BN reduction.
 const MAX_CHUNKS: usize = 64;
@@ -108,7 +109,7 @@ pub fn scale_shift(
 ) -> Result<()> {
     let c = params.gamma.len();
     if params.beta.len() != c {
-        bail!("a BN with {c} gammas and {} betas", params.beta.len());
+        bail_shape!("a BN with {c} gammas and {} betas", params.beta.len());
     }
     let (gamma, beta) = params.ptrs(c)?;
     let (mean, var) = stats.ptrs(c)?;
@@ -122,8 +123,10 @@ pub fn scale_shift(
     };
     let unbias = count as f64 / (count.max(2) - 1) as f64;
     let (sums, p) = match pending {
-        Some(_) if running.is_none() => bail!("BN statistics from sums need the batch's row count"),
-        Some(p) if p.channels > c => bail!("{} pending channels of a BN of {c}", p.channels),
+        Some(_) if running.is_none() => {
+            bail_shape!("BN statistics from sums need the batch's row count")
+        }
+        Some(p) if p.channels > c => bail_shape!("{} pending channels of a BN of {c}", p.channels),
         Some(p) => (
             p.sums.expect(2 * p.channels, "the pending sums")?.ptr(),
             p.channels,

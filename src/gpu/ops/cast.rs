@@ -3,16 +3,17 @@
 //! (round to nearest even).
 
 use super::elementwise;
+use crate::gpu::error::bail_shape;
 use crate::gpu::kernels::launch as k;
 use crate::gpu::{Driver, Slice};
-use anyhow::{bail, Result};
+use anyhow::Result;
 use half::bf16;
 
 /// `y = x` rounded to bf16, `x, y: [n]`.
 pub fn to_bf16(d: &dyn Driver, x: Slice<f32>, y: Slice<bf16>) -> Result<()> {
     let n = x.len();
     if y.len() != n {
-        bail!("a cast of {n} values into {}", y.len());
+        bail_shape!("a cast of {n} values into {}", y.len());
     }
     // SAFETY: x and y hold n elements.
     unsafe { k::cast_fwd_bf16(d, elementwise(n), y.ptr(), x.ptr(), n) }

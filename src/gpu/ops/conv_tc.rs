@@ -6,10 +6,11 @@
 
 use super::{dims_are, pre_ptrs, BnRelu};
 use crate::consts::*;
+use crate::gpu::error::bail_shape;
 use crate::gpu::kernels::launch as k;
 use crate::gpu::{blocks_for, Driver, Launch, Nhwc, Ptr, Slice};
 use crate::ops::conv::Conv;
-use anyhow::{bail, Result};
+use anyhow::Result;
 use half::bf16;
 
 /// A block tile: `bm × bn` outputs, `threads` threads (kernels/consts.cuh).
@@ -68,7 +69,7 @@ fn kernels_for(g: Conv) -> Kernels {
 /// The dense-layer kernels, or an error naming what `what` cannot take.
 fn dense_kernels(g: Conv, what: &str) -> Result<Kernels> {
     match kernels_for(g) {
-        Kernels::AnyWindow => bail!(
+        Kernels::AnyWindow => bail_shape!(
             "{what} takes 1x1/1 pad 0 or 3x3/1 pad 1, not {}x{}/{} pad {}",
             g.k,
             g.k,
@@ -393,7 +394,7 @@ pub fn bwd_data_split(
         .expect(g.k * g.k * ci * co, "the convolution's weights")?
         .ptr();
     if red.is_some() && mask.is_none() {
-        bail!("the BN-backward reductions of a data gradient need the BN's input (mask)");
+        bail_shape!("the BN-backward reductions of a data gradient need the BN's input (mask)");
     }
     let (x, x_rs, (scale, shift)) = match mask {
         Some(m) => {
@@ -468,7 +469,7 @@ pub fn bwd_weight_split(
 ) -> Result<()> {
     g.check(x.h(), x.w())?;
     if split_len == 0 || !split_len.is_multiple_of(TC_BK) {
-        bail!("split-K chunk of {split_len} pixels is not a positive multiple of {TC_BK}");
+        bail_shape!("split-K chunk of {split_len} pixels is not a positive multiple of {TC_BK}");
     }
     let (n, h, w, c) = x.dims();
     let co = dy.c();

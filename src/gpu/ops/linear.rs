@@ -1,14 +1,15 @@
 //! The head's single-logit linear layer (kernels/linear.cu; CPU reference `crate::ops::linear`).
 
+use crate::gpu::error::bail_shape;
 use crate::gpu::kernels::launch as k;
 use crate::gpu::{blocks_for, Driver, Launch, Mat, Slice};
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 
 /// Refuses features that are not a contiguous `[n, c]`, and weights not `[c]`, bias not `[1]`.
 fn check(feat: Mat<f32>, wt: Slice<f32>, bias: Slice<f32>) -> Result<()> {
     let c = feat.cols();
     if feat.rs() != c || wt.len() != c || bias.len() != 1 {
-        bail!(
+        bail_shape!(
             "a linear layer of [{}, {c}] features (row stride {}) with {} weights and {} biases",
             feat.rows(),
             feat.rs(),
@@ -60,7 +61,7 @@ pub fn bwd(
     check(dfeat, dw, db)?;
     let (n, c) = (feat.rows(), feat.cols());
     if dfeat.rows() != n {
-        bail!("the features' gradient has {} rows for {n}", dfeat.rows());
+        bail_shape!("the features' gradient has {} rows for {n}", dfeat.rows());
     }
     let dlogits = dlogits.expect(n, "the logits' gradient")?.ptr();
     // SAFETY: every operand is checked above.

@@ -18,7 +18,8 @@ pub mod linear;
 pub mod pool;
 
 use super::{blocks_for, Launch, Mat, Nhwc, Ptr, Slice};
-use anyhow::{bail, Result};
+use crate::gpu::error::bail_shape;
+use anyhow::Result;
 
 pub use super::Act;
 
@@ -58,7 +59,7 @@ fn per_channel(c: usize) -> Launch {
 /// Refuses two views of different shapes.
 fn same_shape<T, U>(what: &str, a: Mat<T>, b: Mat<U>) -> Result<()> {
     if (a.rows(), a.cols()) != (b.rows(), b.cols()) {
-        bail!(
+        bail_shape!(
             "{what}: [{}, {}] and [{}, {}] differ",
             a.rows(),
             a.cols(),
@@ -72,7 +73,7 @@ fn same_shape<T, U>(what: &str, a: Mat<T>, b: Mat<U>) -> Result<()> {
 /// Refuses an NHWC view whose `(n, h, w, c)` is not `want`.
 fn dims_are<T>(what: &str, x: Nhwc<T>, want: (usize, usize, usize, usize)) -> Result<()> {
     if x.dims() != want {
-        bail!("{what} is {:?}, expected {want:?} (n, h, w, c)", x.dims());
+        bail_shape!("{what} is {:?}, expected {want:?} (n, h, w, c)", x.dims());
     }
     Ok(())
 }

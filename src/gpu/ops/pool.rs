@@ -3,15 +3,16 @@
 //! ReLU applied as it reads, and the head's global average pool; forward and backward.
 
 use super::{dims_are, elementwise, pre_ptrs, Act, BnRelu};
+use crate::gpu::error::bail_shape;
 use crate::gpu::kernels::launch as k;
 use crate::gpu::{Driver, Mat, Nhwc};
 use crate::ops::pool::maxpool_out;
-use anyhow::{bail, Result};
+use anyhow::Result;
 
 /// Refuses a view with a row stride wider than its channels (a kernel that reads it whole).
 fn contiguous<T>(what: &str, x: Nhwc<T>) -> Result<()> {
     if x.rs() != x.c() {
-        bail!(
+        bail_shape!(
             "{what} must be contiguous (row stride {} for {} channels)",
             x.rs(),
             x.c()
@@ -96,7 +97,7 @@ pub fn gap_fwd<T: Act>(d: &dyn Driver, x: Nhwc<T>, feat: Mat<f32>) -> Result<()>
     let (n, h, w, c) = x.dims();
     contiguous("the global average pool's input", x)?;
     if (feat.rows(), feat.cols(), feat.rs()) != (n, c, c) {
-        bail!("the pooled features must be a contiguous [{n}, {c}]");
+        bail_shape!("the pooled features must be a contiguous [{n}, {c}]");
     }
     // SAFETY: x and feat are checked views of the shapes the kernel reads and writes.
     unsafe { k::gap_fwd::<T>(d, elementwise(n * c), feat.ptr(), x.ptr(), n, h * w, c) }
@@ -107,7 +108,7 @@ pub fn gap_bwd<T: Act>(d: &dyn Driver, dfeat: Mat<f32>, dx: Nhwc<T>) -> Result<(
     let (n, h, w, c) = dx.dims();
     contiguous("the global average pool's input gradient", dx)?;
     if (dfeat.rows(), dfeat.cols(), dfeat.rs()) != (n, c, c) {
-        bail!("the features' gradient must be a contiguous [{n}, {c}]");
+        bail_shape!("the features' gradient must be a contiguous [{n}, {c}]");
     }
     let at = elementwise(dx.rows() * c);
     // SAFETY: dfeat and dx are checked views of the shapes the kernel reads and writes.

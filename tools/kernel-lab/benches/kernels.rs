@@ -9,7 +9,13 @@
 //! table shows measured time, achieved TFLOP/s and GB/s, and % of the floor, per shape, per
 //! (op, pass) and for the step. The emulator is slow: use tiny shapes there
 //! (`densenet121 1 32 --device emu --reps 1`); `--profile` there adds each kernel's memory
-//! traffic as Nsight Compute counts it (mura::gpu::emu::profile).
+//! traffic as Nsight Compute counts it (mura::gpu::emu::profile). `--jsonl FILE` also writes
+//! every row as one JSON object a line (its FLOPs, bytes, floor and measured time per launch),
+//! from the same run as the table.
+//!
+//! `-- --probe --device emu|cuda[:N]` instead launches the kernels of
+//! `mura_kernel_lab::probe` once each (for `ncu` on a GPU) and prints one JSON line per kernel,
+//! with the emulator's counts by Nsight Compute's metric names on `emu`.
 
 use anyhow::{bail, Context, Result};
 use mura::device::Device;
@@ -39,6 +45,8 @@ struct Opts {
     device: Option<Device>,
     reps: usize,
     profile: bool,
+    probe: bool,
+    jsonl: Option<std::path::PathBuf>,
 }
 
 fn options(args: impl Iterator<Item = String>) -> Result<Opts> {
@@ -47,6 +55,8 @@ fn options(args: impl Iterator<Item = String>) -> Result<Opts> {
         device: None,
         reps: 20,
         profile: false,
+        probe: false,
+        jsonl: None,
     };
     let mut args = args;
     while let Some(a) = args.next() {
@@ -54,8 +64,9 @@ fn options(args: impl Iterator<Item = String>) -> Result<Opts> {
             o.positional.push(a);
             continue;
         };
-        if opt == "bench" || opt == "profile" {
+        if matches!(opt, "bench" | "profile" | "probe") {
             o.profile |= opt == "profile";
+            o.probe |= opt == "probe";
             continue;
         }
         let (name, value) = match opt.split_once('=') {
@@ -68,6 +79,7 @@ fn options(args: impl Iterator<Item = String>) -> Result<Opts> {
         };
         match name.as_str() {
             "device" => o.device = Some(value.parse()?),
+            "jsonl" => o.jsonl = Some(value.into()),
             "reps" => {
                 o.reps = value
                     .parse()
@@ -75,7 +87,10 @@ fn options(args: impl Iterator<Item = String>) -> Result<Opts> {
                     .filter(|&r| r > 0)
                     .with_context(|| format!("bad --reps '{value}': use a positive count"))?
             }
-            _ => bail!("unknown option --{name}: use --device emu|cuda[:N] and --reps N"),
+            _ => bail!(
+                "unknown option --{name}: use --device emu|cuda[:N], --reps N, --jsonl FILE, \
+                 --profile or --probe"
+            ),
         }
     }
     Ok(o)
@@ -83,6 +98,9 @@ fn options(args: impl Iterator<Item = String>) -> Result<Opts> {
 
 fn run() -> Result<()> {
     let o = options(std::env::args().skip(1))?;
+    if o.probe {
+        return probe(&o);
+    }
     if o.profile {
         anyhow::ensure!(
             o.device == Some(Device::Emu),
@@ -135,6 +153,20 @@ fn run() -> Result<()> {
          {peak} TFLOP/s, {tbps} TB/s{on}\n"
     );
     print!("{}", roofline::markdown(&rows, batch, &machine, &measured));
+    if let Some(path) = &o.jsonl {
+        let run = serde_json::json!({
+            "arch": arch, "batch": batch, "image_size": size, "precision": precision.to_string(),
+            "peak_tflops": peak, "tbps": tbps, "reps": o.reps,
+            "device": o.device.map(|d| d.to_string()),
+        });
+        let lines: Vec<String> = rows
+            .iter()
+            .zip(&measured)
+            .map(|(r, t)| row_record(r, *t, &machine, &run).to_string())
+            .collect();
+        std::fs::write(path, lines.join("\n") + "\n")
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
     if let Some(rows_profile) = profile_table {
         let floor = |label: &str| {
             let r = rows.iter().find(|r| row_label(r) == label)?;
@@ -146,6 +178,63 @@ fn run() -> Result<()> {
         );
         print!("{}", profile::table(&rows_profile, &floor));
         print!("{}", profile::report());
+    }
+    Ok(())
+}
+
+/// One roofline row as a JSON object: `run`'s fields, the row's op, pass, site, shape, launches
+/// per step, FLOPs and bytes per launch, its floor and what bounds it, and the measured seconds
+/// per launch (null when not measured).
+fn row_record(
+    r: &roofline::KernelRow,
+    measured_s: Option<f64>,
+    m: &Machine,
+    run: &serde_json::Value,
+) -> serde_json::Value {
+    let mut j = run.clone();
+    let row = serde_json::json!({
+        "op": r.op.to_string(), "pass": r.pass.to_string(), "site": r.site.to_string(),
+        "shape": r.shape.to_string(), "count": r.count, "flops": r.flops, "bytes": r.bytes,
+        "floor_s": r.floor_s(m), "bound": r.bound(m), "measured_s": measured_s,
+    });
+    for (k, v) in row.as_object().expect("an object") {
+        j[k] = v.clone();
+    }
+    j
+}
+
+/// `--probe`: the probe's launches on `--device`, one JSON line per kernel (with the emulator's
+/// counts, by Nsight Compute's metric names, on `emu`).
+fn probe(o: &Opts) -> Result<()> {
+    let device = o.device.context("--probe needs --device emu or cuda[:N]")?;
+    if device == Device::Emu {
+        profile::enable();
+    }
+    let d = mura::gpu::open(device)?;
+    mura_kernel_lab::probe::run(&d, 1)?;
+    let counted = profile::all();
+    for p in mura_kernel_lab::probe::PROBES {
+        let mut j = serde_json::json!({"kernel": p.kernel, "what": p.what, "device": d.name()});
+        if device == Device::Emu {
+            let (_, c) = counted
+                .iter()
+                .find(|(k, _)| k == p.kernel)
+                .with_context(|| format!("{} was not profiled", p.kernel))?;
+            anyhow::ensure!(
+                c.launches == 1,
+                "{} launched {} times",
+                p.kernel,
+                c.launches
+            );
+            let metrics: serde_json::Map<String, serde_json::Value> = c
+                .counters
+                .ncu_metrics()
+                .iter()
+                .map(|&(name, v)| (name.to_string(), v.into()))
+                .collect();
+            j["emu"] = metrics.into();
+        }
+        println!("{j}");
     }
     Ok(())
 }
