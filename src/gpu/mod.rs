@@ -23,7 +23,7 @@ pub use error::Error;
 
 use crate::device::Device;
 use crate::model::schedule::Stage;
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Context, Result};
 use std::ffi::c_void;
 use std::sync::Arc;
 

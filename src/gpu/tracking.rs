@@ -5,7 +5,7 @@
 
 use super::{DevPtr, Driver, Error};
 use crate::model::schedule::Stage;
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use std::collections::HashMap;
 use std::ffi::c_void;
 use std::sync::{Arc, Mutex};

@@ -110,7 +110,7 @@ fn check_export(
     let mut args = vec!["export", "--onnx", s(&onnx), "--weights", s(&w)];
     let side = size.to_string();
     match weights {
-        Weights::Mura => mura::checkpoint::save_model(&w, &model, "test", size).unwrap(),
+        Weights::Mura => mura::checkpoint::save_model(&w, &model, "test", input(size)).unwrap(),
         Weights::Torchvision => {
             let meta = Default::default();
             mura::weights::save_safetensors(&w, &model.to_state_dict(), &meta).unwrap();
@@ -289,7 +289,7 @@ fn readme_deploy_recipe_gives_mura_predicts_probability() {
     let spec = DenseNetSpec::custom(8, vec![2, 3], 16, 2).unwrap();
     let model = random_model(spec, &mut Rng::new(seed(test).value));
     let (w, onnx) = (d.join("model.safetensors"), d.join("model.onnx"));
-    mura::checkpoint::save_model(&w, &model, "test", 64).unwrap();
+    mura::checkpoint::save_model(&w, &model, "test", input(64)).unwrap();
     run_ok(&["export", "--onnx", s(&onnx), "--weights", s(&w)]);
     let (line, _) = run_ok(&["predict", "--weights", s(&w), s(&study)]);
     let want: serde_json::Value = serde_json::from_str(&line).unwrap();
@@ -335,7 +335,7 @@ fn tiny_weights(d: &Path) -> (PathBuf, PathBuf) {
     let spec = DenseNetSpec::custom(4, vec![2, 2, 2], 8, 2).unwrap();
     let model = random_model(spec, &mut Rng::new(7));
     let (ck, tv) = (d.join("tiny.safetensors"), d.join("tv.safetensors"));
-    mura::checkpoint::save_model(&ck, &model, "test", 32).unwrap();
+    mura::checkpoint::save_model(&ck, &model, "test", input(32)).unwrap();
     mura::weights::save_safetensors(&tv, &model.to_state_dict(), &Default::default()).unwrap();
     (ck, tv)
 }
@@ -411,4 +411,12 @@ fn export_never_replaces_another_file_and_writes_atomically() {
     );
     assert!(!killed.status.success());
     assert_eq!(std::fs::read(&out).unwrap(), previous);
+}
+
+/// What a checkpoint trained at `size`² on a store of that side records of its input.
+fn input(size: usize) -> mura::checkpoint::Input {
+    mura::checkpoint::Input {
+        preprocess: mura::data::image::Preprocess::prep(size),
+        image_size: size,
+    }
 }

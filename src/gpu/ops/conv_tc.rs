@@ -179,7 +179,7 @@ fn chunking(
 ) -> Result<(Ptr<f32>, Ptr<u32>, usize)> {
     match split {
         Some((_, len)) if len == 0 || !len.is_multiple_of(TC_BK) => {
-            bail!("split-K chunk of {len} is not a positive multiple of {TC_BK}")
+            bail_shape!("split-K chunk of {len} is not a positive multiple of {TC_BK}")
         }
         Some((w, len)) if len < k_len => Ok((
             w.ws.expect(rows * n, "the split-K workspace")?.ptr(),
