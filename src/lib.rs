@@ -1,5 +1,8 @@
 //! mura: a from-scratch DenseNet training engine for MURA.
 
+// Every line goes through `cli::out` (one line, escaped; a closed stream never stops a command).
+#![deny(clippy::print_stdout, clippy::print_stderr)]
+
 pub mod backend;
 pub mod bounds;
 pub mod cam;

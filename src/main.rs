@@ -38,6 +38,21 @@ enum Command {
 }
 
 fn main() {
+    // A bug is one line too, never a trace: what panicked and where.
+    std::panic::set_hook(Box::new(|info| {
+        let what = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic".into());
+        let at = info
+            .location()
+            .map(|l| format!(" at {}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        mura::note!("error: internal error (a bug in mura, please report it): {what}{at}");
+    }));
+    mura::disk::mapped::install_fault_handler();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
@@ -53,7 +68,7 @@ fn main() {
             // One line, not clap's usage block.
             let msg = e.render().to_string();
             let first = msg.lines().next().unwrap_or("error: bad arguments");
-            eprintln!("{first} (try --help)");
+            mura::note!("{first} (try --help)");
             std::process::exit(2);
         }
     };
@@ -71,14 +86,13 @@ fn main() {
         Command::Bench(a) => cli::bench::run(a),
         Command::Info(a) => cli::info::run(a),
     };
-    match result {
-        // A reader that stopped reading (`| head`): the command is done.
-        Err(e) if cli::out::is_closed(&e) => {}
-        // One clear line: the whole context chain, no backtrace.
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            std::process::exit(1);
+    if let Err(e) = result {
+        if let Some(stop) = e.downcast_ref::<cli::out::Interrupted>() {
+            mura::note!("{stop}");
+            std::process::exit(cli::out::INTERRUPTED_STATUS);
         }
-        Ok(()) => {}
+        // One clear line: the whole context chain, no backtrace.
+        cli::out::error_line(&e);
+        std::process::exit(1);
     }
 }

@@ -19,6 +19,7 @@ use crate::data::store::Store;
 use crate::data::{Split, StudyType};
 use crate::device::Device;
 use crate::disk;
+use crate::disk::owned::{self, Made};
 use crate::eval::{predict_split, StudyPrediction};
 use crate::loss::{batch_loss, LossLevel};
 use crate::model::Mode;
@@ -164,7 +165,6 @@ pub struct EpochMetrics {
 /// What a finished (or stopped) run reports.
 pub struct TrainOutcome {
     pub epochs: Vec<EpochMetrics>,
-    pub interrupted: bool,
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -175,7 +175,8 @@ fn install_ctrlc() {
         if STOP.swap(true, Ordering::SeqCst) {
             std::process::exit(130);
         }
-        eprintln!("\nstopping after this step (Ctrl-C again to abort without saving)");
+        crate::note!("");
+        crate::note!("stopping after this step (Ctrl-C again to abort without saving)");
     });
 }
 
@@ -195,23 +196,27 @@ fn has_checkpoint(dir: &Path) -> bool {
         .any(|f| dir.join(f).exists())
 }
 
-pub fn train(cfg: TrainConfig, quiet: bool) -> Result<TrainOutcome> {
+pub fn train(mut cfg: TrainConfig, quiet: bool) -> Result<TrainOutcome> {
     cfg.validate()?;
-    std::fs::create_dir_all(&cfg.out)
-        .with_context(|| format!("cannot create run folder {}", cfg.out.display()))?;
+    // Only a new or empty folder, or a run of mura's that failed before its first step, is a
+    // fresh run's (see `disk::owned`); what it needs is checked before the folder is touched.
+    owned::check(&cfg.out, Made::Run, None)?;
+    let store = Arc::new(Store::open(&cfg.store)?);
+    // Recorded whole, so that `--resume` finds it from any folder.
+    cfg.store = std::path::absolute(&cfg.store).unwrap_or(cfg.store);
+    let mut model = initial_model(&cfg)?;
+    let (adam, state) = fresh(&cfg, &store)?;
+    owned::claim(&cfg.out, Made::Run, None)?;
     let _lock = disk::lock_folder(&cfg.out, "mura train")?;
     disk::remove_temporaries(&cfg.out, &REPLACED);
-    // A config without a checkpoint is a run that failed before its first step: start it afresh.
-    if cfg.out.join("config.json").exists() && has_checkpoint(&cfg.out) {
+    // A run without a checkpoint failed before its first step: it starts afresh.
+    if has_checkpoint(&cfg.out) {
         bail!(
             "{} already holds a run: use `mura train --resume {}` or another --out",
             cfg.out.display(),
             cfg.out.display()
         );
     }
-    let store = Arc::new(Store::open(&cfg.store)?);
-    let mut model = initial_model(&cfg)?;
-    let (adam, state) = fresh(&cfg, &store)?;
     checkpoint::write_json_atomic(&cfg.out.join("config.json"), &cfg)?;
     let _ = std::fs::remove_file(cfg.out.join("metrics.jsonl"));
     run_epochs(cfg, store, model.as_mut(), adam, state, quiet)
@@ -238,9 +243,23 @@ fn fresh(cfg: &TrainConfig, store: &Store) -> Result<(Adam, RunState)> {
     Ok((adam, state))
 }
 
-/// Continue the run in `dir`, to `epochs` in all when given (else the run's own total), from
+/// What `mura train --resume` may change in a run: what a run is trained to (its epochs), and
+/// where and how fast, which does not change what it computes (the store it reads, checked by
+/// its identity; the device; the loader threads). A run moved to another machine resumes there.
+#[derive(Clone, Debug, Default)]
+pub struct Resume {
+    /// The new total of epochs.
+    pub epochs: Option<usize>,
+    /// The store, at another path (the same store: its identity is checked).
+    pub store: Option<PathBuf>,
+    pub device: Option<Device>,
+    pub workers: Option<usize>,
+}
+
+/// Continue the run in `dir`, to `with.epochs` in all when given (else the run's own total), from
 /// its last checkpoint, or from the beginning when a kill came before the first one.
-pub fn resume(dir: &Path, epochs: Option<usize>, quiet: bool) -> Result<TrainOutcome> {
+pub fn resume(dir: &Path, with: Resume, quiet: bool) -> Result<TrainOutcome> {
+    let epochs = with.epochs;
     let mut cfg: TrainConfig = checkpoint::read_json(&dir.join("config.json"))
         .with_context(|| format!("{} is not a mura run folder", dir.display()))?;
     cfg.validate()
@@ -249,6 +268,15 @@ pub fn resume(dir: &Path, epochs: Option<usize>, quiet: bool) -> Result<TrainOut
     if epochs == Some(0) {
         bail!("--epochs must be at least 1");
     }
+    let recorded = (cfg.store.clone(), cfg.device, cfg.workers);
+    if let Some(store) = with.store {
+        cfg.store = std::path::absolute(&store).unwrap_or(store);
+    }
+    cfg.device = with.device.unwrap_or(cfg.device);
+    cfg.workers = with.workers.unwrap_or(cfg.workers);
+    cfg.validate()?;
+    // A run of an earlier mura has no marker: its config.json, just read, is the proof.
+    owned::claim(dir, Made::Run, Some(&|_: &Path| true))?;
     let _lock = disk::lock_folder(dir, "mura train")?;
     disk::remove_temporaries(dir, &REPLACED);
     let store = Arc::new(Store::open(&cfg.store)?);
@@ -256,7 +284,7 @@ pub fn resume(dir: &Path, epochs: Option<usize>, quiet: bool) -> Result<TrainOut
         Some(ck) => (Some(ck.weights), ck.adam, ck.state),
         None => {
             check_nothing_trained(dir)?;
-            eprintln!(
+            crate::note!(
                 "{} has no checkpoint yet: training from the beginning",
                 dir.display()
             );
@@ -267,7 +295,7 @@ pub fn resume(dir: &Path, epochs: Option<usize>, quiet: bool) -> Result<TrainOut
     let mut state = state;
     if store.is_earlier_id(&state.store_id) {
         // An earlier mura's run: its store identity covers the pixels only.
-        eprintln!(
+        crate::note!(
             "note: {} was saved by an earlier mura, which identified its store by the pixels \
              alone: they match {}, its labels cannot be checked; from this resume on they are",
             dir.display(),
@@ -285,6 +313,9 @@ pub fn resume(dir: &Path, epochs: Option<usize>, quiet: bool) -> Result<TrainOut
         );
     }
     sync_metrics(&dir.join("metrics.jsonl"), &state)?;
+    if recorded != (cfg.store.clone(), cfg.device, cfg.workers) {
+        checkpoint::write_json_atomic(&dir.join("config.json"), &cfg)?;
+    }
     if let Some(e) = epochs.filter(|&e| e != cfg.epochs) {
         if e < state.epochs_done {
             bail!(
@@ -297,16 +328,13 @@ pub fn resume(dir: &Path, epochs: Option<usize>, quiet: bool) -> Result<TrainOut
         checkpoint::write_json_atomic(&dir.join("config.json"), &cfg)?;
     }
     if state.epochs_done >= cfg.epochs {
-        eprintln!(
+        crate::note!(
             "{} has finished its {} epochs: pass --epochs N (more than {}) to train on",
             dir.display(),
             cfg.epochs,
             state.epochs_done
         );
-        return Ok(TrainOutcome {
-            epochs: Vec::new(),
-            interrupted: false,
-        });
+        return Ok(TrainOutcome { epochs: Vec::new() });
     }
     let mut model = match weights {
         None => initial_model(&cfg)?,
@@ -452,10 +480,7 @@ fn run_epochs(
             state.batches_done
         );
     }
-    let mut outcome = TrainOutcome {
-        epochs: Vec::new(),
-        interrupted: false,
-    };
+    let mut outcome = TrainOutcome { epochs: Vec::new() };
     while state.epochs_done < cfg.epochs {
         let epoch = state.epochs_done;
         let t0 = Instant::now();
@@ -497,6 +522,7 @@ fn run_epochs(
                 loss_sum / loss_n as f64,
                 (images - done.images) as f64 / t0.elapsed().as_secs_f64()
             ));
+            disk::failpoint::hit("train.step-done")?;
             if STOP.load(Ordering::SeqCst) {
                 bar.abandon();
                 state.adam_step = adam.step;
@@ -509,14 +535,13 @@ fn run_epochs(
                 model.export_adam(&mut adam)?;
                 checkpoint::save_last(&cfg.out, model, &adam, &state, input(&cfg, &store))
                     .map_err(|e| stopped(e, &cfg.out))?;
-                eprintln!(
+                return Err(crate::cli::out::Interrupted(format!(
                     "interrupted: saved epoch {} batch {}; continue with `mura train --resume {}`",
                     epoch + 1,
                     state.batches_done,
                     cfg.out.display()
-                );
-                outcome.interrupted = true;
-                return Ok(outcome);
+                ))
+                .into());
             }
         }
         bar.finish_and_clear();
@@ -536,7 +561,7 @@ fn run_epochs(
             totals,
         )?;
         if !quiet {
-            eprintln!(
+            crate::note!(
                 "epoch {:>3}  train loss {:.4}  val loss {:.4}{}  kappa {:.3}  auroc {:.3}  lr {:.1e}  {:.1} img/s",
                 m.epoch,
                 m.train_loss,

@@ -177,7 +177,7 @@ pub fn run(args: Args) -> Result<()> {
         }
     }
     if args.profile {
-        crate::out!("{}", crate::gpu::emu::profile::report().trim_end());
+        crate::cli::out::block(&crate::gpu::emu::profile::report());
     }
     Ok(())
 }

@@ -6,11 +6,12 @@ use crate::data::store::Store;
 use crate::data::synth::{synth, SynthConfig};
 use crate::data::{Split, StudyType};
 use crate::device::Device;
+use crate::disk::owned::{self, Made};
 use crate::loss::LossLevel;
 use crate::precision::Precision;
 use crate::spec::DenseNetSpec;
 use crate::train::{self, Init, TrainConfig};
-use anyhow::{bail, Context, Result};
+use anyhow::Result;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -34,26 +35,11 @@ pub struct Args {
     pub seed: u64,
 }
 
-const MARKER: &str = ".mura-demo";
-
-/// Make `dir` an empty demo folder, refusing to clear anything that a demo did not make.
+/// Makes `dir` an empty demo folder, refusing to clear anything that a demo did not make: an
+/// earlier demo's folder (marked as one, see `disk::owned`) is replaced by an empty marked one in
+/// one rename, so that an interrupted demo leaves a folder the next one may clear.
 fn fresh_dir(dir: &Path) -> Result<()> {
-    if dir.exists() {
-        let empty = std::fs::read_dir(dir)
-            .with_context(|| format!("cannot read {}", dir.display()))?
-            .next()
-            .is_none();
-        if !empty && !dir.join(MARKER).exists() {
-            bail!(
-                "{} exists and is not a mura demo folder: pass another --dir",
-                dir.display()
-            );
-        }
-        std::fs::remove_dir_all(dir).with_context(|| format!("cannot clear {}", dir.display()))?;
-    }
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    std::fs::write(dir.join(MARKER), "made by mura demo\n")?;
-    Ok(())
+    owned::replace_folder(dir, Made::Demo, None, |_| Ok(()))
 }
 
 /// The small DenseNet the demo trains: same structure as DenseNet-169, fewer and narrower layers.
@@ -139,10 +125,7 @@ pub fn run(args: Args) -> Result<()> {
         spec.num_params(),
         args.epochs
     );
-    let outcome = train::train(cfg, false)?;
-    if outcome.interrupted {
-        return Ok(());
-    }
+    train::train(cfg, false)?;
     let best = run_dir.join("best.safetensors");
 
     crate::out!("4/6 evaluating the best checkpoint on the validation split");

@@ -3,16 +3,17 @@
 //! `metrics.json`.
 
 use super::arch::{self, ArchArgs};
-use crate::checkpoint;
 use crate::data::loader::{Loader, LoaderConfig};
 use crate::data::store::Store;
 use crate::data::{Split, StudyType};
 use crate::device::Device;
+use crate::disk::owned::{self, Made};
 use crate::eval::{predict_split, table, StudyPrediction};
 use crate::loss::LossLevel;
+use crate::metrics::MetricsTable;
 use crate::precision::Precision;
 use anyhow::{bail, Context, Result};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 #[derive(clap::Args, Debug)]
@@ -53,13 +54,16 @@ pub fn run(args: Args) -> Result<()> {
         true => StudyType::ALL.to_vec(),
         false => args.study_types.clone(),
     };
+    if let Some(dir) = &args.out {
+        owned::check(dir, Made::Eval, None)?;
+    }
     let store = Arc::new(Store::open(&args.store)?);
     let mut ensemble: Option<Vec<StudyPrediction>> = None;
     for ck in &args.checkpoint {
         let loaded = arch::load_model(ck, &args.arch)?;
         let size = args.image_size.or(loaded.image_size).unwrap_or(224);
         if let Some(p) = loaded.preprocess.filter(|p| p.store_size != store.size) {
-            eprintln!(
+            crate::note!(
                 "note: {} was trained on images stored at {s}x{s}, this store holds {t}x{t}: \
                  its scores here are of other inputs than in training",
                 ck.display(),
@@ -107,24 +111,13 @@ pub fn run(args: Args) -> Result<()> {
         );
     }
     let labelled = preds.iter().any(|p| p.label.is_some());
-    if !labelled {
-        crate::out!("no labelled studies in this split: predictions only");
-    } else {
-        let table = table(&preds);
-        crate::out!("{}", table.to_string().trim_end_matches('\n'));
-        if let Some(dir) = &args.out {
-            std::fs::create_dir_all(dir)
-                .with_context(|| format!("cannot create {}", dir.display()))?;
-            checkpoint::write_json_atomic(&dir.join("metrics.json"), &table)?;
-        }
+    let table = labelled.then(|| table(&preds));
+    match &table {
+        None => crate::out!("no labelled studies in this split: predictions only"),
+        Some(t) => crate::cli::out::block(&t.to_string()),
     }
     if let Some(dir) = &args.out {
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        let mut csv = String::new();
-        for p in &preds {
-            csv += &format!("{},{}\n", p.path, u8::from(p.probability > 0.5));
-        }
-        crate::disk::write_atomic(&dir.join("predictions.csv"), csv.as_bytes())?;
+        write_outputs(dir, &preds, table.as_ref())?;
         let json = match labelled {
             true => format!(" and {}", dir.join("metrics.json").display()),
             false => String::new(),
@@ -132,4 +125,33 @@ pub fn run(args: Args) -> Result<()> {
         crate::out!("wrote {}{json}", dir.join("predictions.csv").display());
     }
     Ok(())
+}
+
+/// Writes `predictions.csv` and (for labelled studies) `metrics.json` into `dir` as one commit:
+/// the folder is replaced as a whole, so a kill or a full disk leaves the previous pair or the
+/// new one.
+fn write_outputs(
+    dir: &Path,
+    preds: &[StudyPrediction],
+    table: Option<&MetricsTable>,
+) -> Result<()> {
+    let mut csv = String::new();
+    for p in preds {
+        csv += &format!("{},{}\n", p.path, u8::from(p.probability > 0.5));
+    }
+    owned::replace_folder(dir, Made::Eval, None, |new| {
+        crate::disk::write_synced(
+            &new.join("predictions.csv"),
+            csv.as_bytes(),
+            "eval.predictions",
+        )?;
+        if let Some(t) = table {
+            crate::disk::write_synced(
+                &new.join("metrics.json"),
+                &serde_json::to_string_pretty(t)?.as_bytes(),
+                "eval.metrics",
+            )?;
+        }
+        Ok(())
+    })
 }

@@ -77,7 +77,7 @@ pub fn run(args: Args) -> Result<()> {
         check_cam_names(dir, &studies)?;
     }
     if let Some(note) = note {
-        eprintln!("{note}");
+        crate::note!("{note}");
     }
     let input = Input {
         preprocess,

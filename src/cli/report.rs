@@ -4,6 +4,7 @@
 //! `val_loss`, `lr`, `kappa`, `kappa_by_type`, ...) and `RUN_DIR/val_predictions.csv`
 //! (header `study,type,label,probability`: the best checkpoint's validation predictions).
 
+use crate::disk::owned::{self, Made};
 use crate::disk::{read_regular_string, MAX_TEXT_BYTES};
 use crate::metrics::{auroc, roc_curve};
 use crate::plot::{plot_kappa, plot_loss, plot_roc, EpochRecord, RocCurve};
@@ -89,19 +90,38 @@ pub fn read_roc_curves(path: &Path) -> Result<Vec<RocCurve>> {
         .collect())
 }
 
+/// The plots a report folder holds.
+const PLOTS: [&str; 3] = ["loss.png", "kappa.png", "roc.png"];
+
+/// Whether `dir` is a report folder of an earlier mura (no marker): nothing but its plots.
+fn is_earlier_report(dir: &Path) -> bool {
+    std::fs::read_dir(dir).is_ok_and(|entries| {
+        entries.flatten().all(|e| {
+            let name = e.file_name();
+            name.to_str().is_some_and(|n| PLOTS.contains(&n))
+        })
+    })
+}
+
 pub fn run(args: Args) -> Result<()> {
     let epochs = read_metrics_jsonl(&args.run_dir.join("metrics.jsonl"))?;
-    let out = args.run_dir.join("report");
-    std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
-    plot_loss(&out.join("loss.png"), &epochs)?;
-    plot_kappa(&out.join("kappa.png"), &epochs)?;
-    let mut written = vec!["loss.png", "kappa.png"];
     let preds = args.run_dir.join("val_predictions.csv");
-    if preds.exists() {
-        plot_roc(&out.join("roc.png"), &read_roc_curves(&preds)?)?;
-        written.push("roc.png");
-    } else {
-        eprintln!("note: no {}, so no roc.png", preds.display());
+    let curves = match preds.exists() {
+        true => Some(read_roc_curves(&preds)?),
+        false => None,
+    };
+    let out = args.run_dir.join("report");
+    // The plots are replaced together, as one folder (see `disk::owned`).
+    let written = owned::replace_folder(&out, Made::Report, Some(&is_earlier_report), |dir| {
+        plot_loss(&dir.join(PLOTS[0]), &epochs)?;
+        plot_kappa(&dir.join(PLOTS[1]), &epochs)?;
+        if let Some(curves) = &curves {
+            plot_roc(&dir.join(PLOTS[2]), curves)?;
+        }
+        Ok(&PLOTS[..2 + usize::from(curves.is_some())])
+    })?;
+    if curves.is_none() {
+        crate::note!("note: no {}, so no roc.png", preds.display());
     }
     crate::out!("wrote {} in {}", written.join(", "), out.display());
     Ok(())

@@ -18,12 +18,13 @@ pub struct Args {
     /// Run folder for checkpoints, metrics.jsonl and predictions
     #[arg(long, required_unless_present = "resume")]
     pub out: Option<PathBuf>,
-    /// Continue an interrupted or finished run in this folder (its saved settings are used; only
-    /// --epochs and --quiet may be given with it)
+    /// Continue an interrupted or finished run in this folder with its saved settings; only what
+    /// does not change what it computes may be given with it: --epochs (the new total), --store
+    /// (the same store at another path), --device, --workers, --quiet
     #[arg(long, conflicts_with_all = [
-        "store", "out", "arch", "growth_rate", "block_config", "num_init_features", "bn_size",
+        "out", "arch", "growth_rate", "block_config", "num_init_features", "bn_size",
         "init", "batch", "lr", "weight_decay", "patience", "loss", "study_types", "preset",
-        "image_size", "max_views", "seed", "device", "precision", "workers", "max_batches",
+        "image_size", "max_views", "seed", "precision", "max_batches",
     ])]
     pub resume: Option<PathBuf>,
     #[command(flatten)]
@@ -61,15 +62,15 @@ pub struct Args {
     pub max_views: Option<usize>,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// cpu | cuda[:N] | emu | auto
-    #[arg(long, default_value = "cpu")]
-    pub device: Device,
+    /// cpu | cuda[:N] | emu | auto (default cpu; with --resume, the run's own)
+    #[arg(long)]
+    pub device: Option<Device>,
     /// f32 | bf16 (GPU backends)
     #[arg(long, default_value = "f32")]
     pub precision: Precision,
-    /// Loader worker threads
-    #[arg(long, default_value_t = 2, value_parser = super::count(crate::bounds::WORKERS))]
-    pub workers: usize,
+    /// Loader worker threads (default 2; with --resume, the run's own)
+    #[arg(long, value_parser = super::count(crate::bounds::WORKERS))]
+    pub workers: Option<usize>,
     /// Stop each epoch after this many batches (quick experiments)
     #[arg(long, value_parser = super::count(crate::bounds::MAX_BATCHES))]
     pub max_batches: Option<usize>,
@@ -80,7 +81,13 @@ pub struct Args {
 
 pub fn run(args: Args) -> Result<()> {
     if let Some(dir) = &args.resume {
-        return train::resume(dir, args.epochs, args.quiet).map(|_| ());
+        let with = train::Resume {
+            epochs: args.epochs,
+            store: args.store.clone(),
+            device: args.device,
+            workers: args.workers,
+        };
+        return train::resume(dir, with, args.quiet).map(|_| ());
     }
     let (Some(store), Some(out)) = (args.store.clone(), args.out.clone()) else {
         bail!("mura train needs --store and --out (or --resume RUN_DIR)");
@@ -111,9 +118,9 @@ pub fn config(a: &Args, store: PathBuf, out: PathBuf) -> Result<TrainConfig> {
         max_rotation_deg: a.preset.augment().max_rotation_deg,
         max_views: a.max_views,
         seed: a.seed,
-        device: a.device,
+        device: a.device.unwrap_or(Device::Cpu),
         precision: a.precision,
-        workers: a.workers,
+        workers: a.workers.unwrap_or(2),
         max_batches: a.max_batches,
     };
     cfg.validate()?;

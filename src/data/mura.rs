@@ -147,11 +147,19 @@ fn natural_key(name: &str) -> (String, u64) {
     (rest, digits.parse().unwrap_or(0))
 }
 
-fn sorted_entries(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
+/// The entries of `dir` in natural order, by name. An entry whose name is not UTF-8 (a store
+/// records paths as text) is skipped, and listed in `ds` with the reason, never read as another.
+fn sorted_entries(ds: &mut Dataset, dir: &Path) -> Result<Vec<(String, PathBuf)>> {
     let mut v = Vec::new();
     for e in std::fs::read_dir(dir).with_context(|| format!("cannot read {}", dir.display()))? {
         let e = e.with_context(|| format!("cannot read {}", dir.display()))?;
-        v.push((e.file_name().to_string_lossy().into_owned(), e.path()));
+        match e.file_name().into_string() {
+            Ok(name) => v.push((name, e.path())),
+            Err(_) => ds.skipped.push(Skipped {
+                path: e.path().display().to_string(),
+                reason: "its name is not UTF-8 text, which a store cannot record: rename it".into(),
+            }),
+        }
     }
     v.sort_by(|a, b| {
         natural_key(&a.0)
@@ -235,7 +243,7 @@ fn read_split(ds: &mut Dataset, split: Split, types: &[StudyType]) -> Result<()>
         if !split_dir.is_dir() {
             return Ok(());
         }
-        for (tname, tdir) in sorted_entries(&split_dir)? {
+        for (tname, tdir) in sorted_entries(ds, &split_dir)? {
             if !tdir.is_dir() {
                 continue;
             }
@@ -247,16 +255,16 @@ fn read_split(ds: &mut Dataset, split: Split, types: &[StudyType]) -> Result<()>
             if !types.contains(&t) {
                 continue;
             }
-            for (pname, pdir) in sorted_entries(&tdir)? {
+            for (pname, pdir) in sorted_entries(ds, &tdir)? {
                 if !pdir.is_dir() {
                     continue;
                 }
-                for (sname, sdir) in sorted_entries(&pdir)? {
+                for (sname, sdir) in sorted_entries(ds, &pdir)? {
                     if !sdir.is_dir() {
                         continue;
                     }
                     let study = format!("{rel_t}/{pname}/{sname}/");
-                    let pngs: Vec<String> = sorted_entries(&sdir)?
+                    let pngs: Vec<String> = sorted_entries(ds, &sdir)?
                         .into_iter()
                         .filter(|(n, p)| n.to_ascii_lowercase().ends_with(".png") && p.is_file())
                         .map(|(n, _)| format!("{study}{n}"))

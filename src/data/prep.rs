@@ -19,6 +19,7 @@ use super::store::{
     self, generation, ImageRecord, Index, Manifest, StudyRecord, CURRENT_FILE, GEN_PREFIX,
 };
 use super::StudyType;
+use crate::disk::owned::{self, Made};
 use crate::disk::{entry_names, failpoint, sync_dir, write_synced};
 use anyhow::{bail, Context, Result};
 use rayon::prelude::*;
@@ -49,11 +50,9 @@ pub struct PrepSummary {
 /// Files a store written before generations holds in the store folder itself.
 const FLAT_FILES: [&str; 3] = [store::IMAGES_FILE, store::INDEX_FILE, store::MANIFEST_FILE];
 
-/// Removes a folder when dropped, unless kept: an unfinished generation, or a store folder
-/// that this prep created and that is empty again.
+/// Removes an unfinished generation when dropped, unless kept.
 struct Removal {
     path: PathBuf,
-    whole: bool,
 }
 
 impl Removal {
@@ -64,11 +63,26 @@ impl Removal {
 
 impl Drop for Removal {
     fn drop(&mut self) {
-        let _ = if self.whole {
-            std::fs::remove_dir_all(&self.path)
-        } else {
-            std::fs::remove_dir(&self.path)
-        };
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// A store folder this prep created (or found empty), removed when dropped unless kept if it
+/// holds nothing but its marker: what a failed first prep leaves is what was there.
+struct Unmade {
+    dir: PathBuf,
+    created: bool,
+}
+
+impl Unmade {
+    fn keep(self) {
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for Unmade {
+    fn drop(&mut self) {
+        owned::unmark(&self.dir, self.created);
     }
 }
 
@@ -78,39 +92,17 @@ fn is_staged_current(name: &str) -> bool {
         .is_some_and(|rest| rest.starts_with(".tmp-"))
 }
 
-/// Whether `name`, an entry of a store folder, is one of mura's (a generation, `CURRENT` or
-/// its staged copy, or a file of a store written before generations).
-fn is_store_entry(name: &str) -> bool {
-    generation(name).is_some()
-        || name == CURRENT_FILE
-        || is_staged_current(name)
-        || FLAT_FILES.contains(&name)
+/// Refuses to write anything but a missing path, an empty folder or a store folder mura made
+/// (see `disk::owned`): marked as one, or a store of an earlier mura (no marker) that the store's
+/// reader opens. Never the entries' names: a folder holding a `CURRENT` or `gen-1/` of another
+/// program is not a store.
+pub fn check_replaceable(out: &Path) -> Result<owned::Found> {
+    owned::check(out, Made::Store, Some(&is_earlier_store))
 }
 
-/// Refuses to replace anything but a missing path, an empty folder or an earlier store
-/// (finished, or left unfinished by an interrupted prep).
-pub fn check_replaceable(out: &Path) -> Result<()> {
-    if out.symlink_metadata().is_err() {
-        return Ok(());
-    }
-    if !out.is_dir() {
-        bail!(
-            "{} exists and is not a folder; refusing to replace it",
-            out.display()
-        );
-    }
-    let names = entry_names(out)?;
-    let ours = names
-        .iter()
-        .any(|n| n == CURRENT_FILE || n == store::IMAGES_FILE)
-        || names.iter().all(|n| is_store_entry(n));
-    if !ours {
-        bail!(
-            "{} exists and is not a mura store; refusing to replace it",
-            out.display()
-        );
-    }
-    Ok(())
+/// Whether `dir` is a store an earlier mura wrote (no marker): one its reader opens.
+fn is_earlier_store(dir: &Path) -> bool {
+    store::Store::open(dir).is_ok()
 }
 
 /// The generation `out/CURRENT` names, if it names one that exists.
@@ -437,11 +429,10 @@ pub fn prep(cfg: &PrepConfig) -> Result<PrepSummary> {
         );
     }
 
-    let created = out.symlink_metadata().is_err();
-    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
-    let made = created.then(|| Removal {
-        path: out.clone(),
-        whole: false,
+    let found = owned::claim(out, Made::Store, Some(&is_earlier_store))?;
+    let made = (found != owned::Found::Ours).then(|| Unmade {
+        dir: out.clone(),
+        created: found == owned::Found::Missing,
     });
     let _lock = crate::disk::lock_folder(out, "mura prep")?;
     let previous = current_generation(out);
@@ -453,7 +444,6 @@ pub fn prep(cfg: &PrepConfig) -> Result<PrepSummary> {
     std::fs::create_dir(&files).with_context(|| format!("cannot create {}", files.display()))?;
     let unfinished = Removal {
         path: files.clone(),
-        whole: true,
     };
     let manifest = write_generation(cfg, &ds, &all, &files)
         .and_then(|m| read_back(out, &files).map(|_| m))

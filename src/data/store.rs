@@ -17,9 +17,9 @@
 
 use super::mura::Skipped;
 use super::{Split, StudyType};
+use crate::disk::mapped::Mapped;
 use crate::disk::{open_regular, read_regular_string, MAX_TEXT_BYTES};
 use anyhow::{bail, Context, Result};
-use memmap2::Mmap;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -163,7 +163,7 @@ pub struct Store {
     checksum: u32,
     /// crc32 of the index as read (re-serialised, so that its layout does not count).
     index_checksum: u32,
-    mmap: Mmap,
+    mmap: Mapped,
 }
 
 impl std::fmt::Debug for Store {
@@ -214,9 +214,8 @@ fn u32_at(b: &[u8], at: usize) -> u32 {
 /// The generation `CURRENT` names, or None for a name that is not `gen-<N>`.
 pub fn generation(name: &str) -> Option<u64> {
     let n = name.strip_prefix(GEN_PREFIX)?;
-    (!n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
-        .then(|| n.parse().ok())
-        .flatten()
+    // Only the canonical spelling (`gen-7`, not `gen-007` or `gen-+7`) is a generation.
+    n.parse().ok().filter(|g: &u64| g.to_string() == n)
 }
 
 /// The folder holding a store's files: `dir/gen-<N>` as `dir/CURRENT` names it, or `dir`
@@ -334,10 +333,9 @@ impl Store {
         let bin = files.join(IMAGES_FILE);
         let (file, _) =
             open_regular(&bin).with_context(|| format!("{} is not a mura store", dir.display()))?;
-        // SAFETY: the file is opened read-only; mura never writes a store in place (prep writes
-        // a new generation and switches to it), so the mapping is not changed under us by mura.
-        let mmap =
-            unsafe { Mmap::map(&file) }.with_context(|| format!("cannot map {}", bin.display()))?;
+        // mura never writes a store in place (prep writes a new generation and switches to it);
+        // another program cutting it short ends the command with a message (see `mapped`).
+        let mmap = Mapped::map(&file, &bin)?;
         let Header { n, side, crc } = check_header(&bin, &mmap)?;
         let hex = format!("{crc:08x}");
         let index: Index = read_json(&files.join(INDEX_FILE))?;
@@ -354,6 +352,7 @@ impl Store {
         check_index(&index, &manifest)
             .map_err(|e| anyhow::anyhow!("damaged store at {}: {e:#}: {again}", dir.display()))?;
         let index_checksum = crc32fast::hash(&serde_json::to_vec(&index)?);
+        crate::disk::failpoint::hit("store.opened")?;
         Ok(Store {
             dir: dir.to_path_buf(),
             files,

@@ -31,12 +31,12 @@
 //! A quick check of learnability is in the data helper's report (a small CNN on the 64² prep).
 
 use super::{mura::PREFIX, Split, StudyType};
-use crate::disk::sync_dir;
+use crate::disk::owned::{self, Made};
 use crate::rng::Rng;
 use anyhow::{bail, Context, Result};
 use rayon::prelude::*;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// MURA Table 1: per type (train normal, train abnormal, valid normal, valid abnormal) studies.
 pub const TABLE1: [(StudyType, [usize; 4]); 7] = [
@@ -784,12 +784,9 @@ fn plan(cfg: &SynthConfig) -> Vec<StudySpec> {
     out
 }
 
-/// The file that marks a folder as written by `synth` (only such a folder is ever replaced).
-const MARKER: &str = ".mura-synth";
-
 /// Writes the dataset under `out` (`out/MURA-v1.1/...`), replacing an earlier synthetic set
-/// there (one holding `MARKER`). Everything is written to a temporary sibling folder first and
-/// renamed into place.
+/// there (a folder marked as one, see `disk::owned`) in one step: the set is written into a new
+/// folder beside `out`, which then takes its place by one rename.
 pub fn synth(out: &Path, cfg: &SynthConfig, progress: bool) -> Result<SynthSummary> {
     let t0 = std::time::Instant::now();
     // (MURA itself has 14,656 studies; far more is a typo that would fill the disk.)
@@ -797,39 +794,11 @@ pub fn synth(out: &Path, cfg: &SynthConfig, progress: bool) -> Result<SynthSumma
     if !(0.0..=1.0).contains(&cfg.valid_fraction) {
         bail!("--valid-fraction must be between 0 and 1");
     }
-    if out.exists() {
-        let empty = std::fs::read_dir(out)
-            .with_context(|| format!("cannot read {}", out.display()))?
-            .next()
-            .is_none();
-        if !out.is_dir() || !(empty || out.join(MARKER).is_file()) {
-            bail!(
-                "{} exists and is not an earlier synthetic dataset; refusing to replace it",
-                out.display()
-            );
-        }
-    }
+    owned::check(out, Made::Synth, None)?;
     let studies = plan(cfg);
-    let name = out
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "synth".into());
-    let tmp: PathBuf = out.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
-    if let Some(p) = tmp.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(p).with_context(|| format!("cannot create {}", p.display()))?;
-    }
-    let _ = std::fs::remove_dir_all(&tmp);
-    let result = write_all(&tmp, &studies, progress);
-    if let Err(e) = result {
-        let _ = std::fs::remove_dir_all(&tmp);
-        return Err(e);
-    }
-    if out.exists() {
-        std::fs::remove_dir_all(out)
-            .with_context(|| format!("cannot remove the old {}", out.display()))?;
-    }
-    std::fs::rename(&tmp, out).with_context(|| format!("cannot rename into {}", out.display()))?;
-    sync_dir(out.parent());
+    owned::replace_folder(out, Made::Synth, None, |root| {
+        write_all(root, &studies, progress)
+    })?;
     Ok(SynthSummary {
         studies: studies.len(),
         images: studies.iter().map(|s| s.views.len()).sum(),
@@ -839,9 +808,6 @@ pub fn synth(out: &Path, cfg: &SynthConfig, progress: bool) -> Result<SynthSumma
 }
 
 fn write_all(root: &Path, studies: &[StudySpec], progress: bool) -> Result<()> {
-    std::fs::create_dir_all(root).with_context(|| format!("cannot create {}", root.display()))?;
-    std::fs::write(root.join(MARKER), "made by mura synth\n")
-        .with_context(|| format!("cannot write into {}", root.display()))?;
     let mura_dir = root.join(PREFIX);
     for s in studies {
         let dir = root.join(s.dir());

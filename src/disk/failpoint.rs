@@ -2,14 +2,20 @@
 //! `kill -9` would, or makes the step fail as a full disk would, to check that every
 //! interruption leaves the previous state or the new one, complete.
 //!
-//! `MURA_FAILPOINT=<name>:<n>[:kill|:enospc]`: the `n`-th time (counting from 1) the process
-//! reaches a point named `<name>` or `<name>.<step>`, it kills itself with SIGKILL (`kill`, the
-//! default) or that step fails with ENOSPC (`enospc`). Unset, a point costs one load.
+//! `MURA_FAILPOINT=<name>:<n>[:kill|:enospc|:stop]`: the `n`-th time (counting from 1) the
+//! process reaches a point named `<name>` or `<name>.<step>`, it kills itself with SIGKILL
+//! (`kill`, the default), or that step fails with ENOSPC (`enospc`), or it stops itself with
+//! SIGSTOP (`stop`) until a test that did something meanwhile (truncated a file, sent a signal)
+//! sends SIGCONT, then waits 0.3 s for the signals sent while it was stopped to take effect.
+//! Unset, a point costs one load.
 //!
 //! Points: `store.<step>`, the steps of `prep` writing and committing a store (see
 //! `data::prep`); `checkpoint.<step>`, the steps of a training run saving its last checkpoint
 //! (see `checkpoint::save_last`); `atomic-write`, any other file replaced in one rename (see
-//! `disk::write_atomic`), when its new content is written but not yet renamed into place. A test
+//! `disk::write_atomic`), when its new content is written but not yet renamed into place;
+//! `folder.<step>`, a folder of outputs replaced as one (see `disk::owned`); `eval.<file>`, an
+//! evaluation's files written; `store.opened`, a store opened and mapped; `train.step-done`,
+//! each training step done (before Ctrl-C is looked at). A test
 //! that counts up `n` from 1 until the command succeeds visits every step.
 
 use std::io;
@@ -23,6 +29,7 @@ pub const ENV: &str = "MURA_FAILPOINT";
 enum Action {
     Kill,
     NoSpace,
+    Stop,
 }
 
 #[derive(Debug, PartialEq)]
@@ -39,6 +46,7 @@ fn parse(s: &str) -> Option<Spec> {
     let action = match parts.next() {
         None | Some("kill") => Action::Kill,
         Some("enospc") => Action::NoSpace,
+        Some("stop") => Action::Stop,
         Some(_) => return None,
     };
     parts.next().is_none().then_some(Spec { name, n, action })
@@ -50,7 +58,7 @@ fn armed() -> &'static Result<Option<Spec>, String> {
         Err(_) => Ok(None),
         Ok(s) => parse(&s)
             .map(Some)
-            .ok_or_else(|| format!("{ENV}='{s}' is not <name>:<n>[:kill|:enospc]")),
+            .ok_or_else(|| format!("{ENV}='{s}' is not <name>:<n>[:kill|:enospc|:stop]")),
     })
 }
 
@@ -70,12 +78,19 @@ pub fn hit(point: &str) -> io::Result<()> {
     }
     match spec.action {
         Action::Kill => {
-            eprintln!("failpoint {point}: killed");
+            crate::note!("failpoint {point}: killed");
             // SAFETY: plain syscalls on this process; SIGKILL does not return.
             unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
             std::process::abort()
         }
         Action::NoSpace => Err(io::Error::from_raw_os_error(libc::ENOSPC)),
+        Action::Stop => {
+            crate::note!("failpoint {point}: stopped");
+            // SAFETY: a plain syscall on this process; it returns once continued.
+            unsafe { libc::kill(libc::getpid(), libc::SIGSTOP) };
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            Ok(())
+        }
     }
 }
 
@@ -89,6 +104,10 @@ mod tests {
         assert_eq!((s.name.as_str(), s.n, s.action), ("store", 3, Action::Kill));
         let s = parse("store.image-written:2:enospc").unwrap();
         assert_eq!(s.action, Action::NoSpace);
+        assert_eq!(
+            parse("train.step-done:1:stop").unwrap().action,
+            Action::Stop
+        );
         for bad in [
             "",
             "store",

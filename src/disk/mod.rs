@@ -14,6 +14,8 @@
 //! progress for leftovers.
 
 pub mod failpoint;
+pub mod mapped;
+pub mod owned;
 
 use anyhow::{bail, Context, Result};
 use std::fs::{File, Metadata};
@@ -104,12 +106,15 @@ pub fn read_regular_string(path: &Path, cap: u64) -> Result<String> {
         .map_err(|_| anyhow::anyhow!("{} is not UTF-8 text", path.display()))
 }
 
-/// The names of the entries of the folder `dir`.
+/// The names of the entries of the folder `dir` that are UTF-8 text (every name mura gives is;
+/// one that is not is never mura's, and is left out).
 pub fn entry_names(dir: &Path) -> Result<Vec<String>> {
     let mut names = Vec::new();
     for e in std::fs::read_dir(dir).with_context(|| format!("cannot read {}", dir.display()))? {
         let e = e.with_context(|| format!("cannot read {}", dir.display()))?;
-        names.push(e.file_name().to_string_lossy().into_owned());
+        if let Ok(name) = e.file_name().into_string() {
+            names.push(name);
+        }
     }
     Ok(names)
 }

@@ -118,6 +118,14 @@ pub fn resolve(device: Device) -> Result<Device> {
     Ok(match device {
         Device::Auto if cuda::device_count().unwrap_or(0) > 0 => Device::Cuda(0),
         Device::Auto => Device::Cpu,
+        // A GPU named is one that is there, before a command writes or spends anything.
+        Device::Cuda(n) => {
+            let count = cuda::device_count()?;
+            if n >= count {
+                bail!("cuda:{n}: no such device ({count} CUDA device(s) here)");
+            }
+            Device::Cuda(n)
+        }
         d => d,
     })
 }

@@ -460,7 +460,7 @@ fn prep_never_commits_a_store_its_reader_refuses() {
     assert_eq!(run_ok(&["inspect", s(&store)]).0, before);
     assert_eq!(
         names(&store),
-        ["CURRENT", "gen-1"].map(std::ffi::OsString::from)
+        [".mura", "CURRENT", "gen-1"].map(std::ffi::OsString::from)
     );
 }
 

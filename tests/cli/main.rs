@@ -2,7 +2,8 @@
 //! (`audit`), `mura bench --plan` (`bench`), hostile files (`hostile`), kills and full disks
 //! while training saves its checkpoint (`checkpoint_crash`), `mura score` (`score`), `mura
 //! report` (`report`), training end to end (`train`), `mura export --onnx` (`export`), loaded
-//! data that is not what it claims (`loaded`), predict and eval agreeing (`preprocess`) and the
+//! data that is not what it claims (`loaded`), folders and outputs mura owns, streams, signals,
+//! messages and moved runs (`owned`), predict and eval agreeing (`preprocess`) and the
 //! bounds of every count (`sizes`).
 
 #[path = "../common/mod.rs"]
@@ -14,6 +15,7 @@ mod checkpoint_crash;
 mod export;
 mod hostile;
 mod loaded;
+mod owned;
 mod preprocess;
 mod report;
 mod score;

@@ -476,7 +476,7 @@ fn demo_runs_end_to_end_and_only_replaces_its_own_folder() {
         "--studies",
         "40",
     ]);
-    assert!(e.contains("not a mura demo folder"), "{e}");
+    assert!(e.contains("holds files that mura did not write"), "{e}");
     assert!(foreign.join("precious.txt").exists());
 }
 
