@@ -1,6 +1,6 @@
 //! mura: a from-scratch DenseNet training engine for MURA.
 
-// Every line goes through `cli::out` (one line, escaped; a closed stream never stops a command).
+// Every line goes through `out` (one line, escaped; a closed stream never stops a command).
 #![deny(clippy::print_stdout, clippy::print_stderr)]
 
 pub mod backend;
@@ -21,6 +21,7 @@ pub mod net;
 pub mod onnx;
 pub mod ops;
 pub mod optim;
+pub mod out;
 pub mod plot;
 pub mod precision;
 pub mod rng;

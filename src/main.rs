@@ -87,12 +87,12 @@ fn main() {
         Command::Info(a) => cli::info::run(a),
     };
     if let Err(e) = result {
-        if let Some(stop) = e.downcast_ref::<cli::out::Interrupted>() {
+        if let Some(stop) = e.downcast_ref::<mura::out::Interrupted>() {
             mura::note!("{stop}");
-            std::process::exit(cli::out::INTERRUPTED_STATUS);
+            std::process::exit(mura::out::INTERRUPTED_STATUS);
         }
         // One clear line: the whole context chain, no backtrace.
-        cli::out::error_line(&e);
+        mura::out::error_line(&e);
         std::process::exit(1);
     }
 }

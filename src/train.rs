@@ -535,7 +535,7 @@ fn run_epochs(
                 model.export_adam(&mut adam)?;
                 checkpoint::save_last(&cfg.out, model, &adam, &state, input(&cfg, &store))
                     .map_err(|e| stopped(e, &cfg.out))?;
-                return Err(crate::cli::out::Interrupted(format!(
+                return Err(crate::out::Interrupted(format!(
                     "interrupted: saved epoch {} batch {}; continue with `mura train --resume {}`",
                     epoch + 1,
                     state.batches_done,

@@ -177,7 +177,7 @@ pub fn run(args: Args) -> Result<()> {
         }
     }
     if args.profile {
-        crate::cli::out::block(&crate::gpu::emu::profile::report());
+        crate::out::block(&crate::gpu::emu::profile::report());
     }
     Ok(())
 }

@@ -114,7 +114,7 @@ pub fn run(args: Args) -> Result<()> {
     let table = labelled.then(|| table(&preds));
     match &table {
         None => crate::out!("no labelled studies in this split: predictions only"),
-        Some(t) => crate::cli::out::block(&t.to_string()),
+        Some(t) => crate::out::block(&t.to_string()),
     }
     if let Some(dir) = &args.out {
         write_outputs(dir, &preds, table.as_ref())?;
@@ -148,7 +148,7 @@ fn write_outputs(
         if let Some(t) = table {
             crate::disk::write_synced(
                 &new.join("metrics.json"),
-                &serde_json::to_string_pretty(t)?.as_bytes(),
+                serde_json::to_string_pretty(t)?.as_bytes(),
                 "eval.metrics",
             )?;
         }

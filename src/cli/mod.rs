@@ -6,7 +6,6 @@ pub mod eval;
 pub mod export;
 pub mod info;
 pub mod inspect;
-pub mod out;
 pub mod predict;
 pub mod prep;
 pub mod report;

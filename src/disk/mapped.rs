@@ -49,7 +49,7 @@ impl Mapped {
         let message = format!(
             "error: {} was cut short while mura read it (another program rewrote or truncated \
              it in place?); stopped; what mura had written before is intact\n",
-            crate::cli::out::escape(&path.display().to_string())
+            crate::out::escape(&path.display().to_string())
         );
         let slot = register(map.as_ptr() as usize, map.len(), message);
         Ok(Mapped { map, slot })

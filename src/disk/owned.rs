@@ -158,7 +158,7 @@ pub fn claim(dir: &Path, kind: Made, earlier: Option<&dyn Fn(&Path) -> bool>) ->
 
 /// Writes the marker into `dir` (replacing an earlier one in one rename).
 fn mark(dir: &Path, kind: Made) -> Result<()> {
-    super::write_atomic(&dir.join(MARKER), kind.text().as_bytes())
+    super::write_atomic_step(&dir.join(MARKER), kind.text().as_bytes(), "folder.marked")
 }
 
 /// Creates the folder `dir` with its marker: made under a temporary name beside it, renamed into

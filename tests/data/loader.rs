@@ -232,7 +232,7 @@ fn damaged_stores_are_refused() {
     assert_eq!(Store::open(&good).unwrap().id(), id);
     expect_err(
         prep(&cfg(&root, &root.join("MURA-v1.1"), 20)),
-        "not a mura store",
+        "holds files that mura did not write",
     );
     let leftovers: Vec<_> = std::fs::read_dir(&root)
         .unwrap()

@@ -82,10 +82,10 @@ pub fn error_line(e: &anyhow::Error) {
 #[macro_export]
 macro_rules! out {
     () => {
-        $crate::cli::out::line(format_args!(""))
+        $crate::out::line(format_args!(""))
     };
     ($($arg:tt)*) => {
-        $crate::cli::out::line(format_args!($($arg)*))
+        $crate::out::line(format_args!($($arg)*))
     };
 }
 
@@ -93,7 +93,7 @@ macro_rules! out {
 #[macro_export]
 macro_rules! note {
     ($($arg:tt)*) => {
-        $crate::cli::out::note(format_args!($($arg)*))
+        $crate::out::note(format_args!($($arg)*))
     };
 }
 
