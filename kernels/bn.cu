@@ -164,8 +164,8 @@ __device__ void bn_bwd_part(float* part, const T* x, int x_rs, const T* dy, int 
 // coef: [2, C] f32 out (a = mean of dz, b = mean of dz * (x - mean) / (var + eps)); dgamma, dbeta:
 // [C] f32, added to; part: [2, P, C] from bn_bwd_part over R rows; var: [C] f32. With alpha not
 // null (alpha, beta: [C] f32; scale, mean: [C] f32), the input gradient's per-channel terms
-// scale * (-a - (x - mean) * b) = alpha + beta * x are added to alpha, beta instead (deferred, as in
-// bn_bwd_defer) and coef is not written. One thread a channel.
+// scale * (-a - (x - mean) * b) = alpha + beta * x are added to alpha, beta instead (deferred, as
+// bn_step_last in kernels/conv_tc.cu does) and coef is not written. One thread a channel.
 extern "C" __global__ void bn_bwd_merge_f32(float* __restrict__ coef, float* __restrict__ dgamma,
                                             float* __restrict__ dbeta, const float* __restrict__ part,
                                             const float* __restrict__ var, int R, int C, int P, float* alpha,
@@ -192,51 +192,6 @@ extern "C" __global__ void bn_bwd_merge_f32(float* __restrict__ coef, float* __r
     }
 }
 
-// As bn_bwd_merge_f32, from red: [2, C] f32, the per-channel sums of dz and of dz * x over R rows that
-// the data-gradient convolution's epilogue accumulated (kernels/conv_tc.cu): sum dz * (x - mean) =
-// sum dz * x - mean * sum dz; mean: [C] f32. red is zeroed once read. One thread a channel.
-extern "C" __global__ void bn_bwd_merge_sums_f32(float* __restrict__ coef, float* __restrict__ dgamma,
-                                                 float* __restrict__ dbeta, float* __restrict__ red,
-                                                 const float* __restrict__ mean, const float* __restrict__ var,
-                                                 int R, int C) {
-    const int c = blockIdx.x * blockDim.x + threadIdx.x;
-    if (c < C) {
-        const double sdz = red[c], sdx = (double)red[C + c] - (double)mean[c] * sdz;
-        const double is = 1.0 / sqrt((double)(var[c] + EPS));
-        dgamma[c] += (float)(sdx * is);
-        dbeta[c] += (float)sdz;
-        coef[c] = (float)(sdz / R);
-        coef[C + c] = (float)(sdx * is * is / R);
-        red[c] = 0.0f;
-        red[C + c] = 0.0f;
-    }
-}
-
-// A BN backward with its input gradient deferred. The data-gradient convolution in front already
-// added scale * dz to dx (kernels/conv_tc.cu, post = scale) and summed red: [2, C] f32 = (sum dz,
-// sum dz * x) over R rows; what dx still lacks, scale * (-a - (x - mean) * b) with a = sum dz / R,
-// b = sum dz * (x - mean) / (var + eps) / R, is affine in x per channel: alpha + beta * x, added to
-// alpha, beta: [C] f32 (summed over every BN that reads the channel; bn_grad_fix applies them).
-// dgamma, dbeta: [C] f32 +=; mean, var, scale: [C] f32. red is zeroed once read. One thread a channel.
-extern "C" __global__ void bn_bwd_defer_f32(float* __restrict__ alpha, float* __restrict__ beta,
-                                            float* __restrict__ dgamma, float* __restrict__ dbeta,
-                                            float* __restrict__ red, const float* __restrict__ mean,
-                                            const float* __restrict__ var, const float* __restrict__ scale, int R,
-                                            int C) {
-    const int c = blockIdx.x * blockDim.x + threadIdx.x;
-    if (c < C) {
-        const double m = mean[c], sdz = red[c], sdx = (double)red[C + c] - m * sdz;
-        const double is = 1.0 / sqrt((double)(var[c] + EPS));
-        dgamma[c] += (float)(sdx * is);
-        dbeta[c] += (float)sdz;
-        const double a = sdz / R, b = sdx * is * is / R, s = scale[c];
-        alpha[c] += (float)(-s * (a - m * b));
-        beta[c] += (float)(-s * b);
-        red[c] = 0.0f;
-        red[C + c] = 0.0f;
-    }
-}
-
 // dx (+)= scale * (dz - a - (x - mean) * b) in training, scale * dz in eval. dx: [R, C] T, row
 // stride dx_rs, overwritten (accumulate = 0) or added to (a dense block's shared gradient buffer);
 // x, dy as in bn_bwd_part; coef: [2, C] from bn_bwd_merge (unused in eval). Grid-stride over R*C.
@@ -256,7 +211,7 @@ __device__ void bn_bwd_dx(T* dx, int dx_rs, int accumulate, const T* x, int x_rs
     }
 }
 
-// dx += alpha + beta * x: the deferred BN-backward terms of bn_bwd_defer, once a channel's gradient
+// dx += alpha + beta * x: the deferred BN-backward terms of bn_step_last (kernels/conv_tc.cu), once a channel's gradient
 // has every consumer's. dx: [R, C] T (row stride dx_rs); x: [R, C] T (row stride x_rs), the
 // channel's stored (pre-BN) values; alpha, beta: [C] f32. Grid-stride over R*C.
 template <class T>

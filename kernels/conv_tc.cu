@@ -497,16 +497,73 @@ UNROLL
         }
 }
 
+// The BN that reads a forward's output next, whose coefficients the forward's last block finishes
+// (a launch of its own, bn_coeffs_fwd_f32 in kernels/bn.cu, did it before): C channels, the last co
+// of which are the forward's output, their batch statistics in the sums the epilogues added up.
+// gamma, beta: [C] f32; mean, var: [C] f32 batch statistics, the first C - co final, the last co
+// written here from the sums (mean = s / R, var = max(ss / R - mean^2, 0), in double); run_mean,
+// run_var: [C] f32 running statistics, updated with momentum 0.1 (var times unbias); scale, shift:
+// [C] f32 out (gamma / sqrt(var + eps), beta - mean * scale); done: one unsigned, zero, left zero.
+// done null: no such BN.
+struct CoefStep {
+    const float* gamma;
+    const float* beta;
+    float* mean;
+    float* var;
+    float* run_mean;
+    float* run_var;
+    float unbias;
+    int C;
+    float* scale;
+    float* shift;
+    unsigned* done;
+};
+
+// The forward's CoefStep, by the launch's last block to finish its epilogue (counted in step.done,
+// as bn_step_last counts), taking the sums: [2, co] back with atomicExch, leaving them zero for the
+// next epilogue. The same arithmetic as bn_coeffs_fwd_f32 (the same operations in the same order).
+__device__ __noinline__ void coef_step_last(float* sums, int co, int R, CoefStep step) {
+    MURA_DYN_SHARED(int, last);
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        *last = atomicAdd(step.done, 1u) == gridDim.x * gridDim.y - 1;
+        if (*last) atomicExch(step.done, 0u);
+    }
+    __syncthreads();
+    if (!*last) return;
+    __threadfence();
+    const float eps = (float)BN_EPS, momentum = (float)BN_MOMENTUM;
+    for (int c = threadIdx.x; c < step.C; c += blockDim.x) {
+        const int j = c - (step.C - co);
+        if (j >= 0) {
+            const double m = (double)atomicExch(sums + j, 0.0f) / R;
+            const double v = (double)atomicExch(sums + co + j, 0.0f) / R - m * m;
+            step.mean[c] = (float)m;
+            step.var[c] = (float)(v > 0.0 ? v : 0.0);
+        }
+        const float mean = step.mean[c], var = step.var[c];
+        const float s = step.gamma[c] / sqrtf(var + eps);
+        step.scale[c] = s;
+        step.shift[c] = step.beta[c] - mean * s;
+        const float keep = 1.0f - momentum;
+        step.run_mean[c] = keep * step.run_mean[c] + momentum * mean;
+        step.run_var[c] = keep * step.run_var[c] + momentum * var * step.unbias;
+    }
+}
+
 // y: [M, co] bf16 (row stride y_rs) = a[M, K] . wt[K, co] (a: the im2col operand of a forward);
 // when stats is not null (stats: [2, co] f32), the per-channel sum and sum of squares of the
 // stored y are added to it (the batch statistics of the BN that will read these channels).
 // Split-K (ws not null, when M * co is too small a grid to fill the GPU): block z takes the K
 // range [z * split_len, ...), and the last block of each tile finishes it (split_fixup; ws:
 // [M, co] f32 and tiles: [gridDim.x * gridDim.y] unsigned, zero and left so). ws null: gridDim.z
-// is 1.
+// is 1. With step.done not null (and stats), the launch also finishes the coefficients of the BN
+// that reads y next (coef_step_last).
 template <int BM, int BN, int WM, int WN, bool CACHE_A, class OA>
 __device__ __forceinline__ void tc_fwd(const OA& a, int M, int K, bf16* y, int y_rs, const bf16* wt, int co,
-                                       float* stats, float* ws, unsigned* tiles, int split_len) {
+                                       float* stats, const CoefStep& step, float* ws, unsigned* tiles,
+                                       int split_len) {
     typedef Tile<BM, BN, WM, WN> TL;
     const Dense b = make_dense(wt, K, co, co, 1);
     const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
@@ -533,15 +590,60 @@ UNROLL
             }
         if (stats) add_column_sums(sums, stats, co, n0 + (threadIdx.x / 32 % WN) * TL::WTN + nt * 8, co);
     }
+    if (step.done) coef_step_last(stats, co, M, step);
 }
 
 // y: [n, h, w, co] bf16 (row stride y_rs) = conv_KS(pre(x), wt) (KS = 1 or 3, stride 1, pad KS/2).
 template <int BM, int BN, int WM, int WN, int KS>
 __device__ __forceinline__ void conv_tc_fwd(bf16* y, int y_rs, const bf16* x, int x_rs, const bf16* wt,
                                             const float* scale, const float* shift, int n, int h, int w, int c,
-                                            int co, float* stats, float* ws, unsigned* tiles, int split_len) {
+                                            int co, float* stats, const CoefStep& step, float* ws,
+                                            unsigned* tiles, int split_len) {
     const Gather a = make_gather(x, x_rs, n, h, w, c, KS, scale, shift, 0);
-    tc_fwd<BM, BN, WM, WN, true>(a, n * h * w, KS * KS * c, y, y_rs, wt, co, stats, ws, tiles, split_len);
+    tc_fwd<BM, BN, WM, WN, true>(a, n * h * w, KS * KS * c, y, y_rs, wt, co, stats, step, ws, tiles, split_len);
+}
+
+// A BN backward's per-channel step, finished by a data-gradient launch that summed its
+// reductions red: [2, ci] f32 = (sum g, sum g * x) over its R = n*h*w rows (g: the masked gradient
+// of the BN's output, x its input): dgamma += sum g * (x - mean) / sqrt(var + eps), dbeta += sum g,
+// where sum g * (x - mean) = sum g * x - mean * sum g; then, with a = sum g / R and
+// b = sum g * (x - mean) / (var + eps) / R, either coef: [2, ci] = (a, b), which bn_bwd_dx (kernels/bn.cu)
+// applies, or (alpha not null: deferred, post = the BN's scale) alpha += -post * (a - mean * b),
+// beta += -post * b, which bn_grad_fix applies. mean, var: [ci] f32; dgamma, dbeta, alpha, beta: [ci]
+// f32. The launch's last block to finish its epilogue (counted in done: one unsigned, zero, left
+// zero; the reductions are device-scope atomics, fenced before the count, as in split_fixup) does it,
+// taking red back with atomicExch, so that red is zero again for the next epilogue. In double, as the
+// launches of their own that it replaces did (the same operations in the same order).
+__device__ __noinline__ void bn_step_last(float* red, int ci, int R, const float* post, float* coef, float* alpha,
+                                          float* beta, float* dgamma, float* dbeta, const float* mean,
+                                          const float* var, unsigned* done) {
+    // The flag in the first word of the stages' shared memory, free once the epilogue is done.
+    MURA_DYN_SHARED(int, last);
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        *last = atomicAdd(done, 1u) == gridDim.x * gridDim.y - 1;
+        if (*last) atomicExch(done, 0u);
+    }
+    __syncthreads();
+    if (!*last) return;
+    __threadfence();
+    for (int c = threadIdx.x; c < ci; c += blockDim.x) {
+        const double m = mean[c], sdz = atomicExch(red + c, 0.0f);
+        const double sdx = (double)atomicExch(red + ci + c, 0.0f) - m * sdz;
+        const double is = 1.0 / sqrt((double)(var[c] + (float)BN_EPS));
+        dgamma[c] += (float)(sdx * is);
+        dbeta[c] += (float)sdz;
+        const double a = sdz / R, b = sdx * is * is / R;
+        if (alpha) {
+            const double s = post[c];
+            alpha[c] += (float)(-s * (a - m * b));
+            beta[c] += (float)(-s * b);
+        } else {
+            coef[c] = (float)a;
+            coef[ci + c] = (float)b;
+        }
+    }
 }
 
 // dx: [n, h, w, ci] bf16 (row stride dx_rs) = post * g, overwritten or added to, where
@@ -550,13 +652,16 @@ __device__ __forceinline__ void conv_tc_fwd(bf16* y, int y_rs, const bf16* x, in
 // post: [ci] f32 per-channel factors, or null for 1. When red is not null (and scale is), the
 // per-channel sums of g and of g * x are added to red: [2, ci] f32 (the reductions of that BN's
 // backward; with post = the BN's scale and accumulate, dx receives the BN backward's per-element
-// term and the rest, affine in x per channel, can be added later). Split-K as in tc_fwd (ws:
-// [n*h*w, ci] f32, the reduction over k*k*co in chunks of split_len).
+// term and the rest, affine in x per channel, can be added later). With done not null (and red),
+// the launch also finishes that BN backward's per-channel step (bn_step_last). Split-K as in tc_fwd
+// (ws: [n*h*w, ci] f32, the reduction over k*k*co in chunks of split_len).
 template <int BM, int BN, int WM, int WN, int KS>
 __device__ __forceinline__ void conv_tc_bwd_data(bf16* dx, int dx_rs, int accumulate, const bf16* dy, int dy_rs,
                                                  const bf16* wt, const bf16* x, int x_rs, const float* scale,
                                                  const float* shift, int n, int h, int w, int ci, int co,
-                                                 float* red, const float* post, float* ws, unsigned* tiles,
+                                                 float* red, const float* post, float* coef, float* alpha,
+                                                 float* beta, float* dgamma, float* dbeta, const float* mean,
+                                                 const float* var, unsigned* done, float* ws, unsigned* tiles,
                                                  int split_len) {
     typedef Tile<BM, BN, WM, WN> TL;
     const Gather a = make_gather(dy, dy_rs, n, h, w, co, KS, nullptr, nullptr, 1);
@@ -591,6 +696,7 @@ UNROLL
             }
         if (red) add_column_sums(sums, red, ci, n0 + (threadIdx.x / 32 % WN) * TL::WTN + nt * 8, ci);
     }
+    if (done) bn_step_last(red, ci, M, post, coef, alpha, beta, dgamma, dbeta, mean, var, done);
 }
 
 // dw: [M, co] f32 += a^T[M, P] . dy[P, co] over the pixels [z * split_len, ...) (a: the im2col
@@ -623,6 +729,7 @@ __device__ __forceinline__ void conv_tc_bwd_weight(float* dw, const bf16* x, int
 // the masked data gradient g; post: null or [c] f32 factors of the stored data gradient.
 // Dynamic shared bytes: 2 stages of [outer][inner + 8] bf16 per operand (gpu/ops/conv_tc.rs smem).
 
+// gamma ... done: the CoefStep of the BN that reads y next (done null: none; see coef_step_last);
 // ws, tiles: null, or [n*h*w, co] f32 partial sums and [gridDim.x * gridDim.y] arrival counts, zero
 // (split-K over gridDim.z chunks of split_len, a multiple of 32, of the k*k*c reduction; the last
 // block of each tile stores it, see split_fixup).
@@ -630,31 +737,46 @@ __device__ __forceinline__ void conv_tc_bwd_weight(float* dw, const bf16* x, int
 extern "C" __global__ void __launch_bounds__(WIDE_THREADS, 2)
     conv1x1_tc_fwd_bf16(bf16* __restrict__ y, int y_rs, const bf16* __restrict__ x, int x_rs,
                         const bf16* __restrict__ wt, const float* scale, const float* shift, int n, int h, int w,
-                        int c, int co, float* stats, float* ws, unsigned* tiles, int split_len) {
-    conv_tc_fwd<WIDE, 1>(y, y_rs, x, x_rs, wt, scale, shift, n, h, w, c, co, stats, ws, tiles, split_len);
+                        int c, int co, float* stats, const float* __restrict__ gamma,
+                        const float* __restrict__ beta, float* mean, float* var, float* run_mean, float* run_var,
+                        float unbias, int next_c, float* next_scale, float* next_shift, unsigned* done, float* ws,
+                        unsigned* tiles, int split_len) {
+    const CoefStep step{gamma, beta, mean, var, run_mean, run_var, unbias, next_c, next_scale, next_shift, done};
+    conv_tc_fwd<WIDE, 1>(y, y_rs, x, x_rs, wt, scale, shift, n, h, w, c, co, stats, step, ws, tiles,
+                           split_len);
 }
 
 // Grid (ceil(n*h*w / 128), ceil(co / 32), splits), block 128, 25600 shared bytes.
 extern "C" __global__ void __launch_bounds__(NARROW_THREADS)
     conv3x3_tc_fwd_bf16(bf16* __restrict__ y, int y_rs, const bf16* __restrict__ x, int x_rs,
                         const bf16* __restrict__ wt, const float* scale, const float* shift, int n, int h, int w,
-                        int c, int co, float* stats, float* ws, unsigned* tiles, int split_len) {
-    conv_tc_fwd<NARROW, 3>(y, y_rs, x, x_rs, wt, scale, shift, n, h, w, c, co, stats, ws, tiles, split_len);
+                        int c, int co, float* stats, const float* __restrict__ gamma,
+                        const float* __restrict__ beta, float* mean, float* var, float* run_mean, float* run_var,
+                        float unbias, int next_c, float* next_scale, float* next_shift, unsigned* done, float* ws,
+                        unsigned* tiles, int split_len) {
+    const CoefStep step{gamma, beta, mean, var, run_mean, run_var, unbias, next_c, next_scale, next_shift, done};
+    conv_tc_fwd<NARROW, 3>(y, y_rs, x, x_rs, wt, scale, shift, n, h, w, c, co, stats, step, ws, tiles,
+                           split_len);
 }
 
 // dx: [n, h, w, c] bf16 (row stride dx_rs), overwritten (accumulate = 0) or added to; x, scale,
 // shift: the forward's input and BN + ReLU, for its mask (scale null: no mask; x unused); post:
 // null or [c] f32 factors of the stored gradient; red: null or [2, c] f32 += (sum g, sum g * x);
-// ws, tiles: null, or split-K over gridDim.z chunks of split_len of the k*k*co reduction, as in the
-// forward (ws: [n*h*w, c] f32).
+// done: null, or (with red) the BN backward's per-channel step from red, into coef or (deferred)
+// alpha, beta, and dgamma, dbeta, from mean, var (bn_step_last; red then left zero); ws, tiles:
+// null, or split-K over gridDim.z chunks of split_len of the k*k*co reduction, as in the forward
+// (ws: [n*h*w, c] f32).
 // Grid (ceil(n*h*w / 128), ceil(c / 128), splits), block 256, 61440 shared bytes.
 extern "C" __global__ void __launch_bounds__(WIDE_THREADS, 2)
     conv1x1_tc_bwd_data_bf16(bf16* dx, int dx_rs, int accumulate, const bf16* __restrict__ dy, int dy_rs,
                              const bf16* __restrict__ wt, const bf16* __restrict__ x, int x_rs, const float* scale,
                              const float* shift, int n, int h, int w, int c, int co, float* red, const float* post,
+                             float* coef, float* alpha, float* beta, float* dgamma, float* dbeta,
+                             const float* __restrict__ mean, const float* __restrict__ var, unsigned* done,
                              float* ws, unsigned* tiles, int split_len) {
     conv_tc_bwd_data<WIDE, 1>(dx, dx_rs, accumulate, dy, dy_rs, wt, x, x_rs, scale, shift, n, h, w, c, co,
-                                          red, post, ws, tiles, split_len);
+                                          red, post, coef, alpha, beta, dgamma, dbeta, mean, var, done, ws, tiles,
+                                          split_len);
 }
 
 // As conv1x1_tc_bwd_data_bf16, for the 3x3/1 pad 1 convolution.
@@ -662,9 +784,12 @@ extern "C" __global__ void __launch_bounds__(WIDE_THREADS, 2)
     conv3x3_tc_bwd_data_bf16(bf16* dx, int dx_rs, int accumulate, const bf16* __restrict__ dy, int dy_rs,
                              const bf16* __restrict__ wt, const bf16* __restrict__ x, int x_rs, const float* scale,
                              const float* shift, int n, int h, int w, int c, int co, float* red, const float* post,
+                             float* coef, float* alpha, float* beta, float* dgamma, float* dbeta,
+                             const float* __restrict__ mean, const float* __restrict__ var, unsigned* done,
                              float* ws, unsigned* tiles, int split_len) {
     conv_tc_bwd_data<WIDE, 3>(dx, dx_rs, accumulate, dy, dy_rs, wt, x, x_rs, scale, shift, n, h, w, c, co,
-                                          red, post, ws, tiles, split_len);
+                                          red, post, coef, alpha, beta, dgamma, dbeta, mean, var, done, ws, tiles,
+                                          split_len);
 }
 
 // dw += over pixels split into gridDim.z chunks of split_len (a multiple of 32).
@@ -689,15 +814,19 @@ extern "C" __global__ void __launch_bounds__(NARROW_THREADS)
 // 126-127 registers at __launch_bounds__(ANY_THREADS, 4) (158 unbounded), no spills: 4 blocks per SM.
 // y: [n, ho, wo, co] bf16 (row stride y_rs) = conv(pre(x), wt), ho = (h + 2 pad - k) / stride + 1;
 // x: [n, h, w, c] bf16 (row stride x_rs); wt: [k, k, c, co] bf16; stats: null or [2, co] f32 +=
-// per-channel (sum y, sum y^2). No split-K (the stem's grid is large).
+// per-channel (sum y, sum y^2); gamma ... done: the CoefStep of the BN that reads y next (done null:
+// none). No split-K (the stem's grid is large).
 // Grid (ceil(n*ho*wo / 128), ceil(co / 64)), block 128, 29696 shared bytes.
 extern "C" __global__ void __launch_bounds__(ANY_THREADS, 4)
     convkxk_tc_fwd_bf16(bf16* __restrict__ y, int y_rs, const bf16* __restrict__ x, int x_rs,
                         const bf16* __restrict__ wt, const float* scale, const float* shift, int n, int h, int w,
-                        int c, int co, int k, int stride, int pad, float* stats) {
+                        int c, int co, int k, int stride, int pad, float* stats, const float* __restrict__ gamma,
+                        const float* __restrict__ beta, float* mean, float* var, float* run_mean, float* run_var,
+                        float unbias, int next_c, float* next_scale, float* next_shift, unsigned* done) {
     const Strided a = make_strided(x, x_rs, n, h, w, c, k, stride, pad, scale, shift);
     const int K = k * k * c;
-    tc_fwd<ANY, false>(a, n * a.ho * a.wo, K, y, y_rs, wt, co, stats, nullptr, nullptr, K);
+    const CoefStep step{gamma, beta, mean, var, run_mean, run_var, unbias, next_c, next_scale, next_shift, done};
+    tc_fwd<ANY, false>(a, n * a.ho * a.wo, K, y, y_rs, wt, co, stats, step, nullptr, nullptr, K);
 }
 
 // dw: [k, k, c, co] f32 += (d conv / d wt)(pre(x), dy) over the output pixels split into gridDim.z

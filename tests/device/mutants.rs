@@ -56,7 +56,7 @@ fn conv_forward(
         tiles: tiles.slice(),
     };
     let split = split.map(|_| (ws, 32));
-    conv_tc::fwd_split(&**d, xv, None, wb.slice(), g, yv, None, split)?;
+    conv_tc::fwd_split(&**d, xv, None, wb.slice(), g, yv, None, None, split)?;
     let mut want = vec![0.0; n * h * w * co];
     let img = Image {
         data: &x,

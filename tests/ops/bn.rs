@@ -49,7 +49,7 @@ fn case<T: Act>(x: &mut Exec, dims: (usize, usize, usize, usize)) {
     }
     b.backward_deferred(x, &train);
     b.coefficients_from_sums(x);
-    b.backward_from_sums(x, &train);
+    b.backward_from_coef(x, &train);
 }
 
 /// Two `[c]` f32 vectors on the device: (mean, var), (scale, shift) or (alpha, beta).
@@ -464,41 +464,35 @@ impl<T: Act> Case<T> {
         check_cond(&w, &mv[1][3..], &v_ref, &second, 1e-5);
     }
 
-    /// The training backward (with ReLU) from per-channel sums (Σdz, Σdz·x) of the masked
-    /// gradient dz: whole, then deferred. x has mean 3, so a lost mean·Σdz term would show. The
-    /// backward's Σdz·(x − mean) = Σdz·x − mean·Σdz cancels (f32 sums, mean 3 next to std 2,
-    /// few rows): within 1e-4 in f32 (the path serves bf16 storage, whose rounding is 2e-3).
-    fn backward_from_sums(&self, x: &mut Exec, n: &Norm) {
-        let what = format!("{} bwd from sums", self.what);
+    /// The training backward (with ReLU) from its per-channel coefficients, as a data-gradient
+    /// convolution's BN step leaves them (`conv_tc::BnStep`, whose own test checks them and the
+    /// parameters' gradients): a = Σdz/N and b = Σdz·(x − mean)/(N·(var + eps)), here taken from
+    /// f32 sums (Σdz, Σdz·x) of the masked gradient dz as that step takes them, in double. x has
+    /// mean 3, so a lost mean·Σdz term would show; Σdz·(x − mean) = Σdz·x − mean·Σdz cancels (f32
+    /// sums, mean 3 next to std 2, few rows): within 1e-4 in f32 (the path serves bf16 storage,
+    /// whose rounding is 2e-3).
+    fn backward_from_coef(&self, x: &mut Exec, n: &Norm) {
+        let what = format!("{} bwd from coefficients", self.what);
         let tol = x.tol.max(1e-4);
         let dy = x.randn(self.rows * self.c, 1.0, 0.0);
         let (dzb, dz) = x.upload::<T>(&self.masked(n, &dy));
         let g = Grads::draw(x, self);
         let want = g.reference(self, &n.mv, (true, true), &dz);
-        let red = self.sums(x, &dz, &self.x);
-        let (s, dzm, coef) = (self.saved(n), self.m(&dzb), self.coef.slice());
-        bn::backward_from_sums(&*x.d, s, red.slice(), dzm, g.affine(), g.grad(), coef).unwrap();
+        let (c, rows) = (self.c, self.rows as f64);
+        let red = read(&self.sums(x, &dz, &self.x));
+        let (m, v) = (&n.mv[0], &n.mv[1]);
+        let coef: Vec<f64> = (0..c)
+            .map(|j| red[j] / rows)
+            .chain((0..c).map(|j| {
+                let sdx = red[c + j] - m[j] * red[j];
+                sdx / (v[j] + 1e-5) / rows
+            }))
+            .collect();
+        let (coef, _) = x.upload::<f32>(&coef);
+        let (s, dzm) = (self.saved(n), self.m(&dzb));
+        bn::backward_from_coef(&*x.d, s, dzm, g.grad(), coef.slice()).unwrap();
         let terms = self.sums_terms(n, &dz, &g.dx.1);
         g.check_dx(&what, &want.dx, Some(&terms), tol);
-        g.check_params(&what, &want, tol);
-        assert!(all_zero(&read(&red)), "{what}: red not zeroed");
-        self.defer_from_sums(x, n, (&g, &want), &dz);
-    }
-
-    /// The same deferred: the data-gradient convolution's epilogue added scale·dz into dx (`g0`'s
-    /// initial values); `defer_from_sums` adds the rest's per-channel terms to another reader's.
-    fn defer_from_sums(&self, x: &mut Exec, n: &Norm, (g0, want): (&Grads<T>, &Want), dz: &[f64]) {
-        let what = format!("{} bwd deferred from sums", self.what);
-        let tol = x.tol.max(1e-4);
-        let red = self.sums(x, dz, &self.x);
-        let share = Share::draw(x, self.c);
-        let after = self.per_element(n, &g0.dx.1, dz);
-        let g = Grads::with(x, self, [&after, &g0.dg.1, &g0.db.1]);
-        let (s, def) = (self.saved(n), share.dev.deferred());
-        bn::defer_from_sums(&*x.d, s, red.slice(), g.affine(), def).unwrap();
-        assert!(all_zero(&read(&red)), "{what}: red not zeroed");
-        g.check_params(&what, want, tol);
-        self.fix(x, &g, &share, (&after, &want.dx), (&what, tol));
     }
 
     /// The sizes of the terms of dx = dx0 + scale·(dz − Σdz/N − x̂·Σdz·(x − mean)/(N·σ)), the
@@ -714,14 +708,12 @@ fn backward_refuses_before_launching() {
     refused(e, "BN backward (dx): [4, 3] and [2, 3] differ");
     let e = bn::backward_deferred(d, saved, xm, dparams, dx, f.slice(), def.deferred());
     refused(e, "BN backward (dx): [4, 3] and [2, 3] differ");
-    let red = x.poisoned::<f32>(6);
-    let e = bn::backward_from_sums(d, saved, red.slice(), xm, dparams, dx, f.slice());
+    let e = bn::backward_from_coef(d, saved, xm, dx, f.slice());
     refused(e, "BN backward (dx): [4, 3] and [2, 3] differ");
     let all = [
         grads.read().concat(),
         def.read().concat(),
         read(&f),
-        read(&red),
         read(&dxb),
     ];
     assert!(all.iter().all(|v| all_nan(v)), "a refused backward wrote");

@@ -9,7 +9,9 @@ use crate::common::gpu::{
     all_nan, all_zero, check, check_cols, cols, column_sums, nhwc, plus_cols, read, refused, Exec,
 };
 use half::bf16;
-use mura::gpu::ops::conv_tc::{self, DataOut, Mask, SplitK};
+use mura::gpu::ops::bn::{Affine, Deferred, Running, Stats};
+use mura::gpu::ops::conv_tc::{self, BnStep, CoefStep, DataOut, Mask, SplitK, StepOut};
+use mura::gpu::ops::BnRelu;
 use mura::gpu::{DeviceBuffer, Driver};
 use mura::ops::conv::Conv;
 
@@ -137,13 +139,15 @@ fn any_window_case(x: &mut Exec, s: Shape) {
     let (xv, pre, wt) = (inp.view(), inp.pre(), inp.wt.0.slice());
     let y = inp.out_view(&out.y);
     let stats = Some(out.stats.slice());
-    conv_tc::fwd(&*x.d, xv, pre, wt, s.g, y, stats, Some(split)).unwrap();
+    conv_tc::fwd(&*x.d, xv, pre, wt, s.g, y, stats, None, Some(split)).unwrap();
     out.check(x, &inp, &format!("{what} fwd"), true);
     let untouched = tiles.to_vec().unwrap().iter().all(|&c| c == u32::MAX);
     assert!(
         all_nan(&read(&ws)) && untouched,
         "{what}: the workspace was written"
     );
+    let ws = Workspace::new(&x.d, s.px_out() * s.co, 64);
+    coef_step(x, &inp, &format!("{what} fwd"), Split::Default, &ws);
     let (dyb, dy) = inp.dy(x);
     weight_grads(x, &inp, &dyb, &dy, &what);
 }
@@ -203,17 +207,119 @@ fn forward_splits(x: &mut Exec, inp: &In, what: &str) {
         let y = inp.out_view(&out.y);
         let stats = s.pre.then(|| out.stats.slice());
         match split {
-            Split::Whole => conv_tc::fwd_split(&*x.d, xv, pre, wt, s.g, y, stats, None),
+            Split::Whole => conv_tc::fwd_split(&*x.d, xv, pre, wt, s.g, y, stats, None, None),
             Split::Chunks(len) => {
                 let split = Some((ws.view(), len));
-                conv_tc::fwd_split(&*x.d, xv, pre, wt, s.g, y, stats, split)
+                conv_tc::fwd_split(&*x.d, xv, pre, wt, s.g, y, stats, None, split)
             }
-            Split::Default => conv_tc::fwd(&*x.d, xv, pre, wt, s.g, y, stats, Some(ws.view())),
+            Split::Default => {
+                conv_tc::fwd(&*x.d, xv, pre, wt, s.g, y, stats, None, Some(ws.view()))
+            }
         }
         .unwrap();
         out.check(x, inp, &what, s.pre);
         ws.left_zero(&what);
+        coef_step(x, inp, &what, split, &ws);
     }
+}
+
+/// The forward finishing the coefficients of the BN that reads its output next
+/// ([`conv_tc::CoefStep`]), a BN of 5 more channels than the output, those first (their batch
+/// statistics final), from zeroed sums, which with the block count must be left zero. Against
+/// f64 of the stored output: the batch statistics of its channels (mean near 0, so var = Σy²/R −
+/// mean² loses nothing), every channel's (scale, shift), the running statistics' update.
+fn coef_step(x: &mut Exec, inp: &In, what: &str, split: Split, ws: &Workspace) {
+    let (s, old) = (inp.s, 5);
+    let (c, rows) = (s.co + old, s.px_out());
+    let what = format!("{what} BN coefficients step");
+    let y = x.poisoned::<bf16>(s.px_out() * s.y_rs);
+    let sums = zeroed(x, 2 * s.co);
+    let ((gamma, g0), (beta, b0)) = (x.random::<f32>(c, 0.5, 1.0), x.random::<f32>(c, 0.5, 0.0));
+    let (mean, m0) = x.random::<f32>(c, 0.2, 0.0);
+    let v0: Vec<f64> = x.randn(c, 0.5, 0.0).iter().map(|v| 0.5 + v * v).collect();
+    let (var, v0) = x.upload::<f32>(&v0);
+    let ((rm, rm0), (rv, rv0)) = (x.random::<f32>(c, 0.2, 0.0), x.random::<f32>(c, 0.2, 1.0));
+    let (scale, shift) = (x.poisoned::<f32>(c), x.poisoned::<f32>(c));
+    let done = DeviceBuffer::<u32>::zeroed(&x.d, 1).unwrap();
+    let step = Some(CoefStep {
+        params: Affine {
+            gamma: gamma.slice(),
+            beta: beta.slice(),
+        },
+        stats: Stats {
+            mean: mean.slice(),
+            var: var.slice(),
+        },
+        running: Running {
+            stats: Stats {
+                mean: rm.slice(),
+                var: rv.slice(),
+            },
+            count: rows,
+        },
+        out: BnRelu {
+            scale: scale.slice(),
+            shift: shift.slice(),
+        },
+        done: done.slice(),
+    });
+    let (xv, pre, wt, d) = (inp.view(), inp.pre(), inp.wt.0.slice(), &*x.d);
+    let (yv, st) = (inp.out_view(&y), Some(sums.slice()));
+    match split {
+        Split::Whole => conv_tc::fwd_split(d, xv, pre, wt, s.g, yv, st, step, None),
+        Split::Chunks(len) => {
+            conv_tc::fwd_split(d, xv, pre, wt, s.g, yv, st, step, Some((ws.view(), len)))
+        }
+        Split::Default => conv_tc::fwd(d, xv, pre, wt, s.g, yv, st, step, Some(ws.view())),
+    }
+    .unwrap();
+    let yv = read(&y);
+    check_cols(&what, &yv, (s.y_rs, s.y_c0, s.co), &inp.y_ref(), x.tol);
+    let sy = column_sums(
+        &vec![0.0; 2 * s.co],
+        &cols(&yv, s.y_rs, s.y_c0, s.co),
+        &cols(&yv, s.y_rs, s.y_c0, s.co),
+        s.co,
+    );
+    let (mut mw, mut vw) = (m0.clone(), v0.clone());
+    for j in 0..s.co {
+        let m = sy[j] / rows as f64;
+        mw[old + j] = m;
+        vw[old + j] = (sy[s.co + j] / rows as f64 - m * m).max(0.0);
+    }
+    let sc: Vec<f64> = (0..c).map(|i| g0[i] / (vw[i] + 1e-5).sqrt()).collect();
+    let sh: Vec<f64> = (0..c).map(|i| b0[i] - mw[i] * sc[i]).collect();
+    let unbias = rows as f64 / (rows - 1) as f64;
+    let rmw: Vec<f64> = (0..c).map(|i| 0.9 * rm0[i] + 0.1 * mw[i]).collect();
+    let rvw: Vec<f64> = (0..c)
+        .map(|i| 0.9 * rv0[i] + 0.1 * vw[i] * unbias)
+        .collect();
+    let tol = x.tol.min(1e-4);
+    check(
+        &format!("{what} mean, var"),
+        &[read(&mean), read(&var)].concat(),
+        &[mw, vw].concat(),
+        tol,
+    );
+    check(
+        &format!("{what} scale, shift"),
+        &[read(&scale), read(&shift)].concat(),
+        &[sc, sh].concat(),
+        tol,
+    );
+    check(
+        &format!("{what} running"),
+        &[read(&rm), read(&rv)].concat(),
+        &[rmw, rvw].concat(),
+        tol,
+    );
+    assert!(all_zero(&read(&sums)), "{what}: the sums not left zero");
+    assert_eq!(
+        done.to_vec().unwrap(),
+        [0],
+        "{what}: the block count not left zero"
+    );
+    ws.left_zero(&what);
 }
 
 /// `conv_tc::bwd_data` of `inp` from `dyb` into the first `c` channels of `dx: [px_in, rs]`,
@@ -230,6 +336,30 @@ fn bwd_data(
     (red, post): (Option<&DeviceBuffer<f32>>, Option<&DeviceBuffer<f32>>),
     split: Option<usize>,
 ) -> anyhow::Result<()> {
+    bwd_data_step(
+        x,
+        inp,
+        dyb,
+        (dx, rs),
+        (accumulate, mask),
+        (red, post),
+        None,
+        split,
+    )
+}
+
+/// [`bwd_data`] finishing the BN backward's per-channel `step` too.
+#[allow(clippy::too_many_arguments)]
+fn bwd_data_step(
+    x: &Exec,
+    inp: &In,
+    dyb: &DeviceBuffer<bf16>,
+    (dx, rs): (&DeviceBuffer<bf16>, usize),
+    (accumulate, mask): (bool, bool),
+    (red, post): (Option<&DeviceBuffer<f32>>, Option<&DeviceBuffer<f32>>),
+    step: Option<BnStep>,
+    split: Option<usize>,
+) -> anyhow::Result<()> {
     let s = inp.s;
     let out = DataOut {
         dx: nhwc(dx, (s.n, s.h, s.w), rs, (0, s.c)),
@@ -240,7 +370,7 @@ fn bwd_data(
     let (dyv, wt, d) = (inp.out_view(dyb), inp.wt.0.slice(), &*x.d);
     let ws = Workspace::new(&x.d, s.px_in() * s.c, 64);
     let split = split.map(|len| (ws.view(), len));
-    conv_tc::bwd_data_split(d, dyv, wt, s.g, out, mask, red, post, split)?;
+    conv_tc::bwd_data_split(d, dyv, wt, s.g, out, mask, red, post, step, split)?;
     ws.left_zero("bwd data");
     Ok(())
 }
@@ -262,6 +392,7 @@ fn data_grads(x: &mut Exec, inp: &In, dyb: &DeviceBuffer<bf16>, dy: &[f64], what
         masked_accumulated(x, inp, dyb, &g_ref, what, split);
         if s.pre {
             masked_plain(x, inp, dyb, &g_ref, what, split);
+            bn_steps(x, inp, dyb, &g_ref, what, split);
         }
         let dxb = x.poisoned::<bf16>(s.px_in() * s.c);
         let plain = (false, false);
@@ -336,6 +467,132 @@ fn masked_plain(
     check(&w, &read(&red), &want, EXACT);
 }
 
+/// The data gradient finishing its BN backward's per-channel step ([`BnStep`]) in the launch:
+/// into coefficients (BN2: the gradient stored plain), then deferred (BN1: `post` = the scale,
+/// accumulated), each from zeroed reductions, which with the block count must be left zero.
+/// Against f64 of the stored gradient (BN2) or of the reference one (BN1), with a BN mean near 3,
+/// so that a lost mean·Σg term would show.
+fn bn_steps(
+    x: &mut Exec,
+    inp: &In,
+    dyb: &DeviceBuffer<bf16>,
+    g_ref: &[f64],
+    what: &str,
+    split: Option<usize>,
+) {
+    let (s, c) = (inp.s, inp.s.c);
+    let rows = s.px_in() as f64;
+    let xc = cols(&inp.x.1, s.x_rs, 0, c);
+    let (mean, mv) = x.random::<f32>(c, 1.0, 3.0);
+    let vv: Vec<f64> = x.randn(c, 0.5, 0.0).iter().map(|v| 1.0 + v * v).collect();
+    let (var, vv) = x.upload::<f32>(&vv);
+    let (dg, dg0) = x.random::<f32>(c, 1.0, 0.0);
+    let (db, db0) = x.random::<f32>(c, 1.0, 0.0);
+    let done = DeviceBuffer::<u32>::zeroed(&x.d, 1).unwrap();
+    // (Σg, Σg·(x − mean) · invstd) and (a, b) per channel from the gradient `g`.
+    let expect = |g: &[f64]| {
+        let sums = column_sums(&vec![0.0; 2 * c], g, &xc, c);
+        let (mut dparams, mut ab) = (vec![0.0; 2 * c], vec![0.0; 2 * c]);
+        for j in 0..c {
+            let (sdz, sdx) = (sums[j], sums[c + j] - mv[j] * sums[j]);
+            let is = 1.0 / (vv[j] + 1e-5).sqrt();
+            dparams[j] = dg0[j] + sdx * is;
+            dparams[c + j] = db0[j] + sdz;
+            ab[j] = sdz / rows;
+            ab[c + j] = sdx * is * is / rows;
+        }
+        (dparams, ab)
+    };
+    let step = |out| BnStep {
+        stats: Stats {
+            mean: mean.slice(),
+            var: var.slice(),
+        },
+        dparams: Affine {
+            gamma: dg.slice(),
+            beta: db.slice(),
+        },
+        out,
+        done: done.slice(),
+    };
+    let left_zero = |red: &DeviceBuffer<f32>, w: &str| {
+        assert!(all_zero(&read(red)), "{w}: the reductions not left zero");
+        assert_eq!(
+            done.to_vec().unwrap(),
+            [0],
+            "{w}: the block count not left zero"
+        );
+    };
+    let params = || [read(&dg), read(&db)].concat();
+    // BN2: coefficients for bn::backward_from_coef, from the stored gradient.
+    let w = format!("{what} bwd data BN step (coefficients)");
+    let (gb, red, coef) = (
+        x.poisoned::<bf16>(s.px_in() * c),
+        zeroed(x, 2 * c),
+        x.poisoned::<f32>(2 * c),
+    );
+    let st = Some(step(StepOut::Coef(coef.slice())));
+    bwd_data_step(
+        x,
+        inp,
+        dyb,
+        (&gb, c),
+        (false, true),
+        (Some(&red), None),
+        st,
+        split,
+    )
+    .unwrap();
+    let (dparams, ab) = expect(&read(&gb));
+    check(&format!("{w} dgamma, dbeta"), &params(), &dparams, EXACT);
+    check(&format!("{w} a, b"), &read(&coef), &ab, EXACT);
+    left_zero(&red, &w);
+    // BN1: deferred terms added to another reader's, from the accumulated gradient.
+    let w = format!("{what} bwd data BN step (deferred)");
+    let (dg, db) = (x.upload::<f32>(&dg0).0, x.upload::<f32>(&db0).0);
+    let (alpha, a0) = x.random::<f32>(c, 1.0, 0.0);
+    let (beta, b0) = x.random::<f32>(c, 1.0, 0.0);
+    let (post, pv) = x.random::<f32>(c, 0.5, 1.0);
+    let (dxb, _) = x.random::<bf16>(s.px_in() * c, 1.0, 0.0);
+    let red = zeroed(x, 2 * c);
+    let def = Deferred {
+        alpha: alpha.slice(),
+        beta: beta.slice(),
+    };
+    let st = Some(BnStep {
+        dparams: Affine {
+            gamma: dg.slice(),
+            beta: db.slice(),
+        },
+        ..step(StepOut::Deferred(def))
+    });
+    let sums = (Some(&red), Some(&post));
+    bwd_data_step(x, inp, dyb, (&dxb, c), (true, true), sums, st, split).unwrap();
+    let (dparams, ab) = expect(g_ref);
+    let ab_want: Vec<f64> = (0..c)
+        .map(|j| a0[j] - pv[j] * (ab[j] - mv[j] * ab[c + j]))
+        .chain((0..c).map(|j| b0[j] - pv[j] * ab[c + j]))
+        .collect();
+    check(
+        &format!("{w} dgamma, dbeta"),
+        &[read(&dg), read(&db)].concat(),
+        &dparams,
+        x.tol,
+    );
+    check(
+        &format!("{w} alpha, beta"),
+        &[read(&alpha), read(&beta)].concat(),
+        &ab_want,
+        x.tol,
+    );
+    left_zero(&red, &w);
+}
+
+/// `len` f32 zeros on the device.
+fn zeroed(x: &Exec, len: usize) -> DeviceBuffer<f32> {
+    DeviceBuffer::zeroed(&x.d, len).unwrap()
+}
+
 /// The weight gradient from `dyb` (`dy` as stored), added to random f32 values: the default
 /// split, then 32-pixel chunks.
 fn weight_grads(x: &mut Exec, inp: &In, dyb: &DeviceBuffer<bf16>, dy: &[f64], what: &str) {
@@ -367,14 +624,24 @@ fn rejects_what_it_does_not_cover() {
         dx: v,
         accumulate: false,
     };
-    let e = conv_tc::bwd_data(d, v, wt, Conv::STEM, out, None, None, None, None);
+    let e = conv_tc::bwd_data(d, v, wt, Conv::STEM, out, None, None, None, None, None);
     refused(e, "7x7/2 pad 3");
-    let e = conv_tc::fwd_split(d, v, None, wt, Conv::STEM, v, None, Some((ws.view(), 32)));
+    let e = conv_tc::fwd_split(
+        d,
+        v,
+        None,
+        wt,
+        Conv::STEM,
+        v,
+        None,
+        None,
+        Some((ws.view(), 32)),
+    );
     refused(e, "7x7/2 pad 3");
     // A window larger than the padded input.
     let g = window(11, 1, 2);
     refused(
-        conv_tc::fwd(d, v, None, wt, g, v, None, None),
+        conv_tc::fwd(d, v, None, wt, g, v, None, None, None),
         "no output on a 4x4 input",
     );
     let e = conv_tc::bwd_weight(d, v, None, g, v, dw.slice());
@@ -402,17 +669,17 @@ fn refuses_operands_that_do_not_fit() {
         ws: short(ws),
         tiles: counts.slice().range(0, tiles).unwrap(),
     };
-    let e = conv_tc::fwd(d, xv, pre, wt.range(0, 63).unwrap(), g, y, None, None);
+    let e = conv_tc::fwd(d, xv, pre, wt.range(0, 63).unwrap(), g, y, None, None, None);
     refused(
         e,
         "the convolution's weights: 63 elements where 64 are needed",
     );
-    let e = conv_tc::fwd(d, xv, pre, wt, g, y, Some(short(15)), None);
+    let e = conv_tc::fwd(d, xv, pre, wt, g, y, Some(short(15)), None, None);
     refused(e, "the output statistics: 15 elements where 16 are needed");
     // (K = 8 channels: a chunk of 32 does not split; 8 rows of 16 pixels would in chunks of 0.)
-    let e = conv_tc::fwd_split(d, xv, pre, wt, g, y, None, Some((split(128, 1), 0)));
+    let e = conv_tc::fwd_split(d, xv, pre, wt, g, y, None, None, Some((split(128, 1), 0)));
     refused(e, "split-K chunk of 0 is not a positive multiple of 32");
-    let e = conv_tc::fwd_split(d, xv, pre, wt, g, y, None, Some((split(128, 1), 48)));
+    let e = conv_tc::fwd_split(d, xv, pre, wt, g, y, None, None, Some((split(128, 1), 48)));
     refused(e, "split-K chunk of 48 is not a positive multiple of 32");
     let dout = |dx| DataOut {
         dx,
@@ -427,7 +694,18 @@ fn refuses_operands_that_do_not_fit() {
     refused(e, "the weight gradient: 63 elements where 64 are needed");
     let bn = pre.unwrap();
     let mask = |v| Some(Mask { x: v, bn });
-    let e = conv_tc::bwd_data(d, y, wt, g, dout(y), None, Some(f.slice()), None, None);
+    let e = conv_tc::bwd_data(
+        d,
+        y,
+        wt,
+        g,
+        dout(y),
+        None,
+        Some(f.slice()),
+        None,
+        None,
+        None,
+    );
     refused(e, "need the BN's input (mask)");
     let e = conv_tc::bwd_data(
         d,
@@ -439,13 +717,56 @@ fn refuses_operands_that_do_not_fit() {
         None,
         None,
         None,
+        None,
     );
     refused(
         e,
         "the ReLU mask's input is (1, 2, 8, 8), expected (1, 4, 4, 8)",
     );
-    let e = conv_tc::bwd_data(d, y, wt, g, dout(y), mask(xv), None, Some(short(7)), None);
+    let e = conv_tc::bwd_data(
+        d,
+        y,
+        wt,
+        g,
+        dout(y),
+        mask(xv),
+        None,
+        Some(short(7)),
+        None,
+        None,
+    );
     refused(e, "the per-channel factors: 7 elements where 8 are needed");
+    // A BN step needs its reductions, and a deferred one the BN's scale as the factors.
+    let def = Deferred {
+        alpha: f.slice(),
+        beta: f.slice(),
+    };
+    let counts = DeviceBuffer::<u32>::zeroed(&x.d, 1).unwrap();
+    let step = |out| conv_tc::BnStep {
+        stats: Stats {
+            mean: f.slice(),
+            var: f.slice(),
+        },
+        dparams: Affine {
+            gamma: f.slice(),
+            beta: f.slice(),
+        },
+        out,
+        done: counts.slice(),
+    };
+    let coef = Some(step(StepOut::Coef(f.slice())));
+    let e = conv_tc::bwd_data(d, y, wt, g, dout(y), mask(xv), None, None, coef, None);
+    refused(
+        e,
+        "a BN backward's step in a data gradient needs its reductions (red)",
+    );
+    let deferred = Some(step(StepOut::Deferred(def)));
+    let red = Some(f.slice());
+    let e = conv_tc::bwd_data(d, y, wt, g, dout(y), mask(xv), red, None, deferred, None);
+    refused(
+        e,
+        "a deferred BN step needs the BN's scale as the factors (post)",
+    );
     assert!(
         all_nan(&read(&yb)) && all_nan(&read(&f)),
         "a refused call wrote"
@@ -479,6 +800,7 @@ fn refuses_short_split_workspaces() {
         None,
         None,
         None,
+        None,
         Some((split(127, 1), 32)),
     );
     refused(
@@ -494,6 +816,7 @@ fn refuses_short_split_workspaces() {
         None,
         None,
         None,
+        None,
         Some((split(128, 0), 32)),
     );
     refused(e, "the split-K tile counts: 0 elements where 1 are needed");
@@ -504,6 +827,7 @@ fn refuses_short_split_workspaces() {
         wt,
         s.g,
         dy,
+        None,
         None,
         Some((split(127, 1), 32)),
     );

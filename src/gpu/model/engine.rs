@@ -14,7 +14,7 @@
 //! (`tools/kernel-lab`) run the very same launches.
 
 use crate::gpu::ops::bn::{self, Affine, Deferred, Grad, Saved, Stats};
-use crate::gpu::ops::conv_tc::{self, DataOut, Mask, SplitK};
+use crate::gpu::ops::conv_tc::{self, BnStep, CoefStep, DataOut, Mask, SplitK, StepOut};
 use crate::gpu::ops::{cast, conv, Act, BnRelu};
 use crate::gpu::{Driver, Nhwc, Slice};
 use crate::ops::conv::Conv;
@@ -32,6 +32,9 @@ pub struct Ctx<'a> {
     pub bn: bn::Scratch,
     /// bf16: the split-K workspace of the forwards and data gradients (none: nothing splits).
     pub split: Option<SplitK>,
+    /// bf16: one `u32`, zero: the count of finished blocks of a data gradient that finishes its
+    /// BN backward's per-channel step (`conv_tc::BnStep`), left zero.
+    pub done: Slice<u32>,
 }
 
 impl Ctx<'_> {
@@ -39,6 +42,28 @@ impl Ctx<'_> {
     fn sums(&self, c: usize) -> Result<Slice<f32>> {
         self.sums.range(0, 2 * c)
     }
+}
+
+/// The BN that reads a forward's output next, in training: its parameters, its batch statistics
+/// over all its channels (the forward's output the last of them), its running statistics (updated
+/// from the batch of `running.count` rows) and its coefficients. A tensor-core forward finishes
+/// them in its own launch (`conv_tc::CoefStep`).
+#[derive(Clone, Copy, Debug)]
+pub struct NextBn {
+    pub params: Affine,
+    pub stats: Stats,
+    pub running: bn::Running,
+    pub out: BnRelu,
+}
+
+/// What a forward leaves for the coefficients of the BN that reads its output next.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Left {
+    /// They are still to compute, the statistics of the BN's last `pending` channels (the
+    /// forward's output, bf16) still sums in `Ctx::sums`.
+    Coefficients { pending: usize },
+    /// Nothing: the forward finished them ([`NextBn`]).
+    Nothing,
 }
 
 /// Where a convolution's data gradient goes.
@@ -96,7 +121,8 @@ pub trait Engine: Act {
         g: Conv,
         y: Nhwc<Self>,
         stats: Option<Stats>,
-    ) -> Result<usize>;
+        next: Option<NextBn>,
+    ) -> Result<Left>;
 
     /// `dw: [k, k, x.c, dy.c]` f32 += the weight gradient of `conv(pre(x))` from `dy`.
     fn conv_bwd_weight(
@@ -143,12 +169,13 @@ impl Engine for f32 {
         g: Conv,
         y: Nhwc<f32>,
         stats: Option<Stats>,
-    ) -> Result<usize> {
+        _next: Option<NextBn>,
+    ) -> Result<Left> {
         conv::fwd(c.d, x, pre, w, g, y)?;
         if let Some(stats) = stats {
             bn::batch_stats(c.d, y.mat(), stats, c.bn.part)?;
         }
-        Ok(0)
+        Ok(Left::Coefficients { pending: 0 })
     }
 
     fn conv_bwd_weight(
@@ -210,14 +237,26 @@ impl Engine for bf16 {
         g: Conv,
         y: Nhwc<bf16>,
         stats: Option<Stats>,
-    ) -> Result<usize> {
+        next: Option<NextBn>,
+    ) -> Result<Left> {
         // (The sums are zero: zeroed at the start of the pass and by each consumer.)
         let sums = match stats {
             Some(_) => Some(c.sums(y.c())?),
             None => None,
         };
-        conv_tc::fwd(c.d, x, pre, w, g, y, sums, c.split)?;
-        Ok(if stats.is_some() { y.c() } else { 0 })
+        let step = next.filter(|_| stats.is_some()).map(|n| CoefStep {
+            params: n.params,
+            stats: n.stats,
+            running: n.running,
+            out: n.out,
+            done: c.done,
+        });
+        conv_tc::fwd(c.d, x, pre, w, g, y, sums, step, c.split)?;
+        Ok(match (stats, step) {
+            (_, Some(_)) => Left::Nothing,
+            (Some(_), None) => Left::Coefficients { pending: y.c() },
+            (None, None) => Left::Coefficients { pending: 0 },
+        })
     }
 
     fn conv_bwd_weight(
@@ -244,29 +283,36 @@ impl Engine for bf16 {
                     dx,
                     accumulate: false,
                 };
-                return conv_tc::bwd_data(c.d, dy, w, g, dx, None, None, None, c.split);
+                return conv_tc::bwd_data(c.d, dy, w, g, dx, None, None, None, None, c.split);
             }
             DxOut::Bn(b) => b,
         };
         let (s, x) = (b.saved, b.scratch);
         let x = Nhwc::new(s.x.slice(), x.dims(), s.x.rs())?;
         let (sums, mask) = (c.sums(x.c())?, Some(Mask { x, bn: s.coef }));
+        // The BN backward's per-channel step, finished by the convolution's last block.
+        let step = |out| BnStep {
+            stats: s.stats,
+            dparams: b.dparams,
+            out,
+            done: c.done,
+        };
         if let Some(def) = b.deferred {
             // BN1: scale × the masked gradient straight into dx, the per-channel rest deferred.
             let out = DataOut {
                 dx: Nhwc::new(b.dx.mat.slice(), x.dims(), b.dx.mat.rs())?,
                 accumulate: b.dx.accumulate,
             };
-            let post = Some(s.coef.scale);
-            conv_tc::bwd_data(c.d, dy, w, g, out, mask, Some(sums), post, c.split)?;
-            return bn::defer_from_sums(c.d, s, sums, b.dparams, def);
+            let (post, step) = (Some(s.coef.scale), Some(step(StepOut::Deferred(def))));
+            return conv_tc::bwd_data(c.d, dy, w, g, out, mask, Some(sums), post, step, c.split);
         }
-        // BN2: the masked gradient of its output into the scratch, its reductions alongside.
+        // BN2: the masked gradient of its output into the scratch, its coefficients alongside.
         let out = DataOut {
             dx: b.scratch,
             accumulate: false,
         };
-        conv_tc::bwd_data(c.d, dy, w, g, out, mask, Some(sums), None, c.split)?;
-        bn::backward_from_sums(c.d, s, sums, b.scratch.mat(), b.dparams, b.dx, c.bn.coef)
+        let step = Some(step(StepOut::Coef(c.bn.coef)));
+        conv_tc::bwd_data(c.d, dy, w, g, out, mask, Some(sums), None, step, c.split)?;
+        bn::backward_from_coef(c.d, s, b.scratch.mat(), b.dx, c.bn.coef)
     }
 }

@@ -2,7 +2,7 @@
 //! schedule (captured once as a graph per batch size and mode), then the logits to the host.
 
 use super::plan::{stats_of, Plan, RawIn};
-use super::{Engine, GpuDenseNet, Pass};
+use super::{Engine, GpuDenseNet, Left, NextBn, Pass};
 use crate::gpu::ops::{augment, bn, cast, linear, pool};
 use crate::gpu::{DeviceBuffer, Graph, Nhwc};
 use crate::model::schedule::{Dir, Head, Layer, Stage, Stem, Step, Transition};
@@ -120,9 +120,11 @@ impl<T: Engine> GpuDenseNet<T> {
     }
 
     /// Launch the whole forward, stage by stage, from the input in the plan to the logits in the
-    /// plan. `pending` carries the channels of the current block whose statistics are still sums
-    /// (bf16): the last convolution's output, consumed by the next BN's coefficients (every
-    /// later BN that reads those channels then finds them in the block's statistics).
+    /// plan. `left` carries what the last convolution left for the coefficients of the BN that
+    /// reads its output next, the next step's first: in training a tensor-core convolution
+    /// finishes them (`Left::Nothing`); else the channels of the current block whose statistics
+    /// are still sums (bf16), consumed by that BN's coefficients (every later BN that reads those
+    /// channels then finds them in the block's statistics).
     fn forward_kernels(&self, plan: &Plan<T>, train: bool) -> Result<()> {
         // The epilogue sums and the split-K workspace start from zero (their consumers zero
         // them again after reading).
@@ -131,29 +133,59 @@ impl<T: Engine> GpuDenseNet<T> {
         if let Some(split) = &plan.split {
             split.clear()?;
         }
-        let mut pending = 0;
-        for step in plan.schedule.forward() {
-            self.d.stage(Stage::of(step, Dir::Fwd));
-            pending = match step {
+        let steps = plan.schedule.forward();
+        let mut left = Left::Coefficients { pending: 0 };
+        for (i, step) in steps.iter().enumerate() {
+            self.d.stage(Stage::of(*step, Dir::Fwd));
+            let next = match (train, steps.get(i + 1)) {
+                (true, Some(s)) => self.first_bn(plan, s)?,
+                _ => None,
+            };
+            left = match *step {
                 Step::Stem(s) => self.stem_fwd(plan, s, train)?,
-                Step::Layer(l) => self.layer_fwd(plan, l, train, pending)?,
-                Step::Transition(t) => self.transition_fwd(plan, t, train, pending)?,
-                Step::Head(hd) => self.head_fwd(plan, hd, train, pending)?,
+                Step::Layer(l) => self.layer_fwd(plan, l, train, left, next)?,
+                Step::Transition(t) => self.transition_fwd(plan, t, train, left, next)?,
+                Step::Head(hd) => self.head_fwd(plan, hd, train, left)?,
             };
         }
         Ok(())
     }
 
+    /// The BN that `step` begins with, which reads the previous step's output, with its batch
+    /// (training): a dense layer's norm1, a transition's norm, the head's norm5.
+    fn first_bn(&self, plan: &Plan<T>, step: &Step) -> Result<Option<NextBn>> {
+        let n = plan.n;
+        let (bn, stats, rows) = match *step {
+            Step::Stem(_) => return Ok(None),
+            Step::Layer(l) => (
+                l.norm1,
+                plan.blocks[l.block].stats(0, l.c_in)?,
+                l.hw.rows(n),
+            ),
+            Step::Transition(t) => (
+                t.norm,
+                plan.blocks[t.block].stats(0, t.c_in)?,
+                t.hw_in.rows(n),
+            ),
+            Step::Head(hd) => {
+                let last = plan.blocks.last().context("a DenseNet has blocks")?;
+                (hd.norm, last.stats(0, hd.c)?, hd.hw.rows(n))
+            }
+        };
+        self.next_bn(bn, (stats, rows)).map(Some)
+    }
+
     /// conv0 → norm0 → ReLU → max pool into block 0's first channels (the max pool applies norm0
     /// + ReLU as it reads conv0's output); then the pooled channels' statistics.
-    fn stem_fwd(&self, plan: &Plan<T>, s: &Stem, train: bool) -> Result<usize> {
+    fn stem_fwd(&self, plan: &Plan<T>, s: &Stem, train: bool) -> Result<Left> {
         let (n, f0) = (plan.n, s.conv.co);
         let stats = stats_of(plan.stem_stats.slice(), f0, 0, f0)?;
         let (x, y0) = (plan.input()?, plan.stem_out()?);
         let (ctx, w) = (self.ctx(plan), self.conv_weights(s.conv)?);
-        let pending = T::conv_fwd(&ctx, x, None, w, s.conv.g, y0, train.then_some(stats))?;
         let batch = train.then_some((stats, s.conv_out.rows(n)));
-        self.bn_scale_shift(s.norm, batch, pending)?;
+        let next = batch.map(|b| self.next_bn(s.norm, b)).transpose()?;
+        let left = T::conv_fwd(&ctx, x, None, w, s.conv.g, y0, batch.map(|b| b.0), next)?;
+        self.bn_scale_shift(s.norm, batch, left)?;
         let block0 = &plan.blocks[0];
         let out = block0.acts(n)?.channels(0, f0)?;
         pool::maxpool_fwd(&*self.d, y0, Some(self.coefs(s.norm)?), out)?;
@@ -165,18 +197,23 @@ impl<T: Engine> GpuDenseNet<T> {
                 self.bn_part.slice(),
             )?;
         }
-        Ok(0)
+        Ok(Left::Coefficients { pending: 0 })
     }
 
     /// BN1 + ReLU → 1×1 into the bottleneck, BN2 + ReLU → 3×3 into the block's next channels.
-    fn layer_fwd(&self, plan: &Plan<T>, l: &Layer, train: bool, pending: usize) -> Result<usize> {
+    /// `next`: the BN that reads this layer's output next (training), whose coefficients the 3×3
+    /// may finish.
+    fn layer_fwd(
+        &self,
+        plan: &Plan<T>,
+        l: &Layer,
+        train: bool,
+        left: Left,
+        next: Option<NextBn>,
+    ) -> Result<Left> {
         let (n, c, mid, k) = (plan.n, l.c_in, l.conv1.co, l.conv2.co);
         let (block, rows) = (&plan.blocks[l.block], l.hw.rows(n));
-        self.bn_scale_shift(
-            l.norm1,
-            train.then_some((block.stats(0, c)?, rows)),
-            pending,
-        )?;
+        self.bn_scale_shift(l.norm1, train.then_some((block.stats(0, c)?, rows)), left)?;
         let prefix = block.acts(n)?.channels(0, c)?;
         let y1 = &block.bottleneck[l.index];
         let y1 = Nhwc::new(y1.slice(), (n, l.hw.h, l.hw.w, mid), mid)?;
@@ -187,12 +224,22 @@ impl<T: Engine> GpuDenseNet<T> {
             self.conv_weights(l.conv1)?,
             self.conv_weights(l.conv2)?,
         );
-        let g1 = l.conv1.g;
-        let pending2 = T::conv_fwd(&ctx, prefix, pre1, w1, g1, y1, train.then_some(stats2))?;
-        self.bn_scale_shift(l.norm2, train.then_some((stats2, rows)), pending2)?;
+        let (g1, batch2) = (l.conv1.g, train.then_some((stats2, rows)));
+        let next2 = batch2.map(|b| self.next_bn(l.norm2, b)).transpose()?;
+        let left2 = T::conv_fwd(&ctx, prefix, pre1, w1, g1, y1, batch2.map(|b| b.0), next2)?;
+        self.bn_scale_shift(l.norm2, batch2, left2)?;
         let out = block.acts(n)?.channels(c, k)?;
         let (pre2, stats) = (Some(self.coefs(l.norm2)?), block.stats(c, k)?);
-        T::conv_fwd(&ctx, y1, pre2, w2, l.conv2.g, out, train.then_some(stats))
+        T::conv_fwd(
+            &ctx,
+            y1,
+            pre2,
+            w2,
+            l.conv2.g,
+            out,
+            train.then_some(stats),
+            next,
+        )
     }
 
     /// BN + ReLU → 2×2 average pool (fused) → 1×1 into the next block's first channels.
@@ -201,12 +248,13 @@ impl<T: Engine> GpuDenseNet<T> {
         plan: &Plan<T>,
         t: &Transition,
         train: bool,
-        pending: usize,
-    ) -> Result<usize> {
+        left: Left,
+        next_bn: Option<NextBn>,
+    ) -> Result<Left> {
         let n = plan.n;
         let (block, next) = (&plan.blocks[t.block], &plan.blocks[t.block + 1]);
         let batch = train.then_some((block.stats(0, t.c_in)?, t.hw_in.rows(n)));
-        self.bn_scale_shift(t.norm, batch, pending)?;
+        self.bn_scale_shift(t.norm, batch, left)?;
         let pooled = block
             .pooled
             .as_ref()
@@ -217,21 +265,30 @@ impl<T: Engine> GpuDenseNet<T> {
         let out = next.acts(n)?.channels(0, t.conv.co)?;
         let stats = next.stats(0, t.conv.co)?;
         let (ctx, w) = (self.ctx(plan), self.conv_weights(t.conv)?);
-        T::conv_fwd(&ctx, pooled, None, w, t.conv.g, out, train.then_some(stats))
+        T::conv_fwd(
+            &ctx,
+            pooled,
+            None,
+            w,
+            t.conv.g,
+            out,
+            train.then_some(stats),
+            next_bn,
+        )
     }
 
     /// norm5 → ReLU → global average pool → linear.
-    fn head_fwd(&self, plan: &Plan<T>, hd: &Head, train: bool, pending: usize) -> Result<usize> {
+    fn head_fwd(&self, plan: &Plan<T>, hd: &Head, train: bool, left: Left) -> Result<Left> {
         let (d, n, c) = (&*self.d, plan.n, hd.c);
         let last = plan.blocks.last().context("a DenseNet has blocks")?;
         let batch = train.then_some((last.stats(0, c)?, hd.hw.rows(n)));
-        self.bn_scale_shift(hd.norm, batch, pending)?;
+        self.bn_scale_shift(hd.norm, batch, left)?;
         let features = Nhwc::new(plan.features.slice(), (n, hd.hw.h, hd.hw.w, c), c)?;
         let acts = last.acts(n)?;
         bn::apply(d, acts.mat(), self.coefs(hd.norm)?, true, features.mat())?;
         pool::gap_fwd(d, features, plan.pooled(false)?)?;
         let wb = (self.param(hd.fc, c)?, self.param(hd.fc + c, 1)?);
         linear::fwd(d, plan.pooled(false)?, wb, plan.logits.slice())?;
-        Ok(0)
+        Ok(Left::Coefficients { pending: 0 })
     }
 }

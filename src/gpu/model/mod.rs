@@ -16,7 +16,7 @@ mod engine;
 mod forward;
 mod plan;
 
-pub use engine::{BnDx, Ctx, DxOut, Engine};
+pub use engine::{BnDx, Ctx, DxOut, Engine, Left, NextBn};
 pub use plan::{scratch_len, split_workspace, SplitBufs};
 
 use super::ops::bn::{self, Affine, Stats};
@@ -70,6 +70,8 @@ pub struct GpuDenseNet<T: Engine> {
     /// `[2, max c]` f32: per-channel sums accumulated in a tensor-core convolution's epilogue (the
     /// batch statistics of its output, or the BN-backward reductions of a data gradient).
     sums: DeviceBuffer<f32>,
+    /// A BN step's count of finished blocks (`conv_tc::BnStep`): zero between launches.
+    done: DeviceBuffer<u32>,
     plan: Option<Plan<T>>,
     /// The raw-input path's buffers, grown to the largest batch seen.
     raw_in: Option<RawIn>,
@@ -112,6 +114,7 @@ impl<T: Engine> GpuDenseNet<T> {
                 },
                 weights_stale: true,
                 sums: DeviceBuffer::alloc(&d, 2 * max_c)?,
+                done: DeviceBuffer::zeroed(&d, 1)?,
                 plan: None,
                 raw_in: None,
                 recorded: false,
@@ -169,6 +172,7 @@ impl<T: Engine> GpuDenseNet<T> {
             sums: self.sums.slice(),
             bn: self.bn_scratch(),
             split: plan.split(),
+            done: self.done.slice(),
         }
     }
 
@@ -207,6 +211,19 @@ impl<T: Engine> GpuDenseNet<T> {
         })
     }
 
+    /// The BN that reads a forward's output next, in training, with its batch `(stats, count)`.
+    fn next_bn(&self, bn: BnIdx, (stats, count): (Stats, usize)) -> Result<NextBn> {
+        Ok(NextBn {
+            params: self.bn_params(bn)?,
+            stats,
+            running: bn::Running {
+                stats: self.bn_running(bn)?,
+                count,
+            },
+            out: self.coefs(bn)?,
+        })
+    }
+
     /// The epilogue sums of `c` channels: `[2, c]`.
     fn sums(&self, c: usize) -> Result<Slice<f32>> {
         self.sums.slice().range(0, 2 * c)
@@ -222,15 +239,16 @@ impl<T: Engine> GpuDenseNet<T> {
 
     /// A BN's (scale, shift) into its coefficients: from the batch statistics `(stats, count)` in
     /// training (also updating its running statistics; its counter is counted by the forward),
-    /// else from the running ones. `pending`: how many of the BN's last channels still have their
-    /// statistics as sums in `self.sums` (what [`Engine::conv_fwd`] returned), turned into mean and
-    /// variance here.
-    fn bn_scale_shift(
-        &self,
-        bn: BnIdx,
-        batch: Option<(Stats, usize)>,
-        pending: usize,
-    ) -> Result<()> {
+    /// else from the running ones; unless the forward before finished them (`left`, what
+    /// [`Engine::conv_fwd`] returned: [`Left::Nothing`]). [`Left::Coefficients`]`{ pending }`: how
+    /// many of the BN's last channels still have their statistics as sums in `self.sums`, turned
+    /// into mean and variance here.
+    fn bn_scale_shift(&self, bn: BnIdx, batch: Option<(Stats, usize)>, left: Left) -> Result<()> {
+        let pending = match left {
+            Left::Nothing if batch.is_some() => return Ok(()),
+            Left::Nothing => bail!("a BN's coefficients finished outside training"),
+            Left::Coefficients { pending } => pending,
+        };
         let (d, params, out) = (&*self.d, self.bn_params(bn)?, self.coefs(bn)?);
         let pending = match pending {
             0 => None,

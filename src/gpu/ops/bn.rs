@@ -36,7 +36,7 @@ pub struct Stats {
 }
 
 impl Stats {
-    fn ptrs(self, c: usize) -> Result<(Ptr<f32>, Ptr<f32>)> {
+    pub(crate) fn ptrs(self, c: usize) -> Result<(Ptr<f32>, Ptr<f32>)> {
         Ok((
             self.mean.expect(c, "a BN's mean")?.ptr(),
             self.var.expect(c, "a BN's variance")?.ptr(),
@@ -52,7 +52,7 @@ pub struct Affine {
 }
 
 impl Affine {
-    fn ptrs(self, c: usize) -> Result<(Ptr<f32>, Ptr<f32>)> {
+    pub(crate) fn ptrs(self, c: usize) -> Result<(Ptr<f32>, Ptr<f32>)> {
         Ok((
             self.gamma.expect(c, "a BN's gamma")?.ptr(),
             self.beta.expect(c, "a BN's beta")?.ptr(),
@@ -211,7 +211,7 @@ pub struct Deferred {
 }
 
 impl Deferred {
-    fn ptrs(self, c: usize) -> Result<(Ptr<f32>, Ptr<f32>)> {
+    pub(crate) fn ptrs(self, c: usize) -> Result<(Ptr<f32>, Ptr<f32>)> {
         Ok((
             self.alpha.expect(c, "the deferred alpha")?.ptr(),
             self.beta.expect(c, "the deferred beta")?.ptr(),
@@ -384,77 +384,17 @@ fn dx_pass<T: Act>(
     }
 }
 
-/// A training-mode BN backward whose data-gradient convolution already added `scale · dz` to the
-/// input gradient (`conv_tc::bwd_data` with `post` = scale) and summed `red: [2, c]` f32 =
-/// (Σdz, Σdz·x) (left zeroed): `dparams` += ...; the rest of the input gradient, affine in x per
-/// channel, is added to `deferred` for [`grad_fix`]. `s.x` gives the rows (its values are not read).
-pub fn defer_from_sums<T: Act>(
+/// A training-mode BN backward whose per-channel step a data-gradient convolution already
+/// finished (`conv_tc::BnStep` into `coef`, `dparams` updated there), as it did the ReLU mask:
+/// `dz: [rows, c]` is the masked gradient of the BN output; `dx` (+)= its input gradient.
+pub fn backward_from_coef<T: Act>(
     d: &dyn Driver,
     s: Saved<T>,
-    red: Slice<f32>,
-    dparams: Affine,
-    deferred: Deferred,
-) -> Result<()> {
-    let (rows, c) = (s.x.rows(), s.x.cols());
-    let red = red.expect(2 * c, "the BN backward sums")?.ptr();
-    let (alpha, beta) = deferred.ptrs(c)?;
-    let (dgamma, dbeta) = dparams.ptrs(c)?;
-    let (mean, var) = s.stats.ptrs(c)?;
-    let (scale, _) = s.coef.ptrs(c)?;
-    // SAFETY: every [c] and [2, c] operand is checked above.
-    unsafe {
-        k::bn_bwd_defer_f32(
-            d,
-            per_channel(c),
-            alpha,
-            beta,
-            dgamma,
-            dbeta,
-            red,
-            mean,
-            var,
-            scale,
-            rows,
-            c,
-        )
-    }
-}
-
-/// A training-mode BN backward whose per-channel reductions a data-gradient convolution already
-/// summed (`red: [2, c]` f32 = Σdz, Σdz·x; left zeroed), as was its ReLU mask: `dz: [rows, c]` is
-/// the masked gradient of the BN output. `dparams` += ...; `dx` (+)= ...; `coef`: scratch of `2c`.
-#[allow(clippy::too_many_arguments)]
-pub fn backward_from_sums<T: Act>(
-    d: &dyn Driver,
-    s: Saved<T>,
-    red: Slice<f32>,
     dz: Mat<T>,
-    dparams: Affine,
     dx: Grad<T>,
     coef: Slice<f32>,
 ) -> Result<()> {
     check_grads(s, dz, dx.mat)?;
-    let (rows, c) = (s.x.rows(), s.x.cols());
-    let red = red.expect(2 * c, "the BN backward sums")?.ptr();
-    let coef_ptr = coef.expect(2 * c, "the BN coefficients scratch")?.ptr();
-    s.coef.ptrs(c)?;
-    let (dgamma, dbeta) = dparams.ptrs(c)?;
-    let (mean, var) = s.stats.ptrs(c)?;
-    // SAFETY: every [c] and [2, c] operand is checked above.
-    unsafe {
-        k::bn_bwd_merge_sums_f32(
-            d,
-            per_channel(c),
-            coef_ptr,
-            dgamma,
-            dbeta,
-            red,
-            mean,
-            var,
-            rows,
-            c,
-        )?
-    };
     dx_pass(d, s, false, true, dz, dx, coef)
 }
 

@@ -190,12 +190,91 @@ fn chunking(
     }
 }
 
+/// The BN that reads a forward's output next, whose (scale, shift) into `out` the launch's last
+/// block finishes from the sums `stats` it added up (no launch of its own; `bn::scale_shift` with
+/// `Pending` does the same): `params` and `stats` over its channels, of which the forward's output
+/// is the last (their batch statistics, written here from the sums, which are left zero); `running`
+/// updated from the batch (`count` = the forward's output rows). `done`: one `u32`, zero, left zero.
+#[derive(Clone, Copy, Debug)]
+pub struct CoefStep {
+    pub params: super::bn::Affine,
+    pub stats: super::bn::Stats,
+    pub running: super::bn::Running,
+    pub out: BnRelu,
+    pub done: Slice<u32>,
+}
+
+/// A [`CoefStep`]'s pointers for a forward of `rows × co` outputs (all null: none).
+struct CoefPtrs {
+    gamma: Ptr<f32>,
+    beta: Ptr<f32>,
+    mean: Ptr<f32>,
+    var: Ptr<f32>,
+    run_mean: Ptr<f32>,
+    run_var: Ptr<f32>,
+    unbias: f32,
+    c: usize,
+    scale: Ptr<f32>,
+    shift: Ptr<f32>,
+    done: Ptr<u32>,
+}
+
+impl CoefPtrs {
+    fn of(step: Option<CoefStep>, (rows, co): (usize, usize), sums: bool) -> Result<CoefPtrs> {
+        let Some(s) = step else {
+            let z = Ptr::NULL;
+            return Ok(CoefPtrs {
+                gamma: z,
+                beta: z,
+                mean: z,
+                var: z,
+                run_mean: z,
+                run_var: z,
+                unbias: 1.0,
+                c: 0,
+                scale: z,
+                shift: z,
+                done: Ptr::NULL,
+            });
+        };
+        let c = s.params.gamma.len();
+        if !sums {
+            bail_shape!("a forward's BN step needs its output statistics (stats)");
+        }
+        if c < co || s.running.count != rows {
+            bail_shape!(
+                "a BN of {c} channels over {} rows after a forward of {rows} × {co}",
+                s.running.count
+            );
+        }
+        let ((gamma, beta), (mean, var)) = (s.params.ptrs(c)?, s.stats.ptrs(c)?);
+        let (run_mean, run_var) = s.running.stats.ptrs(c)?;
+        let (scale, shift) = s.out.ptrs(c)?;
+        let done = s.done.expect(1, "the BN step's block count")?.ptr();
+        let unbias = rows as f64 / (rows.max(2) - 1) as f64;
+        Ok(CoefPtrs {
+            gamma,
+            beta,
+            mean,
+            var,
+            run_mean,
+            run_var,
+            unbias: unbias as f32,
+            c,
+            scale,
+            shift,
+            done,
+        })
+    }
+}
+
 /// `y: [n, ho, wo, co] = conv(pre(x), wt)`, `wt: [k, k, x.c, co]` bf16. `stats: [2, co]` f32, when
 /// given, has the per-channel Σy and Σy² of the stored `y` added to it (batch statistics of the BN
 /// that reads these channels next, without a pass over them; f32 sums, fine for conv outputs, whose
 /// mean is small next to their spread). `split`, when given, lets a dense-layer grid too small to
 /// fill the device split its reduction ([`fwd_split_len`]), finished in the same launch. Other
-/// windows (the stem) never split.
+/// windows (the stem) never split. `next` (with `stats`): the coefficients of the BN that reads `y`
+/// next, finished in the same launch ([`CoefStep`]).
 #[allow(clippy::too_many_arguments)]
 pub fn fwd(
     d: &dyn Driver,
@@ -205,13 +284,14 @@ pub fn fwd(
     g: Conv,
     y: Nhwc<bf16>,
     stats: Option<Slice<f32>>,
+    next: Option<CoefStep>,
     split: Option<SplitK>,
 ) -> Result<()> {
     if kernels_for(g) == Kernels::AnyWindow {
-        return fwd_any(d, x, pre, wt, g, y, stats);
+        return fwd_any(d, x, pre, wt, g, y, stats, next);
     }
     let len = fwd_split_len(x.rows(), x.c(), y.c(), g, d.sms());
-    fwd_split(d, x, pre, wt, g, y, stats, split.map(|s| (s, len)))
+    fwd_split(d, x, pre, wt, g, y, stats, next, split.map(|s| (s, len)))
 }
 
 /// The checked operands every forward shares: `(wt, scale, shift, stats)` pointers.
@@ -238,6 +318,7 @@ fn fwd_operands(
 }
 
 /// [`fwd`] of any window (`convkxk_tc_fwd_bf16`), never split.
+#[allow(clippy::too_many_arguments)]
 fn fwd_any(
     d: &dyn Driver,
     x: Nhwc<bf16>,
@@ -246,9 +327,11 @@ fn fwd_any(
     g: Conv,
     y: Nhwc<bf16>,
     stats: Option<Slice<f32>>,
+    next: Option<CoefStep>,
 ) -> Result<()> {
     let [scale, shift, stats] = fwd_operands(x, pre, wt, g, y, stats)?;
     let (n, h, w, c) = x.dims();
+    let p = CoefPtrs::of(next, (y.rows(), y.c()), stats.addr() != 0)?;
     let at = Launch {
         grid: [
             blocks_for(y.rows(), ANY.bm as u32),
@@ -281,6 +364,17 @@ fn fwd_any(
             g.stride,
             g.pad,
             stats,
+            p.gamma,
+            p.beta,
+            p.mean,
+            p.var,
+            p.run_mean,
+            p.run_var,
+            p.unbias,
+            p.c,
+            p.scale,
+            p.shift,
+            p.done,
         )
     }
 }
@@ -296,12 +390,14 @@ pub fn fwd_split(
     g: Conv,
     y: Nhwc<bf16>,
     stats: Option<Slice<f32>>,
+    next: Option<CoefStep>,
     split: Option<(SplitK, usize)>,
 ) -> Result<()> {
     let kernels = dense_kernels(g, "a split tensor-core forward")?;
     let [scale, shift, stats_ptr] = fwd_operands(x, pre, wt, g, y, stats)?;
     let (n, h, w, c) = x.dims();
     let (rows, co) = (x.rows(), y.c());
+    let p = CoefPtrs::of(next, (rows, co), stats_ptr.addr() != 0)?;
     let k_len = g.k * g.k * c;
     let t = tile_of(g);
     let grid = [blocks_for(rows, t.bm as u32), blocks_for(co, t.bn as u32)];
@@ -321,10 +417,14 @@ pub fn fwd_split(
         let (st, sl) = (stats_ptr, split_len);
         match kernels {
             Kernels::Conv1x1 => k::conv1x1_tc_fwd_bf16(
-                d, at, yp, ys, xp, xs, wt, s, t, n, h, w, c, co, st, ws, counts, sl,
+                d, at, yp, ys, xp, xs, wt, s, t, n, h, w, c, co, st, p.gamma, p.beta, p.mean,
+                p.var, p.run_mean, p.run_var, p.unbias, p.c, p.scale, p.shift, p.done, ws, counts,
+                sl,
             ),
             _ => k::conv3x3_tc_fwd_bf16(
-                d, at, yp, ys, xp, xs, wt, s, t, n, h, w, c, co, st, ws, counts, sl,
+                d, at, yp, ys, xp, xs, wt, s, t, n, h, w, c, co, st, p.gamma, p.beta, p.mean,
+                p.var, p.run_mean, p.run_var, p.unbias, p.c, p.scale, p.shift, p.done, ws, counts,
+                sl,
             ),
         }
     }
@@ -338,14 +438,70 @@ pub struct Mask {
     pub bn: BnRelu,
 }
 
+/// The per-channel step of the BN backward whose reductions a masked data gradient sums, finished
+/// by the launch's last block (no launch of its own): from `red` (Σg, Σg·x over the batch) and the
+/// BN's batch `stats`, `dparams` += (Σg·(x − mean) · invstd, Σg), then `out`. `done`: one `u32`,
+/// zero, left zero (the launch's count of finished blocks). `red` is left zero.
+#[derive(Clone, Copy, Debug)]
+pub struct BnStep {
+    pub stats: super::bn::Stats,
+    pub dparams: super::bn::Affine,
+    pub out: StepOut,
+    pub done: Slice<u32>,
+}
+
+/// Where a [`BnStep`] puts the rest of the BN backward.
+#[derive(Clone, Copy, Debug)]
+pub enum StepOut {
+    /// `coef: [2, ci]` f32 = (a, b) with a = Σg / rows, b = Σg·(x − mean) / (var + eps) / rows,
+    /// for `bn::backward_from_coef`.
+    Coef(Slice<f32>),
+    /// The per-channel terms of the input gradient, `alpha += −post · (a − mean · b)`, `beta +=
+    /// −post · b` (`post`: the BN's scale, which `dx` was multiplied by), for `bn::grad_fix`.
+    Deferred(super::bn::Deferred),
+}
+
+/// The kernel's pointers for `step` over `ci` channels (all null: none).
+type StepPtrs = (
+    Ptr<f32>,
+    Ptr<f32>,
+    Ptr<f32>,
+    Ptr<f32>,
+    Ptr<f32>,
+    Ptr<f32>,
+    Ptr<f32>,
+    Ptr<u32>,
+);
+
+fn step_ptrs(step: Option<BnStep>, ci: usize, post: bool) -> Result<StepPtrs> {
+    let Some(s) = step else {
+        let z = Ptr::NULL;
+        return Ok((z, z, z, z, z, z, z, Ptr::NULL));
+    };
+    let (coef, (alpha, beta)) = match s.out {
+        StepOut::Coef(c) => (
+            c.expect(2 * ci, "the BN coefficients")?.ptr(),
+            (Ptr::NULL, Ptr::NULL),
+        ),
+        StepOut::Deferred(_) if !post => {
+            bail_shape!("a deferred BN step needs the BN's scale as the factors (post)")
+        }
+        StepOut::Deferred(def) => (Ptr::NULL, def.ptrs(ci)?),
+    };
+    let (dgamma, dbeta) = s.dparams.ptrs(ci)?;
+    let (mean, var) = s.stats.ptrs(ci)?;
+    let done = s.done.expect(1, "the BN step's block count")?.ptr();
+    Ok((coef, alpha, beta, dgamma, dbeta, mean, var, done))
+}
+
 /// `dx: [n, h, w, ci]` (overwritten, or added to if `accumulate`) = `post · g`, where `g` is
 /// d(loss)/d(conv input) from `dy: [n, h, w, co]` and `wt: [k, k, ci, co]` bf16, rounded to bf16,
 /// times the ReLU mask `[x · scale + shift > 0]` when `mask` is given: `g` is then the gradient of
 /// the BN's output. `post: [ci]` f32 per-channel factors (None: 1). `red: [2, ci]` f32, when given
 /// (with a mask), has the per-channel Σg and Σg·x added to it: that BN's backward reductions,
 /// dbeta = Σg and dgamma = (Σg·x − mean·Σg) · invstd. With `post` = the BN's scale and
-/// `accumulate`, `dx` receives the BN backward's per-element term (`bn::defer_from_sums` has the
-/// rest). 1×1/1 and 3×3/1 pad 1 only. `split`, when given, lets a grid too small to fill the
+/// `accumulate`, `dx` receives the BN backward's per-element term. `step` (with `red`): the BN
+/// backward's per-channel step, finished in the same launch ([`BnStep`]). 1×1/1 and 3×3/1 pad 1 only. `split`, when given, lets a grid too small to fill the
 /// device split its reduction ([`data_split_len`]), finished in the same launch.
 #[allow(clippy::too_many_arguments)]
 pub fn bwd_data(
@@ -357,11 +513,23 @@ pub fn bwd_data(
     mask: Option<Mask>,
     red: Option<Slice<f32>>,
     post: Option<Slice<f32>>,
+    step: Option<BnStep>,
     split: Option<SplitK>,
 ) -> Result<()> {
     let (rows, ci, co) = (dx.dx.rows(), dx.dx.c(), dy.c());
     let len = data_split_len(rows, ci, co, g, d.sms());
-    bwd_data_split(d, dy, wt, g, dx, mask, red, post, split.map(|s| (s, len)))
+    bwd_data_split(
+        d,
+        dy,
+        wt,
+        g,
+        dx,
+        mask,
+        red,
+        post,
+        step,
+        split.map(|s| (s, len)),
+    )
 }
 
 /// Where a data gradient goes: `dx` overwritten, or added to when `accumulate`.
@@ -383,6 +551,7 @@ pub fn bwd_data_split(
     mask: Option<Mask>,
     red: Option<Slice<f32>>,
     post: Option<Slice<f32>>,
+    step: Option<BnStep>,
     split: Option<(SplitK, usize)>,
 ) -> Result<()> {
     let (dx, accumulate) = (out.dx, out.accumulate);
@@ -396,6 +565,10 @@ pub fn bwd_data_split(
     if red.is_some() && mask.is_none() {
         bail_shape!("the BN-backward reductions of a data gradient need the BN's input (mask)");
     }
+    if step.is_some() && red.is_none() {
+        bail_shape!("a BN backward's step in a data gradient needs its reductions (red)");
+    }
+    let (coef, alpha, beta, dgamma, dbeta, mean, var, done) = step_ptrs(step, ci, post.is_some())?;
     let (x, x_rs, (scale, shift)) = match mask {
         Some(m) => {
             dims_are("the ReLU mask's input", m.x, (n, h, w, ci))?;
@@ -431,11 +604,11 @@ pub fn bwd_data_split(
         match kernels {
             Kernels::Conv1x1 => k::conv1x1_tc_bwd_data_bf16(
                 d, at, dxp, dxs, acc, dyp, dys, wt, x, x_rs, scale, shift, n, h, w, ci, co, red,
-                post, ws, counts, split_len,
+                post, coef, alpha, beta, dgamma, dbeta, mean, var, done, ws, counts, split_len,
             ),
             _ => k::conv3x3_tc_bwd_data_bf16(
                 d, at, dxp, dxs, acc, dyp, dys, wt, x, x_rs, scale, shift, n, h, w, ci, co, red,
-                post, ws, counts, split_len,
+                post, coef, alpha, beta, dgamma, dbeta, mean, var, done, ws, counts, split_len,
             ),
         }
     }

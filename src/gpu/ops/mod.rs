@@ -33,7 +33,7 @@ pub struct BnRelu {
 
 impl BnRelu {
     /// The coefficients' pointers, after checking that they cover `c` channels.
-    fn ptrs(self, c: usize) -> Result<(Ptr<f32>, Ptr<f32>)> {
+    pub(crate) fn ptrs(self, c: usize) -> Result<(Ptr<f32>, Ptr<f32>)> {
         Ok((
             self.scale.expect(c, "a BN's scale")?.ptr(),
             self.shift.expect(c, "a BN's shift")?.ptr(),

@@ -36,7 +36,7 @@
 use crate::roofline::{KernelRow, Op, Pass, Shape, Site};
 use anyhow::{bail, Context, Result};
 use half::bf16;
-use mura::gpu::model::{self, BnDx, Ctx, DxOut, Engine, SplitBufs};
+use mura::gpu::model::{self, BnDx, Ctx, DxOut, Engine, NextBn, SplitBufs};
 use mura::gpu::ops::bn::{self, Affine, Deferred, Grad, Pending, Running, Saved, Stats};
 use mura::gpu::ops::conv_tc::SplitK;
 use mura::gpu::ops::{adam, cast, pool, Act, BnRelu};
@@ -467,6 +467,8 @@ struct Bench<'s, T: Engine> {
     /// bf16: the split-K workspace of the tensor-core forwards and data gradients (zero), as the
     /// model's plan sizes it; None when none splits.
     split: Option<SplitBufs>,
+    /// A BN step's count of finished blocks (zero), as the model's.
+    done: DeviceBuffer<u32>,
 }
 
 impl<'s, T: Engine> Bench<'s, T> {
@@ -489,6 +491,7 @@ impl<'s, T: Engine> Bench<'s, T> {
             f32s: Store::new(Rng::derive(seed, 2).next_u64()),
             scratch,
             split,
+            done: DeviceBuffer::zeroed(d, 1)?,
         })
     }
 
@@ -622,6 +625,34 @@ impl<'s, T: Engine> Bench<'s, T> {
     }
 
     /// A BN over `c` channels (shared by every BN of `c` channels).
+    /// The BN that reads a forward's output of `c` channels and `rows` rows next (its own
+    /// buffers: the forward's last block writes them while the others read the BN in front).
+    fn next_bn(&mut self, c: usize, rows: usize) -> Result<NextBn> {
+        let normal = |mean, sd| Fill::Normal { mean, sd };
+        let mut f = |name: &str, fill| self.f32(name, c, fill);
+        Ok(NextBn {
+            params: Affine {
+                gamma: f("next gamma", normal(1.0, 0.5))?,
+                beta: f("next beta", normal(0.0, 0.5))?,
+            },
+            stats: Stats {
+                mean: f("next mean", normal(0.0, 0.1))?,
+                var: f("next var", Fill::Positive)?,
+            },
+            running: bn::Running {
+                stats: Stats {
+                    mean: f("next running mean", normal(0.0, 0.1))?,
+                    var: f("next running var", Fill::Positive)?,
+                },
+                count: rows,
+            },
+            out: BnRelu {
+                scale: f("next scale", ACT)?,
+                shift: f("next shift", ACT)?,
+            },
+        })
+    }
+
     fn bn(&mut self, c: usize) -> Result<BnBufs> {
         let normal = |mean, sd| Fill::Normal { mean, sd };
         let mut f = |name: &str, fill| self.f32(name, c, fill);
@@ -675,24 +706,27 @@ impl<'s, T: Engine> Bench<'s, T> {
     fn conv(&mut self, c: ConvAt<T>, pass: Pass) -> Result<Work> {
         let d = self.d.clone();
         let (sums, bn) = self.ctx_parts(c.x.c().max(c.y.c()))?;
-        let split = self.split();
-        fn ctx(d: &Arc<dyn Driver>, (sums, bn, split): Parts) -> Ctx<'_> {
+        let (split, done) = (self.split(), self.done.slice());
+        fn ctx(d: &Arc<dyn Driver>, (sums, bn, split, done): Parts) -> Ctx<'_> {
             Ctx {
                 d: &**d,
                 sums,
                 bn,
                 split,
+                done,
             }
         }
-        type Parts = (Slice<f32>, bn::Scratch, Option<SplitK>);
-        let parts: Parts = (sums, bn, split);
+        type Parts = (Slice<f32>, bn::Scratch, Option<SplitK>, Slice<u32>);
+        let parts: Parts = (sums, bn, split, done);
         Ok(match pass {
             Pass::Fwd => {
-                // bf16: the output's statistics summed in the epilogue, as training runs it;
-                // f32: its separate statistics pass is the `bn_stats` row's.
+                // bf16: the output's statistics summed in the epilogue and the coefficients of
+                // the BN that reads it finished by its last block, as training runs it; f32: its
+                // separate statistics pass is the `bn_stats` row's.
                 let stats = T::TENSOR_CORES.then_some(self.bn(c.y.c())?.stats);
+                let next = Some(self.next_bn(c.y.c(), c.y.rows())?);
                 Box::new(move || {
-                    T::conv_fwd(&ctx(&d, parts), c.x, c.pre(), c.w, c.g, c.y, stats).map(drop)
+                    T::conv_fwd(&ctx(&d, parts), c.x, c.pre(), c.w, c.g, c.y, stats, next).map(drop)
                 })
             }
             Pass::BwdWeight => {

@@ -115,6 +115,7 @@ fn tensor_cores(d: &Arc<dyn Driver>, rng: &mut Rng) -> Result<()> {
         nhwc(&mid, c1)?,
         stats1,
         None,
+        None,
     )?;
     let (mid, p3) = (nhwc(&mid, c1)?, Some(pre(&s1, &t1)));
     let stats3 = Some(stats.slice().range(0, 2 * k)?);
@@ -126,6 +127,7 @@ fn tensor_cores(d: &Arc<dyn Driver>, rng: &mut Rng) -> Result<()> {
         Conv::CONV3,
         nhwc(&out, k)?,
         stats3,
+        None,
         None,
     )?;
     conv_tc::bwd_weight(&**d, mid, p3, Conv::CONV3, nhwc(&dy, k)?, dw.slice())
