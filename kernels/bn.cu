@@ -1,6 +1,7 @@
 // Batch norm over NHWC activations (a channel slice of a wider buffer): statistics, coefficients,
 // the fused apply, and the backward's reductions and per-element terms. Eps and momentum are
 // PyTorch's (kernels/consts.cuh).
+#include "bn_step.cuh"
 #include "consts.cuh"
 #include "dtype.cuh"
 
@@ -12,10 +13,33 @@ static_assert(EPS == 1e-5f && MOMENTUM == 0.1f, "PyTorch's BatchNorm defaults, r
 // (two passes, in cache) are merged with Chan's formula, so long columns neither lose precision
 // nor serialise on one block.
 
-// part: [2, P, C] f32 out (chunk mean, then chunk M2); x: [R, C] T, row stride rs. Chunk p is rows
-// [p*R/P, (p+1)*R/P). Block (32, 8); grid (ceil(C / 32), P); 2*8*33*4 dynamic shared bytes.
+// Channel c's mean and biased variance into mean, var: [C] f32 from part: [2, P, C] (chunk means
+// and M2 over R rows, taken back with atomicExch, which leaves them zero), merged with Chan's
+// formula in double.
+__device__ __forceinline__ void bn_stats_merge(float* part, int R, int C, int P, float* mean, float* var, int c) {
+    double n = 0.0, m = 0.0, m2 = 0.0;
+    for (int p = 0; p < P; p++) {
+        const double nb = (double)((long long)(p + 1) * R / P - (long long)p * R / P);
+        const double mb = atomicExch(part + (long long)p * C + c, 0.0f);
+        const double m2b = atomicExch(part + (long long)(P + p) * C + c, 0.0f);
+        if (nb == 0.0) continue;
+        const double tot = n + nb, delta = mb - m;
+        m += delta * nb / tot;
+        m2 += m2b + delta * delta * n * nb / tot;
+        n = tot;
+    }
+    mean[c] = (float)m;
+    var[c] = (float)(m2 / (double)R);
+}
+
+// part: [2, P, C] f32 scratch (chunk mean, then chunk M2, written with atomicExch, read back and
+// zeroed by the launch's last block); x: [R, C] T, row stride rs. Chunk p is rows [p*R/P, (p+1)*R/P).
+// The launch's last block (counted in step.done) merges the chunks into step.mean, step.var (biased
+// variance; bn_stats_merge) and, when step.gamma is not null, finishes the coefficients of that BN
+// (step: a CoefStep of C channels, kernels/bn_step.cuh). Block (32, 8); grid (ceil(C / 32), P);
+// 2*8*33*4 dynamic shared bytes.
 template <class T>
-__device__ void bn_stats_part(float* part, const T* x, int R, int C, int rs) {
+__device__ void bn_stats_part(float* part, const T* x, int R, int C, int rs, CoefStep step) {
     MURA_DYN_SHARED(float, red);  // [8][33], then mu: [32]
     float* mu = red + 8 * 33;
     const int c = blockIdx.x * 32 + threadIdx.x, P = gridDim.y, p = blockIdx.y;
@@ -45,29 +69,13 @@ __device__ void bn_stats_part(float* part, const T* x, int R, int C, int rs) {
     if (threadIdx.y == 0 && valid) {
         float t = 0.0f;
         for (int k = 0; k < 8; k++) t += red[k * 33 + threadIdx.x];
-        part[(long long)p * C + c] = m;
-        part[(long long)(P + p) * C + c] = t;
+        atomicExch(part + (long long)p * C + c, m);
+        atomicExch(part + (long long)(P + p) * C + c, t);
     }
-}
-
-// mean, var: [C] f32 out (biased variance); part: [2, P, C] from bn_stats_part over R rows.
-// One thread per channel.
-extern "C" __global__ void bn_stats_merge_fwd_f32(float* __restrict__ mean, float* __restrict__ var,
-                                                  const float* __restrict__ part, int R, int C, int P) {
-    const int c = blockIdx.x * blockDim.x + threadIdx.x;
-    if (c < C) {
-        double n = 0.0, m = 0.0, m2 = 0.0;
-        for (int p = 0; p < P; p++) {
-            const double nb = (double)((long long)(p + 1) * R / P - (long long)p * R / P);
-            if (nb == 0.0) continue;
-            const double mb = part[(long long)p * C + c], m2b = part[(long long)(P + p) * C + c];
-            const double tot = n + nb, delta = mb - m;
-            m += delta * nb / tot;
-            m2 += m2b + delta * delta * n * nb / tot;
-            n = tot;
-        }
-        mean[c] = (float)m;
-        var[c] = (float)(m2 / (double)R);
+    if (!last_block(step.done, gridDim.x * gridDim.y)) return;
+    for (int ch = threadIdx.y * 32 + threadIdx.x; ch < C; ch += 32 * 8) {
+        bn_stats_merge(part, R, C, P, step.mean, step.var, ch);
+        if (step.gamma) bn_coef_channel(step, ch);
     }
 }
 
@@ -94,14 +102,8 @@ extern "C" __global__ void bn_coeffs_fwd_f32(float* __restrict__ scale, float* _
             sums[j] = 0.0f;
             sums[P + j] = 0.0f;
         }
-        const float s = gamma[c] / sqrtf(var[c] + EPS);
-        scale[c] = s;
-        shift[c] = beta[c] - mean[c] * s;
-        if (run_mean) {
-            const float keep = 1.0f - MOMENTUM;
-            run_mean[c] = keep * run_mean[c] + MOMENTUM * mean[c];
-            run_var[c] = keep * run_var[c] + MOMENTUM * var[c] * unbias;
-        }
+        const CoefStep step{gamma, beta, mean, var, run_mean, run_var, unbias, C, scale, shift, nullptr};
+        bn_coef_channel(step, c);
     }
 }
 
@@ -125,12 +127,52 @@ __device__ __forceinline__ float bn_dz(float x, float d, float s, float t, int r
     return relu && x * s + t <= 0.0f ? 0.0f : d;
 }
 
-// Backward partial sums over chunk p of the rows: part: [2, P, C] f32 out (sum dz, then
-// sum dz * (x - mean)). x: [R, C] T (row stride x_rs); dy: [R, C] T (row stride dy_rs); scale,
-// shift, mean: [C] f32. Block (32, 8); grid (ceil(C / 32), P); 8*33*4 dynamic shared bytes.
+// Where a BN backward's reductions go once merged: coef: [2, C] f32 out (a = mean of dz, b = mean of
+// dz * (x - mean) / (var + eps)); dgamma, dbeta: [C] f32, added to; var: [C] f32. With alpha not null
+// (alpha, beta: [C] f32), the input gradient's per-channel terms scale * (-a - (x - mean) * b) =
+// alpha + beta * x are added to alpha, beta instead (deferred, as bn_step_last in
+// kernels/conv_tc.cu does) and coef is not written. done: one unsigned, zero, left zero.
+struct BwdMerge {
+    float* coef;
+    float* dgamma;
+    float* dbeta;
+    const float* var;
+    float* alpha;
+    float* beta;
+    unsigned* done;
+};
+
+// Channel c's merge of part: [2, P, C] (sum dz, sum dz * (x - mean) per chunk of the R rows, taken
+// back with atomicExch, which leaves them zero) into m, in double. scale, mean: [C] f32.
+__device__ __forceinline__ void bn_bwd_merge(float* part, int R, int C, int P, const float* scale,
+                                             const float* mean, const BwdMerge& m, int c) {
+    double sdz = 0.0, sdx = 0.0;
+    for (int p = 0; p < P; p++) {
+        sdz += atomicExch(part + (long long)p * C + c, 0.0f);
+        sdx += atomicExch(part + (long long)(P + p) * C + c, 0.0f);
+    }
+    const double is = 1.0 / sqrt((double)(m.var[c] + EPS));
+    m.dgamma[c] += (float)(sdx * is);
+    m.dbeta[c] += (float)sdz;
+    const double a = sdz / R, b = sdx * is * is / R;
+    if (m.alpha) {
+        const double s = scale[c];
+        m.alpha[c] += (float)(-s * (a - mean[c] * b));
+        m.beta[c] += (float)(-s * b);
+    } else {
+        m.coef[c] = (float)a;
+        m.coef[C + c] = (float)b;
+    }
+}
+
+// A BN backward's reductions: partial sums over chunk p of the rows into part: [2, P, C] f32 scratch
+// (sum dz, then sum dz * (x - mean); written with atomicExch), which the launch's last block (counted
+// in m.done) merges into m (bn_bwd_merge). x: [R, C] T (row stride x_rs); dy: [R, C] T (row stride
+// dy_rs); scale, shift, mean: [C] f32. Block (32, 8); grid (ceil(C / 32), P); 8*33*4 dynamic shared
+// bytes.
 template <class T>
 __device__ void bn_bwd_part(float* part, const T* x, int x_rs, const T* dy, int dy_rs, int R, int C,
-                            const float* scale, const float* shift, const float* mean, int relu) {
+                            const float* scale, const float* shift, const float* mean, int relu, BwdMerge m) {
     MURA_DYN_SHARED(float, red);  // [8][33]
     const int c = blockIdx.x * 32 + threadIdx.x, P = gridDim.y, p = blockIdx.y;
     const int r0 = (int)((long long)p * R / P), r1 = (int)((long long)(p + 1) * R / P);
@@ -156,40 +198,12 @@ __device__ void bn_bwd_part(float* part, const T* x, int x_rs, const T* dy, int 
     if (threadIdx.y == 0 && valid) {
         float t1 = 0.0f;
         for (int k = 0; k < 8; k++) t1 += red[k * 33 + threadIdx.x];
-        part[(long long)p * C + c] = t0;
-        part[(long long)(P + p) * C + c] = t1;
+        atomicExch(part + (long long)p * C + c, t0);
+        atomicExch(part + (long long)(P + p) * C + c, t1);
     }
-}
-
-// coef: [2, C] f32 out (a = mean of dz, b = mean of dz * (x - mean) / (var + eps)); dgamma, dbeta:
-// [C] f32, added to; part: [2, P, C] from bn_bwd_part over R rows; var: [C] f32. With alpha not
-// null (alpha, beta: [C] f32; scale, mean: [C] f32), the input gradient's per-channel terms
-// scale * (-a - (x - mean) * b) = alpha + beta * x are added to alpha, beta instead (deferred, as
-// bn_step_last in kernels/conv_tc.cu does) and coef is not written. One thread a channel.
-extern "C" __global__ void bn_bwd_merge_f32(float* __restrict__ coef, float* __restrict__ dgamma,
-                                            float* __restrict__ dbeta, const float* __restrict__ part,
-                                            const float* __restrict__ var, int R, int C, int P, float* alpha,
-                                            float* beta, const float* scale, const float* mean) {
-    const int c = blockIdx.x * blockDim.x + threadIdx.x;
-    if (c < C) {
-        double sdz = 0.0, sdx = 0.0;
-        for (int p = 0; p < P; p++) {
-            sdz += part[(long long)p * C + c];
-            sdx += part[(long long)(P + p) * C + c];
-        }
-        const double is = 1.0 / sqrt((double)(var[c] + EPS));
-        dgamma[c] += (float)(sdx * is);
-        dbeta[c] += (float)sdz;
-        const double a = sdz / R, b = sdx * is * is / R;
-        if (alpha) {
-            const double s = scale[c];
-            alpha[c] += (float)(-s * (a - mean[c] * b));
-            beta[c] += (float)(-s * b);
-        } else {
-            coef[c] = (float)a;
-            coef[C + c] = (float)b;
-        }
-    }
+    if (!last_block(m.done, gridDim.x * gridDim.y)) return;
+    for (int ch = threadIdx.y * 32 + threadIdx.x; ch < C; ch += 32 * 8)
+        bn_bwd_merge(part, R, C, P, scale, mean, m, ch);
 }
 
 // dx (+)= scale * (dz - a - (x - mean) * b) in training, scale * dz in eval. dx: [R, C] T, row
@@ -211,8 +225,8 @@ __device__ void bn_bwd_dx(T* dx, int dx_rs, int accumulate, const T* x, int x_rs
     }
 }
 
-// dx += alpha + beta * x: the deferred BN-backward terms of bn_step_last (kernels/conv_tc.cu), once a channel's gradient
-// has every consumer's. dx: [R, C] T (row stride dx_rs); x: [R, C] T (row stride x_rs), the
+// dx += alpha + beta * x: the deferred BN-backward terms (bn_bwd_merge; bn_step_last in
+// kernels/conv_tc.cu), once a channel's gradient has every consumer's. dx: [R, C] T (row stride dx_rs); x: [R, C] T (row stride x_rs), the
 // channel's stored (pre-BN) values; alpha, beta: [C] f32. Grid-stride over R*C.
 template <class T>
 __device__ void bn_grad_fix(T* dx, int dx_rs, const T* x, int x_rs, int R, int C, const float* alpha,
@@ -240,9 +254,12 @@ extern "C" __global__ void bn_grad_fix_bwd_bf16(bf16* dx, int dx_rs, const bf16*
 }
 
 // f32 storage: see bn_stats_part.
-extern "C" __global__ void bn_stats_part_fwd_f32(float* __restrict__ part, const float* __restrict__ x, int R,
-                                                int C, int rs) {
-    bn_stats_part<float>(part, x, R, C, rs);
+extern "C" __global__ void bn_stats_part_fwd_f32(float* part, const float* __restrict__ x, int R, int C, int rs,
+                                                const float* __restrict__ gamma, const float* __restrict__ beta,
+                                                float* mean, float* var, float* run_mean, float* run_var,
+                                                float unbias, float* scale, float* shift, unsigned* done) {
+    const CoefStep step{gamma, beta, mean, var, run_mean, run_var, unbias, C, scale, shift, done};
+    bn_stats_part<float>(part, x, R, C, rs, step);
 }
 // f32 storage: see bn_apply.
 extern "C" __global__ void bn_apply_fwd_f32(float* __restrict__ y, int y_rs, const float* __restrict__ x, int x_rs,
@@ -251,11 +268,14 @@ extern "C" __global__ void bn_apply_fwd_f32(float* __restrict__ y, int y_rs, con
     bn_apply<float>(y, y_rs, x, x_rs, R, C, scale, shift, relu);
 }
 // f32 storage: see bn_bwd_part.
-extern "C" __global__ void bn_bwd_part_f32(float* __restrict__ part, const float* __restrict__ x, int x_rs,
+extern "C" __global__ void bn_bwd_part_f32(float* part, const float* __restrict__ x, int x_rs,
                                           const float* __restrict__ dy, int dy_rs, int R, int C,
                                           const float* __restrict__ scale, const float* __restrict__ shift,
-                                          const float* __restrict__ mean, int relu) {
-    bn_bwd_part<float>(part, x, x_rs, dy, dy_rs, R, C, scale, shift, mean, relu);
+                                          const float* __restrict__ mean, int relu, float* coef, float* dgamma,
+                                          float* dbeta, const float* __restrict__ var, float* alpha, float* beta,
+                                          unsigned* done) {
+    bn_bwd_part<float>(part, x, x_rs, dy, dy_rs, R, C, scale, shift, mean, relu,
+                    BwdMerge{coef, dgamma, dbeta, var, alpha, beta, done});
 }
 // f32 storage: see bn_bwd_dx.
 extern "C" __global__ void bn_bwd_dx_f32(float* dx, int dx_rs, int accumulate, const float* __restrict__ x,
@@ -267,9 +287,12 @@ extern "C" __global__ void bn_bwd_dx_f32(float* dx, int dx_rs, int accumulate, c
 }
 
 // bf16 storage: see bn_stats_part.
-extern "C" __global__ void bn_stats_part_fwd_bf16(float* __restrict__ part, const bf16* __restrict__ x, int R,
-                                                int C, int rs) {
-    bn_stats_part<bf16>(part, x, R, C, rs);
+extern "C" __global__ void bn_stats_part_fwd_bf16(float* part, const bf16* __restrict__ x, int R, int C, int rs,
+                                                const float* __restrict__ gamma, const float* __restrict__ beta,
+                                                float* mean, float* var, float* run_mean, float* run_var,
+                                                float unbias, float* scale, float* shift, unsigned* done) {
+    const CoefStep step{gamma, beta, mean, var, run_mean, run_var, unbias, C, scale, shift, done};
+    bn_stats_part<bf16>(part, x, R, C, rs, step);
 }
 // bf16 storage: see bn_apply.
 extern "C" __global__ void bn_apply_fwd_bf16(bf16* __restrict__ y, int y_rs, const bf16* __restrict__ x, int x_rs,
@@ -278,11 +301,14 @@ extern "C" __global__ void bn_apply_fwd_bf16(bf16* __restrict__ y, int y_rs, con
     bn_apply<bf16>(y, y_rs, x, x_rs, R, C, scale, shift, relu);
 }
 // bf16 storage: see bn_bwd_part.
-extern "C" __global__ void bn_bwd_part_bf16(float* __restrict__ part, const bf16* __restrict__ x, int x_rs,
+extern "C" __global__ void bn_bwd_part_bf16(float* part, const bf16* __restrict__ x, int x_rs,
                                           const bf16* __restrict__ dy, int dy_rs, int R, int C,
                                           const float* __restrict__ scale, const float* __restrict__ shift,
-                                          const float* __restrict__ mean, int relu) {
-    bn_bwd_part<bf16>(part, x, x_rs, dy, dy_rs, R, C, scale, shift, mean, relu);
+                                          const float* __restrict__ mean, int relu, float* coef, float* dgamma,
+                                          float* dbeta, const float* __restrict__ var, float* alpha, float* beta,
+                                          unsigned* done) {
+    bn_bwd_part<bf16>(part, x, x_rs, dy, dy_rs, R, C, scale, shift, mean, relu,
+                    BwdMerge{coef, dgamma, dbeta, var, alpha, beta, done});
 }
 // bf16 storage: see bn_bwd_dx.
 extern "C" __global__ void bn_bwd_dx_bf16(bf16* dx, int dx_rs, int accumulate, const bf16* __restrict__ x,

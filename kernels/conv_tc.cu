@@ -50,6 +50,7 @@
 // would gain from more only if their BN operand's register loads were not the wait); the per-chunk division
 // kidx / c of the im2col operands (a running (tap, channel) counter would do); bf16x2 epilogue
 // stores; swizzled shared rows instead of +8 padding; 64x128 tiles for the 1x1 backward-data.
+#include "bn_step.cuh"
 #include "consts.cuh"
 #include "mma.cuh"
 
@@ -498,42 +499,17 @@ UNROLL
 }
 
 // The BN that reads a forward's output next, whose coefficients the forward's last block finishes
-// (a launch of its own, bn_coeffs_fwd_f32 in kernels/bn.cu, did it before): C channels, the last co
-// of which are the forward's output, their batch statistics in the sums the epilogues added up.
-// gamma, beta: [C] f32; mean, var: [C] f32 batch statistics, the first C - co final, the last co
-// written here from the sums (mean = s / R, var = max(ss / R - mean^2, 0), in double); run_mean,
-// run_var: [C] f32 running statistics, updated with momentum 0.1 (var times unbias); scale, shift:
-// [C] f32 out (gamma / sqrt(var + eps), beta - mean * scale); done: one unsigned, zero, left zero.
-// done null: no such BN.
-struct CoefStep {
-    const float* gamma;
-    const float* beta;
-    float* mean;
-    float* var;
-    float* run_mean;
-    float* run_var;
-    float unbias;
-    int C;
-    float* scale;
-    float* shift;
-    unsigned* done;
-};
+// (a launch of its own, bn_coeffs_fwd_f32 in kernels/bn.cu, did it before): a CoefStep
+// (kernels/bn_step.cuh) of C channels, the last co of which are the forward's output, their batch
+// statistics in the sums the epilogues added up; the first C - co final in mean, var; the last co
+// written here from the sums (mean = s / R, var = max(ss / R - mean^2, 0), in double).
 
 // The forward's CoefStep, by the launch's last block to finish its epilogue (counted in step.done,
 // as bn_step_last counts), taking the sums: [2, co] back with atomicExch, leaving them zero for the
 // next epilogue. The same arithmetic as bn_coeffs_fwd_f32 (the same operations in the same order).
 __device__ __noinline__ void coef_step_last(float* sums, int co, int R, CoefStep step) {
-    MURA_DYN_SHARED(int, last);
-    __threadfence();
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        *last = atomicAdd(step.done, 1u) == gridDim.x * gridDim.y - 1;
-        if (*last) atomicExch(step.done, 0u);
-    }
-    __syncthreads();
-    if (!*last) return;
-    __threadfence();
-    const float eps = (float)BN_EPS, momentum = (float)BN_MOMENTUM;
+    // (Split-K: only the block that finishes a tile gets here, one per tile.)
+    if (!last_block(step.done, gridDim.x * gridDim.y)) return;
     for (int c = threadIdx.x; c < step.C; c += blockDim.x) {
         const int j = c - (step.C - co);
         if (j >= 0) {
@@ -542,13 +518,7 @@ __device__ __noinline__ void coef_step_last(float* sums, int co, int R, CoefStep
             step.mean[c] = (float)m;
             step.var[c] = (float)(v > 0.0 ? v : 0.0);
         }
-        const float mean = step.mean[c], var = step.var[c];
-        const float s = step.gamma[c] / sqrtf(var + eps);
-        step.scale[c] = s;
-        step.shift[c] = step.beta[c] - mean * s;
-        const float keep = 1.0f - momentum;
-        step.run_mean[c] = keep * step.run_mean[c] + momentum * mean;
-        step.run_var[c] = keep * step.run_var[c] + momentum * var * step.unbias;
+        bn_coef_channel(step, c);
     }
 }
 
@@ -617,17 +587,7 @@ __device__ __forceinline__ void conv_tc_fwd(bf16* y, int y_rs, const bf16* x, in
 __device__ __noinline__ void bn_step_last(float* red, int ci, int R, const float* post, float* coef, float* alpha,
                                           float* beta, float* dgamma, float* dbeta, const float* mean,
                                           const float* var, unsigned* done) {
-    // The flag in the first word of the stages' shared memory, free once the epilogue is done.
-    MURA_DYN_SHARED(int, last);
-    __threadfence();
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        *last = atomicAdd(done, 1u) == gridDim.x * gridDim.y - 1;
-        if (*last) atomicExch(done, 0u);
-    }
-    __syncthreads();
-    if (!*last) return;
-    __threadfence();
+    if (!last_block(done, gridDim.x * gridDim.y)) return;
     for (int c = threadIdx.x; c < ci; c += blockDim.x) {
         const double m = mean[c], sdz = atomicExch(red + c, 0.0f);
         const double sdx = (double)atomicExch(red + ci + c, 0.0f) - m * sdz;

@@ -80,12 +80,19 @@ fn bn_stats(d: &Arc<dyn Driver>, rng: &mut Rng, rows: usize, c: usize) -> anyhow
     let xb = DeviceBuffer::from_slice(d, &x)?;
     let mean = DeviceBuffer::<f32>::alloc(d, c)?;
     let var = DeviceBuffer::<f32>::alloc(d, c)?;
-    let part = DeviceBuffer::<f32>::alloc(d, bn::scratch_len(c))?;
+    let part = DeviceBuffer::<f32>::zeroed(d, bn::scratch_len(c))?;
     let stats = Stats {
         mean: mean.slice(),
         var: var.slice(),
     };
-    bn::batch_stats(&**d, Mat::dense(xb.slice(), rows, c)?, stats, part.slice())?;
+    let done = DeviceBuffer::<u32>::zeroed(d, 1)?;
+    let scratch = bn::Scratch {
+        part: part.slice(),
+        coef: part.slice(),
+        done: done.slice(),
+    };
+    let xm = Mat::dense(xb.slice(), rows, c)?;
+    bn::batch_stats(&**d, xm, bn::Finish::Stats(stats), scratch)?;
     let mut m = vec![0.0f64; c];
     let mut v = vec![0.0f64; c];
     for (i, &xi) in x.iter().enumerate() {

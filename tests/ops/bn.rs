@@ -11,7 +11,9 @@ use crate::common::gpu::{
     untouched_outside, Exec,
 };
 use crate::test_device;
-use mura::gpu::ops::bn::{self, Affine, Deferred, Grad, Pending, Running, Saved, Scratch, Stats};
+use mura::gpu::ops::bn::{
+    self, Affine, CoefStep, Deferred, Finish, Grad, Pending, Running, Saved, Scratch, Stats,
+};
 use mura::gpu::ops::BnRelu;
 use mura::gpu::{Act, DeviceBuffer, Mat};
 use mura::ops::bn as cpu;
@@ -120,6 +122,8 @@ struct Case<T: Act> {
     run0: [Vec<f64>; 2],
     part: DeviceBuffer<f32>,
     coef: DeviceBuffer<f32>,
+    /// The reductions' count of finished blocks (zero, and left zero by every launch).
+    done: DeviceBuffer<u32>,
 }
 
 /// BN inputs `[rows, rs]` (channels `c0 .. c0 + c` used), gamma, beta and running statistics
@@ -175,9 +179,32 @@ impl<T: Act> Case<T> {
             gamma: x.upload(&gamma),
             beta: x.upload(&beta),
             run0: [rm0, rv0],
-            part: DeviceBuffer::alloc(&x.d, bn::scratch_len(c)).unwrap(),
+            part: DeviceBuffer::zeroed(&x.d, bn::scratch_len(c)).unwrap(),
             coef: DeviceBuffer::alloc(&x.d, 2 * c).unwrap(),
+            done: DeviceBuffer::zeroed(&x.d, 1).unwrap(),
         }
+    }
+
+    /// The reductions' scratch, its block count checked to be zero again after a launch.
+    fn scratch(&self) -> Scratch {
+        Scratch {
+            part: self.part.slice(),
+            coef: self.coef.slice(),
+            done: self.done.slice(),
+        }
+    }
+
+    /// The block count and the reductions' partial sums are left zero.
+    fn left_zero(&self, what: &str) {
+        assert_eq!(
+            self.done.to_vec().unwrap(),
+            [0],
+            "{what}: block count not left zero"
+        );
+        assert!(
+            all_zero(&read(&self.part)),
+            "{what}: partial sums not left zero"
+        );
     }
 
     fn params(&self) -> Affine {
@@ -246,6 +273,7 @@ impl<T: Act> Case<T> {
         cpu::update_running(&mut rm, &mut rv, &mv[0], &mv[1], rows);
         let rmv = [rm, rv];
         self.check_pair("running mean", "running var", &run, &rmv);
+        self.train_in_one_launch(x, [&stats, &coef, &run]);
         (
             Norm {
                 stats,
@@ -257,11 +285,45 @@ impl<T: Act> Case<T> {
         )
     }
 
+    /// The same in one launch, its last block merging the statistics and finishing the
+    /// coefficients ([`Finish::Coefficients`], as the stem's pool statistics run): the statistics,
+    /// coefficients and running statistics are the two launches' exactly.
+    fn train_in_one_launch(&self, x: &Exec, two: [&Two; 3]) {
+        let (what, c) = (format!("{} one-launch coefficients", self.what), self.c);
+        let (stats, coef) = (Two::poisoned(x, c), Two::poisoned(x, c));
+        let run = Two::upload(x, &self.run0[0], &self.run0[1]);
+        let step = CoefStep {
+            params: self.params(),
+            stats: stats.stats(),
+            running: Running {
+                stats: run.stats(),
+                count: self.rows,
+            },
+            out: coef.coef(),
+            done: self.done.slice(),
+        };
+        bn::batch_stats(&*x.d, self.xm, Finish::Coefficients(step), self.scratch()).unwrap();
+        self.left_zero(&what);
+        for (name, got, want) in [
+            ("stats", &stats, two[0]),
+            ("coef", &coef, two[1]),
+            ("running", &run, two[2]),
+        ] {
+            check(
+                &format!("{what} {name}"),
+                &got.read().concat(),
+                &want.read().concat(),
+                0.0,
+            );
+        }
+    }
+
     /// The batch statistics, on the device and as computed there.
     fn batch_stats(&self, x: &Exec) -> (Two, [Vec<f64>; 2]) {
         let (what, c) = (&self.what, self.c);
         let stats = Two::poisoned(x, c);
-        bn::batch_stats(&*x.d, self.xm, stats.stats(), self.part.slice()).unwrap();
+        bn::batch_stats(&*x.d, self.xm, Finish::Stats(stats.stats()), self.scratch()).unwrap();
+        self.left_zero(&format!("{what} batch stats"));
         let (m_ref, v_ref) = cpu::batch_stats(&self.x, self.rows, c, c);
         let mv = stats.read();
         check(&format!("{what} mean"), &mv[0], &m_ref, x.tol.min(1e-5));
@@ -326,12 +388,19 @@ impl<T: Act> Case<T> {
         let what = format!("{} bwd train={train} relu={relu}", self.what);
         let (dyb, dy) = self.dy(x);
         let g = Grads::draw(x, self);
-        let scratch = Scratch {
-            part: self.part.slice(),
-            coef: self.coef.slice(),
-        };
         let (s, dym) = (self.saved(n), self.m(&dyb));
-        bn::backward(&*x.d, s, relu, train, dym, g.affine(), g.grad(), scratch).unwrap();
+        bn::backward(
+            &*x.d,
+            s,
+            relu,
+            train,
+            dym,
+            g.affine(),
+            g.grad(),
+            self.scratch(),
+        )
+        .unwrap();
+        self.left_zero(&what);
         let want = g.reference(self, &n.mv, (relu, train), &dy);
         g.check_dx(&what, &want.dx, None, x.tol);
         g.check_params(&what, &want, x.tol);
@@ -356,9 +425,10 @@ impl<T: Act> Case<T> {
         let (dyb, dy) = self.dy(x);
         let g = Grads::draw(x, self);
         let share = Share::draw(x, self.c);
-        let (s, dym, part) = (self.saved(n), self.m(&dyb), self.part.slice());
+        let (s, dym, scratch) = (self.saved(n), self.m(&dyb), self.scratch());
         let def = share.dev.deferred();
-        bn::backward_deferred(&*x.d, s, dym, g.affine(), g.grad(), part, def).unwrap();
+        bn::backward_deferred(&*x.d, s, dym, g.affine(), g.grad(), scratch, def).unwrap();
+        self.left_zero(&what);
         let want = g.reference(self, &n.mv, (true, true), &dy);
         g.check_params(&what, &want, x.tol);
         // dx: its initial values plus scale·dz, each rounded to T (bounded by their sizes).
@@ -634,14 +704,21 @@ fn refuses_operands_that_do_not_fit() {
     let (xb, f, out) = small(x);
     let xm = mat(&xb, rows, c, (0, c));
     let (d, short) = (&*x.d, |n: usize| f.slice().range(0, n).unwrap());
-    let e = bn::batch_stats(d, xm, out.stats(), short(bn::scratch_len(c) - 1));
+    let done = DeviceBuffer::<u32>::zeroed(&x.d, 1).unwrap();
+    let scratch = |part| Scratch {
+        part,
+        coef: f.slice(),
+        done: done.slice(),
+    };
+    let stats = Finish::Stats(out.stats());
+    let e = bn::batch_stats(d, xm, stats, scratch(short(bn::scratch_len(c) - 1)));
     refused(e, "the BN scratch: 383 elements where 384 are needed");
     let stats = Stats {
         mean: short(2),
         ..out.stats()
     };
     refused(
-        bn::batch_stats(d, xm, stats, f.slice()),
+        bn::batch_stats(d, xm, Finish::Stats(stats), scratch(f.slice())),
         "a BN's mean: 2 elements where 3 are needed",
     );
     let yb = x.poisoned::<f32>(rows * c);
@@ -700,13 +777,15 @@ fn backward_refuses_before_launching() {
         mat: mat(&dxb, 2, 3, (0, 3)),
         accumulate: false,
     };
+    let done = DeviceBuffer::<u32>::zeroed(&x.d, 1).unwrap();
     let scratch = Scratch {
         part: f.slice(),
         coef: f.slice(),
+        done: done.slice(),
     };
     let e = bn::backward(d, saved, true, true, xm, dparams, dx, scratch);
     refused(e, "BN backward (dx): [4, 3] and [2, 3] differ");
-    let e = bn::backward_deferred(d, saved, xm, dparams, dx, f.slice(), def.deferred());
+    let e = bn::backward_deferred(d, saved, xm, dparams, dx, scratch, def.deferred());
     refused(e, "BN backward (dx): [4, 3] and [2, 3] differ");
     let e = bn::backward_from_coef(d, saved, xm, dx, f.slice());
     refused(e, "BN backward (dx): [4, 3] and [2, 3] differ");

@@ -9,8 +9,8 @@ use crate::common::gpu::{
     all_nan, all_zero, check, check_cols, cols, column_sums, nhwc, plus_cols, read, refused, Exec,
 };
 use half::bf16;
-use mura::gpu::ops::bn::{Affine, Deferred, Running, Stats};
-use mura::gpu::ops::conv_tc::{self, BnStep, CoefStep, DataOut, Mask, SplitK, StepOut};
+use mura::gpu::ops::bn::{Affine, CoefStep, Deferred, Running, Stats};
+use mura::gpu::ops::conv_tc::{self, BnStep, DataOut, Mask, SplitK, StepOut};
 use mura::gpu::ops::BnRelu;
 use mura::gpu::{DeviceBuffer, Driver};
 use mura::ops::conv::Conv;
@@ -224,7 +224,7 @@ fn forward_splits(x: &mut Exec, inp: &In, what: &str) {
 }
 
 /// The forward finishing the coefficients of the BN that reads its output next
-/// ([`conv_tc::CoefStep`]), a BN of 5 more channels than the output, those first (their batch
+/// ([`bn::CoefStep`](mura::gpu::ops::bn::CoefStep)), a BN of 5 more channels than the output, those first (their batch
 /// statistics final), from zeroed sums, which with the block count must be left zero. Against
 /// f64 of the stored output: the batch statistics of its channels (mean near 0, so var = Σy²/R −
 /// mean² loses nothing), every channel's (scale, shift), the running statistics' update.

@@ -13,8 +13,8 @@
 //! driver and the reduction scratch), so the GPU model and the kernel lab's harness
 //! (`tools/kernel-lab`) run the very same launches.
 
-use crate::gpu::ops::bn::{self, Affine, Deferred, Grad, Saved, Stats};
-use crate::gpu::ops::conv_tc::{self, BnStep, CoefStep, DataOut, Mask, SplitK, StepOut};
+use crate::gpu::ops::bn::{self, Affine, CoefStep, Deferred, Grad, Saved, Stats};
+use crate::gpu::ops::conv_tc::{self, BnStep, DataOut, Mask, SplitK, StepOut};
 use crate::gpu::ops::{cast, conv, Act, BnRelu};
 use crate::gpu::{Driver, Nhwc, Slice};
 use crate::ops::conv::Conv;
@@ -47,7 +47,7 @@ impl Ctx<'_> {
 /// The BN that reads a forward's output next, in training: its parameters, its batch statistics
 /// over all its channels (the forward's output the last of them), its running statistics (updated
 /// from the batch of `running.count` rows) and its coefficients. A tensor-core forward finishes
-/// them in its own launch (`conv_tc::CoefStep`).
+/// them in its own launch (`bn::CoefStep`).
 #[derive(Clone, Copy, Debug)]
 pub struct NextBn {
     pub params: Affine,
@@ -173,7 +173,7 @@ impl Engine for f32 {
     ) -> Result<Left> {
         conv::fwd(c.d, x, pre, w, g, y)?;
         if let Some(stats) = stats {
-            bn::batch_stats(c.d, y.mat(), stats, c.bn.part)?;
+            bn::batch_stats(c.d, y.mat(), bn::Finish::Stats(stats), c.bn)?;
         }
         Ok(Left::Coefficients { pending: 0 })
     }
@@ -203,7 +203,7 @@ impl Engine for f32 {
         conv::bwd_data(c.d, dy, w, g, b.scratch, false)?;
         let (s, da) = (b.saved, b.scratch.mat());
         match b.deferred {
-            Some(def) => bn::backward_deferred(c.d, s, da, b.dparams, b.dx, c.bn.part, def),
+            Some(def) => bn::backward_deferred(c.d, s, da, b.dparams, b.dx, c.bn, def),
             None => bn::backward(c.d, s, true, true, da, b.dparams, b.dx, c.bn),
         }
     }

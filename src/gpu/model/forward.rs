@@ -142,7 +142,7 @@ impl<T: Engine> GpuDenseNet<T> {
                 _ => None,
             };
             left = match *step {
-                Step::Stem(s) => self.stem_fwd(plan, s, train)?,
+                Step::Stem(s) => self.stem_fwd(plan, s, train, next)?,
                 Step::Layer(l) => self.layer_fwd(plan, l, train, left, next)?,
                 Step::Transition(t) => self.transition_fwd(plan, t, train, left, next)?,
                 Step::Head(hd) => self.head_fwd(plan, hd, train, left)?,
@@ -175,29 +175,46 @@ impl<T: Engine> GpuDenseNet<T> {
         self.next_bn(bn, (stats, rows)).map(Some)
     }
 
-    /// conv0 → norm0 → ReLU → max pool into block 0's first channels (the max pool applies norm0
-    /// + ReLU as it reads conv0's output); then the pooled channels' statistics.
-    fn stem_fwd(&self, plan: &Plan<T>, s: &Stem, train: bool) -> Result<Left> {
+    /// conv0 → norm0 → ReLU → max pool into block 0's first channels (the max pool applies
+    /// norm0 and the ReLU as it reads conv0's output); then the pooled channels' statistics, in
+    /// training with the coefficients of `next`, the first layer's norm1, which reads exactly them.
+    fn stem_fwd(
+        &self,
+        plan: &Plan<T>,
+        s: &Stem,
+        train: bool,
+        next: Option<NextBn>,
+    ) -> Result<Left> {
         let (n, f0) = (plan.n, s.conv.co);
         let stats = stats_of(plan.stem_stats.slice(), f0, 0, f0)?;
         let (x, y0) = (plan.input()?, plan.stem_out()?);
         let (ctx, w) = (self.ctx(plan), self.conv_weights(s.conv)?);
         let batch = train.then_some((stats, s.conv_out.rows(n)));
-        let next = batch.map(|b| self.next_bn(s.norm, b)).transpose()?;
-        let left = T::conv_fwd(&ctx, x, None, w, s.conv.g, y0, batch.map(|b| b.0), next)?;
+        let norm0 = batch.map(|b| self.next_bn(s.norm, b)).transpose()?;
+        let left = T::conv_fwd(&ctx, x, None, w, s.conv.g, y0, batch.map(|b| b.0), norm0)?;
         self.bn_scale_shift(s.norm, batch, left)?;
         let block0 = &plan.blocks[0];
         let out = block0.acts(n)?.channels(0, f0)?;
         pool::maxpool_fwd(&*self.d, y0, Some(self.coefs(s.norm)?), out)?;
-        if train {
-            bn::batch_stats(
-                &*self.d,
-                out.mat(),
-                block0.stats(0, f0)?,
-                self.bn_part.slice(),
-            )?;
+        if !train {
+            return Ok(Left::Coefficients { pending: 0 });
         }
-        Ok(Left::Coefficients { pending: 0 })
+        let stats = block0.stats(0, f0)?;
+        let finish = match next {
+            Some(n) if n.params.gamma.len() == f0 => bn::Finish::Coefficients(bn::CoefStep {
+                params: n.params,
+                stats,
+                running: n.running,
+                out: n.out,
+                done: self.done.slice(),
+            }),
+            _ => bn::Finish::Stats(stats),
+        };
+        bn::batch_stats(&*self.d, out.mat(), finish, self.bn_scratch())?;
+        Ok(match finish {
+            bn::Finish::Coefficients(_) => Left::Nothing,
+            bn::Finish::Stats(_) => Left::Coefficients { pending: 0 },
+        })
     }
 
     /// BN1 + ReLU → 1×1 into the bottleneck, BN2 + ReLU → 3×3 into the block's next channels.

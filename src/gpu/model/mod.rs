@@ -106,7 +106,7 @@ impl<T: Engine> GpuDenseNet<T> {
                 counters: model.counters.clone(),
                 coef: DeviceBuffer::alloc(&d, at.max(1))?,
                 coef_at,
-                bn_part: DeviceBuffer::alloc(&d, bn::scratch_len(max_c))?,
+                bn_part: DeviceBuffer::zeroed(&d, bn::scratch_len(max_c))?,
                 bn_coef: DeviceBuffer::alloc(&d, 2 * max_c)?,
                 weights_bf16: match T::TENSOR_CORES {
                     true => Some(DeviceBuffer::alloc(&d, np)?),
@@ -234,6 +234,7 @@ impl<T: Engine> GpuDenseNet<T> {
         bn::Scratch {
             part: self.bn_part.slice(),
             coef: self.bn_coef.slice(),
+            done: self.done.slice(),
         }
     }
 

@@ -60,22 +60,69 @@ impl Affine {
     }
 }
 
-/// Per-channel mean and biased variance of `x: [rows, c]` into `out`. `part`: scratch of
-/// [`scratch_len`]`(c)` f32.
-pub fn batch_stats<T: Act>(d: &dyn Driver, x: Mat<T>, out: Stats, part: Slice<f32>) -> Result<()> {
+/// What [`batch_stats`] finishes: the statistics alone, or with them the coefficients of the BN that
+/// normalises with them (its `stats` those statistics).
+#[derive(Clone, Copy, Debug)]
+pub enum Finish {
+    Stats(Stats),
+    Coefficients(CoefStep),
+}
+
+/// Per-channel mean and biased variance of `x: [rows, c]` (and, [`Finish::Coefficients`], that
+/// BN's coefficients), in one launch: its chunks' partial statistics in `scratch.part` (of
+/// [`scratch_len`]`(c)` f32), merged by its last block (counted in `scratch.done`), which leaves
+/// both zero.
+pub fn batch_stats<T: Act>(
+    d: &dyn Driver,
+    x: Mat<T>,
+    finish: Finish,
+    scratch: Scratch,
+) -> Result<()> {
     let (rows, c) = (x.rows(), x.cols());
     let p = chunks(rows);
-    let part = part.expect(scratch_len(c), "the BN scratch")?.ptr();
+    let part = scratch.part.expect(scratch_len(c), "the BN scratch")?.ptr();
+    let (out, coefs) = match finish {
+        Finish::Stats(stats) => (stats, None),
+        Finish::Coefficients(step) if step.params.gamma.len() != c => bail_shape!(
+            "the coefficients of a BN of {} channels from the statistics of {c}",
+            step.params.gamma.len()
+        ),
+        Finish::Coefficients(step) => (step.stats, Some(step)),
+    };
     let (mean, var) = out.ptrs(c)?;
+    let q = CoefPtrs::of(coefs, (rows, c), true)?;
+    let done = scratch
+        .done
+        .expect(1, "the BN reductions' block count")?
+        .ptr();
     let at = Launch {
         grid: [blocks_for(c, 32), p as u32, 1],
         block: [32, 8, 1],
         shared: 9 * 33 * 4,
     };
-    // SAFETY: x is a checked view of rows × c; part holds [2, p, c]; mean, var hold c.
-    unsafe { k::bn_stats_part_fwd::<T>(d, at, part, x.ptr(), rows, c, x.rs())? };
-    // SAFETY: as above.
-    unsafe { k::bn_stats_merge_fwd_f32(d, per_channel(c), mean, var, part, rows, c, p) }
+    // SAFETY: x is a checked view of rows × c; part holds [2, p, c]; mean, var and the
+    // coefficients' operands hold c.
+    unsafe {
+        k::bn_stats_part_fwd::<T>(
+            d,
+            at,
+            part,
+            x.ptr(),
+            rows,
+            c,
+            x.rs(),
+            q.gamma,
+            q.beta,
+            mean,
+            var,
+            q.run_mean,
+            q.run_var,
+            q.unbias,
+            q.scale,
+            q.shift,
+            done,
+        )
+    }
 }
 
 /// The running statistics a training-mode [`scale_shift`] updates, from a batch of `count` rows
@@ -155,6 +202,89 @@ pub fn scale_shift(
     }
 }
 
+/// The BN whose (scale, shift) into `out` the last block of the launch that sums its input finishes
+/// (no launch of its own; [`scale_shift`] with [`Pending`] does the same): a tensor-core forward
+/// (`conv_tc::fwd`) from the sums of its output, the BN's last channels (their batch statistics
+/// written from the sums, which are left zero), or [`batch_stats`] from its chunks. `params` and
+/// `stats` over all its channels; `running` updated from the batch (`count` = the rows summed).
+/// `done`: one `u32`, zero, left zero.
+#[derive(Clone, Copy, Debug)]
+pub struct CoefStep {
+    pub params: Affine,
+    pub stats: Stats,
+    pub running: Running,
+    pub out: BnRelu,
+    pub done: Slice<u32>,
+}
+
+/// A [`CoefStep`]'s pointers after `rows × co` values summed (all null: none).
+pub(crate) struct CoefPtrs {
+    pub gamma: Ptr<f32>,
+    pub beta: Ptr<f32>,
+    pub mean: Ptr<f32>,
+    pub var: Ptr<f32>,
+    pub run_mean: Ptr<f32>,
+    pub run_var: Ptr<f32>,
+    pub unbias: f32,
+    pub c: usize,
+    pub scale: Ptr<f32>,
+    pub shift: Ptr<f32>,
+    pub done: Ptr<u32>,
+}
+
+impl CoefPtrs {
+    pub(crate) fn of(
+        step: Option<CoefStep>,
+        (rows, co): (usize, usize),
+        sums: bool,
+    ) -> Result<CoefPtrs> {
+        let Some(s) = step else {
+            let z = Ptr::NULL;
+            return Ok(CoefPtrs {
+                gamma: z,
+                beta: z,
+                mean: z,
+                var: z,
+                run_mean: z,
+                run_var: z,
+                unbias: 1.0,
+                c: 0,
+                scale: z,
+                shift: z,
+                done: Ptr::NULL,
+            });
+        };
+        let c = s.params.gamma.len();
+        if !sums {
+            bail_shape!("a BN coefficients step needs the statistics it finishes from (stats)");
+        }
+        if c < co || s.running.count != rows {
+            bail_shape!(
+                "a BN of {c} channels over {} rows finished from {rows} × {co} values",
+                s.running.count
+            );
+        }
+        let ((gamma, beta), (mean, var)) = (s.params.ptrs(c)?, s.stats.ptrs(c)?);
+        let (run_mean, run_var) = s.running.stats.ptrs(c)?;
+        let (scale, shift) = s.out.ptrs(c)?;
+        let done = s.done.expect(1, "the BN step's block count")?.ptr();
+        let unbias = rows as f64 / (rows.max(2) - 1) as f64;
+        Ok(CoefPtrs {
+            gamma,
+            beta,
+            mean,
+            var,
+            run_mean,
+            run_var,
+            unbias: unbias as f32,
+            c,
+            scale,
+            shift,
+            done,
+        })
+    }
+}
+
 /// `y = x · scale + shift` (then ReLU if `relu`), `x, y: [rows, c]`.
 pub fn apply<T: Act>(d: &dyn Driver, x: Mat<T>, coef: BnRelu, relu: bool, y: Mat<T>) -> Result<()> {
     same_shape("BN apply", x, y)?;
@@ -196,11 +326,14 @@ pub struct Grad<T> {
     pub accumulate: bool,
 }
 
-/// The scratch of a BN backward: `part` of [`scratch_len`]`(c)` f32, `coef` of `2c` f32.
+/// The scratch of the BN reductions: `part`, [`scratch_len`]`(c)` f32, zero; `coef`, `2c` f32;
+/// `done`, one `u32`, zero (the reductions' count of finished blocks). The reductions leave `part`
+/// and `done` zero.
 #[derive(Clone, Copy, Debug)]
 pub struct Scratch {
     pub part: Slice<f32>,
     pub coef: Slice<f32>,
+    pub done: Slice<u32>,
 }
 
 /// The deferred per-channel terms of BN backwards, `alpha, beta: [c]` f32 (module comment).
@@ -255,18 +388,17 @@ pub fn backward_deferred<T: Act>(
     dy: Mat<T>,
     dparams: Affine,
     dx: Grad<T>,
-    part: Slice<f32>,
+    scratch: Scratch,
     deferred: Deferred,
 ) -> Result<()> {
     check_grads(s, dy, dx.mat)?;
-    let scratch = Scratch { part, coef: part };
     reduce(d, s, true, dy, dparams, scratch, Some(deferred))?;
     // The eval-mode formula is exactly the per-element term: scale · mask · dy (no coef read).
-    dx_pass(d, s, true, false, dy, dx, part)
+    dx_pass(d, s, true, false, dy, dx, scratch.part)
 }
 
-/// The reductions of a BN backward: `dparams` +=, and the merged `coef: [2, c]` (or, deferred,
-/// `alpha, beta` +=) from `dy`.
+/// The reductions of a BN backward, in one launch (its last block merges the chunks): `dparams`
+/// +=, and the merged `coef: [2, c]` (or, deferred, `alpha, beta` +=) from `dy`.
 fn reduce<T: Act>(
     d: &dyn Driver,
     s: Saved<T>,
@@ -289,7 +421,22 @@ fn reduce<T: Act>(
         shared: 8 * 33 * 4,
     };
     let (x, x_rs, dy_rs) = (s.x.ptr(), s.x.rs(), dy.rs());
-    // SAFETY: x and dy are checked views of rows × c; part holds [2, p, c]; [c] operands checked.
+    let (coef, (alpha, beta)) = match deferred {
+        Some(def) => (Ptr::NULL, def.ptrs(c)?),
+        None => (
+            scratch
+                .coef
+                .expect(2 * c, "the BN coefficients scratch")?
+                .ptr(),
+            (Ptr::NULL, Ptr::NULL),
+        ),
+    };
+    let done = scratch
+        .done
+        .expect(1, "the BN reductions' block count")?
+        .ptr();
+    // SAFETY: x and dy are checked views of rows × c; part holds [2, p, c]; [c] operands checked;
+    // coef holds [2, c] when written.
     unsafe {
         k::bn_bwd_part::<T>(
             d,
@@ -305,35 +452,13 @@ fn reduce<T: Act>(
             shift,
             mean,
             relu,
-        )?
-    };
-    let (coef, (alpha, beta)) = match deferred {
-        Some(def) => (Ptr::NULL, def.ptrs(c)?),
-        None => (
-            scratch
-                .coef
-                .expect(2 * c, "the BN coefficients scratch")?
-                .ptr(),
-            (Ptr::NULL, Ptr::NULL),
-        ),
-    };
-    // SAFETY: as above; coef holds [2, c] when written.
-    unsafe {
-        k::bn_bwd_merge_f32(
-            d,
-            per_channel(c),
             coef,
             dgamma,
             dbeta,
-            part,
             var,
-            rows,
-            c,
-            p,
             alpha,
             beta,
-            scale,
-            mean,
+            done,
         )
     }
 }

@@ -4,6 +4,7 @@
 //! f32 accumulation, NHWC, with the BN + ReLU in front of each convolution fused into its loads.
 //! Inputs may be channel prefixes, outputs channel slices of wider buffers.
 
+use super::bn::{CoefPtrs, CoefStep};
 use super::{dims_are, pre_ptrs, BnRelu};
 use crate::consts::*;
 use crate::gpu::error::bail_shape;
@@ -187,84 +188,6 @@ fn chunking(
             len,
         )),
         _ => Ok((Ptr::NULL, Ptr::NULL, k_len.max(1))),
-    }
-}
-
-/// The BN that reads a forward's output next, whose (scale, shift) into `out` the launch's last
-/// block finishes from the sums `stats` it added up (no launch of its own; `bn::scale_shift` with
-/// `Pending` does the same): `params` and `stats` over its channels, of which the forward's output
-/// is the last (their batch statistics, written here from the sums, which are left zero); `running`
-/// updated from the batch (`count` = the forward's output rows). `done`: one `u32`, zero, left zero.
-#[derive(Clone, Copy, Debug)]
-pub struct CoefStep {
-    pub params: super::bn::Affine,
-    pub stats: super::bn::Stats,
-    pub running: super::bn::Running,
-    pub out: BnRelu,
-    pub done: Slice<u32>,
-}
-
-/// A [`CoefStep`]'s pointers for a forward of `rows × co` outputs (all null: none).
-struct CoefPtrs {
-    gamma: Ptr<f32>,
-    beta: Ptr<f32>,
-    mean: Ptr<f32>,
-    var: Ptr<f32>,
-    run_mean: Ptr<f32>,
-    run_var: Ptr<f32>,
-    unbias: f32,
-    c: usize,
-    scale: Ptr<f32>,
-    shift: Ptr<f32>,
-    done: Ptr<u32>,
-}
-
-impl CoefPtrs {
-    fn of(step: Option<CoefStep>, (rows, co): (usize, usize), sums: bool) -> Result<CoefPtrs> {
-        let Some(s) = step else {
-            let z = Ptr::NULL;
-            return Ok(CoefPtrs {
-                gamma: z,
-                beta: z,
-                mean: z,
-                var: z,
-                run_mean: z,
-                run_var: z,
-                unbias: 1.0,
-                c: 0,
-                scale: z,
-                shift: z,
-                done: Ptr::NULL,
-            });
-        };
-        let c = s.params.gamma.len();
-        if !sums {
-            bail_shape!("a forward's BN step needs its output statistics (stats)");
-        }
-        if c < co || s.running.count != rows {
-            bail_shape!(
-                "a BN of {c} channels over {} rows after a forward of {rows} × {co}",
-                s.running.count
-            );
-        }
-        let ((gamma, beta), (mean, var)) = (s.params.ptrs(c)?, s.stats.ptrs(c)?);
-        let (run_mean, run_var) = s.running.stats.ptrs(c)?;
-        let (scale, shift) = s.out.ptrs(c)?;
-        let done = s.done.expect(1, "the BN step's block count")?.ptr();
-        let unbias = rows as f64 / (rows.max(2) - 1) as f64;
-        Ok(CoefPtrs {
-            gamma,
-            beta,
-            mean,
-            var,
-            run_mean,
-            run_var,
-            unbias: unbias as f32,
-            c,
-            scale,
-            shift,
-            done,
-        })
     }
 }
 

@@ -677,8 +677,9 @@ impl<'s, T: Engine> Bench<'s, T> {
             beta: f("dbeta", ACT)?,
         };
         let scratch = bn::Scratch {
-            part: self.f32("bn part", bn::scratch_len(c), ACT)?,
+            part: self.f32("bn part", bn::scratch_len(c), Fill::Zero)?,
             coef: self.f32("bn coef", 2 * c, ACT)?,
+            done: self.done.slice(),
         };
         Ok(BnBufs {
             coef,
@@ -694,8 +695,9 @@ impl<'s, T: Engine> Bench<'s, T> {
     /// (epilogue sums left zero, as the model keeps them).
     fn ctx_parts(&mut self, c: usize) -> Result<(Slice<f32>, bn::Scratch)> {
         let scratch = bn::Scratch {
-            part: self.f32("bn part", bn::scratch_len(c), ACT)?,
+            part: self.f32("bn part", bn::scratch_len(c), Fill::Zero)?,
             coef: self.f32("bn coef", 2 * c, ACT)?,
+            done: self.done.slice(),
         };
         Ok((self.sums(c)?, scratch))
     }
@@ -863,7 +865,7 @@ impl<'s, T: Engine> Bench<'s, T> {
                 };
                 bn::scale_shift(&*d, r.params, r.stats, Some(running), Some(pending), r.coef)
             }
-            false => bn::batch_stats(&*d, st.y, st.out, st.reader.scratch.part),
+            false => bn::batch_stats(&*d, st.y, bn::Finish::Stats(st.out), st.reader.scratch),
         }))
     }
 
@@ -874,7 +876,7 @@ impl<'s, T: Engine> Bench<'s, T> {
         let (x, bn) = (self.block(0)?.0.channels(0, f0)?.mat(), self.bn(f0)?);
         let d = self.d.clone();
         Ok(Box::new(move || {
-            bn::batch_stats(&*d, x, bn.stats, bn.scratch.part)
+            bn::batch_stats(&*d, x, bn::Finish::Stats(bn.stats), bn.scratch)
         }))
     }
 
