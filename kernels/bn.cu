@@ -116,8 +116,8 @@ __device__ void bn_apply(T* y, int y_rs, const T* x, int x_rs, int R, int C, con
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
          i += (long long)gridDim.x * blockDim.x) {
         const int r = (int)(i / C), c = (int)(i % C);
-        float v = ld(x + (long long)r * x_rs + c) * scale[c] + shift[c];
-        if (relu && v <= 0.0f) v = 0.0f;
+        const float xv = ld(x + (long long)r * x_rs + c);
+        const float v = relu ? bn_relu(xv, scale[c], shift[c]) : xv * scale[c] + shift[c];
         st(y + (long long)r * y_rs + c, v);
     }
 }

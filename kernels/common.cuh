@@ -22,6 +22,18 @@
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < (long long)(total); \
          i += (long long)gridDim.x * blockDim.x)
 
+// The fused BN + ReLU of every kernel that applies one as it reads: v * scale + shift, then 0
+// where that is <= 0, with the CPU reference's NaN rule (src/ops/mod.rs, BnRelu::at): a NaN passes
+// through, as in PyTorch, where fmaxf(., 0) would turn it into 0 and a diverged run would look
+// healthy one layer later.
+__device__ __forceinline__ float bn_relu(float v, float scale, float shift) {
+    const float y = v * scale + shift;
+    return y <= 0.0f ? 0.0f : y;
+}
+
+// Whether v is a NaN (no fast-math here: NaN is the one value unequal to itself).
+__device__ __forceinline__ bool is_nan(float v) { return v != v; }
+
 // Sum of `v` over the 32 lanes of a full warp; every lane gets the result.
 __device__ __forceinline__ float warp_sum(float v) {
     for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(FULL_MASK, v, offset);

@@ -34,7 +34,7 @@ __device__ __forceinline__ float im2col_at(const ConvIn<T>& p, int pixel, int ki
     const int iy = oy * p.stride + ky - p.pad, ix = ox * p.stride + kx - p.pad;
     if (iy < 0 || ix < 0 || iy >= p.h || ix >= p.w) return 0.0f;
     float v = ld(p.x + ((long long)(b * p.h + iy) * p.w + ix) * p.x_rs + ci);
-    if (p.scale) v = fmaxf(v * p.scale[ci] + p.shift[ci], 0.0f);
+    if (p.scale) v = bn_relu(v, p.scale[ci], p.shift[ci]);
     return v;
 }
 

@@ -85,7 +85,7 @@ struct __align__(16) Chunk {
 __device__ __forceinline__ bool aligned16(const void* p) { return (reinterpret_cast<unsigned long long>(p) & 15) == 0; }
 
 __device__ __forceinline__ float bnrelu(float v, const float* scale, const float* shift, int c) {
-    return scale ? fmaxf(v * scale[c] + shift[c], 0.0f) : v;
+    return scale ? bn_relu(v, scale[c], shift[c]) : v;
 }
 
 // An im2col operand over x: [n, h, w, c] (row stride rs), tap window KS x KS with pad KS/2 and

@@ -4,15 +4,16 @@
 // ops move little data next to the convolutions).
 #include "dtype.cuh"
 
-// pre(x) of channel j: the BN + ReLU max(x * scale + shift, 0) when scale is not null, else x.
+// pre(x) of channel j: the BN + ReLU (bn_relu, a NaN passing) when scale is not null, else x.
 template <class T>
 __device__ __forceinline__ float pre_at(const T* p, const float* scale, const float* shift, int j) {
     const float v = ld(p);
-    return scale ? fmaxf(v * scale[j] + shift[j], 0.0f) : v;
+    return scale ? bn_relu(v, scale[j], shift[j]) : v;
 }
 
 // The window of output (oy, ox) of a 3x3/2 pad-1 max pool of pre(x): rows [2oy-1, 2oy+1] clipped
-// to [0, h). Returns the flat input pixel (iy * w + ix) holding the first maximum of channel j.
+// to [0, h). Returns the flat input pixel (iy * w + ix) holding the first maximum of channel j, or
+// its first NaN: a NaN anywhere in the window is the maximum (as in PyTorch and the CPU reference).
 template <class T>
 __device__ int maxpool_argmax(const T* xi, int h, int w, int c, int j, int oy, int ox, const float* scale,
                               const float* shift) {
@@ -21,7 +22,7 @@ __device__ int maxpool_argmax(const T* xi, int h, int w, int c, int j, int oy, i
     for (int iy = max(2 * oy - 1, 0); iy < min(2 * oy + 2, h); iy++)
         for (int ix = max(2 * ox - 1, 0); ix < min(2 * ox + 2, w); ix++) {
             const float v = pre_at(xi + (long long)(iy * w + ix) * c + j, scale, shift, j);
-            if (at < 0 || v > best) {
+            if (at < 0 || v > best || (is_nan(v) && !is_nan(best))) {
                 best = v;
                 at = iy * w + ix;
             }
@@ -83,7 +84,7 @@ __device__ void avgpool_fwd(T* y, int y_rs, const T* x, int x_rs, int n, int h, 
         float s = 0.0f;
         for (int t = 0; t < 4; t++) {
             float v = ld(x + taps[t] * x_rs + j);
-            if (scale) v = fmaxf(v * scale[j] + shift[j], 0.0f);
+            if (scale) v = bn_relu(v, scale[j], shift[j]);
             s += v;
         }
         st(y + r * y_rs + j, s * 0.25f);

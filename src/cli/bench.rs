@@ -177,7 +177,14 @@ pub fn run(args: Args) -> Result<()> {
         }
     }
     if args.profile {
-        crate::out::block(&crate::gpu::emu::profile::report());
+        let profile = crate::gpu::emu::profile::all();
+        match args.json {
+            // One JSON line per kernel after the timing line.
+            true => crate::gpu::emu::profile::json(&profile)
+                .iter()
+                .for_each(|k| crate::out!("{k}")),
+            false => crate::out::block(&crate::gpu::emu::profile::report()),
+        }
     }
     Ok(())
 }

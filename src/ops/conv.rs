@@ -107,10 +107,8 @@ fn im2col<T: Float>(
                 match pre {
                     None => dst.copy_from_slice(src),
                     Some(p) => {
-                        let (sc, sh) = (&p.scale[..c], &p.shift[..c]);
-                        for j in 0..c {
-                            let v = src[j] * sc[j] + sh[j];
-                            dst[j] = if v > T::ZERO { v } else { T::ZERO };
+                        for (j, (d, &v)) in dst.iter_mut().zip(src).enumerate() {
+                            *d = p.at(j, v);
                         }
                     }
                 }

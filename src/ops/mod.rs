@@ -44,6 +44,7 @@ pub trait Float:
     fn to_f64(self) -> f64;
     fn sqrt(self) -> Self;
     fn exp(self) -> Self;
+    fn is_nan(self) -> bool;
 }
 
 macro_rules! impl_float {
@@ -68,6 +69,10 @@ macro_rules! impl_float {
             fn exp(self) -> Self {
                 <$t>::exp(self)
             }
+            #[inline(always)]
+            fn is_nan(self) -> bool {
+                <$t>::is_nan(self)
+            }
         }
     };
 }
@@ -86,8 +91,9 @@ impl<T: Float> BnRelu<'_, T> {
     #[inline(always)]
     pub fn at(&self, j: usize, x: T) -> T {
         let v = x * self.scale[j] + self.shift[j];
-        // `v < 0`, not `v > 0`: a NaN passes through (as in PyTorch) instead of becoming 0.
-        if v < T::ZERO {
+        // `v <= 0`, not `v > 0`: a NaN passes through (as in PyTorch) instead of becoming 0. The
+        // kernels' `bn_relu` (kernels/common.cuh) is this rule.
+        if v <= T::ZERO {
             T::ZERO
         } else {
             v

@@ -29,7 +29,8 @@ pub fn maxpool_fwd<T: Float>(
             for ix in (2 * ox).saturating_sub(1)..(2 * ox + 2).min(w) {
                 let src = &x[((b * h + iy) * w + ix) * c..][..c];
                 for (o, &v) in out.iter_mut().zip(src) {
-                    if v > *o {
+                    // A NaN anywhere in the window is the maximum (as in PyTorch).
+                    if v > *o || v.is_nan() {
                         *o = v;
                     }
                 }
@@ -69,7 +70,8 @@ pub fn maxpool_bwd<T: Float>(
                         for ix in (2 * ox).saturating_sub(1)..(2 * ox + 2).min(w) {
                             let p = iy * w + ix;
                             for (j, &v) in xi[p * c..][..c].iter().enumerate() {
-                                if at[j] == usize::MAX || v > best[j] {
+                                let nan = v.is_nan() && !best[j].is_nan();
+                                if at[j] == usize::MAX || v > best[j] || nan {
                                     best[j] = v;
                                     at[j] = p;
                                 }

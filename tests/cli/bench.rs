@@ -1,5 +1,5 @@
 //! `mura bench --plan`: the launch plan as text and as one JSON object, on a machine without a
-//! GPU; its argument checks.
+//! GPU; its argument checks; the emulator's profile as JSON lines.
 
 use crate::common::{mura, run_ok};
 
@@ -119,4 +119,47 @@ fn plan_refuses_bad_cards_in_one_line() {
     );
     let out = mura(&["bench", "--sms", "100"]);
     assert_eq!(out.status.code(), Some(2), "--sms without --plan");
+}
+
+/// `mura bench --device emu --profile --json`: the timing object, then one JSON line per kernel
+/// with its counts, whose efficiencies and ways are the table's (fractions, wavefront ratios).
+#[test]
+fn emulator_profile_as_json_lines() {
+    let mut a = vec!["bench", "--device", "emu", "--precision", "bf16"];
+    a.extend_from_slice(crate::common::TINY);
+    a.extend_from_slice(&[
+        "--batch",
+        "1",
+        "--image-size",
+        "32",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+    ]);
+    a.extend_from_slice(&["--profile", "--json"]);
+    let (out, _) = run_ok(&a);
+    let lines: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    assert!(lines[0]["train_step_s"].as_f64().is_some(), "{}", lines[0]);
+    let kernels = &lines[1..];
+    let conv = kernels
+        .iter()
+        .find(|k| k["kernel"] == "conv1x1_tc_fwd_bf16")
+        .unwrap_or_else(|| panic!("no 1x1 forward in {out}"));
+    let u = |k: &str| conv[k].as_u64().unwrap_or_else(|| panic!("{k} in {conv}"));
+    assert!(u("launches") > 0 && u("mma") > 0 && u("ld_requests") > 0);
+    assert!(u("ld_sectors") >= u("ld_requests") && u("st_sectors") >= u("st_requests"));
+    for key in ["ld_efficiency", "st_efficiency"] {
+        let e = conv[key].as_f64().unwrap();
+        assert!(e > 0.0 && e <= 1.0, "{key} {e}");
+    }
+    for key in ["shared_st_ways", "ldmatrix_ways"] {
+        assert!(conv[key].as_f64().unwrap() >= 1.0, "{key} in {conv}");
+    }
+    assert!(kernels
+        .iter()
+        .all(|k| k["kernel"].is_string() && k["launches"].as_u64() > Some(0)));
 }

@@ -377,8 +377,14 @@ impl Pre {
             shift: &self.shift.1,
         })
     }
-    /// `pre(v)` for a value `v` of channel `j`.
+    /// `pre(v)` for a value `v` of channel `j`, by the reference's rule (`ops::BnRelu::at`: a NaN
+    /// passes through).
     pub fn at(&self, j: usize, v: f64) -> f64 {
-        (v * self.scale.1[j] + self.shift.1[j]).max(0.0)
+        let y = v * self.scale.1[j] + self.shift.1[j];
+        if y <= 0.0 {
+            0.0
+        } else {
+            y
+        }
     }
 }

@@ -16,5 +16,6 @@ mod cast;
 mod conv;
 mod conv_tc;
 mod linear;
+mod nan;
 mod pool;
 mod testing_kernels;

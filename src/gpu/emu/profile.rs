@@ -253,6 +253,38 @@ pub fn report() -> String {
     )
 }
 
+/// One JSON object per kernel of `profile` (`mura bench --profile --json`): its launches and
+/// counts, efficiencies as fractions and ways as wavefronts over the conflict-free ones, as
+/// [`table`] shows them (null where the kernel made no such access).
+pub fn json(profile: &[(String, KernelProfile)]) -> Vec<serde_json::Value> {
+    profile
+        .iter()
+        .map(|(name, p)| {
+            let c = &p.counters;
+            serde_json::json!({
+                "kernel": name,
+                "launches": p.launches,
+                "ld_requests": c.gld_requests,
+                "ld_sectors": c.gld_sectors,
+                "ld_efficiency": p.gld_efficiency(),
+                "st_requests": c.gst_requests,
+                "st_sectors": c.gst_sectors,
+                "st_efficiency": p.gst_efficiency(),
+                "atomic_requests": c.gatom_requests,
+                "cp_async_requests": c.ldgsts_requests,
+                "cp_async_efficiency": p.ldgsts_efficiency(),
+                "shared_ld_requests": c.sld_requests,
+                "shared_ld_ways": p.sld_ways(),
+                "shared_st_requests": c.sst_requests,
+                "shared_st_ways": p.sst_ways(),
+                "ldmatrix": c.ldsm_requests,
+                "ldmatrix_ways": p.ldsm_ways(),
+                "mma": c.hmma,
+            })
+        })
+        .collect()
+}
+
 /// The profile as a markdown table, one row per kernel, with the caller's roofline floor of
 /// each kernel (µs per launch) where `floor_us` knows it.
 pub fn table(
