@@ -13,13 +13,19 @@ static_assert(EPS == 1e-5f && MOMENTUM == 0.1f, "PyTorch's BatchNorm defaults, r
 // (two passes, in cache) are merged with Chan's formula, so long columns neither lose precision
 // nor serialise on one block.
 
+// The first row of chunk p of R rows in P chunks: p * R / P, in 32 bits (the launcher checks
+// that P * R fits in them: bn::chunks).
+__device__ __forceinline__ int chunk_start(int p, int R, int P) {
+    return (int)((unsigned)p * (unsigned)R / (unsigned)P);
+}
+
 // Channel c's mean and biased variance into mean, var: [C] f32 from part: [2, P, C] (chunk means
 // and M2 over R rows, taken back with atomicExch, which leaves them zero), merged with Chan's
 // formula in double.
 __device__ __forceinline__ void bn_stats_merge(float* part, int R, int C, int P, float* mean, float* var, int c) {
     double n = 0.0, m = 0.0, m2 = 0.0;
     for (int p = 0; p < P; p++) {
-        const double nb = (double)((long long)(p + 1) * R / P - (long long)p * R / P);
+        const double nb = (double)(chunk_start(p + 1, R, P) - chunk_start(p, R, P));
         const double mb = atomicExch(part + (long long)p * C + c, 0.0f);
         const double m2b = atomicExch(part + (long long)(P + p) * C + c, 0.0f);
         if (nb == 0.0) continue;
@@ -43,7 +49,7 @@ __device__ void bn_stats_part(float* part, const T* x, int R, int C, int rs, Coe
     MURA_DYN_SHARED(float, red);  // [8][33], then mu: [32]
     float* mu = red + 8 * 33;
     const int c = blockIdx.x * 32 + threadIdx.x, P = gridDim.y, p = blockIdx.y;
-    const int r0 = (int)((long long)p * R / P), r1 = (int)((long long)(p + 1) * R / P);
+    const int r0 = chunk_start(p, R, P), r1 = chunk_start(p + 1, R, P);
     const bool valid = c < C;
     float s = 0.0f;
     if (valid)
@@ -112,9 +118,7 @@ extern "C" __global__ void bn_coeffs_fwd_f32(float* __restrict__ scale, float* _
 template <class T>
 __device__ void bn_apply(T* y, int y_rs, const T* x, int x_rs, int R, int C, const float* scale,
                        const float* shift, int relu) {
-    const long long total = (long long)R * C;
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
-         i += (long long)gridDim.x * blockDim.x) {
+    GRID_STRIDE32(i, R * C) {
         const int r = (int)(i / C), c = (int)(i % C);
         const float xv = ld(x + (long long)r * x_rs + c);
         const float v = relu ? bn_relu(xv, scale[c], shift[c]) : xv * scale[c] + shift[c];
@@ -175,7 +179,7 @@ __device__ void bn_bwd_part(float* part, const T* x, int x_rs, const T* dy, int 
                             const float* scale, const float* shift, const float* mean, int relu, BwdMerge m) {
     MURA_DYN_SHARED(float, red);  // [8][33]
     const int c = blockIdx.x * 32 + threadIdx.x, P = gridDim.y, p = blockIdx.y;
-    const int r0 = (int)((long long)p * R / P), r1 = (int)((long long)(p + 1) * R / P);
+    const int r0 = chunk_start(p, R, P), r1 = chunk_start(p + 1, R, P);
     const bool valid = c < C;
     float s0 = 0.0f, s1 = 0.0f;
     if (valid) {
@@ -213,9 +217,7 @@ template <class T>
 __device__ void bn_bwd_dx(T* dx, int dx_rs, int accumulate, const T* x, int x_rs, const T* dy, int dy_rs,
                           int R, int C, const float* scale, const float* shift, const float* mean,
                           const float* coef, int relu, int train) {
-    const long long total = (long long)R * C;
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
-         i += (long long)gridDim.x * blockDim.x) {
+    GRID_STRIDE32(i, R * C) {
         const int r = (int)(i / C), c = (int)(i % C);
         const float xv = ld(x + (long long)r * x_rs + c);
         const float d = bn_dz(xv, ld(dy + (long long)r * dy_rs + c), scale[c], shift[c], relu);
@@ -226,14 +228,13 @@ __device__ void bn_bwd_dx(T* dx, int dx_rs, int accumulate, const T* x, int x_rs
 }
 
 // dx += alpha + beta * x: the deferred BN-backward terms (bn_bwd_merge; bn_step_last in
-// kernels/conv_tc.cu), once a channel's gradient has every consumer's. dx: [R, C] T (row stride dx_rs); x: [R, C] T (row stride x_rs), the
-// channel's stored (pre-BN) values; alpha, beta: [C] f32. Grid-stride over R*C.
+// kernels/conv_tc.cu), once a channel's gradient has every consumer's. dx: [R, C] T (row stride
+// dx_rs); x: [R, C] T (row stride x_rs), the channel's stored (pre-BN) values; alpha, beta: [C]
+// f32. Grid-stride over R*C.
 template <class T>
 __device__ void bn_grad_fix(T* dx, int dx_rs, const T* x, int x_rs, int R, int C, const float* alpha,
                             const float* beta) {
-    const long long total = (long long)R * C;
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
-         i += (long long)gridDim.x * blockDim.x) {
+    GRID_STRIDE32(i, R * C) {
         const int r = (int)(i / C), c = (int)(i % C);
         T* out = dx + (long long)r * dx_rs + c;
         st(out, ld(out) + alpha[c] + beta[c] * ld(x + (long long)r * x_rs + c));

@@ -34,6 +34,14 @@ __device__ __forceinline__ float bn_relu(float v, float scale, float shift) {
 // Whether v is a NaN (no fast-math here: NaN is the one value unequal to itself).
 __device__ __forceinline__ bool is_nan(float v) { return v != v; }
 
+// GRID_STRIDE counted in 32 bits, for per-element loops that divide the index (a row and a channel
+// from it): the GPU has no divider, and a 64-bit division is a software routine several times a
+// 32-bit one's. The launcher checks that total is at most 2^31 - 1 (gpu::ops::elementwise), so
+// i + the grid's threads never wraps.
+#define GRID_STRIDE32(i, total)                                                                   \
+    for (unsigned i = blockIdx.x * blockDim.x + threadIdx.x; i < (unsigned)(total); \
+         i += gridDim.x * blockDim.x)
+
 // Sum of `v` over the 32 lanes of a full warp; every lane gets the result.
 __device__ __forceinline__ float warp_sum(float v) {
     for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(FULL_MASK, v, offset);

@@ -37,13 +37,12 @@ template <class T>
 __device__ void maxpool_fwd(T* y, int y_rs, const T* x, int n, int h, int w, int c, const float* scale,
                             const float* shift) {
     const int ho = (h - 1) / 2 + 1, wo = (w - 1) / 2 + 1;
-    GRID_STRIDE(i, (long long)n * ho * wo * c) {
-        const int j = (int)(i % c);
-        const long long r = i / c;
-        const int ox = (int)(r % wo), oy = (int)(r / wo % ho), b = (int)(r / ((long long)wo * ho));
+    GRID_STRIDE32(i, n * ho * wo * c) {
+        const unsigned r = i / c;
+        const int j = (int)(i % c), ox = (int)(r % wo), oy = (int)(r / wo % ho), b = (int)(r / (wo * ho));
         const T* xi = x + (long long)b * h * w * c;
         const int at = maxpool_argmax(xi, h, w, c, j, oy, ox, scale, shift);
-        st(y + r * y_rs + j, pre_at(xi + (long long)at * c + j, scale, shift, j));
+        st(y + (long long)r * y_rs + j, pre_at(xi + (long long)at * c + j, scale, shift, j));
     }
 }
 
@@ -55,10 +54,9 @@ template <class T>
 __device__ void maxpool_bwd(T* dx, const T* x, const T* dy, int dy_rs, int n, int h, int w, int c, const float* scale,
                             const float* shift) {
     const int ho = (h - 1) / 2 + 1, wo = (w - 1) / 2 + 1;
-    GRID_STRIDE(i, (long long)n * h * w * c) {
-        const int j = (int)(i % c);
-        const long long p = i / c;
-        const int ix = (int)(p % w), iy = (int)(p / w % h), b = (int)(p / ((long long)w * h));
+    GRID_STRIDE32(i, n * h * w * c) {
+        const unsigned p = i / c;
+        const int j = (int)(i % c), ix = (int)(p % w), iy = (int)(p / w % h), b = (int)(p / (w * h));
         const T* xi = x + (long long)b * h * w * c;
         float g = 0.0f;
         for (int oy = max((iy - 1) / 2, 0); oy <= min((iy + 1) / 2, ho - 1); oy++)
@@ -75,10 +73,9 @@ template <class T>
 __device__ void avgpool_fwd(T* y, int y_rs, const T* x, int x_rs, int n, int h, int w, int c,
                             const float* scale, const float* shift) {
     const int ho = h / 2, wo = w / 2;
-    GRID_STRIDE(i, (long long)n * ho * wo * c) {
-        const int j = (int)(i % c);
-        const long long r = i / c;
-        const int ox = (int)(r % wo), oy = (int)(r / wo % ho), b = (int)(r / ((long long)wo * ho));
+    GRID_STRIDE32(i, n * ho * wo * c) {
+        const unsigned r = i / c;
+        const int j = (int)(i % c), ox = (int)(r % wo), oy = (int)(r / wo % ho), b = (int)(r / (wo * ho));
         const long long p = ((long long)b * h + 2 * oy) * w + 2 * ox;
         const long long taps[4] = {p, p + 1, p + w, p + w + 1};
         float s = 0.0f;
@@ -87,7 +84,7 @@ __device__ void avgpool_fwd(T* y, int y_rs, const T* x, int x_rs, int n, int h, 
             if (scale) v = bn_relu(v, scale[j], shift[j]);
             s += v;
         }
-        st(y + r * y_rs + j, s * 0.25f);
+        st(y + (long long)r * y_rs + j, s * 0.25f);
     }
 }
 
@@ -96,10 +93,9 @@ __device__ void avgpool_fwd(T* y, int y_rs, const T* x, int x_rs, int n, int h, 
 template <class T>
 __device__ void avgpool_bwd(T* dx, const T* dy, int dy_rs, int n, int h, int w, int c) {
     const int ho = h / 2, wo = w / 2;
-    GRID_STRIDE(i, (long long)n * h * w * c) {
-        const int j = (int)(i % c);
-        const long long p = i / c;
-        const int ix = (int)(p % w), iy = (int)(p / w % h), b = (int)(p / ((long long)w * h));
+    GRID_STRIDE32(i, n * h * w * c) {
+        const unsigned p = i / c;
+        const int j = (int)(i % c), ix = (int)(p % w), iy = (int)(p / w % h), b = (int)(p / (w * h));
         float g = 0.0f;
         if (iy / 2 < ho && ix / 2 < wo) g = 0.25f * ld(dy + ((long long)(b * ho + iy / 2) * wo + ix / 2) * dy_rs + j);
         st(dx + i, g);
@@ -109,7 +105,7 @@ __device__ void avgpool_bwd(T* dx, const T* dy, int dy_rs, int n, int h, int w, 
 // feat: [n, c] f32 = mean over the hw pixels of x: [n, hw, c] T.
 template <class T>
 __device__ void gap_fwd(float* feat, const T* x, int n, int hw, int c) {
-    GRID_STRIDE(i, (long long)n * c) {
+    GRID_STRIDE32(i, n * c) {
         const int j = (int)(i % c), b = (int)(i / c);
         float s = 0.0f;
         for (int p = 0; p < hw; p++) s += ld(x + ((long long)b * hw + p) * c + j);
@@ -120,10 +116,10 @@ __device__ void gap_fwd(float* feat, const T* x, int n, int hw, int c) {
 // dx: [n, hw, c] T, overwritten = dfeat / hw broadcast; dfeat: [n, c] f32.
 template <class T>
 __device__ void gap_bwd(T* dx, const float* dfeat, int n, int hw, int c) {
-    GRID_STRIDE(i, (long long)n * hw * c) {
+    GRID_STRIDE32(i, n * hw * c) {
+        const unsigned b = i / c / hw;
         const int j = (int)(i % c);
-        const long long b = i / c / hw;
-        st(dx + i, dfeat[b * c + j] / (float)hw);
+        st(dx + i, dfeat[(long long)b * c + j] / (float)hw);
     }
 }
 

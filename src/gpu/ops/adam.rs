@@ -31,7 +31,7 @@ pub fn update(
     unsafe {
         k::adam_fwd_f32(
             d,
-            elementwise(n),
+            elementwise(n)?,
             params.ptr(),
             grads.ptr(),
             m.ptr(),

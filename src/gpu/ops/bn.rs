@@ -18,10 +18,18 @@ use anyhow::Result;
 /// Most row chunks of a BN reduction.
 const MAX_CHUNKS: usize = 64;
 
-/// Row chunks of a BN reduction over `rows` rows: enough blocks to fill a GPU, at most 64.
-fn chunks(rows: usize) -> usize {
-    rows.div_ceil(1024).clamp(1, MAX_CHUNKS)
+/// Row chunks of a BN reduction over `rows` rows: enough blocks to fill a GPU, at most 64. The
+/// kernels find a chunk's rows in 32 bits (`p * rows / chunks`), so `rows` is at most
+/// [`MAX_ROWS`].
+fn chunks(rows: usize) -> Result<usize> {
+    if rows > MAX_ROWS {
+        bail_shape!("a BN over {rows} rows, more than the {MAX_ROWS} its reductions index");
+    }
+    Ok(rows.div_ceil(1024).clamp(1, MAX_CHUNKS))
 }
+
+/// The most rows a BN reduction covers: 64 chunks of them index in 32 bits.
+pub const MAX_ROWS: usize = (u32::MAX as usize) / MAX_CHUNKS;
 
 /// f32 elements of scratch the BN reductions need for `c` channels: `[2, 64, c]`.
 pub fn scratch_len(c: usize) -> usize {
@@ -79,7 +87,7 @@ pub fn batch_stats<T: Act>(
     scratch: Scratch,
 ) -> Result<()> {
     let (rows, c) = (x.rows(), x.cols());
-    let p = chunks(rows);
+    let p = chunks(rows)?;
     let part = scratch.part.expect(scratch_len(c), "the BN scratch")?.ptr();
     let (out, coefs) = match finish {
         Finish::Stats(stats) => (stats, None),
@@ -290,7 +298,7 @@ pub fn apply<T: Act>(d: &dyn Driver, x: Mat<T>, coef: BnRelu, relu: bool, y: Mat
     same_shape("BN apply", x, y)?;
     let (rows, c) = (x.rows(), x.cols());
     let (scale, shift) = coef.ptrs(c)?;
-    let at = elementwise(rows * c);
+    let at = elementwise(rows * c)?;
     // SAFETY: x and y are checked views of the same shape, the coefficients hold c.
     unsafe {
         k::bn_apply_fwd::<T>(
@@ -410,7 +418,7 @@ fn reduce<T: Act>(
 ) -> Result<()> {
     same_shape("BN backward", s.x, dy)?;
     let (rows, c) = (s.x.rows(), s.x.cols());
-    let p = chunks(rows);
+    let p = chunks(rows)?;
     let part = scratch.part.expect(scratch_len(c), "the BN scratch")?.ptr();
     let (scale, shift) = s.coef.ptrs(c)?;
     let (mean, var) = s.stats.ptrs(c)?;
@@ -483,7 +491,7 @@ fn dx_pass<T: Act>(
         true => coef.expect(2 * c, "the BN coefficients scratch")?.ptr(),
         false => Ptr::NULL,
     };
-    let at = elementwise(rows * c);
+    let at = elementwise(rows * c)?;
     let (x, x_rs) = (s.x.ptr(), s.x.rs());
     // SAFETY: x, dy, dx are checked views of rows × c; [c] and [2, c] operands checked.
     unsafe {
@@ -529,7 +537,7 @@ pub fn grad_fix<T: Act>(d: &dyn Driver, dx: Mat<T>, x: Mat<T>, deferred: Deferre
     same_shape("BN gradient fix", dx, x)?;
     let (rows, c) = (x.rows(), x.cols());
     let (alpha, beta) = deferred.ptrs(c)?;
-    let at = elementwise(rows * c);
+    let at = elementwise(rows * c)?;
     // SAFETY: dx and x are checked views of rows × c; alpha, beta hold c.
     unsafe {
         k::bn_grad_fix_bwd::<T>(

@@ -15,6 +15,7 @@ pub fn to_bf16(d: &dyn Driver, x: Slice<f32>, y: Slice<bf16>) -> Result<()> {
     if y.len() != n {
         bail_shape!("a cast of {n} values into {}", y.len());
     }
+    let at = elementwise(n)?;
     // SAFETY: x and y hold n elements.
-    unsafe { k::cast_fwd_bf16(d, elementwise(n), y.ptr(), x.ptr(), n) }
+    unsafe { k::cast_fwd_bf16(d, at, y.ptr(), x.ptr(), n) }
 }

@@ -47,9 +47,16 @@ fn pre_ptrs(pre: Option<BnRelu>, c: usize) -> Result<(Ptr<f32>, Ptr<f32>)> {
 }
 
 /// Elementwise launches over `n` items: 256 threads, at most 4096 blocks (the kernels loop).
-fn elementwise(n: usize) -> Launch {
-    Launch::linear(blocks_for(n, 256).min(4096), 256)
+fn elementwise(n: usize) -> Result<Launch> {
+    if n > MAX_ELEMENTS {
+        bail_shape!("{n} elements in one launch, more than the {MAX_ELEMENTS} its kernels index");
+    }
+    Ok(Launch::linear(blocks_for(n, 256).min(4096), 256))
 }
+
+/// The most elements an elementwise launch covers: its kernels count them in 32 bits, so that
+/// no per-element division is a 64-bit one (`GRID_STRIDE32` in kernels/common.cuh).
+pub const MAX_ELEMENTS: usize = i32::MAX as usize;
 
 /// One thread a channel, blocks of 128.
 fn per_channel(c: usize) -> Launch {

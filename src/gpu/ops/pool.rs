@@ -34,7 +34,7 @@ pub fn maxpool_fwd<T: Act>(
     let (ho, wo) = maxpool_out(h, w);
     dims_are("the max pool's output", y, (n, ho, wo, c))?;
     let (scale, shift) = pre_ptrs(pre, c)?;
-    let at = elementwise(y.rows() * c);
+    let at = elementwise(y.rows() * c)?;
     // SAFETY: x and y are checked views of the shapes the kernel reads and writes.
     unsafe { k::maxpool_fwd::<T>(d, at, y.ptr(), y.rs(), x.ptr(), n, h, w, c, scale, shift) }
 }
@@ -55,7 +55,7 @@ pub fn maxpool_bwd<T: Act>(
     let (ho, wo) = maxpool_out(h, w);
     dims_are("the max pool's output gradient", dy, (n, ho, wo, c))?;
     let (scale, shift) = pre_ptrs(pre, c)?;
-    let at = elementwise(x.rows() * c);
+    let at = elementwise(x.rows() * c)?;
     let (dyp, dys) = (dy.ptr(), dy.rs());
     // SAFETY: x, dy and dx are checked views of the shapes the kernel reads and writes.
     unsafe { k::maxpool_bwd::<T>(d, at, dx.ptr(), x.ptr(), dyp, dys, n, h, w, c, scale, shift) }
@@ -71,7 +71,7 @@ pub fn avgpool_fwd<T: Act>(
     let (n, h, w, c) = x.dims();
     dims_are("the average pool's output", y, (n, h / 2, w / 2, c))?;
     let (scale, shift) = pre_ptrs(pre, c)?;
-    let at = elementwise(y.rows() * c);
+    let at = elementwise(y.rows() * c)?;
     let (yp, ys, xp, xs) = (y.ptr(), y.rs(), x.ptr(), x.rs());
     // SAFETY: x and y are checked views of the shapes the kernel reads and writes.
     unsafe { k::avgpool_fwd::<T>(d, at, yp, ys, xp, xs, n, h, w, c, scale, shift) }
@@ -87,7 +87,7 @@ pub fn avgpool_bwd<T: Act>(d: &dyn Driver, dy: Nhwc<T>, dx: Nhwc<T>) -> Result<(
         dy,
         (n, h / 2, w / 2, c),
     )?;
-    let at = elementwise(dx.rows() * c);
+    let at = elementwise(dx.rows() * c)?;
     // SAFETY: dy and dx are checked views of the shapes the kernel reads and writes.
     unsafe { k::avgpool_bwd::<T>(d, at, dx.ptr(), dy.ptr(), dy.rs(), n, h, w, c) }
 }
@@ -100,7 +100,7 @@ pub fn gap_fwd<T: Act>(d: &dyn Driver, x: Nhwc<T>, feat: Mat<f32>) -> Result<()>
         bail_shape!("the pooled features must be a contiguous [{n}, {c}]");
     }
     // SAFETY: x and feat are checked views of the shapes the kernel reads and writes.
-    unsafe { k::gap_fwd::<T>(d, elementwise(n * c), feat.ptr(), x.ptr(), n, h * w, c) }
+    unsafe { k::gap_fwd::<T>(d, elementwise(n * c)?, feat.ptr(), x.ptr(), n, h * w, c) }
 }
 
 /// `dx: [n, h, w, c]` (contiguous, overwritten) = `dfeat: [n, c]` f32 / (h·w), broadcast.
@@ -110,7 +110,7 @@ pub fn gap_bwd<T: Act>(d: &dyn Driver, dfeat: Mat<f32>, dx: Nhwc<T>) -> Result<(
     if (dfeat.rows(), dfeat.cols(), dfeat.rs()) != (n, c, c) {
         bail_shape!("the features' gradient must be a contiguous [{n}, {c}]");
     }
-    let at = elementwise(dx.rows() * c);
+    let at = elementwise(dx.rows() * c)?;
     // SAFETY: dfeat and dx are checked views of the shapes the kernel reads and writes.
     unsafe { k::gap_bwd::<T>(d, at, dx.ptr(), dfeat.ptr(), n, h * w, c) }
 }
