@@ -55,7 +55,7 @@ pub fn run(args: Args) -> Result<()> {
         false => args.study_types.clone(),
     };
     if let Some(dir) = &args.out {
-        owned::check(dir, Made::Eval, None)?;
+        owned::check_replace(dir, Made::Eval, None)?;
     }
     let store = Arc::new(Store::open(&args.store)?);
     let mut ensemble: Option<Vec<StudyPrediction>> = None;

@@ -794,7 +794,7 @@ pub fn synth(out: &Path, cfg: &SynthConfig, progress: bool) -> Result<SynthSumma
     if !(0.0..=1.0).contains(&cfg.valid_fraction) {
         bail!("--valid-fraction must be between 0 and 1");
     }
-    owned::check(out, Made::Synth, None)?;
+    owned::check_replace(out, Made::Synth, None)?;
     let studies = plan(cfg);
     owned::replace_folder(out, Made::Synth, None, |root| {
         write_all(root, &studies, progress)

@@ -104,7 +104,6 @@ pub enum Found {
 /// Whether a command making a `kind` folder may write `dir`. `earlier` is the proof that an
 /// unmarked folder is one an earlier mura wrote (`None`: no unmarked folder is adopted).
 pub fn check(dir: &Path, kind: Made, earlier: Option<&dyn Fn(&Path) -> bool>) -> Result<Found> {
-    split(dir)?;
     if dir.symlink_metadata().is_err() {
         return Ok(Found::Missing);
     }
@@ -142,6 +141,17 @@ pub fn check(dir: &Path, kind: Made, earlier: Option<&dyn Fn(&Path) -> bool>) ->
     )
 }
 
+/// [`check`] of a folder that [`replace_folder`] will replace as a whole, which must not be the
+/// current folder or one holding it.
+pub fn check_replace(
+    dir: &Path,
+    kind: Made,
+    earlier: Option<&dyn Fn(&Path) -> bool>,
+) -> Result<Found> {
+    split(dir, Replacing::Yes)?;
+    check(dir, kind, earlier)
+}
+
 /// Makes `dir` a `kind` folder that this command may write: creates it (with its marker inside
 /// from the first moment), marks an empty one, or checks that it is one already (see [`check`]).
 /// Returns what was there.
@@ -164,7 +174,7 @@ fn mark(dir: &Path, kind: Made) -> Result<()> {
 /// Creates the folder `dir` with its marker: made under a temporary name beside it, renamed into
 /// place.
 fn create_marked(dir: &Path, kind: Made) -> Result<()> {
-    let (parent, name) = split(dir)?;
+    let (parent, name) = split(dir, Replacing::No)?;
     std::fs::create_dir_all(&parent)
         .with_context(|| format!("cannot create {}", parent.display()))?;
     let staging = sibling(&parent, &name, "new");
@@ -185,10 +195,18 @@ fn create_marked(dir: &Path, kind: Made) -> Result<()> {
     Ok(())
 }
 
+/// Whether a folder is to be replaced as a whole (renamed away, then removed).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Replacing {
+    Yes,
+    No,
+}
+
 /// `dir` as (its parent folder, its name), resolved: the parent made absolute with its links
-/// followed, `dir` itself followed where it is a link. The current folder and the folders
-/// holding it are refused: replacing them would pull the ground from under the shell.
-fn split(dir: &Path) -> Result<(PathBuf, std::ffi::OsString)> {
+/// followed, `dir` itself followed where it is a link. A folder to be replaced may not be the
+/// current folder or one holding it: that would pull the ground from under the shell (writing
+/// into one, as `train --resume .` does, is fine).
+fn split(dir: &Path, replacing: Replacing) -> Result<(PathBuf, std::ffi::OsString)> {
     let absolute =
         std::path::absolute(dir).with_context(|| format!("cannot resolve {}", dir.display()))?;
     let resolved = match std::fs::canonicalize(&absolute) {
@@ -201,7 +219,7 @@ fn split(dir: &Path) -> Result<(PathBuf, std::ffi::OsString)> {
         }
     };
     if let Ok(cwd) = std::env::current_dir().and_then(std::fs::canonicalize) {
-        if cwd.starts_with(&resolved) {
+        if replacing == Replacing::Yes && cwd.starts_with(&resolved) {
             bail!(
                 "{} is the current folder or holds it; pass a folder inside it instead (such as \
                  ./out)",
@@ -282,7 +300,7 @@ pub fn replace_folder<T>(
     earlier: Option<&dyn Fn(&Path) -> bool>,
     write: impl FnOnce(&Path) -> Result<T>,
 ) -> Result<T> {
-    let (parent, name) = split(dir)?;
+    let (parent, name) = split(dir, Replacing::Yes)?;
     let target = parent.join(&name);
     for (path, old) in leftovers(&parent, &name, kind) {
         // An old folder moved aside by a killed fallback swap is the folder itself when
@@ -476,8 +494,10 @@ mod tests {
     #[test]
     fn the_current_folder_is_never_replaced() {
         let cwd = std::env::current_dir().unwrap();
-        let e = format!("{:#}", split(&cwd).unwrap_err());
+        let e = format!("{:#}", split(&cwd, Replacing::Yes).unwrap_err());
         assert!(e.contains("current folder"), "{e}");
-        assert!(split(Path::new("/")).is_err());
+        assert!(split(Path::new("/"), Replacing::Yes).is_err());
+        // Writing into the current folder (not replacing it) is fine.
+        assert!(split(&cwd, Replacing::No).is_ok());
     }
 }

@@ -167,6 +167,24 @@ fn the_current_folder_and_its_parents_are_never_replaced() {
         );
         assert_eq!(std::fs::read_dir(&here).unwrap().count(), 0, "{args:?}");
     }
+    // Writing into the current folder is fine: `cd RUN && mura train --resume .`.
+    let run = d.join("run");
+    Command::new("cp")
+        .args(["-r", s(trained()), s(&run)])
+        .status()
+        .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_mura"))
+        .args(["train", "--resume", ".", "--epochs", "2", "--quiet"])
+        .current_dir(&run)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let epochs = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    assert_eq!(epochs.lines().count(), 2);
 }
 
 #[test]
