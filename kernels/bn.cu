@@ -102,9 +102,7 @@ extern "C" __global__ void bn_coeffs_fwd_f32(float* __restrict__ scale, float* _
     if (c < C) {
         const int j = c - (C - P);
         if (sums && j >= 0) {
-            const double m = (double)sums[j] / R, v = (double)sums[P + j] / R - m * m;
-            mean[c] = (float)m;
-            var[c] = (float)(v > 0.0 ? v : 0.0);
+            bn_stats_from_sums(sums[j], sums[P + j], R, mean, var, c);
             sums[j] = 0.0f;
             sums[P + j] = 0.0f;
         }
@@ -131,21 +129,6 @@ __device__ __forceinline__ float bn_dz(float x, float d, float s, float t, int r
     return relu && x * s + t <= 0.0f ? 0.0f : d;
 }
 
-// Where a BN backward's reductions go once merged: coef: [2, C] f32 out (a = mean of dz, b = mean of
-// dz * (x - mean) / (var + eps)); dgamma, dbeta: [C] f32, added to; var: [C] f32. With alpha not null
-// (alpha, beta: [C] f32), the input gradient's per-channel terms scale * (-a - (x - mean) * b) =
-// alpha + beta * x are added to alpha, beta instead (deferred, as bn_step_last in
-// kernels/conv_tc.cu does) and coef is not written. done: one unsigned, zero, left zero.
-struct BwdMerge {
-    float* coef;
-    float* dgamma;
-    float* dbeta;
-    const float* var;
-    float* alpha;
-    float* beta;
-    unsigned* done;
-};
-
 // Channel c's merge of part: [2, P, C] (sum dz, sum dz * (x - mean) per chunk of the R rows, taken
 // back with atomicExch, which leaves them zero) into m, in double. scale, mean: [C] f32.
 __device__ __forceinline__ void bn_bwd_merge(float* part, int R, int C, int P, const float* scale,
@@ -155,18 +138,7 @@ __device__ __forceinline__ void bn_bwd_merge(float* part, int R, int C, int P, c
         sdz += atomicExch(part + (long long)p * C + c, 0.0f);
         sdx += atomicExch(part + (long long)(P + p) * C + c, 0.0f);
     }
-    const double is = 1.0 / sqrt((double)(m.var[c] + EPS));
-    m.dgamma[c] += (float)(sdx * is);
-    m.dbeta[c] += (float)sdz;
-    const double a = sdz / R, b = sdx * is * is / R;
-    if (m.alpha) {
-        const double s = scale[c];
-        m.alpha[c] += (float)(-s * (a - mean[c] * b));
-        m.beta[c] += (float)(-s * b);
-    } else {
-        m.coef[c] = (float)a;
-        m.coef[C + c] = (float)b;
-    }
+    bn_bwd_channel(m, C, R, scale, mean, sdz, sdx, c);
 }
 
 // A BN backward's reductions: partial sums over chunk p of the rows into part: [2, P, C] f32 scratch

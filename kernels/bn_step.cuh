@@ -22,6 +22,47 @@ struct CoefStep {
     unsigned* done;
 };
 
+// Channel c's batch statistics from its sums over R rows: mean = s / R and the biased variance
+// max(ss / R - mean^2, 0), in double, into mean, var: [C] f32.
+__device__ __forceinline__ void bn_stats_from_sums(double s, double ss, int R, float* mean, float* var, int c) {
+    const double m = s / R, v = ss / R - m * m;
+    mean[c] = (float)m;
+    var[c] = (float)(v > 0.0 ? v : 0.0);
+}
+
+// Where a BN backward's reductions go once merged: coef: [2, C] f32 out (a = mean of dz, b = mean of
+// dz * (x - mean) / (var + eps)); dgamma, dbeta: [C] f32, added to; var: [C] f32. With alpha not null
+// (alpha, beta: [C] f32), the input gradient's per-channel terms scale * (-a - (x - mean) * b) =
+// alpha + beta * x are added to alpha, beta instead (deferred) and coef is not written. done: one unsigned, zero, left zero.
+struct BwdMerge {
+    float* coef;
+    float* dgamma;
+    float* dbeta;
+    const float* var;
+    float* alpha;
+    float* beta;
+    unsigned* done;
+};
+
+// Channel c's BN backward step (of C channels) from its reductions over R rows, sdz = sum dz and
+// sdx = sum dz * (x - mean), into m, in double: dgamma += sdx / sqrt(var + eps), dbeta += sdz, then
+// the coefficients or, deferred, the terms with scale: [C] f32 as the factor; mean: [C] f32.
+__device__ __forceinline__ void bn_bwd_channel(const BwdMerge& m, int C, int R, const float* scale,
+                                               const float* mean, double sdz, double sdx, int c) {
+    const double is = 1.0 / sqrt((double)(m.var[c] + (float)BN_EPS));
+    m.dgamma[c] += (float)(sdx * is);
+    m.dbeta[c] += (float)sdz;
+    const double a = sdz / R, b = sdx * is * is / R;
+    if (m.alpha) {
+        const double s = scale[c];
+        m.alpha[c] += (float)(-s * (a - mean[c] * b));
+        m.beta[c] += (float)(-s * b);
+    } else {
+        m.coef[c] = (float)a;
+        m.coef[C + c] = (float)b;
+    }
+}
+
 // Channel c's coefficients: scale = gamma / sqrt(var + eps), shift = beta - mean * scale, and the
 // running statistics' update.
 __device__ __forceinline__ void bn_coef_channel(const CoefStep& s, int c) {

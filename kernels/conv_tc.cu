@@ -512,12 +512,9 @@ __device__ __noinline__ void coef_step_last(float* sums, int co, int R, CoefStep
     if (!last_block(step.done, gridDim.x * gridDim.y)) return;
     for (int c = threadIdx.x; c < step.C; c += blockDim.x) {
         const int j = c - (step.C - co);
-        if (j >= 0) {
-            const double m = (double)atomicExch(sums + j, 0.0f) / R;
-            const double v = (double)atomicExch(sums + co + j, 0.0f) / R - m * m;
-            step.mean[c] = (float)m;
-            step.var[c] = (float)(v > 0.0 ? v : 0.0);
-        }
+        if (j >= 0)
+            bn_stats_from_sums(atomicExch(sums + j, 0.0f), atomicExch(sums + co + j, 0.0f), R, step.mean,
+                               step.var, c);
         bn_coef_channel(step, c);
     }
 }
@@ -588,21 +585,11 @@ __device__ __noinline__ void bn_step_last(float* red, int ci, int R, const float
                                           float* beta, float* dgamma, float* dbeta, const float* mean,
                                           const float* var, unsigned* done) {
     if (!last_block(done, gridDim.x * gridDim.y)) return;
+    const BwdMerge m{coef, dgamma, dbeta, var, alpha, beta, done};
     for (int c = threadIdx.x; c < ci; c += blockDim.x) {
-        const double m = mean[c], sdz = atomicExch(red + c, 0.0f);
-        const double sdx = (double)atomicExch(red + ci + c, 0.0f) - m * sdz;
-        const double is = 1.0 / sqrt((double)(var[c] + (float)BN_EPS));
-        dgamma[c] += (float)(sdx * is);
-        dbeta[c] += (float)sdz;
-        const double a = sdz / R, b = sdx * is * is / R;
-        if (alpha) {
-            const double s = post[c];
-            alpha[c] += (float)(-s * (a - m * b));
-            beta[c] += (float)(-s * b);
-        } else {
-            coef[c] = (float)a;
-            coef[ci + c] = (float)b;
-        }
+        const double sdz = atomicExch(red + c, 0.0f);
+        const double sdx = (double)atomicExch(red + ci + c, 0.0f) - (double)mean[c] * sdz;
+        bn_bwd_channel(m, ci, R, post, mean, sdz, sdx, c);
     }
 }
 

@@ -192,30 +192,25 @@ fn prep_removes_only_canonical_leftovers_of_its_own_store() {
     let d = tmp("leftovers");
     let store = d.join("store");
     let src = s(&data().0);
-    run_ok(&[
-        "prep",
-        "--mura-root",
-        src,
-        "--out",
-        s(&store),
-        "--size",
-        "32",
-    ]);
+    let prep = || {
+        run_ok(&[
+            "prep",
+            "--mura-root",
+            src,
+            "--out",
+            s(&store),
+            "--size",
+            "32",
+        ])
+    };
+    prep();
     // Names that parse as generations but are not mura's spelling are not its leftovers.
     for odd in ["gen-007", "gen-+2", "gen-2x"] {
         std::fs::create_dir(store.join(odd)).unwrap();
         std::fs::write(store.join(odd).join("keep"), "mine").unwrap();
     }
     std::fs::create_dir(store.join("gen-5")).unwrap(); // an interrupted prep's generation
-    run_ok(&[
-        "prep",
-        "--mura-root",
-        src,
-        "--out",
-        s(&store),
-        "--size",
-        "32",
-    ]);
+    prep();
     let names: BTreeSet<String> = std::fs::read_dir(&store)
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())
@@ -225,26 +220,12 @@ fn prep_removes_only_canonical_leftovers_of_its_own_store() {
     // A failed first prep leaves no folder behind.
     let bad = d.join("bad-tree");
     run_ok(&["synth", "--out", s(&bad), "--studies", "3"]);
-    let png = walk_pngs(&bad)[0].clone();
+    let png = walk_files(&bad, "png")[0].clone();
     std::fs::write(&png, b"not a png").unwrap();
     let new = d.join("new-store");
     let e = fails(&["prep", "--mura-root", s(&bad), "--out", s(&new), "--strict"]);
     assert!(e.contains("--strict"), "{e}");
     assert!(!new.exists(), "a failed first prep left {}", new.display());
-}
-
-fn walk_pngs(dir: &Path) -> Vec<PathBuf> {
-    let mut all = vec![];
-    for e in std::fs::read_dir(dir).unwrap() {
-        let p = e.unwrap().path();
-        if p.is_dir() {
-            all.extend(walk_pngs(&p));
-        } else if p.extension().is_some_and(|x| x == "png") {
-            all.push(p);
-        }
-    }
-    all.sort();
-    all
 }
 
 // --- 2. a replacement that is one step --------------------------------------------------------
@@ -478,7 +459,7 @@ fn a_newline_from_a_file_cannot_forge_a_second_line() {
     let forged = d.join("x\nerror: forged");
     let e = fails(&["predict", "--weights", s(&best), s(&forged)]);
     assert!(e.contains("x\\nerror: forged"), "{e}");
-    let png = walk_pngs(&data().0)[0].clone();
+    let png = walk_files(&data().0, "png")[0].clone();
     // A study path with a newline in a folder name prints on its line too.
     let study = d.join("two\nlines");
     std::fs::create_dir(&study).unwrap();
@@ -590,7 +571,7 @@ fn a_run_resumes_on_another_machine_with_its_store_elsewhere() {
 #[test]
 fn file_names_that_are_not_utf8_are_read_or_said_so() {
     let d = tmp("utf8");
-    let png = walk_pngs(&data().0)[0].clone();
+    let png = walk_files(&data().0, "png")[0].clone();
     let odd = d.join(std::ffi::OsStr::from_bytes(b"view\xff.png"));
     std::fs::copy(&png, &odd).unwrap();
     let best = trained().join("best.safetensors");
@@ -615,7 +596,7 @@ fn file_names_that_are_not_utf8_are_read_or_said_so() {
     for csv in walk_files(&tree, "csv") {
         std::fs::remove_file(csv).unwrap();
     }
-    let view = walk_pngs(&tree)[0].clone();
+    let view = walk_files(&tree, "png")[0].clone();
     std::fs::copy(
         &view,
         view.with_file_name(std::ffi::OsStr::from_bytes(b"image\xfe.png")),
@@ -633,6 +614,7 @@ fn file_names_that_are_not_utf8_are_read_or_said_so() {
     assert!(out.contains("its name is not UTF-8 text"), "{out}");
 }
 
+/// The files under `dir` whose names end in `.ext`, sorted.
 fn walk_files(dir: &Path, ext: &str) -> Vec<PathBuf> {
     let mut all = vec![];
     for e in std::fs::read_dir(dir).unwrap() {
@@ -643,5 +625,6 @@ fn walk_files(dir: &Path, ext: &str) -> Vec<PathBuf> {
             all.push(p);
         }
     }
+    all.sort();
     all
 }

@@ -133,6 +133,12 @@ pub fn batch_stats<T: Act>(
     }
 }
 
+/// PyTorch's factor from a batch of `count` rows' biased variance to the unbiased one that the
+/// running variance takes: count / (count − 1) (1 row: 1).
+fn unbias(count: usize) -> f32 {
+    (count as f64 / (count.max(2) - 1) as f64) as f32
+}
+
 /// The running statistics a training-mode [`scale_shift`] updates, from a batch of `count` rows
 /// (PyTorch: momentum 0.1, unbiased variance).
 #[derive(Clone, Copy, Debug)]
@@ -176,7 +182,7 @@ pub fn scale_shift(
         }
         None => (Ptr::NULL, Ptr::NULL, 2),
     };
-    let unbias = count as f64 / (count.max(2) - 1) as f64;
+    let unbias = unbias(count);
     let (sums, p) = match pending {
         Some(_) if running.is_none() => {
             bail_shape!("BN statistics from sums need the batch's row count")
@@ -201,7 +207,7 @@ pub fn scale_shift(
             var,
             run_mean,
             run_var,
-            unbias as f32,
+            unbias,
             c,
             sums,
             count,
@@ -276,7 +282,7 @@ impl CoefPtrs {
         let (run_mean, run_var) = s.running.stats.ptrs(c)?;
         let (scale, shift) = s.out.ptrs(c)?;
         let done = s.done.expect(1, "the BN step's block count")?.ptr();
-        let unbias = rows as f64 / (rows.max(2) - 1) as f64;
+        let unbias = unbias(rows);
         Ok(CoefPtrs {
             gamma,
             beta,
@@ -284,7 +290,7 @@ impl CoefPtrs {
             var,
             run_mean,
             run_var,
-            unbias: unbias as f32,
+            unbias,
             c,
             scale,
             shift,
