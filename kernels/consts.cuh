@@ -27,7 +27,17 @@ constexpr int TC_NARROW_BM = 128;     // "narrow": the 3x3 forward and weight gr
 constexpr int TC_NARROW_BN = 32;
 constexpr int TC_NARROW_WM = 4;
 constexpr int TC_NARROW_WN = 1;
-constexpr int TC_ANY_BM = 128;        // any window (the stem: 64 outputs)
+constexpr int TC_ANY_BM = 128;        // any window (the stem: 64 outputs), 8 warps
 constexpr int TC_ANY_BN = 64;
-constexpr int TC_ANY_WM = 2;
+constexpr int TC_ANY_WM = 4;
 constexpr int TC_ANY_WN = 2;
+// Dynamic shared bytes of each tensor-core kernel: its stages (and, the forwards and data gradients,
+// their output tile, in the same space; the weight gradients, their BN coefficients behind them).
+// kernels/conv_tc.cu checks each against its derivation at compile time.
+constexpr int TC_SHARED_FWD_WIDE = 32768;           // conv1x1_tc_fwd: 2 stages; the 128x128 output tile
+constexpr int TC_SHARED_FWD_NARROW = 20480;         // conv3x3_tc_fwd: 2 stages
+constexpr int TC_SHARED_FWD_ANY = 24576;            // convkxk_tc_fwd: 2 stages
+constexpr int TC_SHARED_BWD_DATA = 49152;           // conv1x1/3x3_tc_bwd_data: 3 stages
+constexpr int TC_SHARED_BWD_WEIGHT_WIDE = 34048;    // conv1x1_tc_bwd_weight: 2 stages + 1,280 B of BN coefficients
+constexpr int TC_SHARED_BWD_WEIGHT_NARROW = 21760;  // conv3x3_tc_bwd_weight
+constexpr int TC_SHARED_BWD_WEIGHT_ANY = 25856;     // convkxk_tc_bwd_weight

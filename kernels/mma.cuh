@@ -1,10 +1,27 @@
 // Tensor-core and async-copy wrappers (sm_80+). Under the emulator each is a warp collective
-// implemented in src/gpu/emu/runtime.cpp from the PTX ISA's fragment layouts.
+// implemented in src/gpu/emu/runtime.cpp from the PTX ISA's fragment layouts, which are these
+// (PTX ISA: "Matrix Fragments for mma.m16n8k16" with .bf16, and ldmatrix), with g = lane / 4
+// (the lane's group) and t = lane % 4; a register of two bf16 holds the lower column (row) in its
+// low half:
+//   A, 16 x 16 bf16 (m by k), 4 registers:
+//     a0: row g,     columns 2t, 2t + 1          a1: row g + 8, columns 2t, 2t + 1
+//     a2: row g,     columns 2t + 8, 2t + 9      a3: row g + 8, columns 2t + 8, 2t + 9
+//   B, 16 x 8 bf16 (k by n), 2 registers:
+//     b0: rows 2t, 2t + 1 of column g            b1: rows 2t + 8, 2t + 9 of column g
+//   C and D, 16 x 8 f32, 4 registers:
+//     c0, c1: row g, columns 2t, 2t + 1          c2, c3: row g + 8, columns 2t, 2t + 1
+//   ldmatrix .m8n8 .b16 (x1, x2, x4 matrices): lanes 8m .. 8m + 7 give the addresses of rows 0..7
+//     of matrix m (16 bytes each, 16-byte aligned, in shared memory; other lanes' are ignored);
+//     register m of each lane receives row g, columns 2t, 2t + 1 of matrix m, or with .trans
+//     column g, rows 2t, 2t + 1 (the matrix transposed).
+// So an 8 x 8 quarter of a tile stored row by row is one fragment register as ldmatrix gives it:
+// an x4 of A's four quarters (rows 0-7 / 8-15 by k 0-7 / 8-15) gives a0..a3; of a k-major
+// (n-contiguous) B, the .trans gives b0, b1; of an n-major (k-contiguous) B, the plain load does.
+// kernels/conv_tc.cu's tile loop (tc_tile) and epilogues (acc_coords, out_put) use these layouts.
 #pragma once
 #include "common.cuh"
 
-// d = a * b + c for one 16x8x16 tile: A 16x16 bf16 row-major fragment (4 regs of 2 bf16),
-// B 16x8 bf16 column fragment (2 regs), C and D 16x8 f32 (4 regs). The whole warp must call it.
+// d = a * b + c for one 16x8x16 tile (fragments as above). The whole warp must call it.
 __device__ __forceinline__ void mma_m16n8k16_bf16(float d[4], const unsigned a[4], const unsigned b[2],
                                                   const float c[4]) {
 #ifdef MURA_EMU
@@ -24,10 +41,8 @@ __device__ __forceinline__ void mma_m16n8k16_bf16(float d[4], const unsigned a[4
 #endif
 }
 
-// ldmatrix .m8n8 .b16 from shared memory: lane i supplies the (16-byte aligned) address of row i%8
-// of matrix i/8 (lanes beyond the matrices loaded are ignored); r[m] receives this lane's two
-// elements of matrix m: row lane/4, columns 2*(lane%4) and +1; with .trans, column lane/4, rows
-// 2*(lane%4) and +1.
+// ldmatrix .m8n8 .b16 from shared memory (layout above): this lane's row address, r[m] its
+// register of matrix m.
 #ifdef MURA_EMU
 #define MURA_LDMATRIX(fn, N, OP, PTX)                                   \
     __device__ __forceinline__ void fn(unsigned r[N], const void* smem_row) { \

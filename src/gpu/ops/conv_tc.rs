@@ -20,34 +20,47 @@ struct Tile {
     bm: usize,
     bn: usize,
     threads: u32,
+    /// Dynamic shared bytes of this tile's forward and weight gradient (kernels/consts.cuh).
+    fwd_shared: u32,
+    wt_shared: u32,
 }
 
 impl Tile {
-    const fn new(bm: usize, bn: usize, wm: usize, wn: usize) -> Tile {
+    const fn new(bm: usize, bn: usize, wm: usize, wn: usize, shared: [usize; 2]) -> Tile {
         Tile {
             bm,
             bn,
             threads: (wm * wn * 32) as u32,
+            fwd_shared: shared[0] as u32,
+            wt_shared: shared[1] as u32,
         }
     }
 }
 
 /// The 1×1 forward, both data gradients, the 1×1 weight gradient.
-const WIDE: Tile = Tile::new(TC_WIDE_BM, TC_WIDE_BN, TC_WIDE_WM, TC_WIDE_WN);
+const WIDE: Tile = Tile::new(
+    TC_WIDE_BM,
+    TC_WIDE_BN,
+    TC_WIDE_WM,
+    TC_WIDE_WN,
+    [TC_SHARED_FWD_WIDE, TC_SHARED_BWD_WEIGHT_WIDE],
+);
 /// The 3×3 forward and weight gradient (N = growth 32).
-const NARROW: Tile = Tile::new(TC_NARROW_BM, TC_NARROW_BN, TC_NARROW_WM, TC_NARROW_WN);
+const NARROW: Tile = Tile::new(
+    TC_NARROW_BM,
+    TC_NARROW_BN,
+    TC_NARROW_WM,
+    TC_NARROW_WN,
+    [TC_SHARED_FWD_NARROW, TC_SHARED_BWD_WEIGHT_NARROW],
+);
 /// The any-window kernels (the stem's 64 outputs).
-const ANY: Tile = Tile::new(TC_ANY_BM, TC_ANY_BN, TC_ANY_WM, TC_ANY_WN);
-
-/// Dynamic shared bytes of a tile whose A (B) operand is stored k-contiguous when `a_kc` (`b_kc`):
-/// `stages` stages of `[outer][inner + 8]` bf16 per operand (kernels/conv_tc.cu `Smem`).
-fn smem(t: Tile, a_kc: bool, b_kc: bool, stages: usize) -> u32 {
-    let operand = |outer: usize, kc: bool| match kc {
-        true => outer * (TC_BK + 8),
-        false => TC_BK * (outer + 8),
-    };
-    (stages * (operand(t.bm, a_kc) + operand(t.bn, b_kc)) * 2) as u32
-}
+const ANY: Tile = Tile::new(
+    TC_ANY_BM,
+    TC_ANY_BN,
+    TC_ANY_WM,
+    TC_ANY_WN,
+    [TC_SHARED_FWD_ANY, TC_SHARED_BWD_WEIGHT_ANY],
+);
 
 /// Which kernels a window goes to: the dense layers' 1×1/1 pad 0 and 3×3/1 pad 1 (tiled loads,
 /// split-K forwards, data gradients), or the any-window ones (element-by-element loads; forward and
@@ -262,7 +275,7 @@ fn fwd_any(
             1,
         ],
         block: [ANY.threads, 1, 1],
-        shared: smem(ANY, true, false, TC_STAGES),
+        shared: ANY.fwd_shared,
     };
     let (ys, xs, co) = (y.rs(), x.rs(), y.c());
     // SAFETY: x, y are checked views of the shapes the kernel reads and writes; wt, the BN's
@@ -329,7 +342,7 @@ pub fn fwd_split(
     let at = Launch {
         grid: [grid[0], grid[1], blocks_for(k_len, split_len as u32)],
         block: [t.threads, 1, 1],
-        shared: smem(t, true, false, TC_STAGES),
+        shared: t.fwd_shared,
     };
     let (ys, xs, wt) = (y.rs(), x.rs(), wt.ptr());
     let args = (y.ptr(), ys, x.ptr(), xs, wt, scale, shift);
@@ -517,7 +530,7 @@ pub fn bwd_data_split(
     let at = Launch {
         grid: [grid[0], grid[1], blocks_for(k_len, split_len as u32)],
         block: [WIDE.threads, 1, 1],
-        shared: smem(WIDE, true, true, TC_BWD_DATA_STAGES),
+        shared: TC_SHARED_BWD_DATA as u32,
     };
     let (dxp, dxs, dyp, dys) = (dx.ptr(), dx.rs(), dy.ptr(), dy.rs());
     // SAFETY: dx, dy and the mask's x are checked views of the shapes the kernel reads and writes;
@@ -581,7 +594,7 @@ pub fn bwd_weight_split(
             blocks_for(n * ho * wo, split_len as u32),
         ],
         block: [t.threads, 1, 1],
-        shared: smem(t, false, false, TC_STAGES),
+        shared: t.wt_shared,
     };
     let (xp, xs, dyp, dys) = (x.ptr(), x.rs(), dy.ptr(), dy.rs());
     // SAFETY: x, dy are checked views of the shapes the kernel reads; dw and the BN's coefficients
