@@ -62,3 +62,26 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
     __syncthreads();  // scratch may be reused right after
     return t;
 }
+
+// Programmatic dependent launch (sm_90; src/gpu/mod.rs `Launch::pdl`): a kernel launched with it
+// may start while the kernel before it in the stream still runs. pdl_wait()
+// (griddepcontrol.wait) returns once that kernel has completed and its writes are visible; before
+// it, a thread may only compute and touch memory the previous kernel neither writes nor reads
+// (the emulator's racecheck fails the launch otherwise, naming both kernels).
+// pdl_launch_dependents() (griddepcontrol.launch_dependents) lets the next kernel start once
+// every block of this one has called it or exited; called only after pdl_wait(), so that no
+// kernel older than this one's predecessor is still running when the next one starts. Both are
+// no-ops on older architectures and in kernels launched without the attribute.
+__device__ __forceinline__ void pdl_wait() {
+#ifdef MURA_EMU
+    mura_emu::pdl_wait();
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if !defined(MURA_EMU) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}

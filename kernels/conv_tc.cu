@@ -45,7 +45,9 @@
 // device, chunks of >= 4 K-slices, shorter only where the grid would not reach one block per SM),
 // and so do the data gradients, into an f32 workspace: the last block of each tile to add its
 // partial sums takes them back and runs the epilogue (split_fixup), so a split costs no launch of
-// its own. What is left to tune on a GPU: docs/architecture.md, "Tensor-core kernels".
+// its own. Every entry point is launched as a programmatic dependent launch (sm_90): tc_tile waits
+// for the previous kernel (pdl_wait) before its first load. What is left to tune on a GPU:
+// docs/architecture.md, "Tensor-core kernels".
 #include "bn_step.cuh"
 #include "consts.cuh"
 #include "mma.cuh"
@@ -422,6 +424,7 @@ __device__ __forceinline__ void tc_tile(const OA& a, const OB& b, int m0, int n0
 #define B_AT(k0) (B_KC ? n0 : (k0)), (B_KC ? (k0) : n0), (B_KC ? big : k_hi)
     const int nk = (k_hi - k_lo + BK - 1) / BK;
     if (CACHE_A) stage_rows(sa, a, m0);  // (B is never a Gather: its rows cost nothing to recompute)
+    pdl_wait();  // everything above is arithmetic; the loads below may read the previous kernel's output
     // Prologue: slices 0 .. STAGES - 2 into stages 0 .. STAGES - 2, a commit group each.
 UNROLL
     for (int st = 0; st < STAGES - 1; st++) {
@@ -482,6 +485,7 @@ UNROLL
         }
     }
     cp_async_wait_group<0>();  // (only empty groups are left)
+    pdl_launch_dependents();   // the next kernel's blocks may start while the epilogues run
 #undef A_AT
 #undef B_AT
 }
@@ -835,6 +839,7 @@ __device__ __forceinline__ const float* bn_cache(const float* scale, const float
     static_assert(TL::BM / 8 + 4 == BN_COEF_ROW, "the copy's rows are BM / 8 + 4 words apart");
     MURA_DYN_SHARED(float, words);
     float* const coef = words + Stages<TL, TC_STAGES>::BYTES / 4;
+    pdl_wait();  // (tc_tile waits too; the coefficients are read first)
     for (int i = threadIdx.x; i < 2 * TL::BM; i += TL::THREADS) {
         const int k = i % TL::BM, kidx = m0 + k;
         const float* src = i < TL::BM ? scale : shift;

@@ -228,6 +228,7 @@ fn plan(args: &Args, spec: &crate::spec::DenseNetSpec) -> Result<()> {
                     "blocks": l.blocks(),
                     "threads": l.threads(),
                     "shared_bytes": l.shared_bytes,
+                    "pdl": l.pdl,
                     "resident_per_sm": l.resident_per_sm,
                     "waves": l.waves,
                     "floor_us": l.floor_s * 1e6,
@@ -250,6 +251,8 @@ fn plan(args: &Args, spec: &crate::spec::DenseNetSpec) -> Result<()> {
             "underfilled": train.underfilled,
             "one_block": train.one_block,
             "tensor_core_underfilled": train.tensor_core_underfilled,
+            "pdl": train.pdl,
+            "eval_pdl": eval.pdl,
             "floor_ms": train.floor_s * 1e3,
             "launch_bound_ms": train.launch_bound_s * 1e3,
             "eval_underfilled": eval.underfilled,
@@ -298,13 +301,14 @@ fn plan(args: &Args, spec: &crate::spec::DenseNetSpec) -> Result<()> {
     }
     crate::out!();
     crate::out!(
-        "{:<13} {:>8} {:>7} {:>6} {:>7} {:>9} {:>9} {:>15}",
+        "{:<13} {:>8} {:>7} {:>6} {:>7} {:>9} {:>6} {:>9} {:>15}",
         "",
         "launches",
         "memsets",
         "<SMs",
         "1-block",
         "tc <SMs",
+        "pdl",
         "floor ms",
         "launch-bound ms"
     );
@@ -313,18 +317,20 @@ fn plan(args: &Args, spec: &crate::spec::DenseNetSpec) -> Result<()> {
         ("eval forward", eval, p.eval_memsets),
     ] {
         crate::out!(
-            "{name:<13} {:>8} {memsets:>7} {:>6} {:>7} {:>9} {:>9.3} {:>15.3}",
+            "{name:<13} {:>8} {memsets:>7} {:>6} {:>7} {:>9} {:>6} {:>9.3} {:>15.3}",
             s.launches,
             s.underfilled,
             s.one_block,
             s.tensor_core_underfilled,
+            s.pdl,
             s.floor_s * 1e3,
             s.launch_bound_s * 1e3
         );
     }
     crate::out!(
         "(launch-bound: every launch at least {} µs, graph node overhead and ramp; <SMs: fewer \
-         blocks than SMs; floor: the roofline's, H100 at {} precision)",
+         blocks than SMs; pdl: programmatic dependent launches, which may start while the \
+         launch before them runs (not credited); floor: the roofline's, H100 at {} precision)",
         launch_plan::LAUNCH_S * 1e6,
         args.precision
     );

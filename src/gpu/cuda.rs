@@ -13,7 +13,7 @@
 //! non-blocking stream does not synchronise with it. Graphs are captured from that stream.
 
 use super::kernels::{all_modules, module_of, KernelModule};
-use super::{not_while_capturing, DevPtr, Driver, Error};
+use super::{not_while_capturing, DevPtr, Driver, Error, Launch};
 use anyhow::{anyhow, bail, Context, Result};
 use cudarc::driver::{result, sys};
 use std::collections::HashMap;
@@ -293,6 +293,43 @@ impl Cuda {
         Ok(module)
     }
 
+    /// `f` launched as `at` says with the programmatic-stream-serialization attribute
+    /// (`cuLaunchKernelEx`): it may start before the previous kernel in the stream completes, and
+    /// waits for it with griddepcontrol.wait (sm_90 and newer).
+    ///
+    /// # Safety
+    /// As [`Driver::launch`].
+    unsafe fn launch_pdl(
+        &self,
+        f: sys::CUfunction,
+        at: Launch,
+        params: &mut [*mut c_void],
+    ) -> Result<(), result::DriverError> {
+        // SAFETY: a plain C union of integers and structs of integers: all zero is valid.
+        let mut value: sys::CUlaunchAttributeValue = unsafe { std::mem::zeroed() };
+        value.programmaticStreamSerializationAllowed = 1;
+        let mut attr = sys::CUlaunchAttribute {
+            id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
+            pad: [0; 4],
+            value,
+        };
+        let config = sys::CUlaunchConfig {
+            gridDimX: at.grid[0],
+            gridDimY: at.grid[1],
+            gridDimZ: at.grid[2],
+            blockDimX: at.block[0],
+            blockDimY: at.block[1],
+            blockDimZ: at.block[2],
+            sharedMemBytes: at.shared,
+            hStream: self.stream,
+            attrs: &mut attr,
+            numAttrs: 1,
+        };
+        // SAFETY: config and its one attribute outlive the call; the parameters are the caller's.
+        unsafe { sys::cuLaunchKernelEx(&config, f, params.as_mut_ptr(), std::ptr::null_mut()) }
+            .result()
+    }
+
     fn function(&self, name: &str) -> Result<sys::CUfunction> {
         if let Some(&f) = self.functions.lock().unwrap().get(name) {
             return Ok(f);
@@ -435,33 +472,41 @@ impl Driver for Cuda {
         )
     }
 
-    unsafe fn launch(
-        &self,
-        name: &str,
-        grid: [u32; 3],
-        block: [u32; 3],
-        shared_bytes: u32,
-        params: &mut [*mut c_void],
-    ) -> Result<()> {
+    unsafe fn launch(&self, name: &str, at: Launch, params: &mut [*mut c_void]) -> Result<()> {
         self.bind()?;
         let f = self.function(name)?;
-        // SAFETY: the caller vouches for the parameters (see Driver::launch). cuLaunchKernel
+        let Launch {
+            grid,
+            block,
+            shared: shared_bytes,
+            pdl,
+        } = at;
+        // SAFETY: the caller vouches for the parameters (see Driver::launch). cuLaunchKernel(Ex)
         // copies the parameter values, into the kernel node when capturing.
-        let r = unsafe {
-            result::launch_kernel(
-                f,
-                (grid[0], grid[1], grid[2]),
-                (block[0], block[1], block[2]),
-                shared_bytes,
-                self.stream,
-                params,
-            )
+        let early = pdl && self.info.compute_capability.0 >= 9;
+        let r = match early {
+            true => unsafe { self.launch_pdl(f, at, params) },
+            false => unsafe {
+                result::launch_kernel(
+                    f,
+                    (grid[0], grid[1], grid[2]),
+                    (block[0], block[1], block[2]),
+                    shared_bytes,
+                    self.stream,
+                    params,
+                )
+            },
         };
         let shape = || format!("grid {grid:?}, block {block:?}, {shared_bytes} B shared");
         r.map_err(|e| Error::Kernel {
             kernel: name.to_string(),
             message: format!(
-                "cuLaunchKernel ({}): {}",
+                "{} ({}): {}",
+                if early {
+                    "cuLaunchKernelEx"
+                } else {
+                    "cuLaunchKernel"
+                },
                 shape(),
                 driver_error(e, "launch")
             ),

@@ -16,17 +16,21 @@ pub mod profile;
 
 use super::kernels::{emu_tables, EmuKernel};
 use super::record::{Event, Log, Op};
-use super::{not_while_capturing, DevPtr, Driver, Error};
+use super::{not_while_capturing, DevPtr, Driver, Error, Launch};
 use anyhow::{anyhow, bail, Context, Result};
 use profile::{Counters, KernelProfile};
 use std::collections::{BTreeMap, HashMap};
-use std::ffi::{c_char, c_int, c_uint, c_void, CStr};
+use std::ffi::{c_char, c_int, c_uint, c_void, CStr, CString};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
 extern "C" {
     fn mura_emu_launch(
+        name: *const c_char,
+        prev_name: *const c_char,
+        prev_clock: u32,
+        clock: *mut u32,
         entry: unsafe extern "C" fn(*mut *mut c_void),
         params: *mut *mut c_void,
         grid: *const c_uint,
@@ -111,6 +115,8 @@ impl Checks {
 }
 
 const PROFILE_FLAG: c_uint = 8;
+/// The launch is a programmatic dependent one (internal.h `kPdl`).
+const PDL_FLAG: c_uint = 16;
 
 #[derive(Clone, Copy)]
 struct Entry {
@@ -201,9 +207,7 @@ enum Node {
     Launch {
         name: &'static str,
         entry: Entry,
-        grid: [u32; 3],
-        block: [u32; 3],
-        shared_bytes: u32,
+        at: Launch,
         /// The parameters' bytes, parameter `i` at byte offset `offsets[i]` (16-byte aligned, so
         /// every parameter type is properly aligned).
         data: Vec<u128>,
@@ -216,14 +220,7 @@ impl Node {
     ///
     /// # Safety
     /// `params[i]` must point to `entry.param_sizes[i]` readable bytes.
-    unsafe fn launch(
-        name: &'static str,
-        entry: Entry,
-        grid: [u32; 3],
-        block: [u32; 3],
-        shared_bytes: u32,
-        params: &[*mut c_void],
-    ) -> Node {
+    unsafe fn launch(name: &'static str, entry: Entry, at: Launch, params: &[*mut c_void]) -> Node {
         let mut offsets = Vec::with_capacity(params.len());
         let mut end = 0;
         for &size in entry.param_sizes {
@@ -239,9 +236,7 @@ impl Node {
         Node::Launch {
             name,
             entry,
-            grid,
-            block,
-            shared_bytes,
+            at,
             data,
             offsets,
         }
@@ -291,6 +286,17 @@ pub struct Emu {
     sms: usize,
     /// What ran, when logging ([`Emu::with_log`]).
     log: Option<Mutex<Log>>,
+    /// This emulator's stream: its last kernel, which a programmatic dependent launch may overlap.
+    stream: Mutex<StreamPos>,
+}
+
+/// The last operation of a stream, for the racecheck of programmatic dependent launches: the
+/// kernel launched last and the runtime's clock of that launch, or none (`clock` 0) when a copy
+/// or memset came after it.
+#[derive(Default)]
+struct StreamPos {
+    clock: u32,
+    kernel: Option<&'static str>,
 }
 
 impl Default for Emu {
@@ -313,6 +319,7 @@ impl Emu {
             mutant: None,
             sms: SMS,
             log: None,
+            stream: Mutex::default(),
         };
         emu.with_profile(profile::enabled())
     }
@@ -427,18 +434,23 @@ impl Emu {
         &self,
         name: &'static str,
         entry: Entry,
-        grid: [u32; 3],
-        block: [u32; 3],
-        shared_bytes: u32,
+        at: Launch,
         params: &mut [*mut c_void],
     ) -> Result<()> {
         let checks = self.checks.as_ref().map_err(|e| anyhow!("emu: {e}"))?;
-        let flags = checks.flags()
+        let checking = checks.flags()
             | if self.profile.is_some() {
                 PROFILE_FLAG
             } else {
                 0
             };
+        let flags = checking | if at.pdl { PDL_FLAG } else { 0 };
+        let cname = CString::new(name).expect("a kernel name is a C identifier");
+        let mut stream = self.stream.lock().unwrap();
+        let prev = stream
+            .kernel
+            .map(|k| CString::new(k).expect("a kernel name is a C identifier"));
+        let mut clock = 0u32;
         let mut counters = Counters::default();
         let mut err = [0 as c_char; 1024];
         let rc = {
@@ -446,14 +458,18 @@ impl Emu {
             // SAFETY: the caller vouches for the parameters (see Driver::launch).
             unsafe {
                 mura_emu_launch(
+                    cname.as_ptr(),
+                    prev.as_ref().map_or(std::ptr::null(), |p| p.as_ptr()),
+                    stream.clock,
+                    &mut clock,
                     match entry.plain {
-                        Some(plain) if flags == 0 => plain,
+                        Some(plain) if checking == 0 => plain,
                         _ => entry.entry,
                     },
                     params.as_mut_ptr(),
-                    grid.as_ptr(),
-                    block.as_ptr(),
-                    shared_bytes,
+                    at.grid.as_ptr(),
+                    at.block.as_ptr(),
+                    at.shared,
                     flags,
                     &mut counters,
                     err.as_mut_ptr(),
@@ -461,6 +477,11 @@ impl Emu {
                 )
             }
         };
+        *stream = StreamPos {
+            clock,
+            kernel: Some(name),
+        };
+        drop(stream);
         if rc != 0 {
             // SAFETY: the runtime writes a NUL-terminated message.
             let msg = unsafe { CStr::from_ptr(err.as_ptr()) }.to_string_lossy();
@@ -474,9 +495,7 @@ impl Emu {
             profile::record(name, &counters);
         }
         // SAFETY: as above.
-        self.note(|log| unsafe {
-            log.launch(name, grid, block, shared_bytes, params, entry.param_sizes)
-        })
+        self.note(|log| unsafe { log.launch(name, at, params, entry.param_sizes) })
     }
 }
 
@@ -567,6 +586,7 @@ impl Driver for Emu {
             std::ptr::copy_nonoverlapping(src.as_ptr(), dst as *mut u8, src.len());
             mura_emu_written(dst, src.len());
         }
+        *self.stream.lock().unwrap() = StreamPos::default();
         Ok(())
     }
 
@@ -575,6 +595,7 @@ impl Driver for Emu {
         self.check(src, dst.len(), "copy from device")?;
         // SAFETY: checked to lie inside a live allocation.
         unsafe { std::ptr::copy_nonoverlapping(src as *const u8, dst.as_mut_ptr(), dst.len()) };
+        *self.stream.lock().unwrap() = StreamPos::default();
         Ok(())
     }
 
@@ -589,17 +610,11 @@ impl Driver for Emu {
             std::ptr::write_bytes(dst as *mut u8, byte, bytes);
             mura_emu_written(dst, bytes);
         }
+        *self.stream.lock().unwrap() = StreamPos::default();
         self.note(|log| Ok(log.memset(dst, byte, bytes)))
     }
 
-    unsafe fn launch(
-        &self,
-        name: &str,
-        grid: [u32; 3],
-        block: [u32; 3],
-        shared_bytes: u32,
-        params: &mut [*mut c_void],
-    ) -> Result<()> {
+    unsafe fn launch(&self, name: &str, at: Launch, params: &mut [*mut c_void]) -> Result<()> {
         let (name, k) = self.resolve(name)?;
         if params.len() != k.param_sizes.len() {
             bail!(Error::Kernel {
@@ -613,11 +628,11 @@ impl Driver for Emu {
         }
         if let Some(nodes) = self.capturing.lock().unwrap().as_mut() {
             // SAFETY: the caller vouches for the parameters (see Driver::launch).
-            nodes.push(unsafe { Node::launch(name, k, grid, block, shared_bytes, params) });
+            nodes.push(unsafe { Node::launch(name, k, at, params) });
             return Ok(());
         }
         // SAFETY: as above.
-        unsafe { self.run(name, k, grid, block, shared_bytes, params) }
+        unsafe { self.run(name, k, at, params) }
     }
 
     fn synchronize(&self) -> Result<()> {
@@ -662,9 +677,7 @@ impl Driver for Emu {
                 Node::Launch {
                     name,
                     entry,
-                    grid,
-                    block,
-                    shared_bytes,
+                    at,
                     data,
                     offsets,
                 } => {
@@ -677,7 +690,7 @@ impl Driver for Emu {
                         .collect();
                     // SAFETY: the parameters were vouched for at capture; the buffers they point
                     // to must still be live, as on CUDA.
-                    unsafe { self.run(name, *entry, *grid, *block, *shared_bytes, &mut params) }
+                    unsafe { self.run(name, *entry, *at, &mut params) }
                 }
             }
             .with_context(|| format!("replaying graph {graph}"))?;

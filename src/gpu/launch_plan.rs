@@ -149,6 +149,8 @@ pub struct PlannedLaunch {
     pub grid: [u32; 3],
     pub block: [u32; 3],
     pub shared_bytes: u32,
+    /// A programmatic dependent launch ([`crate::gpu::Launch::pdl`]).
+    pub pdl: bool,
     /// Blocks an SM holds at once (None without a ptxas report).
     pub resident_per_sm: Option<u32>,
     /// Blocks over (resident × SMs): 1.0 fills the card once (None without a ptxas report).
@@ -195,6 +197,8 @@ pub struct Summary {
     pub one_block: usize,
     /// Tensor-core launches with fewer blocks than SMs.
     pub tensor_core_underfilled: usize,
+    /// Programmatic dependent launches (may start while the launch before them still runs).
+    pub pdl: usize,
     pub floor_s: f64,
     /// Σ max(floor, [`LAUNCH_S`]).
     pub launch_bound_s: f64,
@@ -214,6 +218,7 @@ impl LaunchPlan {
                 underfilled: 0,
                 one_block: 0,
                 tensor_core_underfilled: 0,
+                pdl: 0,
                 floor_s: 0.0,
                 launch_bound_s: 0.0,
             },
@@ -226,6 +231,7 @@ impl LaunchPlan {
             s.underfilled += under as usize;
             s.one_block += (l.blocks() == 1) as usize;
             s.tensor_core_underfilled += (under && l.tensor_core()) as usize;
+            s.pdl += l.pdl as usize;
             floor += l.floor_s;
             bound += l.floor_s.max(LAUNCH_S);
         }
@@ -305,6 +311,7 @@ pub fn plan(
                 grid: l.grid,
                 block: l.block,
                 shared_bytes: l.shared,
+                pdl: l.pdl,
                 resident_per_sm,
                 waves: resident_per_sm
                     .map(|r| l.blocks() as f64 / (r.max(1) as u64 * card.sms as u64) as f64),

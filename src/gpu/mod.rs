@@ -51,21 +51,14 @@ pub trait Driver: Send + Sync {
     fn htod(&self, dst: DevPtr, src: &[u8]) -> Result<()>;
     fn dtoh(&self, dst: &mut [u8], src: DevPtr) -> Result<()>;
     fn memset(&self, dst: DevPtr, byte: u8, bytes: usize) -> Result<()>;
-    /// Launch kernel `name` (an `extern "C" __global__` in kernels/*.cu) on a grid of `grid`
-    /// blocks of `block` threads with `shared_bytes` of dynamic shared memory. `params` holds one
-    /// pointer per kernel parameter, to a value of exactly that parameter's type ([`arg`]).
+    /// Launch kernel `name` (an `extern "C" __global__` in kernels/*.cu) as `at` says (grid,
+    /// block, dynamic shared memory, programmatic dependence). `params` holds one pointer per
+    /// kernel parameter, to a value of exactly that parameter's type ([`arg`]).
     ///
     /// # Safety
     /// The parameter types must match the kernel's signature and every device pointer must be
     /// valid for what the kernel reads and writes, as with cuLaunchKernel.
-    unsafe fn launch(
-        &self,
-        name: &str,
-        grid: [u32; 3],
-        block: [u32; 3],
-        shared_bytes: u32,
-        params: &mut [*mut c_void],
-    ) -> Result<()>;
+    unsafe fn launch(&self, name: &str, at: Launch, params: &mut [*mut c_void]) -> Result<()>;
     /// Wait for all queued work; report any asynchronous error.
     fn synchronize(&self) -> Result<()>;
     /// Milliseconds the device spent on the work queued by `work`, measured with events.
@@ -165,12 +158,19 @@ pub fn blocks_for(n: usize, block: u32) -> u32 {
     n.div_ceil(block as usize).max(1) as u32
 }
 
-/// The shape of a kernel launch: blocks in the grid, threads in a block, dynamic shared bytes.
+/// The shape of a kernel launch: blocks in the grid, threads in a block, dynamic shared bytes, and
+/// whether it is a programmatic dependent launch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Launch {
     pub grid: [u32; 3],
     pub block: [u32; 3],
     pub shared: u32,
+    /// Programmatic dependent launch (on sm_90 and newer; elsewhere an ordinary launch): the
+    /// kernel may start while the kernel before it in the stream still runs, in and out of
+    /// graphs. Only for kernels that call `pdl_wait()` (kernels/common.cuh) before they touch
+    /// memory that kernel reads or writes; the emulator's racecheck fails a launch that does
+    /// not, naming both kernels.
+    pub pdl: bool,
 }
 
 impl Launch {
@@ -180,6 +180,7 @@ impl Launch {
             grid: [blocks, 1, 1],
             block: [threads, 1, 1],
             shared: 0,
+            pdl: false,
         }
     }
 }
@@ -226,6 +227,5 @@ pub unsafe fn launch_params(
     params: &mut [*mut c_void],
 ) -> Result<()> {
     // SAFETY: the caller's promise.
-    unsafe { d.launch(name, at.grid, at.block, at.shared, params) }
-        .with_context(|| format!("kernel {name}"))
+    unsafe { d.launch(name, at, params) }.with_context(|| format!("kernel {name}"))
 }

@@ -11,7 +11,7 @@
 //! the emulator's log of what it executed ([`super::emu::Emu::with_log`]) can be compared launch
 //! for launch.
 
-use super::{emu, not_while_capturing, DevPtr, Driver};
+use super::{emu, not_while_capturing, DevPtr, Driver, Launch};
 use crate::model::schedule::Stage;
 use anyhow::{anyhow, bail, Result};
 use std::collections::{BTreeMap, HashMap};
@@ -39,6 +39,8 @@ pub struct Launched {
     pub block: [u32; 3],
     /// Dynamic shared bytes.
     pub shared: u32,
+    /// A programmatic dependent launch ([`Launch::pdl`]).
+    pub pdl: bool,
     pub args: Vec<Arg>,
 }
 
@@ -102,9 +104,7 @@ impl Log {
     pub unsafe fn launch(
         &self,
         kernel: &'static str,
-        grid: [u32; 3],
-        block: [u32; 3],
-        shared: u32,
+        at: Launch,
         params: &[*mut c_void],
         sizes: &[c_int],
     ) -> Result<Op> {
@@ -120,9 +120,10 @@ impl Log {
             .collect::<Result<_>>()?;
         Ok(Op::Launch(Launched {
             kernel,
-            grid,
-            block,
-            shared,
+            grid: at.grid,
+            block: at.block,
+            shared: at.shared,
+            pdl: at.pdl,
             args,
         }))
     }
@@ -260,14 +261,7 @@ impl Driver for Recorder {
         Ok(())
     }
 
-    unsafe fn launch(
-        &self,
-        name: &str,
-        grid: [u32; 3],
-        block: [u32; 3],
-        shared_bytes: u32,
-        params: &mut [*mut c_void],
-    ) -> Result<()> {
+    unsafe fn launch(&self, name: &str, at: Launch, params: &mut [*mut c_void]) -> Result<()> {
         let (kernel, sizes) = emu::signature(name)?;
         if params.len() != sizes.len() {
             bail!(
@@ -278,10 +272,7 @@ impl Driver for Recorder {
         }
         let mut s = self.state.lock().unwrap();
         // SAFETY: the caller vouches for the parameters (see Driver::launch).
-        let op = unsafe {
-            s.log
-                .launch(kernel, grid, block, shared_bytes, params, sizes)?
-        };
+        let op = unsafe { s.log.launch(kernel, at, params, sizes)? };
         self.record(&mut s, op);
         Ok(())
     }

@@ -3,7 +3,7 @@
 //! one allocation with a given error, so that running out of memory, or a driver fault where an
 //! allocation was expected, can be tested on any executor.
 
-use super::{DevPtr, Driver, Error};
+use super::{DevPtr, Driver, Error, Launch};
 use crate::model::schedule::Stage;
 use anyhow::{bail, Result};
 use std::collections::HashMap;
@@ -112,16 +112,9 @@ impl Driver for Tracking {
     fn memset(&self, dst: DevPtr, byte: u8, bytes: usize) -> Result<()> {
         self.inner.memset(dst, byte, bytes)
     }
-    unsafe fn launch(
-        &self,
-        name: &str,
-        grid: [u32; 3],
-        block: [u32; 3],
-        shared_bytes: u32,
-        params: &mut [*mut c_void],
-    ) -> Result<()> {
+    unsafe fn launch(&self, name: &str, at: Launch, params: &mut [*mut c_void]) -> Result<()> {
         // SAFETY: forwarded unchanged; the caller's contract is the inner driver's.
-        unsafe { self.inner.launch(name, grid, block, shared_bytes, params) }
+        unsafe { self.inner.launch(name, at, params) }
     }
     fn synchronize(&self) -> Result<()> {
         self.inner.synchronize()

@@ -99,9 +99,12 @@ fn memcheck_catches_freed_foreign_and_misaligned_addresses() {
     let r = unsafe {
         d.launch(
             "selftest_copy_fwd_f32",
-            [2, 1, 1],
-            [128, 1, 1],
-            0,
+            Launch {
+                grid: [2, 1, 1],
+                block: [128, 1, 1],
+                shared: 0,
+                pdl: false,
+            },
             &mut params,
         )
     };

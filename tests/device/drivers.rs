@@ -511,6 +511,6 @@ fn the_recorder_records_and_runs_nothing() {
         assert_eq!(l.args, want);
     }
     // SAFETY: refused before anything could run.
-    let e = unsafe { d.launch("no_such_kernel", [1; 3], [1; 3], 0, &mut []) }.unwrap_err();
+    let e = unsafe { d.launch("no_such_kernel", Launch::linear(1, 1), &mut []) }.unwrap_err();
     assert!(format!("{e:#}").contains("no kernel named"), "{e:#}");
 }

@@ -263,9 +263,12 @@ fn emu_rejects_bad_launches() {
     let e = unsafe {
         d.launch(
             "no_such_kernel",
-            [1, 1, 1],
-            [32, 1, 1],
-            0,
+            Launch {
+                grid: [1, 1, 1],
+                block: [32, 1, 1],
+                shared: 0,
+                pdl: false,
+            },
             &mut [arg(&mut o)],
         )
     }
@@ -276,9 +279,12 @@ fn emu_rejects_bad_launches() {
     let e = unsafe {
         d.launch(
             "selftest_barrier_fwd_i32",
-            [1, 1, 1],
-            [32, 1, 1],
-            0,
+            Launch {
+                grid: [1, 1, 1],
+                block: [32, 1, 1],
+                shared: 0,
+                pdl: false,
+            },
             &mut params,
         )
     }

@@ -111,6 +111,56 @@ fn bn_stats(d: &Arc<dyn Driver>, rng: &mut Rng, rows: usize, c: usize) -> anyhow
     Ok(rel_err(&got(&mean), &m).max(rel_err(&got(&var), &v)))
 }
 
+/// Two convolutions in a row through `conv_tc` on `d`: x -> 1×1 -> y -> 3×3 -> z, the second
+/// reading what the first wrote (a programmatic dependent launch: it may start before the first
+/// ends), against the CPU reference of the 3×3 on the y the device computed: the relative error,
+/// or the launch's error.
+fn conv_chain(d: &Arc<dyn Driver>, rng: &mut Rng) -> anyhow::Result<f64> {
+    let (n, h, w, c, cy, cz) = (1, 6, 5, 16, 24, 8);
+    let (xb, _) = upload::<bf16>(d, &randn(rng, n * h * w * c, 1.0, 0.2));
+    let (w1, _) = upload::<bf16>(d, &randn(rng, c * cy, 0.3, 0.0));
+    let (w3, w3v) = upload::<bf16>(d, &randn(rng, 9 * cy * cz, 0.3, 0.0));
+    let y = DeviceBuffer::<bf16>::alloc(d, n * h * w * cy)?;
+    let z = DeviceBuffer::<bf16>::alloc(d, n * h * w * cz)?;
+    let xv = Nhwc::new(xb.slice(), (n, h, w, c), c)?;
+    let yv = Nhwc::new(y.slice(), (n, h, w, cy), cy)?;
+    let zv = Nhwc::new(z.slice(), (n, h, w, cz), cz)?;
+    conv_tc::fwd_split(
+        &**d,
+        xv,
+        None,
+        w1.slice(),
+        Conv::POINTWISE,
+        yv,
+        None,
+        None,
+        None,
+    )?;
+    conv_tc::fwd_split(
+        &**d,
+        yv,
+        None,
+        w3.slice(),
+        Conv::CONV3,
+        zv,
+        None,
+        None,
+        None,
+    )?;
+    let ys = read_bf16(&y);
+    let mut want = vec![0.0; n * h * w * cz];
+    let img = Image {
+        data: &ys,
+        n,
+        h,
+        w,
+        c: cy,
+        rs: cy,
+    };
+    conv::fwd(img, None, &w3v, cz, Conv::CONV3, &mut want, cz);
+    Ok(rel_err(&read_bf16(&z), &want))
+}
+
 fn expect_caught(r: anyhow::Result<f64>, want: &[&str]) {
     let e = format!("{:#}", r.expect_err("the checker should fail the launch"));
     eprintln!("caught: {e}");
@@ -126,7 +176,8 @@ fn the_suite_covers_every_mutant_and_checker() {
         names,
         [
             ("row_past_end", "memcheck"),
-            ("mean_without_barrier", "racecheck")
+            ("mean_without_barrier", "racecheck"),
+            ("pdl_without_wait", "racecheck")
         ],
         "a mutant in src/gpu/emu/mutants.txt without a test here (or the other way round)"
     );
@@ -213,4 +264,30 @@ fn racecheck_catches_a_removed_barrier() {
         ],
     );
     assert!(bn_stats(&emu(Checks::all(), None), &mut rng, rows, c).unwrap() <= 1e-5);
+}
+
+/// conv_tc.cu without its griddepcontrol.wait: the 3×3 of a chain, a programmatic dependent
+/// launch, loads the 1×1's output before its wait. The emulator runs the two one after the other,
+/// so without racecheck the values are right; racecheck treats the code before the wait as if it
+/// ran before the previous kernel did, and names both kernels.
+#[test]
+fn racecheck_catches_a_programmatic_launch_without_its_wait() {
+    let seed = seed("racecheck_catches_a_programmatic_launch_without_its_wait");
+    let mut rng = Rng::new(seed.value);
+    let off = emu(Checks::none(), Some("pdl_without_wait"));
+    let e = conv_chain(&off, &mut rng).unwrap();
+    assert!(
+        e <= 1e-2,
+        "without racecheck the mutant computes the right output ({e})"
+    );
+    let on = emu(Checks::all(), Some("pdl_without_wait"));
+    expect_caught(
+        conv_chain(&on, &mut rng),
+        &[
+            "kernel conv3x3_tc_fwd_bf16__pdl_without_wait: racecheck: programmatic dependent launch race",
+            "before its griddepcontrol.wait (pdl_wait), touches bytes the previous kernel, \
+             conv1x1_tc_fwd_bf16__pdl_without_wait, writes",
+        ],
+    );
+    assert!(conv_chain(&emu(Checks::all(), None), &mut rng).unwrap() <= 1e-2);
 }

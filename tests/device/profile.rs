@@ -176,6 +176,7 @@ fn a_padded_transpose_is_conflict_free() {
             grid: [2, 2, 1],
             block: [32, 32, 1],
             shared: 0,
+            pdl: false,
         };
         unsafe { testing::selftest_transpose_fwd_f32(&*d, at, y.ptr(), x.ptr(), n, pad) }.unwrap();
         let yv = y.to_vec().unwrap();

@@ -84,6 +84,11 @@ fn recorded_plan_is_what_the_emulator_executes() {
         fwd > 0 && data > 0,
         "{fwd} split forwards, {data} split data gradients"
     );
+    // Every tensor-core launch is a programmatic dependent one (its kernels wait in tc_tile),
+    // and no other launch is.
+    for l in &bf16_step {
+        assert_eq!(l.pdl, l.kernel.contains("_tc_"), "{}", l.kernel);
+    }
     let small = same::<bf16>(&wide(), 2, 32, 2);
     let blocks = |step: &[Launched]| step.iter().map(|l| l.blocks()).sum::<u64>();
     assert!(

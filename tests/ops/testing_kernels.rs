@@ -67,6 +67,7 @@ fn gemm_bf16() {
             grid: [blocks_for(n, 16), blocks_for(m, 32), 1],
             block: [128, 1, 1],
             shared: 0,
+            pdl: false,
         };
         // SAFETY: a holds [m, k], bt [n, k], c [m, n]; the grid covers C in 32 x 16 tiles.
         unsafe { k::gemm_fwd_bf16(&*x.d, at, c.ptr(), a.ptr(), bt.ptr(), m, n, kk) }.unwrap();

@@ -3,10 +3,12 @@
 // element past a heap buffer from a kernel and must die with an ASan report.
 #include "testing/selftest.cu"
 
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 
-extern "C" int mura_emu_launch(void (*tramp)(void**), void** params, const unsigned grid[3],
+extern "C" int mura_emu_launch(const char* name, const char* prev_name, uint32_t prev_clock, uint32_t* clock,
+                               void (*tramp)(void**), void** params, const unsigned grid[3],
                                const unsigned block[3], unsigned dyn_shared_bytes, unsigned flags,
                                void* counters, char* err, size_t errlen);
 
@@ -20,8 +22,9 @@ int main(int argc, char** argv) {
     void* params[] = {&out, &n, &extra};
     const unsigned grid[3] = {4, 1, 1}, block[3] = {128, 1, 1};
     char err[512];
-    if (mura_emu_launch(&mura_emu::trampoline<selftest_oob_fwd_f32>, params, grid, block, 0, 0, nullptr, err,
-                        sizeof err)) {
+    uint32_t clock = 0;
+    if (mura_emu_launch("selftest_oob_fwd_f32", nullptr, 0, &clock, &mura_emu::trampoline<selftest_oob_fwd_f32>,
+                        params, grid, block, 0, 0, nullptr, err, sizeof err)) {
         fprintf(stderr, "launch failed: %s\n", err);
         return 3;
     }

@@ -14,7 +14,12 @@
 //   __syncthreads between them (nor, within a warp, a collective both take part in: __syncwarp,
 //   a shuffle, a vote, mma.sync, ldmatrix) is a hazard, unless both are atomics; a device byte
 //   stored plainly by one block and read, stored or updated atomically by another block of the
-//   same launch is a race.
+//   same launch is a race; and in a programmatic dependent launch (kPdl), a device byte that a
+//   thread reads before its pdl_wait() (griddepcontrol.wait) and the previous kernel in the stream
+//   wrote, or that it writes there and the previous kernel read or wrote, is a race between the
+//   two kernels. That is as if the dependent kernel's code before its wait ran before the previous
+//   kernel ran at all, the most a GPU may overlap them (each kernel triggers its dependents only
+//   after its own wait, so no kernel older than the previous one is still running).
 // The first error fails the launch with one message; the kernel never runs on.
 #include <dlfcn.h>
 #include <elf.h>
@@ -51,6 +56,8 @@ struct Arena {
     uint16_t* tags = nullptr;         // [size]: storing block's tag | reading block's tag << 8
     uint32_t* page_launch = nullptr;  // [size / kPage]: the launch the page's tags belong to
     uintptr_t top = 0;                // the next free address
+    uint8_t* pdl = nullptr;           // [size]: what the last two launches did to the byte (kPdl*)
+    uint32_t* pdl_page = nullptr;     // [size / kPage]: the g_pdl_clock of the page's kPdlCur* bits
 };
 Arena g_arena;
 
@@ -75,15 +82,19 @@ bool arena_init() {
         void* state = reserve(size);
         void* tags = reserve(2 * size);
         void* pages = reserve(size / kPage * 4);
-        if (base && state && tags && pages) {
+        void* pdl = reserve(size);
+        void* pdl_pages = reserve(size / kPage * 4);
+        if (base && state && tags && pages && pdl && pdl_pages) {
             g_arena = Arena{(uintptr_t)base, size, (uint8_t*)state, (uint16_t*)tags, (uint32_t*)pages,
-                            (uintptr_t)base};
+                            (uintptr_t)base, (uint8_t*)pdl, (uint32_t*)pdl_pages};
             return true;
         }
         if (base) munmap(base, size);
         if (state) munmap(state, size);
         if (tags) munmap(tags, 2 * size);
         if (pages) munmap(pages, size / kPage * 4);
+        if (pdl) munmap(pdl, size);
+        if (pdl_pages) munmap(pdl_pages, size / kPage * 4);
     }
     return false;
 }
@@ -222,6 +233,50 @@ void check_global_race(uintptr_t a, unsigned bytes, Kind k, unsigned tid) {
     }
 }
 
+// ---- programmatic dependent launches ----------------------------------------------------------
+// Per device byte, what the current launch (kPdlCur*) and the previous kernel of the same stream
+// (kPdlPrev*) did to it. A page's bits belong to the launch of its pdl_page clock (every launch
+// gets a new one; a page holds one allocation's data only, so one stream's launches touch it) and
+// move to "previous" when the stream's next launch first touches the page: g_prev_clock, the
+// clock of the stream's previous launch, 0 when a copy or memset came between (the kernel after
+// one cannot overlap the kernel before it; src/gpu/emu.rs keeps each stream's).
+constexpr uint8_t kPdlCurW = 1, kPdlCurR = 2, kPdlPrevW = 4, kPdlPrevR = 8;
+uint32_t g_pdl_clock, g_prev_clock;
+char g_kernel[128], g_prev_kernel[128];  // the current launch's kernel and the previous one's
+bool g_waited[kMaxThreads];              // per thread of the running block: past its pdl_wait()
+
+[[noreturn]] void pdl_race(uintptr_t a, unsigned bytes, Kind k, unsigned tid, bool prev_wrote) {
+    char where[256];
+    describe_global(where, sizeof where, a, bytes);
+    kernel_error("racecheck: programmatic dependent launch race: thread %s's %u-byte %s at %#lx (%s), before "
+                 "its griddepcontrol.wait (pdl_wait), touches bytes the previous kernel, %s, %s; %s may run "
+                 "while %s still does",
+                 thread_str(tid), bytes, kind_str(k), (unsigned long)a, where, g_prev_kernel,
+                 prev_wrote ? "writes" : "reads", g_kernel, g_prev_kernel);
+}
+
+void pdl_track(uintptr_t a, unsigned bytes, Kind k, unsigned tid) {
+    const size_t off = a - g_arena.base;
+    for (size_t page = off / kPage; page <= (off + bytes - 1) / kPage; page++) {
+        uint32_t& clock = g_arena.pdl_page[page];
+        if (clock == g_pdl_clock) continue;
+        uint8_t* p = g_arena.pdl + page * kPage;
+        if (g_prev_clock != 0 && clock == g_prev_clock)
+            for (size_t i = 0; i < kPage; i++) p[i] = (uint8_t)((p[i] & (kPdlCurW | kPdlCurR)) << 2);
+        else
+            memset(p, 0, kPage);
+        clock = g_pdl_clock;
+    }
+    const bool early = (g_run.flags & kPdl) && !g_waited[tid];
+    const uint8_t mine = (writes(k) ? kPdlCurW : 0) | (reads(k) ? kPdlCurR : 0);
+    for (unsigned i = 0; i < bytes; i++) {
+        uint8_t& b = g_arena.pdl[off + i];
+        if (early && (b & kPdlPrevW)) pdl_race(a, bytes, k, tid, true);
+        if (early && writes(k) && (b & kPdlPrevR)) pdl_race(a, bytes, k, tid, false);
+        b |= mine;
+    }
+}
+
 // ---- memcheck and initcheck of device memory ---------------------------------------------------
 bool all_set(const uint8_t* s, unsigned n, uint8_t bit) {
     for (unsigned i = 0; i < n; i++)
@@ -249,7 +304,7 @@ void global_access(uintptr_t a, unsigned bytes, Kind k, const void* pc, unsigned
         if (writes(k))
             for (unsigned i = 0; i < bytes; i++) s[i] |= kWritten;
     }
-    if (f & kRacecheck) check_global_race(a, bytes, k, tid);
+    if (f & kRacecheck) check_global_race(a, bytes, k, tid), pdl_track(a, bytes, k, tid);
     if ((f & kProfile) && k != Kind::CpAsyncStore) prof::record(tid, pc, a, bytes, k, false);
 }
 
@@ -383,14 +438,24 @@ const char* source_of(const void* pc) {
 
 void atomic_access(const void* p, unsigned bytes, const void* pc) { hook((void*)p, bytes, Kind::Atomic, pc); }
 
+void pdl_wait() { g_waited[g_run.tid] = true; }
+
 namespace chk {
 
-void launch_begin() {
+uint32_t launch_begin(const char* name, const char* prev_name, uint32_t prev_clock) {
     if (!g_shared) g_shared = (SharedRec*)calloc(dyn_base() / 4 + kSharedWords, sizeof(SharedRec));
+    if (++g_pdl_clock == 0) {  // (after 2^32 launches: forget every page's bits)
+        memset(g_arena.pdl_page, 0, g_arena.size / kPage * 4);
+        g_pdl_clock = 1, prev_clock = 0;
+    }
+    g_prev_clock = prev_clock;
+    snprintf(g_kernel, sizeof g_kernel, "%s", name);
+    snprintf(g_prev_kernel, sizeof g_prev_kernel, "%s", prev_name ? prev_name : "");
     if (++g_launch_id == 0) {  // (after 2^32 launches: forget every page's tags)
         memset(g_arena.page_launch, 0xff, g_arena.size / kPage * 4);
         g_launch_id = 1;
     }
+    return g_pdl_clock;
 }
 
 void block_begin() {
@@ -401,6 +466,7 @@ void block_begin() {
         g_epoch = g_sync = 0;
     }
     g_epoch++;
+    memset(g_waited, 0, sizeof g_waited);
     g_tag = (uint8_t)(g_run.block_linear % 254 + 1);
     g_tag_block[g_tag] = g_run.block_linear;
 }

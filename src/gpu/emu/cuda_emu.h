@@ -57,6 +57,8 @@ void syncthreads(Site s);
 void cp_async_issue(void* dst, const void* src);
 void cp_async_commit();
 void cp_async_wait(unsigned newest_pending);
+// griddepcontrol.wait: from here on this thread's accesses are ordered after the previous kernel.
+void pdl_wait();
 unsigned char* dyn_shared();
 
 // Warp collectives. `in`/`out` are this lane's operands; the runtime completes the collective

@@ -11,7 +11,10 @@
 namespace mura_emu {
 
 // What a launch checks and measures: mura_emu_launch's `flags` (src/gpu/emu.rs `Checks`).
-enum : unsigned { kMemcheck = 1, kInitcheck = 2, kRacecheck = 4, kProfile = 8 };
+// kPdl: the launch is a programmatic dependent one (src/gpu/mod.rs `Launch::pdl`): under
+// racecheck, a thread's device accesses before its pdl_wait() must not touch what the previous
+// kernel in the stream accessed (see checks.cpp).
+enum : unsigned { kMemcheck = 1, kInitcheck = 2, kRacecheck = 4, kProfile = 8, kPdl = 16 };
 
 constexpr unsigned kMaxThreads = 1024;
 // The most dynamic shared memory a block may have on every GPU mura targets (sm_86/89: 99 KiB
@@ -54,7 +57,10 @@ const char* thread_str(unsigned tid, int slot = 0);
 void access(uintptr_t addr, unsigned bytes, Kind kind, const void* pc, unsigned tid);
 
 namespace chk {  // checks.cpp, called by the runtime
-void launch_begin();                            // a new launch: global race tags start over
+// A new launch of kernel `name`, after `prev_name` (null: none) launched at clock `prev_clock`
+// (0: a copy or memset came after it) in the same stream: global race tags start over; returns
+// this launch's clock.
+uint32_t launch_begin(const char* name, const char* prev_name, uint32_t prev_clock);
 void block_begin();                             // (after g_run.block_linear is set)
 void barrier();                                 // a __syncthreads completed
 void warp_sync(unsigned warp, unsigned mask, bool whole_warp);  // a collective completed

@@ -606,7 +606,10 @@ extern "C" void mura_emu_limits(unsigned* max_threads, unsigned* max_dyn_shared)
     *max_dyn_shared = kMaxDynShared;
 }
 
-extern "C" int mura_emu_launch(void (*tramp)(void**), void** params, const unsigned grid[3],
+// `name` is the kernel's; `prev_name`, `prev_clock` the previous kernel of its stream and the
+// clock its launch returned in *clock (see chk::launch_begin).
+extern "C" int mura_emu_launch(const char* name, const char* prev_name, uint32_t prev_clock, uint32_t* clock,
+                               void (*tramp)(void**), void** params, const unsigned grid[3],
                                const unsigned block[3], unsigned dyn_shared_bytes, unsigned flags,
                                Counters* counters, char* err, size_t errlen) {
     unsigned n = block[0] * block[1] * block[2];
@@ -634,7 +637,7 @@ extern "C" int mura_emu_launch(void (*tramp)(void**), void** params, const unsig
         g_grid_dim = dim3{grid[0], grid[1], grid[2]};
         L.dyn_bytes = dyn_shared_bytes;
         g_run = Running{flags, 0, 0, n, L.dyn, dyn_shared_bytes, 0, nullptr};
-        chk::launch_begin();
+        *clock = chk::launch_begin(name, prev_name, prev_clock);
         prof::launch_begin(flags & kProfile ? counters : nullptr);
         size_t shared = (size_t)(__stop_mura_shared - __start_mura_shared);
         for (unsigned z = 0; z < grid[2] && !L.failed; z++)

@@ -107,6 +107,7 @@ pub fn batch_stats<T: Act>(
         grid: [blocks_for(c, 32), p as u32, 1],
         block: [32, 8, 1],
         shared: 9 * 33 * 4,
+        pdl: false,
     };
     // SAFETY: x is a checked view of rows × c; part holds [2, p, c]; mean, var and the
     // coefficients' operands hold c.
@@ -433,6 +434,7 @@ fn reduce<T: Act>(
         grid: [blocks_for(c, 32), p as u32, 1],
         block: [32, 8, 1],
         shared: 8 * 33 * 4,
+        pdl: false,
     };
     let (x, x_rs, dy_rs) = (s.x.ptr(), s.x.rs(), dy.rs());
     let (coef, (alpha, beta)) = match deferred {

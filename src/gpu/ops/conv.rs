@@ -20,6 +20,7 @@ fn tiles(m: usize, n: usize, z: u32) -> Launch {
         grid: [blocks_for(m, t), blocks_for(n, t), z],
         block: [CONV_THREADS as u32, 1, 1],
         shared: SMEM,
+        pdl: false,
     }
 }
 

@@ -2,7 +2,9 @@
 //! layers' 1×1/1 pad 0 and 3×3/1 pad 1 (forward, data gradient, weight gradient), and any other
 //! window's forward and weight gradient (the stem's 7×7/2 pad 3), bf16 activations and weights,
 //! f32 accumulation, NHWC, with the BN + ReLU in front of each convolution fused into its loads.
-//! Inputs may be channel prefixes, outputs channel slices of wider buffers.
+//! Inputs may be channel prefixes, outputs channel slices of wider buffers. Every launch is a
+//! programmatic dependent one ([`crate::gpu::Launch::pdl`]): the kernels wait for the previous
+//! kernel before their first load.
 
 use super::bn::{CoefPtrs, CoefStep};
 use super::{dims_are, pre_ptrs, BnRelu};
@@ -276,6 +278,7 @@ fn fwd_any(
         ],
         block: [ANY.threads, 1, 1],
         shared: ANY.fwd_shared,
+        pdl: true,
     };
     let (ys, xs, co) = (y.rs(), x.rs(), y.c());
     // SAFETY: x, y are checked views of the shapes the kernel reads and writes; wt, the BN's
@@ -343,6 +346,7 @@ pub fn fwd_split(
         grid: [grid[0], grid[1], blocks_for(k_len, split_len as u32)],
         block: [t.threads, 1, 1],
         shared: t.fwd_shared,
+        pdl: true,
     };
     let (ys, xs, wt) = (y.rs(), x.rs(), wt.ptr());
     let args = (y.ptr(), ys, x.ptr(), xs, wt, scale, shift);
@@ -531,6 +535,7 @@ pub fn bwd_data_split(
         grid: [grid[0], grid[1], blocks_for(k_len, split_len as u32)],
         block: [WIDE.threads, 1, 1],
         shared: TC_SHARED_BWD_DATA as u32,
+        pdl: true,
     };
     let (dxp, dxs, dyp, dys) = (dx.ptr(), dx.rs(), dy.ptr(), dy.rs());
     // SAFETY: dx, dy and the mask's x are checked views of the shapes the kernel reads and writes;
@@ -595,6 +600,7 @@ pub fn bwd_weight_split(
         ],
         block: [t.threads, 1, 1],
         shared: t.wt_shared,
+        pdl: true,
     };
     let (xp, xs, dyp, dys) = (x.ptr(), x.rs(), dy.ptr(), dy.rs());
     // SAFETY: x, dy are checked views of the shapes the kernel reads; dw and the BN's coefficients
