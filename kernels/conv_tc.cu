@@ -377,11 +377,14 @@ template <class TL>
 struct CoefBytes {
     static constexpr int BYTES = 2 * 8 * BN_COEF_ROW * 4;
 };
-constexpr int max_of(int a, int b) { return a > b ? a : b; }
-static_assert(TC_SHARED_FWD_WIDE == max_of(Stages<Wide, TC_STAGES>::BYTES, OutBytes<Wide>::BYTES), "");
-static_assert(TC_SHARED_FWD_NARROW == max_of(Stages<Narrow, TC_STAGES>::BYTES, OutBytes<Narrow>::BYTES), "");
-static_assert(TC_SHARED_FWD_ANY == max_of(Stages<Any, TC_STAGES>::BYTES, OutBytes<Any>::BYTES), "");
-static_assert(TC_SHARED_BWD_DATA == max_of(Stages<Wide, TC_BWD_DATA_STAGES>::BYTES, OutBytes<Wide>::BYTES), "");
+template <int A, int B>
+struct MaxOf {
+    static constexpr int V = A > B ? A : B;
+};
+static_assert(TC_SHARED_FWD_WIDE == MaxOf<Stages<Wide, TC_STAGES>::BYTES, OutBytes<Wide>::BYTES>::V, "");
+static_assert(TC_SHARED_FWD_NARROW == MaxOf<Stages<Narrow, TC_STAGES>::BYTES, OutBytes<Narrow>::BYTES>::V, "");
+static_assert(TC_SHARED_FWD_ANY == MaxOf<Stages<Any, TC_STAGES>::BYTES, OutBytes<Any>::BYTES>::V, "");
+static_assert(TC_SHARED_BWD_DATA == MaxOf<Stages<Wide, TC_BWD_DATA_STAGES>::BYTES, OutBytes<Wide>::BYTES>::V, "");
 static_assert(TC_SHARED_BWD_WEIGHT_WIDE == Stages<Wide, TC_STAGES>::BYTES + CoefBytes<Wide>::BYTES, "");
 static_assert(TC_SHARED_BWD_WEIGHT_NARROW == Stages<Narrow, TC_STAGES>::BYTES + CoefBytes<Narrow>::BYTES, "");
 static_assert(TC_SHARED_BWD_WEIGHT_ANY == Stages<Any, TC_STAGES>::BYTES + CoefBytes<Any>::BYTES, "");
