@@ -1,7 +1,7 @@
 //! A user's audit of the CLI: bad input gives one `error:` line and a non-zero exit, never a panic,
 //! and nothing already on disk is lost. One test per problem found (tiny data, a few seconds).
 
-use crate::common::{mura, run_ok, TINY};
+use crate::common::{mura, run_ok, s, tmp, TINY};
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -27,14 +27,6 @@ fn err(args: &[&str]) -> String {
         "mura {args:?} should print one error line, got:\n{e}"
     );
     lines[0].to_string()
-}
-
-fn tmp(name: &str) -> PathBuf {
-    crate::common::tmp("audit", name)
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
 }
 
 /// A small synthetic set prepped at 32x32, shared by the tests: (source, store).

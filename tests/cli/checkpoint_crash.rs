@@ -4,7 +4,7 @@
 //! with the per-epoch metrics of a run never stopped; nothing committed is lost and nothing an
 //! interrupted save wrote is left behind. Runs written before generations still resume.
 
-use crate::common::{mura_bounded, one_error_line, Bounded, TINY};
+use crate::common::{mura_bounded, one_error_line, s, tmp, Bounded, TINY};
 use mura::weights::load_safetensors;
 use std::collections::BTreeSet;
 use std::os::unix::process::ExitStatusExt;
@@ -23,14 +23,6 @@ const STEPS: [&str; 4] = [
     "checkpoint.committed",
     "checkpoint.previous-removed",
 ];
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-fn tmp(name: &str) -> PathBuf {
-    crate::common::tmp("ckpt-crash", name)
-}
 
 fn store() -> &'static PathBuf {
     static D: OnceLock<PathBuf> = OnceLock::new();

@@ -8,7 +8,7 @@
 //! harness's capture, that it did not run.
 
 use crate::common::gpu::seed;
-use crate::common::{mura_bounded, one_error_line, run_ok, tmp};
+use crate::common::{mura_bounded, one_error_line, run_ok, s, tmp};
 use mura::data::StudyType;
 use mura::model::{DenseNet, Mode};
 use mura::ops::augment::{MEAN, STD};
@@ -23,10 +23,6 @@ use std::sync::OnceLock;
 const TOL: f64 = 1e-5;
 /// The views of the batch checked (and its first view alone).
 const BATCH: usize = 5;
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
 
 /// The Python with numpy, onnx, onnxruntime and Pillow, or None (said loudly) where there is none and
 /// `MURA_TEST_ONNX=1` does not require one. Probed once (importing them takes seconds).
@@ -104,7 +100,7 @@ fn check_export(
     };
     let seed = seed(test);
     let mut rng = Rng::new(seed.value);
-    let d = tmp("export", test);
+    let d = tmp(test);
     let (w, onnx) = (d.join("model.safetensors"), d.join("model.onnx"));
     let mut model = random_model(spec.clone(), &mut rng);
     let mut args = vec!["export", "--onnx", s(&onnx), "--weights", s(&w)];
@@ -272,7 +268,7 @@ fn readme_deploy_recipe_gives_mura_predicts_probability() {
     let Some(python) = onnx_python(test) else {
         return;
     };
-    let d = tmp("export", test);
+    let d = tmp(test);
     let src = d.join("src");
     run_ok(&["synth", "--out", s(&src), "--studies", "40", "--seed", "2"]);
     let mut kinds = Default::default();
@@ -342,7 +338,7 @@ fn tiny_weights(d: &Path) -> (PathBuf, PathBuf) {
 
 #[test]
 fn export_refuses_bad_weights_architectures_and_sizes() {
-    let d = tmp("export", "hostile-in");
+    let d = tmp("hostile-in");
     let (ck, tv) = tiny_weights(&d);
     let out = d.join("out.onnx");
     let garbage = d.join("garbage.safetensors");
@@ -379,7 +375,7 @@ fn export_refuses_bad_weights_architectures_and_sizes() {
 
 #[test]
 fn export_never_replaces_another_file_and_writes_atomically() {
-    let d = tmp("export", "hostile-out");
+    let d = tmp("hostile-out");
     let (ck, _) = tiny_weights(&d);
     let weights = std::fs::read(&ck).unwrap();
     let export = |out: &Path, env: &[(&str, &str)]| {

@@ -2,21 +2,13 @@
 //! exit code 1, within 4 GiB of address space and a few seconds (no panic, abort, hang or
 //! unbounded allocation).
 
-use crate::common::{mura_bounded, one_error_line, run_ok, Bounded, TINY};
+use crate::common::{mura_bounded, one_error_line, run_ok, s, tmp, Bounded, TINY};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 const MEM: u64 = 4 << 30;
 const SECS: u64 = 30;
-
-fn tmp(name: &str) -> PathBuf {
-    crate::common::tmp("hostile", name)
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
 
 /// A small prepped store shared by the tests.
 fn store() -> &'static PathBuf {

@@ -5,21 +5,13 @@
 //! repeats or contradicts itself is reported as it is handled; a prep never commits a store
 //! its own reader refuses; an unlabelled training study is named before training starts.
 
-use crate::common::{mura_bounded, one_error_line, run_ok, Bounded, TINY};
+use crate::common::{mura_bounded, one_error_line, run_ok, s, tmp, Bounded, TINY};
 use mura::weights::{load_safetensors, save_safetensors, TensorData};
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 const MEM: u64 = 4 << 30;
 const SECS: u64 = 60;
-
-fn tmp(name: &str) -> PathBuf {
-    crate::common::tmp("loaded", name)
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
 
 /// Runs mura bounded; its one error line (exit 1).
 fn fails(args: &[&str]) -> String {

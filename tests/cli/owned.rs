@@ -3,20 +3,12 @@
 //! marker), outputs that belong together change together, no stream or signal crashes a
 //! command, every line is one line, and a run resumes on another machine.
 
-use crate::common::{mura_bounded, one_error_line, prepped, run_ok, TINY};
+use crate::common::{mura_bounded, one_error_line, prepped, run_ok, s, tmp, TINY};
 use std::collections::BTreeSet;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
-
-fn tmp(name: &str) -> PathBuf {
-    crate::common::tmp("owned", name)
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
 
 /// Runs mura (at most 4 GiB, 120 s), which must fail with one error line; returns it.
 fn fails(args: &[&str]) -> String {

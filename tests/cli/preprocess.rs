@@ -3,18 +3,10 @@
 //! checkpoint, because a checkpoint records its preprocessing and predict runs it; and CAM
 //! files are unique per study and view and never replace a file.
 
-use crate::common::{mura_bounded, one_error_line, run_ok, TINY};
+use crate::common::{mura_bounded, one_error_line, run_ok, s, tmp, TINY};
 use mura::weights::{load_safetensors, save_safetensors};
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
-
-fn tmp(name: &str) -> PathBuf {
-    crate::common::tmp("preprocess", name)
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
 
 fn fails(args: &[&str]) -> String {
     let run = mura_bounded(args, &[], 4 << 30, 60);
@@ -81,6 +73,11 @@ fn predict_scores_a_study_as_eval_does_on_its_store() {
     let (lines, err) = predict(&best, &folders, &[]);
     assert!(err.is_empty(), "{err}");
     // Training's validation (eval's `predict_split` on the store) and predict on the PNGs.
+    assert_eq!(
+        lines.len(),
+        rows.len(),
+        "one predict line per validation study"
+    );
     for ((path, want), line) in rows.iter().zip(&lines) {
         let got = line["probability"].as_f64().unwrap();
         assert!(
@@ -100,6 +97,7 @@ fn predict_scores_a_study_as_eval_does_on_its_store() {
         s(&out),
     ]);
     let csv = std::fs::read_to_string(out.join("predictions.csv")).unwrap();
+    assert_eq!(csv.lines().count(), lines.len(), "{csv}");
     for (row, line) in csv.lines().zip(&lines) {
         let abnormal = line["abnormal"].as_bool().unwrap();
         assert_eq!(
@@ -232,6 +230,7 @@ fn cam_files_are_unique_per_study_and_view_and_never_replace_a_file() {
         e.contains("already exists; refusing to replace it: pass an empty or new --cam folder"),
         "{e}"
     );
+    assert_eq!(written.len(), bytes.len());
     for (n, b) in written.iter().zip(&bytes) {
         assert_eq!(&std::fs::read(cams.join(n)).unwrap(), b, "{n}");
     }

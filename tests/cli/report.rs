@@ -1,8 +1,10 @@
 //! `mura report` on a synthetic run folder, through the built binary.
 
+use crate::common::gpu::seed;
+use crate::common::tmp;
 use mura::rng::Rng;
 use std::fmt::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 const TYPES: [&str; 7] = [
@@ -67,14 +69,10 @@ fn report(dir: &Path) -> std::process::Output {
         .unwrap()
 }
 
-fn tmp(name: &str) -> PathBuf {
-    std::env::temp_dir().join(format!("mura-report-{name}-{}", std::process::id()))
-}
-
 #[test]
 fn writes_three_readable_plots() {
     let dir = tmp("ok");
-    let mut rng = Rng::new(11 ^ std::process::id() as u64);
+    let mut rng = Rng::new(seed("writes_three_readable_plots").value);
     fake_run(&dir, &mut rng, 9);
     let out = report(&dir);
     assert!(

@@ -1,13 +1,7 @@
 //! `mura score` on crafted files, run through the built binary.
 
-use std::path::PathBuf;
+use crate::common::tmp;
 use std::process::Command;
-
-fn dir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("mura-score-{name}-{}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
 
 const LABELS: &str = "\
 MURA-v1.1/valid/XR_WRIST/patient1/study1_positive/,1
@@ -20,7 +14,7 @@ MURA-v1.1/valid/XR_HAND/patient6/study1_negative/,0
 
 /// Runs `mura score` on the given file contents; returns (exit ok, stdout, stderr).
 fn score(name: &str, labels: &str, preds: &str, json: bool) -> (bool, String, String) {
-    let d = dir(name);
+    let d = tmp(name);
     std::fs::write(d.join("labels.csv"), labels).unwrap();
     std::fs::write(d.join("preds.csv"), preds).unwrap();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_mura"));

@@ -3,16 +3,7 @@
 //! same bounds hold for a run's config.json on resume; evaluation splits a study of many views
 //! over batches, so its memory stays bounded.
 
-use crate::common::{mura_bounded, one_error_line, run_ok, TINY};
-use std::path::{Path, PathBuf};
-
-fn tmp(name: &str) -> PathBuf {
-    crate::common::tmp("sizes", name)
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
+use crate::common::{mura_bounded, one_error_line, run_ok, s, tmp, TINY};
 
 /// Runs mura (within 4 GiB and 30 s) on arguments that must not parse: its one error line.
 fn refused(args: &[&str]) -> String {

@@ -1,6 +1,6 @@
 //! End to end through the binary: synth -> prep -> train -> resume -> eval -> predict --cam -> report.
 
-use crate::common::{mura, run_ok, TINY};
+use crate::common::{mura, run_ok, tmp, TINY};
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
@@ -14,10 +14,6 @@ fn err(args: &[&str]) -> String {
     let e = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(!e.contains("panicked"), "panic for {args:?}: {e}");
     e
-}
-
-fn tmp(name: &str) -> PathBuf {
-    crate::common::tmp("e2e", name)
 }
 
 /// A small synthetic dataset prepped at 32x32, shared by the tests.
@@ -122,6 +118,7 @@ fn train_learns_and_resume_matches_an_uninterrupted_run() {
     ]);
     let lp = losses(&part);
     assert_eq!(lp.len(), 4);
+    assert_eq!(l.len(), lp.len(), "{l:?} vs {lp:?}");
     for (a, b) in l.iter().zip(&lp) {
         assert!(
             (a.0 - b.0).abs() <= 1e-9 * a.0.abs() && (a.1 - b.1).abs() <= 1e-9 * a.1.abs(),
@@ -142,20 +139,30 @@ fn eval_predict_cam_and_report() {
     ok(&train_args(store, &run, "2"));
     let best = run.join("best.safetensors");
     let out = d.join("eval");
-    // An ensemble of the same checkpoint twice equals the single model.
-    let table = ok(&[
-        "eval",
-        "--store",
-        store.to_str().unwrap(),
-        "--checkpoint",
-        best.to_str().unwrap(),
-        run.join("last.safetensors").to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    // An ensemble of the same checkpoint twice equals the single model, to the digit.
+    let eval_of = |checkpoints: &[&Path], out: &Path| -> (String, serde_json::Value) {
+        let mut args = vec!["eval", "--store", store.to_str().unwrap(), "--checkpoint"];
+        args.extend(checkpoints.iter().map(|c| c.to_str().unwrap()));
+        args.extend(["--out", out.to_str().unwrap()]);
+        let table = ok(&args);
+        let metrics = std::fs::read_to_string(out.join("metrics.json")).unwrap();
+        (table, serde_json::from_str(&metrics).unwrap())
+    };
+    let (table, m) = eval_of(&[&best, &best], &out);
     assert!(table.contains("XR_WRIST"), "{table}");
-    let m: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("metrics.json")).unwrap()).unwrap();
+    let (single_table, single) = eval_of(&[&best], &d.join("eval-single"));
+    assert_eq!(
+        m, single,
+        "an ensemble of one checkpoint twice differs from it"
+    );
+    // The tables too, but for the lines naming where each wrote.
+    let rows = |t: &str| -> Vec<String> {
+        t.lines()
+            .filter(|l| !l.starts_with("wrote "))
+            .map(String::from)
+            .collect()
+    };
+    assert_eq!(rows(&table), rows(&single_table));
     for f in [
         "kappa",
         "kappa_ci",
@@ -209,10 +216,13 @@ fn eval_predict_cam_and_report() {
         s["overall"]["kappa"].as_f64(),
         m["overall"]["kappa"].as_f64(),
     );
-    assert!(
-        k1.zip(k2).is_none_or(|(a, b)| (a - b).abs() < 1e-12),
-        "score and eval disagree: {k1:?} vs {k2:?}"
-    );
+    // Both null (a kappa undefined on this split) or equal.
+    let agree = match (k1, k2) {
+        (None, None) => true,
+        (Some(a), Some(b)) => (a - b).abs() < 1e-12,
+        _ => false,
+    };
+    assert!(agree, "score and eval disagree: {k1:?} vs {k2:?}");
 
     // predict with CAMs on one abnormal and one normal study.
     let lines = std::fs::read_to_string(&labels).unwrap();
@@ -407,6 +417,7 @@ fn init_from_torchvision_pth_fine_tunes_from_its_weights() {
         _ => unreachable!(),
     };
     let (a, b) = (conv0(&want), conv0(&got));
+    assert_eq!(a.len(), b.len());
     assert!(a.iter().zip(&b).all(|(x, y)| (x - y).abs() <= 3.1e-3));
     assert!(a.iter().map(|x| x.abs()).sum::<f32>() > 0.1 * a.len() as f32 * 3.1e-3);
     assert_eq!(got.get("classifier.weight").unwrap().shape, vec![1, 16]);
@@ -496,6 +507,7 @@ fn training_on_the_kernel_emulator_matches_the_cpu() {
     ok(&a);
     let (lc, le) = (losses(&cpu), losses(&emu));
     assert_eq!(lc.len(), 2);
+    assert_eq!(le.len(), lc.len(), "emu {le:?} vs cpu {lc:?}");
     for (c, e) in lc.iter().zip(&le) {
         assert!(
             (c.0 - e.0).abs() <= 1e-4 * c.0.abs() && (c.1 - e.1).abs() <= 1e-4 * c.1.abs(),
@@ -538,6 +550,7 @@ fn bf16_training_curve_tracks_f32() {
     let (lf, lb) = (losses(&f32_run), losses(&bf16_run));
     eprintln!("f32 {lf:?}\nbf16 {lb:?}");
     assert_eq!(lb.len(), 4);
+    assert_eq!(lf.len(), lb.len(), "bf16 {lb:?} vs f32 {lf:?}");
     for (f, b) in lf.iter().zip(&lb) {
         assert!(
             (f.0 - b.0).abs() <= 0.02 * f.0 && (f.1 - b.1).abs() <= 0.02 * f.1,

@@ -3,7 +3,7 @@
 
 pub mod gpu;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 /// Run the built binary.
@@ -35,12 +35,22 @@ pub fn fixtures() -> PathBuf {
     }
 }
 
-/// A fresh empty folder for one test.
-pub fn tmp(prefix: &str, name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("mura-{prefix}-{}-{name}", std::process::id()));
+/// A fresh empty folder for one test: `mura-<file>-<pid>-<name>` in the temp folder, where
+/// `<file>` is the stem of the test file that calls it, so that two files' tests of one name
+/// never share a folder.
+#[track_caller]
+pub fn tmp(name: &str) -> PathBuf {
+    let file = Path::new(std::panic::Location::caller().file());
+    let stem = file.file_stem().and_then(|s| s.to_str()).unwrap_or("test");
+    let d = std::env::temp_dir().join(format!("mura-{stem}-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
     d
+}
+
+/// A path as the `&str` an argument list takes (the tests' paths are UTF-8).
+pub fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
 }
 
 /// A small synthetic set prepped at 32x32 under `dir`: (source, store).

@@ -1,6 +1,7 @@
 //! The data pipeline: reader (good and bad trees), synth, prep/store round trip and refusal of
 //! damaged stores, augmentation properties, loader determinism, loss weights.
 
+use crate::common::tmp;
 use mura::data::image::{decode_gray, resize_bilinear, GrayImage};
 use mura::data::loader::{Augment, Loader, LoaderConfig};
 use mura::data::prep::{prep, PrepConfig};
@@ -9,18 +10,8 @@ use mura::data::synth::{synth, SynthConfig};
 use mura::data::{mura as reader, Split, StudyType};
 use mura::ops::augment::{self, AugParams, MEAN, STD};
 use mura::rng::Rng;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
-
-fn tmp(name: &str) -> PathBuf {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos();
-    let p = std::env::temp_dir().join(format!("mura-test-{name}-{}-{nanos}", std::process::id()));
-    std::fs::create_dir_all(&p).unwrap();
-    p
-}
 
 fn random_gray(w: u32, h: u32, seed: u64) -> Vec<u8> {
     let mut r = Rng::new(seed);

@@ -3,7 +3,7 @@
 //! the old store or the new one, complete, never nothing; the next prep cleans up. A second prep
 //! into a store being written is refused.
 
-use crate::common::{mura_bounded, one_error_line, run_ok, Bounded};
+use crate::common::{mura_bounded, one_error_line, run_ok, s, tmp, Bounded};
 use mura::data::store::Store;
 use std::collections::BTreeSet;
 use std::os::unix::process::ExitStatusExt;
@@ -11,10 +11,6 @@ use std::path::{Path, PathBuf};
 
 const MEM: u64 = 4 << 30;
 const SECS: u64 = 60;
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
 
 /// A small MURA-like tree: (its folder, a store of it at 16² and that store's id).
 struct Setup {
@@ -25,7 +21,7 @@ struct Setup {
 }
 
 fn setup(name: &str) -> Setup {
-    let dir = crate::common::tmp("crash", name);
+    let dir = tmp(name);
     let src = dir.join("src");
     run_ok(&["synth", "--out", s(&src), "--studies", "4", "--seed", "9"]);
     let old = dir.join("old");

@@ -17,17 +17,22 @@ fn emu() -> Arc<dyn Driver> {
 /// `y = x` by selftest_copy_fwd_f32 over `n` elements.
 fn copy(d: &Arc<dyn Driver>, y: Ptr<f32>, x: Ptr<f32>, n: usize) -> Result<()> {
     let at = Launch::linear(n.div_ceil(128) as u32, 128);
+    // SAFETY: y and x hold n f32 each (the callers' buffers); the grid covers n.
     unsafe { testing::selftest_copy_fwd_f32(&**d, at, y, x, n) }
 }
 
 /// selftest_hazard_fwd_i32's planted hazard `mode` on `blocks` blocks of 64 threads.
 fn run_hazard(d: &Arc<dyn Driver>, out: &DeviceBuffer<i32>, blocks: u32, mode: i32) -> Result<()> {
     let at = Launch::linear(blocks, 64);
+    // SAFETY: out holds what the kernel writes for `blocks` blocks; the planted hazards run only on
+    // the checking emulator, which stops the launch at the first one.
     unsafe { testing::selftest_hazard_fwd_i32(&**d, at, out.ptr(), mode) }
 }
 
 /// selftest_oob_fwd_f32 on 4 blocks of 128 threads: `out[i] = i` for `i < n + extra`.
 fn oob(d: &Arc<dyn Driver>, out: &DeviceBuffer<f32>, n: usize, extra: i32) -> Result<()> {
+    // SAFETY: out holds n f32; the `extra` writes past it run only on the checking emulator, which
+    // stops the launch at the first one (the bug under test).
     unsafe { testing::selftest_oob_fwd_f32(&**d, Launch::linear(4, 128), out.ptr(), n, extra) }
 }
 
@@ -96,6 +101,8 @@ fn memcheck_catches_freed_foreign_and_misaligned_addresses() {
     // Raw: a host address, which no Ptr can carry.
     let (mut yp, mut xp, mut n32) = (y.ptr().addr(), host.as_ptr() as u64, 256i32);
     let mut params = [arg(&mut yp), arg(&mut xp), arg(&mut n32)];
+    // SAFETY: the host address is the bug under test: the checking emulator refuses it before the
+    // kernel touches it; y holds 256 f32.
     let r = unsafe {
         d.launch(
             "selftest_copy_fwd_f32",
@@ -141,6 +148,7 @@ fn memcheck_catches_shared_memory_overruns() {
             shared,
             ..Launch::linear(1, 64)
         };
+        // SAFETY: out holds 64 f32, one per thread; the shared size is what the test varies.
         unsafe { testing::selftest_dynshared_fwd_f32(&*d, at, out.ptr()) }
     };
     run(256).unwrap();

@@ -126,6 +126,7 @@ fn nvrtc_compiles_embedded_sources() {
 /// MURA_TEST_NVRTC=1, else a line saying the NVRTC path was not exercised.
 fn nvrtc_here() -> bool {
     let required = std::env::var("MURA_TEST_NVRTC").is_ok_and(|v| v == "1");
+    // SAFETY: is_culib_present only tries to load the library, with no other effect.
     let why = if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
         "libnvrtc is not loadable here".to_string()
     } else {
@@ -159,8 +160,7 @@ fn nvrtc_output_is_cached_on_disk() {
         return;
     }
     let m = relu_module();
-    let dir = std::env::temp_dir().join(format!("mura-nvrtc-cache-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+    let dir = crate::common::tmp("nvrtc-cache");
     let cache = dir.join("nvrtc");
     let (ptx, how) = cached(m, (9, 0), Some(&cache)).unwrap();
     assert!(ptx.contains(".entry relu_fwd_f32("), "{ptx}");

@@ -35,6 +35,7 @@ fn barriers_order_shared_memory() {
     let out = DeviceBuffer::<i32>::alloc(&d, grid * n).unwrap();
     out.fill_bytes(0xff).unwrap();
     let at = Launch::linear(grid as u32, n as u32);
+    // SAFETY: out holds grid * n i32, one per thread.
     unsafe { testing::selftest_barrier_fwd_i32(&*d, at, out.ptr()) }.unwrap();
     d.synchronize().unwrap();
     let got = out.to_vec().unwrap();
@@ -54,6 +55,7 @@ fn warp_shuffles_and_votes() {
     let out = DeviceBuffer::<i32>::alloc(&d, grid * block * 8).unwrap();
     out.fill_bytes(0xff).unwrap();
     let at = Launch::linear(grid as u32, block as u32);
+    // SAFETY: out holds the kernel's 8 results per thread.
     unsafe { testing::selftest_shfl_fwd_i32(&*d, at, out.ptr()) }.unwrap();
     d.synchronize().unwrap();
     let got = out.to_vec().unwrap();
@@ -101,6 +103,7 @@ fn atomics() {
         d.memset(b, 0, 4).unwrap();
     }
     hist.fill_bytes(0).unwrap();
+    // SAFETY: every buffer holds what the kernel updates (sized above).
     unsafe {
         testing::selftest_atomic_fwd_i32(
             &*d,
@@ -135,6 +138,7 @@ fn dynamic_shared_memory() {
     let out = DeviceBuffer::<f32>::alloc(&d, grid * n).unwrap();
     out.fill_bytes(0xff).unwrap();
     let at = with_shared(grid as u32, n as u32, 4 * n as u32);
+    // SAFETY: out holds grid * n f32; the dynamic shared memory is n f32 per block, as the kernel uses.
     unsafe { testing::selftest_dynshared_fwd_f32(&*d, at, out.ptr()) }.unwrap();
     d.synchronize().unwrap();
     let got = out.to_vec().unwrap();
@@ -161,6 +165,8 @@ fn cp_async_lands_at_the_wait() {
     let out = DeviceBuffer::<f32>::alloc(&d, rows.len()).unwrap();
     out.copy_from(&rows).unwrap();
     let at = Launch::linear(grid as u32, block as u32);
+    // SAFETY: out holds the grid's rows of 16 f32 per thread, which the kernel copies through
+    // shared memory in place.
     unsafe { testing::selftest_cpasync_fwd_f32(&*d, at, out.ptr()) }.unwrap();
     d.synchronize().unwrap();
     let got = out.to_vec().unwrap();
@@ -196,6 +202,7 @@ fn emu_poisons_shared_memory_per_block() {
     let out = DeviceBuffer::<f32>::alloc(&d, grid * n * 2).unwrap();
     out.fill_bytes(0).unwrap();
     let at = with_shared(grid as u32, n as u32, 4 * n as u32);
+    // SAFETY: out holds 2 f32 per thread; the uninitialised shared read is the emulator's to catch.
     unsafe { testing::selftest_uninit_fwd_f32(&*d, at, out.ptr()) }.unwrap();
     d.synchronize().unwrap();
     for (i, v) in out.to_vec().unwrap().into_iter().enumerate() {
@@ -236,6 +243,8 @@ fn emu_reports_planted_bugs() {
     for (mode, block, expect) in cases {
         let out = DeviceBuffer::<i32>::alloc(&d, 2 * block as usize).unwrap();
         let at = Launch::linear(2, block);
+        // SAFETY: out holds 2 blocks' i32; each planted bug runs on the emulator, which fails the
+        // launch at it.
         let launched = unsafe { testing::selftest_bug_fwd_i32(&*d, at, out.ptr(), mode) };
         let r = synced(&d, launched);
         match (expect, r) {
@@ -250,6 +259,7 @@ fn emu_reports_planted_bugs() {
     // The emulator is still usable after failed launches.
     let out = DeviceBuffer::<i32>::alloc(&d, 128).unwrap();
     let at = Launch::linear(2, 64);
+    // SAFETY: out holds 128 i32, one per thread.
     unsafe { testing::selftest_barrier_fwd_i32(&*d, at, out.ptr()) }.unwrap();
     d.synchronize().unwrap();
 }
@@ -260,6 +270,7 @@ fn emu_rejects_bad_launches() {
     let out = DeviceBuffer::<i32>::alloc(&d, 64).unwrap();
     let (mut o, mut extra) = (out.ptr().addr(), 1i32);
     // Raw: no typed launcher can name a kernel that does not exist.
+    // SAFETY: no kernel of that name exists: the launch is refused before anything runs.
     let e = unsafe {
         d.launch(
             "no_such_kernel",
@@ -276,6 +287,7 @@ fn emu_rejects_bad_launches() {
     assert!(format!("{e}").contains("no kernel named 'no_such_kernel'"));
     // Raw: a typed launcher cannot pass more parameters than its kernel's signature has.
     let mut params = [arg(&mut o), arg(&mut extra)];
+    // SAFETY: refused before anything runs (one parameter too many).
     let e = unsafe {
         d.launch(
             "selftest_barrier_fwd_i32",
@@ -291,6 +303,7 @@ fn emu_rejects_bad_launches() {
     .unwrap_err();
     assert!(format!("{e}").contains("takes 1 parameters, 2 given"));
     let at = Launch::linear(1, 2048);
+    // SAFETY: refused before anything runs (more threads than a block may have).
     let launched = unsafe { testing::selftest_barrier_fwd_i32(&*d, at, out.ptr()) };
     let e = synced(&d, launched).unwrap_err();
     assert!(format!("{e:#}").contains("invalid launch"));
@@ -299,6 +312,7 @@ fn emu_rejects_bad_launches() {
     let f = DeviceBuffer::<f32>::alloc(&d, 64).unwrap();
     let dynshared = |shared: u32| {
         let at = with_shared(1, 64, shared);
+        // SAFETY: f holds 64 f32, one per thread; an oversized shared request is refused.
         let launched = unsafe { testing::selftest_dynshared_fwd_f32(&*d, at, f.ptr()) };
         synced(&d, launched)
     };
@@ -392,6 +406,7 @@ fn float_conversions() {
         d.memset(buf, 0xff, 2 * n).unwrap();
     }
     back.fill_bytes(0xff).unwrap();
+    // SAFETY: x holds n f32 and the conversion buffers 2 * n bytes each, as the kernel touches.
     let convert = |at: Launch, x: &DeviceBuffer<f32>, n: usize| unsafe {
         testing::selftest_convert_fwd_f32(&*d, at, bb.ptr(), hb.ptr(), back.ptr(), x.ptr(), n)
     };
@@ -443,6 +458,7 @@ fn ldmatrix_forms() {
     let out = DeviceBuffer::<u32>::alloc(&d, 32 * 13).unwrap();
     out.fill_bytes(0xff).unwrap();
     let at = Launch::linear(1, 32);
+    // SAFETY: out holds the warp's 13 words per lane.
     unsafe { testing::selftest_ldmatrix_fwd_i32(&*d, at, out.ptr()) }.unwrap();
     d.synchronize().unwrap();
     let got = out.to_vec().unwrap();
@@ -479,6 +495,7 @@ fn emu_fiber_stack_overflow_hits_guard_page() {
     let out = DeviceBuffer::<f32>::alloc(&d, 1).unwrap();
     let run = |depth: i32| {
         let at = Launch::linear(1, 32);
+        // SAFETY: out holds one f32; the deep recursion is the emulator's stack check under test.
         let launched = unsafe { testing::selftest_overflow_fwd_f32(&*d, at, out.ptr(), depth) };
         synced(&d, launched)
     };

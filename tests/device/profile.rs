@@ -28,6 +28,7 @@ fn profile_of(e: &Emu, kernel: &str) -> KernelProfile {
 
 /// selftest_ldmatrix_fwd_i32 on one warp.
 fn ldmatrix(d: &Arc<dyn Driver>, out: &DeviceBuffer<u32>) {
+    // SAFETY: out holds the warp's results (its caller allocates them).
     unsafe { testing::selftest_ldmatrix_fwd_i32(&**d, Launch::linear(1, 32), out.ptr()) }.unwrap();
 }
 
@@ -46,6 +47,7 @@ fn a_coalesced_copy_touches_each_sector_once() {
     let y = DeviceBuffer::<f32>::alloc(&d, n).unwrap();
     let copy = |d: &Arc<dyn Driver>, y: &DeviceBuffer<f32>, x: &DeviceBuffer<f32>| {
         let at = Launch::linear(33, 128);
+        // SAFETY: x and y hold n f32 each; the grid covers n.
         unsafe { testing::selftest_copy_fwd_f32(&**d, at, y.ptr(), x.ptr(), n) }.unwrap();
     };
     copy(&d, &y, &x);
@@ -90,6 +92,7 @@ fn strided_loads_touch_a_sector_per_lane() {
         let y = DeviceBuffer::<f32>::alloc(&d, n).unwrap();
         let before = e.profile();
         let at = Launch::linear(8, 128);
+        // SAFETY: x holds n * stride f32, y n; the kernel reads x[i * stride] for i < n.
         unsafe { testing::selftest_strided_fwd_f32(&*d, at, y.ptr(), x.ptr(), stride, n) }.unwrap();
         let xs = x.to_vec().unwrap();
         assert_eq!(
@@ -137,6 +140,7 @@ fn bank_conflicts_are_counted_per_phase() {
         let out = DeviceBuffer::<[f32; 4]>::alloc(&d, 32).unwrap();
         let vw = DeviceBuffer::<f32>::alloc(&d, 32).unwrap();
         let at = Launch::linear(1, 32);
+        // SAFETY: inp and out hold 32 f32x4 each, vw 32 f32: one per lane.
         unsafe { testing::selftest_banks_fwd_f32(&*d, at, out.ptr(), vw.ptr(), inp.ptr(), st, ld) }
             .unwrap();
         assert_eq!(out.to_vec().unwrap().concat(), input);
@@ -178,6 +182,7 @@ fn a_padded_transpose_is_conflict_free() {
             shared: 0,
             pdl: false,
         };
+        // SAFETY: x and y hold n * n f32; the 2x2 grid of 32x32 blocks covers them.
         unsafe { testing::selftest_transpose_fwd_f32(&*d, at, y.ptr(), x.ptr(), n, pad) }.unwrap();
         let yv = y.to_vec().unwrap();
         for r in 0..n {
@@ -228,6 +233,7 @@ fn tensor_core_instructions_are_counted() {
     );
     let cb = DeviceBuffer::<f32>::alloc(&d, m * n).unwrap();
     let at = Launch::linear(1, 128);
+    // SAFETY: ab holds [m, k], bb [n, k], cb [m, n]; the kernel's one block covers C.
     unsafe { testing::gemm_fwd_bf16(&*d, at, cb.ptr(), ab.ptr(), bb.ptr(), m, n, k) }.unwrap();
     let got = cb.to_vec().unwrap();
     for i in 0..m {

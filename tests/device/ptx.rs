@@ -43,8 +43,7 @@ fn no_kernel_divides_by_64_bits() {
         return;
     };
     let kernels = Path::new(env!("CARGO_MANIFEST_DIR")).join("kernels");
-    let out = std::env::temp_dir().join(format!("mura-ptx-{}", std::process::id()));
-    std::fs::create_dir_all(&out).unwrap();
+    let out = crate::common::tmp("ptx");
     let mut offenders = Vec::new();
     let mut files: Vec<PathBuf> = std::fs::read_dir(&kernels)
         .unwrap()

@@ -171,11 +171,7 @@ fn cpu_and_device_raw_forwards_agree() {
 fn raw_batches_and_raw_evaluation() {
     let seed = seed("raw_batches_and_raw_evaluation");
     let mut rng = Rng::new(seed.value);
-    let root = std::env::temp_dir().join(format!(
-        "mura-rawpath-{}-{}",
-        std::process::id(),
-        rng.next_u64()
-    ));
+    let root = crate::common::tmp("raw");
     let syn = root.join("syn");
     let cfg = SynthConfig {
         studies: 24,

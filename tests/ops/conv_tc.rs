@@ -933,7 +933,13 @@ fn tc_kernels_do_not_spill() {
         .filter(|e| e.kernel.contains("_tc_"))
         .collect();
     if PTXAS_REPORT.is_empty() {
-        eprintln!("no ptxas report (built without nvcc): nothing to check");
+        // CI builds with its pinned nvcc and sets MURA_TEST_NVRTC=1: there the report must exist.
+        let required = std::env::var("MURA_TEST_NVRTC").is_ok_and(|v| v == "1");
+        assert!(
+            !required,
+            "MURA_TEST_NVRTC=1 but the build found no nvcc: no ptxas report"
+        );
+        eprintln!("no ptxas report (built without nvcc): spills NOT checked (MURA_TEST_NVRTC=1 requires it)");
         return;
     }
     for geo in ["conv1x1", "conv3x3"] {

@@ -1,6 +1,8 @@
 //! safetensors checkpoints: exact round trip (values, shapes, scalar counters, metadata),
 //! interop with a file written by another writer, and clear refusals.
 
+use crate::common::gpu::seed;
+use crate::common::tmp;
 use mura::rng::Rng;
 use mura::spec::DenseNetSpec;
 use mura::weights::checkpoint::{from_safetensors_bytes, to_safetensors_bytes};
@@ -8,13 +10,6 @@ use mura::weights::{
     check_state_dict, load_safetensors, save_safetensors, NamedTensor, StateDict, TensorData,
 };
 use std::collections::HashMap;
-use std::path::PathBuf;
-
-fn tmp_dir(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("mura-weights-{tag}-{}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
 
 /// A state dict of `spec`'s layout with fresh random values (counters random too).
 fn random_state_dict(spec: &DenseNetSpec, seed: u64) -> StateDict {
@@ -50,12 +45,12 @@ fn sorted(mut sd: StateDict) -> StateDict {
 #[test]
 fn round_trip_is_exact_with_metadata() {
     let spec = DenseNetSpec::custom(4, vec![2, 3], 8, 2).unwrap();
-    let sd = random_state_dict(&spec, Rng::new(0).next_u64() ^ std::process::id() as u64);
+    let sd = random_state_dict(&spec, seed("round_trip_is_exact_with_metadata").value);
     let meta = HashMap::from([
         ("arch".to_string(), serde_json::to_string(&spec).unwrap()),
         ("epoch".to_string(), "3".to_string()),
     ]);
-    let dir = tmp_dir("rt");
+    let dir = tmp("rt");
     let path = dir.join("model.safetensors");
     save_safetensors(&path, &sd, &meta).unwrap();
     // Overwriting works and leaves no temp file behind.
@@ -183,7 +178,7 @@ fn sizes_a_header_states_are_checked_against_the_file() {
 
 #[test]
 fn only_regular_files_are_read() {
-    let d = tmp_dir("special");
+    let d = tmp("special");
     let link = d.join("zero.safetensors");
     let _ = std::fs::remove_file(&link);
     std::os::unix::fs::symlink("/dev/zero", &link).unwrap();
