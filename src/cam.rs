@@ -1,53 +1,10 @@
-//! Class activation map overlays (as in the MURA paper's figures), and the atomic PNG writer
-//! of the report plots.
+//! Class activation map overlays (as in the MURA paper's figures).
 
-use anyhow::{bail, Context, Result};
-use image::ImageEncoder;
-use std::io::Write;
+use anyhow::{bail, Result};
 use std::path::Path;
 
 /// Blend weight of the heat map over the radiograph.
 const ALPHA: f32 = 0.45;
-
-/// An 8-bit RGB PNG of `rgb`, for the file `path`.
-/// rgb: [h, w, 3]
-fn encode_png(path: &Path, rgb: &[u8], w: u32, h: u32) -> Result<Vec<u8>> {
-    assert_eq!(
-        rgb.len(),
-        w as usize * h as usize * 3,
-        "rgb buffer is [h, w, 3]"
-    );
-    let mut png = Vec::new();
-    image::codecs::png::PngEncoder::new(&mut png)
-        .write_image(rgb, w, h, image::ExtendedColorType::Rgb8)
-        .with_context(|| format!("cannot encode {}", path.display()))?;
-    Ok(png)
-}
-
-/// Write an 8-bit RGB PNG atomically (temp file in the same folder, fsync, rename).
-/// rgb: [h, w, 3]
-pub fn write_png_atomic(path: &Path, rgb: &[u8], w: u32, h: u32) -> Result<()> {
-    let png = encode_png(path, rgb, w, h)?;
-    let name = path
-        .file_name()
-        .with_context(|| format!("{} is not a file path", path.display()))?;
-    let tmp = path.with_file_name(format!(
-        ".{}.tmp-{}",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
-    let result = (|| -> std::io::Result<()> {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&png)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if let Err(e) = result {
-        std::fs::remove_file(&tmp).ok();
-        return Err(e).with_context(|| format!("cannot write {}", path.display()));
-    }
-    Ok(())
-}
 
 /// The jet colour map: t in [0, 1] → RGB in [0, 1] (blue, cyan, yellow, red).
 fn jet(t: f32) -> [f32; 3] {
@@ -122,7 +79,10 @@ pub fn write_cam_png(
             rgb.push(((1.0 - ALPHA) * g + ALPHA * k).mul_add(255.0, 0.5) as u8);
         }
     }
-    crate::disk::write_new(path, &encode_png(path, &rgb, w as u32, h as u32)?)
+    crate::disk::write_new(
+        path,
+        &crate::disk::encode_png(path, &rgb, w as u32, h as u32)?,
+    )
 }
 
 #[cfg(test)]

@@ -3,8 +3,8 @@
 //! Drawn with plotters into an RGB buffer; text uses the Ubuntu Light font embedded in the
 //! binary (epaint_default_fonts), so no system font is needed.
 
-use crate::cam::write_png_atomic;
 use crate::data::StudyType;
+use crate::disk::write_png_atomic;
 use anyhow::{anyhow, Result};
 use plotters::coord::Shift;
 use plotters::prelude::*;

@@ -133,6 +133,26 @@ pub fn write_synced(path: &Path, data: &[u8], step: &str) -> Result<()> {
         .with_context(|| format!("cannot write {}", path.display()))
 }
 
+/// An 8-bit RGB PNG of `rgb` ([h, w, 3]), for the file `path` (named in an error).
+pub fn encode_png(path: &Path, rgb: &[u8], w: u32, h: u32) -> Result<Vec<u8>> {
+    use image::ImageEncoder;
+    assert_eq!(
+        rgb.len(),
+        w as usize * h as usize * 3,
+        "rgb buffer is [h, w, 3]"
+    );
+    let mut png = Vec::new();
+    image::codecs::png::PngEncoder::new(&mut png)
+        .write_image(rgb, w, h, image::ExtendedColorType::Rgb8)
+        .with_context(|| format!("cannot encode {}", path.display()))?;
+    Ok(png)
+}
+
+/// Replaces `path` by an 8-bit RGB PNG of `rgb` ([h, w, 3]) in one rename ([`write_atomic`]).
+pub fn write_png_atomic(path: &Path, rgb: &[u8], w: u32, h: u32) -> Result<()> {
+    write_atomic(path, &encode_png(path, rgb, w, h)?)
+}
+
 /// Replaces `path` by a file holding `data` in one rename (see [`write_atomic_step`]).
 pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
     write_atomic_step(path, data, "atomic-write")
