@@ -1,5 +1,5 @@
 // Constants shared by the kernels and their Rust launchers, defined here once: build.rs reads every
-// `constexpr` line of this file and generates the same constants in Rust (`mura::gpu::kernels::consts`),
+// `constexpr` line of this file and generates the same constants in Rust (`mura::consts`),
 // so a tile size or a stage count changed here changes both sides. One `constexpr TYPE NAME = LITERAL;`
 // per line (int or double).
 #pragma once

@@ -28,8 +28,7 @@ use anyhow::{bail, Context, Result};
 use half::bf16;
 use std::sync::Arc;
 
-/// The least one kernel launch costs, whatever its work (DESIGN.md, "Performance method"): even
-/// replayed from a CUDA graph, a node's overhead plus the ramp-up and drain of its grid are about
+/// The least one kernel launch costs, whatever its work: even replayed from a CUDA graph, a node's overhead plus the ramp-up and drain of its grid are about
 /// 2 µs on an H100 (and more for a grid that leaves SMs idle). An assumption, not a measurement
 /// of this code: the figure a launch plan's `launch_bound` is computed with.
 pub const LAUNCH_S: f64 = 2e-6;

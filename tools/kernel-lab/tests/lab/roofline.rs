@@ -21,13 +21,13 @@ fn densenet169_forward_macs_match_design_figures() {
     let rows = table(&d169(), 1, 224, Precision::Bf16).unwrap();
     let ops = [Op::Conv1x1, Op::Conv3x3, Op::Trans1x1, Op::Stem7x7s2];
     // The table counts what mura runs: each transition's 1×1 after its pool, at a quarter of
-    // the pixels; DESIGN.md's figures are torchvision's (conv, then pool).
+    // the pixels; the published figures are torchvision's (conv, then pool).
     let torchvision = |op| match op {
         Op::Trans1x1 => 4.0 * fwd_macs(&rows, op),
         _ => fwd_macs(&rows, op),
     };
     let total: f64 = ops.iter().map(|&op| torchvision(op)).sum();
-    // DESIGN.md: 3.36 GMAC forward per image at 224².
+    // The published figure: 3.36 GMAC forward per image at 224².
     assert!((total / 3.36e9 - 1.0).abs() < 0.01, "total {total}");
     // 1x1 46%, 3x3 40%, transitions 11%, stem 3.5%.
     for (&op, share) in ops.iter().zip([0.46, 0.40, 0.11, 0.035]) {
@@ -68,7 +68,7 @@ fn every_conv_pass_has_the_forward_flops_and_the_stem_has_no_data_gradient() {
             assert_eq!(r.flops, 0, "{}", r.op);
         }
     }
-    // ≈ 20 GFLOP per image per training step (DESIGN.md): 3 × 2 × 3.36 G minus the stem's
+    // ≈ 20 GFLOP per image per training step (the published figure): 3 × 2 × 3.36 G minus the stem's
     // absent data gradient, as torchvision orders the transitions (mura's 1×1s after their
     // pools do a quarter of theirs).
     let trans: u64 = rows
