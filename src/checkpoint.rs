@@ -16,7 +16,7 @@ use crate::net::Net;
 use crate::optim::Adam;
 use crate::optim::ReduceLrOnPlateau;
 use crate::spec::DenseNetSpec;
-use crate::weights::checkpoint::MAX_SAFETENSORS_BYTES;
+use crate::weights::safetensors::MAX_SAFETENSORS_BYTES;
 use crate::weights::{self, NamedTensor, StateDict, TensorData};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -149,7 +149,7 @@ fn recorded_spec(path: &Path, meta: &HashMap<String, String>) -> Result<Option<D
 /// names, shapes and dtypes from the header, checked against that architecture before any data
 /// is read, then the data, tensor by tensor, checked too (`weights::check_state_dict`).
 pub fn load_model(path: &Path, spec: Option<&DenseNetSpec>) -> Result<ModelFile> {
-    let file = weights::checkpoint::SafetensorsFile::open(path, MAX_SAFETENSORS_BYTES)?;
+    let file = weights::safetensors::SafetensorsFile::open(path, MAX_SAFETENSORS_BYTES)?;
     let metadata = file.metadata();
     let spec = match (recorded_spec(path, &metadata)?, spec) {
         (Some(s), Some(want))
@@ -190,7 +190,7 @@ pub fn load_model(path: &Path, spec: Option<&DenseNetSpec>) -> Result<ModelFile>
 /// than taken by default): a mura checkpoint records its architecture, which an explicit request
 /// must match; any other safetensors file with torchvision's names loads as `requested`.
 pub fn load_model_for(path: &Path, requested: &DenseNetSpec, explicit: bool) -> Result<ModelFile> {
-    let file = weights::checkpoint::SafetensorsFile::open(path, MAX_SAFETENSORS_BYTES)?;
+    let file = weights::safetensors::SafetensorsFile::open(path, MAX_SAFETENSORS_BYTES)?;
     let recorded = recorded_spec(path, &file.metadata())?.is_some();
     drop(file);
     let want = (!recorded || explicit).then_some(requested);
@@ -342,7 +342,7 @@ fn write_optim(path: &Path, adam: &Adam, state: &RunState) -> Result<()> {
         tensors: vec![moment("adam.m", &adam.m), moment("adam.v", &adam.v)],
     };
     let meta = HashMap::from([("state".to_string(), serde_json::to_string(state)?)]);
-    let bytes = weights::checkpoint::to_safetensors_bytes(&sd, &meta)?;
+    let bytes = weights::safetensors::to_safetensors_bytes(&sd, &meta)?;
     disk::write_synced(path, &bytes, "checkpoint.optim-written")
 }
 
@@ -357,7 +357,7 @@ fn write_model(
     let mut meta = model_metadata(model, &state.store_id, input)?;
     meta.insert("adam_step".to_string(), state.adam_step.to_string());
     meta.insert(OPTIM_KEY.to_string(), optim.to_string());
-    let bytes = weights::checkpoint::to_safetensors_bytes(&model.to_state_dict()?, &meta)?;
+    let bytes = weights::safetensors::to_safetensors_bytes(&model.to_state_dict()?, &meta)?;
     disk::write_atomic_step(&dir.join(LAST_MODEL), &bytes, "checkpoint.model-written")
 }
 
@@ -432,7 +432,7 @@ fn read_optim(path: &Path, n_params: usize) -> Result<(Vec<f32>, Vec<f32>, RunSt
     let weights::Checkpoint {
         state_dict: mut sd,
         metadata: meta,
-    } = weights::checkpoint::load_safetensors_capped(path, cap)?;
+    } = weights::safetensors::load_safetensors_capped(path, cap)?;
     let state: RunState = serde_json::from_str(
         meta.get("state")
             .with_context(|| format!("{} has no run state", path.display()))?,

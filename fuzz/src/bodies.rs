@@ -40,7 +40,7 @@ pub fn pth(data: &[u8]) {
 /// loaded as a model checkpoint is (its header checked against the model before its data is
 /// read, tensor by tensor).
 pub fn safetensors(data: &[u8]) {
-    if let Ok(ck) = mura::weights::checkpoint::from_safetensors_bytes(data) {
+    if let Ok(ck) = mura::weights::safetensors::from_safetensors_bytes(data) {
         if mura::weights::check_state_dict(&ck.state_dict, &micro()).is_ok() {
             let _ = mura::model::DenseNet::<f32>::from_state_dict(micro(), &ck.state_dict);
         }

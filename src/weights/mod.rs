@@ -1,19 +1,19 @@
 //! Named tensors with torchvision names and layouts: the boundary between mura's internal
 //! parameter buffers and files on disk (safetensors checkpoints, torchvision `.pth` files).
 //!
-//! - [`checkpoint`]: safetensors save/load (mura's own checkpoint format),
+//! - [`safetensors`]: safetensors save/load (mura's own weight format),
 //! - [`pth`] + [`pickle`]: import of PyTorch `.pth` files (zip and legacy formats),
 //! - [`torchvision`]: torchvision key remapping, fresh head, the exact check of weights (layout
 //!   and values) every load goes through,
 //! - [`seeded`]: weights from a closed-form formula shared with `scripts/golden_fixtures.py`.
 
-pub mod checkpoint;
 pub mod pickle;
 pub mod pth;
+pub mod safetensors;
 pub mod seeded;
 pub mod torchvision;
 
-pub use checkpoint::{load_safetensors, save_safetensors, Checkpoint};
+pub use self::safetensors::{load_safetensors, save_safetensors, Checkpoint};
 pub use pth::load_pth;
 pub use seeded::seeded_state_dict;
 pub use torchvision::{check_heads, check_state_dict, check_values, import_torchvision};

@@ -3,7 +3,7 @@
 //! an error naming the key, never a silent partial load, and so is a value no trained model
 //! holds (NaN, ±∞, a negative running variance).
 
-use super::checkpoint::TensorHead;
+use super::safetensors::TensorHead;
 use super::{NamedTensor, StateDict, TensorData};
 use crate::rng::Rng;
 use crate::spec::{DenseNetSpec, Role};

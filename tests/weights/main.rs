@@ -4,6 +4,6 @@
 #[path = "../common/mod.rs"]
 mod common;
 
-mod checkpoint;
 mod pth;
+mod safetensors;
 mod seeded;

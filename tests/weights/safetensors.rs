@@ -5,7 +5,7 @@ use crate::common::gpu::seed;
 use crate::common::tmp;
 use mura::rng::Rng;
 use mura::spec::DenseNetSpec;
-use mura::weights::checkpoint::{from_safetensors_bytes, to_safetensors_bytes};
+use mura::weights::safetensors::{from_safetensors_bytes, to_safetensors_bytes};
 use mura::weights::{
     check_state_dict, load_safetensors, save_safetensors, NamedTensor, StateDict, TensorData,
 };
