@@ -24,6 +24,14 @@ pub enum Mode {
     Eval,
 }
 
+impl Mode {
+    /// `v` in training, none in evaluation (what only a training pass computes: batch
+    /// statistics, the next stage's sums).
+    pub fn when_training<V>(self, v: V) -> Option<V> {
+        (self == Mode::Train).then_some(v)
+    }
+}
+
 /// A DenseNet with one output logit, its parameters, gradients, BN state and tape.
 pub struct DenseNet<T: Float = f32> {
     pub spec: DenseNetSpec,

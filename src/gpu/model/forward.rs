@@ -6,6 +6,7 @@ use super::{Engine, GpuDenseNet, Left, NextBn, Pass};
 use crate::gpu::ops::{augment, bn, cast, linear, pool};
 use crate::gpu::{DeviceBuffer, Graph, Nhwc};
 use crate::model::schedule::{Dir, Head, Layer, Stage, Stem, Step, Transition};
+use crate::model::Mode;
 use crate::ops::augment::AugParams;
 use anyhow::{bail, Context, Result};
 
@@ -29,7 +30,7 @@ impl<T: Engine> GpuDenseNet<T> {
         n: usize,
         h: usize,
         w: usize,
-        train: bool,
+        mode: Mode,
     ) -> Result<Vec<f32>> {
         match x {
             Input::F32(x) if x.len() != n * h * w * 3 => bail!(
@@ -53,9 +54,9 @@ impl<T: Engine> GpuDenseNet<T> {
         let plan = self.plan.take().context("planned above")?;
         let out = self
             .load_input(&plan, x)
-            .and_then(|()| self.forward_planned(&plan, train));
+            .and_then(|()| self.forward_planned(&plan, mode));
         self.plan = Some(plan);
-        self.recorded = train && out.is_ok();
+        self.recorded = mode == Mode::Train && out.is_ok();
         out
     }
 
@@ -88,14 +89,20 @@ impl<T: Engine> GpuDenseNet<T> {
     }
 
     /// The forward's kernels (one graph per batch size and mode), then the logits to the host.
-    fn forward_planned(&mut self, plan: &Plan<T>, train: bool) -> Result<Vec<f32>> {
-        if train {
+    fn forward_planned(&mut self, plan: &Plan<T>, mode: Mode) -> Result<Vec<f32>> {
+        if mode == Mode::Train {
             for bn in self.layout.bns() {
                 self.counters[bn.cnt] += 1;
             }
         }
-        let key = (if train { Pass::Train } else { Pass::Eval }, plan.n);
-        self.run_graph(key, &|m: &Self| m.forward_kernels(plan, train))?;
+        let key = (
+            match mode {
+                Mode::Train => Pass::Train,
+                Mode::Eval => Pass::Eval,
+            },
+            plan.n,
+        );
+        self.run_graph(key, &|m: &Self| m.forward_kernels(plan, mode))?;
         let mut logits = vec![0f32; plan.n];
         plan.logits.slice().download(&*self.d, &mut logits)?;
         Ok(logits)
@@ -125,7 +132,7 @@ impl<T: Engine> GpuDenseNet<T> {
     /// finishes them (`Left::Nothing`); else the channels of the current block whose statistics
     /// are still sums (bf16), consumed by that BN's coefficients (every later BN that reads those
     /// channels then finds them in the block's statistics).
-    fn forward_kernels(&self, plan: &Plan<T>, train: bool) -> Result<()> {
+    fn forward_kernels(&self, plan: &Plan<T>, mode: Mode) -> Result<()> {
         // The epilogue sums and the split-K workspace start from zero (their consumers zero
         // them again after reading).
         self.d.stage(Stage::Start(Dir::Fwd));
@@ -137,15 +144,15 @@ impl<T: Engine> GpuDenseNet<T> {
         let mut left = Left::Coefficients { pending: 0 };
         for (i, step) in steps.iter().enumerate() {
             self.d.stage(Stage::of(*step, Dir::Fwd));
-            let next = match (train, steps.get(i + 1)) {
-                (true, Some(s)) => self.first_bn(plan, s)?,
+            let next = match (mode, steps.get(i + 1)) {
+                (Mode::Train, Some(s)) => self.first_bn(plan, s)?,
                 _ => None,
             };
             left = match *step {
-                Step::Stem(s) => self.stem_fwd(plan, s, train, next)?,
-                Step::Layer(l) => self.layer_fwd(plan, l, train, left, next)?,
-                Step::Transition(t) => self.transition_fwd(plan, t, train, left, next)?,
-                Step::Head(hd) => self.head_fwd(plan, hd, train, left)?,
+                Step::Stem(s) => self.stem_fwd(plan, s, mode, next)?,
+                Step::Layer(l) => self.layer_fwd(plan, l, mode, left, next)?,
+                Step::Transition(t) => self.transition_fwd(plan, t, mode, left, next)?,
+                Step::Head(hd) => self.head_fwd(plan, hd, mode, left)?,
             };
         }
         Ok(())
@@ -178,25 +185,19 @@ impl<T: Engine> GpuDenseNet<T> {
     /// conv0 → norm0 → ReLU → max pool into block 0's first channels (the max pool applies
     /// norm0 and the ReLU as it reads conv0's output); then the pooled channels' statistics, in
     /// training with the coefficients of `next`, the first layer's norm1, which reads exactly them.
-    fn stem_fwd(
-        &self,
-        plan: &Plan<T>,
-        s: &Stem,
-        train: bool,
-        next: Option<NextBn>,
-    ) -> Result<Left> {
+    fn stem_fwd(&self, plan: &Plan<T>, s: &Stem, mode: Mode, next: Option<NextBn>) -> Result<Left> {
         let (n, f0) = (plan.n, s.conv.co);
         let stats = stats_of(plan.stem_stats.slice(), f0, 0, f0)?;
         let (x, y0) = (plan.input()?, plan.stem_out()?);
         let (ctx, w) = (self.ctx(plan), self.conv_weights(s.conv)?);
-        let batch = train.then_some((stats, s.conv_out.rows(n)));
+        let batch = mode.when_training((stats, s.conv_out.rows(n)));
         let norm0 = batch.map(|b| self.next_bn(s.norm, b)).transpose()?;
         let left = T::conv_fwd(&ctx, x, None, w, s.conv.g, y0, batch.map(|b| b.0), norm0)?;
         self.bn_scale_shift(s.norm, batch, left)?;
         let block0 = &plan.blocks[0];
         let out = block0.acts(n)?.channels(0, f0)?;
         pool::maxpool_fwd(&*self.d, y0, Some(self.coefs(s.norm)?), out)?;
-        if !train {
+        if mode == Mode::Eval {
             return Ok(Left::Coefficients { pending: 0 });
         }
         let stats = block0.stats(0, f0)?;
@@ -224,13 +225,17 @@ impl<T: Engine> GpuDenseNet<T> {
         &self,
         plan: &Plan<T>,
         l: &Layer,
-        train: bool,
+        mode: Mode,
         left: Left,
         next: Option<NextBn>,
     ) -> Result<Left> {
         let (n, c, mid, k) = (plan.n, l.c_in, l.conv1.co, l.conv2.co);
         let (block, rows) = (&plan.blocks[l.block], l.hw.rows(n));
-        self.bn_scale_shift(l.norm1, train.then_some((block.stats(0, c)?, rows)), left)?;
+        self.bn_scale_shift(
+            l.norm1,
+            mode.when_training((block.stats(0, c)?, rows)),
+            left,
+        )?;
         let prefix = block.acts(n)?.channels(0, c)?;
         let y1 = &block.bottleneck[l.index];
         let y1 = Nhwc::new(y1.slice(), (n, l.hw.h, l.hw.w, mid), mid)?;
@@ -241,7 +246,7 @@ impl<T: Engine> GpuDenseNet<T> {
             self.conv_weights(l.conv1)?,
             self.conv_weights(l.conv2)?,
         );
-        let (g1, batch2) = (l.conv1.g, train.then_some((stats2, rows)));
+        let (g1, batch2) = (l.conv1.g, mode.when_training((stats2, rows)));
         let next2 = batch2.map(|b| self.next_bn(l.norm2, b)).transpose()?;
         let left2 = T::conv_fwd(&ctx, prefix, pre1, w1, g1, y1, batch2.map(|b| b.0), next2)?;
         self.bn_scale_shift(l.norm2, batch2, left2)?;
@@ -254,7 +259,7 @@ impl<T: Engine> GpuDenseNet<T> {
             w2,
             l.conv2.g,
             out,
-            train.then_some(stats),
+            mode.when_training(stats),
             next,
         )
     }
@@ -264,13 +269,13 @@ impl<T: Engine> GpuDenseNet<T> {
         &self,
         plan: &Plan<T>,
         t: &Transition,
-        train: bool,
+        mode: Mode,
         left: Left,
         next_bn: Option<NextBn>,
     ) -> Result<Left> {
         let n = plan.n;
         let (block, next) = (&plan.blocks[t.block], &plan.blocks[t.block + 1]);
-        let batch = train.then_some((block.stats(0, t.c_in)?, t.hw_in.rows(n)));
+        let batch = mode.when_training((block.stats(0, t.c_in)?, t.hw_in.rows(n)));
         self.bn_scale_shift(t.norm, batch, left)?;
         let pooled = block
             .pooled
@@ -289,16 +294,16 @@ impl<T: Engine> GpuDenseNet<T> {
             w,
             t.conv.g,
             out,
-            train.then_some(stats),
+            mode.when_training(stats),
             next_bn,
         )
     }
 
     /// norm5 → ReLU → global average pool → linear.
-    fn head_fwd(&self, plan: &Plan<T>, hd: &Head, train: bool, left: Left) -> Result<Left> {
+    fn head_fwd(&self, plan: &Plan<T>, hd: &Head, mode: Mode, left: Left) -> Result<Left> {
         let (d, n, c) = (&*self.d, plan.n, hd.c);
         let last = plan.blocks.last().context("a DenseNet has blocks")?;
-        let batch = train.then_some((last.stats(0, c)?, hd.hw.rows(n)));
+        let batch = mode.when_training((last.stats(0, c)?, hd.hw.rows(n)));
         self.bn_scale_shift(hd.norm, batch, left)?;
         let features = Nhwc::new(plan.features.slice(), (n, hd.hw.h, hd.hw.w, c), c)?;
         let acts = last.acts(n)?;

@@ -280,7 +280,7 @@ impl<T: Engine> crate::net::Net for GpuDenseNet<T> {
         self.params.len()
     }
     fn forward(&mut self, x: &[f32], n: usize, h: usize, w: usize, mode: Mode) -> Result<Vec<f32>> {
-        self.run(forward::Input::F32(x), n, h, w, mode == Mode::Train)
+        self.run(forward::Input::F32(x), n, h, w, mode)
     }
     fn wants_raw_input(&self) -> bool {
         true
@@ -299,7 +299,7 @@ impl<T: Engine> crate::net::Net for GpuDenseNet<T> {
             params,
         };
         let n = params.len();
-        self.run(x, n, out_size, out_size, mode == Mode::Train)
+        self.run(x, n, out_size, out_size, mode)
     }
     fn forward_features(
         &mut self,
@@ -308,7 +308,7 @@ impl<T: Engine> crate::net::Net for GpuDenseNet<T> {
         h: usize,
         w: usize,
     ) -> Result<(Vec<f32>, Vec<f32>, usize, usize)> {
-        let logits = self.run(forward::Input::F32(x), n, h, w, false)?;
+        let logits = self.run(forward::Input::F32(x), n, h, w, Mode::Eval)?;
         let plan = self.plan.as_ref().context("planned by run")?;
         let hw = plan.schedule.feature_hw();
         let len = n * hw.h * hw.w * self.layout.features();
