@@ -40,4 +40,4 @@ constexpr int TC_SHARED_FWD_ANY = 24576;            // convkxk_tc_fwd: 2 stages
 constexpr int TC_SHARED_BWD_DATA = 49152;           // conv1x1/3x3_tc_bwd_data: 3 stages
 constexpr int TC_SHARED_BWD_WEIGHT_WIDE = 34048;    // conv1x1_tc_bwd_weight: 2 stages + 1,280 B of BN coefficients
 constexpr int TC_SHARED_BWD_WEIGHT_NARROW = 21760;  // conv3x3_tc_bwd_weight
-constexpr int TC_SHARED_BWD_WEIGHT_ANY = 25856;     // convkxk_tc_bwd_weight
+constexpr int TC_SHARED_BWD_WEIGHT_ANY = 33088;     // convkxk_tc_bwd_weight: + 7,232 B of input patch

@@ -94,6 +94,16 @@ struct __align__(16) Chunk {
     ChunkWords u;
 };
 
+// 4 bf16 (8 bytes), moved with one access as Chunk is.
+#ifdef MURA_EMU
+typedef unsigned DwordWords __attribute__((vector_size(8)));
+#else
+typedef unsigned DwordWords[2];
+#endif
+struct __align__(8) Dword {
+    DwordWords u;
+};
+
 __device__ __forceinline__ bool aligned16(const void* p) { return (reinterpret_cast<unsigned long long>(p) & 15) == 0; }
 
 __device__ __forceinline__ float bnrelu(float v, const float* scale, const float* shift, int c) {
@@ -362,6 +372,135 @@ UNROLL
     }
 }
 
+// The any-window weight gradient's im2col operand (the stem: 7x7/2 pad 3 on 3 channels) through a
+// patch of the input in shared memory. Element by element, the m-contiguous operand's loads touch
+// 15% of the sectors they fetch: a chunk's 8 kidx are 8 (kx, ci) of one pixel's window, 2 bytes
+// each, and the lanes of a request sit 16 bytes apart across 7 window rows. Instead, for each
+// K-slice (32 consecutive output pixels, in at most PATCH_OUT_ROWS output rows) the block first
+// copies the input-row segments those pixels' windows cover into the patch, 8 bytes a lane in
+// row order, and the chunks are then gathered from it. One patch row per (output row, window
+// row ky0 + i) the block's kidx need: global elements from the dword holding the segment's first
+// element on, at PATCH_ROW elements a row. Slices that do not fit (more output rows, a wider
+// segment), and inputs that are not dense channels on 8-byte boundaries, load element by element.
+constexpr int PATCH_OUT_ROWS = 2, PATCH_ROWS = 16, PATCH_ROW = 224;
+struct Patched {
+    Strided g;
+    bf16* patch;  // shared [PATCH_ROWS][PATCH_ROW]
+    int ky0, nky;  // the window rows of the block's kidx: ky0 .. ky0 + nky - 1
+    int total;     // elements of x: n*h*w*c
+    bool dense;    // x 8-byte aligned, row stride == c
+};
+
+template <class TL>
+__device__ __forceinline__ Patched make_patched(const Strided& g, bf16* patch) {
+    const int kc = g.ks * g.c, m0 = blockIdx.x * TL::BM, ky0 = m0 / kc;
+    const int ky1 = min(g.ks - 1, (m0 + TL::BM - 1) / kc);
+    const bool dense = g.rs == g.c && (reinterpret_cast<unsigned long long>(g.x) & 7) == 0;
+    return Patched{g, patch, ky0, ky1 - ky0 + 1, g.n * g.h * g.w * g.c, dense};
+}
+__device__ __forceinline__ Pix pix_of(const Patched&, int p) { return Pix{p, 0}; }
+
+// One slice's patch geometry: output rows g0 .. g0 + rows - 1 (row id b * ho + oy) hold its
+// pixels o0 .. last; fits: the patch applies.
+struct PatchSlice {
+    int g0, rows, o0, last;
+    bool fits;
+};
+
+// The input row, the clipped columns [ix_lo, ix_hi] and the first dword of patch row (r, i).
+struct PatchRow {
+    int base, ix_lo, ix_hi, d_lo;  // base: element of (b, iy, 0, 0); d_lo: dword index in x
+    bool valid;                    // iy inside the image and some column left
+};
+
+__device__ __forceinline__ PatchRow patch_row(const Patched& a, const PatchSlice& sl, int r, int i) {
+    const Strided& g = a.g;
+    const int gr = sl.g0 + r, b = gr / g.ho, oy = gr % g.ho;
+    const int oxa = r == 0 ? sl.o0 % g.wo : 0, oxb = r == sl.rows - 1 ? sl.last % g.wo : g.wo - 1;
+    const int iy = oy * g.stride - g.pad + a.ky0 + i;
+    const int ix_lo = max(0, oxa * g.stride - g.pad), ix_hi = min(g.w - 1, oxb * g.stride - g.pad + g.ks - 1);
+    const int base = (b * g.h + iy) * g.w * g.c;
+    return PatchRow{base, ix_lo, ix_hi, (base + ix_lo * g.c) / 4, iy >= 0 && iy < g.h && ix_lo <= ix_hi};
+}
+
+__device__ __forceinline__ PatchSlice patch_slice(const Patched& a, int o0, int o_hi) {
+    const Strided& g = a.g;
+    const int end = min(o_hi, g.n * g.ho * g.wo), last = min(o0 + BK, end) - 1;
+    PatchSlice sl{o0 / g.wo, last / g.wo - o0 / g.wo + 1, o0, last, a.dense && last >= o0};
+    sl.fits = sl.fits && sl.rows <= PATCH_OUT_ROWS && sl.rows * a.nky <= PATCH_ROWS;
+    // The widest segment: a whole slice's windows in one output row.
+    sl.fits = sl.fits && ((min(BK, g.wo) - 1) * g.stride + g.ks) * g.c + 6 <= PATCH_ROW;
+    return sl;
+}
+
+// Copies the slice's segments into the patch (every thread of the block), and each patch row's
+// offset (element (b, iy, ix, ci) of row j sits at offs[j] + ix * c + ci), then waits for all.
+template <int THREADS>
+__device__ __forceinline__ void patch_load(const Patched& a, const PatchSlice& sl, int* offs) {
+    const int c = a.g.c;
+    for (int j = 0; j < sl.rows * a.nky; j++) {
+        const PatchRow pr = patch_row(a, sl, j / a.nky, j % a.nky);
+        if (threadIdx.x == 0) offs[j] = pr.base - 4 * pr.d_lo;
+        if (!pr.valid) continue;
+        const int d_hi = (pr.base + (pr.ix_hi + 1) * c - 1) / 4;
+        bf16* const row = a.patch + j * PATCH_ROW;
+        for (int d = pr.d_lo + threadIdx.x; d <= d_hi; d += THREADS) {
+            bf16* const to = row + 4 * (d - pr.d_lo);
+            if (4 * d + 3 < a.total) {
+                *reinterpret_cast<Dword*>(to) = *reinterpret_cast<const Dword*>(a.g.x + 4 * d);
+            } else {
+                for (int e = 0; e < 4 && 4 * d + e < a.total; e++) to[e] = a.g.x[4 * d + e];
+            }
+        }
+    }
+    __syncthreads();
+}
+
+// Element kidx of the window at (iy0, ix0) = (oy, ox) * stride - pad of a pixel in the slice's
+// output row r, from the patch (0 in the padding and past k*k*c).
+__device__ __forceinline__ float patch_at(const Patched& a, const int* offs, int r, int iy0, int ix0, int kidx) {
+    const Strided& g = a.g;
+    const int ci = kidx % g.c, tap = kidx / g.c, ky = tap / g.ks, iy = iy0 + ky, ix = ix0 + tap - ky * g.ks;
+    if (kidx >= g.ks * g.ks * g.c || iy < 0 || ix < 0 || iy >= g.h || ix >= g.w) return 0.0f;
+    const int j = r * a.nky + ky - a.ky0;
+    return bnrelu(__bfloat162float(a.patch[j * PATCH_ROW + offs[j] + ix * g.c + ci]), g.scale, g.shift, ci);
+}
+
+// stage_fetch of the patched operand: the patch, then each chunk gathered from it into registers
+// (every chunk goes through registers; stage_commit stores them). Every thread must call it.
+template <bool FIXED_ROWS, int OUTER, int INNER, int THREADS>
+__device__ __forceinline__ void stage_fetch(Stager<OUTER, INNER, THREADS>& s, const Patched& a, int o0, int i0,
+                                            int o_hi, bf16*) {
+    typedef Stager<OUTER, INNER, THREADS> S;
+    const Strided& g = a.g;
+    const PatchSlice sl = patch_slice(a, o0, o_hi);
+    int* const offs = reinterpret_cast<int*>(a.patch + PATCH_ROWS * PATCH_ROW);
+    if (sl.fits) patch_load<THREADS>(a, sl, offs);
+    s.in_regs = 0;
+UNROLL
+    for (int c = 0; c < S::CPT; c++) {
+        const int e = threadIdx.x + c * THREADS;
+        if (S::CHUNKS % THREADS != 0 && e >= S::CHUNKS) break;
+        const int p = o0 + e / S::CPR, kidx = i0 + (e % S::CPR) * 8;
+        s.in_regs |= 1u << c;
+        s.v[c] = Chunk{{0u, 0u, 0u, 0u}};
+        if (p >= o_hi) continue;
+        if (!sl.fits) {
+UNROLL
+            for (int j = 0; j < 4; j++)
+                s.v[c].u[j] = pack2(strided_at(g, p, kidx + 2 * j), strided_at(g, p, kidx + 2 * j + 1));
+            continue;
+        }
+        if (p > sl.last) continue;
+        const int row = p / g.wo, r = row - sl.g0, iy0 = row % g.ho * g.stride - g.pad;
+        const int ix0 = (p - row * g.wo) * g.stride - g.pad;
+UNROLL
+        for (int j = 0; j < 4; j++)
+            s.v[c].u[j] = pack2(patch_at(a, offs, r, iy0, ix0, kidx + 2 * j),
+                                patch_at(a, offs, r, iy0, ix0, kidx + 2 * j + 1));
+    }
+}
+
 // Shared-memory bytes of a tile's STAGES stages ([outer][inner] bf16 per operand: BM x BK and
 // BK x BN elements whichever their order), of its output tile ([BM][BN] bf16, OutTile) and of the
 // weight gradients' BN coefficients (bn_cache); each kernel's total is its TC_SHARED_* constant.
@@ -377,6 +516,8 @@ template <class TL>
 struct CoefBytes {
     static constexpr int BYTES = 2 * 8 * BN_COEF_ROW * 4;
 };
+// The any-window weight gradient's patch and its rows' offsets.
+constexpr int PATCH_BYTES = PATCH_ROWS * PATCH_ROW * 2 + PATCH_ROWS * 4;
 template <int A, int B>
 struct MaxOf {
     static constexpr int V = A > B ? A : B;
@@ -387,7 +528,7 @@ static_assert(TC_SHARED_FWD_ANY == MaxOf<Stages<Any, TC_STAGES>::BYTES, OutBytes
 static_assert(TC_SHARED_BWD_DATA == MaxOf<Stages<Wide, TC_BWD_DATA_STAGES>::BYTES, OutBytes<Wide>::BYTES>::V, "");
 static_assert(TC_SHARED_BWD_WEIGHT_WIDE == Stages<Wide, TC_STAGES>::BYTES + CoefBytes<Wide>::BYTES, "");
 static_assert(TC_SHARED_BWD_WEIGHT_NARROW == Stages<Narrow, TC_STAGES>::BYTES + CoefBytes<Narrow>::BYTES, "");
-static_assert(TC_SHARED_BWD_WEIGHT_ANY == Stages<Any, TC_STAGES>::BYTES + CoefBytes<Any>::BYTES, "");
+static_assert(TC_SHARED_BWD_WEIGHT_ANY == Stages<Any, TC_STAGES>::BYTES + CoefBytes<Any>::BYTES + PATCH_BYTES, "");
 
 // The block tile engine: acc += A[m0 .. m0+BM, k_lo .. k_hi] . B[k_lo .. k_hi, n0 .. n0+BN] with
 // TL's warps, through STAGES shared-memory stages (Stages<TL, STAGES>). A_KC: A's inner
@@ -982,13 +1123,16 @@ extern "C" __global__ void __launch_bounds__(Any::THREADS, 2)
 
 // dw: [k, k, c, co] f32 += (d conv / d wt)(pre(x), dy) over the output pixels split into gridDim.z
 // chunks of split_len (a multiple of 32); x, scale, shift, k, stride, pad as in the forward; dy:
-// [n, ho, wo, co] bf16 (row stride dy_rs).
+// [n, ho, wo, co] bf16 (row stride dy_rs). The im2col operand goes through a patch of x in shared
+// memory (Patched) where a K-slice's windows fit one.
 // Grid (ceil(k*k*c / 128), ceil(co / 64), ceil(n*ho*wo / split_len)), block 256,
 // TC_SHARED_BWD_WEIGHT_ANY shared bytes.
 extern "C" __global__ void __launch_bounds__(Any::THREADS, 2)
     convkxk_tc_bwd_weight_bf16(float* dw, const bf16* __restrict__ x, int x_rs, const float* scale,
                                const float* shift, const bf16* __restrict__ dy, int dy_rs, int n, int h, int w, int c,
                                int co, int k, int stride, int pad, int split_len) {
-    const Strided a = make_strided(x, x_rs, n, h, w, c, k, stride, pad, scale, shift);
-    tc_bwd_weight<Any>(dw, a, n * a.ho * a.wo, k * k * c, dy, dy_rs, co, split_len);
+    const Strided g = make_strided(x, x_rs, n, h, w, c, k, stride, pad, scale, shift);
+    MURA_DYN_SHARED(bf16, smem);
+    bf16* const patch = smem + (Stages<Any, TC_STAGES>::BYTES + CoefBytes<Any>::BYTES) / 2;
+    tc_bwd_weight<Any>(dw, make_patched<Any>(g, patch), n * g.ho * g.wo, k * k * c, dy, dy_rs, co, split_len);
 }

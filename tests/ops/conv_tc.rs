@@ -82,9 +82,15 @@ const CONV3X3: [Shape; 4] = [
 ];
 
 /// The any-window kernels' shapes: several row tiles, K not a multiple of the K-slice.
-const ANY_WINDOW: [Shape; 3] = [
+const ANY_WINDOW: [Shape; 5] = [
     // The stem: 3 channels, 64 outputs; 2 x 12 x 12 = 288 output pixels (three row tiles), K 147.
+    // Its K-slices of 32 pixels span more than two output rows: the weight gradient's loads go
+    // element by element.
     Shape::new((2, 23, 24, 3, 3), (64, 0, 64), Conv::STEM, false),
+    // The weight gradient's patch: 32-pixel slices in one output row of 32 (64 x 64 in) ...
+    Shape::new((1, 64, 64, 3, 3), (64, 0, 64), Conv::STEM, false),
+    // ... and straddling two rows of 35, both image edges clipped, two images (a slice across them).
+    Shape::new((2, 21, 70, 3, 3), (64, 0, 64), Conv::STEM, false),
     // Other windows, with a BN + ReLU in front, a channel prefix and an output slice over two
     // column tiles.
     Shape::new((1, 17, 14, 5, 8), (70, 4, 80), window(5, 3, 1), true),
