@@ -9,17 +9,6 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt;
 
-/// MURA's seven study types, in the paper's order.
-pub const STUDY_TYPES: [&str; 7] = [
-    "XR_ELBOW",
-    "XR_FINGER",
-    "XR_FOREARM",
-    "XR_HAND",
-    "XR_HUMERUS",
-    "XR_SHOULDER",
-    "XR_WRIST",
-];
-
 /// The `XR_...` segment of a study or image path, e.g. `MURA-v1.1/valid/XR_WRIST/patient1/study1/`.
 pub fn study_type_of(path: &str) -> Option<&str> {
     path.split(['/', '\\'])

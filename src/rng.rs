@@ -35,15 +35,6 @@ impl Rng {
         Rng::new(splitmix64(&mut x))
     }
 
-    /// The full state, for checkpoints.
-    pub fn state(&self) -> [u64; 4] {
-        self.s
-    }
-
-    pub fn from_state(s: [u64; 4]) -> Self {
-        Rng { s }
-    }
-
     pub fn next_u64(&mut self) -> u64 {
         let result = self.s[1].wrapping_mul(5).rotate_left(7).wrapping_mul(9);
         let t = self.s[1] << 17;

@@ -58,10 +58,6 @@ impl Tracking {
     pub fn alloc_calls(&self) -> u64 {
         self.counts.lock().unwrap().allocs
     }
-    pub fn reset_peak(&self) {
-        let mut c = self.counts.lock().unwrap();
-        c.peak = c.current;
-    }
 }
 
 impl Driver for Tracking {
