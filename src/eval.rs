@@ -36,7 +36,7 @@ impl SplitPredictions {
 /// Per-type and overall metrics over the labelled studies.
 pub fn table(studies: &[StudyPrediction]) -> MetricsTable {
     let labelled: Vec<&StudyPrediction> = studies.iter().filter(|p| p.label.is_some()).collect();
-    let types: Vec<&str> = labelled.iter().map(|p| p.study_type.name()).collect();
+    let types: Vec<StudyType> = labelled.iter().map(|p| p.study_type).collect();
     let labels: Vec<bool> = labelled.iter().map(|p| p.label == Some(1)).collect();
     let probs: Vec<f64> = labelled.iter().map(|p| p.probability).collect();
     MetricsTable::new(&types, &labels, &probs)

@@ -5,15 +5,10 @@
 //! chance agreement is 1 (labels and predictions all one same class), sensitivity without
 //! positives, specificity without negatives, AUROC without both classes, everything when n = 0.
 
+use crate::data::StudyType;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt;
-
-/// The `XR_...` segment of a study or image path, e.g. `MURA-v1.1/valid/XR_WRIST/patient1/study1/`.
-pub fn study_type_of(path: &str) -> Option<&str> {
-    path.split(['/', '\\'])
-        .find(|s| s.starts_with("XR_") && s.len() > 3)
-}
 
 /// A 2×2 confusion matrix (positive = abnormal).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -165,16 +160,16 @@ impl BinaryMetrics {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct MetricsTable {
     pub overall: BinaryMetrics,
-    pub by_type: BTreeMap<String, BinaryMetrics>,
+    pub by_type: BTreeMap<StudyType, BinaryMetrics>,
 }
 
 impl MetricsTable {
     /// types, labels, probs: [n_studies], one entry per study.
-    pub fn new<S: AsRef<str>>(types: &[S], labels: &[bool], probs: &[f64]) -> Self {
+    pub fn new(types: &[StudyType], labels: &[bool], probs: &[f64]) -> Self {
         assert!(types.len() == labels.len() && labels.len() == probs.len());
-        let mut groups: BTreeMap<String, (Vec<bool>, Vec<f64>)> = BTreeMap::new();
-        for ((t, &y), &p) in types.iter().zip(labels).zip(probs) {
-            let g = groups.entry(t.as_ref().to_string()).or_default();
+        let mut groups: BTreeMap<StudyType, (Vec<bool>, Vec<f64>)> = BTreeMap::new();
+        for ((&t, &y), &p) in types.iter().zip(labels).zip(probs) {
+            let g = groups.entry(t).or_default();
             g.0.push(y);
             g.1.push(p);
         }
@@ -204,7 +199,7 @@ impl fmt::Display for MetricsTable {
             "{:<12} {:>6} {:>7} {:>17} {:>8} {:>8} {:>8} {:>7}",
             "type", "n", "kappa", "95% CI", "acc", "sens", "spec", "auroc"
         )?;
-        let rows = self.by_type.iter().map(|(t, m)| (t.as_str(), m));
+        let rows = self.by_type.iter().map(|(t, m)| (t.name(), m));
         for (name, m) in rows.chain([("overall", &self.overall)]) {
             let ci = format!("[{}, {}]", num(m.kappa_ci[0], 6), num(m.kappa_ci[1], 6));
             writeln!(
@@ -364,13 +359,14 @@ mod tests {
 
     #[test]
     fn table_groups_by_type_and_serialises_to_metrics_json_shape() {
-        let types = ["XR_WRIST", "XR_HAND", "XR_WRIST", "XR_HAND", "XR_WRIST"];
+        use StudyType::{Hand, Wrist};
+        let types = [Wrist, Hand, Wrist, Hand, Wrist];
         let y = [true, false, false, true, true];
         let p = [0.9, 0.2, 0.6, 0.4, 0.7];
         let t = MetricsTable::new(&types, &y, &p);
         assert_eq!(t.overall.n, 5);
-        assert_eq!(t.by_type["XR_WRIST"].n, 3);
-        assert!(close(t.by_type["XR_HAND"].accuracy, 0.5));
+        assert_eq!(t.by_type[&Wrist].n, 3);
+        assert!(close(t.by_type[&Hand].accuracy, 0.5));
         assert!(close(t.overall.accuracy, 0.6));
         let json = serde_json::to_value(&t).unwrap();
         for key in [
@@ -395,18 +391,5 @@ mod tests {
             lines[1].starts_with("XR_HAND") && lines[3].starts_with("overall"),
             "{text}"
         );
-    }
-
-    #[test]
-    fn study_type_from_paths() {
-        assert_eq!(
-            study_type_of("MURA-v1.1/valid/XR_WRIST/patient11185/study1_positive/"),
-            Some("XR_WRIST")
-        );
-        assert_eq!(
-            study_type_of("MURA-v1.1/train/XR_HAND/patient1/study1_negative/image1.png"),
-            Some("XR_HAND")
-        );
-        assert_eq!(study_type_of("no/type/here/"), None);
     }
 }

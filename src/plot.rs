@@ -24,7 +24,7 @@ pub struct EpochRecord {
     pub lr: Option<f64>,
     pub kappa: Option<f64>,
     #[serde(default)]
-    pub kappa_by_type: BTreeMap<String, Option<f64>>,
+    pub kappa_by_type: BTreeMap<StudyType, Option<f64>>,
 }
 
 /// One ROC curve: its legend name, points (fpr, tpr) and area.
@@ -230,17 +230,14 @@ pub fn plot_kappa(path: &Path, epochs: &[EpochRecord]) -> Result<()> {
     render(path, |root| {
         let (x0, x1) = epochs_span(epochs)?;
         let overall = series(epochs, |e| e.kappa);
-        let types: Vec<&String> = epochs
+        // One line per study type (a log naming another type does not parse).
+        let types: Vec<&StudyType> = epochs
             .iter()
             .flat_map(|e| e.kappa_by_type.keys())
             .collect::<std::collections::BTreeSet<_>>()
             .into_iter()
             .collect();
-        // One line per study type: a log naming thousands of "types" is not one mura wrote.
-        if let Some(t) = types.iter().find(|t| StudyType::parse(t).is_err()) {
-            anyhow::bail!("cannot plot kappa per type: '{t}' in kappa_by_type is not a study type");
-        }
-        let per_type: Vec<(&String, Vec<(f64, f64)>)> = types
+        let per_type: Vec<(&StudyType, Vec<(f64, f64)>)> = types
             .iter()
             .map(|&t| {
                 (
@@ -272,7 +269,7 @@ pub fn plot_kappa(path: &Path, epochs: &[EpochRecord]) -> Result<()> {
             .draw()
             .map_err(e)?;
         for (i, (t, s)) in per_type.into_iter().enumerate() {
-            line(&mut chart, s, t, colour(i).stroke_width(1))?;
+            line(&mut chart, s, t.name(), colour(i).stroke_width(1))?;
         }
         line(&mut chart, overall, "overall", BLACK.stroke_width(3))?;
         chart

@@ -155,7 +155,7 @@ pub struct EpochMetrics {
     pub val_loss: f64,
     pub lr: f64,
     pub kappa: f64,
-    pub kappa_by_type: std::collections::BTreeMap<String, f64>,
+    pub kappa_by_type: std::collections::BTreeMap<crate::data::StudyType, f64>,
     pub accuracy: f64,
     pub auroc: f64,
     pub images_per_s: f64,
@@ -622,11 +622,7 @@ fn finish_epoch(
         val_loss: preds.loss,
         lr,
         kappa: table.overall.kappa,
-        kappa_by_type: table
-            .by_type
-            .iter()
-            .map(|(t, r)| (t.clone(), r.kappa))
-            .collect(),
+        kappa_by_type: table.by_type.iter().map(|(&t, r)| (t, r.kappa)).collect(),
         accuracy: table.overall.accuracy,
         auroc: table.overall.auroc,
         images_per_s: totals.images as f64 / totals.seconds,

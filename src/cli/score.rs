@@ -1,8 +1,9 @@
 //! `mura score`: score a predictions CSV against labelled studies as MURA's official
 //! evaluation does (study type from the path, Cohen's kappa per type and overall).
 
+use crate::data::StudyType;
 use crate::disk::{read_regular_string, MAX_TEXT_BYTES};
-use crate::metrics::{study_type_of, MetricsTable};
+use crate::metrics::MetricsTable;
 use anyhow::{bail, Result};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -47,7 +48,7 @@ pub fn parse_study_csv(text: &str, name: &str) -> Result<Vec<(String, bool)>> {
             "1" => true,
             _ => bail!("{}: label must be 0 or 1, got '{label}'", where_()),
         };
-        if study_type_of(study).is_none() {
+        if StudyType::of_path(study).is_none() {
             bail!(
                 "{}: no study type (an XR_... folder) in path '{study}'",
                 where_()
@@ -96,9 +97,9 @@ pub fn score(labels: &[(String, bool)], predictions: &[(String, bool)]) -> Resul
             extra.len()
         );
     }
-    let types: Vec<&str> = labels
+    let types: Vec<StudyType> = labels
         .iter()
-        .map(|(s, _)| study_type_of(s).expect("checked when read"))
+        .map(|(s, _)| StudyType::of_path(s).expect("checked when read"))
         .collect();
     let y: Vec<bool> = labels.iter().map(|(_, y)| *y).collect();
     let p: Vec<f64> = labels
@@ -120,7 +121,7 @@ pub fn run(args: Args) -> Result<()> {
         let by_type: serde_json::Map<String, serde_json::Value> = table
             .by_type
             .iter()
-            .map(|(t, m)| (t.clone(), row(m)))
+            .map(|(t, m)| (t.name().to_string(), row(m)))
             .collect();
         crate::out!(
             "{}",
@@ -128,7 +129,7 @@ pub fn run(args: Args) -> Result<()> {
         );
     } else {
         crate::out!("{:<12} {:>6} {:>7} {:>9}", "type", "n", "kappa", "accuracy");
-        let rows = table.by_type.iter().map(|(t, m)| (t.as_str(), m));
+        let rows = table.by_type.iter().map(|(t, m)| (t.name(), m));
         for (name, m) in rows.chain([("overall", &table.overall)]) {
             let kappa = if m.kappa.is_finite() {
                 format!("{:.3}", m.kappa)

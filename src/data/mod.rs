@@ -69,6 +69,13 @@ impl StudyType {
             })
     }
 
+    /// The study type of a study or image path: its `XR_...` folder, e.g.
+    /// `MURA-v1.1/valid/XR_WRIST/patient1/study1/`; none where no folder names one of the seven.
+    pub fn of_path(path: &str) -> Option<StudyType> {
+        path.split(['/', '\\'])
+            .find_map(|s| StudyType::ALL.into_iter().find(|t| t.name() == s))
+    }
+
     /// Parses a comma-separated list; an empty string means all seven.
     pub fn parse_list(s: &str) -> anyhow::Result<Vec<StudyType>> {
         let mut out: Vec<StudyType> = Vec::new();
@@ -137,5 +144,27 @@ impl std::str::FromStr for Split {
     type Err = anyhow::Error;
     fn from_str(s: &str) -> anyhow::Result<Self> {
         Split::parse(s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::StudyType;
+
+    #[test]
+    fn study_type_of_a_path() {
+        let of = StudyType::of_path;
+        assert_eq!(
+            of("MURA-v1.1/valid/XR_WRIST/patient11185/study1_positive/"),
+            Some(StudyType::Wrist)
+        );
+        assert_eq!(
+            of("MURA-v1.1\\train\\XR_HAND\\patient1\\study1_negative\\image1.png"),
+            Some(StudyType::Hand)
+        );
+        assert_eq!(of("no/type/here/"), None);
+        // A folder that only looks like one: not one of the seven.
+        assert_eq!(of("MURA-v1.1/valid/XR_KNEE/patient1/study1/"), None);
+        assert_eq!(of("MURA-v1.1/valid/xr_wrist/patient1/study1/"), None);
     }
 }
