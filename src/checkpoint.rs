@@ -150,6 +150,15 @@ fn recorded_spec(path: &Path, meta: &HashMap<String, String>) -> Result<Option<D
 /// is read, then the data, tensor by tensor, checked too (`weights::check_state_dict`).
 pub fn load_model(path: &Path, spec: Option<&DenseNetSpec>) -> Result<ModelFile> {
     let file = weights::safetensors::SafetensorsFile::open(path, MAX_SAFETENSORS_BYTES)?;
+    read_model(path, file, spec)
+}
+
+/// [`load_model`] of the file already opened from `path`.
+fn read_model(
+    path: &Path,
+    file: weights::safetensors::SafetensorsFile,
+    spec: Option<&DenseNetSpec>,
+) -> Result<ModelFile> {
     let metadata = file.metadata();
     let spec = match (recorded_spec(path, &metadata)?, spec) {
         (Some(s), Some(want))
@@ -192,9 +201,8 @@ pub fn load_model(path: &Path, spec: Option<&DenseNetSpec>) -> Result<ModelFile>
 pub fn load_model_for(path: &Path, requested: &DenseNetSpec, explicit: bool) -> Result<ModelFile> {
     let file = weights::safetensors::SafetensorsFile::open(path, MAX_SAFETENSORS_BYTES)?;
     let recorded = recorded_spec(path, &file.metadata())?.is_some();
-    drop(file);
     let want = (!recorded || explicit).then_some(requested);
-    let loaded = load_model(path, want);
+    let loaded = read_model(path, file, want);
     match recorded {
         true => loaded,
         false => loaded.with_context(|| {
