@@ -216,11 +216,33 @@ pub fn bwd_weight<T: Float>(
 }
 
 /// `dx: [n, h, w, ci]` (contiguous, overwritten) = d(loss)/d(conv input) given
-/// `dy: [n, ho, wo, co]` (row stride `dy_rs`) and `wt: [k, k, ci, co]`.
-#[allow(clippy::too_many_arguments)]
+/// `dy: [n, ho, wo, co]` (row stride `dy_rs`) and `wt: [k, k, ci, co]`, by one of three
+/// algorithms: a 1×1 is one GEMM; a stride-1 window the forward convolution of dy with the
+/// flipped kernel; any other window a GEMM into im2col space and a gather.
 pub fn bwd_data<T: Float>(
     dy: &[T],
     dy_rs: usize,
+    co: usize,
+    wt: &[T],
+    g: Conv,
+    dims: (usize, usize, usize, usize),
+    dx: &mut [T],
+) {
+    let (n, h, w, ci) = dims;
+    let dy = Mat::rows(dy, dy_rs);
+    if g.is_pointwise() {
+        matmul(n * h * w, ci, co, dx, ci, false, dy, Mat::t(wt, co));
+    } else if g.stride == 1 && g.pad < g.k {
+        bwd_data_flipped(dy, co, wt, g, dims, dx);
+    } else {
+        bwd_data_gathered(dy, co, wt, g, dims, dx);
+    }
+}
+
+/// [`bwd_data`] of a stride-1 window: the conv of dy with the flipped, transposed kernel and
+/// padding k-1-pad (no scatter, and a packing buffer 9×co wide, not 9×ci).
+fn bwd_data_flipped<T: Float>(
+    dy: Mat<T>,
     co: usize,
     wt: &[T],
     g: Conv,
@@ -228,79 +250,65 @@ pub fn bwd_data<T: Float>(
     dx: &mut [T],
 ) {
     let (ho, wo) = g.out_hw(h, w);
-    if g.is_pointwise() {
-        matmul(
-            n * h * w,
-            ci,
-            co,
-            dx,
-            ci,
-            false,
-            Mat::rows(dy, dy_rs),
-            Mat::t(wt, co),
-        );
-        return;
-    }
-    if g.stride == 1 && g.pad < g.k {
-        // A stride-1 conv's input gradient is the conv of dy with the flipped, transposed
-        // kernel and padding k-1-pad: no scatter, and a packing buffer 9×co wide, not 9×ci.
-        let k = g.k;
-        let mut wf = vec![T::ZERO; k * k * co * ci]; // [k, k, co, ci]
-        for ky in 0..k {
-            for kx in 0..k {
-                for i in 0..ci {
-                    for o in 0..co {
-                        wf[((ky * k + kx) * co + o) * ci + i] =
-                            wt[(((k - 1 - ky) * k + (k - 1 - kx)) * ci + i) * co + o];
-                    }
+    let k = g.k;
+    let mut wf = vec![T::ZERO; k * k * co * ci]; // [k, k, co, ci]
+    for ky in 0..k {
+        for kx in 0..k {
+            for i in 0..ci {
+                for o in 0..co {
+                    wf[((ky * k + kx) * co + o) * ci + i] =
+                        wt[(((k - 1 - ky) * k + (k - 1 - kx)) * ci + i) * co + o];
                 }
             }
         }
-        let gt = Conv {
-            k,
-            stride: 1,
-            pad: k - 1 - g.pad,
-        };
-        let dyi = Image {
-            data: dy,
-            n,
-            h: ho,
-            w: wo,
-            c: co,
-            rs: dy_rs,
-        };
-        fwd(dyi, None, &wf, ci, gt, dx, ci);
-        return;
     }
-    // General case: dcol = dy · wtᵀ, then each input pixel gathers the entries it fed.
+    let gt = Conv {
+        k,
+        stride: 1,
+        pad: k - 1 - g.pad,
+    };
+    let dyi = Image {
+        data: dy.data,
+        n,
+        h: ho,
+        w: wo,
+        c: co,
+        rs: dy.rs,
+    };
+    fwd(dyi, None, &wf, ci, gt, dx, ci);
+}
+
+/// [`bwd_data`] of any window: dcol = dy · wtᵀ, then each input pixel gathers the entries it fed.
+fn bwd_data_gathered<T: Float>(
+    dy: Mat<T>,
+    co: usize,
+    wt: &[T],
+    g: Conv,
+    (n, h, w, ci): (usize, usize, usize, usize),
+    dx: &mut [T],
+) {
+    let (ho, wo) = g.out_hw(h, w);
     let kc = g.k * g.k * ci;
     let m = n * ho * wo;
     let mut dcol = vec![T::ZERO; m * kc];
-    matmul(
-        m,
-        kc,
-        co,
-        &mut dcol,
-        kc,
-        false,
-        Mat::rows(dy, dy_rs),
-        Mat::t(wt, co),
-    );
+    matmul(m, kc, co, &mut dcol, kc, false, dy, Mat::t(wt, co));
+    // Output coordinate of input coordinate t through tap kt, if some output reads it there.
+    let out_of = |t: usize, kt: usize, len: usize| {
+        let t = t + g.pad;
+        (t >= kt && (t - kt).is_multiple_of(g.stride) && (t - kt) / g.stride < len)
+            .then(|| (t - kt) / g.stride)
+    };
     par_rows(dx, n * h * w, ci, |p, out| {
         let (b, iy, ix) = (p / (h * w), (p / w) % h, p % w);
         out.fill(T::ZERO);
         for ky in 0..g.k {
-            let ty = iy + g.pad;
-            if ty < ky || !(ty - ky).is_multiple_of(g.stride) || (ty - ky) / g.stride >= ho {
+            let Some(oy) = out_of(iy, ky, ho) else {
                 continue;
-            }
-            let oy = (ty - ky) / g.stride;
+            };
             for kx in 0..g.k {
-                let tx = ix + g.pad;
-                if tx < kx || !(tx - kx).is_multiple_of(g.stride) || (tx - kx) / g.stride >= wo {
+                let Some(ox) = out_of(ix, kx, wo) else {
                     continue;
-                }
-                let ox = (tx - kx) / g.stride;
+                };
                 let src = &dcol[((b * ho + oy) * wo + ox) * kc + (ky * g.k + kx) * ci..][..ci];
                 out.iter_mut().zip(src).for_each(|(o, &s)| *o += s);
             }
