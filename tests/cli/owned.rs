@@ -3,7 +3,9 @@
 //! marker), outputs that belong together change together, no stream or signal crashes a
 //! command, every line is one line, and a run resumes on another machine.
 
-use crate::common::{mura_bounded, one_error_line, prepped, run_ok, s, tmp, TINY};
+use crate::common::{
+    mura_bounded, mura_in, one_error_line, prepped, run_ok, run_ok_in, s, tmp, TINY,
+};
 use std::collections::BTreeSet;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
@@ -146,11 +148,7 @@ fn the_current_folder_and_its_parents_are_never_replaced() {
         vec!["synth", "--out", "..", "--studies", "3"],
         vec!["demo", "--dir", ".", "--studies", "20"],
     ] {
-        let out = Command::new(env!("CARGO_BIN_EXE_mura"))
-            .args(&args)
-            .current_dir(&here)
-            .output()
-            .unwrap();
+        let out = mura_in(&here, &args);
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
         assert!(
@@ -165,15 +163,9 @@ fn the_current_folder_and_its_parents_are_never_replaced() {
         .args(["-r", s(trained()), s(&run)])
         .status()
         .unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_mura"))
-        .args(["train", "--resume", ".", "--epochs", "2", "--quiet"])
-        .current_dir(&run)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    run_ok_in(
+        &run,
+        &["train", "--resume", ".", "--epochs", "2", "--quiet"],
     );
     let epochs = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
     assert_eq!(epochs.lines().count(), 2);
@@ -501,16 +493,7 @@ fn a_run_resumes_on_another_machine_with_its_store_elsewhere() {
     let mut args = vec!["train", "--store", "store", "--out", "run"];
     args.extend_from_slice(TINY);
     args.extend_from_slice(&["--epochs", "1", "--batch", "4", "--quiet"]);
-    let out = Command::new(env!("CARGO_BIN_EXE_mura"))
-        .args(&args)
-        .current_dir(&here)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_ok_in(&here, &args);
     // ...resumed from another folder, on another device setting and with fewer threads.
     let run = here.join("run");
     run_ok(&[

@@ -15,9 +15,27 @@ pub fn mura(args: &[&str]) -> Output {
         .expect("run mura")
 }
 
+/// Run the built binary in the folder `dir`.
+pub fn mura_in(dir: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_mura"))
+        .args(args)
+        .current_dir(dir)
+        .env("RUST_BACKTRACE", "1")
+        .output()
+        .expect("run mura")
+}
+
 /// Run a command that must succeed; its (stdout, stderr).
 pub fn run_ok(args: &[&str]) -> (String, String) {
-    let out = mura(args);
+    ok(args, mura(args))
+}
+
+/// [`run_ok`] in the folder `dir`.
+pub fn run_ok_in(dir: &Path, args: &[&str]) -> (String, String) {
+    ok(args, mura_in(dir, args))
+}
+
+fn ok(args: &[&str], out: Output) -> (String, String) {
     let (so, se) = (
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
