@@ -6,8 +6,8 @@ use crate::data::store::Store;
 use crate::data::StudyType;
 use crate::loss::LossLevel;
 use crate::metrics::MetricsTable;
-use crate::model::Mode;
 use crate::net::Net;
+use crate::ops::Mode;
 use anyhow::{bail, Result};
 
 #[derive(Clone, Debug)]

@@ -2,8 +2,9 @@
 //! GPU op layer (on CUDA or the emulator). `train`, `eval`, `predict` and `bench` use only this.
 
 use crate::data::loader::Batch;
-use crate::model::{DenseNet, Mode};
+use crate::model::DenseNet;
 use crate::ops::augment::{self, AugParams};
+use crate::ops::Mode;
 use crate::optim::Adam;
 use crate::spec::DenseNetSpec;
 use crate::weights::StateDict;

@@ -3,9 +3,9 @@
 use super::arch::ArchArgs;
 use crate::device::Device;
 use crate::loss::{weighted_bce_f32, LossLevel};
-use crate::model::Mode;
 use crate::net::Net;
 use crate::ops::augment::AugParams;
+use crate::ops::Mode;
 use crate::optim::Adam;
 use crate::precision::Precision;
 use crate::rng::Rng;

@@ -3,17 +3,16 @@
 
 use super::schedule::{BnIdx, Head, Layer, Stem, Step, Transition};
 use super::tape::{BlockAct, Node, Tape};
-use super::{DenseNet, Mode};
-use crate::ops::conv::{bwd_data, bwd_weight, fwd, Image};
-use crate::ops::{bn, linear, pool, BnRelu, Float};
+use super::DenseNet;
+use crate::ops::bn::{self, BnOpts, ParamGrads};
+use crate::ops::conv::{bwd_data, bwd_weight, fwd};
+use crate::ops::{linear, pool, Activation, BnRelu, Float, Image, Mode, Out, Rows};
 
 /// A forward in progress: the block buffer being filled, and what it records.
 struct Pass<T> {
     n: usize,
-    train: bool,
-    record: bool,
-    /// Hand back the final feature map (norm5 + ReLU) for class activation maps.
-    features: bool,
+    mode: Mode,
+    keep: Keep,
     cur: Option<BlockAct<T>>,
     nodes: Vec<Node<T>>,
     blocks: Vec<BlockAct<T>>,
@@ -21,10 +20,19 @@ struct Pass<T> {
     fmap: Option<Vec<T>>,
 }
 
+/// What a forward keeps besides the logits: the tape (for one backward), the final feature map
+/// (norm5 + ReLU, for class activation maps).
+#[derive(Clone, Copy)]
+struct Keep {
+    tape: bool,
+    features: bool,
+}
+
 /// The block gradient buffers of a backward in progress, and the dense layers' temporaries,
 /// reused across layers (no allocation or page faults per layer).
 struct Grads<T> {
-    train: bool,
+    /// The forward's mode, which its BNs normalised in.
+    mode: Mode,
     dbufs: Vec<Vec<T>>,
     da2: Vec<T>,
     dy1: Vec<T>,
@@ -36,8 +44,11 @@ impl<T: Float> DenseNet<T> {
     /// one backward) and updates BN running stats and counters; Eval uses running stats and
     /// records nothing.
     pub fn forward(&mut self, x: &[T], n: usize, h: usize, w: usize, mode: Mode) -> Vec<T> {
-        let train = mode == Mode::Train;
-        self.run(x, (n, h, w), train, train, false).0
+        let keep = Keep {
+            tape: mode == Mode::Train,
+            features: false,
+        };
+        self.run(x, (n, h, w), mode, keep).0
     }
 
     /// [`forward`](Self::forward) that records the tape in either mode, for one `backward`.
@@ -51,7 +62,11 @@ impl<T: Float> DenseNet<T> {
         w: usize,
         mode: Mode,
     ) -> Vec<T> {
-        self.run(x, (n, h, w), mode == Mode::Train, true, false).0
+        let keep = Keep {
+            tape: true,
+            features: false,
+        };
+        self.run(x, (n, h, w), mode, keep).0
     }
 
     /// Eval-mode forward that also returns the final feature map after norm5 + ReLU,
@@ -63,7 +78,11 @@ impl<T: Float> DenseNet<T> {
         h: usize,
         w: usize,
     ) -> (Vec<T>, Vec<T>, usize, usize) {
-        let (logits, fmap) = self.run(x, (n, h, w), false, false, true);
+        let keep = Keep {
+            tape: false,
+            features: true,
+        };
+        let (logits, fmap) = self.run(x, (n, h, w), Mode::Eval, keep);
         let hw = self.schedule(h, w).expect("run checked it").feature_hw();
         (logits, fmap.expect("features requested"), hw.h, hw.w)
     }
@@ -93,11 +112,10 @@ impl<T: Float> DenseNet<T> {
     /// The statistics a BN normalised with: the block's cached batch statistics (`mean`, `var`:
     /// `[c]`) in training, its own running stats in eval (the cache is per channel, but each
     /// BN reading a channel has its own running stats).
-    fn used_stats(&self, idx: BnIdx, train: bool, mean: &[T], var: &[T]) -> (Vec<T>, Vec<T>) {
-        if train {
-            (mean.to_vec(), var.to_vec())
-        } else {
-            self.running(idx)
+    fn used_stats(&self, idx: BnIdx, mode: Mode, mean: &[T], var: &[T]) -> (Vec<T>, Vec<T>) {
+        match mode {
+            Mode::Train => (mean.to_vec(), var.to_vec()),
+            Mode::Eval => self.running(idx),
         }
     }
 
@@ -107,14 +125,13 @@ impl<T: Float> DenseNet<T> {
         bn::scale_shift(gamma, beta, mean, var)
     }
 
-    /// The schedule's stages in order; logits, and the final feature map if `features`.
+    /// The schedule's stages in order; logits, and the final feature map if `keep.features`.
     fn run(
         &mut self,
         x: &[T],
         (n, h, w): (usize, usize, usize),
-        train: bool,
-        record: bool,
-        features: bool,
+        mode: Mode,
+        keep: Keep,
     ) -> (Vec<T>, Option<Vec<T>>) {
         assert_eq!(x.len(), n * h * w * 3, "forward: x must be [n, h, w, 3]");
         let schedule = self
@@ -123,9 +140,8 @@ impl<T: Float> DenseNet<T> {
         self.tape = None;
         let mut pass = Pass {
             n,
-            train,
-            record,
-            features,
+            mode,
+            keep,
             cur: None,
             nodes: Vec::new(),
             blocks: Vec::new(),
@@ -140,14 +156,14 @@ impl<T: Float> DenseNet<T> {
                 Step::Head(hd) => self.head_fwd(hd, &mut pass),
             }
         }
-        if record {
+        if keep.tape {
             let tape = Tape {
                 schedule,
                 n,
                 nodes: pass.nodes,
                 blocks: pass.blocks,
             };
-            self.tape = Some((tape, train));
+            self.tape = Some((tape, mode));
         }
         (pass.logits, pass.fmap)
     }
@@ -166,19 +182,20 @@ impl<T: Float> DenseNet<T> {
             rs: 3,
         };
         fwd(xi, None, s.conv.of(&self.params), f0, s.conv.g, &mut y0, f0);
-        let st0 = p.train.then(|| bn::batch_stats(&y0, m0, f0, f0));
+        let st0 = (p.mode == Mode::Train).then(|| bn::batch_stats(&y0, m0, f0, f0));
         let (sc, sh) = self.bn_coeffs(s.norm, st0.as_ref().map(|(m, v)| (&m[..], &v[..], m0)));
         let mut a0 = self.buffer(m0 * f0); // overwritten by the BN
-        bn::apply(&y0, m0, f0, f0, &sc, &sh, true, &mut a0, f0);
+        let y0v = Rows::new(&y0[..], m0, f0, f0);
+        bn::apply(y0v, &sc, &sh, Activation::Relu, &mut a0, f0);
         let (hb, wb, ct0) = (s.pool_out.h, s.pool_out.w, self.layout.blocks[0].c_total);
         let mut cur = BlockAct::new(self.buffer(n * hb * wb * ct0), n, hb, wb, ct0);
         let (h0, w0) = (s.conv_out.h, s.conv_out.w);
-        pool::maxpool_fwd(&a0, n, h0, w0, f0, &mut cur.buf, ct0);
+        pool::maxpool_fwd(Image::dense(&a0, (n, h0, w0, f0)), &mut cur.buf, ct0);
         self.spare.push(a0);
-        if p.train {
+        if p.mode == Mode::Train {
             cur.cache_stats(0, f0);
         }
-        if p.record {
+        if p.keep.tape {
             let (mean, var) = st0.unwrap_or_else(|| self.running(s.norm));
             let x = x.to_vec();
             p.nodes.push(Node::Stem { x, y0, mean, var });
@@ -191,8 +208,8 @@ impl<T: Float> DenseNet<T> {
     fn layer_fwd(&mut self, l: &Layer, p: &mut Pass<T>) {
         let (c, mid, k, ct) = (l.c_in, l.conv1.co, l.conv2.co, l.c_total);
         let (n, rows) = (p.n, l.hw.rows(p.n));
-        let (train, cur) = (p.train, p.cur.take().expect("the stem fills block 0 first"));
-        let batch1 = train.then(|| (&cur.mean[..c], &cur.var[..c], rows));
+        let (mode, cur) = (p.mode, p.cur.take().expect("the stem fills block 0 first"));
+        let batch1 = mode.when_training((&cur.mean[..c], &cur.var[..c], rows));
         let (s1, t1) = self.bn_coeffs(l.norm1, batch1);
         let mut y1 = self.buffer(rows * mid); // overwritten by conv1
         let prefix = Image {
@@ -209,7 +226,7 @@ impl<T: Float> DenseNet<T> {
         };
         let w1 = l.conv1.of(&self.params);
         fwd(prefix, Some(pre1), w1, mid, l.conv1.g, &mut y1, mid);
-        let st2 = train.then(|| bn::batch_stats(&y1, rows, mid, mid));
+        let st2 = (mode == Mode::Train).then(|| bn::batch_stats(&y1, rows, mid, mid));
         let batch2 = st2.as_ref().map(|(m, v)| (&m[..], &v[..], rows));
         let (s2, t2) = self.bn_coeffs(l.norm2, batch2);
         let yi = Image {
@@ -227,10 +244,10 @@ impl<T: Float> DenseNet<T> {
         let mut cur = cur;
         let w2 = l.conv2.of(&self.params);
         fwd(yi, Some(pre2), w2, k, l.conv2.g, &mut cur.buf[c..], ct);
-        if train {
+        if mode == Mode::Train {
             cur.cache_stats(c, k);
         }
-        if p.record {
+        if p.keep.tape {
             let (mean2, var2) = st2.unwrap_or_else(|| self.running(l.norm2));
             p.nodes.push(Node::DenseLayer { y1, mean2, var2 });
         }
@@ -241,7 +258,7 @@ impl<T: Float> DenseNet<T> {
     fn transition_fwd(&mut self, t: &Transition, p: &mut Pass<T>) {
         let (n, ct, nct, rows) = (p.n, t.c_in, t.next_c_total, t.hw_in.rows(p.n));
         let cur = p.cur.take().expect("a transition follows its block");
-        let batch = p.train.then(|| (&cur.mean[..], &cur.var[..], rows));
+        let batch = p.mode.when_training((&cur.mean[..], &cur.var[..], rows));
         let (s, sh) = self.bn_coeffs(t.norm, batch);
         let (hp, wp) = (t.hw_out.h, t.hw_out.w);
         let mut pooled = self.buffer(n * hp * wp * ct); // overwritten by the pool
@@ -249,7 +266,8 @@ impl<T: Float> DenseNet<T> {
             scale: &s,
             shift: &sh,
         };
-        pool::avgpool_fwd(&cur.buf, n, cur.h, cur.w, ct, Some(pre), &mut pooled, ct);
+        let x = Image::dense(&cur.buf, (n, cur.h, cur.w, ct));
+        pool::avgpool_fwd(x, Some(pre), &mut pooled, ct);
         let mut next = BlockAct::new(self.buffer(n * hp * wp * nct), n, hp, wp, nct);
         let pi = Image {
             data: &pooled,
@@ -261,10 +279,10 @@ impl<T: Float> DenseNet<T> {
         };
         let wt = t.conv.of(&self.params);
         fwd(pi, None, wt, t.conv.co, t.conv.g, &mut next.buf, nct);
-        if p.train {
+        if p.mode == Mode::Train {
             next.cache_stats(0, t.conv.co);
         }
-        if p.record {
+        if p.keep.tape {
             p.blocks.push(cur);
             p.nodes.push(Node::Transition { pooled });
         }
@@ -276,17 +294,24 @@ impl<T: Float> DenseNet<T> {
         let (n, c) = (p.n, hd.c);
         let cur = p.cur.take().expect("the head follows the last block");
         let rows = cur.rows();
-        let batch = p.train.then(|| (&cur.mean[..], &cur.var[..], rows));
+        let batch = p.mode.when_training((&cur.mean[..], &cur.var[..], rows));
         let (s, t) = self.bn_coeffs(hd.norm, batch);
         let mut a5 = vec![T::ZERO; rows * c];
-        bn::apply(&cur.buf, rows, c, c, &s, &t, true, &mut a5, c);
+        bn::apply(
+            Rows::new(&cur.buf[..], rows, c, c),
+            &s,
+            &t,
+            Activation::Relu,
+            &mut a5,
+            c,
+        );
         let feat = pool::gap_fwd(&a5, n, cur.h * cur.w, c);
         let (fw, fb) = self.params[hd.fc..hd.fc + c + 1].split_at(c);
         p.logits = linear::fwd(&feat, n, c, fw, fb);
-        if p.features {
+        if p.keep.features {
             p.fmap = Some(a5);
         }
-        if p.record {
+        if p.keep.tape {
             p.blocks.push(cur);
             p.nodes.push(Node::Head { feat });
         }
@@ -296,13 +321,13 @@ impl<T: Float> DenseNet<T> {
     /// `forward` or a `forward_recorded`; the BN mode is the forward's): the schedule's stages
     /// in reverse, one tape node each.
     pub fn backward(&mut self, dlogits: &[T]) {
-        let (mut tape, train) = self
+        let (mut tape, mode) = self
             .tape
             .take()
             .expect("backward needs a Train-mode forward or a forward_recorded first");
         assert_eq!(dlogits.len(), tape.n, "backward: dlogits must be [n]");
         let mut g = Grads {
-            train,
+            mode,
             dbufs: (0..tape.blocks.len()).map(|_| Vec::new()).collect(),
             da2: Vec::new(),
             dy1: Vec::new(),
@@ -339,9 +364,13 @@ impl<T: Float> DenseNet<T> {
         let mut da = self.buffer(rows * c); // overwritten by the pool
         pool::gap_bwd(&dfeat, n, blk.h * blk.w, c, &mut da);
         let mut dbuf = self.buffer(rows * c); // overwritten by the BN backward
-        let (mean, var) = self.used_stats(hd.norm, g.train, &blk.mean, &blk.var);
-        let (x, dy, dx) = ((&blk.buf[..], c), (&da[..], c), (&mut dbuf[..], c));
-        self.bn_bwd(hd.norm, g.train, x, &mean, &var, dy, dx, false);
+        let (mean, var) = self.used_stats(hd.norm, g.mode, &blk.mean, &blk.var);
+        let (x, dy) = (
+            Rows::new(&blk.buf[..], rows, c, c),
+            Rows::new(&da[..], rows, c, c),
+        );
+        let dx = Out::overwrite(&mut dbuf[..], c);
+        self.bn_bwd(hd.norm, g.mode, x, (&mean, &var), dy, dx);
         g.dbufs[last] = dbuf;
         self.spare.push(da);
     }
@@ -378,10 +407,14 @@ impl<T: Float> DenseNet<T> {
         let w2 = l.conv2.of(&self.params);
         bwd_data(&dbuf[c..], ct, k, w2, l.conv2.g, (n, h, w, mid), da2);
         let dy1 = scratch(&mut g.dy1, rows * mid); // overwritten below
-        let (x2, d2) = ((&y1[..], mid), (&da2[..], mid));
-        self.bn_bwd(l.norm2, g.train, x2, &mean2, &var2, d2, (dy1, mid), false);
+        let (x2, d2) = (
+            Rows::new(&y1[..], rows, mid, mid),
+            Rows::new(&da2[..], rows, mid, mid),
+        );
+        let stats2 = (&mean2[..], &var2[..]);
+        self.bn_bwd(l.norm2, g.mode, x2, stats2, d2, Out::overwrite(dy1, mid));
         // conv1 (1×1) on relu(norm1(prefix)).
-        let (mean1, var1) = self.used_stats(l.norm1, g.train, &blk.mean[..c], &blk.var[..c]);
+        let (mean1, var1) = self.used_stats(l.norm1, g.mode, &blk.mean[..c], &blk.var[..c]);
         let (s1, t1) = self.bn_saved(l.norm1, &mean1, &var1);
         let prefix = Image {
             data: &blk.buf,
@@ -400,8 +433,12 @@ impl<T: Float> DenseNet<T> {
         let da1 = scratch(&mut g.da1, rows * c); // overwritten below
         let w1 = l.conv1.of(&self.params);
         bwd_data(dy1, mid, mid, w1, l.conv1.g, (n, h, w, c), da1);
-        let (x1, d1) = ((&blk.buf[..], ct), (&da1[..], c));
-        self.bn_bwd(l.norm1, g.train, x1, &mean1, &var1, d1, (dbuf, ct), true);
+        let (x1, d1) = (
+            Rows::new(&blk.buf[..], rows, c, ct),
+            Rows::new(&da1[..], rows, c, c),
+        );
+        let stats1 = (&mean1[..], &var1[..]);
+        self.bn_bwd(l.norm1, g.mode, x1, stats1, d1, Out::accumulate(dbuf, ct));
         self.spare.push(y1);
     }
 
@@ -433,9 +470,14 @@ impl<T: Float> DenseNet<T> {
         let mut da = self.buffer(blk.rows() * ct); // overwritten by the pool
         pool::avgpool_bwd(n, blk.h, blk.w, ct, &dp, ct, &mut da);
         let mut dbuf = self.buffer(blk.rows() * ct); // overwritten by the BN backward
-        let (mean, var) = self.used_stats(t.norm, g.train, &blk.mean, &blk.var);
-        let (x, dy, dx) = ((&blk.buf[..], ct), (&da[..], ct), (&mut dbuf[..], ct));
-        self.bn_bwd(t.norm, g.train, x, &mean, &var, dy, dx, false);
+        let (mean, var) = self.used_stats(t.norm, g.mode, &blk.mean, &blk.var);
+        let rows = blk.rows();
+        let (x, dy) = (
+            Rows::new(&blk.buf[..], rows, ct, ct),
+            Rows::new(&da[..], rows, ct, ct),
+        );
+        let dx = Out::overwrite(&mut dbuf[..], ct);
+        self.bn_bwd(t.norm, g.mode, x, (&mean, &var), dy, dx);
         g.dbufs[b] = dbuf;
         let nxt_buf = std::mem::take(&mut tape.blocks[b + 1].buf);
         self.spare.extend([pooled, dnext, dp, da, nxt_buf]);
@@ -454,13 +496,20 @@ impl<T: Float> DenseNet<T> {
         let m0 = s.conv_out.rows(n);
         let (sc, sh) = self.bn_saved(s.norm, &mean, &var);
         let mut a0 = self.buffer(m0 * f0); // overwritten by the BN
-        bn::apply(&y0, m0, f0, f0, &sc, &sh, true, &mut a0, f0);
+        let y0v = Rows::new(&y0[..], m0, f0, f0);
+        bn::apply(y0v, &sc, &sh, Activation::Relu, &mut a0, f0);
         let mut da0 = self.buffer(m0 * f0); // overwritten by the pool
         let ct0 = self.layout.blocks[0].c_total;
-        pool::maxpool_bwd(&a0, n, h0, w0, f0, &g.dbufs[0], ct0, &mut da0);
+        let (ho, wo) = (s.pool_out.h, s.pool_out.w);
+        let dpooled = Rows::new(&g.dbufs[0][..], n * ho * wo, f0, ct0);
+        pool::maxpool_bwd(Image::dense(&a0, (n, h0, w0, f0)), dpooled, &mut da0);
         let mut dy0 = self.buffer(m0 * f0); // overwritten by the BN backward
-        let (dy, dx) = ((&da0[..], f0), (&mut dy0[..], f0));
-        self.bn_bwd(s.norm, g.train, (&y0, f0), &mean, &var, dy, dx, false);
+        let (x0, dy) = (
+            Rows::new(&y0[..], m0, f0, f0),
+            Rows::new(&da0[..], m0, f0, f0),
+        );
+        let dx = Out::overwrite(&mut dy0[..], f0);
+        self.bn_bwd(s.norm, g.mode, x0, (&mean, &var), dy, dx);
         let xi = Image {
             data: &x,
             n,
@@ -478,30 +527,29 @@ impl<T: Float> DenseNet<T> {
         self.spare.extend([y0, a0, da0, dy0, b0, d0]);
     }
 
-    /// Backward of a BN + ReLU that normalised with `mean`, `var` (batch statistics if `train`,
-    /// else running ones): `x` and `dy` are `(buffer, row stride)` views with `idx.c` channels;
-    /// accumulates into gamma/beta grads, and into `dx` if `acc` (else overwrites it).
-    #[allow(clippy::too_many_arguments)]
+    /// Backward of a BN + ReLU that normalised with `(mean, var)` (batch statistics in training,
+    /// running ones in eval), `x` and `dy` of its `idx.c` channels: adds to gamma's and beta's
+    /// gradients, puts the input gradient into `dx`.
     fn bn_bwd(
         &mut self,
         idx: BnIdx,
-        train: bool,
-        x: (&[T], usize),
-        mean: &[T],
-        var: &[T],
-        dy: (&[T], usize),
-        dx: (&mut [T], usize),
-        acc: bool,
+        mode: Mode,
+        x: Rows<T>,
+        (mean, var): (&[T], &[T]),
+        dy: Rows<T>,
+        dx: Out<T>,
     ) {
         let c = idx.c;
-        let rows = x.0.len().div_ceil(x.1).min(dy.0.len().div_ceil(dy.1));
-        let rows = rows.min(dx.0.len().div_ceil(dx.1));
         let (gamma, beta) = self.params[idx.p..idx.p + 2 * c].split_at(c);
-        let (dg, db) = self.grads[idx.p..idx.p + 2 * c].split_at_mut(c);
-        bn::backward_to(
-            x.0, rows, c, x.1, gamma, beta, mean, var, true, train, dy.0, dy.1, dg, db, dx.0, dx.1,
-            acc,
-        );
+        let (dgamma, dbeta) = self.grads[idx.p..idx.p + 2 * c].split_at_mut(c);
+        let bn = bn::Bn {
+            gamma,
+            beta,
+            mean,
+            var,
+        };
+        let dparams = ParamGrads { dgamma, dbeta };
+        bn::backward(x, bn, BnOpts::relu(mode), dy, dparams, dx);
     }
 
     /// A buffer of `len` elements from the spares (stale contents) or freshly zeroed.

@@ -10,27 +10,13 @@ mod tape;
 
 pub use schedule::{Layout, Schedule};
 
-use crate::ops::Float;
+use crate::ops::{Float, Mode};
 use crate::rng::Rng;
 use crate::spec::{DenseNetSpec, Role};
 use crate::weights::{NamedTensor, StateDict, TensorData};
 use anyhow::{bail, Result};
 use std::collections::HashMap;
 use tape::Tape;
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Mode {
-    Train,
-    Eval,
-}
-
-impl Mode {
-    /// `v` in training, none in evaluation (what only a training pass computes: batch
-    /// statistics, the next stage's sums).
-    pub fn when_training<V>(self, v: V) -> Option<V> {
-        (self == Mode::Train).then_some(v)
-    }
-}
 
 /// A DenseNet with one output logit, its parameters, gradients, BN state and tape.
 pub struct DenseNet<T: Float = f32> {
@@ -44,8 +30,8 @@ pub struct DenseNet<T: Float = f32> {
     /// BN `num_batches_tracked`, one per BN.
     pub counters: Vec<i64>,
     pub layout: Layout,
-    /// The last recording forward's tape, and whether it ran in Train mode.
-    pub(crate) tape: Option<(Tape<T>, bool)>,
+    /// The last recording forward's tape, and the mode it ran in.
+    pub(crate) tape: Option<(Tape<T>, Mode)>,
     /// Activation buffers freed by the last backward, reused by the next forward/backward so
     /// a training step does not page-fault fresh memory in (contents are stale).
     pub(crate) spare: Vec<Vec<T>>,

@@ -4,7 +4,7 @@
 //! The forward is split into statistics and a per-channel affine `x * scale + shift`
 //! (optionally followed by ReLU) so callers can fuse the affine into GEMM packing.
 
-use super::{par_rows, row_sums, Float};
+use super::{par_rows, row_sums, Activation, Float, Mode, Out, Rows};
 use crate::consts::{BN_EPS, BN_MOMENTUM};
 
 /// Per-channel batch mean and biased variance (two passes, f64 accumulation).
@@ -62,84 +62,83 @@ pub fn update_running<T: Float>(
     }
 }
 
-/// `y = x * scale + shift` (then ReLU if `relu`); `y: [rows, c]` with row stride `y_rs`.
-#[allow(clippy::too_many_arguments)]
+/// How a BN runs: what follows its affine, and which statistics it normalised with (the batch's
+/// in training, the running ones in evaluation).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BnOpts {
+    pub act: Activation,
+    pub mode: Mode,
+}
+
+impl BnOpts {
+    /// The DenseNet's BN: followed by a ReLU, normalising as `mode` does.
+    pub fn relu(mode: Mode) -> BnOpts {
+        BnOpts {
+            act: Activation::Relu,
+            mode,
+        }
+    }
+}
+
+/// A BN as its backward sees it: its parameters `gamma`, `beta` and the statistics `mean`, `var`
+/// it normalised with, `[c]` each.
+#[derive(Clone, Copy)]
+pub struct Bn<'a, T> {
+    pub gamma: &'a [T],
+    pub beta: &'a [T],
+    pub mean: &'a [T],
+    pub var: &'a [T],
+}
+
+/// The gradients of a BN's parameters, `[c]` each, added to.
+pub struct ParamGrads<'a, T> {
+    pub dgamma: &'a mut [T],
+    pub dbeta: &'a mut [T],
+}
+
+/// `y = x * scale + shift` (then `act`); `y: [rows, c]` of `x`'s shape, row stride `y_rs`.
 pub fn apply<T: Float>(
-    x: &[T],
-    rows: usize,
-    c: usize,
-    rs: usize,
+    x: Rows<T>,
     scale: &[T],
     shift: &[T],
-    relu: bool,
+    act: Activation,
     y: &mut [T],
     y_rs: usize,
 ) {
-    par_rows(y, rows, y_rs, |r, out| {
-        let src = &x[r * rs..][..c];
-        for j in 0..c {
+    let relu = act == Activation::Relu;
+    par_rows(y, x.rows, y_rs, |r, out| {
+        let src = x.row(r);
+        for j in 0..x.c {
             let v = src[j] * scale[j] + shift[j];
             out[j] = if relu && v <= T::ZERO { T::ZERO } else { v };
         }
     });
 }
 
-/// Backward of `bn` (train: batch statistics `mean`, `var`; eval: running ones) optionally
-/// followed by ReLU. `dy: [rows, c]` (row stride `dy_rs`) is the gradient of the output;
-/// accumulates into `dgamma`, `dbeta` `[c]` and `dx: [rows, c]` (row stride `dx_rs`).
-#[allow(clippy::too_many_arguments)]
+/// Backward of `bn` (then `opts.act`): `dy` (the gradient of the output) of `x`'s shape; adds to
+/// `dparams`, and puts the input gradient into `dx: [rows, c]` as `dx.write` says (when it
+/// overwrites, no zero-fill is needed).
 pub fn backward<T: Float>(
-    x: &[T],
-    rows: usize,
-    c: usize,
-    rs: usize,
-    gamma: &[T],
-    beta: &[T],
-    mean: &[T],
-    var: &[T],
-    relu: bool,
-    train: bool,
-    dy: &[T],
-    dy_rs: usize,
-    dgamma: &mut [T],
-    dbeta: &mut [T],
-    dx: &mut [T],
-    dx_rs: usize,
+    x: Rows<T>,
+    bn: Bn<T>,
+    opts: BnOpts,
+    dy: Rows<T>,
+    dparams: ParamGrads<T>,
+    dx: Out<T>,
 ) {
-    backward_to(
-        x, rows, c, rs, gamma, beta, mean, var, relu, train, dy, dy_rs, dgamma, dbeta, dx, dx_rs,
-        true,
+    let (rows, c) = (x.rows, x.c);
+    assert_eq!(
+        (dy.rows, dy.c),
+        (rows, c),
+        "bn::backward: dy is not x's shape"
     );
-}
-
-/// [`backward`] that accumulates into `dgamma`, `dbeta` `[c]`, and into `dx: [rows, c]`
-/// (row stride `dx_rs`) if `acc`, else overwrites `dx`'s first `c` columns (no zero-fill needed).
-#[allow(clippy::too_many_arguments)]
-pub fn backward_to<T: Float>(
-    x: &[T],
-    rows: usize,
-    c: usize,
-    rs: usize,
-    gamma: &[T],
-    beta: &[T],
-    mean: &[T],
-    var: &[T],
-    relu: bool,
-    train: bool,
-    dy: &[T],
-    dy_rs: usize,
-    dgamma: &mut [T],
-    dbeta: &mut [T],
-    dx: &mut [T],
-    dx_rs: usize,
-    acc: bool,
-) {
-    let (scale, shift) = scale_shift(gamma, beta, mean, var);
-    let (scale, shift, mean) = (&scale[..c], &shift[..c], &mean[..c]);
+    let act = opts.act;
+    let (scale, shift) = scale_shift(bn.gamma, bn.beta, bn.mean, bn.var);
+    let (scale, shift, mean) = (&scale[..c], &shift[..c], &bn.mean[..c]);
     // dz = d(loss)/d(affine output), masked by ReLU.
     #[inline(always)]
-    fn dz<T: Float>(relu: bool, x: T, d: T, s: T, t: T) -> T {
-        if relu && x * s + t <= T::ZERO {
+    fn dz<T: Float>(act: Activation, x: T, d: T, s: T, t: T) -> T {
+        if act == Activation::Relu && x * s + t <= T::ZERO {
             T::ZERO
         } else {
             d
@@ -148,11 +147,11 @@ pub fn backward_to<T: Float>(
     // One pass for both sums: acc[..c] += dz, acc[c..] += dz * (x - mean).
     let sums = row_sums(rows, 2 * c, |r, acc: &mut [T]| {
         let (a0, a1) = acc.split_at_mut(c);
-        let (xr, dr) = (&x[r * rs..][..c], &dy[r * dy_rs..][..c]);
+        let (xr, dr) = (x.row(r), dy.row(r));
         let it = a0.iter_mut().zip(&mut a1[..c]).zip(xr.iter().zip(dr));
         let coef = scale.iter().zip(shift).zip(mean);
         for (((s0, s1), (&xv, &dv)), ((&s, &t), &m)) in it.zip(coef) {
-            let d = dz(relu, xv, dv, s, t);
+            let d = dz(act, xv, dv, s, t);
             *s0 += d;
             *s1 += d * (xv - m);
         }
@@ -164,26 +163,26 @@ pub fn backward_to<T: Float>(
     let mut ka = vec![T::ZERO; c];
     let mut kb = vec![T::ZERO; c];
     for j in 0..c {
-        let is = (T::ONE / (var[j] + T::from_f64(BN_EPS)).sqrt()).to_f64();
-        dgamma[j] += T::from_f64(sum_dz_xc[j] * is);
-        dbeta[j] += T::from_f64(sum_dz[j]);
-        if train {
+        let is = (T::ONE / (bn.var[j] + T::from_f64(BN_EPS)).sqrt()).to_f64();
+        dparams.dgamma[j] += T::from_f64(sum_dz_xc[j] * is);
+        dparams.dbeta[j] += T::from_f64(sum_dz[j]);
+        if opts.mode == Mode::Train {
             let s = scale[j].to_f64();
             ka[j] = T::from_f64(s * sum_dz[j] * inv_n);
             kb[j] = T::from_f64(s * sum_dz_xc[j] * is * is * inv_n);
         }
     }
-    let (ka, kb) = (&ka[..c], &kb[..c]);
-    par_rows(dx, rows, dx_rs, |r, out| {
-        let (xr, dr) = (&x[r * rs..][..c], &dy[r * dy_rs..][..c]);
+    let (ka, kb, write) = (&ka[..c], &kb[..c], dx.write);
+    par_rows(dx.data, rows, dx.rs, |r, out| {
+        let (xr, dr) = (x.row(r), dy.row(r));
         let it = out[..c].iter_mut().zip(xr.iter().zip(dr));
         let coef = scale
             .iter()
             .zip(shift)
             .zip(mean.iter().zip(ka.iter().zip(kb)));
         for ((o, (&xv, &dv)), ((&s, &t), (&m, (&a, &b)))) in it.zip(coef) {
-            let v = s * dz(relu, xv, dv, s, t) - a - (xv - m) * b;
-            *o = if acc { *o + v } else { v };
+            let v = s * dz(act, xv, dv, s, t) - a - (xv - m) * b;
+            *o = write.put(*o, v);
         }
     });
 }
@@ -194,7 +193,8 @@ mod tests {
     use crate::ops::testutil::{dot, fd_check, randn, TOL};
     use crate::rng::Rng;
 
-    fn check(train: bool, relu: bool, seed: u64) {
+    fn check(opts: BnOpts, seed: u64) {
+        let train = opts.mode == Mode::Train;
         let mut rng = Rng::new(seed);
         let (rows, c, rs) = (13, 4, 6);
         let mut x = randn(&mut rng, rows * rs);
@@ -210,7 +210,8 @@ mod tests {
             };
             let (s, t) = scale_shift(&gb[..c], &gb[c..], &mean, &var);
             let mut y = vec![0.0; rows * c];
-            apply(x, rows, c, rs, &s, &t, relu, &mut y, c);
+            let act = opts.act;
+            apply(Rows::new(x, rows, c, rs), &s, &t, act, &mut y, c);
             dot(&y, &r)
         };
         let (mean, var) = if train {
@@ -220,42 +221,31 @@ mod tests {
         };
         let mut dgb = vec![0.0; 2 * c];
         let mut dx = vec![0.0; rows * rs];
-        let (dg, db) = dgb.split_at_mut(c);
-        backward(
-            &x,
-            rows,
-            c,
-            rs,
-            &gb[..c],
-            &gb[c..],
-            &mean,
-            &var,
-            relu,
-            train,
-            &r,
-            c,
-            dg,
-            db,
-            &mut dx,
-            rs,
-        );
+        let (dgamma, dbeta) = dgb.split_at_mut(c);
+        let bn = Bn {
+            gamma: &gb[..c],
+            beta: &gb[c..],
+            mean: &mean,
+            var: &var,
+        };
+        let (xr, dy) = (Rows::new(&x, rows, c, rs), Rows::new(&r, rows, c, c));
+        let dparams = ParamGrads { dgamma, dbeta };
+        backward(xr, bn, opts, dy, dparams, Out::accumulate(&mut dx, rs));
         let xs = x.clone();
         let err = fd_check(&mut gb, &dgb, |gb| fwd(&xs, gb));
-        assert!(
-            err < TOL,
-            "bn train={train} relu={relu}: dgamma/dbeta rel err {err}"
-        );
+        assert!(err < TOL, "bn {opts:?}: dgamma/dbeta rel err {err}");
         let gbs = gb.clone();
         let err = fd_check(&mut x, &dx, |x| fwd(x, &gbs));
-        assert!(err < TOL, "bn train={train} relu={relu}: dx rel err {err}");
+        assert!(err < TOL, "bn {opts:?}: dx rel err {err}");
     }
 
     #[test]
     fn bn_gradients() {
-        check(true, false, 1);
-        check(true, true, 2);
-        check(false, false, 3);
-        check(false, true, 4);
+        let opts = |act, mode| BnOpts { act, mode };
+        check(opts(Activation::Identity, Mode::Train), 1);
+        check(opts(Activation::Relu, Mode::Train), 2);
+        check(opts(Activation::Identity, Mode::Eval), 3);
+        check(opts(Activation::Relu, Mode::Eval), 4);
     }
 
     #[test]
@@ -266,18 +256,26 @@ mod tests {
         let dy = randn(&mut rng, rows * c);
         let (gamma, beta) = (randn(&mut rng, c), randn(&mut rng, c));
         let (mean, var) = batch_stats(&x, rows, c, rs);
-        let run = |dx: &mut [f64], acc: bool| {
-            let (mut dg, mut db) = (vec![0.0; c], vec![0.0; c]);
-            backward_to(
-                &x, rows, c, rs, &gamma, &beta, &mean, &var, true, true, &dy, c, &mut dg, &mut db,
-                dx, rs, acc,
-            );
+        let run = |dx: Out<f64>| {
+            let (mut dgamma, mut dbeta) = (vec![0.0; c], vec![0.0; c]);
+            let bn = Bn {
+                gamma: &gamma,
+                beta: &beta,
+                mean: &mean,
+                var: &var,
+            };
+            let (xr, dyr) = (Rows::new(&x, rows, c, rs), Rows::new(&dy, rows, c, c));
+            let dparams = ParamGrads {
+                dgamma: &mut dgamma,
+                dbeta: &mut dbeta,
+            };
+            backward(xr, bn, BnOpts::relu(Mode::Train), dyr, dparams, dx);
         };
         let mut want = vec![0.0; rows * rs];
-        run(&mut want, true);
+        run(Out::accumulate(&mut want, rs));
         let stale = randn(&mut rng, rows * rs);
         let mut got = stale.clone();
-        run(&mut got, false);
+        run(Out::overwrite(&mut got, rs));
         for r in 0..rows {
             assert_eq!(got[r * rs..][..c], want[r * rs..][..c]);
             assert_eq!(got[r * rs + c..][..rs - c], stale[r * rs + c..][..rs - c]);

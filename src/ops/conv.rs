@@ -3,7 +3,7 @@
 //! GEMM on the input itself; the others pack an im2col buffer in row chunks, optionally
 //! applying a fused BN+ReLU to the input while packing.
 
-use super::{matmul, matmul_1t, par_rows, BnRelu, Float, Mat};
+use super::{matmul, matmul_1t, par_rows, BnRelu, Float, Gemm, Image, Mat, Out};
 use rayon::prelude::*;
 
 /// Kernel size, stride and padding of a square convolution.
@@ -59,17 +59,6 @@ impl Conv {
     fn is_pointwise(&self) -> bool {
         self.k == 1 && self.stride == 1 && self.pad == 0
     }
-}
-
-/// An input view: `[n, h, w, c]` with row (pixel) stride `rs >= c`.
-#[derive(Clone, Copy)]
-pub struct Image<'a, T> {
-    pub data: &'a [T],
-    pub n: usize,
-    pub h: usize,
-    pub w: usize,
-    pub c: usize,
-    pub rs: usize,
 }
 
 /// Output pixels per im2col chunk: a chunk's packing buffer (≈ 512 KB of f32) stays in
@@ -131,16 +120,8 @@ pub fn fwd<T: Float>(
     let m = x.n * ho * wo;
     let kc = g.k * g.k * x.c;
     if g.is_pointwise() && pre.is_none() {
-        matmul(
-            m,
-            co,
-            kc,
-            y,
-            y_rs,
-            false,
-            Mat::rows(x.data, x.rs),
-            Mat::rows(wt, co),
-        );
+        let (a, b) = (Mat::rows(x.data, x.rs), Mat::rows(wt, co));
+        matmul(Gemm { m, n: co, k: kc }, Out::overwrite(y, y_rs), a, b);
         return;
     }
     // Each task packs a chunk of output pixels and multiplies it while it is hot in cache.
@@ -151,16 +132,13 @@ pub fn fwd<T: Float>(
         |col, (i, yc)| {
             let (r0, rows) = (i * step, step.min(m - i * step));
             im2col(x, pre, g, r0, rows, col);
-            matmul_1t(
-                rows,
-                co,
-                kc,
-                yc,
-                y_rs,
-                false,
-                Mat::rows(col, kc),
-                Mat::rows(wt, co),
-            );
+            let g = Gemm {
+                m: rows,
+                n: co,
+                k: kc,
+            };
+            let (a, b) = (Mat::rows(col, kc), Mat::rows(wt, co));
+            matmul_1t(g, Out::overwrite(yc, y_rs), a, b);
         },
     );
 }
@@ -179,16 +157,8 @@ pub fn bwd_weight<T: Float>(
     let m = x.n * ho * wo;
     let kc = g.k * g.k * x.c;
     if g.is_pointwise() && pre.is_none() {
-        matmul(
-            kc,
-            co,
-            m,
-            dw,
-            co,
-            true,
-            Mat::t(x.data, x.rs),
-            Mat::rows(dy, dy_rs),
-        );
+        let (a, b) = (Mat::t(x.data, x.rs), Mat::rows(dy, dy_rs));
+        matmul(Gemm { m: kc, n: co, k: m }, Out::accumulate(dw, co), a, b);
         return;
     }
     // One partial dW per thread over a fixed, contiguous range of chunks, summed in order:
@@ -205,7 +175,12 @@ pub fn bwd_weight<T: Float>(
                 let (r0, rows) = (ci * step, step.min(m - ci * step));
                 im2col(x, pre, g, r0, rows, &mut col);
                 let dyc = Mat::rows(&dy[r0 * dy_rs..], dy_rs);
-                matmul_1t(kc, co, rows, &mut part, co, true, Mat::t(&col, kc), dyc);
+                let g = Gemm {
+                    m: kc,
+                    n: co,
+                    k: rows,
+                };
+                matmul_1t(g, Out::accumulate(&mut part, co), Mat::t(&col, kc), dyc);
             }
             part
         })
@@ -231,7 +206,12 @@ pub fn bwd_data<T: Float>(
     let (n, h, w, ci) = dims;
     let dy = Mat::rows(dy, dy_rs);
     if g.is_pointwise() {
-        matmul(n * h * w, ci, co, dx, ci, false, dy, Mat::t(wt, co));
+        let g = Gemm {
+            m: n * h * w,
+            n: ci,
+            k: co,
+        };
+        matmul(g, Out::overwrite(dx, ci), dy, Mat::t(wt, co));
     } else if g.stride == 1 && g.pad < g.k {
         bwd_data_flipped(dy, co, wt, g, dims, dx);
     } else {
@@ -291,7 +271,8 @@ fn bwd_data_gathered<T: Float>(
     let kc = g.k * g.k * ci;
     let m = n * ho * wo;
     let mut dcol = vec![T::ZERO; m * kc];
-    matmul(m, kc, co, &mut dcol, kc, false, dy, Mat::t(wt, co));
+    let gemm = Gemm { m, n: kc, k: co };
+    matmul(gemm, Out::overwrite(&mut dcol, kc), dy, Mat::t(wt, co));
     // Output coordinate of input coordinate t through tap kt, if some output reads it there.
     let out_of = |t: usize, kt: usize, len: usize| {
         let t = t + g.pad;

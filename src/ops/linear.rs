@@ -1,12 +1,13 @@
 //! The linear layer (the head's single-logit classifier; kernels/linear.cu on the GPU).
 
-use super::{matmul, Float, Mat};
+use super::{matmul, Float, Gemm, Mat, Out};
 
 /// `y: [n, o] = x: [n, i] · wᵀ + b`, with PyTorch's `w: [o, i]`, `b: [o]`.
 pub fn fwd<T: Float>(x: &[T], n: usize, i: usize, w: &[T], b: &[T]) -> Vec<T> {
     let o = b.len();
     let mut y: Vec<T> = (0..n).flat_map(|_| b.iter().copied()).collect();
-    matmul(n, o, i, &mut y, o, true, Mat::rows(x, i), Mat::t(w, i));
+    let g = Gemm { m: n, n: o, k: i };
+    matmul(g, Out::accumulate(&mut y, o), Mat::rows(x, i), Mat::t(w, i));
     y
 }
 
@@ -21,20 +22,18 @@ pub fn bwd<T: Float>(
     db: &mut [T],
 ) -> Vec<T> {
     let o = db.len();
-    matmul(o, i, n, dw, i, true, Mat::t(dy, o), Mat::rows(x, i));
+    let g = Gemm { m: o, n: i, k: n };
+    matmul(g, Out::accumulate(dw, i), Mat::t(dy, o), Mat::rows(x, i));
     for r in 0..n {
         db.iter_mut()
             .zip(&dy[r * o..][..o])
             .for_each(|(d, &g)| *d += g);
     }
     let mut dx = vec![T::ZERO; n * i];
+    let g = Gemm { m: n, n: i, k: o };
     matmul(
-        n,
-        i,
-        o,
-        &mut dx,
-        i,
-        false,
+        g,
+        Out::overwrite(&mut dx, i),
         Mat::rows(dy, o),
         Mat::rows(w, i),
     );

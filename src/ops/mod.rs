@@ -79,6 +79,132 @@ macro_rules! impl_float {
 impl_float!(f32);
 impl_float!(f64);
 
+/// Whether a pass trains (batch statistics, which it also records) or evaluates (running ones).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Train,
+    Eval,
+}
+
+impl Mode {
+    /// `v` in training, none in evaluation (what only a training pass computes: batch
+    /// statistics, the next stage's sums).
+    pub fn when_training<V>(self, v: V) -> Option<V> {
+        (self == Mode::Train).then_some(v)
+    }
+}
+
+/// How an op puts a value into its output: replacing what is there, or adding to it (a dense
+/// block's shared gradient buffer, a GEMM that accumulates).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Write {
+    Overwrite,
+    Accumulate,
+}
+
+impl Write {
+    /// What the output holds after putting `v` where it held `old`.
+    #[inline(always)]
+    pub fn put<T: Float>(self, old: T, v: T) -> T {
+        match self {
+            Write::Overwrite => v,
+            Write::Accumulate => old + v,
+        }
+    }
+}
+
+/// What follows a BN's affine `x · scale + shift`: nothing, or a ReLU (the DenseNet's every BN).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activation {
+    Identity,
+    Relu,
+}
+
+/// A `[rows, c]` matrix in a row-major buffer whose rows are `rs >= c` long (a channel prefix of
+/// a wider buffer).
+#[derive(Clone, Copy)]
+pub struct Rows<'a, T> {
+    pub data: &'a [T],
+    pub rows: usize,
+    pub c: usize,
+    pub rs: usize,
+}
+
+impl<'a, T> Rows<'a, T> {
+    pub fn new(data: &'a [T], rows: usize, c: usize, rs: usize) -> Self {
+        Rows { data, rows, c, rs }
+    }
+    /// Row `r`'s `c` values.
+    #[inline(always)]
+    pub fn row(&self, r: usize) -> &'a [T] {
+        &self.data[r * self.rs..][..self.c]
+    }
+}
+
+/// An NHWC input view: `[n, h, w, c]` with row (pixel) stride `rs >= c`.
+#[derive(Clone, Copy)]
+pub struct Image<'a, T> {
+    pub data: &'a [T],
+    pub n: usize,
+    pub h: usize,
+    pub w: usize,
+    pub c: usize,
+    pub rs: usize,
+}
+
+impl<'a, T> Image<'a, T> {
+    /// Contiguous `[n, h, w, c]` pixels (`rs = c`).
+    pub fn dense(data: &'a [T], (n, h, w, c): (usize, usize, usize, usize)) -> Self {
+        Image {
+            data,
+            n,
+            h,
+            w,
+            c,
+            rs: c,
+        }
+    }
+    /// Its pixels as a `[n·h·w, c]` matrix.
+    pub fn rows(&self) -> Rows<'a, T> {
+        Rows::new(self.data, self.n * self.h * self.w, self.c, self.rs)
+    }
+}
+
+/// Where an op writes a matrix: the first columns of rows `rs` long in `data`, overwritten or
+/// added to.
+pub struct Out<'a, T> {
+    pub data: &'a mut [T],
+    pub rs: usize,
+    pub write: Write,
+}
+
+impl<'a, T> Out<'a, T> {
+    /// Rows of stride `rs` in `data`, overwritten.
+    pub fn overwrite(data: &'a mut [T], rs: usize) -> Self {
+        Out {
+            data,
+            rs,
+            write: Write::Overwrite,
+        }
+    }
+    /// Rows of stride `rs` in `data`, added to.
+    pub fn accumulate(data: &'a mut [T], rs: usize) -> Self {
+        Out {
+            data,
+            rs,
+            write: Write::Accumulate,
+        }
+    }
+}
+
+/// The sizes of a matrix product `c[m, n] = a[m, k] · b[k, n]`.
+#[derive(Clone, Copy, Debug)]
+pub struct Gemm {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+}
+
 /// A per-channel pre-activation applied to an op's input as it is read:
 /// `relu(x * scale[c] + shift[c])` (a fused BN + ReLU).
 #[derive(Clone, Copy)]
@@ -132,49 +258,20 @@ fn extent(m: usize, n: usize, rs: usize, cs: usize) -> usize {
     }
 }
 
-/// `c[m, n] (+)= a[m, k] · b[k, n]`; `c` is row-major with row stride `c_rs`; it is
-/// overwritten unless `acc`. Multi-threaded over rayon's pool.
-#[allow(clippy::too_many_arguments)]
-pub fn matmul<T: Float>(
-    m: usize,
-    n: usize,
-    k: usize,
-    c: &mut [T],
-    c_rs: usize,
-    acc: bool,
-    a: Mat<T>,
-    b: Mat<T>,
-) {
-    gemm_call(m, n, k, c, c_rs, acc, a, b, gemm::Parallelism::Rayon(0))
+/// `c (+)= a · b` of sizes `g` (`c` overwritten or added to, as `c.write` says). Multi-threaded
+/// over rayon's pool.
+pub fn matmul<T: Float>(g: Gemm, c: Out<T>, a: Mat<T>, b: Mat<T>) {
+    gemm_call(g, c, a, b, gemm::Parallelism::Rayon(0))
 }
 
 /// [`matmul`] on the calling thread only (for callers that parallelise over row chunks).
-#[allow(clippy::too_many_arguments)]
-pub fn matmul_1t<T: Float>(
-    m: usize,
-    n: usize,
-    k: usize,
-    c: &mut [T],
-    c_rs: usize,
-    acc: bool,
-    a: Mat<T>,
-    b: Mat<T>,
-) {
-    gemm_call(m, n, k, c, c_rs, acc, a, b, gemm::Parallelism::None)
+pub fn matmul_1t<T: Float>(g: Gemm, c: Out<T>, a: Mat<T>, b: Mat<T>) {
+    gemm_call(g, c, a, b, gemm::Parallelism::None)
 }
 
-#[allow(clippy::too_many_arguments)]
-fn gemm_call<T: Float>(
-    m: usize,
-    n: usize,
-    k: usize,
-    c: &mut [T],
-    c_rs: usize,
-    acc: bool,
-    a: Mat<T>,
-    b: Mat<T>,
-    par: gemm::Parallelism,
-) {
+fn gemm_call<T: Float>(g: Gemm, c: Out<T>, a: Mat<T>, b: Mat<T>, par: gemm::Parallelism) {
+    let (Gemm { m, n, k }, c_rs, acc) = (g, c.rs, c.write == Write::Accumulate);
+    let c = c.data;
     assert!(c.len() >= extent(m, n, c_rs, 1), "matmul: c too small");
     assert!(
         a.data.len() >= extent(m, k, a.rs, a.cs),
@@ -333,7 +430,12 @@ mod tests {
         let b: Vec<f64> = testutil::randn(&mut rng, n * k); // b^T stored [n, k]
         let mut c = testutil::randn(&mut rng, m * 8);
         let c0 = c.clone();
-        matmul(m, n, k, &mut c, 8, true, Mat::rows(&a, 12), Mat::t(&b, k));
+        matmul(
+            Gemm { m, n, k },
+            Out::accumulate(&mut c, 8),
+            Mat::rows(&a, 12),
+            Mat::t(&b, k),
+        );
         for i in 0..m {
             for j in 0..n {
                 let s: f64 = (0..k).map(|p| a[i * 12 + p] * b[j * k + p]).sum();

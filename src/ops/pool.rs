@@ -1,8 +1,8 @@
 //! Pooling in NHWC: max pool 3×3/2 pad 1 (padding is −∞), avg pool 2×2/2 (floor on odd
-//! sizes), global average pool. Inputs are contiguous `[n, h, w, c]`; outputs may be a
+//! sizes), global average pool. Inputs are NHWC views (`Image`); outputs may be a
 //! channel prefix of a wider buffer (row stride `y_rs`).
 
-use super::{par_rows, BnRelu, Float};
+use super::{par_rows, BnRelu, Float, Image, Rows};
 use rayon::prelude::*;
 
 /// Max pool 3×3, stride 2, pad 1: output size.
@@ -11,15 +11,8 @@ pub fn maxpool_out(h: usize, w: usize) -> (usize, usize) {
 }
 
 /// `y: [n, ho, wo, c]` (row stride `y_rs`) = maxpool3x3s2p1(`x: [n, h, w, c]`).
-pub fn maxpool_fwd<T: Float>(
-    x: &[T],
-    n: usize,
-    h: usize,
-    w: usize,
-    c: usize,
-    y: &mut [T],
-    y_rs: usize,
-) {
+pub fn maxpool_fwd<T: Float>(x: Image<T>, y: &mut [T], y_rs: usize) {
+    let Image { n, h, w, c, .. } = x;
     let (ho, wo) = maxpool_out(h, w);
     par_rows(y, n * ho * wo, y_rs, |r, out| {
         let (b, oy, ox) = (r / (ho * wo), (r / wo) % ho, r % wo);
@@ -27,7 +20,7 @@ pub fn maxpool_fwd<T: Float>(
         out.fill(T::NEG_INFINITY);
         for iy in (2 * oy).saturating_sub(1)..(2 * oy + 2).min(h) {
             for ix in (2 * ox).saturating_sub(1)..(2 * ox + 2).min(w) {
-                let src = &x[((b * h + iy) * w + ix) * c..][..c];
+                let src = &x.data[((b * h + iy) * w + ix) * x.rs..][..c];
                 for (o, &v) in out.iter_mut().zip(src) {
                     // A NaN anywhere in the window is the maximum (as in PyTorch).
                     if v > *o || v.is_nan() {
@@ -39,27 +32,22 @@ pub fn maxpool_fwd<T: Float>(
     });
 }
 
-/// `dx: [n, h, w, c]` (contiguous, overwritten) from `dy: [n, ho, wo, c]` (row stride `dy_rs`):
-/// each output's gradient goes to its window's max (the first one on ties).
-#[allow(clippy::too_many_arguments)]
-pub fn maxpool_bwd<T: Float>(
-    x: &[T],
-    n: usize,
-    h: usize,
-    w: usize,
-    c: usize,
-    dy: &[T],
-    dy_rs: usize,
-    dx: &mut [T],
-) {
+/// `dx: [n, h, w, c]` (contiguous, overwritten) from `dy: [n·ho·wo, c]`: each output's gradient
+/// goes to its window's max (the first one on ties).
+pub fn maxpool_bwd<T: Float>(x: Image<T>, dy: Rows<T>, dx: &mut [T]) {
+    let Image { n, h, w, c, .. } = x;
     let (ho, wo) = maxpool_out(h, w);
+    assert_eq!(
+        (dy.rows, dy.c),
+        (n * ho * wo, c),
+        "maxpool_bwd: dy is not y's shape"
+    );
     // Scatter within one image at a time; images in parallel.
     dx[..n * h * w * c]
         .par_chunks_mut(h * w * c)
         .enumerate()
         .for_each(|(b, dxi)| {
             dxi.fill(T::ZERO);
-            let xi = &x[b * h * w * c..][..h * w * c];
             let mut best = vec![T::ZERO; c];
             let mut at = vec![0usize; c];
             for oy in 0..ho {
@@ -69,7 +57,8 @@ pub fn maxpool_bwd<T: Float>(
                     for iy in (2 * oy).saturating_sub(1)..(2 * oy + 2).min(h) {
                         for ix in (2 * ox).saturating_sub(1)..(2 * ox + 2).min(w) {
                             let p = iy * w + ix;
-                            for (j, &v) in xi[p * c..][..c].iter().enumerate() {
+                            let px = &x.data[(b * h * w + p) * x.rs..][..c];
+                            for (j, &v) in px.iter().enumerate() {
                                 let nan = v.is_nan() && !best[j].is_nan();
                                 if at[j] == usize::MAX || v > best[j] || nan {
                                     best[j] = v;
@@ -78,7 +67,7 @@ pub fn maxpool_bwd<T: Float>(
                             }
                         }
                     }
-                    let d = &dy[((b * ho + oy) * wo + ox) * dy_rs..][..c];
+                    let d = dy.row((b * ho + oy) * wo + ox);
                     for j in 0..c {
                         dxi[at[j] * c + j] += d[j];
                     }
@@ -88,28 +77,15 @@ pub fn maxpool_bwd<T: Float>(
 }
 
 /// `y: [n, h/2, w/2, c]` (row stride `y_rs`) = avgpool2x2s2(pre(`x: [n, h, w, c]`)).
-#[allow(clippy::too_many_arguments)]
-pub fn avgpool_fwd<T: Float>(
-    x: &[T],
-    n: usize,
-    h: usize,
-    w: usize,
-    c: usize,
-    pre: Option<BnRelu<T>>,
-    y: &mut [T],
-    y_rs: usize,
-) {
+pub fn avgpool_fwd<T: Float>(x: Image<T>, pre: Option<BnRelu<T>>, y: &mut [T], y_rs: usize) {
+    let Image { n, h, w, c, .. } = x;
     let (ho, wo) = (h / 2, w / 2);
     let q = T::from_f64(0.25);
     par_rows(y, n * ho * wo, y_rs, |r, out| {
         let (b, oy, ox) = (r / (ho * wo), (r / wo) % ho, r % wo);
         let p = (b * h + 2 * oy) * w + 2 * ox;
-        let (a, bb, cc, d) = (
-            &x[p * c..][..c],
-            &x[(p + 1) * c..][..c],
-            &x[(p + w) * c..][..c],
-            &x[(p + w + 1) * c..][..c],
-        );
+        let px = |p: usize| &x.data[p * x.rs..][..c];
+        let (a, bb, cc, d) = (px(p), px(p + 1), px(p + w), px(p + w + 1));
         match pre {
             None => (0..c).for_each(|j| out[j] = (a[j] + bb[j] + cc[j] + d[j]) * q),
             Some(p) => (0..c).for_each(|j| {
@@ -185,15 +161,16 @@ mod tests {
             let r = randn(&mut rng, n * ho * wo * c);
             let f = |x: &[f64]| {
                 let mut y = vec![0.0; n * ho * wo * c];
-                maxpool_fwd(x, n, h, w, c, &mut y, c);
+                maxpool_fwd(Image::dense(x, (n, h, w, c)), &mut y, c);
                 dot(&y, &r)
             };
             // Negative inputs: padding must never win (it would give 0).
             let mut y = vec![0.0; n * ho * wo * c];
-            maxpool_fwd(&x, n, h, w, c, &mut y, c);
+            maxpool_fwd(Image::dense(&x, (n, h, w, c)), &mut y, c);
             assert!(y.iter().all(|&v| v < 0.0));
             let mut dx = vec![f64::NAN; x.len()];
-            maxpool_bwd(&x, n, h, w, c, &r, c, &mut dx);
+            let dy = Rows::new(&r[..], n * ho * wo, c, c);
+            maxpool_bwd(Image::dense(&x, (n, h, w, c)), dy, &mut dx);
             let err = fd_check(&mut x, &dx, f);
             assert!(err < TOL, "maxpool rel err {err}");
         }
@@ -208,7 +185,7 @@ mod tests {
         let r = randn(&mut rng, n * ho * wo * c);
         let f = |x: &[f64]| {
             let mut y = vec![0.0; n * ho * wo * (c + 2)];
-            avgpool_fwd(x, n, h, w, c, None, &mut y, c + 2);
+            avgpool_fwd(Image::dense(x, (n, h, w, c)), None, &mut y, c + 2);
             let y: Vec<f64> = y.chunks(c + 2).flat_map(|p| p[..c].to_vec()).collect();
             dot(&y, &r)
         };

@@ -10,8 +10,9 @@
 use crate::common::gpu::seed;
 use crate::common::{mura_bounded, one_error_line, run_ok, s, tmp};
 use mura::data::StudyType;
-use mura::model::{DenseNet, Mode};
+use mura::model::DenseNet;
 use mura::ops::augment::{MEAN, STD};
+use mura::ops::Mode;
 use mura::rng::Rng;
 use mura::spec::DenseNetSpec;
 use std::io::Write;

@@ -759,7 +759,8 @@ fn an_evaluation_splits_a_study_of_many_views_and_scores_it_whole() {
     use mura::data::loader::EVAL_BATCH_PIXELS;
     use mura::eval::predict_split;
     use mura::loss::{weighted_bce, LossLevel};
-    use mura::model::{DenseNet, Mode};
+    use mura::model::DenseNet;
+    use mura::ops::Mode;
     let root = tmp("split");
     let m = root.join("MURA-v1.1");
     // Valid: a study of 11 views between two of 2 and 1; a side of 896 makes a batch 4 images.

@@ -9,9 +9,11 @@ use crate::common::gpu::{randn, rel_err, seed, upload};
 use half::bf16;
 use mura::gpu::emu::{mutants, Checks, Emu};
 use mura::gpu::ops::bn::{self, Stats};
-use mura::gpu::ops::conv_tc;
+use mura::gpu::ops::conv_tc::{self, FwdOut};
+use mura::gpu::ops::ConvIn;
 use mura::gpu::{DeviceBuffer, Driver, Mat, Nhwc};
-use mura::ops::conv::{self, Conv, Image};
+use mura::ops::conv::{self, Conv};
+use mura::ops::Image;
 use mura::rng::Rng;
 use std::sync::Arc;
 
@@ -56,7 +58,13 @@ fn conv_forward(
         tiles: tiles.slice(),
     };
     let split = split.map(|_| (ws, 32));
-    conv_tc::fwd_split(&**d, xv, None, wb.slice(), g, yv, None, None, split)?;
+    let conv = ConvIn {
+        x: xv,
+        pre: None,
+        w: wb.slice(),
+        g,
+    };
+    conv_tc::fwd_split(&**d, conv, FwdOut::plain(yv), split)?;
     let mut want = vec![0.0; n * h * w * co];
     let img = Image {
         data: &x,
@@ -125,28 +133,19 @@ fn conv_chain(d: &Arc<dyn Driver>, rng: &mut Rng) -> anyhow::Result<f64> {
     let xv = Nhwc::new(xb.slice(), (n, h, w, c), c)?;
     let yv = Nhwc::new(y.slice(), (n, h, w, cy), cy)?;
     let zv = Nhwc::new(z.slice(), (n, h, w, cz), cz)?;
+    let conv = |x, w: &DeviceBuffer<bf16>, g| ConvIn {
+        x,
+        pre: None,
+        w: w.slice(),
+        g,
+    };
     conv_tc::fwd_split(
         &**d,
-        xv,
-        None,
-        w1.slice(),
-        Conv::POINTWISE,
-        yv,
-        None,
-        None,
+        conv(xv, &w1, Conv::POINTWISE),
+        FwdOut::plain(yv),
         None,
     )?;
-    conv_tc::fwd_split(
-        &**d,
-        yv,
-        None,
-        w3.slice(),
-        Conv::CONV3,
-        zv,
-        None,
-        None,
-        None,
-    )?;
+    conv_tc::fwd_split(&**d, conv(yv, &w3, Conv::CONV3), FwdOut::plain(zv), None)?;
     let ys = read_bf16(&y);
     let mut want = vec![0.0; n * h * w * cz];
     let img = Image {

@@ -17,8 +17,9 @@
 //!   ~1e-3 off on tensors the other gets to 1e-6). See scripts/golden_fixtures.py.
 
 use mura::loss::{weighted_bce, LossLevel};
-use mura::model::{DenseNet, Mode};
+use mura::model::DenseNet;
 use mura::ops::Float;
+use mura::ops::Mode;
 use mura::spec::{DenseNetSpec, Role};
 use mura::weights::seeded::{seeded_input_nhwc, seeded_state_dict};
 use mura::weights::{StateDict, TensorData};

@@ -2,7 +2,8 @@
 //! the torchvision state-dict boundary.
 
 use super::tiny;
-use mura::model::{DenseNet, Mode};
+use mura::model::DenseNet;
+use mura::ops::Mode;
 use mura::rng::Rng;
 use mura::spec::Role;
 use mura::weights::TensorData;

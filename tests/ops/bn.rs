@@ -16,7 +16,8 @@ use mura::gpu::ops::bn::{
 };
 use mura::gpu::ops::BnRelu;
 use mura::gpu::{Act, DeviceBuffer, Mat};
-use mura::ops::bn as cpu;
+use mura::ops::bn::{self as cpu, BnOpts};
+use mura::ops::{Activation, Mode, Out, Rows, Write};
 
 // 5 channels at 2 of 9, 37 rows.
 test_device!(slice_37x5, rows37);
@@ -42,12 +43,13 @@ fn case<T: Act>(x: &mut Exec, dims: (usize, usize, usize, usize)) {
     let (train, running) = b.train(x);
     let eval = b.eval(x, running);
     b.apply(x, &train);
-    for (norm, train, relu) in [
-        (&train, true, true),
-        (&train, true, false),
-        (&eval, false, true),
+    let opts = |act, mode| BnOpts { act, mode };
+    for (norm, opts) in [
+        (&train, BnOpts::relu(Mode::Train)),
+        (&train, opts(Activation::Identity, Mode::Train)),
+        (&eval, BnOpts::relu(Mode::Eval)),
     ] {
-        b.backward(x, norm, train, relu);
+        b.backward(x, norm, opts);
     }
     b.backward_deferred(x, &train);
     b.coefficients_from_sums(x);
@@ -364,13 +366,14 @@ impl<T: Act> Case<T> {
     /// The apply (+ ReLU) into channels `[1, 1 + c)` of a poisoned `[rows, c + 2]`.
     fn apply(&self, x: &Exec, n: &Norm) {
         let (rows, c) = (self.rows, self.c);
-        for relu in [false, true] {
-            let what = format!("{} apply relu={relu}", self.what);
+        for act in [Activation::Identity, Activation::Relu] {
+            let what = format!("{} apply {act:?}", self.what);
             let yb = x.poisoned::<T>(rows * (c + 2));
             let y = mat(&yb, rows, c + 2, (1, c));
-            bn::apply(&*x.d, self.xm, n.coef.coef(), relu, y).unwrap();
+            bn::apply(&*x.d, self.xm, n.coef.coef(), act, y).unwrap();
             let mut y_ref = vec![0.0; rows * c];
-            cpu::apply(&self.x, rows, c, c, &n.st[0], &n.st[1], relu, &mut y_ref, c);
+            let xr = Rows::new(&self.x[..], rows, c, c);
+            cpu::apply(xr, &n.st[0], &n.st[1], act, &mut y_ref, c);
             let terms: Vec<f64> = (0..rows * c)
                 .map(|i| (self.x[i] * n.st[0][i % c]).abs() + n.st[1][i % c].abs())
                 .collect();
@@ -383,25 +386,15 @@ impl<T: Act> Case<T> {
         }
     }
 
-    /// The backward (`train`: batch statistics, else running ones) of a random dy.
-    fn backward(&self, x: &mut Exec, n: &Norm, train: bool, relu: bool) {
-        let what = format!("{} bwd train={train} relu={relu}", self.what);
+    /// The backward (training: batch statistics, eval: running ones) of a random dy.
+    fn backward(&self, x: &mut Exec, n: &Norm, opts: BnOpts) {
+        let what = format!("{} bwd {opts:?}", self.what);
         let (dyb, dy) = self.dy(x);
         let g = Grads::draw(x, self);
         let (s, dym) = (self.saved(n), self.m(&dyb));
-        bn::backward(
-            &*x.d,
-            s,
-            relu,
-            train,
-            dym,
-            g.affine(),
-            g.grad(),
-            self.scratch(),
-        )
-        .unwrap();
+        bn::backward(&*x.d, s, opts, dym, g.affine(), g.grad(), self.scratch()).unwrap();
         self.left_zero(&what);
-        let want = g.reference(self, &n.mv, (relu, train), &dy);
+        let want = g.reference(self, &n.mv, opts, &dy);
         g.check_dx(&what, &want.dx, None, x.tol);
         g.check_params(&what, &want, x.tol);
     }
@@ -429,7 +422,7 @@ impl<T: Act> Case<T> {
         let def = share.dev.deferred();
         bn::backward_deferred(&*x.d, s, dym, g.affine(), g.grad(), scratch, def).unwrap();
         self.left_zero(&what);
-        let want = g.reference(self, &n.mv, (true, true), &dy);
+        let want = g.reference(self, &n.mv, BnOpts::relu(Mode::Train), &dy);
         g.check_params(&what, &want, x.tol);
         // dx: its initial values plus scale·dz, each rounded to T (bounded by their sizes).
         let (dx_rs, c) = (self.c + 1, self.c);
@@ -547,7 +540,7 @@ impl<T: Act> Case<T> {
         let dy = x.randn(self.rows * self.c, 1.0, 0.0);
         let (dzb, dz) = x.upload::<T>(&self.masked(n, &dy));
         let g = Grads::draw(x, self);
-        let want = g.reference(self, &n.mv, (true, true), &dz);
+        let want = g.reference(self, &n.mv, BnOpts::relu(Mode::Train), &dz);
         let (c, rows) = (self.c, self.rows as f64);
         let red = read(&self.sums(x, &dz, &self.x));
         let (m, v) = (&n.mv[0], &n.mv[1]);
@@ -648,26 +641,27 @@ impl<T: Act> Grads<T> {
     fn grad(&self) -> Grad<T> {
         Grad {
             mat: mat(&self.dx.0, self.rows, self.c + 1, (0, self.c)),
-            accumulate: true,
+            write: Write::Accumulate,
         }
     }
-    /// The initial values plus the CPU backward (`(relu, train)`) of `dy: [rows, c]` through
-    /// the BN normalised with statistics `mv`.
-    fn reference(
-        &self,
-        b: &Case<T>,
-        mv: &[Vec<f64>; 2],
-        (relu, train): (bool, bool),
-        dy: &[f64],
-    ) -> Want {
+    /// The initial values plus the CPU backward (`opts`) of `dy: [rows, c]` through the BN
+    /// normalised with statistics `mv`.
+    fn reference(&self, b: &Case<T>, mv: &[Vec<f64>; 2], opts: BnOpts, dy: &[f64]) -> Want {
         let (rows, c) = (b.rows, b.c);
         let (mut dg, mut db) = (self.dg.1.clone(), self.db.1.clone());
         let mut dx = cols(&self.dx.1, c + 1, 0, c);
-        let (gamma, beta) = (&b.gamma.1, &b.beta.1);
-        cpu::backward(
-            &b.x, rows, c, c, gamma, beta, &mv[0], &mv[1], relu, train, dy, c, &mut dg, &mut db,
-            &mut dx, c,
-        );
+        let bn = cpu::Bn {
+            gamma: &b.gamma.1,
+            beta: &b.beta.1,
+            mean: &mv[0],
+            var: &mv[1],
+        };
+        let dparams = cpu::ParamGrads {
+            dgamma: &mut dg,
+            dbeta: &mut db,
+        };
+        let (xr, dyr) = (Rows::new(&b.x[..], rows, c, c), Rows::new(dy, rows, c, c));
+        cpu::backward(xr, bn, opts, dyr, dparams, Out::accumulate(&mut dx, c));
         Want { dx, dg, db }
     }
     /// dx's first c channels against `want` (relative to `terms`' sizes when given); the last
@@ -722,7 +716,13 @@ fn refuses_operands_that_do_not_fit() {
         "a BN's mean: 2 elements where 3 are needed",
     );
     let yb = x.poisoned::<f32>(rows * c);
-    let e = bn::apply(d, xm, out.coef(), true, mat(&yb, rows, c, (0, 2)));
+    let e = bn::apply(
+        d,
+        xm,
+        out.coef(),
+        Activation::Relu,
+        mat(&yb, rows, c, (0, 2)),
+    );
     refused(e, "BN apply: [4, 3] and [4, 2] differ");
     let params = Affine {
         gamma: short(c),
@@ -775,7 +775,7 @@ fn backward_refuses_before_launching() {
     let dxb = x.poisoned::<f32>(2 * 3);
     let dx = Grad {
         mat: mat(&dxb, 2, 3, (0, 3)),
-        accumulate: false,
+        write: Write::Overwrite,
     };
     let done = DeviceBuffer::<u32>::zeroed(&x.d, 1).unwrap();
     let scratch = Scratch {
@@ -783,7 +783,15 @@ fn backward_refuses_before_launching() {
         coef: f.slice(),
         done: done.slice(),
     };
-    let e = bn::backward(d, saved, true, true, xm, dparams, dx, scratch);
+    let e = bn::backward(
+        d,
+        saved,
+        BnOpts::relu(Mode::Train),
+        xm,
+        dparams,
+        dx,
+        scratch,
+    );
     refused(e, "BN backward (dx): [4, 3] and [2, 3] differ");
     let e = bn::backward_deferred(d, saved, xm, dparams, dx, scratch, def.deferred());
     refused(e, "BN backward (dx): [4, 3] and [2, 3] differ");

@@ -8,9 +8,10 @@ use crate::common::gpu::{
     all_nan, check, check_cols, cols, nhwc, plus_cols, read, refused, Exec, Pre,
 };
 use crate::test_device;
-use mura::gpu::ops::conv;
+use mura::gpu::ops::{conv, DataOut};
 use mura::gpu::{Act, DeviceBuffer, Nhwc};
-use mura::ops::conv::{self as cpu, Conv, Image};
+use mura::ops::conv::{self as cpu, Conv};
+use mura::ops::{Image, Write};
 
 /// One convolution's shapes: the input is the first `c` channels of `[n, h, w, x_rs]`, the output
 /// channels `[y_c0, y_c0 + co)` of `[n, ho, wo, y_rs]`; `pre`: a BN + ReLU in front.
@@ -228,7 +229,11 @@ fn data_grad<T: Act>(
     let (dxb, dx0) = x.random::<T>(s.px_in() * dx_rs, 1.0, 0.0);
     let (dyv, wt) = (inp.out_view(dyb), inp.wt.0.slice());
     let dxv = nhwc(&dxb, dims, dx_rs, (0, s.c));
-    conv::bwd_data(&*x.d, dyv, wt, s.g, dxv, true).unwrap();
+    let acc = DataOut {
+        dx: dxv,
+        write: Write::Accumulate,
+    };
+    conv::bwd_data(&*x.d, dyv, wt, s.g, acc).unwrap();
     let want = plus_cols(&dx0, (dx_rs, 0, s.c), &dx_ref);
     check(
         &format!("{what} bwd data (accumulate)"),
@@ -238,7 +243,8 @@ fn data_grad<T: Act>(
     );
 
     let dxb = x.poisoned::<T>(s.px_in() * s.c);
-    conv::bwd_data(&*x.d, dyv, wt, s.g, nhwc(&dxb, dims, s.c, (0, s.c)), false).unwrap();
+    let dx = DataOut::overwrite(nhwc(&dxb, dims, s.c, (0, s.c)));
+    conv::bwd_data(&*x.d, dyv, wt, s.g, dx).unwrap();
     check(&format!("{what} bwd data"), &read(&dxb), &dx_ref, x.tol);
 }
 
@@ -272,7 +278,7 @@ fn refuses_operands_that_do_not_fit() {
         conv::fwd(&*x.d, xv, None, wt, g, small),
         "the convolution's output is (1, 4, 4, 8)",
     );
-    let e = conv::bwd_data(&*x.d, small, wt, g, xv, false);
+    let e = conv::bwd_data(&*x.d, small, wt, g, DataOut::overwrite(xv));
     refused(e, "the convolution's output gradient is (1, 4, 4, 8)");
     let e = conv::bwd_weight(&*x.d, xv, None, g, y, short(&inp.wt.0));
     refused(e, "the weight gradient: 287 elements where 288 are needed");
@@ -287,7 +293,7 @@ fn refuses_operands_that_do_not_fit() {
         e,
         "a 11x11/1 pad 0 convolution has no output on a 6x6 input",
     );
-    let e = conv::bwd_data(&*x.d, y, wt, wide, xv, false);
+    let e = conv::bwd_data(&*x.d, y, wt, wide, DataOut::overwrite(xv));
     refused(e, "has no output on a 6x6 input");
     let e = conv::bwd_weight(&*x.d, xv, None, wide, y, wt);
     refused(e, "has no output on a 6x6 input");

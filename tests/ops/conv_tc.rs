@@ -10,10 +10,11 @@ use crate::common::gpu::{
 };
 use half::bf16;
 use mura::gpu::ops::bn::{Affine, CoefStep, Deferred, Running, Stats};
-use mura::gpu::ops::conv_tc::{self, BnStep, DataOut, Mask, SplitK, StepOut};
-use mura::gpu::ops::BnRelu;
+use mura::gpu::ops::conv_tc::{self, BnBackward, BnStep, FwdOut, Mask, SplitK, StepOut};
+use mura::gpu::ops::{BnRelu, ConvIn, DataOut};
 use mura::gpu::{DeviceBuffer, Driver};
 use mura::ops::conv::Conv;
+use mura::ops::Write;
 
 /// Sums of values the kernels themselves stored: only f32 accumulation error is allowed.
 const EXACT: f64 = 1e-5;
@@ -131,7 +132,7 @@ fn dense_case(x: &mut Exec, s: Shape) {
 fn any_window_case(x: &mut Exec, s: Shape) {
     let what = format!("tc {}", s.name());
     let inp = In::draw(x, s);
-    let out = FwdOut::new(x, s);
+    let out = Outputs::new(x, s);
     // (The workspace is ignored: any-window forwards never split.)
     let (ws, tiles) = (
         x.poisoned::<f32>(s.px_out() * s.co),
@@ -145,7 +146,22 @@ fn any_window_case(x: &mut Exec, s: Shape) {
     let (xv, pre, wt) = (inp.view(), inp.pre(), inp.wt.0.slice());
     let y = inp.out_view(&out.y);
     let stats = Some(out.stats.slice());
-    conv_tc::fwd(&*x.d, xv, pre, wt, s.g, y, stats, None, Some(split)).unwrap();
+    conv_tc::fwd(
+        &*x.d,
+        ConvIn {
+            x: xv,
+            pre,
+            w: wt,
+            g: s.g,
+        },
+        FwdOut {
+            y,
+            stats,
+            next: None,
+        },
+        Some(split),
+    )
+    .unwrap();
     out.check(x, &inp, &format!("{what} fwd"), true);
     let untouched = tiles.to_vec().unwrap().iter().all(|&c| c == u32::MAX);
     assert!(
@@ -159,16 +175,16 @@ fn any_window_case(x: &mut Exec, s: Shape) {
 }
 
 /// A forward's outputs: `y: [px_out, y_rs]` poisoned, `stats: [2, co]` random (`stats0` as stored).
-struct FwdOut {
+struct Outputs {
     y: DeviceBuffer<bf16>,
     stats: DeviceBuffer<f32>,
     stats0: Vec<f64>,
 }
 
-impl FwdOut {
-    fn new(x: &mut Exec, s: Shape) -> FwdOut {
+impl Outputs {
+    fn new(x: &mut Exec, s: Shape) -> Outputs {
         let (stats, stats0) = x.random(2 * s.co, 1.0, 0.0);
-        FwdOut {
+        Outputs {
             y: x.poisoned(s.px_out() * s.y_rs),
             stats,
             stats0,
@@ -208,19 +224,59 @@ fn forward_splits(x: &mut Exec, inp: &In, what: &str) {
     let ws = Workspace::new(&x.d, s.px_out() * s.co, 64);
     for split in [Split::Whole, Split::Chunks(32), Split::Default] {
         let what = format!("{what} fwd {split:?}");
-        let out = FwdOut::new(x, s);
+        let out = Outputs::new(x, s);
         let (xv, pre, wt) = (inp.view(), inp.pre(), inp.wt.0.slice());
         let y = inp.out_view(&out.y);
         let stats = s.pre.then(|| out.stats.slice());
         match split {
-            Split::Whole => conv_tc::fwd_split(&*x.d, xv, pre, wt, s.g, y, stats, None, None),
+            Split::Whole => conv_tc::fwd_split(
+                &*x.d,
+                ConvIn {
+                    x: xv,
+                    pre,
+                    w: wt,
+                    g: s.g,
+                },
+                FwdOut {
+                    y,
+                    stats,
+                    next: None,
+                },
+                None,
+            ),
             Split::Chunks(len) => {
                 let split = Some((ws.view(), len));
-                conv_tc::fwd_split(&*x.d, xv, pre, wt, s.g, y, stats, None, split)
+                conv_tc::fwd_split(
+                    &*x.d,
+                    ConvIn {
+                        x: xv,
+                        pre,
+                        w: wt,
+                        g: s.g,
+                    },
+                    FwdOut {
+                        y,
+                        stats,
+                        next: None,
+                    },
+                    split,
+                )
             }
-            Split::Default => {
-                conv_tc::fwd(&*x.d, xv, pre, wt, s.g, y, stats, None, Some(ws.view()))
-            }
+            Split::Default => conv_tc::fwd(
+                &*x.d,
+                ConvIn {
+                    x: xv,
+                    pre,
+                    w: wt,
+                    g: s.g,
+                },
+                FwdOut {
+                    y,
+                    stats,
+                    next: None,
+                },
+                Some(ws.view()),
+            ),
         }
         .unwrap();
         out.check(x, inp, &what, s.pre);
@@ -272,11 +328,51 @@ fn coef_step(x: &mut Exec, inp: &In, what: &str, split: Split, ws: &Workspace) {
     let (xv, pre, wt, d) = (inp.view(), inp.pre(), inp.wt.0.slice(), &*x.d);
     let (yv, st) = (inp.out_view(&y), Some(sums.slice()));
     match split {
-        Split::Whole => conv_tc::fwd_split(d, xv, pre, wt, s.g, yv, st, step, None),
-        Split::Chunks(len) => {
-            conv_tc::fwd_split(d, xv, pre, wt, s.g, yv, st, step, Some((ws.view(), len)))
-        }
-        Split::Default => conv_tc::fwd(d, xv, pre, wt, s.g, yv, st, step, Some(ws.view())),
+        Split::Whole => conv_tc::fwd_split(
+            d,
+            ConvIn {
+                x: xv,
+                pre,
+                w: wt,
+                g: s.g,
+            },
+            FwdOut {
+                y: yv,
+                stats: st,
+                next: step,
+            },
+            None,
+        ),
+        Split::Chunks(len) => conv_tc::fwd_split(
+            d,
+            ConvIn {
+                x: xv,
+                pre,
+                w: wt,
+                g: s.g,
+            },
+            FwdOut {
+                y: yv,
+                stats: st,
+                next: step,
+            },
+            Some((ws.view(), len)),
+        ),
+        Split::Default => conv_tc::fwd(
+            d,
+            ConvIn {
+                x: xv,
+                pre,
+                w: wt,
+                g: s.g,
+            },
+            FwdOut {
+                y: yv,
+                stats: st,
+                next: step,
+            },
+            Some(ws.view()),
+        ),
     }
     .unwrap();
     let yv = read(&y);
@@ -338,7 +434,7 @@ fn bwd_data(
     inp: &In,
     dyb: &DeviceBuffer<bf16>,
     (dx, rs): (&DeviceBuffer<bf16>, usize),
-    (accumulate, mask): (bool, bool),
+    (write, mask): (Write, bool),
     (red, post): (Option<&DeviceBuffer<f32>>, Option<&DeviceBuffer<f32>>),
     split: Option<usize>,
 ) -> anyhow::Result<()> {
@@ -347,7 +443,7 @@ fn bwd_data(
         inp,
         dyb,
         (dx, rs),
-        (accumulate, mask),
+        (write, mask),
         (red, post),
         None,
         split,
@@ -361,7 +457,7 @@ fn bwd_data_step(
     inp: &In,
     dyb: &DeviceBuffer<bf16>,
     (dx, rs): (&DeviceBuffer<bf16>, usize),
-    (accumulate, mask): (bool, bool),
+    (write, mask): (Write, bool),
     (red, post): (Option<&DeviceBuffer<f32>>, Option<&DeviceBuffer<f32>>),
     step: Option<BnStep>,
     split: Option<usize>,
@@ -369,14 +465,27 @@ fn bwd_data_step(
     let s = inp.s;
     let out = DataOut {
         dx: nhwc(dx, (s.n, s.h, s.w), rs, (0, s.c)),
-        accumulate,
+        write,
     };
     let mask = inp.pre.dev(mask).map(|bn| Mask { x: inp.view(), bn });
     let (red, post) = (red.map(|b| b.slice()), post.map(|b| b.slice()));
     let (dyv, wt, d) = (inp.out_view(dyb), inp.wt.0.slice(), &*x.d);
     let ws = Workspace::new(&x.d, s.px_in() * s.c, 64);
     let split = split.map(|len| (ws.view(), len));
-    conv_tc::bwd_data_split(d, dyv, wt, s.g, out, mask, red, post, step, split)?;
+    conv_tc::bwd_data_split(
+        d,
+        dyv,
+        wt,
+        s.g,
+        out,
+        BnBackward {
+            mask,
+            red,
+            post,
+            step,
+        },
+        split,
+    )?;
     ws.left_zero("bwd data");
     Ok(())
 }
@@ -401,7 +510,7 @@ fn data_grads(x: &mut Exec, inp: &In, dyb: &DeviceBuffer<bf16>, dy: &[f64], what
             bn_steps(x, inp, dyb, &g_ref, what, split);
         }
         let dxb = x.poisoned::<bf16>(s.px_in() * s.c);
-        let plain = (false, false);
+        let plain = (Write::Overwrite, false);
         bwd_data(x, inp, dyb, (&dxb, s.c), plain, (None, None), split).unwrap();
         check(&format!("{what} bwd data"), &read(&dxb), &dx_ref, x.tol);
     }
@@ -422,7 +531,16 @@ fn masked_accumulated(
     let (red, red0) = x.random::<f32>(2 * c, 1.0, 0.0);
     let (post, pv) = x.random::<f32>(c, 0.5, 1.0);
     let sums = (s.pre.then_some(&red), Some(&post));
-    bwd_data(x, inp, dyb, (&dxb, dx_rs), (true, s.pre), sums, split).unwrap();
+    bwd_data(
+        x,
+        inp,
+        dyb,
+        (&dxb, dx_rs),
+        (Write::Accumulate, s.pre),
+        sums,
+        split,
+    )
+    .unwrap();
     let scaled: Vec<f64> = g_ref
         .iter()
         .enumerate()
@@ -461,7 +579,7 @@ fn masked_plain(
         inp,
         dyb,
         (&gb, c),
-        (false, true),
+        (Write::Overwrite, true),
         (Some(&red), None),
         split,
     )
@@ -543,7 +661,7 @@ fn bn_steps(
         inp,
         dyb,
         (&gb, c),
-        (false, true),
+        (Write::Overwrite, true),
         (Some(&red), None),
         st,
         split,
@@ -573,7 +691,17 @@ fn bn_steps(
         ..step(StepOut::Deferred(def))
     });
     let sums = (Some(&red), Some(&post));
-    bwd_data_step(x, inp, dyb, (&dxb, c), (true, true), sums, st, split).unwrap();
+    bwd_data_step(
+        x,
+        inp,
+        dyb,
+        (&dxb, c),
+        (Write::Accumulate, true),
+        sums,
+        st,
+        split,
+    )
+    .unwrap();
     let (dparams, ab) = expect(g_ref);
     let ab_want: Vec<f64> = (0..c)
         .map(|j| a0[j] - pv[j] * (ab[j] - mv[j] * ab[c + j]))
@@ -628,26 +756,36 @@ fn rejects_what_it_does_not_cover() {
     // No data gradient and no explicit split-K for the any-window kernels.
     let out = DataOut {
         dx: v,
-        accumulate: false,
+        write: Write::Overwrite,
     };
-    let e = conv_tc::bwd_data(d, v, wt, Conv::STEM, out, None, None, None, None, None);
+    let e = conv_tc::bwd_data(d, v, wt, Conv::STEM, out, BnBackward::default(), None);
     refused(e, "7x7/2 pad 3");
     let e = conv_tc::fwd_split(
         d,
-        v,
-        None,
-        wt,
-        Conv::STEM,
-        v,
-        None,
-        None,
+        ConvIn {
+            x: v,
+            pre: None,
+            w: wt,
+            g: Conv::STEM,
+        },
+        FwdOut::plain(v),
         Some((ws.view(), 32)),
     );
     refused(e, "7x7/2 pad 3");
     // A window larger than the padded input.
     let g = window(11, 1, 2);
     refused(
-        conv_tc::fwd(d, v, None, wt, g, v, None, None, None),
+        conv_tc::fwd(
+            d,
+            ConvIn {
+                x: v,
+                pre: None,
+                w: wt,
+                g,
+            },
+            FwdOut::plain(v),
+            None,
+        ),
         "no output on a 4x4 input",
     );
     let e = conv_tc::bwd_weight(d, v, None, g, v, dw.slice());
@@ -675,21 +813,65 @@ fn refuses_operands_that_do_not_fit() {
         ws: short(ws),
         tiles: counts.slice().range(0, tiles).unwrap(),
     };
-    let e = conv_tc::fwd(d, xv, pre, wt.range(0, 63).unwrap(), g, y, None, None, None);
+    let e = conv_tc::fwd(
+        d,
+        ConvIn {
+            x: xv,
+            pre,
+            w: wt.range(0, 63).unwrap(),
+            g,
+        },
+        FwdOut::plain(y),
+        None,
+    );
     refused(
         e,
         "the convolution's weights: 63 elements where 64 are needed",
     );
-    let e = conv_tc::fwd(d, xv, pre, wt, g, y, Some(short(15)), None, None);
+    let e = conv_tc::fwd(
+        d,
+        ConvIn {
+            x: xv,
+            pre,
+            w: wt,
+            g,
+        },
+        FwdOut {
+            y,
+            stats: Some(short(15)),
+            next: None,
+        },
+        None,
+    );
     refused(e, "the output statistics: 15 elements where 16 are needed");
     // (K = 8 channels: a chunk of 32 does not split; 8 rows of 16 pixels would in chunks of 0.)
-    let e = conv_tc::fwd_split(d, xv, pre, wt, g, y, None, None, Some((split(128, 1), 0)));
+    let e = conv_tc::fwd_split(
+        d,
+        ConvIn {
+            x: xv,
+            pre,
+            w: wt,
+            g,
+        },
+        FwdOut::plain(y),
+        Some((split(128, 1), 0)),
+    );
     refused(e, "split-K chunk of 0 is not a positive multiple of 32");
-    let e = conv_tc::fwd_split(d, xv, pre, wt, g, y, None, None, Some((split(128, 1), 48)));
+    let e = conv_tc::fwd_split(
+        d,
+        ConvIn {
+            x: xv,
+            pre,
+            w: wt,
+            g,
+        },
+        FwdOut::plain(y),
+        Some((split(128, 1), 48)),
+    );
     refused(e, "split-K chunk of 48 is not a positive multiple of 32");
     let dout = |dx| DataOut {
         dx,
-        accumulate: false,
+        write: Write::Overwrite,
     };
     let e = conv_tc::bwd_weight_split(d, xv, pre, g, y, f.slice(), 0);
     refused(
@@ -706,10 +888,12 @@ fn refuses_operands_that_do_not_fit() {
         wt,
         g,
         dout(y),
-        None,
-        Some(f.slice()),
-        None,
-        None,
+        BnBackward {
+            mask: None,
+            red: Some(f.slice()),
+            post: None,
+            step: None,
+        },
         None,
     );
     refused(e, "need the BN's input (mask)");
@@ -719,10 +903,12 @@ fn refuses_operands_that_do_not_fit() {
         wt,
         g,
         dout(y),
-        mask(nhwc(&yb, (1, 2, 8), 8, (0, 8))),
-        None,
-        None,
-        None,
+        BnBackward {
+            mask: mask(nhwc(&yb, (1, 2, 8), 8, (0, 8))),
+            red: None,
+            post: None,
+            step: None,
+        },
         None,
     );
     refused(
@@ -735,10 +921,12 @@ fn refuses_operands_that_do_not_fit() {
         wt,
         g,
         dout(y),
-        mask(xv),
-        None,
-        Some(short(7)),
-        None,
+        BnBackward {
+            mask: mask(xv),
+            red: None,
+            post: Some(short(7)),
+            step: None,
+        },
         None,
     );
     refused(e, "the per-channel factors: 7 elements where 8 are needed");
@@ -761,14 +949,40 @@ fn refuses_operands_that_do_not_fit() {
         done: counts.slice(),
     };
     let coef = Some(step(StepOut::Coef(f.slice())));
-    let e = conv_tc::bwd_data(d, y, wt, g, dout(y), mask(xv), None, None, coef, None);
+    let e = conv_tc::bwd_data(
+        d,
+        y,
+        wt,
+        g,
+        dout(y),
+        BnBackward {
+            mask: mask(xv),
+            red: None,
+            post: None,
+            step: coef,
+        },
+        None,
+    );
     refused(
         e,
         "a BN backward's step in a data gradient needs its reductions (red)",
     );
     let deferred = Some(step(StepOut::Deferred(def)));
     let red = Some(f.slice());
-    let e = conv_tc::bwd_data(d, y, wt, g, dout(y), mask(xv), red, None, deferred, None);
+    let e = conv_tc::bwd_data(
+        d,
+        y,
+        wt,
+        g,
+        dout(y),
+        BnBackward {
+            mask: mask(xv),
+            red,
+            post: None,
+            step: deferred,
+        },
+        None,
+    );
     refused(
         e,
         "a deferred BN step needs the BN's scale as the factors (post)",
@@ -791,7 +1005,7 @@ fn refuses_short_split_workspaces() {
     let (d, wt, dy) = (&*x.d, inp.wt.0.slice(), inp.out_view(&dxb));
     let out = DataOut {
         dx: inp.view(),
-        accumulate: false,
+        write: Write::Overwrite,
     };
     let split = |ws: usize, tiles: usize| SplitK {
         ws: f.slice().range(0, ws).unwrap(),
@@ -803,10 +1017,7 @@ fn refuses_short_split_workspaces() {
         wt,
         s.g,
         out,
-        None,
-        None,
-        None,
-        None,
+        BnBackward::default(),
         Some((split(127, 1), 32)),
     );
     refused(
@@ -819,22 +1030,19 @@ fn refuses_short_split_workspaces() {
         wt,
         s.g,
         out,
-        None,
-        None,
-        None,
-        None,
+        BnBackward::default(),
         Some((split(128, 0), 32)),
     );
     refused(e, "the split-K tile counts: 0 elements where 1 are needed");
     let e = conv_tc::fwd_split(
         d,
-        inp.view(),
-        None,
-        wt,
-        s.g,
-        dy,
-        None,
-        None,
+        ConvIn {
+            x: inp.view(),
+            pre: None,
+            w: wt,
+            g: s.g,
+        },
+        FwdOut::plain(dy),
         Some((split(127, 1), 32)),
     );
     refused(

@@ -9,10 +9,12 @@ use super::conv::{Inputs, Shape};
 use crate::common::gpu::{cols, nhwc, read, rel_err, Exec, Pre};
 use crate::test_device;
 use half::bf16;
-use mura::gpu::ops::{bn, conv, conv_tc, pool};
+use mura::gpu::ops::conv_tc::{self, FwdOut};
+use mura::gpu::ops::{bn, conv, pool, ConvIn};
 use mura::gpu::{Act, Mat};
 use mura::ops::conv::Conv;
 use mura::ops::pool as cpu_pool;
+use mura::ops::{Activation, Image, Rows};
 
 /// `v: [rows, rs]` with a NaN, a +Inf and a −Inf in its first three channels, at three pixels
 /// (and NaN again at the last pixel, so that a max pool window meets it after a finite value).
@@ -89,7 +91,18 @@ fn conv_tensor_cores() {
         let yb = x.poisoned::<bf16>(s.px_out() * s.y_rs);
         let (xv, pre, wt) = (inp.view(), inp.pre(), inp.wt.0.slice());
         let y = inp.out_view(&yb);
-        conv_tc::fwd(&*x.d, xv, pre, wt, s.g, y, None, None, None).unwrap();
+        conv_tc::fwd(
+            &*x.d,
+            ConvIn {
+                x: xv,
+                pre,
+                w: wt,
+                g: s.g,
+            },
+            FwdOut::plain(y),
+            None,
+        )
+        .unwrap();
         let what = format!("tensor cores {} with NaN and Inf", s.name());
         check_special(&what, &read(&yb), &inp.y_ref(), x.tol);
     }
@@ -111,7 +124,12 @@ fn pools_body<T: Act>(x: &mut Exec) {
     let yb = x.poisoned::<T>(n * hp * wp * c);
     pool::avgpool_fwd(&*x.d, xn, pre.dev(true), nhwc(&yb, (n, hp, wp), c, (0, c))).unwrap();
     let mut y_ref = vec![0.0; n * hp * wp * c];
-    cpu_pool::avgpool_fwd(&xv, n, h, w, c, pre.host(true), &mut y_ref, c);
+    cpu_pool::avgpool_fwd(
+        Image::dense(&xv, (n, h, w, c)),
+        pre.host(true),
+        &mut y_ref,
+        c,
+    );
     check_special(&format!("{what} avgpool"), &read(&yb), &y_ref, x.tol);
     // The head: norm5 + ReLU, then the global average pool.
     let rows = n * h * w;
@@ -120,10 +138,11 @@ fn pools_body<T: Act>(x: &mut Exec) {
         Mat::dense(xb.slice(), rows, c).unwrap(),
         Mat::dense(fb.slice(), rows, c).unwrap(),
     );
-    bn::apply(&*x.d, xm, pre.dev(true).unwrap(), true, fm).unwrap();
+    bn::apply(&*x.d, xm, pre.dev(true).unwrap(), Activation::Relu, fm).unwrap();
     let mut f_ref = vec![0.0; rows * c];
     let (s, t) = (&pre.scale.1, &pre.shift.1);
-    mura::ops::bn::apply(&xv, rows, c, c, s, t, true, &mut f_ref, c);
+    let xr = Rows::new(&xv[..], rows, c, c);
+    mura::ops::bn::apply(xr, s, t, Activation::Relu, &mut f_ref, c);
     check_special(&format!("{what} head BN + ReLU"), &read(&fb), &f_ref, x.tol);
     let pooled = x.poisoned::<f32>(n * c);
     let pm = Mat::dense(pooled.slice(), n, c).unwrap();
@@ -147,7 +166,7 @@ fn maxpool<T: Act>(
     let yb = x.poisoned::<T>(n * ho * wo * c);
     pool::maxpool_fwd(&*x.d, xn, pre.dev(true), nhwc(&yb, (n, ho, wo), c, (0, c))).unwrap();
     let mut y_ref = vec![0.0; n * ho * wo * c];
-    cpu_pool::maxpool_fwd(seen, n, h, w, c, &mut y_ref, c);
+    cpu_pool::maxpool_fwd(Image::dense(seen, (n, h, w, c)), &mut y_ref, c);
     check_special(&format!("{what} maxpool"), &read(&yb), &y_ref, x.tol);
     let (dyb, dy) = x.random::<T>(n * ho * wo * c, 1.0, 0.0);
     let dxb = x.poisoned::<T>(n * h * w * c);
@@ -157,7 +176,9 @@ fn maxpool<T: Act>(
     );
     pool::maxpool_bwd(&*x.d, xn, pre.dev(true), dyn_, dxn).unwrap();
     let mut dx_ref = vec![0.0; n * h * w * c];
-    cpu_pool::maxpool_bwd(seen, n, h, w, c, &cols(&dy, c, 0, c), c, &mut dx_ref);
+    let dy = cols(&dy, c, 0, c);
+    let dy = Rows::new(&dy[..], n * ho * wo, c, c);
+    cpu_pool::maxpool_bwd(Image::dense(seen, (n, h, w, c)), dy, &mut dx_ref);
     let got = read(&dxb);
     let e = rel_err(&got, &dx_ref);
     assert!(

@@ -3,11 +3,12 @@
 //! channel prefix (with and without BN + ReLU) and back, the head's global average pool and back.
 //! Outputs poisoned with NaN; odd sizes (the floors).
 
-use crate::common::gpu::{all_nan, check, check_cols, cols, nhwc, read, refused, Exec, Pre};
+use crate::common::gpu::{all_nan, check, check_cols, nhwc, read, refused, Exec, Pre};
 use crate::test_device;
 use mura::gpu::ops::pool;
 use mura::gpu::{Act, DeviceBuffer, Mat};
 use mura::ops::pool as cpu;
+use mura::ops::{Image, Rows};
 
 // [2, 7, 6, 3]
 test_device!(small, small_body);
@@ -63,7 +64,7 @@ fn maxpool_of<T: Act>(
     let yb = x.poisoned::<T>(n * ho * wo * y_rs);
     pool::maxpool_fwd(&*x.d, xn, bn, nhwc(&yb, (n, ho, wo), y_rs, (2, c))).unwrap();
     let mut y_ref = vec![0.0; n * ho * wo * c];
-    cpu::maxpool_fwd(&seen, n, h, w, c, &mut y_ref, c);
+    cpu::maxpool_fwd(Image::dense(&seen, (n, h, w, c)), &mut y_ref, c);
     // (Without the BN + ReLU the pool copies values: exact.)
     let tol = if pre.is_some() {
         x.tol
@@ -77,7 +78,9 @@ fn maxpool_of<T: Act>(
     let dy = nhwc(dyb, (n, ho, wo), y_rs, (2, c));
     pool::maxpool_bwd(&*x.d, xn, bn, dy, nhwc(&dxb, (n, h, w), c, (0, c))).unwrap();
     let mut dx_ref = vec![0.0; n * h * w * c];
-    cpu::maxpool_bwd(&seen, n, h, w, c, &cols(dyv, y_rs, 2, c), c, &mut dx_ref);
+    // dy's channel slice read in place: `[2, 2 + c)` of rows `y_rs` long.
+    let dy_ref = Rows::new(&dyv[2..], n * ho * wo, c, y_rs);
+    cpu::maxpool_bwd(Image::dense(&seen, (n, h, w, c)), dy_ref, &mut dx_ref);
     check(&format!("{what} bwd"), &read(&dxb), &dx_ref, x.tol);
 }
 
@@ -85,7 +88,6 @@ fn maxpool_of<T: Act>(
 fn avgpool<T: Act>(x: &mut Exec, (n, h, w, c): (usize, usize, usize, usize), what: &str) {
     let x_rs = c + 2;
     let (xb, xv) = x.random::<T>(n * h * w * x_rs, 1.0, 0.0);
-    let xs = cols(&xv, x_rs, 0, c);
     let pre = Pre::draw(x, c);
     let (hp, wp) = (h / 2, w / 2);
     for with_pre in [false, true] {
@@ -96,7 +98,15 @@ fn avgpool<T: Act>(x: &mut Exec, (n, h, w, c): (usize, usize, usize, usize), wha
         );
         pool::avgpool_fwd(&*x.d, xn, pre.dev(with_pre), y).unwrap();
         let mut y_ref = vec![0.0; n * hp * wp * c];
-        cpu::avgpool_fwd(&xs, n, h, w, c, pre.host(with_pre), &mut y_ref, c);
+        let x_ref = Image {
+            data: &xv[..],
+            n,
+            h,
+            w,
+            c,
+            rs: x_rs,
+        };
+        cpu::avgpool_fwd(x_ref, pre.host(with_pre), &mut y_ref, c);
         let w = format!("{what} avgpool fwd pre={with_pre}");
         check(&w, &read(&yb), &y_ref, x.tol);
     }

@@ -13,6 +13,8 @@ use crate::gpu::ops::bn::{self, Grad, Saved};
 use crate::gpu::ops::{linear, pool};
 use crate::gpu::{Mat, Nhwc};
 use crate::model::schedule::{BnIdx, Dir, Head, Layer, Stage, Stem, Step, Transition};
+use crate::ops::bn::BnOpts;
+use crate::ops::{Mode, Write};
 use anyhow::{bail, Context, Result};
 
 impl<T: Engine> GpuDenseNet<T> {
@@ -84,7 +86,7 @@ impl<T: Engine> GpuDenseNet<T> {
         let (d, n, c) = (&*self.d, plan.n, hd.c);
         let wb = (self.param(hd.fc, c)?, self.param(hd.fc + c, 1)?);
         let dwb = (self.grad(hd.fc, c)?, self.grad(hd.fc + c, 1)?);
-        let (pooled, dpooled) = (plan.pooled(false)?, plan.pooled(true)?);
+        let (pooled, dpooled) = (plan.pooled()?, plan.pooled_grad()?);
         linear::bwd(d, pooled, wb, plan.logits_grad.slice(), dwb, dpooled)?;
         let dfeatures = plan.scratch(0, hd.hw, c)?;
         pool::gap_bwd(d, dpooled, dfeatures)?;
@@ -92,14 +94,13 @@ impl<T: Engine> GpuDenseNet<T> {
         let saved = self.saved_in_block(hd.norm, last, n)?;
         let dx = Grad {
             mat: last.grads(n)?.mat(),
-            accumulate: false,
+            write: Write::Overwrite,
         };
         let dparams = self.bn_grads(hd.norm)?;
         bn::backward(
             d,
             saved,
-            true,
-            true,
+            BnOpts::relu(Mode::Train),
             dfeatures.mat(),
             dparams,
             dx,
@@ -129,14 +130,13 @@ impl<T: Engine> GpuDenseNet<T> {
         let saved = self.saved_in_block(t.norm, block, n)?;
         let dx = Grad {
             mat: block.grads(n)?.mat(),
-            accumulate: false,
+            write: Write::Overwrite,
         };
         let dparams = self.bn_grads(t.norm)?;
         bn::backward(
             d,
             saved,
-            true,
-            true,
+            BnOpts::relu(Mode::Train),
             dacts.mat(),
             dparams,
             dx,
@@ -168,7 +168,7 @@ impl<T: Engine> GpuDenseNet<T> {
             dparams: self.bn_grads(l.norm2)?,
             dx: Grad {
                 mat: dy1.mat(),
-                accumulate: false,
+                write: Write::Overwrite,
             },
             scratch: plan.scratch(0, l.hw, mid)?,
             deferred: None,
@@ -183,7 +183,7 @@ impl<T: Engine> GpuDenseNet<T> {
             dparams: self.bn_grads(l.norm1)?,
             dx: Grad {
                 mat: block.grads(n)?.channels(0, c)?.mat(),
-                accumulate: true,
+                write: Write::Accumulate,
             },
             scratch: plan.scratch(0, l.hw, c)?,
             deferred: Some(block.deferred(0, c)?),
@@ -209,14 +209,13 @@ impl<T: Engine> GpuDenseNet<T> {
         let dy0 = plan.scratch(1, s.conv_out, f0)?;
         let dx = Grad {
             mat: dy0.mat(),
-            accumulate: false,
+            write: Write::Overwrite,
         };
         let dparams = self.bn_grads(s.norm)?;
         bn::backward(
             d,
             saved,
-            true,
-            true,
+            BnOpts::relu(Mode::Train),
             da0.mat(),
             dparams,
             dx,

@@ -14,10 +14,12 @@
 //! (`tools/kernel-lab`) run the very same launches.
 
 use crate::gpu::ops::bn::{self, Affine, CoefStep, Deferred, Grad, Saved, Stats};
-use crate::gpu::ops::conv_tc::{self, BnStep, DataOut, Mask, SplitK, StepOut};
-use crate::gpu::ops::{cast, conv, Act, BnRelu};
+use crate::gpu::ops::conv_tc::{self, BnBackward, BnStep, FwdOut, Mask, SplitK, StepOut};
+use crate::gpu::ops::{cast, conv, Act, BnRelu, ConvIn, DataOut};
 use crate::gpu::{Driver, Nhwc, Slice};
+use crate::ops::bn::BnOpts;
 use crate::ops::conv::Conv;
+use crate::ops::Mode;
 use anyhow::{Context, Result};
 use half::bf16;
 
@@ -77,7 +79,7 @@ pub enum DxOut<T> {
 }
 
 /// A data gradient through the BN + ReLU in front of a convolution: the gradient of the BN's
-/// input into `dx` (added to when `dx.accumulate`), `dparams` += its parameters' gradients.
+/// input into `dx` (overwritten or added to, as `dx.write` says), `dparams` += its parameters' gradients.
 /// `scratch`: `[rows, ci]` the engine may overwrite (the gradient of the BN's output, f32).
 /// With `deferred` only the per-element term goes into `dx` and the rest, affine in x per
 /// channel, into the deferred terms (`bn::grad_fix` applies them).
@@ -108,17 +110,13 @@ pub trait Engine: Act {
     /// parameters rounded to bf16.
     fn weights(params: Slice<f32>, copy: Option<Slice<bf16>>) -> Result<Slice<Self>>;
 
-    /// `y = conv(pre(x), w)` of geometry `g`, `w: [k, k, x.c, y.c]`; with `stats`, also the batch
+    /// `y = conv(pre(x), w)` (`conv`, `w: [k, k, x.c, y.c]`); with `stats`, also the batch
     /// statistics of `y`'s channels, into `stats` (f32: a pass over `y`; returns 0) or summed in
     /// the epilogue into `c.sums` (bf16; returns `y.c()`: the channels whose statistics are
     /// pending for the next BN's coefficients).
-    #[allow(clippy::too_many_arguments)]
     fn conv_fwd(
         c: &Ctx,
-        x: Nhwc<Self>,
-        pre: Option<BnRelu>,
-        w: Slice<Self>,
-        g: Conv,
+        conv: ConvIn<Self>,
         y: Nhwc<Self>,
         stats: Option<Stats>,
         next: Option<NextBn>,
@@ -163,15 +161,12 @@ impl Engine for f32 {
 
     fn conv_fwd(
         c: &Ctx,
-        x: Nhwc<f32>,
-        pre: Option<BnRelu>,
-        w: Slice<f32>,
-        g: Conv,
+        conv: ConvIn<f32>,
         y: Nhwc<f32>,
         stats: Option<Stats>,
         _next: Option<NextBn>,
     ) -> Result<Left> {
-        conv::fwd(c.d, x, pre, w, g, y)?;
+        conv::fwd(c.d, conv.x, conv.pre, conv.w, conv.g, y)?;
         if let Some(stats) = stats {
             bn::batch_stats(c.d, y.mat(), bn::Finish::Stats(stats), c.bn)?;
         }
@@ -197,14 +192,14 @@ impl Engine for f32 {
         out: DxOut<f32>,
     ) -> Result<()> {
         let b = match out {
-            DxOut::Plain(dx) => return conv::bwd_data(c.d, dy, w, g, dx, false),
+            DxOut::Plain(dx) => return conv::bwd_data(c.d, dy, w, g, DataOut::overwrite(dx)),
             DxOut::Bn(b) => b,
         };
-        conv::bwd_data(c.d, dy, w, g, b.scratch, false)?;
+        conv::bwd_data(c.d, dy, w, g, DataOut::overwrite(b.scratch))?;
         let (s, da) = (b.saved, b.scratch.mat());
         match b.deferred {
             Some(def) => bn::backward_deferred(c.d, s, da, b.dparams, b.dx, c.bn, def),
-            None => bn::backward(c.d, s, true, true, da, b.dparams, b.dx, c.bn),
+            None => bn::backward(c.d, s, BnOpts::relu(Mode::Train), da, b.dparams, b.dx, c.bn),
         }
     }
 }
@@ -231,10 +226,7 @@ impl Engine for bf16 {
 
     fn conv_fwd(
         c: &Ctx,
-        x: Nhwc<bf16>,
-        pre: Option<BnRelu>,
-        w: Slice<bf16>,
-        g: Conv,
+        conv: ConvIn<bf16>,
         y: Nhwc<bf16>,
         stats: Option<Stats>,
         next: Option<NextBn>,
@@ -251,7 +243,12 @@ impl Engine for bf16 {
             out: n.out,
             done: c.done,
         });
-        conv_tc::fwd(c.d, x, pre, w, g, y, sums, step, c.split)?;
+        let out = FwdOut {
+            y,
+            stats: sums,
+            next: step,
+        };
+        conv_tc::fwd(c.d, conv, out, c.split)?;
         Ok(match (stats, step) {
             (_, Some(_)) => Left::Nothing,
             (Some(_), None) => Left::Coefficients { pending: y.c() },
@@ -279,17 +276,14 @@ impl Engine for bf16 {
     ) -> Result<()> {
         let b = match out {
             DxOut::Plain(dx) => {
-                let dx = DataOut {
-                    dx,
-                    accumulate: false,
-                };
-                return conv_tc::bwd_data(c.d, dy, w, g, dx, None, None, None, None, c.split);
+                let (out, bn) = (DataOut::overwrite(dx), BnBackward::default());
+                return conv_tc::bwd_data(c.d, dy, w, g, out, bn, c.split);
             }
             DxOut::Bn(b) => b,
         };
         let (s, x) = (b.saved, b.scratch);
         let x = Nhwc::new(s.x.slice(), x.dims(), s.x.rs())?;
-        let (sums, mask) = (c.sums(x.c())?, Some(Mask { x, bn: s.coef }));
+        let (red, mask) = (Some(c.sums(x.c())?), Some(Mask { x, bn: s.coef }));
         // The BN backward's per-channel step, finished by the convolution's last block.
         let step = |out| BnStep {
             stats: s.stats,
@@ -301,18 +295,24 @@ impl Engine for bf16 {
             // BN1: scale × the masked gradient straight into dx, the per-channel rest deferred.
             let out = DataOut {
                 dx: Nhwc::new(b.dx.mat.slice(), x.dims(), b.dx.mat.rs())?,
-                accumulate: b.dx.accumulate,
+                write: b.dx.write,
             };
-            let (post, step) = (Some(s.coef.scale), Some(step(StepOut::Deferred(def))));
-            return conv_tc::bwd_data(c.d, dy, w, g, out, mask, Some(sums), post, step, c.split);
+            let bn = BnBackward {
+                mask,
+                red,
+                post: Some(s.coef.scale),
+                step: Some(step(StepOut::Deferred(def))),
+            };
+            return conv_tc::bwd_data(c.d, dy, w, g, out, bn, c.split);
         }
         // BN2: the masked gradient of its output into the scratch, its coefficients alongside.
-        let out = DataOut {
-            dx: b.scratch,
-            accumulate: false,
+        let bn = BnBackward {
+            mask,
+            red,
+            post: None,
+            step: Some(step(StepOut::Coef(c.bn.coef))),
         };
-        let step = Some(step(StepOut::Coef(c.bn.coef)));
-        conv_tc::bwd_data(c.d, dy, w, g, out, mask, Some(sums), None, step, c.split)?;
+        conv_tc::bwd_data(c.d, dy, w, g, DataOut::overwrite(b.scratch), bn, c.split)?;
         bn::backward_from_coef(c.d, s, b.scratch.mat(), b.dx, c.bn.coef)
     }
 }

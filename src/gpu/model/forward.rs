@@ -3,11 +3,11 @@
 
 use super::plan::{stats_of, Plan, RawIn};
 use super::{Engine, GpuDenseNet, Left, NextBn, Pass};
-use crate::gpu::ops::{augment, bn, cast, linear, pool};
+use crate::gpu::ops::{augment, bn, cast, linear, pool, ConvIn};
 use crate::gpu::{DeviceBuffer, Graph, Nhwc};
 use crate::model::schedule::{Dir, Head, Layer, Stage, Stem, Step, Transition};
-use crate::model::Mode;
 use crate::ops::augment::AugParams;
+use crate::ops::{Activation, Mode};
 use anyhow::{bail, Context, Result};
 
 /// What a forward reads: host-built f32 inputs, or store images that the device augments.
@@ -192,7 +192,13 @@ impl<T: Engine> GpuDenseNet<T> {
         let (ctx, w) = (self.ctx(plan), self.conv_weights(s.conv)?);
         let batch = mode.when_training((stats, s.conv_out.rows(n)));
         let norm0 = batch.map(|b| self.next_bn(s.norm, b)).transpose()?;
-        let left = T::conv_fwd(&ctx, x, None, w, s.conv.g, y0, batch.map(|b| b.0), norm0)?;
+        let conv = ConvIn {
+            x,
+            pre: None,
+            w,
+            g: s.conv.g,
+        };
+        let left = T::conv_fwd(&ctx, conv, y0, batch.map(|b| b.0), norm0)?;
         self.bn_scale_shift(s.norm, batch, left)?;
         let block0 = &plan.blocks[0];
         let out = block0.acts(n)?.channels(0, f0)?;
@@ -246,22 +252,25 @@ impl<T: Engine> GpuDenseNet<T> {
             self.conv_weights(l.conv1)?,
             self.conv_weights(l.conv2)?,
         );
-        let (g1, batch2) = (l.conv1.g, mode.when_training((stats2, rows)));
+        let batch2 = mode.when_training((stats2, rows));
         let next2 = batch2.map(|b| self.next_bn(l.norm2, b)).transpose()?;
-        let left2 = T::conv_fwd(&ctx, prefix, pre1, w1, g1, y1, batch2.map(|b| b.0), next2)?;
+        let conv1 = ConvIn {
+            x: prefix,
+            pre: pre1,
+            w: w1,
+            g: l.conv1.g,
+        };
+        let left2 = T::conv_fwd(&ctx, conv1, y1, batch2.map(|b| b.0), next2)?;
         self.bn_scale_shift(l.norm2, batch2, left2)?;
         let out = block.acts(n)?.channels(c, k)?;
         let (pre2, stats) = (Some(self.coefs(l.norm2)?), block.stats(c, k)?);
-        T::conv_fwd(
-            &ctx,
-            y1,
-            pre2,
-            w2,
-            l.conv2.g,
-            out,
-            mode.when_training(stats),
-            next,
-        )
+        let conv2 = ConvIn {
+            x: y1,
+            pre: pre2,
+            w: w2,
+            g: l.conv2.g,
+        };
+        T::conv_fwd(&ctx, conv2, out, mode.when_training(stats), next)
     }
 
     /// BN + ReLU → 2×2 average pool (fused) → 1×1 into the next block's first channels.
@@ -287,16 +296,13 @@ impl<T: Engine> GpuDenseNet<T> {
         let out = next.acts(n)?.channels(0, t.conv.co)?;
         let stats = next.stats(0, t.conv.co)?;
         let (ctx, w) = (self.ctx(plan), self.conv_weights(t.conv)?);
-        T::conv_fwd(
-            &ctx,
-            pooled,
-            None,
+        let conv = ConvIn {
+            x: pooled,
+            pre: None,
             w,
-            t.conv.g,
-            out,
-            mode.when_training(stats),
-            next_bn,
-        )
+            g: t.conv.g,
+        };
+        T::conv_fwd(&ctx, conv, out, mode.when_training(stats), next_bn)
     }
 
     /// norm5 → ReLU → global average pool → linear.
@@ -307,10 +313,11 @@ impl<T: Engine> GpuDenseNet<T> {
         self.bn_scale_shift(hd.norm, batch, left)?;
         let features = Nhwc::new(plan.features.slice(), (n, hd.hw.h, hd.hw.w, c), c)?;
         let acts = last.acts(n)?;
-        bn::apply(d, acts.mat(), self.coefs(hd.norm)?, true, features.mat())?;
-        pool::gap_fwd(d, features, plan.pooled(false)?)?;
+        let coef = self.coefs(hd.norm)?;
+        bn::apply(d, acts.mat(), coef, Activation::Relu, features.mat())?;
+        pool::gap_fwd(d, features, plan.pooled()?)?;
         let wb = (self.param(hd.fc, c)?, self.param(hd.fc + c, 1)?);
-        linear::fwd(d, plan.pooled(false)?, wb, plan.logits.slice())?;
+        linear::fwd(d, plan.pooled()?, wb, plan.logits.slice())?;
         Ok(Left::Coefficients { pending: 0 })
     }
 }

@@ -114,14 +114,13 @@ impl<T: Engine> Plan<T> {
     pub fn scratch(&self, i: usize, hw: Hw, c: usize) -> Result<Nhwc<T>> {
         Nhwc::new(self.scratch[i].slice(), (self.n, hw.h, hw.w, c), c)
     }
-    /// The pooled features (`grad`: their gradient) as `[n, c]`.
-    pub fn pooled(&self, grad: bool) -> Result<Mat<f32>> {
-        let buf = if grad {
-            &self.pooled_grad
-        } else {
-            &self.pooled
-        };
-        Mat::dense(buf.slice(), self.n, self.schedule.head.c)
+    /// The pooled features as `[n, c]`.
+    pub fn pooled(&self) -> Result<Mat<f32>> {
+        Mat::dense(self.pooled.slice(), self.n, self.schedule.head.c)
+    }
+    /// The gradient of the pooled features as `[n, c]`.
+    pub fn pooled_grad(&self) -> Result<Mat<f32>> {
+        Mat::dense(self.pooled_grad.slice(), self.n, self.schedule.head.c)
     }
     /// The split-K workspace.
     pub fn split(&self) -> Option<SplitK> {

@@ -13,6 +13,8 @@ use super::{elementwise, per_channel, same_shape, Act, BnRelu};
 use crate::gpu::error::bail_shape;
 use crate::gpu::kernels::launch as k;
 use crate::gpu::{blocks_for, Driver, Launch, Mat, Ptr, Slice};
+use crate::ops::bn::BnOpts;
+use crate::ops::{Activation, Mode, Write};
 use anyhow::Result;
 
 /// Most row chunks of a BN reduction.
@@ -300,8 +302,14 @@ impl CoefPtrs {
     }
 }
 
-/// `y = x · scale + shift` (then ReLU if `relu`), `x, y: [rows, c]`.
-pub fn apply<T: Act>(d: &dyn Driver, x: Mat<T>, coef: BnRelu, relu: bool, y: Mat<T>) -> Result<()> {
+/// `y = x · scale + shift` (then `act`), `x, y: [rows, c]`.
+pub fn apply<T: Act>(
+    d: &dyn Driver,
+    x: Mat<T>,
+    coef: BnRelu,
+    act: Activation,
+    y: Mat<T>,
+) -> Result<()> {
     same_shape("BN apply", x, y)?;
     let (rows, c) = (x.rows(), x.cols());
     let (scale, shift) = coef.ptrs(c)?;
@@ -319,7 +327,7 @@ pub fn apply<T: Act>(d: &dyn Driver, x: Mat<T>, coef: BnRelu, relu: bool, y: Mat
             c,
             scale,
             shift,
-            relu,
+            act == Activation::Relu,
         )
     }
 }
@@ -333,12 +341,12 @@ pub struct Saved<T> {
     pub coef: BnRelu,
 }
 
-/// The gradient a backward writes: `mat` overwritten, or added to when `accumulate` (a dense
-/// block's shared gradient buffer).
+/// The gradient a backward writes: `mat`, overwritten or added to (a dense block's shared gradient
+/// buffer).
 #[derive(Clone, Copy, Debug)]
 pub struct Grad<T> {
     pub mat: Mat<T>,
-    pub accumulate: bool,
+    pub write: Write,
 }
 
 /// The scratch of the BN reductions: `part`, [`scratch_len`]`(c)` f32, zero; `coef`, `2c` f32;
@@ -367,14 +375,12 @@ impl Deferred {
     }
 }
 
-/// Backward of BN (batch statistics if `train`, else running ones) then ReLU if `relu`:
-/// `dparams` += the parameters' gradients; `dx` from `dy` (`[rows, c]` each).
-#[allow(clippy::too_many_arguments)]
+/// Backward of BN (batch statistics in training, running ones in eval) then `opts.act`: `dparams`
+/// += the parameters' gradients; `dx` from `dy` (`[rows, c]` each).
 pub fn backward<T: Act>(
     d: &dyn Driver,
     s: Saved<T>,
-    relu: bool,
-    train: bool,
+    opts: BnOpts,
     dy: Mat<T>,
     dparams: Affine,
     dx: Grad<T>,
@@ -384,8 +390,8 @@ pub fn backward<T: Act>(
     scratch
         .coef
         .expect(2 * s.x.cols(), "the BN coefficients scratch")?;
-    reduce(d, s, relu, dy, dparams, scratch, None)?;
-    dx_pass(d, s, relu, train, dy, dx, scratch.coef)
+    reduce(d, s, opts.act, dy, dparams, scratch, None)?;
+    dx_pass(d, s, opts, dy, dx, scratch.coef)
 }
 
 /// Refuses a backward whose gradients do not match the saved input, before anything runs (a
@@ -407,9 +413,9 @@ pub fn backward_deferred<T: Act>(
     deferred: Deferred,
 ) -> Result<()> {
     check_grads(s, dy, dx.mat)?;
-    reduce(d, s, true, dy, dparams, scratch, Some(deferred))?;
+    reduce(d, s, Activation::Relu, dy, dparams, scratch, Some(deferred))?;
     // The eval-mode formula is exactly the per-element term: scale · mask · dy (no coef read).
-    dx_pass(d, s, true, false, dy, dx, scratch.part)
+    dx_pass(d, s, BnOpts::relu(Mode::Eval), dy, dx, scratch.part)
 }
 
 /// The reductions of a BN backward, in one launch (its last block merges the chunks): `dparams`
@@ -417,7 +423,7 @@ pub fn backward_deferred<T: Act>(
 fn reduce<T: Act>(
     d: &dyn Driver,
     s: Saved<T>,
-    relu: bool,
+    act: Activation,
     dy: Mat<T>,
     dparams: Affine,
     scratch: Scratch,
@@ -467,7 +473,7 @@ fn reduce<T: Act>(
             scale,
             shift,
             mean,
-            relu,
+            act == Activation::Relu,
             coef,
             dgamma,
             dbeta,
@@ -484,8 +490,7 @@ fn reduce<T: Act>(
 fn dx_pass<T: Act>(
     d: &dyn Driver,
     s: Saved<T>,
-    relu: bool,
-    train: bool,
+    opts: BnOpts,
     dy: Mat<T>,
     dx: Grad<T>,
     coef: Slice<f32>,
@@ -495,9 +500,10 @@ fn dx_pass<T: Act>(
     let (rows, c) = (s.x.rows(), s.x.cols());
     let (scale, shift) = s.coef.ptrs(c)?;
     let (mean, _) = s.stats.ptrs(c)?;
-    let coef = match train {
-        true => coef.expect(2 * c, "the BN coefficients scratch")?.ptr(),
-        false => Ptr::NULL,
+    let train = opts.mode == Mode::Train;
+    let coef = match opts.mode {
+        Mode::Train => coef.expect(2 * c, "the BN coefficients scratch")?.ptr(),
+        Mode::Eval => Ptr::NULL,
     };
     let at = elementwise(rows * c)?;
     let (x, x_rs) = (s.x.ptr(), s.x.rs());
@@ -508,7 +514,7 @@ fn dx_pass<T: Act>(
             at,
             dx.mat.ptr(),
             dx.mat.rs(),
-            dx.accumulate,
+            dx.write == Write::Accumulate,
             x,
             x_rs,
             dy.ptr(),
@@ -519,7 +525,7 @@ fn dx_pass<T: Act>(
             shift,
             mean,
             coef,
-            relu,
+            opts.act == Activation::Relu,
             train,
         )
     }
@@ -536,7 +542,12 @@ pub fn backward_from_coef<T: Act>(
     coef: Slice<f32>,
 ) -> Result<()> {
     check_grads(s, dz, dx.mat)?;
-    dx_pass(d, s, false, true, dz, dx, coef)
+    // The ReLU mask is already in dz.
+    let opts = BnOpts {
+        act: Activation::Identity,
+        mode: Mode::Train,
+    };
+    dx_pass(d, s, opts, dz, dx, coef)
 }
 
 /// `dx += alpha + beta · x` per channel (`dx, x: [rows, c]`): the deferred terms of every BN that

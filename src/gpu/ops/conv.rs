@@ -3,11 +3,12 @@
 //! accumulation, an optional BN + ReLU applied to the input as it is loaded. The f32 step's
 //! convolutions; the bf16 step runs [`super::conv_tc`].
 
-use super::{dims_are, pre_ptrs, Act, BnRelu};
+use super::{dims_are, pre_ptrs, Act, BnRelu, DataOut};
 use crate::consts::{CONV_SROW, CONV_THREADS, CONV_TILE, CONV_TK};
 use crate::gpu::kernels::launch as k;
 use crate::gpu::{blocks_for, Driver, Launch, Nhwc, Slice};
 use crate::ops::conv::Conv;
+use crate::ops::Write;
 use anyhow::Result;
 
 /// Every launch's dynamic shared memory: two `[TK][SROW]` f32 tiles.
@@ -70,16 +71,16 @@ pub fn fwd<T: Act>(
     }
 }
 
-/// `dx: [n, h, w, ci]` (overwritten, or added to if `accumulate`) = d(loss)/d(conv input) from
+/// `out.dx: [n, h, w, ci]` (overwritten or added to) = d(loss)/d(conv input) from
 /// `dy: [n, ho, wo, co]` and `wt: [k, k, ci, co]` f32.
 pub fn bwd_data<T: Act>(
     d: &dyn Driver,
     dy: Nhwc<T>,
     wt: Slice<f32>,
     g: Conv,
-    dx: Nhwc<T>,
-    accumulate: bool,
+    out: DataOut<T>,
 ) -> Result<()> {
+    let dx = out.dx;
     let (n, h, w, ci) = dx.dims();
     let co = dy.c();
     g.check(h, w)?;
@@ -97,7 +98,7 @@ pub fn bwd_data<T: Act>(
             at,
             dx.ptr(),
             dxs,
-            accumulate,
+            out.write == Write::Accumulate,
             dy.ptr(),
             dys,
             wt,

@@ -7,12 +7,13 @@
 //! kernel before their first load.
 
 use super::bn::{CoefPtrs, CoefStep};
-use super::{dims_are, pre_ptrs, BnRelu};
+use super::{dims_are, pre_ptrs, BnRelu, ConvIn, DataOut};
 use crate::consts::*;
 use crate::gpu::error::bail_shape;
 use crate::gpu::kernels::launch as k;
 use crate::gpu::{blocks_for, Driver, Launch, Nhwc, Ptr, Slice};
 use crate::ops::conv::Conv;
+use crate::ops::Write;
 use anyhow::Result;
 use half::bf16;
 
@@ -206,49 +207,52 @@ fn chunking(
     }
 }
 
-/// `y: [n, ho, wo, co] = conv(pre(x), wt)`, `wt: [k, k, x.c, co]` bf16. `stats: [2, co]` f32, when
-/// given, has the per-channel Σy and Σy² of the stored `y` added to it (batch statistics of the BN
+/// Where a forward puts its output: `y`, and (optionally) the statistics of what it stored and the
+/// coefficients of the BN that reads it next ([`fwd`]).
+#[derive(Clone, Copy, Debug)]
+pub struct FwdOut {
+    pub y: Nhwc<bf16>,
+    pub stats: Option<Slice<f32>>,
+    pub next: Option<CoefStep>,
+}
+
+impl FwdOut {
+    /// `y` alone.
+    pub fn plain(y: Nhwc<bf16>) -> FwdOut {
+        FwdOut {
+            y,
+            stats: None,
+            next: None,
+        }
+    }
+}
+
+/// `out.y: [n, ho, wo, co] = conv(pre(x), w)`, `w: [k, k, x.c, co]` bf16. `out.stats: [2, co]` f32,
+/// when given, has the per-channel Σy and Σy² of the stored `y` added to it (batch statistics of the BN
 /// that reads these channels next, without a pass over them; f32 sums, fine for conv outputs, whose
 /// mean is small next to their spread). `split`, when given, lets a dense-layer grid too small to
 /// fill the device split its reduction ([`fwd_split_len`]), finished in the same launch. Other
-/// windows (the stem) never split. `next` (with `stats`): the coefficients of the BN that reads `y`
+/// windows (the stem) never split. `out.next` (with `stats`): the coefficients of the BN that reads `y`
 /// next, finished in the same launch ([`CoefStep`]).
-#[allow(clippy::too_many_arguments)]
-pub fn fwd(
-    d: &dyn Driver,
-    x: Nhwc<bf16>,
-    pre: Option<BnRelu>,
-    wt: Slice<bf16>,
-    g: Conv,
-    y: Nhwc<bf16>,
-    stats: Option<Slice<f32>>,
-    next: Option<CoefStep>,
-    split: Option<SplitK>,
-) -> Result<()> {
-    if kernels_for(g) == Kernels::AnyWindow {
-        return fwd_any(d, x, pre, wt, g, y, stats, next);
+pub fn fwd(d: &dyn Driver, conv: ConvIn<bf16>, out: FwdOut, split: Option<SplitK>) -> Result<()> {
+    if kernels_for(conv.g) == Kernels::AnyWindow {
+        return fwd_any(d, conv, out);
     }
-    let len = fwd_split_len(x.rows(), x.c(), y.c(), g, d.sms());
-    fwd_split(d, x, pre, wt, g, y, stats, next, split.map(|s| (s, len)))
+    let len = fwd_split_len(conv.x.rows(), conv.x.c(), out.y.c(), conv.g, d.sms());
+    fwd_split(d, conv, out, split.map(|s| (s, len)))
 }
 
-/// The checked operands every forward shares: `(wt, scale, shift, stats)` pointers.
-fn fwd_operands(
-    x: Nhwc<bf16>,
-    pre: Option<BnRelu>,
-    wt: Slice<bf16>,
-    g: Conv,
-    y: Nhwc<bf16>,
-    stats: Option<Slice<f32>>,
-) -> Result<[Ptr<f32>; 3]> {
+/// The checked operands every forward shares: `(scale, shift, stats)` pointers.
+fn fwd_operands(conv: ConvIn<bf16>, out: FwdOut) -> Result<[Ptr<f32>; 3]> {
+    let ConvIn { x, pre, w: wt, g } = conv;
     let (n, h, w, c) = x.dims();
-    let co = y.c();
+    let (y, co) = (out.y, out.y.c());
     g.check(h, w)?;
     let (ho, wo) = g.out_hw(h, w);
     dims_are("the convolution's output", y, (n, ho, wo, co))?;
     wt.expect(g.k * g.k * c * co, "the convolution's weights")?;
     let (scale, shift) = pre_ptrs(pre, c)?;
-    let stats = match stats {
+    let stats = match out.stats {
         Some(s) => s.expect(2 * co, "the output statistics")?.ptr(),
         None => Ptr::NULL,
     };
@@ -256,20 +260,12 @@ fn fwd_operands(
 }
 
 /// [`fwd`] of any window (`convkxk_tc_fwd_bf16`), never split.
-#[allow(clippy::too_many_arguments)]
-fn fwd_any(
-    d: &dyn Driver,
-    x: Nhwc<bf16>,
-    pre: Option<BnRelu>,
-    wt: Slice<bf16>,
-    g: Conv,
-    y: Nhwc<bf16>,
-    stats: Option<Slice<f32>>,
-    next: Option<CoefStep>,
-) -> Result<()> {
-    let [scale, shift, stats] = fwd_operands(x, pre, wt, g, y, stats)?;
+fn fwd_any(d: &dyn Driver, conv: ConvIn<bf16>, out: FwdOut) -> Result<()> {
+    let [scale, shift, stats] = fwd_operands(conv, out)?;
+    let ConvIn { x, w: wt, g, .. } = conv;
     let (n, h, w, c) = x.dims();
-    let p = CoefPtrs::of(next, (y.rows(), y.c()), stats.addr() != 0)?;
+    let y = out.y;
+    let p = CoefPtrs::of(out.next, (y.rows(), y.c()), stats.addr() != 0)?;
     let at = Launch {
         grid: [
             blocks_for(y.rows(), ANY.bm as u32),
@@ -320,23 +316,18 @@ fn fwd_any(
 
 /// A dense-layer [`fwd`] with the reduction split into chunks of `split = Some((workspace, len))`
 /// (`len` a positive multiple of `TC_BK`; whole when `len` covers it), or whole.
-#[allow(clippy::too_many_arguments)]
 pub fn fwd_split(
     d: &dyn Driver,
-    x: Nhwc<bf16>,
-    pre: Option<BnRelu>,
-    wt: Slice<bf16>,
-    g: Conv,
-    y: Nhwc<bf16>,
-    stats: Option<Slice<f32>>,
-    next: Option<CoefStep>,
+    conv: ConvIn<bf16>,
+    out: FwdOut,
     split: Option<(SplitK, usize)>,
 ) -> Result<()> {
-    let kernels = dense_kernels(g, "a split tensor-core forward")?;
-    let [scale, shift, stats_ptr] = fwd_operands(x, pre, wt, g, y, stats)?;
+    let kernels = dense_kernels(conv.g, "a split tensor-core forward")?;
+    let [scale, shift, stats_ptr] = fwd_operands(conv, out)?;
+    let ConvIn { x, w: wt, g, .. } = conv;
     let (n, h, w, c) = x.dims();
-    let (rows, co) = (x.rows(), y.c());
-    let p = CoefPtrs::of(next, (rows, co), stats_ptr.addr() != 0)?;
+    let (y, rows, co) = (out.y, x.rows(), out.y.c());
+    let p = CoefPtrs::of(out.next, (rows, co), stats_ptr.addr() != 0)?;
     let k_len = g.k * g.k * c;
     let t = tile_of(g);
     let grid = [blocks_for(rows, t.bm as u32), blocks_for(co, t.bn as u32)];
@@ -413,7 +404,8 @@ type StepPtrs = (
     Ptr<u32>,
 );
 
-fn step_ptrs(step: Option<BnStep>, ci: usize, post: bool) -> Result<StepPtrs> {
+/// The pointers of `step` over `ci` channels; a deferred step needs the factors `post`.
+fn step_ptrs(step: Option<BnStep>, ci: usize, post: Option<Slice<f32>>) -> Result<StepPtrs> {
     let Some(s) = step else {
         let z = Ptr::NULL;
         return Ok((z, z, z, z, z, z, z, Ptr::NULL));
@@ -423,7 +415,7 @@ fn step_ptrs(step: Option<BnStep>, ci: usize, post: bool) -> Result<StepPtrs> {
             c.expect(2 * ci, "the BN coefficients")?.ptr(),
             (Ptr::NULL, Ptr::NULL),
         ),
-        StepOut::Deferred(_) if !post => {
+        StepOut::Deferred(_) if post.is_none() => {
             bail_shape!("a deferred BN step needs the BN's scale as the factors (post)")
         }
         StepOut::Deferred(def) => (Ptr::NULL, def.ptrs(ci)?),
@@ -434,67 +426,62 @@ fn step_ptrs(step: Option<BnStep>, ci: usize, post: bool) -> Result<StepPtrs> {
     Ok((coef, alpha, beta, dgamma, dbeta, mean, var, done))
 }
 
-/// `dx: [n, h, w, ci]` (overwritten, or added to if `accumulate`) = `post · g`, where `g` is
-/// d(loss)/d(conv input) from `dy: [n, h, w, co]` and `wt: [k, k, ci, co]` bf16, rounded to bf16,
-/// times the ReLU mask `[x · scale + shift > 0]` when `mask` is given: `g` is then the gradient of
-/// the BN's output. `post: [ci]` f32 per-channel factors (None: 1). `red: [2, ci]` f32, when given
+/// What a data gradient folds in of the BN + ReLU in front of its convolution (all none: nothing,
+/// the plain data gradient). See [`bwd_data`].
+#[derive(Clone, Copy, Debug, Default)]
+pub struct BnBackward {
+    /// The ReLU mask `[x · scale + shift > 0]` the gradient is multiplied by.
+    pub mask: Option<Mask>,
+    /// `[2, ci]` f32 (with a mask): the per-channel Σg and Σg·x are added to it.
+    pub red: Option<Slice<f32>>,
+    /// `[ci]` f32 per-channel factors the result is multiplied by (none: 1).
+    pub post: Option<Slice<f32>>,
+    /// (With `red`) the BN backward's per-channel step, finished in the same launch.
+    pub step: Option<BnStep>,
+}
+
+/// `out.dx: [n, h, w, ci]` (overwritten or added to) = `post · g`, where `g` is d(loss)/d(conv
+/// input) from `dy: [n, h, w, co]` and `wt: [k, k, ci, co]` bf16, rounded to bf16, times the ReLU
+/// mask `[x · scale + shift > 0]` when `bn.mask` is given: `g` is then the gradient of the BN's
+/// output. `bn.post: [ci]` f32 per-channel factors (None: 1). `bn.red: [2, ci]` f32, when given
 /// (with a mask), has the per-channel Σg and Σg·x added to it: that BN's backward reductions,
 /// dbeta = Σg and dgamma = (Σg·x − mean·Σg) · invstd. With `post` = the BN's scale and
-/// `accumulate`, `dx` receives the BN backward's per-element term. `step` (with `red`): the BN
-/// backward's per-channel step, finished in the same launch ([`BnStep`]). 1×1/1 and 3×3/1 pad 1 only. `split`, when given, lets a grid too small to fill the
-/// device split its reduction ([`data_split_len`]), finished in the same launch.
-#[allow(clippy::too_many_arguments)]
+/// accumulating, `dx` receives the BN backward's per-element term. `bn.step` (with `red`): the BN
+/// backward's per-channel step, finished in the same launch ([`BnStep`]). 1×1/1 and 3×3/1 pad 1
+/// only. `split`, when given, lets a grid too small to fill the device split its reduction
+/// ([`data_split_len`]), finished in the same launch.
 pub fn bwd_data(
     d: &dyn Driver,
     dy: Nhwc<bf16>,
     wt: Slice<bf16>,
     g: Conv,
-    dx: DataOut,
-    mask: Option<Mask>,
-    red: Option<Slice<f32>>,
-    post: Option<Slice<f32>>,
-    step: Option<BnStep>,
+    out: DataOut<bf16>,
+    bn: BnBackward,
     split: Option<SplitK>,
 ) -> Result<()> {
-    let (rows, ci, co) = (dx.dx.rows(), dx.dx.c(), dy.c());
+    let (rows, ci, co) = (out.dx.rows(), out.dx.c(), dy.c());
     let len = data_split_len(rows, ci, co, g, d.sms());
-    bwd_data_split(
-        d,
-        dy,
-        wt,
-        g,
-        dx,
-        mask,
-        red,
-        post,
-        step,
-        split.map(|s| (s, len)),
-    )
-}
-
-/// Where a data gradient goes: `dx` overwritten, or added to when `accumulate`.
-#[derive(Clone, Copy, Debug)]
-pub struct DataOut {
-    pub dx: Nhwc<bf16>,
-    pub accumulate: bool,
+    bwd_data_split(d, dy, wt, g, out, bn, split.map(|s| (s, len)))
 }
 
 /// [`bwd_data`] with the reduction split into chunks of `split = Some((workspace, len))` (`len`
 /// a positive multiple of `TC_BK`; whole when `len` covers it), or whole.
-#[allow(clippy::too_many_arguments)]
 pub fn bwd_data_split(
     d: &dyn Driver,
     dy: Nhwc<bf16>,
     wt: Slice<bf16>,
     g: Conv,
-    out: DataOut,
-    mask: Option<Mask>,
-    red: Option<Slice<f32>>,
-    post: Option<Slice<f32>>,
-    step: Option<BnStep>,
+    out: DataOut<bf16>,
+    bn: BnBackward,
     split: Option<(SplitK, usize)>,
 ) -> Result<()> {
-    let (dx, accumulate) = (out.dx, out.accumulate);
+    let (dx, accumulate) = (out.dx, out.write == Write::Accumulate);
+    let BnBackward {
+        mask,
+        red,
+        post,
+        step,
+    } = bn;
     let kernels = dense_kernels(g, "the tensor-core data gradient")?;
     let (n, h, w, ci) = dx.dims();
     let co = dy.c();
@@ -508,7 +495,7 @@ pub fn bwd_data_split(
     if step.is_some() && red.is_none() {
         bail_shape!("a BN backward's step in a data gradient needs its reductions (red)");
     }
-    let (coef, alpha, beta, dgamma, dbeta, mean, var, done) = step_ptrs(step, ci, post.is_some())?;
+    let (coef, alpha, beta, dgamma, dbeta, mean, var, done) = step_ptrs(step, ci, post)?;
     let (x, x_rs, (scale, shift)) = match mask {
         Some(m) => {
             dims_are("the ReLU mask's input", m.x, (n, h, w, ci))?;

@@ -19,6 +19,8 @@ pub mod pool;
 
 use super::{blocks_for, Launch, Mat, Nhwc, Ptr, Slice};
 use crate::gpu::error::bail_shape;
+use crate::ops::conv::Conv;
+use crate::ops::Write;
 use anyhow::Result;
 
 pub use super::Act;
@@ -38,6 +40,33 @@ impl BnRelu {
             self.scale.expect(c, "a BN's scale")?.ptr(),
             self.shift.expect(c, "a BN's shift")?.ptr(),
         ))
+    }
+}
+
+/// A convolution's operands: `conv(pre(x), w)` of geometry `g`, `w: [k, k, x.c, co]` in the
+/// activations' type.
+#[derive(Clone, Copy, Debug)]
+pub struct ConvIn<T> {
+    pub x: Nhwc<T>,
+    pub pre: Option<BnRelu>,
+    pub w: Slice<T>,
+    pub g: Conv,
+}
+
+/// Where a convolution's data gradient goes: `dx`, overwritten or added to.
+#[derive(Clone, Copy, Debug)]
+pub struct DataOut<T> {
+    pub dx: Nhwc<T>,
+    pub write: Write,
+}
+
+impl<T> DataOut<T> {
+    /// `dx`, overwritten.
+    pub fn overwrite(dx: Nhwc<T>) -> Self {
+        DataOut {
+            dx,
+            write: Write::Overwrite,
+        }
     }
 }
 

@@ -39,10 +39,12 @@ use half::bf16;
 use mura::gpu::model::{self, BnDx, Ctx, DxOut, Engine, NextBn, SplitBufs};
 use mura::gpu::ops::bn::{self, Affine, Deferred, Grad, Pending, Running, Saved, Stats};
 use mura::gpu::ops::conv_tc::SplitK;
-use mura::gpu::ops::{adam, cast, pool, Act, BnRelu};
+use mura::gpu::ops::{adam, cast, pool, Act, BnRelu, ConvIn};
 use mura::gpu::{DeviceBuffer, Driver, Mat, Nhwc, Slice};
 use mura::model::schedule::{Head, Hw, Layer, Schedule, Stem, Transition};
+use mura::ops::bn::BnOpts;
 use mura::ops::conv::Conv;
+use mura::ops::{Activation, Mode, Write};
 use mura::optim::Adam;
 use mura::precision::Precision;
 use mura::rng::Rng;
@@ -361,14 +363,22 @@ fn bn_backward<T: Act>(
         stats: bn.stats,
         coef: bn.coef,
     };
-    bn::backward(d, saved, true, true, dy, bn.dparams, dx, bn.scratch)
+    bn::backward(
+        d,
+        saved,
+        BnOpts::relu(Mode::Train),
+        dy,
+        bn.dparams,
+        dx,
+        bn.scratch,
+    )
 }
 
 /// A gradient that overwrites `mat`.
 fn overwrite<T>(mat: Mat<T>) -> Grad<T> {
     Grad {
         mat,
-        accumulate: false,
+        write: Write::Overwrite,
     }
 }
 
@@ -411,7 +421,7 @@ impl<T: Act> ConvAt<T> {
                     dparams: bn.dparams,
                     dx: Grad {
                         mat: b.dx.mat(),
-                        accumulate: b.accumulate,
+                        write: b.write,
                     },
                     scratch: b.scratch,
                     deferred: b.deferred,
@@ -433,13 +443,13 @@ enum Dx<T> {
 }
 
 /// The data gradient through a BN + ReLU, as the model's backward sends it
-/// (`mura::gpu::model::BnDx`): the gradient of the BN's input into `dx: [n, h, w, ci]` (added to
-/// when `accumulate`) through `scratch` (`[n, h, w, ci]`); with `deferred`, the BN backward's
+/// (`mura::gpu::model::BnDx`): the gradient of the BN's input into `dx: [n, h, w, ci]`
+/// (overwritten or added to) through `scratch` (`[n, h, w, ci]`); with `deferred`, the BN backward's
 /// per-channel terms go there instead (`bn::grad_fix` applies them).
 #[derive(Clone, Copy)]
 struct BnAt<T> {
     dx: Nhwc<T>,
-    accumulate: bool,
+    write: Write,
     scratch: Nhwc<T>,
     deferred: Option<Deferred>,
 }
@@ -727,9 +737,13 @@ impl<'s, T: Engine> Bench<'s, T> {
                 // separate statistics pass is the `bn_stats` row's.
                 let stats = T::TENSOR_CORES.then_some(self.bn(c.y.c())?.stats);
                 let next = Some(self.next_bn(c.y.c(), c.y.rows())?);
-                Box::new(move || {
-                    T::conv_fwd(&ctx(&d, parts), c.x, c.pre(), c.w, c.g, c.y, stats, next).map(drop)
-                })
+                let conv = ConvIn {
+                    x: c.x,
+                    pre: c.pre(),
+                    w: c.w,
+                    g: c.g,
+                };
+                Box::new(move || T::conv_fwd(&ctx(&d, parts), conv, c.y, stats, next).map(drop))
             }
             Pass::BwdWeight => {
                 let dw = self.f32("dw", c.w.len(), ACT)?;
@@ -765,7 +779,7 @@ impl<'s, T: Engine> Bench<'s, T> {
         let (acts, grads) = self.block(l.block)?;
         let dx = BnAt {
             dx: grads.channels(0, c)?,
-            accumulate: true,
+            write: Write::Accumulate,
             scratch: self.scratch(0, l.hw, c)?,
             deferred: Some(self.deferred(l.block, 0, c)?),
         };
@@ -805,7 +819,7 @@ impl<'s, T: Engine> Bench<'s, T> {
         let (acts, grads) = self.block(l.block)?;
         let dx = BnAt {
             dx: self.scratch(1, l.hw, mid)?,
-            accumulate: false,
+            write: Write::Overwrite,
             scratch: self.scratch(0, l.hw, mid)?,
             deferred: None,
         };
@@ -935,7 +949,7 @@ impl<'s, T: Engine> Bench<'s, T> {
             let features = self.nhwc("features", h.hw, c)?;
             let pooled = Mat::dense(self.f32("pooled features", n * c, ACT)?, n, c)?;
             return Ok(Box::new(move || {
-                bn::apply(&*d, acts.mat(), bn.coef, true, features.mat())?;
+                bn::apply(&*d, acts.mat(), bn.coef, Activation::Relu, features.mat())?;
                 pool::gap_fwd(&*d, features, pooled)
             }));
         }

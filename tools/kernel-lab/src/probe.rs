@@ -13,8 +13,8 @@
 use anyhow::Result;
 use half::bf16;
 use mura::gpu::kernels::testing;
-use mura::gpu::ops::conv_tc;
-use mura::gpu::ops::BnRelu;
+use mura::gpu::ops::conv_tc::{self, FwdOut};
+use mura::gpu::ops::{BnRelu, ConvIn};
 use mura::gpu::{DeviceBuffer, Driver, Launch, Nhwc};
 use mura::ops::conv::Conv;
 use mura::rng::Rng;
@@ -106,29 +106,29 @@ fn tensor_cores(d: &Arc<dyn Driver>, rng: &mut Rng) -> Result<()> {
     let stats1 = Some(stats.slice().range(0, 2 * c1)?);
     let x = nhwc(&x, c0)?;
     let pw = Some(pre(&s0, &t0));
-    conv_tc::fwd_split(
-        &**d,
+    let conv1 = ConvIn {
         x,
-        pw,
-        w1.slice(),
-        Conv::POINTWISE,
-        nhwc(&mid, c1)?,
-        stats1,
-        None,
-        None,
-    )?;
+        pre: pw,
+        w: w1.slice(),
+        g: Conv::POINTWISE,
+    };
+    let out1 = FwdOut {
+        stats: stats1,
+        ..FwdOut::plain(nhwc(&mid, c1)?)
+    };
+    conv_tc::fwd_split(&**d, conv1, out1, None)?;
     let (mid, p3) = (nhwc(&mid, c1)?, Some(pre(&s1, &t1)));
     let stats3 = Some(stats.slice().range(0, 2 * k)?);
-    conv_tc::fwd_split(
-        &**d,
-        mid,
-        p3,
-        w3.slice(),
-        Conv::CONV3,
-        nhwc(&out, k)?,
-        stats3,
-        None,
-        None,
-    )?;
+    let conv3 = ConvIn {
+        x: mid,
+        pre: p3,
+        w: w3.slice(),
+        g: Conv::CONV3,
+    };
+    let out3 = FwdOut {
+        stats: stats3,
+        ..FwdOut::plain(nhwc(&out, k)?)
+    };
+    conv_tc::fwd_split(&**d, conv3, out3, None)?;
     conv_tc::bwd_weight(&**d, mid, p3, Conv::CONV3, nhwc(&dy, k)?, dw.slice())
 }
