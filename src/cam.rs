@@ -1,7 +1,34 @@
 //! Class activation map overlays (as in the MURA paper's figures).
 
+use crate::data::image::GrayImage;
 use anyhow::{bail, Result};
 use std::path::Path;
+
+/// A class activation map: `Σ_c w_c·F_c` over the final feature map `F` with the classifier's
+/// weights `w`, `[h, w]` row-major, at the feature map's resolution (any scale).
+#[derive(Clone, Debug)]
+pub struct Cam {
+    pub map: Vec<f32>,
+    pub w: usize,
+    pub h: usize,
+}
+
+impl Cam {
+    /// The map of `features: [h, w, c]` (NHWC of one image) under the classifier's `weights: [c]`.
+    pub fn of(weights: &[f32], features: &[f32], (h, w): (usize, usize)) -> Cam {
+        let c = weights.len();
+        let map = (0..h * w)
+            .map(|p| {
+                weights
+                    .iter()
+                    .zip(&features[p * c..][..c])
+                    .map(|(a, f)| a * f)
+                    .sum()
+            })
+            .collect();
+        Cam { map, w, h }
+    }
+}
 
 /// Blend weight of the heat map over the radiograph.
 const ALPHA: f32 = 0.45;
@@ -37,19 +64,11 @@ fn resize_bilinear(src: &[f32], sw: usize, sh: usize, w: usize, h: usize) -> Vec
 /// Overlay a class activation map on a radiograph and write it as the new PNG `path` (an
 /// existing file is never replaced: see `disk::write_new`).
 ///
-/// - gray: [h, w] radiograph intensities in [0, 1]
-/// - cam: [ch, cw] Σ_c w_c·F_c over the final feature map (any scale); it is upsampled
-///   bilinearly to w × h, min-max normalised to [0, 1] (a flat map becomes 0), jet
-///   colour-mapped and blended over the radiograph.
-pub fn write_cam_png(
-    gray: &[f32],
-    w: usize,
-    h: usize,
-    cam: &[f32],
-    cw: usize,
-    ch: usize,
-    path: &Path,
-) -> Result<()> {
+/// The map is upsampled bilinearly to the radiograph's size, min-max normalised to [0, 1] (a
+/// flat map becomes 0), jet colour-mapped and blended over the radiograph's intensities.
+pub fn write_cam_png(image: &GrayImage, cam: &Cam, path: &Path) -> Result<()> {
+    let (gray, w, h) = (&image.data, image.width, image.height);
+    let (cam, cw, ch) = (&cam.map, cam.w, cam.h);
     if w == 0 || h == 0 || gray.len() != w * h {
         bail!(
             "CAM overlay: image of {} values is not {w} x {h}",
@@ -106,8 +125,14 @@ mod tests {
         let mut b = a.clone();
         a[0] = 5.0;
         b[cw * ch - 1] = 5.0;
-        write_cam_png(&gray, w, h, &a, cw, ch, &dir.join("a.png")).unwrap();
-        write_cam_png(&gray, w, h, &b, cw, ch, &dir.join("b.png")).unwrap();
+        let image = GrayImage {
+            width: w,
+            height: h,
+            data: gray,
+        };
+        let cam = |map| Cam { map, w: cw, h: ch };
+        write_cam_png(&image, &cam(a), &dir.join("a.png")).unwrap();
+        write_cam_png(&image, &cam(b), &dir.join("b.png")).unwrap();
         let (ia, ib) = (read_rgb(&dir.join("a.png")), read_rgb(&dir.join("b.png")));
         assert_eq!(ia.dimensions(), (w as u32, h as u32));
         assert_ne!(ia, ib);
@@ -125,13 +150,31 @@ mod tests {
     }
 
     #[test]
+    fn map_is_the_classifier_weighted_sum_of_features() {
+        // 2 × 1 pixels of 3 channels.
+        let cam = Cam::of(&[1.0, -2.0, 0.5], &[1.0, 2.0, 4.0, -1.0, 0.0, 2.0], (2, 1));
+        assert_eq!((cam.map, cam.w, cam.h), (vec![-1.0, 0.0], 1, 2));
+    }
+
+    #[test]
     fn bilinear_resize_matches_hand_values_and_bad_input_is_an_error() {
         // 2 → 4 with align_corners=False: source coords -0.25, 0.25, 0.75, 1.25 → 0, .25, .75, 1.
         let up = resize_bilinear(&[0.0, 1.0], 2, 1, 4, 1);
         assert_eq!(up, vec![0.0, 0.25, 0.75, 1.0]);
         let p = std::env::temp_dir().join("mura-cam-never-written.png");
-        assert!(write_cam_png(&[0.5; 6], 3, 3, &[1.0; 4], 2, 2, &p).is_err());
-        assert!(write_cam_png(&[0.5; 9], 3, 3, &[1.0, f32::NAN, 0.0, 0.0], 2, 2, &p).is_err());
+        let image = |data: &[f32]| GrayImage {
+            width: 3,
+            height: 3,
+            data: data.to_vec(),
+        };
+        let cam = |map: &[f32]| Cam {
+            map: map.to_vec(),
+            w: 2,
+            h: 2,
+        };
+        assert!(write_cam_png(&image(&[0.5; 6]), &cam(&[1.0; 4]), &p).is_err());
+        let nan = cam(&[1.0, f32::NAN, 0.0, 0.0]);
+        assert!(write_cam_png(&image(&[0.5; 9]), &nan, &p).is_err());
         assert!(!p.exists());
     }
 }

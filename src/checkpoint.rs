@@ -195,13 +195,33 @@ fn read_model(
     })
 }
 
-/// [`load_model`] for an architecture a command asked for (`explicit`: asked for by name rather
-/// than taken by default): a mura checkpoint records its architecture, which an explicit request
-/// must match; any other safetensors file with torchvision's names loads as `requested`.
-pub fn load_model_for(path: &Path, requested: &DenseNetSpec, explicit: bool) -> Result<ModelFile> {
+/// The architecture a command asks for: named by the user, or the command's default.
+#[derive(Clone, Debug)]
+pub enum ArchRequest {
+    /// Asked for by name: a checkpoint recording another architecture is refused.
+    Named(DenseNetSpec),
+    /// Taken by default: a checkpoint's recorded architecture wins.
+    Default(DenseNetSpec),
+}
+
+impl ArchRequest {
+    /// The architecture asked for.
+    pub fn spec(&self) -> &DenseNetSpec {
+        match self {
+            ArchRequest::Named(s) | ArchRequest::Default(s) => s,
+        }
+    }
+}
+
+/// [`load_model`] for the architecture a command asks for: a mura checkpoint records its
+/// architecture, which a named request must match; any other safetensors file with torchvision's
+/// names loads as the request.
+pub fn load_model_for(path: &Path, request: &ArchRequest) -> Result<ModelFile> {
     let file = weights::safetensors::SafetensorsFile::open(path, MAX_SAFETENSORS_BYTES)?;
     let recorded = recorded_spec(path, &file.metadata())?.is_some();
-    let want = (!recorded || explicit).then_some(requested);
+    let requested = request.spec();
+    let named = matches!(request, ArchRequest::Named(_));
+    let want = (!recorded || named).then_some(requested);
     let loaded = read_model(path, file, want);
     match recorded {
         true => loaded,

@@ -1,14 +1,21 @@
 //! Study-level prediction over a split of a store: each study's probability is the mean of its
-//! views' probabilities; abnormal if > 0.5.
+//! views' probabilities; abnormal if > 0.5. An ensemble's is the mean of its models'; its report
+//! is the MURA paper's Table 2, `predictions.csv` and `metrics.json`.
 
-use crate::data::loader::Loader;
+use crate::checkpoint::ArchRequest;
+use crate::data::loader::{Loader, LoaderConfig};
 use crate::data::store::Store;
-use crate::data::StudyType;
+use crate::data::{Split, StudyType};
+use crate::device::Device;
+use crate::disk::owned::{self, Made};
 use crate::loss::LossLevel;
 use crate::metrics::MetricsTable;
 use crate::net::Net;
 use crate::ops::Mode;
-use anyhow::{bail, Result};
+use crate::precision::Precision;
+use anyhow::{bail, Context, Result};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 #[derive(Clone, Debug)]
 pub struct StudyPrediction {
@@ -159,4 +166,141 @@ fn study_score(
         (loss, n)
     });
     (prediction(store, si, p), loss)
+}
+
+/// What an evaluation scores, and where: the studies of `split` of the given types, the models at
+/// `image_size` (none: the one a checkpoint records, else 224), `batch` studies at a time.
+#[derive(Clone, Debug)]
+pub struct EvalConfig {
+    pub split: Split,
+    pub study_types: Vec<StudyType>,
+    pub image_size: Option<usize>,
+    pub device: Device,
+    pub precision: Precision,
+    pub batch: usize,
+}
+
+/// Each study's mean probability over the models of `checkpoints` (one checkpoint is itself), in
+/// store order. No study of the split and types is an error.
+pub fn ensemble(
+    store: &Arc<Store>,
+    checkpoints: &[PathBuf],
+    arch: &ArchRequest,
+    cfg: &EvalConfig,
+) -> Result<Vec<StudyPrediction>> {
+    let mut sum: Option<Vec<StudyPrediction>> = None;
+    for ck in checkpoints {
+        let preds = predict_checkpoint(store, ck, arch, cfg)?;
+        sum = Some(match sum {
+            None => preds,
+            Some(mut acc) => {
+                for (a, p) in acc.iter_mut().zip(&preds) {
+                    a.probability += p.probability;
+                }
+                acc
+            }
+        });
+    }
+    let mut preds = sum.context("no checkpoint given")?;
+    let k = checkpoints.len() as f64;
+    for p in &mut preds {
+        p.probability /= k;
+    }
+    if preds.is_empty() {
+        bail!(
+            "the store has no {} studies of the selected types",
+            cfg.split
+        );
+    }
+    Ok(preds)
+}
+
+/// One checkpoint's predictions over the split (with a note when it was trained on images stored
+/// at another size than the store's).
+fn predict_checkpoint(
+    store: &Arc<Store>,
+    ck: &Path,
+    arch: &ArchRequest,
+    cfg: &EvalConfig,
+) -> Result<Vec<StudyPrediction>> {
+    let loaded = crate::checkpoint::load_model_for(ck, arch)?;
+    let size = cfg.image_size.or(loaded.image_size).unwrap_or(224);
+    if let Some(p) = loaded.preprocess.filter(|p| p.store_size != store.size) {
+        crate::note!(
+            "note: {} was trained on images stored at {s}x{s}, this store holds {t}x{t}: \
+             its scores here are of other inputs than in training",
+            ck.display(),
+            s = p.store_size,
+            t = store.size
+        );
+    }
+    let spec = loaded.spec.clone();
+    let mut model =
+        crate::backend::build(cfg.device, cfg.precision, spec, Some(&loaded.weights), 0)?;
+    let loader = Loader::new(
+        store.clone(),
+        cfg.split,
+        &cfg.study_types,
+        LoaderConfig {
+            batch_studies: cfg.batch,
+            max_views: None,
+            image_size: size,
+            augment: None,
+            seed: 0,
+            shuffle: false,
+            workers: 2,
+            prefetch: 2,
+        },
+    )?;
+    let preds = predict_split(model.as_mut(), store, &loader, LossLevel::Study)?;
+    Ok(preds.studies)
+}
+
+/// Prints the metrics table of `preds` (or that no study is labelled) and, with `out`, writes
+/// `predictions.csv` (the official scorer's format) and, for labelled studies, `metrics.json`.
+pub fn report(preds: &[StudyPrediction], out: Option<&Path>) -> Result<()> {
+    let labelled = preds.iter().any(|p| p.label.is_some());
+    let table = labelled.then(|| table(preds));
+    match &table {
+        None => crate::out!("no labelled studies in this split: predictions only"),
+        Some(t) => crate::out::block(&t.to_string()),
+    }
+    if let Some(dir) = out {
+        write_outputs(dir, preds, table.as_ref())?;
+        let json = match labelled {
+            true => format!(" and {}", dir.join("metrics.json").display()),
+            false => String::new(),
+        };
+        crate::out!("wrote {}{json}", dir.join("predictions.csv").display());
+    }
+    Ok(())
+}
+
+/// Writes `predictions.csv` and (for labelled studies) `metrics.json` into `dir` as one commit:
+/// the folder is replaced as a whole, so a kill or a full disk leaves the previous pair or the
+/// new one.
+fn write_outputs(
+    dir: &Path,
+    preds: &[StudyPrediction],
+    table: Option<&MetricsTable>,
+) -> Result<()> {
+    let mut csv = String::new();
+    for p in preds {
+        csv += &format!("{},{}\n", p.path, u8::from(p.probability > 0.5));
+    }
+    owned::replace_folder(dir, Made::Eval, None, |new| {
+        crate::disk::write_synced(
+            &new.join("predictions.csv"),
+            csv.as_bytes(),
+            "eval.predictions",
+        )?;
+        if let Some(t) = table {
+            crate::disk::write_synced(
+                &new.join("metrics.json"),
+                serde_json::to_string_pretty(t)?.as_bytes(),
+                "eval.metrics",
+            )?;
+        }
+        Ok(())
+    })
 }

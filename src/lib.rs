@@ -24,6 +24,8 @@ pub mod optim;
 pub mod out;
 pub mod plot;
 pub mod precision;
+pub mod predict;
+pub mod report;
 pub mod rng;
 pub mod roofline;
 pub mod spec;

@@ -1,6 +1,6 @@
 //! `--arch` and its custom-architecture options, shared by every command that builds a model.
 
-use crate::checkpoint;
+use crate::checkpoint::{self, ArchRequest};
 use crate::spec::DenseNetSpec;
 use anyhow::Result;
 use std::path::Path;
@@ -39,6 +39,15 @@ impl Default for ArchArgs {
 }
 
 impl ArchArgs {
+    /// What these options ask for: named when `--arch` is not the default.
+    pub fn request(&self) -> Result<ArchRequest> {
+        let spec = self.spec()?;
+        Ok(match self.arch == ArchArgs::default().arch {
+            true => ArchRequest::Default(spec),
+            false => ArchRequest::Named(spec),
+        })
+    }
+
     pub fn spec(&self) -> Result<DenseNetSpec> {
         if self.arch == "custom" {
             DenseNetSpec::custom(
@@ -57,8 +66,7 @@ impl ArchArgs {
 /// checkpoint's recorded architecture needs no `--arch` (one given other than the default is
 /// insisted on); any other safetensors file loads as the `--arch` asked for.
 pub fn load_model(path: &Path, arch: &ArchArgs) -> Result<checkpoint::ModelFile> {
-    let explicit = arch.arch != ArchArgs::default().arch;
-    checkpoint::load_model_for(path, &arch.spec()?, explicit)
+    checkpoint::load_model_for(path, &arch.request()?)
 }
 
 #[cfg(test)]

@@ -1,18 +1,22 @@
 //! `mura demo`: the whole pipeline on a built-in synthetic MURA-like set — synthesise, prep, train
 //! a small DenseNet, evaluate (per-type kappa table), CAMs for a normal and an abnormal study, plots.
 
+use crate::checkpoint::{ArchRequest, Input};
 use crate::data::prep::{prep, PrepConfig};
 use crate::data::store::Store;
 use crate::data::synth::{synth, SynthConfig};
 use crate::data::{Split, StudyType};
 use crate::device::Device;
 use crate::disk::owned::{self, Made};
+use crate::eval::{self, EvalConfig};
 use crate::loss::LossLevel;
 use crate::precision::Precision;
+use crate::predict;
 use crate::spec::DenseNetSpec;
 use crate::train::{self, Init, TrainConfig};
 use anyhow::Result;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 #[derive(clap::Args, Debug)]
@@ -47,18 +51,36 @@ pub fn demo_spec() -> DenseNetSpec {
     DenseNetSpec::custom(12, vec![3, 6, 4], 24, 4).expect("valid spec")
 }
 
-pub fn run(args: Args) -> Result<()> {
-    let t0 = Instant::now();
-    let dir = &args.dir;
-    // Every setting is checked before anything is written or the first minute is spent.
-    let device = crate::gpu::resolve(args.device)?;
-    let spec = demo_spec();
-    let store_dir = dir.join("store");
-    let run_dir = dir.join("run");
+/// The demo's folders, under its work folder.
+struct Paths {
+    data: PathBuf,
+    store: PathBuf,
+    run: PathBuf,
+    eval: PathBuf,
+    cam: PathBuf,
+}
+
+impl Paths {
+    fn under(dir: &Path) -> Paths {
+        Paths {
+            data: dir.join("data"),
+            store: dir.join("store"),
+            run: dir.join("run"),
+            eval: dir.join("eval"),
+            cam: dir.join("cam"),
+        }
+    }
+    fn best(&self) -> PathBuf {
+        self.run.join("best.safetensors")
+    }
+}
+
+/// The training the demo runs (checked before anything is written).
+fn train_config(args: &Args, device: Device, paths: &Paths) -> Result<TrainConfig> {
     let cfg = TrainConfig {
-        store: store_dir.clone(),
-        out: run_dir.clone(),
-        spec: spec.clone(),
+        store: paths.store.clone(),
+        out: paths.run.clone(),
+        spec: demo_spec(),
         init: Init::Random,
         epochs: args.epochs,
         batch: 8,
@@ -77,118 +99,149 @@ pub fn run(args: Args) -> Result<()> {
         max_batches: None,
     };
     cfg.validate()?;
-    crate::model::DenseNet::<f32>::new(spec.clone(), 0)
+    crate::model::DenseNet::<f32>::new(cfg.spec.clone(), 0)
         .feature_hw(args.image_size, args.image_size)?;
     crate::bounds::STUDIES.check("--studies", args.studies)?;
-    fresh_dir(dir)?;
-    let data = dir.join("data");
+    Ok(cfg)
+}
 
+pub fn run(args: Args) -> Result<()> {
+    let t0 = Instant::now();
+    // Every setting is checked before anything is written or the first minute is spent.
+    let device = crate::gpu::resolve(args.device)?;
+    let paths = Paths::under(&args.dir);
+    let cfg = train_config(&args, device, &paths)?;
+    fresh_dir(&args.dir)?;
+    synthesise(&args, &paths)?;
+    prep_store(&args, &paths)?;
+    train_model(cfg, device)?;
+    evaluate(&args, device, &paths)?;
+    class_maps(&args, device, &paths)?;
+    crate::out!("6/6 plotting the run");
+    crate::report::write(&paths.run)?;
+    summary(t0, &paths);
+    Ok(())
+}
+
+/// 1/6: the synthetic MURA-like set.
+fn synthesise(args: &Args, paths: &Paths) -> Result<()> {
     crate::out!(
         "1/6 synthesising {} MURA-like studies in {}",
         args.studies,
-        data.display()
+        paths.data.display()
     );
-    let s = synth(
-        &data,
-        &SynthConfig {
-            studies: args.studies,
-            seed: args.seed,
-            valid_fraction: 0.2,
-        },
-        true,
-    )?;
+    let cfg = SynthConfig {
+        studies: args.studies,
+        seed: args.seed,
+        valid_fraction: 0.2,
+    };
+    let s = synth(&paths.data, &cfg, true)?;
     crate::out!(
         "    {} studies ({} abnormal), {} images",
         s.studies,
         s.abnormal_studies,
         s.images
     );
+    Ok(())
+}
 
+/// 2/6: its store.
+fn prep_store(args: &Args, paths: &Paths) -> Result<()> {
     crate::out!(
         "2/6 prepping a {0}x{0} store in {1}",
         args.image_size,
-        store_dir.display()
+        paths.store.display()
     );
     prep(&PrepConfig {
-        mura_root: data.clone(),
-        out: store_dir.clone(),
+        mura_root: paths.data.clone(),
+        out: paths.store.clone(),
         size: args.image_size,
         study_types: StudyType::ALL.to_vec(),
         strict: false,
         progress: true,
     })?;
+    Ok(())
+}
 
+/// 3/6: the training run.
+fn train_model(cfg: TrainConfig, device: Device) -> Result<()> {
+    let spec = &cfg.spec;
     crate::out!(
         "3/6 training a DenseNet (growth {}, blocks {:?}, {} parameters) on {device} for {} epochs",
         spec.growth_rate,
         spec.block_config,
         spec.num_params(),
-        args.epochs
+        cfg.epochs
     );
     train::train(cfg, false)?;
-    let best = run_dir.join("best.safetensors");
+    Ok(())
+}
 
+/// 4/6: the best checkpoint's table on the validation split, and its predictions and metrics.
+fn evaluate(args: &Args, device: Device, paths: &Paths) -> Result<()> {
     crate::out!("4/6 evaluating the best checkpoint on the validation split");
-    let eval_dir = dir.join("eval");
-    super::eval::run(super::eval::Args {
-        store: store_dir.clone(),
-        checkpoint: vec![best.clone()],
-        arch: Default::default(),
+    owned::check_replace(&paths.eval, Made::Eval, None)?;
+    let cfg = EvalConfig {
         split: Split::Valid,
-        study_types: vec![],
+        study_types: StudyType::ALL.to_vec(),
         image_size: Some(args.image_size),
-        out: Some(eval_dir.clone()),
         device,
         precision: Precision::F32,
         batch: 8,
-    })?;
+    };
+    let store = Arc::new(Store::open(&paths.store)?);
+    let arch = ArchRequest::Default(DenseNetSpec::preset("densenet169")?);
+    let preds = eval::ensemble(&store, &[paths.best()], &arch, &cfg)?;
+    eval::report(&preds, Some(&paths.eval))
+}
 
+/// 5/6: CAMs of the first abnormal and the first normal validation study.
+fn class_maps(args: &Args, device: Device, paths: &Paths) -> Result<()> {
     crate::out!("5/6 class activation maps for one abnormal and one normal validation study");
-    let cam_dir = dir.join("cam");
-    std::fs::create_dir_all(&cam_dir)?;
-    let store = Store::open(&store_dir)?;
-    let best_model = crate::checkpoint::load_model(&best, None)?;
-    let spec = best_model.spec.clone();
-    let mut model =
-        crate::backend::build(device, Precision::F32, spec, Some(&best_model.weights), 0)?;
-    for want in [1u8, 0] {
-        let Some(st) = store
+    std::fs::create_dir_all(&paths.cam)?;
+    let store = Store::open(&paths.store)?;
+    let best = paths.best();
+    let loaded = crate::checkpoint::load_model(&best, None)?;
+    let input = Input {
+        preprocess: loaded.preprocess_for(&best, args.image_size).0,
+        image_size: args.image_size,
+    };
+    let spec = loaded.spec.clone();
+    let mut model = crate::backend::build(device, Precision::F32, spec, Some(&loaded.weights), 0)?;
+    for (label, verdict) in [(1u8, "abnormal"), (0, "normal")] {
+        let first = store
             .studies
             .iter()
-            .find(|s| s.split == Split::Valid && s.label == Some(want))
-        else {
+            .find(|s| s.split == Split::Valid && s.label == Some(label));
+        let Some(st) = first else {
             continue;
         };
-        let folder = data.join(&st.path);
-        let views = super::predict::study_views(&folder)?;
-        let input = crate::checkpoint::Input {
-            preprocess: best_model.preprocess_for(&best, args.image_size).0,
-            image_size: args.image_size,
-        };
-        let line =
-            super::predict::predict_study(model.as_mut(), &folder, &views, input, Some(&cam_dir))?;
+        let folder = paths.data.join(&st.path);
+        let views = predict::study_views(&folder)?;
+        let p = predict::predict_study(model.as_mut(), &folder, &views, input)?;
+        predict::write_cams(&paths.cam, &p)?;
         crate::out!(
-            "    {} ({}): p(abnormal) = {:.3}",
+            "    {} ({verdict}): p(abnormal) = {:.3}",
             st.path,
-            if want == 1 { "abnormal" } else { "normal" },
-            line["probability"].as_f64().unwrap_or(f64::NAN)
+            p.probability
         );
     }
+    Ok(())
+}
 
-    crate::out!("6/6 plotting the run");
-    super::report::run(super::report::Args {
-        run_dir: run_dir.clone(),
-    })?;
-
+/// Where everything went.
+fn summary(t0: Instant, paths: &Paths) {
     crate::out!();
     crate::out!("done in {:.0} s", t0.elapsed().as_secs_f64());
-    crate::out!("  checkpoint   {}", best.display());
-    crate::out!("  metrics      {}", eval_dir.join("metrics.json").display());
+    crate::out!("  checkpoint   {}", paths.best().display());
+    crate::out!(
+        "  metrics      {}",
+        paths.eval.join("metrics.json").display()
+    );
     crate::out!(
         "  predictions  {}",
-        eval_dir.join("predictions.csv").display()
+        paths.eval.join("predictions.csv").display()
     );
-    crate::out!("  CAM images   {}", cam_dir.display());
-    crate::out!("  plots        {}", run_dir.join("report").display());
-    Ok(())
+    crate::out!("  CAM images   {}", paths.cam.display());
+    crate::out!("  plots        {}", paths.run.join("report").display());
 }

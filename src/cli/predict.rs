@@ -1,17 +1,11 @@
 //! `mura predict`: study probabilities for folders of PNG views (or single PNGs), one JSON line per
-//! study, optionally with class activation maps.
-//!
-//! A view is preprocessed as its checkpoint records it was in training (`Preprocess`: the store
-//! image `prep` would make, then the loader's resampling to the input side), so a study predicted
-//! from its files scores what `eval` gives it on a store prepped from them.
+//! study, optionally with class activation maps (`crate::predict`).
 
 use super::arch::{self, ArchArgs};
 use crate::checkpoint::Input;
-use crate::data::image::decode_gray;
 use crate::device::Device;
-use crate::loss::sigmoid;
-use crate::net::Net;
 use crate::precision::Precision;
+use crate::predict::{cam_name, predict_study, study_views, write_cams, Prediction};
 use anyhow::{bail, Context, Result};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -40,25 +34,6 @@ pub struct Args {
     pub paths: Vec<PathBuf>,
 }
 
-/// The PNG views of a study path: a folder's `*.png` files (sorted), or the file itself.
-pub fn study_views(path: &Path) -> Result<Vec<PathBuf>> {
-    let meta =
-        std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
-    if meta.is_file() {
-        return Ok(vec![path.to_path_buf()]);
-    }
-    let mut views: Vec<PathBuf> = std::fs::read_dir(path)
-        .with_context(|| format!("cannot read folder {}", path.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.is_file() && p.extension().is_some_and(|e| e.eq_ignore_ascii_case("png")))
-        .collect();
-    views.sort();
-    if views.is_empty() {
-        bail!("{}: study folder has no PNG views", path.display());
-    }
-    Ok(views)
-}
-
 pub fn run(args: Args) -> Result<()> {
     let loaded = arch::load_model(&args.weights, &args.arch)?;
     let size = args.image_size.or(loaded.image_size).unwrap_or(224);
@@ -84,8 +59,11 @@ pub fn run(args: Args) -> Result<()> {
         image_size: size,
     };
     for (study, views) in studies {
-        let line = predict_study(model.as_mut(), &study, &views, input, args.cam.as_deref())?;
-        crate::out!("{line}");
+        let p = predict_study(model.as_mut(), &study, &views, input)?;
+        if let Some(dir) = &args.cam {
+            write_cams(dir, &p)?;
+        }
+        crate::out!("{}", json_line(&p));
     }
     Ok(())
 }
@@ -116,83 +94,23 @@ fn check_cam_names(dir: &Path, studies: &[(PathBuf, Vec<PathBuf>)]) -> Result<()
     Ok(())
 }
 
-/// The CAM file of view `view` (from 0) of `study`: the study path made a file name, and a
-/// checksum of the path itself, so that paths made alike (`a/b` and `a_b`) stay apart.
-pub fn cam_name(study: &Path, view: usize) -> String {
-    let path = study.as_os_str().as_encoded_bytes();
-    format!(
-        "{}-{:08x}_view{}_cam.png",
-        sanitize(&study.to_string_lossy()),
-        crc32fast::hash(path),
-        view + 1
-    )
-}
-
-/// One study's JSON line (and CAM files, new in `cam_dir`), its views fed to the model as
-/// `input` says. A score that is not finite (weights
-/// that overflow) is an error naming the view, never a `null` probability.
-pub fn predict_study(
-    model: &mut dyn Net,
-    study: &Path,
-    views: &[PathBuf],
-    input: Input,
-    cam_dir: Option<&Path>,
-) -> Result<serde_json::Value> {
-    let size = input.image_size;
-    let mut out = Vec::new();
-    let mut psum = 0.0;
-    for (v, path) in views.iter().enumerate() {
-        let img = decode_gray(path)?;
-        let x = input.preprocess.model_input(img.clone(), size);
-        let (logits, feats, fh, fw) = model.forward_features(&x, 1, size, size)?;
-        let z = logits[0] as f64;
-        if !z.is_finite() {
-            bail!(
-                "the model scores {} as {z}: its weights overflow on this image",
-                path.display()
-            );
-        }
-        if let Some(dir) = cam_dir {
-            let (w, _) = model.classifier()?;
-            let c = w.len();
-            let cam: Vec<f32> = (0..fh * fw)
-                .map(|p| (0..c).map(|k| w[k] * feats[p * c + k]).sum())
-                .collect();
-            let path = dir.join(cam_name(study, v));
-            crate::cam::write_cam_png(&img.data, img.width, img.height, &cam, fw, fh, &path)?;
-        }
-        psum += sigmoid(z);
-        out.push(serde_json::json!({
-            "path": path.to_string_lossy(),
-            "logit": z,
-            "probability": sigmoid(z),
-        }));
-    }
-    let p = psum / views.len() as f64;
-    Ok(serde_json::json!({
-        "study": study.to_string_lossy(),
-        "probability": p,
-        "abnormal": p > 0.5,
-        "views": out,
-    }))
-}
-
-/// `s` as a file name: ASCII letters, digits and `-`, anything else `_`; its last 120 characters
-/// (the study's end of the path) when longer.
-fn sanitize(s: &str) -> String {
-    let t: String = s
-        .trim_matches(|c| c == '/' || c == '.')
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' {
-                c
-            } else {
-                '_'
-            }
+/// A study's JSON line: its probability and verdict, and each view's logit and probability.
+fn json_line(p: &Prediction) -> serde_json::Value {
+    let views: Vec<serde_json::Value> = p
+        .views
+        .iter()
+        .map(|v| {
+            serde_json::json!({
+                "path": v.path.to_string_lossy(),
+                "logit": v.logit,
+                "probability": v.probability,
+            })
         })
         .collect();
-    match t.len() {
-        0 => "study".into(),
-        n => t[n.saturating_sub(120)..].to_string(),
-    }
+    serde_json::json!({
+        "study": p.study.to_string_lossy(),
+        "probability": p.probability,
+        "abnormal": p.abnormal(),
+        "views": views,
+    })
 }
