@@ -269,16 +269,16 @@ impl Loader {
 
     /// The batches of one epoch, in order, built ahead on worker threads.
     pub fn epoch(&self, epoch: u64) -> EpochIter {
-        self.epoch_as(epoch, false)
+        self.epoch_as(epoch, Carry::Inputs)
     }
 
     /// The batches of `epoch` as [`Loader::epoch`] gives them, but carrying the store's u8 images
     /// and their augmentation parameters instead of f32 inputs (built by a model on its device).
     pub fn epoch_raw(&self, epoch: u64) -> EpochIter {
-        self.epoch_as(epoch, true)
+        self.epoch_as(epoch, Carry::Raw)
     }
 
-    fn epoch_as(&self, epoch: u64, raw: bool) -> EpochIter {
+    fn epoch_as(&self, epoch: u64, carry: Carry) -> EpochIter {
         let mut order = self.selected.clone();
         if self.cfg.shuffle {
             Rng::derive(self.cfg.seed, epoch.wrapping_mul(2)).shuffle(&mut order);
@@ -292,7 +292,7 @@ impl Loader {
             local: None,
         };
         if self.cfg.workers == 0 {
-            it.local = Some((self.store.clone(), self.cfg.clone(), epoch, raw));
+            it.local = Some((self.store.clone(), self.cfg.clone(), epoch, carry));
             return it;
         }
         for w in 0..self.cfg.workers.min(plan.len().max(1)) {
@@ -301,7 +301,10 @@ impl Loader {
             let nw = self.cfg.workers.min(plan.len().max(1));
             it.handles.push(std::thread::spawn(move || {
                 for b in (w..plan.len()).step_by(nw) {
-                    if tx.send(build(&store, &cfg, epoch, &plan[b], raw)).is_err() {
+                    if tx
+                        .send(build(&store, &cfg, epoch, &plan[b], carry))
+                        .is_err()
+                    {
                         return; // the consumer stopped early
                     }
                 }
@@ -330,11 +333,19 @@ pub fn build_batch(store: &Store, cfg: &LoaderConfig, epoch: u64, studies: &[usi
             }
         })
         .collect();
-    build(store, cfg, epoch, &parts, false)
+    build(store, cfg, epoch, &parts, Carry::Inputs)
 }
 
-/// One batch: f32 inputs augmented here, or (`raw`) the store images as they are.
-fn build(store: &Store, cfg: &LoaderConfig, epoch: u64, parts: &[Part], raw: bool) -> Batch {
+/// What a batch carries: f32 inputs augmented here, or the store's u8 images as they are (for a
+/// model that augments on its device).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Carry {
+    Inputs,
+    Raw,
+}
+
+/// One batch, carrying what `carry` says.
+fn build(store: &Store, cfg: &LoaderConfig, epoch: u64, parts: &[Part], carry: Carry) -> Batch {
     let s = cfg.image_size;
     let mut image_ids = Vec::new();
     let mut view_study = Vec::new();
@@ -354,7 +365,7 @@ fn build(store: &Store, cfg: &LoaderConfig, epoch: u64, parts: &[Part], raw: boo
                 .map_or(AugParams::IDENTITY, |a| aug_params(a, cfg.seed, epoch, i))
         })
         .collect();
-    let (images, raw) = if raw {
+    let (images, raw) = if carry == Carry::Raw {
         let mut raw = Vec::with_capacity(image_ids.len() * store.size * store.size);
         for &i in &image_ids {
             raw.extend_from_slice(store.image(i));
@@ -395,8 +406,9 @@ pub struct EpochIter {
     next: usize,
     rx: Vec<Receiver<Batch>>,
     handles: Vec<JoinHandle<()>>,
-    /// Set when batches are built on the calling thread (workers = 0): store, config, epoch, raw.
-    local: Option<(Arc<Store>, LoaderConfig, u64, bool)>,
+    /// Set when batches are built on the calling thread (workers = 0): store, config, epoch, and
+    /// what the batches carry.
+    local: Option<(Arc<Store>, LoaderConfig, u64, Carry)>,
 }
 
 impl Iterator for EpochIter {
@@ -408,7 +420,9 @@ impl Iterator for EpochIter {
         let b = self.next;
         self.next += 1;
         match &self.local {
-            Some((store, cfg, epoch, raw)) => Some(build(store, cfg, *epoch, &self.plan[b], *raw)),
+            Some((store, cfg, epoch, carry)) => {
+                Some(build(store, cfg, *epoch, &self.plan[b], *carry))
+            }
             None => {
                 let rx = &self.rx[b % self.rx.len()];
                 Some(rx.recv().expect("loader worker thread died"))

@@ -71,7 +71,8 @@ impl Drop for Removal {
 /// holds nothing but its marker: what a failed first prep leaves is what was there.
 struct Unmade {
     dir: PathBuf,
-    created: bool,
+    /// What the claim found there.
+    found: owned::Found,
 }
 
 impl Unmade {
@@ -82,7 +83,7 @@ impl Unmade {
 
 impl Drop for Unmade {
     fn drop(&mut self) {
-        owned::unmark(&self.dir, self.created);
+        owned::unmark(&self.dir, self.found);
     }
 }
 
@@ -432,7 +433,7 @@ pub fn prep(cfg: &PrepConfig) -> Result<PrepSummary> {
     let found = owned::claim(out, Made::Store, Some(&is_earlier_store))?;
     let made = (found != owned::Found::Ours).then(|| Unmade {
         dir: out.clone(),
-        created: found == owned::Found::Missing,
+        found,
     });
     let _lock = crate::disk::lock_folder(out, "mura prep")?;
     let previous = current_generation(out);

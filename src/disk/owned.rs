@@ -409,8 +409,8 @@ fn sync_file_system(dir: &Path) {
 }
 
 /// Undoes [`claim`] of a folder that a failed command leaves holding nothing but its marker:
-/// removes the marker, and the folder too where the command `created` it.
-pub fn unmark(dir: &Path, created: bool) {
+/// removes the marker, and the folder too where the claim `found` it missing (created it).
+pub fn unmark(dir: &Path, found: Found) {
     let only_marker = std::fs::read_dir(dir)
         .map(|rd| {
             rd.flatten()
@@ -419,7 +419,7 @@ pub fn unmark(dir: &Path, created: bool) {
         .unwrap_or(false);
     if only_marker {
         let _ = std::fs::remove_file(dir.join(MARKER));
-        if created {
+        if found == Found::Missing {
             let _ = std::fs::remove_dir(dir);
         }
     }
