@@ -21,6 +21,16 @@ const EXACT: f64 = 1e-5;
 
 type In = Inputs<bf16, bf16>;
 
+/// The convolution of `inp`'s input through its BN + ReLU (if any) and weights.
+fn conv_of(inp: &In) -> ConvIn<bf16> {
+    ConvIn {
+        x: inp.view(),
+        pre: inp.pre(),
+        w: inp.wt.0.slice(),
+        g: inp.s.g,
+    }
+}
+
 /// The executor of a bf16 test (tolerance 1e-2).
 fn exec(test: &str) -> Exec {
     Exec::new::<bf16>(test)
@@ -143,17 +153,11 @@ fn any_window_case(x: &mut Exec, s: Shape) {
         ws: ws.slice(),
         tiles: tiles.slice(),
     };
-    let (xv, pre, wt) = (inp.view(), inp.pre(), inp.wt.0.slice());
     let y = inp.out_view(&out.y);
     let stats = Some(out.stats.slice());
     conv_tc::fwd(
         &*x.d,
-        ConvIn {
-            x: xv,
-            pre,
-            w: wt,
-            g: s.g,
-        },
+        conv_of(&inp),
         FwdOut {
             y,
             stats,
@@ -225,58 +229,18 @@ fn forward_splits(x: &mut Exec, inp: &In, what: &str) {
     for split in [Split::Whole, Split::Chunks(32), Split::Default] {
         let what = format!("{what} fwd {split:?}");
         let out = Outputs::new(x, s);
-        let (xv, pre, wt) = (inp.view(), inp.pre(), inp.wt.0.slice());
         let y = inp.out_view(&out.y);
         let stats = s.pre.then(|| out.stats.slice());
+        let fo = FwdOut {
+            y,
+            stats,
+            next: None,
+        };
+        let (d, conv) = (&*x.d, conv_of(inp));
         match split {
-            Split::Whole => conv_tc::fwd_split(
-                &*x.d,
-                ConvIn {
-                    x: xv,
-                    pre,
-                    w: wt,
-                    g: s.g,
-                },
-                FwdOut {
-                    y,
-                    stats,
-                    next: None,
-                },
-                None,
-            ),
-            Split::Chunks(len) => {
-                let split = Some((ws.view(), len));
-                conv_tc::fwd_split(
-                    &*x.d,
-                    ConvIn {
-                        x: xv,
-                        pre,
-                        w: wt,
-                        g: s.g,
-                    },
-                    FwdOut {
-                        y,
-                        stats,
-                        next: None,
-                    },
-                    split,
-                )
-            }
-            Split::Default => conv_tc::fwd(
-                &*x.d,
-                ConvIn {
-                    x: xv,
-                    pre,
-                    w: wt,
-                    g: s.g,
-                },
-                FwdOut {
-                    y,
-                    stats,
-                    next: None,
-                },
-                Some(ws.view()),
-            ),
+            Split::Whole => conv_tc::fwd_split(d, conv, fo, None),
+            Split::Chunks(len) => conv_tc::fwd_split(d, conv, fo, Some((ws.view(), len))),
+            Split::Default => conv_tc::fwd(d, conv, fo, Some(ws.view())),
         }
         .unwrap();
         out.check(x, inp, &what, s.pre);
@@ -325,54 +289,18 @@ fn coef_step(x: &mut Exec, inp: &In, what: &str, split: Split, ws: &Workspace) {
         },
         done: done.slice(),
     });
-    let (xv, pre, wt, d) = (inp.view(), inp.pre(), inp.wt.0.slice(), &*x.d);
+    let d = &*x.d;
     let (yv, st) = (inp.out_view(&y), Some(sums.slice()));
+    let fo = FwdOut {
+        y: yv,
+        stats: st,
+        next: step,
+    };
+    let conv = conv_of(inp);
     match split {
-        Split::Whole => conv_tc::fwd_split(
-            d,
-            ConvIn {
-                x: xv,
-                pre,
-                w: wt,
-                g: s.g,
-            },
-            FwdOut {
-                y: yv,
-                stats: st,
-                next: step,
-            },
-            None,
-        ),
-        Split::Chunks(len) => conv_tc::fwd_split(
-            d,
-            ConvIn {
-                x: xv,
-                pre,
-                w: wt,
-                g: s.g,
-            },
-            FwdOut {
-                y: yv,
-                stats: st,
-                next: step,
-            },
-            Some((ws.view(), len)),
-        ),
-        Split::Default => conv_tc::fwd(
-            d,
-            ConvIn {
-                x: xv,
-                pre,
-                w: wt,
-                g: s.g,
-            },
-            FwdOut {
-                y: yv,
-                stats: st,
-                next: step,
-            },
-            Some(ws.view()),
-        ),
+        Split::Whole => conv_tc::fwd_split(d, conv, fo, None),
+        Split::Chunks(len) => conv_tc::fwd_split(d, conv, fo, Some((ws.view(), len))),
+        Split::Default => conv_tc::fwd(d, conv, fo, Some(ws.view())),
     }
     .unwrap();
     let yv = read(&y);
@@ -806,7 +734,7 @@ fn refuses_operands_that_do_not_fit() {
     let inp = In::draw(x, s);
     let (yb, f) = (x.poisoned::<bf16>(128), x.poisoned::<f32>(128));
     let (d, xv, pre, g, y) = (&*x.d, inp.view(), inp.pre(), s.g, inp.out_view(&yb));
-    let wt = inp.wt.0.slice();
+    let (wt, conv) = (inp.wt.0.slice(), conv_of(&inp));
     let short = |n: usize| f.slice().range(0, n).unwrap();
     let counts = DeviceBuffer::<u32>::zeroed(&x.d, 4).unwrap();
     let split = |ws: usize, tiles: usize| SplitK {
@@ -816,10 +744,8 @@ fn refuses_operands_that_do_not_fit() {
     let e = conv_tc::fwd(
         d,
         ConvIn {
-            x: xv,
-            pre,
             w: wt.range(0, 63).unwrap(),
-            g,
+            ..conv
         },
         FwdOut::plain(y),
         None,
@@ -830,12 +756,7 @@ fn refuses_operands_that_do_not_fit() {
     );
     let e = conv_tc::fwd(
         d,
-        ConvIn {
-            x: xv,
-            pre,
-            w: wt,
-            g,
-        },
+        conv,
         FwdOut {
             y,
             stats: Some(short(15)),
@@ -845,29 +766,9 @@ fn refuses_operands_that_do_not_fit() {
     );
     refused(e, "the output statistics: 15 elements where 16 are needed");
     // (K = 8 channels: a chunk of 32 does not split; 8 rows of 16 pixels would in chunks of 0.)
-    let e = conv_tc::fwd_split(
-        d,
-        ConvIn {
-            x: xv,
-            pre,
-            w: wt,
-            g,
-        },
-        FwdOut::plain(y),
-        Some((split(128, 1), 0)),
-    );
+    let e = conv_tc::fwd_split(d, conv, FwdOut::plain(y), Some((split(128, 1), 0)));
     refused(e, "split-K chunk of 0 is not a positive multiple of 32");
-    let e = conv_tc::fwd_split(
-        d,
-        ConvIn {
-            x: xv,
-            pre,
-            w: wt,
-            g,
-        },
-        FwdOut::plain(y),
-        Some((split(128, 1), 48)),
-    );
+    let e = conv_tc::fwd_split(d, conv, FwdOut::plain(y), Some((split(128, 1), 48)));
     refused(e, "split-K chunk of 48 is not a positive multiple of 32");
     let dout = |dx| DataOut {
         dx,
