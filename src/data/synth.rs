@@ -812,6 +812,48 @@ fn apportion(n: usize, weights: &[usize]) -> Vec<usize> {
     out
 }
 
+/// The views of one study labelled `label`: 1-5 of them, each its size, format and seed; of an
+/// abnormal study, each shows the finding with probability 0.9, and at least one does.
+fn plan_views(label: u8, rng: &mut Rng) -> Vec<ViewSpec> {
+    let u = rng.uniform();
+    let n_views = [0.1, 0.45, 0.8, 0.95, 1.0]
+        .iter()
+        .position(|&p| u < p)
+        .unwrap_or(4)
+        + 1;
+    let mut views: Vec<ViewSpec> = (0..n_views)
+        .map(|_| {
+            let long = rng.range(260.0, 512.0);
+            let short = (long * rng.range(0.55, 1.0)).max(150.0);
+            let portrait = rng.bernoulli(0.75);
+            let (w, h) = if portrait {
+                (short, long)
+            } else {
+                (long, short)
+            };
+            let f = rng.uniform();
+            ViewSpec {
+                w: w as usize,
+                h: h as usize,
+                shows: label == 1 && rng.bernoulli(0.9),
+                format: if f < 0.85 {
+                    Format::Gray8
+                } else if f < 0.93 {
+                    Format::Rgb8
+                } else {
+                    Format::Gray16
+                },
+                seed: rng.next_u64(),
+            }
+        })
+        .collect();
+    if label == 1 && !views.iter().any(|v| v.shows) {
+        let k = rng.below(views.len() as u64) as usize;
+        views[k].shows = true;
+    }
+    views
+}
+
 /// Plans every study and view (cheap, sequential, deterministic).
 fn plan(cfg: &SynthConfig) -> Vec<StudySpec> {
     let n_valid = ((cfg.studies as f64 * cfg.valid_fraction).round() as usize).min(cfg.studies);
@@ -846,42 +888,7 @@ fn plan(cfg: &SynthConfig) -> Vec<StudySpec> {
                     let label = labels[i];
                     i += 1;
                     let finding = (label == 1).then(|| pick_finding(ty, &bones, &mut rng));
-                    let u = rng.uniform();
-                    let n_views = [0.1, 0.45, 0.8, 0.95, 1.0]
-                        .iter()
-                        .position(|&p| u < p)
-                        .unwrap_or(4)
-                        + 1;
-                    let mut views: Vec<ViewSpec> = (0..n_views)
-                        .map(|_| {
-                            let long = rng.range(260.0, 512.0);
-                            let short = (long * rng.range(0.55, 1.0)).max(150.0);
-                            let portrait = rng.bernoulli(0.75);
-                            let (w, h) = if portrait {
-                                (short, long)
-                            } else {
-                                (long, short)
-                            };
-                            let f = rng.uniform();
-                            ViewSpec {
-                                w: w as usize,
-                                h: h as usize,
-                                shows: label == 1 && rng.bernoulli(0.9),
-                                format: if f < 0.85 {
-                                    Format::Gray8
-                                } else if f < 0.93 {
-                                    Format::Rgb8
-                                } else {
-                                    Format::Gray16
-                                },
-                                seed: rng.next_u64(),
-                            }
-                        })
-                        .collect();
-                    if label == 1 && !views.iter().any(|v| v.shows) {
-                        let k = rng.below(views.len() as u64) as usize;
-                        views[k].shows = true;
-                    }
+                    let views = plan_views(label, &mut rng);
                     out.push(StudySpec {
                         split,
                         ty,
