@@ -14,7 +14,7 @@
 
 use crate::backend;
 use crate::checkpoint::{self, PartialEpoch, RunState};
-use crate::data::loader::{Augment, Loader, LoaderConfig};
+use crate::data::loader::{Augment, Batch, Loader, LoaderConfig};
 use crate::data::store::Store;
 use crate::data::{Split, StudyType};
 use crate::device::Device;
@@ -456,8 +456,8 @@ fn run_epochs(
     cfg: TrainConfig,
     store: Arc<Store>,
     model: &mut dyn Net,
-    mut adam: Adam,
-    mut state: RunState,
+    adam: Adam,
+    state: RunState,
     quiet: bool,
 ) -> Result<TrainOutcome> {
     install_ctrlc();
@@ -467,97 +467,24 @@ fn run_epochs(
     for l in [&train_loader, &val_loader] {
         check_labelled(&store, l.studies())?;
     }
-    let n_batches = train_loader
-        .n_batches()
-        .min(cfg.max_batches.unwrap_or(usize::MAX));
-    if n_batches == 0 {
-        bail!("the store has no training studies of the selected types");
-    }
-    if state.batches_done > n_batches {
-        bail!(
-            "{}: the last checkpoint is at batch {} of an epoch of {n_batches}",
-            cfg.out.display(),
-            state.batches_done
-        );
-    }
+    let n_batches = epoch_batches(&cfg, &train_loader, &state)?;
+    let mut run = Training {
+        cfg: &cfg,
+        store: &store,
+        model,
+        adam,
+        state,
+    };
     let mut outcome = TrainOutcome { epochs: Vec::new() };
-    while state.epochs_done < cfg.epochs {
-        let epoch = state.epochs_done;
-        let t0 = Instant::now();
-        let bar = progress(quiet, n_batches as u64, &format!("epoch {}", epoch + 1));
-        bar.set_position(state.batches_done as u64);
-        // After an interruption the epoch goes on from its saved totals.
-        let done = std::mem::take(&mut state.partial);
-        let (mut loss_sum, mut loss_n, mut images) = (done.loss_sum, done.batches, done.images);
-        // A GPU model takes the store's u8 images and augments them on its device.
-        let batches = match model.wants_raw_input() {
-            true => train_loader.epoch_raw(epoch as u64),
-            false => train_loader.epoch(epoch as u64),
-        };
-        for (b, batch) in batches.enumerate().take(n_batches).skip(state.batches_done) {
-            model.zero_grad()?;
-            let logits = crate::net::forward_batch(model, &batch, Mode::Train)?;
-            let (loss, dz) = batch_loss(&store, &batch, &logits, cfg.loss);
-            if !loss.is_finite() {
-                let kept = if has_checkpoint(&cfg.out) {
-                    format!("the last good checkpoint is kept in {}", cfg.out.display())
-                } else {
-                    "no checkpoint had been saved yet".to_string()
-                };
-                bail!(
-                    "training loss became {loss} at epoch {} batch {}; stopped, {kept}",
-                    epoch + 1,
-                    b + 1
-                );
-            }
-            model.backward(&dz)?;
-            model.adam_step(&mut adam)?;
-            loss_sum += loss;
-            loss_n += 1;
-            images += batch.n_images;
-            state.batches_done = b + 1;
-            bar.set_position(state.batches_done as u64);
-            bar.set_message(format!(
-                "loss {:.4}  {:.1} img/s",
-                loss_sum / loss_n as f64,
-                (images - done.images) as f64 / t0.elapsed().as_secs_f64()
-            ));
-            disk::failpoint::hit("train.step-done")?;
-            if STOP.load(Ordering::SeqCst) {
-                bar.abandon();
-                state.adam_step = adam.step;
-                state.partial = PartialEpoch {
-                    loss_sum,
-                    batches: loss_n,
-                    images,
-                    seconds: done.seconds + t0.elapsed().as_secs_f64(),
-                };
-                model.export_adam(&mut adam)?;
-                checkpoint::save_last(&cfg.out, model, &adam, &state, input(&cfg, &store))
-                    .map_err(|e| stopped(e, &cfg.out))?;
-                return Err(crate::out::Interrupted(format!(
-                    "interrupted: saved epoch {} batch {}; continue with `mura train --resume {}`",
-                    epoch + 1,
-                    state.batches_done,
-                    cfg.out.display()
-                ))
-                .into());
-            }
-        }
-        bar.finish_and_clear();
-        let totals = PartialEpoch {
-            loss_sum,
-            batches: loss_n,
-            images,
-            seconds: done.seconds + t0.elapsed().as_secs_f64(),
-        };
+    while run.state.epochs_done < cfg.epochs {
+        let totals = run.train_epoch(&train_loader, n_batches, quiet)?;
         let (m, improved) = finish_epoch(
             &cfg,
             &store,
             &val_loader,
-            model,
-            &mut adam,
-            &mut state,
+            run.model,
+            &mut run.adam,
+            &mut run.state,
             totals,
         )?;
         if !quiet {
@@ -576,6 +503,164 @@ fn run_epochs(
         outcome.epochs.push(m);
     }
     Ok(outcome)
+}
+
+/// The batches an epoch trains (`--max-batches` caps the loader's); refused when there are
+/// none, or when the checkpoint `state` is further into an epoch than that.
+fn epoch_batches(cfg: &TrainConfig, train_loader: &Loader, state: &RunState) -> Result<usize> {
+    let n_batches = train_loader
+        .n_batches()
+        .min(cfg.max_batches.unwrap_or(usize::MAX));
+    if n_batches == 0 {
+        bail!("the store has no training studies of the selected types");
+    }
+    if state.batches_done > n_batches {
+        bail!(
+            "{}: the last checkpoint is at batch {} of an epoch of {n_batches}",
+            cfg.out.display(),
+            state.batches_done
+        );
+    }
+    Ok(n_batches)
+}
+
+/// A run in training: its settings and store, and the model, optimiser and run state that every
+/// batch moves on.
+struct Training<'a> {
+    cfg: &'a TrainConfig,
+    store: &'a Arc<Store>,
+    model: &'a mut dyn Net,
+    adam: Adam,
+    state: RunState,
+}
+
+impl Training<'_> {
+    /// Trains epoch `state.epochs_done` from batch `state.batches_done` (where a checkpoint left
+    /// it) to `n_batches`; the epoch's totals. After a Ctrl-C it saves the step it stopped at
+    /// and fails with [`crate::out::Interrupted`].
+    fn train_epoch(
+        &mut self,
+        train_loader: &Loader,
+        n_batches: usize,
+        quiet: bool,
+    ) -> Result<PartialEpoch> {
+        let epoch = self.state.epochs_done;
+        // After an interruption the epoch goes on from its saved totals.
+        let mut tally = Tally::resume(std::mem::take(&mut self.state.partial));
+        let bar = progress(quiet, n_batches as u64, &format!("epoch {}", epoch + 1));
+        bar.set_position(self.state.batches_done as u64);
+        // A GPU model takes the store's u8 images and augments them on its device.
+        let batches = match self.model.wants_raw_input() {
+            true => train_loader.epoch_raw(epoch as u64),
+            false => train_loader.epoch(epoch as u64),
+        };
+        let skip = self.state.batches_done;
+        for (b, batch) in batches.enumerate().take(n_batches).skip(skip) {
+            let loss = self.step(&batch, b)?;
+            tally.add(loss, batch.n_images);
+            self.state.batches_done = b + 1;
+            bar.set_position(self.state.batches_done as u64);
+            bar.set_message(tally.message());
+            disk::failpoint::hit("train.step-done")?;
+            if STOP.load(Ordering::SeqCst) {
+                bar.abandon();
+                self.save_stopped(&tally)?;
+                return Err(crate::out::Interrupted(format!(
+                    "interrupted: saved epoch {} batch {}; continue with `mura train --resume {}`",
+                    epoch + 1,
+                    self.state.batches_done,
+                    self.cfg.out.display()
+                ))
+                .into());
+            }
+        }
+        bar.finish_and_clear();
+        Ok(tally.totals())
+    }
+
+    /// One training step on `batch`, the epoch's batch `b`: its loss. A loss that is not finite
+    /// stops training before the step is taken.
+    fn step(&mut self, batch: &Batch, b: usize) -> Result<f64> {
+        self.model.zero_grad()?;
+        let logits = crate::net::forward_batch(self.model, batch, Mode::Train)?;
+        let (loss, dz) = batch_loss(self.store, batch, &logits, self.cfg.loss);
+        if !loss.is_finite() {
+            let kept = if has_checkpoint(&self.cfg.out) {
+                format!(
+                    "the last good checkpoint is kept in {}",
+                    self.cfg.out.display()
+                )
+            } else {
+                "no checkpoint had been saved yet".to_string()
+            };
+            bail!(
+                "training loss became {loss} at epoch {} batch {}; stopped, {kept}",
+                self.state.epochs_done + 1,
+                b + 1
+            );
+        }
+        self.model.backward(&dz)?;
+        self.model.adam_step(&mut self.adam)?;
+        Ok(loss)
+    }
+
+    /// Saves the last checkpoint mid-epoch, with `tally`, the epoch's totals so far, so that a
+    /// resume goes on from the next batch.
+    fn save_stopped(&mut self, tally: &Tally) -> Result<()> {
+        self.state.adam_step = self.adam.step;
+        self.state.partial = tally.totals();
+        self.model.export_adam(&mut self.adam)?;
+        let input = input(self.cfg, self.store);
+        checkpoint::save_last(&self.cfg.out, self.model, &self.adam, &self.state, input)
+            .map_err(|e| stopped(e, &self.cfg.out))
+    }
+}
+
+/// The running totals of the epoch in training: those it resumed from (zero for a new epoch)
+/// and, added to them, those of the batches since.
+struct Tally {
+    resumed: PartialEpoch,
+    loss_sum: f64,
+    batches: usize,
+    images: usize,
+    t0: Instant,
+}
+
+impl Tally {
+    fn resume(from: PartialEpoch) -> Tally {
+        Tally {
+            loss_sum: from.loss_sum,
+            batches: from.batches,
+            images: from.images,
+            resumed: from,
+            t0: Instant::now(),
+        }
+    }
+
+    fn add(&mut self, loss: f64, images: usize) {
+        self.loss_sum += loss;
+        self.batches += 1;
+        self.images += images;
+    }
+
+    /// The progress bar's message: the epoch's mean loss, and the speed since it (re)started.
+    fn message(&self) -> String {
+        format!(
+            "loss {:.4}  {:.1} img/s",
+            self.loss_sum / self.batches as f64,
+            (self.images - self.resumed.images) as f64 / self.t0.elapsed().as_secs_f64()
+        )
+    }
+
+    /// The epoch's totals so far, its seconds counted across interruptions.
+    fn totals(&self) -> PartialEpoch {
+        PartialEpoch {
+            loss_sum: self.loss_sum,
+            batches: self.batches,
+            images: self.images,
+            seconds: self.resumed.seconds + self.t0.elapsed().as_secs_f64(),
+        }
+    }
 }
 
 /// Refuses to train on `studies` (store indices) if one has no label: its loss would be NaN

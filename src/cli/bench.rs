@@ -2,6 +2,7 @@
 
 use super::arch::ArchArgs;
 use crate::device::Device;
+use crate::gpu::launch_plan::{self, Card, LaunchPlan, PlanPass};
 use crate::loss::{weighted_bce_f32, LossLevel};
 use crate::net::Net;
 use crate::ops::augment::AugParams;
@@ -75,106 +76,27 @@ pub fn run(args: Args) -> Result<()> {
     if args.plan {
         return plan(&args, &spec);
     }
-    let (device, precision) = (crate::gpu::resolve(args.device)?, args.precision);
+    let device = crate::gpu::resolve(args.device)?;
     if args.profile {
         anyhow::ensure!(device == Device::Emu, "--profile needs --device emu");
         crate::gpu::emu::profile::enable();
     }
-    let (n, s) = (args.batch, args.image_size);
-    let mut model = crate::backend::build(device, precision, spec.clone(), None, 0)?;
+    let mut model = crate::backend::build(device, args.precision, spec.clone(), None, 0)?;
     model.use_graphs(!args.no_graphs);
-    // (MURA_CUDA_SYNC=1, for debugging, turns graphs off.)
-    let graphs = !args.no_graphs && !crate::gpu::cuda::sync_each_launch();
-    let mut rng = Rng::new(1);
-    // GPU models read u8 images and augment them on the device, as in training (the timed step
-    // includes that upload); the CPU model reads normalised f32 inputs.
-    let raw = model.wants_raw_input();
-    let x: Vec<f32> = match raw {
-        true => Vec::new(),
-        false => (0..n * s * s * 3).map(|_| rng.normal() as f32).collect(),
+    let (fwd, step) = time_steps(&args, model.as_mut())?;
+    let measured = Measured {
+        device,
+        // (MURA_CUDA_SYNC=1, for debugging, turns graphs off.)
+        graphs: !args.no_graphs && !crate::gpu::cuda::sync_each_launch(),
+        forward: median(fwd.clone()),
+        train_step: median(step.clone()),
+        forward_times: fwd,
+        step_times: step,
+        peak: model.peak_device_bytes(),
     };
-    let images: Vec<u8> = match raw {
-        true => (0..n * s * s).map(|_| rng.below(256) as u8).collect(),
-        false => Vec::new(),
-    };
-    let params = vec![AugParams::IDENTITY; n];
-    let labels: Vec<f64> = (0..n).map(|_| rng.below(2) as f64).collect();
-    let view_study: Vec<usize> = (0..n).collect();
-    let w = vec![(0.5, 0.5); n];
-    let mut adam = Adam::new(model.num_params(), 1e-4, 0.0);
-    let forward = |model: &mut Box<dyn Net>, mode| match raw {
-        true => model.forward_raw(&images, s, &params, s, mode),
-        false => model.forward(&x, n, s, s, mode),
-    };
-
-    let (mut fwd, mut step) = (Vec::new(), Vec::new());
-    for i in 0..args.warmup + args.steps {
-        let t = Instant::now();
-        let logits = forward(&mut model, Mode::Eval)?;
-        let tf = t.elapsed().as_secs_f64();
-        anyhow::ensure!(logits.iter().all(|z| z.is_finite()), "non-finite logits");
-
-        let t = Instant::now();
-        model.zero_grad()?;
-        let logits = forward(&mut model, Mode::Train)?;
-        let (_, dlogits) = weighted_bce_f32(&logits, &view_study, &labels, &w, LossLevel::Image);
-        model.backward(&dlogits)?;
-        model.adam_step(&mut adam)?;
-        model.finish()?; // (Adam's kernels are only queued)
-        let ts = t.elapsed().as_secs_f64();
-        if i >= args.warmup {
-            fwd.push(tf);
-            step.push(ts);
-        }
-    }
-    let (f, st) = (median(fwd.clone()), median(step.clone()));
-    let ips = n as f64 / st;
-    let peak = model.peak_device_bytes();
-    if args.json {
-        // The medians, and every timed step's seconds, so that any other statistic can be
-        // recomputed from the record.
-        let mut j = serde_json::json!({
-            "arch": spec.arch,
-            "device": device.to_string(),
-            "precision": precision.to_string(),
-            "batch": n,
-            "image_size": s,
-            "steps": args.steps,
-            "warmup": args.warmup,
-            "forward_s": f,
-            "train_step_s": st,
-            "images_per_s": ips,
-            "forward_times_s": fwd,
-            "train_step_times_s": step,
-        });
-        if device != Device::Cpu {
-            j["graphs"] = graphs.into();
-        }
-        if let Some(b) = peak {
-            j["peak_device_bytes"] = b.into();
-        }
-        crate::out!("{j}");
-    } else {
-        let on = match device {
-            Device::Cpu => format!("cpu ({} threads)", rayon::current_num_threads()),
-            d if !graphs => format!("{d} ({precision:?}, no graphs)"),
-            d => format!("{d} ({precision:?}, graphs)"),
-        };
-        crate::out!(
-            "{} on {on}, batch {n}, {s}x{s}, median of {} steps after {} warm-up",
-            spec.arch,
-            args.steps,
-            args.warmup
-        );
-        crate::out!("forward (eval)   {f:.3} s");
-        crate::out!("train step       {st:.3} s   (forward + backward + Adam)");
-        crate::out!("images/s         {ips:.1}   (training)");
-        if let Some(b) = peak {
-            crate::out!(
-                "peak memory      {:.1} MiB (device)",
-                b as f64 / (1 << 20) as f64
-            );
-        }
+    match args.json {
+        true => print_json(&args, &spec.arch, &measured),
+        false => print_table(&args, &spec.arch, &measured),
     }
     if args.profile {
         let profile = crate::gpu::emu::profile::all();
@@ -189,12 +111,160 @@ pub fn run(args: Args) -> Result<()> {
     Ok(())
 }
 
+/// One batch of random inputs, in the form `model` reads: GPU models read u8 images and augment
+/// them on the device, as in training (the timed step includes that upload); the CPU model reads
+/// normalised f32 inputs.
+struct Inputs {
+    raw: bool,
+    n: usize,
+    s: usize,
+    x: Vec<f32>,
+    images: Vec<u8>,
+    params: Vec<AugParams>,
+    labels: Vec<f64>,
+    view_study: Vec<usize>,
+    w: Vec<(f64, f64)>,
+}
+
+impl Inputs {
+    fn new(model: &dyn Net, n: usize, s: usize) -> Inputs {
+        let mut rng = Rng::new(1);
+        let raw = model.wants_raw_input();
+        let x: Vec<f32> = match raw {
+            true => Vec::new(),
+            false => (0..n * s * s * 3).map(|_| rng.normal() as f32).collect(),
+        };
+        let images: Vec<u8> = match raw {
+            true => (0..n * s * s).map(|_| rng.below(256) as u8).collect(),
+            false => Vec::new(),
+        };
+        Inputs {
+            raw,
+            n,
+            s,
+            x,
+            images,
+            params: vec![AugParams::IDENTITY; n],
+            labels: (0..n).map(|_| rng.below(2) as f64).collect(),
+            view_study: (0..n).collect(),
+            w: vec![(0.5, 0.5); n],
+        }
+    }
+
+    fn forward(&self, model: &mut dyn Net, mode: Mode) -> Result<Vec<f32>> {
+        let s = self.s;
+        match self.raw {
+            true => model.forward_raw(&self.images, s, &self.params, s, mode),
+            false => model.forward(&self.x, self.n, s, s, mode),
+        }
+    }
+}
+
+/// Runs `--warmup` then `--steps` eval forwards and training steps; the seconds of each timed
+/// forward, and of each timed step.
+fn time_steps(args: &Args, model: &mut dyn Net) -> Result<(Vec<f64>, Vec<f64>)> {
+    let inputs = Inputs::new(model, args.batch, args.image_size);
+    let mut adam = Adam::new(model.num_params(), 1e-4, 0.0);
+    let (mut fwd, mut step) = (Vec::new(), Vec::new());
+    for i in 0..args.warmup + args.steps {
+        let t = Instant::now();
+        let logits = inputs.forward(model, Mode::Eval)?;
+        let tf = t.elapsed().as_secs_f64();
+        anyhow::ensure!(logits.iter().all(|z| z.is_finite()), "non-finite logits");
+
+        let t = Instant::now();
+        model.zero_grad()?;
+        let logits = inputs.forward(model, Mode::Train)?;
+        let (_, dlogits) = weighted_bce_f32(
+            &logits,
+            &inputs.view_study,
+            &inputs.labels,
+            &inputs.w,
+            LossLevel::Image,
+        );
+        model.backward(&dlogits)?;
+        model.adam_step(&mut adam)?;
+        model.finish()?; // (Adam's kernels are only queued)
+        let ts = t.elapsed().as_secs_f64();
+        if i >= args.warmup {
+            fwd.push(tf);
+            step.push(ts);
+        }
+    }
+    Ok((fwd, step))
+}
+
+/// What a timed bench measured, and on what.
+struct Measured {
+    device: Device,
+    graphs: bool,
+    /// Medians, in seconds.
+    forward: f64,
+    train_step: f64,
+    /// Every timed forward's and training step's seconds.
+    forward_times: Vec<f64>,
+    step_times: Vec<f64>,
+    peak: Option<usize>,
+}
+
+/// The medians, and every timed step's seconds, so that any other statistic can be recomputed
+/// from the record: one JSON line.
+fn print_json(args: &Args, arch: &str, m: &Measured) {
+    let n = args.batch;
+    let mut j = serde_json::json!({
+        "arch": arch,
+        "device": m.device.to_string(),
+        "precision": args.precision.to_string(),
+        "batch": n,
+        "image_size": args.image_size,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "forward_s": m.forward,
+        "train_step_s": m.train_step,
+        "images_per_s": n as f64 / m.train_step,
+        "forward_times_s": m.forward_times,
+        "train_step_times_s": m.step_times,
+    });
+    if m.device != Device::Cpu {
+        j["graphs"] = m.graphs.into();
+    }
+    if let Some(b) = m.peak {
+        j["peak_device_bytes"] = b.into();
+    }
+    crate::out!("{j}");
+}
+
+fn print_table(args: &Args, arch: &str, m: &Measured) {
+    let (n, s, precision) = (args.batch, args.image_size, args.precision);
+    let (f, st) = (m.forward, m.train_step);
+    let ips = n as f64 / st;
+    let on = match m.device {
+        Device::Cpu => format!("cpu ({} threads)", rayon::current_num_threads()),
+        d if !m.graphs => format!("{d} ({precision:?}, no graphs)"),
+        d => format!("{d} ({precision:?}, graphs)"),
+    };
+    crate::out!(
+        "{} on {on}, batch {n}, {s}x{s}, median of {} steps after {} warm-up",
+        arch,
+        args.steps,
+        args.warmup
+    );
+    crate::out!("forward (eval)   {f:.3} s");
+    crate::out!("train step       {st:.3} s   (forward + backward + Adam)");
+    crate::out!("images/s         {ips:.1}   (training)");
+    if let Some(b) = m.peak {
+        crate::out!(
+            "peak memory      {:.1} MiB (device)",
+            b as f64 / (1 << 20) as f64
+        );
+    }
+}
+
 /// Most SMs `--sms` takes.
 const MAX_SMS: usize = 1 << 16;
 
 /// `--plan`: the launch plan, as text or one JSON object.
 fn plan(args: &Args, spec: &crate::spec::DenseNetSpec) -> Result<()> {
-    use crate::gpu::launch_plan::{self, Card, PlanPass};
     if args.sms == 0 || args.sms > MAX_SMS {
         bail!(
             "--sms {} is not a card's SM count (1 to {MAX_SMS})",
@@ -206,7 +276,6 @@ fn plan(args: &Args, spec: &crate::spec::DenseNetSpec) -> Result<()> {
         arch: format!("sm_{}", args.arch_sm),
     };
     let p = launch_plan::plan(spec, args.precision, args.batch, args.image_size, card)?;
-    let (train, eval) = (p.summary(PlanPass::Train), p.summary(PlanPass::Eval));
     let occupancy = match p.occupancy {
         true => format!("blocks per SM from ptxas's report for {}", p.card.arch),
         false => format!(
@@ -214,64 +283,99 @@ fn plan(args: &Args, spec: &crate::spec::DenseNetSpec) -> Result<()> {
             p.card.arch
         ),
     };
-    if args.json {
-        let launches: Vec<serde_json::Value> = p
-            .launches
-            .iter()
-            .map(|l| {
-                serde_json::json!({
-                    "pass": l.pass.name(),
-                    "stage": l.stage.to_string(),
-                    "kernel": l.kernel,
-                    "grid": l.grid,
-                    "block": l.block,
-                    "blocks": l.blocks(),
-                    "threads": l.threads(),
-                    "shared_bytes": l.shared_bytes,
-                    "pdl": l.pdl,
-                    "resident_per_sm": l.resident_per_sm,
-                    "waves": l.waves,
-                    "floor_us": l.floor_s * 1e6,
-                })
-            })
-            .collect();
-        let j = serde_json::json!({
-            "arch": spec.arch,
-            "precision": args.precision.to_string(),
-            "batch": args.batch,
-            "image_size": args.image_size,
-            "sms": p.card.sms,
-            "arch_sm": p.card.arch,
-            "occupancy": occupancy,
-            "launch_us": launch_plan::LAUNCH_S * 1e6,
-            "train_launches": train.launches,
-            "eval_launches": eval.launches,
-            "memsets": p.train_memsets,
-            "eval_memsets": p.eval_memsets,
-            "underfilled": train.underfilled,
-            "one_block": train.one_block,
-            "tensor_core_underfilled": train.tensor_core_underfilled,
-            "pdl": train.pdl,
-            "eval_pdl": eval.pdl,
-            "floor_ms": train.floor_s * 1e3,
-            "launch_bound_ms": train.launch_bound_s * 1e3,
-            "eval_underfilled": eval.underfilled,
-            "eval_one_block": eval.one_block,
-            "eval_floor_ms": eval.floor_s * 1e3,
-            "eval_launch_bound_ms": eval.launch_bound_s * 1e3,
-            "launches": launches,
-        });
-        crate::out!("{j}");
-        return Ok(());
+    match args.json {
+        true => plan_json(args, &spec.arch, &p, &occupancy),
+        false => plan_table(args, &spec.arch, &p, &occupancy),
     }
+    Ok(())
+}
+
+/// `--plan --json`: the plan's totals and every launch, as one JSON object.
+fn plan_json(args: &Args, arch: &str, p: &LaunchPlan, occupancy: &str) {
+    let (train, eval) = (p.summary(PlanPass::Train), p.summary(PlanPass::Eval));
+    let launches: Vec<serde_json::Value> = p
+        .launches
+        .iter()
+        .map(|l| {
+            serde_json::json!({
+                "pass": l.pass.name(),
+                "stage": l.stage.to_string(),
+                "kernel": l.kernel,
+                "grid": l.grid,
+                "block": l.block,
+                "blocks": l.blocks(),
+                "threads": l.threads(),
+                "shared_bytes": l.shared_bytes,
+                "pdl": l.pdl,
+                "resident_per_sm": l.resident_per_sm,
+                "waves": l.waves,
+                "floor_us": l.floor_s * 1e6,
+            })
+        })
+        .collect();
+    let j = serde_json::json!({
+        "arch": arch,
+        "precision": args.precision.to_string(),
+        "batch": args.batch,
+        "image_size": args.image_size,
+        "sms": p.card.sms,
+        "arch_sm": p.card.arch,
+        "occupancy": occupancy,
+        "launch_us": launch_plan::LAUNCH_S * 1e6,
+        "train_launches": train.launches,
+        "eval_launches": eval.launches,
+        "memsets": p.train_memsets,
+        "eval_memsets": p.eval_memsets,
+        "underfilled": train.underfilled,
+        "one_block": train.one_block,
+        "tensor_core_underfilled": train.tensor_core_underfilled,
+        "pdl": train.pdl,
+        "eval_pdl": eval.pdl,
+        "floor_ms": train.floor_s * 1e3,
+        "launch_bound_ms": train.launch_bound_s * 1e3,
+        "eval_underfilled": eval.underfilled,
+        "eval_one_block": eval.one_block,
+        "eval_floor_ms": eval.floor_s * 1e3,
+        "eval_launch_bound_ms": eval.launch_bound_s * 1e3,
+        "launches": launches,
+    });
+    crate::out!("{j}");
+}
+
+/// `--plan`: a line on what was planned, a table of every launch, the two passes' totals and the
+/// train step's largest launch groups.
+fn plan_table(args: &Args, arch: &str, p: &LaunchPlan, occupancy: &str) {
     crate::out!(
         "launch plan of {}, {}, batch {}, {s}x{s}, on {} SMs (nothing run): {occupancy}",
-        spec.arch,
+        arch,
         args.precision,
         args.batch,
         p.card.sms,
         s = args.image_size
     );
+    launch_rows(p);
+    pass_totals(args, p);
+    crate::out!();
+    crate::out!("largest launch groups of the train step:");
+    crate::out!(
+        "{:<28} {:>8} {:>6} {:>9} {:>15}",
+        "kernel",
+        "launches",
+        "<SMs",
+        "floor ms",
+        "launch-bound ms"
+    );
+    for (k, n, under, floor, bound) in p.groups(PlanPass::Train) {
+        crate::out!(
+            "{k:<28} {n:>8} {under:>6} {:>9.3} {:>15.3}",
+            floor * 1e3,
+            bound * 1e3
+        );
+    }
+}
+
+/// The table of every launch, in order.
+fn launch_rows(p: &LaunchPlan) {
     crate::out!(
         "{:<5} {:<20} {:<28} {:>16} {:>12} {:>7} {:>4} {:>7} {:>9}",
         "pass",
@@ -299,6 +403,11 @@ fn plan(args: &Args, spec: &crate::spec::DenseNetSpec) -> Result<()> {
             l.floor_s * 1e6
         );
     }
+}
+
+/// The train step's and the eval forward's totals, and what the columns mean.
+fn pass_totals(args: &Args, p: &LaunchPlan) {
+    let (train, eval) = (p.summary(PlanPass::Train), p.summary(PlanPass::Eval));
     crate::out!();
     crate::out!(
         "{:<13} {:>8} {:>7} {:>6} {:>7} {:>9} {:>6} {:>9} {:>15}",
@@ -334,24 +443,6 @@ fn plan(args: &Args, spec: &crate::spec::DenseNetSpec) -> Result<()> {
         launch_plan::LAUNCH_S * 1e6,
         args.precision
     );
-    crate::out!();
-    crate::out!("largest launch groups of the train step:");
-    crate::out!(
-        "{:<28} {:>8} {:>6} {:>9} {:>15}",
-        "kernel",
-        "launches",
-        "<SMs",
-        "floor ms",
-        "launch-bound ms"
-    );
-    for (k, n, under, floor, bound) in p.groups(PlanPass::Train) {
-        crate::out!(
-            "{k:<28} {n:>8} {under:>6} {:>9.3} {:>15.3}",
-            floor * 1e3,
-            bound * 1e3
-        );
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -185,183 +185,263 @@ pub fn read(root: &Path, types: &[StudyType]) -> Result<Dataset> {
     Ok(ds)
 }
 
-fn read_split(ds: &mut Dataset, split: Split, types: &[StudyType]) -> Result<()> {
-    let skip = |ds: &mut Dataset, path: &str, reason: String| {
-        ds.skipped.push(Skipped {
+/// The studies of one split and their images, in first-appearance order.
+struct Found {
+    order: Vec<String>,
+    /// Study path -> image paths.
+    images: HashMap<String, Vec<String>>,
+    /// Why a study the labels list has no entry here, as the skip reason ends.
+    none_why: &'static str,
+}
+
+impl Found {
+    fn new(none_why: &'static str) -> Found {
+        Found {
+            order: Vec::new(),
+            images: HashMap::new(),
+            none_why,
+        }
+    }
+}
+
+impl Dataset {
+    fn skip(&mut self, path: &str, reason: String) {
+        self.skipped.push(Skipped {
             path: path.to_string(),
             reason,
         })
-    };
-    // Study path -> image paths, in first-appearance order.
-    let mut order: Vec<String> = Vec::new();
-    let mut images: HashMap<String, Vec<String>> = HashMap::new();
-    let image_csv = find_csv(&ds.mura_dir, &format!("{}_image_paths.csv", split.name()));
-    if let Some(csv) = &image_csv {
-        let mut seen = HashSet::new();
-        for line in csv_lines(csv)? {
-            let p = match parse_path(&line, true) {
-                Ok(p) => p,
-                Err(e) => {
-                    skip(ds, &line, format!("bad row in {}: {e}", csv.display()));
-                    continue;
-                }
-            };
-            if p.split != split {
-                skip(
-                    ds,
-                    &line,
-                    format!("row of split '{}' in {}", p.split, csv.display()),
-                );
-                continue;
-            }
-            if !types.contains(&p.study_type) {
-                continue;
-            }
-            if !seen.insert(line.clone()) {
-                ds.notes.push(format!(
-                    "{line}: listed twice in {}; the repeat is ignored",
-                    csv.display()
-                ));
-                continue;
-            }
-            if !ds.file(&line).is_file() {
-                skip(
-                    ds,
-                    &line,
-                    "listed in the CSV but the file is missing".into(),
-                );
-                continue;
-            }
-            let study = format!("{}/", &line[..line.rfind('/').unwrap_or(0)]);
-            if !images.contains_key(&study) {
-                order.push(study.clone());
-            }
-            images.entry(study).or_default().push(line);
-        }
-    } else {
-        let split_dir = ds.mura_dir.join(split.name());
-        if !split_dir.is_dir() {
-            return Ok(());
-        }
-        for (tname, tdir) in sorted_entries(ds, &split_dir)? {
-            if !tdir.is_dir() {
-                continue;
-            }
-            let rel_t = format!("{PREFIX}/{}/{tname}", split.name());
-            let Ok(t) = StudyType::parse(&tname) else {
-                skip(ds, &rel_t, "unknown study type folder".into());
-                continue;
-            };
-            if !types.contains(&t) {
-                continue;
-            }
-            for (pname, pdir) in sorted_entries(ds, &tdir)? {
-                if !pdir.is_dir() {
-                    continue;
-                }
-                for (sname, sdir) in sorted_entries(ds, &pdir)? {
-                    if !sdir.is_dir() {
-                        continue;
-                    }
-                    let study = format!("{rel_t}/{pname}/{sname}/");
-                    let pngs: Vec<String> = sorted_entries(ds, &sdir)?
-                        .into_iter()
-                        .filter(|(n, p)| n.to_ascii_lowercase().ends_with(".png") && p.is_file())
-                        .map(|(n, _)| format!("{study}{n}"))
-                        .collect();
-                    if pngs.is_empty() {
-                        skip(ds, &study, "empty study folder (no PNG files)".into());
-                        continue;
-                    }
-                    order.push(study.clone());
-                    images.insert(study, pngs);
-                }
-            }
-        }
     }
+}
 
-    let mut labels: HashMap<String, u8> = HashMap::new();
+/// Adds one split's studies to `ds`: its images from the image CSV, else from its folders (a
+/// split with neither is absent, and its labels CSV is not read), labelled from its labels CSV
+/// and folder names.
+fn read_split(ds: &mut Dataset, split: Split, types: &[StudyType]) -> Result<()> {
+    let image_csv = find_csv(&ds.mura_dir, &format!("{}_image_paths.csv", split.name()));
+    let found = match &image_csv {
+        Some(csv) => images_from_csv(ds, split, types, csv)?,
+        None => match images_from_folders(ds, split, types)? {
+            Some(found) => found,
+            None => return Ok(()),
+        },
+    };
     let label_csv = find_csv(
         &ds.mura_dir,
         &format!("{}_labeled_studies.csv", split.name()),
     );
-    if let Some(csv) = &label_csv {
-        for line in csv_lines(csv)? {
-            let (path, label) = match line.rsplit_once(',') {
-                Some((p, l)) => (p.trim().trim_matches('"').to_string(), l.trim()),
-                None => (line.clone(), ""),
-            };
-            let label = match label {
-                "0" => 0u8,
-                "1" => 1u8,
-                other => {
-                    skip(
-                        ds,
-                        &path,
-                        format!(
-                            "bad row in {}: label '{other}' is not 0 or 1",
-                            csv.display()
-                        ),
-                    );
-                    continue;
-                }
-            };
-            let study = if path.ends_with('/') {
-                path.clone()
-            } else {
-                format!("{path}/")
-            };
-            match parse_path(&study, false) {
-                Ok(p) if !types.contains(&p.study_type) => continue,
-                Ok(_) => {}
-                Err(e) => {
-                    skip(ds, &path, format!("bad row in {}: {e}", csv.display()));
-                    continue;
-                }
+    let labels = match &label_csv {
+        Some(csv) => Some(read_labels(ds, types, csv, &found)?),
+        None => None,
+    };
+    assemble(ds, split, found, labels.as_ref());
+    Ok(())
+}
+
+/// The images `csv` (a split's `_image_paths.csv`) lists, of `types`, grouped by study. Rows
+/// that are malformed, of another split or of a missing file are skipped; repeats noted.
+fn images_from_csv(
+    ds: &mut Dataset,
+    split: Split,
+    types: &[StudyType],
+    csv: &Path,
+) -> Result<Found> {
+    let mut found = Found::new("it has no usable images");
+    let mut seen = HashSet::new();
+    for line in csv_lines(csv)? {
+        let p = match parse_path(&line, true) {
+            Ok(p) => p,
+            Err(e) => {
+                ds.skip(&line, format!("bad row in {}: {e}", csv.display()));
+                continue;
             }
-            match labels.get(&study) {
-                Some(&first) if first == label => {
-                    ds.notes.push(format!(
-                        "{study}: labelled {label} twice in {}; the repeat is ignored",
-                        csv.display()
-                    ));
-                    continue;
-                }
-                Some(&first) => {
-                    skip(
-                        ds,
-                        &path,
-                        format!(
-                            "row of {} labels the study {label}, an earlier row {first}: the \
-                             first row's label is kept",
-                            csv.display()
-                        ),
-                    );
-                    continue;
-                }
-                None => {
-                    labels.insert(study.clone(), label);
-                }
-            }
-            if !images.contains_key(&study) {
-                let why = if image_csv.is_some() {
-                    "it has no usable images"
-                } else {
-                    "its folder has no images"
-                };
-                skip(
-                    ds,
-                    &study,
-                    format!("study listed in {} but {why}", csv.display()),
-                );
-            }
+        };
+        if p.split != split {
+            ds.skip(
+                &line,
+                format!("row of split '{}' in {}", p.split, csv.display()),
+            );
+            continue;
+        }
+        if !types.contains(&p.study_type) {
+            continue;
+        }
+        if !seen.insert(line.clone()) {
+            ds.notes.push(format!(
+                "{line}: listed twice in {}; the repeat is ignored",
+                csv.display()
+            ));
+            continue;
+        }
+        if !ds.file(&line).is_file() {
+            ds.skip(&line, "listed in the CSV but the file is missing".into());
+            continue;
+        }
+        let study = format!("{}/", &line[..line.rfind('/').unwrap_or(0)]);
+        if !found.images.contains_key(&study) {
+            found.order.push(study.clone());
+        }
+        found.images.entry(study).or_default().push(line);
+    }
+    Ok(found)
+}
+
+/// The study folders of `split` (of `types`) and their PNGs, when the split has no image CSV;
+/// None when it has no folder either.
+fn images_from_folders(
+    ds: &mut Dataset,
+    split: Split,
+    types: &[StudyType],
+) -> Result<Option<Found>> {
+    let split_dir = ds.mura_dir.join(split.name());
+    if !split_dir.is_dir() {
+        return Ok(None);
+    }
+    let mut found = Found::new("its folder has no images");
+    for (tname, tdir) in sorted_entries(ds, &split_dir)? {
+        if !tdir.is_dir() {
+            continue;
+        }
+        let rel_t = format!("{PREFIX}/{}/{tname}", split.name());
+        let Ok(t) = StudyType::parse(&tname) else {
+            ds.skip(&rel_t, "unknown study type folder".into());
+            continue;
+        };
+        if types.contains(&t) {
+            type_folder(ds, &tdir, &rel_t, &mut found)?;
         }
     }
+    Ok(Some(found))
+}
 
-    for study in order {
+/// Adds the studies under one study-type folder `tdir` (`rel_t` as a CSV-style path) to
+/// `found`: every `<patient>/<study>/` holding PNGs; an empty study folder is skipped.
+fn type_folder(ds: &mut Dataset, tdir: &Path, rel_t: &str, found: &mut Found) -> Result<()> {
+    for (pname, pdir) in sorted_entries(ds, tdir)? {
+        if !pdir.is_dir() {
+            continue;
+        }
+        for (sname, sdir) in sorted_entries(ds, &pdir)? {
+            if !sdir.is_dir() {
+                continue;
+            }
+            let study = format!("{rel_t}/{pname}/{sname}/");
+            let pngs: Vec<String> = sorted_entries(ds, &sdir)?
+                .into_iter()
+                .filter(|(n, p)| n.to_ascii_lowercase().ends_with(".png") && p.is_file())
+                .map(|(n, _)| format!("{study}{n}"))
+                .collect();
+            if pngs.is_empty() {
+                ds.skip(&study, "empty study folder (no PNG files)".into());
+                continue;
+            }
+            found.order.push(study.clone());
+            found.images.insert(study, pngs);
+        }
+    }
+    Ok(())
+}
+
+/// The labels `csv` (a split's `_labeled_studies.csv`) gives studies of `types`: the first
+/// row's for a study listed twice (a repeat noted, a conflicting one skipped). A listed study
+/// with no images in `found` is skipped too.
+fn read_labels(
+    ds: &mut Dataset,
+    types: &[StudyType],
+    csv: &Path,
+    found: &Found,
+) -> Result<HashMap<String, u8>> {
+    let mut labels: HashMap<String, u8> = HashMap::new();
+    for line in csv_lines(csv)? {
+        let Some((path, study, label)) = label_row(ds, types, csv, &line) else {
+            continue;
+        };
+        match labels.get(&study) {
+            Some(&first) if first == label => {
+                ds.notes.push(format!(
+                    "{study}: labelled {label} twice in {}; the repeat is ignored",
+                    csv.display()
+                ));
+                continue;
+            }
+            Some(&first) => {
+                ds.skip(
+                    &path,
+                    format!(
+                        "row of {} labels the study {label}, an earlier row {first}: the \
+                         first row's label is kept",
+                        csv.display()
+                    ),
+                );
+                continue;
+            }
+            None => {
+                labels.insert(study.clone(), label);
+            }
+        }
+        if !found.images.contains_key(&study) {
+            ds.skip(
+                &study,
+                format!("study listed in {} but {}", csv.display(), found.none_why),
+            );
+        }
+    }
+    Ok(labels)
+}
+
+/// One row of a labeled-studies CSV: (its path, the study path with its `/`, the label), or
+/// None when it is skipped (a bad label or path) or of a type not read.
+fn label_row(
+    ds: &mut Dataset,
+    types: &[StudyType],
+    csv: &Path,
+    line: &str,
+) -> Option<(String, String, u8)> {
+    let (path, label) = match line.rsplit_once(',') {
+        Some((p, l)) => (p.trim().trim_matches('"').to_string(), l.trim()),
+        None => (line.to_string(), ""),
+    };
+    let label = match label {
+        "0" => 0u8,
+        "1" => 1u8,
+        other => {
+            ds.skip(
+                &path,
+                format!(
+                    "bad row in {}: label '{other}' is not 0 or 1",
+                    csv.display()
+                ),
+            );
+            return None;
+        }
+    };
+    let study = if path.ends_with('/') {
+        path.clone()
+    } else {
+        format!("{path}/")
+    };
+    match parse_path(&study, false) {
+        Ok(p) if !types.contains(&p.study_type) => None,
+        Ok(_) => Some((path, study, label)),
+        Err(e) => {
+            ds.skip(&path, format!("bad row in {}: {e}", csv.display()));
+            None
+        }
+    }
+}
+
+/// Adds the studies `found` to `ds`, in order, each labelled by `labels` (the split's
+/// labeled-studies CSV, when it has one: it wins over the folder name, and a note says when they
+/// disagree) or else by its folder name (noted when there is a CSV that leaves the study out).
+fn assemble(
+    ds: &mut Dataset,
+    split: Split,
+    mut found: Found,
+    labels: Option<&HashMap<String, u8>>,
+) {
+    for study in found.order {
         let p = parse_path(&study, false).expect("study paths were validated above");
         let from_folder = folder_label(p.study);
-        let label = match (labels.get(&study), from_folder) {
+        let label = match (labels.and_then(|l| l.get(&study)), from_folder) {
             (Some(&l), Some(f)) if l != f => {
                 ds.notes.push(format!(
                     "{study}: labeled {l} in the CSV but the folder says {} (the CSV wins)",
@@ -371,7 +451,7 @@ fn read_split(ds: &mut Dataset, split: Split, types: &[StudyType]) -> Result<()>
             }
             (Some(&l), _) => Some(l),
             (None, f) => {
-                if label_csv.is_some() {
+                if labels.is_some() {
                     ds.notes.push(format!(
                         "{study}: not in the labeled-studies CSV; label taken from the folder name"
                     ));
@@ -380,7 +460,7 @@ fn read_split(ds: &mut Dataset, split: Split, types: &[StudyType]) -> Result<()>
             }
         };
         let (study_type, patient) = (p.study_type, p.patient.to_string());
-        let imgs = images.remove(&study).unwrap_or_default();
+        let imgs = found.images.remove(&study).unwrap_or_default();
         ds.studies.push(SourceStudy {
             split,
             study_type,
@@ -390,5 +470,4 @@ fn read_split(ds: &mut Dataset, split: Split, types: &[StudyType]) -> Result<()>
             images: imgs,
         });
     }
-    Ok(())
 }

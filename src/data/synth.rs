@@ -225,16 +225,21 @@ fn anatomy(t: StudyType, rng: &mut Rng) -> Vec<Bone> {
 
 // ---------- findings ----------
 
+/// A bone cut along an oblique line, the distal fragment shifted and angulated.
+#[derive(Clone, Copy, Debug)]
+struct Fracture {
+    bone: usize,
+    /// Where along the bone, 0-1.
+    t: f32,
+    cut_deg: f32,
+    gap: f32,
+    shift: f32,
+    tilt_deg: f32,
+}
+
 #[derive(Clone, Copy, Debug)]
 enum Finding {
-    Fracture {
-        bone: usize,
-        t: f32,
-        cut_deg: f32,
-        gap: f32,
-        shift: f32,
-        tilt_deg: f32,
-    },
+    Fracture(Fracture),
     Plate {
         bone: usize,
         t: f32,
@@ -267,14 +272,14 @@ fn pick_finding(t: StudyType, bones: &[Bone], rng: &mut Rng) -> Finding {
     let pos = rng.range(0.25, 0.75) as f32;
     let sign = if rng.bernoulli(0.5) { 1.0 } else { -1.0 };
     if u < p_frac {
-        Finding::Fracture {
+        Finding::Fracture(Fracture {
             bone: b,
             t: pos,
             cut_deg: sign * rng.range(35.0, 80.0) as f32,
             gap: (0.5 * r).max(0.07),
             shift: sign * rng.range(1.0, 1.6) as f32 * r,
             tilt_deg: -sign * rng.range(10.0, 25.0) as f32,
-        }
+        })
     } else if u < p_frac + p_hw {
         if rng.bernoulli(0.7) {
             let len = rng.range(0.45, 0.8) as f32;
@@ -387,6 +392,41 @@ impl Canvas {
             }
         });
     }
+
+    /// Bone `b` (canonical, placed by `pose`) cut by fracture `f`: the proximal fragment in place, the distal one turned and
+    /// shifted.
+    fn fractured(&mut self, pose: &Pose, b: &Bone, dens: f32, f: &Fracture) {
+        let unit = pose.unit;
+        let u = b.b.sub(b.a).unit();
+        let p = lerp(b.a, b.b, f.t);
+        let mut m = u.rot(f.cut_deg).perp();
+        if m.dot(u) < 0.0 {
+            m = m.mul(-1.0);
+        }
+        // Proximal fragment keeps dot(x - p, m) < -gap/2.
+        let q1 = p.sub(m.mul(f.gap / 2.0));
+        self.bone_cap(
+            pose.map(b.a),
+            pose.map(b.b),
+            b.r * unit,
+            b.inner,
+            dens,
+            &[(pose.map(q1), pose.lin(m.mul(-1.0)))],
+        );
+        // Distal fragment: turned about p, shifted sideways.
+        let off = u.perp().mul(f.shift);
+        let turn = |x: V| p.add(x.sub(p).rot(f.tilt_deg)).add(off);
+        let m2 = m.rot(f.tilt_deg);
+        let q2 = turn(p.add(m.mul(f.gap / 2.0)));
+        self.bone_cap(
+            pose.map(turn(b.a)),
+            pose.map(turn(b.b)),
+            b.r * unit,
+            b.inner,
+            dens,
+            &[(pose.map(q2), pose.lin(m2))],
+        );
+    }
 }
 
 /// What one view looks like on disk.
@@ -435,26 +475,45 @@ impl StudySpec {
     }
 }
 
-/// Renders one view to intensities in [0, 1]: [h, w] f32.
-fn render(s: &StudySpec, v: &ViewSpec) -> Vec<f32> {
-    let mut rng = Rng::new(v.seed);
-    let (w, h) = (v.w, v.h);
-    let mut c = Canvas {
-        w,
-        h,
-        tissue: vec![0.0; w * h],
-        bone: vec![0.0; w * h],
-        metal: vec![0.0; w * h],
-    };
-    // Pose: canonical -> pixels.
-    let unit = w.min(h) as f32 / 2.0 * rng.range(0.8, 1.1) as f32;
-    let angle = rng.range(-25.0, 25.0) as f32 + if w > h { 90.0 } else { 0.0 };
-    let mirror = if rng.bernoulli(0.5) { -1.0 } else { 1.0 };
-    let centre = V(w as f32 / 2.0, h as f32 / 2.0)
-        .add(V(rng.range(-0.15, 0.15) as f32, rng.range(-0.15, 0.15) as f32).mul(unit));
-    let lin = |p: V| V(p.0 * mirror, p.1).rot(angle).mul(unit);
-    let map = |p: V| centre.add(lin(p));
-    let mut bones = s.bones.clone();
+/// How canonical coordinates map to one view's pixels: scale, rotation, mirror and centre.
+struct Pose {
+    /// Pixels per canonical unit.
+    unit: f32,
+    angle: f32,
+    mirror: f32,
+    centre: V,
+}
+
+impl Pose {
+    /// Draws a view's pose (scale 0.8-1.1, rotation ±25° plus 90° for landscape, mirror, shift).
+    fn draw(w: usize, h: usize, rng: &mut Rng) -> Pose {
+        let unit = w.min(h) as f32 / 2.0 * rng.range(0.8, 1.1) as f32;
+        let angle = rng.range(-25.0, 25.0) as f32 + if w > h { 90.0 } else { 0.0 };
+        let mirror = if rng.bernoulli(0.5) { -1.0 } else { 1.0 };
+        let centre = V(w as f32 / 2.0, h as f32 / 2.0)
+            .add(V(rng.range(-0.15, 0.15) as f32, rng.range(-0.15, 0.15) as f32).mul(unit));
+        Pose {
+            unit,
+            angle,
+            mirror,
+            centre,
+        }
+    }
+
+    /// A canonical direction (or offset) in pixels.
+    fn lin(&self, p: V) -> V {
+        V(p.0 * self.mirror, p.1).rot(self.angle).mul(self.unit)
+    }
+
+    /// A canonical point in pixels.
+    fn map(&self, p: V) -> V {
+        self.centre.add(self.lin(p))
+    }
+}
+
+/// The patient's bones as this view shows them: endpoints and thickness jittered.
+fn jitter_bones(bones: &[Bone], rng: &mut Rng) -> Vec<Bone> {
+    let mut bones = bones.to_vec();
     for b in &mut bones {
         let jit = 0.02;
         b.a =
@@ -463,182 +522,238 @@ fn render(s: &StudySpec, v: &ViewSpec) -> Vec<f32> {
             b.b.add(V(rng.normal() as f32 * jit, rng.normal() as f32 * jit));
         b.r *= rng.range(0.95, 1.05) as f32;
     }
-    let dens = rng.range(0.85, 1.15) as f32;
-    for b in &bones {
-        c.tissue_cap(map(b.a), map(b.b), b.r * 2.8 * unit, 0.3);
-    }
-    let finding = s.finding.filter(|_| v.shows);
-    for (i, b) in bones.iter().enumerate() {
-        match finding {
-            Some(Finding::Fracture {
-                bone,
-                t,
-                cut_deg,
-                gap,
-                shift,
-                tilt_deg,
-            }) if bone == i => {
-                let u = b.b.sub(b.a).unit();
-                let p = lerp(b.a, b.b, t);
-                let mut m = u.rot(cut_deg).perp();
-                if m.dot(u) < 0.0 {
-                    m = m.mul(-1.0);
-                }
-                // Proximal fragment keeps dot(x - p, m) < -gap/2.
-                let q1 = p.sub(m.mul(gap / 2.0));
-                c.bone_cap(
-                    map(b.a),
-                    map(b.b),
-                    b.r * unit,
-                    b.inner,
-                    dens,
-                    &[(map(q1), lin(m.mul(-1.0)))],
-                );
-                // Distal fragment: turned about p, shifted sideways.
-                let off = u.perp().mul(shift);
-                let turn = |x: V| p.add(x.sub(p).rot(tilt_deg)).add(off);
-                let m2 = m.rot(tilt_deg);
-                let q2 = turn(p.add(m.mul(gap / 2.0)));
-                c.bone_cap(
-                    map(turn(b.a)),
-                    map(turn(b.b)),
-                    b.r * unit,
-                    b.inner,
-                    dens,
-                    &[(map(q2), lin(m2))],
-                );
-            }
-            _ => c.bone_cap(map(b.a), map(b.b), b.r * unit, b.inner, dens, &[]),
-        }
-    }
-    // Soft-tissue swelling around fractures and lesions: a broad, faint cue.
-    if let Some(Finding::Fracture { bone, t, .. } | Finding::Lesion { bone, t, .. }) = finding {
-        let b = bones[bone];
-        c.swelling(map(lerp(b.a, b.b, t)), 3.5 * b.r * unit, 0.45);
-    }
-    match finding {
-        Some(Finding::Plate {
-            bone,
-            t,
-            len,
-            side,
-            screws,
-        }) => {
-            let b = bones[bone];
-            let u = b.b.sub(b.a).unit();
-            let n = u.perp().mul(side);
-            let p = lerp(b.a, b.b, t).add(n.mul(b.r * 0.95));
-            let (p0, p1) = (p.sub(u.mul(len / 2.0)), p.add(u.mul(len / 2.0)));
-            c.metal_cap(map(p0), map(p1), (0.06 * unit).max(1.2), 3.0);
-            for k in 0..screws {
-                let sp = lerp(p0, p1, (k as f32 + 0.5) / screws as f32);
-                c.metal_cap(
-                    map(sp),
-                    map(sp.sub(n.mul(b.r * 2.1))),
-                    (0.025 * unit).max(0.8),
-                    2.5,
-                );
-            }
-        }
-        Some(Finding::Nail { bone }) => {
-            let b = bones[bone];
-            let u = b.b.sub(b.a).unit();
-            c.metal_cap(
-                map(b.a.add(u.mul(0.1))),
-                map(b.b.sub(u.mul(0.1))),
-                (0.5 * b.r * unit).max(1.2),
-                3.0,
-            );
-        }
-        Some(Finding::Lesion {
-            bone,
-            t,
-            a,
-            b: bb,
-            lytic,
-        }) => {
-            let b = bones[bone];
-            let u = lin(b.b.sub(b.a)).unit();
-            c.lesion(
-                map(lerp(b.a, b.b, t)),
-                u,
-                a * unit,
-                bb * unit,
-                lytic,
-                (0.02 * unit).max(1.0),
-            );
-        }
-        _ => {}
-    }
-    // Distractors, independent of the label.
-    if rng.bernoulli(0.35) {
-        let (cx, cy) = (
-            if rng.bernoulli(0.5) { 0.1 } else { 0.82 },
-            if rng.bernoulli(0.5) { 0.08 } else { 0.85 },
+    bones
+}
+
+/// The imaging chain of one view: exposure, background, gamma, heel effect, noise, collimation
+/// and inversion.
+struct Exposure {
+    k: f32,
+    bg: f32,
+    gamma: f32,
+    sigma: f32,
+    /// Intensity gradient per pixel, in x and y.
+    heel: V,
+    /// The open field (left, right, top, bottom) when the borders are collimated.
+    collimate: Option<(usize, usize, usize, usize)>,
+    invert: bool,
+}
+
+impl Exposure {
+    fn draw(w: usize, h: usize, rng: &mut Rng) -> Exposure {
+        let k = rng.range(1.2, 2.0) as f32;
+        let bg = rng.range(0.02, 0.12) as f32;
+        let gamma = rng.range(0.75, 1.35) as f32;
+        let sigma = rng.range(0.015, 0.05) as f32;
+        let heel = V(
+            rng.range(-0.08, 0.08) as f32 / w as f32,
+            rng.range(-0.08, 0.08) as f32 / h as f32,
         );
-        let o = V(w as f32 * cx, h as f32 * cy);
-        let sz = w.min(h) as f32 * rng.range(0.05, 0.08) as f32;
-        let r = (sz * 0.18).max(1.0);
-        c.metal_cap(o, o.add(V(0.0, sz)), r, 2.5);
-        c.metal_cap(o.add(V(0.0, sz)), o.add(V(sz * 0.7, sz)), r, 2.5);
-        if rng.bernoulli(0.5) {
-            c.metal_cap(o, o.add(V(sz * 0.6, sz * 0.3)), r, 2.5); // an "R"-ish stroke
+        let collimate = rng.bernoulli(0.3).then(|| {
+            let m = |n: usize, rng: &mut Rng| (n as f64 * rng.range(0.0, 0.12)) as usize;
+            let (l, r, t, b) = (m(w, rng), w - m(w, rng), m(h, rng), h - m(h, rng));
+            (l, r, t, b)
+        });
+        let invert = rng.bernoulli(0.03);
+        Exposure {
+            k,
+            bg,
+            gamma,
+            sigma,
+            heel,
+            collimate,
+            invert,
         }
-    }
-    if matches!(s.ty, StudyType::Hand | StudyType::Finger) && rng.bernoulli(0.06) {
-        let b = bones[rng.below(bones.len() as u64) as usize];
-        let p = lerp(b.a, b.b, 0.5);
-        let n = b.b.sub(b.a).unit().perp();
-        c.metal_cap(
-            map(p.sub(n.mul(b.r * 1.5))),
-            map(p.add(n.mul(b.r * 1.5))),
-            (0.03 * unit).max(1.0),
-            2.5,
-        );
     }
 
-    // Exposure, noise and the rest of the imaging chain.
-    let k = rng.range(1.2, 2.0) as f32;
-    let bg = rng.range(0.02, 0.12) as f32;
-    let gamma = rng.range(0.75, 1.35) as f32;
-    let sigma = rng.range(0.015, 0.05) as f32;
-    let heel = V(
-        rng.range(-0.08, 0.08) as f32 / w as f32,
-        rng.range(-0.08, 0.08) as f32 / h as f32,
-    );
-    let collimate = rng.bernoulli(0.3).then(|| {
-        let m = |n: usize, rng: &mut Rng| (n as f64 * rng.range(0.0, 0.12)) as usize;
-        let (l, r, t, b) = (
-            m(w, &mut rng),
-            w - m(w, &mut rng),
-            m(h, &mut rng),
-            h - m(h, &mut rng),
-        );
-        (l, r, t, b)
-    });
-    let invert = rng.bernoulli(0.03);
-    let mut out = vec![0f32; w * h];
-    for y in 0..h {
-        for x in 0..w {
-            let i = y * w + x;
-            let total = c.tissue[i] + c.bone[i] + c.metal[i];
-            let mut val = bg + (1.0 - bg) * (1.0 - (-k * total).exp());
-            val = val.powf(gamma)
-                + heel.0 * (x as f32 - w as f32 / 2.0)
-                + heel.1 * (y as f32 - h as f32 / 2.0);
-            // Approximately normal noise: the sum of four uniforms.
-            let z = (rng.uniform() + rng.uniform() + rng.uniform() + rng.uniform() - 2.0) as f32
-                * 1.732;
-            val += sigma * z;
-            if let Some((l, r, t, b)) = collimate {
-                if x < l || x >= r || y < t || y >= b {
-                    val = val * 0.15 + 0.01;
+    /// The film: the canvas's densities as intensities in [0, 1], [h, w], with noise drawn
+    /// from `rng` pixel by pixel.
+    fn develop(&self, c: &Canvas, rng: &mut Rng) -> Vec<f32> {
+        let (w, h) = (c.w, c.h);
+        let (k, bg, heel) = (self.k, self.bg, self.heel);
+        let mut out = vec![0f32; w * h];
+        for y in 0..h {
+            for x in 0..w {
+                let i = y * w + x;
+                let total = c.tissue[i] + c.bone[i] + c.metal[i];
+                let mut val = bg + (1.0 - bg) * (1.0 - (-k * total).exp());
+                val = val.powf(self.gamma)
+                    + heel.0 * (x as f32 - w as f32 / 2.0)
+                    + heel.1 * (y as f32 - h as f32 / 2.0);
+                // Approximately normal noise: the sum of four uniforms.
+                let z = (rng.uniform() + rng.uniform() + rng.uniform() + rng.uniform() - 2.0)
+                    as f32
+                    * 1.732;
+                val += self.sigma * z;
+                if let Some((l, r, t, b)) = self.collimate {
+                    if x < l || x >= r || y < t || y >= b {
+                        val = val * 0.15 + 0.01;
+                    }
                 }
+                out[i] = if self.invert { 1.0 - val } else { val }.clamp(0.0, 1.0);
             }
-            out[i] = if invert { 1.0 - val } else { val }.clamp(0.0, 1.0);
+        }
+        out
+    }
+}
+
+/// A view's canvas with its pose and bones: what the drawing steps of [`render`] share.
+struct Scene {
+    c: Canvas,
+    pose: Pose,
+    bones: Vec<Bone>,
+    /// The view's bone density factor (0.85-1.15).
+    dens: f32,
+}
+
+impl Scene {
+    /// Soft tissue around every bone, then the bones, one of them fractured when `finding` is
+    /// a fracture, then swelling around a fracture or lesion.
+    fn limb(&mut self, finding: Option<Finding>) {
+        let (p, unit) = (&self.pose, self.pose.unit);
+        for b in &self.bones {
+            self.c
+                .tissue_cap(p.map(b.a), p.map(b.b), b.r * 2.8 * unit, 0.3);
+        }
+        for (i, b) in self.bones.iter().enumerate() {
+            match finding {
+                Some(Finding::Fracture(f)) if f.bone == i => self.c.fractured(p, b, self.dens, &f),
+                _ => self
+                    .c
+                    .bone_cap(p.map(b.a), p.map(b.b), b.r * unit, b.inner, self.dens, &[]),
+            }
+        }
+        // Soft-tissue swelling around fractures and lesions: a broad, faint cue.
+        if let Some(Finding::Fracture(Fracture { bone, t, .. }) | Finding::Lesion { bone, t, .. }) =
+            finding
+        {
+            let b = self.bones[bone];
+            self.c
+                .swelling(p.map(lerp(b.a, b.b, t)), 3.5 * b.r * unit, 0.45);
         }
     }
-    out
+
+    /// Metal hardware (a plate with screws, or a nail) or a lesion, for those findings.
+    fn hardware_or_lesion(&mut self, finding: Finding) {
+        let (p, unit) = (&self.pose, self.pose.unit);
+        match finding {
+            Finding::Plate {
+                bone,
+                t,
+                len,
+                side,
+                screws,
+            } => {
+                let b = self.bones[bone];
+                let u = b.b.sub(b.a).unit();
+                let n = u.perp().mul(side);
+                let at = lerp(b.a, b.b, t).add(n.mul(b.r * 0.95));
+                let (p0, p1) = (at.sub(u.mul(len / 2.0)), at.add(u.mul(len / 2.0)));
+                self.c
+                    .metal_cap(p.map(p0), p.map(p1), (0.06 * unit).max(1.2), 3.0);
+                for k in 0..screws {
+                    let sp = lerp(p0, p1, (k as f32 + 0.5) / screws as f32);
+                    self.c.metal_cap(
+                        p.map(sp),
+                        p.map(sp.sub(n.mul(b.r * 2.1))),
+                        (0.025 * unit).max(0.8),
+                        2.5,
+                    );
+                }
+            }
+            Finding::Nail { bone } => {
+                let b = self.bones[bone];
+                let u = b.b.sub(b.a).unit();
+                self.c.metal_cap(
+                    p.map(b.a.add(u.mul(0.1))),
+                    p.map(b.b.sub(u.mul(0.1))),
+                    (0.5 * b.r * unit).max(1.2),
+                    3.0,
+                );
+            }
+            Finding::Lesion {
+                bone,
+                t,
+                a,
+                b: bb,
+                lytic,
+            } => {
+                let b = self.bones[bone];
+                let u = p.lin(b.b.sub(b.a)).unit();
+                self.c.lesion(
+                    p.map(lerp(b.a, b.b, t)),
+                    u,
+                    a * unit,
+                    bb * unit,
+                    lytic,
+                    (0.02 * unit).max(1.0),
+                );
+            }
+            Finding::Fracture(_) => {}
+        }
+    }
+
+    /// Distractors, independent of the label: a side marker (35%) and, on hands and fingers, a
+    /// ring (6%).
+    fn distractors(&mut self, ty: StudyType, rng: &mut Rng) {
+        let (w, h, unit) = (self.c.w, self.c.h, self.pose.unit);
+        if rng.bernoulli(0.35) {
+            let (cx, cy) = (
+                if rng.bernoulli(0.5) { 0.1 } else { 0.82 },
+                if rng.bernoulli(0.5) { 0.08 } else { 0.85 },
+            );
+            let o = V(w as f32 * cx, h as f32 * cy);
+            let sz = w.min(h) as f32 * rng.range(0.05, 0.08) as f32;
+            let r = (sz * 0.18).max(1.0);
+            self.c.metal_cap(o, o.add(V(0.0, sz)), r, 2.5);
+            self.c
+                .metal_cap(o.add(V(0.0, sz)), o.add(V(sz * 0.7, sz)), r, 2.5);
+            if rng.bernoulli(0.5) {
+                self.c.metal_cap(o, o.add(V(sz * 0.6, sz * 0.3)), r, 2.5); // an "R"-ish stroke
+            }
+        }
+        if matches!(ty, StudyType::Hand | StudyType::Finger) && rng.bernoulli(0.06) {
+            let b = self.bones[rng.below(self.bones.len() as u64) as usize];
+            let at = lerp(b.a, b.b, 0.5);
+            let n = b.b.sub(b.a).unit().perp();
+            self.c.metal_cap(
+                self.pose.map(at.sub(n.mul(b.r * 1.5))),
+                self.pose.map(at.add(n.mul(b.r * 1.5))),
+                (0.03 * unit).max(1.0),
+                2.5,
+            );
+        }
+    }
+}
+
+/// Renders one view to intensities in [0, 1]: [h, w] f32. Every random draw comes from the
+/// view's seed, in a fixed order: pose, bone jitter, density, distractors, exposure, noise.
+fn render(s: &StudySpec, v: &ViewSpec) -> Vec<f32> {
+    let mut rng = Rng::new(v.seed);
+    let (w, h) = (v.w, v.h);
+    let c = Canvas {
+        w,
+        h,
+        tissue: vec![0.0; w * h],
+        bone: vec![0.0; w * h],
+        metal: vec![0.0; w * h],
+    };
+    let pose = Pose::draw(w, h, &mut rng);
+    let bones = jitter_bones(&s.bones, &mut rng);
+    let dens = rng.range(0.85, 1.15) as f32;
+    let mut scene = Scene {
+        c,
+        pose,
+        bones,
+        dens,
+    };
+    let finding = s.finding.filter(|_| v.shows);
+    scene.limb(finding);
+    if let Some(f) = finding {
+        scene.hardware_or_lesion(f);
+    }
+    scene.distractors(s.ty, &mut rng);
+    Exposure::draw(w, h, &mut rng).develop(&scene.c, &mut rng)
 }
 
 fn write_png(path: &Path, img: &[f32], w: usize, h: usize, fmt: Format) -> Result<()> {
@@ -697,6 +812,48 @@ fn apportion(n: usize, weights: &[usize]) -> Vec<usize> {
     out
 }
 
+/// The views of one study labelled `label`: 1-5 of them, each its size, format and seed; of an
+/// abnormal study, each shows the finding with probability 0.9, and at least one does.
+fn plan_views(label: u8, rng: &mut Rng) -> Vec<ViewSpec> {
+    let u = rng.uniform();
+    let n_views = [0.1, 0.45, 0.8, 0.95, 1.0]
+        .iter()
+        .position(|&p| u < p)
+        .unwrap_or(4)
+        + 1;
+    let mut views: Vec<ViewSpec> = (0..n_views)
+        .map(|_| {
+            let long = rng.range(260.0, 512.0);
+            let short = (long * rng.range(0.55, 1.0)).max(150.0);
+            let portrait = rng.bernoulli(0.75);
+            let (w, h) = if portrait {
+                (short, long)
+            } else {
+                (long, short)
+            };
+            let f = rng.uniform();
+            ViewSpec {
+                w: w as usize,
+                h: h as usize,
+                shows: label == 1 && rng.bernoulli(0.9),
+                format: if f < 0.85 {
+                    Format::Gray8
+                } else if f < 0.93 {
+                    Format::Rgb8
+                } else {
+                    Format::Gray16
+                },
+                seed: rng.next_u64(),
+            }
+        })
+        .collect();
+    if label == 1 && !views.iter().any(|v| v.shows) {
+        let k = rng.below(views.len() as u64) as usize;
+        views[k].shows = true;
+    }
+    views
+}
+
 /// Plans every study and view (cheap, sequential, deterministic).
 fn plan(cfg: &SynthConfig) -> Vec<StudySpec> {
     let n_valid = ((cfg.studies as f64 * cfg.valid_fraction).round() as usize).min(cfg.studies);
@@ -731,42 +888,7 @@ fn plan(cfg: &SynthConfig) -> Vec<StudySpec> {
                     let label = labels[i];
                     i += 1;
                     let finding = (label == 1).then(|| pick_finding(ty, &bones, &mut rng));
-                    let u = rng.uniform();
-                    let n_views = [0.1, 0.45, 0.8, 0.95, 1.0]
-                        .iter()
-                        .position(|&p| u < p)
-                        .unwrap_or(4)
-                        + 1;
-                    let mut views: Vec<ViewSpec> = (0..n_views)
-                        .map(|_| {
-                            let long = rng.range(260.0, 512.0);
-                            let short = (long * rng.range(0.55, 1.0)).max(150.0);
-                            let portrait = rng.bernoulli(0.75);
-                            let (w, h) = if portrait {
-                                (short, long)
-                            } else {
-                                (long, short)
-                            };
-                            let f = rng.uniform();
-                            ViewSpec {
-                                w: w as usize,
-                                h: h as usize,
-                                shows: label == 1 && rng.bernoulli(0.9),
-                                format: if f < 0.85 {
-                                    Format::Gray8
-                                } else if f < 0.93 {
-                                    Format::Rgb8
-                                } else {
-                                    Format::Gray16
-                                },
-                                seed: rng.next_u64(),
-                            }
-                        })
-                        .collect();
-                    if label == 1 && !views.iter().any(|v| v.shows) {
-                        let k = rng.below(views.len() as u64) as usize;
-                        views[k].shows = true;
-                    }
+                    let views = plan_views(label, &mut rng);
                     out.push(StudySpec {
                         split,
                         ty,
