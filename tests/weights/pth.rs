@@ -237,7 +237,9 @@ fn check_state_dict_refuses_values_no_trained_model_holds() {
         check_state_dict(&sd, &spec)
     };
     let f = |x: f32| TensorData::F32(vec![x]);
-    let cases: [(&str, TensorData, fn(&Problem) -> bool); 6] = [
+    // Where a value goes, the value, and the one problem it must be.
+    type Want = fn(&Problem) -> bool;
+    let cases: [(&str, TensorData, Want); 6] = [
         ("conv0.weight", f(f32::NAN), |p| {
             matches!(p, Problem::NotFinite { key, value, element: 0 }
                 if key == "features.conv0.weight" && value.is_nan())
