@@ -11,6 +11,43 @@ use crate::weights::StateDict;
 use anyhow::{bail, Result};
 use rayon::prelude::*;
 
+/// A call a model refuses before it runs anything: every [`Net`] (the CPU model, the GPU model
+/// on CUDA or the emulator) answers the same misuse with the same variant, carried in
+/// `anyhow::Error` ([`Misuse::find`] recovers it).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Misuse {
+    /// `len` input values for a batch of `[n, h, w, 3]`.
+    #[error("forward: input has {len} values, expected [{n}, {h}, {w}, 3]")]
+    InputShape {
+        len: usize,
+        n: usize,
+        h: usize,
+        w: usize,
+    },
+    /// An input that does not survive the stem and every transition's pooling.
+    #[error("input {h}x{w} is too small for {arch}")]
+    TooSmall { h: usize, w: usize, arch: String },
+    /// A raw batch with no images or a zero image side.
+    #[error("forward_raw: empty batch or zero image side")]
+    EmptyRaw,
+    /// `bytes` raw bytes for `n` images of `side`².
+    #[error("forward_raw: {bytes} bytes for {n} images of {side}x{side}")]
+    RawShape { bytes: usize, n: usize, side: usize },
+    /// A backward with no train-mode forward before it (or its tape already used).
+    #[error("backward needs a train-mode forward first")]
+    NoForward,
+    /// `len` logit gradients for the forward's batch of `n`.
+    #[error("backward: {len} logit gradients for a batch of {n}")]
+    GradShape { len: usize, n: usize },
+}
+
+impl Misuse {
+    /// The outermost misuse in `e`'s chain of causes, if any.
+    pub fn find(e: &anyhow::Error) -> Option<&Misuse> {
+        e.chain().find_map(|cause| cause.downcast_ref::<Misuse>())
+    }
+}
+
 pub trait Net {
     fn spec(&self) -> &DenseNetSpec;
     /// Trainable parameters (the length of the flat parameter buffer).
@@ -83,16 +120,24 @@ pub trait Net {
 /// Refuses a raw batch whose shapes disagree: `raw: [params.len(), src_size, src_size]`.
 pub fn check_raw(raw: &[u8], src_size: usize, params: &[AugParams], out_size: usize) -> Result<()> {
     if params.is_empty() || src_size == 0 || out_size == 0 {
-        bail!("forward_raw: empty batch or zero image side");
+        bail!(Misuse::EmptyRaw);
     }
     if raw.len() != params.len() * src_size * src_size {
-        bail!(
-            "forward_raw: {} bytes for {} images of {src_size}x{src_size}",
-            raw.len(),
-            params.len()
-        );
+        bail!(Misuse::RawShape {
+            bytes: raw.len(),
+            n: params.len(),
+            side: src_size,
+        });
     }
     Ok(())
+}
+
+/// Refuses `len` input values for a batch of `[n, h, w, 3]`.
+pub fn check_input(len: usize, n: usize, h: usize, w: usize) -> Result<(), Misuse> {
+    match len == n * h * w * 3 {
+        true => Ok(()),
+        false => Err(Misuse::InputShape { len, n, h, w }),
+    }
 }
 
 /// A loader batch through the model: its raw store images (augmented by the model) when it
@@ -113,6 +158,7 @@ impl Net for DenseNet<f32> {
         DenseNet::num_params(self)
     }
     fn forward(&mut self, x: &[f32], n: usize, h: usize, w: usize, mode: Mode) -> Result<Vec<f32>> {
+        check_input(x.len(), n, h, w)?;
         self.feature_hw(h, w)?;
         Ok(DenseNet::forward(self, x, n, h, w, mode))
     }
@@ -123,6 +169,7 @@ impl Net for DenseNet<f32> {
         h: usize,
         w: usize,
     ) -> Result<(Vec<f32>, Vec<f32>, usize, usize)> {
+        check_input(x.len(), n, h, w)?;
         self.feature_hw(h, w)?;
         Ok(DenseNet::forward_features(self, x, n, h, w))
     }
@@ -135,6 +182,19 @@ impl Net for DenseNet<f32> {
         Ok(())
     }
     fn backward(&mut self, dlogits: &[f32]) -> Result<()> {
+        // The tape of a Train-mode forward (the only recording forward a Net runs); refused
+        // gradients spend it, as on the GPU model.
+        match self.tape.as_ref().map(|(tape, _)| tape.n) {
+            Some(n) if n == dlogits.len() => {}
+            Some(n) => {
+                self.tape = None;
+                bail!(Misuse::GradShape {
+                    len: dlogits.len(),
+                    n,
+                })
+            }
+            None => bail!(Misuse::NoForward),
+        }
         DenseNet::backward(self, dlogits);
         Ok(())
     }

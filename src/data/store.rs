@@ -19,7 +19,7 @@ use super::mura::Skipped;
 use super::{Split, StudyType};
 use crate::disk::mapped::Mapped;
 use crate::disk::{open_regular, read_regular_string, MAX_TEXT_BYTES};
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -149,6 +149,94 @@ impl Manifest {
     }
 }
 
+/// What a store's damage is rebuilt with.
+const AGAIN: &str = "re-run 'mura prep' to rebuild it";
+
+/// Why a store does not open: typed, so that a caller (or a test) can tell a missing store from
+/// a damaged one from one that cannot be read. The train, eval and CLI layers carry it inside
+/// `anyhow::Error`; [`Error::find`] recovers it.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// No folder where the store was named.
+    #[error("no store at {} (run 'mura prep' to make one)", dir.display())]
+    NoStore { dir: PathBuf },
+    /// A store whose file or folder `path` is not what a finished prep writes.
+    #[error("{}: {damage}: {AGAIN}", path.display())]
+    Damaged { path: PathBuf, damage: Damage },
+    /// A store file that cannot be read: missing, not a regular file, too large, an I/O error
+    /// (the cause says which).
+    #[error("unreadable store")]
+    Unreadable(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+/// How a store is damaged: what [`Error::Damaged`] found.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Damage {
+    /// A store folder without `CURRENT` or a store written before generations.
+    #[error("holds no finished store (no {CURRENT_FILE}; an interrupted prep?)")]
+    Unfinished,
+    /// `CURRENT` names no generation (`None`), or one that is missing.
+    #[error("{}", match .0 {
+        None => "does not name a generation".to_string(),
+        Some(name) => format!("names {name}, which is missing"),
+    })]
+    Generation(Option<String>),
+    /// An images file shorter than its header, or with a header of zeros (not yet written).
+    #[error("truncated or unfinished (no header)")]
+    NoHeader,
+    /// An images file of another program (bad magic).
+    #[error("not a mura store file (bad magic)")]
+    Foreign,
+    #[error("store format version {0}, this mura reads version {FORMAT_VERSION}")]
+    Version(u32),
+    #[error("unsupported dtype code {0}")]
+    Dtype(u32),
+    /// An image count that overflows the address space, or images of a side not square or out
+    /// of mura's bounds (the header's height and width).
+    #[error("a corrupt header: {0} images of {1}x{2}")]
+    Header(u64, u32, u32),
+    #[error("holds no images")]
+    Empty,
+    /// An images file of `len` bytes whose header says `want`.
+    #[error("truncated or damaged: {len} bytes, its header says {want}")]
+    Length { len: usize, want: usize },
+    /// Pixels whose crc32 is not the header's.
+    #[error("damaged: checksum {actual:08x}, header says {header:08x}")]
+    Checksum { actual: u32, header: u32 },
+    /// An index or manifest of another prep than the pixels (their checksum or shape).
+    #[error("stale store: {0}")]
+    Stale(String),
+    /// An index or manifest that does not parse, or disagrees with the pixels or each other.
+    #[error("damaged store: {0}")]
+    Index(String),
+}
+
+impl Error {
+    /// The outermost store error in `e`'s chain of causes, if any.
+    pub fn find(e: &anyhow::Error) -> Option<&Error> {
+        e.chain().find_map(|cause| cause.downcast_ref::<Error>())
+    }
+
+    /// The damage of a [`Error::Damaged`]; None for another error.
+    pub fn damage(&self) -> Option<&Damage> {
+        match self {
+            Error::Damaged { damage, .. } => Some(damage),
+            _ => None,
+        }
+    }
+
+    fn damaged(path: &Path, damage: Damage) -> Error {
+        Error::Damaged {
+            path: path.to_path_buf(),
+            damage,
+        }
+    }
+
+    fn unreadable(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Error {
+        Error::Unreadable(e.into())
+    }
+}
+
 /// An opened, verified store. Pixels stay memory-mapped; `image(i)` borrows them.
 pub struct Store {
     /// The store folder, as given.
@@ -220,40 +308,30 @@ pub fn generation(name: &str) -> Option<u64> {
 
 /// The folder holding a store's files: `dir/gen-<N>` as `dir/CURRENT` names it, or `dir`
 /// itself for a store written before generations.
-pub fn files_dir(dir: &Path) -> Result<PathBuf> {
-    let again = "re-run 'mura prep' to rebuild it";
+pub fn files_dir(dir: &Path) -> Result<PathBuf, Error> {
     if !dir.is_dir() {
-        bail!(
-            "no store at {} (run 'mura prep' to make one)",
-            dir.display()
-        );
+        return Err(Error::NoStore {
+            dir: dir.to_path_buf(),
+        });
     }
     let current = dir.join(CURRENT_FILE);
     if current.symlink_metadata().is_ok() {
-        let text = read_regular_string(&current, 256)?;
+        let text = read_regular_string(&current, 256).map_err(Error::unreadable)?;
         let name = text.trim_end_matches('\n');
         if generation(name).is_none() {
-            bail!(
-                "damaged store: {} does not name a generation: {again}",
-                current.display()
-            );
+            return Err(Error::damaged(&current, Damage::Generation(None)));
         }
         let files = dir.join(name);
         if !files.is_dir() {
-            bail!(
-                "damaged store: {} names {name}, which is missing: {again}",
-                current.display()
-            );
+            let damage = Damage::Generation(Some(name.to_string()));
+            return Err(Error::damaged(&current, damage));
         }
         return Ok(files);
     }
     if dir.join(IMAGES_FILE).symlink_metadata().is_ok() {
         return Ok(dir.to_path_buf());
     }
-    bail!(
-        "{} holds no finished store (no {CURRENT_FILE}; an interrupted prep?): {again}",
-        dir.display()
-    )
+    Err(Error::damaged(dir, Damage::Unfinished))
 }
 
 /// What an images file's header says, checked against the file.
@@ -265,94 +343,90 @@ struct Header {
 
 /// Checks the images file `bin` (mapped as `bytes`): magic, version, dtype, shape, that its
 /// length is what the header says, and the pixels' checksum.
-fn check_header(bin: &Path, bytes: &[u8]) -> Result<Header> {
-    let again = "re-run 'mura prep' to rebuild it";
+fn check_header(bin: &Path, bytes: &[u8]) -> Result<Header, Error> {
+    header(bytes).map_err(|damage| Error::damaged(bin, damage))
+}
+
+/// [`check_header`] of the bytes of an images file.
+fn header(bytes: &[u8]) -> Result<Header, Damage> {
     let len = bytes.len();
-    if len < HEADER_LEN || &bytes[0..8] != MAGIC {
-        if len < HEADER_LEN || bytes[0..8].iter().all(|&b| b == 0) {
-            bail!(
-                "{} is truncated or unfinished (no header): {again}",
-                bin.display()
-            );
-        }
-        bail!("{} is not a mura store file (bad magic)", bin.display());
+    if len < HEADER_LEN || bytes[0..8].iter().all(|&b| b == 0) {
+        return Err(Damage::NoHeader);
+    }
+    if &bytes[0..8] != MAGIC {
+        return Err(Damage::Foreign);
     }
     let h = &bytes[..HEADER_LEN];
     let version = u32_at(h, 8);
     if version != FORMAT_VERSION {
-        bail!("{} has store format version {version}, this mura reads version {FORMAT_VERSION}: {again}", bin.display());
+        return Err(Damage::Version(version));
     }
     if u32_at(h, 12) != DTYPE_U8 {
-        bail!(
-            "{} has unsupported dtype code {}",
-            bin.display(),
-            u32_at(h, 12)
-        );
+        return Err(Damage::Dtype(u32_at(h, 12)));
     }
-    let n = usize::try_from(u64::from_le_bytes(h[16..24].try_into().expect("8 bytes")))
-        .with_context(|| format!("{} has a corrupt header", bin.display()))?;
-    let (hh, ww) = (u32_at(h, 24) as usize, u32_at(h, 28) as usize);
-    if hh != ww || crate::bounds::SIDE.check("side", hh).is_err() {
-        bail!("{} has an unsupported image shape {hh}x{ww}", bin.display());
+    let count = u64::from_le_bytes(h[16..24].try_into().expect("8 bytes"));
+    let (hh, ww) = (u32_at(h, 24), u32_at(h, 28));
+    let corrupt = Damage::Header(count, hh, ww);
+    let side = hh as usize;
+    if hh != ww || crate::bounds::SIDE.check("side", side).is_err() {
+        return Err(corrupt);
     }
+    let n = usize::try_from(count).map_err(|_| corrupt.clone())?;
     if n == 0 {
-        bail!("{} holds no images: {again}", bin.display());
+        return Err(Damage::Empty);
     }
     let want = n
-        .checked_mul(hh * ww)
+        .checked_mul(side * side)
         .and_then(|p| p.checked_add(HEADER_LEN))
-        .ok_or_else(|| anyhow::anyhow!("{} has a corrupt header", bin.display()))?;
+        .ok_or(corrupt)?;
     if len != want {
-        bail!(
-            "{} is truncated or damaged: {len} bytes, its header says {want}: {again}",
-            bin.display()
-        );
+        return Err(Damage::Length { len, want });
     }
     let crc = u32_at(h, 32);
     let actual = checksum(&bytes[HEADER_LEN..]);
     if actual != crc {
-        bail!(
-            "{} is damaged: checksum {actual:08x}, header says {crc:08x}: {again}",
-            bin.display()
-        );
+        return Err(Damage::Checksum {
+            actual,
+            header: crc,
+        });
     }
-    Ok(Header { n, side: hh, crc })
+    Ok(Header { n, side, crc })
 }
 
 impl Store {
     /// Opens and verifies a store: header, format version, shape, checksum, that the index
     /// and manifest belong to these pixels, and that they agree with them and each other.
-    pub fn open(dir: &Path) -> Result<Store> {
+    pub fn open(dir: &Path) -> Result<Store, Error> {
         Store::open_generation(dir, files_dir(dir)?)
     }
 
     /// [`Store::open`] of the store folder `dir`'s files in `files` (its generation in use, or
     /// one that `prep` wrote and checks before it is put in use).
-    pub fn open_generation(dir: &Path, files: PathBuf) -> Result<Store> {
-        let again = "re-run 'mura prep' to rebuild it";
+    pub fn open_generation(dir: &Path, files: PathBuf) -> Result<Store, Error> {
         let bin = files.join(IMAGES_FILE);
-        let (file, _) =
-            open_regular(&bin).with_context(|| format!("{} is not a mura store", dir.display()))?;
+        let (file, _) = open_regular(&bin).map_err(Error::unreadable)?;
         // mura never writes a store in place (prep writes a new generation and switches to it);
         // another program cutting it short ends the command with a message (see `mapped`).
-        let mmap = Mapped::map(&file, &bin)?;
+        let mmap = Mapped::map(&file, &bin).map_err(Error::unreadable)?;
         let Header { n, side, crc } = check_header(&bin, &mmap)?;
         let hex = format!("{crc:08x}");
         let index: Index = read_json(&files.join(INDEX_FILE))?;
         let manifest: Manifest = read_json(&files.join(MANIFEST_FILE))?;
+        let damaged = |damage| Error::damaged(dir, damage);
         if index.checksum != hex || manifest.checksum != hex {
-            bail!("stale store at {}: {INDEX_FILE} or {MANIFEST_FILE} is from another prep than {IMAGES_FILE}: {again}", dir.display());
+            return Err(damaged(Damage::Stale(format!(
+                "{INDEX_FILE} or {MANIFEST_FILE} is from another prep than {IMAGES_FILE}"
+            ))));
         }
         if index.size != side || index.images.len() != n {
-            bail!(
-                "stale store at {}: {INDEX_FILE} does not match {IMAGES_FILE}'s shape: {again}",
-                dir.display()
-            );
+            return Err(damaged(Damage::Stale(format!(
+                "{INDEX_FILE} does not match {IMAGES_FILE}'s shape"
+            ))));
         }
-        check_index(&index, &manifest)
-            .map_err(|e| anyhow::anyhow!("damaged store at {}: {e:#}: {again}", dir.display()))?;
-        let index_checksum = crc32fast::hash(&serde_json::to_vec(&index)?);
-        crate::disk::failpoint::hit("store.opened")?;
+        check_index(&index, &manifest).map_err(|e| damaged(Damage::Index(format!("{e:#}"))))?;
+        let index_bytes = serde_json::to_vec(&index).expect("an index serialises");
+        let index_checksum = crc32fast::hash(&index_bytes);
+        crate::disk::failpoint::hit("store.opened").map_err(Error::unreadable)?;
         Ok(Store {
             dir: dir.to_path_buf(),
             files,
@@ -399,9 +473,10 @@ impl Store {
     }
 }
 
-fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
-    let text = read_regular_string(path, MAX_TEXT_BYTES).context("unreadable store")?;
-    serde_json::from_str(&text).with_context(|| format!("damaged store file {}", path.display()))
+fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, Error> {
+    let text = read_regular_string(path, MAX_TEXT_BYTES).map_err(Error::unreadable)?;
+    serde_json::from_str(&text)
+        .map_err(|e| Error::damaged(path, Damage::Index(format!("it does not parse ({e})"))))
 }
 
 /// What `index` must satisfy for its images (already checked to be as many as the pixels hold)

@@ -13,7 +13,7 @@ pub use schedule::{Layout, Schedule};
 use crate::ops::{Float, Mode};
 use crate::rng::Rng;
 use crate::spec::{DenseNetSpec, Role};
-use crate::weights::{NamedTensor, StateDict, TensorData};
+use crate::weights::{self, NamedTensor, Problem, StateDict, TensorData};
 use anyhow::{bail, Result};
 use std::collections::HashMap;
 use tape::Tape;
@@ -210,27 +210,24 @@ pub fn from_state_dict<T: Float>(
         .map(|(i, (t, _))| (t.name.as_str(), i))
         .collect();
     let mut seen = vec![false; slots.len()];
+    let refused = |problem| weights::Error::Refused {
+        what: format!("weights do not match the {} model", spec.arch),
+        problems: vec![problem],
+    };
     for nt in &sd.tensors {
+        let key = nt.name.clone();
         let Some(&i) = known.get(nt.name.as_str()) else {
-            bail!(
-                "unexpected key '{}' in state dict for {}",
-                nt.name,
-                spec.arch
-            );
+            let shape = nt.shape.clone();
+            bail!(refused(Problem::UnexpectedKey { key, shape }));
         };
         if seen[i] {
-            bail!("duplicate key '{}' in state dict", nt.name);
+            bail!(refused(Problem::DuplicateKey { key }));
         }
         seen[i] = true;
         let (t, at) = &slots[i];
         if nt.shape != t.shape {
-            bail!(
-                "key '{}' has shape {:?}, expected {:?} for {}",
-                nt.name,
-                nt.shape,
-                t.shape,
-                spec.arch
-            );
+            let (have, want) = (nt.shape.clone(), t.shape.clone());
+            bail!(refused(Problem::Shape { key, have, want }));
         }
         let ts = |v: &[f32]| v.iter().map(|&s| T::from_f64(s as f64)).collect::<Vec<T>>();
         match (&nt.data, t.role) {
@@ -245,15 +242,23 @@ pub fn from_state_dict<T: Float>(
                 };
                 params[*at..*at + t.numel()].copy_from_slice(&v);
             }
-            _ => bail!("key '{}' has the wrong dtype or element count", nt.name),
+            (data, role) => {
+                let want = if role == Role::Counter { "i64" } else { "f32" };
+                let have = data.dtype_name().to_string();
+                bail!(refused(match have == want {
+                    true => Problem::Length {
+                        key,
+                        values: data.len(),
+                        shape: t.shape.clone(),
+                    },
+                    false => Problem::Dtype { key, have, want },
+                }))
+            }
         }
     }
     if let Some(i) = seen.iter().position(|s| !s) {
-        bail!(
-            "missing key '{}' in state dict for {}",
-            slots[i].0.name,
-            spec.arch
-        );
+        let (key, shape) = (slots[i].0.name.clone(), slots[i].0.shape.clone());
+        bail!(refused(Problem::MissingKey { key, shape }));
     }
     Ok((params, stats, counters))
 }

@@ -370,8 +370,14 @@ impl Schedule {
     /// transition's pooling.
     pub fn new(layout: &Layout, arch: &str, h: usize, w: usize) -> Result<Schedule> {
         let input = Hw { h, w };
+        let arch = arch.to_string();
+        let too_small = || crate::net::Misuse::TooSmall {
+            h,
+            w,
+            arch: arch.clone(),
+        };
         if h < 4 || w < 4 {
-            bail!("input {h}x{w} is too small for {arch}");
+            bail!(too_small());
         }
         let (ch, cw) = Conv::STEM.out_hw(h, w);
         let conv_out = Hw { h: ch, w: cw };
@@ -387,7 +393,7 @@ impl Schedule {
         let mut blocks = Vec::new();
         for (b, blk) in layout.blocks.iter().enumerate() {
             if hw.h == 0 || hw.w == 0 {
-                bail!("input {h}x{w} is too small for {arch}");
+                bail!(too_small());
             }
             let layers = blk
                 .layers

@@ -433,6 +433,12 @@ mod tests {
         let spec = DenseNetSpec::custom(4, vec![2, 2, 2], 8, 2).unwrap();
         let sd = DenseNet::<f32>::new(spec.clone(), 3).to_state_dict();
         let e = to_onnx(&spec, &sd, 8, &StudyType::ALL).unwrap_err();
-        assert!(format!("{e}").contains("too small"), "{e}");
+        assert!(
+            matches!(
+                crate::net::Misuse::find(&e),
+                Some(crate::net::Misuse::TooSmall { h: 8, w: 8, .. })
+            ),
+            "{e:#}"
+        );
     }
 }

@@ -5,8 +5,10 @@
 //! - [`pth`] + [`pickle`]: import of PyTorch `.pth` files (zip and legacy formats),
 //! - [`torchvision`]: torchvision key remapping, fresh head, the exact check of weights (layout
 //!   and values) every load goes through,
+//! - [`Error`]: what a check or a codec refuses, typed,
 //! - [`seeded`]: weights from a closed-form formula shared with `scripts/golden_fixtures.py`.
 
+mod error;
 pub mod pickle;
 pub mod pth;
 pub mod safetensors;
@@ -14,6 +16,7 @@ pub mod seeded;
 pub mod torchvision;
 
 pub use self::safetensors::{load_safetensors, save_safetensors, Checkpoint};
+pub use error::{Error, Problem};
 pub use pth::load_pth;
 pub use seeded::seeded_state_dict;
 pub use torchvision::{check_heads, check_state_dict, check_values, import_torchvision};

@@ -4,7 +4,8 @@
 //! (I64, shape `[]`). Free-form string metadata (architecture, training spec as JSON) rides
 //! in the header's `__metadata__`.
 
-use super::{NamedTensor, StateDict, TensorData};
+use super::torchvision::length_problem;
+use super::{Error, NamedTensor, Problem, StateDict, TensorData};
 use anyhow::{bail, Context, Result};
 use safetensors::tensor::Metadata;
 use safetensors::{Dtype, View};
@@ -42,39 +43,40 @@ impl View for &Bytes {
     }
 }
 
-fn to_bytes(t: &NamedTensor) -> Result<Bytes> {
-    let numel: usize = t.shape.iter().product();
-    if numel != t.data.len() {
-        bail!(
-            "tensor '{}' has shape {:?} ({numel} elements) but holds {} values",
-            t.name,
-            t.shape,
-            t.data.len()
-        );
-    }
+/// One tensor's bytes; its shape is checked to hold its values (see [`to_safetensors_bytes`]).
+fn to_bytes(t: &NamedTensor) -> Bytes {
     let (dtype, data) = match &t.data {
         TensorData::F32(v) => (Dtype::F32, v.iter().flat_map(|x| x.to_le_bytes()).collect()),
         TensorData::I64(v) => (Dtype::I64, v.iter().flat_map(|x| x.to_le_bytes()).collect()),
     };
-    Ok(Bytes {
+    Bytes {
         dtype,
         shape: t.shape.clone(),
         data,
-    })
+    }
 }
 
-/// Serialises a state dict (and optional metadata) to safetensors bytes.
+/// Serialises a state dict (and optional metadata) to safetensors bytes. A name given twice or
+/// a tensor holding another number of values than its shape is refused ([`Error::Refused`]).
 pub fn to_safetensors_bytes(sd: &StateDict, metadata: &HashMap<String, String>) -> Result<Vec<u8>> {
     let mut seen = std::collections::HashSet::new();
-    let mut tensors = Vec::with_capacity(sd.tensors.len());
+    let mut problems = Vec::new();
     for t in &sd.tensors {
         if !seen.insert(t.name.as_str()) {
-            bail!("duplicate tensor name '{}'", t.name);
+            problems.push(Problem::DuplicateKey {
+                key: t.name.clone(),
+            });
         }
-        tensors.push((t.name.clone(), to_bytes(t)?));
+        problems.extend(length_problem(t));
     }
+    Error::refuse(problems, "weights cannot be saved")?;
+    let tensors: Vec<(&str, Bytes)> = sd
+        .tensors
+        .iter()
+        .map(|t| (t.name.as_str(), to_bytes(t)))
+        .collect();
     let meta = (!metadata.is_empty()).then(|| metadata.clone());
-    safetensors::serialize(tensors.iter().map(|(n, b)| (n.as_str(), b)), meta)
+    safetensors::serialize(tensors.iter().map(|(n, b)| (*n, b)), meta)
         .context("serialising safetensors")
 }
 
@@ -134,19 +136,19 @@ struct Header {
     start: u64,
 }
 
-fn invalid(e: impl std::fmt::Display) -> anyhow::Error {
-    anyhow::anyhow!("not a valid safetensors file ({e})")
+fn invalid(e: impl std::fmt::Display) -> Error {
+    Error::NotSafetensors(e.to_string())
 }
 
 impl Header {
     /// The header of the `len` bytes of `src`.
     fn read(src: &Source, len: u64) -> Result<Header> {
         if len < 8 {
-            return Err(invalid("shorter than its 8-byte header length"));
+            bail!(invalid("shorter than its 8-byte header length"));
         }
         let n = u64::from_le_bytes(src.read(0, 8)?.try_into().expect("8 bytes"));
         if n > MAX_HEADER_BYTES.min(len - 8) {
-            return Err(invalid(format!(
+            bail!(invalid(format!(
                 "a header of {n} bytes in a file of {len} (at most {MAX_HEADER_BYTES})"
             )));
         }
@@ -155,7 +157,7 @@ impl Header {
         let start = 8 + n;
         let data = u64::try_from(meta.data_len())?;
         if start.checked_add(data) != Some(len) {
-            return Err(invalid(format!(
+            bail!(invalid(format!(
                 "its header describes {data} bytes of tensors, the file holds {} after it",
                 len - start
             )));
@@ -207,9 +209,10 @@ impl Header {
                         .map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")))
                         .collect(),
                 ),
-                other => bail!(
-                    "tensor '{name}' has dtype {other:?}; mura checkpoints hold F32 and I64 tensors only"
-                ),
+                other => bail!(Error::UnsupportedDtype {
+                    key: name,
+                    dtype: format!("{other:?}"),
+                }),
             };
             tensors.push(NamedTensor {
                 shape: info.shape.clone(),

@@ -4,10 +4,10 @@
 //! holds (NaN, ±∞, a negative running variance).
 
 use super::safetensors::TensorHead;
-use super::{NamedTensor, StateDict, TensorData};
+use super::{Error, NamedTensor, Problem, StateDict, TensorData};
 use crate::rng::Rng;
 use crate::spec::{DenseNetSpec, Role};
-use anyhow::{bail, Result};
+use anyhow::Result;
 use std::collections::{HashMap, HashSet};
 
 /// torchvision's remap of 2017 dense-layer keys:
@@ -96,26 +96,32 @@ pub fn in_layout_order(sd: StateDict, spec: &DenseNetSpec) -> StateDict {
 /// Checks that the tensors `heads` describe are exactly those of `spec`'s single-logit model:
 /// every name, shape and dtype (F32, I64 for `num_batches_tracked`), nothing missing, nothing
 /// extra. A file's header is checked so before its data is read.
-pub fn check_heads(heads: &[TensorHead], spec: &DenseNetSpec) -> Result<()> {
+pub fn check_heads(heads: &[TensorHead], spec: &DenseNetSpec) -> Result<(), Error> {
     let layout = spec.state_dict_layout();
     let mut problems = Vec::new();
     let mut have: HashMap<&str, &TensorHead> = HashMap::new();
     for t in heads {
         if have.insert(t.name.as_str(), t).is_some() {
-            problems.push(format!("duplicate key '{}'", t.name));
+            problems.push(Problem::DuplicateKey {
+                key: t.name.clone(),
+            });
         }
     }
     let expected: HashSet<&str> = layout.iter().map(|s| s.name.as_str()).collect();
     for s in &layout {
         let Some(t) = have.get(s.name.as_str()) else {
-            problems.push(format!("missing key '{}' (shape {:?})", s.name, s.shape));
+            problems.push(Problem::MissingKey {
+                key: s.name.clone(),
+                shape: s.shape.clone(),
+            });
             continue;
         };
         if t.shape != s.shape {
-            problems.push(format!(
-                "key '{}' has shape {:?}, the model needs {:?}",
-                s.name, t.shape, s.shape
-            ));
+            problems.push(Problem::Shape {
+                key: s.name.clone(),
+                have: t.shape.clone(),
+                want: s.shape.clone(),
+            });
         }
         let want = if s.role == Role::Counter {
             "i64"
@@ -123,20 +129,24 @@ pub fn check_heads(heads: &[TensorHead], spec: &DenseNetSpec) -> Result<()> {
             "f32"
         };
         if t.dtype != want {
-            problems.push(format!(
-                "key '{}' is {}, the model needs {want}",
-                s.name, t.dtype
-            ));
+            problems.push(Problem::Dtype {
+                key: s.name.clone(),
+                have: t.dtype.clone(),
+                want,
+            });
         }
     }
     for t in heads {
         if !expected.contains(t.name.as_str()) {
-            problems.push(format!("unexpected key '{}' (shape {:?})", t.name, t.shape));
+            problems.push(Problem::UnexpectedKey {
+                key: t.name.clone(),
+                shape: t.shape.clone(),
+            });
         }
     }
-    refuse(
+    Error::refuse(
         problems,
-        &format!(
+        format!(
             "weights do not match the {} model ({} features)",
             spec.arch,
             spec.num_features()
@@ -147,7 +157,7 @@ pub fn check_heads(heads: &[TensorHead], spec: &DenseNetSpec) -> Result<()> {
 /// The one check of weights against a model, which every load goes through (mura's checkpoints
 /// and torchvision's `.safetensors` and `.pth` alike): the layout ([`check_heads`], and every
 /// tensor holding as many values as its shape), then the values ([`check_values`]).
-pub fn check_state_dict(sd: &StateDict, spec: &DenseNetSpec) -> Result<()> {
+pub fn check_state_dict(sd: &StateDict, spec: &DenseNetSpec) -> Result<(), Error> {
     let heads: Vec<TensorHead> = sd
         .tensors
         .iter()
@@ -158,65 +168,61 @@ pub fn check_state_dict(sd: &StateDict, spec: &DenseNetSpec) -> Result<()> {
         })
         .collect();
     check_heads(&heads, spec)?;
-    let problems = sd
-        .tensors
-        .iter()
-        .filter(|t| t.data.len() != t.shape.iter().product::<usize>())
-        .map(|t| {
-            format!(
-                "key '{}' holds {} values for shape {:?}",
-                t.name,
-                t.data.len(),
-                t.shape
-            )
-        })
-        .collect();
-    refuse(
+    let problems = sd.tensors.iter().filter_map(length_problem).collect();
+    Error::refuse(
         problems,
-        &format!("weights do not match the {} model", spec.arch),
+        format!("weights do not match the {} model", spec.arch),
     )?;
     check_values(sd)
+}
+
+/// A [`Problem::Length`] if `t` holds another number of values than its shape has elements.
+pub(super) fn length_problem(t: &NamedTensor) -> Option<Problem> {
+    (t.data.len() != t.shape.iter().product::<usize>()).then(|| Problem::Length {
+        key: t.name.clone(),
+        values: t.data.len(),
+        shape: t.shape.clone(),
+    })
 }
 
 /// Refuses values that no trained model holds: a weight, bias or running statistic that is NaN
 /// or infinite, a negative running variance, a negative `num_batches_tracked`. (Such weights
 /// would give NaN scores, or, through a max-pool that drops NaN, finite and wrong ones.)
-pub fn check_values(sd: &StateDict) -> Result<()> {
-    let mut problems = Vec::new();
-    for t in &sd.tensors {
-        let variance = t.name.ends_with("running_var");
-        let bad = match &t.data {
-            TensorData::F32(v) => v.iter().enumerate().find_map(|(i, &x)| match x {
-                x if !x.is_finite() => Some((format!("{x}"), i)),
-                x if variance && x < 0.0 => Some((format!("a negative variance, {x}"), i)),
-                _ => None,
-            }),
-            TensorData::I64(v) => v
-                .iter()
-                .enumerate()
-                .find(|(_, &c)| c < 0)
-                .map(|(i, c)| (format!("a negative batch count, {c}"), i)),
-        };
-        if let Some((what, i)) = bad {
-            problems.push(format!("key '{}' holds {what} (element {i})", t.name));
-        }
-    }
-    refuse(problems, "weights hold values no trained model has")
+pub fn check_values(sd: &StateDict) -> Result<(), Error> {
+    let problems = sd.tensors.iter().filter_map(value_problem).collect();
+    Error::refuse(problems, "weights hold values no trained model has")
 }
 
-/// Ok if there are no `problems`; else one error: `what`, the first few, and how many in all.
-fn refuse(problems: Vec<String>, what: &str) -> Result<()> {
-    if problems.is_empty() {
-        return Ok(());
+/// The first value of `t` that no trained model holds, if any.
+fn value_problem(t: &NamedTensor) -> Option<Problem> {
+    let key = t.name.clone();
+    let variance = t.name.ends_with("running_var");
+    match &t.data {
+        TensorData::F32(v) => v.iter().enumerate().find_map(|(element, &x)| match x {
+            x if !x.is_finite() => Some(Problem::NotFinite {
+                key: key.clone(),
+                value: x,
+                element,
+            }),
+            x if variance && x < 0.0 => Some(Problem::Negative {
+                key: key.clone(),
+                what: "variance",
+                value: x.to_string(),
+                element,
+            }),
+            _ => None,
+        }),
+        TensorData::I64(v) => v
+            .iter()
+            .enumerate()
+            .find(|(_, &c)| c < 0)
+            .map(|(element, c)| Problem::Negative {
+                key,
+                what: "batch count",
+                value: c.to_string(),
+                element,
+            }),
     }
-    let n = problems.len();
-    let shown = problems.into_iter().take(5).collect::<Vec<_>>().join("; ");
-    let more = if n > 5 {
-        format!(" … ({n} problems in all)")
-    } else {
-        String::new()
-    };
-    bail!("{what}: {shown}{more}")
 }
 
 #[cfg(test)]

@@ -5,7 +5,7 @@ use crate::common::tmp;
 use mura::data::image::{decode_gray, resize_bilinear, GrayImage};
 use mura::data::loader::{Augment, Loader, LoaderConfig};
 use mura::data::prep::{prep, PrepConfig};
-use mura::data::store::Store;
+use mura::data::store::{self, Damage, Store};
 use mura::data::synth::{synth, SynthConfig};
 use mura::data::{mura as reader, Split, StudyType};
 use mura::ops::augment::{self, AugParams, MEAN, STD};
@@ -141,6 +141,14 @@ fn expect_err<T: std::fmt::Debug>(r: anyhow::Result<T>, needle: &str) {
     assert!(e.contains(needle), "error '{e}' lacks '{needle}'");
 }
 
+/// What is damaged in the store `d`, which must not open for its damage.
+fn damage(d: &Path) -> Damage {
+    match Store::open(d).unwrap_err() {
+        store::Error::Damaged { damage, .. } => damage,
+        e => panic!("{} is not damaged: {e}", d.display()),
+    }
+}
+
 #[test]
 fn damaged_stores_are_refused() {
     let root = tmp("dmg");
@@ -170,41 +178,48 @@ fn damaged_stores_are_refused() {
         .unwrap()
         .set_len(len - 7)
         .unwrap();
-    expect_err(Store::open(&d), "truncated");
+    let (len, want) = (len as usize - 7, len as usize);
+    assert_eq!(damage(&d), Damage::Length { len, want });
     // One flipped pixel.
     let d = copy("flip");
     let mut b = std::fs::read(bin(&d)).unwrap();
     let at = 64 + Rng::new(5).below((b.len() - 64) as u64) as usize;
     b[at] ^= 0x10;
     std::fs::write(bin(&d), &b).unwrap();
-    expect_err(Store::open(&d), "checksum");
+    assert!(matches!(damage(&d), Damage::Checksum { .. }));
     // Foreign file.
     let d = copy("foreign");
     std::fs::write(bin(&d), random_gray(50, 50, 9)).unwrap();
-    expect_err(Store::open(&d), "not a mura store");
+    assert_eq!(damage(&d), Damage::Foreign);
     // Newer format version.
     let d = copy("version");
     let mut b = std::fs::read(bin(&d)).unwrap();
     b[8] = 99;
     std::fs::write(bin(&d), &b).unwrap();
-    expect_err(Store::open(&d), "version");
+    assert_eq!(damage(&d), Damage::Version(99));
     // Stale: an index from another prep (different size).
     let other = root.join("other");
     prep(&cfg(&root, &other, 16)).unwrap();
     let d = copy("stale");
     std::fs::copy(other.join("gen-1/index.json"), d.join("index.json")).unwrap();
-    expect_err(Store::open(&d), "stale");
+    assert!(matches!(damage(&d), Damage::Stale(_)));
     // Missing index; missing store.
     let d = copy("noindex");
     std::fs::remove_file(d.join("index.json")).unwrap();
-    expect_err(Store::open(&d), "index.json");
-    expect_err(Store::open(&root.join("nothing")), "no store");
+    let e = anyhow::Error::from(Store::open(&d).unwrap_err());
+    assert!(
+        matches!(store::Error::find(&e), Some(store::Error::Unreadable(_))),
+        "{e:#}"
+    );
+    assert!(format!("{e:#}").contains("index.json"), "{e:#}");
+    let nothing = root.join("nothing");
+    assert!(matches!(Store::open(&nothing), Err(store::Error::NoStore { dir }) if dir == nothing));
     // An unfinished prep (header not yet written) never opens.
     let d = copy("unfinished");
     let mut b = std::fs::read(bin(&d)).unwrap();
     b[..64].fill(0);
     std::fs::write(bin(&d), &b).unwrap();
-    expect_err(Store::open(&d), "unfinished");
+    assert_eq!(damage(&d), Damage::NoHeader);
     // A failing prep leaves an existing store alone; prep refuses to replace a non-store.
     let bad = tmp("dmg-bad");
     small_tree(&bad, 20);

@@ -11,7 +11,7 @@ use mura::device::Device;
 use mura::gpu::model::{Engine, GpuDenseNet};
 use mura::gpu::{Driver, Error};
 use mura::model::DenseNet;
-use mura::net::Net;
+use mura::net::{Misuse, Net};
 use mura::ops::Mode;
 use mura::optim::Adam;
 use mura::precision::Precision;
@@ -199,7 +199,7 @@ fn training_step_matches_cpu() {
 
     // Backward needs a train forward; the last forward was eval.
     let e = gpu.backward(&[0.0; 3]).unwrap_err();
-    assert!(format!("{e:#}").contains("train-mode forward"), "{e:#}");
+    assert_eq!(Misuse::find(&e), Some(&Misuse::NoForward), "{e:#}");
 }
 
 /// One bf16 training step (tensor-core convolutions; batch statistics and BN-backward reductions
@@ -314,7 +314,77 @@ fn build_emu_from_state_dict() {
     assert!(rel_err(&f64s(&a), &f64s(&b)) <= 1e-4);
     assert_eq!(emu.to_state_dict().unwrap(), sd, "state dict round trip");
     let e = emu.forward(&x[..3 * 4], 1, 2, 2, Mode::Eval).unwrap_err();
-    assert!(format!("{e:#}").contains("too small"), "{e:#}");
+    assert!(
+        matches!(Misuse::find(&e), Some(Misuse::TooSmall { h: 2, w: 2, .. })),
+        "{e:#}"
+    );
+}
+
+/// The CPU model and the GPU model (on the emulator) answer the same misuse with the same
+/// error, never a panic: an input of the wrong length, an image too small for the net, a raw
+/// batch of the wrong length, a backward with no train forward before it (none yet, an eval
+/// forward, its tape already used), logit gradients for another batch size (which spend the
+/// tape).
+#[test]
+fn cpu_and_gpu_models_refuse_the_same_misuse_alike() {
+    let seed = seed("cpu_and_gpu_models_refuse_the_same_misuse_alike");
+    let mut rng = Rng::new(seed.value);
+    let sd = model(&mut rng).to_state_dict();
+    let x = batch(&mut rng, 2, 20);
+    // The misuse each call answers, in order, on one model.
+    let answers = |net: &mut dyn Net| -> Vec<Misuse> {
+        let misuse = |r: anyhow::Result<()>| {
+            let e = r.expect_err("misuse refused");
+            Misuse::find(&e)
+                .cloned()
+                .unwrap_or_else(|| panic!("untyped: {e:#}"))
+        };
+        let drop = |r: anyhow::Result<Vec<f32>>| r.map(|_| ());
+        let raw = vec![0u8; 2 * 24 * 24];
+        let aug = [mura::ops::augment::AugParams::IDENTITY; 2];
+        let mut got = vec![
+            misuse(net.backward(&[0.0; 2])),
+            misuse(drop(net.forward(&x[1..], 2, 20, 20, Mode::Train))),
+            misuse(drop(net.forward(&x[..3 * 4], 1, 2, 2, Mode::Eval))),
+            misuse(drop(net.forward_raw(&raw[1..], 24, &aug, 20, Mode::Eval))),
+        ];
+        net.forward(&x, 2, 20, 20, Mode::Eval).unwrap();
+        got.push(misuse(net.backward(&[0.0; 2])));
+        net.forward(&x, 2, 20, 20, Mode::Train).unwrap();
+        got.push(misuse(net.backward(&[0.0; 3])));
+        got.push(misuse(net.backward(&[0.0; 2])));
+        net.forward(&x, 2, 20, 20, Mode::Train).unwrap();
+        net.backward(&[0.0; 2]).unwrap();
+        got.push(misuse(net.backward(&[0.0; 2])));
+        got
+    };
+    let want = vec![
+        Misuse::NoForward,
+        Misuse::InputShape {
+            len: x.len() - 1,
+            n: 2,
+            h: 20,
+            w: 20,
+        },
+        Misuse::TooSmall {
+            h: 2,
+            w: 2,
+            arch: tiny().arch,
+        },
+        Misuse::RawShape {
+            bytes: 2 * 24 * 24 - 1,
+            n: 2,
+            side: 24,
+        },
+        Misuse::NoForward,
+        Misuse::GradShape { len: 3, n: 2 },
+        Misuse::NoForward,
+        Misuse::NoForward,
+    ];
+    for device in [Device::Cpu, Device::Emu] {
+        let mut net = backend::build(device, Precision::F32, tiny(), Some(&sd), 0).unwrap();
+        assert_eq!(answers(&mut *net), want, "{device:?}");
+    }
 }
 
 /// Steady-state steps allocate nothing; peak memory is reported; a batch that does not fit is

@@ -6,7 +6,7 @@ use mura::model::DenseNet;
 use mura::ops::Mode;
 use mura::rng::Rng;
 use mura::spec::Role;
-use mura::weights::TensorData;
+use mura::weights::{self, Problem, StateDict, TensorData};
 
 /// A tiny model with random (non-trivial) BN gammas/betas and running stats.
 fn randomised(seed: u64) -> DenseNet<f64> {
@@ -226,11 +226,19 @@ fn state_dict_round_trip_and_strict_keys() {
     let name = "features.denseblock2.denselayer1.conv1.weight";
     let mut bad = sd.clone();
     bad.tensors.retain(|t| t.name != name);
-    let e = DenseNet::<f32>::from_state_dict(tiny(), &bad)
-        .err()
-        .unwrap()
-        .to_string();
-    assert!(e.contains("missing") && e.contains(name), "{e}");
+    // The one problem `from_state_dict` names in `sd`.
+    let problem = |sd: &StateDict| {
+        let e = DenseNet::<f32>::from_state_dict(tiny(), sd).err().unwrap();
+        match weights::Error::find(&e).map(weights::Error::problems) {
+            Some([p]) => p.clone(),
+            _ => panic!("not one weights problem: {e:#}"),
+        }
+    };
+    let p = problem(&bad);
+    assert!(
+        matches!(&p, Problem::MissingKey { key, .. } if key == name),
+        "{p}"
+    );
 
     let mut bad = sd.clone();
     bad.tensors
@@ -238,23 +246,21 @@ fn state_dict_round_trip_and_strict_keys() {
         .find(|t| t.name == name)
         .unwrap()
         .shape = vec![8, 8, 1, 2];
-    let e = DenseNet::<f32>::from_state_dict(tiny(), &bad)
-        .err()
-        .unwrap()
-        .to_string();
-    assert!(e.contains("shape") && e.contains(name), "{e}");
+    let p = problem(&bad);
+    assert!(
+        matches!(&p, Problem::Shape { key, .. } if key == name),
+        "{p}"
+    );
 
     let mut bad = sd.clone();
     let mut extra = bad.tensors[0].clone();
     extra.name = "features.denseblock1.denselayer1.norm.1.weight".into();
     bad.tensors.push(extra);
-    let e = DenseNet::<f32>::from_state_dict(tiny(), &bad)
-        .err()
-        .unwrap()
-        .to_string();
+    let p = problem(&bad);
     assert!(
-        e.contains("unexpected") && e.contains("norm.1.weight"),
-        "{e}"
+        matches!(&p, Problem::UnexpectedKey { key, .. }
+            if key == "features.denseblock1.denselayer1.norm.1.weight"),
+        "{p}"
     );
 }
 

@@ -12,7 +12,7 @@ use mura::data::{Split, StudyType};
 use mura::eval::predict_split;
 use mura::gpu::model::{Engine, GpuDenseNet};
 use mura::loss::LossLevel;
-use mura::net::Net;
+use mura::net::{Misuse, Net};
 use mura::ops::augment::{self, AugParams};
 use mura::ops::Mode;
 use mura::optim::Adam;
@@ -159,8 +159,14 @@ fn cpu_and_device_raw_forwards_agree() {
         let e = net
             .forward_raw(&raw[1..], 29, &params, 32, Mode::Eval)
             .unwrap_err();
-        assert!(format!("{e:#}").contains("bytes for 4 images"), "{e:#}");
-        assert!(net.forward_raw(&[], 29, &[], 32, Mode::Eval).is_err());
+        let want = Misuse::RawShape {
+            bytes: raw.len() - 1,
+            n: 4,
+            side: 29,
+        };
+        assert_eq!(Misuse::find(&e), Some(&want), "{e:#}");
+        let e = net.forward_raw(&[], 29, &[], 32, Mode::Eval).unwrap_err();
+        assert_eq!(Misuse::find(&e), Some(&Misuse::EmptyRaw), "{e:#}");
     }
 }
 

@@ -7,8 +7,8 @@ use mura::spec::DenseNetSpec;
 use mura::weights::pth::load_pth_bytes;
 use mura::weights::torchvision::remap_legacy_key;
 use mura::weights::{
-    check_state_dict, import_torchvision, load_pth, load_safetensors, NamedTensor, StateDict,
-    TensorData,
+    check_state_dict, import_torchvision, load_pth, load_safetensors, Error, NamedTensor, Problem,
+    StateDict, TensorData,
 };
 use std::path::PathBuf;
 
@@ -126,17 +126,24 @@ fn wrong_architecture_is_refused_naming_keys() {
     let raw = load_pth(&fixture("tiny_legacy.pth")).unwrap();
     // growth 8 instead of 4: every dense-layer shape differs.
     let other = DenseNetSpec::custom(8, vec![2, 2], 8, 2).unwrap();
-    let e = format!(
-        "{:#}",
-        import_torchvision(raw.clone(), &other, 0).unwrap_err()
-    );
-    assert!(e.contains("features.denseblock1.denselayer1"), "{e}");
-    assert!(e.contains("shape"), "{e}");
-    let deeper = DenseNetSpec::custom(4, vec![2, 3], 8, 2).unwrap();
-    let e = format!("{:#}", import_torchvision(raw, &deeper, 0).unwrap_err());
+    let e = import_torchvision(raw.clone(), &other, 0).unwrap_err();
+    let problems = Error::find(&e).expect("a weights error").problems();
     assert!(
-        e.contains("missing key 'features.denseblock2.denselayer3.norm1.weight'"),
-        "{e}"
+        problems
+            .iter()
+            .any(|p| matches!(p, Problem::Shape { key, .. }
+            if key.starts_with("features.denseblock1.denselayer1"))),
+        "{e:#}"
+    );
+    let deeper = DenseNetSpec::custom(4, vec![2, 3], 8, 2).unwrap();
+    let e = import_torchvision(raw, &deeper, 0).unwrap_err();
+    let problems = Error::find(&e).expect("a weights error").problems();
+    assert!(
+        problems
+            .iter()
+            .any(|p| matches!(p, Problem::MissingKey { key, .. }
+            if key == "features.denseblock2.denselayer3.norm1.weight")),
+        "{e:#}"
     );
 }
 
@@ -148,6 +155,11 @@ fn imported() -> StateDict {
 fn check_state_dict_names_missing_unexpected_misshaped_and_mistyped_keys() {
     let spec = tiny();
     let good = imported();
+    // The one problem `check_state_dict` finds in `sd`.
+    let problem = |sd: &StateDict| match check_state_dict(sd, &spec).unwrap_err() {
+        Error::Refused { mut problems, .. } if problems.len() == 1 => problems.remove(0),
+        e => panic!("not one problem: {e}"),
+    };
     let mut rng = Rng::new(11);
     for _ in 0..4 {
         let i = rng.below(good.tensors.len() as u64) as usize;
@@ -155,14 +167,20 @@ fn check_state_dict_names_missing_unexpected_misshaped_and_mistyped_keys() {
 
         let mut sd = good.clone();
         sd.tensors.remove(i);
-        let e = format!("{:#}", check_state_dict(&sd, &spec).unwrap_err());
-        assert!(e.contains(&format!("missing key '{name}'")), "{e}");
+        let p = problem(&sd);
+        assert!(
+            matches!(&p, Problem::MissingKey { key, .. } if *key == name),
+            "{p}"
+        );
 
         let mut sd = good.clone();
         let t = &mut sd.tensors[i];
         t.shape.push(1);
-        let e = format!("{:#}", check_state_dict(&sd, &spec).unwrap_err());
-        assert!(e.contains(&format!("key '{name}' has shape")), "{e}");
+        let p = problem(&sd);
+        assert!(
+            matches!(&p, Problem::Shape { key, .. } if *key == name),
+            "{p}"
+        );
 
         let mut sd = good.clone();
         let t = &mut sd.tensors[i];
@@ -170,8 +188,11 @@ fn check_state_dict_names_missing_unexpected_misshaped_and_mistyped_keys() {
             TensorData::F32(v) => TensorData::I64(vec![0; v.len()]),
             TensorData::I64(v) => TensorData::F32(vec![0.0; v.len()]),
         };
-        let e = format!("{:#}", check_state_dict(&sd, &spec).unwrap_err());
-        assert!(e.contains(&format!("key '{name}' is")), "{e}");
+        let p = problem(&sd);
+        assert!(
+            matches!(&p, Problem::Dtype { key, .. } if *key == name),
+            "{p}"
+        );
     }
     let mut sd = good.clone();
     sd.tensors.push(NamedTensor {
@@ -179,15 +200,19 @@ fn check_state_dict_names_missing_unexpected_misshaped_and_mistyped_keys() {
         shape: vec![8],
         data: TensorData::F32(vec![1.0; 8]),
     });
-    let e = format!("{:#}", check_state_dict(&sd, &spec).unwrap_err());
+    let p = problem(&sd);
     assert!(
-        e.contains("unexpected key 'features.denseblock1.denselayer1.norm.1.weight'"),
-        "{e}"
+        matches!(&p, Problem::UnexpectedKey { key, .. }
+            if key == "features.denseblock1.denselayer1.norm.1.weight"),
+        "{p}"
     );
     let mut sd = good.clone();
     sd.tensors.push(good.tensors[5].clone());
-    let e = format!("{:#}", check_state_dict(&sd, &spec).unwrap_err());
-    assert!(e.contains("duplicate key"), "{e}");
+    let p = problem(&sd);
+    assert!(
+        matches!(&p, Problem::DuplicateKey { key } if *key == good.tensors[5].name),
+        "{p}"
+    );
 }
 
 #[test]
@@ -209,43 +234,53 @@ fn check_state_dict_refuses_values_no_trained_model_holds() {
             }
             (_, v) => v,
         };
-        check_state_dict(&sd, &spec).map_err(|e| format!("{e:#}"))
+        check_state_dict(&sd, &spec)
     };
     let f = |x: f32| TensorData::F32(vec![x]);
-    for (end, v, want) in [
-        (
-            "conv0.weight",
-            f(f32::NAN),
-            "key 'features.conv0.weight' holds NaN (element 0)",
-        ),
-        (
-            "classifier.weight",
-            f(f32::INFINITY),
-            "key 'classifier.weight' holds inf",
-        ),
-        ("norm0.running_mean", f(f32::NEG_INFINITY), "holds -inf"),
-        (
-            "norm5.running_var",
-            f(f32::NAN),
-            "key 'features.norm5.running_var' holds NaN",
-        ),
-        (
-            "norm0.running_var",
-            f(-1e-3),
-            "holds a negative variance, -0.001",
-        ),
+    // Where a value goes, the value, and the one problem it must be.
+    type Want = fn(&Problem) -> bool;
+    let cases: [(&str, TensorData, Want); 6] = [
+        ("conv0.weight", f(f32::NAN), |p| {
+            matches!(p, Problem::NotFinite { key, value, element: 0 }
+                if key == "features.conv0.weight" && value.is_nan())
+        }),
+        ("classifier.weight", f(f32::INFINITY), |p| {
+            matches!(p, Problem::NotFinite { key, value: f32::INFINITY, element: 0 }
+                if key == "classifier.weight")
+        }),
+        ("norm0.running_mean", f(f32::NEG_INFINITY), |p| {
+            matches!(p, Problem::NotFinite { key, value: f32::NEG_INFINITY, .. }
+                if key == "features.norm0.running_mean")
+        }),
+        ("norm5.running_var", f(f32::NAN), |p| {
+            matches!(p, Problem::NotFinite { key, value, .. }
+                if key == "features.norm5.running_var" && value.is_nan())
+        }),
+        ("norm0.running_var", f(-1e-3), |p| {
+            matches!(p, Problem::Negative { key, what: "variance", value, element: 0 }
+                if key == "features.norm0.running_var" && value == "-0.001")
+        }),
         (
             "norm0.num_batches_tracked",
             TensorData::I64(vec![-1]),
-            "a negative batch count, -1",
+            |p| matches!(p, Problem::Negative { what: "batch count", value, .. } if value == "-1"),
         ),
-    ] {
-        let e = with(end, v).unwrap_err();
-        assert!(
-            e.starts_with("weights hold values no trained model has: ") && e.contains(want),
-            "{end}: {e}"
-        );
+    ];
+    for (end, v, want) in cases {
+        match with(end, v).unwrap_err() {
+            Error::Refused { what, problems } => assert!(
+                what == "weights hold values no trained model has"
+                    && problems.len() == 1
+                    && want(&problems[0]),
+                "{end}: {what}: {problems:?}"
+            ),
+            e => panic!("{end}: {e}"),
+        }
     }
+    assert_eq!(
+        with("conv0.weight", f(f32::NAN)).unwrap_err().to_string(),
+        "weights hold values no trained model has: key 'features.conv0.weight' holds NaN (element 0)"
+    );
     // A variance of 0 (a channel that never varied) and a bias of -1e30 are values a model may hold.
     with("norm0.running_var", f(0.0)).unwrap();
     with("classifier.bias", f(-1e30)).unwrap();
@@ -259,8 +294,12 @@ fn check_state_dict_refuses_values_no_trained_model_holds() {
     if let TensorData::F32(v) = &mut t.data {
         v[0] = -2.0;
     }
-    let e = format!("{:#}", import_torchvision(raw, &spec, 3).unwrap_err());
-    assert!(e.contains("a negative variance, -2"), "{e}");
+    let e = import_torchvision(raw, &spec, 3).unwrap_err();
+    let problems = Error::find(&e).expect("a weights error").problems();
+    assert!(
+        matches!(problems, [Problem::Negative { what: "variance", value, .. }] if value == "-2"),
+        "{e:#}"
+    );
 }
 
 fn err(bytes: &[u8]) -> String {

@@ -21,7 +21,7 @@ impl<T: Engine> GpuDenseNet<T> {
     /// `dlogits: [n]` after a train-mode forward: every parameter's gradient added to.
     pub(super) fn backward_from(&mut self, dlogits: &[f32]) -> Result<()> {
         if !self.recorded {
-            bail!("backward needs a train-mode forward first");
+            bail!(crate::net::Misuse::NoForward);
         }
         let plan = self.plan.take().context("recorded implies planned")?;
         self.recorded = false;
@@ -34,11 +34,10 @@ impl<T: Engine> GpuDenseNet<T> {
     /// size).
     fn backward_planned(&mut self, plan: &Plan<T>, dlogits: &[f32]) -> Result<()> {
         if dlogits.len() != plan.n {
-            bail!(
-                "backward: {} logit gradients for a batch of {}",
-                dlogits.len(),
-                plan.n
-            );
+            bail!(crate::net::Misuse::GradShape {
+                len: dlogits.len(),
+                n: plan.n,
+            });
         }
         self.d.stage(Stage::Start(Dir::Bwd));
         plan.logits_grad.slice().upload(&*self.d, dlogits)?;

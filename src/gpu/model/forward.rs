@@ -8,7 +8,7 @@ use crate::gpu::{DeviceBuffer, Graph, Nhwc};
 use crate::model::schedule::{Dir, Head, Layer, Stage, Stem, Step, Transition};
 use crate::ops::augment::AugParams;
 use crate::ops::{Activation, Mode};
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 
 /// What a forward reads: host-built f32 inputs, or store images that the device augments.
 pub(super) enum Input<'a> {
@@ -33,16 +33,12 @@ impl<T: Engine> GpuDenseNet<T> {
         mode: Mode,
     ) -> Result<Vec<f32>> {
         match x {
-            Input::F32(x) if x.len() != n * h * w * 3 => bail!(
-                "forward: input has {} values, expected [{n}, {h}, {w}, 3]",
-                x.len()
-            ),
+            Input::F32(x) => crate::net::check_input(x.len(), n, h, w)?,
             Input::Raw {
                 raw,
                 src_size,
                 params,
             } => crate::net::check_raw(raw, src_size, params, h)?,
-            _ => {}
         }
         self.ensure_plan(n, h, w)?;
         self.recorded = false;
