@@ -8,6 +8,7 @@ use mura::data::store::Store;
 use mura::data::synth::{synth, SynthConfig};
 use mura::data::{Split, StudyType};
 use mura::ops::augment;
+use mura::out::Progress;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -52,7 +53,7 @@ fn main() -> anyhow::Result<()> {
             seed: 1,
             valid_fraction: 0.2,
         },
-        false,
+        Progress::Quiet,
     )?;
     println!(
         "synth: {} images in {:.2}s = {:.0} images/s",
@@ -67,7 +68,7 @@ fn main() -> anyhow::Result<()> {
         size: 256,
         study_types: StudyType::ALL.to_vec(),
         strict: false,
-        progress: false,
+        progress: Progress::Quiet,
     })?;
     let n = p.manifest.images;
     println!(

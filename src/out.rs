@@ -111,3 +111,21 @@ mod tests {
         assert_eq!(escape("a\u{202e}b"), "a\\u{202e}b");
     }
 }
+
+/// Whether a long command reports its progress (bars on stderr; a training run's epoch lines) or
+/// runs quietly.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Progress {
+    Bars,
+    Quiet,
+}
+
+impl Progress {
+    /// A bar of `len` steps drawn in `style`, or a hidden one when quiet.
+    pub fn bar(self, len: u64, style: indicatif::ProgressStyle) -> indicatif::ProgressBar {
+        match self {
+            Progress::Bars => indicatif::ProgressBar::new(len).with_style(style),
+            Progress::Quiet => indicatif::ProgressBar::hidden(),
+        }
+    }
+}

@@ -25,6 +25,7 @@ use crate::loss::{batch_loss, LossLevel};
 use crate::net::Net;
 use crate::ops::Mode;
 use crate::optim::{Adam, ReduceLrOnPlateau};
+use crate::out::Progress;
 use crate::precision::Precision;
 use crate::spec::DenseNetSpec;
 use crate::weights;
@@ -196,7 +197,7 @@ fn has_checkpoint(dir: &Path) -> bool {
         .any(|f| dir.join(f).exists())
 }
 
-pub fn train(mut cfg: TrainConfig, quiet: bool) -> Result<TrainOutcome> {
+pub fn train(mut cfg: TrainConfig, progress: Progress) -> Result<TrainOutcome> {
     cfg.validate()?;
     // Only a new or empty folder, or a run of mura's that failed before its first step, is a
     // fresh run's (see `disk::owned`); what it needs is checked before the folder is touched.
@@ -219,7 +220,7 @@ pub fn train(mut cfg: TrainConfig, quiet: bool) -> Result<TrainOutcome> {
     }
     checkpoint::write_json_atomic(&cfg.out.join("config.json"), &cfg)?;
     let _ = std::fs::remove_file(cfg.out.join("metrics.jsonl"));
-    run_epochs(cfg, store, model.as_mut(), adam, state, quiet)
+    run_epochs(cfg, store, model.as_mut(), adam, state, progress)
 }
 
 /// The optimiser and run state of a run that has not trained a step.
@@ -258,7 +259,7 @@ pub struct Resume {
 
 /// Continue the run in `dir`, to `with.epochs` in all when given (else the run's own total), from
 /// its last checkpoint, or from the beginning when a kill came before the first one.
-pub fn resume(dir: &Path, with: Resume, quiet: bool) -> Result<TrainOutcome> {
+pub fn resume(dir: &Path, with: Resume, progress: Progress) -> Result<TrainOutcome> {
     let epochs = with.epochs;
     let mut cfg: TrainConfig = checkpoint::read_json(&dir.join("config.json"))
         .with_context(|| format!("{} is not a mura run folder", dir.display()))?;
@@ -347,7 +348,7 @@ pub fn resume(dir: &Path, with: Resume, quiet: bool) -> Result<TrainOutcome> {
         )?,
     };
     model.import_adam(&adam)?;
-    run_epochs(cfg, store, model.as_mut(), adam, state, quiet)
+    run_epochs(cfg, store, model.as_mut(), adam, state, progress)
 }
 
 /// The epoch a line of `metrics.jsonl` reports, if it is a whole line of mura's.
@@ -458,7 +459,7 @@ fn run_epochs(
     model: &mut dyn Net,
     adam: Adam,
     state: RunState,
-    quiet: bool,
+    progress: Progress,
 ) -> Result<TrainOutcome> {
     install_ctrlc();
     STOP.store(false, Ordering::SeqCst);
@@ -477,7 +478,7 @@ fn run_epochs(
     };
     let mut outcome = TrainOutcome { epochs: Vec::new() };
     while run.state.epochs_done < cfg.epochs {
-        let totals = run.train_epoch(&train_loader, n_batches, quiet)?;
+        let totals = run.train_epoch(&train_loader, n_batches, progress)?;
         let (m, improved) = finish_epoch(
             &cfg,
             &store,
@@ -487,7 +488,7 @@ fn run_epochs(
             &mut run.state,
             totals,
         )?;
-        if !quiet {
+        if progress == Progress::Bars {
             crate::note!(
                 "epoch {:>3}  train loss {:.4}  val loss {:.4}{}  kappa {:.3}  auroc {:.3}  lr {:.1e}  {:.1} img/s",
                 m.epoch,
@@ -542,12 +543,12 @@ impl Training<'_> {
         &mut self,
         train_loader: &Loader,
         n_batches: usize,
-        quiet: bool,
+        progress: Progress,
     ) -> Result<PartialEpoch> {
         let epoch = self.state.epochs_done;
         // After an interruption the epoch goes on from its saved totals.
         let mut tally = Tally::resume(std::mem::take(&mut self.state.partial));
-        let bar = progress(quiet, n_batches as u64, &format!("epoch {}", epoch + 1));
+        let bar = epoch_bar(progress, n_batches as u64, &format!("epoch {}", epoch + 1));
         bar.set_position(self.state.batches_done as u64);
         // A GPU model takes the store's u8 images and augments them on its device.
         let batches = match self.model.wants_raw_input() {
@@ -769,16 +770,13 @@ fn stopped(e: anyhow::Error, dir: &Path) -> anyhow::Error {
     )
 }
 
-fn progress(quiet: bool, len: u64, prefix: &str) -> indicatif::ProgressBar {
-    if quiet {
-        return indicatif::ProgressBar::hidden();
-    }
-    let bar = indicatif::ProgressBar::new(len);
-    bar.set_style(
+/// An epoch's bar of `len` batches, headed `prefix`.
+fn epoch_bar(progress: Progress, len: u64, prefix: &str) -> indicatif::ProgressBar {
+    let style =
         indicatif::ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg} eta {eta}")
             .expect("static template")
-            .progress_chars("=> "),
-    );
+            .progress_chars("=> ");
+    let bar = progress.bar(len, style);
     bar.set_prefix(prefix.to_string());
     bar
 }

@@ -10,6 +10,7 @@ use crate::device::Device;
 use crate::disk::owned::{self, Made};
 use crate::eval::{self, EvalConfig};
 use crate::loss::LossLevel;
+use crate::out::Progress;
 use crate::precision::Precision;
 use crate::predict;
 use crate::spec::DenseNetSpec;
@@ -135,7 +136,7 @@ fn synthesise(args: &Args, paths: &Paths) -> Result<()> {
         seed: args.seed,
         valid_fraction: 0.2,
     };
-    let s = synth(&paths.data, &cfg, true)?;
+    let s = synth(&paths.data, &cfg, Progress::Bars)?;
     crate::out!(
         "    {} studies ({} abnormal), {} images",
         s.studies,
@@ -158,7 +159,7 @@ fn prep_store(args: &Args, paths: &Paths) -> Result<()> {
         size: args.image_size,
         study_types: StudyType::ALL.to_vec(),
         strict: false,
-        progress: true,
+        progress: Progress::Bars,
     })?;
     Ok(())
 }
@@ -173,7 +174,7 @@ fn train_model(cfg: TrainConfig, device: Device) -> Result<()> {
         spec.num_params(),
         cfg.epochs
     );
-    train::train(cfg, false)?;
+    train::train(cfg, Progress::Bars)?;
     Ok(())
 }
 

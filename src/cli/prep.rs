@@ -2,6 +2,7 @@
 
 use crate::data::prep::{prep, PrepConfig};
 use crate::data::StudyType;
+use crate::out::Progress;
 use std::path::PathBuf;
 
 #[derive(clap::Args, Debug)]
@@ -30,7 +31,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         size: args.size,
         study_types: StudyType::parse_list(&args.study_types)?,
         strict: args.strict,
-        progress: true,
+        progress: Progress::Bars,
     };
     let s = prep(&cfg)?;
     let m = &s.manifest;

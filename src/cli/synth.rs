@@ -1,6 +1,7 @@
 //! `mura synth`: write a synthetic MURA-v1.1-shaped dataset.
 
 use crate::data::synth::{synth, SynthConfig};
+use crate::out::Progress;
 use std::path::PathBuf;
 
 #[derive(clap::Args, Debug)]
@@ -24,7 +25,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         seed: args.seed,
         valid_fraction: args.valid_fraction,
     };
-    let s = synth(&args.out, &cfg, true)?;
+    let s = synth(&args.out, &cfg, Progress::Bars)?;
     crate::out!(
         "wrote {} studies ({} abnormal), {} images to {} in {:.1}s ({:.0} images/s)",
         s.studies,

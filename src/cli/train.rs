@@ -5,6 +5,7 @@ use crate::data::loader::Preset;
 use crate::data::StudyType;
 use crate::device::Device;
 use crate::loss::LossLevel;
+use crate::out::Progress;
 use crate::precision::Precision;
 use crate::train::{self, Init, TrainConfig};
 use anyhow::{bail, Result};
@@ -80,6 +81,10 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<()> {
+    let progress = match args.quiet {
+        true => Progress::Quiet,
+        false => Progress::Bars,
+    };
     if let Some(dir) = &args.resume {
         let with = train::Resume {
             epochs: args.epochs,
@@ -87,13 +92,13 @@ pub fn run(args: Args) -> Result<()> {
             device: args.device,
             workers: args.workers,
         };
-        return train::resume(dir, with, args.quiet).map(|_| ());
+        return train::resume(dir, with, progress).map(|_| ());
     }
     let (Some(store), Some(out)) = (args.store.clone(), args.out.clone()) else {
         bail!("mura train needs --store and --out (or --resume RUN_DIR)");
     };
     let cfg = config(&args, store, out)?;
-    train::train(cfg, args.quiet).map(|_| ())
+    train::train(cfg, progress).map(|_| ())
 }
 
 /// The run's settings from the command line (checked).

@@ -21,6 +21,7 @@ use super::store::{
 use super::StudyType;
 use crate::disk::owned::{self, Made};
 use crate::disk::{entry_names, failpoint, sync_dir, write_synced};
+use crate::out::Progress;
 use anyhow::{bail, Context, Result};
 use rayon::prelude::*;
 use std::fs::File;
@@ -36,7 +37,7 @@ pub struct PrepConfig {
     pub study_types: Vec<StudyType>,
     /// Fail (and write nothing) when anything had to be skipped.
     pub strict: bool,
-    pub progress: bool,
+    pub progress: Progress,
 }
 
 #[derive(Debug)]
@@ -207,16 +208,11 @@ fn write_pixels(
     })?;
     file.write_all(&[0; store::HEADER_LEN])
         .with_context(cannot)?;
-    let bar = if cfg.progress {
-        indicatif::ProgressBar::new(all.len() as u64).with_style(
-            indicatif::ProgressStyle::with_template(
-                "prep {bar:40} {pos}/{len} images {per_sec} eta {eta}",
-            )
-            .expect("valid template"),
-        )
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
+    let style = indicatif::ProgressStyle::with_template(
+        "prep {bar:40} {pos}/{len} images {per_sec} eta {eta}",
+    )
+    .expect("valid template");
+    let bar = cfg.progress.bar(all.len() as u64, style);
     // At most 64 MiB of decoded pixels wait to be written (but a batch for every thread).
     let batch = ((64 << 20) / px).max(rayon::current_num_threads());
     let mut results = Vec::with_capacity(all.len());

@@ -32,6 +32,7 @@
 
 use super::{mura::PREFIX, Split, StudyType};
 use crate::disk::owned::{self, Made};
+use crate::out::Progress;
 use crate::rng::Rng;
 use anyhow::{bail, Context, Result};
 use rayon::prelude::*;
@@ -909,7 +910,7 @@ fn plan(cfg: &SynthConfig) -> Vec<StudySpec> {
 /// Writes the dataset under `out` (`out/MURA-v1.1/...`), replacing an earlier synthetic set
 /// there (a folder marked as one, see `disk::owned`) in one step: the set is written into a new
 /// folder beside `out`, which then takes its place by one rename.
-pub fn synth(out: &Path, cfg: &SynthConfig, progress: bool) -> Result<SynthSummary> {
+pub fn synth(out: &Path, cfg: &SynthConfig, progress: Progress) -> Result<SynthSummary> {
     let t0 = std::time::Instant::now();
     // (MURA itself has 14,656 studies; far more is a typo that would fill the disk.)
     crate::bounds::STUDIES.check("--studies", cfg.studies)?;
@@ -929,7 +930,7 @@ pub fn synth(out: &Path, cfg: &SynthConfig, progress: bool) -> Result<SynthSumma
     })
 }
 
-fn write_all(root: &Path, studies: &[StudySpec], progress: bool) -> Result<()> {
+fn write_all(root: &Path, studies: &[StudySpec], progress: Progress) -> Result<()> {
     let mura_dir = root.join(PREFIX);
     for s in studies {
         let dir = root.join(s.dir());
@@ -941,16 +942,11 @@ fn write_all(root: &Path, studies: &[StudySpec], progress: bool) -> Result<()> {
         .enumerate()
         .flat_map(|(i, s)| (0..s.views.len()).map(move |v| (i, v)))
         .collect();
-    let bar = if progress {
-        indicatif::ProgressBar::new(jobs.len() as u64).with_style(
-            indicatif::ProgressStyle::with_template(
-                "synth {bar:40} {pos}/{len} images {per_sec} eta {eta}",
-            )
-            .expect("valid template"),
-        )
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
+    let style = indicatif::ProgressStyle::with_template(
+        "synth {bar:40} {pos}/{len} images {per_sec} eta {eta}",
+    )
+    .expect("valid template");
+    let bar = progress.bar(jobs.len() as u64, style);
     jobs.par_iter().try_for_each(|&(i, v)| {
         let (s, view) = (&studies[i], &studies[i].views[v]);
         let img = render(s, view);

@@ -9,6 +9,7 @@ use mura::data::store::{self, Damage, Store};
 use mura::data::synth::{synth, SynthConfig};
 use mura::data::{mura as reader, Split, StudyType};
 use mura::ops::augment::{self, AugParams, MEAN, STD};
+use mura::out::Progress;
 use mura::rng::Rng;
 use std::path::Path;
 use std::sync::Arc;
@@ -32,7 +33,7 @@ fn cfg(root: &Path, out: &Path, size: usize) -> PrepConfig {
         size,
         study_types: StudyType::ALL.to_vec(),
         strict: false,
-        progress: false,
+        progress: Progress::Quiet,
     }
 }
 
@@ -418,15 +419,15 @@ fn synth_is_mura_shaped_and_deterministic() {
         seed: 3,
         valid_fraction: 0.25,
     };
-    let s = synth(&root.join("a"), &c, false).unwrap();
-    synth(&root.join("b"), &c, false).unwrap();
+    let s = synth(&root.join("a"), &c, Progress::Quiet).unwrap();
+    synth(&root.join("b"), &c, Progress::Quiet).unwrap();
     synth(
         &root.join("c"),
         &SynthConfig {
             seed: 4,
             ..c.clone()
         },
-        false,
+        Progress::Quiet,
     )
     .unwrap();
     assert_eq!(s.studies, 40);
@@ -632,7 +633,7 @@ fn loader_is_deterministic_and_covers_each_study_once() {
             seed: 5,
             valid_fraction: 0.3,
         },
-        false,
+        Progress::Quiet,
     )
     .unwrap();
     let out = root.join("store");

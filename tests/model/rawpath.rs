@@ -16,6 +16,7 @@ use mura::net::{Misuse, Net};
 use mura::ops::augment::{self, AugParams};
 use mura::ops::Mode;
 use mura::optim::Adam;
+use mura::out::Progress;
 use mura::precision::Precision;
 use mura::rng::Rng;
 use mura::weights::TensorData;
@@ -184,7 +185,7 @@ fn raw_batches_and_raw_evaluation() {
         seed: rng.next_u64(),
         valid_fraction: 0.3,
     };
-    synth(&syn, &cfg, false).unwrap();
+    synth(&syn, &cfg, Progress::Quiet).unwrap();
     let out = root.join("store");
     prep(&PrepConfig {
         mura_root: syn,
@@ -192,7 +193,7 @@ fn raw_batches_and_raw_evaluation() {
         size: 40,
         study_types: StudyType::ALL.to_vec(),
         strict: false,
-        progress: false,
+        progress: Progress::Quiet,
     })
     .unwrap();
     let store = Arc::new(Store::open(&out).unwrap());
