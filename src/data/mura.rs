@@ -65,7 +65,14 @@ struct Parsed<'a> {
     study: &'a str,
 }
 
-fn parse_path(p: &str, want_file: bool) -> Result<Parsed<'_>> {
+/// What a CSV path names: an image file, or a study folder.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Names {
+    Image,
+    Study,
+}
+
+fn parse_path(p: &str, names: Names) -> Result<Parsed<'_>> {
     let rest = p
         .strip_prefix(PREFIX)
         .and_then(|r| r.strip_prefix('/'))
@@ -77,12 +84,12 @@ fn parse_path(p: &str, want_file: bool) -> Result<Parsed<'_>> {
     {
         bail!("path escapes or is malformed (empty, '.' or '..' component)");
     }
-    let want = if want_file { 5 } else { 4 };
+    let (want, tail) = match names {
+        Names::Image => (5, "/<image>.png"),
+        Names::Study => (4, "/"),
+    };
     if parts.len() != want {
-        bail!(
-            "expected {PREFIX}/<split>/<XR_TYPE>/<patient>/<study>{}",
-            if want_file { "/<image>.png" } else { "/" }
-        );
+        bail!("expected {PREFIX}/<split>/<XR_TYPE>/<patient>/<study>{tail}");
     }
     Ok(Parsed {
         split: Split::parse(parts[0])?,
@@ -248,7 +255,7 @@ fn images_from_csv(
     let mut found = Found::new("it has no usable images");
     let mut seen = HashSet::new();
     for line in csv_lines(csv)? {
-        let p = match parse_path(&line, true) {
+        let p = match parse_path(&line, Names::Image) {
             Ok(p) => p,
             Err(e) => {
                 ds.skip(&line, format!("bad row in {}: {e}", csv.display()));
@@ -419,7 +426,7 @@ fn label_row(
     } else {
         format!("{path}/")
     };
-    match parse_path(&study, false) {
+    match parse_path(&study, Names::Study) {
         Ok(p) if !types.contains(&p.study_type) => None,
         Ok(_) => Some((path, study, label)),
         Err(e) => {
@@ -439,7 +446,7 @@ fn assemble(
     labels: Option<&HashMap<String, u8>>,
 ) {
     for study in found.order {
-        let p = parse_path(&study, false).expect("study paths were validated above");
+        let p = parse_path(&study, Names::Study).expect("study paths were validated above");
         let from_folder = folder_label(p.study);
         let label = match (labels.and_then(|l| l.get(&study)), from_folder) {
             (Some(&l), Some(f)) if l != f => {

@@ -132,21 +132,29 @@ struct Bone {
     /// Marrow radius as a fraction of r.
     inner: f32,
     /// Findings go on major bones only.
-    major: bool,
+    rank: Rank,
 }
 
-fn bone(a: V, b: V, r: f32, major: bool) -> Bone {
+/// Whether a bone may carry a finding.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Rank {
+    Major,
+    Minor,
+}
+
+fn bone(a: V, b: V, r: f32, rank: Rank) -> Bone {
     Bone {
         a,
         b,
         r,
         inner: 0.62,
-        major,
+        rank,
     }
 }
 
 /// The bones of one patient's limb of type `t`.
 fn anatomy(t: StudyType, rng: &mut Rng) -> Vec<Bone> {
+    use Rank::{Major, Minor};
     let k = rng.range(0.88, 1.12) as f32; // patient thickness
     let flex = rng.range(-35.0, 35.0) as f32; // elbow flexion
     let side = if rng.bernoulli(0.5) { 0.75 } else { -0.75 }; // a finger's neighbour
@@ -154,30 +162,30 @@ fn anatomy(t: StudyType, rng: &mut Rng) -> Vec<Bone> {
     let mut v = Vec::new();
     match t {
         StudyType::Humerus => {
-            v.push(bone(V(j(0.0), -1.0), V(j(0.0), 1.05), 0.15 * k, true));
-            v.push(bone(V(j(0.0), -1.05), V(0.02, -1.05), 0.3 * k, false)); // head
-            v.push(bone(V(-0.25, 1.15), V(0.25, 1.15), 0.12 * k, false)); // condyles
+            v.push(bone(V(j(0.0), -1.0), V(j(0.0), 1.05), 0.15 * k, Major));
+            v.push(bone(V(j(0.0), -1.05), V(0.02, -1.05), 0.3 * k, Minor)); // head
+            v.push(bone(V(-0.25, 1.15), V(0.25, 1.15), 0.12 * k, Minor)); // condyles
         }
         StudyType::Forearm => {
-            v.push(bone(V(j(-0.16), -1.2), V(j(-0.12), 1.2), 0.1 * k, true));
-            v.push(bone(V(j(0.14), -1.2), V(j(0.15), 1.2), 0.09 * k, true));
+            v.push(bone(V(j(-0.16), -1.2), V(j(-0.12), 1.2), 0.1 * k, Major));
+            v.push(bone(V(j(0.14), -1.2), V(j(0.15), 1.2), 0.09 * k, Major));
         }
         StudyType::Elbow => {
-            v.push(bone(V(j(0.0), -1.3), V(0.0, -0.05), 0.15 * k, true));
-            v.push(bone(V(-0.24, 0.0), V(0.24, 0.0), 0.12 * k, false));
+            v.push(bone(V(j(0.0), -1.3), V(0.0, -0.05), 0.15 * k, Major));
+            v.push(bone(V(-0.24, 0.0), V(0.24, 0.0), 0.12 * k, Minor));
             let d1 = V(-0.05, 1.2).rot(flex);
             let d2 = V(0.08, 1.2).rot(flex);
-            v.push(bone(V(-0.1, 0.22), V(-0.1, 0.22).add(d1), 0.1 * k, true));
-            v.push(bone(V(0.14, 0.17), V(0.14, 0.17).add(d2), 0.09 * k, true));
+            v.push(bone(V(-0.1, 0.22), V(-0.1, 0.22).add(d1), 0.1 * k, Major));
+            v.push(bone(V(0.14, 0.17), V(0.14, 0.17).add(d2), 0.09 * k, Major));
         }
         StudyType::Finger => {
             let x = j(0.0);
-            v.push(bone(V(x, -1.2), V(x, -0.45), 0.13 * k, true));
-            v.push(bone(V(x, -0.33), V(x, 0.3), 0.12 * k, true));
-            v.push(bone(V(x, 0.42), V(x, 0.85), 0.11 * k, true));
-            v.push(bone(V(x, 0.97), V(x, 1.2), 0.1 * k, false));
+            v.push(bone(V(x, -1.2), V(x, -0.45), 0.13 * k, Major));
+            v.push(bone(V(x, -0.33), V(x, 0.3), 0.12 * k, Major));
+            v.push(bone(V(x, 0.42), V(x, 0.85), 0.11 * k, Major));
+            v.push(bone(V(x, 0.97), V(x, 1.2), 0.1 * k, Minor));
             let n = side;
-            v.push(bone(V(x + n, -1.2), V(x + n * 1.1, 0.1), 0.1 * k, false));
+            v.push(bone(V(x + n, -1.2), V(x + n * 1.1, 0.1), 0.1 * k, Minor));
         }
         StudyType::Hand => {
             for i in 0..5 {
@@ -186,37 +194,39 @@ fn anatomy(t: StudyType, rng: &mut Rng) -> Vec<Bone> {
                 let dir = V(f * 0.18, -1.0).unit();
                 let len = if i == 0 { 0.5 } else { 0.65 };
                 let mc_end = base.add(dir.mul(len));
-                v.push(bone(base, mc_end, 0.075 * k, true));
+                v.push(bone(base, mc_end, 0.075 * k, Major));
                 let p1 = mc_end.add(dir.mul(0.1));
-                v.push(bone(p1, p1.add(dir.mul(0.42)), 0.065 * k, i != 0));
+                let rank = if i != 0 { Major } else { Minor };
+                v.push(bone(p1, p1.add(dir.mul(0.42)), 0.065 * k, rank));
                 let p2 = p1.add(dir.mul(0.52));
-                v.push(bone(p2, p2.add(dir.mul(0.26)), 0.055 * k, false));
+                v.push(bone(p2, p2.add(dir.mul(0.26)), 0.055 * k, Minor));
             }
-            v.push(bone(V(-0.35, 0.95), V(0.35, 0.95), 0.14 * k, false)); // carpus
+            v.push(bone(V(-0.35, 0.95), V(0.35, 0.95), 0.14 * k, Minor)); // carpus
         }
         StudyType::Shoulder => {
-            v.push(bone(V(0.25, 0.05), V(0.26, 0.06), 0.34 * k, false)); // humeral head
-            v.push(bone(V(j(0.3), 0.3), V(j(0.42), 1.35), 0.17 * k, true));
-            v.push(bone(V(-0.35, -0.25), V(-0.75, 1.0), 0.13 * k, false)); // glenoid/scapula
-            v.push(bone(V(-1.3, -0.75), V(j(0.45), -0.6), 0.085 * k, true)); // clavicle
+            v.push(bone(V(0.25, 0.05), V(0.26, 0.06), 0.34 * k, Minor)); // humeral head
+            v.push(bone(V(j(0.3), 0.3), V(j(0.42), 1.35), 0.17 * k, Major));
+            v.push(bone(V(-0.35, -0.25), V(-0.75, 1.0), 0.13 * k, Minor)); // glenoid/scapula
+            v.push(bone(V(-1.3, -0.75), V(j(0.45), -0.6), 0.085 * k, Major)); // clavicle
         }
         StudyType::Wrist => {
-            v.push(bone(V(j(-0.2), 1.3), V(-0.18, 0.12), 0.15 * k, true)); // radius
-            v.push(bone(V(j(0.25), 1.3), V(0.22, 0.18), 0.1 * k, true)); // ulna
+            v.push(bone(V(j(-0.2), 1.3), V(-0.18, 0.12), 0.15 * k, Major)); // radius
+            v.push(bone(V(j(0.25), 1.3), V(0.22, 0.18), 0.1 * k, Major)); // ulna
             for i in 0..8 {
                 let c = V(
                     -0.3 + 0.18 * (i % 4) as f32,
                     if i < 4 { -0.08 } else { -0.3 },
                 );
-                v.push(bone(c, c.add(V(0.02, 0.0)), 0.075 * k, false));
+                v.push(bone(c, c.add(V(0.02, 0.0)), 0.075 * k, Minor));
             }
             for i in 0..4 {
                 let b = V(-0.28 + 0.19 * i as f32, -0.45);
+                let rank = if i == 1 || i == 2 { Major } else { Minor };
                 v.push(bone(
                     b,
                     b.add(V(0.04 * (i as f32 - 1.5), -0.75)),
                     0.07 * k,
-                    i == 1 || i == 2,
+                    rank,
                 ));
             }
         }
@@ -256,12 +266,21 @@ enum Finding {
         t: f32,
         a: f32,
         b: f32,
-        lytic: bool,
+        kind: LesionKind,
     },
 }
 
+/// A lesion's kind: lytic (dark, with a bright rim) or sclerotic (dense).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum LesionKind {
+    Lytic,
+    Sclerotic,
+}
+
 fn pick_finding(t: StudyType, bones: &[Bone], rng: &mut Rng) -> Finding {
-    let majors: Vec<usize> = (0..bones.len()).filter(|&i| bones[i].major).collect();
+    let majors: Vec<usize> = (0..bones.len())
+        .filter(|&i| bones[i].rank == Rank::Major)
+        .collect();
     let b = majors[rng.below(majors.len() as u64) as usize];
     let r = bones[b].r;
     let (p_frac, p_hw) = match t {
@@ -300,7 +319,10 @@ fn pick_finding(t: StudyType, bones: &[Bone], rng: &mut Rng) -> Finding {
             t: pos,
             a: r * rng.range(1.4, 2.2) as f32,
             b: r * rng.range(0.8, 1.0) as f32,
-            lytic: rng.bernoulli(0.6),
+            kind: match rng.bernoulli(0.6) {
+                true => LesionKind::Lytic,
+                false => LesionKind::Sclerotic,
+            },
         }
     }
 }
@@ -377,14 +399,14 @@ impl Canvas {
     }
 
     /// Scales (lytic) or adds to (sclerotic) bone density inside an oval around `c`.
-    fn lesion(&mut self, c: V, u: V, a: f32, b: f32, lytic: bool, rim: f32) {
+    fn lesion(&mut self, c: V, u: V, a: f32, b: f32, kind: LesionKind, rim: f32) {
         let n = u.perp();
         let r = a.max(b) + rim;
         self.each(c, c, r, |cv, i, p, _| {
             let q = p.sub(c);
             let e = ((q.dot(u) / a).powi(2) + (q.dot(n) / b).powi(2)).sqrt();
             let inside = (1.0 - e).clamp(0.0, 0.15) / 0.15;
-            if lytic {
+            if kind == LesionKind::Lytic {
                 let on_rim = (e > 1.0 && e < 1.0 + rim / a.min(b)) as u8 as f32;
                 cv.bone[i] = cv.bone[i] * (1.0 - 0.9 * inside)
                     + 0.25 * on_rim * (cv.bone[i] > 0.0) as u8 as f32;
@@ -677,7 +699,7 @@ impl Scene {
                 t,
                 a,
                 b: bb,
-                lytic,
+                kind,
             } => {
                 let b = self.bones[bone];
                 let u = p.lin(b.b.sub(b.a)).unit();
@@ -686,7 +708,7 @@ impl Scene {
                     u,
                     a * unit,
                     bb * unit,
-                    lytic,
+                    kind,
                     (0.02 * unit).max(1.0),
                 );
             }
