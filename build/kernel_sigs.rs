@@ -100,10 +100,10 @@ impl Kernel {
 }
 
 /// A declaration's tokens as C text: `*` joined to the type before it, `T` replaced.
-fn c_decl(tokens: &[String], act: Option<Act>) -> String {
+fn c_decl(tokens: &[impl AsRef<str>], act: Option<Act>) -> String {
     let mut s = String::new();
     for t in tokens {
-        let t = match (t.as_str(), act) {
+        let t = match (t.as_ref(), act) {
             ("T", Some(a)) => a.c_type(),
             (t, _) => t,
         };
@@ -262,9 +262,12 @@ const STAMPS: [(&str, usize); 2] = [("MURA_F32_BF16", 3), ("MURA_F32_BF16_BOUNDE
 
 /// Reads the definitions of a kernel file's source; `file` names it in errors.
 pub fn kernels_of(src: &str, file: &str) -> Result<Vec<Kernel>, SigError> {
-    let p = Parser { toks: &[], file };
-    let stripped = strip_comments(src)
-        .map_err(|line| p.error(line, None, "a block comment is never closed"))?;
+    let stripped = strip_comments(src).map_err(|line| SigError {
+        file: file.into(),
+        line,
+        kernel: None,
+        what: "a block comment is never closed".into(),
+    })?;
     let toks = tokens(&stripped);
     let p = Parser { toks: &toks, file };
     let mut kernels: Vec<Kernel> = Vec::new();
@@ -430,7 +433,7 @@ impl<'t, 's> Parser<'t, 's> {
             let text: Vec<&str> = decl.iter().map(|t| t.text).collect();
             let line = decl.first().map_or(self.line(usize::MAX), |t| t.line);
             let fail = |why: &str| {
-                let what = format!("parameter `{}`: {why}", text.join(" "));
+                let what = format!("parameter `{}`: {why}", c_decl(&text, None));
                 self.error(line, Some(kernel), &what)
             };
             let p = param(decl, stamped).map_err(|why| fail(&why))?;
@@ -787,11 +790,11 @@ extern "C" /* between */ __global__ void // the name follows
             ),
             (
                 "extern \"C\" __global__ void k(double* y) {}",
-                "kernels/t.cu:1: kernel k: parameter `double * y`: unsupported type `double`",
+                "kernels/t.cu:1: kernel k: parameter `double* y`: unsupported type `double`",
             ),
             (
                 "extern \"C\" __global__ void k(float** y) {}",
-                "kernels/t.cu:1: kernel k: parameter `float * * y`: unsupported as a value or at \
+                "kernels/t.cu:1: kernel k: parameter `float** y`: unsupported as a value or at \
                  this depth of pointers",
             ),
             (
@@ -801,7 +804,7 @@ extern "C" /* between */ __global__ void // the name follows
             ("extern \"C\" __global__ void k(int) {}", "kernels/t.cu:1: kernel k: parameter `int`: a type and a name expected"),
             (
                 "extern \"C\" __global__ void k(const T* x) {}",
-                "kernels/t.cu:1: kernel k: parameter `const T * x`: `T` outside a MURA_F32_BF16 stamp",
+                "kernels/t.cu:1: kernel k: parameter `const T* x`: `T` outside a MURA_F32_BF16 stamp",
             ),
             (
                 "extern \"C\" __global__ void k(int n, int N) {}",
