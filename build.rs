@@ -6,10 +6,11 @@
 //!   (SASS sm_80/86/89/90 + PTX compute_90) embedded in the binary, plus ptxas's `-v` report;
 //! - without nvcc: the sources (local includes inlined) are embedded for NVRTC at run time.
 //!
-//! From the kernels' own `extern "C" __global__` signatures it generates one typed Rust launcher
-//! per kernel (and one generic over the activation type for each `<base>_f32` / `<base>_bf16`
-//! pair), so a caller that disagrees with a kernel's signature fails to compile; and from
-//! `kernels/consts.cuh` the constants that the kernels and the launchers share.
+//! From the kernels' own signatures (`extern "C" __global__` and the `MURA_F32_BF16` stamps, read
+//! by build/kernel_sigs.rs) it generates one typed Rust launcher per entry point and one generic
+//! over the activation type per stamp, so a caller that disagrees with a kernel's signature fails
+//! to compile; and from `kernels/consts.cuh` the constants that the kernels and the launchers
+//! share.
 //!
 //! It also builds a small AddressSanitizer harness of the emulator for the emulator self-tests.
 //! Writes `$OUT_DIR/kernels.rs` (included by src/gpu/kernels.rs) and `$OUT_DIR/consts.rs`
@@ -21,40 +22,12 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::{env, fs};
 
+#[path = "build/kernel_sigs.rs"]
+mod kernel_sigs;
+use kernel_sigs::Kernel;
+
 const SASS: [&str; 4] = ["80", "86", "89", "90"];
 const PTX: &str = "90";
-
-/// The element type behind a kernel's pointer parameter.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Elem {
-    F32,
-    F32x4,
-    Bf16,
-    F16,
-    U8,
-    I32,
-    U32,
-}
-
-/// A kernel parameter's C type.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum CType {
-    Ptr(Elem),
-    Int,
-    Float,
-}
-
-struct Param {
-    name: String,
-    ty: CType,
-}
-
-struct Kernel {
-    name: String,
-    params: Vec<Param>,
-    /// The parameter list as written, whitespace folded (for the launcher's documentation).
-    signature: String,
-}
 
 struct KernelFile {
     /// Unique identifier: `bn`, `testing_selftest`.
@@ -67,9 +40,9 @@ struct KernelFile {
 }
 
 impl KernelFile {
-    /// Its kernels' names.
+    /// Its entry points' names.
     fn names(&self) -> Vec<String> {
-        self.kernels.iter().map(|k| k.name.clone()).collect()
+        self.kernels.iter().flat_map(Kernel::entry_names).collect()
     }
 }
 
@@ -79,6 +52,7 @@ fn main() {
     let kdir = root.join("kernels");
     let emu_dir = root.join("src/gpu/emu");
     println!("cargo:rerun-if-changed=build.rs");
+    println!("cargo:rerun-if-changed=build");
     println!("cargo:rerun-if-changed=kernels");
     println!("cargo:rerun-if-changed=kernels/testing");
     println!("cargo:rerun-if-changed=src/gpu/emu");
@@ -89,11 +63,10 @@ fn main() {
     let mut files = kernel_files(&kdir, "", false);
     files.extend(kernel_files(&kdir.join("testing"), "testing/", true));
     let mut seen = BTreeSet::new();
-    for k in files.iter().flat_map(|f| &f.kernels) {
+    for name in files.iter().flat_map(KernelFile::names) {
         assert!(
-            seen.insert(&k.name),
-            "kernel {} is defined twice in kernels/",
-            k.name
+            seen.insert(name.clone()),
+            "kernel {name} is defined twice in kernels/"
         );
     }
     fs::write(out.join("consts.rs"), consts_rs(&kdir.join("consts.cuh"))).unwrap();
@@ -138,110 +111,13 @@ fn kernel_files(dir: &Path, prefix: &str, testing: bool) -> Vec<KernelFile> {
             KernelFile {
                 stem: format!("{}{name}", prefix.replace('/', "_")),
                 rel: format!("{prefix}{name}.cu"),
-                kernels: kernels_of(&src, &path),
+                kernels: kernel_sigs::kernels_of(&src, &format!("kernels/{prefix}{name}.cu"))
+                    .unwrap_or_else(|e| panic!("{e}")),
                 path,
                 testing,
             }
         })
         .collect()
-}
-
-/// The `extern "C" __global__` entry points of a .cu source, with their parameters.
-fn kernels_of(src: &str, path: &Path) -> Vec<Kernel> {
-    const MARK: &str = "extern \"C\" __global__";
-    let mut kernels = Vec::new();
-    for (at, _) in src.match_indices(MARK) {
-        let mut rest = &src[at + MARK.len()..];
-        let name = loop {
-            let open = rest.find('(').expect("kernel signature without '('");
-            let ident = last_ident(&rest[..open]);
-            if ident == "__launch_bounds__" {
-                rest = &rest[open + rest[open..].find(')').unwrap() + 1..];
-                continue;
-            }
-            rest = &rest[open + 1..];
-            break ident;
-        };
-        let close = rest.find(')').expect("kernel parameter list without ')'");
-        let list = &rest[..close];
-        let params: Vec<Param> = list
-            .split(',')
-            .map(str::trim)
-            .filter(|p| !p.is_empty() && *p != "void")
-            .map(|p| {
-                param(p).unwrap_or_else(|| {
-                    panic!(
-                        "{}: kernel {name}: unsupported parameter `{p}` (the launcher generator \
-                         knows float, float4, bf16, half, unsigned char, int and unsigned pointers, and int \
-                         and float values)",
-                        path.display()
-                    )
-                })
-            })
-            .collect();
-        let names: BTreeSet<&str> = params.iter().map(|p: &Param| p.name.as_str()).collect();
-        assert!(
-            names.len() == params.len(),
-            "{}: kernel {name}: two parameters differ only in case",
-            path.display()
-        );
-        let signature = list.split_whitespace().collect::<Vec<_>>().join(" ");
-        kernels.push(Kernel {
-            name,
-            params,
-            signature,
-        });
-    }
-    kernels
-}
-
-/// The identifier that ends `s` (after trailing spaces).
-fn last_ident(s: &str) -> String {
-    let s = s.trim_end();
-    let start = s
-        .rfind(|c: char| !(c.is_alphanumeric() || c == '_'))
-        .map_or(0, |i| i + 1);
-    s[start..].to_string()
-}
-
-/// Rust keywords a C parameter may be named (strict and reserved ones a kernel might use).
-const RUST_KEYWORDS: [&str; 24] = [
-    "as", "box", "crate", "dyn", "enum", "final", "fn", "impl", "in", "let", "loop", "match",
-    "mod", "move", "mut", "priv", "pub", "ref", "self", "trait", "type", "use", "where", "yield",
-];
-
-/// One parameter declaration: `const float* __restrict__ x`, `int n`.
-fn param(decl: &str) -> Option<Param> {
-    let pointer = decl.matches('*').count();
-    let words: Vec<&str> = decl
-        .split(|c: char| c.is_whitespace() || c == '*')
-        .filter(|w| !w.is_empty() && !matches!(*w, "const" | "__restrict__" | "__restrict"))
-        .collect();
-    let (name, ty) = words.split_last()?;
-    // Rust's snake case for the launcher (`R` → `r`), a keyword as a raw identifier (`r#in`).
-    let name = name.to_lowercase();
-    let name = match RUST_KEYWORDS.contains(&name.as_str()) {
-        true => format!("r#{name}"),
-        false => name,
-    };
-    let ty = ty.join(" ");
-    let elem = match ty.as_str() {
-        "float" => Elem::F32,
-        "float4" => Elem::F32x4,
-        "bf16" | "__nv_bfloat16" | "nv_bfloat16" => Elem::Bf16,
-        "__half" | "half" => Elem::F16,
-        "unsigned char" => Elem::U8,
-        "int" => Elem::I32,
-        "unsigned" | "unsigned int" => Elem::U32,
-        _ => return None,
-    };
-    let ty = match (pointer, elem) {
-        (1, e) => CType::Ptr(e),
-        (0, Elem::I32) => CType::Int,
-        (0, Elem::F32) => CType::Float,
-        _ => return None,
-    };
-    Some(Param { name, ty })
 }
 
 /// `pub const NAME: T = V;` for every `constexpr T NAME = V;` line of consts.cuh.
@@ -272,122 +148,6 @@ fn consts_rs(path: &Path) -> String {
     rs
 }
 
-/// Rust type of a pointer's element.
-fn rust_elem(e: Elem) -> &'static str {
-    match e {
-        Elem::F32 => "f32",
-        Elem::F32x4 => "[f32; 4]",
-        Elem::Bf16 => "bf16",
-        Elem::F16 => "f16",
-        Elem::U8 => "u8",
-        Elem::I32 => "i32",
-        Elem::U32 => "u32",
-    }
-}
-
-/// The Rust parameter type of a C parameter; `generic` marks an activation pointer of type `T`.
-fn rust_param(ty: CType, generic: bool) -> String {
-    match ty {
-        CType::Ptr(_) if generic => "Ptr<T>".into(),
-        CType::Ptr(e) => format!("Ptr<{}>", rust_elem(e)),
-        CType::Int => "impl CInt".into(),
-        CType::Float => "f32".into(),
-    }
-}
-
-/// For a pair `<base>_f32` / `<base>_bf16` whose signatures differ only in f32 ↔ bf16 pointers,
-/// which parameters take the activation type.
-fn activation_params(f32k: &Kernel, bf16k: &Kernel) -> Option<Vec<bool>> {
-    if f32k.params.len() != bf16k.params.len() {
-        return None;
-    }
-    let mut any = false;
-    let mut marks = Vec::new();
-    for (a, b) in f32k.params.iter().zip(&bf16k.params) {
-        let generic = match (a.ty, b.ty) {
-            (CType::Ptr(Elem::F32), CType::Ptr(Elem::Bf16)) => true,
-            (x, y) if x == y => false,
-            _ => return None,
-        };
-        any |= generic;
-        marks.push(generic);
-    }
-    any.then_some(marks)
-}
-
-/// One launcher: `pub unsafe fn name[<T: Act>](d, at, params...) -> Result<()>`.
-fn launcher(rs: &mut String, k: &Kernel, file: &str, generic: Option<(&str, &[bool])>) {
-    let doc_name = match generic {
-        Some((base, _)) => format!("`{base}_f32` or `{base}_bf16` (by `T`)"),
-        None => format!("`{}`", k.name),
-    };
-    writeln!(rs, "/// Launches {doc_name} of `kernels/{file}`:").unwrap();
-    writeln!(rs, "/// `{}({})`.", k.name, k.signature).unwrap();
-    writeln!(rs, "///\n/// # Safety").unwrap();
-    writeln!(
-        rs,
-        "/// Every pointer must address device memory valid for all that the kernel reads and writes\n\
-         /// at these sizes and this launch shape (see the kernel's comment), as with cuLaunchKernel."
-    )
-    .unwrap();
-    let fn_name = generic.map_or(k.name.clone(), |(base, _)| format!("{base}<T: Act>"));
-    let marks = generic.map_or(vec![false; k.params.len()], |(_, m)| m.to_vec());
-    writeln!(rs, "#[allow(clippy::too_many_arguments)]").unwrap();
-    write!(rs, "pub unsafe fn {fn_name}(d: &dyn Driver, at: Launch").unwrap();
-    for (p, &g) in k.params.iter().zip(&marks) {
-        write!(rs, ", {}: {}", p.name, rust_param(p.ty, g)).unwrap();
-    }
-    writeln!(rs, ") -> Result<()> {{").unwrap();
-    match generic {
-        Some((base, _)) => writeln!(
-            rs,
-            "    let name = match T::PRECISION {{\n        Precision::F32 => \"{base}_f32\",\n        \
-             Precision::Bf16 => \"{base}_bf16\",\n    }};"
-        ),
-        None => writeln!(rs, "    let name = \"{}\";", k.name),
-    }
-    .unwrap();
-    for p in &k.params {
-        match p.ty {
-            CType::Int => writeln!(rs, "    let mut {0} = {0}.c_int(name, \"{0}\")?;", p.name),
-            _ => writeln!(rs, "    let mut {0} = {0};", p.name),
-        }
-        .unwrap();
-    }
-    let args: Vec<String> = k
-        .params
-        .iter()
-        .map(|p| format!("arg(&mut {})", p.name))
-        .collect();
-    writeln!(rs, "    let mut params = [{}];", args.join(", ")).unwrap();
-    writeln!(
-        rs,
-        "    // SAFETY: `params` follows the kernel's signature (generated from it); the memory is the\n    \
-         // caller's promise.\n    unsafe {{ launch_params(d, name, at, &mut params) }}\n}}\n"
-    )
-    .unwrap();
-}
-
-/// The launchers of some kernel files: one per kernel, one generic per f32/bf16 pair.
-fn launchers(files: &[&KernelFile]) -> String {
-    let mut rs = String::new();
-    let all: Vec<(&Kernel, &str)> = files
-        .iter()
-        .flat_map(|f| f.kernels.iter().map(move |k| (k, f.rel.as_str())))
-        .collect();
-    for &(k, file) in &all {
-        launcher(&mut rs, k, file, None);
-        let Some(base) = k.name.strip_suffix("_f32") else {
-            continue;
-        };
-        let pair = all.iter().find(|(b, _)| b.name == format!("{base}_bf16"));
-        if let Some(marks) = pair.and_then(|(b, _)| activation_params(k, b)) {
-            launcher(&mut rs, k, file, Some((base, &marks)));
-        }
-    }
-    rs
-}
-
 /// `$OUT_DIR/kernels.rs`: the build report, the module tables, the emulator tables and the
 /// typed launchers.
 fn kernels_rs(files: &[KernelFile], fatbins: bool, built_with: &str, asan: &str) -> String {
@@ -413,7 +173,7 @@ fn kernels_rs(files: &[KernelFile], fatbins: bool, built_with: &str, asan: &str)
     for (name, testing) in [("MODULES", false), ("TEST_MODULES", true)] {
         writeln!(rs, "pub static {name}: &[KernelModule] = &[").unwrap();
         for f in files.iter().filter(|f| f.testing == testing) {
-            let names: Vec<&str> = f.kernels.iter().map(|k| k.name.as_str()).collect();
+            let names = f.names();
             let fatbin = match fatbins {
                 true => format!("Some(&FATBIN_{}.0)", f.stem.to_uppercase()),
                 false => "None".into(),
@@ -430,7 +190,7 @@ fn kernels_rs(files: &[KernelFile], fatbins: bool, built_with: &str, asan: &str)
     }
     writeln!(rs, "extern \"C\" {{").unwrap();
     for f in files {
-        let n = f.kernels.len();
+        let n = f.names().len();
         writeln!(rs, "    static mura_table_{}: [EmuKernel; {n}];", f.stem).unwrap();
     }
     writeln!(rs, "}}").unwrap();
@@ -450,20 +210,22 @@ fn kernels_rs(files: &[KernelFile], fatbins: bool, built_with: &str, asan: &str)
         tables.join(", ")
     )
     .unwrap();
-    let shipped: Vec<&KernelFile> = files.iter().filter(|f| !f.testing).collect();
-    let testing: Vec<&KernelFile> = files.iter().filter(|f| f.testing).collect();
+    let launchers = |testing: bool| {
+        let of_files = files.iter().filter(|f| f.testing == testing);
+        kernel_sigs::launchers(of_files.flat_map(|f| f.kernels.iter().map(|k| (k, f.rel.as_str()))))
+    };
     writeln!(
         rs,
         "/// Typed launchers of the shipped kernels (kernels/*.cu), generated from their signatures.\n\
          pub mod launch {{\n    use super::prelude::*;\n{}}}",
-        indent(&launchers(&shipped))
+        indent(&launchers(false))
     )
     .unwrap();
     writeln!(
         rs,
         "/// Typed launchers of the test-only kernels (kernels/testing/*.cu).\n\
          pub mod testing {{\n    use super::prelude::*;\n{}}}",
-        indent(&launchers(&testing))
+        indent(&launchers(true))
     )
     .unwrap();
     rs
@@ -681,7 +443,7 @@ fn build_mutants(files: &[KernelFile], spec: &Path, out: &Path) -> Vec<PathBuf> 
             rs,
             "    static mura_mutants_{}: [EmuKernel; {}];",
             m.name,
-            f.kernels.len()
+            f.names().len()
         )
         .unwrap();
         writeln!(

@@ -49,16 +49,9 @@ __device__ void augment(T* out, const unsigned char* src, const float* steps, in
     }
 }
 
-// f32 output: see augment. One thread per output row.
-extern "C" __global__ void augment_fwd_f32(float* __restrict__ out, const unsigned char* __restrict__ src,
-                                           const float* __restrict__ steps, int n, int src_size, int out_size,
-                                           float a0, float a1, float a2, float b0, float b1, float b2) {
-    augment<float>(out, src, steps, n, src_size, out_size, a0, a1, a2, b0, b1, b2);
-}
-
-// bf16 output: see augment. One thread per output row.
-extern "C" __global__ void augment_fwd_bf16(bf16* __restrict__ out, const unsigned char* __restrict__ src,
-                                            const float* __restrict__ steps, int n, int src_size, int out_size,
-                                            float a0, float a1, float a2, float b0, float b1, float b2) {
-    augment<bf16>(out, src, steps, n, src_size, out_size, a0, a1, a2, b0, b1, b2);
-}
+// The entry points, f32 and bf16 output (kernels/dtype.cuh): augment_fwd_f32 and augment_fwd_bf16.
+// One thread per output row.
+MURA_F32_BF16(augment_fwd,
+              (T* __restrict__ out, const unsigned char* __restrict__ src, const float* __restrict__ steps, int n,
+               int src_size, int out_size, float a0, float a1, float a2, float b0, float b1, float b2),
+              augment<T>(out, src, steps, n, src_size, out_size, a0, a1, a2, b0, b1, b2));

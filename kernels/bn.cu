@@ -213,81 +213,30 @@ __device__ void bn_grad_fix(T* dx, int dx_rs, const T* x, int x_rs, int R, int C
     }
 }
 
-// f32 storage: see bn_grad_fix.
-extern "C" __global__ void bn_grad_fix_bwd_f32(float* dx, int dx_rs, const float* __restrict__ x, int x_rs, int R,
-                                               int C, const float* __restrict__ alpha,
-                                               const float* __restrict__ beta) {
-    bn_grad_fix<float>(dx, dx_rs, x, x_rs, R, C, alpha, beta);
-}
-// bf16 storage: see bn_grad_fix.
-extern "C" __global__ void bn_grad_fix_bwd_bf16(bf16* dx, int dx_rs, const bf16* __restrict__ x, int x_rs, int R,
-                                                int C, const float* __restrict__ alpha,
-                                                const float* __restrict__ beta) {
-    bn_grad_fix<bf16>(dx, dx_rs, x, x_rs, R, C, alpha, beta);
-}
-
-// f32 storage: see bn_stats_part.
-extern "C" __global__ void bn_stats_part_fwd_f32(float* part, const float* __restrict__ x, int R, int C, int rs,
-                                                const float* __restrict__ gamma, const float* __restrict__ beta,
-                                                float* mean, float* var, float* run_mean, float* run_var,
-                                                float unbias, float* scale, float* shift, unsigned* done) {
-    const CoefStep step{gamma, beta, mean, var, run_mean, run_var, unbias, C, scale, shift, done};
-    bn_stats_part<float>(part, x, R, C, rs, step);
-}
-// f32 storage: see bn_apply.
-extern "C" __global__ void bn_apply_fwd_f32(float* __restrict__ y, int y_rs, const float* __restrict__ x, int x_rs,
-                                         int R, int C, const float* __restrict__ scale,
-                                         const float* __restrict__ shift, int relu) {
-    bn_apply<float>(y, y_rs, x, x_rs, R, C, scale, shift, relu);
-}
-// f32 storage: see bn_bwd_part.
-extern "C" __global__ void bn_bwd_part_f32(float* part, const float* __restrict__ x, int x_rs,
-                                          const float* __restrict__ dy, int dy_rs, int R, int C,
-                                          const float* __restrict__ scale, const float* __restrict__ shift,
-                                          const float* __restrict__ mean, int relu, float* coef, float* dgamma,
-                                          float* dbeta, const float* __restrict__ var, float* alpha, float* beta,
-                                          unsigned* done) {
-    bn_bwd_part<float>(part, x, x_rs, dy, dy_rs, R, C, scale, shift, mean, relu,
-                    BwdMerge{coef, dgamma, dbeta, var, alpha, beta, done});
-}
-// f32 storage: see bn_bwd_dx.
-extern "C" __global__ void bn_bwd_dx_f32(float* dx, int dx_rs, int accumulate, const float* __restrict__ x,
-                                        int x_rs, const float* __restrict__ dy, int dy_rs, int R, int C,
-                                        const float* __restrict__ scale, const float* __restrict__ shift,
-                                        const float* __restrict__ mean, const float* __restrict__ coef,
-                                        int relu, int train) {
-    bn_bwd_dx<float>(dx, dx_rs, accumulate, x, x_rs, dy, dy_rs, R, C, scale, shift, mean, coef, relu, train);
-}
-
-// bf16 storage: see bn_stats_part.
-extern "C" __global__ void bn_stats_part_fwd_bf16(float* part, const bf16* __restrict__ x, int R, int C, int rs,
-                                                const float* __restrict__ gamma, const float* __restrict__ beta,
-                                                float* mean, float* var, float* run_mean, float* run_var,
-                                                float unbias, float* scale, float* shift, unsigned* done) {
-    const CoefStep step{gamma, beta, mean, var, run_mean, run_var, unbias, C, scale, shift, done};
-    bn_stats_part<bf16>(part, x, R, C, rs, step);
-}
-// bf16 storage: see bn_apply.
-extern "C" __global__ void bn_apply_fwd_bf16(bf16* __restrict__ y, int y_rs, const bf16* __restrict__ x, int x_rs,
-                                         int R, int C, const float* __restrict__ scale,
-                                         const float* __restrict__ shift, int relu) {
-    bn_apply<bf16>(y, y_rs, x, x_rs, R, C, scale, shift, relu);
-}
-// bf16 storage: see bn_bwd_part.
-extern "C" __global__ void bn_bwd_part_bf16(float* part, const bf16* __restrict__ x, int x_rs,
-                                          const bf16* __restrict__ dy, int dy_rs, int R, int C,
-                                          const float* __restrict__ scale, const float* __restrict__ shift,
-                                          const float* __restrict__ mean, int relu, float* coef, float* dgamma,
-                                          float* dbeta, const float* __restrict__ var, float* alpha, float* beta,
-                                          unsigned* done) {
-    bn_bwd_part<bf16>(part, x, x_rs, dy, dy_rs, R, C, scale, shift, mean, relu,
-                    BwdMerge{coef, dgamma, dbeta, var, alpha, beta, done});
-}
-// bf16 storage: see bn_bwd_dx.
-extern "C" __global__ void bn_bwd_dx_bf16(bf16* dx, int dx_rs, int accumulate, const bf16* __restrict__ x,
-                                        int x_rs, const bf16* __restrict__ dy, int dy_rs, int R, int C,
-                                        const float* __restrict__ scale, const float* __restrict__ shift,
-                                        const float* __restrict__ mean, const float* __restrict__ coef,
-                                        int relu, int train) {
-    bn_bwd_dx<bf16>(dx, dx_rs, accumulate, x, x_rs, dy, dy_rs, R, C, scale, shift, mean, coef, relu, train);
-}
+// The entry points, f32 and bf16 storage (kernels/dtype.cuh): bn_<step>_f32 and bn_<step>_bf16.
+MURA_F32_BF16(bn_stats_part_fwd,
+              (float* part, const T* __restrict__ x, int R, int C, int rs, const float* __restrict__ gamma,
+               const float* __restrict__ beta, float* mean, float* var, float* run_mean, float* run_var,
+               float unbias, float* scale, float* shift, unsigned* done),
+              bn_stats_part<T>(part, x, R, C, rs,
+                               CoefStep{gamma, beta, mean, var, run_mean, run_var, unbias, C, scale, shift, done}));
+MURA_F32_BF16(bn_apply_fwd,
+              (T* __restrict__ y, int y_rs, const T* __restrict__ x, int x_rs, int R, int C,
+               const float* __restrict__ scale, const float* __restrict__ shift, int relu),
+              bn_apply<T>(y, y_rs, x, x_rs, R, C, scale, shift, relu));
+MURA_F32_BF16(bn_bwd_part,
+              (float* part, const T* __restrict__ x, int x_rs, const T* __restrict__ dy, int dy_rs, int R, int C,
+               const float* __restrict__ scale, const float* __restrict__ shift, const float* __restrict__ mean,
+               int relu, float* coef, float* dgamma, float* dbeta, const float* __restrict__ var, float* alpha,
+               float* beta, unsigned* done),
+              bn_bwd_part<T>(part, x, x_rs, dy, dy_rs, R, C, scale, shift, mean, relu,
+                             BwdMerge{coef, dgamma, dbeta, var, alpha, beta, done}));
+MURA_F32_BF16(bn_bwd_dx,
+              (T* dx, int dx_rs, int accumulate, const T* __restrict__ x, int x_rs, const T* __restrict__ dy,
+               int dy_rs, int R, int C, const float* __restrict__ scale, const float* __restrict__ shift,
+               const float* __restrict__ mean, const float* __restrict__ coef, int relu, int train),
+              bn_bwd_dx<T>(dx, dx_rs, accumulate, x, x_rs, dy, dy_rs, R, C, scale, shift, mean, coef, relu, train));
+MURA_F32_BF16(bn_grad_fix_bwd,
+              (T* dx, int dx_rs, const T* __restrict__ x, int x_rs, int R, int C, const float* __restrict__ alpha,
+               const float* __restrict__ beta),
+              bn_grad_fix<T>(dx, dx_rs, x, x_rs, R, C, alpha, beta));

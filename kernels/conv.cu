@@ -123,6 +123,9 @@ __device__ void igemm_tile(const P& p, int M, int N, int m0, int n0, int k_lo, i
     }
 }
 
+// y: [n, ho, wo, co] T, row stride y_rs (a channel slice); x: [n, h, w, c] T, row stride x_rs (a
+// channel prefix); wt: [k, k, c, co] f32; scale, shift: [c] f32 or both null (fused BN + ReLU on x).
+// Grid (ceil(n*ho*wo / 64), ceil(co / 64)), block 256, CONV_SMEM dynamic shared bytes.
 template <class T>
 __device__ void conv_fwd(T* y, int y_rs, const T* x, int x_rs, const float* wt, const float* scale,
                          const float* shift, int n, int h, int w, int c, int co, int k, int stride, int pad) {
@@ -139,6 +142,9 @@ __device__ void conv_fwd(T* y, int y_rs, const T* x, int x_rs, const float* wt, 
         }
 }
 
+// dx: [n, h, w, ci] T, row stride dx_rs, overwritten (accumulate = 0) or added to; dy: [n, ho, wo, co]
+// T, row stride dy_rs; wt: [k, k, ci, co] f32. Grid (ceil(n*h*w / 64), ceil(ci / 64)), block 256,
+// CONV_SMEM dynamic shared bytes.
 template <class T>
 __device__ void conv_bwd_data(T* dx, int dx_rs, int accumulate, const T* dy, int dy_rs, const float* wt,
                               int n, int h, int w, int ci, int co, int k, int stride, int pad) {
@@ -158,6 +164,9 @@ __device__ void conv_bwd_data(T* dx, int dx_rs, int accumulate, const T* dy, int
         }
 }
 
+// dw: [k, k, c, co] f32, added to atomically: the output pixels are split over gridDim.z chunks of
+// split_len (a multiple of 16); x, scale, shift as in the forward; dy: [n, ho, wo, co] T, row stride
+// dy_rs. Grid (ceil(k*k*c / 64), ceil(co / 64), ceil(n*ho*wo / split_len)), block 256, CONV_SMEM bytes.
 template <class T>
 __device__ void conv_bwd_weight(float* dw, const T* x, int x_rs, const float* scale, const float* shift,
                                 const T* dy, int dy_rs, int n, int h, int w, int c, int co, int k, int stride,
@@ -176,60 +185,19 @@ __device__ void conv_bwd_weight(float* dw, const T* x, int x_rs, const float* sc
         }
 }
 
-// y: [n, ho, wo, co] f32, row stride y_rs (a channel slice); x: [n, h, w, c] f32, row stride x_rs (a
-// channel prefix); wt: [k, k, c, co] f32; scale, shift: [c] f32 or both null (fused BN + ReLU on x).
-// Grid (ceil(n*ho*wo / 64), ceil(co / 64)), block 256, CONV_SMEM dynamic shared bytes.
-extern "C" __global__ void __launch_bounds__(CONV_THREADS)
-    conv_fwd_f32(float* __restrict__ y, int y_rs, const float* __restrict__ x, int x_rs, const float* __restrict__ wt,
-                  const float* scale, const float* shift, int n, int h, int w, int c, int co, int k, int stride,
-                  int pad) {
-    conv_fwd<float>(y, y_rs, x, x_rs, wt, scale, shift, n, h, w, c, co, k, stride, pad);
-}
-
-// dx: [n, h, w, ci] f32, row stride dx_rs, overwritten (accumulate = 0) or added to; dy: [n, ho, wo, co]
-// f32, row stride dy_rs; wt: [k, k, ci, co] f32. Grid (ceil(n*h*w / 64), ceil(ci / 64)), block 256,
-// CONV_SMEM dynamic shared bytes.
-extern "C" __global__ void __launch_bounds__(CONV_THREADS)
-    conv_bwd_data_f32(float* dx, int dx_rs, int accumulate, const float* __restrict__ dy, int dy_rs,
-                       const float* __restrict__ wt, int n, int h, int w, int ci, int co, int k, int stride, int pad) {
-    conv_bwd_data<float>(dx, dx_rs, accumulate, dy, dy_rs, wt, n, h, w, ci, co, k, stride, pad);
-}
-
-// dw: [k, k, c, co] f32, added to atomically: the output pixels are split over gridDim.z chunks of
-// split_len (a multiple of 16); x, scale, shift as in the forward; dy: [n, ho, wo, co] f32, row stride
-// dy_rs. Grid (ceil(k*k*c / 64), ceil(co / 64), ceil(n*ho*wo / split_len)), block 256, CONV_SMEM bytes.
-extern "C" __global__ void __launch_bounds__(CONV_THREADS)
-    conv_bwd_weight_f32(float* dw, const float* __restrict__ x, int x_rs, const float* scale, const float* shift,
-                         const float* __restrict__ dy, int dy_rs, int n, int h, int w, int c, int co, int k,
-                         int stride, int pad, int split_len) {
-    conv_bwd_weight<float>(dw, x, x_rs, scale, shift, dy, dy_rs, n, h, w, c, co, k, stride, pad, split_len);
-}
-
-// y: [n, ho, wo, co] bf16, row stride y_rs (a channel slice); x: [n, h, w, c] bf16, row stride x_rs (a
-// channel prefix); wt: [k, k, c, co] f32; scale, shift: [c] f32 or both null (fused BN + ReLU on x).
-// Grid (ceil(n*ho*wo / 64), ceil(co / 64)), block 256, CONV_SMEM dynamic shared bytes.
-extern "C" __global__ void __launch_bounds__(CONV_THREADS)
-    conv_fwd_bf16(bf16* __restrict__ y, int y_rs, const bf16* __restrict__ x, int x_rs, const float* __restrict__ wt,
-                  const float* scale, const float* shift, int n, int h, int w, int c, int co, int k, int stride,
-                  int pad) {
-    conv_fwd<bf16>(y, y_rs, x, x_rs, wt, scale, shift, n, h, w, c, co, k, stride, pad);
-}
-
-// dx: [n, h, w, ci] bf16, row stride dx_rs, overwritten (accumulate = 0) or added to; dy: [n, ho, wo, co]
-// bf16, row stride dy_rs; wt: [k, k, ci, co] f32. Grid (ceil(n*h*w / 64), ceil(ci / 64)), block 256,
-// CONV_SMEM dynamic shared bytes.
-extern "C" __global__ void __launch_bounds__(CONV_THREADS)
-    conv_bwd_data_bf16(bf16* dx, int dx_rs, int accumulate, const bf16* __restrict__ dy, int dy_rs,
-                       const float* __restrict__ wt, int n, int h, int w, int ci, int co, int k, int stride, int pad) {
-    conv_bwd_data<bf16>(dx, dx_rs, accumulate, dy, dy_rs, wt, n, h, w, ci, co, k, stride, pad);
-}
-
-// dw: [k, k, c, co] f32, added to atomically: the output pixels are split over gridDim.z chunks of
-// split_len (a multiple of 16); x, scale, shift as in the forward; dy: [n, ho, wo, co] bf16, row stride
-// dy_rs. Grid (ceil(k*k*c / 64), ceil(co / 64), ceil(n*ho*wo / split_len)), block 256, CONV_SMEM bytes.
-extern "C" __global__ void __launch_bounds__(CONV_THREADS)
-    conv_bwd_weight_bf16(float* dw, const bf16* __restrict__ x, int x_rs, const float* scale, const float* shift,
-                         const bf16* __restrict__ dy, int dy_rs, int n, int h, int w, int c, int co, int k,
-                         int stride, int pad, int split_len) {
-    conv_bwd_weight<bf16>(dw, x, x_rs, scale, shift, dy, dy_rs, n, h, w, c, co, k, stride, pad, split_len);
-}
+// The entry points, f32 and bf16 storage (kernels/dtype.cuh): conv_<pass>_f32 and conv_<pass>_bf16.
+MURA_F32_BF16_BOUNDED(CONV_THREADS, conv_fwd,
+                      (T* __restrict__ y, int y_rs, const T* __restrict__ x, int x_rs, const float* __restrict__ wt,
+                       const float* scale, const float* shift, int n, int h, int w, int c, int co, int k, int stride,
+                       int pad),
+                      conv_fwd<T>(y, y_rs, x, x_rs, wt, scale, shift, n, h, w, c, co, k, stride, pad));
+MURA_F32_BF16_BOUNDED(CONV_THREADS, conv_bwd_data,
+                      (T* dx, int dx_rs, int accumulate, const T* __restrict__ dy, int dy_rs,
+                       const float* __restrict__ wt, int n, int h, int w, int ci, int co, int k, int stride, int pad),
+                      conv_bwd_data<T>(dx, dx_rs, accumulate, dy, dy_rs, wt, n, h, w, ci, co, k, stride, pad));
+MURA_F32_BF16_BOUNDED(CONV_THREADS, conv_bwd_weight,
+                      (float* dw, const T* __restrict__ x, int x_rs, const float* scale, const float* shift,
+                       const T* __restrict__ dy, int dy_rs, int n, int h, int w, int c, int co, int k, int stride,
+                       int pad, int split_len),
+                      conv_bwd_weight<T>(dw, x, x_rs, scale, shift, dy, dy_rs, n, h, w, c, co, k, stride, pad,
+                                         split_len));

@@ -123,64 +123,22 @@ __device__ void gap_bwd(T* dx, const float* dfeat, int n, int hw, int c) {
     }
 }
 
-// f32 storage: see maxpool_fwd.
-extern "C" __global__ void maxpool_fwd_f32(float* __restrict__ y, int y_rs, const float* __restrict__ x, int n, int h,
-                                          int w, int c, const float* scale, const float* shift) {
-    maxpool_fwd<float>(y, y_rs, x, n, h, w, c, scale, shift);
-}
-// f32 storage: see maxpool_bwd.
-extern "C" __global__ void maxpool_bwd_f32(float* __restrict__ dx, const float* __restrict__ x,
-                                          const float* __restrict__ dy, int dy_rs, int n, int h, int w, int c,
-                                          const float* scale, const float* shift) {
-    maxpool_bwd<float>(dx, x, dy, dy_rs, n, h, w, c, scale, shift);
-}
-// f32 storage: see avgpool_fwd.
-extern "C" __global__ void avgpool_fwd_f32(float* __restrict__ y, int y_rs, const float* __restrict__ x, int x_rs,
-                                          int n, int h, int w, int c, const float* scale, const float* shift) {
-    avgpool_fwd<float>(y, y_rs, x, x_rs, n, h, w, c, scale, shift);
-}
-// f32 storage: see avgpool_bwd.
-extern "C" __global__ void avgpool_bwd_f32(float* __restrict__ dx, const float* __restrict__ dy, int dy_rs, int n,
-                                          int h, int w, int c) {
-    avgpool_bwd<float>(dx, dy, dy_rs, n, h, w, c);
-}
-// f32 storage: see gap_fwd.
-extern "C" __global__ void gap_fwd_f32(float* __restrict__ feat, const float* __restrict__ x, int n, int hw, int c) {
-    gap_fwd<float>(feat, x, n, hw, c);
-}
-// f32 storage: see gap_bwd.
-extern "C" __global__ void gap_bwd_f32(float* __restrict__ dx, const float* __restrict__ dfeat, int n, int hw,
-                                      int c) {
-    gap_bwd<float>(dx, dfeat, n, hw, c);
-}
-
-// bf16 storage: see maxpool_fwd.
-extern "C" __global__ void maxpool_fwd_bf16(bf16* __restrict__ y, int y_rs, const bf16* __restrict__ x, int n, int h,
-                                          int w, int c, const float* scale, const float* shift) {
-    maxpool_fwd<bf16>(y, y_rs, x, n, h, w, c, scale, shift);
-}
-// bf16 storage: see maxpool_bwd.
-extern "C" __global__ void maxpool_bwd_bf16(bf16* __restrict__ dx, const bf16* __restrict__ x,
-                                          const bf16* __restrict__ dy, int dy_rs, int n, int h, int w, int c,
-                                          const float* scale, const float* shift) {
-    maxpool_bwd<bf16>(dx, x, dy, dy_rs, n, h, w, c, scale, shift);
-}
-// bf16 storage: see avgpool_fwd.
-extern "C" __global__ void avgpool_fwd_bf16(bf16* __restrict__ y, int y_rs, const bf16* __restrict__ x, int x_rs,
-                                          int n, int h, int w, int c, const float* scale, const float* shift) {
-    avgpool_fwd<bf16>(y, y_rs, x, x_rs, n, h, w, c, scale, shift);
-}
-// bf16 storage: see avgpool_bwd.
-extern "C" __global__ void avgpool_bwd_bf16(bf16* __restrict__ dx, const bf16* __restrict__ dy, int dy_rs, int n,
-                                          int h, int w, int c) {
-    avgpool_bwd<bf16>(dx, dy, dy_rs, n, h, w, c);
-}
-// bf16 storage: see gap_fwd.
-extern "C" __global__ void gap_fwd_bf16(float* __restrict__ feat, const bf16* __restrict__ x, int n, int hw, int c) {
-    gap_fwd<bf16>(feat, x, n, hw, c);
-}
-// bf16 storage: see gap_bwd.
-extern "C" __global__ void gap_bwd_bf16(bf16* __restrict__ dx, const float* __restrict__ dfeat, int n, int hw,
-                                      int c) {
-    gap_bwd<bf16>(dx, dfeat, n, hw, c);
-}
+// The entry points, f32 and bf16 storage (kernels/dtype.cuh): <pool>_f32 and <pool>_bf16.
+MURA_F32_BF16(maxpool_fwd,
+              (T* __restrict__ y, int y_rs, const T* __restrict__ x, int n, int h, int w, int c, const float* scale,
+               const float* shift),
+              maxpool_fwd<T>(y, y_rs, x, n, h, w, c, scale, shift));
+MURA_F32_BF16(maxpool_bwd,
+              (T* __restrict__ dx, const T* __restrict__ x, const T* __restrict__ dy, int dy_rs, int n, int h, int w,
+               int c, const float* scale, const float* shift),
+              maxpool_bwd<T>(dx, x, dy, dy_rs, n, h, w, c, scale, shift));
+MURA_F32_BF16(avgpool_fwd,
+              (T* __restrict__ y, int y_rs, const T* __restrict__ x, int x_rs, int n, int h, int w, int c,
+               const float* scale, const float* shift),
+              avgpool_fwd<T>(y, y_rs, x, x_rs, n, h, w, c, scale, shift));
+MURA_F32_BF16(avgpool_bwd, (T* __restrict__ dx, const T* __restrict__ dy, int dy_rs, int n, int h, int w, int c),
+              avgpool_bwd<T>(dx, dy, dy_rs, n, h, w, c));
+MURA_F32_BF16(gap_fwd, (float* __restrict__ feat, const T* __restrict__ x, int n, int hw, int c),
+              gap_fwd<T>(feat, x, n, hw, c));
+MURA_F32_BF16(gap_bwd, (T* __restrict__ dx, const float* __restrict__ dfeat, int n, int hw, int c),
+              gap_bwd<T>(dx, dfeat, n, hw, c));

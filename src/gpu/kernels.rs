@@ -41,6 +41,12 @@ mod prelude {
 
 include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
 
+/// build.rs's reader of kernel signatures and writer of the launchers above, compiled here too so
+/// that its unit tests run with the library's.
+#[cfg(test)]
+#[path = "../../build/kernel_sigs.rs"]
+mod kernel_sigs;
+
 /// Every module: the shipped ones, then the test-only ones.
 pub fn all_modules() -> impl Iterator<Item = &'static KernelModule> {
     MODULES.iter().chain(TEST_MODULES)
