@@ -790,10 +790,8 @@ fn refuses_operands_that_do_not_fit() {
         g,
         dout(y),
         BnBackward {
-            mask: None,
             red: Some(f.slice()),
-            post: None,
-            step: None,
+            ..Default::default()
         },
         None,
     );
@@ -806,9 +804,7 @@ fn refuses_operands_that_do_not_fit() {
         dout(y),
         BnBackward {
             mask: mask(nhwc(&yb, (1, 2, 8), 8, (0, 8))),
-            red: None,
-            post: None,
-            step: None,
+            ..Default::default()
         },
         None,
     );
@@ -824,9 +820,8 @@ fn refuses_operands_that_do_not_fit() {
         dout(y),
         BnBackward {
             mask: mask(xv),
-            red: None,
             post: Some(short(7)),
-            step: None,
+            ..Default::default()
         },
         None,
     );
@@ -858,9 +853,8 @@ fn refuses_operands_that_do_not_fit() {
         dout(y),
         BnBackward {
             mask: mask(xv),
-            red: None,
-            post: None,
             step: coef,
+            ..Default::default()
         },
         None,
     );
