@@ -266,11 +266,18 @@ fn read_split(ds: &mut Dataset, split: Split, types: &[StudyType]) -> Result<()>
                     let study = format!("{rel_t}/{pname}/{sname}/");
                     let pngs: Vec<String> = sorted_entries(ds, &sdir)?
                         .into_iter()
-                        .filter(|(n, p)| n.to_ascii_lowercase().ends_with(".png") && p.is_file())
+                        .filter(|(n, p)| {
+                            let n = n.to_ascii_lowercase();
+                            (n.ends_with(".png") || n.ends_with(".dcm")) && p.is_file()
+                        })
                         .map(|(n, _)| format!("{study}{n}"))
                         .collect();
                     if pngs.is_empty() {
-                        skip(ds, &study, "empty study folder (no PNG files)".into());
+                        skip(
+                            ds,
+                            &study,
+                            "empty study folder (no PNG or DICOM files)".into(),
+                        );
                         continue;
                     }
                     order.push(study.clone());
