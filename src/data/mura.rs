@@ -81,7 +81,11 @@ fn parse_path(p: &str, want_file: bool) -> Result<Parsed<'_>> {
     if parts.len() != want {
         bail!(
             "expected {PREFIX}/<split>/<XR_TYPE>/<patient>/<study>{}",
-            if want_file { "/<image>.png" } else { "/" }
+            if want_file {
+                "/<image>.png or .dcm"
+            } else {
+                "/"
+            }
         );
     }
     Ok(Parsed {

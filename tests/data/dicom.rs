@@ -10,6 +10,7 @@
 //! `MURA_TEST_DICOM=1` (CI) its absence fails the test; without it the test says, past the test
 //! harness's capture, that it did not run.
 
+use crate::common::dicom::{el, encapsulated, file, text, EXPLICIT};
 use crate::common::tmp;
 use mura::data::dicom::decode_gray_bytes;
 use std::io::Write;
@@ -139,87 +140,6 @@ fn dicom_files_mura_does_not_read_are_refused_in_one_line() {
 }
 
 // Hostile files, made here.
-
-fn el(group: u16, elem: u16, vr: &[u8; 2], value: &[u8]) -> Vec<u8> {
-    let mut v = Vec::new();
-    v.extend(group.to_le_bytes());
-    v.extend(elem.to_le_bytes());
-    v.extend(vr);
-    let long = matches!(vr, b"OB" | b"OW" | b"SQ" | b"UN" | b"UT");
-    if long {
-        v.extend([0, 0]);
-        v.extend((value.len() as u32).to_le_bytes());
-    } else {
-        v.extend((value.len() as u16).to_le_bytes());
-    }
-    v.extend(value);
-    v
-}
-
-fn us(v: u16) -> Vec<u8> {
-    v.to_le_bytes().to_vec()
-}
-
-fn text(s: &str) -> Vec<u8> {
-    let mut v = s.as_bytes().to_vec();
-    if v.len() % 2 == 1 {
-        v.push(b' ');
-    }
-    v
-}
-
-/// A DICOM file of the transfer syntax `ts` with `elements` (explicit VR little endian, in tag
-/// order) after the image attributes of a `rows` x `cols` 8-bit MONOCHROME2 image.
-fn file(ts: &str, rows: u16, cols: u16, tail: &[Vec<u8>]) -> Vec<u8> {
-    let mut uid = ts.as_bytes().to_vec();
-    if uid.len() % 2 == 1 {
-        uid.push(0);
-    }
-    let meta = el(0x0002, 0x0010, b"UI", &uid);
-    let mut f = vec![0u8; 128];
-    f.extend(b"DICM");
-    f.extend(el(
-        0x0002,
-        0x0000,
-        b"UL",
-        &(meta.len() as u32).to_le_bytes(),
-    ));
-    f.extend(meta);
-    f.extend(el(0x0028, 0x0002, b"US", &us(1)));
-    f.extend(el(0x0028, 0x0004, b"CS", &text("MONOCHROME2")));
-    f.extend(el(0x0028, 0x0010, b"US", &us(rows)));
-    f.extend(el(0x0028, 0x0011, b"US", &us(cols)));
-    f.extend(el(0x0028, 0x0100, b"US", &us(8)));
-    f.extend(el(0x0028, 0x0101, b"US", &us(8)));
-    f.extend(el(0x0028, 0x0102, b"US", &us(7)));
-    f.extend(el(0x0028, 0x0103, b"US", &us(0)));
-    for t in tail {
-        f.extend(t);
-    }
-    f
-}
-
-const EXPLICIT: &str = "1.2.840.10008.1.2.1";
-
-/// Encapsulated pixel data: an empty offset table, then `frags`.
-fn encapsulated(frags: &[&[u8]]) -> Vec<u8> {
-    let mut v = Vec::new();
-    v.extend(0x7FE0u16.to_le_bytes());
-    v.extend(0x0010u16.to_le_bytes());
-    v.extend(b"OB\0\0");
-    v.extend(u32::MAX.to_le_bytes());
-    let item = |v: &mut Vec<u8>, b: &[u8]| {
-        v.extend([0xFE, 0xFF, 0x00, 0xE0]);
-        v.extend((b.len() as u32).to_le_bytes());
-        v.extend(b);
-    };
-    item(&mut v, &[]);
-    for f in frags {
-        item(&mut v, f);
-    }
-    v.extend([0xFE, 0xFF, 0xDD, 0xE0, 0, 0, 0, 0]);
-    v
-}
 
 fn refused(what: &str, bytes: &[u8], says: &str) {
     let r = std::panic::catch_unwind(|| decode_gray_bytes(bytes));
