@@ -43,6 +43,9 @@ pub const MAX_DICOM_FILE_BYTES: u64 = 256 << 20;
 pub const MAX_INFLATED_BYTES: u64 = 256 << 20;
 /// The widest and tallest image read (as for PNG).
 pub const MAX_DICOM_SIDE: usize = MAX_PNG_SIDE as usize;
+/// What decoding holds at most per sample at once (u32 stored values, then f64 values and the
+/// f32 gray): [`MAX_DECODE_BYTES`] over it is the most samples an image may have (16 Mi).
+pub const DECODE_BYTES_PER_SAMPLE: u64 = 16;
 /// The most data elements (all nesting levels) a file may hold: real files hold hundreds.
 pub const MAX_ELEMENTS: usize = 100_000;
 /// The deepest nesting of sequences and items.
@@ -98,23 +101,33 @@ fn u32_le(b: &[u8], at: usize) -> u32 {
     u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
 }
 
-/// VRs whose explicit header has 2 reserved bytes and a 4-byte length.
+/// Whether an explicit VR header has 2 reserved bytes and a 4-byte length: every VR but the 21
+/// of PS3.5 7.1.2 with a 2-byte length, an unknown one too (dicom-rs reads it as UN, so does
+/// the walk).
 fn long_vr(vr: &[u8]) -> bool {
-    matches!(
+    !matches!(
         vr,
-        b"OB"
-            | b"OD"
-            | b"OF"
-            | b"OL"
-            | b"OV"
-            | b"OW"
-            | b"SQ"
-            | b"SV"
-            | b"UC"
-            | b"UN"
-            | b"UR"
-            | b"UT"
-            | b"UV"
+        b"AE"
+            | b"AS"
+            | b"AT"
+            | b"CS"
+            | b"DA"
+            | b"DS"
+            | b"DT"
+            | b"FL"
+            | b"FD"
+            | b"IS"
+            | b"LO"
+            | b"LT"
+            | b"PN"
+            | b"SH"
+            | b"SL"
+            | b"SS"
+            | b"ST"
+            | b"TM"
+            | b"UI"
+            | b"UL"
+            | b"US"
     )
 }
 
@@ -451,9 +464,11 @@ fn decode_object(obj: &DefaultDicomObject, codec: Codec) -> Result<GrayImage> {
         planar,
     };
     let n = layout.rows * layout.cols * layout.samples;
-    if (n * (layout.bytes_per_sample + 8)) as u64 > MAX_DECODE_BYTES {
+    if n as u64 * DECODE_BYTES_PER_SAMPLE > MAX_DECODE_BYTES {
         bail!(
-            "DICOM image {cols}x{rows}x{samples} is too large to decode (mura decodes at most {} MiB)",
+            "DICOM image {cols}x{rows} with {samples} samples is too large to decode (mura decodes \
+             at most {} Mi samples, {} MiB at {DECODE_BYTES_PER_SAMPLE} bytes each)",
+            (MAX_DECODE_BYTES / DECODE_BYTES_PER_SAMPLE) >> 20,
             MAX_DECODE_BYTES >> 20
         );
     }
@@ -491,7 +506,7 @@ fn decode_object(obj: &DefaultDicomObject, codec: Codec) -> Result<GrayImage> {
             })
             .collect()
     } else {
-        gray(obj, raw.iter().map(|&r| value(r)).collect(), &pi)?
+        gray(obj, raw.into_iter().map(value).collect(), &pi)?
     };
     Ok(GrayImage {
         width: layout.cols,
@@ -509,49 +524,37 @@ fn gray(obj: &DefaultDicomObject, mut x: Vec<f64>, pi: &str) -> Result<Vec<f32>>
     }
     let center = float(obj, tags::WINDOW_CENTER, "WindowCenter")?;
     let width = float(obj, tags::WINDOW_WIDTH, "WindowWidth")?;
-    let y: Vec<f64> = if let (Some(c), Some(w)) = (center, width) {
+    // In place: an image of 16 Mi samples holds 128 MiB of f64 here.
+    let linear = |v: f64, c: f64, w: f64| {
+        if v <= c - w / 2.0 {
+            0.0
+        } else if v > c + w / 2.0 {
+            1.0
+        } else {
+            (v - c) / w + 0.5
+        }
+    };
+    if let (Some(c), Some(w)) = (center, width) {
         let function = text(obj, tags::VOILUT_FUNCTION).unwrap_or_else(|| "LINEAR".into());
         match function.as_str() {
             "LINEAR" | "" => {
                 if w < 1.0 {
                     bail!("DICOM window width {w} is below 1, which LINEAR does not allow");
                 }
-                let (c, w) = (c - 0.5, w - 1.0);
-                x.iter()
-                    .map(|&v| {
-                        if v <= c - w / 2.0 {
-                            0.0
-                        } else if v > c + w / 2.0 {
-                            1.0
-                        } else {
-                            (v - c) / w + 0.5
-                        }
-                    })
-                    .collect()
+                x.iter_mut().for_each(|v| *v = linear(*v, c - 0.5, w - 1.0));
             }
             "LINEAR_EXACT" => {
                 if w <= 0.0 {
                     bail!("DICOM window width {w} is not positive");
                 }
-                x.iter()
-                    .map(|&v| {
-                        if v <= c - w / 2.0 {
-                            0.0
-                        } else if v > c + w / 2.0 {
-                            1.0
-                        } else {
-                            (v - c) / w + 0.5
-                        }
-                    })
-                    .collect()
+                x.iter_mut().for_each(|v| *v = linear(*v, c, w));
             }
             "SIGMOID" => {
                 if w <= 0.0 {
                     bail!("DICOM window width {w} is not positive");
                 }
-                x.iter()
-                    .map(|&v| 1.0 / (1.0 + (-4.0 * (v - c) / w).exp()))
-                    .collect()
+                x.iter_mut()
+                    .for_each(|v| *v = 1.0 / (1.0 + (-4.0 * (*v - c) / w).exp()));
             }
             f => bail!("DICOM VOI LUT function {f} is not read (LINEAR, LINEAR_EXACT, SIGMOID)"),
         }
@@ -562,13 +565,13 @@ fn gray(obj: &DefaultDicomObject, mut x: Vec<f64>, pi: &str) -> Result<Vec<f32>>
                 (lo.min(v), hi.max(v))
             });
         if hi > lo {
-            x.iter().map(|&v| (v - lo) / (hi - lo)).collect()
+            x.iter_mut().for_each(|v| *v = (*v - lo) / (hi - lo));
         } else {
-            vec![0.0; x.len()]
+            x.iter_mut().for_each(|v| *v = 0.0);
         }
-    };
+    }
     let invert = pi == "MONOCHROME1";
-    Ok(y.into_iter()
+    Ok(x.into_iter()
         .map(|v| {
             let v = v.clamp(0.0, 1.0);
             (if invert { 1.0 - v } else { v }) as f32
@@ -636,7 +639,8 @@ fn rle(frag: &[u8], l: &Layout) -> Result<Vec<u32>> {
         .collect();
     offsets.push(frag.len());
     let plane = l.rows * l.cols;
-    let mut out = vec![0u32; plane * l.samples];
+    // Every segment checked before anything is allocated: PackBits makes at most 128 bytes of
+    // 2, so a segment shorter than that ratio allows cannot fill its plane.
     for s in 0..segments {
         let (a, b) = (offsets[s], offsets[s + 1]);
         if a < 64 || a > b || b > frag.len() {
@@ -645,7 +649,16 @@ fn rle(frag: &[u8], l: &Layout) -> Result<Vec<u32>> {
                 frag.len()
             )));
         }
-        let seg = &frag[a..b];
+        if b - a < 2 * plane.div_ceil(128) {
+            return Err(bad(format!(
+                "segment {s} holds {} bytes, too few to decode to the {plane} the image needs",
+                b - a
+            )));
+        }
+    }
+    let mut out = vec![0u32; plane * l.samples];
+    for s in 0..segments {
+        let seg = &frag[offsets[s]..offsets[s + 1]];
         let mut bytes = Vec::with_capacity(plane);
         let mut i = 0;
         while bytes.len() < plane && i < seg.len() {

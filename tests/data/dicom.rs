@@ -287,3 +287,17 @@ fn hostile_dicom_files_are_refused_with_one_clear_line() {
     f.extend(nest);
     refused("deep nesting", &f, "deeper than 16 levels");
 }
+
+/// What the fuzzer found: an element whose VR dicom-rs does not know, which it reads (as UN) with
+/// a 4-byte length of 1 GiB that a walk reading 2-byte lengths for unknown VRs did not check, so
+/// dicom-rs allocated the gigabyte before failing.
+#[test]
+fn fuzz_regressions_are_refused_before_dicom_rs_allocates() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/regressions/dicom");
+    let f = std::fs::read(dir.join("unknown-vr-4-byte-length-1gb.dcm")).unwrap();
+    refused(
+        "unknown VR",
+        &f,
+        "DICOM element (0020,0060) states 1075838976 bytes, the file holds 1912 after it",
+    );
+}
