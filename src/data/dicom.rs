@@ -20,8 +20,8 @@
 //!
 //! Hostile files: the whole file is read with a cap ([`MAX_DICOM_FILE_BYTES`]; a deflated data set
 //! is inflated to at most [`MAX_INFLATED_BYTES`]); before dicom-rs parses it, every data element's
-//! stated length is checked against the bytes that follow it, with caps on nesting and on the
-//! number of elements; rows, columns, frames and samples are checked against a cap and against
+//! stated length is checked against the bytes that follow it and its tag against ascending order,
+//! with caps on nesting and on the number of elements; rows, columns, frames and samples are checked against a cap and against
 //! the pixel data the file holds before anything is allocated for them. RLE is decoded here and
 //! JPEG with `jpeg-decoder` directly (what dicom-pixeldata 0.10 calls), after the JPEG's own
 //! header is checked against the file's rows, columns and samples: dicom-pixeldata 0.10.1's RLE
@@ -186,6 +186,9 @@ struct Open {
     explicit: bool,
     /// Encapsulated pixel data: its items are fragments, not elements.
     fragments: bool,
+    /// The tag of its last element: elements come in ascending tag order (PS3.5 7.1), which
+    /// dicom-rs relies on (out of order, it allocated 4 GiB on a 698-byte file).
+    last: Option<Tag>,
 }
 
 /// Checks every data element of `data` (a data set in `explicit` or implicit VR little endian)
@@ -195,6 +198,7 @@ fn walk(data: &[u8], explicit: bool) -> Result<()> {
     let mut pos = 0usize;
     let mut open: Vec<Open> = Vec::new();
     let mut elements = 0usize;
+    let mut top_last: Option<Tag> = None;
     let dict = StandardDataDictionary;
     loop {
         while open.last().is_some_and(|o| o.end.is_some_and(|e| e <= pos)) {
@@ -237,6 +241,7 @@ fn walk(data: &[u8], explicit: bool) -> Result<()> {
                             end: Some(pos + len as usize),
                             explicit: here_explicit,
                             fragments: false,
+                            last: None,
                         });
                     }
                 }
@@ -244,6 +249,7 @@ fn walk(data: &[u8], explicit: bool) -> Result<()> {
                     end: None,
                     explicit: here_explicit,
                     fragments: false,
+                    last: None,
                 }),
                 0xE00D | 0xE0DD => {
                     if open.last().is_some_and(|o| o.end.is_none()) {
@@ -275,24 +281,39 @@ fn walk(data: &[u8], explicit: bool) -> Result<()> {
             (if sq { *b"SQ" } else { *b"UN" }, u32_le(data, pos + 4), 8)
         };
         pos += hdr;
+        let last = match open.last_mut() {
+            Some(o) => &mut o.last,
+            None => &mut top_last,
+        };
+        if let Some(prev) = last.replace(tag).filter(|&p| p >= tag) {
+            bail!(
+                "DICOM data set is out of order: element ({group:04X},{elem:04X}) after \
+                 ({:04X},{:04X})",
+                prev.0,
+                prev.1
+            );
+        }
         if len == u32::MAX {
             if tag == tags::PIXEL_DATA {
                 open.push(Open {
                     end: None,
                     explicit: here_explicit,
                     fragments: true,
+                    last: None,
                 });
             } else if &vr == b"SQ" {
                 open.push(Open {
                     end: None,
                     explicit: here_explicit,
                     fragments: false,
+                    last: None,
                 });
             } else if &vr == b"UN" {
                 open.push(Open {
                     end: None,
                     explicit: false,
                     fragments: false,
+                    last: None,
                 });
             } else {
                 bail!(
@@ -315,6 +336,7 @@ fn walk(data: &[u8], explicit: bool) -> Result<()> {
                 end: Some(pos + len),
                 explicit: here_explicit,
                 fragments: false,
+                last: None,
             });
         } else {
             pos += len;

@@ -28,8 +28,8 @@ pub fn text(s: &str) -> Vec<u8> {
     v
 }
 
-/// A DICOM file of the transfer syntax `ts` with `elements` (explicit VR little endian, in tag
-/// order) after the image attributes of a `rows` x `cols` 8-bit MONOCHROME2 image.
+/// A DICOM file of the transfer syntax `ts` with the elements of `tail` (explicit VR little
+/// endian) among the image attributes of a `rows` x `cols` 8-bit MONOCHROME2 image.
 pub fn file(ts: &str, rows: u16, cols: u16, tail: &[Vec<u8>]) -> Vec<u8> {
     let mut uid = ts.as_bytes().to_vec();
     if uid.len() % 2 == 1 {
@@ -45,16 +45,27 @@ pub fn file(ts: &str, rows: u16, cols: u16, tail: &[Vec<u8>]) -> Vec<u8> {
         &(meta.len() as u32).to_le_bytes(),
     ));
     f.extend(meta);
-    f.extend(el(0x0028, 0x0002, b"US", &us(1)));
-    f.extend(el(0x0028, 0x0004, b"CS", &text("MONOCHROME2")));
-    f.extend(el(0x0028, 0x0010, b"US", &us(rows)));
-    f.extend(el(0x0028, 0x0011, b"US", &us(cols)));
-    f.extend(el(0x0028, 0x0100, b"US", &us(8)));
-    f.extend(el(0x0028, 0x0101, b"US", &us(8)));
-    f.extend(el(0x0028, 0x0102, b"US", &us(7)));
-    f.extend(el(0x0028, 0x0103, b"US", &us(0)));
-    for t in tail {
-        f.extend(t);
+    let mut elements = vec![
+        el(0x0028, 0x0002, b"US", &us(1)),
+        el(0x0028, 0x0004, b"CS", &text("MONOCHROME2")),
+        el(0x0028, 0x0010, b"US", &us(rows)),
+        el(0x0028, 0x0011, b"US", &us(cols)),
+        el(0x0028, 0x0100, b"US", &us(8)),
+        el(0x0028, 0x0101, b"US", &us(8)),
+        el(0x0028, 0x0102, b"US", &us(7)),
+        el(0x0028, 0x0103, b"US", &us(0)),
+    ];
+    elements.extend(tail.iter().cloned());
+    // In tag order, as PS3.5 requires and the reader checks.
+    let tag = |e: &Vec<u8>| {
+        (
+            u16::from_le_bytes([e[0], e[1]]),
+            u16::from_le_bytes([e[2], e[3]]),
+        )
+    };
+    elements.sort_by_key(tag);
+    for e in elements {
+        f.extend(e);
     }
     f
 }

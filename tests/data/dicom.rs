@@ -290,7 +290,8 @@ fn hostile_dicom_files_are_refused_with_one_clear_line() {
 
 /// What the fuzzer found: an element whose VR dicom-rs does not know, which it reads (as UN) with
 /// a 4-byte length of 1 GiB that a walk reading 2-byte lengths for unknown VRs did not check, so
-/// dicom-rs allocated the gigabyte before failing.
+/// dicom-rs allocated the gigabyte before failing; and elements out of tag order, on which
+/// dicom-rs allocated 4 GiB reading a 698-byte file.
 #[test]
 fn fuzz_regressions_are_refused_before_dicom_rs_allocates() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/regressions/dicom");
@@ -299,5 +300,11 @@ fn fuzz_regressions_are_refused_before_dicom_rs_allocates() {
         "unknown VR",
         &f,
         "DICOM element (0020,0060) states 1075838976 bytes, the file holds 1912 after it",
+    );
+    let f = std::fs::read(dir.join("out-of-order-rows-4gb.dcm")).unwrap();
+    refused(
+        "out of order",
+        &f,
+        "DICOM data set is out of order: element (0028,0010) after (0028,7F01)",
     );
 }
