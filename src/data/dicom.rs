@@ -189,6 +189,8 @@ struct Open {
     /// The tag of its last element: elements come in ascending tag order (PS3.5 7.1), which
     /// dicom-rs relies on (out of order, it allocated 4 GiB on a 698-byte file).
     last: Option<Tag>,
+    /// An item (its elements), not a sequence (its items).
+    item: bool,
 }
 
 /// Checks every data element of `data` (a data set in `explicit` or implicit VR little endian)
@@ -225,7 +227,12 @@ fn walk(data: &[u8], explicit: bool) -> Result<()> {
             let len = u32_le(data, pos + 4);
             pos += 8;
             let in_fragments = open.last().is_some_and(|o| o.fragments);
+            let top = open.last().map(|o| (o.item, o.end.is_none()));
             match elem {
+                0xE000 if top.is_none_or(|(item, _)| item) => bail!(
+                    "DICOM data set has an item (FFFE,E000) outside a sequence at byte {}",
+                    pos - 8
+                ),
                 0xE000 if in_fragments || len != u32::MAX => {
                     if len as usize > data.len() - pos {
                         bail!(
@@ -242,6 +249,7 @@ fn walk(data: &[u8], explicit: bool) -> Result<()> {
                             explicit: here_explicit,
                             fragments: false,
                             last: None,
+                            item: true,
                         });
                     }
                 }
@@ -250,11 +258,18 @@ fn walk(data: &[u8], explicit: bool) -> Result<()> {
                     explicit: here_explicit,
                     fragments: false,
                     last: None,
+                    item: true,
                 }),
                 0xE00D | 0xE0DD => {
-                    if open.last().is_some_and(|o| o.end.is_none()) {
-                        open.pop();
+                    // An item's delimiter closes an item of undefined length, a sequence's a
+                    // sequence (or pixel data) of undefined length; neither has a value.
+                    if len != 0 || top != Some((elem == 0xE00D, true)) {
+                        bail!(
+                            "DICOM data set has an unexpected delimiter (FFFE,{elem:04X}) at byte {}",
+                            pos - 8
+                        );
                     }
+                    open.pop();
                 }
                 _ => bail!("DICOM data set has an unknown item tag (FFFE,{elem:04X})"),
             }
@@ -300,6 +315,7 @@ fn walk(data: &[u8], explicit: bool) -> Result<()> {
                     explicit: here_explicit,
                     fragments: true,
                     last: None,
+                    item: false,
                 });
             } else if &vr == b"SQ" {
                 open.push(Open {
@@ -307,6 +323,7 @@ fn walk(data: &[u8], explicit: bool) -> Result<()> {
                     explicit: here_explicit,
                     fragments: false,
                     last: None,
+                    item: false,
                 });
             } else if &vr == b"UN" {
                 open.push(Open {
@@ -314,6 +331,7 @@ fn walk(data: &[u8], explicit: bool) -> Result<()> {
                     explicit: false,
                     fragments: false,
                     last: None,
+                    item: false,
                 });
             } else {
                 bail!(
@@ -337,6 +355,7 @@ fn walk(data: &[u8], explicit: bool) -> Result<()> {
                 explicit: here_explicit,
                 fragments: false,
                 last: None,
+                item: false,
             });
         } else {
             pos += len;

@@ -291,7 +291,8 @@ fn hostile_dicom_files_are_refused_with_one_clear_line() {
 /// What the fuzzer found: an element whose VR dicom-rs does not know, which it reads (as UN) with
 /// a 4-byte length of 1 GiB that a walk reading 2-byte lengths for unknown VRs did not check, so
 /// dicom-rs allocated the gigabyte before failing; and elements out of tag order, on which
-/// dicom-rs allocated 4 GiB reading a 698-byte file.
+/// dicom-rs allocated 4 GiB reading a 698-byte file; and a sequence delimiter outside any
+/// sequence stating a length of 4 GiB, which dicom-rs allocated.
 #[test]
 fn fuzz_regressions_are_refused_before_dicom_rs_allocates() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/regressions/dicom");
@@ -306,5 +307,11 @@ fn fuzz_regressions_are_refused_before_dicom_rs_allocates() {
         "out of order",
         &f,
         "DICOM data set is out of order: element (0028,0010) after (0028,7F01)",
+    );
+    let f = std::fs::read(dir.join("top-level-delimiter-with-4gb-length.dcm")).unwrap();
+    refused(
+        "stray delimiter",
+        &f,
+        "DICOM data set has an unexpected delimiter (FFFE,E0DD) at byte 362",
     );
 }
