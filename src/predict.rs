@@ -39,7 +39,8 @@ impl Prediction {
     }
 }
 
-/// The PNG views of a study path: a folder's `*.png` files (sorted), or the file itself.
+/// The views of a study path: a folder's `*.png` and `*.dcm` files (sorted), or the file itself
+/// (a PNG, or DICOM by its `DICM` magic whatever its name).
 pub fn study_views(path: &Path) -> Result<Vec<PathBuf>> {
     let meta =
         std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
@@ -49,13 +50,21 @@ pub fn study_views(path: &Path) -> Result<Vec<PathBuf>> {
     let mut views: Vec<PathBuf> = std::fs::read_dir(path)
         .with_context(|| format!("cannot read folder {}", path.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.is_file() && p.extension().is_some_and(|e| e.eq_ignore_ascii_case("png")))
+        .filter(|p| p.is_file() && p.extension().is_some_and(is_view_extension))
         .collect();
     views.sort();
     if views.is_empty() {
-        bail!("{}: study folder has no PNG views", path.display());
+        bail!(
+            "{}: study folder has no views (*.png or *.dcm)",
+            path.display()
+        );
     }
     Ok(views)
+}
+
+/// Whether a file name's extension is a view's: `png` or `dcm`, any case.
+pub fn is_view_extension(e: &std::ffi::OsStr) -> bool {
+    e.eq_ignore_ascii_case("png") || e.eq_ignore_ascii_case("dcm")
 }
 
 /// Study `study`'s prediction from its `views`, fed to the model as `input` says. A score that is

@@ -22,6 +22,7 @@ pub const TARGETS: &[(&str, Body)] = &[
     ("mura_tree", mura_tree),
     ("score_csv", score_csv),
     ("png", png),
+    ("dicom", dicom),
 ];
 
 /// The smallest DenseNet: what weights load into.
@@ -203,6 +204,15 @@ pub fn score_csv(data: &[u8]) {
 /// A PNG, decoded to gray and preprocessed as `prep` and `predict` do.
 pub fn png(data: &[u8]) {
     use mura::data::image::{decode_gray_bytes, Preprocess};
+    if let Ok(img) = decode_gray_bytes(data) {
+        let _ = Preprocess::prep(8).model_input(img, 12);
+    }
+}
+
+/// A DICOM file, decoded to gray and preprocessed as `prep` and `predict` do.
+pub fn dicom(data: &[u8]) {
+    use mura::data::dicom::decode_gray_bytes;
+    use mura::data::image::Preprocess;
     if let Ok(img) = decode_gray_bytes(data) {
         let _ = Preprocess::prep(8).model_input(img, 12);
     }

@@ -38,11 +38,23 @@ pub const MAX_DECODE_BYTES: u64 = 256 << 20;
 /// The largest PNG file read.
 pub const MAX_PNG_FILE_BYTES: u64 = 256 << 20;
 
-/// Decodes a PNG (8 or 16 bit; gray, gray+alpha, RGB, RGBA or palette) to gray in [0, 1].
-/// RGB uses PIL's `L` weights (0.299, 0.587, 0.114); alpha is ignored, as PIL does.
+/// Decodes a view to gray in [0, 1]: a DICOM file (the `DICM` magic at byte 128, whatever its
+/// name; [`super::dicom`] says what is read), else a PNG (8 or 16 bit; gray, gray+alpha, RGB,
+/// RGBA or palette). RGB uses PIL's `L` weights (0.299, 0.587, 0.114); alpha is ignored, as PIL
+/// does.
 pub fn decode_gray(path: &Path) -> Result<GrayImage> {
-    let bytes = crate::disk::read_regular(path, MAX_PNG_FILE_BYTES)?;
-    decode_gray_bytes(&bytes).with_context(|| format!("{}", path.display()))
+    let cap = MAX_PNG_FILE_BYTES.max(super::dicom::MAX_DICOM_FILE_BYTES);
+    let bytes = crate::disk::read_regular(path, cap)?;
+    decode_view_bytes(&bytes).with_context(|| format!("{}", path.display()))
+}
+
+/// As [`decode_gray`], from a file's bytes: DICOM when they have the `DICM` magic, else PNG.
+pub fn decode_view_bytes(bytes: &[u8]) -> Result<GrayImage> {
+    if super::dicom::is_dicom(bytes) {
+        super::dicom::decode_gray_bytes(bytes)
+    } else {
+        decode_gray_bytes(bytes)
+    }
 }
 
 /// As [`decode_gray`], from the bytes of a PNG file. At most [`MAX_PNG_SIDE`] on a side and

@@ -1,6 +1,7 @@
 //! MURA data: the MURA-v1.1 reader, the synthetic generator, `prep` into a memory-mapped
 //! uint8 store, and the study-level loader with augmentation.
 
+pub mod dicom;
 pub mod image;
 pub mod loader;
 pub mod mura;

@@ -85,7 +85,7 @@ fn parse_path(p: &str, names: Names) -> Result<Parsed<'_>> {
         bail!("path escapes or is malformed (empty, '.' or '..' component)");
     }
     let (want, tail) = match names {
-        Names::Image => (5, "/<image>.png"),
+        Names::Image => (5, "/<image>.png or .dcm"),
         Names::Study => (4, "/"),
     };
     if parts.len() != want {
@@ -334,11 +334,14 @@ fn type_folder(ds: &mut Dataset, tdir: &Path, rel_t: &str, found: &mut Found) ->
             let study = format!("{rel_t}/{pname}/{sname}/");
             let pngs: Vec<String> = sorted_entries(ds, &sdir)?
                 .into_iter()
-                .filter(|(n, p)| n.to_ascii_lowercase().ends_with(".png") && p.is_file())
+                .filter(|(n, p)| {
+                    let n = n.to_ascii_lowercase();
+                    (n.ends_with(".png") || n.ends_with(".dcm")) && p.is_file()
+                })
                 .map(|(n, _)| format!("{study}{n}"))
                 .collect();
             if pngs.is_empty() {
-                ds.skip(&study, "empty study folder (no PNG files)".into());
+                ds.skip(&study, "empty study folder (no PNG or DICOM files)".into());
                 continue;
             }
             found.order.push(study.clone());

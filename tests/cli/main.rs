@@ -4,7 +4,7 @@
 //! report` (`report`), training end to end (`train`), `mura export --onnx` (`export`), loaded
 //! data that is not what it claims (`loaded`), folders and outputs mura owns, streams, signals,
 //! messages and moved runs (`owned`), predict and eval agreeing (`preprocess`) and the
-//! bounds of every count (`sizes`).
+//! bounds of every count (`sizes`); DICOM views in `predict` and `prep` (`dicom`).
 
 #[path = "../common/mod.rs"]
 mod common;
@@ -12,6 +12,7 @@ mod common;
 mod audit;
 mod bench;
 mod checkpoint_crash;
+mod dicom;
 mod export;
 mod hostile;
 mod loaded;

@@ -377,7 +377,7 @@ fn bad_input_is_one_clear_line() {
     ];
     p.extend(TINY.iter().map(|s| s.to_string()));
     let p: Vec<&str> = p.iter().map(|s| s.as_str()).collect();
-    assert!(err(&p).contains("no PNG"));
+    assert!(err(&p).contains("study folder has no views (*.png or *.dcm)"));
     // A checkpoint of another architecture is refused.
     let e = err(&[
         "predict",

@@ -1,6 +1,7 @@
 //! Helpers shared by the integration tests that drive the `mura` binary.
 #![allow(dead_code)] // each test file uses its own subset
 
+pub mod dicom;
 pub mod gpu;
 
 use std::path::{Path, PathBuf};

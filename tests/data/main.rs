@@ -6,6 +6,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod dicom;
 mod fuzz_replay;
 mod loader;
 mod store_crash;
