@@ -197,169 +197,215 @@ struct Open {
 /// states a length the bytes after it hold, with at most [`MAX_ELEMENTS`] elements and
 /// [`MAX_DEPTH`] levels: so dicom-rs, parsing it next, allocates at most what the file holds.
 fn walk(data: &[u8], explicit: bool) -> Result<()> {
-    let mut pos = 0usize;
-    let mut open: Vec<Open> = Vec::new();
-    let mut elements = 0usize;
-    let mut top_last: Option<Tag> = None;
-    let dict = StandardDataDictionary;
+    let mut w = Walk {
+        data,
+        explicit,
+        pos: 0,
+        open: Vec::new(),
+        elements: 0,
+        top_last: None,
+    };
     loop {
-        while open.last().is_some_and(|o| o.end.is_some_and(|e| e <= pos)) {
-            open.pop();
-        }
-        if pos >= data.len() {
+        w.close_ended();
+        if w.pos >= data.len() {
             return Ok(());
         }
-        let left = data.len() - pos;
+        let tag = w.next_tag()?;
+        match tag.0 {
+            0xFFFE => w.item_or_delimiter(tag.1)?,
+            _ => w.element(tag)?,
+        }
+    }
+}
+
+impl Open {
+    fn new(end: Option<usize>, explicit: bool, fragments: bool, item: bool) -> Open {
+        Open {
+            end,
+            explicit,
+            fragments,
+            last: None,
+            item,
+        }
+    }
+}
+
+/// A walk over a data set: where it is, the containers open around it, and what it has seen.
+struct Walk<'a> {
+    data: &'a [u8],
+    /// The data set's own VR encoding.
+    explicit: bool,
+    pos: usize,
+    open: Vec<Open>,
+    elements: usize,
+    /// The last top-level element's tag.
+    top_last: Option<Tag>,
+}
+
+impl Walk<'_> {
+    /// Closes the defined-length containers that end where the walk is.
+    fn close_ended(&mut self) {
+        while self
+            .open
+            .last()
+            .is_some_and(|o| o.end.is_some_and(|e| e <= self.pos))
+        {
+            self.open.pop();
+        }
+    }
+
+    /// Whether the elements where the walk is have explicit VRs.
+    fn here_explicit(&self) -> bool {
+        self.open.last().map_or(self.explicit, |o| o.explicit)
+    }
+
+    /// The tag of the element that starts here, within the caps on elements and nesting.
+    fn next_tag(&mut self) -> Result<Tag> {
+        let left = self.data.len() - self.pos;
         if left < 8 {
             bail!("DICOM data set is truncated: {left} bytes left where an element starts");
         }
-        let (group, elem) = (u16_le(data, pos), u16_le(data, pos + 2));
-        let tag = Tag(group, elem);
-        elements += 1;
-        if elements > MAX_ELEMENTS {
+        let tag = Tag(u16_le(self.data, self.pos), u16_le(self.data, self.pos + 2));
+        self.elements += 1;
+        if self.elements > MAX_ELEMENTS {
             bail!("DICOM data set holds more than {MAX_ELEMENTS} elements; refusing to read it");
         }
-        if open.len() > MAX_DEPTH {
+        if self.open.len() > MAX_DEPTH {
             bail!("DICOM data set nests sequences deeper than {MAX_DEPTH} levels");
         }
-        let here_explicit = open.last().map_or(explicit, |o| o.explicit);
-        if group == 0xFFFE {
-            let len = u32_le(data, pos + 4);
-            pos += 8;
-            let in_fragments = open.last().is_some_and(|o| o.fragments);
-            let top = open.last().map(|o| (o.item, o.end.is_none()));
-            match elem {
-                0xE000 if top.is_none_or(|(item, _)| item) => bail!(
-                    "DICOM data set has an item (FFFE,E000) outside a sequence at byte {}",
-                    pos - 8
-                ),
-                0xE000 if in_fragments || len != u32::MAX => {
-                    if len as usize > data.len() - pos {
-                        bail!(
-                            "DICOM item at byte {} states {len} bytes, the file holds {}",
-                            pos - 8,
-                            data.len() - pos
-                        );
-                    }
-                    if in_fragments {
-                        pos += len as usize;
-                    } else {
-                        open.push(Open {
-                            end: Some(pos + len as usize),
-                            explicit: here_explicit,
-                            fragments: false,
-                            last: None,
-                            item: true,
-                        });
-                    }
-                }
-                0xE000 => open.push(Open {
-                    end: None,
-                    explicit: here_explicit,
-                    fragments: false,
-                    last: None,
-                    item: true,
-                }),
-                0xE00D | 0xE0DD => {
-                    // An item's delimiter closes an item of undefined length, a sequence's a
-                    // sequence (or pixel data) of undefined length; neither has a value.
-                    if len != 0 || top != Some((elem == 0xE00D, true)) {
-                        bail!(
-                            "DICOM data set has an unexpected delimiter (FFFE,{elem:04X}) at byte {}",
-                            pos - 8
-                        );
-                    }
-                    open.pop();
-                }
-                _ => bail!("DICOM data set has an unknown item tag (FFFE,{elem:04X})"),
+        Ok(tag)
+    }
+
+    /// An item (FFFE,E000) or a delimiter (FFFE,E00D / E0DD): inside a sequence, an item of
+    /// elements opens; inside encapsulated pixel data, a fragment is skipped.
+    fn item_or_delimiter(&mut self, elem: u16) -> Result<()> {
+        let (data, at) = (self.data, self.pos);
+        let len = u32_le(data, at + 4);
+        self.pos += 8;
+        let pos = self.pos;
+        let explicit = self.here_explicit();
+        let in_fragments = self.open.last().is_some_and(|o| o.fragments);
+        let top = self.open.last().map(|o| (o.item, o.end.is_none()));
+        match elem {
+            0xE000 if top.is_none_or(|(item, _)| item) => {
+                bail!("DICOM data set has an item (FFFE,E000) outside a sequence at byte {at}")
             }
-            continue;
+            0xE000 if in_fragments || len != u32::MAX => {
+                if len as usize > data.len() - pos {
+                    bail!(
+                        "DICOM item at byte {at} states {len} bytes, the file holds {}",
+                        data.len() - pos
+                    );
+                }
+                match in_fragments {
+                    true => self.pos += len as usize,
+                    false => {
+                        self.open
+                            .push(Open::new(Some(pos + len as usize), explicit, false, true))
+                    }
+                }
+            }
+            0xE000 => self.open.push(Open::new(None, explicit, false, true)),
+            0xE00D | 0xE0DD => {
+                // An item's delimiter closes an item of undefined length, a sequence's a
+                // sequence (or pixel data) of undefined length; neither has a value.
+                if len != 0 || top != Some((elem == 0xE00D, true)) {
+                    bail!(
+                        "DICOM data set has an unexpected delimiter (FFFE,{elem:04X}) at byte {at}"
+                    );
+                }
+                self.open.pop();
+            }
+            _ => bail!("DICOM data set has an unknown item tag (FFFE,{elem:04X})"),
         }
-        let (vr, len, hdr) = if here_explicit {
-            let vr = [data[pos + 4], data[pos + 5]];
-            if !vr.iter().all(|c| c.is_ascii_uppercase()) {
-                bail!("DICOM element ({group:04X},{elem:04X}) has no valid VR at byte {pos}");
-            }
-            if long_vr(&vr) {
-                if left < 12 {
-                    bail!("DICOM data set is truncated in element ({group:04X},{elem:04X})");
-                }
-                (vr, u32_le(data, pos + 8), 12)
-            } else {
-                (vr, u16_le(data, pos + 6) as u32, 8)
-            }
-        } else {
+        Ok(())
+    }
+
+    /// The VR, stated length and header size of the data element `tag` that starts here.
+    fn header(&self, tag: Tag, explicit: bool) -> Result<([u8; 2], u32, usize)> {
+        let (data, pos, left) = (self.data, self.pos, self.data.len() - self.pos);
+        let Tag(group, elem) = tag;
+        if !explicit {
             let sq = matches!(
-                dict.by_tag(tag).map(|e| e.vr()),
+                StandardDataDictionary.by_tag(tag).map(|e| e.vr()),
                 Some(VirtualVr::Exact(VR::SQ))
             );
-            (if sq { *b"SQ" } else { *b"UN" }, u32_le(data, pos + 4), 8)
-        };
-        pos += hdr;
-        let last = match open.last_mut() {
+            return Ok((if sq { *b"SQ" } else { *b"UN" }, u32_le(data, pos + 4), 8));
+        }
+        let vr = [data[pos + 4], data[pos + 5]];
+        if !vr.iter().all(|c| c.is_ascii_uppercase()) {
+            bail!("DICOM element ({group:04X},{elem:04X}) has no valid VR at byte {pos}");
+        }
+        if !long_vr(&vr) {
+            return Ok((vr, u16_le(data, pos + 6) as u32, 8));
+        }
+        if left < 12 {
+            bail!("DICOM data set is truncated in element ({group:04X},{elem:04X})");
+        }
+        Ok((vr, u32_le(data, pos + 8), 12))
+    }
+
+    /// Refuses `tag` unless it comes after its container's previous element.
+    fn check_order(&mut self, tag: Tag) -> Result<()> {
+        let last = match self.open.last_mut() {
             Some(o) => &mut o.last,
-            None => &mut top_last,
+            None => &mut self.top_last,
         };
         if let Some(prev) = last.replace(tag).filter(|&p| p >= tag) {
             bail!(
-                "DICOM data set is out of order: element ({group:04X},{elem:04X}) after \
-                 ({:04X},{:04X})",
+                "DICOM data set is out of order: element ({:04X},{:04X}) after ({:04X},{:04X})",
+                tag.0,
+                tag.1,
                 prev.0,
                 prev.1
             );
         }
+        Ok(())
+    }
+
+    /// A data element: its value skipped, or (a sequence) opened.
+    fn element(&mut self, tag: Tag) -> Result<()> {
+        let explicit = self.here_explicit();
+        let (vr, len, hdr) = self.header(tag, explicit)?;
+        self.pos += hdr;
+        self.check_order(tag)?;
         if len == u32::MAX {
-            if tag == tags::PIXEL_DATA {
-                open.push(Open {
-                    end: None,
-                    explicit: here_explicit,
-                    fragments: true,
-                    last: None,
-                    item: false,
-                });
-            } else if &vr == b"SQ" {
-                open.push(Open {
-                    end: None,
-                    explicit: here_explicit,
-                    fragments: false,
-                    last: None,
-                    item: false,
-                });
-            } else if &vr == b"UN" {
-                open.push(Open {
-                    end: None,
-                    explicit: false,
-                    fragments: false,
-                    last: None,
-                    item: false,
-                });
-            } else {
-                bail!(
-                    "DICOM element ({group:04X},{elem:04X}) has an undefined length, which its VR {} \
-                     does not allow",
-                    String::from_utf8_lossy(&vr)
-                );
-            }
-            continue;
+            return self.open_undefined(tag, vr, explicit);
         }
-        let len = len as usize;
-        if len > data.len() - pos {
+        let (len, left) = (len as usize, self.data.len() - self.pos);
+        if len > left {
             bail!(
-                "DICOM element ({group:04X},{elem:04X}) states {len} bytes, the file holds {} after it",
-                data.len() - pos
+                "DICOM element ({:04X},{:04X}) states {len} bytes, the file holds {left} after it",
+                tag.0,
+                tag.1
             );
         }
-        if &vr == b"SQ" {
-            open.push(Open {
-                end: Some(pos + len),
-                explicit: here_explicit,
-                fragments: false,
-                last: None,
-                item: false,
-            });
-        } else {
-            pos += len;
+        match &vr {
+            b"SQ" => self
+                .open
+                .push(Open::new(Some(self.pos + len), explicit, false, false)),
+            _ => self.pos += len,
         }
+        Ok(())
+    }
+
+    /// An element of undefined length: encapsulated pixel data, a sequence, or an UN (which holds
+    /// implicit VR elements); any other VR is refused.
+    fn open_undefined(&mut self, tag: Tag, vr: [u8; 2], explicit: bool) -> Result<()> {
+        let open = match &vr {
+            _ if tag == tags::PIXEL_DATA => Open::new(None, explicit, true, false),
+            b"SQ" => Open::new(None, explicit, false, false),
+            b"UN" => Open::new(None, false, false, false),
+            _ => bail!(
+                "DICOM element ({:04X},{:04X}) has an undefined length, which its VR {} does not \
+                 allow",
+                tag.0,
+                tag.1,
+                String::from_utf8_lossy(&vr)
+            ),
+        };
+        self.open.push(open);
+        Ok(())
     }
 }
 
@@ -453,7 +499,17 @@ struct Layout {
     planar: bool,
 }
 
-fn decode_object(obj: &DefaultDicomObject, codec: Codec) -> Result<GrayImage> {
+/// What the pixel data holds, read from the file's image attributes: its layout, photometric
+/// interpretation and whether it is colour.
+struct Header {
+    layout: Layout,
+    pi: String,
+    color: bool,
+}
+
+/// The image attributes of `obj`, checked: one frame, a photometric interpretation and bit depth
+/// mura reads, and a size within the caps.
+fn header(obj: &DefaultDicomObject, codec: Codec) -> Result<Header> {
     let rows = required(obj, tags::ROWS, "Rows")?;
     let cols = required(obj, tags::COLUMNS, "Columns")?;
     if rows < 1 || cols < 1 || rows as usize > MAX_DICOM_SIDE || cols as usize > MAX_DICOM_SIDE {
@@ -513,6 +569,11 @@ fn decode_object(obj: &DefaultDicomObject, codec: Codec) -> Result<GrayImage> {
             MAX_DECODE_BYTES >> 20
         );
     }
+    Ok(Header { layout, pi, color })
+}
+
+fn decode_object(obj: &DefaultDicomObject, codec: Codec) -> Result<GrayImage> {
+    let Header { layout, pi, color } = header(obj, codec)?;
     let pixel_data = obj
         .element_opt(tags::PIXEL_DATA)
         .ok()
