@@ -8,14 +8,13 @@
 //! harness's capture, that it did not run.
 
 use crate::common::gpu::seed;
-use crate::common::{mura_bounded, one_error_line, run_ok, s, tmp};
+use crate::common::{mura_bounded, one_error_line, run_ok, s, tmp, Client};
 use mura::data::StudyType;
 use mura::model::DenseNet;
 use mura::ops::augment::{MEAN, STD};
 use mura::ops::Mode;
 use mura::rng::Rng;
 use mura::spec::DenseNetSpec;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
@@ -29,32 +28,16 @@ const BATCH: usize = 5;
 /// `MURA_TEST_ONNX=1` does not require one. Probed once (importing them takes seconds).
 fn onnx_python(test: &str) -> Option<String> {
     static PROBED: OnceLock<Result<String, String>> = OnceLock::new();
-    let probed = PROBED.get_or_init(|| {
-        let python = std::env::var("MURA_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
-        let probe = Command::new(&python)
-            .args(["-c", "import numpy, onnx, onnxruntime, PIL"])
-            .output();
-        match probe.is_ok_and(|o| o.status.success()) {
-            true => Ok(python),
-            false => Err(format!(
-                "{python} cannot import numpy, onnx and onnxruntime"
-            )),
-        }
-    });
-    let why = match probed {
-        Ok(python) => return Some(python.clone()),
-        Err(why) => why,
-    };
-    let required = std::env::var("MURA_TEST_ONNX").is_ok_and(|v| v == "1");
-    assert!(!required, "MURA_TEST_ONNX=1 but {why}");
-    // Written to the stream itself, not through eprintln!, which a passing test's capture hides.
-    let _ = writeln!(
-        std::io::stderr(),
-        "{test}: {why}: the ONNX export was NOT checked by onnxruntime \
-         (MURA_TEST_ONNX=1 requires it)"
-    );
-    None
+    let probed = PROBED.get_or_init(|| ONNX.probe());
+    ONNX.or_unchecked(test, probed)
 }
+
+/// onnx and onnxruntime, which check the files `mura export --onnx` writes.
+const ONNX: Client = Client {
+    imports: "numpy, onnx, onnxruntime, PIL",
+    required_by: "MURA_TEST_ONNX",
+    unchecked: "the ONNX export by onnxruntime",
+};
 
 /// A model of `spec` with torchvision's init for the convolutions and random BN parameters and
 /// running statistics (so that BN's every input matters) and classifier bias.

@@ -196,3 +196,46 @@ pub fn one_error_line(run: &Bounded, what: &str) -> String {
     );
     lines[0].to_string()
 }
+
+/// A Python client a test checks mura against: the modules it imports, the variable that makes
+/// the check mandatory, and what goes unchecked without it.
+pub struct Client {
+    pub imports: &'static str,
+    pub required_by: &'static str,
+    pub unchecked: &'static str,
+}
+
+impl Client {
+    /// The Python that `MURA_TEST_PYTHON` names (else `python3`) if it imports the client's
+    /// modules; else the reason it does not: a failure where the client's variable is `1`.
+    pub fn probe(&self) -> Result<String, String> {
+        let python = std::env::var("MURA_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
+        let probe = Command::new(&python)
+            .args(["-c", &format!("import {}", self.imports)])
+            .output();
+        match probe.is_ok_and(|o| o.status.success()) {
+            true => Ok(python),
+            false => Err(format!("{python} cannot import {}", self.imports)),
+        }
+    }
+
+    /// `probed` as an Option, a missing client said loudly on stderr (or, where the client's
+    /// variable is `1`, a failure) for `test`.
+    pub fn or_unchecked(&self, test: &str, probed: &Result<String, String>) -> Option<String> {
+        let why = match probed {
+            Ok(python) => return Some(python.clone()),
+            Err(why) => why,
+        };
+        let required = std::env::var(self.required_by).is_ok_and(|v| v == "1");
+        assert!(!required, "{}=1 but {why}", self.required_by);
+        // Written to the stream itself, not through eprintln!, which a passing test's capture hides.
+        use std::io::Write;
+        let _ = writeln!(
+            std::io::stderr(),
+            "{test}: {why}: {} was NOT checked ({}=1 requires it)",
+            self.unchecked,
+            self.required_by
+        );
+        None
+    }
+}

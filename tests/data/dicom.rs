@@ -11,9 +11,8 @@
 //! harness's capture, that it did not run.
 
 use crate::common::dicom::{el, encapsulated, file, text, EXPLICIT};
-use crate::common::tmp;
+use crate::common::{tmp, Client};
 use mura::data::dicom::decode_gray_bytes;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -23,25 +22,17 @@ const TOL: f32 = 1e-6;
 /// convert YCbCr to RGB with different rounding.
 const TOL_JPEG_COLOR: f32 = 2.5 / 255.0;
 
+/// pydicom, which writes the files the DICOM reader is compared with and decodes them.
+const PYDICOM: Client = Client {
+    imports: "numpy, pydicom",
+    required_by: "MURA_TEST_DICOM",
+    unchecked: "the DICOM reader against pydicom",
+};
+
 /// The cases written by pydicom into a fresh folder, or None (said loudly) where there is no
 /// Python with pydicom and `MURA_TEST_DICOM=1` does not require one.
 fn pydicom_cases(test: &str) -> Option<PathBuf> {
-    let python = std::env::var("MURA_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
-    let probe = Command::new(&python)
-        .args(["-c", "import numpy, pydicom"])
-        .output();
-    if !probe.is_ok_and(|o| o.status.success()) {
-        let why = format!("{python} cannot import numpy and pydicom");
-        let required = std::env::var("MURA_TEST_DICOM").is_ok_and(|v| v == "1");
-        assert!(!required, "MURA_TEST_DICOM=1 but {why}");
-        // Written to the stream itself, not through eprintln!, which a passing test's capture hides.
-        let _ = writeln!(
-            std::io::stderr(),
-            "{test}: {why}: the DICOM reader was NOT checked against pydicom \
-             (MURA_TEST_DICOM=1 requires it)"
-        );
-        return None;
-    }
+    let python = PYDICOM.or_unchecked(test, &PYDICOM.probe())?;
     let dir = tmp(test);
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/dicom_cases.py");
     let out = Command::new(&python)
