@@ -177,29 +177,45 @@ fn read_meta(bytes: &[u8]) -> Result<(String, usize)> {
     Ok((ts, pos))
 }
 
+/// How a data set's elements state their VRs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Vrs {
+    Explicit,
+    Implicit,
+}
+
+/// What an open container holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Holds {
+    /// A sequence: items.
+    Items,
+    /// An item: elements.
+    Elements,
+    /// Encapsulated pixel data: items that are fragments, not elements.
+    Fragments,
+}
+
 /// One open container while walking a data set.
 struct Open {
     /// Where a defined-length sequence or item ends; `None`: at its delimiter.
     end: Option<usize>,
-    /// Whether its elements have explicit VRs (an explicit UN of undefined length holds
-    /// implicit VR elements).
-    explicit: bool,
-    /// Encapsulated pixel data: its items are fragments, not elements.
-    fragments: bool,
+    /// How its elements state their VRs (an explicit UN of undefined length holds implicit VR
+    /// elements).
+    vrs: Vrs,
+    holds: Holds,
     /// The tag of its last element: elements come in ascending tag order (PS3.5 7.1), which
     /// dicom-rs relies on (out of order, it allocated 4 GiB on a 698-byte file).
     last: Option<Tag>,
-    /// An item (its elements), not a sequence (its items).
-    item: bool,
 }
 
-/// Checks every data element of `data` (a data set in `explicit` or implicit VR little endian)
+/// Checks every data element of `data` (a data set in explicit or implicit VR little endian, as
+/// `vrs` says)
 /// states a length the bytes after it hold, with at most [`MAX_ELEMENTS`] elements and
 /// [`MAX_DEPTH`] levels: so dicom-rs, parsing it next, allocates at most what the file holds.
-fn walk(data: &[u8], explicit: bool) -> Result<()> {
+fn walk(data: &[u8], vrs: Vrs) -> Result<()> {
     let mut w = Walk {
         data,
-        explicit,
+        vrs,
         pos: 0,
         open: Vec::new(),
         elements: 0,
@@ -219,13 +235,12 @@ fn walk(data: &[u8], explicit: bool) -> Result<()> {
 }
 
 impl Open {
-    fn new(end: Option<usize>, explicit: bool, fragments: bool, item: bool) -> Open {
+    fn new(end: Option<usize>, vrs: Vrs, holds: Holds) -> Open {
         Open {
             end,
-            explicit,
-            fragments,
+            vrs,
+            holds,
             last: None,
-            item,
         }
     }
 }
@@ -233,8 +248,8 @@ impl Open {
 /// A walk over a data set: where it is, the containers open around it, and what it has seen.
 struct Walk<'a> {
     data: &'a [u8],
-    /// The data set's own VR encoding.
-    explicit: bool,
+    /// How the data set's own elements state their VRs.
+    vrs: Vrs,
     pos: usize,
     open: Vec<Open>,
     elements: usize,
@@ -254,9 +269,9 @@ impl Walk<'_> {
         }
     }
 
-    /// Whether the elements where the walk is have explicit VRs.
-    fn here_explicit(&self) -> bool {
-        self.open.last().map_or(self.explicit, |o| o.explicit)
+    /// How the elements where the walk is state their VRs.
+    fn here_vrs(&self) -> Vrs {
+        self.open.last().map_or(self.vrs, |o| o.vrs)
     }
 
     /// The tag of the element that starts here, within the caps on elements and nesting.
@@ -283,9 +298,15 @@ impl Walk<'_> {
         let len = u32_le(data, at + 4);
         self.pos += 8;
         let pos = self.pos;
-        let explicit = self.here_explicit();
-        let in_fragments = self.open.last().is_some_and(|o| o.fragments);
-        let top = self.open.last().map(|o| (o.item, o.end.is_none()));
+        let vrs = self.here_vrs();
+        let in_fragments = self
+            .open
+            .last()
+            .is_some_and(|o| o.holds == Holds::Fragments);
+        let top = self
+            .open
+            .last()
+            .map(|o| (o.holds == Holds::Elements, o.end.is_none()));
         match elem {
             0xE000 if top.is_none_or(|(item, _)| item) => {
                 bail!("DICOM data set has an item (FFFE,E000) outside a sequence at byte {at}")
@@ -301,11 +322,11 @@ impl Walk<'_> {
                     true => self.pos += len as usize,
                     false => {
                         self.open
-                            .push(Open::new(Some(pos + len as usize), explicit, false, true))
+                            .push(Open::new(Some(pos + len as usize), vrs, Holds::Elements))
                     }
                 }
             }
-            0xE000 => self.open.push(Open::new(None, explicit, false, true)),
+            0xE000 => self.open.push(Open::new(None, vrs, Holds::Elements)),
             0xE00D | 0xE0DD => {
                 // An item's delimiter closes an item of undefined length, a sequence's a
                 // sequence (or pixel data) of undefined length; neither has a value.
@@ -322,10 +343,10 @@ impl Walk<'_> {
     }
 
     /// The VR, stated length and header size of the data element `tag` that starts here.
-    fn header(&self, tag: Tag, explicit: bool) -> Result<([u8; 2], u32, usize)> {
+    fn header(&self, tag: Tag, vrs: Vrs) -> Result<([u8; 2], u32, usize)> {
         let (data, pos, left) = (self.data, self.pos, self.data.len() - self.pos);
         let Tag(group, elem) = tag;
-        if !explicit {
+        if vrs == Vrs::Implicit {
             let sq = matches!(
                 StandardDataDictionary.by_tag(tag).map(|e| e.vr()),
                 Some(VirtualVr::Exact(VR::SQ))
@@ -365,12 +386,12 @@ impl Walk<'_> {
 
     /// A data element: its value skipped, or (a sequence) opened.
     fn element(&mut self, tag: Tag) -> Result<()> {
-        let explicit = self.here_explicit();
-        let (vr, len, hdr) = self.header(tag, explicit)?;
+        let vrs = self.here_vrs();
+        let (vr, len, hdr) = self.header(tag, vrs)?;
         self.pos += hdr;
         self.check_order(tag)?;
         if len == u32::MAX {
-            return self.open_undefined(tag, vr, explicit);
+            return self.open_undefined(tag, vr, vrs);
         }
         let (len, left) = (len as usize, self.data.len() - self.pos);
         if len > left {
@@ -383,7 +404,7 @@ impl Walk<'_> {
         match &vr {
             b"SQ" => self
                 .open
-                .push(Open::new(Some(self.pos + len), explicit, false, false)),
+                .push(Open::new(Some(self.pos + len), vrs, Holds::Items)),
             _ => self.pos += len,
         }
         Ok(())
@@ -391,11 +412,11 @@ impl Walk<'_> {
 
     /// An element of undefined length: encapsulated pixel data, a sequence, or an UN (which holds
     /// implicit VR elements); any other VR is refused.
-    fn open_undefined(&mut self, tag: Tag, vr: [u8; 2], explicit: bool) -> Result<()> {
+    fn open_undefined(&mut self, tag: Tag, vr: [u8; 2], vrs: Vrs) -> Result<()> {
         let open = match &vr {
-            _ if tag == tags::PIXEL_DATA => Open::new(None, explicit, true, false),
-            b"SQ" => Open::new(None, explicit, false, false),
-            b"UN" => Open::new(None, false, false, false),
+            _ if tag == tags::PIXEL_DATA => Open::new(None, vrs, Holds::Fragments),
+            b"SQ" => Open::new(None, vrs, Holds::Items),
+            b"UN" => Open::new(None, Vrs::Implicit, Holds::Items),
             _ => bail!(
                 "DICOM element ({:04X},{:04X}) has an undefined length, which its VR {} does not \
                  allow",
@@ -438,9 +459,13 @@ pub fn decode_gray_bytes(bytes: &[u8]) -> Result<GrayImage> {
                 MAX_INFLATED_BYTES >> 20
             );
         }
-        walk(&inflated, true)?;
+        walk(&inflated, Vrs::Explicit)?;
     } else {
-        walk(rest, ts != IMPLICIT_LE)?;
+        let vrs = match ts == IMPLICIT_LE {
+            true => Vrs::Implicit,
+            false => Vrs::Explicit,
+        };
+        walk(rest, vrs)?;
     }
     let obj = OpenFileOptions::new()
         .read_preamble(dicom_object::file::ReadPreamble::Never)
