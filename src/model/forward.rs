@@ -407,10 +407,7 @@ impl<T: Float> DenseNet<T> {
         let w2 = l.conv2.of(&self.params);
         bwd_data(&dbuf[c..], ct, k, w2, l.conv2.g, (n, h, w, mid), da2);
         let dy1 = scratch(&mut g.dy1, rows * mid); // overwritten below
-        let (x2, d2) = (
-            Rows::new(&y1[..], rows, mid, mid),
-            Rows::new(&da2[..], rows, mid, mid),
-        );
+        let (x2, d2) = (yi.rows(), Rows::new(&da2[..], rows, mid, mid));
         let stats2 = (&mean2[..], &var2[..]);
         self.bn_bwd(l.norm2, g.mode, x2, stats2, d2, Out::overwrite(dy1, mid));
         // conv1 (1×1) on relu(norm1(prefix)).
@@ -433,10 +430,7 @@ impl<T: Float> DenseNet<T> {
         let da1 = scratch(&mut g.da1, rows * c); // overwritten below
         let w1 = l.conv1.of(&self.params);
         bwd_data(dy1, mid, mid, w1, l.conv1.g, (n, h, w, c), da1);
-        let (x1, d1) = (
-            Rows::new(&blk.buf[..], rows, c, ct),
-            Rows::new(&da1[..], rows, c, c),
-        );
+        let (x1, d1) = (prefix.rows(), Rows::new(&da1[..], rows, c, c));
         let stats1 = (&mean1[..], &var1[..]);
         self.bn_bwd(l.norm1, g.mode, x1, stats1, d1, Out::accumulate(dbuf, ct));
         self.spare.push(y1);
